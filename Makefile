@@ -1,0 +1,41 @@
+# The two-command promise: `make demo` and `make test` on a fresh Debian 12 with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench system-deps venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/siterecovery demo
+
+# Installs the real peers the tests run against (qemu-img/qemu-io, nbdinfo/nbdcopy, fio, rsync,
+# Go + govmomi for vcsim, Chromium for the portal) when they are missing.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: venv
+	$(BIN)/mypy src
+
+pytest: venv
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: system-deps lint typecheck pytest
+
+bench: venv system-deps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

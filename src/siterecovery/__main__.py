@@ -1,0 +1,3 @@
+from siterecovery.cli.main import app
+
+app()
