@@ -1,0 +1,51 @@
+"""Shared test helpers: real tools are required in CI and skipped (never faked) elsewhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
+
+
+def require_tool(name: str) -> str:
+    """Path of a system tool the test needs; in CI a missing tool fails the test, never skips it."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI (make system-deps installs it)")
+    pytest.skip(f"{name} not installed (make system-deps installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real `siterecovery` command."""
+    proc = subprocess.run([SITERECOVERY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"siterecovery {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def output_dir(request: pytest.FixtureRequest) -> Path:
+    """Per-test folder under test-output/ for artefacts (screenshots, logs)."""
+    path = ROOT / "test-output" / request.node.name.replace("/", "_")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
