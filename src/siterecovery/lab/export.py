@@ -1,0 +1,50 @@
+"""A lab machine's disk export: its disks served over NBD on one Unix socket until SIGTERM.
+
+This is what a lab machine's agent does for its guest until the real agent takes the role
+(`runtime.agent_command` is the one place that chooses the command). Each disk is an export named
+by its label; the guest and any NBD client (qemu-io, nbdcopy) use the disk only through it.
+
+    python -m siterecovery.lab.export --unix SOCKET --disk LABEL=PATH [--disk LABEL=PATH ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from siterecovery.dataplane.nbd import Export, NbdServer
+
+
+def _parse_disk(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"--disk {text!r} must be LABEL=PATH")
+    return label, Path(path)
+
+
+async def serve(unix: Path, disks: list[tuple[str, Path]]) -> None:
+    server = NbdServer([Export.for_image(label, path) for label, path in disks], unix=unix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"serving {', '.join(label for label, _ in disks)} on {unix}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m siterecovery.lab.export", description=__doc__)
+    parser.add_argument("--unix", type=Path, required=True, help="Unix socket to listen on")
+    parser.add_argument("--disk", type=_parse_disk, action="append", required=True, help="LABEL=PATH")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.unix, args.disk))
+
+
+if __name__ == "__main__":
+    main()
