@@ -1,0 +1,1 @@
+"""Data plane: moves disk writes from agents through process servers to master targets."""

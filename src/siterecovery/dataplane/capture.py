@@ -1,0 +1,35 @@
+"""The seam between the agent's NBD export and replication.
+
+The export applies every write to the local image first and then hands it to a `CaptureSink`, one
+call per write, in exactly the order the writes reached the image: one disk is one ordered stream,
+whatever number of NBD connections and requests in flight produced it. The sink (the replication
+spool) assigns each write a per-disk sequence number. All calls for one export come from the
+server's event-loop thread, one at a time, so a sink needs no locking; a slow sink slows the
+export, which is the backpressure we want rather than unbounded buffering.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class CaptureSink(Protocol):
+    """Receives the writes of one disk, in image order."""
+
+    def record_write(self, offset: int, data: memoryview) -> int:
+        """Record that `data` was written at `offset`; return its sequence number.
+
+        `data` is a view of the connection's receive buffer and is only valid during the call: the
+        sink must copy it or write it out before returning.
+        """
+        ...
+
+    def record_zero(self, offset: int, length: int) -> int:
+        """Record that `length` bytes at `offset` now read as zeroes (trim, write-zeroes, a zero
+        write); return its sequence number."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything recorded so far durable; called for NBD FLUSH and FUA requests before
+        the client is answered."""
+        ...
