@@ -1,0 +1,302 @@
+"""`siterecovery lab …`: create, inspect, edit and run an embedded lab folder.
+
+These commands work on the lab folder directly (the lab is this machine's hypervisor and cloud,
+not a client of the configuration server). `lab set` is how an operator or a test makes a
+REQUIREMENTS prerequisite pass or fail; `lab power`, `lab crash` and `lab verify` run a lab
+machine's guest and ask the crash-consistency oracle about its disk.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from siterecovery.dataplane.nbd_client import NbdClient
+from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
+from siterecovery.fabrics.lab import LabFabric
+from siterecovery.fabrics.lab_build import DEFAULT_DISK_SIZE, create_lab, parse_size
+from siterecovery.fabrics.lab_model import ONPREM
+from siterecovery.fabrics.lab_settings import LabSettingError, SetKind, apply_settings
+from siterecovery.fabrics.lab_store import LabStore
+from siterecovery.lab import runtime
+from siterecovery.lab.oracle import OracleVerdict, verify_image, verify_log
+
+console = Console()
+err = Console(stderr=True)
+
+lab_app = typer.Typer(help="Embedded lab: two simulated sites in a folder.", no_args_is_help=True)
+
+LabDir = Annotated[Path, typer.Argument(help="The lab folder.")]
+SiteOpt = Annotated[str, typer.Option("--site", help="Site: onprem or cloud.")]
+
+
+class Output(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+class PowerAction(StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `lab` command group to the main CLI."""
+    app.add_typer(lab_app, name="lab")
+
+
+def _fail(exc: FabricError) -> typer.Exit:
+    err.print(f"[red]error[/red] {exc.code}: {exc.message}")
+    if exc.remediation:
+        err.print(f"  {exc.remediation}")
+    return typer.Exit(1)
+
+
+def _fabric(lab_dir: Path, site: str) -> LabFabric:
+    # The lab CLI is the simulated hypervisor's own administrator, so the site account's
+    # privileges (which the product is held to) do not limit it.
+    return LabFabric(lab_dir, site, enforce_privileges=False)
+
+
+def _machine(fabric: LabFabric, name: str) -> Machine:
+    machine = fabric.discover().machine(name)
+    if machine is None:
+        raise FabricError(
+            "machine-not-found",
+            f"Site {fabric.site} has no visible machine {name!r}.",
+            "List the machines with `siterecovery lab show DIR`.",
+        )
+    return machine
+
+
+@lab_app.command("create")
+def create(
+    lab_dir: LabDir,
+    disk_size: Annotated[str, typer.Option(help="Size of every disk image, e.g. 64M or 1G.")] = "64M",
+) -> None:
+    """Create a lab with an on-premises and a cloud site."""
+    try:
+        size = parse_size(disk_size) if disk_size else DEFAULT_DISK_SIZE
+    except ValueError as exc:
+        err.print(f"[red]error[/red] --disk-size: {exc}")
+        raise typer.Exit(2) from None
+    try:
+        state = create_lab(lab_dir, size)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    machines = ", ".join(m.name for m in state.sites[ONPREM].machines)
+    console.print(f"Created lab {lab_dir.resolve()} (sites onprem, cloud; machines {machines}).")
+
+
+@lab_app.command("show")
+def show(
+    lab_dir: LabDir,
+    site: Annotated[str | None, typer.Option("--site", help="Only this site.")] = None,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.TABLE,
+) -> None:
+    """Show the lab's inventory."""
+    try:
+        state = LabStore(lab_dir).read()
+    except FabricError as exc:
+        raise _fail(exc) from None
+    if site is not None and site not in state.sites:
+        err.print(f"[red]error[/red] --site: no site {site!r}. Allowed: {', '.join(state.sites)}.")
+        raise typer.Exit(2)
+    if output is Output.JSON:
+        data = state.model_dump(mode="json")
+        if site is not None:
+            data["sites"] = {site: data["sites"][site]}
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for name in [site] if site else list(state.sites):
+        try:
+            _print_inventory(_fabric(lab_dir, name).discover(), state.sites[name].account.mode.value)
+        except FabricError as exc:
+            err.print(f"[yellow]site {name}[/yellow]: {exc.message}")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "[red]no[/red]"
+
+
+def _print_inventory(inv: Inventory, account: str) -> None:
+    console.rule(f"site {inv.site} ({inv.kind.value}), account {account}")
+    for warning in inv.warnings:
+        console.print(f"[yellow]warning[/yellow] {warning}")
+    if inv.hosts:
+        hosts = Table("host", "id", "kind", "licence", "version", title="Hosts")
+        for h in inv.hosts:
+            hosts.add_row(h.name, h.id, h.kind.value, h.licence.value, h.version)
+        console.print(hosts)
+    if inv.datastores:
+        stores = Table(
+            "datastore", "id", "type", "accessible", "capacity GiB", "free GiB", "mounts", title="Datastores"
+        )
+        for d in inv.datastores:
+            mounts = ", ".join(f"{m.host}:{'rw' if m.read_write else 'ro'}" for m in d.mounts)
+            stores.add_row(
+                d.name,
+                d.id,
+                d.type.value,
+                _yes(d.accessible),
+                f"{d.capacity_bytes / 2**30:.0f}",
+                f"{d.free_bytes / 2**30:.1f}",
+                mounts,
+            )
+        console.print(stores)
+    if inv.resource_groups:
+        groups = Table("resource group", "location", title="Resource groups")
+        for g in inv.resource_groups:
+            groups.add_row(g.name, g.location)
+        console.print(groups)
+    machines = Table(
+        "machine",
+        "id",
+        "where",
+        "os",
+        "power",
+        "scsi",
+        "tools",
+        "EnableUUID",
+        "snapshots",
+        "disks",
+        "nics",
+        "notes",
+        title="Machines",
+    )
+    for m in inv.machines:
+        where = m.host if inv.kind is SiteKind.VCENTER else m.resource_group
+        notes = [n for n, on in (("physical", m.physical), ("lvm", m.on_lvm)) if on]
+        notes += [f"origin={m.origin.value}"] if m.origin else []
+        notes += [f"template={m.template}"] if m.template else []
+        machines.add_row(
+            m.name,
+            m.id,
+            where,
+            f"{m.os_type.value} {m.os_version}",
+            m.power_state.value,
+            ",".join(c.type.value for c in m.controllers),
+            _yes(m.tools_running),
+            m.extra_config.get("disk.EnableUUID", "-"),
+            ",".join(s.name for s in m.snapshots) or "-",
+            "\n".join(f"{d.label} {d.size_bytes >> 20}M {d.uuid[:8]}" for d in m.disks),
+            "\n".join(f"{n.name} {n.ip_mode.value} {n.address}".strip() for n in m.nics),
+            " ".join(notes),
+        )
+    console.print(machines)
+
+
+@lab_app.command("set")
+def set_(
+    lab_dir: LabDir,
+    kind: Annotated[SetKind, typer.Argument(help="What to change.")],
+    name: Annotated[str, typer.Argument(help="Its name (account: full or readonly; disk: MACHINE/LABEL).")],
+    assignments: Annotated[list[str] | None, typer.Argument(help="key=value, key+=value, key-=value")] = None,
+    site: SiteOpt = ONPREM,
+) -> None:
+    """Change the lab's inventory; the next discovery sees the change."""
+    store = LabStore(lab_dir)
+    try:
+        with store.edit() as state:
+            apply_settings(state, store.lab_dir, site, kind, name, assignments or [])
+    except LabSettingError as exc:
+        err.print(f"[red]error[/red] {exc.key}: {exc}")
+        raise typer.Exit(2) from None
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{kind.value} {name}: {' '.join(assignments or []) or 'set'}")
+
+
+@lab_app.command("power")
+def power(lab_dir: LabDir, machine: str, action: PowerAction, site: SiteOpt = ONPREM) -> None:
+    """Power a machine on (starts its agent export and guest) or off (stops them cleanly)."""
+    fabric = _fabric(lab_dir, site)
+    try:
+        if action is PowerAction.ON:
+            fabric.power_on(machine)
+        else:
+            fabric.power_off(machine)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{machine}: powered {action.value}")
+
+
+@lab_app.command("crash")
+def crash(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
+    """kill -9 the machine's guest (its disk keeps what was written); `lab power on` restarts it."""
+    fabric = _fabric(lab_dir, site)
+    try:
+        name = _machine(fabric, machine).name
+    except FabricError as exc:
+        raise _fail(exc) from None
+    if not runtime.crash_guest(fabric.lab_dir, site, name):
+        err.print(f"[red]error[/red] guest-not-running: machine {name} has no running guest.")
+        raise typer.Exit(1)
+    console.print(f"{name}: guest killed")
+
+
+def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
+    """The oracle's verdict on a machine's log disk: through its export when running, else the file."""
+    if not machine.disks:
+        raise FabricError(
+            "machine-has-no-disks",
+            f"Machine {machine.name} has no disks.",
+            "Verify a machine with a log disk.",
+        )
+    disk = machine.disks[0]
+    if machine.power_state is PowerState.ON and runtime.export_running(
+        fabric.lab_dir, fabric.site, machine.name
+    ):
+        sock = runtime.agent_socket(fabric.run_dir(machine.name))
+        with NbdClient.connect(disk.label, unix=sock) as client:
+            return verify_log(lambda off, n: client.pread(n, off), client.size, machine.id)
+    return verify_image(disk.backing, machine.id)
+
+
+@lab_app.command("verify")
+def verify(
+    lab_dir: LabDir,
+    machine: str,
+    site: SiteOpt = ONPREM,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.TABLE,
+) -> None:
+    """Check that the machine's disk holds a clean prefix of its guest's log (exit 1 if not)."""
+    fabric = _fabric(lab_dir, site)
+    try:
+        verdict = verify_machine(fabric, _machine(fabric, machine))
+    except FabricError as exc:
+        raise _fail(exc) from None
+    if output is Output.JSON:
+        typer.echo(json.dumps(verdict.as_dict()))
+    elif verdict.ok:
+        console.print(f"{machine}: [green]ok[/green] — {verdict.reason}")
+    else:
+        console.print(f"{machine}: [red]FAILED[/red] at record {verdict.first_bad} — {verdict.reason}")
+    if not verdict.ok:
+        raise typer.Exit(1)
+
+
+@lab_app.command("move")
+def move(lab_dir: LabDir, machine: str, datastore: str, site: SiteOpt = ONPREM) -> None:
+    """Storage-migrate a machine's disks to another datastore (what RP-MT-MOVE forbids)."""
+    try:
+        _fabric(lab_dir, site).move_storage(machine, datastore)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{machine}: disks moved to {datastore}")
+
+
+@lab_app.command("delete")
+def delete(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
+    """Delete a powered-off machine and its own disk files."""
+    try:
+        _fabric(lab_dir, site).delete_machine(machine)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{machine}: deleted")
