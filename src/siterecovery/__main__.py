@@ -1,3 +1,3 @@
-from siterecovery.cli.main import app
+from siterecovery.cli.main import main
 
-app()
+main()

@@ -49,9 +49,7 @@ class SiteRecoveryError(Exception):
     """An operation refused with one or more problems, before anything was changed."""
 
     def __init__(self, problems: Problem | Iterable[Problem], status: Status = Status.CONFLICT) -> None:
-        self.problems: tuple[Problem, ...] = (
-            (problems,) if isinstance(problems, Problem) else tuple(problems)
-        )
+        self.problems: tuple[Problem, ...] = (problems,) if isinstance(problems, Problem) else tuple(problems)
         if not self.problems:
             raise ValueError("SiteRecoveryError needs at least one problem")
         self.status = status
@@ -75,8 +73,7 @@ def not_found(kind: str, ident: object) -> SiteRecoveryError:
 
 def invalid(field_name: str, message: str, remediation: str) -> SiteRecoveryError:
     return SiteRecoveryError(
-        Problem(code="invalid-input", message=message, remediation=remediation,
-                detail={"field": field_name}),
+        Problem(code="invalid-input", message=message, remediation=remediation, detail={"field": field_name}),
         Status.UNPROCESSABLE,
     )
 

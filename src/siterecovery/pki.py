@@ -80,9 +80,15 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -95,7 +101,9 @@ class CertificateAuthority:
         cert_path.write_bytes(ca.cert_pem)
         return ca
 
-    def issue(self, common_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> IssuedCertificate:
+    def issue(
+        self, common_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    ) -> IssuedCertificate:
         """Sign a certificate usable both as TLS server and client (components are both)."""
         key = ec.generate_private_key(ec.SECP256R1())
         alt: list[x509.GeneralName] = []

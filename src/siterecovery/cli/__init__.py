@@ -1,0 +1,1 @@
+"""The `siterecovery` command line (Typer + Rich)."""

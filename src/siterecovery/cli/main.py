@@ -1,0 +1,143 @@
+"""Entry point of the `siterecovery` command.
+
+Service commands start processes (`server`, `process-server`, `master-target`, `agent`); every
+other command is a client of the configuration server's REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from siterecovery.cli import control
+from siterecovery.cli.client import Api
+from siterecovery.cli.output import emit
+from siterecovery.cli.state import CliState, call, state
+from siterecovery.config import load_server_config
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+app = typer.Typer(
+    help="siterecovery: replicate, fail over, reprotect and fail back machines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+server_app = typer.Typer(help="Run and manage the configuration server.")
+config_app = typer.Typer(help="Effective configuration.", no_args_is_help=True)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None, typer.Option(envvar="SITERECOVERY_SERVER", help="configuration server URL")
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="SITERECOVERY_TOKEN", help="API bearer token")] = None,
+    ca_file: Annotated[
+        str | None, typer.Option(envvar="SITERECOVERY_CA_FILE", help="CA certificate for an HTTPS server")
+    ] = None,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o")] = OutputFormat.TABLE,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = CliState(Api.from_env(server, token, ca_file), output is OutputFormat.JSON)
+
+
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="default $SITERECOVERY_HOME or ~/.local/share/siterecovery")
+]
+
+
+@server_app.callback(invoke_without_command=True)
+def server(
+    ctx: typer.Context,
+    state_dir: StateDir = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default SQLite in the state dir")
+    ] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT, default 127.0.0.1:8443")] = None,
+    tls: Annotated[bool, typer.Option(help="serve the API over HTTPS with the server's CA")] = False,
+    admin_token_file: Annotated[
+        str | None, typer.Option(help="on first start, also write the admin token to this file (0600)")
+    ] = None,
+) -> None:
+    """Run the configuration server (API, database, jobs, portal)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import replace
+
+    from siterecovery.control.server import serve
+
+    cfg = load_server_config(state_dir, database_url, listen)
+    if tls:
+        cfg = replace(cfg, tls=True)
+    serve(cfg, admin_token_file)
+
+
+@server_app.command("passphrase")
+def server_passphrase(ctx: typer.Context, rotate: bool = False) -> None:
+    """Show (or rotate) the passphrase components register with (admin)."""
+    path = "/api/server/passphrase/rotate" if rotate else "/api/server/passphrase"
+    out = call(ctx, lambda api: api.post(path) if rotate else api.get(path))
+    if state(ctx).as_json:
+        emit(out, True)
+    else:
+        typer.echo(out["passphrase"])
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context, state_dir: StateDir = None) -> None:
+    """Print the effective server configuration (defaults < config.toml < environment)."""
+    cfg = load_server_config(state_dir)
+    if state(ctx).as_json:
+        typer.echo(json.dumps(cfg.as_dict(), indent=2))
+    else:
+        emit([{"setting": k, "value": v} for k, v in cfg.as_dict().items()], False, ("setting", "value"))
+
+
+app.add_typer(server_app, name="server")
+app.add_typer(config_app, name="config")
+app.add_typer(control.tokens_app, name="tokens")
+app.add_typer(control.policies_app, name="policies")
+app.add_typer(control.items_app, name="items")
+app.add_typer(control.jobs_app, name="jobs")
+app.add_typer(control.plans_app, name="plans")
+app.add_typer(control.servers_app, name="servers")
+app.add_typer(control.events_app, name="events")
+
+
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Let `--output/-o FORMAT` stand anywhere (`items list -o json`), as operators type it."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--output", "-o") and i + 1 < len(argv):
+            hoisted += [arg, argv[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--output="):
+            hoisted.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return hoisted + rest
+
+
+def main() -> None:
+    import sys
+
+    app(args=_hoist_global_options(sys.argv[1:]), prog_name="siterecovery")

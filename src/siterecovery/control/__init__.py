@@ -1,0 +1,1 @@
+"""Configuration server: inventory database, REST API, durable jobs, events, portal."""

@@ -1,0 +1,1 @@
+"""REST API routers of the configuration server (resource names after Azure Site Recovery)."""

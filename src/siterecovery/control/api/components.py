@@ -1,0 +1,137 @@
+"""Component registration (passphrase → certificate) and heartbeats; the `servers` view."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control.api.deps import component, control_plane, operator, reader, session
+from siterecovery.control.auth import Principal, create_token
+from siterecovery.control.context import ControlPlane
+from siterecovery.control.db import Component, Token, new_id, now
+from siterecovery.control.events import record_event
+from siterecovery.control.heartbeats import apply_heartbeat, server_view
+from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
+from siterecovery.control.states import Role, Severity
+from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+
+router = APIRouter(prefix="/api", tags=["servers"])
+
+
+@router.post("/components/register", status_code=201)
+def register(
+    body: Registration,
+    request: Request,
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> Registered:
+    if not cp.check_passphrase(body.passphrase):
+        peer = request.client.host if request.client else "?"
+        # Recorded in its own transaction: the refusal below rolls this request's session back.
+        with cp.db.session() as audit:
+            record_event(
+                audit,
+                Severity.WARNING,
+                "passphrase-invalid",
+                f"{body.kind.value} {body.name!r} from {peer} gave a wrong registration passphrase.",
+                "component",
+                body.name,
+            )
+        raise SiteRecoveryError(
+            Problem(
+                "passphrase-invalid",
+                f"The registration passphrase given by {body.name!r} is wrong.",
+                "Run `siterecovery server passphrase` on the configuration server and use that value.",
+            ),
+            Status.FORBIDDEN,
+        )
+    row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
+    if row is None:
+        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
+        s.add(row)
+    row.site, row.os_type, row.address, row.machine = body.site, body.os_type, body.address, body.machine
+    row.registered_at = now()
+    # One live token per component: re-registering revokes the previous one.
+    for old in s.scalars(select(Token).where(Token.component_id == row.id)):
+        old.revoked = True
+    token = create_token(s, f"{body.kind.value}:{body.name}", Role.COMPONENT, component_id=row.id)
+    hosts = tuple(sorted({"127.0.0.1", "localhost", body.address.rsplit(":", 1)[0] or "127.0.0.1"}))
+    issued = cp.ca.issue(f"{body.kind.value}:{body.name}", hosts)
+    record_event(
+        s,
+        Severity.INFO,
+        "component-registered",
+        f"{body.kind.value} {body.name!r} registered.",
+        "component",
+        row.id,
+    )
+    return Registered(
+        id=row.id,
+        token=token,
+        cert_pem=issued.cert_pem.decode(),
+        key_pem=issued.key_pem.decode(),
+        ca_pem=issued.ca_pem.decode(),
+    )
+
+
+@router.post("/components/{component_id}/heartbeat")
+def heartbeat(
+    component_id: str,
+    body: Heartbeat,
+    who: Principal = Depends(component),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> HeartbeatReply:
+    if who.component_id != component_id:
+        raise SiteRecoveryError(
+            Problem(
+                "forbidden",
+                "This token belongs to another component.",
+                "Heartbeat with the component's own token.",
+            ),
+            Status.FORBIDDEN,
+        )
+    row = s.get(Component, component_id)
+    if row is None:
+        raise not_found("component", component_id)
+    desired = apply_heartbeat(s, row, body.stats, cp.config)
+    return HeartbeatReply(desired=desired, server_time=now())
+
+
+@router.get("/servers")
+def list_servers(
+    _: Principal = Depends(reader), cp: ControlPlane = Depends(control_plane), s: Session = Depends(session)
+) -> list[ServerOut]:
+    rows = s.scalars(select(Component).order_by(Component.kind, Component.name))
+    return [server_view(r, cp.config) for r in rows]
+
+
+@router.get("/servers/{ident}")
+def show_server(
+    ident: str,
+    _: Principal = Depends(reader),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> ServerOut:
+    return server_view(find_component(s, ident), cp.config)
+
+
+@router.post("/servers/{ident}/refresh")
+def refresh_server(
+    ident: str,
+    _: Principal = Depends(operator),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> ServerOut:
+    """Ask a component to re-discover now (e.g. a newly added retention volume, RP-RET)."""
+    row = find_component(s, ident)
+    row.desired = {**row.desired, "refresh": int(row.desired.get("refresh", 0)) + 1}
+    return server_view(row, cp.config)
+
+
+def find_component(s: Session, ident: str) -> Component:
+    row = s.get(Component, ident) or s.scalar(select(Component).where(Component.name == ident))
+    if row is None:
+        raise not_found("server", ident)
+    return row

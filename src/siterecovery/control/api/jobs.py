@@ -1,0 +1,93 @@
+"""Jobs: list, show (with tasks and progress), cancel, resume."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control import jobs as engine
+from siterecovery.control.api.deps import operator, reader, session
+from siterecovery.control.auth import Principal
+from siterecovery.control.db import Job, JobTask
+from siterecovery.control.schemas import JobOut, TaskOut
+from siterecovery.control.states import JobState
+from siterecovery.errors import not_found
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+
+def job_view(s: Session, job: Job) -> JobOut:
+    tasks = list(s.scalars(select(JobTask).where(JobTask.job_id == job.id).order_by(JobTask.ordinal)))
+    percent = sum(t.percent for t in tasks) / len(tasks) if tasks else 0.0
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        target_type=job.target_type,
+        target_id=job.target_id,
+        target_name=job.target_name,
+        state=job.state,
+        percent=round(percent, 1),
+        params=job.params,
+        result=job.result,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        tasks=[
+            TaskOut(
+                ordinal=t.ordinal,
+                name=t.name,
+                action=t.action,
+                state=t.state,
+                percent=t.percent,
+                bytes_done=t.bytes_done,
+                bytes_total=t.bytes_total,
+                message=t.message,
+                attempts=t.attempts,
+                error=t.error,
+                started_at=t.started_at,
+                ended_at=t.ended_at,
+            )
+            for t in tasks
+        ],
+    )
+
+
+@router.get("")
+def list_jobs(
+    state: JobState | None = None,
+    kind: str | None = Query(default=None, max_length=50),
+    target: str | None = Query(default=None, max_length=200),
+    limit: int = Query(default=100, ge=1, le=1000),
+    _: Principal = Depends(reader),
+    s: Session = Depends(session),
+) -> list[JobOut]:
+    q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if state is not None:
+        q = q.where(Job.state == state.value)
+    if kind:
+        q = q.where(Job.kind == kind)
+    if target:
+        q = q.where((Job.target_id == target) | (Job.target_name == target))
+    return [job_view(s, j) for j in s.scalars(q)]
+
+
+@router.get("/{job_id}")
+def show_job(job_id: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> JobOut:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job_view(s, job)
+
+
+@router.post("/{job_id}/cancel")
+def cancel(job_id: str, _: Principal = Depends(operator)) -> dict[str, str]:
+    engine.cancel_job(job_id)
+    return {"job_id": job_id, "state": JobState.CANCELLED.value}
+
+
+@router.post("/{job_id}/resume")
+def resume(job_id: str, _: Principal = Depends(operator)) -> dict[str, str]:
+    engine.resume_job(job_id)
+    return {"job_id": job_id, "state": "resuming"}

@@ -1,0 +1,29 @@
+"""The FastAPI application of the configuration server."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from siterecovery import __version__
+from siterecovery.control import plan_actions, problems
+from siterecovery.control.api import components, events, items, jobs, plans, policies, server
+
+# Task handlers register themselves on import; the job engine refuses unknown actions.
+_HANDLER_MODULES = (plan_actions,)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="siterecovery configuration server",
+        version=__version__,
+        description="Replicate, fail over, reprotect and fail back machines.",
+    )
+    problems.install(app)
+    for module in (server, components, policies, items, plans, jobs, events):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["server"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,215 @@
+"""Database schema (SQLAlchemy 2) and the session factory.
+
+SQLite file by default (embedded), PostgreSQL by URL. The schema is created and upgraded by the
+Alembic migrations in `migrations/`, applied when the server starts; models here are the single
+definition both the API and the migrations use.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def now() -> float:
+    return time.time()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class ServerIdentity(Base):
+    """The configuration server's identity; kept across backup/restore (CS-3)."""
+
+    __tablename__ = "server_identity"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    advertised_address: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    secret_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    component_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Component(Base):
+    """A registered server: configuration server, process server, master target or agent."""
+
+    __tablename__ = "components"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    site: Mapped[str] = mapped_column(String(100), default="")
+    os_type: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    address: Mapped[str] = mapped_column(String(300), default="")
+    machine: Mapped[str] = mapped_column(String(200), default="")
+    registered_at: Mapped[float] = mapped_column(Float, default=now)
+    last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    health: Mapped[str] = mapped_column(String(20), default="normal")
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Fabric(Base):
+    __tablename__ = "fabrics"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    site: Mapped[str] = mapped_column(String(100), default="")
+    connection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    secret_encrypted: Mapped[str] = mapped_column(Text, default="")
+    last_discovery_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    discovery_error: Mapped[str] = mapped_column(Text, default="")
+    inventory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Policy(Base):
+    __tablename__ = "policies"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    rpo_threshold_seconds: Mapped[int] = mapped_column(Integer)
+    retention_seconds: Mapped[int] = mapped_column(Integer)
+    app_consistent_frequency_seconds: Mapped[int] = mapped_column(Integer)
+    crash_consistent_frequency_seconds: Mapped[int] = mapped_column(Integer, default=5)
+    failback_policy_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    forward_policy_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    associated_server_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    editable: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ReplicationGroup(Base):
+    __tablename__ = "replication_groups"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ReplicatedItem(Base):
+    __tablename__ = "replicated_items"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    machine: Mapped[str] = mapped_column(String(200))
+    source_fabric_id: Mapped[str] = mapped_column(String(64))
+    target_fabric_id: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(30))
+    state: Mapped[str] = mapped_column(String(30))
+    health: Mapped[str] = mapped_column(String(20), default="normal")
+    policy_id: Mapped[str] = mapped_column(ForeignKey("policies.id"))
+    process_server_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    master_target_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    group_id: Mapped[str | None] = mapped_column(ForeignKey("replication_groups.id"), nullable=True)
+    rpo_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class RecoveryPlan(Base):
+    __tablename__ = "recovery_plans"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Ordered boot groups: [{"items": [item ids], "actions": [{"kind": "manual"|"script", ...}]}]
+    groups: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # = DBOS workflow id
+    kind: Mapped[str] = mapped_column(String(50), index=True)
+    target_type: Mapped[str] = mapped_column(String(30), default="")
+    target_id: Mapped[str] = mapped_column(String(64), default="")
+    target_name: Mapped[str] = mapped_column(String(200), default="")
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobTask(Base):
+    __tablename__ = "job_tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    # What runs: a registered task handler name and its JSON arguments (see control.jobs).
+    action: Mapped[str] = mapped_column(String(100))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(20))
+    percent: Mapped[float] = mapped_column(Float, default=0.0)
+    bytes_done: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_total: Mapped[int] = mapped_column(Integer, default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Event(Base):
+    """An event (something happened) or an alert (a condition that is active until cleared)."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[float] = mapped_column(Float, default=now, index=True)
+    severity: Mapped[str] = mapped_column(String(20))
+    alert: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    code: Mapped[str] = mapped_column(String(100))
+    message: Mapped[str] = mapped_column(Text)
+    object_type: Mapped[str] = mapped_column(String(30), default="")
+    object_id: Mapped[str] = mapped_column(String(64), default="")
+    cleared_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # WAL lets the portal read while a job writes; busy_timeout rides out short locks.
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s

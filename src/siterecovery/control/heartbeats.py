@@ -1,0 +1,100 @@
+"""What a heartbeat changes: liveness, reported statistics, health and alerts.
+
+Process servers report their cache; below 30 % free the server turns warning, below 25 %
+critical (PS-1/PS-2), and an alert stays open until the cache recovers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from siterecovery.config import ServerConfig
+from siterecovery.control.db import Component, now
+from siterecovery.control.events import clear_alert, raise_alert
+from siterecovery.control.schemas import ServerOut
+from siterecovery.control.states import ComponentKind, Health, Severity
+
+CACHE_WARNING_FREE = 0.30
+CACHE_CRITICAL_FREE = 0.25
+
+
+def cache_health(stats: dict[str, Any]) -> Health:
+    capacity = float(stats.get("cache_capacity_bytes") or 0)
+    used = float(stats.get("cache_used_bytes") or 0)
+    if capacity <= 0:
+        return Health.NORMAL
+    free = 1.0 - used / capacity
+    if free < CACHE_CRITICAL_FREE:
+        return Health.CRITICAL
+    if free < CACHE_WARNING_FREE:
+        return Health.WARNING
+    return Health.NORMAL
+
+
+def apply_heartbeat(
+    s: Session, row: Component, stats: dict[str, Any], config: ServerConfig
+) -> dict[str, Any]:
+    row.last_heartbeat = now()
+    row.stats = stats
+    if row.kind == ComponentKind.PROCESS.value:
+        health = cache_health(stats)
+        row.health = health.value
+        if health is Health.NORMAL:
+            clear_alert(s, "ps-cache-low", "component", row.id)
+        else:
+            severity = Severity.CRITICAL if health is Health.CRITICAL else Severity.WARNING
+            raise_alert(
+                s,
+                severity,
+                "ps-cache-low",
+                f"Process server {row.name} cache is {health.value}: "
+                f"{stats.get('cache_used_bytes', 0)} of {stats.get('cache_capacity_bytes', 0)} bytes used.",
+                "component",
+                row.id,
+            )
+    elif row.kind == ComponentKind.MASTER_TARGET.value and stats.get("retention_full"):
+        row.health = Health.CRITICAL.value
+        raise_alert(
+            s,
+            Severity.CRITICAL,
+            "retention-volume-full",
+            f"Master target {row.name}: retention volume is full; applying is paused.",
+            "component",
+            row.id,
+        )
+    elif row.kind == ComponentKind.MASTER_TARGET.value:
+        row.health = Health.NORMAL.value
+        clear_alert(s, "retention-volume-full", "component", row.id)
+    return dict(row.desired)
+
+
+def heartbeat_age(row: Component) -> float | None:
+    return None if row.last_heartbeat is None else max(0.0, now() - row.last_heartbeat)
+
+
+def is_connected(row: Component, config: ServerConfig) -> bool:
+    if row.kind == ComponentKind.CONFIGURATION.value:
+        return True
+    age = heartbeat_age(row)
+    return age is not None and age <= config.heartbeat_timeout
+
+
+def server_view(row: Component, config: ServerConfig) -> ServerOut:
+    if row.kind == ComponentKind.CONFIGURATION.value:
+        row.last_heartbeat = now()
+    return ServerOut(
+        id=row.id,
+        kind=ComponentKind(row.kind),
+        name=row.name,
+        site=row.site,
+        os_type=row.os_type,
+        address=row.address,
+        machine=row.machine,
+        health=row.health,
+        connected=is_connected(row, config),
+        heartbeat_age_seconds=heartbeat_age(row),
+        registered_at=row.registered_at,
+        stats=row.stats,
+    )

@@ -1,0 +1,295 @@
+"""Durable jobs: a job is a DBOS workflow and each of its visible tasks is a DBOS step.
+
+The `jobs` / `job_tasks` tables hold what operators see (state, percent, bytes, errors). DBOS
+holds what makes a job survive a crash: when the server starts again, DBOS re-runs every
+unfinished workflow, and each finished step returns its recorded result instead of running
+again — so a reprotect resumes where it was, it does not redo finished tasks. A task handler
+must therefore be safe to run again after an interruption (idempotent).
+
+Manual actions (recovery plans) pause the workflow on `DBOS.recv` until `jobs resume` sends it a
+message; the job shows `paused` meanwhile, and that wait survives restarts too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbos import DBOS, SetWorkflowID
+from sqlalchemy import select
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Job, JobTask, new_id, now
+from siterecovery.control.events import record_event
+from siterecovery.control.states import JobState, Severity, TaskState
+from siterecovery.errors import Problem, SiteRecoveryError, conflict, not_found
+
+log = logging.getLogger("siterecovery.jobs")
+
+RESUME_TOPIC = "resume"
+MANUAL_ACTION = "manual-action"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One visible task of a job: a name and the registered handler that performs it."""
+
+    name: str
+    action: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskContext:
+    """Handed to a task handler: its arguments and a way to report progress."""
+
+    def __init__(self, job_id: str, ordinal: int, args: dict[str, Any]) -> None:
+        self.job_id = job_id
+        self.ordinal = ordinal
+        self.args = args
+
+    def progress(
+        self,
+        percent: float | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        with current().db.session() as s:
+            task = _task(s, self.job_id, self.ordinal)
+            if bytes_total is not None:
+                task.bytes_total = bytes_total
+            if bytes_done is not None:
+                task.bytes_done = bytes_done
+                if percent is None and task.bytes_total:
+                    percent = 100.0 * bytes_done / task.bytes_total
+            if percent is not None:
+                task.percent = max(0.0, min(100.0, percent))
+            if message is not None:
+                task.message = message
+
+
+TaskHandler = Callable[[TaskContext], dict[str, Any] | None]
+_HANDLERS: dict[str, TaskHandler] = {}
+
+
+def task_handler(action: str) -> Callable[[TaskHandler], TaskHandler]:
+    """Register a function as the handler of tasks with this action name."""
+
+    def register(fn: TaskHandler) -> TaskHandler:
+        _HANDLERS[action] = fn
+        return fn
+
+    return register
+
+
+def _task(s: Any, job_id: str, ordinal: int) -> JobTask:
+    task = s.scalar(select(JobTask).where(JobTask.job_id == job_id, JobTask.ordinal == ordinal))
+    if task is None:
+        raise RuntimeError(f"job {job_id} has no task {ordinal}")
+    return task  # type: ignore[no-any-return]
+
+
+def create_job(
+    kind: str,
+    tasks: Sequence[TaskSpec],
+    *,
+    target_type: str = "",
+    target_id: str = "",
+    target_name: str = "",
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Record a job and its tasks, then start its workflow. Returns the job id."""
+    for spec in tasks:
+        if spec.action != MANUAL_ACTION and spec.action not in _HANDLERS:
+            raise RuntimeError(f"no task handler registered for {spec.action!r}")
+    job_id = new_id("job")
+    with current().db.session() as s:
+        s.add(
+            Job(
+                id=job_id,
+                kind=kind,
+                target_type=target_type,
+                target_id=target_id,
+                target_name=target_name,
+                state=JobState.QUEUED.value,
+                params=params or {},
+            )
+        )
+        s.flush()
+        for i, spec in enumerate(tasks):
+            s.add(
+                JobTask(
+                    job_id=job_id,
+                    ordinal=i,
+                    name=spec.name,
+                    action=spec.action,
+                    args=spec.args,
+                    state=TaskState.PENDING.value,
+                )
+            )
+    with SetWorkflowID(job_id):
+        DBOS.start_workflow(run_job, job_id)
+    return job_id
+
+
+@DBOS.step()
+def _start_job(job_id: str) -> int:
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise RuntimeError(f"job {job_id} vanished")
+        if job.started_at is None:
+            job.started_at = now()
+        job.state = JobState.RUNNING.value
+        return len(list(s.scalars(select(JobTask.id).where(JobTask.job_id == job_id))))
+
+
+@DBOS.step()
+def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
+    """Run one task. Its result is recorded by DBOS, so a finished task never runs twice."""
+    with current().db.session() as s:
+        task = _task(s, job_id, ordinal)
+        task.state = TaskState.RUNNING.value
+        task.attempts += 1
+        task.started_at = task.started_at or now()
+        action, args = task.action, dict(task.args)
+    ctx = TaskContext(job_id, ordinal, args)
+    try:
+        result = _HANDLERS[action](ctx) or {}
+    except SiteRecoveryError as exc:
+        _finish_task(job_id, ordinal, TaskState.FAILED, error=exc.first.as_dict())
+        return {"failed": [p.as_dict() for p in exc.problems]}
+    except Exception as exc:  # a task's own failure ends the job, never the server
+        log.exception("task %s of job %s failed", ordinal, job_id)
+        problem = Problem(
+            "task-failed", f"Task failed: {exc}", "See the server log; fix the cause and rerun."
+        )
+        _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
+        return {"failed": [problem.as_dict()]}
+    _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
+    return {"result": result}
+
+
+def _finish_task(job_id: str, ordinal: int, state: TaskState, error: dict[str, Any] | None = None) -> None:
+    with current().db.session() as s:
+        task = _task(s, job_id, ordinal)
+        task.state = state.value
+        task.ended_at = now()
+        if state is TaskState.SUCCEEDED:
+            task.percent = 100.0
+        if error:
+            task.error = error
+
+
+@DBOS.step()
+def _enter_manual_action(job_id: str, ordinal: int) -> None:
+    with current().db.session() as s:
+        task = _task(s, job_id, ordinal)
+        task.state = TaskState.WAITING.value
+        task.started_at = task.started_at or now()
+        task.attempts += 1
+        job = s.get(Job, job_id)
+        if job is not None:
+            job.state = JobState.PAUSED.value
+            record_event(
+                s,
+                Severity.INFO,
+                "job-paused",
+                f"Job {job_id} waits for a manual action: {task.name}.",
+                "job",
+                job_id,
+            )
+
+
+@DBOS.step()
+def _leave_manual_action(job_id: str, ordinal: int) -> None:
+    _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        if job is not None and job.state == JobState.PAUSED.value:
+            job.state = JobState.RUNNING.value
+
+
+@DBOS.step()
+def _finish_job(job_id: str, state: str, error: dict[str, Any], result: dict[str, Any]) -> None:
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return
+        job.state = state
+        job.ended_at = now()
+        job.error = error
+        job.result = result
+        for task in s.scalars(select(JobTask).where(JobTask.job_id == job_id)):
+            if task.state in (TaskState.PENDING.value, TaskState.RUNNING.value, TaskState.WAITING.value):
+                task.state = TaskState.SKIPPED.value if state == JobState.FAILED.value else task.state
+        severity = Severity.INFO if state == JobState.SUCCEEDED.value else Severity.WARNING
+        record_event(s, severity, f"job-{state}", f"Job {job.kind} {job_id} {state}.", "job", job_id)
+
+
+@DBOS.workflow()
+def run_job(job_id: str) -> str:
+    count = _start_job(job_id)
+    results: dict[str, Any] = {}
+    for ordinal in range(count):
+        action = _task_action(job_id, ordinal)
+        if action == MANUAL_ACTION:
+            _enter_manual_action(job_id, ordinal)
+            while DBOS.recv(RESUME_TOPIC, timeout_seconds=3600) is None:
+                pass
+            _leave_manual_action(job_id, ordinal)
+            continue
+        outcome = _execute_task(job_id, ordinal)
+        if "failed" in outcome:
+            _finish_job(job_id, JobState.FAILED.value, outcome["failed"][0], results)
+            return JobState.FAILED.value
+        results[str(ordinal)] = outcome.get("result", {})
+    _finish_job(job_id, JobState.SUCCEEDED.value, {}, results)
+    return JobState.SUCCEEDED.value
+
+
+def _task_action(job_id: str, ordinal: int) -> str:
+    # Read outside a step: the task list is fixed when the job is created, so replay sees the same.
+    with current().db.session() as s:
+        return _task(s, job_id, ordinal).action
+
+
+def cancel_job(job_id: str) -> None:
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        if JobState(job.state).finished:
+            raise conflict(
+                "job-finished",
+                f"Job {job_id} has already {job.state}.",
+                "Only queued, running or paused jobs can be cancelled.",
+            )
+    DBOS.cancel_workflow(job_id)
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.CANCELLED.value
+        job.ended_at = now()
+        for task in s.scalars(select(JobTask).where(JobTask.job_id == job_id)):
+            if task.state in (TaskState.PENDING.value, TaskState.RUNNING.value, TaskState.WAITING.value):
+                task.state = TaskState.CANCELLED.value
+        record_event(
+            s, Severity.WARNING, "job-cancelled", f"Job {job.kind} {job_id} cancelled.", "job", job_id
+        )
+
+
+def resume_job(job_id: str) -> None:
+    with current().db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise not_found("job", job_id)
+        if job.state != JobState.PAUSED.value:
+            raise conflict(
+                "job-not-paused",
+                f"Job {job_id} is {job.state}, not paused.",
+                "Resume only jobs that wait for a manual action.",
+            )
+    DBOS.send(job_id, "resume", topic=RESUME_TOPIC)

@@ -1,0 +1,84 @@
+"""Turns errors into RFC 9457 `application/problem+json` responses, at the API boundary only.
+
+Domain errors keep their stable code, message and remediation; request validation errors name
+the field at fault; anything unexpected is a 500 that shows no internals (it is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from siterecovery.errors import Problem, SiteRecoveryError
+
+log = logging.getLogger("siterecovery.api")
+MEDIA = "application/problem+json"
+
+
+def problem_response(status: int, problems: tuple[Problem, ...], title: str = "") -> JSONResponse:
+    first = problems[0]
+    body: dict[str, Any] = {
+        "type": f"https://siterecovery.dev/problems/{first.code}",
+        "title": title or first.message,
+        "status": status,
+        **first.as_dict(),
+        "problems": [p.as_dict() for p in problems],
+    }
+    return JSONResponse(body, status_code=status, media_type=MEDIA)
+
+
+_HTTP_CODES = {
+    401: ("unauthenticated", "Send a bearer token: Authorization: Bearer <token>."),
+    403: ("forbidden", "Use a token whose role allows this operation."),
+    404: ("not-found", "Check the URL against /openapi.json."),
+    405: ("method-not-allowed", "Check the method against /openapi.json."),
+}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(SiteRecoveryError)
+    async def _domain(_: Request, exc: SiteRecoveryError) -> JSONResponse:
+        return problem_response(int(exc.status), exc.problems)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+            field = ".".join(loc) or "body"
+            problems.append(
+                Problem(
+                    code="invalid-input",
+                    message=f"Field '{field}': {err.get('msg', 'invalid value')}.",
+                    remediation="Correct the field and send the request again (see /openapi.json).",
+                    detail={"field": field},
+                )
+            )
+        if not problems:
+            problems.append(Problem("invalid-input", "The request is invalid.", "Check the request body."))
+        return problem_response(422, tuple(problems), "The request is invalid.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code, remediation = _HTTP_CODES.get(exc.status_code, ("http-error", "Check the request."))
+        message = exc.detail if isinstance(exc.detail, str) else "Request refused."
+        return problem_response(exc.status_code, (Problem(code, message, remediation),))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return problem_response(
+            500,
+            (
+                Problem(
+                    "internal-error",
+                    "The server failed to handle the request.",
+                    "Retry; if it persists, collect the server log and report it.",
+                ),
+            ),
+        )

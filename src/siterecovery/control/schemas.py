@@ -1,0 +1,204 @@
+"""Request and response bodies of the REST API (Pydantic v2; they make /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from siterecovery.control.states import ComponentKind, Role
+
+Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenCreate(Strict):
+    name: str = Name
+    role: Literal[Role.READER, Role.OPERATOR, Role.ADMIN]
+
+
+class TokenCreated(BaseModel):
+    id: str
+    name: str
+    role: Role
+    token: str
+
+
+class Registration(Strict):
+    passphrase: str = Field(min_length=1, max_length=500)
+    kind: Literal[ComponentKind.AGENT, ComponentKind.PROCESS, ComponentKind.MASTER_TARGET]
+    name: str = Name
+    site: str = Field(default="onprem", max_length=100)
+    os_type: Literal["linux", "windows"] | None = None
+    address: str = Field(default="", max_length=300)
+    machine: str = Field(default="", max_length=200)
+
+
+class Registered(BaseModel):
+    id: str
+    token: str
+    cert_pem: str
+    key_pem: str
+    ca_pem: str
+
+
+class Heartbeat(Strict):
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeartbeatReply(BaseModel):
+    desired: dict[str, Any]
+    server_time: float
+
+
+class ServerOut(BaseModel):
+    id: str
+    kind: ComponentKind
+    name: str
+    site: str
+    os_type: str | None
+    address: str
+    machine: str
+    health: str
+    connected: bool
+    heartbeat_age_seconds: float | None
+    registered_at: float
+    stats: dict[str, Any]
+
+
+class PolicyCreate(Strict):
+    name: str = Name
+    rpo_threshold_minutes: int = Field(default=60, ge=1, le=1440)
+    retention_hours: int = Field(default=24, ge=1, le=720)
+    app_consistent_frequency_minutes: int = Field(default=60, ge=0, le=720)
+    crash_consistent_frequency_seconds: int = Field(default=5, ge=1, le=3600)
+
+
+class PolicyUpdate(Strict):
+    rpo_threshold_minutes: int | None = Field(default=None, ge=1, le=1440)
+    retention_hours: int | None = Field(default=None, ge=1, le=720)
+    app_consistent_frequency_minutes: int | None = Field(default=None, ge=0, le=720)
+    crash_consistent_frequency_seconds: int | None = Field(default=None, ge=1, le=3600)
+
+
+class PolicyOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    rpo_threshold_minutes: float
+    retention_hours: float
+    app_consistent_frequency_minutes: float
+    crash_consistent_frequency_seconds: int
+    editable: bool
+    failback_policy_id: str | None
+    forward_policy_id: str | None
+    associated_server_id: str | None
+
+
+class PlanAction(Strict):
+    kind: Literal["manual", "script"]
+    name: str = Name
+    instructions: str = Field(default="", max_length=2000)
+    command: str = Field(default="", max_length=2000)
+    timeout_seconds: int = Field(default=600, ge=1, le=86400)
+
+
+class PlanGroup(Strict):
+    items: list[str] = Field(default_factory=list)
+    actions_after: list[PlanAction] = Field(default_factory=list)
+
+
+class PlanCreate(Strict):
+    name: str = Name
+    groups: list[PlanGroup] = Field(min_length=1, max_length=20)
+
+
+class PlanOut(BaseModel):
+    id: str
+    name: str
+    groups: list[PlanGroup]
+
+
+class GroupCreate(Strict):
+    name: str = Name
+
+
+class GroupOut(BaseModel):
+    id: str
+    name: str
+    items: list[str]
+
+
+class TaskOut(BaseModel):
+    ordinal: int
+    name: str
+    action: str
+    state: str
+    percent: float
+    bytes_done: int
+    bytes_total: int
+    message: str
+    attempts: int
+    error: dict[str, Any]
+    started_at: float | None
+    ended_at: float | None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    target_type: str
+    target_id: str
+    target_name: str
+    state: str
+    percent: float
+    params: dict[str, Any]
+    result: dict[str, Any]
+    error: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    tasks: list[TaskOut]
+
+
+class JobStarted(BaseModel):
+    job_id: str
+
+
+class EventOut(BaseModel):
+    id: int
+    time: float
+    severity: str
+    alert: bool
+    active: bool
+    code: str
+    message: str
+    object_type: str
+    object_id: str
+
+
+class FabricCreate(Strict):
+    name: str = Name
+    kind: Literal["lab", "vsphere"]
+    site: str = Field(default="", max_length=100)
+    connection: dict[str, Any] = Field(default_factory=dict)
+    secret: str = Field(default="", max_length=1000)
+
+
+class FabricCredentials(Strict):
+    connection: dict[str, Any] | None = None
+    secret: str = Field(default="", max_length=1000)
+
+
+class FabricOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    site: str
+    connection: dict[str, Any]
+    last_discovery_at: float | None
+    discovery_error: str
+    summary: dict[str, Any]

@@ -1,0 +1,57 @@
+"""Runs the configuration server: open state, start the job engine, serve the API."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+
+import uvicorn
+from dbos import DBOS
+
+from siterecovery.config import ServerConfig
+from siterecovery.control.app import create_app
+from siterecovery.control.context import ControlPlane, open_control_plane
+
+log = logging.getLogger("siterecovery.server")
+
+
+def dbos_system_url(config: ServerConfig) -> str:
+    # On PostgreSQL, DBOS keeps its tables in its own schema of the same database. On SQLite it
+    # gets a sibling file: two writers on one SQLite file would contend for its single lock.
+    if config.database_url.startswith("sqlite"):
+        return f"sqlite:///{config.state_dir / 'jobs.sqlite'}"
+    return config.database_url
+
+
+def start_engine(cp: ControlPlane) -> None:
+    DBOS(
+        config={
+            "name": "siterecovery",
+            "system_database_url": dbos_system_url(cp.config),
+            "log_level": "WARNING",
+        }
+    )
+    DBOS.launch()
+
+
+def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
+    cp = open_control_plane(config)
+    if cp.initial_admin_token:
+        if admin_token_file:
+            import os
+
+            fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(cp.initial_admin_token + "\n")
+        print(f"initial admin token (shown once): {cp.initial_admin_token}", file=sys.stderr, flush=True)
+    app = create_app()
+    start_engine(cp)
+    ssl_kwargs: dict[str, object] = {}
+    if config.tls:
+        pki = config.state_dir / "pki"
+        issued = cp.ca.issue("configuration-server", ("127.0.0.1", "localhost", config.host))
+        cert, key, _ = issued.write(pki, "server")
+        ssl_kwargs = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_cert_reqs": ssl.CERT_NONE}
+    log.info("serving on %s", config.listen)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", **ssl_kwargs)  # type: ignore[arg-type]
