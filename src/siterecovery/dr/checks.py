@@ -1,0 +1,646 @@
+"""Reprotect and failback prerequisite checks: every failing rule at once, before anything changes.
+
+`check_reprotect` and `check_failback` run every rule that applies to the operation, in
+REQUIREMENTS.md order, and return one `Problem` per failing rule (code, message naming the object,
+remediation), so `--what-if` and the real operation refuse with the same list. They are pure
+functions of a `Situation`: the configuration server's records plus inventories just discovered
+through the `Fabric` interface. A rule whose input is missing because another rule already failed
+(no on-premises inventory, an unknown master target) is skipped rather than reported twice in
+other words. `plan_notes` lists what does not block but the reprotect job will do (RP-VM-SNAP).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from siterecovery.dr import rules
+from siterecovery.dr.check_inputs import ReprotectContext, Situation, Stage
+from siterecovery.errors import Problem
+from siterecovery.fabrics.base import (
+    CloudOrigin,
+    Datastore,
+    DatastoreType,
+    Host,
+    HypervisorKind,
+    LicenceEdition,
+    Machine,
+    OsType,
+    PowerState,
+    ScsiType,
+)
+
+# Where recovery points go when the request names no retention volume (RP-RET).
+DEFAULT_RETENTION_VOLUME: dict[OsType, str] = {OsType.WINDOWS: "R:", OsType.LINUX: "/mnt/retention"}
+
+# RP-W2K8: 2008 R2 exists only as SP1 for ASR-style products, so the release is what matters.
+_W2K8_R2 = re.compile(r"windows\s+server\s+2008\s+r2", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What every check needs, resolved once from a situation; None where it cannot be known."""
+
+    ctx: Situation
+    request: ReprotectContext | None
+    mt_name: str
+    ps_name: str
+    mt_vm: Machine | None  # the master target's VM in the on-premises inventory
+    mt_host: Host | None
+    host_datastores: tuple[Datastore, ...]  # datastores mounted on the master target's host
+    existing_vm: Machine | None  # the on-premises VM failback writes into, if it still exists
+    cloud_vm: Machine | None
+    target_host: str  # host failed back to: the existing VM's, else the master target's
+
+
+def _resolve(ctx: Situation) -> _Facts:
+    req = ctx if isinstance(ctx, ReprotectContext) else None
+    mt_name = req.request.master_target if req else ctx.item.master_target
+    ps_name = req.request.process_server if req else ctx.item.process_server
+    onprem = ctx.onprem
+    mt_vm = onprem.machine(ctx.master_target.machine) if onprem and ctx.master_target else None
+    mt_host = onprem.host(mt_vm.host) if onprem and mt_vm else None
+    host_datastores = (
+        tuple(d for d in onprem.datastores if d.mounted_on(mt_host.name)) if onprem and mt_host else ()
+    )
+    # A physical server has no VM to write into: it always fails back as a new VM on the MT's host.
+    original = onprem.machine(ctx.item.machine) if onprem else None
+    existing_vm = original if original and not ctx.item.physical else None
+    new_vm_host = mt_host.name if mt_host else ""
+    target_host = existing_vm.host if existing_vm else new_vm_host
+    return _Facts(
+        ctx=ctx,
+        request=req,
+        mt_name=mt_name,
+        ps_name=ps_name,
+        mt_vm=mt_vm,
+        mt_host=mt_host,
+        host_datastores=host_datastores,
+        existing_vm=existing_vm,
+        cloud_vm=ctx.cloud.machine(ctx.item.cloud_machine),
+        target_host=target_host,
+    )
+
+
+def _age(age: float | None) -> str:
+    return "has never sent a heartbeat" if age is None else f"last sent a heartbeat {age:.0f} s ago"
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One check function and the rules whose problems it may return (for the rule lists)."""
+
+    rules: tuple[rules.Rule, ...]
+    run: Callable[[_Facts], Iterator[Problem]]
+
+
+def _check(*covers: rules.Rule) -> Callable[[Callable[[_Facts], Iterator[Problem]]], _Check]:
+    def wrap(fn: Callable[[_Facts], Iterator[Problem]]) -> _Check:
+        return _Check(covers, fn)
+
+    return wrap
+
+
+@_check(rules.CS_UNKNOWN_MACHINE)
+def _cs_unknown_machine(f: _Facts) -> Iterator[Problem]:
+    if not f.ctx.item.machine_recorded:
+        machine = f.ctx.item.machine
+        yield rules.CS_UNKNOWN_MACHINE.problem(
+            f"The configuration server's database has no record of machine {machine}.", machine=machine
+        )
+
+
+@_check(rules.CS_UNREACHABLE)
+def _cs_unreachable(f: _Facts) -> Iterator[Problem]:
+    mt, timeout = f.ctx.master_target, f.ctx.heartbeat_timeout
+    if mt and not mt.connected(timeout):
+        yield rules.CS_UNREACHABLE.problem(
+            f"Master target {mt.name} does not reach the configuration server: it "
+            f"{_age(mt.heartbeat_age)} (timeout {timeout:.0f} s).",
+            master_target=mt.name,
+        )
+
+
+@_check(rules.MT_OS_MISMATCH)
+def _mt_os_mismatch(f: _Facts) -> Iterator[Problem]:
+    mt, item = f.ctx.master_target, f.ctx.item
+    if mt and mt.os_type != item.os_type:
+        yield rules.MT_OS_MISMATCH.problem(
+            f"Master target {mt.name} runs {mt.os_type} but machine {item.machine} runs {item.os_type}.",
+            os_type=str(item.os_type),
+            machine=item.machine,
+        )
+
+
+@_check(rules.MT_DISK_LIMIT)
+def _mt_disk_limit(f: _Facts) -> Iterator[Problem]:
+    if f.request is None or f.mt_vm is None:
+        return
+    present, pending, adds = len(f.mt_vm.disks), f.request.pending_mt_disks, f.ctx.item.disk_count
+    if present + pending + adds > rules.MAX_MT_DISKS:
+        yield rules.MT_DISK_LIMIT.problem(
+            f"Master target {f.mt_name} would have {present + pending + adds} disks attached "
+            f"({present} now, {pending} pending, {adds} for machine {f.ctx.item.machine}); "
+            f"the limit is {rules.MAX_MT_DISKS}.",
+            needed=str(adds),
+        )
+
+
+@_check(rules.AGENT_NOT_REGISTERED)
+def _agent_not_registered(f: _Facts) -> Iterator[Problem]:
+    if f.ctx.agent is None:
+        machine = f.ctx.item.cloud_machine
+        yield rules.AGENT_NOT_REGISTERED.problem(
+            f"The mobility agent of {machine} has not registered with the configuration server "
+            "since the machine booted in the cloud.",
+            machine=machine,
+        )
+
+
+@_check(rules.DISK_UUID_CLASH)
+def _disk_uuid_clash(f: _Facts) -> Iterator[Problem]:
+    if f.existing_vm is None or f.mt_vm is None:
+        return
+    mt_uuids = {d.uuid.lower() for d in f.mt_vm.disks}
+    clashes = [d for d in f.existing_vm.disks if d.uuid.lower() in mt_uuids]
+    if clashes:
+        vm = f.existing_vm
+        yield rules.DISK_UUID_CLASH.problem(
+            f"Disk {', '.join(d.label for d in clashes)} of machine {vm.name} has the same UUID "
+            f"({', '.join(d.uuid for d in clashes)}) as a disk of master target {f.mt_name}.",
+            machine=vm.name,
+        )
+
+
+@_check(rules.VCENTER_NOT_DISCOVERED, rules.MT_NOT_DISCOVERED)
+def _vcenter_discovered(f: _Facts) -> Iterator[Problem]:
+    vcenter = f.ctx.vcenter
+    if f.ctx.onprem is None:
+        yield rules.VCENTER_NOT_DISCOVERED.problem(
+            f"vCenter {vcenter} has not been discovered by the configuration server.", vcenter=vcenter
+        )
+    mt = f.ctx.master_target
+    if mt is None:
+        why = "is not registered with the configuration server"
+    elif f.ctx.onprem is None:
+        return  # its VM cannot be looked for; the vCenter problem above says why
+    elif f.mt_vm is None:
+        why = f"runs on VM {mt.machine}, which is not in the inventory of vCenter {vcenter}"
+    elif f.mt_host is None:
+        why = f"runs on host {f.mt_vm.host or '(none)'}, which is not in the inventory of vCenter {vcenter}"
+    else:
+        return
+    yield rules.MT_NOT_DISCOVERED.problem(
+        f"Master target {f.mt_name} {why}.", master_target=f.mt_name, vcenter=vcenter
+    )
+
+
+@_check(rules.DATASTORES_NOT_VISIBLE)
+def _datastores_visible(f: _Facts) -> Iterator[Problem]:
+    if f.mt_host is None or f.host_datastores or f.ctx.onprem is None:
+        return
+    hints = "; ".join(f.ctx.onprem.warnings)
+    yield rules.DATASTORES_NOT_VISIBLE.problem(
+        f"No datastore of host {f.mt_host.name} (master target {f.mt_name}) is visible to the "
+        f"configuration server{f' ({hints})' if hints else ''}.",
+        vcenter=f.ctx.vcenter,
+    )
+
+
+@_check(rules.VCENTER_INSUFFICIENT_PRIVILEGES)
+def _vcenter_privileges(f: _Facts) -> Iterator[Problem]:
+    missing = f.ctx.onprem.missing_privileges() if f.ctx.onprem else ()
+    if missing:
+        yield rules.VCENTER_INSUFFICIENT_PRIVILEGES.problem(
+            f"The account of vCenter {f.ctx.vcenter} lacks privileges {', '.join(missing)}.",
+            vcenter=f.ctx.vcenter,
+            missing=", ".join(missing),
+        )
+
+
+@_check(rules.SOURCE_UNREACHABLE)
+def _source_reachable(f: _Facts) -> Iterator[Problem]:
+    agent, timeout = f.ctx.agent, f.ctx.heartbeat_timeout
+    if agent and not agent.connected(timeout):
+        machine = f.ctx.item.cloud_machine
+        yield rules.SOURCE_UNREACHABLE.problem(
+            f"Machine {machine} does not reach the configuration server: its agent "
+            f"{_age(agent.heartbeat_age)} (timeout {timeout:.0f} s).",
+            machine=machine,
+        )
+
+
+@_check(rules.PS_DISCONNECTED)
+def _ps_connected(f: _Facts) -> Iterator[Problem]:
+    ps, timeout = f.ctx.process_server, f.ctx.heartbeat_timeout
+    if ps is None:
+        why = "is not registered with the configuration server"
+    elif not ps.connected(timeout):
+        why = f"is disconnected: it {_age(ps.heartbeat_age)} (timeout {timeout:.0f} s)"
+    else:
+        return
+    yield rules.PS_DISCONNECTED.problem(f"Process server {f.ps_name} {why}.", process_server=f.ps_name)
+
+
+@_check(rules.MT_HAS_SNAPSHOTS)
+def _mt_snapshots(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm and f.mt_vm.snapshots:
+        names = ", ".join(s.name for s in f.mt_vm.snapshots)
+        yield rules.MT_HAS_SNAPSHOTS.problem(
+            f"Master target {f.mt_name} has snapshots ({names}).", master_target=f.mt_name
+        )
+
+
+@_check(rules.GROUP_MIXED_OS)
+def _group_os(f: _Facts) -> Iterator[Problem]:
+    item = f.ctx.item
+    if f.request is None or item.group is None:
+        return
+    others = [m for m in f.request.group if m.os_type != item.os_type]
+    if others:
+        listed = ", ".join(f"{m.item} ({m.os_type})" for m in others)
+        yield rules.GROUP_MIXED_OS.problem(
+            f"Replication group {item.group} mixes OS types: {item.machine} runs {item.os_type}, "
+            f"but {listed}.",
+            group=item.group,
+        )
+
+
+@_check(rules.GROUP_MIXED_MT)
+def _group_mt(f: _Facts) -> Iterator[Problem]:
+    item = f.ctx.item
+    if f.request is None or item.group is None:
+        return
+    others = [m for m in f.request.group if m.master_target not in (None, f.mt_name)]
+    if others:
+        listed = ", ".join(f"{m.item} ({m.master_target})" for m in others)
+        yield rules.GROUP_MIXED_MT.problem(
+            f"Replication group {item.group} is given several master targets: {item.machine} "
+            f"{f.mt_name}, but {listed}.",
+            group=item.group,
+            master_target=f.mt_name,
+        )
+
+
+@_check(rules.GROUP_NEEDS_RECOVERY_PLAN)
+def _group_plan(f: _Facts) -> Iterator[Problem]:
+    group = f.ctx.item.group
+    if f.request is None or group is None:
+        return
+    if not f.request.request.via_plan:
+        why = "is reprotected on its own, not through a recovery plan"
+    else:
+        unset = [m.item for m in f.request.group if m.master_target is None]
+        if not unset:
+            return
+        why = f"is reprotected through a recovery plan that gives no values for {', '.join(unset)}"
+    yield rules.GROUP_NEEDS_RECOVERY_PLAN.problem(
+        f"Machine {f.ctx.item.machine} of replication group {group} {why}.", group=group
+    )
+
+
+@_check(rules.MT_ON_LVM)
+def _mt_lvm(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm and f.mt_vm.os_type is OsType.LINUX and f.mt_vm.on_lvm:
+        yield rules.MT_ON_LVM.problem(f"Linux master target {f.mt_name} is installed on LVM.")
+
+
+@_check(rules.DATASTORE_NOT_WRITABLE)
+def _datastores_writable(f: _Facts) -> Iterator[Problem]:
+    if f.existing_vm is None or f.mt_host is None or f.ctx.onprem is None or not f.host_datastores:
+        return
+    host = f.mt_host.name
+    names = sorted({d.datastore for d in f.existing_vm.disks if d.datastore})
+    bad = [n for n in names if not ((ds := f.ctx.onprem.datastore(n)) and ds.writable_on(host))]
+    if bad:
+        listed = ", ".join(bad)
+        yield rules.DATASTORE_NOT_WRITABLE.problem(
+            f"Datastore {listed} of machine {f.existing_vm.name} is not mounted read/write on host "
+            f"{host} of master target {f.mt_name}.",
+            datastores=listed,
+            host=host,
+        )
+
+
+@_check(rules.MT_DISKS_MOVED)
+def _mt_disks_moved(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm is None or f.ctx.onprem is None:
+        return
+    now = {d.uuid.lower(): d.backing for d in f.mt_vm.disks}
+    moved = [p for p in f.ctx.item.placed_disks if now.get(p.uuid.lower()) != p.backing]
+    if not moved:
+        return
+    # Storage vMotion moves attached disks with the master target; a detached one may be on any
+    # machine. Say where each is now, so the operator's manual recovery starts from there.
+    elsewhere = {d.uuid.lower(): d.backing for m in f.ctx.onprem.machines for d in m.disks}
+    where = []
+    for p in moved:
+        at = now.get(p.uuid.lower()) or elsewhere.get(p.uuid.lower(), "not found")
+        where.append(f"{p.uuid} was at {p.backing}, now {at}")
+    machine = f.existing_vm.name if f.existing_vm else f.ctx.item.machine
+    yield rules.MT_DISKS_MOVED.problem(
+        f"Disks of machine {machine} are no longer where reprotect attached them to master target "
+        f"{f.mt_name}: {'; '.join(where)}.",
+        disks=", ".join(p.uuid for p in moved),
+        machine=machine,
+        master_target=f.mt_name,
+    )
+
+
+@_check(rules.RETENTION_VOLUME_INELIGIBLE)
+def _retention_volume(f: _Facts) -> Iterator[Problem]:
+    mt = f.ctx.master_target
+    if f.request is None or mt is None:
+        return
+    name = f.request.request.retention_volume or DEFAULT_RETENTION_VOLUME[mt.os_type]
+    volume = next((v for v in mt.retention_volumes if v.name == name), None)
+    if volume is None:
+        why = "is not a volume of it (a new volume appears after the master target's next refresh)"
+    elif not volume.eligible:
+        why = f"is not eligible: {volume.reason or 'it fails an eligibility criterion'}"
+    else:
+        return
+    eligible = ", ".join(v.name for v in mt.retention_volumes if v.eligible) or "none now"
+    yield rules.RETENTION_VOLUME_INELIGIBLE.problem(
+        f"Retention volume {name} of master target {mt.name} {why}.",
+        master_target=mt.name,
+        eligible=eligible,
+    )
+
+
+@_check(rules.MT_TOOLS_MISSING)
+def _mt_tools(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm and not f.mt_vm.tools_running:
+        yield rules.MT_TOOLS_MISSING.problem(
+            f"VMware Tools are not running on master target {f.mt_name}.", master_target=f.mt_name
+        )
+
+
+@_check(rules.MT_ENABLEUUID_MISSING)
+def _mt_enableuuid(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm is None:
+        return
+    # vSphere keeps advanced settings case-insensitively, and "TRUE" is as good as "true".
+    value = next((v for k, v in f.mt_vm.extra_config.items() if k.lower() == "disk.enableuuid"), "")
+    if value.strip().lower() != "true":
+        shown = f"is {value!r}" if value else "is not set"
+        yield rules.MT_ENABLEUUID_MISSING.problem(
+            f"disk.EnableUUID {shown} on master target {f.mt_name}.", master_target=f.mt_name
+        )
+
+
+@_check(rules.MT_HOST_NO_VMFS)
+def _mt_vmfs(f: _Facts) -> Iterator[Problem]:
+    if f.mt_host and f.host_datastores and all(d.type is not DatastoreType.VMFS for d in f.host_datastores):
+        host = f.mt_host.name
+        yield rules.MT_HOST_NO_VMFS.problem(
+            f"Host {host} of master target {f.mt_name} has no VMFS datastore.", host=host
+        )
+
+
+@_check(rules.MT_PARAVIRTUAL_CONTROLLER)
+def _mt_scsi(f: _Facts) -> Iterator[Problem]:
+    if f.mt_vm is None:
+        return
+    bad = [c for c in f.mt_vm.controllers if c.type is not ScsiType.LSILOGIC]
+    if bad:
+        keys = ", ".join(str(c.key) for c in bad)
+        yield rules.MT_PARAVIRTUAL_CONTROLLER.problem(
+            f"Master target {f.mt_name} has a ParaVirtual SCSI controller (key {keys}).",
+            master_target=f.mt_name,
+        )
+
+
+def _target_host(f: _Facts) -> Host | None:
+    return f.ctx.onprem.host(f.target_host) if f.ctx.onprem and f.target_host else None
+
+
+@_check(rules.HOST_FREE_EDITION)
+def _host_free(f: _Facts) -> Iterator[Problem]:
+    host = _target_host(f)
+    if host and host.licence is LicenceEdition.FREE:
+        yield rules.HOST_FREE_EDITION.problem(
+            f"Host {host.name}, which machine {f.ctx.item.machine} fails back to, runs a free-edition "
+            "hypervisor licence.",
+            host=host.name,
+        )
+
+
+@_check(rules.OS_NOT_FAILBACK_CAPABLE)
+def _w2k8(f: _Facts) -> Iterator[Problem]:
+    item = f.ctx.item
+    if item.physical and _W2K8_R2.search(item.os_version):
+        yield rules.OS_NOT_FAILBACK_CAPABLE.problem(
+            f"Machine {item.machine} runs {item.os_version} and is protected as a physical server.",
+            machine=item.machine,
+        )
+
+
+@_check(rules.NOT_FAILBACK_ELIGIBLE)
+def _eligible(f: _Facts) -> Iterator[Problem]:
+    item, vm = f.ctx.item, f.cloud_vm
+    reasons: list[str] = []
+    if item.stage is Stage.DISABLED:
+        reasons.append("its protection was disabled")
+    if vm is None:
+        reasons.append(f"its cloud machine {item.cloud_machine} was deleted")
+    else:
+        if vm.origin is CloudOrigin.MIGRATION:
+            reasons.append(f"{vm.name} was migrated to the cloud, not failed over")
+        elif vm.origin is not CloudOrigin.FAILOVER:
+            reasons.append(f"{vm.name} was created in the cloud, not by a failover")
+        if vm.resource_group != item.cloud_resource_group:
+            reasons.append(
+                f"{vm.name} was moved from resource group {item.cloud_resource_group} to {vm.resource_group}"
+            )
+    if reasons:
+        yield rules.NOT_FAILBACK_ELIGIBLE.problem(
+            f"Machine {item.machine} cannot be failed back: {'; '.join(reasons)}.", machine=item.machine
+        )
+
+
+@_check(rules.TARGET_NOT_ESXI)
+def _esxi_only(f: _Facts) -> Iterator[Problem]:
+    if f.ctx.onprem is None or not f.target_host:
+        return
+    host = _target_host(f)
+    if host is None or host.kind is not HypervisorKind.ESXI:
+        kind = host.kind if host else "not in the vCenter inventory"
+        yield rules.TARGET_NOT_ESXI.problem(
+            f"Host {f.target_host}, which machine {f.ctx.item.machine} fails back to, is not an ESXi "
+            f"host ({kind}).",
+            machine=f.ctx.item.machine,
+        )
+
+
+@_check(rules.DATASTORE_REQUIRED)
+def _datastore_arg(f: _Facts) -> Iterator[Problem]:
+    if f.request is None:
+        return
+    host = f.mt_host.name if f.mt_host else ""
+    usable = [d.name for d in f.host_datastores if d.writable_on(host)]
+    choices = ", ".join(usable) or "none now"
+    given = f.request.request.datastore
+    if not given:
+        yield rules.DATASTORE_REQUIRED.problem(
+            f"No datastore was given for machine {f.ctx.item.machine} (it is required even when the "
+            "disks already exist).",
+            choices=choices,
+        )
+    # Only a machine created anew lands in the datastore; with existing disks it is ignored.
+    elif f.existing_vm is None and f.mt_host and f.host_datastores and given not in usable:
+        yield rules.DATASTORE_REQUIRED.problem(
+            f"Datastore {given}, where the new machine {f.ctx.item.machine} would be created, is not "
+            f"mounted read/write on host {host} of master target {f.mt_name}.",
+            choices=choices,
+        )
+
+
+def _stage(expected: Stage, rule: rules.Rule, state: str) -> _Check:
+    # A disabled item is in no stage: RP-ELIGIBLE says so, with the other eligibility reasons.
+    @_check(rule)
+    def check(f: _Facts) -> Iterator[Problem]:
+        item = f.ctx.item
+        if item.stage not in (expected, Stage.DISABLED):
+            yield rule.problem(
+                f"Machine {item.machine} is {state} (stage {item.stage}).", machine=item.machine
+            )
+
+    return check
+
+
+_reprotect_stage = _stage(Stage.FAILED_OVER, rules.NOT_FAILED_OVER, "not failed over to the cloud")
+_failback_stage = _stage(Stage.REPROTECTED, rules.NOT_REPROTECTED, "not protected in the failback direction")
+
+# The stage check first, then REQUIREMENTS.md order. A stage problem comes alone: the other rules
+# would judge an item that is not where the operation starts (one replicating forward has no
+# cloud VM yet, so RP-ELIGIBLE would call it deleted).
+_REPROTECT: tuple[_Check, ...] = (
+    _reprotect_stage,
+    _cs_unknown_machine,
+    _cs_unreachable,
+    _mt_os_mismatch,
+    _mt_disk_limit,
+    _agent_not_registered,
+    _disk_uuid_clash,
+    _vcenter_discovered,
+    _datastores_visible,
+    _vcenter_privileges,
+    _source_reachable,
+    _ps_connected,
+    _mt_snapshots,
+    _group_os,
+    _group_mt,
+    _group_plan,
+    _mt_lvm,
+    _datastores_writable,
+    _retention_volume,
+    _mt_tools,
+    _mt_enableuuid,
+    _mt_vmfs,
+    _mt_scsi,
+    _host_free,
+    _w2k8,
+    _eligible,
+    _esxi_only,
+    _datastore_arg,
+)
+# Failback writes nothing new to vCenter but detaches disks and powers machines: the rules about
+# choosing and preparing a master target were settled at reprotect; those about reaching the
+# components, the disks it holds, and the host and machine failed back to apply again.
+_FAILBACK: tuple[_Check, ...] = (
+    _failback_stage,
+    _cs_unknown_machine,
+    _cs_unreachable,
+    _vcenter_discovered,
+    _vcenter_privileges,
+    _source_reachable,
+    _ps_connected,
+    _mt_snapshots,
+    _mt_disks_moved,
+    _host_free,
+    _w2k8,
+    _eligible,
+    _esxi_only,
+)
+
+
+def _run(checks: tuple[_Check, ...], ctx: Situation) -> list[Problem]:
+    facts = _resolve(ctx)
+    stage, rest = checks[0], checks[1:]
+    wrong_stage = list(stage.run(facts))
+    if wrong_stage:
+        return wrong_stage
+    return [problem for check in rest for problem in check.run(facts)]
+
+
+def check_reprotect(ctx: ReprotectContext) -> list[Problem]:
+    """Every rule reprotect of `ctx.item` breaks, in REQUIREMENTS order; [] when it may proceed."""
+    return _run(_REPROTECT, ctx)
+
+
+def check_failback(ctx: Situation) -> list[Problem]:
+    """Every rule failback of `ctx.item` breaks, in REQUIREMENTS order; [] when it may proceed."""
+    return _run(_FAILBACK, ctx)
+
+
+# The rules each operation enforces, in the order their problems are listed (docs, tests).
+REPROTECT_RULES: tuple[rules.Rule, ...] = tuple(r for c in _REPROTECT for r in c.rules)
+FAILBACK_RULES: tuple[rules.Rule, ...] = tuple(r for c in _FAILBACK for r in c.rules)
+
+
+class TaskKind(StrEnum):
+    POWER_OFF = "power-off"  # RPW-5: the on-prem machine stays off while the MT writes its disks
+    CONSOLIDATE_SNAPSHOTS = "consolidate-snapshots"  # RP-VM-SNAP
+    CREATE_MACHINE = "create-machine"  # RPW-6: the machine is gone, a new one is made
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """Something that does not block reprotect but that its job will do, for `--what-if`."""
+
+    kind: TaskKind
+    rule: str
+    machine: str
+    message: str
+
+
+def plan_notes(ctx: ReprotectContext) -> list[PlannedTask]:
+    """The non-blocking tasks reprotect of `ctx.item` implies, given the inventory as it is now."""
+    f = _resolve(ctx)
+    vm, item = f.existing_vm, ctx.item
+    if vm is None:
+        where = f" on host {f.mt_host.name}" if f.mt_host else ""
+        datastore = ctx.request.datastore or "the chosen datastore"
+        why = "is a physical server" if item.physical else "no longer exists on-premises"
+        return [
+            PlannedTask(
+                TaskKind.CREATE_MACHINE,
+                "RPW-6",
+                item.machine,
+                f"Machine {item.machine} {why}: a new VM is created{where} in {datastore} and its "
+                "disks are copied in full.",
+            )
+        ]
+    tasks: list[PlannedTask] = []
+    if vm.power_state is PowerState.ON:
+        tasks.append(
+            PlannedTask(
+                TaskKind.POWER_OFF,
+                "RPW-5",
+                vm.name,
+                f"Machine {vm.name} is powered off; it must stay off until failback.",
+            )
+        )
+    if vm.snapshots:
+        tasks.append(
+            PlannedTask(
+                TaskKind.CONSOLIDATE_SNAPSHOTS,
+                "RP-VM-SNAP",
+                vm.name,
+                f"The {len(vm.snapshots)} snapshot(s) of machine {vm.name} are merged into its disks.",
+            )
+        )
+    return tasks

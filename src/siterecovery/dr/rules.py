@@ -1,0 +1,282 @@
+"""The registry of reprotect and failback prerequisite rules: one place per code and remediation.
+
+Each `Rule` ties a REQUIREMENTS.md ID to its stable error code, a line on what is checked (used by
+`docs/prerequisites.md`) and a remediation template. Checks build problems only through
+`Rule.problem`, so a code or remediation is never spelled twice. A requirement ID may own more
+than one code (RP-VCENTER: the vCenter and the master target), so `RULES` is keyed by code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from siterecovery.errors import Problem
+
+# Most disks one master target may have attached at once: its VM's SCSI slots (4 controllers x 15).
+MAX_MT_DISKS = 60
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str  # REQUIREMENTS.md ID
+    code: str  # stable error code
+    checked: str  # what is checked, one sentence (documentation)
+    remediation: str  # a sentence; str.format template over the problem's fields
+
+    def problem(self, message: str, **fields: str) -> Problem:
+        """A problem for this rule; `fields` fill the remediation and travel as `detail`."""
+        return Problem(
+            code=self.code,
+            message=message,
+            remediation=self.remediation.format(**fields),
+            rule=self.id,
+            detail=dict(fields),
+        )
+
+
+CS_UNKNOWN_MACHINE = Rule(
+    "CS-1",
+    "cs-unknown-machine",
+    "The configuration server's database still holds the record of the on-premises machine.",
+    "Restore the configuration server from a backup taken after {machine} was protected "
+    "(it keeps its identity and address), then retry.",
+)
+CS_UNREACHABLE = Rule(
+    "CS-2",
+    "cs-unreachable",
+    "The master target reaches the configuration server: its last heartbeat is within the "
+    "heartbeat timeout (the process server's is RP-PS, the agent's RP-REACH).",
+    "Make sure the configuration server is running and that master target {master_target} can "
+    "reach its API port, then retry once its heartbeat resumes.",
+)
+MT_OS_MISMATCH = Rule(
+    "MT-2",
+    "mt-os-mismatch",
+    "The master target's OS type is the machine's OS type.",
+    "Choose a {os_type} master target for {machine}, or deploy one.",
+)
+MT_DISK_LIMIT = Rule(
+    "MT-3",
+    "mt-disk-limit",
+    f"Disks on the master target's VM, plus those other running requests and this one add, "
+    f"stay at most {MAX_MT_DISKS}.",
+    "Choose a master target with {needed} free disk slots, or deploy another master target.",
+)
+AGENT_NOT_REGISTERED = Rule(
+    "AG-1",
+    "agent-not-registered",
+    "The mobility agent of the failed-over machine has registered again since it booted in the cloud.",
+    "Retry in a few minutes: an agent can take up to 15 minutes to register after {machine} boots.",
+)
+DISK_UUID_CLASH = Rule(
+    "RP-UUID",
+    "disk-uuid-clash",
+    "No disk of the on-premises machine has the UUID of a disk of the master target.",
+    "Use a master target that was not made from the same template as {machine}.",
+)
+VCENTER_NOT_DISCOVERED = Rule(
+    "RP-VCENTER",
+    "vcenter-not-discovered",
+    "The target vCenter (original or alternate) has been discovered by the configuration server.",
+    "Add vCenter {vcenter} to the configuration server (or refresh it), then retry.",
+)
+MT_NOT_DISCOVERED = Rule(
+    "RP-VCENTER",
+    "mt-not-discovered",
+    "The master target is registered and its VM and host are in the discovered vCenter inventory.",
+    "Register master target {master_target} and make sure its VM is managed by vCenter {vcenter}, "
+    "refresh the vCenter, then retry.",
+)
+DATASTORES_NOT_VISIBLE = Rule(
+    "RP-DATASTORES",
+    "datastores-not-visible",
+    "Discovery sees at least one datastore on the master target's host (a read-only vCenter "
+    "account sees none).",
+    "Update the credentials of vCenter {vcenter} to an account that can browse datastores, "
+    "refresh the vCenter, then retry.",
+)
+VCENTER_INSUFFICIENT_PRIVILEGES = Rule(
+    "RP-PERMS",
+    "vcenter-insufficient-privileges",
+    "The vCenter account holds every privilege for discovery, creating VMs, attaching disks and "
+    "power operations.",
+    "Grant the vCenter {vcenter} account {missing}, refresh the vCenter, then retry.",
+)
+SOURCE_UNREACHABLE = Rule(
+    "RP-REACH",
+    "source-unreachable",
+    "The failed-over machine's agent reaches the configuration server: its last heartbeat is "
+    "within the heartbeat timeout.",
+    "Make sure {machine} can reach the configuration server and the process server (site-to-site "
+    "VPN or private peering, ports open), then retry.",
+)
+PS_DISCONNECTED = Rule(
+    "RP-PS",
+    "ps-disconnected",
+    "The chosen process server is registered and its last heartbeat is within the heartbeat timeout.",
+    "Choose a connected process server, or make sure {process_server} runs and reaches the "
+    "configuration server, then retry.",
+)
+MT_HAS_SNAPSHOTS = Rule(
+    "RP-MT-SNAP",
+    "mt-has-snapshots",
+    "The master target's VM has no snapshots.",
+    "Delete the snapshots of master target {master_target}, then retry.",
+)
+GROUP_MIXED_OS = Rule(
+    "RP-GROUP-OS",
+    "group-mixed-os",
+    "Every machine of the replication group has the item's OS type.",
+    "Keep machines of one OS type only in replication group {group}, then retry.",
+)
+GROUP_MIXED_MT = Rule(
+    "RP-GROUP-MT",
+    "group-mixed-mt",
+    "Every machine of the replication group is given the same master target.",
+    "Give every machine of replication group {group} master target {master_target}.",
+)
+GROUP_NEEDS_RECOVERY_PLAN = Rule(
+    "RP-GROUP-PLAN",
+    "group-needs-recovery-plan",
+    "A member of a replication group is reprotected through a recovery plan that gives values "
+    "for every member.",
+    "Reprotect replication group {group} through a recovery plan that gives values for every machine in it.",
+)
+MT_ON_LVM = Rule(
+    "RP-MT-LVM",
+    "mt-on-lvm",
+    "A Linux master target is not installed on LVM.",
+    "Use a Linux master target whose file systems are not on LVM.",
+)
+DATASTORE_NOT_WRITABLE = Rule(
+    "RP-MT-RW",
+    "datastore-not-writable",
+    "When the on-premises machine still exists, each datastore holding its disks is mounted "
+    "read/write on the master target's host.",
+    "Mount {datastores} read/write on host {host}, refresh the vCenter, then retry.",
+)
+MT_DISKS_MOVED = Rule(
+    "RP-MT-MOVE",
+    "mt-disks-moved",
+    "(Failback) every disk reprotect attached to the master target is still attached at the "
+    "place it was put.",
+    "Find the disks ({disks}), attach them to {machine} and boot it; exclude master target "
+    "{master_target} from Storage vMotion and DRS.",
+)
+RETENTION_VOLUME_INELIGIBLE = Rule(
+    "RP-RET",
+    "retention-volume-ineligible",
+    "The chosen retention volume (default R: on Windows, /mnt/retention on Linux) is a volume of "
+    "the master target that meets every eligibility criterion.",
+    "Choose an eligible retention volume of master target {master_target} ({eligible}), or add a "
+    "volume and refresh the master target.",
+)
+MT_TOOLS_MISSING = Rule(
+    "RP-MT-TOOLS",
+    "mt-tools-missing",
+    "VMware Tools or open-vm-tools run on the master target.",
+    "Install and start VMware Tools or open-vm-tools on master target {master_target}, then retry.",
+)
+MT_ENABLEUUID_MISSING = Rule(
+    "RP-MT-UUIDCFG",
+    "mt-enableuuid-missing",
+    "disk.EnableUUID=true is set on the master target's VM.",
+    "Add disk.EnableUUID=true to the configuration parameters of master target {master_target}, then retry.",
+)
+MT_HOST_NO_VMFS = Rule(
+    "RP-MT-VMFS",
+    "mt-host-no-vmfs",
+    "The master target's host has at least one VMFS datastore.",
+    "Attach a VMFS datastore to host {host}, or use a master target on a host that has one.",
+)
+MT_PARAVIRTUAL_CONTROLLER = Rule(
+    "RP-MT-SCSI",
+    "mt-paravirtual-controller",
+    "Every SCSI controller of the master target is LSI Logic.",
+    "Replace the ParaVirtual SCSI controller of master target {master_target} with an LSI Logic one.",
+)
+HOST_FREE_EDITION = Rule(
+    "RP-ESXI-FREE",
+    "host-free-edition",
+    "The host failed back to (the existing machine's, else the master target's) is not a "
+    "free-edition hypervisor.",
+    "Apply an evaluation or paid licence to host {host}, then retry.",
+)
+OS_NOT_FAILBACK_CAPABLE = Rule(
+    "RP-W2K8",
+    "os-not-failback-capable",
+    "The machine is not Windows Server 2008 R2 (SP1) protected as a physical server.",
+    "Keep {machine} in the cloud or rebuild it on-premises: this OS protected as a physical "
+    "server cannot be failed back.",
+)
+NOT_FAILBACK_ELIGIBLE = Rule(
+    "RP-ELIGIBLE",
+    "not-failback-eligible",
+    "The machine was failed over for DR (not migrated or created in the cloud), is still in its "
+    "resource group, its cloud VM exists and its protection is enabled.",
+    "Protect {machine} anew from where it runs: only machines failed over from on-premises for "
+    "disaster recovery can be failed back.",
+)
+TARGET_NOT_ESXI = Rule(
+    "RP-ESXI-ONLY",
+    "target-not-esxi",
+    "The host failed back to is an ESXi host (not Hyper-V, physical or a desktop hypervisor).",
+    "Fail {machine} back to an ESXi host: use a master target that runs on ESXi.",
+)
+DATASTORE_REQUIRED = Rule(
+    "RP-DATASTORE-ARG",
+    "datastore-required",
+    "A datastore is given; when a new machine will be created it is mounted read/write on the "
+    "master target's host.",
+    "Give a datastore mounted read/write on the master target's host ({choices}).",
+)
+NOT_FAILED_OVER = Rule(
+    "RPW-2",
+    "not-failed-over",
+    "(Reprotect) the item runs in the cloud after a committed failover.",
+    "Reprotect applies to {machine} only after a failover to the cloud has been committed.",
+)
+NOT_REPROTECTED = Rule(
+    "RPW-7",
+    "not-reprotected",
+    "(Failback) the item is protected in the failback direction.",
+    "Reprotect {machine} and wait until it is protected in the failback direction, then fail it back.",
+)
+
+RULES: Mapping[str, Rule] = {
+    rule.code: rule
+    for rule in (
+        CS_UNKNOWN_MACHINE,
+        CS_UNREACHABLE,
+        MT_OS_MISMATCH,
+        MT_DISK_LIMIT,
+        AGENT_NOT_REGISTERED,
+        DISK_UUID_CLASH,
+        VCENTER_NOT_DISCOVERED,
+        MT_NOT_DISCOVERED,
+        DATASTORES_NOT_VISIBLE,
+        VCENTER_INSUFFICIENT_PRIVILEGES,
+        SOURCE_UNREACHABLE,
+        PS_DISCONNECTED,
+        MT_HAS_SNAPSHOTS,
+        GROUP_MIXED_OS,
+        GROUP_MIXED_MT,
+        GROUP_NEEDS_RECOVERY_PLAN,
+        MT_ON_LVM,
+        DATASTORE_NOT_WRITABLE,
+        MT_DISKS_MOVED,
+        RETENTION_VOLUME_INELIGIBLE,
+        MT_TOOLS_MISSING,
+        MT_ENABLEUUID_MISSING,
+        MT_HOST_NO_VMFS,
+        MT_PARAVIRTUAL_CONTROLLER,
+        HOST_FREE_EDITION,
+        OS_NOT_FAILBACK_CAPABLE,
+        NOT_FAILBACK_ELIGIBLE,
+        TARGET_NOT_ESXI,
+        DATASTORE_REQUIRED,
+        NOT_FAILED_OVER,
+        NOT_REPROTECTED,
+    )
+}
