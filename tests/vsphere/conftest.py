@@ -1,0 +1,110 @@
+"""A real vCenter simulator for the vSphere tests: govmomi's vcsim, built once, started once per run.
+
+`vcsim` (session-scoped) builds `tests/vsphere/vcsim/main.go` with the Debian govmomi sources when
+the cached binary is missing or older than its source, starts it on a free loopback port, and
+stops it at the end. Other test folders can reuse it: `from tests.vsphere.conftest import ...` is
+not needed — request the `vcsim` fixture (declared in a conftest they load) and use
+`Vcsim.service_instance()` / `Vcsim.fabric()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVim.connect import Disconnect, SmartConnect
+
+from conftest import require_tool
+from siterecovery.fabrics.vsphere import VSphereFabric
+
+VCSIM_DIR = Path(__file__).resolve().parent / "vcsim"
+VCSIM_BIN = VCSIM_DIR / "vcsim"
+GOPATH = "/usr/share/gocode"
+
+
+@dataclass(frozen=True)
+class Vcsim:
+    """A running simulator: where it listens, its accounts, and the licence keys it knows by edition."""
+
+    host: str
+    port: int
+    url: str
+    users: dict[str, dict[str, str]]
+    licences: dict[str, str]
+
+    def password(self, user: str) -> str:
+        return self.users[user]["password"]
+
+    def service_instance(self, user: str = "admin") -> Any:
+        """A pyVmomi ServiceInstance logged in as `user` (disconnect it when done)."""
+        return SmartConnect(
+            host=self.host,
+            port=self.port,
+            user=user,
+            pwd=self.password(user),
+            sslContext=ssl._create_unverified_context(),
+        )
+
+    def fabric(self, user: str = "admin", **kwargs: Any) -> VSphereFabric:
+        return VSphereFabric(self.host, self.port, user, self.password(user), insecure=True, **kwargs)
+
+
+def build_vcsim() -> Path:
+    go = require_tool("go")
+    source = VCSIM_DIR / "main.go"
+    if VCSIM_BIN.exists() and VCSIM_BIN.stat().st_mtime >= source.stat().st_mtime:
+        return VCSIM_BIN
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH}
+    proc = subprocess.run(
+        [go, "build", "-o", str(VCSIM_BIN), "."],
+        cwd=VCSIM_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"building vcsim failed (needs golang-github-vmware-govmomi-dev):\n{proc.stderr}")
+    return VCSIM_BIN
+
+
+@pytest.fixture(scope="session")
+def vcsim() -> Iterator[Vcsim]:
+    binary = build_vcsim()
+    proc = subprocess.Popen(
+        [str(binary), "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"vcsim did not start: {proc.stderr.read() if proc.stderr else ''}")
+        info = json.loads(line)
+        yield Vcsim(
+            host=info["host"],
+            port=info["port"],
+            url=info["url"],
+            users=info["users"],
+            licences=info["licences"],
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def admin_si(vcsim: Vcsim) -> Iterator[Any]:
+    si = vcsim.service_instance("admin")
+    yield si
+    Disconnect(si)
