@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr.check_inputs import (
     ComponentView,
     GroupMember,
@@ -24,7 +25,6 @@ from siterecovery.dr.check_inputs import (
     ReprotectRequest,
     RetentionVolumeView,
     Situation,
-    Stage,
 )
 from siterecovery.dr.checks import (
     FAILBACK_RULES,
@@ -34,7 +34,7 @@ from siterecovery.dr.checks import (
     check_reprotect,
     plan_notes,
 )
-from siterecovery.dr.ruledoc import prerequisites_table
+from siterecovery.dr.ruledoc import documented_table, prerequisites_table
 from siterecovery.dr.rules import MAX_MT_DISKS, RULES
 from siterecovery.fabrics.base import (
     REQUIRED_PRIVILEGES,
@@ -151,7 +151,8 @@ ITEM = ItemView(
     os_type=OsType.LINUX,
     os_version="Ubuntu 22.04",
     physical=False,
-    stage=Stage.FAILED_OVER,
+    state=ProtectionState.FAILOVER_COMMITTED,
+    direction=Direction.FORWARD,
     machine_recorded=True,
     disk_count=2,
 )
@@ -183,7 +184,12 @@ HEALTHY = ReprotectContext(
 PLACED = tuple(PlacedDisk(d.uuid, d.backing) for d in WEB_VM.disks)
 FAILBACK = Situation(
     item=dataclasses.replace(
-        ITEM, stage=Stage.REPROTECTED, master_target="mt-01", process_server="ps-cloud", placed_disks=PLACED
+        ITEM,
+        state=ProtectionState.PROTECTED,
+        direction=Direction.FAILBACK,
+        master_target="mt-01",
+        process_server="ps-cloud",
+        placed_disks=PLACED,
     ),
     vcenter="vcenter-01",
     onprem=dataclasses.replace(
@@ -281,7 +287,9 @@ WINDOWS_MT = both(
 
 # (edit, expected code, an object name the message must contain)
 REPROTECT_CASES = [
-    pytest.param(edit_item(stage=Stage.PROTECTED), "not-failed-over", "web-01", id="not-failed-over"),
+    pytest.param(
+        edit_item(state=ProtectionState.FAILED_OVER), "not-failed-over", "web-01", id="not-failed-over"
+    ),
     pytest.param(edit_item(machine_recorded=False), "cs-unknown-machine", "web-01", id="cs-unknown-machine"),
     pytest.param(edit_mt(heartbeat_age=120.0), "cs-unreachable", "mt-01", id="cs-unreachable"),
     pytest.param(
@@ -478,7 +486,7 @@ REPROTECT_CASES = [
         id="not-failback-eligible-deleted",
     ),
     pytest.param(
-        edit_item(stage=Stage.DISABLED),
+        edit_item(state=ProtectionState.DISABLED),
         "not-failback-eligible",
         "disabled",
         id="not-failback-eligible-disabled",
@@ -496,7 +504,12 @@ REPROTECT_CASES = [
 ]
 
 FAILBACK_CASES = [
-    pytest.param(edit_item(stage=Stage.FAILED_OVER), "not-reprotected", "web-01", id="not-reprotected"),
+    pytest.param(
+        edit_item(state=ProtectionState.PROTECTED, direction=Direction.FORWARD),
+        "not-reprotected",
+        "web-01",
+        id="not-reprotected",
+    ),
     pytest.param(edit_item(machine_recorded=False), "cs-unknown-machine", "web-01", id="cs-unknown-machine"),
     pytest.param(edit_mt(heartbeat_age=None), "cs-unreachable", "mt-01", id="cs-unreachable"),
     pytest.param(
@@ -699,6 +712,6 @@ def test_running_onprem_machine_is_powered_off_and_deleted_one_recreated() -> No
 
 
 def test_documentation_table_is_the_registry() -> None:
+    """Regenerate with `python -m siterecovery.dr.ruledoc docs/prerequisites.md`."""
     doc = (ROOT / "docs" / "prerequisites.md").read_text()
-    begin, end = "<!-- rules:begin -->\n", "<!-- rules:end -->"
-    assert doc[doc.index(begin) + len(begin) : doc.index(end)] == prerequisites_table()
+    assert documented_table(doc) == prerequisites_table()

@@ -10,18 +10,9 @@ discovered" are `None`, not sentinels, so a check cannot mistake them for a real
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
+from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.fabrics.base import Inventory, OsType
-
-
-class Stage(StrEnum):
-    """Where a replicated item is in the DR cycle, as far as reprotect and failback care."""
-
-    PROTECTED = "protected"  # replicating on-premises → cloud
-    FAILED_OVER = "failed-over"  # running in the cloud after a committed failover
-    REPROTECTED = "reprotected"  # replicating cloud → on-premises, ready to fail back
-    DISABLED = "disabled"  # protection was disabled (RP-ELIGIBLE)
 
 
 @dataclass(frozen=True)
@@ -43,7 +34,8 @@ class ItemView:
     os_type: OsType
     os_version: str
     physical: bool  # protected as a physical server (fails back as a new VM)
-    stage: Stage
+    state: ProtectionState  # the configuration server's own state of the item
+    direction: Direction  # of its current (or last) replication
     machine_recorded: bool  # the database still holds the on-prem machine's record (CS-1)
     disk_count: int  # replicated disks: what reprotect attaches to the master target
     group: str | None = None  # replication group

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr import rules
-from siterecovery.dr.check_inputs import ReprotectContext, Situation, Stage
+from siterecovery.dr.check_inputs import ReprotectContext, Situation
 from siterecovery.errors import Problem
 from siterecovery.fabrics.base import (
     CloudOrigin,
@@ -442,7 +443,7 @@ def _w2k8(f: _Facts) -> Iterator[Problem]:
 def _eligible(f: _Facts) -> Iterator[Problem]:
     item, vm = f.ctx.item, f.cloud_vm
     reasons: list[str] = []
-    if item.stage is Stage.DISABLED:
+    if item.state is ProtectionState.DISABLED:
         reasons.append("its protection was disabled")
     if vm is None:
         reasons.append(f"its cloud machine {item.cloud_machine} was deleted")
@@ -498,23 +499,31 @@ def _datastore_arg(f: _Facts) -> Iterator[Problem]:
         )
 
 
-def _stage(expected: Stage, rule: rules.Rule, state: str) -> _Check:
-    # A disabled item is in no stage: RP-ELIGIBLE says so, with the other eligibility reasons.
-    @_check(rule)
-    def check(f: _Facts) -> Iterator[Problem]:
-        item = f.ctx.item
-        if item.stage not in (expected, Stage.DISABLED):
-            yield rule.problem(
-                f"Machine {item.machine} is {state} (stage {item.stage}).", machine=item.machine
-            )
+@_check(rules.NOT_FAILED_OVER)
+def _reprotect_stage(f: _Facts) -> Iterator[Problem]:
+    item = f.ctx.item
+    # A disabled item is reported by RP-ELIGIBLE, with the other eligibility reasons.
+    if item.state not in (ProtectionState.FAILOVER_COMMITTED, ProtectionState.DISABLED):
+        yield rules.NOT_FAILED_OVER.problem(
+            f"Machine {item.machine} is not running in the cloud after a committed failover "
+            f"(state {item.state}, direction {item.direction}).",
+            machine=item.machine,
+        )
 
-    return check
+
+@_check(rules.NOT_REPROTECTED)
+def _failback_stage(f: _Facts) -> Iterator[Problem]:
+    item = f.ctx.item
+    ready = item.state is ProtectionState.PROTECTED and item.direction is Direction.FAILBACK
+    if not ready and item.state is not ProtectionState.DISABLED:
+        yield rules.NOT_REPROTECTED.problem(
+            f"Machine {item.machine} is not protected in the failback direction "
+            f"(state {item.state}, direction {item.direction}).",
+            machine=item.machine,
+        )
 
 
-_reprotect_stage = _stage(Stage.FAILED_OVER, rules.NOT_FAILED_OVER, "not failed over to the cloud")
-_failback_stage = _stage(Stage.REPROTECTED, rules.NOT_REPROTECTED, "not protected in the failback direction")
-
-# The stage check first, then REQUIREMENTS.md order. A stage problem comes alone: the other rules
+# The state check first, then REQUIREMENTS.md order. A state problem comes alone: the other rules
 # would judge an item that is not where the operation starts (one replicating forward has no
 # cloud VM yet, so RP-ELIGIBLE would call it deleted).
 _REPROTECT: tuple[_Check, ...] = (

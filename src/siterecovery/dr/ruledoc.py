@@ -1,14 +1,20 @@
 """Renders the prerequisite rule registry as the Markdown table in `docs/prerequisites.md`.
 
 The table is generated so the documentation cannot drift from the codes and remediations the
-checks return; a test compares it with the document. Regenerate with
-`python -m siterecovery.dr.ruledoc` and paste it between the document's table markers.
+checks return; a test compares it with the document. `python -m siterecovery.dr.ruledoc PATH`
+rewrites the table between the document's markers; without PATH it prints the table.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from siterecovery.dr.checks import FAILBACK_RULES, REPROTECT_RULES
 from siterecovery.dr.rules import RULES
+
+BEGIN = "<!-- rules:begin -->\n"
+END = "<!-- rules:end -->"
 
 
 def _cell(text: str) -> str:
@@ -32,5 +38,18 @@ def prerequisites_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def documented_table(document: str) -> str:
+    """The table between the markers of a document."""
+    return document[document.index(BEGIN) + len(BEGIN) : document.index(END)]
+
+
+def update_document(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: text.index(BEGIN) + len(BEGIN)] + prerequisites_table() + text[text.index(END) :])
+
+
 if __name__ == "__main__":
-    print(prerequisites_table(), end="")
+    if len(sys.argv) > 1:
+        update_document(Path(sys.argv[1]))
+    else:
+        print(prerequisites_table(), end="")

@@ -234,13 +234,13 @@ DATASTORE_REQUIRED = Rule(
 NOT_FAILED_OVER = Rule(
     "RPW-2",
     "not-failed-over",
-    "(Reprotect) the item runs in the cloud after a committed failover.",
+    "(Reprotect) the item's state is failover-committed: it runs in the cloud after a committed failover.",
     "Reprotect applies to {machine} only after a failover to the cloud has been committed.",
 )
 NOT_REPROTECTED = Rule(
     "RPW-7",
     "not-reprotected",
-    "(Failback) the item is protected in the failback direction.",
+    "(Failback) the item is protected in the failback direction (cloud-to-onprem).",
     "Reprotect {machine} and wait until it is protected in the failback direction, then fail it back.",
 )
 
