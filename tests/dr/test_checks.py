@@ -32,10 +32,13 @@ from siterecovery.dr.checks import (
     TaskKind,
     check_failback,
     check_reprotect,
+    ensure_failback,
+    ensure_reprotect,
     plan_notes,
 )
 from siterecovery.dr.ruledoc import documented_table, prerequisites_table
 from siterecovery.dr.rules import MAX_MT_DISKS, RULES
+from siterecovery.errors import SiteRecoveryError, Status
 from siterecovery.fabrics.base import (
     REQUIRED_PRIVILEGES,
     CloudOrigin,
@@ -586,6 +589,10 @@ FAILBACK_CASES = [
 ]
 
 
+def assert_one_sentence(text: str) -> None:
+    assert text.endswith(".") and ". " not in text, text
+
+
 def codes(problems: list[Any]) -> list[str]:
     return [p.code for p in problems]
 
@@ -605,7 +612,9 @@ def test_reprotect_rule(change: Callable[[Ctx], Ctx], code: str, named: str) -> 
     (problem,) = problems
     assert named in problem.message
     assert problem.rule == RULES[code].id
-    assert problem.remediation.endswith(".") and "{" not in problem.remediation
+    assert_one_sentence(problem.message)
+    assert_one_sentence(problem.remediation)
+    assert "{" not in problem.remediation
 
 
 @pytest.mark.parametrize(("change", "code", "named"), FAILBACK_CASES)
@@ -615,7 +624,9 @@ def test_failback_rule(change: Callable[[Ctx], Ctx], code: str, named: str) -> N
     (problem,) = problems
     assert named in problem.message
     assert problem.rule == RULES[code].id
-    assert problem.remediation.endswith(".") and "{" not in problem.remediation
+    assert_one_sentence(problem.message)
+    assert_one_sentence(problem.remediation)
+    assert "{" not in problem.remediation
 
 
 def test_every_code_has_a_case() -> None:
@@ -647,6 +658,19 @@ def test_five_violations_are_all_listed_in_rule_order() -> None:
     assert expected == sorted(expected, key=order.index)
 
 
+def test_the_real_operation_refuses_with_the_what_if_list() -> None:
+    broken = both(edit_mt(heartbeat_age=None), edit_request(datastore=None))(HEALTHY)
+    with pytest.raises(SiteRecoveryError) as refused:
+        ensure_reprotect(broken)
+    assert list(refused.value.problems) == check_reprotect(broken)
+    assert refused.value.status is Status.CONFLICT
+    ensure_reprotect(HEALTHY)
+    ensure_failback(FAILBACK)
+    with pytest.raises(SiteRecoveryError) as refused:
+        ensure_failback(edit(FAILBACK, onprem=None))
+    assert [p.code for p in refused.value.problems] == ["vcenter-not-discovered"]
+
+
 def test_read_only_vcenter_account_names_both_causes() -> None:
     """RP-DATASTORES: a read-only account sees no datastores and lacks the privileges; retry works."""
     read_only = edit_onprem(
@@ -657,6 +681,7 @@ def test_read_only_vcenter_account_names_both_causes() -> None:
     problems = check_reprotect(read_only)
     assert codes(problems) == ["datastores-not-visible", "vcenter-insufficient-privileges"]
     assert "read-only" in problems[0].message
+    assert problems[0].detail["discovery"] == "the vCenter account is read-only"
     assert "credentials" in problems[0].remediation
     # The operator updates the credentials; the next discovery is the healthy one.
     assert check_reprotect(HEALTHY) == []

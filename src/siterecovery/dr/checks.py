@@ -12,14 +12,14 @@ other words. `plan_notes` lists what does not block but the reprotect job will d
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr import rules
 from siterecovery.dr.check_inputs import ReprotectContext, Situation
-from siterecovery.errors import Problem
+from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import (
     CloudOrigin,
     Datastore,
@@ -34,9 +34,10 @@ from siterecovery.fabrics.base import (
 )
 
 # Where recovery points go when the request names no retention volume (RP-RET).
-DEFAULT_RETENTION_VOLUME: dict[OsType, str] = {OsType.WINDOWS: "R:", OsType.LINUX: "/mnt/retention"}
+DEFAULT_RETENTION_VOLUME: Mapping[OsType, str] = {OsType.WINDOWS: "R:", OsType.LINUX: "/mnt/retention"}
 
-# RP-W2K8: 2008 R2 exists only as SP1 for ASR-style products, so the release is what matters.
+# RP-W2K8: 2008 R2 is supportable only with SP1 anyway, so matching the release is enough and
+# tolerates the many ways guests spell the service pack.
 _W2K8_R2 = re.compile(r"windows\s+server\s+2008\s+r2", re.IGNORECASE)
 
 
@@ -45,7 +46,7 @@ class _Facts:
     """What every check needs, resolved once from a situation; None where it cannot be known."""
 
     ctx: Situation
-    request: ReprotectContext | None
+    reprotect: ReprotectContext | None  # None when checking failback
     mt_name: str
     ps_name: str
     mt_vm: Machine | None  # the master target's VM in the on-premises inventory
@@ -73,7 +74,7 @@ def _resolve(ctx: Situation) -> _Facts:
     target_host = existing_vm.host if existing_vm else new_vm_host
     return _Facts(
         ctx=ctx,
-        request=req,
+        reprotect=req,
         mt_name=mt_name,
         ps_name=ps_name,
         mt_vm=mt_vm,
@@ -137,9 +138,9 @@ def _mt_os_mismatch(f: _Facts) -> Iterator[Problem]:
 
 @_check(rules.MT_DISK_LIMIT)
 def _mt_disk_limit(f: _Facts) -> Iterator[Problem]:
-    if f.request is None or f.mt_vm is None:
+    if f.reprotect is None or f.mt_vm is None:
         return
-    present, pending, adds = len(f.mt_vm.disks), f.request.pending_mt_disks, f.ctx.item.disk_count
+    present, pending, adds = len(f.mt_vm.disks), f.reprotect.pending_mt_disks, f.ctx.item.disk_count
     if present + pending + adds > rules.MAX_MT_DISKS:
         yield rules.MT_DISK_LIMIT.problem(
             f"Master target {f.mt_name} would have {present + pending + adds} disks attached "
@@ -202,11 +203,12 @@ def _vcenter_discovered(f: _Facts) -> Iterator[Problem]:
 def _datastores_visible(f: _Facts) -> Iterator[Problem]:
     if f.mt_host is None or f.host_datastores or f.ctx.onprem is None:
         return
-    hints = "; ".join(f.ctx.onprem.warnings)
+    # Discovery's own warnings (the provider's words on why it saw less) travel in `detail`.
     yield rules.DATASTORES_NOT_VISIBLE.problem(
         f"No datastore of host {f.mt_host.name} (master target {f.mt_name}) is visible to the "
-        f"configuration server{f' ({hints})' if hints else ''}.",
+        "configuration server, as happens when the vCenter account is read-only.",
         vcenter=f.ctx.vcenter,
+        discovery=" ".join(f.ctx.onprem.warnings),
     )
 
 
@@ -257,9 +259,9 @@ def _mt_snapshots(f: _Facts) -> Iterator[Problem]:
 @_check(rules.GROUP_MIXED_OS)
 def _group_os(f: _Facts) -> Iterator[Problem]:
     item = f.ctx.item
-    if f.request is None or item.group is None:
+    if f.reprotect is None or item.group is None:
         return
-    others = [m for m in f.request.group if m.os_type != item.os_type]
+    others = [m for m in f.reprotect.group if m.os_type != item.os_type]
     if others:
         listed = ", ".join(f"{m.item} ({m.os_type})" for m in others)
         yield rules.GROUP_MIXED_OS.problem(
@@ -272,9 +274,9 @@ def _group_os(f: _Facts) -> Iterator[Problem]:
 @_check(rules.GROUP_MIXED_MT)
 def _group_mt(f: _Facts) -> Iterator[Problem]:
     item = f.ctx.item
-    if f.request is None or item.group is None:
+    if f.reprotect is None or item.group is None:
         return
-    others = [m for m in f.request.group if m.master_target not in (None, f.mt_name)]
+    others = [m for m in f.reprotect.group if m.master_target not in (None, f.mt_name)]
     if others:
         listed = ", ".join(f"{m.item} ({m.master_target})" for m in others)
         yield rules.GROUP_MIXED_MT.problem(
@@ -288,12 +290,12 @@ def _group_mt(f: _Facts) -> Iterator[Problem]:
 @_check(rules.GROUP_NEEDS_RECOVERY_PLAN)
 def _group_plan(f: _Facts) -> Iterator[Problem]:
     group = f.ctx.item.group
-    if f.request is None or group is None:
+    if f.reprotect is None or group is None:
         return
-    if not f.request.request.via_plan:
+    if not f.reprotect.request.via_plan:
         why = "is reprotected on its own, not through a recovery plan"
     else:
-        unset = [m.item for m in f.request.group if m.master_target is None]
+        unset = [m.item for m in f.reprotect.group if m.master_target is None]
         if not unset:
             return
         why = f"is reprotected through a recovery plan that gives no values for {', '.join(unset)}"
@@ -353,9 +355,9 @@ def _mt_disks_moved(f: _Facts) -> Iterator[Problem]:
 @_check(rules.RETENTION_VOLUME_INELIGIBLE)
 def _retention_volume(f: _Facts) -> Iterator[Problem]:
     mt = f.ctx.master_target
-    if f.request is None or mt is None:
+    if f.reprotect is None or mt is None:
         return
-    name = f.request.request.retention_volume or DEFAULT_RETENTION_VOLUME[mt.os_type]
+    name = f.reprotect.request.retention_volume or DEFAULT_RETENTION_VOLUME[mt.os_type]
     volume = next((v for v in mt.retention_volumes if v.name == name), None)
     if volume is None:
         why = "is not a volume of it (a new volume appears after the master target's next refresh)"
@@ -478,12 +480,12 @@ def _esxi_only(f: _Facts) -> Iterator[Problem]:
 
 @_check(rules.DATASTORE_REQUIRED)
 def _datastore_arg(f: _Facts) -> Iterator[Problem]:
-    if f.request is None:
+    if f.reprotect is None:
         return
     host = f.mt_host.name if f.mt_host else ""
     usable = [d.name for d in f.host_datastores if d.writable_on(host)]
     choices = ", ".join(usable) or "none now"
-    given = f.request.request.datastore
+    given = f.reprotect.request.datastore
     if not given:
         yield rules.DATASTORE_REQUIRED.problem(
             f"No datastore was given for machine {f.ctx.item.machine} (it is required even when the "
@@ -593,6 +595,20 @@ def check_reprotect(ctx: ReprotectContext) -> list[Problem]:
 def check_failback(ctx: Situation) -> list[Problem]:
     """Every rule failback of `ctx.item` breaks, in REQUIREMENTS order; [] when it may proceed."""
     return _run(_FAILBACK, ctx)
+
+
+def ensure_reprotect(ctx: ReprotectContext) -> None:
+    """Refuse reprotect with every failing rule (409), before the job changes anything."""
+    problems = check_reprotect(ctx)
+    if problems:
+        raise SiteRecoveryError(problems, Status.CONFLICT)
+
+
+def ensure_failback(ctx: Situation) -> None:
+    """Refuse failback with every failing rule (409), before the job changes anything."""
+    problems = check_failback(ctx)
+    if problems:
+        raise SiteRecoveryError(problems, Status.CONFLICT)
 
 
 # The rules each operation enforces, in the order their problems are listed (docs, tests).
