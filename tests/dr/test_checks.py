@@ -29,13 +29,12 @@ from siterecovery.dr.check_inputs import (
 from siterecovery.dr.checks import (
     FAILBACK_RULES,
     REPROTECT_RULES,
-    TaskKind,
     check_failback,
     check_reprotect,
     ensure_failback,
     ensure_reprotect,
-    plan_notes,
 )
+from siterecovery.dr.notes import TaskKind, plan_notes
 from siterecovery.dr.ruledoc import documented_table, prerequisites_table
 from siterecovery.dr.rules import MAX_MT_DISKS, RULES
 from siterecovery.errors import SiteRecoveryError, Status

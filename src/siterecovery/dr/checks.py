@@ -6,7 +6,7 @@ remediation), so `--what-if` and the real operation refuse with the same list. T
 functions of a `Situation`: the configuration server's records plus inventories just discovered
 through the `Fabric` interface. A rule whose input is missing because another rule already failed
 (no on-premises inventory, an unknown master target) is skipped rather than reported twice in
-other words. `plan_notes` lists what does not block but the reprotect job will do (RP-VM-SNAP).
+other words. `dr.notes` lists what does not block but the reprotect job will do (RP-VM-SNAP).
 """
 
 from __future__ import annotations
@@ -14,22 +14,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
 from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr import rules
 from siterecovery.dr.check_inputs import ReprotectContext, Situation
+from siterecovery.dr.facts import Facts, resolve
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import (
     CloudOrigin,
-    Datastore,
     DatastoreType,
     Host,
     HypervisorKind,
     LicenceEdition,
-    Machine,
     OsType,
-    PowerState,
     ScsiType,
 )
 
@@ -41,51 +38,6 @@ DEFAULT_RETENTION_VOLUME: Mapping[OsType, str] = {OsType.WINDOWS: "R:", OsType.L
 _W2K8_R2 = re.compile(r"windows\s+server\s+2008\s+r2", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """What every check needs, resolved once from a situation; None where it cannot be known."""
-
-    ctx: Situation
-    reprotect: ReprotectContext | None  # None when checking failback
-    mt_name: str
-    ps_name: str
-    mt_vm: Machine | None  # the master target's VM in the on-premises inventory
-    mt_host: Host | None
-    host_datastores: tuple[Datastore, ...]  # datastores mounted on the master target's host
-    existing_vm: Machine | None  # the on-premises VM failback writes into, if it still exists
-    cloud_vm: Machine | None
-    target_host: str  # host failed back to: the existing VM's, else the master target's
-
-
-def _resolve(ctx: Situation) -> _Facts:
-    req = ctx if isinstance(ctx, ReprotectContext) else None
-    mt_name = req.request.master_target if req else ctx.item.master_target
-    ps_name = req.request.process_server if req else ctx.item.process_server
-    onprem = ctx.onprem
-    mt_vm = onprem.machine(ctx.master_target.machine) if onprem and ctx.master_target else None
-    mt_host = onprem.host(mt_vm.host) if onprem and mt_vm else None
-    host_datastores = (
-        tuple(d for d in onprem.datastores if d.mounted_on(mt_host.name)) if onprem and mt_host else ()
-    )
-    # A physical server has no VM to write into: it always fails back as a new VM on the MT's host.
-    original = onprem.machine(ctx.item.machine) if onprem else None
-    existing_vm = original if original and not ctx.item.physical else None
-    new_vm_host = mt_host.name if mt_host else ""
-    target_host = existing_vm.host if existing_vm else new_vm_host
-    return _Facts(
-        ctx=ctx,
-        reprotect=req,
-        mt_name=mt_name,
-        ps_name=ps_name,
-        mt_vm=mt_vm,
-        mt_host=mt_host,
-        host_datastores=host_datastores,
-        existing_vm=existing_vm,
-        cloud_vm=ctx.cloud.machine(ctx.item.cloud_machine),
-        target_host=target_host,
-    )
-
-
 def _age(age: float | None) -> str:
     return "has never sent a heartbeat" if age is None else f"last sent a heartbeat {age:.0f} s ago"
 
@@ -95,18 +47,18 @@ class _Check:
     """One check function and the rules whose problems it may return (for the rule lists)."""
 
     rules: tuple[rules.Rule, ...]
-    run: Callable[[_Facts], Iterator[Problem]]
+    run: Callable[[Facts], Iterator[Problem]]
 
 
-def _check(*covers: rules.Rule) -> Callable[[Callable[[_Facts], Iterator[Problem]]], _Check]:
-    def wrap(fn: Callable[[_Facts], Iterator[Problem]]) -> _Check:
+def _check(*covers: rules.Rule) -> Callable[[Callable[[Facts], Iterator[Problem]]], _Check]:
+    def wrap(fn: Callable[[Facts], Iterator[Problem]]) -> _Check:
         return _Check(covers, fn)
 
     return wrap
 
 
 @_check(rules.CS_UNKNOWN_MACHINE)
-def _cs_unknown_machine(f: _Facts) -> Iterator[Problem]:
+def _cs_unknown_machine(f: Facts) -> Iterator[Problem]:
     if not f.ctx.item.machine_recorded:
         machine = f.ctx.item.machine
         yield rules.CS_UNKNOWN_MACHINE.problem(
@@ -115,7 +67,7 @@ def _cs_unknown_machine(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.CS_UNREACHABLE)
-def _cs_unreachable(f: _Facts) -> Iterator[Problem]:
+def _cs_unreachable(f: Facts) -> Iterator[Problem]:
     mt, timeout = f.ctx.master_target, f.ctx.heartbeat_timeout
     if mt and not mt.connected(timeout):
         yield rules.CS_UNREACHABLE.problem(
@@ -126,7 +78,7 @@ def _cs_unreachable(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_OS_MISMATCH)
-def _mt_os_mismatch(f: _Facts) -> Iterator[Problem]:
+def _mt_os_mismatch(f: Facts) -> Iterator[Problem]:
     mt, item = f.ctx.master_target, f.ctx.item
     if mt and mt.os_type != item.os_type:
         yield rules.MT_OS_MISMATCH.problem(
@@ -137,7 +89,7 @@ def _mt_os_mismatch(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_DISK_LIMIT)
-def _mt_disk_limit(f: _Facts) -> Iterator[Problem]:
+def _mt_disk_limit(f: Facts) -> Iterator[Problem]:
     if f.reprotect is None or f.mt_vm is None:
         return
     present, pending, adds = len(f.mt_vm.disks), f.reprotect.pending_mt_disks, f.ctx.item.disk_count
@@ -151,7 +103,7 @@ def _mt_disk_limit(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.AGENT_NOT_REGISTERED)
-def _agent_not_registered(f: _Facts) -> Iterator[Problem]:
+def _agent_not_registered(f: Facts) -> Iterator[Problem]:
     if f.ctx.agent is None:
         machine = f.ctx.item.cloud_machine
         yield rules.AGENT_NOT_REGISTERED.problem(
@@ -162,7 +114,7 @@ def _agent_not_registered(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.DISK_UUID_CLASH)
-def _disk_uuid_clash(f: _Facts) -> Iterator[Problem]:
+def _disk_uuid_clash(f: Facts) -> Iterator[Problem]:
     if f.existing_vm is None or f.mt_vm is None:
         return
     mt_uuids = {d.uuid.lower() for d in f.mt_vm.disks}
@@ -177,7 +129,7 @@ def _disk_uuid_clash(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.VCENTER_NOT_DISCOVERED, rules.MT_NOT_DISCOVERED)
-def _vcenter_discovered(f: _Facts) -> Iterator[Problem]:
+def _vcenter_discovered(f: Facts) -> Iterator[Problem]:
     vcenter = f.ctx.vcenter
     if f.ctx.onprem is None:
         yield rules.VCENTER_NOT_DISCOVERED.problem(
@@ -200,7 +152,7 @@ def _vcenter_discovered(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.DATASTORES_NOT_VISIBLE)
-def _datastores_visible(f: _Facts) -> Iterator[Problem]:
+def _datastores_visible(f: Facts) -> Iterator[Problem]:
     if f.mt_host is None or f.host_datastores or f.ctx.onprem is None:
         return
     # Discovery's own warnings (the provider's words on why it saw less) travel in `detail`.
@@ -213,7 +165,7 @@ def _datastores_visible(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.VCENTER_INSUFFICIENT_PRIVILEGES)
-def _vcenter_privileges(f: _Facts) -> Iterator[Problem]:
+def _vcenter_privileges(f: Facts) -> Iterator[Problem]:
     missing = f.ctx.onprem.missing_privileges() if f.ctx.onprem else ()
     if missing:
         yield rules.VCENTER_INSUFFICIENT_PRIVILEGES.problem(
@@ -224,7 +176,7 @@ def _vcenter_privileges(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.SOURCE_UNREACHABLE)
-def _source_reachable(f: _Facts) -> Iterator[Problem]:
+def _source_reachable(f: Facts) -> Iterator[Problem]:
     agent, timeout = f.ctx.agent, f.ctx.heartbeat_timeout
     if agent and not agent.connected(timeout):
         machine = f.ctx.item.cloud_machine
@@ -236,7 +188,7 @@ def _source_reachable(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.PS_DISCONNECTED)
-def _ps_connected(f: _Facts) -> Iterator[Problem]:
+def _ps_connected(f: Facts) -> Iterator[Problem]:
     ps, timeout = f.ctx.process_server, f.ctx.heartbeat_timeout
     if ps is None:
         why = "is not registered with the configuration server"
@@ -248,7 +200,7 @@ def _ps_connected(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_HAS_SNAPSHOTS)
-def _mt_snapshots(f: _Facts) -> Iterator[Problem]:
+def _mt_snapshots(f: Facts) -> Iterator[Problem]:
     if f.mt_vm and f.mt_vm.snapshots:
         names = ", ".join(s.name for s in f.mt_vm.snapshots)
         yield rules.MT_HAS_SNAPSHOTS.problem(
@@ -257,7 +209,7 @@ def _mt_snapshots(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.GROUP_MIXED_OS)
-def _group_os(f: _Facts) -> Iterator[Problem]:
+def _group_os(f: Facts) -> Iterator[Problem]:
     item = f.ctx.item
     if f.reprotect is None or item.group is None:
         return
@@ -272,7 +224,7 @@ def _group_os(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.GROUP_MIXED_MT)
-def _group_mt(f: _Facts) -> Iterator[Problem]:
+def _group_mt(f: Facts) -> Iterator[Problem]:
     item = f.ctx.item
     if f.reprotect is None or item.group is None:
         return
@@ -288,7 +240,7 @@ def _group_mt(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.GROUP_NEEDS_RECOVERY_PLAN)
-def _group_plan(f: _Facts) -> Iterator[Problem]:
+def _group_plan(f: Facts) -> Iterator[Problem]:
     group = f.ctx.item.group
     if f.reprotect is None or group is None:
         return
@@ -305,13 +257,13 @@ def _group_plan(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_ON_LVM)
-def _mt_lvm(f: _Facts) -> Iterator[Problem]:
+def _mt_lvm(f: Facts) -> Iterator[Problem]:
     if f.mt_vm and f.mt_vm.os_type is OsType.LINUX and f.mt_vm.on_lvm:
         yield rules.MT_ON_LVM.problem(f"Linux master target {f.mt_name} is installed on LVM.")
 
 
 @_check(rules.DATASTORE_NOT_WRITABLE)
-def _datastores_writable(f: _Facts) -> Iterator[Problem]:
+def _datastores_writable(f: Facts) -> Iterator[Problem]:
     if f.existing_vm is None or f.mt_host is None or f.ctx.onprem is None or not f.host_datastores:
         return
     host = f.mt_host.name
@@ -328,7 +280,7 @@ def _datastores_writable(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_DISKS_MOVED)
-def _mt_disks_moved(f: _Facts) -> Iterator[Problem]:
+def _mt_disks_moved(f: Facts) -> Iterator[Problem]:
     if f.mt_vm is None or f.ctx.onprem is None:
         return
     now = {d.uuid.lower(): d.backing for d in f.mt_vm.disks}
@@ -353,7 +305,7 @@ def _mt_disks_moved(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.RETENTION_VOLUME_INELIGIBLE)
-def _retention_volume(f: _Facts) -> Iterator[Problem]:
+def _retention_volume(f: Facts) -> Iterator[Problem]:
     mt = f.ctx.master_target
     if f.reprotect is None or mt is None:
         return
@@ -374,7 +326,7 @@ def _retention_volume(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_TOOLS_MISSING)
-def _mt_tools(f: _Facts) -> Iterator[Problem]:
+def _mt_tools(f: Facts) -> Iterator[Problem]:
     if f.mt_vm and not f.mt_vm.tools_running:
         yield rules.MT_TOOLS_MISSING.problem(
             f"VMware Tools are not running on master target {f.mt_name}.", master_target=f.mt_name
@@ -382,7 +334,7 @@ def _mt_tools(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_ENABLEUUID_MISSING)
-def _mt_enableuuid(f: _Facts) -> Iterator[Problem]:
+def _mt_enableuuid(f: Facts) -> Iterator[Problem]:
     if f.mt_vm is None:
         return
     # vSphere keeps advanced settings case-insensitively, and "TRUE" is as good as "true".
@@ -395,7 +347,7 @@ def _mt_enableuuid(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_HOST_NO_VMFS)
-def _mt_vmfs(f: _Facts) -> Iterator[Problem]:
+def _mt_vmfs(f: Facts) -> Iterator[Problem]:
     if f.mt_host and f.host_datastores and all(d.type is not DatastoreType.VMFS for d in f.host_datastores):
         host = f.mt_host.name
         yield rules.MT_HOST_NO_VMFS.problem(
@@ -404,7 +356,7 @@ def _mt_vmfs(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.MT_PARAVIRTUAL_CONTROLLER)
-def _mt_scsi(f: _Facts) -> Iterator[Problem]:
+def _mt_scsi(f: Facts) -> Iterator[Problem]:
     if f.mt_vm is None:
         return
     bad = [c for c in f.mt_vm.controllers if c.type is not ScsiType.LSILOGIC]
@@ -416,12 +368,12 @@ def _mt_scsi(f: _Facts) -> Iterator[Problem]:
         )
 
 
-def _target_host(f: _Facts) -> Host | None:
+def _target_host(f: Facts) -> Host | None:
     return f.ctx.onprem.host(f.target_host) if f.ctx.onprem and f.target_host else None
 
 
 @_check(rules.HOST_FREE_EDITION)
-def _host_free(f: _Facts) -> Iterator[Problem]:
+def _host_free(f: Facts) -> Iterator[Problem]:
     host = _target_host(f)
     if host and host.licence is LicenceEdition.FREE:
         yield rules.HOST_FREE_EDITION.problem(
@@ -432,7 +384,7 @@ def _host_free(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.OS_NOT_FAILBACK_CAPABLE)
-def _w2k8(f: _Facts) -> Iterator[Problem]:
+def _w2k8(f: Facts) -> Iterator[Problem]:
     item = f.ctx.item
     if item.physical and _W2K8_R2.search(item.os_version):
         yield rules.OS_NOT_FAILBACK_CAPABLE.problem(
@@ -442,7 +394,7 @@ def _w2k8(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.NOT_FAILBACK_ELIGIBLE)
-def _eligible(f: _Facts) -> Iterator[Problem]:
+def _eligible(f: Facts) -> Iterator[Problem]:
     item, vm = f.ctx.item, f.cloud_vm
     reasons: list[str] = []
     if item.state is ProtectionState.DISABLED:
@@ -465,7 +417,7 @@ def _eligible(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.TARGET_NOT_ESXI)
-def _esxi_only(f: _Facts) -> Iterator[Problem]:
+def _esxi_only(f: Facts) -> Iterator[Problem]:
     if f.ctx.onprem is None or not f.target_host:
         return
     host = _target_host(f)
@@ -479,7 +431,7 @@ def _esxi_only(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.DATASTORE_REQUIRED)
-def _datastore_arg(f: _Facts) -> Iterator[Problem]:
+def _datastore_arg(f: Facts) -> Iterator[Problem]:
     if f.reprotect is None:
         return
     host = f.mt_host.name if f.mt_host else ""
@@ -502,7 +454,7 @@ def _datastore_arg(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.NOT_FAILED_OVER)
-def _reprotect_stage(f: _Facts) -> Iterator[Problem]:
+def _reprotect_stage(f: Facts) -> Iterator[Problem]:
     item = f.ctx.item
     # A disabled item is reported by RP-ELIGIBLE, with the other eligibility reasons.
     if item.state not in (ProtectionState.FAILOVER_COMMITTED, ProtectionState.DISABLED):
@@ -514,7 +466,7 @@ def _reprotect_stage(f: _Facts) -> Iterator[Problem]:
 
 
 @_check(rules.NOT_REPROTECTED)
-def _failback_stage(f: _Facts) -> Iterator[Problem]:
+def _failback_stage(f: Facts) -> Iterator[Problem]:
     item = f.ctx.item
     ready = item.state is ProtectionState.PROTECTED and item.direction is Direction.FAILBACK
     if not ready and item.state is not ProtectionState.DISABLED:
@@ -579,7 +531,7 @@ _FAILBACK: tuple[_Check, ...] = (
 
 
 def _run(checks: tuple[_Check, ...], ctx: Situation) -> list[Problem]:
-    facts = _resolve(ctx)
+    facts = resolve(ctx)
     stage, rest = checks[0], checks[1:]
     wrong_stage = list(stage.run(facts))
     if wrong_stage:
@@ -614,58 +566,3 @@ def ensure_failback(ctx: Situation) -> None:
 # The rules each operation enforces, in the order their problems are listed (docs, tests).
 REPROTECT_RULES: tuple[rules.Rule, ...] = tuple(r for c in _REPROTECT for r in c.rules)
 FAILBACK_RULES: tuple[rules.Rule, ...] = tuple(r for c in _FAILBACK for r in c.rules)
-
-
-class TaskKind(StrEnum):
-    POWER_OFF = "power-off"  # RPW-5: the on-prem machine stays off while the MT writes its disks
-    CONSOLIDATE_SNAPSHOTS = "consolidate-snapshots"  # RP-VM-SNAP
-    CREATE_MACHINE = "create-machine"  # RPW-6: the machine is gone, a new one is made
-
-
-@dataclass(frozen=True)
-class PlannedTask:
-    """Something that does not block reprotect but that its job will do, for `--what-if`."""
-
-    kind: TaskKind
-    rule: str
-    machine: str
-    message: str
-
-
-def plan_notes(ctx: ReprotectContext) -> list[PlannedTask]:
-    """The non-blocking tasks reprotect of `ctx.item` implies, given the inventory as it is now."""
-    f = _resolve(ctx)
-    vm, item = f.existing_vm, ctx.item
-    if vm is None:
-        where = f" on host {f.mt_host.name}" if f.mt_host else ""
-        datastore = ctx.request.datastore or "the chosen datastore"
-        why = "is a physical server" if item.physical else "no longer exists on-premises"
-        return [
-            PlannedTask(
-                TaskKind.CREATE_MACHINE,
-                "RPW-6",
-                item.machine,
-                f"Machine {item.machine} {why}: a new VM is created{where} in {datastore} and its "
-                "disks are copied in full.",
-            )
-        ]
-    tasks: list[PlannedTask] = []
-    if vm.power_state is PowerState.ON:
-        tasks.append(
-            PlannedTask(
-                TaskKind.POWER_OFF,
-                "RPW-5",
-                vm.name,
-                f"Machine {vm.name} is powered off; it must stay off until failback.",
-            )
-        )
-    if vm.snapshots:
-        tasks.append(
-            PlannedTask(
-                TaskKind.CONSOLIDATE_SNAPSHOTS,
-                "RP-VM-SNAP",
-                vm.name,
-                f"The {len(vm.snapshots)} snapshot(s) of machine {vm.name} are merged into its disks.",
-            )
-        )
-    return tasks
