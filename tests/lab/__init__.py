@@ -1,0 +1,1 @@
+"""Tests of the embedded lab: provider, CLI, guest workload and oracle."""
