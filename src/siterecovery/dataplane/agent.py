@@ -1,0 +1,124 @@
+"""The mobility agent: exports each protected disk over NBD and replicates its writes (AG-1).
+
+The agent reconciles toward its desired state (`AgentDesired`): for every disk replication it opens
+the pair's spool and state (`PairReplication`, the NBD export's `CaptureSink`), serves the disk as
+an NBD export named after its label (one Unix socket `<label>.sock` per disk, and/or a TCP
+listener), and runs a `PairSender` to the process server. On a graceful stop it first drains the
+spools to the process server for up to a configurable time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from siterecovery.dataplane.assignments import AgentDesired, AgentStats
+from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
+from siterecovery.dataplane.sender import PairSender
+from siterecovery.errors import Problem, SiteRecoveryError
+
+log = logging.getLogger(__name__)
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@dataclass
+class AgentOptions:
+    state_dir: Path
+    disks: dict[str, Path] = field(default_factory=dict)
+    nbd_unix_dir: Path | None = None
+    nbd_listen: tuple[str, int] | None = None
+    spool_limit: int = DEFAULT_SPOOL_LIMIT
+    name: str = "agent"
+
+
+class Agent:
+    def __init__(self, options: AgentOptions, identity: Identity) -> None:
+        self.options = options
+        self.identity = identity
+        self.pairs: dict[str, PairReplication] = {}
+        self.senders: dict[str, PairSender] = {}
+        self._servers: dict[str, _Stoppable] = {}
+        self._lock = threading.Lock()
+
+    def reconcile(self, desired: AgentDesired) -> None:
+        """Start replicating and exporting what `desired` lists (idempotent)."""
+        with self._lock:
+            for spec in desired.replications:
+                if spec.pair_id in self.pairs:
+                    continue
+                image = spec.image or self.options.disks.get(spec.disk)
+                if image is None:
+                    raise SiteRecoveryError(
+                        Problem(
+                            code="agent-disk-unknown",
+                            message=f"Disk {spec.disk!r} of pair {spec.pair_id!r} has no image on this agent",
+                            remediation="Start the agent with --disk LABEL=PATH for it.",
+                        )
+                    )
+                pair = PairReplication(spec, image, self.options.state_dir, self.options.spool_limit)
+                self.pairs[spec.pair_id] = pair
+                self._export(spec.disk, image, pair)
+                if not spec.paused:
+                    sender = PairSender(pair, self.identity.client_context(), self.options.name)
+                    self.senders[spec.pair_id] = sender
+                    sender.start()
+            replicated = {s.disk for s in desired.replications}
+            for label, image in self.options.disks.items():
+                if label not in replicated and label not in self._servers:
+                    self._export(label, image, None)
+
+    def _export(self, label: str, image: Path, pair: PairReplication | None) -> None:
+        old = self._servers.pop(label, None)
+        if old is not None:
+            old.stop()
+        unix = None
+        if self.options.nbd_unix_dir is not None:
+            self.options.nbd_unix_dir.mkdir(parents=True, exist_ok=True)
+            unix = self.options.nbd_unix_dir / f"{label}.sock"
+            unix.unlink(missing_ok=True)
+        tcp = None
+        if self.options.nbd_listen is not None:
+            host, port = self.options.nbd_listen
+            tcp = (host, port + len(self._servers)) if port else (host, 0)
+        if unix is None and tcp is None:
+            return
+        self._servers[label] = run_nbd_server_in_thread(
+            [Export.for_image(label, image, pair)], tcp=tcp, unix=unix
+        )
+
+    def stats(self) -> AgentStats:
+        return AgentStats(pairs=[p.stats() for p in list(self.pairs.values())])
+
+    def drained(self) -> bool:
+        return all(p.drained() for p in self.pairs.values())
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every captured write is acknowledged by the process server, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.drained():
+                return True
+            time.sleep(0.1)
+        return self.drained()
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting writes, drain for up to `drain_timeout` seconds, then stop sending."""
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()
+        if drain_timeout > 0 and not self.drain(drain_timeout):
+            log.warning("agent stopped with writes not yet acknowledged; they stay in the spool")
+        for sender in self.senders.values():
+            sender.stop()
+        for pair in self.pairs.values():
+            pair.flush()
+            pair.spool.close()

@@ -1,0 +1,130 @@
+"""How the master target applies a pair's stream to its target disk: the `DiskApplier` seam.
+
+The master target calls an applier per pair, in sequence order, skipping sequences at or below
+`applied_seq` (at-least-once delivery made idempotent), and calls `sync()` before acknowledging.
+`DirectApplier` writes straight to the disk (pwrite, punch-hole for zero ranges) and records the
+applied sequence in a small state file after the data is fdatasync'd; the retention journal's
+`JournaledDisk` implements the same protocol and is swapped in through the master target's
+applier factory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1 << 20
+
+
+class DiskApplier(Protocol):
+    def apply_write(self, seq: int, offset: int, data: memoryview) -> None: ...
+
+    def apply_zero(self, seq: int, offset: int, length: int) -> None: ...
+
+    def bookmark(self, seq: int, tag: str, kind: str, timestamp: float) -> None: ...
+
+    def sync(self) -> None: ...
+
+    @property
+    def applied_seq(self) -> int: ...
+
+
+# (pair_id, target disk path, size in bytes, state directory for the pair) -> applier
+ApplierFactory = Callable[[str, Path, int, Path], DiskApplier]
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def punch_or_zero(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeroes, keeping the file sparse where possible."""
+    if length <= 0:
+        return
+    if _fallocate is not None:
+        rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+    zeros = bytes(min(length, _ZERO_CHUNK))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        os.pwrite(fd, zeros[:n], offset)
+        offset += n
+
+
+class DirectApplier:
+    """Applies writes in place; the newest state only (no journal, no older recovery points)."""
+
+    def __init__(self, pair_id: str, path: Path, size: int, state_dir: Path) -> None:
+        self.pair_id = pair_id
+        self.path = path
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._state = state_dir / "applied.json"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self._applied = -1
+        self.bookmarks: list[tuple[int, str, str, float]] = []
+        if self._state.exists():
+            saved = json.loads(self._state.read_text())
+            self._applied = int(saved["applied_seq"])
+        self._pending = self._applied
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied
+
+    def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        self._pending = seq
+
+    def apply_zero(self, seq: int, offset: int, length: int) -> None:
+        punch_or_zero(self._fd, offset, length)
+        self._pending = seq
+
+    def bookmark(self, seq: int, tag: str, kind: str, timestamp: float) -> None:
+        self.bookmarks.append((seq, tag, kind, timestamp))
+        self._pending = seq
+
+    def sync(self) -> None:
+        if self._pending == self._applied:
+            return
+        os.fdatasync(self._fd)
+        tmp = self._state.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"applied_seq": self._pending}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state)
+        self._applied = self._pending
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def direct_applier(pair_id: str, path: Path, size: int, state_dir: Path) -> DiskApplier:
+    return DirectApplier(pair_id, path, size, state_dir)

@@ -1,0 +1,349 @@
+"""The process server: receives agents' frames, caches them durably, forwards them to master targets.
+
+Each pair has a disk cache (a `SegmentLog` under `<cache_dir>/<pair_id>/`). A frame from an agent is
+verified (header CRC, payload digest), appended to the cache, and acknowledged to the agent only
+after the cache is fsynced (PS-1: nothing acknowledged is lost if the process server crashes). A
+forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
+frees cache segments only on the master target's ACK. Resync requests and digests are relayed
+between the two sessions without caching (they are queries, not data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from siterecovery.dataplane.assignments import CacheHealth, ProcessServerStats
+from siterecovery.dataplane.links import Identity, Listener, connect, idle
+from siterecovery.dataplane.protocol import (
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    CorruptFrame,
+    ErrorBody,
+    FrameReader,
+    FrameType,
+    FrameWriter,
+    Hello,
+    HelloReply,
+    ProtocolError,
+    Role,
+    decode_model,
+    pack_header,
+)
+from siterecovery.dataplane.segment_log import SegmentLog
+
+log = logging.getLogger(__name__)
+
+# Acknowledge at least this often while frames keep arriving, so the sender's window keeps moving.
+ACK_EVERY_BYTES = 32 << 20
+WARNING_FREE_PERCENT = 30.0
+CRITICAL_FREE_PERCENT = 25.0
+_DATA_TYPES = (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK)
+
+
+class _Session:
+    """One agent connection; its writer is shared by the session thread and digest relays."""
+
+    def __init__(self, sock: ssl.SSLSocket, pairs: list[str]) -> None:
+        self.sock = sock
+        self.pairs = pairs
+        self.writer = FrameWriter(sock)
+        self.lock = threading.Lock()
+
+
+class PairRelay:
+    """A pair's cache and its forwarder to the master target."""
+
+    def __init__(self, server: ProcessServer, pair_id: str, mt_address: str) -> None:
+        self.server = server
+        self.pair_id = pair_id
+        self.dir = server.cache_dir / pair_id
+        self.cache = SegmentLog(self.dir)
+        self._meta = self.dir / "meta.json"
+        self.mt_acked = -1
+        if self._meta.exists():
+            meta = json.loads(self._meta.read_text())
+            self.mt_acked = int(meta["mt_acked"])
+            mt_address = mt_address or str(meta["master_target"])
+        self.mt_address = mt_address
+        self._save_meta()
+        self.agent: _Session | None = None
+        self._mt_writer: FrameWriter | None = None
+        self._mt_lock = threading.Lock()
+        self._mt_sock: ssl.SSLSocket | None = None
+        self._mt_up = threading.Event()
+        self.forwarded_bytes = 0
+        self._thread = threading.Thread(target=self._forward_loop, name=f"ps-fwd-{pair_id}", daemon=True)
+        self._thread.start()
+
+    def _save_meta(self) -> None:
+        tmp = self._meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"master_target": self.mt_address, "mt_acked": self.mt_acked}))
+        os.replace(tmp, self._meta)
+
+    @property
+    def durable_seq(self) -> int:
+        """Newest sequence this hop holds durably (cached, or already applied downstream)."""
+        return max(self.cache.last_seq, self.mt_acked)
+
+    def on_mt_ack(self, seq: int) -> None:
+        if seq > self.mt_acked:
+            self.mt_acked = seq
+            self.cache.free_through(seq)
+            self._save_meta()
+
+    def send_to_mt(self, ftype: FrameType, seq: int, payload: memoryview) -> bool:
+        """Relay a query to the master target; False if the link stays down (the sender retries)."""
+        self._mt_up.wait(5.0)
+        with self._mt_lock:
+            if self._mt_writer is None:
+                return False
+            try:
+                self._mt_writer.send(ftype, pair=0, seq=seq, payload=payload)
+            except OSError:
+                return False
+            return True
+
+    def _relay_to_agent(
+        self, ftype: FrameType, seq: int, offset: int, length: int, payload: memoryview
+    ) -> None:
+        session = self.agent
+        if session is None:
+            return
+        with session.lock:
+            try:
+                idx = session.pairs.index(self.pair_id)
+                session.writer.send(ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload)
+            except (OSError, ValueError) as exc:
+                log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
+
+    def _forward_loop(self) -> None:
+        backoff = 0.1
+        while not self.server.stopped.is_set():
+            try:
+                self._forward_once()
+                backoff = 0.1
+            except (OSError, ProtocolError, ssl.SSLError) as exc:
+                log.info("forwarding %s to %s interrupted: %s", self.pair_id, self.mt_address, exc)
+            finally:
+                self._mt_up.clear()
+                with self._mt_lock:
+                    self._mt_writer = None
+                    sock, self._mt_sock = self._mt_sock, None
+                if sock is not None:
+                    sock.close()
+            self.server.stopped.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _forward_once(self) -> None:
+        sock = connect(self.mt_address, self.server.identity.client_context())
+        with self._mt_lock:
+            self._mt_sock = sock
+        writer = FrameWriter(sock)
+        reader = FrameReader(sock, MAX_PAYLOAD)
+        writer.send_model(
+            FrameType.HELLO, Hello(component=self.server.name, role=Role.PROCESS_SERVER, pairs=[self.pair_id])
+        )
+        first = reader.read()
+        if first is None:
+            raise ProtocolError("master target closed the session during HELLO")
+        if first.header.type == FrameType.ERROR:
+            err = decode_model(ErrorBody, first.payload)
+            raise ProtocolError(f"master target refused {self.pair_id}: {err.code}: {err.message}")
+        reply = decode_model(HelloReply, first.payload)
+        self.on_mt_ack(reply.acked.get(self.pair_id, -1))
+        with self._mt_lock:
+            self._mt_writer = writer
+        self._mt_up.set()
+        broken = threading.Event()
+        acks = threading.Thread(target=self._read_mt, args=(reader, sock, broken), daemon=True)
+        acks.start()
+        cursor = self.cache.cursor(self.mt_acked)
+        buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
+        try:
+            while not self.server.stopped.is_set() and not broken.is_set():
+                item = cursor.next(buf)
+                if item is None:
+                    with self.cache.appended:
+                        self.cache.appended.wait(0.2)
+                    continue
+                with self._mt_lock:
+                    writer.send_raw(item[1])
+                self.forwarded_bytes += len(item[1])
+                self.server.note_forwarded(len(item[1]))
+        finally:
+            cursor.close()
+            sock.close()
+            acks.join(timeout=5)
+
+    def _read_mt(self, reader: FrameReader, sock: ssl.SSLSocket, broken: threading.Event) -> None:
+        try:
+            while True:
+                frame = reader.read()
+                if frame is None:
+                    return
+                h = frame.header
+                if h.type == FrameType.ACK:
+                    self.on_mt_ack(h.seq)
+                elif h.type == FrameType.DIGESTS:
+                    self._relay_to_agent(FrameType.DIGESTS, h.seq, h.offset, h.length, frame.payload)
+                elif h.type == FrameType.NACK:
+                    log.warning("master target refused frame %d of %s; resending", h.seq, self.pair_id)
+                    return
+                elif h.type == FrameType.ERROR:
+                    err = decode_model(ErrorBody, frame.payload)
+                    log.warning("master target error for %s: %s", self.pair_id, err.message)
+                    return
+        except (OSError, ProtocolError) as exc:
+            log.info("master target link for %s: %s", self.pair_id, exc)
+        finally:
+            broken.set()
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+
+
+class ProcessServer:
+    def __init__(
+        self, cache_dir: Path, identity: Identity, listen: str = "127.0.0.1:0", name: str = "process-server"
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.identity = identity
+        self.name = name
+        self.stopped = threading.Event()
+        self._relays: dict[str, PairRelay] = {}
+        self._lock = threading.Lock()
+        self._listener = Listener(listen, identity.server_context(), self._serve)
+        self._received = 0
+        self._forwarded = 0
+        self._rate_in = 0.0
+        self._rate_out = 0.0
+        self._rate_at = time.monotonic()
+        self._rate_marks = (0, 0)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        return self._listener.address
+
+    def start(self) -> None:
+        # Resume forwarding whatever a previous run cached but the master target never acknowledged.
+        for meta in sorted(self.cache_dir.glob("*/meta.json")):
+            self._relay(meta.parent.name, "")
+        self._listener.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._listener.stop()
+        for relay in list(self._relays.values()):
+            relay.cache.close()
+
+    def _relay(self, pair_id: str, mt_address: str) -> PairRelay:
+        with self._lock:
+            relay = self._relays.get(pair_id)
+            if relay is None:
+                relay = PairRelay(self, pair_id, mt_address)
+                self._relays[pair_id] = relay
+            elif mt_address and mt_address != relay.mt_address:
+                relay.mt_address = mt_address
+            return relay
+
+    def note_forwarded(self, n: int) -> None:
+        self._forwarded += n
+
+    def _serve(self, sock: ssl.SSLSocket, peer: str) -> None:
+        reader = FrameReader(sock)
+        first = reader.read()
+        if first is None or first.header.type != FrameType.HELLO:
+            raise ProtocolError(f"{peer} did not open with HELLO")
+        hello = decode_model(Hello, first.payload)
+        if hello.role != Role.AGENT or not hello.master_target:
+            raise ProtocolError(f"{peer} is not an agent naming a master target")
+        relays = [self._relay(p, hello.master_target) for p in hello.pairs]
+        session = _Session(sock, list(hello.pairs))
+        for relay in relays:
+            relay.agent = session
+        with session.lock:
+            session.writer.send_model(
+                FrameType.HELLO, HelloReply(acked={r.pair_id: r.durable_seq for r in relays})
+            )
+        try:
+            self._receive(reader, session, relays)
+        finally:
+            for relay in relays:
+                if relay.agent is session:
+                    relay.agent = None
+
+    def _receive(self, reader: FrameReader, session: _Session, relays: list[PairRelay]) -> None:
+        hbuf = bytearray(HEADER_SIZE)
+        touched: dict[int, int] = {}
+        unacked = 0
+        while True:
+            try:
+                frame = reader.read()
+            except CorruptFrame as exc:
+                with session.lock:
+                    session.writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
+                raise
+            if frame is None:
+                return
+            h = frame.header
+            if h.pair >= len(relays):
+                raise ProtocolError(f"pair index {h.pair} outside the session's {len(relays)} pairs")
+            relay = relays[h.pair]
+            if h.type in _DATA_TYPES:
+                if h.seq > relay.cache.last_seq and h.seq > relay.mt_acked:
+                    pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
+                    relay.cache.append(h.seq, hbuf, frame.wire)
+                    self._received += HEADER_SIZE + h.payload_len
+                    unacked += HEADER_SIZE + h.payload_len
+                touched[h.pair] = h.seq
+            elif h.type == FrameType.RESYNC_REQUEST:
+                relay.send_to_mt(FrameType.RESYNC_REQUEST, h.seq, frame.payload)
+            elif h.type == FrameType.HEARTBEAT:
+                with session.lock:
+                    session.writer.send(FrameType.HEARTBEAT)
+            else:
+                raise ProtocolError(f"unexpected {h.type.name} frame from an agent")
+            if touched and (unacked >= ACK_EVERY_BYTES or idle(session.sock)):
+                for idx, seq in touched.items():
+                    relays[idx].cache.sync()
+                    with session.lock:
+                        session.writer.send(FrameType.ACK, pair=idx, seq=seq)
+                touched.clear()
+                unacked = 0
+
+    def stats(self) -> ProcessServerStats:
+        used = sum(r.cache.bytes_used for r in list(self._relays.values()))
+        usage = shutil.disk_usage(self.cache_dir)
+        free_pct = 100.0 * usage.free / usage.total if usage.total else 0.0
+        health = CacheHealth.OK
+        if free_pct < CRITICAL_FREE_PERCENT:
+            health = CacheHealth.CRITICAL
+        elif free_pct < WARNING_FREE_PERCENT:
+            health = CacheHealth.WARNING
+        now = time.monotonic()
+        dt = now - self._rate_at
+        if dt >= 1.0:
+            rin, rout = self._rate_marks
+            self._rate_in = (self._received - rin) / dt
+            self._rate_out = (self._forwarded - rout) / dt
+            self._rate_marks = (self._received, self._forwarded)
+            self._rate_at = now
+        drain = used / self._rate_out if self._rate_out > 0 and used else None
+        return ProcessServerStats(
+            cache_used_bytes=used,
+            cache_capacity_bytes=usage.total,
+            cache_free_percent=round(free_pct, 2),
+            cache_health=health,
+            backlog_bytes=used,
+            throughput_bytes_per_s=self._rate_in,
+            drain_seconds=drain,
+            pairs=len(self._relays),
+        )

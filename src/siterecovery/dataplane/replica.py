@@ -1,0 +1,249 @@
+"""One replicated disk on the agent: the `CaptureSink` that spools writes, and the pair's state.
+
+Every captured write gets the pair's next sequence number and is appended to the spool (segment
+files on the agent's disk; `flush()` fsyncs them). Sequence numbers survive restarts: they are
+reserved in blocks recorded in `state.json` before use. When the spool outgrows its limit the pair
+switches to dirty-block tracking and is *resync-required*. A sync (full copy, delta, or dirty
+blocks) reserves a window of sequence numbers at once, one per 4 KiB of disk, so the sync's
+frames sit in the stream after everything captured before it and before everything captured
+during it; the master target's idempotence by sequence then yields the disk's current content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from siterecovery.dataplane.assignments import DiskReplication, PairState, PairStats, SyncMode
+from siterecovery.dataplane.blocks import FINE
+from siterecovery.dataplane.dirty import DirtyBitmap
+from siterecovery.dataplane.protocol import (
+    EMPTY_DIGEST,
+    HEADER_SIZE,
+    Bookmark,
+    BookmarkKind,
+    Flag,
+    FrameType,
+    digest,
+    pack_header,
+)
+from siterecovery.dataplane.segment_log import SegmentLog
+
+_RESERVE = 1 << 20
+DEFAULT_SPOOL_LIMIT = 1 << 30
+
+
+class SyncKind(StrEnum):
+    FULL = "full"
+    DELTA = "delta"
+    DIRTY = "dirty"
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    kind: SyncKind
+    s0: int  # frames of this sync carry s0 + 1 + offset // FINE
+
+    def seq_for(self, offset: int) -> int:
+        return self.s0 + 1 + offset // FINE
+
+    def resume_offset(self, acked: int, align: int) -> int:
+        """Where a restarted sync resumes: the aligned start of the last acknowledged frame."""
+        if acked <= self.s0:
+            return 0
+        return ((acked - self.s0 - 1) * FINE) // align * align
+
+
+class PairReplication:
+    """CaptureSink for one disk plus its persisted replication state. Thread-safe."""
+
+    def __init__(
+        self, spec: DiskReplication, image: Path, state_dir: Path, spool_limit: int = DEFAULT_SPOOL_LIMIT
+    ) -> None:
+        self.spec = spec
+        self.pair_id = spec.pair_id
+        self.image = image
+        self.size = os.stat(image).st_size
+        self.dir = state_dir / "pairs" / spec.pair_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.spool = SegmentLog(self.dir / "spool")
+        self.spool_limit = spool_limit
+        self.dirty = DirtyBitmap(self.dir / "dirty.bitmap", self.size)
+        self._lock = threading.Lock()
+        self._hbuf = bytearray(HEADER_SIZE)
+        self._state_path = self.dir / "state.json"
+        self.sync: SyncPlan | None = None
+        self.sync_last: int | None = None
+        self.dirty_mode = False
+        generation = 0
+        reserved = 0
+        if self._state_path.exists():
+            saved = json.loads(self._state_path.read_text())
+            generation = int(saved["generation"])
+            reserved = int(saved["seq_reserved"])
+            self.dirty_mode = bool(saved["dirty_mode"])
+            if saved["sync"] is not None:
+                self.sync = SyncPlan(SyncKind(saved["sync"]["kind"]), int(saved["sync"]["s0"]))
+        self._next = max(reserved, self.spool.last_seq + 1)
+        self._reserved = self._next
+        self._generation = generation
+        self.acked = -1
+        self.bytes_sent = 0
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self.last_write_time: float | None = None
+        self.changed = threading.Condition()
+        if spec.generation > generation:
+            self._generation = spec.generation
+            self.start_sync(SyncKind.FULL if spec.sync_mode == SyncMode.FULL else SyncKind.DELTA)
+        else:
+            self._save_state()
+
+    # --- sequence numbers and state -----------------------------------------------------------
+
+    def _alloc(self, count: int = 1) -> int:
+        seq = self._next
+        self._next += count
+        if self._next > self._reserved:
+            self._reserved = self._next + _RESERVE
+            self._save_state()
+        return seq
+
+    def _save_state(self) -> None:
+        state = {
+            "generation": self._generation,
+            "seq_reserved": self._reserved,
+            "dirty_mode": self.dirty_mode,
+            "sync": None if self.sync is None else {"kind": self.sync.kind.value, "s0": self.sync.s0},
+        }
+        tmp = self._state_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_path)
+
+    @property
+    def captured_seq(self) -> int:
+        return self._next - 1
+
+    # --- CaptureSink ----------------------------------------------------------------------------
+
+    def record_write(self, offset: int, data: memoryview) -> int:
+        with self._lock:
+            seq = self._alloc()
+            self.last_write_time = time.time()
+            if self.dirty_mode:
+                self.dirty.mark(offset, len(data))
+            else:
+                pack_header(
+                    self._hbuf, FrameType.WRITE, Flag.NONE, 0, seq, offset, len(data), len(data), digest(data)
+                )
+                self._append(seq, data)
+        return seq
+
+    def record_zero(self, offset: int, length: int) -> int:
+        with self._lock:
+            seq = self._alloc()
+            self.last_write_time = time.time()
+            if self.dirty_mode:
+                self.dirty.mark(offset, length)
+            else:
+                pack_header(self._hbuf, FrameType.WRITE, Flag.ZERO, 0, seq, offset, length, 0, EMPTY_DIGEST)
+                self._append(seq, b"")
+        return seq
+
+    def flush(self) -> None:
+        self.spool.sync()
+        with self._lock:
+            if self.dirty_mode:
+                self.dirty.save()
+
+    def bookmark(self, tag: str, kind: BookmarkKind) -> int:
+        """Insert a recovery-point marker after every write recorded so far."""
+        payload = Bookmark(tag=tag, kind=kind, timestamp=time.time()).model_dump_json().encode()
+        with self._lock:
+            seq = self._alloc()
+            if not self.dirty_mode:
+                pack_header(
+                    self._hbuf, FrameType.BOOKMARK, Flag.NONE, 0, seq, 0, 0, len(payload), digest(payload)
+                )
+                self._append(seq, payload)
+        self.spool.sync()
+        return seq
+
+    def _append(self, seq: int, payload: memoryview | bytes) -> None:
+        self.spool.append(seq, self._hbuf, payload)
+        if self.spool.bytes_used > self.spool_limit:
+            # Past the limit the spool stops growing: remember only which blocks changed.
+            self.dirty_mode = True
+            self._save_state()
+
+    # --- syncs ----------------------------------------------------------------------------------
+
+    def start_sync(self, kind: SyncKind) -> None:
+        """Reserve a sequence window for a sync of `kind` (dirty: of the blocks tracked so far)."""
+        with self._lock:
+            if kind == SyncKind.DIRTY:
+                self.dirty.take(self.dir / "sync.bitmap")
+                self.dirty_mode = False
+            s0 = self._alloc(self.size // FINE + 2)
+            self.sync = SyncPlan(kind, s0)
+            self.sync_last = None
+            self._save_state()
+
+    def sync_bitmap(self) -> DirtyBitmap:
+        return DirtyBitmap(self.dir / "sync.bitmap", self.size)
+
+    def sync_generated(self, last_seq: int | None) -> None:
+        """The sync's frames are all sent; it is complete once the last one is acknowledged."""
+        with self._lock:
+            self.sync_last = last_seq if last_seq is not None else -1
+        self._check_sync_done()
+
+    def on_ack(self, seq: int) -> None:
+        if seq > self.acked:
+            self.acked = seq
+            self.spool.free_through(seq)
+        self._check_sync_done()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _check_sync_done(self) -> None:
+        with self._lock:
+            if self.sync is not None and self.sync_last is not None and self.acked >= self.sync_last:
+                if self.sync.kind == SyncKind.DIRTY:
+                    (self.dir / "sync.bitmap").unlink(missing_ok=True)
+                self.sync = None
+                self.sync_last = None
+                self._save_state()
+
+    def drained(self) -> bool:
+        """Everything captured so far is acknowledged by the process server."""
+        return self.sync is None and not self.dirty_mode and self.acked >= self.spool.last_seq
+
+    def stats(self) -> PairStats:
+        if self.spec.paused:
+            state = PairState.PAUSED
+        elif self.dirty_mode or (self.sync is not None and self.sync.kind == SyncKind.DIRTY):
+            state = PairState.RESYNC_REQUIRED
+        elif self.sync is not None:
+            state = PairState.INITIAL_SYNC
+        else:
+            state = PairState.PROTECTED
+        return PairStats(
+            pair_id=self.pair_id,
+            state=state,
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
+            bytes_sent=self.bytes_sent,
+            captured_seq=self.captured_seq,
+            acked_seq=self.acked,
+            last_write_time=self.last_write_time,
+            spool_bytes=self.spool.bytes_used,
+        )

@@ -1,0 +1,278 @@
+"""Streams one pair from the agent to its process server: spool, syncs, acknowledgements.
+
+A session opens with HELLO; the process server answers with the newest sequence it holds durably,
+and the sender (re)sends everything after it: spooled frames captured before a pending sync, then
+the sync's chunks, then the rest of the spool. The spool is freed only on the process server's
+ACK. Any error (a NACK for a corrupt frame, a dropped link, a TLS failure) ends the session; the
+sender reconnects with exponential backoff and resends what was not acknowledged (at least once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+from siterecovery.dataplane.blocks import COARSE, FINE, BlockHasher
+from siterecovery.dataplane.links import connect
+from siterecovery.dataplane.protocol import (
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    Compressor,
+    ErrorBody,
+    Flag,
+    FrameReader,
+    FrameType,
+    FrameWriter,
+    Hello,
+    HelloReply,
+    ProtocolError,
+    ResyncRequest,
+    Role,
+    decode_model,
+)
+from siterecovery.dataplane.replica import PairReplication, SyncKind
+from siterecovery.dataplane.sync_source import Chunk, Progress, delta, dirty_blocks, full_copy
+
+log = logging.getLogger(__name__)
+
+DIGEST_TIMEOUT = 300.0
+DIGEST_RETRY = 5.0
+
+
+class SessionEnded(ConnectionError):
+    """The session broke (or the sender is stopping); reconnect and resend."""
+
+
+class PairSender:
+    def __init__(self, pair: PairReplication, ctx: ssl.SSLContext, component: str) -> None:
+        self.pair = pair
+        self._ctx = ctx
+        self._component = component
+        self.stopped = threading.Event()
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"send-{pair.pair_id}", daemon=True)
+        self._digests: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        self._broken = threading.Event()
+        self._request_id = 0
+        self._compressor = Compressor()
+        self._progress: Progress | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.pair.changed:
+            self.pair.changed.notify_all()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self.stopped.is_set():
+            try:
+                self._session()
+                backoff = 0.1
+            except (OSError, ProtocolError, ssl.SSLError, queue.Empty) as exc:
+                self.last_error = str(exc)
+                log.info("replication of %s interrupted: %s", self.pair.pair_id, exc)
+            self.stopped.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _session(self) -> None:
+        sock = connect(self.pair.spec.process_server, self._ctx)
+        try:
+            writer = FrameWriter(sock)
+            reader = FrameReader(sock, MAX_PAYLOAD)
+            writer.send_model(
+                FrameType.HELLO,
+                Hello(
+                    component=self._component,
+                    role=Role.AGENT,
+                    pairs=[self.pair.pair_id],
+                    master_target=self.pair.spec.master_target,
+                ),
+            )
+            first = reader.read()
+            if first is None:
+                raise SessionEnded("process server closed the session during HELLO")
+            if first.header.type == FrameType.ERROR:
+                err = decode_model(ErrorBody, first.payload)
+                raise SessionEnded(f"{err.code}: {err.message}")
+            acked = decode_model(HelloReply, first.payload).acked.get(self.pair.pair_id, -1)
+            self.pair.on_ack(acked)
+            self._broken.clear()
+            while not self._digests.empty():
+                self._digests.get_nowait()
+            acks = threading.Thread(target=self._read_acks, args=(reader, sock), daemon=True)
+            acks.start()
+            try:
+                self._stream(writer, acked)
+            finally:
+                self._broken.set()
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+                acks.join(timeout=5)
+        finally:
+            sock.close()
+
+    def _read_acks(self, reader: FrameReader, sock: ssl.SSLSocket) -> None:
+        try:
+            while True:
+                frame = reader.read()
+                if frame is None:
+                    return
+                h = frame.header
+                if h.type == FrameType.ACK:
+                    self.pair.on_ack(h.seq)
+                elif h.type == FrameType.DIGESTS:
+                    self._digests.put((h.seq, bytes(frame.payload)))
+                elif h.type == FrameType.NACK:
+                    log.warning("process server refused frame %d of %s; resending", h.seq, self.pair.pair_id)
+                    return
+                elif h.type == FrameType.ERROR:
+                    self.last_error = decode_model(ErrorBody, frame.payload).message
+                    return
+        except (OSError, ProtocolError) as exc:
+            log.info("ack stream of %s: %s", self.pair.pair_id, exc)
+        finally:
+            self._broken.set()
+            with self.pair.changed:
+                self.pair.changed.notify_all()
+
+    def _check(self) -> None:
+        if self._broken.is_set() or self.stopped.is_set():
+            raise SessionEnded("session ended")
+
+    def _stream(self, writer: FrameWriter, acked: int) -> None:
+        pair = self.pair
+        cursor = pair.spool.cursor(acked)
+        buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
+        held = None
+        try:
+            while True:
+                self._check()
+                if held is None:
+                    held = cursor.next(buf)
+                plan = pair.sync
+                if plan is not None and (held is None or held[0].seq > plan.s0):
+                    sync_buf = bytearray(COARSE)
+                    last = self._send_sync(writer, acked, memoryview(sync_buf))
+                    pair.sync_generated(last)
+                    continue
+                if held is None:
+                    if pair.dirty_mode and pair.acked >= pair.spool.last_seq:
+                        pair.start_sync(SyncKind.DIRTY)
+                        continue
+                    with pair.changed:
+                        pair.changed.wait(0.05)
+                    continue
+                header, raw = held
+                held = None
+                payload = raw[HEADER_SIZE:]
+                flags, wire = self._compressor.maybe_compress(payload)
+                pair.bytes_sent += writer.send(
+                    header.type,
+                    0,
+                    header.seq,
+                    header.offset,
+                    header.length,
+                    payload,
+                    header.flags | flags,
+                    header.digest,
+                    wire,
+                )
+        finally:
+            cursor.close()
+
+    def _send_sync(self, writer: FrameWriter, acked: int, view: memoryview) -> int | None:
+        pair = self.pair
+        plan = pair.sync
+        assert plan is not None
+        fd = os.open(pair.image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            progress = Progress(pair.size)
+            pair.bytes_total = pair.size
+            start = plan.resume_offset(acked, COARSE)
+            chunks: Iterator[Chunk]
+            if plan.kind == SyncKind.FULL:
+                chunks = full_copy(fd, pair.size, plan, start, view, progress)
+            elif plan.kind == SyncKind.DELTA:
+                hasher = BlockHasher(pair.image, pair.size, COARSE, FINE)
+                remote = self._digests_for(writer, None, hasher)
+                chunks = delta(
+                    fd,
+                    hasher,
+                    remote,
+                    lambda blocks: self._digests_for(writer, blocks),
+                    plan,
+                    start,
+                    view,
+                    progress,
+                )
+            else:
+                chunks = dirty_blocks(fd, pair.sync_bitmap(), plan, start, view, progress)
+            last: int | None = None
+            for chunk in chunks:
+                self._check()
+                pair.bytes_done, pair.bytes_total = progress.done, progress.total
+                if chunk.seq <= acked:
+                    continue
+                if chunk.zero:
+                    pair.bytes_sent += writer.send(
+                        FrameType.BLOCK, 0, chunk.seq, chunk.offset, chunk.length, b"", Flag.ZERO
+                    )
+                else:
+                    data = view[: chunk.length]
+                    flags, wire = self._compressor.maybe_compress(data)
+                    pair.bytes_sent += writer.send(
+                        FrameType.BLOCK,
+                        0,
+                        chunk.seq,
+                        chunk.offset,
+                        chunk.length,
+                        data,
+                        flags,
+                        chunk.digest,
+                        wire,
+                    )
+                last = chunk.seq
+            pair.bytes_done, pair.bytes_total = progress.done, progress.total
+            return last
+        finally:
+            os.close(fd)
+
+    def _digests_for(
+        self, writer: FrameWriter, blocks: list[int] | None, hasher: BlockHasher | None = None
+    ) -> bytes:
+        """Ask the master target (through the process server) for digests and wait for them.
+
+        The request is repeated while unanswered: the process server relays queries only while
+        its link to the master target is up, and drops them otherwise.
+        """
+        self._request_id += 1
+        rid = self._request_id
+        req = ResyncRequest(coarse=COARSE, fine=FINE, blocks=blocks)
+        self.pair.bytes_sent += writer.send_model(FrameType.RESYNC_REQUEST, req, seq=rid)
+        if hasher is not None:
+            # Hash our side while the master target hashes its side.
+            hasher.coarse_digests()
+        deadline = time.monotonic() + DIGEST_TIMEOUT
+        resend = time.monotonic() + DIGEST_RETRY
+        while time.monotonic() < deadline:
+            self._check()
+            if time.monotonic() > resend:
+                self.pair.bytes_sent += writer.send_model(FrameType.RESYNC_REQUEST, req, seq=rid)
+                resend = time.monotonic() + DIGEST_RETRY
+            try:
+                got, payload = self._digests.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if got == rid:
+                return payload
+        raise SessionEnded(f"no digests from the master target within {DIGEST_TIMEOUT:.0f} s")
