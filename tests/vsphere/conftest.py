@@ -20,9 +20,12 @@ from typing import Any
 
 import pytest
 from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim
 
-from conftest import require_tool
+from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType
 from siterecovery.fabrics.vsphere import VSphereFabric
+from tests.conftest import require_tool
 
 VCSIM_DIR = Path(__file__).resolve().parent / "vcsim"
 VCSIM_BIN = VCSIM_DIR / "vcsim"
@@ -101,6 +104,39 @@ def vcsim() -> Iterator[Vcsim]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def find(si: Any, kind: Any, name: str) -> Any:
+    """The managed object of type `kind` named `name`, through a pyVmomi ServiceInstance."""
+    view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [kind], True)
+    try:
+        return next(o for o in view.view if o.name == name)
+    finally:
+        view.Destroy()
+
+
+def reconfigure(vm: Any, **spec: Any) -> None:
+    WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(**spec)))
+
+
+@pytest.fixture
+def fresh_vm(vcsim: Vcsim, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new powered-off machine with one LSI Logic controller and one 16 MiB disk, deleted afterwards."""
+    name = f"t-{request.node.name}"[:60].replace("[", "-").replace("]", "")
+    with vcsim.fabric() as fabric:
+        fabric.create_machine(
+            MachineSpec(
+                name=name,
+                host="DC0_H0",
+                datastore="LocalDS_0",
+                os_type=OsType.LINUX,
+                disks=(DiskSpec(label="d0", size_bytes=16 << 20),),
+            )
+        )
+        yield name
+        if fabric.discover().machine(name) is not None:
+            fabric.power_off(name)
+            fabric.delete_machine(name)
 
 
 @pytest.fixture

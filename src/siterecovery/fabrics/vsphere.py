@@ -15,7 +15,7 @@ from typing import Any
 from pyVmomi import vim as _vim
 
 from siterecovery.fabrics.base import Disk, FabricError, Inventory, Machine, MachineSpec, OsType
-from siterecovery.fabrics.vsphere_devices import Spec, TempKeys, disk_device, lsi_controller, slots
+from siterecovery.fabrics.vsphere_devices import Spec, TempKeys, disk_device, slots
 from siterecovery.fabrics.vsphere_discovery import (
     VM_PROPS,
     Found,
@@ -135,6 +135,20 @@ class VSphereFabric:
     def _vm(self, ident: str) -> Any:
         return self._find(vim.VirtualMachine, ident, "machine")
 
+    def _read(self, obj: Any, *paths: str) -> dict[str, Any]:
+        """Some properties of one object in one call; an unset property is absent (vcsim's
+        single-property Fetch fails on unset ones, and one call per property is slower anyway)."""
+
+        def fetch() -> dict[str, Any]:
+            spec = vim.PropertyCollector.FilterSpec(
+                objectSet=[vim.PropertyCollector.ObjectSpec(obj=obj)],
+                propSet=[vim.PropertyCollector.PropertySpec(type=type(obj), pathSet=list(paths))],
+            )
+            return dict(next(retrieve(self.service_instance, spec)).props)
+
+        result: dict[str, Any] = self._call(f"read {', '.join(paths)} of {obj._moId}", fetch)
+        return result
+
     def _machine(self, vm: Any) -> Machine:
         def fetch() -> Machine:
             spec = vim.PropertyCollector.FilterSpec(
@@ -173,10 +187,10 @@ class VSphereFabric:
         datastore = self._find(vim.Datastore, spec.datastore, "datastore")
         self._require_writable(datastore, host, spec.datastore, spec.host)
         keys = TempKeys()
-        controller = keys()
-        changes = [lsi_controller(controller, 0)]
-        units = (u for u in range(16) if u != 7)
-        for disk, unit in zip(spec.disks, units, strict=False):
+        changes: list[Any] = []
+        free = slots([], keys, changes, spec.name)  # a new machine: LSI Logic controllers only
+        for disk in spec.disks:
+            controller, unit = next(free)
             device = disk_device(
                 keys(),
                 controller,
@@ -292,7 +306,7 @@ class VSphereFabric:
 
     def consolidate_snapshots(self, machine: str) -> int:
         vm = self._vm(machine)
-        tree = self._call(f"read snapshots of {machine}", lambda: vm.snapshot)
+        tree = self._read(vm, "snapshot").get("snapshot")
         count = len(snapshots(tree.rootSnapshotList if tree is not None else None))
         if count:
             self._call(f"remove all snapshots of {machine}", vm.RemoveAllSnapshots_Task, consolidate=True)
