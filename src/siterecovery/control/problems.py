@@ -49,7 +49,12 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         for err in exc.errors():
-            loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+            # A JSON syntax error's location is a character offset, not a field: blame the body.
+            loc = (
+                []
+                if err.get("type") == "json_invalid"
+                else [str(p) for p in err.get("loc", ()) if p != "body"]
+            )
             field = ".".join(loc) or "body"
             problems.append(
                 Problem(

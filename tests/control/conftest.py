@@ -1,0 +1,110 @@
+"""A real configuration server process on loopback, per test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SITERECOVERY, free_port
+
+
+@dataclass
+class ConfigServer:
+    state_dir: Path
+    port: int
+    log: Path
+    token: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SITERECOVERY_SERVER": self.url, "SITERECOVERY_TOKEN": self.token}
+
+    def start(self) -> None:
+        token_file = self.state_dir.parent / "admin-token"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    SITERECOVERY,
+                    "server",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    "--admin-token-file",
+                    str(token_file),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.extra_env},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not start")
+        if not self.token:
+            self.token = token_file.read_text().strip()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token if token is not None else self.token}"}
+        if token == "":
+            headers = {}
+        headers.update(kw.pop("headers", {}))
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
+
+    def wait_job(
+        self, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 60
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = self.api("GET", f"/api/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not reach {states}: {job}")
+
+
+@pytest.fixture
+def cs(tmp_path: Path) -> Iterator[ConfigServer]:
+    server = ConfigServer(state_dir=tmp_path / "state", port=free_port(), log=tmp_path / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

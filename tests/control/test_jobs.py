@@ -1,0 +1,117 @@
+"""Durable jobs: a job survives kill -9 of the server and does not redo finished tasks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer
+
+
+def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, object]]) -> None:
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps({"groups": groups}))
+    run_cli("plans", "create", name, "--file", str(spec), env=cs.env)
+
+
+def test_two_step_job_survives_kill9_between_steps(cs: ConfigServer, tmp_path: Path) -> None:
+    out, started = tmp_path / "out.txt", tmp_path / "step2-started"
+    _plan(
+        cs,
+        tmp_path,
+        "drill",
+        [
+            {
+                "items": [],
+                "actions_after": [{"kind": "script", "name": "step one", "command": f"echo one >> {out}"}],
+            },
+            {
+                "items": [],
+                "actions_after": [
+                    {
+                        "kind": "script",
+                        "name": "step two",
+                        "command": f"touch {started}; sleep 3; echo two >> {out}",
+                    }
+                ],
+            },
+        ],
+    )
+    job_id = json.loads(run_cli("-o", "json", "plans", "failover", "drill", "--no-wait", env=cs.env).stdout)[
+        "job_id"
+    ]
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline, "step two never started"
+        time.sleep(0.05)
+    cs.kill9()
+    assert out.read_text() == "one\n"  # killed inside step two
+    cs.start()
+    job = cs.wait_job(job_id)
+    assert job["state"] == "succeeded", job
+    assert out.read_text() == "one\ntwo\n"  # step one did not run again
+    attempts = [t["attempts"] for t in job["tasks"]]
+    assert attempts == [1, 2]
+
+
+def test_manual_action_pauses_until_resume(cs: ConfigServer, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    _plan(
+        cs,
+        tmp_path,
+        "ordered",
+        [
+            {
+                "items": [],
+                "actions_after": [
+                    {"kind": "script", "name": "first", "command": f"echo 1 >> {out}"},
+                    {"kind": "manual", "name": "switch DNS", "instructions": "do it"},
+                ],
+            },
+            {
+                "items": [],
+                "actions_after": [{"kind": "script", "name": "second", "command": f"echo 2 >> {out}"}],
+            },
+        ],
+    )
+    job_id = json.loads(
+        run_cli("-o", "json", "plans", "failover", "ordered", "--no-wait", env=cs.env).stdout
+    )["job_id"]
+    job = cs.wait_job(job_id, states=("paused",))
+    assert [t["state"] for t in job["tasks"]] == ["succeeded", "waiting", "pending"]
+    assert out.read_text() == "1\n"
+    run_cli("jobs", "resume", job_id, env=cs.env)
+    watched = run_cli("jobs", "watch", job_id, env=cs.env)
+    assert "second" in watched.stdout
+    assert out.read_text() == "1\n2\n"
+    # Resuming a job that is not paused is a conflict, not a crash.
+    again = run_cli("jobs", "resume", job_id, env=cs.env, check=False)
+    assert again.returncode == 2 and "job-not-paused" in again.stderr
+
+
+def test_failing_script_fails_job_with_code(cs: ConfigServer, tmp_path: Path) -> None:
+    _plan(
+        cs,
+        tmp_path,
+        "broken",
+        [{"items": [], "actions_after": [{"kind": "script", "name": "bad", "command": "echo nope; exit 3"}]}],
+    )
+    job_id = json.loads(run_cli("-o", "json", "plans", "failover", "broken", "--no-wait", env=cs.env).stdout)[
+        "job_id"
+    ]
+    job = cs.wait_job(job_id)
+    assert job["state"] == "failed"
+    assert job["error"]["code"] == "script-failed"
+    assert run_cli("jobs", "watch", job_id, env=cs.env, check=False).returncode == 1
+
+
+def test_cancel_a_paused_job(cs: ConfigServer, tmp_path: Path) -> None:
+    _plan(cs, tmp_path, "waits", [{"items": [], "actions_after": [{"kind": "manual", "name": "wait"}]}])
+    job_id = json.loads(run_cli("-o", "json", "plans", "failover", "waits", "--no-wait", env=cs.env).stdout)[
+        "job_id"
+    ]
+    cs.wait_job(job_id, states=("paused",))
+    run_cli("jobs", "cancel", job_id, env=cs.env)
+    assert cs.api("GET", f"/api/jobs/{job_id}").json()["state"] == "cancelled"

@@ -1,0 +1,139 @@
+"""Components register with the passphrase and get a certificate for mutual TLS."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+from siterecovery.pki import CertificateAuthority, client_context, server_context
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer
+
+
+def _register(cs: ConfigServer, passphrase: str, name: str = "ps-cloud") -> tuple[int, dict[str, str]]:
+    resp = cs.api(
+        "POST",
+        "/api/components/register",
+        token="",
+        json={
+            "passphrase": passphrase,
+            "kind": "process-server",
+            "name": name,
+            "site": "cloud",
+            "address": "127.0.0.1:9000",
+        },
+    )
+    return resp.status_code, resp.json()
+
+
+def _tls_echo_server(ctx: ssl.SSLContext) -> tuple[int, threading.Thread]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def serve() -> None:
+        with sock:
+            conn, _ = sock.accept()
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(tls.recv(16))
+            except (ssl.SSLError, OSError):
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return port, t
+
+
+def test_right_passphrase_yields_certificate_accepted_by_mtls_server(
+    cs: ConfigServer, tmp_path: Path
+) -> None:
+    passphrase = run_cli("server", "passphrase", env=cs.env).stdout.strip()
+    status, reg = _register(cs, passphrase)
+    assert status == 201
+    comp = tmp_path / "component"
+    comp.mkdir()
+    (comp / "c.crt").write_text(reg["cert_pem"])
+    (comp / "c.key").write_text(reg["key_pem"])
+    (comp / "ca.crt").write_text(reg["ca_pem"])
+    # The project's mutual-TLS server (the data plane's listener context) accepts it.
+    server_side = CertificateAuthority.load_or_create(cs.state_dir / "pki").issue("master-target:test")
+    srv = tmp_path / "srv"
+    cert, key, ca = server_side.write(srv, "mt")
+    port, t = _tls_echo_server(server_context(cert, key, ca))
+    ctx = client_context(comp / "c.crt", comp / "c.key", comp / "ca.crt")
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"hello")
+        assert tls.recv(16) == b"hello"
+    t.join(5)
+    # The component token heartbeats; the server now lists it as connected.
+    hb = cs.api(
+        "POST",
+        f"/api/components/{reg['id']}/heartbeat",
+        token=reg["token"],
+        json={"stats": {"cache_used_bytes": 10, "cache_capacity_bytes": 100}},
+    )
+    assert hb.status_code == 200 and "desired" in hb.json()
+    servers = {s["name"]: s for s in cs.api("GET", "/api/servers").json()}
+    assert servers["ps-cloud"]["connected"] is True and servers["ps-cloud"]["site"] == "cloud"
+
+
+def test_wrong_passphrase_is_refused_and_logged(cs: ConfigServer) -> None:
+    status, body = _register(cs, "not-the-passphrase")
+    assert status == 403 and body["code"] == "passphrase-invalid"
+    events = cs.api("GET", "/api/events").json()
+    assert any(e["code"] == "passphrase-invalid" for e in events)
+    assert all(s["name"] != "ps-cloud" for s in cs.api("GET", "/api/servers").json())
+
+
+def test_certificate_from_another_ca_is_refused(cs: ConfigServer, tmp_path: Path) -> None:
+    ours = CertificateAuthority.load_or_create(cs.state_dir / "pki").issue("master-target:test")
+    cert, key, ca = ours.write(tmp_path / "srv", "mt")
+    port, t = _tls_echo_server(server_context(cert, key, ca))
+    rogue = CertificateAuthority.load_or_create(tmp_path / "rogue-ca").issue("intruder")
+    rc, rk, _ = rogue.write(tmp_path / "rogue", "intruder")
+    ctx = client_context(rc, rk, ca)  # trusts our CA, but presents a rogue certificate
+    refused = False
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"hello")
+            refused = tls.recv(16) != b"hello"
+    except (ssl.SSLError, OSError):
+        refused = True
+    t.join(5)
+    assert refused
+
+
+def test_process_server_cache_alerts(cs: ConfigServer) -> None:
+    passphrase = cs.api("GET", "/api/server/passphrase").json()["passphrase"]
+    _, reg = _register(cs, passphrase, "ps-alert")
+
+    def beat(used: int) -> None:
+        cs.api(
+            "POST",
+            f"/api/components/{reg['id']}/heartbeat",
+            token=reg["token"],
+            json={"stats": {"cache_used_bytes": used, "cache_capacity_bytes": 100}},
+        )
+
+    beat(72)  # 28 % free: warning
+    alerts = [
+        e for e in cs.api("GET", "/api/events?alerts=true&active=true").json() if e["code"] == "ps-cache-low"
+    ]
+    assert [a["severity"] for a in alerts] == ["warning"]
+    beat(80)  # 20 % free: critical, same alert escalated
+    alerts = [
+        e for e in cs.api("GET", "/api/events?alerts=true&active=true").json() if e["code"] == "ps-cache-low"
+    ]
+    assert [a["severity"] for a in alerts] == ["critical"]
+    beat(10)
+    assert not [
+        e for e in cs.api("GET", "/api/events?alerts=true&active=true").json() if e["code"] == "ps-cache-low"
+    ]
