@@ -9,15 +9,17 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
 from siterecovery.dataplane.nbd import (
     MAX_BLOCK_SIZE,
     REQUEST,
     REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
     Cmd,
     CmdFlag,
     Export,
@@ -26,8 +28,8 @@ from siterecovery.dataplane.nbd import (
 )
 from siterecovery.dataplane.nbd_client import NbdClient, NbdError
 from siterecovery.errors import SiteRecoveryError
-
-from .conftest import IMAGE_SIZE, Served, make_image
+from tests.conftest import require_tool
+from tests.nbd.conftest import IMAGE_SIZE, Served, make_image
 
 MiB = 1024 * 1024
 
@@ -335,3 +337,29 @@ def test_disconnect_in_mid_request_leaves_the_server_serving(served: Served) -> 
     with NbdClient.connect("disk0", unix=served.socket) as client:
         client.pwrite(b"\x01" * 512, 0)
         assert client.pread(512, 0) == b"\x01" * 512
+
+
+def test_pipelined_reads_with_a_slow_reader_all_come_back(served: Served) -> None:
+    """The server stops taking requests while the client is not reading replies, then resumes."""
+    content = os.urandom(16 * MiB)
+    served.image.write_bytes(content + bytes(IMAGE_SIZE - len(content)))
+    count = 96
+    with NbdClient.connect("disk0", unix=served.socket) as client:
+
+        def send() -> None:
+            for i in range(count):
+                client._sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, i, (i % 16) * MiB, MiB))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        # Let the replies pile up past the transport's high-water mark before reading any.
+        time.sleep(0.5)
+        header, block = bytearray(16), bytearray(MiB)
+        for i in range(count):
+            client._recv_into(memoryview(header))
+            assert SIMPLE_REPLY.unpack(header) == (SIMPLE_REPLY_MAGIC, 0, i)
+            client._recv_into(memoryview(block))
+            assert block == content[(i % 16) * MiB : (i % 16 + 1) * MiB]
+        sender.join()
+        client._cookie = count
+        assert client.pread(512, 0) == content[:512]
