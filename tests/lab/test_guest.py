@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 
 from siterecovery.dataplane.nbd_client import NbdClient
-from siterecovery.fabrics.base import PowerState
+from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType, PowerState
 from siterecovery.lab import runtime, verify_image, verify_log
 from siterecovery.lab.records import RECORD_SIZE, RecordKind, check_record
 from tests.conftest import require_tool
@@ -37,13 +38,13 @@ def test_guest_writes_through_the_export(lab: Lab) -> None:
     )
     assert info["exports"][0]["export-size"] == web1.disks[0].size_bytes
     with NbdClient.connect("disk0", unix=sock) as client:
-        fault, kind = check_record(client.pread(RECORD_SIZE, 0), 1, web1.id)
+        fault, kind = check_record(client.pread(RECORD_SIZE, 0), 1, web1.name)
     assert fault is None and kind is RecordKind.DATA
     lab.cli("power", str(lab.path), "web1", "off")
     assert not runtime.export_running(lab.path, "onprem", "web1")
     final = runtime.guest_status(lab.path, "onprem", "web1")
     assert final is not None and final.state.value in ("stopped", "full")
-    verdict = verify_image(web1.disks[0].backing, web1.id)
+    verdict = verify_image(web1.disks[0].backing, web1.name)
     assert verdict.ok and verdict.records == final.seq >= status.flushed
 
 
@@ -76,7 +77,7 @@ def test_corrupted_record_fails_verification_and_is_named(lab: Lab) -> None:
     proc = lab.cli("verify", str(lab.path), "app1", check=False)
     assert proc.returncode == 1
     assert "record 17" in proc.stdout
-    verdict = verify_image(app1.disks[0].backing, app1.id)
+    verdict = verify_image(app1.disks[0].backing, app1.name)
     assert not verdict.ok and verdict.first_bad == 17 and verdict.records == 16
 
 
@@ -89,12 +90,12 @@ def test_quiesce_writes_a_marker_and_pauses(lab: Lab) -> None:
     web1 = fabric.discover().machine("web1")
     assert web1 is not None
     with NbdClient.connect("disk0", unix=runtime.agent_socket(fabric.run_dir("web1"))) as client:
-        verdict = verify_log(lambda off, n: client.pread(n, off), client.size, web1.id)
+        verdict = verify_log(lambda off, n: client.pread(n, off), client.size, web1.name)
     assert verdict.ok and verdict.ends_quiesced and verdict.last_quiesce == marker  # nothing after it
     runtime.thaw(lab.path, "onprem", "web1")
     wait_records(lab, "web1", marker + 5)
     fabric.power_off("web1")
-    verdict = verify_image(web1.disks[0].backing, web1.id)
+    verdict = verify_image(web1.disks[0].backing, web1.name)
     assert verdict.ok and verdict.quiesce_markers == (marker,) and verdict.records > marker
 
 
@@ -110,8 +111,8 @@ def test_dependent_guest_never_runs_ahead_of_its_peer(lab: Lab) -> None:
     inv = fabric.discover()
     web1, db1 = inv.machine("web1"), inv.machine("db1")
     assert web1 is not None and db1 is not None
-    a = verify_image(web1.disks[0].backing, web1.id)
-    b = verify_image(db1.disks[0].backing, db1.id)
+    a = verify_image(web1.disks[0].backing, web1.name)
+    b = verify_image(db1.disks[0].backing, db1.name)
     assert a.ok and b.ok and 30 <= b.records <= a.records
 
 
@@ -121,3 +122,28 @@ def test_machine_without_workload_starts_no_processes(lab: Lab, machine: str) ->
     wait_for("power state", lambda: lab.fabric().powered_on_at(machine) is not None)
     assert not runtime.export_running(lab.path, "onprem", machine)
     assert not runtime.guest_running(lab.path, "onprem", machine)
+
+
+def test_failed_over_machine_continues_the_log_in_the_cloud(lab: Lab) -> None:
+    onprem = lab.fabric()
+    lab.cli("set", str(lab.path), "machine", "web1", "guest_rate=0")
+    onprem.power_on("web1")
+    wait_records(lab, "web1", 50)
+    runtime.crash_guest(lab.path, "onprem", "web1")
+    onprem.power_off("web1")
+    web1 = onprem.discover().machine("web1")
+    assert web1 is not None
+    written = verify_image(web1.disks[0].backing, "web1").records
+    copy = lab.path / "cloud/rg-recovery/web1/disk0.img"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(web1.disks[0].backing, copy)  # the replicated disk, as failover finds it
+
+    cloud = lab.fabric("cloud")
+    cloud.create_machine(
+        MachineSpec("web1", "", "rg-recovery", OsType.LINUX, disks=(DiskSpec("disk0", 0, backing=str(copy)),))
+    )
+    cloud.power_on("web1")
+    status = wait_records(lab, "web1", written + 20, site="cloud")
+    assert status.start_verdict["ok"] and status.start_verdict["records"] == written
+    verify = lab.cli("verify", str(lab.path), "web1", "--site", "cloud", "--output", "json")
+    assert json.loads(verify.stdout)["records"] >= written + 20

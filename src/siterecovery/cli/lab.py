@@ -255,8 +255,8 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
     ):
         sock = runtime.agent_socket(fabric.run_dir(machine.name))
         with NbdClient.connect(disk.label, unix=sock) as client:
-            return verify_log(lambda off, n: client.pread(n, off), client.size, machine.id)
-    return verify_image(disk.backing, machine.id)
+            return verify_log(lambda off, n: client.pread(n, off), client.size, machine.name)
+    return verify_image(disk.backing, machine.name)
 
 
 @lab_app.command("verify")

@@ -62,7 +62,7 @@ def guest_command(
         "--export",
         machine.disks[0].label,
         "--machine",
-        machine.id,
+        machine.name,  # the log belongs to the machine by name, which failover and failback keep
         "--status",
         str(nbd_unix_dir / GUEST_STATUS),
         "--rate",
