@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from siterecovery.cli import control
+from siterecovery.cli import control, dataplane, fabrics, lab
 from siterecovery.cli.client import Api
 from siterecovery.cli.output import emit
 from siterecovery.cli.state import CliState, call, state
@@ -116,6 +116,10 @@ app.add_typer(control.jobs_app, name="jobs")
 app.add_typer(control.plans_app, name="plans")
 app.add_typer(control.servers_app, name="servers")
 app.add_typer(control.events_app, name="events")
+app.add_typer(fabrics.fabrics_app, name="fabrics")
+app.add_typer(fabrics.machines_app, name="machines")
+dataplane.register(app)
+lab.register(app)
 
 
 def _hoist_global_options(argv: list[str]) -> list[str]:

@@ -1,0 +1,122 @@
+"""`fabrics add|list|show|discover|credentials` and `machines list --fabric`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from siterecovery.cli.output import emit
+from siterecovery.cli.state import as_json, call
+
+fabrics_app = typer.Typer(help="Sites: a lab folder or a vCenter.", no_args_is_help=True)
+add_app = typer.Typer(help="Add a fabric and discover it.", no_args_is_help=True)
+machines_app = typer.Typer(help="Machines discovered on a fabric.", no_args_is_help=True)
+fabrics_app.add_typer(add_app, name="add")
+
+_COLUMNS = ("name", "kind", "site", "last_discovery_at", "discovery_error", "summary", "id")
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        typer.echo(f"error [invalid-input] cannot read password file {path}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+
+
+@add_app.command("lab")
+def add_lab(
+    ctx: typer.Context,
+    path: Path,
+    site: Annotated[str, typer.Option(help="onprem | cloud")],
+    name: Annotated[str | None, typer.Option(help="default: the site name")] = None,
+) -> None:
+    """Add one site of a lab folder (`siterecovery lab create DIR`)."""
+    body = {
+        "name": name or site,
+        "kind": "lab",
+        "site": site,
+        "connection": {"path": str(path.resolve()), "site": site},
+    }
+    emit(call(ctx, lambda api: api.post("/api/fabrics", body)), as_json(ctx), _COLUMNS)
+
+
+@add_app.command("vsphere")
+def add_vsphere(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option()],
+    host: Annotated[str, typer.Option()],
+    user: Annotated[str, typer.Option()],
+    password_file: Annotated[Path, typer.Option()],
+    port: int = 443,
+    insecure: bool = False,
+    site: str = "onprem",
+    datacenter: str | None = None,
+) -> None:
+    """Add a vCenter; the password is stored encrypted and never shown again."""
+    connection: dict[str, Any] = {"host": host, "port": port, "user": user, "insecure": insecure}
+    if datacenter:
+        connection["datacenter"] = datacenter
+    body = {
+        "name": name,
+        "kind": "vsphere",
+        "site": site,
+        "connection": connection,
+        "secret": _read_secret(password_file),
+    }
+    emit(call(ctx, lambda api: api.post("/api/fabrics", body)), as_json(ctx), _COLUMNS)
+
+
+@fabrics_app.command("list")
+def fabrics_list(ctx: typer.Context) -> None:
+    emit(call(ctx, lambda api: api.get("/api/fabrics")), as_json(ctx), _COLUMNS)
+
+
+@fabrics_app.command("show")
+def fabrics_show(ctx: typer.Context, fabric: str) -> None:
+    emit(call(ctx, lambda api: api.get(f"/api/fabrics/{fabric}")), as_json(ctx), _COLUMNS)
+
+
+@fabrics_app.command("discover")
+def fabrics_discover(ctx: typer.Context, fabric: str) -> None:
+    """Discover the fabric's inventory now."""
+    emit(call(ctx, lambda api: api.post(f"/api/fabrics/{fabric}/discover")), as_json(ctx), _COLUMNS)
+
+
+@fabrics_app.command("credentials")
+def fabrics_credentials(
+    ctx: typer.Context, fabric: str, password_file: Annotated[Path, typer.Option()], user: str | None = None
+) -> None:
+    """Replace the fabric's account (e.g. after a read-only account hid the datastores) and rediscover."""
+    current = call(ctx, lambda api: api.get(f"/api/fabrics/{fabric}"))
+    connection = dict(current["connection"])
+    if user:
+        connection["user"] = user
+    body = {"connection": connection, "secret": _read_secret(password_file)}
+    emit(
+        call(ctx, lambda api: api.request("PUT", f"/api/fabrics/{fabric}/credentials", json=body)),
+        as_json(ctx),
+        _COLUMNS,
+    )
+
+
+@machines_app.command("list")
+def machines_list(ctx: typer.Context, fabric: Annotated[str, typer.Option("--fabric")]) -> None:
+    rows = call(ctx, lambda api: api.get(f"/api/fabrics/{fabric}/machines"))
+    if as_json(ctx):
+        emit(rows, True)
+        return
+    view = [
+        {
+            "name": m["name"],
+            "os": m["os_type"],
+            "power": m["power_state"],
+            "host": m["host"] or m["resource_group"],
+            "disks": len(m["disks"]),
+            "bios_uuid": m["bios_uuid"],
+        }
+        for m in rows
+    ]
+    emit(view, False, ("name", "os", "power", "host", "disks", "bios_uuid"))

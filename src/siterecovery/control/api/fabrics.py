@@ -1,0 +1,149 @@
+"""Fabrics (sites): connection with credentials encrypted at rest, discovery, machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control.api.deps import control_plane, operator, reader, session
+from siterecovery.control.auth import Principal
+from siterecovery.control.context import ControlPlane
+from siterecovery.control.db import Fabric, new_id
+from siterecovery.control.events import record_event
+from siterecovery.control.fabric_access import discover, summary
+from siterecovery.control.schemas import FabricCreate, FabricCredentials, FabricOut
+from siterecovery.control.states import Severity
+from siterecovery.errors import conflict, invalid, not_found
+
+router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
+
+_REQUIRED = {"lab": ("path",), "vsphere": ("host", "user")}
+_SECRET_KEYS = ("password", "secret", "token")
+
+
+def fabric_view(f: Fabric) -> FabricOut:
+    return FabricOut(
+        id=f.id,
+        name=f.name,
+        kind=f.kind,
+        site=f.site,
+        connection=f.connection,
+        last_discovery_at=f.last_discovery_at,
+        discovery_error=f.discovery_error,
+        summary=summary(f),
+    )
+
+
+def find_fabric(s: Session, ident: str) -> Fabric:
+    row = s.get(Fabric, ident) or s.scalar(select(Fabric).where(Fabric.name == ident))
+    if row is None:
+        raise not_found("fabric", ident)
+    return row
+
+
+def _check_connection(kind: str, connection: dict[str, Any]) -> None:
+    for key in _REQUIRED[kind]:
+        if not connection.get(key):
+            raise invalid(
+                f"connection.{key}", f"A {kind} fabric needs connection.{key}.", f"Give connection.{key}."
+            )
+    for key in connection:
+        if key in _SECRET_KEYS:
+            raise invalid(
+                f"connection.{key}",
+                "Secrets do not belong in the connection.",
+                "Send the password as `secret`; it is stored encrypted.",
+            )
+
+
+@router.post("", status_code=201)
+def add_fabric(
+    body: FabricCreate,
+    _: Principal = Depends(operator),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> FabricOut:
+    if s.scalar(select(Fabric).where(Fabric.name == body.name)) is not None:
+        raise conflict(
+            "fabric-exists", f"A fabric named {body.name!r} already exists.", "Choose another name."
+        )
+    _check_connection(body.kind, body.connection)
+    row = Fabric(
+        id=new_id("fab"),
+        name=body.name,
+        kind=body.kind,
+        site=body.site or body.name,
+        connection=dict(body.connection),
+        secret_encrypted=cp.box.seal(body.secret),
+    )
+    s.add(row)
+    s.flush()
+    discover(cp, row)
+    record_event(
+        s,
+        Severity.INFO,
+        "fabric-added",
+        f"Fabric {row.name} ({row.kind}) added and discovered.",
+        "fabric",
+        row.id,
+    )
+    return fabric_view(row)
+
+
+@router.get("")
+def list_fabrics(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[FabricOut]:
+    return [fabric_view(f) for f in s.scalars(select(Fabric).order_by(Fabric.name))]
+
+
+@router.get("/{ident}")
+def show_fabric(ident: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> FabricOut:
+    return fabric_view(find_fabric(s, ident))
+
+
+@router.post("/{ident}/discover")
+def rediscover(
+    ident: str,
+    _: Principal = Depends(operator),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> FabricOut:
+    row = find_fabric(s, ident)
+    discover(cp, row)
+    return fabric_view(row)
+
+
+@router.put("/{ident}/credentials")
+def update_credentials(
+    ident: str,
+    body: FabricCredentials,
+    _: Principal = Depends(operator),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> FabricOut:
+    """Replace the account (e.g. a read-only vCenter user, RP-DATASTORES) and discover again."""
+    row = find_fabric(s, ident)
+    if body.connection is not None:
+        _check_connection(row.kind, body.connection)
+        row.connection = dict(body.connection)
+    row.secret_encrypted = cp.box.seal(body.secret)
+    discover(cp, row)
+    record_event(
+        s,
+        Severity.INFO,
+        "fabric-credentials-updated",
+        f"Credentials of fabric {row.name} updated.",
+        "fabric",
+        row.id,
+    )
+    return fabric_view(row)
+
+
+@router.get("/{ident}/machines")
+def list_machines(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session)
+) -> list[dict[str, Any]]:
+    row = find_fabric(s, ident)
+    return list(row.inventory.get("machines", []))

@@ -1,0 +1,90 @@
+"""Opens a stored fabric's provider and records what its discovery found.
+
+Credentials are decrypted only here, at the moment a provider is opened. Discovery results are
+kept (as JSON) for display and for the time of the last discovery; prerequisite checks always
+discover live instead of trusting this copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from siterecovery.control.context import ControlPlane
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.states import FabricKind
+from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.fabrics.base import Fabric, FabricError, Inventory
+
+
+def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
+    conn = row.connection
+    if row.kind == FabricKind.LAB.value:
+        from siterecovery.fabrics.lab import LabFabric
+
+        return LabFabric(Path(str(conn["path"])), str(conn.get("site") or row.site))
+    if row.kind == FabricKind.VSPHERE.value:
+        from siterecovery.fabrics.vsphere import VSphereFabric
+
+        return VSphereFabric(
+            str(conn["host"]),
+            int(conn.get("port", 443)),
+            str(conn["user"]),
+            cp.box.open(row.secret_encrypted),
+            bool(conn.get("insecure", False)),
+            conn.get("datacenter"),
+            name=row.name,
+        )
+    raise SiteRecoveryError(
+        Problem(
+            "fabric-kind-unsupported",
+            f"Fabric {row.name} has kind {row.kind!r}, which this server cannot open.",
+            "Use a lab or vsphere fabric.",
+        ),
+        Status.UNPROCESSABLE,
+    )
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (frozenset, set)):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    return value
+
+
+def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
+    """Discover live and store the result on the row; a provider failure becomes a clear problem."""
+    try:
+        inventory = open_fabric(cp, row).discover()
+    except FabricError as exc:
+        row.discovery_error = exc.message
+        raise SiteRecoveryError(
+            Problem(
+                exc.code,
+                exc.message,
+                exc.remediation or "Check the fabric's connection and credentials, then discover again.",
+            ),
+            Status.UNAVAILABLE,
+        ) from exc
+    row.inventory = to_jsonable(inventory)
+    row.last_discovery_at = time.time()
+    row.discovery_error = ""
+    return inventory
+
+
+def summary(row: FabricRow) -> dict[str, Any]:
+    inv = row.inventory or {}
+    return {key: len(inv.get(key, [])) for key in ("hosts", "datastores", "machines", "resource_groups")} | {
+        "warnings": inv.get("warnings", [])
+    }
