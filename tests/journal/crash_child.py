@@ -1,0 +1,78 @@
+"""A master target process that applies a stream, syncs, applies more and is killed with SIGKILL.
+
+`python -m tests.journal.crash_child <dir> <mode>`; exits 3 if the crash state it was asked to
+reach was not reached (so the test cannot pass vacuously). `build` is shared with the test, which
+regenerates the identical stream to check what the reopened journal holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from siterecovery.dataplane.journal import JournaledDisk
+from tests.journal.workload import Feeder, Guest
+
+SIZE = 16 << 20
+CLOCK = 1_700_000_000.0
+
+
+def build(mode: str) -> tuple[Guest, int]:
+    """The guest's stream and the sequence number synced before the crash."""
+    guest = Guest(SIZE, seed=11)
+    for _ in range(30):
+        guest.append()
+    guest.fill_scratch()
+    guest.bookmark("app", "before-crash", CLOCK)
+    committed = guest.seq
+    if mode == "journal-written-disk-not":
+        guest.fill_scratch()  # 8 MiB of old data to journal: the buffer spills to the file
+    else:
+        for _ in range(10):
+            guest.append()
+            if mode == "journal-and-disk-written":
+                guest.scratch()  # zero ranges reach the disk at once, after their undo is fsynced
+    return guest, committed
+
+
+def pending_limit(mode: str) -> int:
+    return 1 if mode == "journal-and-disk-written" else 64 << 20
+
+
+def main(directory: Path, mode: str) -> int:
+    guest, committed = build(mode)
+    disk = JournaledDisk(
+        directory / "disk.img",
+        directory / "disk-journal",
+        3600.0,
+        name="disk",
+        size=SIZE,
+        clock=lambda: CLOCK,
+        pending_limit=pending_limit(mode),
+    )
+    feeder = Feeder(disk, guest)
+    while feeder.next < committed:
+        feeder.feed(1)
+    disk.sync()
+    segment = max((directory / "disk-journal").glob("seg-*.jnl"))
+    synced_size = segment.stat().st_size
+    synced_image = (directory / "disk.img").read_bytes()
+    feeder.feed()
+    grew = segment.stat().st_size > synced_size
+    disk_changed = (directory / "disk.img").read_bytes() != synced_image
+    reached = {
+        "journal-buffered": not grew and not disk_changed,
+        "journal-written-disk-not": grew and not disk_changed,
+        "journal-and-disk-written": grew and disk_changed,
+    }[mode]
+    if not reached:
+        print(f"crash state not reached: grew={grew} disk_changed={disk_changed}", file=sys.stderr)
+        return 3
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2]))
