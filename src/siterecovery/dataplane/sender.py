@@ -36,7 +36,7 @@ from siterecovery.dataplane.protocol import (
     Role,
     decode_model,
 )
-from siterecovery.dataplane.replica import PairReplication, SyncKind
+from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
 from siterecovery.dataplane.sync_source import Chunk, Progress, delta, dirty_blocks, full_copy
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,16 @@ class PairSender:
         cursor = pair.spool.cursor(acked)
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
         held = None
+        sent: SyncPlan | None = None
         try:
             while True:
                 self._check()
                 if held is None:
                     held = cursor.next(buf)
                 plan = pair.sync
-                if plan is not None and (held is None or held[0].seq > plan.s0):
+                # A sync is sent once per session; it completes when its last frame is acknowledged.
+                if plan is not None and plan is not sent and (held is None or held[0].seq > plan.s0):
+                    sent = plan
                     sync_buf = bytearray(COARSE)
                     last = self._send_sync(writer, acked, memoryview(sync_buf))
                     pair.sync_generated(last)
@@ -199,6 +202,9 @@ class PairSender:
             progress = Progress(pair.size)
             pair.bytes_total = pair.size
             start = plan.resume_offset(acked, COARSE)
+            log.info(
+                "%s sync of %s from offset %d (acknowledged %d)", plan.kind.value, pair.pair_id, start, acked
+            )
             chunks: Iterator[Chunk]
             if plan.kind == SyncKind.FULL:
                 chunks = full_copy(fd, pair.size, plan, start, view, progress)
@@ -243,6 +249,7 @@ class PairSender:
                     )
                 last = chunk.seq
             pair.bytes_done, pair.bytes_total = progress.done, progress.total
+            log.info("%s sync of %s sent up to sequence %s", plan.kind.value, pair.pair_id, last)
             return last
         finally:
             os.close(fd)

@@ -1,0 +1,215 @@
+"""The data-plane service commands: `agent`, `process-server`, `master-target`, `diagnose connectivity`.
+
+Each service registers with the configuration server (or runs from `--assignments FILE` with a
+certificate already in its state directory), writes its data listener's address to
+`<state_dir>/address`, and reconciles/heartbeats every `--interval` seconds until SIGTERM or
+SIGINT. On SIGTERM the agent first drains its spools to the process server (`--drain-timeout`).
+Run alone: `python -m siterecovery.cli.dataplane --help`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import httpx
+import typer
+
+from siterecovery.dataplane.agent import Agent, AgentOptions
+from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired
+from siterecovery.dataplane.control_client import (
+    ControlClient,
+    DesiredSource,
+    Registration,
+    Reporter,
+    load_identity,
+)
+from siterecovery.dataplane.links import parse_address
+from siterecovery.dataplane.master_target import MasterTarget
+from siterecovery.dataplane.process_server import ProcessServer
+from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
+from siterecovery.errors import SiteRecoveryError
+
+ServerOpt = Annotated[str | None, typer.Option("--server", help="configuration server URL")]
+PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
+IntervalOpt = Annotated[float, typer.Option("--interval", help="seconds between heartbeats")]
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _fail(exc: SiteRecoveryError) -> typer.Exit:
+    for p in exc.problems:
+        typer.echo(f"error [{p.code}]: {p.message}. {p.remediation}", err=True)
+    return typer.Exit(2)
+
+
+def _client(server: str | None, state_dir: Path, reg: Registration) -> ControlClient | None:
+    return ControlClient(server, state_dir, reg) if server else None
+
+
+def _write_address(state_dir: Path, address: str) -> None:
+    (state_dir / "address").write_text(address + "\n")
+
+
+def agent(
+    machine: Annotated[str, typer.Option("--machine", help="name of the protected machine")],
+    server: ServerOpt = None,
+    passphrase_file: PassOpt = None,
+    disk: Annotated[list[str] | None, typer.Option("--disk", help="LABEL=PATH of a local disk")] = None,
+    nbd_unix_dir: Annotated[Path | None, typer.Option("--nbd-unix-dir")] = None,
+    nbd_listen: Annotated[str | None, typer.Option("--nbd-listen", help="H:P for NBD over TCP")] = None,
+    state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("agent-state"),
+    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
+    spool_limit: Annotated[int, typer.Option("--spool-limit", help="bytes")] = DEFAULT_SPOOL_LIMIT,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds")] = 30.0,
+    site: Annotated[str, typer.Option("--site")] = "onprem",
+    interval: IntervalOpt = 2.0,
+) -> None:
+    """Export disks over NBD and replicate their writes to a process server."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    disks = {}
+    for item in disk or []:
+        label, _, path = item.partition("=")
+        disks[label] = Path(path)
+    client = _client(server, state_dir, Registration("agent", f"agent-{machine}", site, machine=machine))
+    stop = _stop_event()
+    try:
+        identity = load_identity(state_dir, client, passphrase_file)
+        nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
+        svc = Agent(
+            AgentOptions(state_dir, disks, nbd_unix_dir, nbd_tcp, spool_limit, f"agent-{machine}"), identity
+        )
+        source = DesiredSource(AgentDesired, state_dir, client, assignments)
+        while not stop.is_set():
+            svc.reconcile(source.exchange(svc.stats()))
+            stop.wait(interval)
+    except SiteRecoveryError as exc:
+        raise _fail(exc) from exc
+    svc.stop(drain_timeout)
+    source.exchange(svc.stats())
+
+
+def process_server(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")],
+    server: ServerOpt = None,
+    passphrase_file: PassOpt = None,
+    listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9443",
+    site: Annotated[str, typer.Option("--site")] = "onprem",
+    name: Annotated[str, typer.Option("--name")] = "process-server",
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="default: the cache dir")] = None,
+    interval: IntervalOpt = 2.0,
+) -> None:
+    """Receive agents' frames, cache them durably and forward them to master targets (PS-1)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = state_dir or cache_dir
+    state.mkdir(parents=True, exist_ok=True)
+    client = _client(server, state, Registration("process-server", name, site, address=listen))
+    stop = _stop_event()
+    try:
+        identity = load_identity(state, client, passphrase_file)
+    except SiteRecoveryError as exc:
+        raise _fail(exc) from exc
+    svc = ProcessServer(cache_dir / "cache", identity, listen, name)
+    svc.start()
+    _write_address(state, svc.address)
+    reporter = Reporter(state, client)
+    while not stop.is_set():
+        reporter.report(svc.stats())
+        stop.wait(interval)
+    svc.stop()
+
+
+def master_target(
+    os_type: Annotated[str, typer.Option("--os", help="linux or windows (MT-2)")],
+    retention_volume: Annotated[Path, typer.Option("--retention-volume")],
+    server: ServerOpt = None,
+    passphrase_file: PassOpt = None,
+    listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
+    site: Annotated[str, typer.Option("--site")] = "onprem",
+    name: Annotated[str, typer.Option("--name")] = "master-target",
+    state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("master-target-state"),
+    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
+    interval: IntervalOpt = 2.0,
+) -> None:
+    """Apply replicated writes to attached target disks (MT-1)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if os_type not in ("linux", "windows"):
+        raise typer.BadParameter("--os must be linux or windows")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    client = _client(
+        server, state_dir, Registration("master-target", name, site, os_type=os_type, address=listen)
+    )
+    stop = _stop_event()
+    try:
+        identity = load_identity(state_dir, client, passphrase_file)
+    except SiteRecoveryError as exc:
+        raise _fail(exc) from exc
+    svc = MasterTarget(state_dir, identity, listen, retention_volumes=(retention_volume,), name=name)
+    source = DesiredSource(MasterTargetDesired, state_dir, client, assignments)
+    svc.reconcile(source.exchange(svc.stats()))
+    svc.start()
+    _write_address(state_dir, svc.address)
+    while not stop.is_set():
+        stop.wait(interval)
+        svc.reconcile(source.exchange(svc.stats()))
+    svc.stop()
+
+
+def connectivity(
+    server: Annotated[str, typer.Option("--server", help="configuration server URL")],
+    token: Annotated[str | None, typer.Option("--token", envvar="SITERECOVERY_TOKEN")] = None,
+) -> None:
+    """PS-3: TCP reachability of the configuration server's API port, and heartbeat ages."""
+    url = httpx.URL(server)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    start = time.monotonic()
+    try:
+        with socket.create_connection((url.host, port), timeout=5):
+            typer.echo(f"tcp {url.host}:{port}: reachable in {1000 * (time.monotonic() - start):.1f} ms")
+    except OSError as exc:
+        typer.echo(f"tcp {url.host}:{port}: unreachable ({exc})", err=True)
+        raise typer.Exit(1) from exc
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = httpx.get(f"{server.rstrip('/')}/api/servers", headers=headers, timeout=10, verify=False)
+    if resp.status_code != 200:
+        typer.echo(f"GET /api/servers: HTTP {resp.status_code}", err=True)
+        raise typer.Exit(1)
+    body = resp.json()
+    items = body.get("value", []) if isinstance(body, dict) else body
+    now = time.time()
+    for item in items:
+        last = item.get("last_heartbeat")
+        age = f"{now - float(last):.0f} s" if isinstance(last, int | float) else "never"
+        typer.echo(f"{item.get('kind', '?')} {item.get('name', '?')}: last heartbeat {age} ago")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the data-plane commands to the `siterecovery` CLI."""
+    app.command("agent")(agent)
+    app.command("process-server")(process_server)
+    app.command("master-target")(master_target)
+    diagnose = typer.Typer(help="Diagnose the data plane.")
+    diagnose.command("connectivity")(connectivity)
+    app.add_typer(diagnose, name="diagnose")
+
+
+if __name__ == "__main__":
+    standalone = typer.Typer(help="siterecovery data plane")
+    register(standalone)
+    standalone()

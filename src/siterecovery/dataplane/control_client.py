@@ -1,0 +1,161 @@
+"""How a data-plane component gets its identity and desired state, and reports its stats.
+
+With a configuration server: register once with the passphrase (the issued certificate and the
+token are kept under the component's state directory and reused), then heartbeat `{"stats"}` and
+receive `{"desired"}`. Without one (`--assignments FILE`): the desired state is re-read from a JSON
+file on every cycle and the certificate must already be in the state directory. Either way the
+latest stats are also written to `<state_dir>/stats.json` for operators and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from siterecovery import pki
+from siterecovery.dataplane.links import Identity
+from siterecovery.errors import Problem, SiteRecoveryError
+
+D = TypeVar("D", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str  # "agent" | "process-server" | "master-target"
+    name: str
+    site: str
+    os_type: str | None = None
+    address: str | None = None
+    machine: str | None = None
+
+
+class ControlClient:
+    """Registration and heartbeats against the configuration server's component API."""
+
+    def __init__(self, server: str, state_dir: Path, registration: Registration) -> None:
+        self.server = server.rstrip("/")
+        self.state_dir = state_dir
+        self.registration = registration
+        self.identity = Identity.in_dir(state_dir)
+        self._saved = state_dir / "registration.json"
+        self._http = httpx.Client(timeout=15.0, verify=False)  # the API may use our own CA's cert
+        self.component_id: str | None = None
+        self._token: str | None = None
+
+    def register(self, passphrase: str) -> Identity:
+        if self._saved.exists() and self.identity.exists():
+            saved = json.loads(self._saved.read_text())
+            self.component_id, self._token = str(saved["id"]), str(saved["token"])
+            return self.identity
+        reg = self.registration
+        body = {
+            "passphrase": passphrase,
+            "kind": reg.kind,
+            "name": reg.name,
+            "site": reg.site,
+            "os_type": reg.os_type,
+            "address": reg.address,
+            "machine": reg.machine,
+        }
+        resp = self._http.post(f"{self.server}/api/components/register", json=body)
+        if resp.status_code == 403:
+            raise SiteRecoveryError(
+                Problem(
+                    code="passphrase-invalid",
+                    message=f"The configuration server at {self.server} refused {reg.kind} {reg.name!r}'s "
+                    "passphrase",
+                    remediation="Copy the passphrase from the configuration server and retry.",
+                )
+            )
+        resp.raise_for_status()
+        out = resp.json()
+        self.identity.write(
+            pki.IssuedCertificate(out["cert_pem"].encode(), out["key_pem"].encode(), out["ca_pem"].encode())
+        )
+        self.component_id, self._token = str(out["id"]), str(out["token"])
+        tmp = self._saved.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"id": self.component_id, "token": self._token}, f)
+        os.replace(tmp, self._saved)
+        return self.identity
+
+    def heartbeat(self, stats: BaseModel) -> dict[str, object]:
+        """Send stats, return the raw desired state."""
+        resp = self._http.post(
+            f"{self.server}/api/components/{self.component_id}/heartbeat",
+            json={"stats": stats.model_dump(mode="json")},
+            headers={"Authorization": f"Bearer {self._token}"},
+        )
+        resp.raise_for_status()
+        desired = resp.json().get("desired") or {}
+        return dict(desired)
+
+
+class Reporter:
+    """Publishes a component's stats: to `<state_dir>/stats.json`, and as heartbeats if registered."""
+
+    def __init__(self, state_dir: Path, client: ControlClient | None = None) -> None:
+        self.client = client
+        self._stats_file = state_dir / "stats.json"
+
+    def report(self, stats: BaseModel) -> dict[str, object] | None:
+        """Publish `stats`; the raw desired state when a configuration server answered."""
+        tmp = self._stats_file.with_suffix(".tmp")
+        tmp.write_text(stats.model_dump_json(indent=2))
+        os.replace(tmp, self._stats_file)
+        return self.client.heartbeat(stats) if self.client is not None else None
+
+
+class DesiredSource(Reporter, Generic[D]):
+    """One reconcile cycle: publish stats, get the desired state from the server or a file."""
+
+    def __init__(
+        self,
+        model: type[D],
+        state_dir: Path,
+        client: ControlClient | None = None,
+        assignments: Path | None = None,
+    ) -> None:
+        super().__init__(state_dir, client)
+        self.model = model
+        self.assignments = assignments
+
+    def exchange(self, stats: BaseModel) -> D:
+        raw = self.report(stats)
+        if raw is not None:
+            return self.model.model_validate(raw)
+        if self.assignments is not None and self.assignments.exists():
+            return self.model.model_validate_json(self.assignments.read_text())
+        return self.model()
+
+
+def load_identity(state_dir: Path, client: ControlClient | None, passphrase_file: Path | None) -> Identity:
+    """The component's certificate: registered with the server, or already in the state directory."""
+    if client is not None:
+        if passphrase_file is None:
+            raise SiteRecoveryError(
+                Problem(
+                    code="passphrase-missing",
+                    message="Registering with the configuration server needs its passphrase",
+                    remediation="Pass --passphrase-file with the configuration server's passphrase.",
+                )
+            )
+        return client.register(passphrase_file.read_text().strip())
+    identity = Identity.in_dir(state_dir)
+    if not identity.exists():
+        raise SiteRecoveryError(
+            Problem(
+                code="component-not-registered",
+                message=f"No certificate in {state_dir / 'tls'} and no configuration server to register with",
+                remediation="Start with --server URL --passphrase-file F, or put component.crt, "
+                "component.key and ca.crt in the state directory's tls/ folder.",
+            )
+        )
+    return identity
