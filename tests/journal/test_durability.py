@@ -177,7 +177,7 @@ def test_full_retention_volume_pauses_without_damage_then_catches_up(
     disk.sync()
     assert disk.paused is None
     assert (tmp_path / "disk.img").read_bytes() == guest.model_at(guest.seq)
-    assert disk.journal_bytes <= disk.quota_bytes
+    assert disk.quota_bytes is not None and disk.journal_bytes <= disk.quota_bytes
 
 
 def test_volume_full_at_sync_undoes_the_unacknowledged_batch(open_disk: OpenDisk, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from siterecovery.dataplane.retention import (
     LOCK_FILE,
     Criterion,
     Mount,
+    RetentionVolume,
     VolumeSpec,
     check_retention_volume,
     default_retention_volume,
@@ -21,7 +22,7 @@ from siterecovery.errors import SiteRecoveryError
 from siterecovery.fabrics.base import OsType
 
 
-def _volumes(tmp_path: Path, case: str) -> list:  # type: ignore[type-arg]
+def _volumes(tmp_path: Path, case: str) -> list[RetentionVolume]:
     """Four candidate volumes on this machine; `case` makes the one called 'ret' fail one criterion."""
     roots = {n: tmp_path / n for n in ("ret", "targets", "cache", "spare")}
     for p in roots.values():
