@@ -41,7 +41,38 @@ def pending_limit(mode: str) -> int:
     return 1 if mode == "journal-and-disk-written" else 64 << 20
 
 
+def rollback_guest() -> Guest:
+    """The stream of the interrupted-rollback case: the crash case's, then many small overwrites."""
+    guest, _ = build("journal-buffered")
+    for _ in range(3):
+        guest.fill_scratch(64 << 10)
+    return guest
+
+
+def rollback(directory: Path) -> int:
+    """Roll the disk back in tiny batches (one fsync each) and wait to be killed half-way."""
+    guest = rollback_guest()
+    disk = JournaledDisk(
+        directory / "disk.img",
+        directory / "disk-journal",
+        3600.0,
+        name="disk",
+        size=SIZE,
+        clock=lambda: CLOCK,
+        pending_limit=1,
+    )
+    Feeder(disk, guest).feed()
+    disk.sync()
+    (point,) = (p for p in disk.points() if p.tag == "before-crash")
+    print("rolling back", flush=True)
+    disk.rollback_to(point)
+    print("done", flush=True)
+    return 0
+
+
 def main(directory: Path, mode: str) -> int:
+    if mode == "rollback":
+        return rollback(directory)
     guest, committed = build(mode)
     disk = JournaledDisk(
         directory / "disk.img",

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,41 @@ def test_kill_9_between_journal_and_disk_loses_nothing_acknowledged(
     assert (tmp_path / "disk.img").read_bytes() == guest.model_at(guest.seq)
     disk.materialise_copy(app[0], tmp_path / "copy.img")
     assert (tmp_path / "copy.img").read_bytes() == guest.model_at(committed)
+
+
+def test_kill_9_during_an_in_place_rollback_resumes_it_on_open(
+    tmp_path: Path, open_disk: OpenDisk, clock: Clock
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.journal.crash_child", str(tmp_path), "rollback"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "rolling back\n"
+        redo = tmp_path / "disk-journal" / "redo.jnl"
+        while (
+            redo.stat().st_size < 4 << 20 and child.poll() is None
+        ):  # part of the move is done: redo saved, disk changed
+            time.sleep(0.01)
+        child.kill()
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL and "done" not in out
+    guest = crash_child.rollback_guest()
+    _, point_seq = crash_child.build("journal-buffered")
+
+    clock.now = crash_child.CLOCK
+    disk = open_disk()  # finishes the interrupted move
+    assert disk.position_seq == point_seq
+    assert (tmp_path / "disk.img").read_bytes() == guest.model_at(point_seq)
+    disk.roll_forward_to(disk.latest_point())
+    assert (tmp_path / "disk.img").read_bytes() == guest.model_at(guest.seq)
 
 
 def test_replaying_an_applied_sequence_is_a_no_op(open_disk: OpenDisk, tmp_path: Path) -> None:

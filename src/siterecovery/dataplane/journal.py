@@ -835,9 +835,16 @@ class JournaledDisk(DiskApplier):
         index = self._segments[-1].index + 1 if self._segments else 1
         path = self.journal_dir / f"seg-{index:012d}.jnl"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.pwrite(fd, _FILE_HDR.pack(_SEG_MAGIC, index, base), 0)
-        os.fsync(fd)
-        _fsync_dir(self.journal_dir)
+        try:
+            os.pwrite(fd, _FILE_HDR.pack(_SEG_MAGIC, index, base), 0)
+            os.fsync(fd)
+            _fsync_dir(self.journal_dir)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            if exc.errno in _FULL_ERRNOS and self._segments:
+                return  # rotation is an optimisation: keep appending to the current segment
+            raise
         if self._seg_fd >= 0:
             os.close(self._seg_fd)
         self._seg_fd = fd
