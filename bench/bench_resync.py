@@ -5,7 +5,7 @@ Source and target start identical (random data); then 1 % of the source is rewri
 ends hashing 1 MiB/4 KiB block digests), `rsync -I --inplace --no-whole-file` of the same change
 (bytes on the wire from `--stats`), and reading the allocated data once (`cat > /dev/null`, page
 cache dropped where allowed). Prints a table and writes `bench/results/resync.md`. Targets
-(DESIGN.md): ≤ 0.25× rsync's time, ≤ 1.3× the read time, wire ≤ 1.2× the changed bytes.
+(DESIGN.md): <= 0.25x rsync's time, <= 1.3x the read time, wire <= 1.2x the changed bytes.
 Run with `python -m bench.bench_resync [--size-mib N]`.
 """
 
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{ours_sent / MiB:.1f} MiB",
             f"{rsync_wire / MiB:.1f} MiB (both ways)",
             "-",
-            f"{ours_sent / changed:.2f}x changed ({changed / MiB:.1f} MiB); rsync {rsync_wire / changed:.1f}x",
+            f"{ours_sent / changed:.2f}x changed ({changed / MiB:.1f} MiB); "
+            f"rsync {rsync_wire / changed:.1f}x",
             "<= 1.2x",
         ),
         (
