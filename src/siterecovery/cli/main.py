@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from siterecovery.cli import control, dataplane, fabrics, lab
+from siterecovery.cli import control, dataplane, dr, fabrics, lab
 from siterecovery.cli.client import Api
 from siterecovery.cli.output import emit
 from siterecovery.cli.state import CliState, call, state
@@ -119,6 +119,7 @@ app.add_typer(control.events_app, name="events")
 app.add_typer(fabrics.fabrics_app, name="fabrics")
 app.add_typer(fabrics.machines_app, name="machines")
 dataplane.register(app)
+_ = dr  # registers the DR commands on `items`
 lab.register(app)
 
 

@@ -6,10 +6,21 @@ from fastapi import FastAPI
 
 from siterecovery import __version__
 from siterecovery.control import plan_actions, problems
-from siterecovery.control.api import components, events, fabrics, items, jobs, plans, policies, server
+from siterecovery.control.api import (
+    components,
+    events,
+    fabrics,
+    item_actions,
+    items,
+    jobs,
+    plans,
+    policies,
+    server,
+)
+from siterecovery.dr import tasks as dr_tasks
 
 # Task handlers register themselves on import; the job engine refuses unknown actions.
-_HANDLER_MODULES = (plan_actions,)
+_HANDLER_MODULES = (plan_actions, dr_tasks)
 
 
 def create_app() -> FastAPI:
@@ -19,7 +30,7 @@ def create_app() -> FastAPI:
         description="Replicate, fail over, reprotect and fail back machines.",
     )
     problems.install(app)
-    for module in (server, components, fabrics, policies, items, plans, jobs, events):
+    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["server"])

@@ -15,6 +15,7 @@ from siterecovery.control.db import Component, now
 from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.schemas import ServerOut
 from siterecovery.control.states import ComponentKind, Health, Severity
+from siterecovery.dr.desired import desired_for
 
 CACHE_WARNING_FREE = 0.30
 CACHE_CRITICAL_FREE = 0.25
@@ -67,7 +68,7 @@ def apply_heartbeat(
     elif row.kind == ComponentKind.MASTER_TARGET.value:
         row.health = Health.NORMAL.value
         clear_alert(s, "retention-volume-full", "component", row.id)
-    return dict(row.desired)
+    return desired_for(s, row)
 
 
 def heartbeat_age(row: Component) -> float | None:

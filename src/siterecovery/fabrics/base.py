@@ -165,6 +165,7 @@ class Machine:
     origin: CloudOrigin | None = None  # cloud sites: how the machine came to be
     on_lvm: bool = False  # Linux root file system on LVM (RP-MT-LVM for master targets)
     template: str = ""  # template it was cloned from, if any
+    boot_time: float | None = None  # epoch seconds of the last power-on; None when off or unknown
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class LabFabric:
             origin=m.origin,
             on_lvm=m.on_lvm,
             template=m.template,
+            boot_time=m.powered_on_at,
         )
 
     def _disk(self, d: LabDisk) -> Disk:

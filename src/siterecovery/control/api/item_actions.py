@@ -1,0 +1,307 @@
+"""Item operations: enable, failover, commit, reprotect (with what-if), failback, disable.
+
+Each validates before anything changes (state, prerequisites) and then starts a job; the job's
+first task checks again, since the world may change between the request and the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control import jobs as engine
+from siterecovery.control.api.deps import control_plane, operator, session
+from siterecovery.control.auth import Principal
+from siterecovery.control.context import ControlPlane
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.db import Policy, ReplicatedItem, ReplicationGroup, new_id
+from siterecovery.control.fabric_access import discover
+from siterecovery.control.schemas import Strict
+from siterecovery.control.states import ComponentKind, Direction, PolicyKind, ProtectionState
+from siterecovery.dr import items as repo
+from siterecovery.dr import operations as ops
+from siterecovery.dr.checks import check_failback, check_reprotect
+from siterecovery.dr.notes import plan_notes
+from siterecovery.dr.placement import replica_dir
+from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
+from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
+from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+
+router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
+
+NamePattern = Field(min_length=1, max_length=200)
+
+
+class EnableRequest(Strict):
+    machine: str = NamePattern
+    policy: str = NamePattern
+    process_server: str = NamePattern
+    master_target: str = NamePattern
+    source_fabric: str = Field(default="onprem", max_length=200)
+    target_fabric: str = Field(default="cloud", max_length=200)
+    resource_group: str = Field(default="", max_length=200)
+    group: str | None = Field(default=None, max_length=200)
+
+
+class FailoverBody(Strict):
+    point: str = Field(default="latest", max_length=100)
+    planned: bool = False
+
+
+class ReprotectBody(Strict):
+    master_target: str = NamePattern
+    process_server: str = NamePattern
+    datastore: str = Field(default="", max_length=200)
+    retention_volume: str = Field(default="", max_length=500)
+    what_if: bool = False
+
+
+class FailbackBody(Strict):
+    point: str = Field(default="latest", max_length=100)
+    what_if: bool = False
+
+
+class Started(Strict):
+    job_id: str
+    item_id: str
+
+
+class Readiness(Strict):
+    ready: bool
+    problems: list[dict[str, Any]]
+    notes: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _fabric(s: Session, ident: str) -> FabricRow:
+    row = s.get(FabricRow, ident) or s.scalar(select(FabricRow).where(FabricRow.name == ident))
+    if row is None:
+        raise not_found("fabric", ident)
+    return row
+
+
+def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
+    """CS-1: a machine the configuration server does not know cannot be reprotected or failed back."""
+    row = s.get(ReplicatedItem, ident) or s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == ident))
+    if row is None:
+        raise SiteRecoveryError(
+            Problem(
+                "cs-unknown-machine",
+                f"Machine {ident!r} is not in the configuration server's database.",
+                "Restore the configuration server from a backup holding the machine, or protect it anew.",
+                rule="CS-1",
+            ),
+            Status.NOT_FOUND,
+        )
+    return repo.snapshot(row)
+
+
+def _start(
+    kind: str, item: repo.ItemSnapshot, tasks: list[engine.TaskSpec], params: dict[str, Any]
+) -> Started:
+    job_id = engine.create_job(
+        kind, tasks, target_type="replicatedItem", target_id=item.id, target_name=item.name, params=params
+    )
+    return Started(job_id=job_id, item_id=item.id)
+
+
+@router.post("", status_code=202)
+def enable(
+    body: EnableRequest,
+    _: Principal = Depends(operator),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session),
+) -> Started:
+    """FW-1: protect an on-premises machine: initial replication to the cloud, then continuous."""
+    source, target = _fabric(s, body.source_fabric), _fabric(s, body.target_fabric)
+    policy = s.get(Policy, body.policy) or s.scalar(select(Policy).where(Policy.name == body.policy))
+    if policy is None:
+        raise not_found("policy", body.policy)
+    if policy.kind != PolicyKind.REPLICATION.value:
+        raise invalid(
+            "policy",
+            f"Policy {policy.name} is a failback policy.",
+            "Enable replication with a replication policy; failback policies are chosen by reprotect.",
+        )
+    if s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == body.machine)) is not None:
+        raise conflict(
+            "item-exists",
+            f"Machine {body.machine} is already protected.",
+            "Disable its protection first, or pick another machine.",
+        )
+    inventory = discover(cp, source)
+    machine = inventory.machine(body.machine)
+    if machine is None:
+        raise invalid(
+            "machine",
+            f"Machine {body.machine} was not found on fabric {source.name}.",
+            "List the fabric's machines (`machines list --fabric`) and pick one.",
+        )
+    problems = []
+    ps = repo.component(s, body.process_server, ComponentKind.PROCESS)
+    mt = repo.component(s, body.master_target, ComponentKind.MASTER_TARGET)
+    agent = repo.component(s, f"onprem/{machine.name}", ComponentKind.AGENT)
+    if ps is None:
+        problems.append(
+            Problem(
+                "ps-disconnected",
+                f"No process server {body.process_server!r} is registered.",
+                "Start the process server and register it with the passphrase.",
+                rule="RP-PS",
+            )
+        )
+    if mt is None:
+        problems.append(
+            Problem(
+                "mt-not-discovered",
+                f"No master target {body.master_target!r} is registered.",
+                "Start the master target and register it with the passphrase.",
+                rule="RP-VCENTER",
+            )
+        )
+    if agent is None:
+        problems.append(
+            Problem(
+                "agent-not-registered",
+                f"The agent of {machine.name} has not registered.",
+                "Power the machine on and wait a few minutes for its agent to register.",
+                rule="AG-1",
+            )
+        )
+    if problems:
+        raise SiteRecoveryError(problems)
+    assert ps is not None and mt is not None
+    group_id = None
+    if body.group:
+        group = s.scalar(select(ReplicationGroup).where(ReplicationGroup.name == body.group))
+        if group is None:
+            group = ReplicationGroup(id=new_id("rg"), name=body.group)
+            s.add(group)
+        group_id = group.id
+    item_id = new_id("item")
+    folder = replica_dir(target.id, machine.name)
+    rec = ItemRecord(
+        onprem_fabric=source.id,
+        cloud_fabric=target.id,
+        machine=machine.name,
+        cloud_machine=machine.name,
+        cloud_resource_group=body.resource_group,
+        os_type=machine.os_type.value,
+        os_version=machine.os_version,
+        physical=machine.physical,
+        disks=[
+            ItemDisk(
+                label=d.label,
+                size=d.size_bytes,
+                onprem_path=d.backing,
+                onprem_uuid=d.uuid,
+                cloud_path=str(folder / f"{d.label}.img"),
+            )
+            for d in machine.disks
+        ],
+        nics=[
+            NicRecord(
+                name=n.name,
+                mac=n.mac,
+                ip_mode=n.ip_mode.value,
+                address=n.address,
+                prefix=n.prefix,
+                gateway=n.gateway,
+            )
+            for n in machine.nics
+        ],
+        packages=list(machine.packages),
+    )
+    s.add(
+        ReplicatedItem(
+            id=item_id,
+            name=machine.name,
+            machine=machine.name,
+            source_fabric_id=source.id,
+            target_fabric_id=target.id,
+            direction=Direction.FORWARD.value,
+            state=ProtectionState.ENABLING.value,
+            policy_id=policy.id,
+            process_server_id=ps.id,
+            master_target_id=mt.id,
+            group_id=group_id,
+            details=rec.model_dump(mode="json"),
+        )
+    )
+    s.commit()
+    item = repo.load(item_id)
+    return _start("enable", item, ops.enable_tasks(item_id, ps.id, mt.id, policy.id, ""), body.model_dump())
+
+
+@router.post("/{ident}/failover", status_code=202)
+def failover(
+    ident: str, body: FailoverBody, _: Principal = Depends(operator), s: Session = Depends(session)
+) -> Started:
+    item = repo.snapshot(repo.get_item(s, ident))
+    tasks = ops.failover_tasks(item, ops.FailoverRequest(body.point, body.planned))
+    return _start("failover", item, tasks, body.model_dump())
+
+
+@router.post("/{ident}/commit", status_code=202)
+def commit(ident: str, _: Principal = Depends(operator), s: Session = Depends(session)) -> Started:
+    item = repo.snapshot(repo.get_item(s, ident))
+    return _start("commit", item, ops.commit_tasks(item), {})
+
+
+@router.post("/{ident}/reprotect", status_code=202, response_model=None)
+def reprotect(
+    ident: str, body: ReprotectBody, _: Principal = Depends(operator), s: Session = Depends(session)
+) -> Started | Readiness:
+    """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
+    item = _item_for_dr(s, ident)
+    args = body.model_dump()
+    to_cloud = item.direction is Direction.FAILBACK
+    if to_cloud:
+        problems = forward_problems(item, args)
+        notes: list[dict[str, Any]] = []
+    else:
+        ctx = build_reprotect_context(item, args)
+        problems = check_reprotect(ctx)
+        notes = [
+            {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
+            for n in plan_notes(ctx)
+        ]
+    if body.what_if:
+        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
+    if problems:
+        raise SiteRecoveryError(problems)
+    policy = repo.policy(s, item.policy_id)
+    next_policy = (policy.failback_policy_id if not to_cloud else policy.forward_policy_id) or policy.id
+    request = ops.ProtectRequest(
+        body.master_target, body.process_server, body.datastore, body.retention_volume
+    )
+    return _start("reprotect", item, ops.reprotect_tasks(item, request, next_policy), args)
+
+
+@router.post("/{ident}/failback", status_code=202, response_model=None)
+def failback(
+    ident: str, body: FailbackBody, _: Principal = Depends(operator), s: Session = Depends(session)
+) -> Started | Readiness:
+    """FB-1: planned failover to on-premises, after every failback rule passed."""
+    item = _item_for_dr(s, ident)
+    rep = item.record.replication
+    args = {
+        "master_target": rep.master_target if rep else "",
+        "process_server": rep.process_server if rep else "",
+    }
+    problems = check_failback(build_situation(item, args))
+    if body.what_if:
+        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
+    if problems:
+        raise SiteRecoveryError(problems)
+    tasks = ops.failover_tasks(item, ops.FailoverRequest(body.point, planned=True), failback=True)
+    return _start("failback", item, tasks, body.model_dump())
+
+
+@router.post("/{ident}/disable", status_code=202)
+def disable(ident: str, _: Principal = Depends(operator), s: Session = Depends(session)) -> Started:
+    item = repo.snapshot(repo.get_item(s, ident))
+    return _start("disable", item, ops.disable_tasks(item), {})

@@ -1,0 +1,83 @@
+"""The crash-consistency oracle as the workflows read it from a lab machine's guest.
+
+A lab guest checks its self-verifying log when it starts and reports whether the disk holds a
+clean prefix. Workflows record that verdict after every failover and failback, and compare it
+with what the source guest had made durable before it was shut down: a planned failover must
+lose no flushed record. On other fabrics (a real vCenter) there is no such guest and the
+verdict is "not observable".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from siterecovery.fabrics.base import Fabric
+
+VERDICT_TIMEOUT = 60.0
+
+
+def _lab(fabric: Fabric) -> Any:
+    from siterecovery.fabrics.lab import LabFabric
+
+    return fabric if isinstance(fabric, LabFabric) else None
+
+
+def last_flushed(fabric: Fabric, machine: str) -> int | None:
+    """The last log record the machine's guest knew durable (after a clean shutdown)."""
+    lab = _lab(fabric)
+    if lab is None:
+        return None
+    from siterecovery.lab.runtime import guest_status
+
+    status = guest_status(lab.lab_dir, lab.site, machine)
+    return status.flushed if status is not None else None
+
+
+def await_verdict(
+    fabric: Fabric, machine: str, since: float, timeout: float = VERDICT_TIMEOUT
+) -> dict[str, Any]:
+    """Wait for the guest started after `since` to report its start-up verdict."""
+    lab = _lab(fabric)
+    if lab is None:
+        return {"ok": True, "observable": False, "reason": "no guest oracle on this fabric"}
+    from siterecovery.lab.runtime import guest_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = guest_status(lab.lab_dir, lab.site, machine)
+        if status is not None and status.updated_at >= since and status.start_verdict:
+            return {**status.start_verdict, "observable": True}
+        time.sleep(0.2)
+    return {
+        "ok": False,
+        "observable": True,
+        "reason": f"guest of {machine} reported no verdict in {timeout:.0f} s",
+    }
+
+
+def guest_warnings(record: Any, machine: Any) -> list[str]:
+    """FB-3 / FB-4 after a failback: static IPs the cloud turned into DHCP, packages it removed.
+
+    `machine` is the cloud machine the guest last ran as; `record` what was recorded on-premises
+    when protection began.
+    """
+    if machine is None:
+        return []
+    warnings = []
+    now = {n.name: n for n in machine.nics}
+    for nic in record.nics:
+        current = now.get(nic.name)
+        if nic.ip_mode == "static" and (current is None or current.ip_mode.value != "static"):
+            warnings.append(
+                f"FB-3: NIC {nic.name} of {machine.name} had static IP {nic.address}/{nic.prefix} "
+                f"(gateway {nic.gateway or '-'}) before failover and got DHCP in the cloud; "
+                "set the static address again in the guest."
+            )
+    missing = [p for p in record.packages if p not in machine.packages]
+    for package in missing:
+        warnings.append(
+            f"FB-4: package {package} was removed from {machine.name} while it ran in the "
+            "cloud; reinstall it in the guest."
+        )
+    return warnings

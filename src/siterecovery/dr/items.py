@@ -1,0 +1,104 @@
+"""Reading and changing replicated items from workflow tasks (each call its own transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Component, Policy, ReplicatedItem, now
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.fabric_access import open_fabric
+from siterecovery.control.states import ComponentKind, Direction, ProtectionState
+from siterecovery.dr.record import ItemRecord, Site
+from siterecovery.errors import not_found
+from siterecovery.fabrics.base import Fabric
+
+
+@dataclass(frozen=True)
+class ItemSnapshot:
+    id: str
+    name: str
+    state: ProtectionState
+    direction: Direction
+    policy_id: str
+    group_id: str | None
+    record: ItemRecord
+
+
+def snapshot(item: ReplicatedItem) -> ItemSnapshot:
+    return ItemSnapshot(
+        item.id,
+        item.name,
+        ProtectionState(item.state),
+        Direction(item.direction),
+        item.policy_id,
+        item.group_id,
+        ItemRecord.model_validate(item.details),
+    )
+
+
+def load(item_id: str) -> ItemSnapshot:
+    with current().db.session() as s:
+        return snapshot(get_item(s, item_id))
+
+
+def get_item(s: Session, ident: str) -> ReplicatedItem:
+    row = s.get(ReplicatedItem, ident) or s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == ident))
+    if row is None:
+        raise not_found("replicated item", ident)
+    return row
+
+
+def update(item_id: str, change: Callable[[ReplicatedItem, ItemRecord], None]) -> ItemSnapshot:
+    """Apply `change` to the item and its record in one transaction; returns the new snapshot."""
+    with current().db.session() as s:
+        item = get_item(s, item_id)
+        rec = ItemRecord.model_validate(item.details)
+        change(item, rec)
+        item.details = rec.model_dump(mode="json")
+        item.updated_at = now()
+        return snapshot(item)
+
+
+def set_state(
+    item_id: str, state: ProtectionState, direction: Direction | None = None, policy_id: str | None = None
+) -> ItemSnapshot:
+    def change(item: ReplicatedItem, _: ItemRecord) -> None:
+        item.state = state.value
+        if direction is not None:
+            item.direction = direction.value
+        if policy_id is not None:
+            item.policy_id = policy_id
+
+    return update(item_id, change)
+
+
+def fabric(fabric_id: str) -> Fabric:
+    with current().db.session() as s:
+        row = s.get(FabricRow, fabric_id)
+        if row is None:
+            raise not_found("fabric", fabric_id)
+        return open_fabric(current(), row)
+
+
+def site_fabric(rec: ItemRecord, site: Site) -> Fabric:
+    return fabric(rec.onprem_fabric if site is Site.ONPREM else rec.cloud_fabric)
+
+
+def component(s: Session, ident: str, kind: ComponentKind) -> Component | None:
+    return s.scalar(
+        select(Component).where(
+            Component.kind == kind.value, (Component.id == ident) | (Component.name == ident)
+        )
+    )
+
+
+def policy(s: Session, policy_id: str) -> Policy:
+    row = s.get(Policy, policy_id)
+    if row is None:
+        raise not_found("policy", policy_id)
+    return row

@@ -1,0 +1,211 @@
+"""Each DR operation as an ordered list of visible tasks, after checking the item's state.
+
+The item API and recovery plans both build jobs from these lists, so a plan shows every
+machine's tasks in its boot-group order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from siterecovery.control.jobs import TaskSpec
+from siterecovery.control.states import Direction, ProtectionState
+from siterecovery.dataplane.assignments import SyncMode
+from siterecovery.dr import items as repo
+from siterecovery.dr.record import Site
+from siterecovery.errors import Problem, SiteRecoveryError
+
+
+@dataclass(frozen=True)
+class FailoverRequest:
+    point: str = "latest"
+    planned: bool = False
+
+
+@dataclass(frozen=True)
+class ProtectRequest:
+    master_target: str
+    process_server: str
+    datastore: str = ""
+    retention_volume: str = ""
+    via_plan: bool = False
+    group_master_targets: tuple[tuple[str, str], ...] = ()
+
+
+def _state_error(item: repo.ItemSnapshot, wanted: str, remediation: str) -> SiteRecoveryError:
+    return SiteRecoveryError(
+        Problem(
+            "invalid-state",
+            f"Item {item.name} is {item.state.value} ({item.direction.value}); {wanted}.",
+            remediation,
+        )
+    )
+
+
+def _site_pair(direction: Direction) -> tuple[Site, Site]:
+    """(source, target) sites of replication in this direction."""
+    return (Site.ONPREM, Site.CLOUD) if direction is Direction.FORWARD else (Site.CLOUD, Site.ONPREM)
+
+
+def enable_tasks(
+    item_id: str, process_server: str, master_target: str, policy_id: str, retention_volume: str
+) -> list[TaskSpec]:
+    base = {"item": item_id}
+    return [
+        TaskSpec(
+            "Start replication",
+            "replication-start",
+            {
+                **base,
+                "source_site": Site.ONPREM.value,
+                "sync_mode": SyncMode.FULL.value,
+                "process_server": process_server,
+                "master_target": master_target,
+                "retention_volume": retention_volume,
+            },
+        ),
+        TaskSpec("Initial replication", "replication-sync", {**base, "step": "enable: initial replication"}),
+        TaskSpec(
+            "Protect", "mark-protected", {**base, "direction": Direction.FORWARD.value, "policy": policy_id}
+        ),
+    ]
+
+
+def failover_tasks(
+    item: repo.ItemSnapshot, request: FailoverRequest, *, failback: bool = False
+) -> list[TaskSpec]:
+    if item.state is not ProtectionState.PROTECTED or item.record.replication is None:
+        raise _state_error(item, "only a protected item can fail over", "Enable or reprotect it first.")
+    if failback != (item.direction is Direction.FAILBACK):
+        wanted = "failback" if item.direction is Direction.FAILBACK else "failover"
+        raise _state_error(item, f"use {wanted} for this direction", f"Run `items {wanted}`.")
+    if request.point != "latest":
+        raise SiteRecoveryError(
+            Problem(
+                "point-unavailable",
+                f"Recovery point {request.point!r} cannot be used for {item.name} yet.",
+                "Fail over to `latest`; choosing older points needs the master target's retention journal.",
+            )
+        )
+    source, target = _site_pair(item.direction)
+    rep = item.record.replication
+    base = {"item": item.id, "planned": request.planned}
+    step = "failback to on-premises" if failback else "failover to cloud"
+    tasks = [TaskSpec("Begin", "failover-begin", {**base, "point": request.point})]
+    if request.planned:
+        tasks += [
+            TaskSpec(
+                f"Shut down {source.value} machine", "shutdown-source", {**base, "source_site": source.value}
+            ),
+            TaskSpec("Drain replication (no data loss)", "drain", base),
+        ]
+    tasks.append(TaskSpec("Stop replication", "stop-replication", base))
+    if target is Site.CLOUD:
+        tasks.append(TaskSpec("Create recovery machine in the cloud", "create-recovery-machine", base))
+    else:
+        with_mt = _mt_machine(rep.master_target)
+        tasks.append(
+            TaskSpec(
+                "Detach disks from master target",
+                "detach-from-master-target",
+                {**base, "mt_machine": with_mt},
+            )
+        )
+    tasks += [
+        TaskSpec(
+            f"Start {target.value} machine",
+            "start-recovery-machine",
+            {**base, "target_site": target.value, "step": step},
+        ),
+        TaskSpec("Network and guest checks", "post-failover-checks", {**base, "target_site": target.value}),
+        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": item.direction.value}),
+    ]
+    return tasks
+
+
+def _mt_machine(mt_id: str) -> str:
+    from siterecovery.control.context import current
+    from siterecovery.control.db import Component
+
+    with current().db.session() as s:
+        row = s.get(Component, mt_id)
+        return row.machine if row is not None else ""
+
+
+def commit_tasks(item: repo.ItemSnapshot) -> list[TaskSpec]:
+    if item.state is not ProtectionState.FAILED_OVER:
+        raise _state_error(item, "only a failed-over item can be committed", "Fail it over first.")
+    return [TaskSpec("Commit", "commit", {"item": item.id})]
+
+
+def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id: str) -> list[TaskSpec]:
+    """RPW-1..7 (cloud → on-premises) or, after a failback, on-premises → cloud again (FB-2)."""
+    if item.state is not ProtectionState.FAILOVER_COMMITTED:
+        raise _state_error(
+            item,
+            "only a committed failover can be reprotected",
+            "Fail over and commit first (`items failover`, `items commit`).",
+        )
+    source = Site.CLOUD if item.direction is Direction.FORWARD else Site.ONPREM
+    direction = Direction.FAILBACK if source is Site.CLOUD else Direction.FORWARD
+    args: dict[str, Any] = {
+        "item": item.id,
+        "source_site": source.value,
+        "master_target": request.master_target,
+        "process_server": request.process_server,
+        "datastore": request.datastore,
+        "retention_volume": request.retention_volume,
+        "via_plan": request.via_plan,
+        "group_master_targets": dict(request.group_master_targets),
+    }
+    mt_id = _component_id(request.master_target, "master-target")
+    ps_id = _component_id(request.process_server, "process-server")
+    tasks = [
+        TaskSpec("Check prerequisites", "reprotect-check", args),
+        TaskSpec(f"Power off {source.other.value} machine (RPW-5)", "power-off-target", args),
+    ]
+    if source is Site.CLOUD:
+        tasks += [
+            TaskSpec("Merge snapshots of on-premises machine (RP-VM-SNAP)", "merge-snapshots", args),
+            TaskSpec(
+                "Prepare on-premises disks on the master target (RPW-6)",
+                "prepare-onprem-disks",
+                {**args, "mt_machine": _mt_machine(mt_id)},
+            ),
+        ]
+    tasks += [
+        TaskSpec(
+            "Start replication",
+            "replication-start",
+            {**args, "process_server": ps_id, "master_target": mt_id, "sync_mode": "auto"},
+        ),
+        TaskSpec(
+            "Synchronise differences",
+            "replication-sync",
+            {"item": item.id, "step": f"reprotect {source.value} → {source.other.value}"},
+        ),
+        TaskSpec(
+            "Protect", "mark-protected", {"item": item.id, "direction": direction.value, "policy": policy_id}
+        ),
+    ]
+    return tasks
+
+
+def _component_id(ident: str, kind: str) -> str:
+    from siterecovery.control.context import current
+    from siterecovery.control.states import ComponentKind
+
+    with current().db.session() as s:
+        row = repo.component(s, ident, ComponentKind(kind))
+        return row.id if row is not None else ident
+
+
+def disable_tasks(item: repo.ItemSnapshot) -> list[TaskSpec]:
+    if item.state is ProtectionState.DISABLED:
+        raise _state_error(item, "protection is already disabled", "Nothing to do.")
+    tasks = []
+    if item.record.replication is not None:
+        tasks.append(TaskSpec("Stop replication", "stop-replication", {"item": item.id}))
+    tasks.append(TaskSpec("Disable protection", "disable", {"item": item.id}))
+    return tasks

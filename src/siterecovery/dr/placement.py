@@ -1,0 +1,32 @@
+"""Where an item's disks live on each site, and the names of its pairs and agents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.states import FabricKind
+from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+
+
+def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
+    """Folder of an item's cloud replica disks (managed disks of the lab's cloud site)."""
+    with current().db.session() as s:
+        row = s.get(FabricRow, cloud_fabric_id)
+        if row is None:
+            raise not_found("fabric", cloud_fabric_id)
+        if row.kind != FabricKind.LAB.value:
+            raise SiteRecoveryError(
+                Problem(
+                    "target-fabric-unsupported",
+                    f"Fabric {row.name} ({row.kind}) cannot hold replica disks.",
+                    "Replicate to a lab cloud site; Azure managed disks are not supported yet.",
+                ),
+                Status.UNPROCESSABLE,
+            )
+        return Path(str(row.connection["path"])) / "cloud" / "replicas" / item_name
+
+
+def pair_id(item_id: str, generation: int, disk: str) -> str:
+    return f"{item_id}.g{generation}.{disk}"

@@ -1,0 +1,104 @@
+"""The typed record of a replicated item kept in its `details` column.
+
+Everything the workflows need to know about where an item's disks are and how they replicate
+right now, so desired state for agents and master targets is derived from items, never stored
+twice.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from siterecovery.dataplane.assignments import SyncMode
+
+
+class Site(StrEnum):
+    ONPREM = "onprem"
+    CLOUD = "cloud"
+
+    @property
+    def other(self) -> Site:
+        return Site.CLOUD if self is Site.ONPREM else Site.ONPREM
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemDisk(_Model):
+    label: str
+    size: int
+    onprem_path: str
+    onprem_uuid: str
+    cloud_path: str
+
+    def path(self, site: Site) -> str:
+        return self.onprem_path if site is Site.ONPREM else self.cloud_path
+
+
+class Pair(_Model):
+    pair_id: str
+    disk: str
+    source: str  # image the agent exports and replicates
+    target: str  # disk the master target writes
+    size: int
+
+
+class Replication(_Model):
+    """The item's current replication: from `source_site` through a process server to a master target."""
+
+    source_site: Site
+    source_machine: str
+    process_server: str  # component id
+    master_target: str  # component id
+    retention_volume: str = ""
+    sync_mode: SyncMode = SyncMode.FULL
+    generation: int = 1
+    pairs: list[Pair] = Field(default_factory=list)
+
+
+class NicRecord(_Model):
+    name: str
+    mac: str
+    ip_mode: str
+    address: str = ""
+    prefix: int = 0
+    gateway: str = ""
+
+
+class StepMetric(_Model):
+    """One step of the DR cycle as the demo's closing table shows it."""
+
+    step: str
+    seconds: float
+    bytes_changed: int = 0
+    bytes_sent: int = 0
+    rpo_seconds: float | None = None
+    downtime_seconds: float | None = None
+    oracle: str = ""
+
+
+class ItemRecord(_Model):
+    onprem_fabric: str  # fabric ids
+    cloud_fabric: str
+    machine: str  # the on-premises machine's name
+    cloud_machine: str = ""
+    cloud_resource_group: str = ""
+    os_type: str
+    os_version: str = ""
+    physical: bool = False
+    disks: list[ItemDisk] = Field(default_factory=list)
+    nics: list[NicRecord] = Field(default_factory=list)
+    packages: list[str] = Field(default_factory=list)
+    active_site: Site = Site.ONPREM
+    replication: Replication | None = None
+    # Set by a failover until commit: which point the recovery machine runs from.
+    failover_point: dict[str, object] = Field(default_factory=dict)
+    placed_disks: list[dict[str, str]] = Field(default_factory=list)  # RP-MT-MOVE: uuid, backing
+    test_machine: str = ""
+    last_generation: int = 0  # replication generations so far: pair ids never repeat
+    target_created: bool = False  # reprotect created the on-premises machine anew (RPW-6): full copy
+    metrics: list[StepMetric] = Field(default_factory=list)
+    oracle: dict[str, object] = Field(default_factory=dict)  # last verdict per site

@@ -1,0 +1,200 @@
+"""Builds what the prerequisite checks read, from the database and live discovery.
+
+Checks never trust cached inventory: both sites are discovered now. A site whose discovery
+fails counts as not discovered (RP-VCENTER), which the checks report with the fabric's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Component, ReplicatedItem
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.fabric_access import discover
+from siterecovery.control.heartbeats import heartbeat_age
+from siterecovery.control.states import ComponentKind
+from siterecovery.dr import items as repo
+from siterecovery.dr.check_inputs import (
+    ComponentView,
+    GroupMember,
+    ItemView,
+    MasterTargetView,
+    PlacedDisk,
+    ReprotectContext,
+    ReprotectRequest,
+    RetentionVolumeView,
+    Situation,
+)
+from siterecovery.dr.desired import agent_name
+from siterecovery.dr.record import ItemRecord
+from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.fabrics.base import Inventory, OsType
+
+
+def _inventory(s: Session, fabric_id: str) -> Inventory | None:
+    row = s.get(FabricRow, fabric_id)
+    if row is None:
+        return None
+    try:
+        return discover(current(), row)
+    except SiteRecoveryError:
+        return None
+
+
+def _component_view(row: Component | None) -> ComponentView | None:
+    return None if row is None else ComponentView(row.name, heartbeat_age(row))
+
+
+def _mt_view(row: Component | None) -> MasterTargetView | None:
+    if row is None:
+        return None
+    volumes = []
+    for v in row.stats.get("retention_volumes", []) or []:
+        name = str(v.get("name") or v.get("path"))
+        eligible = bool(v.get("eligible", int(v.get("capacity_bytes", 0) or 0) > 0))
+        volumes.append(RetentionVolumeView(name, eligible, str(v.get("reason", ""))))
+    return MasterTargetView(
+        row.name, heartbeat_age(row), OsType(row.os_type or "linux"), row.machine, tuple(volumes)
+    )
+
+
+def _agent(
+    s: Session, rec: ItemRecord, machine: str, site: str, inv: Inventory | None
+) -> ComponentView | None:
+    """AG-1: the agent counts only once it registered after the machine's last boot."""
+    row = repo.component(s, agent_name(site, machine), ComponentKind.AGENT)
+    if row is None:
+        return None
+    found = inv.machine(machine) if inv is not None else None
+    if found is not None and found.boot_time is not None and row.registered_at < found.boot_time:
+        return None
+    return _component_view(row)
+
+
+def _item_view(item: repo.ItemSnapshot, mt: str = "", ps: str = "") -> ItemView:
+    rec = item.record
+    return ItemView(
+        id=item.id,
+        machine=rec.machine,
+        cloud_machine=rec.cloud_machine,
+        cloud_resource_group=rec.cloud_resource_group,
+        os_type=OsType(rec.os_type),
+        os_version=rec.os_version,
+        physical=rec.physical,
+        state=item.state,
+        direction=item.direction,
+        machine_recorded=bool(rec.machine and rec.disks),
+        disk_count=len(rec.disks),
+        group=item.group_id,
+        master_target=mt,
+        process_server=ps,
+        placed_disks=tuple(PlacedDisk(d["uuid"], d["backing"]) for d in rec.placed_disks),
+    )
+
+
+def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
+    cp = current()
+    with cp.db.session() as s:
+        onprem, cloud = _inventory(s, item.record.onprem_fabric), _inventory(s, item.record.cloud_fabric)
+        mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
+        ps = repo.component(s, str(args.get("process_server", "")), ComponentKind.PROCESS)
+        vcenter = s.get(FabricRow, item.record.onprem_fabric)
+        return Situation(
+            item=_item_view(item, mt.name if mt else "", ps.name if ps else ""),
+            vcenter=vcenter.name if vcenter else item.record.onprem_fabric,
+            onprem=onprem,
+            cloud=cloud or Inventory(site="cloud", kind=_cloud_kind(), discovered_at=0.0),
+            master_target=_mt_view(mt),
+            process_server=_component_view(ps),
+            agent=_agent(s, item.record, item.record.cloud_machine, "cloud", cloud),
+            heartbeat_timeout=cp.config.heartbeat_timeout,
+        )
+
+
+def _cloud_kind() -> Any:
+    from siterecovery.fabrics.base import SiteKind
+
+    return SiteKind.CLOUD
+
+
+def build_reprotect_context(item: repo.ItemSnapshot, args: dict[str, Any]) -> ReprotectContext:
+    base = build_situation(item, args)
+    with current().db.session() as s:
+        group = _group_members(s, item, args)
+    request = ReprotectRequest(
+        master_target=str(args.get("master_target", "")),
+        process_server=str(args.get("process_server", "")),
+        datastore=args.get("datastore") or None,
+        retention_volume=args.get("retention_volume") or None,
+        via_plan=bool(args.get("via_plan", False)),
+    )
+    fields = {
+        f: getattr(base, f)
+        for f in (
+            "item",
+            "vcenter",
+            "onprem",
+            "cloud",
+            "master_target",
+            "process_server",
+            "agent",
+            "heartbeat_timeout",
+        )
+    }
+    return ReprotectContext(
+        **fields, request=request, group=group, pending_mt_disks=int(args.get("pending_mt_disks", 0))
+    )
+
+
+def _group_members(s: Session, item: repo.ItemSnapshot, args: dict[str, Any]) -> tuple[GroupMember, ...]:
+    if item.group_id is None:
+        return ()
+    plan_mts: dict[str, str] = dict(args.get("group_master_targets", {}))
+    members = []
+    for other in s.scalars(
+        select(ReplicatedItem).where(ReplicatedItem.group_id == item.group_id, ReplicatedItem.id != item.id)
+    ):
+        rec = ItemRecord.model_validate(other.details)
+        members.append(
+            GroupMember(other.name, OsType(rec.os_type), plan_mts.get(other.id) or plan_mts.get(other.name))
+        )
+    return tuple(members)
+
+
+def forward_problems(item: repo.ItemSnapshot, args: dict[str, Any]) -> list[Problem]:
+    """Re-protect on-premises → cloud after a failback: the components must be there and connected."""
+    cp = current()
+    problems: list[Problem] = []
+    with cp.db.session() as s:
+        onprem = _inventory(s, item.record.onprem_fabric)
+        agent = _agent(s, item.record, item.record.machine, "onprem", onprem)
+        if agent is None or not agent.connected(cp.config.heartbeat_timeout):
+            problems.append(
+                Problem(
+                    "agent-not-registered",
+                    f"The agent of {item.record.machine} has not registered since the machine booted.",
+                    "Wait a few minutes, then retry.",
+                    rule="AG-1",
+                )
+            )
+        for kind, ident in (
+            (ComponentKind.PROCESS, args.get("process_server", "")),
+            (ComponentKind.MASTER_TARGET, args.get("master_target", "")),
+        ):
+            row = repo.component(s, str(ident), kind)
+            age = heartbeat_age(row) if row is not None else None
+            if age is None or age > cp.config.heartbeat_timeout:
+                code = "ps-disconnected" if kind is ComponentKind.PROCESS else "mt-not-discovered"
+                problems.append(
+                    Problem(
+                        code,
+                        f"The {kind.value} {ident!r} is not connected.",
+                        f"Start the {kind.value} or choose a connected one.",
+                        rule="RP-PS" if kind is ComponentKind.PROCESS else "RP-VCENTER",
+                    )
+                )
+    return problems

@@ -1,0 +1,480 @@
+"""Task handlers of the DR jobs: each is one visible, resumable step of a workflow.
+
+Every handler is safe to run again after a crash of the configuration server (DBOS re-runs the
+step that was interrupted): it checks what is already done before doing it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from siterecovery.control.context import current
+from siterecovery.control.jobs import TaskContext, task_handler
+from siterecovery.control.states import ComponentKind, Direction, ProtectionState
+from siterecovery.dataplane.assignments import SyncMode
+from siterecovery.dr import items as repo
+from siterecovery.dr import waits
+from siterecovery.dr.desired import agent_name
+from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
+from siterecovery.dr.placement import pair_id
+from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
+from siterecovery.dr.situation import build_reprotect_context, forward_problems
+from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+
+SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
+DRAIN_TIMEOUT = float(os.environ.get("SITERECOVERY_DRAIN_TIMEOUT", "300"))
+
+
+def _agent_id(site: Site, machine: str) -> str:
+    with current().db.session() as s:
+        row = repo.component(s, agent_name(site.value, machine), ComponentKind.AGENT)
+        if row is None:
+            raise SiteRecoveryError(
+                Problem(
+                    "agent-not-registered",
+                    f"The agent of {machine} ({site.value}) has not registered yet.",
+                    "Wait a few minutes for the machine's agent to register, then retry.",
+                    rule="AG-1",
+                )
+            )
+        return row.id
+
+
+def _metric(item_id: str, metric: StepMetric) -> None:
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.metrics.append(metric)
+
+    repo.update(item_id, change)
+
+
+# ---- enable (FW-1) and every later (re)synchronisation -------------------------------------
+
+
+@task_handler("replication-start")
+def start_replication(ctx: TaskContext) -> dict[str, Any]:
+    """Point the item's replication at its target disks; the agent then syncs them (full or delta)."""
+    item = repo.load(ctx.args["item"])
+    source = Site(ctx.args["source_site"])
+    if item.record.replication is not None and item.record.replication.source_site is source:
+        return {"generation": item.record.replication.generation}  # already started (replayed step)
+    generation = item.record.last_generation + 1
+    target = source.other
+    created = item.record.target_created
+    for disk in item.record.disks:
+        path = Path(disk.path(target))
+        if not path.exists():  # a new target disk: created sparse, filled by a full sync
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(disk.size)
+            created = True
+    # Onto disks that already hold (an older copy of) the data only the differences move (RPW-6).
+    wanted = str(ctx.args["sync_mode"])
+    mode = (SyncMode.FULL if created else SyncMode.DELTA) if wanted == "auto" else SyncMode(wanted)
+    machine = item.record.machine if source is Site.ONPREM else item.record.cloud_machine
+    rep = Replication(
+        source_site=source,
+        source_machine=machine,
+        process_server=ctx.args["process_server"],
+        master_target=ctx.args["master_target"],
+        retention_volume=ctx.args.get("retention_volume", ""),
+        sync_mode=mode,
+        generation=generation,
+        pairs=[
+            Pair(
+                pair_id=pair_id(item.id, generation, d.label),
+                disk=d.label,
+                source=d.path(source),
+                target=d.path(target),
+                size=d.size,
+            )
+            for d in item.record.disks
+        ],
+    )
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.replication = rep
+        rec.last_generation = generation
+        rec.target_created = False
+
+    repo.update(item.id, change)
+    return {"generation": generation, "sync_mode": mode.value}
+
+
+@task_handler("replication-sync")
+def sync(ctx: TaskContext) -> dict[str, Any]:
+    item = repo.load(ctx.args["item"])
+    rep = item.record.replication
+    if rep is None:
+        raise SiteRecoveryError(
+            Problem(
+                "replication-missing",
+                f"Item {item.name} has no replication to sync.",
+                "Start replication first.",
+            )
+        )
+    started = time.monotonic()
+    agent = _agent_id(rep.source_site, rep.source_machine)
+    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], SYNC_TIMEOUT)
+    sent = sum(p.bytes_sent for p in pairs)
+    allocated = sum(p.bytes_total for p in pairs)
+    _metric(
+        item.id,
+        StepMetric(
+            step=ctx.args.get("step", f"{rep.sync_mode.value} sync"),
+            seconds=round(time.monotonic() - started, 2),
+            bytes_changed=allocated,
+            bytes_sent=sent,
+        ),
+    )
+    return {"bytes_sent": sent, "bytes_compared": allocated}
+
+
+@task_handler("mark-protected")
+def mark_protected(ctx: TaskContext) -> dict[str, Any]:
+    direction = Direction(ctx.args["direction"])
+    repo.set_state(ctx.args["item"], ProtectionState.PROTECTED, direction, ctx.args.get("policy"))
+    return {"state": ProtectionState.PROTECTED.value, "direction": direction.value}
+
+
+# ---- failover / failback (FW-2, FB-1) ------------------------------------------------------
+
+
+def _machine_of(item: repo.ItemSnapshot, site: Site) -> str:
+    return item.record.machine if site is Site.ONPREM else item.record.cloud_machine
+
+
+@task_handler("failover-begin")
+def failover_begin(ctx: TaskContext) -> dict[str, Any]:
+    item = repo.load(ctx.args["item"])
+    if item.record.failover_point.get("job") == ctx.job_id:
+        return dict(item.record.failover_point)
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.failover_point = {
+            "job": ctx.job_id,
+            "started_at": time.time(),
+            "point": ctx.args.get("point", "latest"),
+            "planned": bool(ctx.args.get("planned")),
+        }
+
+    return dict(repo.update(item.id, change).record.failover_point)
+
+
+@task_handler("post-failover-checks")
+def post_failover_checks(ctx: TaskContext) -> dict[str, Any]:
+    """FB-3 / FB-4: compare the recovered machine with what was recorded; warn about what differs."""
+    item = repo.load(ctx.args["item"])
+    if Site(ctx.args["target_site"]) is not Site.ONPREM:
+        return {"warnings": []}
+    # The guest comes back with the configuration it had in the cloud.
+    in_cloud = repo.site_fabric(item.record, Site.CLOUD).discover().machine(item.record.cloud_machine)
+    warnings = guest_warnings(item.record, in_cloud)
+    ctx.progress(message="; ".join(warnings) or "no issues found")
+    return {"warnings": warnings}
+
+
+@task_handler("shutdown-source")
+def shutdown_source(ctx: TaskContext) -> dict[str, Any]:
+    """Planned: shut the source machine down; its agent drains what it captured before it exits."""
+    item = repo.load(ctx.args["item"])
+    site = Site(ctx.args["source_site"])
+    fabric = repo.site_fabric(item.record, site)
+    machine = _machine_of(item, site)
+    found = fabric.discover().machine(machine)
+    started = time.time()
+    if found is not None and found.power_state is PowerState.ON:
+        fabric.power_off(machine)
+    flushed = last_flushed(fabric, machine)
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.failover_point = {**rec.failover_point, "shutdown_at": started, "source_flushed": flushed}
+
+    repo.update(item.id, change)
+    return {"shutdown_at": started, "source_flushed": flushed}
+
+
+@task_handler("drain")
+def drain(ctx: TaskContext) -> dict[str, Any]:
+    """Wait until the master target applied everything the source's agent had acknowledged (no data loss)."""
+    item = repo.load(ctx.args["item"])
+    rep = item.record.replication
+    if rep is None:
+        return {"drained": "no replication"}
+    agent = _agent_id(rep.source_site, rep.source_machine)
+    final = waits.agent_pairs(agent)
+    lost = [p.pair_id for p in final.values() if p.captured_seq > p.acked_seq]
+    if lost and ctx.args.get("planned"):
+        raise SiteRecoveryError(
+            Problem(
+                "drain-incomplete",
+                f"The agent of {rep.source_machine} stopped with writes its process server "
+                "never acknowledged, so a planned failover cannot promise no data loss.",
+                "Start the source machine so its agent can send the rest, or run an unplanned failover.",
+            )
+        )
+    targets = {p.pair_id: final[p.pair_id].acked_seq for p in rep.pairs if p.pair_id in final}
+    waits.wait_for_apply(ctx, rep.master_target, targets, DRAIN_TIMEOUT)
+    return {"drained_to": targets}
+
+
+@task_handler("stop-replication")
+def stop_replication(ctx: TaskContext) -> dict[str, Any]:
+    """Detach the pairs from the master target; it closes their journals before the disks are used."""
+    item = repo.load(ctx.args["item"])
+    rep = item.record.replication
+    if rep is None:
+        return {"stopped": True}
+    pair_ids = {p.pair_id for p in rep.pairs}
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.replication = None
+
+    repo.update(item.id, change)
+    waits.wait_until(
+        lambda: not pair_ids & {p.pair_id for p in waits.mt_pairs(rep.master_target).pairs},
+        DRAIN_TIMEOUT,
+        "detach-timeout",
+        "The master target did not release the item's disks.",
+        "Check that the master target is running (`servers list`), then retry.",
+    )
+    return {"stopped": True, "master_target": rep.master_target}
+
+
+@task_handler("create-recovery-machine")
+def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
+    """Failover to the cloud: a machine whose managed disks are the replica disks (O(1) for latest)."""
+    item = repo.load(ctx.args["item"])
+    fabric = repo.site_fabric(item.record, Site.CLOUD)
+    name = item.record.cloud_machine or item.record.machine
+    if fabric.discover().machine(name) is None:
+        fabric.create_machine(
+            MachineSpec(
+                name=name,
+                host="",
+                datastore=item.record.cloud_resource_group,
+                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_version=item.record.os_version,
+                disks=tuple(DiskSpec(d.label, d.size, d.cloud_path) for d in item.record.disks),
+                nics=tuple(Nic(n.name, n.mac, IpMode.DHCP) for n in item.record.nics),
+            )
+        )
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.cloud_machine = name
+
+    repo.update(item.id, change)
+    return {"machine": name}
+
+
+@task_handler("detach-from-master-target")
+def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
+    """Failback: take the on-premises disks off the master target VM (RP-MT-MOVE fails here if moved)."""
+    item = repo.load(ctx.args["item"])
+    fabric = repo.site_fabric(item.record, Site.ONPREM)
+    mt_machine = str(ctx.args["mt_machine"])
+    inv = fabric.discover()
+    mt = inv.machine(mt_machine)
+    uuids = {d["uuid"] for d in item.record.placed_disks}
+    attached = [d.uuid for d in (mt.disks if mt else ()) if d.uuid in uuids]
+    if attached:
+        try:
+            fabric.detach_disks(mt_machine, attached)
+        except Exception as exc:
+            code = getattr(exc, "code", "detach-failed")
+            raise SiteRecoveryError(
+                Problem(
+                    code,
+                    str(getattr(exc, "message", exc)),
+                    str(getattr(exc, "remediation", ""))
+                    or "Find the disks, attach them to the machine and boot it.",
+                    rule="RP-MT-MOVE" if code == "mt-disks-moved" else None,
+                )
+            ) from exc
+    return {"detached": attached}
+
+
+@task_handler("start-recovery-machine")
+def start_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
+    item = repo.load(ctx.args["item"])
+    site = Site(ctx.args["target_site"])
+    fabric = repo.site_fabric(item.record, site)
+    machine = _machine_of(item, site)
+    found = fabric.discover().machine(machine)
+    since = time.time()
+    if found is not None and found.power_state is PowerState.OFF:
+        fabric.power_on(machine)
+    verdict = await_verdict(fabric, machine, since)
+    booted = time.time()
+    cycle = item.record.failover_point
+    flushed = cycle.get("source_flushed")
+    # A planned failover must not lose a record the source guest had flushed (acknowledged).
+    if ctx.args.get("planned") and isinstance(flushed, int) and verdict.get("observable"):
+        records = int(verdict.get("records", 0) or 0)
+        if records < flushed:
+            verdict = {
+                **verdict,
+                "ok": False,
+                "reason": f"data loss: {records} records recovered, {flushed} were flushed at shutdown",
+            }
+    shutdown_at = cycle.get("shutdown_at")
+    downtime = booted - shutdown_at if isinstance(shutdown_at, float) else None
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.active_site = site
+        rec.oracle[site.value] = verdict
+        rec.metrics.append(
+            StepMetric(
+                step=str(ctx.args.get("step", f"failover to {site.value}")),
+                seconds=round(booted - _as_float(cycle.get("started_at"), since), 2),
+                downtime_seconds=round(downtime, 2) if downtime is not None else None,
+                oracle=_verdict_text(verdict),
+            )
+        )
+
+    repo.update(item.id, change)
+    return {"booted_at": booted, "oracle": verdict, "downtime_seconds": downtime}
+
+
+def _as_float(value: object, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) else default
+
+
+def _verdict_text(verdict: dict[str, Any]) -> str:
+    if not verdict.get("observable", True):
+        return "n/a"
+    if verdict.get("ok"):
+        return f"pass ({verdict.get('records', 0)} records)"
+    return f"FAIL: {verdict.get('reason', '?')}"
+
+
+@task_handler("mark-failed-over")
+def mark_failed_over(ctx: TaskContext) -> dict[str, Any]:
+    direction = Direction(ctx.args["direction"])
+    item = repo.set_state(ctx.args["item"], ProtectionState.FAILED_OVER, direction)
+    return {"state": item.state.value}
+
+
+# ---- reprotect (RPW-1..7) -------------------------------------------------------------------
+
+
+@task_handler("reprotect-check")
+def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
+    item = repo.load(ctx.args["item"])
+    if Site(ctx.args["source_site"]) is Site.CLOUD:
+        from siterecovery.dr.checks import ensure_reprotect
+
+        ensure_reprotect(build_reprotect_context(item, ctx.args))
+    else:
+        problems = forward_problems(item, ctx.args)
+        if problems:
+            raise SiteRecoveryError(problems)
+    return {"ready": True}
+
+
+@task_handler("power-off-target")
+def power_off_target(ctx: TaskContext) -> dict[str, Any]:
+    """RPW-5: the machine whose disks the master target will write is turned off and kept off."""
+    item = repo.load(ctx.args["item"])
+    target = Site(ctx.args["source_site"]).other
+    fabric = repo.site_fabric(item.record, target)
+    machine = _machine_of(item, target)
+    found = fabric.discover().machine(machine)
+    if found is not None and found.power_state is PowerState.ON:
+        fabric.power_off(machine)
+        return {"powered_off": machine}
+    return {"powered_off": None}
+
+
+@task_handler("merge-snapshots")
+def merge_snapshots(ctx: TaskContext) -> dict[str, Any]:
+    """RP-VM-SNAP: snapshots on the on-premises machine are merged, not a reason to refuse."""
+    item = repo.load(ctx.args["item"])
+    fabric = repo.site_fabric(item.record, Site.ONPREM)
+    found = fabric.discover().machine(item.record.machine)
+    merged = fabric.consolidate_snapshots(item.record.machine) if found and found.snapshots else 0
+    ctx.progress(message=f"{merged} snapshot(s) merged")
+    return {"merged": merged}
+
+
+@task_handler("prepare-onprem-disks")
+def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
+    """RPW-6: attach the existing machine's disks to the master target, or create the machine anew."""
+    item = repo.load(ctx.args["item"])
+    fabric = repo.site_fabric(item.record, Site.ONPREM)
+    mt_machine = str(ctx.args["mt_machine"])
+    inv = fabric.discover()
+    existing = inv.machine(item.record.machine)
+    created = False
+    if existing is None:
+        mt = inv.machine(mt_machine)
+        host = mt.host if mt else ""
+        existing = fabric.create_machine(
+            MachineSpec(
+                name=item.record.machine,
+                host=host,
+                datastore=str(ctx.args["datastore"]),
+                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_version=item.record.os_version,
+                disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
+                nics=tuple(
+                    Nic(n.name, n.mac, IpMode(n.ip_mode), n.address, n.prefix, n.gateway)
+                    for n in item.record.nics
+                ),
+            )
+        )
+        created = True
+    by_label = {d.label: d for d in existing.disks}
+    mt_now = fabric.discover().machine(mt_machine)
+    on_mt = {d.uuid for d in (mt_now.disks if mt_now else ())}
+    to_attach = [d for d in existing.disks if d.uuid not in on_mt]
+    if to_attach:
+        fabric.attach_disks(mt_machine, to_attach)
+    placed = [{"uuid": d.uuid, "backing": d.backing} for d in existing.disks]
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        for disk in rec.disks:
+            found: Disk | None = by_label.get(disk.label)
+            if found is not None:
+                disk.onprem_path, disk.onprem_uuid = found.backing, found.uuid
+        rec.placed_disks = placed
+
+    repo.update(item.id, change)
+    if created:
+        repo.update(item.id, _mark_created)
+    return {"created": created, "attached": [d.uuid for d in to_attach]}
+
+
+def _mark_created(_: Any, rec: ItemRecord) -> None:
+    rec.target_created = True
+
+
+# ---- commit, disable ------------------------------------------------------------------------
+
+
+@task_handler("commit")
+def commit(ctx: TaskContext) -> dict[str, Any]:
+    item = repo.load(ctx.args["item"])
+    if item.state is not ProtectionState.FAILED_OVER:
+        raise SiteRecoveryError(
+            Problem(
+                "not-failed-over",
+                f"Item {item.name} is {item.state.value}; only a failed-over item can be committed.",
+                "Fail the item over first.",
+            )
+        )
+    repo.set_state(item.id, ProtectionState.FAILOVER_COMMITTED)
+    return {"state": ProtectionState.FAILOVER_COMMITTED.value}
+
+
+@task_handler("disable")
+def disable(ctx: TaskContext) -> dict[str, Any]:
+    def change(item: Any, rec: ItemRecord) -> None:
+        rec.replication = None
+        item.state = ProtectionState.DISABLED.value
+
+    repo.update(ctx.args["item"], change)
+    return {"state": ProtectionState.DISABLED.value}

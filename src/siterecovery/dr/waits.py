@@ -1,0 +1,98 @@
+"""Waiting for the data plane to report a condition, with progress, inside a job task.
+
+Tasks never talk to components directly: they change items (and so desired state), then wait
+here for the components' heartbeats to report that the change has taken effect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Component
+from siterecovery.control.jobs import TaskContext
+from siterecovery.dataplane.assignments import AgentStats, MasterTargetStats, PairState, PairStats
+from siterecovery.errors import Problem, SiteRecoveryError
+
+POLL_SECONDS = 0.3
+
+
+def component_stats(component_id: str) -> tuple[dict[str, Any], float | None]:
+    with current().db.session() as s:
+        row = s.get(Component, component_id)
+        if row is None:
+            return {}, None
+        return dict(row.stats), row.last_heartbeat
+
+
+def agent_pairs(component_id: str) -> dict[str, PairStats]:
+    stats, _ = component_stats(component_id)
+    if not stats:
+        return {}
+    return {p.pair_id: p for p in AgentStats.model_validate(stats).pairs}
+
+
+def mt_pairs(component_id: str) -> MasterTargetStats:
+    stats, _ = component_stats(component_id)
+    return MasterTargetStats.model_validate(stats) if stats else MasterTargetStats()
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, code: str, message: str, remediation: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SiteRecoveryError(Problem(code, message, remediation))
+        time.sleep(POLL_SECONDS)
+
+
+def wait_for_sync(ctx: TaskContext, agent_id: str, pair_ids: list[str], timeout: float) -> list[PairStats]:
+    """Wait until every pair finished its initial (full or delta) sync; report bytes as progress."""
+    done: list[PairStats] = []
+
+    def synced() -> bool:
+        nonlocal done
+        pairs = agent_pairs(agent_id)
+        mine = [pairs[p] for p in pair_ids if p in pairs]
+        total = sum(p.bytes_total for p in mine)
+        ctx.progress(
+            bytes_done=sum(p.bytes_done for p in mine),
+            bytes_total=total or None,
+            message=f"{sum(p.bytes_sent for p in mine)} bytes sent",
+        )
+        done = mine
+        return len(mine) == len(pair_ids) and all(p.state is PairState.PROTECTED for p in mine)
+
+    wait_until(
+        synced,
+        timeout,
+        "sync-timeout",
+        f"Replication of {len(pair_ids)} disk(s) did not finish "
+        f"its initial synchronisation within {timeout:.0f} s.",
+        "Check the agent, process server and master target health (`servers list`), then retry.",
+    )
+    return done
+
+
+def wait_for_apply(ctx: TaskContext, mt_id: str, targets: dict[str, int], timeout: float) -> None:
+    """Wait until the master target applied every pair up to its sequence number (drain)."""
+
+    def applied() -> bool:
+        got = {p.pair_id: p.applied_seq for p in mt_pairs(mt_id).pairs}
+        behind = [p for p, seq in targets.items() if got.get(p, -1) < seq]
+        ctx.progress(
+            percent=100.0 * (len(targets) - len(behind)) / max(1, len(targets)),
+            message=f"{len(behind)} disk(s) still draining" if behind else "drained",
+        )
+        return not behind
+
+    wait_until(
+        applied,
+        timeout,
+        "drain-timeout",
+        f"The master target did not apply every acknowledged write within {timeout:.0f} s.",
+        "Check the process server's backlog (`servers show`), then retry.",
+    )
