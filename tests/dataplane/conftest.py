@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,16 @@ def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "cond
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_addresses(count: int) -> list[str]:
+    """Distinct free loopback addresses: the sockets stay bound until all ports are chosen."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def read_stats(state_dir: Path) -> dict[str, object]:

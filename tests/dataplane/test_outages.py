@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
     Plane,
+    free_addresses,
     make_image,
     pair_stats,
     replication,
@@ -49,7 +50,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write(plane: Plane, victim: str
     size = 32 * MiB
     src = make_image(plane.root / "src.img", size, [(0, 4 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    ps_addr, mt_addr = free_addresses(2)
     mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr).start()
     ps = plane.process_server(listen=ps_addr).start()
     ps.wait_address()
@@ -143,7 +144,7 @@ def test_spool_overflow_resyncs_only_dirty_blocks(plane: Plane) -> None:
     size = 32 * MiB
     src = make_image(plane.root / "src.img", size, [(0, 1 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr = f"127.0.0.1:{free_port()}"
+    [ps_addr] = free_addresses(1)
     mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}]).start()
     ps = plane.process_server(listen=ps_addr).start()
     ps.wait_address()
