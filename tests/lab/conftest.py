@@ -18,27 +18,9 @@ from siterecovery.lab import runtime
 from siterecovery.lab.guest import GuestStatus
 
 DISK_SIZE = 16 * 1024 * 1024
+
+
 # Until the main CLI registers `lab`, the commands run through this tiny console script of its own.
-_RUNNER = """
-import sys, typer
-from siterecovery.cli.lab import register
-app = typer.Typer()
-register(app)
-@app.callback()
-def main() -> None:
-    pass
-app(sys.argv[1:], prog_name="siterecovery")
-"""
-
-
-def _main_cli_has_lab() -> bool:
-    try:
-        from siterecovery.cli.main import app
-    except Exception:
-        return False
-    return any(group.name == "lab" for group in app.registered_groups)
-
-
 @dataclass(frozen=True)
 class Lab:
     path: Path
@@ -48,10 +30,7 @@ class Lab:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run `siterecovery lab ARGS` as a real process."""
-        if _main_cli_has_lab():
-            cmd = [str(Path(sys.executable).with_name("siterecovery")), "lab", *args]
-        else:
-            cmd = [sys.executable, "-c", _RUNNER, "lab", *args]
+        cmd = [str(Path(sys.executable).with_name("siterecovery")), "lab", *args]
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
         )

@@ -25,7 +25,7 @@ def test_guest_writes_through_the_export(lab: Lab) -> None:
     assert web1 is not None and web1.power_state is PowerState.ON
     status = wait_records(lab, "web1", 64)
     assert status.start_verdict["reason"] == "empty log"
-    sock = runtime.agent_socket(lab.fabric().run_dir("web1"))
+    sock = runtime.agent_socket(lab.fabric().run_dir("web1"), "disk0")
     # A real NBD peer sees the export the guest writes to.
     nbdinfo = require_tool("nbdinfo")
     info = json.loads(
@@ -89,7 +89,7 @@ def test_quiesce_writes_a_marker_and_pauses(lab: Lab) -> None:
     marker = runtime.quiesce(lab.path, "onprem", "web1")
     web1 = fabric.discover().machine("web1")
     assert web1 is not None
-    with NbdClient.connect("disk0", unix=runtime.agent_socket(fabric.run_dir("web1"))) as client:
+    with NbdClient.connect("disk0", unix=runtime.agent_socket(fabric.run_dir("web1"), "disk0")) as client:
         verdict = verify_log(lambda off, n: client.pread(n, off), client.size, web1.name)
     assert verdict.ok and verdict.ends_quiesced and verdict.last_quiesce == marker  # nothing after it
     runtime.thaw(lab.path, "onprem", "web1")

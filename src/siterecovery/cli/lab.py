@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from siterecovery.cli.state import as_json
 from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
 from siterecovery.fabrics.lab import LabFabric
@@ -34,11 +35,6 @@ lab_app = typer.Typer(help="Embedded lab: two simulated sites in a folder.", no_
 
 LabDir = Annotated[Path, typer.Argument(help="The lab folder.")]
 SiteOpt = Annotated[str, typer.Option("--site", help="Site: onprem or cloud.")]
-
-
-class Output(StrEnum):
-    TABLE = "table"
-    JSON = "json"
 
 
 class PowerAction(StrEnum):
@@ -96,9 +92,9 @@ def create(
 
 @lab_app.command("show")
 def show(
+    ctx: typer.Context,
     lab_dir: LabDir,
     site: Annotated[str | None, typer.Option("--site", help="Only this site.")] = None,
-    output: Annotated[Output, typer.Option("--output", "-o")] = Output.TABLE,
 ) -> None:
     """Show the lab's inventory."""
     try:
@@ -108,7 +104,7 @@ def show(
     if site is not None and site not in state.sites:
         err.print(f"[red]error[/red] --site: no site {site!r}. Allowed: {', '.join(state.sites)}.")
         raise typer.Exit(2)
-    if output is Output.JSON:
+    if as_json(ctx):
         data = state.model_dump(mode="json")
         if site is not None:
             data["sites"] = {site: data["sites"][site]}
@@ -253,7 +249,7 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
     if machine.power_state is PowerState.ON and runtime.export_running(
         fabric.lab_dir, fabric.site, machine.name
     ):
-        sock = runtime.agent_socket(fabric.run_dir(machine.name))
+        sock = runtime.agent_socket(fabric.run_dir(machine.name), disk.label)
         with NbdClient.connect(disk.label, unix=sock) as client:
             return verify_log(lambda off, n: client.pread(n, off), client.size, machine.name)
     return verify_image(disk.backing, machine.name)
@@ -261,10 +257,10 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
 
 @lab_app.command("verify")
 def verify(
+    ctx: typer.Context,
     lab_dir: LabDir,
     machine: str,
     site: SiteOpt = ONPREM,
-    output: Annotated[Output, typer.Option("--output", "-o")] = Output.TABLE,
 ) -> None:
     """Check that the machine's disk holds a clean prefix of its guest's log (exit 1 if not)."""
     fabric = _fabric(lab_dir, site)
@@ -272,7 +268,7 @@ def verify(
         verdict = verify_machine(fabric, _machine(fabric, machine))
     except FabricError as exc:
         raise _fail(exc) from None
-    if output is Output.JSON:
+    if as_json(ctx):
         typer.echo(json.dumps(verdict.as_dict()))
     elif verdict.ok:
         console.print(f"{machine}: [green]ok[/green] — {verdict.reason}")

@@ -198,11 +198,17 @@ class LabFabric:
                 m.powered_on_at = time.time()
             value = self._machine(m)
             workload, rate, after = m.workload, m.guest_rate, m.guest_after
+            agent = runtime.AgentSettings(
+                site=self.site,
+                server=site.control_server,
+                passphrase_file=site.passphrase_file,
+                registration_delay=site.agent_registration_delay,
+            )
         if not workload:
             return
         peer = runtime.run_dir(self.lab_dir, self.site, after) / runtime.GUEST_STATUS if after else None
         try:
-            runtime.start_machine(self.lab_dir, self.site, value, rate=rate, after=peer)
+            runtime.start_machine(self.lab_dir, self.site, value, rate=rate, after=peer, agent=agent)
         except BaseException:
             if not was_on:
                 with self.store.edit() as state:

@@ -138,6 +138,10 @@ class LabSite(BaseModel):
     reachable: bool = True
     location: str = ""
     agent_registration_delay: float = 2.0
+    # The configuration server this site's mobility agents register with ("" = none: disks are only
+    # exported, nothing replicates), and the file holding the registration passphrase.
+    control_server: str = ""
+    passphrase_file: str = ""
     account: LabAccount = Field(default_factory=LabAccount)
     hosts: list[LabHost] = Field(default_factory=list)
     datastores: list[LabDatastore] = Field(default_factory=list)

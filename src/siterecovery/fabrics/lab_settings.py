@@ -377,7 +377,14 @@ def _set_account(ctx: _Context, mode: AccountMode, assignments: Sequence[Assignm
         account.privileges = _edit_list(a, account.privileges, KNOWN_PRIVILEGES)
 
 
-SITE_KEYS = ("reachable", "agent_registration_delay", "location", "resource_group")
+SITE_KEYS = (
+    "reachable",
+    "agent_registration_delay",
+    "location",
+    "resource_group",
+    "control_server",
+    "passphrase_file",
+)
 
 
 def _set_site(ctx: _Context, site: LabSite, a: Assignment) -> None:
@@ -391,6 +398,10 @@ def _set_site(ctx: _Context, site: LabSite, a: Assignment) -> None:
             site.agent_registration_delay = _number(a)
         case "location":
             site.location = a.value
+        case "control_server":
+            site.control_server = a.value
+        case "passphrase_file":
+            site.passphrase_file = a.value
         case "resource_group":
             _only(a, Op.ADD, Op.REMOVE)
             names = _edit_list(a, [g.name for g in site.resource_groups])

@@ -1,10 +1,12 @@
-"""A lab machine's disk export: its disks served over NBD on one Unix socket until SIGTERM.
+"""A lab machine's disk export: each disk served over NBD on its own Unix socket until SIGTERM.
 
 This is what a lab machine's agent does for its guest until the real agent takes the role
 (`runtime.agent_command` is the one place that chooses the command). Each disk is an export named
 by its label; the guest and any NBD client (qemu-io, nbdcopy) use the disk only through it.
 
-    python -m siterecovery.lab.export --unix SOCKET --disk LABEL=PATH [--disk LABEL=PATH ...]
+    python -m siterecovery.lab.export --unix-dir DIR --disk LABEL=PATH [--disk LABEL=PATH ...]
+
+Disk LABEL is served as export LABEL on DIR/LABEL.sock, the layout the real agent uses too.
 """
 
 from __future__ import annotations
@@ -24,26 +26,31 @@ def _parse_disk(text: str) -> tuple[str, Path]:
     return label, Path(path)
 
 
-async def serve(unix: Path, disks: list[tuple[str, Path]]) -> None:
-    server = NbdServer([Export.for_image(label, path) for label, path in disks], unix=unix)
+async def serve(unix_dir: Path, disks: list[tuple[str, Path]]) -> None:
+    unix_dir.mkdir(parents=True, exist_ok=True)
+    servers = [
+        NbdServer([Export.for_image(label, path)], unix=unix_dir / f"{label}.sock") for label, path in disks
+    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(f"serving {', '.join(label for label, _ in disks)} on {unix}", flush=True)
+    for server in servers:
+        await server.start()
+    print(f"serving {', '.join(label for label, _ in disks)} in {unix_dir}", flush=True)
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        for server in servers:
+            await server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m siterecovery.lab.export", description=__doc__)
-    parser.add_argument("--unix", type=Path, required=True, help="Unix socket to listen on")
+    parser.add_argument("--unix-dir", type=Path, required=True, help="folder of the per-disk Unix sockets")
     parser.add_argument("--disk", type=_parse_disk, action="append", required=True, help="LABEL=PATH")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.unix, args.disk))
+    asyncio.run(serve(args.unix_dir, args.disk))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Running lab machines: the processes behind a powered-on machine, and their control.
 
 A powered-on lab machine is two detached processes whose pids live in
-`lab_dir/run/<site>/<machine>/`: its agent's NBD export of the machine's disks on `nbd.sock`, and
+`lab_dir/run/<site>/<machine>/`: its agent's NBD exports of the machine's disks (`nbd/<label>.sock`), and
 its guest writing the self-verifying log through that export. The site is part of the path because
 a failed-over machine keeps its name in the cloud. Pid files hold the process start time as well,
 so a recycled pid is never signalled.
@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.fabrics.base import FabricError, Machine
 from siterecovery.lab.guest import GuestState, GuestStatus, read_status
 
-SOCKET = "nbd.sock"
+NBD_DIR = "nbd"
 GUEST_STATUS = "guest.json"
 _START_TIMEOUT = 15.0
 _STOP_TIMEOUT = 10.0
@@ -31,22 +32,38 @@ def run_dir(lab_dir: Path, site: str, machine: str) -> Path:
     return Path(lab_dir) / "run" / site / machine
 
 
-def agent_socket(nbd_unix_dir: Path) -> Path:
-    """Where the machine's agent serves its disks (one socket, one export per disk label)."""
-    return nbd_unix_dir / SOCKET
+def agent_socket(run: Path, label: str) -> Path:
+    """Where the machine's agent serves one disk: a Unix socket per disk, the export named by its label."""
+    return run / NBD_DIR / f"{label}.sock"
 
 
-def agent_command(machine: Machine, nbd_unix_dir: Path) -> list[str]:
-    """The command that starts `machine`'s agent export: the one place to switch to the real agent."""
+@dataclass(frozen=True)
+class AgentSettings:
+    """How a site's machines run their mobility agent: the configuration server it registers with."""
+
+    site: str
+    server: str = ""  # empty: no agent registration, the disks are only exported
+    passphrase_file: str = ""
+    registration_delay: float = 2.0  # AG-1: seconds after power-on before the agent registers
+    drain_timeout: float = 30.0
+
+
+def agent_command(machine: Machine, run: Path, agent: AgentSettings | None = None) -> list[str]:
+    """The command that starts `machine`'s agent: the real mobility agent when the site names a
+    configuration server, else a plain export of its disks."""
     disks = [arg for d in machine.disks for arg in ("--disk", f"{d.label}={d.backing}")]
+    if agent is None or not agent.server:
+        return [sys.executable, "-m", "siterecovery.lab.export", "--unix-dir", str(run / NBD_DIR), *disks]
     return [
-        sys.executable,
-        "-m",
-        "siterecovery.lab.export",
-        "--unix",
-        str(agent_socket(nbd_unix_dir)),
+        sys.executable, "-m", "siterecovery", "agent",
+        "--machine", machine.name, "--site", agent.site,
+        "--server", agent.server, "--passphrase-file", agent.passphrase_file,
+        "--registration-delay", str(agent.registration_delay),
+        "--drain-timeout", str(agent.drain_timeout),
+        "--state-dir", str(run / "agent"), "--nbd-unix-dir", str(run / NBD_DIR),
+        "--interval", "0.5",
         *disks,
-    ]
+    ]  # fmt: skip
 
 
 def guest_command(
@@ -58,7 +75,7 @@ def guest_command(
         "-m",
         "siterecovery.lab.guest",
         "--unix",
-        str(agent_socket(nbd_unix_dir)),
+        str(agent_socket(nbd_unix_dir, machine.disks[0].label)),
         "--export",
         machine.disks[0].label,
         "--machine",
@@ -132,8 +149,8 @@ def _signal_and_wait(pidfile: Path, sig: signal.Signals, timeout: float) -> bool
     return False
 
 
-def _stop(pidfile: Path) -> None:
-    if not _signal_and_wait(pidfile, signal.SIGTERM, _STOP_TIMEOUT):
+def _stop(pidfile: Path, timeout: float = _STOP_TIMEOUT) -> None:
+    if not _signal_and_wait(pidfile, signal.SIGTERM, timeout):
         _signal_and_wait(pidfile, signal.SIGKILL, _STOP_TIMEOUT)
 
 
@@ -166,17 +183,26 @@ def _wait_connectable(sock_path: Path, pidfile: Path, logfile: Path) -> None:
 
 
 def start_machine(
-    lab_dir: Path, site: str, machine: Machine, *, rate: float = 64.0, after: Path | None = None
+    lab_dir: Path,
+    site: str,
+    machine: Machine,
+    *,
+    rate: float = 64.0,
+    after: Path | None = None,
+    agent: AgentSettings | None = None,
 ) -> None:
-    """Start whatever of the machine's export and guest is not running (idempotent)."""
+    """Start whatever of the machine's agent and guest is not running (idempotent)."""
     run = run_dir(lab_dir, site, machine.name)
     run.mkdir(parents=True, exist_ok=True)
     if not machine.disks:
         return
     if _live_pid(run / "export.pid") is None:
-        agent_socket(run).unlink(missing_ok=True)
-        _spawn(agent_command(machine, run), run / "export.pid", run / "export.log")
-        _wait_connectable(agent_socket(run), run / "export.pid", run / "export.log")
+        for d in machine.disks:
+            agent_socket(run, d.label).unlink(missing_ok=True)
+        (run / "agent-drain-timeout").write_text(str(agent.drain_timeout if agent else 0.0))
+        _spawn(agent_command(machine, run, agent), run / "export.pid", run / "export.log")
+        for d in machine.disks:
+            _wait_connectable(agent_socket(run, d.label), run / "export.pid", run / "export.log")
     if _live_pid(run / "guest.pid") is None:
         (run / GUEST_STATUS).unlink(missing_ok=True)
         _spawn(guest_command(machine, run, rate=rate, after=after), run / "guest.pid", run / "guest.log")
@@ -186,8 +212,14 @@ def stop_machine(lab_dir: Path, site: str, machine: str) -> None:
     """Shut the guest down cleanly (it flushes), then the export."""
     run = run_dir(lab_dir, site, machine)
     _stop(run / "guest.pid")
-    _stop(run / "export.pid")
-    agent_socket(run).unlink(missing_ok=True)
+    # The agent drains what it captured to its process server before it exits: give it that time.
+    try:
+        drain = float((run / "agent-drain-timeout").read_text())
+    except (FileNotFoundError, ValueError):
+        drain = 0.0
+    _stop(run / "export.pid", _STOP_TIMEOUT + drain)
+    for sock in (run / NBD_DIR).glob("*.sock"):
+        sock.unlink(missing_ok=True)
 
 
 def crash_guest(lab_dir: Path, site: str, machine: str) -> bool:
