@@ -30,7 +30,7 @@ from siterecovery.dataplane.control_client import (
     Reporter,
     load_identity,
 )
-from siterecovery.dataplane.links import parse_address
+from siterecovery.dataplane.links import Identity, parse_address
 from siterecovery.dataplane.master_target import MasterTarget
 from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
@@ -79,6 +79,9 @@ def agent(
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds")] = 30.0,
     site: Annotated[str, typer.Option("--site")] = "onprem",
     interval: IntervalOpt = 2.0,
+    registration_delay: Annotated[
+        float, typer.Option("--registration-delay", help="seconds after start before registering (AG-1)")
+    ] = 0.0,
 ) -> None:
     """Export disks over NBD and replicate their writes to a process server."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -87,22 +90,43 @@ def agent(
     for item in disk or []:
         label, _, path = item.partition("=")
         disks[label] = Path(path)
-    client = _client(server, state_dir, Registration("agent", f"agent-{machine}", site, machine=machine))
+    # Named by site too: a failed-over machine keeps its name in the cloud.
+    client = _client(server, state_dir, Registration("agent", f"{site}/{machine}", site, machine=machine))
     stop = _stop_event()
+    nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
+    svc = Agent(AgentOptions(state_dir, disks, nbd_unix_dir, nbd_tcp, spool_limit, f"agent-{machine}"))
     try:
-        identity = load_identity(state_dir, client, passphrase_file)
-        nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
-        svc = Agent(
-            AgentOptions(state_dir, disks, nbd_unix_dir, nbd_tcp, spool_limit, f"agent-{machine}"), identity
-        )
-        source = DesiredSource(AgentDesired, state_dir, client, assignments)
-        while not stop.is_set():
-            svc.reconcile(source.exchange(svc.stats()))
-            stop.wait(interval)
+        # The machine's disks are served at once; registration follows after the delay (AG-1).
+        svc.reconcile(AgentDesired())
+        if client is not None:
+            stop.wait(registration_delay)
+        svc.identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
+        if svc.identity is not None:
+            source = DesiredSource(AgentDesired, state_dir, client, assignments)
+            while not stop.is_set():
+                svc.reconcile(source.exchange(svc.stats()))
+                stop.wait(interval)
     except SiteRecoveryError as exc:
+        svc.stop()
         raise _fail(exc) from exc
     svc.stop(drain_timeout)
-    source.exchange(svc.stats())
+    if svc.identity is not None:
+        source.exchange(svc.stats())  # the final statistics: what was drained before exit
+
+
+def _register_until_stopped(
+    state_dir: Path, client: ControlClient | None, passphrase_file: Path | None, stop: threading.Event
+) -> Identity | None:
+    """Register, retrying while the configuration server is unreachable; None if stopped first."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            return load_identity(state_dir, client, passphrase_file)
+        except httpx.HTTPError as exc:
+            logging.getLogger(__name__).warning("registration failed (%s); retrying in %.0f s", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+    return None
 
 
 def process_server(

@@ -40,21 +40,71 @@ class AgentOptions:
     name: str = "agent"
 
 
+class _SinkSwitch:
+    """The capture sink an export keeps for its whole life; replication plugs in and out of it.
+
+    Swapping the NBD server to start or stop capturing would drop the guest's connection, so the
+    export always writes through this switch and only its target changes. Writes made before a
+    pair is plugged in are covered by that pair's initial sync, which reads the disk afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._target: PairReplication | None = None
+
+    def plug(self, target: PairReplication | None) -> None:
+        with self._lock:
+            self._target = target
+
+    @property
+    def target(self) -> PairReplication | None:
+        return self._target
+
+    def record_write(self, offset: int, data: memoryview) -> int:
+        with self._lock:
+            return self._target.record_write(offset, data) if self._target is not None else 0
+
+    def record_zero(self, offset: int, length: int) -> int:
+        with self._lock:
+            return self._target.record_zero(offset, length) if self._target is not None else 0
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._target is not None:
+                self._target.flush()
+
+
 class Agent:
-    def __init__(self, options: AgentOptions, identity: Identity) -> None:
+    def __init__(self, options: AgentOptions, identity: Identity | None = None) -> None:
         self.options = options
+        # None until the agent has registered (AG-1); its disks are served meanwhile.
         self.identity = identity
         self.pairs: dict[str, PairReplication] = {}
         self.senders: dict[str, PairSender] = {}
         self._servers: dict[str, _Stoppable] = {}
+        self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
 
     def reconcile(self, desired: AgentDesired) -> None:
-        """Start replicating and exporting what `desired` lists (idempotent)."""
+        """Export every disk and replicate what `desired` lists; stop what it no longer lists (idempotent)."""
         with self._lock:
+            for label, disk_path in self.options.disks.items():
+                if label not in self._servers:
+                    self._export(label, disk_path)
+            wanted = {spec.pair_id for spec in desired.replications}
+            for pair_id in [p for p in self.pairs if p not in wanted]:
+                self._retire(pair_id)
             for spec in desired.replications:
                 if spec.pair_id in self.pairs:
                     continue
+                if self.identity is None:
+                    raise SiteRecoveryError(
+                        Problem(
+                            code="component-not-registered",
+                            message=f"The agent cannot replicate pair {spec.pair_id!r} before it registered",
+                            remediation="Wait for the agent to register with the configuration server.",
+                        )
+                    )
                 image = spec.image or self.options.disks.get(spec.disk)
                 if image is None:
                     raise SiteRecoveryError(
@@ -64,22 +114,29 @@ class Agent:
                             remediation="Start the agent with --disk LABEL=PATH for it.",
                         )
                     )
+                if spec.disk not in self._servers:
+                    self._export(spec.disk, image)
                 pair = PairReplication(spec, image, self.options.state_dir, self.options.spool_limit)
                 self.pairs[spec.pair_id] = pair
-                self._export(spec.disk, image, pair)
+                self._switches[spec.disk].plug(pair)
                 if not spec.paused:
                     sender = PairSender(pair, self.identity.client_context(), self.options.name)
                     self.senders[spec.pair_id] = sender
                     sender.start()
-            replicated = {s.disk for s in desired.replications}
-            for label, image in self.options.disks.items():
-                if label not in replicated and label not in self._servers:
-                    self._export(label, image, None)
 
-    def _export(self, label: str, image: Path, pair: PairReplication | None) -> None:
-        old = self._servers.pop(label, None)
-        if old is not None:
-            old.stop()
+    def _retire(self, pair_id: str) -> None:
+        """Stop replicating a pair the desired state dropped (e.g. after a failover)."""
+        pair = self.pairs.pop(pair_id)
+        for switch in self._switches.values():
+            if switch.target is pair:
+                switch.plug(None)
+        sender = self.senders.pop(pair_id, None)
+        if sender is not None:
+            sender.stop()
+        pair.flush()
+        pair.spool.close()
+
+    def _export(self, label: str, image: Path) -> None:
         unix = None
         if self.options.nbd_unix_dir is not None:
             self.options.nbd_unix_dir.mkdir(parents=True, exist_ok=True)
@@ -89,10 +146,11 @@ class Agent:
         if self.options.nbd_listen is not None:
             host, port = self.options.nbd_listen
             tcp = (host, port + len(self._servers)) if port else (host, 0)
+        switch = self._switches.setdefault(label, _SinkSwitch())
         if unix is None and tcp is None:
             return
         self._servers[label] = run_nbd_server_in_thread(
-            [Export.for_image(label, image, pair)], tcp=tcp, unix=unix
+            [Export.for_image(label, image, switch)], tcp=tcp, unix=unix
         )
 
     def stats(self) -> AgentStats:

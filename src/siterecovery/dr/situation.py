@@ -65,12 +65,12 @@ def _mt_view(row: Component | None) -> MasterTargetView | None:
 def _agent(
     s: Session, rec: ItemRecord, machine: str, site: str, inv: Inventory | None
 ) -> ComponentView | None:
-    """AG-1: the agent counts only once it registered after the machine's last boot."""
+    """AG-1: the agent counts only once it checked in after the machine's last boot."""
     row = repo.component(s, agent_name(site, machine), ComponentKind.AGENT)
-    if row is None:
+    if row is None or row.last_heartbeat is None:
         return None
     found = inv.machine(machine) if inv is not None else None
-    if found is not None and found.boot_time is not None and row.registered_at < found.boot_time:
+    if found is not None and found.boot_time is not None and row.last_heartbeat < found.boot_time:
         return None
     return _component_view(row)
 
