@@ -30,11 +30,12 @@ class TokenCreated(BaseModel):
 class Registration(Strict):
     passphrase: str = Field(min_length=1, max_length=500)
     kind: Literal[ComponentKind.AGENT, ComponentKind.PROCESS, ComponentKind.MASTER_TARGET]
-    name: str = Name
+    # Agents are named "<site>/<machine>": a failed-over machine keeps its name in the cloud.
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ /-]*$")
     site: str = Field(default="onprem", max_length=100)
     os_type: Literal["linux", "windows"] | None = None
-    address: str = Field(default="", max_length=300)
-    machine: str = Field(default="", max_length=200)
+    address: str | None = Field(default=None, max_length=300)
+    machine: str | None = Field(default=None, max_length=200)
 
 
 class Registered(BaseModel):

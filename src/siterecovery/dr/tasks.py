@@ -263,11 +263,15 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
             )
         )
 
+    created = fabric.discover().machine(name)
+    group = created.resource_group if created is not None else item.record.cloud_resource_group
+
     def change(_: Any, rec: ItemRecord) -> None:
         rec.cloud_machine = name
+        rec.cloud_resource_group = group  # RP-ELIGIBLE later compares against it
 
     repo.update(item.id, change)
-    return {"machine": name}
+    return {"machine": name, "resource_group": group}
 
 
 @task_handler("detach-from-master-target")

@@ -13,7 +13,7 @@ from siterecovery.control.db import Component, Token, new_id, now
 from siterecovery.control.events import record_event
 from siterecovery.control.heartbeats import apply_heartbeat, server_view
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
-from siterecovery.control.states import Role, Severity
+from siterecovery.control.states import ComponentKind, Role, Severity
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 router = APIRouter(prefix="/api", tags=["servers"])
@@ -24,7 +24,7 @@ def register(
     body: Registration,
     request: Request,
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> Registered:
     if not cp.check_passphrase(body.passphrase):
         peer = request.client.host if request.client else "?"
@@ -50,13 +50,15 @@ def register(
     if row is None:
         row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
         s.add(row)
-    row.site, row.os_type, row.address, row.machine = body.site, body.os_type, body.address, body.machine
+    # A master target runs on a VM of the site; unless told otherwise it is the VM of its own name.
+    machine = body.machine or (body.name if body.kind is ComponentKind.MASTER_TARGET else "")
+    row.site, row.os_type, row.address, row.machine = body.site, body.os_type, body.address or "", machine
     row.registered_at = now()
     # One live token per component: re-registering revokes the previous one.
     for old in s.scalars(select(Token).where(Token.component_id == row.id)):
         old.revoked = True
     token = create_token(s, f"{body.kind.value}:{body.name}", Role.COMPONENT, component_id=row.id)
-    hosts = tuple(sorted({"127.0.0.1", "localhost", body.address.rsplit(":", 1)[0] or "127.0.0.1"}))
+    hosts = tuple(sorted({"127.0.0.1", "localhost", (body.address or "").rsplit(":", 1)[0] or "127.0.0.1"}))
     issued = cp.ca.issue(f"{body.kind.value}:{body.name}", hosts)
     record_event(
         s,
@@ -81,7 +83,7 @@ def heartbeat(
     body: Heartbeat,
     who: Principal = Depends(component),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> HeartbeatReply:
     if who.component_id != component_id:
         raise SiteRecoveryError(
@@ -101,7 +103,9 @@ def heartbeat(
 
 @router.get("/servers")
 def list_servers(
-    _: Principal = Depends(reader), cp: ControlPlane = Depends(control_plane), s: Session = Depends(session)
+    _: Principal = Depends(reader),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session, scope="function"),
 ) -> list[ServerOut]:
     rows = s.scalars(select(Component).order_by(Component.kind, Component.name))
     return [server_view(r, cp.config) for r in rows]
@@ -112,7 +116,7 @@ def show_server(
     ident: str,
     _: Principal = Depends(reader),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> ServerOut:
     return server_view(find_component(s, ident), cp.config)
 
@@ -122,7 +126,7 @@ def refresh_server(
     ident: str,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> ServerOut:
     """Ask a component to re-discover now (e.g. a newly added retention volume, RP-RET)."""
     row = find_component(s, ident)

@@ -20,7 +20,7 @@ def list_events(
     active: bool = False,
     limit: int = Query(default=200, ge=1, le=5000),
     _: Principal = Depends(reader),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> list[EventOut]:
     q = select(Event).order_by(Event.id.desc()).limit(limit)
     if alerts:

@@ -64,7 +64,7 @@ def add_fabric(
     body: FabricCreate,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> FabricOut:
     if s.scalar(select(Fabric).where(Fabric.name == body.name)) is not None:
         raise conflict(
@@ -94,12 +94,16 @@ def add_fabric(
 
 
 @router.get("")
-def list_fabrics(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[FabricOut]:
+def list_fabrics(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[FabricOut]:
     return [fabric_view(f) for f in s.scalars(select(Fabric).order_by(Fabric.name))]
 
 
 @router.get("/{ident}")
-def show_fabric(ident: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> FabricOut:
+def show_fabric(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> FabricOut:
     return fabric_view(find_fabric(s, ident))
 
 
@@ -108,7 +112,7 @@ def rediscover(
     ident: str,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> FabricOut:
     row = find_fabric(s, ident)
     discover(cp, row)
@@ -121,7 +125,7 @@ def update_credentials(
     body: FabricCredentials,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> FabricOut:
     """Replace the account (e.g. a read-only vCenter user, RP-DATASTORES) and discover again."""
     row = find_fabric(s, ident)
@@ -143,7 +147,7 @@ def update_credentials(
 
 @router.get("/{ident}/machines")
 def list_machines(
-    ident: str, _: Principal = Depends(reader), s: Session = Depends(session)
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
 ) -> list[dict[str, Any]]:
     row = find_fabric(s, ident)
     return list(row.inventory.get("machines", []))

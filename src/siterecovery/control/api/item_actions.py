@@ -113,7 +113,7 @@ def enable(
     body: EnableRequest,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> Started:
     """FW-1: protect an on-premises machine: initial replication to the cloud, then continuous."""
     source, target = _fabric(s, body.source_fabric), _fabric(s, body.target_fabric)
@@ -238,7 +238,10 @@ def enable(
 
 @router.post("/{ident}/failover", status_code=202)
 def failover(
-    ident: str, body: FailoverBody, _: Principal = Depends(operator), s: Session = Depends(session)
+    ident: str,
+    body: FailoverBody,
+    _: Principal = Depends(operator),
+    s: Session = Depends(session, scope="function"),
 ) -> Started:
     item = repo.snapshot(repo.get_item(s, ident))
     tasks = ops.failover_tasks(item, ops.FailoverRequest(body.point, body.planned))
@@ -246,14 +249,19 @@ def failover(
 
 
 @router.post("/{ident}/commit", status_code=202)
-def commit(ident: str, _: Principal = Depends(operator), s: Session = Depends(session)) -> Started:
+def commit(
+    ident: str, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
+) -> Started:
     item = repo.snapshot(repo.get_item(s, ident))
     return _start("commit", item, ops.commit_tasks(item), {})
 
 
 @router.post("/{ident}/reprotect", status_code=202, response_model=None)
 def reprotect(
-    ident: str, body: ReprotectBody, _: Principal = Depends(operator), s: Session = Depends(session)
+    ident: str,
+    body: ReprotectBody,
+    _: Principal = Depends(operator),
+    s: Session = Depends(session, scope="function"),
 ) -> Started | Readiness:
     """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
     item = _item_for_dr(s, ident)
@@ -283,7 +291,10 @@ def reprotect(
 
 @router.post("/{ident}/failback", status_code=202, response_model=None)
 def failback(
-    ident: str, body: FailbackBody, _: Principal = Depends(operator), s: Session = Depends(session)
+    ident: str,
+    body: FailbackBody,
+    _: Principal = Depends(operator),
+    s: Session = Depends(session, scope="function"),
 ) -> Started | Readiness:
     """FB-1: planned failover to on-premises, after every failback rule passed."""
     item = _item_for_dr(s, ident)
@@ -302,6 +313,8 @@ def failback(
 
 
 @router.post("/{ident}/disable", status_code=202)
-def disable(ident: str, _: Principal = Depends(operator), s: Session = Depends(session)) -> Started:
+def disable(
+    ident: str, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
+) -> Started:
     item = repo.snapshot(repo.get_item(s, ident))
     return _start("disable", item, ops.disable_tasks(item), {})

@@ -55,10 +55,14 @@ def find_item(s: Session, ident: str) -> ReplicatedItem:
 
 
 @router.get("")
-def list_items(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[ItemOut]:
+def list_items(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[ItemOut]:
     return [item_view(i) for i in s.scalars(select(ReplicatedItem).order_by(ReplicatedItem.name))]
 
 
 @router.get("/{ident}")
-def show_item(ident: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> ItemOut:
+def show_item(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> ItemOut:
     return item_view(find_item(s, ident))

@@ -61,7 +61,7 @@ def list_jobs(
     target: str | None = Query(default=None, max_length=200),
     limit: int = Query(default=100, ge=1, le=1000),
     _: Principal = Depends(reader),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> list[JobOut]:
     q = select(Job).order_by(Job.created_at.desc()).limit(limit)
     if state is not None:
@@ -74,7 +74,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def show_job(job_id: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> JobOut:
+def show_job(
+    job_id: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> JobOut:
     job = s.get(Job, job_id)
     if job is None:
         raise not_found("job", job_id)

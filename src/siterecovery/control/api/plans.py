@@ -50,7 +50,7 @@ def find_plan(s: Session, ident: str) -> RecoveryPlan:
 
 @router.post("/recoveryPlans", status_code=201)
 def create_plan(
-    body: PlanCreate, who: Principal = Depends(operator), s: Session = Depends(session)
+    body: PlanCreate, who: Principal = Depends(operator), s: Session = Depends(session, scope="function")
 ) -> PlanOut:
     if s.scalar(select(RecoveryPlan).where(RecoveryPlan.name == body.name)) is not None:
         raise conflict(
@@ -94,12 +94,16 @@ def create_plan(
 
 
 @router.get("/recoveryPlans")
-def list_plans(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[PlanOut]:
+def list_plans(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[PlanOut]:
     return [plan_view(p) for p in s.scalars(select(RecoveryPlan).order_by(RecoveryPlan.created_at))]
 
 
 @router.get("/recoveryPlans/{ident}")
-def show_plan(ident: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> PlanOut:
+def show_plan(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> PlanOut:
     return plan_view(find_plan(s, ident))
 
 
@@ -109,7 +113,7 @@ def run_plan(
     operation: PlanOperation,
     body: PlanRun | None = None,
     _: Principal = Depends(operator),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> JobStarted:
     plan = find_plan(s, ident)
     run = body or PlanRun()
@@ -129,7 +133,7 @@ def run_plan(
 
 @router.post("/replicationGroups", status_code=201)
 def create_group(
-    body: GroupCreate, _: Principal = Depends(operator), s: Session = Depends(session)
+    body: GroupCreate, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
 ) -> GroupOut:
     if s.scalar(select(ReplicationGroup).where(ReplicationGroup.name == body.name)) is not None:
         raise conflict(
@@ -141,7 +145,9 @@ def create_group(
 
 
 @router.get("/replicationGroups")
-def list_groups(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[GroupOut]:
+def list_groups(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[GroupOut]:
     out = []
     for g in s.scalars(select(ReplicationGroup).order_by(ReplicationGroup.name)):
         items = [i.name for i in s.scalars(select(ReplicatedItem).where(ReplicatedItem.group_id == g.id))]

@@ -51,7 +51,7 @@ def create_policy(
     body: PolicyCreate,
     _: Principal = Depends(operator),
     cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session),
+    s: Session = Depends(session, scope="function"),
 ) -> PolicyOut:
     failback_name = f"{body.name}-failback"
     for name in (body.name, failback_name):
@@ -95,18 +95,25 @@ def create_policy(
 
 
 @router.get("")
-def list_policies(_: Principal = Depends(reader), s: Session = Depends(session)) -> list[PolicyOut]:
+def list_policies(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[PolicyOut]:
     return [policy_view(p) for p in s.scalars(select(Policy).order_by(Policy.created_at, Policy.kind.desc()))]
 
 
 @router.get("/{ident}")
-def show_policy(ident: str, _: Principal = Depends(reader), s: Session = Depends(session)) -> PolicyOut:
+def show_policy(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> PolicyOut:
     return policy_view(find_policy(s, ident))
 
 
 @router.patch("/{ident}")
 def update_policy(
-    ident: str, body: PolicyUpdate, _: Principal = Depends(operator), s: Session = Depends(session)
+    ident: str,
+    body: PolicyUpdate,
+    _: Principal = Depends(operator),
+    s: Session = Depends(session, scope="function"),
 ) -> PolicyOut:
     p = find_policy(s, ident)
     if not p.editable:

@@ -22,7 +22,9 @@ router = APIRouter(prefix="/api", tags=["server"])
 
 
 @router.get("/server")
-def server_info(_: Principal = Depends(reader), s: Session = Depends(session)) -> dict[str, Any]:
+def server_info(
+    _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> dict[str, Any]:
     ident = s.scalar(select(ServerIdentity))
     assert ident is not None
     return {
@@ -49,7 +51,9 @@ def show_passphrase(
 
 @router.post("/server/passphrase/rotate")
 def rotate_passphrase(
-    who: Principal = Depends(admin), cp: ControlPlane = Depends(control_plane), s: Session = Depends(session)
+    who: Principal = Depends(admin),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session, scope="function"),
 ) -> dict[str, str]:
     value = cp.rotate_passphrase()
     record_event(s, Severity.INFO, "passphrase-rotated", f"Registration passphrase rotated by {who.name}.")
@@ -58,7 +62,7 @@ def rotate_passphrase(
 
 @router.post("/tokens", status_code=201)
 def new_token(
-    body: TokenCreate, _: Principal = Depends(admin), s: Session = Depends(session)
+    body: TokenCreate, _: Principal = Depends(admin), s: Session = Depends(session, scope="function")
 ) -> TokenCreated:
     secret = create_token(s, body.name, Role(body.role))
     row = s.scalar(select(Token).order_by(Token.created_at.desc()).where(Token.name == body.name))
@@ -67,7 +71,9 @@ def new_token(
 
 
 @router.get("/tokens")
-def list_tokens(_: Principal = Depends(admin), s: Session = Depends(session)) -> list[dict[str, Any]]:
+def list_tokens(
+    _: Principal = Depends(admin), s: Session = Depends(session, scope="function")
+) -> list[dict[str, Any]]:
     rows = s.scalars(select(Token).where(Token.role != Role.COMPONENT.value).order_by(Token.created_at))
     return [
         {"id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at, "revoked": t.revoked}

@@ -1,0 +1,248 @@
+"""An embedded deployment on one machine: a lab, a configuration server, process servers and
+master targets at both sites, all real processes on loopback.
+
+Used by `siterecovery demo` and by the end-to-end tests, so both exercise the same set-up an
+operator would do by hand (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from siterecovery.cli.client import Api
+from siterecovery.fabrics.lab import LabFabric
+from siterecovery.fabrics.lab_build import create_lab
+from siterecovery.lab import runtime
+
+START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    args: tuple[str, ...]
+
+
+@dataclass
+class Environment:
+    root: Path
+    disk_size: int = 64 << 20
+    registration_delay: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    token: str = ""
+    port: int = 0
+
+    @property
+    def lab_dir(self) -> Path:
+        return self.root / "lab"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> Api:
+        return Api(self.url, self.token)
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        return {"SITERECOVERY_SERVER": self.url, "SITERECOVERY_TOKEN": self.token}
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.root / "passphrase"
+
+    def fabric(self, site: str) -> LabFabric:
+        return LabFabric(self.lab_dir, site)
+
+    # ---- processes ----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, *args: str) -> None:
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "siterecovery", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **self.env},
+            )
+
+    def log_tail(self, name: str, size: int = 2000) -> str:
+        try:
+            return (self.root / "logs" / f"{name}.log").read_text(errors="replace")[-size:]
+        except FileNotFoundError:
+            return ""
+
+    def start_server(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        token_file = self.root / "admin-token"
+        self._spawn(
+            "server",
+            "server",
+            "--state-dir",
+            str(self.root / "server"),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--admin-token-file",
+            str(token_file),
+        )
+        self._await(lambda: httpx.get(self.url + "/healthz", timeout=1).status_code == 200, "server")
+        if not self.token:
+            self.token = token_file.read_text().strip()
+
+    def stop_server(self, kill: bool = False) -> None:
+        self._stop("server", signal.SIGKILL if kill else signal.SIGTERM)
+
+    def _await(self, ready: Any, name: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{self.log_tail(name)}")
+            try:
+                if ready():
+                    return
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not become ready:\n{self.log_tail(name)}")
+
+    def _stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def start_component(self, kind: str, name: str, site: str, *extra: str) -> None:
+        state = self.root / "components" / name
+        state.mkdir(parents=True, exist_ok=True)
+        common = (
+            "--server",
+            self.url,
+            "--passphrase-file",
+            str(self.passphrase_file),
+            "--site",
+            site,
+            "--name",
+            name,
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--interval",
+            "0.5",
+        )
+        if kind == "process-server":
+            self._spawn(
+                name,
+                "process-server",
+                "--cache-dir",
+                str(state / "cache"),
+                "--state-dir",
+                str(state),
+                *common,
+                *extra,
+            )
+        else:
+            self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
+        self._await(lambda: self.connected(name), name)
+
+    def retention_volume(self, master_target: str) -> str:
+        """The first eligible retention volume the master target reports (what the portal offers)."""
+        for server in self.api.get("/api/servers"):
+            if server["name"] == master_target:
+                for volume in server["stats"].get("retention_volumes", []):
+                    if volume.get("eligible", True):
+                        return str(volume.get("name") or volume["path"])
+        raise RuntimeError(f"master target {master_target} reports no eligible retention volume")
+
+    def connected(self, name: str) -> bool:
+        return any(s["name"] == name and s["connected"] for s in self.api.get("/api/servers"))
+
+    # ---- the whole deployment ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Lab, configuration server, both sites as fabrics, a process server and a master target per site."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        create_lab(self.lab_dir, self.disk_size)
+        self.start_server()
+        self.passphrase_file.write_text(self.api.get("/api/server/passphrase")["passphrase"] + "\n")
+        os.chmod(self.passphrase_file, 0o600)
+        for site in ("onprem", "cloud"):
+            self.api.post(
+                "/api/fabrics",
+                {
+                    "name": site,
+                    "kind": "lab",
+                    "site": site,
+                    "connection": {"path": str(self.lab_dir), "site": site},
+                },
+            )
+            self.lab_set(
+                "site",
+                site,
+                f"control_server={self.url}",
+                f"passphrase_file={self.passphrase_file}",
+                f"agent_registration_delay={self.registration_delay}",
+            )
+        retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
+        for site in ("onprem", "cloud"):
+            (retention / site).mkdir(parents=True, exist_ok=True)
+        self.start_component("process-server", "ps-onprem", "onprem")
+        self.start_component("process-server", "ps-cloud", "cloud")
+        self.start_component(
+            "master-target",
+            "mt-cloud",
+            "cloud",
+            "--os",
+            "linux",
+            "--retention-volume",
+            str(retention / "cloud"),
+        )
+        self.start_component(
+            "master-target",
+            "mt-linux",
+            "onprem",
+            "--os",
+            "linux",
+            "--retention-volume",
+            str(retention / "onprem"),
+        )
+
+    def lab_set(self, kind: str, name: str, *assignments: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "siterecovery", "lab", "set", str(self.lab_dir), kind, name, *assignments],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def stop(self) -> None:
+        runtime.stop_all(self.lab_dir)
+        for name in [n for n in self.procs if n != "server"]:
+            self._stop(name)
+        self._stop("server")
