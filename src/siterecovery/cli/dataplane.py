@@ -161,7 +161,16 @@ def process_server(
 
 def master_target(
     os_type: Annotated[str, typer.Option("--os", help="linux or windows (MT-2)")],
-    retention_volume: Annotated[Path, typer.Option("--retention-volume")],
+    retention_volume: Annotated[
+        Path | None,
+        typer.Option("--retention-volume", help="journals go here unless the desired state names one"),
+    ] = None,
+    volume: Annotated[
+        list[Path] | None, typer.Option("--volume", help="another candidate retention volume (RP-RET)")
+    ] = None,
+    retention_quota: Annotated[
+        int | None, typer.Option("--retention-quota", help="bytes per pair's journal (testing)", hidden=True)
+    ] = None,
     server: ServerOpt = None,
     passphrase_file: PassOpt = None,
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
@@ -171,11 +180,13 @@ def master_target(
     assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
     interval: IntervalOpt = 2.0,
 ) -> None:
-    """Apply replicated writes to attached target disks (MT-1)."""
+    """Apply replicated writes to attached target disks through retention journals (MT-1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if os_type not in ("linux", "windows"):
         raise typer.BadParameter("--os must be linux or windows")
     state_dir.mkdir(parents=True, exist_ok=True)
+    if retention_volume is not None:
+        retention_volume.mkdir(parents=True, exist_ok=True)
     client = _client(
         server, state_dir, Registration("master-target", name, site, os_type=os_type, address=listen)
     )
@@ -184,14 +195,26 @@ def master_target(
         identity = load_identity(state_dir, client, passphrase_file)
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
-    svc = MasterTarget(state_dir, identity, listen, retention_volumes=(retention_volume,), name=name)
+    svc = MasterTarget(
+        state_dir,
+        identity,
+        listen,
+        retention_volume=retention_volume,
+        volumes=tuple(volume or ()),
+        retention_quota=retention_quota,
+        name=name,
+    )
     source = DesiredSource(MasterTargetDesired, state_dir, client, assignments)
-    svc.reconcile(source.exchange(svc.stats()))
-    svc.start()
-    _write_address(state_dir, svc.address)
-    while not stop.is_set():
-        stop.wait(interval)
+    try:
         svc.reconcile(source.exchange(svc.stats()))
+        svc.start()
+        _write_address(state_dir, svc.address)
+        while not stop.is_set():
+            stop.wait(interval)
+            svc.reconcile(source.exchange(svc.stats()))
+    except SiteRecoveryError as exc:
+        svc.stop()
+        raise _fail(exc) from exc
     svc.stop()
 
 

@@ -53,8 +53,19 @@ class DiskReplication(_Model):
     paused: bool = False
 
 
+class BookmarkRequest(_Model):
+    """Insert a recovery point into every pair of the agent at once (done once per tag)."""
+
+    tag: str
+    kind: str = Field(description='"app" | "group" | "crash"')
+    freeze: bool = Field(default=True, description="run the freeze hook first (app-consistent)")
+
+
 class AgentDesired(_Model):
     replications: list[DiskReplication] = []
+    bookmarks: list[BookmarkRequest] = []
+    # A crash bookmark goes into all the agent's pairs at once this often, if anything was written.
+    crash_interval_seconds: float = 5.0
 
 
 class PairStats(_Model):
@@ -71,6 +82,8 @@ class PairStats(_Model):
 
 class AgentStats(_Model):
     pairs: list[PairStats] = []
+    bookmarks_done: list[str] = Field(default=[], description="the last tags done, oldest first")
+    bookmark_errors: dict[str, str] = Field(default={}, description="tag -> why it failed")
 
 
 # --- process server ---------------------------------------------------------------------------
@@ -94,17 +107,44 @@ class AttachedDisk(_Model):
     pair_id: str
     path: Path
     size: int
+    # Materialise the disk in place at this recovery point id (None: follow latest). While set,
+    # the master target applies no new writes to the pair.
+    point: str | None = None
+
+
+class PointCopy(_Model):
+    """Materialise a pair's recovery point as a new sparse image (test failover); done once per id."""
+
+    request_id: str
+    pair_id: str
+    point: str
+    out_path: Path
 
 
 class MasterTargetDesired(_Model):
     disks: list[AttachedDisk] = []
     retention_volume: Path | None = None
+    retention_seconds: float = 86400.0
+    copies: list[PointCopy] = []
+    refresh: int = Field(default=0, description="a change asks to rediscover retention volumes now")
+
+
+class PointInfo(_Model):
+    id: str
+    kind: str  # "crash" | "app" | "group" | "latest"
+    time: float
+    seq: int
+    tag: str = ""
 
 
 class MasterTargetPairStats(_Model):
     pair_id: str
     applied_seq: int
     last_applied_time: float | None = None
+    points: list[PointInfo] = Field(default=[], description="restorable points, oldest first")
+    position: str = Field(default="latest", description="point id the disk is materialised at")
+    journal_bytes: int = 0
+    paused: str = Field(default="", description="error code while applying is paused")
 
 
 class RefusedDisk(_Model):
@@ -118,6 +158,19 @@ class RetentionVolume(_Model):
     capacity_bytes: int
     free_bytes: int
     fs_type: str
+    name: str = ""
+    eligible: bool = True
+    reason: str = Field(default="", description="why it is not eligible (RP-RET)")
+    locked: bool = False
+    replication_target: bool = False
+    cache_or_install: bool = False
+
+
+class CopyResult(_Model):
+    request_id: str
+    ok: bool
+    error: str = ""
+    bytes_moved: int = 0
 
 
 class MasterTargetStats(_Model):
@@ -125,3 +178,5 @@ class MasterTargetStats(_Model):
     attached_disks: int = 0
     refused: list[RefusedDisk] = []
     retention_volumes: list[RetentionVolume] = []
+    retention_full: bool = False
+    copies_done: list[CopyResult] = []

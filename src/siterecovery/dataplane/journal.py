@@ -535,6 +535,11 @@ class JournaledDisk(DiskApplier):
 
     # ---- points and space -------------------------------------------------------------------
 
+    def set_retention(self, seconds: float) -> None:
+        """Change the retention window (the policy changed); pruning follows on the next sync."""
+        self.retention_seconds = seconds
+        self._segment_seconds = max(seconds / 8, 1e-3)
+
     @property
     def journal_bytes(self) -> int:
         """Space the journal uses on the retention volume (segments, redo log, unwritten buffer)."""
@@ -552,6 +557,11 @@ class JournaledDisk(DiskApplier):
 
     def latest_point(self) -> RecoveryPoint:
         return disk_point(self._name, PointKind.LATEST, self._committed, self._commit_time)
+
+    @property
+    def at_latest(self) -> bool:
+        """True unless the disk is rolled back in place (replicated writes are then refused)."""
+        return self._position is _Pos.LATEST
 
     @property
     def position_seq(self) -> int:
@@ -589,6 +599,9 @@ class JournaledDisk(DiskApplier):
         if to < frm:
             raise self._direction_error(point, "rollback_to")
         if to == frm:
+            if to >= self._committed and self._position is not _Pos.LATEST:
+                # Rolled "back" to the newest sequence: nothing to re-apply, but writes may resume.
+                self._write_position(_Pos.LATEST, to, to, self._redo_end)
             return MaterialiseResult(point.id, to, CopyMethod.NONE, 0, 0, 0)
         self._write_position(_Pos.MOVING_FORWARD, frm, to, self._redo_end)
         moved, records = self._move_forward(frm, to)
@@ -1131,7 +1144,10 @@ class JournaledDisk(DiskApplier):
 
 
 def journaled_applier_factory(
-    journal_root: Path, retention_seconds: float, crash_points: CrashPointPolicy | None = None
+    journal_root: Path,
+    retention_seconds: float,
+    crash_points: CrashPointPolicy | None = None,
+    quota_bytes: int | None = None,
 ) -> ApplierFactory:
     """An `ApplierFactory` for the master target: one journal per pair under the retention volume."""
 
@@ -1143,6 +1159,7 @@ def journaled_applier_factory(
             retention_seconds,
             name=pair_id,
             size=size,
+            quota_bytes=quota_bytes,
             crash_points=crash_points,
         )
 

@@ -11,29 +11,40 @@ with the block digests of its target disks.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import ssl
 import threading
 import time
 from pathlib import Path
 
+import siterecovery
 from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, direct_applier
 from siterecovery.dataplane.assignments import (
     AttachedDisk,
     MasterTargetDesired,
     MasterTargetPairStats,
     MasterTargetStats,
+    PointInfo,
     RefusedDisk,
     RetentionVolume,
 )
 from siterecovery.dataplane.blocks import BlockHasher
+from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener, idle
+from siterecovery.dataplane.mt_points import (
+    Copier,
+    describe_volumes,
+    find_point,
+    no_journal,
+    point_infos,
+    position_id,
+)
+from siterecovery.dataplane.points import NO_CRASH_POINTS
 from siterecovery.dataplane.protocol import (
     Bookmark,
     CorruptFrame,
     ErrorBody,
     Flag,
+    Frame,
     FrameReader,
     FrameType,
     FrameWriter,
@@ -50,6 +61,11 @@ log = logging.getLogger(__name__)
 
 MAX_ATTACHED_DISKS = 60
 ACK_EVERY_BYTES = 32 << 20
+JOURNAL_DIR = "siterecovery-journal"
+RETRY_SECONDS = 2.0  # how often a paused pair tries applying again
+REDISCOVER_SECONDS = 900.0  # retention volumes are described again this often (and on `refresh`)
+# Errors that pause applying a pair instead of failing the session: the frame is retried.
+_PAUSE_CODES = frozenset({"retention-volume-full", "target-volume-full", "disk-not-at-latest"})
 
 
 def disk_limit_error(pair_id: str, attached: int) -> SiteRecoveryError:
@@ -66,6 +82,19 @@ def disk_limit_error(pair_id: str, attached: int) -> SiteRecoveryError:
     )
 
 
+class _SessionEnds(Exception):
+    """The session must end so the process server resends from the durable sequence."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _durable_seq(applier: DiskApplier) -> int:
+    """What the applier holds durably (the journal's applied sequence may be ahead of its commit)."""
+    return applier.committed_seq if isinstance(applier, JournaledDisk) else applier.applied_seq
+
+
 class _Pair:
     def __init__(self, disk: AttachedDisk, applier: DiskApplier) -> None:
         self.disk = disk
@@ -74,26 +103,66 @@ class _Pair:
         self.seen = applier.applied_seq
         self.last_applied_time: float | None = None
         self.hasher: BlockHasher | None = None
+        self.session = 0  # the newest process-server session; older ones stop applying
+        self.detached = False
+        self.paused = ""
+        self.position = position_id(applier) if isinstance(applier, JournaledDisk) else "latest"
+        self.last_ack = -1
+
+    def stats(self) -> MasterTargetPairStats:
+        applier = self.applier
+        points: list[PointInfo] = []
+        journal_bytes = 0
+        with self.lock:
+            if isinstance(applier, JournaledDisk) and not self.detached:
+                points, journal_bytes = point_infos(applier), applier.journal_bytes
+        return MasterTargetPairStats(
+            pair_id=self.disk.pair_id,
+            applied_seq=_durable_seq(applier),
+            last_applied_time=self.last_applied_time,
+            points=points,
+            position=self.position,
+            journal_bytes=journal_bytes,
+            paused=self.paused,
+        )
 
 
 class MasterTarget:
+    """Applies process servers' streams; materialises recovery points; describes retention volumes.
+
+    Without an explicit `applier_factory`, pairs are applied through a retention journal under
+    `<retention volume>/siterecovery-journal/<pair_id>` when a retention volume is known (the
+    desired state's, else `retention_volume`), and directly to the disk otherwise.
+    """
+
     def __init__(
         self,
         state_dir: Path,
         identity: Identity,
         listen: str = "127.0.0.1:0",
-        applier_factory: ApplierFactory = direct_applier,
-        retention_volumes: tuple[Path, ...] = (),
+        *,
+        retention_volume: Path | None = None,
+        volumes: tuple[Path, ...] = (),
+        applier_factory: ApplierFactory | None = None,
+        retention_quota: int | None = None,
         name: str = "master-target",
     ) -> None:
         self.state_dir = state_dir
         self.identity = identity
         self.name = name
-        self.retention_volumes = retention_volumes
+        self.retention_volume = retention_volume
+        self.volumes = volumes
+        self.retention_quota = retention_quota
         self._factory = applier_factory
+        self._desired = MasterTargetDesired()
         self._pairs: dict[str, _Pair] = {}
         self._refused: dict[str, RefusedDisk] = {}
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._volumes: list[RetentionVolume] = []
+        self._discovered_at = float("-inf")
+        self._refresh_seen: int | None = None
+        self._copier = Copier(state_dir, self._lookup)
         self._listener = Listener(listen, identity.server_context(), self._serve)
 
     @property
@@ -101,30 +170,51 @@ class MasterTarget:
         return self._listener.address
 
     def start(self) -> None:
+        self._copier.start()
         self._listener.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._listener.stop()
+        self._copier.stop()
+        with self._lock:
+            pairs = list(self._pairs.values())
+            self._pairs.clear()
+        for pair in pairs:
+            self._close(pair)
+
+    # ---- desired state ------------------------------------------------------------------------
+
+    def _applier_factory(self) -> ApplierFactory:
+        if self._factory is not None:
+            return self._factory
+        volume = self._desired.retention_volume or self.retention_volume
+        if volume is None:
+            return direct_applier
+        return journaled_applier_factory(
+            volume / JOURNAL_DIR, self._desired.retention_seconds, NO_CRASH_POINTS, self.retention_quota
+        )
 
     def attach(self, disk: AttachedDisk) -> None:
         """Attach a target disk; refuses beyond 60 attached disks (MT-3)."""
         with self._lock:
             if disk.pair_id in self._pairs:
+                self._pairs[disk.pair_id].disk = disk
                 return
             if len(self._pairs) >= MAX_ATTACHED_DISKS:
                 raise disk_limit_error(disk.pair_id, len(self._pairs))
             pair_state = self.state_dir / "pairs" / disk.pair_id
-            applier = self._factory(disk.pair_id, disk.path, disk.size, pair_state)
+            applier = self._applier_factory()(disk.pair_id, disk.path, disk.size, pair_state)
             self._pairs[disk.pair_id] = _Pair(disk, applier)
 
     def reconcile(self, desired: MasterTargetDesired) -> None:
-        """Attach what the desired state lists, detach what it no longer lists (idempotent)."""
+        """Attach, detach, move disks to their points, queue copies, describe volumes (idempotent)."""
+        self._desired = desired
         wanted = {d.pair_id for d in desired.disks}
         with self._lock:
-            for pair_id in [p for p in self._pairs if p not in wanted]:
-                pair = self._pairs.pop(pair_id)
-                with pair.lock:
-                    pair.applier.sync()
+            gone = [self._pairs.pop(p) for p in list(self._pairs) if p not in wanted]
+        for pair in gone:
+            self._close(pair)
         refused: dict[str, RefusedDisk] = {}
         for disk in desired.disks:
             try:
@@ -134,6 +224,70 @@ class MasterTarget:
                     pair_id=disk.pair_id, code=exc.first.code, message=exc.first.message
                 )
         self._refused = refused
+        for pair in list(self._pairs.values()):
+            self._follow_point(pair)
+        self._copier.request(desired.copies)
+        if (
+            desired.refresh != self._refresh_seen
+            or time.monotonic() - self._discovered_at > REDISCOVER_SECONDS
+        ):
+            self._refresh_seen = desired.refresh
+            self._discover()
+
+    def _close(self, pair: _Pair) -> None:
+        with pair.lock:
+            pair.detached = True
+            try:
+                pair.applier.sync()
+            except SiteRecoveryError as exc:
+                log.warning("detaching %s: %s", pair.disk.pair_id, exc.first.message)
+            pair.applier.close()
+
+    def _follow_point(self, pair: _Pair) -> None:
+        """Materialise the pair in place at its desired point, or roll it forward to latest."""
+        want = pair.disk.point
+        applier = pair.applier
+        if not isinstance(applier, JournaledDisk):
+            if want is not None:
+                pair.paused = no_journal(pair.disk.pair_id).first.code
+            return
+        with pair.lock:
+            if pair.detached:
+                return
+            try:
+                applier.set_retention(self._desired.retention_seconds)
+                if want is None:
+                    if not applier.at_latest:
+                        result = applier.roll_forward_to(applier.latest_point())
+                        log.info(
+                            "rolled %s forward to latest (%d bytes)", pair.disk.pair_id, result.bytes_moved
+                        )
+                    pair.position = "latest"
+                elif pair.position != want:
+                    result = applier.materialise_in_place(find_point(applier, want))
+                    log.info("materialised %s at %s (%d bytes)", pair.disk.pair_id, want, result.bytes_moved)
+                    pair.position = want
+                if pair.paused == "recovery-point-unavailable":
+                    pair.paused = ""
+            except SiteRecoveryError as exc:
+                log.warning("cannot materialise %s at %s: %s", pair.disk.pair_id, want, exc.first.message)
+                pair.paused = exc.first.code
+
+    def _lookup(self, pair_id: str) -> tuple[DiskApplier, threading.Lock] | None:
+        pair = self._pairs.get(pair_id)
+        return None if pair is None or pair.detached else (pair.applier, pair.lock)
+
+    def _discover(self) -> None:
+        candidates: list[Path] = []
+        for v in (self._desired.retention_volume, self.retention_volume, *self.volumes):
+            if v is not None and v not in candidates:
+                candidates.append(v)
+        targets = [p.disk.path for p in self._pairs.values()]
+        install = Path(siterecovery.__file__).parent
+        self._volumes = describe_volumes(candidates, targets, [self.state_dir, install])
+        self._discovered_at = time.monotonic()
+
+    # ---- sessions -----------------------------------------------------------------------------
 
     def _serve(self, sock: ssl.SSLSocket, peer: str) -> None:
         reader = FrameReader(sock)
@@ -144,21 +298,32 @@ class MasterTarget:
         hello = decode_model(Hello, first.payload)
         if hello.role != Role.PROCESS_SERVER:
             raise ProtocolError(f"{peer} is not a process server")
-        pairs: list[_Pair] = []
+        pairs: list[tuple[_Pair, int]] = []
+        acked: dict[str, int] = {}
         for pair_id in hello.pairs:
             pair = self._pairs.get(pair_id)
-            if pair is None:
+            if pair is None or pair.detached:
                 problem = self._refusal(pair_id)
                 writer.send_model(
                     FrameType.ERROR,
                     ErrorBody(code=problem.code, message=problem.message, remediation=problem.remediation),
                 )
                 return
-            pairs.append(pair)
-        writer.send_model(
-            FrameType.HELLO, HelloReply(acked={p.disk.pair_id: p.applier.applied_seq for p in pairs})
-        )
-        self._apply_stream(reader, writer, sock, pairs)
+            with pair.lock:
+                pair.session += 1
+                self._sync(pair)
+                # Resume after what is durable: anything applied but not committed is redone.
+                pair.seen = pair.applier.applied_seq
+                acked[pair_id] = pair.last_ack = _durable_seq(pair.applier)
+            pairs.append((pair, pair.session))
+        writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
+        try:
+            self._apply_stream(reader, writer, sock, pairs)
+        except _SessionEnds as end:
+            p = end.problem
+            writer.send_model(
+                FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
+            )
 
     def _refusal(self, pair_id: str) -> Problem:
         refused = self._refused.get(pair_id)
@@ -170,8 +335,21 @@ class MasterTarget:
             remediation="Enable replication (or reprotect) so the disk is attached, then retry.",
         )
 
+    def _sync(self, pair: _Pair) -> None:
+        """Sync under the pair's lock; a full volume pauses the pair (the journal undid the batch)."""
+        try:
+            pair.applier.sync()
+        except SiteRecoveryError as exc:
+            if exc.first.code not in _PAUSE_CODES:
+                raise
+            pair.paused = exc.first.code
+
     def _apply_stream(
-        self, reader: FrameReader, writer: FrameWriter, sock: ssl.SSLSocket, pairs: list[_Pair]
+        self,
+        reader: FrameReader,
+        writer: FrameWriter,
+        sock: ssl.SSLSocket,
+        pairs: list[tuple[_Pair, int]],
     ) -> None:
         touched: set[int] = set()
         pending = 0
@@ -186,19 +364,16 @@ class MasterTarget:
             h = frame.header
             if h.pair >= len(pairs):
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
-            pair = pairs[h.pair]
+            pair, session = pairs[h.pair]
             if h.type in (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK):
-                with pair.lock:
-                    if h.seq > pair.seen:
-                        if h.type == FrameType.BOOKMARK:
-                            bm = decode_model(Bookmark, frame.payload)
-                            pair.applier.bookmark(h.seq, bm.tag, bm.kind.name.lower(), bm.timestamp)
-                        elif h.flags & Flag.ZERO:
-                            pair.applier.apply_zero(h.seq, h.offset, h.length)
-                        else:
-                            pair.applier.apply_write(h.seq, h.offset, frame.payload)
-                        pair.seen = h.seq
-                        pair.last_applied_time = time.time()
+                if not self._try_apply(pair, session, frame):
+                    # Paused: acknowledge what is durable, then retry this frame until it applies.
+                    self._ack(writer, pairs, touched | {h.pair})
+                    touched.clear()
+                    pending = 0
+                    while not self._try_apply(pair, session, frame):
+                        if self._stopped.wait(RETRY_SECONDS):
+                            return
                 touched.add(h.pair)
                 pending += len(frame.payload)
             elif h.type == FrameType.RESYNC_REQUEST:
@@ -208,20 +383,82 @@ class MasterTarget:
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from a process server")
             if touched and (pending >= ACK_EVERY_BYTES or idle(sock)):
-                for idx in touched:
-                    p = pairs[idx]
-                    with p.lock:
-                        p.applier.sync()
-                        seq = p.seen
-                    writer.send(FrameType.ACK, pair=idx, seq=seq)
+                self._ack(writer, pairs, touched)
                 touched.clear()
                 pending = 0
+
+    def _try_apply(self, pair: _Pair, session: int, frame: Frame) -> bool:
+        """Apply one data frame (idempotent by sequence); False while the pair is paused."""
+        h = frame.header
+        with pair.lock:
+            if pair.detached:
+                raise _SessionEnds(self._refusal(pair.disk.pair_id))
+            if pair.session != session:
+                raise _SessionEnds(
+                    Problem(
+                        code="session-superseded",
+                        message=f"A newer session applies pair {pair.disk.pair_id!r}.",
+                        remediation="None: the process server already reconnected.",
+                    )
+                )
+            if h.seq <= pair.seen:
+                return True
+            if pair.disk.point is not None:
+                return False  # materialised at a chosen point: nothing new is applied
+            try:
+                if h.type == FrameType.BOOKMARK:
+                    bm = decode_model(Bookmark, frame.payload)
+                    pair.applier.bookmark(h.seq, bm.tag, bm.kind.name.lower(), bm.timestamp)
+                elif h.flags & Flag.ZERO:
+                    pair.applier.apply_zero(h.seq, h.offset, h.length)
+                else:
+                    pair.applier.apply_write(h.seq, h.offset, frame.payload)
+            except SiteRecoveryError as exc:
+                if exc.first.code not in _PAUSE_CODES:
+                    raise
+                if exc.first.code != "disk-not-at-latest":
+                    pair.paused = exc.first.code
+                if pair.applier.applied_seq < pair.seen:
+                    # The volume filled mid-batch and the journal undid it: the process server
+                    # must resend from the durable sequence.
+                    pair.seen = pair.applier.applied_seq
+                    raise _SessionEnds(exc.first) from exc
+                return False
+            pair.seen = h.seq
+            pair.paused = ""
+            pair.last_applied_time = time.time()
+            return True
+
+    def _ack(self, writer: FrameWriter, pairs: list[tuple[_Pair, int]], touched: set[int]) -> None:
+        """Sync the touched pairs and acknowledge what each holds durably."""
+        for idx in touched:
+            p, _session = pairs[idx]
+            with p.lock:
+                if p.detached:
+                    continue
+                before = p.seen
+                self._sync(p)
+                seq = _durable_seq(p.applier)
+                undone = p.applier.applied_seq < before
+                p.seen = p.applier.applied_seq
+                send = seq > p.last_ack
+                p.last_ack = max(p.last_ack, seq)
+            if send:
+                writer.send(FrameType.ACK, pair=idx, seq=seq)
+            if undone:
+                raise _SessionEnds(
+                    Problem(
+                        code=p.paused or "retention-volume-full",
+                        message=f"Applying pair {p.disk.pair_id!r} is paused; resend from sequence {seq}.",
+                        remediation="Free space on the retention volume; applying resumes by itself.",
+                    )
+                )
 
     def _answer_resync(
         self, writer: FrameWriter, idx: int, seq: int, pair: _Pair, req: ResyncRequest
     ) -> None:
         with pair.lock:
-            pair.applier.sync()
+            self._sync(pair)
             if req.blocks is None or pair.hasher is None:
                 pair.hasher = BlockHasher(pair.disk.path, pair.disk.size, req.coarse, req.fine)
             hasher = pair.hasher
@@ -232,40 +469,12 @@ class MasterTarget:
         writer.send(FrameType.DIGESTS, pair=idx, seq=seq, payload=payload)
 
     def stats(self) -> MasterTargetStats:
-        pairs = list(self._pairs.values())
+        pairs = [p.stats() for p in list(self._pairs.values())]
         return MasterTargetStats(
-            pairs=[
-                MasterTargetPairStats(
-                    pair_id=p.disk.pair_id,
-                    applied_seq=p.applier.applied_seq,
-                    last_applied_time=p.last_applied_time,
-                )
-                for p in pairs
-            ],
+            pairs=pairs,
             attached_disks=len(pairs),
             refused=list(self._refused.values()),
-            retention_volumes=[_volume(v) for v in self.retention_volumes if v.exists()],
+            retention_volumes=self._volumes,
+            retention_full=any(p.paused == "retention-volume-full" for p in pairs),
+            copies_done=self._copier.results,
         )
-
-
-def _volume(path: Path) -> RetentionVolume:
-    usage = shutil.disk_usage(path)
-    return RetentionVolume(
-        path=path, capacity_bytes=usage.total, free_bytes=usage.free, fs_type=_fs_type(path)
-    )
-
-
-def _fs_type(path: Path) -> str:
-    """File system type of the mount holding `path`, from /proc/self/mounts (longest prefix)."""
-    best, fs = "", "unknown"
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                inside = len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/"))
-                if inside and len(parts[1]) > len(best):
-                    best, fs = parts[1], parts[2]
-    except OSError:
-        return fs
-    return fs

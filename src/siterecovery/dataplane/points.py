@@ -11,6 +11,7 @@ way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,7 +80,14 @@ class CrashPointPolicy:
     interval: float = 5.0
 
     def due(self, now: float, last_point_time: float, last_point_seq: int, applied_seq: int) -> bool:
+        if math.isinf(self.interval):
+            return False
         return applied_seq > last_point_seq and now - last_point_time >= self.interval
+
+
+# The master target's journals take no crash points of their own: the agent's crash bookmarks are
+# a consistent cut across all disks of a machine, a per-disk timer is not.
+NO_CRASH_POINTS = CrashPointPolicy(math.inf)
 
 
 class PointSource(Protocol):

@@ -102,6 +102,14 @@ class RetentionVolume:
     def eligible(self) -> bool:
         return not self.failed
 
+    @property
+    def reason(self) -> str:
+        """Why the volume is not eligible ("" if it is): the first failed criterion, explained."""
+        if not self.failed:
+            return ""
+        first = self.failed[0]
+        return f"{first.value}: {_WHY[first][0]}"
+
 
 def default_retention_volume(os_type: OsType | str) -> str:
     return "R:" if OsType(os_type) is OsType.WINDOWS else "/mnt/retention"
