@@ -107,6 +107,23 @@ def config_show(ctx: typer.Context, state_dir: StateDir = None) -> None:
         emit([{"setting": k, "value": v} for k, v in cfg.as_dict().items()], False, ("setting", "value"))
 
 
+@app.command("demo")
+def demo(
+    disk_size: Annotated[str, typer.Option(help="size of each lab disk, e.g. 64M or 1G")] = "64M",
+    keep: Annotated[
+        bool, typer.Option(help="leave everything running and print the address and a token")
+    ] = False,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="where to build (default: a new temp dir)")
+    ] = None,
+) -> None:
+    """Build a lab and run the whole DR cycle on it with every service a real process."""
+    from siterecovery.demo.run import run_demo
+    from siterecovery.fabrics.lab_build import parse_size
+
+    raise typer.Exit(run_demo(parse_size(disk_size), keep, directory))
+
+
 app.add_typer(server_app, name="server")
 app.add_typer(config_app, name="config")
 app.add_typer(control.tokens_app, name="tokens")

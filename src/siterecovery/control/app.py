@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from siterecovery import __version__
-from siterecovery.control import plan_actions, problems
+from siterecovery import __version__, portal
+from siterecovery.control import metrics, plan_actions, problems
 from siterecovery.control.api import (
     components,
     events,
@@ -30,8 +30,9 @@ def create_app() -> FastAPI:
         description="Replicate, fail over, reprotect and fail back machines.",
     )
     problems.install(app)
-    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events):
+    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
         app.include_router(module.router)
+    app.include_router(portal.router)
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, str]:

@@ -47,6 +47,9 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
         print(f"initial admin token (shown once): {cp.initial_admin_token}", file=sys.stderr, flush=True)
     app = create_app()
     start_engine(cp)
+    from siterecovery.dr.monitor import Monitor
+
+    Monitor(cp).start()
     ssl_kwargs: dict[str, object] = {}
     if config.tls:
         pki = config.state_dir / "pki"

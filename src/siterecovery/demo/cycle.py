@@ -1,131 +1,191 @@
 """The DR cycle the demo (and the end-to-end test) runs: enable → failover → commit → reprotect
 (delta) → failback → commit → re-protect, with the crash-consistency oracle after every move.
+
+Each step becomes a row: time, bytes changed (what the guest wrote since the disks last agreed)
+against bytes sent, the worst RPO seen while protected, application downtime, and the oracle's
+verdict.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from siterecovery.cli.client import Api, ApiError
+from siterecovery.cli.client import ApiError
 from siterecovery.demo.environment import Environment
+from siterecovery.lab.records import RECORD_SIZE
+from siterecovery.lab.runtime import guest_status
 
 JOB_TIMEOUT = 600.0
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: str
-    job: dict[str, Any]
-    seconds: float
+Progress = Callable[[str, dict[str, Any]], None]
 
 
 class CycleError(RuntimeError):
     pass
 
 
-def wait_job(
-    api: Api,
-    job_id: str,
-    on_update: Callable[[dict[str, Any]], None] | None = None,
-    timeout: float = JOB_TIMEOUT,
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job: dict[str, Any] = api.get(f"/api/jobs/{job_id}")
-        if on_update is not None:
-            on_update(job)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        if time.monotonic() > deadline:
-            raise CycleError(f"job {job_id} did not finish in {timeout:.0f} s")
-        time.sleep(0.3)
+@dataclass
+class StepRow:
+    step: str
+    seconds: float
+    bytes_changed: int | None = None
+    bytes_sent: int | None = None
+    rpo_held: float | None = None
+    downtime: float | None = None
+    oracle: str = ""
+    job_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.oracle.startswith("FAIL")
 
 
-def wait_agent(env: Environment, site: str, machine: str, timeout: float = 60.0) -> None:
-    """AG-1: after a machine boots its agent takes a moment to register; wait for its first check-in."""
-    found = env.fabric(site).discover().machine(machine)
-    booted = found.boot_time if found is not None and found.boot_time else time.time()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for server in env.api.get("/api/servers"):
-            age = server["heartbeat_age_seconds"]
-            if server["name"] == f"{site}/{machine}" and age is not None and time.time() - age >= booted:
-                return
-        time.sleep(0.3)
-    raise CycleError(f"the agent of {machine} ({site}) did not register in {timeout:.0f} s")
+def _task_result(job: dict[str, Any], action_prefix: str) -> dict[str, Any]:
+    for task in job["tasks"]:
+        if task["action"].startswith(action_prefix):
+            out: dict[str, Any] = job["result"].get(str(task["ordinal"]), {})
+            return out
+    return {}
 
 
-def wait_guest_records(
-    env: Environment, site: str, machine: str, records: int, timeout: float = 60.0
-) -> None:
-    from siterecovery.lab.runtime import guest_status
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = guest_status(env.lab_dir, site, machine)
-        if status is not None and status.flushed >= records:
-            return
-        time.sleep(0.2)
-    raise CycleError(f"the guest of {machine} did not write {records} records in {timeout:.0f} s")
+def _verdict(result: dict[str, Any]) -> str:
+    oracle = result.get("oracle") or {}
+    if not oracle.get("observable", True):
+        return "n/a"
+    if oracle.get("ok"):
+        return f"pass ({oracle.get('records', 0)} records)"
+    return f"FAIL: {oracle.get('reason', '?')}"
 
 
 class Cycle:
-    """Runs one machine through the whole cycle; `on_update` sees every job poll (progress bars)."""
+    """Runs one machine through the whole cycle; `progress` sees every job poll (for progress bars)."""
 
-    def __init__(
-        self,
-        env: Environment,
-        machine: str = "web1",
-        on_update: Callable[[str, dict[str, Any]], None] | None = None,
-    ) -> None:
+    def __init__(self, env: Environment, machine: str = "web1", progress: Progress | None = None) -> None:
         self.env = env
         self.machine = machine
-        self.on_update = on_update
-        self.results: list[StepResult] = []
+        self.progress = progress
+        self.rows: list[StepRow] = []
+        self._rpo_max: float | None = None
 
-    def _job(self, step: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    # ---- waiting --------------------------------------------------------------------------------
+
+    def _sample_rpo(self) -> None:
+        try:
+            rpo = self.env.api.get(f"/api/replicatedItems/{self.machine}")["rpo_seconds"]
+        except ApiError:
+            return
+        if rpo is not None:
+            self._rpo_max = max(self._rpo_max or 0.0, float(rpo))
+
+    def _records(self, site: str) -> int:
+        status = guest_status(self.env.lab_dir, site, self.machine)
+        return status.flushed if status is not None else 0
+
+    def wait_records(self, site: str, records: int, timeout: float = 120.0) -> None:
+        """Let the guest work (and RPO be measured) until it has flushed `records` log records."""
+        deadline = time.monotonic() + timeout
+        while self._records(site) < records:
+            if time.monotonic() > deadline:
+                raise CycleError(
+                    f"the guest of {self.machine} did not write {records} records in {timeout:.0f} s"
+                )
+            self._sample_rpo()
+            time.sleep(0.25)
+
+    def wait_agent(self, site: str, timeout: float = 120.0) -> None:
+        """AG-1: after a machine boots its agent takes a moment to register; wait for its first check-in."""
+        found = self.env.fabric(site).discover().machine(self.machine)
+        booted = found.boot_time if found is not None and found.boot_time else time.time()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for server in self.env.api.get("/api/servers"):
+                age = server["heartbeat_age_seconds"]
+                if (
+                    server["name"] == f"{site}/{self.machine}"
+                    and age is not None
+                    and time.time() - age >= booted
+                ):
+                    return
+            time.sleep(0.3)
+        raise CycleError(f"the agent of {self.machine} ({site}) did not register in {timeout:.0f} s")
+
+    def _job(self, step: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         started = time.monotonic()
         try:
             job_id = self.env.api.post(path, body)["job_id"]
         except ApiError as exc:
             raise CycleError(f"{step}: {exc.problems}") from exc
-        job = wait_job(self.env.api, job_id, (lambda j: self.on_update(step, j)) if self.on_update else None)
-        self.results.append(StepResult(step, job, time.monotonic() - started))
+        deadline = started + JOB_TIMEOUT
+        while True:
+            job: dict[str, Any] = self.env.api.get(f"/api/jobs/{job_id}")
+            if self.progress is not None:
+                self.progress(step, job)
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                raise CycleError(f"{step}: job {job_id} did not finish in {JOB_TIMEOUT:.0f} s")
+            time.sleep(0.3)
         if job["state"] != "succeeded":
             raise CycleError(f"{step}: job {job_id} {job['state']}: {job.get('error')}")
-        return job
+        return job, time.monotonic() - started
 
-    def item(self) -> dict[str, Any]:
-        out: dict[str, Any] = self.env.api.get(f"/api/replicatedItems/{self.machine}")
-        return out
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _sync_step(self, step: str, path: str, body: dict[str, Any], changed: int) -> None:
+        job, seconds = self._job(step, path, body)
+        sent = _task_result(job, "replication-sync").get("bytes_sent")
+        self.rows.append(StepRow(step, seconds, changed, sent, job_id=job["id"]))
+
+    def _move_step(self, step: str, path: str, body: dict[str, Any]) -> None:
+        rpo, self._rpo_max = self._rpo_max, None
+        if self.rows:
+            self.rows[-1].rpo_held = rpo
+        job, seconds = self._job(step, path, body)
+        booted = _task_result(job, "start-recovery-machine")
+        self.rows.append(
+            StepRow(
+                step,
+                seconds,
+                downtime=booted.get("downtime_seconds"),
+                oracle=_verdict(booted),
+                job_id=job["id"],
+            )
+        )
 
     def run(self) -> None:
         env, m = self.env, self.machine
         api = env.api
         if not any(p["name"] == "demo" for p in api.get("/api/policies")):
             api.post("/api/policies", {"name": "demo"})
+        onprem_disk = env.fabric("onprem").discover().machine(m)
+        if onprem_disk is None:
+            raise CycleError(f"the lab has no machine {m}")
         env.fabric("onprem").power_on(m)
-        wait_agent(env, "onprem", m)
-        wait_guest_records(env, "onprem", m, 32)
-        self._job(
-            "enable replication",
+        self.wait_agent("onprem")
+        self.wait_records("onprem", 32)
+        allocated = sum(os.stat(d.backing).st_blocks * 512 for d in onprem_disk.disks)
+        self._sync_step(
+            "enable + initial replication",
             "/api/replicatedItems",
             {"machine": m, "policy": "demo", "process_server": "ps-onprem", "master_target": "mt-cloud"},
+            allocated,
         )
-        wait_guest_records(env, "onprem", m, 96)
-        self._job(
-            "failover to cloud (planned)",
+        self.wait_records("onprem", self._records("onprem") + 64)
+        self._move_step(
+            "planned failover to cloud",
             f"/api/replicatedItems/{m}/failover",
             {"point": "latest", "planned": True},
         )
         self._job("commit failover", f"/api/replicatedItems/{m}/commit", {})
-        wait_agent(env, "cloud", m)
-        wait_guest_records(env, "cloud", m, 160)  # the machine keeps working in the cloud
-        self._job(
-            "reprotect cloud → on-premises",
+        self.wait_agent("cloud")
+        at_failover = self._records("cloud")
+        self.wait_records("cloud", at_failover + 64)  # the machine keeps working in the cloud
+        written = (self._records("cloud") - at_failover) * RECORD_SIZE
+        self._sync_step(
+            "reprotect cloud → on-premises (delta)",
             f"/api/replicatedItems/{m}/reprotect",
             {
                 "master_target": "mt-linux",
@@ -133,17 +193,24 @@ class Cycle:
                 "datastore": "ds-vmfs1",
                 "retention_volume": env.retention_volume("mt-linux"),
             },
+            written,
         )
-        wait_guest_records(env, "cloud", m, 224)
-        self._job("failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"})
+        self.wait_records("cloud", self._records("cloud") + 64)
+        self._move_step("failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"})
         self._job("commit failback", f"/api/replicatedItems/{m}/commit", {})
-        wait_agent(env, "onprem", m)
-        self._job(
-            "re-protect on-premises → cloud",
+        self.wait_agent("onprem")
+        at_failback = self._records("onprem")
+        self.wait_records("onprem", at_failback + 64)
+        written = (self._records("onprem") - at_failback) * RECORD_SIZE
+        self._sync_step(
+            "re-protect on-premises → cloud (delta)",
             f"/api/replicatedItems/{m}/reprotect",
             {
                 "master_target": "mt-cloud",
                 "process_server": "ps-onprem",
                 "retention_volume": env.retention_volume("mt-cloud"),
             },
+            written,
         )
+        self.wait_records("onprem", self._records("onprem") + 32)
+        self.rows[-1].rpo_held = self._rpo_max

@@ -81,3 +81,13 @@ def guest_warnings(record: Any, machine: Any) -> list[str]:
             "cloud; reinstall it in the guest."
         )
     return warnings
+
+
+def powered_on(cp: Any, fabric_id: str, machine: str) -> bool:
+    """Whether a machine runs, from the fabric's last discovery (cheap: no live call per second)."""
+    from siterecovery.control.db import Fabric as FabricRow
+
+    with cp.db.session() as s:
+        row = s.get(FabricRow, fabric_id)
+        machines = (row.inventory or {}).get("machines", []) if row is not None else []
+    return any(m.get("name") == machine and m.get("power_state") == "on" for m in machines)

@@ -1,0 +1,80 @@
+"""Prometheus `/metrics`: RPO and health per item, process-server cache, master targets, jobs.
+
+Values are read from the database at scrape time by a custom collector, so the exposition is
+always the current state and no metric object needs updating anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import select
+
+from siterecovery.control.context import current
+from siterecovery.control.db import Component, Job, ReplicatedItem
+from siterecovery.control.states import ComponentKind
+
+router = APIRouter(tags=["metrics"])
+_HEALTH = {"normal": 0, "warning": 1, "critical": 2}
+
+
+class StateCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rpo = GaugeMetricFamily(
+            "siterecovery_item_rpo_seconds", "Current RPO of a replicated item", labels=["item"]
+        )
+        health = GaugeMetricFamily(
+            "siterecovery_item_health", "0 normal, 1 warning, 2 critical", labels=["item"]
+        )
+        cache = GaugeMetricFamily(
+            "siterecovery_process_server_cache_used_bytes", "Disk cache in use", labels=["server"]
+        )
+        capacity = GaugeMetricFamily(
+            "siterecovery_process_server_cache_capacity_bytes", "Disk cache size", labels=["server"]
+        )
+        throughput = GaugeMetricFamily(
+            "siterecovery_process_server_throughput_bytes_per_second",
+            "Forwarding throughput",
+            labels=["server"],
+        )
+        disks = GaugeMetricFamily(
+            "siterecovery_master_target_attached_disks", "Disks attached (max 60)", labels=["server"]
+        )
+        journal = GaugeMetricFamily(
+            "siterecovery_master_target_journal_bytes", "Retention journal in use", labels=["server"]
+        )
+        jobs = GaugeMetricFamily("siterecovery_jobs", "Jobs by state", labels=["state"])
+        with current().db.session() as s:
+            for item in s.scalars(select(ReplicatedItem)):
+                if item.rpo_seconds is not None:
+                    rpo.add_metric([item.name], item.rpo_seconds)
+                health.add_metric([item.name], _HEALTH.get(item.health, 0))
+            for c in s.scalars(select(Component)):
+                st = c.stats or {}
+                if c.kind == ComponentKind.PROCESS.value:
+                    cache.add_metric([c.name], float(st.get("cache_used_bytes", 0)))
+                    capacity.add_metric([c.name], float(st.get("cache_capacity_bytes", 0)))
+                    throughput.add_metric([c.name], float(st.get("throughput_bytes_per_s", 0)))
+                elif c.kind == ComponentKind.MASTER_TARGET.value:
+                    disks.add_metric([c.name], float(st.get("attached_disks", 0)))
+                    journal.add_metric(
+                        [c.name], float(sum(p.get("journal_bytes", 0) for p in st.get("pairs", [])))
+                    )
+            for state, count in Counter(s.scalars(select(Job.state))).items():
+                jobs.add_metric([state], count)
+        yield from (rpo, health, cache, capacity, throughput, disks, journal, jobs)
+
+
+_REGISTRY = CollectorRegistry()
+_REGISTRY.register(StateCollector())
+
+
+@router.get("/metrics", response_class=Response)
+def metrics() -> Response:
+    return Response(generate_latest(_REGISTRY), media_type=CONTENT_TYPE_LATEST)
