@@ -82,6 +82,10 @@ def agent(
     registration_delay: Annotated[
         float, typer.Option("--registration-delay", help="seconds after start before registering (AG-1)")
     ] = 0.0,
+    freeze_hook: Annotated[
+        str | None, typer.Option("--freeze-hook", help="shell command quiescing the machine (app bookmarks)")
+    ] = None,
+    thaw_hook: Annotated[str | None, typer.Option("--thaw-hook", help="shell command thawing it")] = None,
 ) -> None:
     """Export disks over NBD and replicate their writes to a process server."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -94,7 +98,18 @@ def agent(
     client = _client(server, state_dir, Registration("agent", f"{site}/{machine}", site, machine=machine))
     stop = _stop_event()
     nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
-    svc = Agent(AgentOptions(state_dir, disks, nbd_unix_dir, nbd_tcp, spool_limit, f"agent-{machine}"))
+    options = AgentOptions(
+        state_dir,
+        disks,
+        nbd_unix_dir,
+        nbd_tcp,
+        spool_limit,
+        f"agent-{machine}",
+        machine=machine,
+        freeze_hook=freeze_hook,
+        thaw_hook=thaw_hook,
+    )
+    svc = Agent(options)
     try:
         # The machine's disks are served at once; registration follows after the delay (AG-1).
         svc.reconcile(AgentDesired())

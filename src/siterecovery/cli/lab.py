@@ -3,7 +3,8 @@
 These commands work on the lab folder directly (the lab is this machine's hypervisor and cloud,
 not a client of the configuration server). `lab set` is how an operator or a test makes a
 REQUIREMENTS prerequisite pass or fail; `lab power`, `lab crash` and `lab verify` run a lab
-machine's guest and ask the crash-consistency oracle about its disk.
+machine's guest and ask the crash-consistency oracle about its disk; `lab quiesce` and `lab thaw`
+freeze and thaw the guest (the mobility agent's freeze and thaw hooks).
 """
 
 from __future__ import annotations
@@ -235,6 +236,26 @@ def crash(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
         err.print(f"[red]error[/red] guest-not-running: machine {name} has no running guest.")
         raise typer.Exit(1)
     console.print(f"{name}: guest killed")
+
+
+@lab_app.command("quiesce")
+def quiesce(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
+    """Freeze the guest: it flushes, writes a quiesce marker and pauses (the agent's freeze hook)."""
+    try:
+        seq = runtime.quiesce(lab_dir, site, machine)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{machine}: quiesced at record {seq}")
+
+
+@lab_app.command("thaw")
+def thaw(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
+    """Let a quiesced guest write again (the agent's thaw hook)."""
+    try:
+        runtime.thaw(lab_dir, site, machine)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    console.print(f"{machine}: thawed")
 
 
 def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:

@@ -4,11 +4,14 @@ The agent reconciles toward its desired state (`AgentDesired`): for every disk r
 the pair's spool and state (`PairReplication`, the NBD export's `CaptureSink`), serves the disk as
 an NBD export named after its label (one Unix socket `<label>.sock` per disk, and/or a TCP
 listener), and runs a `PairSender` to the process server. On a graceful stop it first drains the
-spools to the process server for up to a configurable time.
+spools to the process server for up to a configurable time. Bookmarks (requested app-consistent
+ones around the freeze/thaw hooks, and periodic crash ones) go into all pairs at once
+(`bookmarks.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,13 +20,19 @@ from pathlib import Path
 from typing import Protocol
 
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats
+from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
 from siterecovery.dataplane.links import Identity
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
 from siterecovery.dataplane.sender import PairSender
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger(__name__)
+
+
+def _protected(pair: PairReplication) -> bool:
+    return pair.sync is None and not pair.dirty_mode
 
 
 class _Stoppable(Protocol):
@@ -38,6 +47,9 @@ class AgentOptions:
     nbd_listen: tuple[str, int] | None = None
     spool_limit: int = DEFAULT_SPOOL_LIMIT
     name: str = "agent"
+    machine: str = ""
+    freeze_hook: str | None = None  # shell command run before an app-consistent bookmark
+    thaw_hook: str | None = None  # shell command run after it
 
 
 class _SinkSwitch:
@@ -51,6 +63,11 @@ class _SinkSwitch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._target: PairReplication | None = None
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held, no write is being captured through this export (bookmarks hold every export's)."""
+        return self._lock
 
     def plug(self, target: PairReplication | None) -> None:
         with self._lock:
@@ -84,9 +101,13 @@ class Agent:
         self._servers: dict[str, _Stoppable] = {}
         self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
+        self._crash_marks: dict[str, int] = {}
+        hooks = Hooks(options.machine, options.freeze_hook, options.thaw_hook)
+        self.bookmarks = Bookmarker(options.state_dir, hooks, self.protected, self.insert_bookmark)
 
     def reconcile(self, desired: AgentDesired) -> None:
         """Export every disk and replicate what `desired` lists; stop what it no longer lists (idempotent)."""
+        self.bookmarks.update(desired.bookmarks, desired.crash_interval_seconds)
         with self._lock:
             for label, disk_path in self.options.disks.items():
                 if label not in self._servers:
@@ -124,6 +145,36 @@ class Agent:
                     self.senders[spec.pair_id] = sender
                     sender.start()
 
+    def protected(self) -> bool:
+        """Every pair is past its sync and captures writes in order: a bookmark is a consistent cut."""
+        with self._lock:
+            return bool(self.pairs) and all(_protected(p) for p in self.pairs.values())
+
+    def insert_bookmark(self, tag: str, kind: BookmarkKind, only_if_written: bool) -> bool:
+        """Insert one bookmark into every pair at the same instant with respect to captured writes.
+
+        Every export's capture lock is held meanwhile, so no write is recorded in one pair before
+        the marker and in another after it. Raises `NotReady` if a pair is not protected; with
+        `only_if_written`, inserts nothing (False) when no pair captured anything since the last one.
+        """
+        with self._lock:
+            pairs = list(self.pairs.values())
+            if not pairs:
+                return False
+            with contextlib.ExitStack() as held:
+                for label in sorted(self._switches):
+                    held.enter_context(self._switches[label].lock)
+                if not all(_protected(p) for p in pairs):
+                    raise NotReady(tag)
+                marks = self._crash_marks
+                if only_if_written and all(p.captured_seq <= marks.get(p.pair_id, -1) for p in pairs):
+                    return False
+                for p in pairs:
+                    marks[p.pair_id] = p.bookmark(tag, kind, sync=False)
+            for p in pairs:
+                p.spool.sync()
+        return True
+
     def _retire(self, pair_id: str) -> None:
         """Stop replicating a pair the desired state dropped (e.g. after a failover)."""
         pair = self.pairs.pop(pair_id)
@@ -154,7 +205,11 @@ class Agent:
         )
 
     def stats(self) -> AgentStats:
-        return AgentStats(pairs=[p.stats() for p in list(self.pairs.values())])
+        return AgentStats(
+            pairs=[p.stats() for p in list(self.pairs.values())],
+            bookmarks_done=self.bookmarks.done,
+            bookmark_errors=self.bookmarks.errors,
+        )
 
     def drained(self) -> bool:
         return all(p.drained() for p in self.pairs.values())
@@ -170,6 +225,7 @@ class Agent:
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting writes, drain for up to `drain_timeout` seconds, then stop sending."""
+        self.bookmarks.stop()
         for server in self._servers.values():
             server.stop()
         self._servers.clear()

@@ -164,8 +164,11 @@ class PairReplication:
             if self.dirty_mode:
                 self.dirty.save()
 
-    def bookmark(self, tag: str, kind: BookmarkKind) -> int:
-        """Insert a recovery-point marker after every write recorded so far."""
+    def bookmark(self, tag: str, kind: BookmarkKind, *, sync: bool = True) -> int:
+        """Insert a recovery-point marker after every write recorded so far.
+
+        Without `sync` the caller fsyncs the spool (after releasing the capture locks it holds).
+        """
         payload = Bookmark(tag=tag, kind=kind, timestamp=time.time()).model_dump_json().encode()
         with self._lock:
             seq = self._alloc()
@@ -174,7 +177,8 @@ class PairReplication:
                     self._hbuf, FrameType.BOOKMARK, Flag.NONE, 0, seq, 0, 0, len(payload), digest(payload)
                 )
                 self._append(seq, payload)
-        self.spool.sync()
+        if sync:
+            self.spool.sync()
         return seq
 
     def _append(self, seq: int, payload: memoryview | bytes) -> None:

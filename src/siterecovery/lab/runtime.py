@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -48,12 +49,21 @@ class AgentSettings:
     drain_timeout: float = 30.0
 
 
-def agent_command(machine: Machine, run: Path, agent: AgentSettings | None = None) -> list[str]:
+def agent_command(
+    machine: Machine, run: Path, agent: AgentSettings | None = None, *, lab_dir: Path | None = None
+) -> list[str]:
     """The command that starts `machine`'s agent: the real mobility agent when the site names a
-    configuration server, else a plain export of its disks."""
+    configuration server, else a plain export of its disks. With `lab_dir`, the agent's freeze and
+    thaw hooks quiesce and thaw the machine's guest (`siterecovery lab quiesce|thaw`)."""
     disks = [arg for d in machine.disks for arg in ("--disk", f"{d.label}={d.backing}")]
     if agent is None or not agent.server:
         return [sys.executable, "-m", "siterecovery.lab.export", "--unix-dir", str(run / NBD_DIR), *disks]
+    hooks: list[str] = []
+    if lab_dir is not None:
+        for action, option in (("quiesce", "--freeze-hook"), ("thaw", "--thaw-hook")):
+            cmd = [sys.executable, "-m", "siterecovery", "lab", action, str(lab_dir), machine.name,
+                   "--site", agent.site]  # fmt: skip
+            hooks += [option, shlex.join(cmd)]
     return [
         sys.executable, "-m", "siterecovery", "agent",
         "--machine", machine.name, "--site", agent.site,
@@ -62,6 +72,7 @@ def agent_command(machine: Machine, run: Path, agent: AgentSettings | None = Non
         "--drain-timeout", str(agent.drain_timeout),
         "--state-dir", str(run / "agent"), "--nbd-unix-dir", str(run / NBD_DIR),
         "--interval", "0.5",
+        *hooks,
         *disks,
     ]  # fmt: skip
 
@@ -200,7 +211,11 @@ def start_machine(
         for d in machine.disks:
             agent_socket(run, d.label).unlink(missing_ok=True)
         (run / "agent-drain-timeout").write_text(str(agent.drain_timeout if agent else 0.0))
-        _spawn(agent_command(machine, run, agent), run / "export.pid", run / "export.log")
+        _spawn(
+            agent_command(machine, run, agent, lab_dir=Path(lab_dir).resolve()),
+            run / "export.pid",
+            run / "export.log",
+        )
         for d in machine.disks:
             _wait_connectable(agent_socket(run, d.label), run / "export.pid", run / "export.log")
     if _live_pid(run / "guest.pid") is None:
