@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from siterecovery import __version__
+from siterecovery import __version__, portal
 from siterecovery.control import metrics, plan_actions, problems
 from siterecovery.control.api import (
     components,
@@ -32,6 +32,7 @@ def create_app() -> FastAPI:
     problems.install(app)
     for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
         app.include_router(module.router)
+    app.include_router(portal.router)
 
     @app.get("/healthz", tags=["server"])
     def healthz() -> dict[str, str]:

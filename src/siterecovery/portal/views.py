@@ -1,0 +1,260 @@
+"""What the portal's pages show, built from the API's own view functions.
+
+Rows for the replicated-items table (RPO coloured against the policy's threshold, the latest
+recovery point, the actions valid in the item's state), the overview's counts, and the
+infrastructure page's process servers, master targets and retention volumes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.config import ServerConfig
+from siterecovery.control.api.events import list_events
+from siterecovery.control.api.items import ItemOut, item_view
+from siterecovery.control.api.jobs import job_view
+from siterecovery.control.auth import Principal
+from siterecovery.control.db import Component, Job, Policy, ReplicatedItem
+from siterecovery.control.heartbeats import server_view
+from siterecovery.control.schemas import EventOut, JobOut, ServerOut
+from siterecovery.control.states import ComponentKind, Direction, JobState, ProtectionState
+from siterecovery.dr.rules import MAX_MT_DISKS
+
+
+class ItemAction(StrEnum):
+    """Row actions; the value is the portal route's last path segment."""
+
+    FAILOVER = "failover"
+    COMMIT = "commit"
+    REPROTECT = "reprotect"
+    FAILBACK = "failback"
+    DISABLE = "disable"
+
+    @property
+    def caption(self) -> str:
+        return "Re-Protect" if self is ItemAction.REPROTECT else self.value.capitalize()
+
+
+# States in which a job is already working on the item: starting another action is not offered.
+_BUSY = frozenset(
+    {
+        ProtectionState.ENABLING,
+        ProtectionState.INITIAL_SYNC,
+        ProtectionState.FAILOVER_IN_PROGRESS,
+        ProtectionState.REPROTECTING,
+        ProtectionState.DISABLED,
+    }
+)
+
+
+def actions_for(state: ProtectionState, direction: Direction) -> tuple[ItemAction, ...]:
+    """The actions the API accepts in this state (see dr.operations), in the order ASR lists them."""
+    if state in _BUSY:
+        return ()
+    found: list[ItemAction] = []
+    if state is ProtectionState.PROTECTED:
+        found.append(ItemAction.FAILOVER if direction is Direction.FORWARD else ItemAction.FAILBACK)
+    elif state is ProtectionState.FAILED_OVER:
+        found.append(ItemAction.COMMIT)
+    elif state is ProtectionState.FAILOVER_COMMITTED:
+        found.append(ItemAction.REPROTECT)
+    found.append(ItemAction.DISABLE)
+    return tuple(found)
+
+
+class RpoLevel(StrEnum):
+    OK = "ok"  # within the policy's threshold
+    WARNING = "warning"  # over the threshold (POL-2 alert)
+    CRITICAL = "critical"  # over twice the threshold
+    UNKNOWN = "unknown"  # not measured (not replicating)
+
+
+def rpo_level(rpo_seconds: float | None, threshold_seconds: float) -> RpoLevel:
+    if rpo_seconds is None:
+        return RpoLevel.UNKNOWN
+    if rpo_seconds <= threshold_seconds:
+        return RpoLevel.OK
+    return RpoLevel.WARNING if rpo_seconds <= 2 * threshold_seconds else RpoLevel.CRITICAL
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    item: ItemOut
+    policy_name: str
+    rpo_threshold_seconds: int
+    rpo_level: RpoLevel
+    latest_point: float | None  # time of the newest data applied on the recovery side
+    process_server: str
+    master_target: str
+    actions: tuple[ItemAction, ...]
+
+
+def _latest_point(item: ReplicatedItem, components: dict[str, Component]) -> float | None:
+    """Newest time every disk of the item reached on its master target (a common point)."""
+    rep = (item.details or {}).get("replication") or {}
+    mt = components.get(str(rep.get("master_target") or item.master_target_id or ""))
+    pairs = {str(p.get("pair_id")) for p in rep.get("pairs", [])}
+    if mt is None or not pairs:
+        return None
+    applied = {
+        str(p.get("pair_id")): p.get("last_applied_time")
+        for p in (mt.stats or {}).get("pairs", [])
+        if str(p.get("pair_id")) in pairs
+    }
+    times = [float(t) for t in applied.values() if t is not None]
+    return min(times) if len(times) == len(pairs) else None
+
+
+def item_rows(s: Session) -> list[ItemRow]:
+    policies = {p.id: p for p in s.scalars(select(Policy))}
+    components = {c.id: c for c in s.scalars(select(Component))}
+    rows = []
+    for item in s.scalars(select(ReplicatedItem).order_by(ReplicatedItem.name)):
+        policy = policies.get(item.policy_id)
+        threshold = policy.rpo_threshold_seconds if policy else 0
+        ps = components.get(item.process_server_id or "")
+        mt = components.get(item.master_target_id or "")
+        rows.append(
+            ItemRow(
+                item=item_view(item),
+                policy_name=policy.name if policy else item.policy_id,
+                rpo_threshold_seconds=threshold,
+                rpo_level=rpo_level(item.rpo_seconds, threshold),
+                latest_point=_latest_point(item, components),
+                process_server=ps.name if ps else "",
+                master_target=mt.name if mt else "",
+                actions=actions_for(ProtectionState(item.state), Direction(item.direction)),
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Overview:
+    total: int
+    by_state: list[tuple[str, int]]
+    by_health: list[tuple[str, int]]
+    worst_rpo: list[ItemRow]
+    alerts: list[EventOut]
+    running_jobs: list[JobOut]
+
+
+_ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value)
+
+
+def overview(s: Session, who: Principal) -> Overview:
+    rows = item_rows(s)
+    states = Counter(r.item.state for r in rows)
+    health = Counter(r.item.health for r in rows)
+    measured = [r for r in rows if r.item.rpo_seconds is not None]
+    worst = sorted(measured, key=lambda r: r.item.rpo_seconds or 0.0, reverse=True)[:5]
+    alerts = list_events(alerts=True, active=True, limit=50, _=who, s=s)
+    jobs = [
+        job_view(s, j)
+        for j in s.scalars(select(Job).where(Job.state.in_(_ACTIVE_JOB_STATES)).order_by(Job.created_at))
+    ]
+    return Overview(
+        total=len(rows),
+        by_state=sorted(states.items()),
+        by_health=[(h, health[h]) for h in ("normal", "warning", "critical") if h in health]
+        + sorted((h, n) for h, n in health.items() if h not in ("normal", "warning", "critical")),
+        worst_rpo=worst,
+        alerts=alerts,
+        running_jobs=jobs,
+    )
+
+
+@dataclass(frozen=True)
+class RetentionChoice:
+    """A retention volume a master target reported, and whether it may hold recovery points (RP-RET)."""
+
+    name: str
+    capacity_bytes: int
+    free_bytes: int
+    fs_type: str
+    eligible: bool
+    reason: str
+
+
+def retention_choices(stats: dict[str, Any]) -> list[RetentionChoice]:
+    out = []
+    for v in stats.get("retention_volumes", []) or []:
+        capacity = int(v.get("capacity_bytes", 0) or 0)
+        out.append(
+            RetentionChoice(
+                name=str(v.get("name") or v.get("path")),
+                capacity_bytes=capacity,
+                free_bytes=int(v.get("free_bytes", 0) or 0),
+                fs_type=str(v.get("fs_type", "")),
+                # The same default as the reprotect check: without a verdict, capacity decides.
+                eligible=bool(v.get("eligible", capacity > 0)),
+                reason=str(v.get("reason", "" if capacity > 0 else "its capacity is 0")),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class MasterTargetRow:
+    server: ServerOut
+    attached_disks: int
+    max_disks: int
+    retention: list[RetentionChoice]
+
+
+@dataclass(frozen=True)
+class ProcessServerRow:
+    server: ServerOut
+    cache_used_bytes: int
+    cache_capacity_bytes: int
+    cache_percent: float
+    throughput_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    configuration: list[ServerOut]
+    process_servers: list[ProcessServerRow]
+    master_targets: list[MasterTargetRow]
+    agents: list[ServerOut]
+
+
+def master_target_row(server: ServerOut) -> MasterTargetRow:
+    return MasterTargetRow(
+        server=server,
+        attached_disks=int(server.stats.get("attached_disks", 0) or 0),
+        max_disks=MAX_MT_DISKS,
+        retention=retention_choices(server.stats),
+    )
+
+
+def process_server_row(server: ServerOut) -> ProcessServerRow:
+    used = int(server.stats.get("cache_used_bytes", 0) or 0)
+    capacity = int(server.stats.get("cache_capacity_bytes", 0) or 0)
+    return ProcessServerRow(
+        server=server,
+        cache_used_bytes=used,
+        cache_capacity_bytes=capacity,
+        cache_percent=100.0 * used / capacity if capacity else 0.0,
+        throughput_bytes_per_s=float(server.stats.get("throughput_bytes_per_s", 0.0) or 0.0),
+    )
+
+
+def servers(s: Session, config: ServerConfig, kind: ComponentKind) -> list[ServerOut]:
+    rows = s.scalars(select(Component).where(Component.kind == kind.value).order_by(Component.name))
+    return [server_view(r, config) for r in rows]
+
+
+def infrastructure(s: Session, config: ServerConfig) -> Infrastructure:
+    return Infrastructure(
+        configuration=servers(s, config, ComponentKind.CONFIGURATION),
+        process_servers=[process_server_row(x) for x in servers(s, config, ComponentKind.PROCESS)],
+        master_targets=[master_target_row(x) for x in servers(s, config, ComponentKind.MASTER_TARGET)],
+        agents=servers(s, config, ComponentKind.AGENT),
+    )
