@@ -134,10 +134,11 @@ class Cycle:
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    def _sync_step(self, step: str, path: str, body: dict[str, Any], changed: int) -> None:
+    def _sync_step(self, step: str, path: str, body: dict[str, Any], changed: Callable[[], int]) -> None:
+        """A (re)synchronisation; `changed` tells, once it ended, what the guest wrote that had to move."""
         job, seconds = self._job(step, path, body)
         sent = _task_result(job, "replication-sync").get("bytes_sent")
-        self.rows.append(StepRow(step, seconds, changed, sent, job_id=job["id"]))
+        self.rows.append(StepRow(step, seconds, changed(), sent, job_id=job["id"]))
 
     def _move_step(self, step: str, path: str, body: dict[str, Any]) -> None:
         rpo, self._rpo_max = self._rpo_max, None
