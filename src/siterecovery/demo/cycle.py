@@ -167,12 +167,11 @@ class Cycle:
         env.fabric("onprem").power_on(m)
         self.wait_agent("onprem")
         self.wait_records("onprem", 32)
-        allocated = sum(os.stat(d.backing).st_blocks * 512 for d in onprem_disk.disks)
         self._sync_step(
             "enable + initial replication",
             "/api/replicatedItems",
             {"machine": m, "policy": "demo", "process_server": "ps-onprem", "master_target": "mt-cloud"},
-            allocated,
+            lambda: sum(os.stat(d.backing).st_blocks * 512 for d in onprem_disk.disks),
         )
         self.wait_records("onprem", self._records("onprem") + 64)
         self._move_step(
@@ -184,7 +183,6 @@ class Cycle:
         self.wait_agent("cloud")
         at_failover = self._records("cloud")
         self.wait_records("cloud", at_failover + 64)  # the machine keeps working in the cloud
-        written = (self._records("cloud") - at_failover) * RECORD_SIZE
         self._sync_step(
             "reprotect cloud → on-premises (delta)",
             f"/api/replicatedItems/{m}/reprotect",
@@ -194,7 +192,7 @@ class Cycle:
                 "datastore": "ds-vmfs1",
                 "retention_volume": env.retention_volume("mt-linux"),
             },
-            written,
+            lambda: (self._records("cloud") - at_failover) * RECORD_SIZE,
         )
         self.wait_records("cloud", self._records("cloud") + 64)
         self._move_step("failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"})
@@ -202,7 +200,6 @@ class Cycle:
         self.wait_agent("onprem")
         at_failback = self._records("onprem")
         self.wait_records("onprem", at_failback + 64)
-        written = (self._records("onprem") - at_failback) * RECORD_SIZE
         self._sync_step(
             "re-protect on-premises → cloud (delta)",
             f"/api/replicatedItems/{m}/reprotect",
@@ -211,7 +208,7 @@ class Cycle:
                 "process_server": "ps-onprem",
                 "retention_volume": env.retention_volume("mt-cloud"),
             },
-            written,
+            lambda: (self._records("onprem") - at_failback) * RECORD_SIZE,
         )
         self.wait_records("onprem", self._records("onprem") + 32)
         self.rows[-1].rpo_held = self._rpo_max
