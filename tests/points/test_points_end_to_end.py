@@ -1,0 +1,136 @@
+"""Recovery points through the running data plane: a lab guest → agent → PS → MT with a journal."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import pytest
+
+from siterecovery.lab.guest import GuestState
+from siterecovery.lab.oracle import verify_image
+from tests.conftest import require_tool
+from tests.dataplane.conftest import Plane, wait_for
+from tests.points.conftest import MACHINE, Rig, build_rig, qemu_compare
+
+
+def _wait_points(rig: Rig, kind: str, count: int) -> list[dict[str, Any]]:
+    wait_for(lambda: len(rig.points(kind)) >= count, 60, f"{count} {kind} points on the master target")
+    return rig.points(kind)
+
+
+def test_every_point_is_a_clean_prefix_and_the_app_point_ends_quiesced(rig: Rig) -> None:
+    """Crash bookmarks become points; each point's copy holds a clean prefix of the guest's log, and
+    an app bookmark taken around the lab's quiesce/thaw hooks ends with the quiesce marker."""
+    rig.start_guest()
+    _wait_points(rig, "crash", 3)
+    rig.set_agent(bookmarks=[{"tag": "app-1", "kind": "app", "freeze": True}])
+    wait_for(lambda: "app-1" in rig.agent.stats().get("bookmarks_done", []), 60, "the app bookmark")  # type: ignore[operator]
+    app = _wait_points(rig, "app", 1)
+    assert [p["tag"] for p in app] == ["app-1"]
+    # The guest was thawed: it writes on after the app point, and crash points follow it.
+    seq_at_app = rig.guest_seq()
+    wait_for(lambda: rig.guest_seq() > seq_at_app + 20, 30, "the guest to write after the thaw")
+    wait_for(lambda: any(p["seq"] > app[0]["seq"] for p in rig.points("crash")), 30, "a crash point after it")
+    assert rig.guest_state() is GuestState.RUNNING
+
+    points = rig.points()
+    crash = [p for p in points if p["kind"] == "crash"]
+    chosen = crash[-8:] + app + [p for p in points if p["kind"] == "latest"]
+    images = rig.copy(chosen, "all")
+    records: list[tuple[int, int]] = []
+    for point in chosen:
+        verdict = verify_image(str(images[point["id"]]), MACHINE)
+        assert verdict.ok, (point, verdict)
+        records.append((point["seq"], verdict.records))
+        if point["kind"] == "app":
+            assert verdict.ends_quiesced, (point, verdict)
+    records.sort()
+    # Later points hold longer prefixes, and the points are distinct states of the log.
+    assert [r for _s, r in records] == sorted(r for _s, r in records)
+    assert len({r for _s, r in records}) >= 3
+    assert rig.mt_pair()["journal_bytes"] > 0
+    assert rig.mt_pair()["position"] == "latest"
+
+
+def test_in_place_point_rolls_the_target_back_and_none_rolls_it_forward(rig: Rig) -> None:
+    require_tool("qemu-img")
+    rig.start_guest()
+    _wait_points(rig, "crash", 4)
+    rig.stop_guest()
+    rig.wait_applied()
+    older = next(p for p in rig.points("crash") if p["seq"] > 0)
+    latest = rig.points("latest")[0]
+    images = rig.copy([older, latest], "inplace")
+    assert qemu_compare(rig.target, images[older["id"]]) == 1, "the older point must differ from latest"
+
+    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "point": older["id"]}])
+    wait_for(lambda: rig.mt_pair().get("position") == older["id"], 60, "the rollback in place")
+    assert qemu_compare(rig.target, images[older["id"]]) == 0
+    assert verify_image(str(rig.target), MACHINE).ok
+
+    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "point": None}])
+    wait_for(lambda: rig.mt_pair().get("position") == "latest", 60, "the roll forward")
+    assert qemu_compare(rig.target, images[latest["id"]]) == 0
+    assert qemu_compare(rig.target, rig.source) == 0
+
+
+def test_full_retention_volume_pauses_applying_and_catches_up_after_more_space(plane: Plane) -> None:
+    require_tool("qemu-img")
+    rig = build_rig(plane, "--retention-quota", str(48 << 10))
+    try:
+        rig.start_guest(rate=300.0)
+        wait_for(lambda: bool(rig.mt.stats().get("retention_full")), 60, "the retention volume to fill")
+        assert rig.mt_pair()["paused"] == "retention-volume-full"
+        rig.stop_guest()
+        paused_at = rig.mt_pair()["applied_seq"]
+        captured = max(int(p["captured_seq"]) for p in rig.agent.stats()["pairs"])  # type: ignore[union-attr,index]
+        assert paused_at < captured
+        # What was applied before the pause is intact: the target holds a clean prefix.
+        assert verify_image(str(rig.target), MACHINE).ok
+
+        rig.mt.kill(signal.SIGTERM)
+        at = rig.mt.args.index("--retention-quota")
+        del rig.mt.args[at : at + 2]
+        rig.mt.start()
+        rig.mt.wait_address()
+        rig.wait_applied()
+        wait_for(lambda: not rig.mt.stats().get("retention_full"), 30, "retention_full to clear")
+        assert rig.mt_pair()["paused"] == ""
+        assert qemu_compare(rig.target, rig.source) == 0
+        assert verify_image(str(rig.target), MACHINE).ok
+    finally:
+        rig.stop_guest()
+
+
+@pytest.mark.parametrize(
+    ("volume", "eligible", "reason"),
+    [
+        pytest.param("retention", True, "", id="rp-ret-eligible"),
+        pytest.param("targets", False, "replication-target", id="rp-ret-replication-target"),
+    ],
+)
+def test_retention_volumes_are_reported_with_their_eligibility(
+    rig: Rig, volume: str, eligible: bool, reason: str
+) -> None:
+    path = str((rig.plane.root / volume).resolve())
+
+    def described() -> dict[str, Any]:
+        for v in rig.mt.stats().get("retention_volumes", []):  # type: ignore[union-attr]
+            if v["path"] == path:  # type: ignore[index]
+                return dict(v)  # type: ignore[arg-type]
+        return {}
+
+    wait_for(lambda: bool(described()), 30, f"volume {volume} in the stats")
+    v = described()
+    assert v["eligible"] is eligible
+    assert v["reason"].split(":")[0] == reason
+    assert v["capacity_bytes"] > 0
+
+    # A refresh rediscovers at once: a lock file makes any volume ineligible (RP-RET locked).
+    (rig.plane.root / volume / ".siterecovery-locked").touch()
+    rig.set_mt(refresh=1)
+    wait_for(lambda: described().get("locked") is True, 30, "the lock to be seen")
+    assert described()["eligible"] is False
+    assert json.dumps(described())  # plain JSON, as the configuration server stores it
