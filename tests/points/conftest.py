@@ -1,15 +1,14 @@
 """Fixtures for recovery points end to end: a lab guest writing through a real agent → PS → MT.
 
 The guest is the lab's self-verifying log writer; it runs under the lab's run-directory layout
-(`lab/run/onprem/<machine>/guest.pid|guest.json`) so the agent's freeze and thaw hooks are the real
-`siterecovery lab quiesce|thaw` commands. Desired states are the components' `--assignments`
-files, rewritten by the tests.
+(`lab/run/onprem/<machine>/guest.pid|guest.json`), and the agent gets the freeze and thaw hooks
+that `runtime.agent_command` gives a lab machine's agent (`siterecovery lab quiesce|thaw`).
+Desired states are the components' `--assignments` files, rewritten by the tests.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
 from siterecovery.lab import runtime
 from siterecovery.lab.guest import GuestState, read_status
 from siterecovery.pki import CertificateAuthority
@@ -36,10 +36,25 @@ def _start_time(pid: int) -> str:
     return stat[stat.rindex(")") + 2 :].split()[19]
 
 
-def lab_hook(action: str, lab_dir: Path) -> str:
-    return shlex.join(
-        [sys.executable, "-m", "siterecovery", "lab", action, str(lab_dir), MACHINE, "--site", "onprem"]
+def lab_hooks(lab_dir: Path, source: Path) -> list[str]:
+    """The freeze/thaw hook options a lab machine's agent gets (`runtime.agent_command`)."""
+    machine = Machine(
+        id="vm-1",
+        name=MACHINE,
+        bios_uuid="00000000-0000-0000-0000-000000000001",
+        os_type=OsType.LINUX,
+        os_version="lab",
+        power_state=PowerState.ON,
+        disks=(Disk(uuid="d-1", label=LABEL, size_bytes=DISK, backing=str(source)),),
     )
+    settings = runtime.AgentSettings(site="onprem", server="https://config.invalid", passphrase_file="unused")
+    cmd = runtime.agent_command(
+        machine, runtime.run_dir(lab_dir, "onprem", MACHINE), settings, lab_dir=lab_dir
+    )
+    hooks: list[str] = []
+    for option in ("--freeze-hook", "--thaw-hook"):
+        hooks += [option, cmd[cmd.index(option) + 1]]
+    return hooks
 
 
 @dataclass
@@ -183,10 +198,7 @@ def build_rig(plane: Plane, *mt_extra: str) -> Rig:
     ps = plane.process_server(listen=ps_addr).start()
     mt = plane.master_target([], listen=mt_addr)
     mt.args += ["--volume", str(root / "targets"), *mt_extra]
-    agent = plane.agent(
-        [], {LABEL: source}, "agent",
-        "--freeze-hook", lab_hook("quiesce", lab_dir), "--thaw-hook", lab_hook("thaw", lab_dir),
-    )  # fmt: skip
+    agent = plane.agent([], {LABEL: source}, "agent", *lab_hooks(lab_dir, source))
     rig = Rig(plane, source, target, lab_dir, ps, mt, agent)
     rig.set_mt(disks=[{"pair_id": PAIR, "path": str(target), "size": DISK}])
     rig.set_agent(replications=[replication(PAIR, LABEL, ps_addr, mt_addr)], crash_interval_seconds=0.5)
