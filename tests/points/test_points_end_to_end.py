@@ -134,3 +134,18 @@ def test_retention_volumes_are_reported_with_their_eligibility(
     wait_for(lambda: described().get("locked") is True, 30, "the lock to be seen")
     assert described()["eligible"] is False
     assert json.dumps(described())  # plain JSON, as the configuration server stores it
+
+
+def test_failed_freeze_hook_is_reported_and_inserts_no_bookmark(rig: Rig) -> None:
+    """The lab's quiesce fails when the machine has no running guest: the bookmark is not taken."""
+    wait_for(
+        lambda: [p.get("state") for p in rig.agent.stats().get("pairs", [])] == ["protected"],  # type: ignore[union-attr]
+        60,
+        "the pair to be protected",
+    )
+    rig.set_agent(bookmarks=[{"tag": "app-frozen-fails", "kind": "app", "freeze": True}])
+    wait_for(lambda: bool(rig.agent.stats().get("bookmark_errors")), 60, "the bookmark error")
+    stats = rig.agent.stats()
+    assert stats["bookmark_errors"]["app-frozen-fails"].startswith("freeze-hook-failed")  # type: ignore[index]
+    assert "app-frozen-fails" not in stats["bookmarks_done"]  # type: ignore[operator]
+    assert rig.points("app") == []

@@ -2,10 +2,13 @@
 
 Disks are attached from the desired state (`MasterTargetDesired`); at most 60 at once over all
 machines (MT-3: the 61st is refused with `mt-disk-limit`). A session from a process server names
-its pairs in HELLO and learns each pair's applied sequence, after which the process server resends
+its pairs in HELLO and learns each pair's durable sequence, after which the process server resends
 only newer frames. Frames are verified, applied through the pair's `DiskApplier` (idempotent by
-sequence), and acknowledged only after `sync()`. The master target also answers resync requests
-with the block digests of its target disks.
+sequence), and acknowledged only after `sync()`. With a retention volume each pair's applier is a
+retention journal, so BOOKMARK frames become recovery points; the desired state can then move a
+disk to a point in place or ask for copies of points (`mt_points.py`). A full retention volume
+pauses a pair without acknowledging: the frame is retried until it applies. The master target also
+answers resync requests with the block digests of its target disks.
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ class MasterTarget:
         self._volumes: list[RetentionVolume] = []
         self._discovered_at = float("-inf")
         self._refresh_seen: int | None = None
+        self._targets_seen: tuple[str, ...] = ()
         self._copier = Copier(state_dir, self._lookup)
         self._listener = Listener(listen, identity.server_context(), self._serve)
 
@@ -227,11 +231,11 @@ class MasterTarget:
         for pair in list(self._pairs.values()):
             self._follow_point(pair)
         self._copier.request(desired.copies)
-        if (
-            desired.refresh != self._refresh_seen
-            or time.monotonic() - self._discovered_at > REDISCOVER_SECONDS
-        ):
-            self._refresh_seen = desired.refresh
+        stale = time.monotonic() - self._discovered_at > REDISCOVER_SECONDS
+        targets = tuple(sorted(str(p.disk.path) for p in self._pairs.values()))
+        # Attaching or detaching disks changes which volumes hold replication targets.
+        if desired.refresh != self._refresh_seen or stale or targets != self._targets_seen:
+            self._refresh_seen, self._targets_seen = desired.refresh, targets
             self._discover()
 
     def _close(self, pair: _Pair) -> None:
