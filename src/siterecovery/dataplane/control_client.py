@@ -10,6 +10,7 @@ latest stats are also written to `<state_dir>/stats.json` for operators and test
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pydantic import BaseModel
 from siterecovery import pki
 from siterecovery.dataplane.links import Identity
 from siterecovery.errors import Problem, SiteRecoveryError
+
+log = logging.getLogger(__name__)
 
 D = TypeVar("D", bound=BaseModel)
 
@@ -104,13 +107,27 @@ class Reporter:
     def __init__(self, state_dir: Path, client: ControlClient | None = None) -> None:
         self.client = client
         self._stats_file = state_dir / "stats.json"
+        self._unreachable = False
 
     def report(self, stats: BaseModel) -> dict[str, object] | None:
-        """Publish `stats`; the raw desired state when a configuration server answered."""
+        """Publish `stats`; the raw desired state when a configuration server answered.
+
+        An unreachable or failing configuration server is not this component's failure: replication
+        goes on with what it was told last (CS-2 is checked by reprotect and failback, not enforced
+        by stopping the data plane).
+        """
         tmp = self._stats_file.with_suffix(".tmp")
         tmp.write_text(stats.model_dump_json(indent=2))
         os.replace(tmp, self._stats_file)
-        return self.client.heartbeat(stats) if self.client is not None else None
+        if self.client is None:
+            return None
+        try:
+            return self.client.heartbeat(stats)
+        except httpx.HTTPError as exc:
+            if not self._unreachable:
+                log.warning("configuration server unreachable (%s); keeping the last desired state", exc)
+            self._unreachable = True
+            return None
 
 
 class DesiredSource(Reporter, Generic[D]):
@@ -126,14 +143,29 @@ class DesiredSource(Reporter, Generic[D]):
         super().__init__(state_dir, client)
         self.model = model
         self.assignments = assignments
+        self._desired_file = state_dir / "desired.json"
 
     def exchange(self, stats: BaseModel) -> D:
         raw = self.report(stats)
         if raw is not None:
-            return self.model.model_validate(raw)
+            if self._unreachable:
+                log.warning("configuration server reachable again")
+                self._unreachable = False
+            desired = self.model.model_validate(raw)
+            _write_atomically(self._desired_file, desired.model_dump_json())
+            return desired
         if self.assignments is not None and self.assignments.exists():
             return self.model.model_validate_json(self.assignments.read_text())
+        if self.client is not None and self._desired_file.exists():
+            # The server is away: keep doing what it asked last, even across a restart of ours.
+            return self.model.model_validate_json(self._desired_file.read_text())
         return self.model()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_identity(state_dir: Path, client: ControlClient | None, passphrase_file: Path | None) -> Identity:
