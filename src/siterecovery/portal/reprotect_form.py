@@ -4,7 +4,8 @@ Master targets and process servers come from the registered components (with hea
 n/60 attached disks), datastores from the target site fabric's last discovery, retention volumes
 from each master target's last report: only eligible volumes are offered. The failback policy is
 implied by the item's policy and shown read-only. Sensible defaults are preselected: a connected
-master target of the machine's OS, a connected process server at the replication source's site.
+master target of the machine's OS at the target site (only those are offered), a connected process
+server at the replication source's site.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def build_dialog(s: Session, config: ServerConfig, item: ReplicatedItem, given: 
     rec = ItemRecord.model_validate(item.details)
     to_onprem = item.direction == Direction.FORWARD.value
     source = Site.CLOUD if to_onprem else Site.ONPREM
-    mts = [master_target_row(x) for x in servers(s, config, ComponentKind.MASTER_TARGET)]
+    every_mt = [master_target_row(x) for x in servers(s, config, ComponentKind.MASTER_TARGET)]
+    # A master target writes the target site's disks: only those at that site are offered.
+    mts = [m for m in every_mt if m.server.site == source.other.value] or every_mt
     pss = [process_server_row(x) for x in servers(s, config, ComponentKind.PROCESS)]
     datastores = _datastores(s, rec.onprem_fabric if to_onprem else rec.cloud_fabric)
     policy = s.get(Policy, item.policy_id)
