@@ -16,6 +16,7 @@ from siterecovery.cli.output import console, emit
 from siterecovery.cli.state import as_json, call
 
 Wait = Annotated[bool, typer.Option(help="follow the job until it ends")]
+points_app = typer.Typer(help="Recovery points.", no_args_is_help=True)
 
 
 def _run(ctx: typer.Context, path: str, body: dict[str, Any], wait: bool) -> None:
@@ -75,12 +76,33 @@ def enable(
 def failover(
     ctx: typer.Context,
     item: str,
-    point: str = "latest",
+    point: Annotated[str, typer.Option(help="latest | latest-app | a point id | a time")] = "latest",
     planned: Annotated[bool, typer.Option(help="shut the source down and drain: no data loss")] = False,
+    test: Annotated[bool, typer.Option(help="an isolated, disposable copy; replication goes on")] = False,
     wait: Wait = True,
 ) -> None:
     """Fail over to the recovery site at a recovery point (FW-2)."""
-    _run(ctx, f"/api/replicatedItems/{item}/failover", {"point": point, "planned": planned}, wait)
+    body = {"point": point, "planned": planned, "test": test}
+    _run(ctx, f"/api/replicatedItems/{item}/failover", body, wait)
+
+
+@items_app.command("test-cleanup")
+def test_cleanup(ctx: typer.Context, item: str, wait: Wait = True) -> None:
+    """Delete the test failover's machine and its disk copies."""
+    _run(ctx, f"/api/replicatedItems/{item}/testCleanup", {}, wait)
+
+
+@items_app.command("bookmark")
+def bookmark(ctx: typer.Context, item: str) -> None:
+    """Take an app-consistent recovery point now (a group point across its replication group)."""
+    emit(call(ctx, lambda api: api.post(f"/api/replicatedItems/{item}/bookmarks")), as_json(ctx))
+
+
+@points_app.command("list")
+def points_list(ctx: typer.Context, item: str) -> None:
+    """The item's recovery points, newest first (latest, app-consistent, crash-consistent, group)."""
+    rows = call(ctx, lambda api: api.get(f"/api/replicatedItems/{item}/recoveryPoints"))
+    emit(rows, as_json(ctx), ("id", "kind", "time_utc"))
 
 
 @items_app.command("commit")

@@ -136,7 +136,7 @@ app.add_typer(control.events_app, name="events")
 app.add_typer(fabrics.fabrics_app, name="fabrics")
 app.add_typer(fabrics.machines_app, name="machines")
 dataplane.register(app)
-_ = dr  # registers the DR commands on `items`
+app.add_typer(dr.points_app, name="points")  # importing dr also adds the DR commands to `items`
 lab.register(app)
 
 

@@ -14,15 +14,20 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Component, ReplicatedItem
+from siterecovery.control.db import Component, Policy, ReplicatedItem
 from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import (
     AgentDesired,
     AttachedDisk,
+    BookmarkRequest,
     DiskReplication,
     MasterTargetDesired,
+    PointCopy,
 )
 from siterecovery.dr.record import ItemRecord, Replication
+
+DEFAULT_RETENTION_SECONDS = 24 * 3600.0
+DEFAULT_CRASH_INTERVAL = 5.0
 
 
 def agent_name(site: str, machine: str) -> str:
@@ -30,11 +35,15 @@ def agent_name(site: str, machine: str) -> str:
     return f"{site}/{machine}"
 
 
-def _replicating(s: Session) -> Iterator[tuple[ReplicatedItem, Replication]]:
+def _replicating(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
     for item in s.scalars(select(ReplicatedItem)):
         rec = ItemRecord.model_validate(item.details)
         if rec.replication is not None:
-            yield item, rec.replication
+            yield item, rec, rec.replication
+
+
+def _policy(s: Session, item: ReplicatedItem) -> Policy | None:
+    return s.get(Policy, item.policy_id)
 
 
 def _address(s: Session, component_id: str) -> str:
@@ -44,7 +53,9 @@ def _address(s: Session, component_id: str) -> str:
 
 def agent_desired(s: Session, agent: Component) -> AgentDesired:
     replications = []
-    for _item, rep in _replicating(s):
+    bookmarks: list[BookmarkRequest] = []
+    crash_interval = DEFAULT_CRASH_INTERVAL
+    for item, rec, rep in _replicating(s):
         if agent_name(rep.source_site.value, rep.source_machine) != agent.name:
             continue
         ps, mt = _address(s, rep.process_server), _address(s, rep.master_target)
@@ -60,18 +71,44 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
             )
             for p in rep.pairs
         ]
-    return AgentDesired(replications=replications)
+        bookmarks += [BookmarkRequest(tag=b.tag, kind=b.kind, freeze=b.freeze) for b in rec.bookmarks]
+        policy = _policy(s, item)
+        if policy is not None:
+            crash_interval = min(crash_interval, float(policy.crash_consistent_frequency_seconds))
+    return AgentDesired(replications=replications, bookmarks=bookmarks, crash_interval_seconds=crash_interval)
 
 
 def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     disks = []
+    copies = []
     retention = ""
-    for _item, rep in _replicating(s):
+    window = 0.0
+    for item, rec, rep in _replicating(s):
         if rep.master_target != mt.id:
             continue
         retention = retention or rep.retention_volume
-        disks += [AttachedDisk(pair_id=p.pair_id, path=Path(p.target), size=p.size) for p in rep.pairs]
-    return MasterTargetDesired(disks=disks, retention_volume=Path(retention) if retention else None)
+        disks += [
+            AttachedDisk(pair_id=p.pair_id, path=Path(p.target), size=p.size, point=rep.points.get(p.pair_id))
+            for p in rep.pairs
+        ]
+        if rec.test is not None:
+            copies += [
+                PointCopy(
+                    request_id=c.request_id, pair_id=c.pair_id, point=c.point, out_path=Path(c.out_path)
+                )
+                for c in rec.test.copies
+            ]
+        policy = _policy(s, item)
+        window = max(
+            window, float(policy.retention_seconds) if policy is not None else DEFAULT_RETENTION_SECONDS
+        )
+    return MasterTargetDesired(
+        disks=disks,
+        retention_volume=Path(retention) if retention else None,
+        retention_seconds=window or DEFAULT_RETENTION_SECONDS,
+        copies=copies,
+        refresh=int(mt.desired.get("refresh", 0)),
+    )
 
 
 def desired_for(s: Session, component: Component) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from siterecovery.control.db import Component, Policy, ReplicatedItem
 from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dataplane.assignments import AgentStats, MasterTargetStats
+from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.record import ItemRecord
 
@@ -100,6 +101,7 @@ def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
                     item.id,
                 )
         _watch_powered_on_targets(cp, s)
+        schedule_bookmarks(s, now)
     return out
 
 

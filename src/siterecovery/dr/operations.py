@@ -100,7 +100,10 @@ def failover_tasks(
             ),
             TaskSpec("Drain replication (no data loss)", "drain", base),
         ]
-    tasks.append(TaskSpec("Stop replication", "stop-replication", base))
+    tasks += [
+        TaskSpec(f"Apply recovery point {request.point}", "apply-point", {**base, "point": request.point}),
+        TaskSpec("Stop replication", "stop-replication", base),
+    ]
     if target is Site.CLOUD:
         tasks.append(TaskSpec("Create recovery machine in the cloud", "create-recovery-machine", base))
     else:
@@ -131,6 +134,32 @@ def _mt_machine(mt_id: str) -> str:
     with current().db.session() as s:
         row = s.get(Component, mt_id)
         return row.machine if row is not None else ""
+
+
+def test_failover_tasks(item: repo.ItemSnapshot, point: str) -> list[TaskSpec]:
+    if item.state is not ProtectionState.PROTECTED or item.record.replication is None:
+        raise _state_error(
+            item, "only a protected item can be test-failed-over", "Enable or reprotect it first."
+        )
+    if item.record.test is not None:
+        raise _state_error(
+            item,
+            f"test machine {item.record.test.machine} still exists",
+            "Clean the last test failover up first (`items test-cleanup`).",
+        )
+    base = {"item": item.id, "point": point}
+    return [
+        TaskSpec(f"Copy disks at recovery point {point}", "test-copy", base),
+        TaskSpec("Start isolated test machine", "start-test-machine", base),
+    ]
+
+
+def test_cleanup_tasks(item: repo.ItemSnapshot) -> list[TaskSpec]:
+    if item.record.test is None:
+        raise _state_error(
+            item, "there is no test failover to clean up", "Run `items failover --test` first."
+        )
+    return [TaskSpec("Delete test machine and its disks", "test-cleanup", {"item": item.id})]
 
 
 def commit_tasks(item: repo.ItemSnapshot) -> list[TaskSpec]:

@@ -57,6 +57,8 @@ class Replication(_Model):
     sync_mode: SyncMode = SyncMode.FULL
     generation: int = 1
     pairs: list[Pair] = Field(default_factory=list)
+    # Recovery point each pair is held at on the master target (point ids); empty = follow latest.
+    points: dict[str, str] = Field(default_factory=dict)
 
 
 class NicRecord(_Model):
@@ -80,6 +82,31 @@ class StepMetric(_Model):
     oracle: str = ""
 
 
+class BookmarkRecord(_Model):
+    """A bookmark asked of the item's agent: an app-consistent point (freeze hook) or a group tag."""
+
+    tag: str
+    kind: str  # "app" | "group"
+    requested_at: float
+    freeze: bool = True
+
+
+class TestCopy(_Model):
+    request_id: str
+    pair_id: str
+    point: str
+    out_path: str
+    label: str
+
+
+class TestFailover(_Model):
+    """A test failover: disposable copies of a point and the isolated machine that runs them."""
+
+    point: str
+    machine: str
+    copies: list[TestCopy] = Field(default_factory=list)
+
+
 class ItemRecord(_Model):
     onprem_fabric: str  # fabric ids
     cloud_fabric: str
@@ -97,7 +124,8 @@ class ItemRecord(_Model):
     # Set by a failover until commit: which point the recovery machine runs from.
     failover_point: dict[str, object] = Field(default_factory=dict)
     placed_disks: list[dict[str, str]] = Field(default_factory=list)  # RP-MT-MOVE: uuid, backing
-    test_machine: str = ""
+    test: TestFailover | None = None
+    bookmarks: list[BookmarkRecord] = Field(default_factory=list)  # the newest few
     last_generation: int = 0  # replication generations so far: pair ids never repeat
     target_created: bool = False  # reprotect created the on-premises machine anew (RPW-6): full copy
     metrics: list[StepMetric] = Field(default_factory=list)

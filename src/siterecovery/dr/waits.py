@@ -35,6 +35,7 @@ def agent_pairs(component_id: str) -> dict[str, PairStats]:
 
 
 def mt_pairs(component_id: str) -> MasterTargetStats:
+    """The master target's last report (pairs with points, copies done)."""
     stats, _ = component_stats(component_id)
     return MasterTargetStats.model_validate(stats) if stats else MasterTargetStats()
 

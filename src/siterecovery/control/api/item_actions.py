@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control import jobs as engine
-from siterecovery.control.api.deps import control_plane, operator, session
+from siterecovery.control.api.deps import control_plane, operator, reader, session
 from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Fabric as FabricRow
@@ -24,10 +24,12 @@ from siterecovery.control.schemas import Strict
 from siterecovery.control.states import ComponentKind, Direction, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_dir
 from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
+from siterecovery.dr.recovery_points import item_points
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
 
@@ -50,6 +52,7 @@ class EnableRequest(Strict):
 class FailoverBody(Strict):
     point: str = Field(default="latest", max_length=100)
     planned: bool = False
+    test: bool = False
 
 
 class ReprotectBody(Strict):
@@ -244,8 +247,45 @@ def failover(
     s: Session = Depends(session, scope="function"),
 ) -> Started:
     item = repo.snapshot(repo.get_item(s, ident))
+    if body.test:
+        return _start("test-failover", item, ops.test_failover_tasks(item, body.point), body.model_dump())
     tasks = ops.failover_tasks(item, ops.FailoverRequest(body.point, body.planned))
     return _start("failover", item, tasks, body.model_dump())
+
+
+@router.post("/{ident}/testCleanup", status_code=202)
+def test_cleanup(
+    ident: str, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
+) -> Started:
+    """Delete the test failover's machine and disk copies."""
+    item = repo.snapshot(repo.get_item(s, ident))
+    return _start("test-cleanup", item, ops.test_cleanup_tasks(item), {})
+
+
+@router.get("/{ident}/recoveryPoints")
+def recovery_points(
+    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+) -> list[dict[str, Any]]:
+    """Points every disk of the item has, newest first; `latest` is always first (FW-3)."""
+    item = repo.snapshot(repo.get_item(s, ident))
+    if item.record.replication is None:
+        return []
+    return [p.as_dict() for p in item_points(s, item.record.replication)]
+
+
+@router.post("/{ident}/bookmarks", status_code=201)
+def take_bookmark(
+    ident: str, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
+) -> dict[str, str]:
+    """Take an app-consistent point now (a group point for every member when the item is in a group)."""
+    row = repo.get_item(s, ident)
+    if row.state != ProtectionState.PROTECTED.value:
+        raise conflict(
+            "invalid-state",
+            f"Item {row.name} is {row.state}; points are taken while protected.",
+            "Enable or reprotect it first.",
+        )
+    return {"tag": request_bookmark(s, row)}
 
 
 @router.post("/{ident}/commit", status_code=202)
