@@ -17,10 +17,11 @@ from siterecovery.control.api import (
     policies,
     server,
 )
+from siterecovery.dr import point_tasks
 from siterecovery.dr import tasks as dr_tasks
 
 # Task handlers register themselves on import; the job engine refuses unknown actions.
-_HANDLER_MODULES = (plan_actions, dr_tasks)
+_HANDLER_MODULES = (plan_actions, dr_tasks, point_tasks)
 
 
 def create_app() -> FastAPI:
