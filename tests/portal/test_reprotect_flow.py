@@ -169,3 +169,9 @@ def test_reprotect_by_clicks_from_failing_check_to_protected(
     expect(row).to_contain_text("Cloud → On-premises")
     expect(row.locator("td.actions a")).to_have_text(["Failback", "Disable"])
     shot(page, output_dir, "items", docs="items")
+
+    # The next move is offered with its own readiness check (FB-1).
+    page.get_by_role("link", name=f"Failback {MACHINE}").click()
+    page.get_by_role("button", name="Check readiness").click()
+    expect(page.get_by_role("status")).to_contain_text("Ready")
+    shot(page, output_dir, "failback-ready")
