@@ -272,8 +272,10 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
     ):
         sock = runtime.agent_socket(fabric.run_dir(machine.name), disk.label)
         with NbdClient.connect(disk.label, unix=sock) as client:
-            return verify_log(lambda off, n: client.pread(n, off), client.size, machine.name)
-    return verify_image(disk.backing, machine.name)
+            return verify_log(
+                lambda off, n: client.pread(n, off), client.size, fabric.log_owner(machine.name)
+            )
+    return verify_image(disk.backing, fabric.log_owner(machine.name))
 
 
 @lab_app.command("verify")

@@ -23,6 +23,13 @@ def _lab(fabric: Fabric) -> Any:
     return fabric if isinstance(fabric, LabFabric) else None
 
 
+def adopt_log(fabric: Fabric, machine: str, owner: str) -> None:
+    """A copy of `owner`'s disks (test failover) continues `owner`'s log: tell the lab guest so."""
+    lab = _lab(fabric)
+    if lab is not None:
+        lab.set_log_owner(machine, owner)
+
+
 def last_flushed(fabric: Fabric, machine: str) -> int | None:
     """The last log record the machine's guest knew durable (after a clean shutdown)."""
     lab = _lab(fabric)

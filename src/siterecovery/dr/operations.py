@@ -80,14 +80,6 @@ def failover_tasks(
     if failback != (item.direction is Direction.FAILBACK):
         wanted = "failback" if item.direction is Direction.FAILBACK else "failover"
         raise _state_error(item, f"use {wanted} for this direction", f"Run `items {wanted}`.")
-    if request.point != "latest":
-        raise SiteRecoveryError(
-            Problem(
-                "point-unavailable",
-                f"Recovery point {request.point!r} cannot be used for {item.name} yet.",
-                "Fail over to `latest`; choosing older points needs the master target's retention journal.",
-            )
-        )
     source, target = _site_pair(item.direction)
     rep = item.record.replication
     base = {"item": item.id, "planned": request.planned}

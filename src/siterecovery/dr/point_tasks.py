@@ -11,7 +11,7 @@ from siterecovery.control.context import current
 from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
-from siterecovery.dr.guest import await_verdict
+from siterecovery.dr.guest import adopt_log, await_verdict
 from siterecovery.dr.record import ItemRecord, Replication, Site, TestCopy, TestFailover
 from siterecovery.dr.recovery_points import LATEST, ItemPoint, item_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
@@ -168,6 +168,7 @@ def start_test_machine(ctx: TaskContext) -> dict[str, Any]:
                 nics=tuple(Nic(n.name, n.mac, IpMode.DHCP, network="isolated") for n in item.record.nics),
             )
         )
+        adopt_log(fabric, test.machine, item.record.machine)
     since = time.time()
     found = fabric.discover().machine(test.machine)
     if found is not None and found.power_state is PowerState.OFF:

@@ -197,7 +197,7 @@ class LabFabric:
                 m.power_state = PowerState.ON
                 m.powered_on_at = time.time()
             value = self._machine(m)
-            workload, rate, after = m.workload, m.guest_rate, m.guest_after
+            workload, rate, after, owner = m.workload, m.guest_rate, m.guest_after, m.log_owner
             agent = runtime.AgentSettings(
                 site=self.site,
                 server=site.control_server,
@@ -208,13 +208,24 @@ class LabFabric:
             return
         peer = runtime.run_dir(self.lab_dir, self.site, after) / runtime.GUEST_STATUS if after else None
         try:
-            runtime.start_machine(self.lab_dir, self.site, value, rate=rate, after=peer, agent=agent)
+            runtime.start_machine(
+                self.lab_dir, self.site, value, rate=rate, after=peer, agent=agent, log_owner=owner
+            )
         except BaseException:
             if not was_on:
                 with self.store.edit() as state:
                     m = self._find(state.site(self.site), machine)
                     m.power_state, m.powered_on_at = PowerState.OFF, None
             raise
+
+    def log_owner(self, machine: str) -> str:
+        """Whose log the machine's guest writes: its own name unless it is a copy of another machine."""
+        m = self._find(self._site(self.store.read()), machine)
+        return m.log_owner or m.name
+
+    def set_log_owner(self, machine: str, owner: str) -> None:
+        with self.store.edit() as state:
+            self._find(state.site(self.site), machine).log_owner = owner
 
     def power_off(self, machine: str) -> None:
         site = self._site(self.store.read(), "power_off")

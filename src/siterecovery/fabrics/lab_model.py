@@ -118,6 +118,9 @@ class LabMachine(BaseModel):
     workload: bool = True
     guest_rate: float = 64.0  # log records per second the guest writes (0 = as fast as it can)
     guest_after: str = ""  # dependency mode: write record n only after this machine flushed n
+    # Whose self-verifying log the guest continues ("" = its own name): a test-failover copy of
+    # web1 is a different machine that holds web1's log.
+    log_owner: str = ""
     # When the machine last powered on (AG-1: its agent registers `agent_registration_delay` later).
     powered_on_at: float | None = None
 

@@ -174,6 +174,7 @@ class _Context:
 MACHINE_KEYS = (
     "os", "os_version", "physical", "scsi", "enableuuid", "tools", "snapshot", "lvm", "host", "template",
     "packages", "ip", "origin", "resource_group", "visible", "workload", "guest_rate", "guest_after",
+    "log_owner",
     "bios_uuid", "disk",
 )  # fmt: skip
 
@@ -238,6 +239,8 @@ def _set_machine(ctx: _Context, m: LabMachine, a: Assignment) -> None:
             m.workload = _bool(a)
         case "guest_rate":
             m.guest_rate = _number(a)
+        case "log_owner":
+            m.log_owner = a.value
         case "guest_after":
             if a.value and ctx.site.find_machine(a.value) is None:
                 raise LabSettingError(

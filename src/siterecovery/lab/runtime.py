@@ -78,7 +78,12 @@ def agent_command(
 
 
 def guest_command(
-    machine: Machine, nbd_unix_dir: Path, *, rate: float = 64.0, after: Path | None = None
+    machine: Machine,
+    nbd_unix_dir: Path,
+    *,
+    rate: float = 64.0,
+    after: Path | None = None,
+    log_owner: str = "",
 ) -> list[str]:
     """The guest workload writing its log on the machine's first disk."""
     cmd = [
@@ -90,7 +95,7 @@ def guest_command(
         "--export",
         machine.disks[0].label,
         "--machine",
-        machine.name,  # the log belongs to the machine by name, which failover and failback keep
+        log_owner or machine.name,  # the log belongs to the machine by name, which failover and failback keep
         "--status",
         str(nbd_unix_dir / GUEST_STATUS),
         "--rate",
@@ -201,6 +206,7 @@ def start_machine(
     rate: float = 64.0,
     after: Path | None = None,
     agent: AgentSettings | None = None,
+    log_owner: str = "",
 ) -> None:
     """Start whatever of the machine's agent and guest is not running (idempotent)."""
     run = run_dir(lab_dir, site, machine.name)
@@ -220,7 +226,11 @@ def start_machine(
             _wait_connectable(agent_socket(run, d.label), run / "export.pid", run / "export.log")
     if _live_pid(run / "guest.pid") is None:
         (run / GUEST_STATUS).unlink(missing_ok=True)
-        _spawn(guest_command(machine, run, rate=rate, after=after), run / "guest.pid", run / "guest.log")
+        _spawn(
+            guest_command(machine, run, rate=rate, after=after, log_owner=log_owner),
+            run / "guest.pid",
+            run / "guest.log",
+        )
 
 
 def stop_machine(lab_dir: Path, site: str, machine: str) -> None:
