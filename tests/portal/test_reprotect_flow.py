@@ -75,11 +75,33 @@ def test_items_table_offers_only_valid_actions(deployment: Environment, page: Pa
     expect(row.locator("td.actions a")).to_have_text(["Re-Protect", "Disable"])
     protected = page.locator(f'tr[data-item="{PROTECTED}"]')
     expect(protected).to_contain_text("Protected")
-    expect(protected.locator("td.actions a")).to_have_text(["Failover", "Disable"])
+    expect(protected.locator("td.actions a")).to_have_text(["Failover", "Test failover", "Disable"])
     # The keyboard reaches the row actions in order.
     page.get_by_role("link", name=f"Re-Protect {MACHINE}").focus()
     page.keyboard.press("Tab")
     expect(page.get_by_role("link", name=f"Disable {MACHINE}")).to_be_focused()
+
+
+def test_test_failover_then_cleanup_by_clicks(deployment: Environment, page: Page, output_dir: Path) -> None:
+    sign_in(page, deployment.url, deployment.token)
+    nav(page, "Replicated items")
+    page.get_by_role("link", name=f"Test failover {PROTECTED}").click()
+    points = page.get_by_label("Recovery point")
+    expect(points).to_have_value("latest")
+    expect(points.locator("option").first).to_contain_text("Latest")
+    shot(page, output_dir, "test-failover")
+    page.get_by_role("button", name="OK").click()
+    expect(page.locator('[data-job-field="state"]')).to_have_text("Succeeded", timeout=120_000)
+
+    nav(page, "Replicated items")
+    row = page.locator(f'tr[data-item="{PROTECTED}"]')
+    expect(row).to_contain_text("Protected")  # replication went on
+    expect(row.locator("td.actions a")).to_have_text(["Failover", "Cleanup test failover", "Disable"])
+    row.get_by_role("link", name=f"Cleanup test failover {PROTECTED}").click()
+    page.get_by_role("button", name="OK").click()
+    expect(page.locator('[data-job-field="state"]')).to_have_text("Succeeded", timeout=120_000)
+    nav(page, "Replicated items")
+    expect(row.locator("td.actions a")).to_have_text(["Failover", "Test failover", "Disable"])
 
 
 def test_reader_sees_everything_and_no_action_buttons(deployment: Environment, page: Page) -> None:
@@ -167,7 +189,7 @@ def test_reprotect_by_clicks_from_failing_check_to_protected(
     row = page.locator(f'tr[data-item="{MACHINE}"]')
     expect(row).to_contain_text("Protected")
     expect(row).to_contain_text("Cloud → On-premises")
-    expect(row.locator("td.actions a")).to_have_text(["Failback", "Disable"])
+    expect(row.locator("td.actions a")).to_have_text(["Failback", "Test failover", "Disable"])
     shot(page, output_dir, "items", docs="items")
 
     # The next move is offered with its own readiness check (FB-1).

@@ -12,23 +12,38 @@ A = ItemAction
 
 
 @pytest.mark.parametrize(
-    ("state", "direction", "expected"),
+    ("state", "direction", "has_test", "expected"),
     [
-        pytest.param(ProtectionState.PROTECTED, F, (A.FAILOVER, A.DISABLE), id="fw-2-protected-forward"),
-        pytest.param(ProtectionState.PROTECTED, B, (A.FAILBACK, A.DISABLE), id="fb-1-protected-failback"),
-        pytest.param(ProtectionState.FAILED_OVER, F, (A.COMMIT, A.DISABLE), id="fw-2-failed-over"),
-        pytest.param(ProtectionState.FAILOVER_COMMITTED, F, (A.REPROTECT, A.DISABLE), id="rpw-1-committed"),
-        pytest.param(ProtectionState.FAILOVER_COMMITTED, B, (A.REPROTECT, A.DISABLE), id="fb-2-committed"),
-        pytest.param(ProtectionState.RESYNC_REQUIRED, F, (A.DISABLE,), id="resync-required"),
-        pytest.param(ProtectionState.REPROTECTING, F, (), id="rpw-4-job-running"),
-        pytest.param(ProtectionState.FAILOVER_IN_PROGRESS, F, (), id="failover-running"),
-        pytest.param(ProtectionState.DISABLED, F, (), id="disabled"),
+        pytest.param(
+            ProtectionState.PROTECTED, F, False, (A.FAILOVER, A.TEST_FAILOVER, A.DISABLE), id="fw-2-protected"
+        ),
+        pytest.param(
+            ProtectionState.PROTECTED, B, False, (A.FAILBACK, A.TEST_FAILOVER, A.DISABLE), id="fb-1-protected"
+        ),
+        pytest.param(
+            ProtectionState.PROTECTED,
+            F,
+            True,
+            (A.FAILOVER, A.TEST_CLEANUP, A.DISABLE),
+            id="fw-2-test-running",
+        ),
+        pytest.param(ProtectionState.FAILED_OVER, F, False, (A.COMMIT, A.DISABLE), id="fw-2-failed-over"),
+        pytest.param(
+            ProtectionState.FAILOVER_COMMITTED, F, False, (A.REPROTECT, A.DISABLE), id="rpw-1-committed"
+        ),
+        pytest.param(
+            ProtectionState.FAILOVER_COMMITTED, B, False, (A.REPROTECT, A.DISABLE), id="fb-2-committed"
+        ),
+        pytest.param(ProtectionState.RESYNC_REQUIRED, F, False, (A.DISABLE,), id="resync-required"),
+        pytest.param(ProtectionState.REPROTECTING, F, False, (), id="rpw-4-job-running"),
+        pytest.param(ProtectionState.FAILOVER_IN_PROGRESS, F, False, (), id="failover-running"),
+        pytest.param(ProtectionState.DISABLED, F, False, (), id="disabled"),
     ],
 )
 def test_actions_offered_by_state(
-    state: ProtectionState, direction: Direction, expected: tuple[ItemAction, ...]
+    state: ProtectionState, direction: Direction, has_test: bool, expected: tuple[ItemAction, ...]
 ) -> None:
-    assert actions_for(state, direction) == expected
+    assert actions_for(state, direction, has_test) == expected
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from siterecovery.control.context import current
 from siterecovery.control.db import ReplicatedItem
 from siterecovery.control.plan_jobs import PlanOperation
 from siterecovery.control.states import Direction, ProtectionState, Role
+from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.render import forbidden, page, problems_of, refused
 from siterecovery.portal.reprotect_form import Choice, build_dialog
@@ -63,6 +64,9 @@ def signout(request: Request, form: dict[str, str] = Depends(form_dep)) -> Respo
     return sign_out_response()
 
 
+_POINT_ACTIONS = (ItemAction.FAILOVER, ItemAction.TEST_FAILOVER, ItemAction.FAILBACK)
+
+
 def _choice(form: dict[str, str]) -> Choice:
     return Choice(
         form.get("master_target", ""),
@@ -89,14 +93,24 @@ def _action_page(
         if action is ItemAction.REPROTECT:
             dialog = build_dialog(s, cp.config, row, _choice(form))
             return page(request, who, "reprotect.html", row=found, dialog=dialog, status=status, **outcome)
+        points = item_actions.recovery_points(ident, who, s) if action in _POINT_ACTIONS else []
         return page(
-            request, who, "action.html", row=found, action=action, form=form, status=status, **outcome
+            request,
+            who,
+            "action.html",
+            row=found,
+            action=action,
+            form=form,
+            points=points,
+            status=status,
+            **outcome,
         )
 
 
 def _ensure_offered(row: ReplicatedItem, action: ItemAction) -> None:
     """Only the actions the items table offers in the item's state may be started."""
-    if action not in actions_for(ProtectionState(row.state), Direction(row.direction)):
+    has_test = ItemRecord.model_validate(row.details).test is not None
+    if action not in actions_for(ProtectionState(row.state), Direction(row.direction), has_test):
         raise SiteRecoveryError(
             Problem(
                 "invalid-state",
@@ -126,11 +140,15 @@ def _start(
     action: ItemAction, ident: str, form: dict[str, str], who: Principal, s: Session
 ) -> item_actions.Started | item_actions.Readiness:
     check = form.get("op") == "check"
-    if action is ItemAction.FAILOVER:
+    if action in (ItemAction.FAILOVER, ItemAction.TEST_FAILOVER):
         body = item_actions.FailoverBody(
-            point=form.get("point") or "latest", planned=form.get("planned") == "on"
+            point=form.get("point") or "latest",
+            planned=form.get("planned") == "on",
+            test=action is ItemAction.TEST_FAILOVER,
         )
         return item_actions.failover(ident, body, who, s)
+    if action is ItemAction.TEST_CLEANUP:
+        return item_actions.test_cleanup(ident, who, s)
     if action is ItemAction.COMMIT:
         return item_actions.commit(ident, who, s)
     if action is ItemAction.DISABLE:

@@ -24,6 +24,8 @@ from siterecovery.control.db import Component, Job, Policy, ReplicatedItem
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.schemas import EventOut, JobOut, ServerOut
 from siterecovery.control.states import ComponentKind, Direction, JobState, ProtectionState
+from siterecovery.dr.record import ItemRecord
+from siterecovery.dr.recovery_points import item_points
 from siterecovery.dr.rules import MAX_MT_DISKS
 
 
@@ -31,6 +33,8 @@ class ItemAction(StrEnum):
     """Row actions; the value is the portal route's last path segment."""
 
     FAILOVER = "failover"
+    TEST_FAILOVER = "test-failover"
+    TEST_CLEANUP = "test-cleanup"
     COMMIT = "commit"
     REPROTECT = "reprotect"
     FAILBACK = "failback"
@@ -38,7 +42,14 @@ class ItemAction(StrEnum):
 
     @property
     def caption(self) -> str:
-        return "Re-Protect" if self is ItemAction.REPROTECT else self.value.capitalize()
+        return _CAPTIONS.get(self, self.value.capitalize())
+
+
+_CAPTIONS = {
+    ItemAction.REPROTECT: "Re-Protect",
+    ItemAction.TEST_FAILOVER: "Test failover",
+    ItemAction.TEST_CLEANUP: "Cleanup test failover",
+}
 
 
 # States in which a job is already working on the item: starting another action is not offered.
@@ -53,14 +64,23 @@ _BUSY = frozenset(
 )
 
 
-def actions_for(state: ProtectionState, direction: Direction) -> tuple[ItemAction, ...]:
-    """The actions the API accepts in this state (see dr.operations), in the order ASR lists them."""
+def actions_for(
+    state: ProtectionState, direction: Direction, has_test: bool = False
+) -> tuple[ItemAction, ...]:
+    """The actions the API accepts in this state (see dr.operations), in the order ASR lists them.
+
+    `has_test`: a test failover's machine still exists; it must be cleaned up before another.
+    """
     if state in _BUSY:
         return ()
     found: list[ItemAction] = []
     if state is ProtectionState.PROTECTED:
         found.append(ItemAction.FAILOVER if direction is Direction.FORWARD else ItemAction.FAILBACK)
-    elif state is ProtectionState.FAILED_OVER:
+        if not has_test:
+            found.append(ItemAction.TEST_FAILOVER)
+    if has_test:
+        found.append(ItemAction.TEST_CLEANUP)
+    if state is ProtectionState.FAILED_OVER:
         found.append(ItemAction.COMMIT)
     elif state is ProtectionState.FAILOVER_COMMITTED:
         found.append(ItemAction.REPROTECT)
@@ -95,20 +115,12 @@ class ItemRow:
     actions: tuple[ItemAction, ...]
 
 
-def _latest_point(item: ReplicatedItem, components: dict[str, Component]) -> float | None:
-    """Newest time every disk of the item reached on its master target (a common point)."""
-    rep = (item.details or {}).get("replication") or {}
-    mt = components.get(str(rep.get("master_target") or item.master_target_id or ""))
-    pairs = {str(p.get("pair_id")) for p in rep.get("pairs", [])}
-    if mt is None or not pairs:
+def _latest_point(s: Session, rec: ItemRecord) -> float | None:
+    """Time of the newest point every disk of the item has on its master target."""
+    if rec.replication is None:
         return None
-    applied = {
-        str(p.get("pair_id")): p.get("last_applied_time")
-        for p in (mt.stats or {}).get("pairs", [])
-        if str(p.get("pair_id")) in pairs
-    }
-    times = [float(t) for t in applied.values() if t is not None]
-    return min(times) if len(times) == len(pairs) else None
+    points = item_points(s, rec.replication)
+    return points[0].time if points else None
 
 
 def item_rows(s: Session) -> list[ItemRow]:
@@ -120,16 +132,19 @@ def item_rows(s: Session) -> list[ItemRow]:
         threshold = policy.rpo_threshold_seconds if policy else 0
         ps = components.get(item.process_server_id or "")
         mt = components.get(item.master_target_id or "")
+        rec = ItemRecord.model_validate(item.details)
         rows.append(
             ItemRow(
                 item=item_view(item),
                 policy_name=policy.name if policy else item.policy_id,
                 rpo_threshold_seconds=threshold,
                 rpo_level=rpo_level(item.rpo_seconds, threshold),
-                latest_point=_latest_point(item, components),
+                latest_point=_latest_point(s, rec),
                 process_server=ps.name if ps else "",
                 master_target=mt.name if mt else "",
-                actions=actions_for(ProtectionState(item.state), Direction(item.direction)),
+                actions=actions_for(
+                    ProtectionState(item.state), Direction(item.direction), rec.test is not None
+                ),
             )
         )
     return rows
