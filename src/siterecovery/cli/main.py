@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -95,6 +96,47 @@ def server_passphrase(ctx: typer.Context, rotate: bool = False) -> None:
         emit(out, True)
     else:
         typer.echo(out["passphrase"])
+
+
+@server_app.command("backup")
+def server_backup(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--file", help="the tar.gz to write (mode 0600)")],
+    state_dir: StateDir = None,
+) -> None:
+    """Back up the configuration server's state (CS-3); safe while it runs."""
+    from siterecovery.control.backup import backup
+
+    manifest = _local(ctx, lambda: backup(load_server_config(state_dir), output))
+    typer.echo(f"backed up server {manifest['server_id']} to {output}")
+
+
+@server_app.command("restore")
+def server_restore(
+    ctx: typer.Context,
+    archive: Path,
+    state_dir: StateDir = None,
+    force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
+) -> None:
+    """Restore a backup into a state directory; the server keeps its id, CA and advertised address."""
+    from siterecovery.control.backup import restore
+
+    cfg = load_server_config(state_dir)
+    manifest = _local(ctx, lambda: restore(archive, cfg.state_dir, force))
+    typer.echo(f"restored server {manifest['server_id']} into {cfg.state_dir}")
+
+
+def _local(ctx: typer.Context, action: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """Run a local (not API) server operation; its problems print like the API's."""
+    from siterecovery.cli.client import ApiError
+    from siterecovery.cli.output import fail
+    from siterecovery.errors import SiteRecoveryError
+
+    try:
+        return action()
+    except SiteRecoveryError as exc:
+        body = {"problems": [p.as_dict() for p in exc.problems], **exc.first.as_dict()}
+        raise fail(ApiError(int(exc.status), body), state(ctx).as_json) from None
 
 
 @config_app.command("show")
