@@ -137,3 +137,21 @@ def test_process_server_cache_alerts(cs: ConfigServer) -> None:
     assert not [
         e for e in cs.api("GET", "/api/events?alerts=true&active=true").json() if e["code"] == "ps-cache-low"
     ]
+
+
+def test_diagnose_connectivity_reports_process_server_heartbeats(cs: ConfigServer) -> None:
+    """PS-3: TCP to the API port plus heartbeat age, judged per process server."""
+    passphrase = cs.api("GET", "/api/server/passphrase").json()["passphrase"]
+    _, reg = _register(cs, passphrase, "ps-near")
+    cs.api("POST", f"/api/components/{reg['id']}/heartbeat", token=reg["token"], json={"stats": {}})
+    ok = run_cli("diagnose", "connectivity", "--process-server", "ps-near", env=cs.env)
+    assert (
+        "reachable" in ok.stdout
+        and "ps-near (cloud): last heartbeat" in ok.stdout
+        and "connected" in ok.stdout
+    )
+    _register(cs, passphrase, "ps-silent")  # registered, never heartbeated
+    silent = run_cli("diagnose", "connectivity", "--process-server", "ps-silent", env=cs.env, check=False)
+    assert silent.returncode == 1 and "never" in silent.stdout and "DISCONNECTED" in silent.stdout
+    down = run_cli("diagnose", "connectivity", "--server", "http://127.0.0.1:9", env=cs.env, check=False)
+    assert down.returncode == 1 and "unreachable" in down.stderr

@@ -234,10 +234,19 @@ def master_target(
 
 
 def connectivity(
-    server: Annotated[str, typer.Option("--server", help="configuration server URL")],
+    server: Annotated[
+        str, typer.Option("--server", envvar="SITERECOVERY_SERVER", help="configuration server URL")
+    ],
     token: Annotated[str | None, typer.Option("--token", envvar="SITERECOVERY_TOKEN")] = None,
+    process_server: Annotated[
+        str | None, typer.Option("--process-server", help="the process server to judge (default: all)")
+    ] = None,
 ) -> None:
-    """PS-3: TCP reachability of the configuration server's API port, and heartbeat ages."""
+    """PS-3: TCP reachability of the configuration server's API port, then process servers' heartbeat ages.
+
+    What an operator would do with telnet and ping, from where this command runs: exit 1 when the
+    API port is unreachable or a process server has no recent heartbeat.
+    """
     url = httpx.URL(server)
     port = url.port or (443 if url.scheme == "https" else 80)
     start = time.monotonic()
@@ -248,17 +257,25 @@ def connectivity(
         typer.echo(f"tcp {url.host}:{port}: unreachable ({exc})", err=True)
         raise typer.Exit(1) from exc
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    resp = httpx.get(f"{server.rstrip('/')}/api/servers", headers=headers, timeout=10, verify=False)
+    resp = httpx.get(f"{server.rstrip('/')}/api/servers", headers=headers, timeout=10)
     if resp.status_code != 200:
-        typer.echo(f"GET /api/servers: HTTP {resp.status_code}", err=True)
+        typer.echo(f"GET /api/servers: HTTP {resp.status_code} (a reader token is enough)", err=True)
         raise typer.Exit(1)
-    body = resp.json()
-    items = body.get("value", []) if isinstance(body, dict) else body
-    now = time.time()
-    for item in items:
-        last = item.get("last_heartbeat")
-        age = f"{now - float(last):.0f} s" if isinstance(last, int | float) else "never"
-        typer.echo(f"{item.get('kind', '?')} {item.get('name', '?')}: last heartbeat {age} ago")
+    servers = [s for s in resp.json() if s.get("kind") == "process-server"]
+    if process_server is not None:
+        servers = [s for s in servers if process_server in (s.get("name"), s.get("id"))]
+        if not servers:
+            typer.echo(f"process server {process_server!r} is not registered", err=True)
+            raise typer.Exit(1)
+    healthy = True
+    for s in servers:
+        age = s.get("heartbeat_age_seconds")
+        seen = "never" if age is None else f"{float(age):.1f} s ago"
+        state = "connected" if s.get("connected") else "DISCONNECTED"
+        healthy = healthy and bool(s.get("connected"))
+        typer.echo(f"process server {s.get('name')} ({s.get('site')}): last heartbeat {seen}: {state}")
+    if not healthy:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
