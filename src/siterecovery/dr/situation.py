@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.context import current
-from siterecovery.control.db import Component, ReplicatedItem
+from siterecovery.control.db import Component, ReplicatedItem, ReplicationGroup
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import discover
 from siterecovery.control.heartbeats import heartbeat_age
@@ -75,7 +75,7 @@ def _agent(
     return _component_view(row)
 
 
-def _item_view(item: repo.ItemSnapshot, mt: str = "", ps: str = "") -> ItemView:
+def _item_view(item: repo.ItemSnapshot, group: str | None, mt: str = "", ps: str = "") -> ItemView:
     rec = item.record
     return ItemView(
         id=item.id,
@@ -89,7 +89,7 @@ def _item_view(item: repo.ItemSnapshot, mt: str = "", ps: str = "") -> ItemView:
         direction=item.direction,
         machine_recorded=bool(rec.machine and rec.disks),
         disk_count=len(rec.disks),
-        group=item.group_id,
+        group=group,
         master_target=mt,
         process_server=ps,
         placed_disks=tuple(PlacedDisk(d["uuid"], d["backing"]) for d in rec.placed_disks),
@@ -103,8 +103,12 @@ def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
         mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
         ps = repo.component(s, str(args.get("process_server", "")), ComponentKind.PROCESS)
         vcenter = s.get(FabricRow, item.record.onprem_fabric)
+        # Problems name the group as the operator named it, not by its id.
+        group = s.get(ReplicationGroup, item.group_id) if item.group_id else None
         return Situation(
-            item=_item_view(item, mt.name if mt else "", ps.name if ps else ""),
+            item=_item_view(
+                item, group.name if group else item.group_id, mt.name if mt else "", ps.name if ps else ""
+            ),
             vcenter=vcenter.name if vcenter else item.record.onprem_fabric,
             onprem=onprem,
             cloud=cloud or Inventory(site="cloud", kind=_cloud_kind(), discovered_at=0.0),
