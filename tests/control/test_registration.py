@@ -49,6 +49,7 @@ def _tls_echo_server(ctx: ssl.SSLContext) -> tuple[int, threading.Thread]:
 def test_right_passphrase_yields_certificate_accepted_by_mtls_server(
     cs: ConfigServer, tmp_path: Path
 ) -> None:
+    """Registration and mTLS; PS-2: the servers view shows the process server's site and health."""
     passphrase = run_cli("server", "passphrase", env=cs.env).stdout.strip()
     status, reg = _register(cs, passphrase)
     assert status == 201

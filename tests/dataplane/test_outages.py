@@ -47,6 +47,7 @@ def write_batch(sock: Path, rng: random.Random, count: int, size: int) -> None:
 
 @pytest.mark.parametrize("victim", [pytest.param("ps", id="ps-1-crash"), pytest.param("mt", id="mt-crash")])
 def test_kill_9_mid_stream_loses_no_acknowledged_write(plane: Plane, victim: str) -> None:
+    """PS-1 / MT-1: nothing acknowledged is lost when the process server or the master target dies."""
     size = 32 * MiB
     src = make_image(plane.root / "src.img", size, [(0, 4 * MiB, 0x42)])
     target = plane.root / "target.img"

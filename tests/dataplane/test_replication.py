@@ -38,6 +38,7 @@ def start_plane(plane: Plane, src: Path, size: int, mode: str = "full") -> tuple
 
 
 def test_qemu_io_pattern_reaches_target_identical(plane: Plane) -> None:
+    """MT-1: the master target writes what the agent captured to the target disk."""
     qemu_io = require_tool("qemu-io")
     size = 32 * MiB
     src = make_image(plane.root / "src.img", size, [(1 * MiB, 2 * MiB, 0xAB)])

@@ -17,6 +17,9 @@ from tests.e2e.conftest import fail_over_and_commit, reprotect_body, run_job
 
 
 def test_whole_cycle_keeps_a_clean_prefix_and_reprotect_sends_only_differences(dr_env: Environment) -> None:
+    """FW-1 enable, FW-2 planned failover, RPW-1/RPW-2/RPW-3 reprotect of one item cloud → on-premises
+    with the failback policy chosen for it, RPW-7 protected in the failback direction, FB-1 failback,
+    FB-2 commit and re-protect on-premises → cloud; FB-3/FB-4 warnings after failback."""
     cycle = Cycle(dr_env, "web1")
     cycle.run()
     steps = {row.step: row for row in cycle.rows}
@@ -36,6 +39,15 @@ def test_whole_cycle_keeps_a_clean_prefix_and_reprotect_sends_only_differences(d
         # Only the differences move: a small multiple of what the guest wrote, far below the disk size.
         assert row.bytes_sent <= 3 * row.bytes_changed, row
         assert row.bytes_sent < dr_env.disk_size / 4, row
+    failback = dr_env.api.get(f"/api/jobs/{steps['failback to on-premises'].job_id}")
+    checks = next(
+        failback["result"][str(t["ordinal"])]
+        for t in failback["tasks"]
+        if t["action"] == "post-failover-checks"
+    )
+    warnings = " ".join(checks["warnings"])
+    assert "FB-3" in warnings and "10.0.0.11/24" in warnings  # the static IP recorded on-premises
+    assert "FB-4" in warnings and "NetworkManager" in warnings  # removed while it ran in the cloud
     item = dr_env.api.get("/api/replicatedItems/web1")
     assert item["state"] == "protected" and item["direction"] == "onprem-to-cloud"
     failback_policy = dr_env.api.get(f"/api/policies/{item['policy_id']}")
@@ -74,6 +86,8 @@ def test_reprotect_onto_a_deleted_machine_creates_it_and_copies_fully(dr_env: En
 
 
 def test_reprotect_survives_kill9_of_the_configuration_server(dr_env: Environment) -> None:
+    """RPW-4: reprotect is a job that resumes after a crash of the configuration server without
+    redoing finished tasks; RPW-7: it ends protected in the failback direction."""
     fail_over_and_commit(dr_env, "app1")
     job_id = dr_env.api.post("/api/replicatedItems/app1/reprotect", reprotect_body(dr_env))["job_id"]
     deadline = time.monotonic() + 60

@@ -71,3 +71,24 @@ def test_unknown_point_is_refused_before_anything_changes(dr_env: Environment) -
     assert job["state"] == "failed" and job["error"]["code"] == "recovery-point-unavailable"
     item = dr_env.api.get("/api/replicatedItems/db1")
     assert item["state"] == "protected"  # replication kept going
+
+
+def test_group_point_is_consistent_across_machines(dr_env: Environment) -> None:
+    """FW-4 / RP-GROUP-MT: one tag across both machines of a replication group. db1's guest writes
+    record n only after app1's wrote n, so at a common point db1's log never runs ahead of app1's."""
+    dr_env.lab_set("machine", "win1", "os=linux", "guest_after=app1")
+    protect(dr_env, "app1", group="g1")
+    protect(dr_env, "win1", group="g1")
+    Cycle(dr_env, "win1").wait_records("onprem", 64)
+    tag = json.loads(run_cli("-o", "json", "items", "bookmark", "app1", env=dr_env.cli_env).stdout)["tag"]
+    assert tag.startswith("group-")
+    for machine in ("app1", "win1"):
+        _wait_for(dr_env, machine, lambda ps: any(p["id"] == tag and p["kind"] == "group" for p in ps))
+    verdicts = {}
+    for machine in ("app1", "win1"):
+        job = run_job(dr_env, f"/api/replicatedItems/{machine}/failover", {"point": tag, "test": True})
+        assert job["state"] == "succeeded", job
+        verdicts[machine] = _booted(job, "start-test-machine")["oracle"]
+        assert verdicts[machine]["ok"], verdicts[machine]
+        assert run_job(dr_env, f"/api/replicatedItems/{machine}/testCleanup", {})["state"] == "succeeded"
+    assert 0 < verdicts["win1"]["records"] <= verdicts["app1"]["records"], verdicts

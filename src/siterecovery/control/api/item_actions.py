@@ -183,6 +183,7 @@ def enable(
         if group is None:
             group = ReplicationGroup(id=new_id("rg"), name=body.group)
             s.add(group)
+            s.flush()  # the item's foreign key needs the group row first
         group_id = group.id
     item_id = new_id("item")
     folder = replica_dir(target.id, machine.name)

@@ -1,0 +1,124 @@
+"""POL-2: RPO above the policy's threshold turns the item warning/critical and raises an alert that
+clears when RPO recovers. The monitor runs on a real configuration-server database; time is injected."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from siterecovery.config import load_server_config
+from siterecovery.control.context import open_control_plane
+from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
+from siterecovery.dataplane.assignments import (
+    AgentStats,
+    MasterTargetPairStats,
+    MasterTargetStats,
+    PairState,
+    PairStats,
+)
+from siterecovery.dr.monitor import evaluate
+from siterecovery.dr.record import ItemDisk, ItemRecord, Pair, Replication, Site
+
+
+def _alerts(cp: object) -> list[Event]:
+    with cp.db.session() as s:  # type: ignore[attr-defined]
+        return list(
+            s.scalars(select(Event).where(Event.alert.is_(True), Event.code == "rpo-threshold-exceeded"))
+        )
+
+
+def test_rpo_threshold_raises_and_clears_the_alert(tmp_path: Path) -> None:
+    cp = open_control_plane(load_server_config(tmp_path))
+    t0 = time.time()
+    rec = ItemRecord(
+        onprem_fabric="f1",
+        cloud_fabric="f2",
+        machine="web1",
+        os_type="linux",
+        disks=[ItemDisk(label="disk0", size=1 << 20, onprem_path="/a", onprem_uuid="u", cloud_path="/b")],
+        replication=Replication(
+            source_site=Site.ONPREM,
+            source_machine="web1",
+            process_server="ps",
+            master_target="mt",
+            pairs=[Pair(pair_id="p1", disk="disk0", source="/a", target="/b", size=1 << 20)],
+        ),
+    )
+    with cp.db.session() as s:
+        s.add(
+            Policy(
+                id="pol",
+                name="gold",
+                kind="replication",
+                rpo_threshold_seconds=60,
+                retention_seconds=3600,
+                app_consistent_frequency_seconds=0,
+            )
+        )
+        s.add(
+            Component(
+                id="ag",
+                kind="agent",
+                name="onprem/web1",
+                last_heartbeat=t0,
+                stats=AgentStats(
+                    pairs=[PairStats(pair_id="p1", state=PairState.PROTECTED, captured_seq=10)]
+                ).model_dump(mode="json"),
+            )
+        )
+        s.add(
+            Component(
+                id="mt",
+                kind="master-target",
+                name="mt-cloud",
+                last_heartbeat=t0,
+                stats=MasterTargetStats(
+                    pairs=[MasterTargetPairStats(pair_id="p1", applied_seq=5, last_applied_time=t0 - 10)]
+                ).model_dump(mode="json"),
+            )
+        )
+        s.flush()
+        s.add(
+            ReplicatedItem(
+                id="it",
+                name="web1",
+                machine="web1",
+                source_fabric_id="f1",
+                target_fabric_id="f2",
+                direction="onprem-to-cloud",
+                state="protected",
+                policy_id="pol",
+                details=rec.model_dump(mode="json"),
+            )
+        )
+
+    def item() -> ReplicatedItem:
+        with cp.db.session() as s:
+            row = s.get(ReplicatedItem, "it")
+            assert row is not None
+            return row
+
+    evaluate(cp, now=t0)  # 10 s behind: within 60 s
+    assert item().health == "normal" and 9 <= (item().rpo_seconds or 0) <= 11
+    assert not _alerts(cp)
+
+    evaluate(cp, now=t0 + 100)  # 110 s: over the threshold
+    assert item().health == "warning"
+    assert [(a.severity, a.active) for a in _alerts(cp)] == [("warning", True)]
+
+    evaluate(cp, now=t0 + 200)  # 210 s: over twice the threshold, the same alert escalates
+    assert item().health == "critical"
+    assert [(a.severity, a.active) for a in _alerts(cp)] == [("critical", True)]
+
+    with cp.db.session() as s:  # the master target caught up and the agent reported again
+        mt, agent = s.get(Component, "mt"), s.get(Component, "ag")
+        assert mt is not None and agent is not None
+        mt.stats = MasterTargetStats(
+            pairs=[MasterTargetPairStats(pair_id="p1", applied_seq=10, last_applied_time=t0 + 199)]
+        ).model_dump(mode="json")
+        agent.last_heartbeat = t0 + 200
+    evaluate(cp, now=t0 + 200.5)
+    assert item().health == "normal" and (item().rpo_seconds or 0) < 1
+    assert [a.active for a in _alerts(cp)] == [False]
