@@ -12,46 +12,17 @@ timed: an empty sparse 100 GiB disk (target ≤ 2 s). Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from siterecovery.dataplane.links import Identity
+from bench.plane import MiB, free_port, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replication.md"
-CLI = [sys.executable, "-m", "siterecovery.cli.dataplane"]
-MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(check: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise TimeoutError("benchmark step did not finish")
-
-
-def _stats(state: Path) -> dict[str, object]:
-    try:
-        return dict(json.loads((state / "stats.json").read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _write_random(path: Path, size: int) -> None:
@@ -63,111 +34,9 @@ def _write_random(path: Path, size: int) -> None:
 
 def replicate(root: Path, ca: CertificateAuthority, src: Path, size: int) -> tuple[float, int]:
     """Seconds for a full initial replication of `src`, and bytes the agent sent."""
-    procs: list[subprocess.Popen[bytes]] = []
-    for name in ("agent", "ps", "mt"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(name))
     target = root / "target.img"
     target.unlink(missing_ok=True)
-    ps_addr, mt_addr = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-    (root / "mt.json").write_text(
-        json.dumps({"disks": [{"pair_id": "p", "path": str(target), "size": size}]})
-    )
-    (root / "agent.json").write_text(
-        json.dumps(
-            {
-                "replications": [
-                    {"pair_id": "p", "disk": "d", "process_server": ps_addr, "master_target": mt_addr}
-                ]
-            }
-        )
-    )
-    log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "master-target",
-                    "--os",
-                    "linux",
-                    "--retention-volume",
-                    str(root),
-                    "--state-dir",
-                    str(root / "mt"),
-                    "--listen",
-                    mt_addr,
-                    "--assignments",
-                    str(root / "mt.json"),
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "process-server",
-                    "--cache-dir",
-                    str(root / "ps"),
-                    "--listen",
-                    ps_addr,
-                    "--interval",
-                    "0.5",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        _wait(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
-        start = time.monotonic()
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "agent",
-                    "--machine",
-                    "bench",
-                    "--state-dir",
-                    str(root / "agent"),
-                    "--assignments",
-                    str(root / "agent.json"),
-                    "--disk",
-                    f"d={src}",
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-
-        def done() -> bool:
-            pairs = _stats(root / "agent").get("pairs") or []
-            mt_pairs = _stats(root / "mt").get("pairs") or []
-            if not pairs or not mt_pairs:
-                return False
-            p, m = pairs[0], mt_pairs[0]  # type: ignore[index]
-            return bool(
-                p["state"] == "protected" and p["acked_seq"] >= 0 and m["applied_seq"] >= p["acked_seq"]
-            )
-
-        _wait(done, 3600)
-        elapsed = time.monotonic() - start
-        sent = int(_stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        log.close()
-    if subprocess.run(
-        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
-    ).returncode:
-        raise AssertionError("target differs from source")
-    return elapsed, sent
+    return sync_once(root, ca, src, target, size, "full")
 
 
 def nbdcopy_tls(root: Path, ca: CertificateAuthority, src: Path, size: int) -> float:
@@ -186,7 +55,7 @@ def nbdcopy_tls(root: Path, ca: CertificateAuthority, src: Path, size: int) -> f
     procs = []
     ports = []
     for image, ro in ((src, ["--read-only"]), (dst, [])):
-        port = _free_port()
+        port = free_port()
         ports.append(port)
         procs.append(
             subprocess.Popen(

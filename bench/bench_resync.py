@@ -12,7 +12,6 @@ Run with `python -m bench.bench_resync [--size-mib N]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -23,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_replication import CLI, MiB, _free_port, _stats, _wait, _write_random
-from siterecovery.dataplane.links import Identity
+from bench.bench_replication import _write_random
+from bench.plane import MiB, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resync.md"
@@ -52,115 +51,7 @@ def _rewrite(path: Path, size: int, fraction: float, seed: int) -> int:
 def delta_resync(
     root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int
 ) -> tuple[float, int]:
-    for name in ("agent", "ps", "mt"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(name))
-    ps_addr, mt_addr = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-    (root / "mt.json").write_text(
-        json.dumps({"disks": [{"pair_id": "p", "path": str(target), "size": size}]})
-    )
-    (root / "agent.json").write_text(
-        json.dumps(
-            {
-                "replications": [
-                    {
-                        "pair_id": "p",
-                        "disk": "d",
-                        "process_server": ps_addr,
-                        "master_target": mt_addr,
-                        "sync_mode": "delta",
-                    }
-                ]
-            }
-        )
-    )
-    procs: list[subprocess.Popen[bytes]] = []
-    log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "master-target",
-                    "--os",
-                    "linux",
-                    "--retention-volume",
-                    str(root),
-                    "--state-dir",
-                    str(root / "mt"),
-                    "--listen",
-                    mt_addr,
-                    "--assignments",
-                    str(root / "mt.json"),
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "process-server",
-                    "--cache-dir",
-                    str(root / "ps"),
-                    "--listen",
-                    ps_addr,
-                    "--interval",
-                    "0.5",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        _wait(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
-        start = time.monotonic()
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "agent",
-                    "--machine",
-                    "bench",
-                    "--state-dir",
-                    str(root / "agent"),
-                    "--assignments",
-                    str(root / "agent.json"),
-                    "--disk",
-                    f"d={src}",
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-
-        def done() -> bool:
-            pairs = _stats(root / "agent").get("pairs") or []
-            mt_pairs = _stats(root / "mt").get("pairs") or []
-            if not pairs or not mt_pairs:
-                return False
-            p, m = pairs[0], mt_pairs[0]  # type: ignore[index]
-            return bool(
-                p["state"] == "protected" and p["acked_seq"] >= 0 and m["applied_seq"] >= p["acked_seq"]
-            )
-
-        _wait(done, 3600)
-        elapsed = time.monotonic() - start
-        sent = int(_stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        log.close()
-    if subprocess.run(
-        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
-    ).returncode:
-        raise AssertionError("target differs from source")
-    return elapsed, sent
+    return sync_once(root, ca, src, target, size, "delta")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,158 @@
+"""The replication pipeline the data-plane benches time: agent → process server → master target
+as real processes over mutual TLS, desired state from files (no configuration server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from siterecovery.dataplane.links import Identity
+from siterecovery.pki import CertificateAuthority
+
+CLI = [sys.executable, "-m", "siterecovery.cli.dataplane"]
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.02)
+    raise TimeoutError("benchmark step did not finish")
+
+
+def stats(state: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads((state / "stats.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def sync_once(
+    root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int, sync_mode: str
+) -> tuple[float, int]:
+    """Run agent → process server → master target (real processes, mutual TLS, no configuration
+    server: desired state from files) until `target` equals `src`; seconds from the agent's start,
+    and bytes the agent sent."""
+    procs: list[subprocess.Popen[bytes]] = []
+    for name in ("agent", "ps", "mt"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        Identity.in_dir(root / name).write(ca.issue(name))
+    ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    (root / "mt.json").write_text(
+        json.dumps({"disks": [{"pair_id": "p", "path": str(target), "size": size}]})
+    )
+    (root / "agent.json").write_text(
+        json.dumps(
+            {
+                "replications": [
+                    {
+                        "pair_id": "p",
+                        "disk": "d",
+                        "process_server": ps_addr,
+                        "master_target": mt_addr,
+                        "sync_mode": sync_mode,
+                    }
+                ]
+            }
+        )
+    )
+    log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    *CLI,
+                    "master-target",
+                    "--os",
+                    "linux",
+                    "--retention-volume",
+                    str(root),
+                    "--state-dir",
+                    str(root / "mt"),
+                    "--listen",
+                    mt_addr,
+                    "--assignments",
+                    str(root / "mt.json"),
+                    "--interval",
+                    "0.05",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    *CLI,
+                    "process-server",
+                    "--cache-dir",
+                    str(root / "ps"),
+                    "--listen",
+                    ps_addr,
+                    "--interval",
+                    "0.5",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
+        wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
+        start = time.monotonic()
+        procs.append(
+            subprocess.Popen(
+                [
+                    *CLI,
+                    "agent",
+                    "--machine",
+                    "bench",
+                    "--state-dir",
+                    str(root / "agent"),
+                    "--assignments",
+                    str(root / "agent.json"),
+                    "--disk",
+                    f"d={src}",
+                    "--interval",
+                    "0.05",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
+
+        def done() -> bool:
+            pairs = stats(root / "agent").get("pairs") or []
+            mt_pairs = stats(root / "mt").get("pairs") or []
+            if not pairs or not mt_pairs:
+                return False
+            p, m = pairs[0], mt_pairs[0]  # type: ignore[index]
+            return bool(
+                p["state"] == "protected" and p["acked_seq"] >= 0 and m["applied_seq"] >= p["acked_seq"]
+            )
+
+        wait_until(done, 3600)
+        elapsed = time.monotonic() - start
+        sent = int(stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        log.close()
+    if subprocess.run(
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
+    ).returncode:
+        raise AssertionError("target differs from source")
+    return elapsed, sent
