@@ -156,3 +156,27 @@ def test_diagnose_connectivity_reports_process_server_heartbeats(cs: ConfigServe
     assert silent.returncode == 1 and "never" in silent.stdout and "DISCONNECTED" in silent.stdout
     down = run_cli("diagnose", "connectivity", "--server", "http://127.0.0.1:9", env=cs.env, check=False)
     assert down.returncode == 1 and "unreachable" in down.stderr
+
+
+def test_heartbeat_keeps_a_moved_listener_address_current(cs: ConfigServer) -> None:
+    """A master target restarted on another port (same identity) is found at its new address."""
+    passphrase = cs.api("GET", "/api/server/passphrase").json()["passphrase"]
+    reg = cs.api(
+        "POST",
+        "/api/components/register",
+        token="",
+        json={
+            "passphrase": passphrase,
+            "kind": "master-target",
+            "name": "mt-moved",
+            "os_type": "linux",
+            "address": "127.0.0.1:7001",
+        },
+    ).json()
+    cs.api(
+        "POST",
+        f"/api/components/{reg['id']}/heartbeat",
+        token=reg["token"],
+        json={"stats": {}, "address": "127.0.0.1:7002"},
+    )
+    assert cs.api("GET", "/api/servers/mt-moved").json()["address"] == "127.0.0.1:7002"

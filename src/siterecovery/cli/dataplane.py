@@ -167,6 +167,8 @@ def process_server(
     svc = ProcessServer(cache_dir / "cache", identity, listen, name)
     svc.start()
     _write_address(state, svc.address)
+    if client is not None:
+        client.address = svc.address
     reporter = Reporter(state, client)
     while not stop.is_set():
         reporter.report(svc.stats())
@@ -224,6 +226,8 @@ def master_target(
         svc.reconcile(source.exchange(svc.stats()))
         svc.start()
         _write_address(state_dir, svc.address)
+        if client is not None:
+            client.address = svc.address
         while not stop.is_set():
             stop.wait(interval)
             svc.reconcile(source.exchange(svc.stats()))

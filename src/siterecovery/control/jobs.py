@@ -159,8 +159,10 @@ def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
     try:
         result = _HANDLERS[action](ctx) or {}
     except SiteRecoveryError as exc:
-        _finish_task(job_id, ordinal, TaskState.FAILED, error=exc.first.as_dict())
-        return {"failed": [p.as_dict() for p in exc.problems]}
+        # The first problem heads the error; all of them stay (a refused reprotect lists every rule).
+        error = {**exc.first.as_dict(), "problems": [p.as_dict() for p in exc.problems]}
+        _finish_task(job_id, ordinal, TaskState.FAILED, error=error)
+        return {"failed": [error]}
     except Exception as exc:  # a task's own failure ends the job, never the server
         log.exception("task %s of job %s failed", ordinal, job_id)
         problem = Problem(

@@ -48,6 +48,8 @@ class Registered(BaseModel):
 
 class Heartbeat(Strict):
     stats: dict[str, Any] = Field(default_factory=dict)
+    # The component's data listener as it is now (it may move across restarts).
+    address: str | None = Field(default=None, max_length=300)
 
 
 class HeartbeatReply(BaseModel):

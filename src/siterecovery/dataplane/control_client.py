@@ -50,6 +50,8 @@ class ControlClient:
         self._http = httpx.Client(timeout=15.0, verify=False)  # the API may use our own CA's cert
         self.component_id: str | None = None
         self._token: str | None = None
+        # Where this component's data listener really is; heartbeats keep the server's record current.
+        self.address: str | None = registration.address
 
     def register(self, passphrase: str) -> Identity:
         if self._saved.exists() and self.identity.exists():
@@ -91,9 +93,12 @@ class ControlClient:
 
     def heartbeat(self, stats: BaseModel) -> dict[str, object]:
         """Send stats, return the raw desired state."""
+        body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
+        if self.address:
+            body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
         resp = self._http.post(
             f"{self.server}/api/components/{self.component_id}/heartbeat",
-            json={"stats": stats.model_dump(mode="json")},
+            json=body,
             headers={"Authorization": f"Bearer {self._token}"},
         )
         resp.raise_for_status()

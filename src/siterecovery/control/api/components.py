@@ -97,6 +97,8 @@ def heartbeat(
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
+    if body.address:
+        row.address = body.address
     desired = apply_heartbeat(s, row, body.stats, cp.config)
     return HeartbeatReply(desired=desired, server_time=now())
 
