@@ -119,6 +119,9 @@ def reprotect(
     process_server: Annotated[str, typer.Option()],
     datastore: str = "",
     retention_volume: str = "",
+    vcenter: Annotated[
+        str, typer.Option(help="fail back to this vCenter (fabric name) instead of the original one")
+    ] = "",
     what_if: Annotated[bool, typer.Option("--what-if", help="list every failing prerequisite")] = False,
     wait: Wait = True,
 ) -> None:
@@ -128,6 +131,7 @@ def reprotect(
         "process_server": process_server,
         "datastore": datastore,
         "retention_volume": retention_volume,
+        "vcenter": vcenter,
         "what_if": what_if,
     }
     if what_if:

@@ -35,8 +35,12 @@ from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.base import Inventory, OsType
 
 
+def _fabric_row(s: Session, ident: str) -> FabricRow | None:
+    return s.get(FabricRow, ident) or s.scalar(select(FabricRow).where(FabricRow.name == ident))
+
+
 def _inventory(s: Session, fabric_id: str) -> Inventory | None:
-    row = s.get(FabricRow, fabric_id)
+    row = _fabric_row(s, fabric_id)
     if row is None:
         return None
     try:
@@ -98,18 +102,21 @@ def _item_view(item: repo.ItemSnapshot, group: str | None, mt: str = "", ps: str
 
 def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
     cp = current()
+    # RP-VCENTER: a reprotect may name an alternate vCenter (fabric id or name) to fail back to;
+    # otherwise it is the one the machine was protected from.
+    target = str(args.get("vcenter") or "") or item.record.onprem_fabric
     with cp.db.session() as s:
-        onprem, cloud = _inventory(s, item.record.onprem_fabric), _inventory(s, item.record.cloud_fabric)
+        onprem, cloud = _inventory(s, target), _inventory(s, item.record.cloud_fabric)
         mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
         ps = repo.component(s, str(args.get("process_server", "")), ComponentKind.PROCESS)
-        vcenter = s.get(FabricRow, item.record.onprem_fabric)
+        vcenter = _fabric_row(s, target)
         # Problems name the group as the operator named it, not by its id.
         group = s.get(ReplicationGroup, item.group_id) if item.group_id else None
         return Situation(
             item=_item_view(
                 item, group.name if group else item.group_id, mt.name if mt else "", ps.name if ps else ""
             ),
-            vcenter=vcenter.name if vcenter else item.record.onprem_fabric,
+            vcenter=vcenter.name if vcenter else target,
             onprem=onprem,
             cloud=cloud or Inventory(site="cloud", kind=_cloud_kind(), discovered_at=0.0),
             master_target=_mt_view(mt),

@@ -60,6 +60,10 @@ class ReprotectBody(Strict):
     process_server: str = NamePattern
     datastore: str = Field(default="", max_length=200)
     retention_volume: str = Field(default="", max_length=500)
+    # RP-VCENTER: fail back to an alternate vCenter (a fabric's name or id) instead of the one the
+    # machine was protected from; the checks judge that vCenter and, on success, it becomes the
+    # item's on-premises site for the reprotect job and the failback.
+    vcenter: str = Field(default="", max_length=200)
     what_if: bool = False
 
 
@@ -297,6 +301,18 @@ def commit(
     return _start("commit", item, ops.commit_tasks(item), {})
 
 
+def _fail_back_to(item: repo.ItemSnapshot, vcenter: FabricRow) -> repo.ItemSnapshot:
+    """Make the alternate vCenter the checks just passed the item's on-premises site, so that the
+    reprotect job's tasks and the later failback work there too."""
+    if vcenter.id == item.record.onprem_fabric:
+        return item
+
+    def change(row: ReplicatedItem, rec: ItemRecord) -> None:
+        rec.onprem_fabric = row.source_fabric_id = vcenter.id
+
+    return repo.update(item.id, change)
+
+
 @router.post("/{ident}/reprotect", status_code=202, response_model=None)
 def reprotect(
     ident: str,
@@ -322,6 +338,8 @@ def reprotect(
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
     if problems:
         raise SiteRecoveryError(problems)
+    if body.vcenter and not to_cloud:
+        item = _fail_back_to(item, _fabric(s, body.vcenter))
     policy = repo.policy(s, item.policy_id)
     next_policy = (policy.failback_policy_id if not to_cloud else policy.forward_policy_id) or policy.id
     request = ops.ProtectRequest(
