@@ -189,6 +189,15 @@ def test_healthy_vcenter_is_ready(site: Site) -> None:
     assert codes(what_if(site, vcenter="")) == ["mt-not-discovered"]
 
 
+def test_server_logs_out_of_vcenter_after_each_discovery(site: Site) -> None:
+    sessions = site.si.content.sessionManager
+    before = len(sessions.sessionList)
+    for _ in range(3):
+        what_if(site)
+    site.cli("fabrics", "discover", VC)
+    assert len(sessions.sessionList) == before
+
+
 # ---- each rule vCenter can show, broken through pyVmomi ---------------------------------------
 
 Case = Callable[[Site], AbstractContextManager[dict[str, str]]]

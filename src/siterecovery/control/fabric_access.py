@@ -65,8 +65,9 @@ def to_jsonable(value: Any) -> Any:
 
 def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
     """Discover live and store the result on the row; a provider failure becomes a clear problem."""
+    fabric = open_fabric(cp, row)
     try:
-        inventory = open_fabric(cp, row).discover()
+        inventory = fabric.discover()
     except FabricError as exc:
         row.discovery_error = exc.message
         raise SiteRecoveryError(
@@ -77,6 +78,12 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
             ),
             Status.UNAVAILABLE,
         ) from exc
+    finally:
+        # A provider holding a session (a vCenter login) ends it: every check discovers anew, and
+        # vCenter caps the sessions an account may keep open.
+        close = getattr(fabric, "close", None)
+        if callable(close):
+            close()
     row.inventory = to_jsonable(inventory)
     row.last_discovery_at = time.time()
     row.discovery_error = ""
