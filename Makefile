@@ -34,8 +34,11 @@ pytest: venv
 
 test: system-deps lint typecheck pytest
 
+# Every bench in bench/ (see bench/README.md); results go to bench/results/. A quick pass:
+# `make bench BENCH_SCALE=0.1`; some of them: `make bench BENCHES="rpo points"`.
+bench: BENCH_SCALE ?= 1.0
 bench: venv system-deps
-	$(BIN)/python -m bench
+	SITERECOVERY_BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python -m bench $(BENCHES)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
