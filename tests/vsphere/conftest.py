@@ -79,16 +79,19 @@ def build_vcsim() -> Path:
 
 
 @pytest.fixture(scope="session")
-def vcsim() -> Iterator[Vcsim]:
+def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vcsim]:
     binary = build_vcsim()
+    # Its log goes to a file: a pipe nobody reads would fill up and freeze the simulator.
+    log_path = tmp_path_factory.mktemp("vcsim") / "vcsim.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed after the process below
     proc = subprocess.Popen(
-        [str(binary), "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(binary), "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=log, text=True
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
-            pytest.fail(f"vcsim did not start: {proc.stderr.read() if proc.stderr else ''}")
+            pytest.fail(f"vcsim did not start: {log_path.read_text()[-2000:]}")
         info = json.loads(line)
         yield Vcsim(
             host=info["host"],
@@ -104,6 +107,7 @@ def vcsim() -> Iterator[Vcsim]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def find(si: Any, kind: Any, name: str) -> Any:
