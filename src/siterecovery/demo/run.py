@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +17,8 @@ from rich.table import Table
 from siterecovery.demo.cycle import Cycle, CycleError, StepRow
 from siterecovery.demo.environment import Environment
 
-console = Console()
+# Piped output (make demo in CI, a log) would wrap the table at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 132)
 
 
 def _bytes(n: int | None) -> str:
