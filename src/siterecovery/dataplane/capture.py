@@ -22,14 +22,11 @@ class CaptureSink(Protocol):
         `data` is a view of the connection's receive buffer and is only valid during the call: the
         sink must copy it or write it out before returning.
         """
-        ...
 
     def record_zero(self, offset: int, length: int) -> int:
         """Record that `length` bytes at `offset` now read as zeroes (trim, write-zeroes, a zero
         write); return its sequence number."""
-        ...
 
     def flush(self) -> None:
         """Make everything recorded so far durable; called for NBD FLUSH and FUA requests before
         the client is answered."""
-        ...
