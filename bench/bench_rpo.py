@@ -330,8 +330,10 @@ def run_level(env: Environment, sampler: Sampler, level: Level, disk_size: int, 
     job = json.loads(out.read_text())["jobs"][0]
     level.achieved_mb = float(job["write"]["bw_bytes"]) / MB
     level.catch_up = wait_caught_up(sampler, level)
-    times = [t for t in sampler.point_times() if started <= t <= ended]
-    level.intervals = [b - a for a, b in itertools.pairwise(times)]
+    # Every interval that ended during the level (the first one began before it: points keep coming
+    # while the guest writes, between levels too).
+    times = sampler.point_times()
+    level.intervals = [b - a for a, b in itertools.pairwise(times) if started <= b <= ended]
 
 
 def run(seconds: int, rates: list[int], disk_size: int, work: Path) -> list[Level]:
