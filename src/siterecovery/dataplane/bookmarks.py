@@ -76,7 +76,7 @@ class Bookmarker:
         with self._lock:
             self._requests = list(requests)
             self._crash_interval = crash_interval
-        if not self._thread.is_alive() and not self._stop.is_set():
+        if self._thread.ident is None and not self._stop.is_set():  # start once, never restart
             self._thread.start()
 
     def stop(self) -> None:
@@ -95,19 +95,29 @@ class Bookmarker:
             return dict(self._errors)
 
     def _run(self) -> None:
+        # The bookmark thread must outlive one failed pass (a disk error, a hook gone wrong): when it
+        # died, the agent died with it and took the machine's disk offline.
         while not self._stop.wait(_TICK):
-            with self._lock:
-                handled = set(self._done) | set(self._errors)
-                pending = [r for r in self._requests if r.tag not in handled]
-                interval = self._crash_interval
-            for req in pending:
-                if self._stop.is_set():
-                    return
-                self._request(req)
-            if interval > 0 and time.monotonic() - self._last_crash >= interval:
-                self._last_crash = time.monotonic()
-                with contextlib.suppress(NotReady):
-                    self._insert(f"crash-{int(time.time() * 1000)}", BookmarkKind.CRASH, True)
+            try:
+                self._pass()
+            except Exception:
+                log.exception("bookmark pass failed; retrying")
+
+    def _pass(self) -> None:
+        with self._lock:
+            handled = set(self._done) | set(self._errors)
+            pending = [r for r in self._requests if r.tag not in handled]
+            interval = self._crash_interval
+        for req in pending:
+            if self._stop.is_set():
+                return
+            self._request(req)
+        now = time.monotonic()
+        # Fire up to one tick early, so consecutive crash points are never more than `interval` apart.
+        if interval > 0 and now - self._last_crash >= interval - _TICK:
+            self._last_crash = now
+            with contextlib.suppress(NotReady):
+                self._insert(f"crash-{int(time.time() * 1000)}", BookmarkKind.CRASH, True)
 
     def _request(self, req: BookmarkRequest) -> None:
         kind = _KINDS.get(req.kind)

@@ -94,12 +94,17 @@ class SegmentLog:
         """Make every appended frame durable."""
         with self._lock:
             fds, self._unsynced = self._unsynced, []
-            current = self._fd
+            # A duplicate of the current segment's descriptor: `free_through` on another thread may
+            # close the original while we fdatasync outside the lock ("Bad file descriptor").
+            current = os.dup(self._fd) if self._fd is not None else None
         for fd in fds:
             os.fdatasync(fd)
             os.close(fd)
         if current is not None:
-            os.fdatasync(current)
+            try:
+                os.fdatasync(current)
+            finally:
+                os.close(current)
 
     def free_through(self, seq: int) -> None:
         """Delete segments whose every frame has sequence <= `seq` (acknowledged downstream)."""
