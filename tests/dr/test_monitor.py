@@ -122,3 +122,19 @@ def test_rpo_threshold_raises_and_clears_the_alert(tmp_path: Path) -> None:
     evaluate(cp, now=t0 + 200.5)
     assert item().health == "normal" and (item().rpo_seconds or 0) < 1
     assert [a.active for a in _alerts(cp)] == [False]
+
+
+def test_rpo_shows_lag_while_the_master_target_keeps_applying() -> None:
+    """A master target that applies steadily but behind: RPO is the age of the newest applied
+    capture, not the time since its last apply (which would always look fresh)."""
+    from siterecovery.dr.monitor import CaptureHistory
+
+    history = CaptureHistory()
+    t0 = 1_000_000.0
+    for second in range(0, 61, 10):  # the agent captures 100 writes every 10 s
+        history.record("p1", t0 + second, 100 * (second // 10 + 1))
+    # At t0+60 the master target has applied up to 300 — what the agent had at t0+20 — and did so
+    # just now: the newest write durable on the recovery side was captured 40 s ago.
+    assert history.covered_at("p1", 300) == t0 + 20
+    assert history.covered_at("p1", 99) is None
+    assert history.covered_at("p1", 700) == t0 + 60

@@ -2,8 +2,8 @@
 
 RPO of an item is the age of the newest write that is durable on the recovery side: when the
 master target has applied everything the agent captured (as of the agent's last report), the
-item is as fresh as that report; otherwise it is as old as the last write the master target
-applied. Above the policy's RPO threshold the item turns warning (critical above twice it) and an
+item is as fresh as that report; otherwise it is as old as the newest agent report whose captured
+writes the master target has all applied (`CaptureHistory`). Above the policy's RPO threshold the item turns warning (critical above twice it) and an
 alert opens; both clear when RPO recovers.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,7 +23,6 @@ from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Policy, ReplicatedItem
 from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
-from siterecovery.dataplane.assignments import AgentStats, MasterTargetStats
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.record import ItemRecord
@@ -38,10 +39,44 @@ class Rpo:
     caught_up: bool
 
 
-def item_rpo(s: Session, item: ReplicatedItem, now: float) -> Rpo | None:
-    rec = ItemRecord.model_validate(item.details)
-    rep = rec.replication
-    if rep is None or item.state != ProtectionState.PROTECTED.value:
+class CaptureHistory:
+    """Per pair, when the agent reported which sequence number it had captured (newest last).
+
+    RPO is the age of the newest write durable on the recovery side. The master target reports the
+    sequence it applied, not when that write was captured; this history turns "applied up to n" into
+    "everything captured up to the report at time t", so lag shows even while applying goes on.
+    """
+
+    def __init__(self, keep_seconds: float = 3600.0) -> None:
+        self.keep_seconds = keep_seconds
+        self._pairs: dict[str, deque[tuple[float, int]]] = {}
+
+    def record(self, pair_id: str, reported_at: float, captured_seq: int) -> None:
+        entries = self._pairs.setdefault(pair_id, deque())
+        if not entries or reported_at > entries[-1][0]:
+            entries.append((reported_at, captured_seq))
+        while entries and entries[0][0] < reported_at - self.keep_seconds:
+            entries.popleft()
+
+    def covered_at(self, pair_id: str, applied_seq: int) -> float | None:
+        """The time of the newest report whose captured writes are all applied."""
+        return next((t for t, seq in reversed(self._pairs.get(pair_id, ())) if seq <= applied_seq), None)
+
+
+_HISTORY = CaptureHistory()
+
+
+def _pairs(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    # Raw dicts on purpose: this runs every second for every item, and a master target's report
+    # carries every retained recovery point, which full validation would parse each time.
+    return {str(p.get("pair_id")): p for p in stats.get("pairs", []) or [] if isinstance(p, dict)}
+
+
+def item_rpo(s: Session, item: ReplicatedItem, now: float, history: CaptureHistory = _HISTORY) -> Rpo | None:
+    if item.state != ProtectionState.PROTECTED.value:
+        return None
+    rep = ItemRecord.model_validate(item.details).replication
+    if rep is None:
         return None
     agent = s.scalar(
         select(Component).where(
@@ -52,19 +87,23 @@ def item_rpo(s: Session, item: ReplicatedItem, now: float) -> Rpo | None:
     mt = s.get(Component, rep.master_target)
     if agent is None or mt is None or agent.last_heartbeat is None:
         return None
-    captured = {p.pair_id: p for p in AgentStats.model_validate(agent.stats or {}).pairs}
-    applied = {p.pair_id: p for p in MasterTargetStats.model_validate(mt.stats or {}).pairs}
-    caught_up = all(
-        p.pair_id in applied
-        and p.pair_id in captured
-        and applied[p.pair_id].applied_seq >= captured[p.pair_id].captured_seq
-        for p in rep.pairs
-    )
-    if caught_up:
-        return Rpo(item.id, max(0.0, now - agent.last_heartbeat), True)
-    times = [applied[p.pair_id].last_applied_time for p in rep.pairs if p.pair_id in applied]
-    oldest = min((t for t in times if t is not None), default=item.updated_at)
-    return Rpo(item.id, max(0.0, now - oldest), False)
+    captured, applied = _pairs(agent.stats or {}), _pairs(mt.stats or {})
+    worst, caught_up = 0.0, True
+    for pair in rep.pairs:
+        c, a = captured.get(pair.pair_id), applied.get(pair.pair_id)
+        if c is None or a is None:
+            return Rpo(item.id, max(0.0, now - item.updated_at), False)
+        captured_seq, applied_seq = int(c.get("captured_seq", -1)), int(a.get("applied_seq", -1))
+        history.record(pair.pair_id, agent.last_heartbeat, captured_seq)
+        if applied_seq >= captured_seq:
+            age = now - agent.last_heartbeat
+        else:
+            caught_up = False
+            covered = history.covered_at(pair.pair_id, applied_seq)
+            fallback = a.get("last_applied_time") or item.updated_at
+            age = now - (covered if covered is not None else float(fallback))
+        worst = max(worst, age)
+    return Rpo(item.id, max(0.0, worst), caught_up)
 
 
 def _health(rpo: float, threshold: float) -> Health:
