@@ -3,8 +3,8 @@
 RPO of an item is the age of the newest write that is durable on the recovery side: when the
 master target has applied everything the agent captured (as of the agent's last report), the
 item is as fresh as that report; otherwise it is as old as the newest agent report whose captured
-writes the master target has all applied (`CaptureHistory`). Above the policy's RPO threshold the item turns warning (critical above twice it) and an
-alert opens; both clear when RPO recovers.
+writes the master target has all applied (`CaptureHistory`). Above the policy's RPO threshold
+the item turns warning (critical above twice it) and an alert opens; both clear when RPO recovers.
 """
 
 from __future__ import annotations
