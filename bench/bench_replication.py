@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench.plane import MiB, free_port, sync_once
+from bench.plane import MiB, free_port, machine_description, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replication.md"
@@ -139,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     table += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(table)
     print(text)
-    machine = (
-        f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
+    machine = machine_description()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         f"# Initial full replication\n\nMachine: {machine}\n"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import re
 import shutil
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.bench_replication import _write_random
-from bench.plane import MiB, sync_once
+from bench.plane import MiB, machine_description, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resync.md"
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     table += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(table)
     print(text)
-    machine = (
-        f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
+    machine = machine_description()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         f"# Delta resync, {args.size_mib} MiB, 1 % rewritten in scattered 4 KiB writes\n\n"

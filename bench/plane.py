@@ -4,6 +4,8 @@ as real processes over mutual TLS, desired state from files (no configuration se
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import signal
 import socket
@@ -156,3 +158,10 @@ def sync_once(
     ).returncode:
         raise AssertionError("target differs from source")
     return elapsed, sent
+
+
+def machine_description() -> str:
+    """The machine a result was measured on, for the results files."""
+    return (
+        f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )

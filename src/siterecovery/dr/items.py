@@ -15,7 +15,7 @@ from siterecovery.control.fabric_access import open_fabric
 from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.errors import not_found
-from siterecovery.fabrics.base import Fabric
+from siterecovery.fabrics.base import Fabric, PowerState
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,15 @@ def policy(s: Session, policy_id: str) -> Policy:
     if row is None:
         raise not_found("policy", policy_id)
     return row
+
+
+def set_power(fabric: Fabric, machine: str, wanted: PowerState) -> bool:
+    """Power a machine on or off unless it already is (a replayed task must not fail); True if changed."""
+    found = fabric.discover().machine(machine)
+    if found is None or found.power_state is wanted:
+        return False
+    if wanted is PowerState.ON:
+        fabric.power_on(machine)
+    else:
+        fabric.power_off(machine)
+    return True

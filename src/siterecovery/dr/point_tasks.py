@@ -170,9 +170,7 @@ def start_test_machine(ctx: TaskContext) -> dict[str, Any]:
         )
         adopt_log(fabric, test.machine, item.record.machine)
     since = time.time()
-    found = fabric.discover().machine(test.machine)
-    if found is not None and found.power_state is PowerState.OFF:
-        fabric.power_on(test.machine)
+    repo.set_power(fabric, test.machine, PowerState.ON)
     verdict = await_verdict(fabric, test.machine, since)
 
     def change(_: Any, rec: ItemRecord) -> None:

@@ -184,10 +184,8 @@ def shutdown_source(ctx: TaskContext) -> dict[str, Any]:
     site = Site(ctx.args["source_site"])
     fabric = repo.site_fabric(item.record, site)
     machine = _machine_of(item, site)
-    found = fabric.discover().machine(machine)
     started = time.time()
-    if found is not None and found.power_state is PowerState.ON:
-        fabric.power_off(machine)
+    repo.set_power(fabric, machine, PowerState.OFF)
     flushed = last_flushed(fabric, machine)
 
     def change(_: Any, rec: ItemRecord) -> None:
@@ -307,10 +305,8 @@ def start_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
     site = Site(ctx.args["target_site"])
     fabric = repo.site_fabric(item.record, site)
     machine = _machine_of(item, site)
-    found = fabric.discover().machine(machine)
     since = time.time()
-    if found is not None and found.power_state is PowerState.OFF:
-        fabric.power_on(machine)
+    repo.set_power(fabric, machine, PowerState.ON)
     verdict = await_verdict(fabric, machine, since)
     booted = time.time()
     cycle = item.record.failover_point
@@ -386,9 +382,7 @@ def power_off_target(ctx: TaskContext) -> dict[str, Any]:
     target = Site(ctx.args["source_site"]).other
     fabric = repo.site_fabric(item.record, target)
     machine = _machine_of(item, target)
-    found = fabric.discover().machine(machine)
-    if found is not None and found.power_state is PowerState.ON:
-        fabric.power_off(machine)
+    if repo.set_power(fabric, machine, PowerState.OFF):
         return {"powered_off": machine}
     return {"powered_off": None}
 
