@@ -32,7 +32,9 @@ def test_discovers_model_inventory(vcsim: Vcsim) -> None:
     assert all(h.kind is HypervisorKind.ESXI and h.version.startswith("VMware ESXi") for h in inv.hosts)
     ds = inv.datastore("LocalDS_0")
     assert ds is not None and ds.type is DatastoreType.VMFS and ds.accessible and ds.capacity_bytes > 0
-    assert all(ds.writable_on(h.name) for h in inv.hosts)
+    # Mounted read/write on every host but DC0_H1, which the simulator keeps without VMFS (RP-MT-VMFS).
+    assert all(ds.writable_on(h.name) for h in inv.hosts if h.name != "DC0_H1")
+    assert not ds.mounted_on("DC0_H1")
     vm = inv.machine("DC0_H0_VM0")
     assert vm is not None and vm.host == "DC0_H0" and vm.power_state is PowerState.ON
     assert len(vm.bios_uuid) == 36 and vm.os_type is OsType.LINUX

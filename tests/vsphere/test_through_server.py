@@ -40,6 +40,8 @@ DS = "LocalDS_0"  # the model's VMFS datastore, mounted read/write on every host
 RO_DS = "nfs-vc-ro"  # an NFS datastore mounted read-only on HOST
 MACHINE = "web1"  # the lab machine protected, failed over and committed
 LIMIT = 60  # MT-3: disks on one master target
+NO_VMFS_HOST = "DC0_H1"  # the simulator's host without the shared VMFS datastore (vcsim/main.go)
+NO_VMFS_DS = "nfs-novmfs"
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def codes(readiness: dict[str, Any]) -> list[str]:
 def test_vcenter_discovered_through_server_and_cli(site: Site) -> None:
     shown = site.cli("fabrics", "show", VC)
     assert shown["kind"] == "vsphere" and not shown["discovery_error"] and shown["last_discovery_at"]
-    assert shown["summary"]["hosts"] == 4 and shown["summary"]["datastores"] == 2
+    assert shown["summary"]["hosts"] == 5 and shown["summary"]["datastores"] == 2
     assert shown["summary"]["warnings"] == []
     assert site.vcsim.password("admin") not in json.dumps(shown)  # stored encrypted, never shown
     assert VC in {f["name"] for f in site.cli("fabrics", "list")}
@@ -381,6 +383,38 @@ def master_target_renamed(site: Site) -> Iterator[dict[str, str]]:
 
 
 @contextmanager
+def host_without_vmfs(site: Site) -> Iterator[dict[str, str]]:
+    """The master target moved (by an administrator) to DC0_H1, whose only datastore is NFS (RP-MT-VMFS)."""
+    export = site.root / NO_VMFS_DS
+    export.mkdir(exist_ok=True)
+    bare = find(site.si, vim.HostSystem, NO_VMFS_HOST)
+    nfs = next(
+        (d for d in bare.datastore if d.name == NO_VMFS_DS), None
+    ) or bare.configManager.datastoreSystem.CreateNasDatastore(
+        vim.host.NasVolume.Specification(
+            remoteHost="127.0.0.1",
+            remotePath=str(export),
+            localPath=str(export),
+            accessMode="readWrite",
+            type="NFS",
+        )
+    )
+    vm, home = site.vm(MT), find(site.si, vim.HostSystem, HOST)
+    shared = find(site.si, vim.Datastore, DS)
+    WaitForTask(
+        vm.RelocateVM_Task(vim.vm.RelocateSpec(host=bare, pool=bare.parent.resourcePool, datastore=nfs))
+    )
+    try:
+        yield {"datastore": NO_VMFS_DS}  # a datastore the host has, so only the VMFS rule fails
+    finally:
+        WaitForTask(
+            vm.RelocateVM_Task(
+                vim.vm.RelocateSpec(host=home, pool=home.parent.resourcePool, datastore=shared)
+            )
+        )
+
+
+@contextmanager
 def unknown_vcenter(site: Site) -> Iterator[dict[str, str]]:
     yield {"vcenter": "vc-not-added"}
 
@@ -403,6 +437,7 @@ def unknown_vcenter(site: Site) -> Iterator[dict[str, str]]:
         pytest.param(sixty_disks, "mt-disk-limit", f"{LIMIT + 1} disks", id="mt-disk-limit"),
         pytest.param(master_target_renamed, "mt-not-discovered", MT, id="mt-not-discovered"),
         pytest.param(unknown_vcenter, "vcenter-not-discovered", "vc-not-added", id="vcenter-not-discovered"),
+        pytest.param(host_without_vmfs, "mt-host-no-vmfs", NO_VMFS_HOST, id="mt-host-no-vmfs"),
     ],
 )
 def test_rule_seen_in_vcenter(site: Site, case: Case, code: str, names: str) -> None:
@@ -453,7 +488,8 @@ def test_read_only_account_until_credentials_updated(site: Site) -> None:
         "--password-file",
         str(site.password_file("admin")),
     )
-    assert updated["connection"]["user"] == "admin" and updated["summary"]["datastores"] == 2
+    admin_view = site.cli("fabrics", "discover", VC)["summary"]["datastores"]  # what the admin account sees
+    assert updated["connection"]["user"] == "admin" and updated["summary"]["datastores"] == admin_view
     retried = run_cli("-o", "json", *reprotect, env=site.env.cli_env)
     assert json.loads(retried.stdout)["problems"] == []
 

@@ -395,6 +395,9 @@ func gate(next http.Handler) http.Handler {
 	})
 }
 
+// noVMFSHost names the host install() keeps off the model's shared VMFS datastore.
+var noVMFSHost string
+
 // install wraps vcsim's singletons with the types above and grants each user its role on the root.
 func install() error {
 	content := serviceContent()
@@ -433,6 +436,10 @@ func install() error {
 		ds.Host = nil
 		for _, href := range simulator.Map.All("HostSystem") {
 			host := simulator.Map.Get(href.Reference()).(*simulator.HostSystem)
+			if host.Name == noVMFSHost {
+				host.Datastore = nil // only what is created on it later (NFS) is mounted there
+				continue
+			}
 			for _, mounted := range host.Datastore {
 				if mounted == ds.Self {
 					ds.Host = append(ds.Host, types.DatastoreHostMount{Key: host.Self, MountInfo: types.HostMountInfo{
@@ -456,12 +463,15 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to serve on (loopback)")
 	usersJSON := flag.String("users", `{"admin":{"password":"admin-pass","role":"Admin"},`+
 		`"readonly":{"password":"readonly-pass","role":"ReadOnly"}}`, "users as JSON: name -> {password, role}")
+	novmfs := flag.String("novmfs-host", "DC0_H1", "a standalone host left without the shared VMFS datastore (RP-MT-VMFS)")
 	flag.Parse()
+	noVMFSHost = *novmfs
 	if err := json.Unmarshal([]byte(*usersJSON), &users); err != nil {
 		log.Fatalf("-users: %s", err)
 	}
 
 	model := simulator.VPX()
+	model.Host = 2 // DC0_H0, and DC0_H1 which install() leaves without VMFS
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
 	}
