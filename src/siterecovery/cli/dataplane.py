@@ -36,7 +36,9 @@ from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
 from siterecovery.errors import SiteRecoveryError
 
-ServerOpt = Annotated[str | None, typer.Option("--server", help="configuration server URL")]
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", envvar="SITERECOVERY_SERVER", help="configuration server URL")
+]
 PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="seconds between heartbeats")]
 
