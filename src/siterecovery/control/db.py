@@ -11,11 +11,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+T = TypeVar("T", bound="Base")
 
 
 def new_id(prefix: str) -> str:
@@ -213,3 +215,13 @@ class Database:
     def session(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
             yield s
+
+
+def by_id_or_name(s: Session, model: type[T], ident: str) -> T | None:
+    """The row whose id or (unique) name is `ident`: operators use names, scripts use ids."""
+    found = s.get(model, ident)
+    if found is not None:
+        return found
+    name = model.__table__.c["name"]  # every model looked up this way has a unique name column
+    row: T | None = s.execute(select(model).where(name == ident)).scalars().first()
+    return row

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.context import current
-from siterecovery.control.db import Component, Policy, ReplicatedItem, now
+from siterecovery.control.db import Component, Policy, ReplicatedItem, by_id_or_name, now
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import open_fabric
 from siterecovery.control.states import ComponentKind, Direction, ProtectionState
@@ -47,7 +47,7 @@ def load(item_id: str) -> ItemSnapshot:
 
 
 def get_item(s: Session, ident: str) -> ReplicatedItem:
-    row = s.get(ReplicatedItem, ident) or s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == ident))
+    row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise not_found("replicated item", ident)
     return row

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.context import current
-from siterecovery.control.db import Component, ReplicatedItem, ReplicationGroup
+from siterecovery.control.db import Component, ReplicatedItem, ReplicationGroup, by_id_or_name
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import discover
 from siterecovery.control.heartbeats import heartbeat_age
@@ -36,7 +36,7 @@ from siterecovery.fabrics.base import Inventory, OsType
 
 
 def _fabric_row(s: Session, ident: str) -> FabricRow | None:
-    return s.get(FabricRow, ident) or s.scalar(select(FabricRow).where(FabricRow.name == ident))
+    return by_id_or_name(s, FabricRow, ident)
 
 
 def _inventory(s: Session, fabric_id: str) -> Inventory | None:

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from siterecovery.control.api.deps import component, control_plane, operator, reader, session
 from siterecovery.control.auth import Principal, create_token
 from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Token, new_id, now
+from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
 from siterecovery.control.events import record_event
 from siterecovery.control.heartbeats import apply_heartbeat, server_view
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
@@ -137,7 +137,7 @@ def refresh_server(
 
 
 def find_component(s: Session, ident: str) -> Component:
-    row = s.get(Component, ident) or s.scalar(select(Component).where(Component.name == ident))
+    row = by_id_or_name(s, Component, ident)
     if row is None:
         raise not_found("server", ident)
     return row

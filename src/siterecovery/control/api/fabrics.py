@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from siterecovery.control.api.deps import control_plane, operator, reader, session
 from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric, new_id
+from siterecovery.control.db import Fabric, by_id_or_name, new_id
 from siterecovery.control.events import record_event
 from siterecovery.control.fabric_access import discover, summary
 from siterecovery.control.schemas import FabricCreate, FabricCredentials, FabricOut
@@ -38,7 +38,7 @@ def fabric_view(f: Fabric) -> FabricOut:
 
 
 def find_fabric(s: Session, ident: str) -> Fabric:
-    row = s.get(Fabric, ident) or s.scalar(select(Fabric).where(Fabric.name == ident))
+    row = by_id_or_name(s, Fabric, ident)
     if row is None:
         raise not_found("fabric", ident)
     return row

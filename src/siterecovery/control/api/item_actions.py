@@ -18,7 +18,7 @@ from siterecovery.control.api.deps import control_plane, operator, reader, sessi
 from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import Policy, ReplicatedItem, ReplicationGroup, new_id
+from siterecovery.control.db import Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.fabric_access import discover
 from siterecovery.control.schemas import Strict
 from siterecovery.control.states import ComponentKind, Direction, PolicyKind, ProtectionState
@@ -84,7 +84,7 @@ class Readiness(Strict):
 
 
 def _fabric(s: Session, ident: str) -> FabricRow:
-    row = s.get(FabricRow, ident) or s.scalar(select(FabricRow).where(FabricRow.name == ident))
+    row = by_id_or_name(s, FabricRow, ident)
     if row is None:
         raise not_found("fabric", ident)
     return row
@@ -92,7 +92,7 @@ def _fabric(s: Session, ident: str) -> FabricRow:
 
 def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
     """CS-1: a machine the configuration server does not know cannot be reprotected or failed back."""
-    row = s.get(ReplicatedItem, ident) or s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == ident))
+    row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise SiteRecoveryError(
             Problem(
@@ -124,7 +124,7 @@ def enable(
 ) -> Started:
     """FW-1: protect an on-premises machine: initial replication to the cloud, then continuous."""
     source, target = _fabric(s, body.source_fabric), _fabric(s, body.target_fabric)
-    policy = s.get(Policy, body.policy) or s.scalar(select(Policy).where(Policy.name == body.policy))
+    policy = by_id_or_name(s, Policy, body.policy)
     if policy is None:
         raise not_found("policy", body.policy)
     if policy.kind != PolicyKind.REPLICATION.value:

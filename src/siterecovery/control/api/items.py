@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import reader, session
 from siterecovery.control.auth import Principal
-from siterecovery.control.db import ReplicatedItem
+from siterecovery.control.db import ReplicatedItem, by_id_or_name
 from siterecovery.errors import not_found
 
 router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
@@ -48,7 +48,7 @@ def item_view(i: ReplicatedItem) -> ItemOut:
 
 
 def find_item(s: Session, ident: str) -> ReplicatedItem:
-    row = s.get(ReplicatedItem, ident) or s.scalar(select(ReplicatedItem).where(ReplicatedItem.name == ident))
+    row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise not_found("replicated item", ident)
     return row

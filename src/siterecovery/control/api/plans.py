@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import operator, reader, session
 from siterecovery.control.auth import Principal
-from siterecovery.control.db import RecoveryPlan, ReplicatedItem, ReplicationGroup, new_id
+from siterecovery.control.db import RecoveryPlan, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.plan_jobs import PlanOperation, plan_tasks
 from siterecovery.control.schemas import (
     GroupCreate,
@@ -42,7 +42,7 @@ def plan_view(p: RecoveryPlan) -> PlanOut:
 
 
 def find_plan(s: Session, ident: str) -> RecoveryPlan:
-    row = s.get(RecoveryPlan, ident) or s.scalar(select(RecoveryPlan).where(RecoveryPlan.name == ident))
+    row = by_id_or_name(s, RecoveryPlan, ident)
     if row is None:
         raise not_found("recovery plan", ident)
     return row

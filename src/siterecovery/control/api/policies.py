@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from siterecovery.control.api.deps import control_plane, operator, reader, session
 from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Policy, new_id
+from siterecovery.control.db import Policy, by_id_or_name, new_id
 from siterecovery.control.events import record_event
 from siterecovery.control.schemas import PolicyCreate, PolicyOut, PolicyUpdate
 from siterecovery.control.states import PolicyKind, Severity
@@ -40,7 +40,7 @@ def policy_view(p: Policy) -> PolicyOut:
 
 
 def find_policy(s: Session, ident: str) -> Policy:
-    row = s.get(Policy, ident) or s.scalar(select(Policy).where(Policy.name == ident))
+    row = by_id_or_name(s, Policy, ident)
     if row is None:
         raise not_found("policy", ident)
     return row
