@@ -20,6 +20,8 @@ for tool in "${!need[@]}"; do
 done
 # vcsim is built offline from Debian's govmomi sources.
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi ] || missing+=(golang-github-vmware-govmomi-dev)
+# A PostgreSQL server for the tests that run the configuration server on PostgreSQL.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -25,6 +25,7 @@ class ConfigServer:
     token: str = ""
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    database_url: str = ""
 
     @property
     def url(self) -> str:
@@ -47,6 +48,7 @@ class ConfigServer:
                     f"127.0.0.1:{self.port}",
                     "--admin-token-file",
                     str(token_file),
+                    *(("--database-url", self.database_url) if self.database_url else ()),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
