@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.plane import MiB, free_port, machine_description, sync_once
+from bench.plane import MiB, free_port, report, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replication.md"
@@ -130,19 +130,20 @@ def main(argv: list[str] | None = None) -> None:
             "<= 2 s",
         ),
     ]
-    table = [
-        "| case | size | siterecovery (agent→PS→MT, mTLS) | nbdcopy qemu-nbd→qemu-nbd (TLS) "
-        "| throughput ratio | target |",
-        "|---|---|---|---|---|---|",
+    header = [
+        "case",
+        "size",
+        "siterecovery (agent→PS→MT, mTLS)",
+        "nbdcopy qemu-nbd→qemu-nbd (TLS)",
+        "throughput ratio",
+        "target",
     ]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(table)
-    print(text)
-    machine = machine_description()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        f"# Initial full replication\n\nMachine: {machine}\n"
-        f"Time includes starting the agent process (~0.5 s).\n\n{text}\n"
+    report(
+        RESULTS,
+        "Initial full replication",
+        header,
+        rows,
+        "Time includes starting the agent process (~0.5 s).",
     )
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.bench_replication import _write_random
-from bench.plane import MiB, machine_description, sync_once
+from bench.plane import MiB, report, sync_once
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resync.md"
@@ -112,20 +112,20 @@ def main(argv: list[str] | None = None) -> None:
             "-",
         ),
     ]
-    table = [
-        "| figure | siterecovery delta resync | rsync -I --inplace --no-whole-file | read once "
-        "| ratio | target |",
-        "|---|---|---|---|---|---|",
+    header = [
+        "figure",
+        "siterecovery delta resync",
+        "rsync -I --inplace --no-whole-file",
+        "read once",
+        "ratio",
+        "target",
     ]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(table)
-    print(text)
-    machine = machine_description()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        f"# Delta resync, {args.size_mib} MiB, 1 % rewritten in scattered 4 KiB writes\n\n"
-        f"Machine: {machine}\nOur time includes starting the agent process (~0.5 s).\n\n"
-        f"{text}\n"
+    report(
+        RESULTS,
+        f"Delta resync, {args.size_mib} MiB, 1 % rewritten in scattered 4 KiB writes",
+        header,
+        rows,
+        "Our time includes starting the agent process (~0.5 s).",
     )
 
 

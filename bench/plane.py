@@ -165,3 +165,13 @@ def machine_description() -> str:
     return (
         f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
+
+
+def report(path: Path, title: str, header: list[str], rows: list[tuple[str, ...]], note: str) -> None:
+    """Print a results table and write it, with the machine it was measured on, to `path`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\nMachine: {machine_description()}\n{note}\n\n{text}\n")
