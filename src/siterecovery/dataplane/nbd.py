@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
+from siterecovery.dataplane.before_image import BeforeImageLog
 from siterecovery.dataplane.capture import CaptureSink
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
@@ -307,8 +308,18 @@ class _Image:
         self.size = export.size
         self.sink = export.sink
         self.can_punch = _fallocate is not None
+        # A snapshot of the disk is kept as a before-image log: old chunks go there before writes.
+        self.before: BeforeImageLog | None = None
+        if not export.read_only:
+            try:
+                self.before = BeforeImageLog.open_for(export.path, self.fd)
+            except BaseException:
+                os.close(self.fd)
+                raise
 
     def close(self) -> None:
+        if self.before is not None:
+            self.before.close()
         os.close(self.fd)
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -316,6 +327,8 @@ class _Image:
         if is_zero(data):
             self.zero(offset, len(data), punch=True)
             return
+        if self.before is not None and self.before.active:
+            self.before.preserve(offset, len(data))
         written = os.pwrite(self.fd, data, offset)
         while written < len(data):
             written += os.pwrite(self.fd, data[written:], offset + written)
@@ -324,6 +337,8 @@ class _Image:
 
     def zero(self, offset: int, length: int, *, punch: bool) -> None:
         """Make the range read as zeroes (a hole unless `punch` is false), then record it."""
+        if self.before is not None and self.before.active:
+            self.before.preserve(offset, length)
         if punch and self.can_punch:
             self._punch(offset, length)
         else:
