@@ -7,7 +7,7 @@ disk calls `BeforeImageLog.preserve` before each write or zero and the log is fd
 disk is touched (write-ahead), so after any crash every chunk that differs from the snapshot has a
 durable record; a record that is short or fails its xxh3-64 checksum can only be the torn tail of a
 write that never reached the disk, and is cut. `restore` (machine off) writes the saved chunks back,
-with zero runs punched so holes stay holes, and empties the log so it preserves again from there.
+with zero blocks punched so holes stay holes, and empties the log so it preserves again from there.
 """
 
 from __future__ import annotations
@@ -29,48 +29,22 @@ _MAGIC = b"SRBIMG01"
 _RECORD_MAGIC = b"SRBR"
 # magic, chunk size, reserved, disk size, xxh3-64 of the 24 bytes before it.
 _HEADER = struct.Struct(">8sIIQQ")
-# magic, flags, offset, length, xxh3-64 of the 24 bytes before it and the payload.
+# magic, flags, offset, length, xxh3-64 of the 24 bytes before it and of the payload.
 _RECORD = struct.Struct(">4sIQQQ")
 _SUMMED = 24
 _U64 = struct.Struct(">Q")
 _FLAG_ZERO = 1  # the chunk read as zeroes: no payload, restored as a hole
-# Restore writes back in blocks of this size, punching the zero ones: a chunk that was half hole
-# comes back half hole.
+# Restore writes back in blocks of this size and punches the zero ones: a half-hole chunk stays so.
 _BLOCK = 4096
 _ZERO_BLOCK = bytearray(_BLOCK)
+_REMEDIATION = {
+    "before-image-in-use": "Power the machine off (stop its disk's export) before reverting its snapshot.",
+    "before-image-invalid": "Discard the snapshot of this disk and take a new one.",
+}
 
 
 def log_path(image: Path) -> Path:
     return image.with_name(image.name + SUFFIX)
-
-
-def _header(chunk: int, disk_size: int) -> bytes:
-    head = _HEADER.pack(_MAGIC, chunk, 0, disk_size, 0)[:_SUMMED]
-    return head + xxhash.xxh3_64_intdigest(head).to_bytes(8, "big")
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
-def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create(image: Path, chunk: int = DEFAULT_CHUNK) -> Path:
@@ -81,17 +55,22 @@ def create(image: Path, chunk: int = DEFAULT_CHUNK) -> Path:
             f"Before-image chunk size {chunk} for {image} is invalid.",
             f"Use a positive multiple of {_BLOCK} below 4 GiB.",
         )
+    head = _HEADER.pack(_MAGIC, chunk, 0, os.stat(image).st_size, 0)[:_SUMMED]
     path = log_path(image)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _pwrite_full(fd, memoryview(_header(chunk, os.stat(image).st_size)), 0)
+        _pwrite_full(fd, memoryview(head + _U64.pack(xxhash.xxh3_64_intdigest(head))), 0)
         os.fsync(fd)
     finally:
         os.close(fd)
-    # Renamed into place so a crash leaves either the old log or a whole new header, never half.
+    # Renamed into place so a crash leaves the old log or a whole new header, never half of one.
     os.replace(tmp, path)
-    _fsync_dir(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
 
 
@@ -100,19 +79,19 @@ def restore(image: Path) -> int:
     if not log_path(image).exists():
         return 0
     disk = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    log = None
     try:
         log = BeforeImageLog._open(image, disk, write_back=True)
         if log is None:
             return 0
-        try:
-            os.fdatasync(disk)
-            # Only once the image is durable: a crash before this leaves the log to restore again.
-            os.ftruncate(log._fd, _HEADER.size)
-            os.fsync(log._fd)
-            return log.saved_bytes
-        finally:
-            log.close()
+        os.fdatasync(disk)
+        # Only once the image is durable: a crash before this leaves the log to restore again.
+        os.ftruncate(log._fd, _HEADER.size)
+        os.fsync(log._fd)
+        return log.saved_bytes
     finally:
+        if log is not None:
+            log.close()
         os.close(disk)
 
 
@@ -121,27 +100,37 @@ def discard(image: Path) -> None:
     log_path(image).unlink(missing_ok=True)
 
 
-def _refused(code: str, path: Path, what: str, remediation: str) -> SiteRecoveryError:
-    return conflict(code, f"Before-image log {path} {what}.", remediation)
+def _refused(code: str, path: Path, what: str) -> SiteRecoveryError:
+    return conflict(code, f"Before-image log {path} {what}.", _REMEDIATION[code])
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
+        got += n
+    return got
+
+
+def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _digest(record: memoryview, size: int) -> int:
+    summed = xxhash.xxh3_64(record[:_SUMMED])
+    summed.update(record[_RECORD.size : _RECORD.size + size])
+    return summed.intdigest()
 
 
 def _punch(disk: int, offset: int, length: int, disk_size: int) -> None:
     if offset + length == disk_size and length % _BLOCK:
-        # A disk that ends mid-block: only punching to the block's end frees the last block.
+        # A disk that ends mid-block: only punching to the block's end frees that last block...
         punch_or_zero(disk, offset, length + _BLOCK - length % _BLOCK)
-        if os.fstat(disk).st_size != disk_size:  # no hole punching here: zeroes were written past the end
+        if os.fstat(disk).st_size != disk_size:  # ...and where nothing punches, zeroes went past it.
             os.ftruncate(disk, disk_size)
     else:
         punch_or_zero(disk, offset, length)
-
-
-def _write_back(disk: int, offset: int, payload: memoryview, disk_size: int) -> None:
-    for block in range(0, len(payload), _BLOCK):
-        part = payload[block : block + _BLOCK]
-        if (_ZERO_BLOCK if len(part) == _BLOCK else bytearray(len(part))) == part:
-            _punch(disk, offset + block, len(part), disk_size)
-        else:
-            _pwrite_full(disk, part, offset + block)
 
 
 class BeforeImageLog:
@@ -151,7 +140,7 @@ class BeforeImageLog:
         self._fd, self._disk_fd = fd, disk_fd
         self._chunk, self._size = chunk, disk_size
         self._bits = bytearray((disk_size + chunk - 1) // chunk // 8 + 1)
-        # One record (header and payload) at a time: read from the disk or the log in place.
+        # One record (header and payload) at a time, read from the disk or the log in place.
         self._buf = bytearray(_RECORD.size + chunk)
         self._zeros = bytearray(chunk)
         self._end = _HEADER.size
@@ -174,27 +163,14 @@ class BeforeImageLog:
                 # Held while the log is open: a revert must never rewrite a disk that is served.
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise _refused(
-                    "before-image-in-use",
-                    path,
-                    "is held by another export or revert of the disk",
-                    "Power the machine off (stop its export) before reverting its snapshot.",
-                ) from None
-            head = os.pread(fd, _HEADER.size, 0)
-            magic, chunk, _, disk_size, digest = _HEADER.unpack(head.ljust(_HEADER.size, b"\0"))
+                raise _refused("before-image-in-use", path, "is held by an export or a revert") from None
+            head = os.pread(fd, _HEADER.size, 0).ljust(_HEADER.size, b"\0")
+            magic, chunk, _, disk_size, digest = _HEADER.unpack(head)
             if magic != _MAGIC or xxhash.xxh3_64_intdigest(head[:_SUMMED]) != digest:
+                raise _refused("before-image-invalid", path, "has no valid header")
+            if (actual := os.fstat(disk_fd).st_size) != disk_size:
                 raise _refused(
-                    "before-image-invalid",
-                    path,
-                    "has no valid header",
-                    "Discard the snapshot of this disk and take a new one.",
-                )
-            if os.fstat(disk_fd).st_size != disk_size:
-                raise _refused(
-                    "before-image-invalid",
-                    path,
-                    f"was taken of {disk_size} bytes but the disk has {os.fstat(disk_fd).st_size}",
-                    "Resize the disk back, or discard the snapshot and take a new one.",
+                    "before-image-invalid", path, f"covers {disk_size} bytes, the disk has {actual}"
                 )
             log = cls(fd, disk_fd, chunk, disk_size)
             log._scan(write_back)
@@ -204,7 +180,7 @@ class BeforeImageLog:
         return log
 
     def _scan(self, write_back: bool) -> None:
-        """Rebuild the bitmap from the valid records (writing each back onto the disk if asked)."""
+        """Rebuild the bitmap from the valid records, writing each back onto the disk if asked."""
         view, pos, end = memoryview(self._buf), _HEADER.size, os.fstat(self._fd).st_size
         while pos + _RECORD.size <= end:
             got = _pread_full(self._fd, view, pos)
@@ -216,27 +192,33 @@ class BeforeImageLog:
                 or offset >= self._size
                 or length != min(self._chunk, self._size - offset)
                 or got < _RECORD.size + size
+                or _digest(view, size) != digest
             ):
-                break
-            summed = xxhash.xxh3_64(view[:_SUMMED])
-            summed.update(view[_RECORD.size : _RECORD.size + size])
-            if summed.intdigest() != digest:
                 break
             index = offset // self._chunk
             # Only the first record of a chunk holds its contents at the snapshot.
             if not self._bits[index >> 3] & (1 << (index & 7)):
                 self._bits[index >> 3] |= 1 << (index & 7)
                 self._saved += length
-                if write_back and size:
-                    _write_back(self._disk_fd, offset, view[_RECORD.size : _RECORD.size + size], self._size)
-                elif write_back:
-                    _punch(self._disk_fd, offset, length, self._size)
+                if write_back:
+                    self._write_back(offset, view[_RECORD.size : _RECORD.size + length], bool(size))
             pos += _RECORD.size + size
         if pos != end:
             # By write-ahead, the torn record's overwrite never happened: nothing is lost.
             os.ftruncate(self._fd, pos)
             os.fdatasync(self._fd)
         self._end = pos
+
+    def _write_back(self, offset: int, payload: memoryview, has_payload: bool) -> None:
+        if not has_payload:
+            _punch(self._disk_fd, offset, len(payload), self._size)
+            return
+        for block in range(0, len(payload), _BLOCK):
+            part = payload[block : block + _BLOCK]
+            if (_ZERO_BLOCK if len(part) == _BLOCK else bytearray(len(part))) == part:
+                _punch(self._disk_fd, offset + block, len(part), self._size)
+            else:
+                _pwrite_full(self._disk_fd, part, offset + block)
 
     @property
     def active(self) -> bool:
@@ -250,43 +232,41 @@ class BeforeImageLog:
         """Save, durably, every chunk of [offset, offset+length) not saved yet; call before writing it."""
         if self._fd < 0 or length <= 0:
             return
-        bits, chunk, view = self._bits, self._chunk, memoryview(self._buf)
-        start, added = self._end, list[int]()
-        for index in range(offset // chunk, (min(offset + length, self._size) - 1) // chunk + 1):
-            if bits[index >> 3] & (1 << (index & 7)):
-                continue
-            if not added and os.fstat(self._fd).st_nlink == 0:
-                # The snapshot was removed while the machine runs: nothing to preserve any more.
-                self.close()
-                return
-            at = index * chunk
-            n = min(chunk, self._size - at)
-            payload = view[_RECORD.size : _RECORD.size + n]
-            got = _pread_full(self._disk_fd, payload, at)
-            payload[got:] = self._zeros[: n - got]
-            zero = (self._zeros if n == chunk else self._zeros[:n]) == payload
-            size = 0 if zero else n
-            _RECORD.pack_into(self._buf, 0, _RECORD_MAGIC, _FLAG_ZERO if zero else 0, at, n, 0)
-            summed = xxhash.xxh3_64(view[:_SUMMED])
-            summed.update(payload[:size])
-            _U64.pack_into(self._buf, _SUMMED, summed.intdigest())
-            try:
-                _pwrite_full(self._fd, view[: _RECORD.size + size], self._end)
-            except OSError:
-                self._end = start
-                raise
-            self._end += _RECORD.size + size
-            added.append(index)
-        if added:
-            try:
-                os.fdatasync(self._fd)
-            except OSError:
-                # Not durable, so not saved: the next write of these chunks saves them again.
-                self._end = start
-                raise
-            for index in added:
-                bits[index >> 3] |= 1 << (index & 7)
-                self._saved += min(chunk, self._size - index * chunk)
+        bits, chunk = self._bits, self._chunk
+        last = (min(offset + length, self._size) - 1) // chunk
+        new = [i for i in range(offset // chunk, last + 1) if not bits[i >> 3] & (1 << (i & 7))]
+        if not new:
+            return
+        if os.fstat(self._fd).st_nlink == 0:
+            # The snapshot was removed while the machine runs: nothing to preserve any more.
+            self.close()
+            return
+        start = self._end
+        try:
+            for index in new:
+                self._append(index * chunk)
+            os.fdatasync(self._fd)
+        except OSError:
+            # Not durable, so not saved: the next write of these chunks saves them again.
+            self._end = start
+            raise
+        for index in new:
+            bits[index >> 3] |= 1 << (index & 7)
+            self._saved += min(chunk, self._size - index * chunk)
+
+    def _append(self, offset: int) -> None:
+        """One record: the chunk at `offset` read from the disk straight into the record buffer."""
+        n = min(self._chunk, self._size - offset)
+        view = memoryview(self._buf)
+        payload = view[_RECORD.size : _RECORD.size + n]
+        got = _pread_full(self._disk_fd, payload, offset)
+        payload[got:] = self._zeros[: n - got]
+        zero = (self._zeros if n == self._chunk else self._zeros[:n]) == payload
+        size = 0 if zero else n
+        _RECORD.pack_into(self._buf, 0, _RECORD_MAGIC, _FLAG_ZERO if zero else 0, offset, n, 0)
+        _U64.pack_into(self._buf, _SUMMED, _digest(view, size))
+        _pwrite_full(self._fd, view[: _RECORD.size + size], self._end)
+        self._end += _RECORD.size + size
 
     def close(self) -> None:
         if self._fd >= 0:
