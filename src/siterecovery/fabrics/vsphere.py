@@ -3,7 +3,8 @@
 `VSphereFabric` implements `Fabric` for a real vCenter (tested against govmomi's vcsim). Discovery
 is in `vsphere_discovery`; every operation here is a vCenter task awaited with progress, and every
 vCenter fault becomes a `FabricError` with a stable code (`vsphere_session`). Operations are safe to
-replay: powering on a running machine or attaching an attached disk does nothing.
+replay: powering on a running machine or attaching an attached disk does nothing. Snapshots are the
+exception, as in vSphere: each create makes a new one, and a removed one is `snapshot-not-found`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from pyVmomi import vim as _vim
 
-from siterecovery.fabrics.base import Disk, FabricError, Inventory, Machine, MachineSpec, OsType
+from siterecovery.fabrics.base import Disk, FabricError, Inventory, Machine, MachineSpec, OsType, Snapshot
 from siterecovery.fabrics.vsphere_devices import Spec, TempKeys, disk_device, slots
 from siterecovery.fabrics.vsphere_discovery import (
     VM_PROPS,
@@ -23,6 +24,7 @@ from siterecovery.fabrics.vsphere_discovery import (
     datastore_of,
     discover,
     retrieve,
+    snapshot_nodes,
     snapshots,
     to_disk,
     to_machine,
@@ -314,6 +316,29 @@ class VSphereFabric:
             self._call(f"consolidate disks of {machine}", vm.ConsolidateVMDisks_Task)
         return count
 
+    def create_snapshot(self, machine: str, name: str) -> Snapshot:
+        vm = self._vm(machine)
+        # Disks only: the snapshot is taken of a machine that has not booted, so there is no
+        # memory to keep and no guest to quiesce.
+        ref = self._call(
+            f"snapshot {machine} as {name}", vm.CreateSnapshot_Task, name=name, memory=False, quiesce=False
+        )
+        return Snapshot(id=ref._moId, name=name)
+
+    def revert_to_snapshot(self, machine: str, snapshot_id: str) -> None:
+        snapshot = self._snapshot(machine, snapshot_id)
+        self._call(f"revert {machine} to snapshot {snapshot_id}", snapshot.RevertToSnapshot_Task)
+
+    def remove_snapshot(self, machine: str, snapshot_id: str) -> None:
+        snapshot = self._snapshot(machine, snapshot_id)
+        # Its children stay (they are other points), and its delta merges into the disks now.
+        self._call(
+            f"remove snapshot {snapshot_id} of {machine}",
+            snapshot.RemoveSnapshot_Task,
+            removeChildren=False,
+            consolidate=True,
+        )
+
     def move_storage(self, machine: str, datastore: str) -> None:
         vm = self._vm(machine)
         target = self._find(vim.Datastore, datastore, "datastore")
@@ -335,6 +360,18 @@ class VSphereFabric:
                 return False
             raise
         return True
+
+    def _snapshot(self, machine: str, snapshot_id: str) -> Any:
+        """The snapshot of `machine` whose moId is `snapshot_id`, wherever it is in the tree."""
+        tree = self._read(self._vm(machine), "snapshot").get("snapshot")
+        for node in snapshot_nodes(tree.rootSnapshotList if tree is not None else None):
+            if node.snapshot._moId == snapshot_id:
+                return node.snapshot
+        raise FabricError(
+            "snapshot-not-found",
+            f"Machine {machine} has no snapshot {snapshot_id!r}.",
+            f"Rediscover the machine's snapshots and use an id listed for {machine}.",
+        )
 
     def _require_writable(self, datastore: Any, host: Any, ds_name: str, host_name: str) -> None:
         mounts = self._call(f"read mounts of {ds_name}", lambda: list(datastore.host))

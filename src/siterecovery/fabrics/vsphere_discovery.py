@@ -230,14 +230,17 @@ def to_nic(device: Any, guest_net: Mapping[str, Any]) -> Nic:
     )
 
 
+def snapshot_nodes(tree: Any) -> Iterator[Any]:
+    """Every node of a machine's snapshot tree (its `rootSnapshotList`), breadth first."""
+    queue = list(tree or ())
+    while queue:
+        node = queue.pop(0)
+        yield node
+        queue.extend(node.childSnapshotList or ())
+
+
 def snapshots(tree: Any) -> tuple[Snapshot, ...]:
-    out: list[Snapshot] = []
-    stack = list(tree or ())
-    while stack:
-        node = stack.pop(0)
-        out.append(Snapshot(id=node.snapshot._moId, name=node.name))
-        stack.extend(node.childSnapshotList or ())
-    return tuple(out)
+    return tuple(Snapshot(id=node.snapshot._moId, name=node.name) for node in snapshot_nodes(tree))
 
 
 def os_type(guest_family: str, guest_id: str) -> OsType:

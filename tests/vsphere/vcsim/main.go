@@ -2,10 +2,11 @@
 // fabric's tests. Beyond the stock model it adds what those tests need and stock vcsim does not do:
 // a table of users with vSphere roles whose privileges are enforced (login, HasPrivilegeOnEntities,
 // FetchUserPrivilegeOnEntities, datastores hidden from accounts without Datastore.Browse, task
-// methods refused with NoPermission), licence assignment per host (LicenseAssignmentManager),
-// disk UUIDs, the model's shared datastores typed VMFS and mounted on every host, and NFS datastores
-// mounted with the access mode their spec asks for. It prints one JSON line describing the
-// endpoint and serves until it is killed.
+// methods refused with NoPermission, on a snapshot checked against its machine), the new role's id
+// from AddAuthorizationRole, licence assignment per host (LicenseAssignmentManager), disk UUIDs,
+// the model's shared datastores typed VMFS and mounted on every host, NFS datastores mounted with
+// the access mode their spec asks for, and tasks on snapshots reported against their machine. It
+// prints one JSON line describing the endpoint and serves until it is killed.
 package main
 
 import (
@@ -59,6 +60,8 @@ var methodPrivilege = map[string]string{
 	"Destroy_Task":             "VirtualMachine.Inventory.Delete",
 	"ReconfigVM_Task":          "VirtualMachine.Config.Settings",
 	"CreateSnapshot_Task":      "VirtualMachine.State.CreateSnapshot",
+	"RevertToSnapshot_Task":    "VirtualMachine.State.RevertToSnapshot",
+	"RemoveSnapshot_Task":      "VirtualMachine.State.RemoveSnapshot",
 	"RemoveAllSnapshots_Task":  "VirtualMachine.State.RemoveSnapshot",
 	"RelocateVM_Task":          "Resource.ColdMigrate",
 	"UpdateAssignedLicense":    "Global.Licenses",
@@ -82,6 +85,10 @@ type authorization struct {
 
 func (a *authorization) privileges(userName string, entity types.ManagedObjectReference) map[string]bool {
 	out := map[string]bool{}
+	// A snapshot is no inventory entity: like vCenter, check the privilege on its machine.
+	if snapshot, ok := simulator.Map.Get(entity).(*simulator.VirtualMachineSnapshot); ok {
+		entity = snapshot.Vm
+	}
 	if _, ok := simulator.Map.Get(entity).(mo.Entity); !ok {
 		entity = rootFolder()
 	}
@@ -130,6 +137,15 @@ func (a *authorization) entityPrivileges(userName string, entities []types.Manag
 		out = append(out, p)
 	}
 	return out
+}
+
+// AddAuthorizationRole answers with the new role's id, as vCenter does (vcsim leaves it out).
+func (a *authorization) AddAuthorizationRole(req *types.AddAuthorizationRole) soap.HasFault {
+	res := a.AuthorizationManager.AddAuthorizationRole(req)
+	if body := res.(*methods.AddAuthorizationRoleBody); body.Res != nil {
+		body.Res.Returnval = object.AuthorizationRoleList(a.RoleList).ByName(req.Name).RoleId
+	}
+	return res
 }
 
 func (a *authorization) FetchUserPrivilegeOnEntities(req *types.FetchUserPrivilegeOnEntities) soap.HasFault {
@@ -206,6 +222,31 @@ func (pc *propertyCollector) RetrieveProperties(ctx *simulator.Context, r *types
 	}
 	return res
 }
+
+// snapshotTasks reports each task on a snapshot (revert, remove) against the snapshot's machine, as
+// vCenter does. vcsim names the snapshot itself, which is no ManagedEntity, and clients that check
+// TaskInfo.entity's type (pyVmomi) then refuse to read the task. As a registry handler it sees each
+// task when it is created, while its snapshot still exists.
+type snapshotTasks struct{}
+
+func (snapshotTasks) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "SnapshotTasks", Value: "snapshot-tasks"}
+}
+
+func (snapshotTasks) PutObject(obj mo.Reference) {
+	task, ok := obj.(*simulator.Task)
+	if !ok || task.Info.Entity == nil || task.Info.Entity.Type != "VirtualMachineSnapshot" {
+		return
+	}
+	if snapshot, ok := simulator.Map.Get(*task.Info.Entity).(*simulator.VirtualMachineSnapshot); ok {
+		vm := snapshot.Vm
+		task.Info.Entity, task.Info.EntityName = &vm, vm.Value
+	}
+}
+
+func (snapshotTasks) UpdateObject(mo.Reference, []types.PropertyChange) {}
+
+func (snapshotTasks) RemoveObject(types.ManagedObjectReference) {}
 
 // licenceAssignment keeps the licence assigned to each host, where stock vcsim reports evaluation
 // mode for every entity whatever was assigned.
@@ -420,6 +461,8 @@ func install() error {
 	pc := &propertyCollector{}
 	pc.Self = content.PropertyCollector
 	simulator.Map.Put(pc)
+
+	simulator.Map.AddHandler(snapshotTasks{})
 
 	lm := simulator.Map.Get(*content.LicenseManager).(*simulator.LicenseManager)
 	lam := simulator.Map.Get(*lm.LicenseAssignmentManager).(*simulator.LicenseAssignmentManager)
