@@ -75,6 +75,8 @@ REQUIRED_PRIVILEGES: tuple[str, ...] = (
     "VirtualMachine.Config.RemoveDisk",
     "VirtualMachine.Interact.PowerOn",
     "VirtualMachine.Interact.PowerOff",
+    "VirtualMachine.State.CreateSnapshot",
+    "VirtualMachine.State.RevertToSnapshot",
     "VirtualMachine.State.RemoveSnapshot",
 )
 
@@ -251,5 +253,15 @@ class Fabric(Protocol):
     def detach_disks(self, machine: str, disk_uuids: Sequence[str]) -> tuple[Disk, ...]: ...
 
     def consolidate_snapshots(self, machine: str) -> int: ...
+
+    # A failover keeps the recovery machine's point changeable until commit with a snapshot taken
+    # before it boots: reverting to it undoes everything the machine wrote since.
+    def create_snapshot(self, machine: str, name: str) -> Snapshot: ...
+
+    def revert_to_snapshot(self, machine: str, snapshot_id: str) -> None:
+        """Return the machine's disks to the snapshot; the snapshot stays (vSphere's semantics)."""
+
+    def remove_snapshot(self, machine: str, snapshot_id: str) -> None:
+        """Delete the snapshot, keeping the machine's current state (its changes merge down)."""
 
     def move_storage(self, machine: str, datastore: str) -> None: ...

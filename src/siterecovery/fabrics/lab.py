@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from siterecovery.fabrics import lab_snapshots
 from siterecovery.fabrics.base import (
     REQUIRED_PRIVILEGES,
     CloudOrigin,
@@ -59,6 +60,9 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "attach_disks": ("VirtualMachine.Config.AddExistingDisk",),
     "detach_disks": ("VirtualMachine.Config.RemoveDisk",),
     "consolidate_snapshots": ("VirtualMachine.State.RemoveSnapshot",),
+    "create_snapshot": ("VirtualMachine.State.CreateSnapshot",),
+    "revert_to_snapshot": ("VirtualMachine.State.RevertToSnapshot",),
+    "remove_snapshot": ("VirtualMachine.State.RemoveSnapshot",),
     "move_storage": ("Datastore.AllocateSpace",),
 }
 
@@ -342,6 +346,7 @@ class LabFabric:
                     f"Machine {m.name} is powered on.",
                     f"Power {m.name} off before deleting it.",
                 )
+            lab_snapshots.remove_all(self.lab_dir, m)
             site.machines.remove(m)
             still_used = {
                 d.backing for s in state.sites.values() for other in s.machines for d in other.disks
@@ -405,9 +410,22 @@ class LabFabric:
     def consolidate_snapshots(self, machine: str) -> int:
         with self.store.edit() as state:
             m = self._find(self._site(state, "consolidate_snapshots"), machine)
-            merged = len(m.snapshots)
-            m.snapshots = []
-            return merged
+            return lab_snapshots.remove_all(self.lab_dir, m)
+
+    def create_snapshot(self, machine: str, name: str) -> Snapshot:
+        with self.store.edit() as state:
+            m = self._find(self._site(state, "create_snapshot"), machine)
+            return lab_snapshots.create(self.lab_dir, m, state.new_id("snapshot"), name)
+
+    def revert_to_snapshot(self, machine: str, snapshot_id: str) -> None:
+        with self.store.edit() as state:
+            m = self._find(self._site(state, "revert_to_snapshot"), machine)
+            lab_snapshots.revert(self.lab_dir, m, snapshot_id)
+
+    def remove_snapshot(self, machine: str, snapshot_id: str) -> None:
+        with self.store.edit() as state:
+            m = self._find(self._site(state, "remove_snapshot"), machine)
+            lab_snapshots.remove(self.lab_dir, m, snapshot_id)
 
     def move_storage(self, machine: str, datastore: str) -> None:
         """Storage vMotion: every disk of the machine moves into its folder on `datastore`."""

@@ -90,6 +90,8 @@ class LabNic(BaseModel):
 class LabSnapshot(BaseModel):
     id: str
     name: str
+    # Taken through the fabric: its disks' before-image logs can revert them (lab_snapshots.py).
+    preserving: bool = False
 
 
 class LabMachine(BaseModel):
