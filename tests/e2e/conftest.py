@@ -40,7 +40,10 @@ def dr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
 
 
 def run_job(env: Environment, path: str, body: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:
-    job_id = env.api.post(path, body)["job_id"]
+    return wait_job(env, env.api.post(path, body)["job_id"], timeout)
+
+
+def wait_job(env: Environment, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         job: dict[str, Any] = env.api.get(f"/api/jobs/{job_id}")

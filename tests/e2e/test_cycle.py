@@ -28,9 +28,12 @@ def test_whole_cycle_keeps_a_clean_prefix_and_reprotect_sends_only_differences(d
         "planned failover to cloud",
         "reprotect cloud → on-premises (delta)",
         "failback to on-premises",
+        "change point before commit",
         "re-protect on-premises → cloud (delta)",
     ]
-    for move in ("planned failover to cloud", "failback to on-premises"):
+    # FW-2 in the failback direction: the change undid what the machine wrote after failback (the
+    # cycle marks the row FAIL unless the log ends exactly where it did at failback).
+    for move in ("planned failover to cloud", "failback to on-premises", "change point before commit"):
         assert steps[move].oracle.startswith("pass"), steps[move]
         assert steps[move].downtime is not None and steps[move].downtime > 0
     for sync in ("reprotect cloud → on-premises (delta)", "re-protect on-premises → cloud (delta)"):

@@ -7,10 +7,13 @@ import json
 import time
 from typing import Any
 
+import pytest
+
+from siterecovery.cli.client import ApiError
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
 from tests.conftest import run_cli
-from tests.e2e.conftest import protect, run_job
+from tests.e2e.conftest import protect, run_job, wait_job
 
 
 def _points(env: Environment, machine: str) -> list[dict[str, Any]]:
@@ -63,6 +66,53 @@ def test_points_test_failover_and_failover_to_an_older_point(dr_env: Environment
     assert verdict["ok"], verdict
     latest_records = Cycle(dr_env, "web1")._records("onprem")
     assert 0 < verdict["records"] < latest_records
+
+
+def test_recovery_point_changes_until_commit(dr_env: Environment) -> None:
+    """FW-2: before commit the recovery point can still change. The recovery machine is reverted
+    (everything it wrote since it booted is undone), the master target rolls its kept journal to
+    the new point, and the machine boots again; after commit the point is final."""
+    item = dr_env.api.get("/api/replicatedItems/web1")
+    if item["state"] != "failed-over":
+        pytest.fail("runs after the failover to an older point above, which leaves web1 failed over")
+    first = item["details"]["failover_point"]["point"]
+    booted = item["details"]["oracle"]["cloud"]["records"]
+    listed = _points(dr_env, "web1")  # still listed: the journals are kept until commit
+    assert first in [p["id"] for p in listed] and listed[0]["id"] == "latest"
+    cycle = Cycle(dr_env, "web1")
+    cycle.wait_records("cloud", booted + 40)  # the recovery machine writes its own records
+
+    def change_to(point: str) -> dict[str, Any]:
+        job_id = dr_env.api.post("/api/replicatedItems/web1/changePoint", {"point": point})["job_id"]
+        # One job at a time per item: a second request while one runs is refused, nothing starts.
+        with pytest.raises(ApiError) as busy:
+            dr_env.api.post("/api/replicatedItems/web1/changePoint", {"point": point})
+        assert busy.value.status == 409 and busy.value.problems[0]["code"] == "item-busy"
+        assert job_id in busy.value.problems[0]["message"]
+        job = wait_job(dr_env, job_id)
+        assert job["state"] == "succeeded", job
+        verdict: dict[str, Any] = _booted(job, "start-recovery-machine")["oracle"]
+        assert verdict["ok"], verdict  # a clean prefix: nothing the machine wrote survives past it
+        return verdict
+
+    # The same point again: exactly the records the point held, none the machine wrote since.
+    assert change_to(first)["records"] == booted
+    cycle.wait_records("cloud", booted + 40)
+    # An older point: the journal rolls further back over the undone writes.
+    older = [p for p in listed if p["kind"] == "crash"][-1]
+    assert older["id"] != first
+    assert change_to(older["id"])["records"] < booted
+    # The newest point the master target had: forward again, past where the first failover stopped.
+    newest = change_to("latest")["records"]
+    assert newest > booted
+    assert dr_env.api.get("/api/replicatedItems/web1")["details"]["failover_point"]["point"] == "latest"
+
+    assert run_job(dr_env, "/api/replicatedItems/web1/commit", {})["state"] == "succeeded"
+    assert dr_env.fabric("cloud").discover().machine("web1").snapshots == ()  # type: ignore[union-attr]
+    assert _points(dr_env, "web1") == []
+    with pytest.raises(ApiError) as refused:
+        dr_env.api.post("/api/replicatedItems/web1/changePoint", {"point": "latest"})
+    assert refused.value.status == 409 and refused.value.problems[0]["code"] == "invalid-state"
 
 
 def test_unknown_point_is_refused_before_anything_changes(dr_env: Environment) -> None:

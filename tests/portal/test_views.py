@@ -27,7 +27,13 @@ A = ItemAction
             (A.FAILOVER, A.TEST_CLEANUP, A.DISABLE),
             id="fw-2-test-running",
         ),
-        pytest.param(ProtectionState.FAILED_OVER, F, False, (A.COMMIT, A.DISABLE), id="fw-2-failed-over"),
+        pytest.param(
+            ProtectionState.FAILED_OVER,
+            F,
+            False,
+            (A.CHANGE_POINT, A.COMMIT, A.DISABLE),
+            id="fw-2-failed-over",
+        ),
         pytest.param(
             ProtectionState.FAILOVER_COMMITTED, F, False, (A.REPROTECT, A.DISABLE), id="rpw-1-committed"
         ),

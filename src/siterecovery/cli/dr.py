@@ -105,6 +105,17 @@ def points_list(ctx: typer.Context, item: str) -> None:
     emit(rows, as_json(ctx), ("id", "kind", "time_utc"))
 
 
+@items_app.command("change-point")
+def change_point(
+    ctx: typer.Context,
+    item: str,
+    point: Annotated[str, typer.Option(help="latest | latest-app | a point id | a time")],
+    wait: Wait = True,
+) -> None:
+    """Before commit: restart the recovery machine from another point; what it wrote is undone (FW-2)."""
+    _run(ctx, f"/api/replicatedItems/{item}/changePoint", {"point": point}, wait)
+
+
 @items_app.command("commit")
 def commit(ctx: typer.Context, item: str, wait: Wait = True) -> None:
     """Commit a failover (its recovery point is final)."""

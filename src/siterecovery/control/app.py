@@ -17,11 +17,11 @@ from siterecovery.control.api import (
     policies,
     server,
 )
-from siterecovery.dr import point_tasks
+from siterecovery.dr import held_failover, point_tasks
 from siterecovery.dr import tasks as dr_tasks
 
 # Task handlers register themselves on import; the job engine refuses unknown actions.
-_HANDLER_MODULES = (plan_actions, dr_tasks, point_tasks)
+_HANDLER_MODULES = (plan_actions, dr_tasks, point_tasks, held_failover)
 
 
 def create_app() -> FastAPI:

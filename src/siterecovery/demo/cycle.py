@@ -1,5 +1,6 @@
 """The DR cycle the demo (and the end-to-end test) runs: enable → failover → commit → reprotect
-(delta) → failback → commit → re-protect, with the crash-consistency oracle after every move.
+(delta) → failback → change the point before commit → commit → re-protect, with the
+crash-consistency oracle after every move.
 
 Each step becomes a row: time, bytes changed (what the guest wrote since the disks last agreed)
 against bytes sent, the worst RPO seen while protected, application downtime, and the oracle's
@@ -140,7 +141,8 @@ class Cycle:
         sent = _task_result(job, "replication-sync").get("bytes_sent")
         self.rows.append(StepRow(step, seconds, changed(), sent, job_id=job["id"]))
 
-    def _move_step(self, step: str, path: str, body: dict[str, Any]) -> None:
+    def _move_step(self, step: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A failover, failback or point change; returns the oracle's verdict at the machine's start."""
         rpo, self._rpo_max = self._rpo_max, None
         if self.rows:
             self.rows[-1].rpo_held = rpo
@@ -155,6 +157,8 @@ class Cycle:
                 job_id=job["id"],
             )
         )
+        verdict: dict[str, Any] = booted.get("oracle") or {}
+        return verdict
 
     def run(self) -> None:
         env, m = self.env, self.machine
@@ -195,7 +199,21 @@ class Cycle:
             lambda: (self._records("cloud") - at_failover) * RECORD_SIZE,
         )
         self.wait_records("cloud", self._records("cloud") + 64)
-        self._move_step("failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"})
+        back = self._move_step(
+            "failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"}
+        )
+        self.wait_records("onprem", self._records("onprem") + 32)
+        # Before commit the point can change: the machine boots again from the same point, and
+        # everything it wrote meanwhile is undone, so its log ends exactly where it did at failback.
+        again = self._move_step(
+            "change point before commit", f"/api/replicatedItems/{m}/changePoint", {"point": "latest"}
+        )
+        if again.get("observable") and again.get("records") != back.get("records"):
+            self.rows[
+                -1
+            ].oracle = (
+                f"FAIL: {again.get('records')} records after the change, {back.get('records')} at failback"
+            )
         self._job("commit failback", f"/api/replicatedItems/{m}/commit", {})
         self.wait_agent("onprem")
         at_failback = self._records("onprem")

@@ -42,6 +42,16 @@ def _replicating(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Repli
             yield item, rec, rec.replication
 
 
+def _on_master_targets(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
+    """What master targets hold: replicating items, and failovers changing their point before commit."""
+    for item in s.scalars(select(ReplicatedItem)):
+        rec = ItemRecord.model_validate(item.details)
+        if rec.replication is not None:
+            yield item, rec, rec.replication
+        elif rec.held is not None and rec.held.attached:
+            yield item, rec, rec.held.replication
+
+
 def _policy(s: Session, item: ReplicatedItem) -> Policy | None:
     return s.get(Policy, item.policy_id)
 
@@ -83,7 +93,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     copies = []
     retention = ""
     window = 0.0
-    for item, rec, rep in _replicating(s):
+    for item, rec, rep in _on_master_targets(s):
         if rep.master_target != mt.id:
             continue
         retention = retention or rep.retention_volume

@@ -14,6 +14,7 @@ from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr.record import Site
+from siterecovery.dr.recovery_points import LATEST, held_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
 
 
@@ -94,28 +95,81 @@ def failover_tasks(
         ]
     tasks += [
         TaskSpec(f"Apply recovery point {request.point}", "apply-point", {**base, "point": request.point}),
-        TaskSpec("Stop replication", "stop-replication", base),
+        TaskSpec("Stop replication (journals kept until commit)", "stop-replication", {**base, "hold": True}),
     ]
     if target is Site.CLOUD:
         tasks.append(TaskSpec("Create recovery machine in the cloud", "create-recovery-machine", base))
     else:
-        with_mt = _mt_machine(rep.master_target)
-        tasks.append(
-            TaskSpec(
-                "Detach disks from master target",
-                "detach-from-master-target",
-                {**base, "mt_machine": with_mt},
-            )
-        )
-    tasks += [
+        tasks.append(_detach_from_mt(base, rep.master_target))
+    tasks += _boot_recovery_machine(base, target, step)
+    tasks.append(TaskSpec("Failed over", "mark-failed-over", {**base, "direction": item.direction.value}))
+    return tasks
+
+
+def _detach_from_mt(base: dict[str, Any], mt_id: str) -> TaskSpec:
+    return TaskSpec(
+        "Detach disks from master target",
+        "detach-from-master-target",
+        {**base, "mt_machine": _mt_machine(mt_id)},
+    )
+
+
+def _boot_recovery_machine(base: dict[str, Any], target: Site, step: str) -> list[TaskSpec]:
+    return [
+        TaskSpec(
+            f"Snapshot {target.value} machine (the point can change until commit)",
+            "snapshot-recovery-machine",
+            base,
+        ),
         TaskSpec(
             f"Start {target.value} machine",
             "start-recovery-machine",
             {**base, "target_site": target.value, "step": step},
         ),
         TaskSpec("Network and guest checks", "post-failover-checks", {**base, "target_site": target.value}),
-        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": item.direction.value}),
     ]
+
+
+def change_point_tasks(item: repo.ItemSnapshot, point: str) -> list[TaskSpec]:
+    """FW-2: before commit, boot the recovery machine again from another retained point."""
+    held = item.record.held
+    if item.state is not ProtectionState.FAILED_OVER or held is None:
+        raise _state_error(
+            item,
+            "only a failed-over item that is not committed can change its recovery point",
+            "Fail the item over first; after `items commit` the point is final.",
+        )
+    chosen = resolve(held_points(held), point)
+    target = held.site
+    mt_id = held.replication.master_target
+    base = {"item": item.id, "planned": False}
+    tasks = [
+        TaskSpec("Begin", "failover-begin", {**base, "point": chosen.id}),
+        TaskSpec(
+            f"Shut down {target.value} machine", "shutdown-source", {**base, "source_site": target.value}
+        ),
+        TaskSpec("Revert to the snapshot taken before boot", "revert-recovery-machine", base),
+    ]
+    if target is Site.ONPREM:
+        tasks.append(
+            TaskSpec(
+                "Attach disks to master target",
+                "attach-to-master-target",
+                {**base, "mt_machine": _mt_machine(mt_id)},
+            )
+        )
+    disks = {} if chosen.id == LATEST else dict(chosen.disks)
+    tasks += [
+        TaskSpec(
+            f"Apply recovery point {chosen.id}",
+            "hold-at-point",
+            {**base, "point": chosen.id, "time": chosen.time, "disks": disks},
+        ),
+        TaskSpec("Release disks from master target", "release-held", base),
+    ]
+    if target is Site.ONPREM:
+        tasks.append(_detach_from_mt(base, mt_id))
+    tasks += _boot_recovery_machine(base, target, f"change recovery point to {chosen.id}")
     return tasks
 
 

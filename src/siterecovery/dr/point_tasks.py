@@ -59,28 +59,32 @@ def apply_point(ctx: TaskContext) -> dict[str, Any]:
 
     repo.update(item.id, change)
     if target:
-
-        def at_point() -> bool:
-            pairs = {p.pair_id: p for p in waits.mt_pairs(rep.master_target).pairs}
-            failed = [p.paused for p in pairs.values() if p.paused == "recovery-point-unavailable"]
-            if failed:
-                raise SiteRecoveryError(
-                    Problem(
-                        "recovery-point-unavailable",
-                        "The master target no longer retains that point.",
-                        "Choose a newer point.",
-                    )
-                )
-            return all(pairs.get(pid) is not None and pairs[pid].position == pt for pid, pt in target.items())
-
-        waits.wait_until(
-            at_point,
-            POINT_TIMEOUT,
-            "point-timeout",
-            "The master target did not reach the point.",
-            "Check the master target (`servers show`), then retry.",
-        )
+        wait_at_point(rep.master_target, target)
     return {"point": point.id if point else wanted, "disks": target}
+
+
+def wait_at_point(mt_id: str, target: dict[str, str]) -> None:
+    """Wait until the master target reports every pair materialised at its point id."""
+
+    def at_point() -> bool:
+        pairs = {p.pair_id: p for p in waits.mt_pairs(mt_id).pairs}
+        if any(pairs[pid].paused == "recovery-point-unavailable" for pid in target if pid in pairs):
+            raise SiteRecoveryError(
+                Problem(
+                    "recovery-point-unavailable",
+                    "The master target no longer retains that point.",
+                    "Choose a newer point.",
+                )
+            )
+        return all(pid in pairs and pairs[pid].position == pt for pid, pt in target.items())
+
+    waits.wait_until(
+        at_point,
+        POINT_TIMEOUT,
+        "point-timeout",
+        "The master target did not reach the point.",
+        "Check the master target (`servers show`), then retry.",
+    )
 
 
 @task_handler("test-copy")

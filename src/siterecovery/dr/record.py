@@ -107,6 +107,32 @@ class TestFailover(_Model):
     copies: list[TestCopy] = Field(default_factory=list)
 
 
+class HeldPoint(_Model):
+    """A recovery point listed when replication stopped for a failover (see `HeldFailover`)."""
+
+    id: str
+    kind: str
+    time: float
+    disks: dict[str, str]  # pair id -> that disk's point id
+
+
+class HeldFailover(_Model):
+    """A failover not committed yet: its point can still change.
+
+    The master target keeps the stopped replication's journals (closed, not deleted) and the
+    recovery machine got a snapshot before it booted. Changing the point reverts the snapshot,
+    lets the master target hold the pairs again (`attached`) to roll them to the new point, then
+    snapshots and boots the machine again. Commit removes the snapshot and forgets all this.
+    """
+
+    replication: Replication  # its `points` say where the disks are (empty: latest)
+    site: Site  # where the recovery machine runs
+    machine: str
+    points: list[HeldPoint] = Field(default_factory=list)  # newest first, as `points list` showed
+    snapshot: str = ""  # id of the recovery machine's snapshot taken before it booted
+    attached: bool = False  # the master target holds the pairs (a point change is rolling them)
+
+
 class ItemRecord(_Model):
     onprem_fabric: str  # fabric ids
     cloud_fabric: str
@@ -123,6 +149,7 @@ class ItemRecord(_Model):
     replication: Replication | None = None
     # Set by a failover until commit: which point the recovery machine runs from.
     failover_point: dict[str, object] = Field(default_factory=dict)
+    held: HeldFailover | None = None  # from failover to commit
     placed_disks: list[dict[str, str]] = Field(default_factory=list)  # RP-MT-MOVE: uuid, backing
     test: TestFailover | None = None
     bookmarks: list[BookmarkRecord] = Field(default_factory=list)  # the newest few

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.control.db import Component
 from siterecovery.dataplane.assignments import MasterTargetStats, PointInfo
-from siterecovery.dr.record import Replication
+from siterecovery.dr.record import HeldFailover, ItemRecord, Replication
 from siterecovery.errors import Problem, SiteRecoveryError
 
 LATEST = "latest"
@@ -71,6 +71,20 @@ def item_points(s: Session, rep: Replication) -> list[ItemPoint]:
             )
         )
     return out
+
+
+def points_of(s: Session, rec: ItemRecord) -> list[ItemPoint]:
+    """The points an item can fail over to now, or, failed over and not committed, change to."""
+    if rec.replication is not None:
+        return item_points(s, rec.replication)
+    if rec.held is not None:
+        return held_points(rec.held)
+    return []
+
+
+def held_points(held: HeldFailover) -> list[ItemPoint]:
+    """The points listed when replication stopped for the failover (the journals still hold them)."""
+    return [ItemPoint(p.id, p.kind, p.time, dict(p.disks)) for p in held.points]
 
 
 def resolve(points: list[ItemPoint], wanted: str) -> ItemPoint:

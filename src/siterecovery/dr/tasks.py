@@ -19,6 +19,7 @@ from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
+from siterecovery.dr.held_failover import drop_snapshot, hold
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
@@ -221,7 +222,11 @@ def drain(ctx: TaskContext) -> dict[str, Any]:
 
 @task_handler("stop-replication")
 def stop_replication(ctx: TaskContext) -> dict[str, Any]:
-    """Detach the pairs from the master target; it closes their journals before the disks are used."""
+    """Detach the pairs from the master target; it closes their journals before the disks are used.
+
+    A failover holds the stopped replication until commit (its journals stay on the retention
+    volume), so the recovery point can still change (`held_failover.py`).
+    """
     item = repo.load(ctx.args["item"])
     rep = item.record.replication
     if rep is None:
@@ -229,6 +234,8 @@ def stop_replication(ctx: TaskContext) -> dict[str, Any]:
     pair_ids = {p.pair_id for p in rep.pairs}
 
     def change(_: Any, rec: ItemRecord) -> None:
+        if ctx.args.get("hold"):
+            hold(rec, rep)
         rec.replication = None
 
     repo.update(item.id, change)
@@ -456,6 +463,8 @@ def _mark_created(_: Any, rec: ItemRecord) -> None:
 @task_handler("commit")
 def commit(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
+    if item.state is ProtectionState.FAILOVER_COMMITTED and item.record.held is None:
+        return {"state": item.state.value}  # replayed after it finished
     if item.state is not ProtectionState.FAILED_OVER:
         raise SiteRecoveryError(
             Problem(
@@ -464,12 +473,29 @@ def commit(ctx: TaskContext) -> dict[str, Any]:
                 "Fail the item over first.",
             )
         )
+    _forget_held(item)
     repo.set_state(item.id, ProtectionState.FAILOVER_COMMITTED)
     return {"state": ProtectionState.FAILOVER_COMMITTED.value}
 
 
+def _forget_held(item: repo.ItemSnapshot) -> None:
+    """Commit (or disable): the recovery point is final; the snapshot before boot goes."""
+    held = item.record.held
+    if held is None:
+        return
+    if held.snapshot:
+        drop_snapshot(repo.site_fabric(item.record, held.site), held.machine, held.snapshot)
+
+    def change(_: Any, rec: ItemRecord) -> None:
+        rec.held = None
+
+    repo.update(item.id, change)
+
+
 @task_handler("disable")
 def disable(ctx: TaskContext) -> dict[str, Any]:
+    _forget_held(repo.load(ctx.args["item"]))
+
     def change(item: Any, rec: ItemRecord) -> None:
         rec.replication = None
         item.state = ProtectionState.DISABLED.value

@@ -64,7 +64,7 @@ def signout(request: Request, form: dict[str, str] = Depends(form_dep)) -> Respo
     return sign_out_response()
 
 
-_POINT_ACTIONS = (ItemAction.FAILOVER, ItemAction.TEST_FAILOVER, ItemAction.FAILBACK)
+_POINT_ACTIONS = (ItemAction.FAILOVER, ItemAction.TEST_FAILOVER, ItemAction.FAILBACK, ItemAction.CHANGE_POINT)
 
 
 def _choice(form: dict[str, str]) -> Choice:
@@ -149,6 +149,9 @@ def _start(
         return item_actions.failover(ident, body, who, s)
     if action is ItemAction.TEST_CLEANUP:
         return item_actions.test_cleanup(ident, who, s)
+    if action is ItemAction.CHANGE_POINT:
+        change = item_actions.ChangePointBody(point=form.get("point") or "latest")
+        return item_actions.change_point(change, ident, who, s)
     if action is ItemAction.COMMIT:
         return item_actions.commit(ident, who, s)
     if action is ItemAction.DISABLE:

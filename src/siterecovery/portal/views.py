@@ -35,6 +35,7 @@ class ItemAction(StrEnum):
     FAILOVER = "failover"
     TEST_FAILOVER = "test-failover"
     TEST_CLEANUP = "test-cleanup"
+    CHANGE_POINT = "change-point"
     COMMIT = "commit"
     REPROTECT = "reprotect"
     FAILBACK = "failback"
@@ -49,6 +50,7 @@ _CAPTIONS = {
     ItemAction.REPROTECT: "Re-Protect",
     ItemAction.TEST_FAILOVER: "Test failover",
     ItemAction.TEST_CLEANUP: "Cleanup test failover",
+    ItemAction.CHANGE_POINT: "Change recovery point",
 }
 
 
@@ -81,7 +83,7 @@ def actions_for(
     if has_test:
         found.append(ItemAction.TEST_CLEANUP)
     if state is ProtectionState.FAILED_OVER:
-        found.append(ItemAction.COMMIT)
+        found += [ItemAction.CHANGE_POINT, ItemAction.COMMIT]
     elif state is ProtectionState.FAILOVER_COMMITTED:
         found.append(ItemAction.REPROTECT)
     found.append(ItemAction.DISABLE)

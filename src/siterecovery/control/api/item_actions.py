@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session
 from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import control_plane, operator, reader, session
 from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane
+from siterecovery.control.context import ControlPlane, current
 from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
+from siterecovery.control.db import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.fabric_access import discover
 from siterecovery.control.schemas import Strict
-from siterecovery.control.states import ComponentKind, Direction, PolicyKind, ProtectionState
+from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.dr.bookmarks import request_bookmark
@@ -29,7 +29,7 @@ from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_dir
 from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
-from siterecovery.dr.recovery_points import item_points
+from siterecovery.dr.recovery_points import points_of
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
 
@@ -109,10 +109,28 @@ def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
 def _start(
     kind: str, item: repo.ItemSnapshot, tasks: list[engine.TaskSpec], params: dict[str, Any]
 ) -> Started:
+    _ensure_idle(item)
     job_id = engine.create_job(
         kind, tasks, target_type="replicatedItem", target_id=item.id, target_name=item.name, params=params
     )
     return Started(job_id=job_id, item_id=item.id)
+
+
+def _ensure_idle(item: repo.ItemSnapshot) -> None:
+    """One job at a time per item: two workflows moving the same disks would undo each other."""
+    with current().db.session() as s:
+        busy = s.scalar(
+            select(Job).where(
+                Job.target_id == item.id,
+                Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value]),
+            )
+        )
+        if busy is not None:
+            raise conflict(
+                "item-busy",
+                f"Job {busy.id} ({busy.kind}) is still {busy.state} on item {item.name}.",
+                f"Wait for it to finish (`jobs watch {busy.id}`), or cancel it, then retry.",
+            )
 
 
 @router.post("", status_code=202)
@@ -273,9 +291,7 @@ def recovery_points(
 ) -> list[dict[str, Any]]:
     """Points every disk of the item has, newest first; `latest` is always first (FW-3)."""
     item = repo.snapshot(repo.get_item(s, ident))
-    if item.record.replication is None:
-        return []
-    return [p.as_dict() for p in item_points(s, item.record.replication)]
+    return [p.as_dict() for p in points_of(s, item.record)]
 
 
 @router.post("/{ident}/bookmarks", status_code=201)
@@ -291,6 +307,22 @@ def take_bookmark(
             "Enable or reprotect it first.",
         )
     return {"tag": request_bookmark(s, row)}
+
+
+class ChangePointBody(Strict):
+    point: str = Field(min_length=1, max_length=100)
+
+
+@router.post("/{ident}/changePoint", status_code=202)
+def change_point(
+    body: ChangePointBody,
+    ident: str,
+    _: Principal = Depends(operator),
+    s: Session = Depends(session, scope="function"),
+) -> Started:
+    """Before commit: boot the recovery machine again from another retained point (FW-2)."""
+    item = repo.snapshot(repo.get_item(s, ident))
+    return _start("change-point", item, ops.change_point_tasks(item, body.point), body.model_dump())
 
 
 @router.post("/{ident}/commit", status_code=202)
