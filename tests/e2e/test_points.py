@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from siterecovery.cli.client import ApiError
+from siterecovery.dataplane.master_target import JOURNAL_DIR
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
 from tests.conftest import run_cli
@@ -107,7 +109,15 @@ def test_recovery_point_changes_until_commit(dr_env: Environment) -> None:
     assert newest > booted
     assert dr_env.api.get("/api/replicatedItems/web1")["details"]["failover_point"]["point"] == "latest"
 
+    held = dr_env.api.get("/api/replicatedItems/web1")["details"]["held"]["replication"]
+    volume = Path(dr_env.retention_volume("mt-cloud"))
+    journals = [volume / JOURNAL_DIR / p["pair_id"] for p in held["pairs"]]
+    assert all(j.is_dir() for j in journals), journals  # kept while the point could change
     assert run_job(dr_env, "/api/replicatedItems/web1/commit", {})["state"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while any(j.exists() for j in journals):  # the point is final: the master target drops them
+        assert time.monotonic() < deadline, journals
+        time.sleep(0.3)
     assert dr_env.fabric("cloud").discover().machine("web1").snapshots == ()  # type: ignore[union-attr]
     assert _points(dr_env, "web1") == []
     with pytest.raises(ApiError) as refused:

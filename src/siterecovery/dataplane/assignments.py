@@ -127,6 +127,9 @@ class MasterTargetDesired(_Model):
     retention_seconds: float = 86400.0
     copies: list[PointCopy] = []
     refresh: int = Field(default=0, description="a change asks to rediscover retention volumes now")
+    discard: list[str] = Field(
+        default=[], description="ended pairs (committed or disabled): their journals and state can go"
+    )
 
 
 class PointInfo(_Model):

@@ -14,6 +14,7 @@ answers resync requests with the block digests of its target disks.
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 import threading
 import time
@@ -160,6 +161,7 @@ class MasterTarget:
         self._desired = MasterTargetDesired()
         self._pairs: dict[str, _Pair] = {}
         self._refused: dict[str, RefusedDisk] = {}
+        self._discarded: set[str] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._volumes: list[RetentionVolume] = []
@@ -219,6 +221,7 @@ class MasterTarget:
             gone = [self._pairs.pop(p) for p in list(self._pairs) if p not in wanted]
         for pair in gone:
             self._close(pair)
+        self._discard(desired.discard)
         refused: dict[str, RefusedDisk] = {}
         for disk in desired.disks:
             try:
@@ -237,6 +240,19 @@ class MasterTarget:
         if desired.refresh != self._refresh_seen or stale or targets != self._targets_seen:
             self._refresh_seen, self._targets_seen = desired.refresh, targets
             self._discover()
+
+    def _discard(self, pair_ids: list[str]) -> None:
+        """Delete the journals and state of pairs that ended: nothing can restore them any more."""
+        for pair_id in pair_ids:
+            if pair_id in self._discarded or pair_id in self._pairs or Path(pair_id).name != pair_id:
+                continue
+            for volume in {
+                v for v in (self._desired.retention_volume, self.retention_volume, *self.volumes) if v
+            }:
+                shutil.rmtree(volume / JOURNAL_DIR / pair_id, ignore_errors=True)
+            shutil.rmtree(self.state_dir / "pairs" / pair_id, ignore_errors=True)
+            self._discarded.add(pair_id)
+            log.info("discarded the journal of ended pair %s", pair_id)
 
     def _close(self, pair: _Pair) -> None:
         with pair.lock:

@@ -42,14 +42,11 @@ def _replicating(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Repli
             yield item, rec, rec.replication
 
 
-def _on_master_targets(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
-    """What master targets hold: replicating items, and failovers changing their point before commit."""
-    for item in s.scalars(select(ReplicatedItem)):
-        rec = ItemRecord.model_validate(item.details)
-        if rec.replication is not None:
-            yield item, rec, rec.replication
-        elif rec.held is not None and rec.held.attached:
-            yield item, rec, rec.held.replication
+def _held_or_current(rec: ItemRecord) -> Replication | None:
+    """What a master target holds for an item: its replication, or a failover changing its point."""
+    if rec.replication is not None:
+        return rec.replication
+    return rec.held.replication if rec.held is not None and rec.held.attached else None
 
 
 def _policy(s: Session, item: ReplicatedItem) -> Policy | None:
@@ -93,8 +90,12 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     copies = []
     retention = ""
     window = 0.0
-    for item, rec, rep in _on_master_targets(s):
-        if rep.master_target != mt.id:
+    discard: list[str] = []
+    for item in s.scalars(select(ReplicatedItem)):
+        rec = ItemRecord.model_validate(item.details)
+        discard += [e.pair_id for e in rec.ended_pairs if e.master_target == mt.id]
+        rep = _held_or_current(rec)
+        if rep is None or rep.master_target != mt.id:
             continue
         retention = retention or rep.retention_volume
         disks += [
@@ -118,6 +119,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
         retention_seconds=window or DEFAULT_RETENTION_SECONDS,
         copies=copies,
         refresh=int(mt.desired.get("refresh", 0)),
+        discard=discard,
     )
 
 

@@ -133,6 +133,16 @@ class HeldFailover(_Model):
     attached: bool = False  # the master target holds the pairs (a point change is rolling them)
 
 
+class EndedPair(_Model):
+    """A pair whose replication ended for good (commit, disable): its master target may drop its journal."""
+
+    master_target: str  # component id
+    pair_id: str
+
+
+MAX_ENDED_PAIRS = 64
+
+
 class ItemRecord(_Model):
     onprem_fabric: str  # fabric ids
     cloud_fabric: str
@@ -150,6 +160,13 @@ class ItemRecord(_Model):
     # Set by a failover until commit: which point the recovery machine runs from.
     failover_point: dict[str, object] = Field(default_factory=dict)
     held: HeldFailover | None = None  # from failover to commit
+    ended_pairs: list[EndedPair] = Field(default_factory=list)  # the newest MAX_ENDED_PAIRS
+
+    def end_pairs(self, rep: Replication) -> None:
+        """Replication `rep` ended for good: its journals go (kept while the point could change)."""
+        self.ended_pairs += [EndedPair(master_target=rep.master_target, pair_id=p.pair_id) for p in rep.pairs]
+        del self.ended_pairs[:-MAX_ENDED_PAIRS]
+
     placed_disks: list[dict[str, str]] = Field(default_factory=list)  # RP-MT-MOVE: uuid, backing
     test: TestFailover | None = None
     bookmarks: list[BookmarkRecord] = Field(default_factory=list)  # the newest few

@@ -487,6 +487,8 @@ def _forget_held(item: repo.ItemSnapshot) -> None:
         drop_snapshot(repo.site_fabric(item.record, held.site), held.machine, held.snapshot)
 
     def change(_: Any, rec: ItemRecord) -> None:
+        if rec.held is not None:
+            rec.end_pairs(rec.held.replication)
         rec.held = None
 
     repo.update(item.id, change)
@@ -497,6 +499,8 @@ def disable(ctx: TaskContext) -> dict[str, Any]:
     _forget_held(repo.load(ctx.args["item"]))
 
     def change(item: Any, rec: ItemRecord) -> None:
+        if rec.replication is not None:
+            rec.end_pairs(rec.replication)
         rec.replication = None
         item.state = ProtectionState.DISABLED.value
 
