@@ -31,6 +31,8 @@ class ServerConfig:
     # Delay before a failed-over machine's agent registers again (AG-1; up to 15 min for real).
     agent_registration_delay: float = 900.0
     tls: bool = False
+    # Extra names (DNS or IP, comma-separated) for the HTTPS certificate: the ones components use.
+    tls_names: str = ""
 
     @property
     def host(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,14 +27,22 @@ class ConfigServer:
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     database_url: str = ""
+    tls: bool = False
+    tls_names: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The server's CA certificate (what `GET /api/ca` serves)."""
+        return self.state_dir / "pki" / "ca.crt"
 
     @property
     def env(self) -> dict[str, str]:
-        return {"SITERECOVERY_SERVER": self.url, "SITERECOVERY_TOKEN": self.token}
+        env = {"SITERECOVERY_SERVER": self.url, "SITERECOVERY_TOKEN": self.token}
+        return {**env, "SITERECOVERY_CA_FILE": str(self.ca_file)} if self.tls else env
 
     def start(self) -> None:
         token_file = self.state_dir.parent / "admin-token"
@@ -49,6 +58,8 @@ class ConfigServer:
                     "--admin-token-file",
                     str(token_file),
                     *(("--database-url", self.database_url) if self.database_url else ()),
+                    *(("--tls",) if self.tls else ()),
+                    *(arg for name in self.tls_names for arg in ("--tls-name", name)),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -60,7 +71,7 @@ class ConfigServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -88,7 +99,8 @@ class ConfigServer:
         if token == "":
             headers = {}
         headers.update(kw.pop("headers", {}))
-        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
+        verify = ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else True
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, verify=verify, **kw)
 
     def wait_job(
         self, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"), timeout: float = 60

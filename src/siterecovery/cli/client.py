@@ -7,6 +7,7 @@ CLI prints and turns into a non-zero exit.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,9 @@ class Api:
                 params=params,
                 headers=headers,
                 timeout=60,
-                verify=self.verify,
+                verify=ssl.create_default_context(cafile=self.verify)
+                if isinstance(self.verify, str)
+                else self.verify,
             )
         except httpx.HTTPError as exc:
             raise ApiError(

@@ -39,6 +39,14 @@ from siterecovery.errors import SiteRecoveryError
 ServerOpt = Annotated[
     str | None, typer.Option("--server", envvar="SITERECOVERY_SERVER", help="configuration server URL")
 ]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file",
+        envvar="SITERECOVERY_CA_FILE",
+        help="CA the configuration server's HTTPS certificate must chain to (else trust on first use)",
+    ),
+]
 PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="seconds between heartbeats")]
 
@@ -60,8 +68,10 @@ def _fail(exc: SiteRecoveryError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _client(server: str | None, state_dir: Path, reg: Registration) -> ControlClient | None:
-    return ControlClient(server, state_dir, reg) if server else None
+def _client(
+    server: str | None, state_dir: Path, reg: Registration, ca_file: Path | None
+) -> ControlClient | None:
+    return ControlClient(server, state_dir, reg, ca_file) if server else None
 
 
 def _write_address(state_dir: Path, address: str) -> None:
@@ -71,6 +81,7 @@ def _write_address(state_dir: Path, address: str) -> None:
 def agent(
     machine: Annotated[str, typer.Option("--machine", help="name of the protected machine")],
     server: ServerOpt = None,
+    ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     disk: Annotated[list[str] | None, typer.Option("--disk", help="LABEL=PATH of a local disk")] = None,
     nbd_unix_dir: Annotated[Path | None, typer.Option("--nbd-unix-dir")] = None,
@@ -97,7 +108,9 @@ def agent(
         label, _, path = item.partition("=")
         disks[label] = Path(path)
     # Named by site too: a failed-over machine keeps its name in the cloud.
-    client = _client(server, state_dir, Registration("agent", f"{site}/{machine}", site, machine=machine))
+    client = _client(
+        server, state_dir, Registration("agent", f"{site}/{machine}", site, machine=machine), ca_file
+    )
     stop = _stop_event()
     nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
     options = AgentOptions(
@@ -149,6 +162,7 @@ def _register_until_stopped(
 def process_server(
     cache_dir: Annotated[Path, typer.Option("--cache-dir")],
     server: ServerOpt = None,
+    ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9443",
     site: Annotated[str, typer.Option("--site")] = "onprem",
@@ -160,7 +174,7 @@ def process_server(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = state_dir or cache_dir
     state.mkdir(parents=True, exist_ok=True)
-    client = _client(server, state, Registration("process-server", name, site, address=listen))
+    client = _client(server, state, Registration("process-server", name, site, address=listen), ca_file)
     stop = _stop_event()
     try:
         identity = load_identity(state, client, passphrase_file)
@@ -191,6 +205,7 @@ def master_target(
         int | None, typer.Option("--retention-quota", help="bytes per pair's journal (testing)", hidden=True)
     ] = None,
     server: ServerOpt = None,
+    ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
     site: Annotated[str, typer.Option("--site")] = "onprem",
@@ -207,7 +222,7 @@ def master_target(
     if retention_volume is not None:
         retention_volume.mkdir(parents=True, exist_ok=True)
     client = _client(
-        server, state_dir, Registration("master-target", name, site, os_type=os_type, address=listen)
+        server, state_dir, Registration("master-target", name, site, os_type=os_type, address=listen), ca_file
     )
     stop = _stop_event()
     try:

@@ -70,6 +70,10 @@ def server(
     ] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT, default 127.0.0.1:8443")] = None,
     tls: Annotated[bool, typer.Option(help="serve the API over HTTPS with the server's CA")] = False,
+    tls_name: Annotated[
+        list[str] | None,
+        typer.Option(help="a DNS name or IP components use to reach the server (repeatable; --tls)"),
+    ] = None,
     admin_token_file: Annotated[
         str | None, typer.Option(help="on first start, also write the admin token to this file (0600)")
     ] = None,
@@ -84,6 +88,8 @@ def server(
     cfg = load_server_config(state_dir, database_url, listen)
     if tls:
         cfg = replace(cfg, tls=True)
+    if tls_name:
+        cfg = replace(cfg, tls_names=",".join([cfg.tls_names, *tls_name]).strip(","))
     serve(cfg, admin_token_file)
 
 

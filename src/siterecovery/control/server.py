@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import sys
 
@@ -35,6 +36,16 @@ def start_engine(cp: ControlPlane) -> None:
     DBOS.launch()
 
 
+def certificate_names(config: ServerConfig) -> tuple[str, ...]:
+    """Names the HTTPS certificate covers: loopback, this host's names, the listen address, and
+    `tls_names` (components verify the name they connect to)."""
+    names = ["127.0.0.1", "localhost", socket.gethostname(), socket.getfqdn()]
+    if config.host not in ("0.0.0.0", "::", ""):
+        names.append(config.host)
+    names += [n.strip() for n in config.tls_names.split(",") if n.strip()]
+    return tuple(dict.fromkeys(names))
+
+
 def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
     cp = open_control_plane(config)
     if cp.initial_admin_token:
@@ -53,7 +64,7 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
     ssl_kwargs: dict[str, object] = {}
     if config.tls:
         pki = config.state_dir / "pki"
-        issued = cp.ca.issue("configuration-server", ("127.0.0.1", "localhost", config.host))
+        issued = cp.ca.issue("configuration-server", certificate_names(config))
         cert, key, _ = issued.write(pki, "server")
         ssl_kwargs = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_cert_reqs": ssl.CERT_NONE}
     log.info("serving on %s", config.listen)

@@ -2,7 +2,10 @@
 
 With a configuration server: register once with the passphrase (the issued certificate and the
 token are kept under the component's state directory and reused), then heartbeat `{"stats"}` and
-receive `{"desired"}`. Without one (`--assignments FILE`): the desired state is re-read from a JSON
+receive `{"desired"}`. Over HTTPS the server's certificate must chain to the CA given with
+`--ca-file`; without one, registration trusts the server on first use and every later call is
+pinned to the CA registration returned (the server's own), so an impostor is refused from then on.
+Without a configuration server (`--assignments FILE`): the desired state is re-read from a JSON
 file on every cycle and the certificate must already be in the state directory. Either way the
 latest stats are also written to `<state_dir>/stats.json` for operators and tests.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -41,17 +45,49 @@ class Registration:
 class ControlClient:
     """Registration and heartbeats against the configuration server's component API."""
 
-    def __init__(self, server: str, state_dir: Path, registration: Registration) -> None:
+    def __init__(
+        self, server: str, state_dir: Path, registration: Registration, ca_file: Path | None = None
+    ) -> None:
         self.server = server.rstrip("/")
         self.state_dir = state_dir
         self.registration = registration
+        self.ca_file = ca_file
         self.identity = Identity.in_dir(state_dir)
         self._saved = state_dir / "registration.json"
-        self._http = httpx.Client(timeout=15.0, verify=False)  # the API may use our own CA's cert
+        self._http = httpx.Client(timeout=15.0, verify=self._trust())
         self.component_id: str | None = None
         self._token: str | None = None
         # Where this component's data listener really is; heartbeats keep the server's record current.
         self.address: str | None = registration.address
+
+    def _trust(self) -> ssl.SSLContext | bool:
+        """What the API's HTTPS certificate must chain to: the CA given, else the pinned one."""
+        ca = self.ca_file or (self.identity.ca if self.identity.ca.exists() else None)
+        if ca is not None:
+            return pki.client_context(None, None, ca)
+        if self.server.startswith("https://"):
+            log.warning(
+                "registering with %s without verifying its certificate (trust on first use); "
+                "pass --ca-file with the server's CA (GET /api/ca) to verify it",
+                self.server,
+            )
+        return False
+
+    def _register_post(self, body: dict[str, object]) -> httpx.Response:
+        try:
+            return self._http.post(f"{self.server}/api/components/register", json=body)
+        except httpx.ConnectError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+                raise
+            raise SiteRecoveryError(
+                Problem(
+                    code="server-certificate-untrusted",
+                    message=f"The configuration server at {self.server} presented a certificate "
+                    f"that does not chain to the trusted CA ({exc})",
+                    remediation="Check the server address; pass --ca-file with the CA from the server's "
+                    "`GET /api/ca` (or its backup), and make sure its --tls-name covers this address.",
+                )
+            ) from exc
 
     def register(self, passphrase: str) -> Identity:
         if self._saved.exists() and self.identity.exists():
@@ -59,7 +95,7 @@ class ControlClient:
             self.component_id, self._token = str(saved["id"]), str(saved["token"])
             return self.identity
         reg = self.registration
-        body = {
+        body: dict[str, object] = {
             "passphrase": passphrase,
             "kind": reg.kind,
             "name": reg.name,
@@ -68,7 +104,7 @@ class ControlClient:
             "address": reg.address,
             "machine": reg.machine,
         }
-        resp = self._http.post(f"{self.server}/api/components/register", json=body)
+        resp = self._register_post(body)
         if resp.status_code == 403:
             raise SiteRecoveryError(
                 Problem(
@@ -89,13 +125,19 @@ class ControlClient:
         with os.fdopen(fd, "w") as f:
             json.dump({"id": self.component_id, "token": self._token}, f)
         os.replace(tmp, self._saved)
+        self._http.close()
+        self._http = httpx.Client(timeout=15.0, verify=self._trust())  # pinned from now on
         return self.identity
+
+    def close(self) -> None:
+        self._http.close()
 
     def heartbeat(self, stats: BaseModel) -> dict[str, object]:
         """Send stats, return the raw desired state."""
         body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
         if self.address:
             body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
+        # An impostor's certificate fails like an unreachable server: the last desired state holds.
         resp = self._http.post(
             f"{self.server}/api/components/{self.component_id}/heartbeat",
             json=body,
