@@ -14,6 +14,7 @@ change; the baseline is checked clean again so cases cannot lean on each other.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -529,3 +530,24 @@ def test_reprotect_to_alternate_vcenter_moves_the_item(site: Site) -> None:
     item = env.api.get("/api/replicatedItems/db1")
     assert (item["state"], item["direction"]) == ("protected", "cloud-to-onprem")
     assert item["details"]["onprem_fabric"] == alternate["id"]
+
+
+def test_job_tasks_log_out_of_vcenter(site: Site) -> None:
+    """Each job task that opens the vCenter (checks, power, snapshots, creating the machine,
+    attaching its disks to the master target) logs out when it ends: vCenter caps an account's
+    sessions and the server runs jobs for months. Runs last: it leaves the item reprotecting."""
+    sessions = site.si.content.sessionManager
+    before = len(sessions.sessionList)
+    job_id = site.env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", reprotect_request(site))["job_id"]
+    deadline = time.monotonic() + 120
+    while True:
+        job = site.env.api.get(f"/api/jobs/{job_id}")
+        prepared = next(t for t in job["tasks"] if t["action"] == "prepare-onprem-disks")
+        if prepared["state"] in ("succeeded", "failed") or job["state"] in ("failed", "succeeded"):
+            break
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert prepared["state"] == "succeeded", prepared.get("error")
+    assert site.vm(MACHINE) is not None  # RPW-6 created it there
+    assert len(sessions.sessionList) == before
+    site.env.api.post(f"/api/jobs/{job_id}/cancel")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,15 @@ def task_handler(action: str) -> Callable[[TaskHandler], TaskHandler]:
         return fn
 
     return register
+
+
+# Context managers every task runs inside, outermost first: what a task opens for itself (e.g.
+# provider sessions, see `dr.items.fabric_sessions`) is released when it ends, however it ends.
+_TASK_SCOPES: list[Callable[[], AbstractContextManager[object]]] = []
+
+
+def around_tasks(scope: Callable[[], AbstractContextManager[object]]) -> None:
+    _TASK_SCOPES.append(scope)
 
 
 def _task(s: Any, job_id: str, ordinal: int) -> JobTask:
@@ -157,7 +167,10 @@ def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
         action, args = task.action, dict(task.args)
     ctx = TaskContext(job_id, ordinal, args)
     try:
-        result = _HANDLERS[action](ctx) or {}
+        with ExitStack() as scopes:
+            for scope in _TASK_SCOPES:
+                scopes.enter_context(scope())
+            result = _HANDLERS[action](ctx) or {}
     except SiteRecoveryError as exc:
         # The first problem heads the error; all of them stay (a refused reprotect lists every rule).
         error = {**exc.first.as_dict(), "problems": [p.as_dict() for p in exc.problems]}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -12,6 +14,7 @@ from siterecovery.control.context import current
 from siterecovery.control.db import Component, Policy, ReplicatedItem, by_id_or_name, now
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import open_fabric
+from siterecovery.control.jobs import around_tasks
 from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.errors import not_found
@@ -77,12 +80,41 @@ def set_state(
     return update(item_id, change)
 
 
+# The providers a task opened, by fabric id: one session each per task, closed when it ends.
+_opened: ContextVar[dict[str, Fabric] | None] = ContextVar("opened_fabrics", default=None)
+
+
+@contextmanager
+def fabric_sessions() -> Iterator[None]:
+    """Around every task: a vCenter login per fabric for the task, logged out at its end (vCenter
+    caps the sessions an account may hold, and tasks run for the life of the server)."""
+    token = _opened.set({})
+    try:
+        yield
+    finally:
+        opened = _opened.get() or {}
+        _opened.reset(token)
+        for provider in opened.values():
+            close = getattr(provider, "close", None)
+            if callable(close):
+                close()
+
+
+around_tasks(fabric_sessions)
+
+
 def fabric(fabric_id: str) -> Fabric:
+    opened = _opened.get()
+    if opened is not None and fabric_id in opened:
+        return opened[fabric_id]
     with current().db.session() as s:
         row = s.get(FabricRow, fabric_id)
         if row is None:
             raise not_found("fabric", fabric_id)
-        return open_fabric(current(), row)
+        provider = open_fabric(current(), row)
+    if opened is not None:
+        opened[fabric_id] = provider
+    return provider
 
 
 def site_fabric(rec: ItemRecord, site: Site) -> Fabric:
