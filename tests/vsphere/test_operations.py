@@ -9,7 +9,16 @@ import pytest
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from siterecovery.fabrics.base import DiskSpec, FabricError, MachineSpec, OsType, PowerState, ScsiType
+from siterecovery.fabrics.base import (
+    DiskSpec,
+    FabricError,
+    IpMode,
+    MachineSpec,
+    Nic,
+    OsType,
+    PowerState,
+    ScsiType,
+)
 
 from .conftest import Vcsim, find, reconfigure
 
@@ -54,6 +63,32 @@ def test_create_machine_refused(vcsim: Vcsim, host: str, datastore: str, code: s
             MachineSpec(name="refused", host=host, datastore=datastore, os_type=OsType.LINUX)
         )
     assert err.value.code == code
+
+
+def test_new_machine_nics_join_a_network_of_its_host(vcsim: Vcsim) -> None:
+    """RPW-6 recreates a machine from its recorded NICs: a NIC naming no network joins the host's
+    first one; a network the host lacks is refused before anything is created."""
+    nics = (Nic("eth0", "00:50:56:aa:bb:01", IpMode.DHCP), Nic("eth1", "", IpMode.DHCP, network="VM Network"))
+    spec = MachineSpec("nics", "DC0_C0_H1", "LocalDS_0", OsType.LINUX, nics=nics)
+    with vcsim.fabric() as fabric:
+        made = fabric.create_machine(spec)
+        try:
+            assert [(n.network, n.mac) for n in made.nics][:1] == [("VM Network", "00:50:56:aa:bb:01")]
+            assert [n.network for n in made.nics] == ["VM Network", "VM Network"]
+        finally:
+            fabric.delete_machine("nics")
+        with pytest.raises(FabricError) as err:
+            fabric.create_machine(
+                MachineSpec(
+                    "nonet",
+                    "DC0_C0_H1",
+                    "LocalDS_0",
+                    OsType.LINUX,
+                    nics=(Nic("eth0", "", IpMode.DHCP, network="dmz"),),
+                )
+            )
+        assert err.value.code == "network-not-found" and "VM Network" in err.value.remediation
+        assert fabric.discover().machine("nonet") is None
 
 
 def test_power_on_off_is_idempotent(vcsim: Vcsim, fresh_vm: str) -> None:

@@ -417,6 +417,8 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
     if existing is None:
         mt = inv.machine(mt_machine)
         host = mt.host if mt else ""
+        # Alternate-location recovery: the new machine joins the master target's network.
+        network = mt.nics[0].network if mt and mt.nics else ""
         existing = fabric.create_machine(
             MachineSpec(
                 name=item.record.machine,
@@ -426,7 +428,7 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
                 nics=tuple(
-                    Nic(n.name, n.mac, IpMode(n.ip_mode), n.address, n.prefix, n.gateway)
+                    Nic(n.name, n.mac, IpMode(n.ip_mode), n.address, n.prefix, n.gateway, network)
                     for n in item.record.nics
                 ),
             )

@@ -204,10 +204,13 @@ class VSphereFabric:
             if not disk.backing:
                 change.fileOperation = Spec.FileOperation.create
             changes.append(change)
+        networks = self._call(f"read networks of host {spec.host}", lambda: [n.name for n in host.network])
         for nic in spec.nics:
             card = vim.vm.device.VirtualVmxnet3(
                 key=keys(),
-                backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=nic.network),
+                backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+                    deviceName=_network(nic.network, networks, spec.host)
+                ),
                 addressType="manual" if nic.mac else "generated",
                 macAddress=nic.mac or None,
             )
@@ -381,6 +384,17 @@ class VSphereFabric:
                 f"Datastore {ds_name} is not mounted read/write on host {host_name}.",
                 f"Mount {ds_name} read/write on {host_name} or choose another datastore.",
             )
+
+
+def _network(wanted: str, available: list[str], host: str) -> str:
+    """The port group a new NIC joins: the one named, else the host's first (where its VMs are)."""
+    if wanted in available or (not wanted and available):
+        return wanted or available[0]
+    raise FabricError(
+        "network-not-found",
+        f"Host {host} has no network {wanted!r}" if wanted else f"Host {host} has no network at all",
+        f"Choose one of the host's networks ({', '.join(available) or 'none'}), or add one to {host}.",
+    )
 
 
 def _placement(host: Any) -> tuple[Any, Any]:
