@@ -97,6 +97,9 @@ def test_recovery_point_changes_until_commit(dr_env: Environment) -> None:
         assert verdict["ok"], verdict  # a clean prefix: nothing the machine wrote survives past it
         return verdict
 
+    with pytest.raises(ApiError) as again:  # failing over again is not how a point changes
+        dr_env.api.post("/api/replicatedItems/web1/failover", {"point": first})
+    assert "items change-point web1" in again.value.problems[0]["remediation"]
     # The same point again: exactly the records the point held, none the machine wrote since.
     assert change_to(first)["records"] == booted
     cycle.wait_records("cloud", booted + 40)

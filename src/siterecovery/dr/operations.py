@@ -76,6 +76,13 @@ def enable_tasks(
 def failover_tasks(
     item: repo.ItemSnapshot, request: FailoverRequest, *, failback: bool = False
 ) -> list[TaskSpec]:
+    if item.state is ProtectionState.FAILED_OVER and item.record.held is not None:
+        raise _state_error(
+            item,
+            "it is already failed over (not committed)",
+            f"To boot it from another point, run `items change-point {item.name} --point P`; "
+            f"to keep this one, `items commit {item.name}`.",
+        )
     if item.state is not ProtectionState.PROTECTED or item.record.replication is None:
         raise _state_error(item, "only a protected item can fail over", "Enable or reprotect it first.")
     if failback != (item.direction is Direction.FAILBACK):
