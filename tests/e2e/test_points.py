@@ -155,3 +155,31 @@ def test_group_point_is_consistent_across_machines(dr_env: Environment) -> None:
         assert verdicts[machine]["ok"], verdicts[machine]
         assert run_job(dr_env, f"/api/replicatedItems/{machine}/testCleanup", {})["state"] == "succeeded"
     assert 0 < verdicts["win1"]["records"] <= verdicts["app1"]["records"], verdicts
+
+
+def test_group_changes_its_point_only_through_its_plan(dr_env: Environment, tmp_path: Path) -> None:
+    """RP-GROUP-MT / FW-2: replication-group members run from one common point, so after a plan
+    failover their point changes together, through the plan, to a group point both have."""
+    if any(dr_env.api.get(f"/api/replicatedItems/{m}")["state"] != "protected" for m in ("app1", "win1")):
+        pytest.fail("runs after the group point test above, which protects app1 and win1 in group g1")
+    tag = next(p["id"] for p in _points(dr_env, "app1") if p["kind"] == "group")
+    spec = tmp_path / "plan.json"
+    spec.write_text('{"groups": [{"items": ["app1", "win1"]}]}')
+    run_cli("plans", "create", "g1-plan", "--file", str(spec), env=dr_env.cli_env)
+    assert run_job(dr_env, "/api/recoveryPlans/g1-plan/failover", {})["state"] == "succeeded"
+
+    with pytest.raises(ApiError) as refused:
+        dr_env.api.post("/api/replicatedItems/app1/changePoint", {"point": tag})
+    assert refused.value.problems[0]["code"] == "group-point-via-plan"
+
+    job = run_job(dr_env, "/api/recoveryPlans/g1-plan/change-point", {"point": tag})
+    assert job["state"] == "succeeded", job
+    booted = {
+        t["name"].split(":")[1].strip(): job["result"][str(t["ordinal"])]["oracle"]
+        for t in job["tasks"]
+        if t["action"] == "start-recovery-machine"
+    }
+    assert booted["app1"]["ok"] and booted["win1"]["ok"], booted
+    # At the group point the dependent machine's log never runs ahead of the one it follows.
+    assert 0 < booted["win1"]["records"] <= booted["app1"]["records"], booted
+    assert run_job(dr_env, "/api/recoveryPlans/g1-plan/commit", {})["state"] == "succeeded"

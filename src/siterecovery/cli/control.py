@@ -209,7 +209,7 @@ def _plan_op(operation: str) -> Any:
     return run
 
 
-for _op in ("failover", "commit", "reprotect", "failback"):
+for _op in ("failover", "change-point", "commit", "reprotect", "failback"):
     plans_app.command(_op)(_plan_op(_op))
 
 _SERVER_COLUMNS = ("name", "kind", "site", "os_type", "health", "connected", "heartbeat_age_seconds", "id")

@@ -21,6 +21,7 @@ from siterecovery.errors import invalid
 
 class PlanOperation(StrEnum):
     FAILOVER = "failover"
+    CHANGE_POINT = "change-point"
     COMMIT = "commit"
     REPROTECT = "reprotect"
     FAILBACK = "failback"
@@ -41,6 +42,8 @@ def _item_tasks(
         )
     if operation is PlanOperation.FAILBACK:
         return ops.failover_tasks(snap, ops.FailoverRequest(run.get("point", "latest"), True), failback=True)
+    if operation is PlanOperation.CHANGE_POINT:
+        return ops.change_point_tasks(snap, run.get("point", "latest"), via_plan=True)
     if operation is PlanOperation.COMMIT:
         return ops.commit_tasks(snap)
     values = _values(run, item)

@@ -137,8 +137,21 @@ def _boot_recovery_machine(base: dict[str, Any], target: Site, step: str) -> lis
     ]
 
 
-def change_point_tasks(item: repo.ItemSnapshot, point: str) -> list[TaskSpec]:
-    """FW-2: before commit, boot the recovery machine again from another retained point."""
+def change_point_tasks(item: repo.ItemSnapshot, point: str, *, via_plan: bool = False) -> list[TaskSpec]:
+    """FW-2: before commit, boot the recovery machine again from another retained point.
+
+    Members of a replication group run from one common point (RP-GROUP-MT), so theirs changes
+    together, through a recovery plan.
+    """
+    if item.group_id is not None and not via_plan:
+        raise SiteRecoveryError(
+            Problem(
+                "group-point-via-plan",
+                f"Item {item.name} is in a replication group, whose members must run from one common point.",
+                "Change the point of the whole group through its recovery plan "
+                "(`plans change-point PLAN --point TAG`, a group point every member has).",
+            )
+        )
     held = item.record.held
     if item.state is not ProtectionState.FAILED_OVER or held is None:
         raise _state_error(
