@@ -197,3 +197,40 @@ def test_reprotect_by_clicks_from_failing_check_to_protected(
     page.get_by_role("button", name="Check readiness").click()
     expect(page.get_by_role("status")).to_contain_text("Ready")
     shot(page, output_dir, "failback-ready")
+
+
+def test_failover_change_point_and_commit_by_clicks(
+    deployment: Environment, page: Page, output_dir: Path
+) -> None:
+    """FW-2 in the portal: fail over, boot again from another point before commit, commit. Runs
+    last: it moves the protected machine to the cloud."""
+    sign_in(page, deployment.url, deployment.token)
+    nav(page, "Replicated items")
+    page.get_by_role("link", name=f"Failover {PROTECTED}", exact=True).click()
+    page.get_by_role("button", name="OK").click()
+    expect(page.locator('[data-job-field="state"]')).to_have_text("Succeeded", timeout=120_000)
+
+    nav(page, "Replicated items")
+    row = page.locator(f'tr[data-item="{PROTECTED}"]')
+    expect(row).to_contain_text("Failed over")
+    expect(row.locator("td.actions a")).to_have_text(["Change recovery point", "Commit", "Disable"])
+    row.get_by_role("link", name=f"Change recovery point {PROTECTED}").click()
+    dialog = page.get_by_role("region", name=f"Change recovery point · {PROTECTED}")
+    expect(dialog).to_contain_text("everything it wrote since it booted is undone")
+    points = dialog.get_by_label("Recovery point")
+    expect(points.locator("option").first).to_contain_text("Latest")  # the points kept until commit
+    shot(page, output_dir, "change-point")
+    dialog.get_by_role("button", name="OK").click()
+    expect(page).to_have_url(re.compile(r"/jobs/job-"))
+    expect(
+        page.locator("tr[data-task]").filter(has_text="Revert to the snapshot taken before boot")
+    ).to_have_count(1)
+    expect(page.locator('[data-job-field="state"]')).to_have_text("Succeeded", timeout=120_000)
+
+    nav(page, "Replicated items")
+    row.get_by_role("link", name=f"Commit {PROTECTED}", exact=True).click()
+    page.get_by_role("button", name="OK").click()
+    expect(page.locator('[data-job-field="state"]')).to_have_text("Succeeded", timeout=60_000)
+    nav(page, "Replicated items")
+    expect(row).to_contain_text("Failover committed")
+    expect(row.locator("td.actions a")).to_have_text(["Re-Protect", "Disable"])
