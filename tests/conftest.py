@@ -26,6 +26,21 @@ def require_tool(name: str) -> str:
     pytest.skip(f"{name} not installed (make system-deps installs it)")
 
 
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of every data extent of a file, from SEEK_DATA/SEEK_HOLE: where holes are."""
+    out: list[tuple[int, int]] = []
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from siterecovery.dataplane.before_image import log_path
 from siterecovery.fabrics.base import FabricError
 from siterecovery.fabrics.lab import LabFabric
 from siterecovery.lab import runtime
+from tests.conftest import data_extents
 
 from .conftest import Lab, wait_records
 
@@ -22,28 +22,13 @@ def _disk(fabric: LabFabric, machine: str = "web1") -> Path:
     return Path(found.disks[0].backing)
 
 
-def _data_extents(path: Path) -> list[tuple[int, int]]:
-    """Allocated ranges (SEEK_DATA/SEEK_HOLE): a revert must keep holes where they were."""
-    out = []
-    with path.open("rb") as f:
-        fd, pos, end = f.fileno(), 0, os.fstat(f.fileno()).st_size
-        while pos < end:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, pos))
-    return out
-
-
 def test_revert_undoes_what_the_running_machine_wrote(lab: Lab) -> None:
     fabric = lab.fabric()
     disk = _disk(fabric)
     fabric.power_on("web1")
     wait_records(lab, "web1", 20)  # some history before the snapshot
     fabric.power_off("web1")
-    before, extents = disk.read_bytes(), _data_extents(disk)
+    before, extents = disk.read_bytes(), data_extents(disk)
 
     snap = fabric.create_snapshot("web1", "before-boot")
     assert fabric.discover().machine("web1").snapshots == (snap,)  # type: ignore[union-attr]
@@ -54,7 +39,7 @@ def test_revert_undoes_what_the_running_machine_wrote(lab: Lab) -> None:
         assert disk.read_bytes() != before
         fabric.revert_to_snapshot("web1", snap.id)
         assert disk.read_bytes() == before
-        assert _data_extents(disk) == extents
+        assert data_extents(disk) == extents
 
     fabric.remove_snapshot("web1", snap.id)
     assert not log_path(disk).exists()

@@ -21,7 +21,7 @@ from siterecovery.dataplane.apply import punch_or_zero
 from siterecovery.dataplane.before_image import DEFAULT_CHUNK, BeforeImageLog, log_path
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 from siterecovery.errors import SiteRecoveryError
-from tests.conftest import require_tool
+from tests.conftest import data_extents, require_tool
 
 MiB = 1024 * 1024
 CHUNK = DEFAULT_CHUNK
@@ -40,21 +40,6 @@ def make_disk(path: Path, size: int = SIZE) -> Path:
             f.seek(offset)
             f.write(os.urandom(length))
     return path
-
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    """(start, end) of every data extent, from SEEK_DATA/SEEK_HOLE."""
-    out: list[tuple[int, int]] = []
-    with open(path, "rb") as f:
-        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, pos))
-    return out
 
 
 def punch_or_zero_file(path: Path, offset: int, length: int) -> None:
@@ -113,7 +98,7 @@ def snapshot(tmp_path: Path) -> tuple[Path, Path]:
 def assert_reverted(image: Path, copy: Path) -> None:
     assert image.read_bytes() == copy.read_bytes()
     run(require_tool("qemu-img"), "compare", "-q", "-f", "raw", "-F", "raw", str(image), str(copy))
-    assert data_map(image) == data_map(copy), "holes of the snapshot must still be holes"
+    assert data_extents(image) == data_extents(copy), "holes of the snapshot must still be holes"
 
 
 KiB = 1024
