@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from siterecovery.dataplane.links import Identity
@@ -43,35 +44,69 @@ def stats(state: Path) -> dict[str, object]:
         return {}
 
 
+def _write_json(path: Path, doc: object) -> None:
+    """Replace `path` at once: the services re-read their assignments file every interval."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def _agent_cmd(root: Path, src: Path) -> list[str]:
+    return [
+        *CLI,
+        "agent",
+        "--machine",
+        "bench",
+        "--state-dir",
+        str(root / "agent"),
+        "--assignments",
+        str(root / "agent.json"),
+        "--disk",
+        f"d={src}",
+        "--interval",
+        "0.05",
+    ]
+
+
 def sync_once(
-    root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int, sync_mode: str
+    root: Path,
+    ca: CertificateAuthority,
+    src: Path,
+    target: Path,
+    size: int,
+    sync_mode: str,
+    *,
+    services_running: bool = False,
+    before_start: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """Run agent → process server → master target (real processes, mutual TLS, no configuration
-    server: desired state from files) until `target` equals `src`; seconds from the agent's start,
-    and bytes the agent sent."""
+    server: desired state from files) until `target` equals `src`; seconds and bytes the agent sent.
+
+    By default the clock starts with the agent process (its start-up is included). With
+    `services_running` all three services are started first with nothing assigned, as they run in
+    the product; then `before_start` runs (e.g. dropping the page cache) and the clock starts when
+    the pair is written into the agent's and master target's assignment files (both re-read every
+    0.05 s, so up to one interval of pick-up latency is included).
+    """
     procs: list[subprocess.Popen[bytes]] = []
     for name in ("agent", "ps", "mt"):
         shutil.rmtree(root / name, ignore_errors=True)
         Identity.in_dir(root / name).write(ca.issue(name))
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    (root / "mt.json").write_text(
-        json.dumps({"disks": [{"pair_id": "p", "path": str(target), "size": size}]})
-    )
-    (root / "agent.json").write_text(
-        json.dumps(
+    mt_desired = {"disks": [{"pair_id": "p", "path": str(target), "size": size}]}
+    agent_desired = {
+        "replications": [
             {
-                "replications": [
-                    {
-                        "pair_id": "p",
-                        "disk": "d",
-                        "process_server": ps_addr,
-                        "master_target": mt_addr,
-                        "sync_mode": sync_mode,
-                    }
-                ]
+                "pair_id": "p",
+                "disk": "d",
+                "process_server": ps_addr,
+                "master_target": mt_addr,
+                "sync_mode": sync_mode,
             }
-        )
-    )
+        ]
+    }
+    _write_json(root / "mt.json", {"disks": []} if services_running else mt_desired)
+    _write_json(root / "agent.json", {"replications": []} if services_running else agent_desired)
     log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
     try:
         procs.append(
@@ -112,28 +147,19 @@ def sync_once(
                 stderr=log,
             )
         )
+        if services_running:
+            procs.append(subprocess.Popen(_agent_cmd(root, src), stdout=log, stderr=log))
         wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
+        if services_running:
+            wait_until(lambda: bool(stats(root / "agent")) and bool(stats(root / "mt")), 30)
+            if before_start is not None:
+                before_start()
         start = time.monotonic()
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "agent",
-                    "--machine",
-                    "bench",
-                    "--state-dir",
-                    str(root / "agent"),
-                    "--assignments",
-                    str(root / "agent.json"),
-                    "--disk",
-                    f"d={src}",
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
+        if services_running:
+            _write_json(root / "mt.json", mt_desired)
+            _write_json(root / "agent.json", agent_desired)
+        else:
+            procs.append(subprocess.Popen(_agent_cmd(root, src), stdout=log, stderr=log))
 
         def done() -> bool:
             pairs = stats(root / "agent").get("pairs") or []

@@ -5,15 +5,20 @@ xxh3-128 of its bytes; a coarse block's digest is the xxh3-128 of its fine diges
 the data yields both levels and the two ends can compare coarse digests first and fine digests only
 inside the coarse blocks that differ. Holes (found with SEEK_DATA/SEEK_HOLE) are never read: their
 digests are precomputed constants, as are those of blocks that read as zeroes. Hashing runs in
-several threads, each with one reused buffer; xxhash and preadv release the GIL.
+several threads, each with one reused buffer; xxhash and preadv release the GIL. A `BlockStream`
+hashes in disk order in the background, a bounded distance ahead of its consumer, so a delta resync
+compares and sends one region while both ends are still reading the next.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
+import itertools
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ import xxhash
 COARSE = 1 << 20
 FINE = 4096
 DIGEST_SIZE = 16
+STREAM_WAIT = 300.0  # seconds hashing one block may take before a resync gives up (a stalled disk)
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,3 +172,180 @@ class BlockHasher:
         finally:
             os.close(fd)
         return out
+
+
+class StreamClosed(ConnectionError):
+    """The block stream was closed (replaced, or abandoned by its consumer)."""
+
+
+class BlockStream(BlockHasher):
+    """Digests of the coarse blocks from `first` on, hashed in disk order by background threads.
+
+    The threads share one descriptor (one read-ahead state for the whole file) and claim runs of
+    `claim` blocks in turn, staying at most `ahead` blocks past what `take` consumed: memory stays
+    bounded (about `ahead` * 4 KiB of fine digests) and a consumer that stops costs no more
+    reading. A stream nobody takes from for `idle_seconds` ends by itself.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        coarse: int = COARSE,
+        fine: int = FINE,
+        *,
+        first: int = 0,
+        workers: int = 4,
+        ahead: int = 256,
+        claim: int = 16,
+        idle_seconds: float = 600.0,
+    ) -> None:
+        super().__init__(path, size, coarse, fine, workers)
+        self.position = first  # the next block `take` may return
+        self._ahead = ahead
+        self._claim = claim
+        self._idle = idle_seconds
+        self._next = first  # the next block a thread claims
+        self._done: dict[int, tuple[bytes, bytes]] = {}
+        lock = threading.Lock()
+        self._hashed = threading.Condition(lock)  # the consumer waits here
+        self._room = threading.Condition(lock)  # threads too far ahead wait here
+        self._closed = False
+        self._error: OSError | None = None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._data_map = coarse_data_map(fd, size, coarse)
+        finally:
+            os.close(fd)
+        for n in range(workers):
+            threading.Thread(target=self._work, name=f"hash-{path.name}-{n}", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        with self._hashed:
+            return not self._closed
+
+    def take(self, idx: int, timeout: float) -> tuple[bytes, bytes]:
+        """Coarse digest and fine digests of block `idx` (>= `position`); earlier ones are dropped."""
+        deadline = time.monotonic() + timeout
+        with self._hashed:
+            if idx < self.position:
+                raise ValueError(f"block {idx} was already taken (stream at {self.position})")
+            while idx not in self._done:
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    raise StreamClosed(f"digest stream of {self.path} closed")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"block {idx} of {self.path} not hashed within {timeout:.0f} s")
+                self._hashed.wait(left)
+            result = self._done.pop(idx)
+            for gone in range(self.position, idx):
+                self._done.pop(gone, None)
+            self.position = idx + 1
+            if self._next - self.position < self._ahead:
+                self._room.notify_all()
+        return result
+
+    def close(self) -> None:
+        with self._hashed:
+            self._closed = True
+            self._hashed.notify_all()
+            self._room.notify_all()
+
+    def _claim_run(self) -> range:
+        """The next blocks for this thread; empty when the stream is done or closed."""
+        with self._room:
+            idle_since = time.monotonic()
+            while not self._closed and self.position + self._ahead <= self._next < self.nblocks:
+                if time.monotonic() - idle_since > self._idle:
+                    self._closed = True
+                    self._hashed.notify_all()
+                    self._room.notify_all()
+                    break
+                self._room.wait(1.0)
+            if self._closed:
+                return range(0)
+            run = range(self._next, min(self._next + self._claim, self.nblocks))
+            self._next = run.stop
+            return run
+
+    def _work(self) -> None:
+        buf = bytearray(self.coarse)
+        view = memoryview(buf)
+        zero_all = zero_coarse_digest(self.coarse, self.fine)
+        zero_fines = zero_fine_digests(self.coarse, self.fine)
+        fine = self.fine
+        digest = xxhash.xxh3_128_digest
+        # One descriptor per thread: each claimed run is a sequential stream with its own read-ahead.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while run := self._claim_run():
+                results: list[tuple[int, tuple[bytes, bytes]]] = []
+                for idx in run:
+                    result = (zero_all, zero_fines)
+                    if self._data_map[idx]:
+                        n = pread_full(fd, view, idx * self.coarse)
+                        if n < self.coarse:
+                            view[n:] = bytes(self.coarse - n)
+                        self.bytes_read += n
+                        if digest(view) != zero_digest(self.coarse):
+                            fines = b"".join(
+                                [digest(view[o : o + fine]) for o in range(0, self.coarse, fine)]
+                            )
+                            result = (digest(fines), fines)
+                    results.append((idx, result))
+                with self._hashed:
+                    for idx, result in results:
+                        if idx >= self.position:  # else skipped by `take` meanwhile
+                            self._done[idx] = result
+                    self._hashed.notify_all()
+        except OSError as exc:
+            with self._hashed:
+                self._error = exc
+                self._hashed.notify_all()
+        finally:
+            os.close(fd)
+
+
+def answer_for(stream: BlockStream, blocks: list[int], have_b64: str, timeout: float) -> bytes:
+    """The answer to a peer whose coarse digests of `blocks` (ascending) are `have_b64` (base64 of
+    them concatenated): per block, our coarse digest, followed by our fine digests only where the
+    two coarse digests differ. ValueError if the request is malformed."""
+    have = base64.b64decode(have_b64, validate=True)
+    if len(have) != DIGEST_SIZE * len(blocks) or any(b <= a for a, b in itertools.pairwise(blocks)):
+        raise ValueError("coarse digests must match ascending block indexes one to one")
+    out = bytearray()
+    for j, idx in enumerate(blocks):
+        coarse_digest, fines = stream.take(idx, timeout)
+        out += coarse_digest
+        if coarse_digest != have[j * DIGEST_SIZE : (j + 1) * DIGEST_SIZE]:
+            out += fines
+    return bytes(out)
+
+
+def differing_runs(local: bytes, remote: bytes) -> Iterator[tuple[int, int]]:
+    """Runs [first, end) of fine-block indexes whose digests differ between two fine lists.
+
+    Groups of 16 digests are compared first: with scattered changes most groups are equal, and
+    one comparison of 256 bytes costs what one of 16 bytes does.
+    """
+    group = 16 * DIGEST_SIZE
+    count = len(local) // DIGEST_SIZE
+    run = -1
+    for lo in range(0, len(local), group):
+        if local[lo : lo + group] == remote[lo : lo + group]:
+            if run >= 0:
+                yield run, lo // DIGEST_SIZE
+                run = -1
+            continue
+        for at in range(lo, min(lo + group, len(local)), DIGEST_SIZE):
+            same = local[at : at + DIGEST_SIZE] == remote[at : at + DIGEST_SIZE]
+            if not same and run < 0:
+                run = at // DIGEST_SIZE
+            elif same and run >= 0:
+                yield run, at // DIGEST_SIZE
+                run = -1
+    if run >= 0:
+        yield run, count

@@ -31,7 +31,7 @@ from siterecovery.dataplane.assignments import (
     RefusedDisk,
     RetentionVolume,
 )
-from siterecovery.dataplane.blocks import BlockHasher
+from siterecovery.dataplane.blocks import STREAM_WAIT, BlockHasher, BlockStream, answer_for
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener, idle
 from siterecovery.dataplane.mt_points import (
@@ -477,12 +477,36 @@ class MasterTarget:
     def _answer_resync(
         self, writer: FrameWriter, idx: int, seq: int, pair: _Pair, req: ResyncRequest
     ) -> None:
+        """Digests of the target disk for a resync request (see `ResyncRequest`).
+
+        A request with `have` continues the pair's `BlockStream` (which keeps hashing ahead in disk
+        order while this session applies the blocks already answered) or, for a new or resumed
+        resync, starts one. Only a new stream needs what was applied flushed to the disk first:
+        the blocks applied meanwhile lie in regions the stream has already hashed.
+        """
+        blocks = req.blocks or []
         with pair.lock:
-            self._sync(pair)
-            if req.blocks is None or pair.hasher is None:
-                pair.hasher = BlockHasher(pair.disk.path, pair.disk.size, req.coarse, req.fine)
+            old = pair.hasher
+            if req.have is not None:
+                if not (isinstance(old, BlockStream) and old.alive and blocks and blocks[0] >= old.position):
+                    self._sync(pair)
+                    pair.hasher = BlockStream(
+                        pair.disk.path, pair.disk.size, req.coarse, req.fine, first=blocks[0] if blocks else 0
+                    )
+            else:
+                self._sync(pair)
+                if req.blocks is None or old is None:
+                    pair.hasher = BlockHasher(pair.disk.path, pair.disk.size, req.coarse, req.fine)
             hasher = pair.hasher
-        if req.blocks is None:
+            if isinstance(old, BlockStream) and old is not hasher:
+                old.close()
+        assert hasher is not None
+        if req.have is not None and isinstance(hasher, BlockStream):
+            try:
+                payload = answer_for(hasher, blocks, req.have, STREAM_WAIT)
+            except ValueError as exc:
+                raise ProtocolError(f"resync request for pair {pair.disk.pair_id!r}: {exc}") from exc
+        elif req.blocks is None:
             payload = hasher.coarse_digests()
         else:
             payload = b"".join(hasher.fine_digests(i) for i in req.blocks)

@@ -325,12 +325,17 @@ class ResyncRequest(_Msg):
     """Asks the master target for block digests of its target disk (see blocks.py).
 
     Without `blocks`: one coarse digest per coarse block of the disk. With `blocks` (coarse block
-    indexes): the fine digests of each listed coarse block, concatenated in list order.
+    indexes): the fine digests of each listed coarse block, concatenated in list order. With
+    `blocks` (ascending) and `have` (base64 of the requester's own coarse digests of those blocks,
+    concatenated): per block, the target's coarse digest followed, only where it differs from the
+    requester's, by its fine digests — one round trip per region, answered while the master
+    target keeps hashing the next regions in disk order.
     """
 
     coarse: int
     fine: int
     blocks: list[int] | None = None
+    have: str | None = None
 
 
 M = TypeVar("M", bound=BaseModel)

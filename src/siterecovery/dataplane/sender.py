@@ -9,6 +9,7 @@ sender reconnects with exponential backoff and resends what was not acknowledged
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from siterecovery.dataplane.blocks import COARSE, FINE, BlockHasher
+from siterecovery.dataplane.blocks import COARSE, FINE, BlockStream
 from siterecovery.dataplane.links import connect
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DIGEST_TIMEOUT = 300.0
 DIGEST_RETRY = 5.0
+BATCH_BYTES = 256 << 10
 
 
 class SessionEnded(ConnectionError):
@@ -198,6 +200,10 @@ class PairSender:
         plan = pair.sync
         assert plan is not None
         fd = os.open(pair.image, os.O_RDONLY | os.O_CLOEXEC)
+        stream: BlockStream | None = None
+        batched = _Batched(writer)
+        # Frames of a sync go out in batches: a delta resync is mostly single 4 KiB blocks.
+        out = FrameWriter(batched)
         try:
             progress = Progress(pair.size)
             pair.bytes_total = pair.size
@@ -209,18 +215,9 @@ class PairSender:
             if plan.kind == SyncKind.FULL:
                 chunks = full_copy(fd, pair.size, plan, start, view, progress)
             elif plan.kind == SyncKind.DELTA:
-                hasher = BlockHasher(pair.image, pair.size, COARSE, FINE)
-                remote = self._digests_for(writer, None, hasher)
-                chunks = delta(
-                    fd,
-                    hasher,
-                    remote,
-                    lambda blocks: self._digests_for(writer, blocks),
-                    plan,
-                    start,
-                    view,
-                    progress,
-                )
+                stream = BlockStream(pair.image, pair.size, COARSE, FINE, first=start // COARSE)
+                queries = _DigestQueries(self, batched)
+                chunks = delta(fd, stream, queries.ask, queries.answer, plan, start, view, progress)
             else:
                 chunks = dirty_blocks(fd, pair.sync_bitmap(), plan, start, view, progress)
             last: int | None = None
@@ -230,13 +227,13 @@ class PairSender:
                 if chunk.seq <= acked:
                     continue
                 if chunk.zero:
-                    pair.bytes_sent += writer.send(
+                    pair.bytes_sent += out.send(
                         FrameType.BLOCK, 0, chunk.seq, chunk.offset, chunk.length, b"", Flag.ZERO
                     )
                 else:
                     data = view[: chunk.length]
                     flags, wire = self._compressor.maybe_compress(data)
-                    pair.bytes_sent += writer.send(
+                    pair.bytes_sent += out.send(
                         FrameType.BLOCK,
                         0,
                         chunk.seq,
@@ -248,38 +245,87 @@ class PairSender:
                         wire,
                     )
                 last = chunk.seq
+            batched.flush()
             pair.bytes_done, pair.bytes_total = progress.done, progress.total
             log.info("%s sync of %s sent up to sequence %s", plan.kind.value, pair.pair_id, last)
             return last
         finally:
+            if stream is not None:
+                stream.close()
             os.close(fd)
 
-    def _digests_for(
-        self, writer: FrameWriter, blocks: list[int] | None, hasher: BlockHasher | None = None
-    ) -> bytes:
-        """Ask the master target (through the process server) for digests and wait for them.
 
-        The request is repeated while unanswered: the process server relays queries only while
-        its link to the master target is up, and drops them otherwise.
-        """
-        self._request_id += 1
-        rid = self._request_id
-        req = ResyncRequest(coarse=COARSE, fine=FINE, blocks=blocks)
-        self.pair.bytes_sent += writer.send_model(FrameType.RESYNC_REQUEST, req, seq=rid)
-        if hasher is not None:
-            # Hash our side while the master target hashes its side.
-            hasher.coarse_digests()
+class _Batched:
+    """Gathers small frames into one TLS write of up to BATCH_BYTES; large writes pass through."""
+
+    def __init__(self, writer: FrameWriter) -> None:
+        self.writer = writer
+        self._buf = bytearray()
+
+    def sendall(self, data: memoryview | bytes | bytearray) -> None:
+        if len(data) >= BATCH_BYTES:
+            self.flush()
+            self.writer.send_raw(memoryview(data))
+            return
+        self._buf += data
+        if len(self._buf) >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            with memoryview(self._buf) as view:
+                self.writer.send_raw(view)
+            self._buf.clear()
+
+
+class _DigestQueries:
+    """A delta resync's digest queries to the master target (through the process server).
+
+    Several are in flight at once; answers come back in order and are kept until asked for.
+    Unanswered requests are sent again every DIGEST_RETRY seconds: the process server relays
+    queries only while its link to the master target is up, and drops them otherwise.
+    """
+
+    def __init__(self, sender: PairSender, batched: _Batched) -> None:
+        self._sender = sender
+        self._batched = batched
+        self._asked: dict[int, ResyncRequest] = {}
+        self._answers: dict[int, bytes] = {}
+
+    def _send(self, rid: int, req: ResyncRequest) -> None:
+        self._batched.flush()  # the request goes after the frames already produced
+        self._sender.pair.bytes_sent += self._batched.writer.send_model(
+            FrameType.RESYNC_REQUEST, req, seq=rid
+        )
+
+    def ask(self, blocks: list[int], have: bytes) -> int:
+        self._sender._request_id += 1
+        rid = self._sender._request_id
+        req = ResyncRequest(
+            coarse=COARSE, fine=FINE, blocks=blocks, have=base64.b64encode(have).decode("ascii")
+        )
+        self._asked[rid] = req
+        self._send(rid, req)
+        return rid
+
+    def answer(self, rid: int) -> bytes:
+        self._batched.flush()  # the master target applies what we sent while we wait
         deadline = time.monotonic() + DIGEST_TIMEOUT
         resend = time.monotonic() + DIGEST_RETRY
-        while time.monotonic() < deadline:
-            self._check()
-            if time.monotonic() > resend:
-                self.pair.bytes_sent += writer.send_model(FrameType.RESYNC_REQUEST, req, seq=rid)
-                resend = time.monotonic() + DIGEST_RETRY
+        while rid not in self._answers:
+            self._sender._check()
+            now = time.monotonic()
+            if now > deadline:
+                raise SessionEnded(f"no digests from the master target within {DIGEST_TIMEOUT:.0f} s")
+            if now > resend:
+                for again in sorted(r for r in self._asked if r >= rid):
+                    self._send(again, self._asked[again])
+                resend = now + DIGEST_RETRY
             try:
-                got, payload = self._digests.get(timeout=0.5)
+                got, payload = self._sender._digests.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if got == rid:
-                return payload
-        raise SessionEnded(f"no digests from the master target within {DIGEST_TIMEOUT:.0f} s")
+            if got in self._asked:
+                self._answers[got] = payload
+        del self._asked[rid]
+        return self._answers.pop(rid)

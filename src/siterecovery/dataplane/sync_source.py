@@ -8,6 +8,7 @@ merged into one range, which keeps the target sparse and makes an empty disk cos
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,14 +16,20 @@ from siterecovery.dataplane.blocks import (
     COARSE,
     DIGEST_SIZE,
     FINE,
-    BlockHasher,
+    STREAM_WAIT,
+    BlockStream,
     coarse_data_map,
+    differing_runs,
     pread_full,
     zero_digest,
 )
 from siterecovery.dataplane.dirty import DirtyBitmap
-from siterecovery.dataplane.protocol import digest
+from siterecovery.dataplane.protocol import ProtocolError, digest
 from siterecovery.dataplane.replica import SyncPlan
+
+# A delta resync asks for the target's digests REGION coarse blocks at a time, DEPTH regions ahead.
+REGION = 16
+DEPTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,48 +85,53 @@ def full_copy(
 
 def delta(
     fd: int,
-    hasher: BlockHasher,
-    remote_coarse: bytes,
-    fetch_fine: Callable[[list[int]], bytes],
+    stream: BlockStream,
+    ask: Callable[[list[int], bytes], int],
+    answer: Callable[[int], bytes],
     plan: SyncPlan,
     start: int,
     view: memoryview,
     progress: Progress,
 ) -> Iterator[Chunk]:
-    """Only the fine blocks whose digests differ from the target's, coalesced into runs."""
-    local_coarse = hasher.coarse_digests()
-    size = hasher.size
-    per = hasher.coarse // hasher.fine
-    differ = [
-        i
-        for i in range(start // hasher.coarse, hasher.nblocks)
-        if local_coarse[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-        != remote_coarse[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-    ]
+    """Only the fine blocks whose digests differ from the target's, coalesced into runs.
+
+    `stream` hashes this side from `start`'s coarse block on. Region by region, `ask` sends our
+    coarse digests and returns a ticket; `answer(ticket)` waits for the target's reply (see
+    `blocks.answer_for`). Up to `DEPTH` regions are asked ahead, so both ends keep reading while
+    the differing blocks of earlier regions are compared and sent.
+    """
+    size = stream.size
+    coarse, fine = stream.coarse, stream.fine
+    fine_bytes = coarse // fine * DIGEST_SIZE
+    pending: deque[tuple[list[int], list[tuple[bytes, bytes]], int]] = deque()
+    next_idx = start // coarse
     progress.done = start
-    batch_size = 256
-    for b in range(0, len(differ), batch_size):
-        batch = differ[b : b + batch_size]
-        remote_fine = fetch_fine(batch)
-        for j, idx in enumerate(batch):
-            local = hasher.fine_digests(idx)
-            remote = remote_fine[j * per * DIGEST_SIZE : (j + 1) * per * DIGEST_SIZE]
-            base = idx * hasher.coarse
-            run = -1
-            for k in range(per + 1):
-                same = k == per or (
-                    local[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
-                    == remote[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
-                )
-                if not same and run < 0:
-                    run = k
-                elif same and run >= 0:
-                    offset = base + run * hasher.fine
-                    end = min(base + k * hasher.fine, size)
-                    if end > offset:
-                        yield _read_chunk(fd, view, plan, offset, end - offset)
-                    run = -1
-            progress.done = min(base + hasher.coarse, size)
+    while next_idx < stream.nblocks or pending:
+        if next_idx < stream.nblocks and len(pending) < DEPTH:
+            blocks = list(range(next_idx, min(next_idx + REGION, stream.nblocks)))
+            local = [stream.take(i, STREAM_WAIT) for i in blocks]
+            pending.append((blocks, local, ask(blocks, b"".join(c for c, _ in local))))
+            next_idx = blocks[-1] + 1
+            continue
+        blocks, local, ticket = pending.popleft()
+        remote = answer(ticket)
+        at = 0
+        for idx, (ours, fines) in zip(blocks, local, strict=True):
+            theirs = remote[at : at + DIGEST_SIZE]
+            at += DIGEST_SIZE
+            base = idx * coarse
+            if theirs != ours:
+                their_fines = remote[at : at + fine_bytes]
+                at += fine_bytes
+                if len(their_fines) != fine_bytes:
+                    raise ProtocolError(f"digest answer too short for coarse block {idx}")
+                for first, end in differing_runs(fines, their_fines):
+                    offset, stop = base + first * fine, min(base + end * fine, size)
+                    if stop > offset:
+                        yield _read_chunk(fd, view, plan, offset, stop - offset)
+            progress.done = min(base + coarse, size)
+        if at != len(remote):
+            raise ProtocolError(f"digest answer of {len(remote)} bytes, expected {at}")
     progress.done = size
 
 
