@@ -231,6 +231,14 @@ class BlockStream(BlockHasher):
         with self._hashed:
             if idx < self.position:
                 raise ValueError(f"block {idx} was already taken (stream at {self.position})")
+            if idx > self.position:
+                # Skipped blocks are never wanted: drop them and let the threads claim from `idx`
+                # (else a skip longer than `ahead` would wait for blocks nobody may hash).
+                for gone in range(self.position, idx):
+                    self._done.pop(gone, None)
+                self.position = idx
+                self._next = max(self._next, idx)
+                self._room.notify_all()
             while idx not in self._done:
                 if self._error is not None:
                     raise self._error
@@ -241,8 +249,6 @@ class BlockStream(BlockHasher):
                     raise TimeoutError(f"block {idx} of {self.path} not hashed within {timeout:.0f} s")
                 self._hashed.wait(left)
             result = self._done.pop(idx)
-            for gone in range(self.position, idx):
-                self._done.pop(gone, None)
             self.position = idx + 1
             if self._next - self.position < self._ahead:
                 self._room.notify_all()
