@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from siterecovery.dataplane.mt_points import MAX_CRASH_POINTS, point_infos
 from siterecovery.dataplane.points import (
     CrashPointPolicy,
     PointKind,
@@ -77,3 +78,30 @@ def test_expired_point_cannot_be_materialised(open_disk: OpenDisk, clock: Clock)
     with pytest.raises(SiteRecoveryError) as gone:
         disk.rollback_to(old)
     assert gone.value.first.code == "recovery-point-unavailable"
+
+
+def test_listed_crash_points_thin_with_age_and_agree_across_disks(open_disk: OpenDisk, clock: Clock) -> None:
+    """FW-3: a day of crash points every 5 s stays choosable, thinned as ASR does (all of the last
+    15 min, one per 5 min up to 2 h, one per hour beyond), and every disk lists the same tags."""
+    day = 24 * 3600.0
+    disks = [
+        open_disk(f"d{n}", retention_seconds=day, crash_points=CrashPointPolicy(interval=1e9)) for n in (0, 1)
+    ]
+    start = clock.now
+    for seq, at in enumerate(range(0, int(day) - 60, 5), start=1):  # as the agent bookmarks them
+        for d in disks:
+            d.bookmark(seq, f"crash-{seq}", "crash", start + at)
+    clock.advance(day - 60)
+    for d in disks:
+        d.sync()
+    listed = [[p for p in point_infos(d, clock.now) if p.kind == "crash"] for d in disks]
+    assert [p.tag for p in listed[0]] == [p.tag for p in listed[1]]  # so the machine has them all
+    crash, now = listed[0], clock.now
+    assert len(crash) <= MAX_CRASH_POINTS
+    ages = [now - p.time for p in crash]
+    assert sum(a <= 15 * 60 for a in ages) == 15 * 60 // 5  # every recent one
+    middle = [p.time for p, a in zip(crash, ages, strict=True) if 15 * 60 < a <= 2 * 3600]
+    assert len({int(t // 300) for t in middle}) == len(middle) >= 20  # one per 5 minutes
+    old = [p.time for p, a in zip(crash, ages, strict=True) if a > 2 * 3600]
+    assert len({int(t // 3600) for t in old}) == len(old) >= 21  # one per hour
+    assert old[0] - start < 3600  # a point of the day's first hour can still be chosen

@@ -113,13 +113,13 @@ class _Pair:
         self.position = position_id(applier) if isinstance(applier, JournaledDisk) else "latest"
         self.last_ack = -1
 
-    def stats(self) -> MasterTargetPairStats:
+    def stats(self, now: float) -> MasterTargetPairStats:
         applier = self.applier
         points: list[PointInfo] = []
         journal_bytes = 0
         with self.lock:
             if isinstance(applier, JournaledDisk) and not self.detached:
-                points, journal_bytes = point_infos(applier), applier.journal_bytes
+                points, journal_bytes = point_infos(applier, now), applier.journal_bytes
         return MasterTargetPairStats(
             pair_id=self.disk.pair_id,
             applied_seq=_durable_seq(applier),
@@ -513,7 +513,8 @@ class MasterTarget:
         writer.send(FrameType.DIGESTS, pair=idx, seq=seq, payload=payload)
 
     def stats(self) -> MasterTargetStats:
-        pairs = [p.stats() for p in list(self._pairs.values())]
+        now = time.time()  # one instant for every pair: they list the same thinned points
+        pairs = [p.stats(now) for p in list(self._pairs.values())]
         return MasterTargetStats(
             pairs=pairs,
             attached_disks=len(pairs),

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -27,7 +29,16 @@ from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 log = logging.getLogger(__name__)
 
-MAX_CRASH_POINTS = 200  # listed per pair; app and group points are all listed
+MAX_CRASH_POINTS = 300  # listed per pair at most; app and group points are all listed
+# Which retained crash points are listed (and so can be chosen), as ASR thins them: every one of
+# the last 15 minutes, then the newest of each 5 minutes up to 2 hours old, then the newest of each
+# hour of the retention window. Chosen by the points' own times, so every disk of a machine lists
+# the same ones (a machine's points are the tags all its disks have).
+LISTED_CRASH_POINTS: tuple[tuple[float, float], ...] = (
+    (15 * 60.0, 0.0),
+    (2 * 3600.0, 300.0),
+    (math.inf, 3600.0),
+)
 MAX_COPY_RESULTS = 200  # remembered and reported
 
 
@@ -44,10 +55,27 @@ def no_journal(pair_id: str) -> SiteRecoveryError:
     )
 
 
-def point_infos(disk: JournaledDisk) -> list[PointInfo]:
-    """Every restorable point, oldest first: the newest crash points, all app/group ones, latest."""
+def listed_crash_points(crash: Sequence[RecoveryPoint], now: float) -> list[RecoveryPoint]:
+    """The crash points to list, oldest first, thinned by age (LISTED_CRASH_POINTS)."""
+    kept: list[RecoveryPoint] = []
+    buckets: set[tuple[float, int]] = set()
+    for p in reversed(crash):  # newest first: the newest of each bucket stays
+        spacing = next(s for limit, s in LISTED_CRASH_POINTS if now - p.time <= limit)
+        if spacing:
+            bucket = (spacing, int(p.time // spacing))
+            if bucket in buckets:
+                continue
+            buckets.add(bucket)
+        kept.append(p)
+    return kept[:MAX_CRASH_POINTS][::-1]
+
+
+def point_infos(disk: JournaledDisk, now: float | None = None) -> list[PointInfo]:
+    """Every restorable point, oldest first: crash points thinned by age, all app/group ones, latest."""
     points = disk.points()
-    crash = [p for p in points if p.kind is PointKind.CRASH][-MAX_CRASH_POINTS:]
+    crash = listed_crash_points(
+        [p for p in points if p.kind is PointKind.CRASH], time.time() if now is None else now
+    )
     keep = {id(p) for p in crash}
     listed = [p for p in points if p.kind is not PointKind.CRASH or id(p) in keep]
     listed.append(disk.latest_point())
