@@ -27,11 +27,11 @@ SNAPSHOT_NAME = "siterecovery-before-commit"
 HOLD_TIMEOUT = 300.0
 
 
-def hold(rec: ItemRecord, rep: Replication) -> None:
-    """Replication stops for a failover: keep it, and the points it had, until commit."""
+def held_failover(rep: Replication) -> HeldFailover:
+    """Replication stops for a failover: what to keep of it, with the points it had, until commit."""
     with current().db.session() as s:
         points = item_points(s, rep)
-    rec.held = HeldFailover(
+    return HeldFailover(
         replication=rep,
         site=rep.source_site.other,
         machine="",

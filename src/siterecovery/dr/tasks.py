@@ -19,7 +19,7 @@ from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
-from siterecovery.dr.held_failover import drop_snapshot, hold
+from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
@@ -232,10 +232,10 @@ def stop_replication(ctx: TaskContext) -> dict[str, Any]:
     if rep is None:
         return {"stopped": True}
     pair_ids = {p.pair_id for p in rep.pairs}
+    held = held_failover(rep) if ctx.args.get("hold") else None
 
     def change(_: Any, rec: ItemRecord) -> None:
-        if ctx.args.get("hold"):
-            hold(rec, rep)
+        rec.held = held or rec.held
         rec.replication = None
 
     repo.update(item.id, change)
