@@ -183,3 +183,34 @@ def test_group_changes_its_point_only_through_its_plan(dr_env: Environment, tmp_
     # At the group point the dependent machine's log never runs ahead of the one it follows.
     assert 0 < booted["win1"]["records"] <= booted["app1"]["records"], booted
     assert run_job(dr_env, "/api/recoveryPlans/g1-plan/commit", {})["state"] == "succeeded"
+
+
+def test_point_change_survives_kill9_of_the_configuration_server(dr_env: Environment) -> None:
+    """The point change is a durable job: killed after the revert, the configuration server resumes
+    it without redoing finished tasks, and the machine still boots from exactly the point."""
+    if dr_env.api.get("/api/replicatedItems/db1")["state"] != "protected":
+        pytest.fail("runs after the unknown-point test above, which leaves db1 protected")
+    job = run_job(dr_env, "/api/replicatedItems/db1/failover", {"point": "latest"})
+    assert job["state"] == "succeeded", job
+    booted = _booted(job, "start-recovery-machine")["oracle"]["records"]
+    Cycle(dr_env, "db1").wait_records("cloud", booted + 20)
+
+    job_id = dr_env.api.post("/api/replicatedItems/db1/changePoint", {"point": "latest"})["job_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        job = dr_env.api.get(f"/api/jobs/{job_id}")
+        reverted = next(t for t in job["tasks"] if t["action"] == "revert-recovery-machine")
+        if reverted["state"] == "succeeded":
+            break
+        assert job["state"] not in ("failed", "succeeded"), job
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    dr_env.stop_server(kill=True)
+    dr_env.start_server()
+    job = wait_job(dr_env, job_id)
+    assert job["state"] == "succeeded", job
+    attempts = {t["action"]: t["attempts"] for t in job["tasks"]}
+    for finished in ("failover-begin", "shutdown-source", "revert-recovery-machine"):
+        assert attempts[finished] == 1, attempts
+    assert _booted(job, "start-recovery-machine")["oracle"]["records"] == booted
+    assert run_job(dr_env, "/api/replicatedItems/db1/commit", {})["state"] == "succeeded"
