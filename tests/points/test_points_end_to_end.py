@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -155,3 +156,28 @@ def test_failed_freeze_hook_is_reported_and_inserts_no_bookmark(rig: Rig) -> Non
     assert stats["bookmark_errors"]["app-frozen-fails"].startswith("freeze-hook-failed")  # type: ignore[index]
     assert "app-frozen-fails" not in stats["bookmarks_done"]  # type: ignore[operator]
     assert rig.points("app") == []
+
+
+def test_a_frozen_pair_applies_nothing_until_it_is_released(rig: Rig) -> None:
+    """A failover's pairs are held frozen while its point changes: what the process server still
+    has for them must not move the disk past the failover; released, everything applies again."""
+    require_tool("qemu-img")
+    rig.start_guest()
+    _wait_points(rig, "crash", 2)
+    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "frozen": True}])
+    time.sleep(1.0)  # a few of the master target's 0.3 s reconcile cycles
+    frozen_at = int(rig.mt_pair()["applied_seq"])
+    written = rig.guest_seq()
+    wait_for(lambda: rig.guest_seq() >= written + 200, 60, "the guest to write on")
+    rig.stop_guest()
+
+    def acked() -> int:
+        pairs = rig.agent.stats().get("pairs", [])
+        return int(next(p for p in pairs if p["pair_id"] == rig.mt_pair()["pair_id"])["acked_seq"])  # type: ignore[index]
+
+    wait_for(lambda: acked() > frozen_at + 200, 60, "the process server to hold the new writes")
+    assert int(rig.mt_pair()["applied_seq"]) == frozen_at  # held: nothing new reached the disk
+
+    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "frozen": False}])
+    rig.wait_applied()
+    assert qemu_compare(rig.target, rig.source) == 0

@@ -110,6 +110,9 @@ class AttachedDisk(_Model):
     # Materialise the disk in place at this recovery point id (None: follow latest). While set,
     # the master target applies no new writes to the pair.
     point: str | None = None
+    # Held for a failover whose point is changing: nothing new is applied whatever the point (a
+    # process server's leftover backlog for the pair must not move the disk past the failover).
+    frozen: bool = False
 
 
 class PointCopy(_Model):

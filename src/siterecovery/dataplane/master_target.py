@@ -423,8 +423,8 @@ class MasterTarget:
                 )
             if h.seq <= pair.seen:
                 return True
-            if pair.disk.point is not None:
-                return False  # materialised at a chosen point: nothing new is applied
+            if pair.disk.point is not None or pair.disk.frozen:
+                return False  # materialised at a chosen point, or held: nothing new is applied
             try:
                 if h.type == FrameType.BOOKMARK:
                     bm = decode_model(Bookmark, frame.payload)

@@ -99,7 +99,13 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
             continue
         retention = retention or rep.retention_volume
         disks += [
-            AttachedDisk(pair_id=p.pair_id, path=Path(p.target), size=p.size, point=rep.points.get(p.pair_id))
+            AttachedDisk(
+                pair_id=p.pair_id,
+                path=Path(p.target),
+                size=p.size,
+                point=rep.points.get(p.pair_id),
+                frozen=rep is not rec.replication,
+            )
             for p in rep.pairs
         ]
         if rec.test is not None:
