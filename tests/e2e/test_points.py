@@ -213,4 +213,13 @@ def test_point_change_survives_kill9_of_the_configuration_server(dr_env: Environ
     for finished in ("failover-begin", "shutdown-source", "revert-recovery-machine"):
         assert attempts[finished] == 1, attempts
     assert _booted(job, "start-recovery-machine")["oracle"]["records"] == booted
+
+    # Commit ends the pairs: the process server drops what it still cached for them.
+    pairs = dr_env.api.get("/api/replicatedItems/db1")["details"]["held"]["replication"]["pairs"]
+    caches = [dr_env.root / "components" / "ps-onprem" / "cache" / "cache" / p["pair_id"] for p in pairs]
+    assert all(c.is_dir() for c in caches), caches
     assert run_job(dr_env, "/api/replicatedItems/db1/commit", {})["state"] == "succeeded"
+    deadline = time.monotonic() + 30
+    while any(c.exists() for c in caches):
+        assert time.monotonic() < deadline, caches
+        time.sleep(0.3)

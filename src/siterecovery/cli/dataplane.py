@@ -22,12 +22,11 @@ import httpx
 import typer
 
 from siterecovery.dataplane.agent import Agent, AgentOptions
-from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired
+from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired, ProcessServerDesired
 from siterecovery.dataplane.control_client import (
     ControlClient,
     DesiredSource,
     Registration,
-    Reporter,
     load_identity,
 )
 from siterecovery.dataplane.links import Identity, parse_address
@@ -168,6 +167,7 @@ def process_server(
     site: Annotated[str, typer.Option("--site")] = "onprem",
     name: Annotated[str, typer.Option("--name")] = "process-server",
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="default: the cache dir")] = None,
+    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
     interval: IntervalOpt = 2.0,
 ) -> None:
     """Receive agents' frames, cache them durably and forward them to master targets (PS-1)."""
@@ -185,9 +185,9 @@ def process_server(
     _write_address(state, svc.address)
     if client is not None:
         client.address = svc.address
-    reporter = Reporter(state, client)
+    source = DesiredSource(ProcessServerDesired, state, client, assignments)
     while not stop.is_set():
-        reporter.report(svc.stats())
+        svc.reconcile(source.exchange(svc.stats()))
         stop.wait(interval)
     svc.stop()
 

@@ -103,6 +103,12 @@ class ProcessServerStats(_Model):
 # --- master target ----------------------------------------------------------------------------
 
 
+class ProcessServerDesired(_Model):
+    discard: list[str] = Field(
+        default=[], description="ended pairs (committed or disabled): their cached frames can go"
+    )
+
+
 class AttachedDisk(_Model):
     pair_id: str
     path: Path

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from siterecovery.dataplane.assignments import CacheHealth, ProcessServerStats
+from siterecovery.dataplane.assignments import CacheHealth, ProcessServerDesired, ProcessServerStats
 from siterecovery.dataplane.links import Identity, Listener, connect, idle
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
@@ -80,8 +80,25 @@ class PairRelay:
         self._mt_sock: ssl.SSLSocket | None = None
         self._mt_up = threading.Event()
         self.forwarded_bytes = 0
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name=f"ps-fwd-{pair_id}", daemon=True)
         self._thread.start()
+
+    @property
+    def _stopping(self) -> bool:
+        return self.server.stopped.is_set() or self._ended.is_set()
+
+    def discard(self) -> None:
+        """The pair ended for good (commit, disable): stop forwarding and delete its cache."""
+        self._ended.set()
+        with self._mt_lock:
+            sock = self._mt_sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+        self._thread.join(timeout=10)
+        self.cache.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _save_meta(self) -> None:
         tmp = self._meta.with_suffix(".tmp")
@@ -126,7 +143,7 @@ class PairRelay:
 
     def _forward_loop(self) -> None:
         backoff = 0.1
-        while not self.server.stopped.is_set():
+        while not self._stopping:
             try:
                 self._forward_once()
                 backoff = 0.1
@@ -139,7 +156,7 @@ class PairRelay:
                     sock, self._mt_sock = self._mt_sock, None
                 if sock is not None:
                     sock.close()
-            self.server.stopped.wait(backoff)
+            self._ended.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
     def _forward_once(self) -> None:
@@ -168,7 +185,7 @@ class PairRelay:
         cursor = self.cache.cursor(self.mt_acked)
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
         try:
-            while not self.server.stopped.is_set() and not broken.is_set():
+            while not self._stopping and not broken.is_set():
                 item = cursor.next(buf)
                 if item is None:
                     with self.cache.appended:
@@ -218,6 +235,7 @@ class ProcessServer:
         self.name = name
         self.stopped = threading.Event()
         self._relays: dict[str, PairRelay] = {}
+        self._discarded: set[str] = set()
         self._lock = threading.Lock()
         self._listener = Listener(listen, identity.server_context(), self._serve)
         self._received = 0
@@ -253,6 +271,20 @@ class ProcessServer:
             elif mt_address and mt_address != relay.mt_address:
                 relay.mt_address = mt_address
             return relay
+
+    def reconcile(self, desired: ProcessServerDesired) -> None:
+        """Drop the caches of pairs that ended (their master target would refuse them for ever)."""
+        for pair_id in desired.discard:
+            if pair_id in self._discarded or Path(pair_id).name != pair_id:
+                continue
+            with self._lock:
+                relay = self._relays.pop(pair_id, None)
+            if relay is not None:
+                relay.discard()
+            else:
+                shutil.rmtree(self.cache_dir / pair_id, ignore_errors=True)
+            self._discarded.add(pair_id)
+            log.info("discarded the cache of ended pair %s", pair_id)
 
     def note_forwarded(self, n: int) -> None:
         self._forwarded += n

@@ -23,6 +23,7 @@ from siterecovery.dataplane.assignments import (
     DiskReplication,
     MasterTargetDesired,
     PointCopy,
+    ProcessServerDesired,
 )
 from siterecovery.dr.record import ItemRecord, Replication
 
@@ -129,10 +130,22 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     )
 
 
+def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
+    discard = [
+        e.pair_id
+        for item in s.scalars(select(ReplicatedItem))
+        for e in ItemRecord.model_validate(item.details).ended_pairs
+        if e.process_server == ps.id
+    ]
+    return ProcessServerDesired(discard=discard)
+
+
 def desired_for(s: Session, component: Component) -> dict[str, Any]:
     """The JSON desired state a heartbeat returns to this component."""
     if component.kind == ComponentKind.AGENT.value:
         return agent_desired(s, component).model_dump(mode="json")
     if component.kind == ComponentKind.MASTER_TARGET.value:
         return master_target_desired(s, component).model_dump(mode="json")
+    if component.kind == ComponentKind.PROCESS.value:
+        return process_server_desired(s, component).model_dump(mode="json")
     return dict(component.desired)

@@ -134,9 +134,10 @@ class HeldFailover(_Model):
 
 
 class EndedPair(_Model):
-    """A pair whose replication ended for good (commit, disable): its master target may drop its journal."""
+    """A pair whose replication ended for good (commit, disable): its journal and cache can go."""
 
-    master_target: str  # component id
+    master_target: str  # component ids
+    process_server: str = ""
     pair_id: str
 
 
@@ -164,7 +165,10 @@ class ItemRecord(_Model):
 
     def end_pairs(self, rep: Replication) -> None:
         """Replication `rep` ended for good: its journals go (kept while the point could change)."""
-        self.ended_pairs += [EndedPair(master_target=rep.master_target, pair_id=p.pair_id) for p in rep.pairs]
+        self.ended_pairs += [
+            EndedPair(master_target=rep.master_target, process_server=rep.process_server, pair_id=p.pair_id)
+            for p in rep.pairs
+        ]
         del self.ended_pairs[:-MAX_ENDED_PAIRS]
 
     placed_disks: list[dict[str, str]] = Field(default_factory=list)  # RP-MT-MOVE: uuid, backing
