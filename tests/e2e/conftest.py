@@ -53,6 +53,22 @@ def wait_job(env: Environment, job_id: str, timeout: float = 180.0) -> dict[str,
         time.sleep(0.25)
 
 
+def kill9_after_task(env: Environment, job_id: str, action: str, timeout: float = 60.0) -> None:
+    """Once the job's task `action` succeeded, and the job runs on, kill -9 the configuration
+    server and start it again (durable jobs resume where they were)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = env.api.get(f"/api/jobs/{job_id}")
+        if next(t for t in job["tasks"] if t["action"] == action)["state"] == "succeeded":
+            break
+        assert job["state"] not in ("failed", "succeeded"), job
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    env.stop_server(kill=True)
+    assert job["state"] == "running"  # killed in the middle of the job
+    env.start_server()
+
+
 def ensure_policy(env: Environment) -> None:
     if not any(p["name"] == "gold" for p in env.api.get("/api/policies")):
         env.api.post("/api/policies", {"name": "gold"})

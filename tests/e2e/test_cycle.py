@@ -13,7 +13,7 @@ import pytest
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
 from siterecovery.lab.records import RECORD_SIZE
-from tests.e2e.conftest import fail_over_and_commit, reprotect_body, run_job
+from tests.e2e.conftest import fail_over_and_commit, kill9_after_task, reprotect_body, run_job
 
 
 def test_whole_cycle_keeps_a_clean_prefix_and_reprotect_sends_only_differences(dr_env: Environment) -> None:
@@ -93,18 +93,7 @@ def test_reprotect_survives_kill9_of_the_configuration_server(dr_env: Environmen
     redoing finished tasks; RPW-7: it ends protected in the failback direction."""
     fail_over_and_commit(dr_env, "app1")
     job_id = dr_env.api.post("/api/replicatedItems/app1/reprotect", reprotect_body(dr_env))["job_id"]
-    deadline = time.monotonic() + 60
-    while True:
-        job = dr_env.api.get(f"/api/jobs/{job_id}")
-        prepared = next(t for t in job["tasks"] if t["action"] == "prepare-onprem-disks")
-        if prepared["state"] == "succeeded":
-            break
-        assert job["state"] not in ("failed", "succeeded"), job
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    dr_env.stop_server(kill=True)
-    assert job["state"] == "running"  # killed in the middle of the job
-    dr_env.start_server()
+    kill9_after_task(dr_env, job_id, "prepare-onprem-disks")
     deadline = time.monotonic() + 120
     while (job := dr_env.api.get(f"/api/jobs/{job_id}"))["state"] not in ("succeeded", "failed"):
         assert time.monotonic() < deadline, job
