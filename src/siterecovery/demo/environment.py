@@ -46,6 +46,7 @@ class Environment:
     registration_delay: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, tuple[str, ...]] = field(default_factory=dict)  # each process's arguments
     token: str = ""
     port: int = 0
 
@@ -77,6 +78,7 @@ class Environment:
     def _spawn(self, name: str, *args: str) -> None:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        self.commands[name] = args
         with open(logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "siterecovery", *args],
@@ -170,6 +172,18 @@ class Environment:
         else:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
         self._await(lambda: self.connected(name), name)
+
+    def restart_component(self, name: str, kill: bool = True) -> None:
+        """Stop a process server or master target (kill -9 by default) and start it again with the
+        same command line, as an operator would after a crash."""
+        args = self.commands[name]
+        self._stop(name, signal.SIGKILL if kill else signal.SIGTERM)
+        self._spawn(name, *args)
+        self._await(lambda: self.connected(name), name)
+
+    def stop_component(self, name: str) -> None:
+        """Stop a process server or master target cleanly (SIGTERM)."""
+        self._stop(name)
 
     def retention_volume(self, master_target: str) -> str:
         """The first eligible retention volume the master target reports (what the portal offers)."""
