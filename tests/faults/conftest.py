@@ -9,7 +9,7 @@ with a second disk the independent writer owns, and the knobs of the seeded kill
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,28 +57,55 @@ def fault_report(fault_options: FaultOptions) -> Iterator[Report]:
         report.write(fault_options.results)
 
 
+Deploy = Callable[..., Environment]
+
+
+def env_root(tmp_path: Path) -> Path:
+    """Where `deploy` puts the deployment of a test."""
+    return tmp_path / "dr"
+
+
 @pytest.fixture
-def fault_env(tmp_path: Path, fault_options: FaultOptions) -> Iterator[Environment]:
-    """The e2e deployment (configuration server, PS and MT per site, the lab), with `web1` given a
-    second disk and protected."""
-    env = Environment(
-        tmp_path / "dr",
-        disk_size=16 << 20,
-        env={
-            "SITERECOVERY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
-            "SITERECOVERY_SYNC_TIMEOUT": "120",
-            "SITERECOVERY_DRAIN_TIMEOUT": "120",
-        },
-    )
-    try:
+def deploy(tmp_path: Path, fault_options: FaultOptions) -> Iterator[Deploy]:
+    """Builds the e2e deployment (configuration server, PS and MT per site, the lab) with `web1`
+    given a second disk and protected. `before_start(root)` runs before anything starts (e.g. to
+    mount the retention volume); `mt_cloud_args` are added to mt-cloud's command line."""
+    envs: list[Environment] = []
+
+    def build(
+        before_start: Callable[[Path], None] | None = None, mt_cloud_args: tuple[str, ...] = ()
+    ) -> Environment:
+        env = Environment(
+            env_root(tmp_path),
+            disk_size=16 << 20,
+            env={
+                "SITERECOVERY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+                "SITERECOVERY_SYNC_TIMEOUT": "120",
+                "SITERECOVERY_DRAIN_TIMEOUT": "120",
+            },
+        )
+        envs.append(env)
+        if before_start is not None:
+            before_start(env.root)
         env.start()
+        if mt_cloud_args:
+            env.restart_component("mt-cloud", kill=False, extra=mt_cloud_args)
         env.lab_set("machine", MACHINE, f"disk+={DATA}:{data_disk_bytes(fault_options)}")
         # A crash point every second: a short run still lists many to check.
         env.api.post("/api/policies", {"name": "faults", "crash_consistent_frequency_seconds": 1})
         protect(env, MACHINE, policy="faults")
-        yield env
+        return env
+
+    try:
+        yield build
     finally:
-        env.stop()
+        for env in envs:
+            env.stop()
+
+
+@pytest.fixture
+def fault_env(deploy: Deploy) -> Environment:
+    return deploy()
 
 
 def data_writer(env: Environment, options: FaultOptions, site: str = "onprem") -> RecordWriter:

@@ -173,10 +173,10 @@ class Environment:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
         self._await(lambda: self.connected(name), name)
 
-    def restart_component(self, name: str, kill: bool = True) -> None:
+    def restart_component(self, name: str, kill: bool = True, extra: tuple[str, ...] = ()) -> None:
         """Stop a process server or master target (kill -9 by default) and start it again with the
-        same command line, as an operator would after a crash."""
-        args = self.commands[name]
+        same command line (plus `extra` options), as an operator would after a crash."""
+        args = (*self.commands[name], *extra)
         self._stop(name, signal.SIGKILL if kill else signal.SIGTERM)
         self._spawn(name, *args)
         self._await(lambda: self.connected(name), name)
