@@ -34,8 +34,8 @@ def fail_over_and_check(env: Environment, writer: RecordWriter) -> Verdict:
 
 
 def active_alerts(env: Environment, code: str) -> list[dict[str, Any]]:
-    return [e for e in env.api.get("/api/events?alerts=true&active=true") if e["code"] == code]
+    return [e for e in env.api.get("/api/events", alerts="true", active="true") if e["code"] == code]
 
 
 def alerts_ever(env: Environment, code: str) -> list[dict[str, Any]]:
-    return [e for e in env.api.get("/api/events?alerts=true") if e["code"] == code]
+    return [e for e in env.api.get("/api/events", alerts="true") if e["code"] == code]
