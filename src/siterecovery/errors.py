@@ -114,7 +114,7 @@ def recovery_verdict_failed(machine: str, site: str, reason: str) -> SiteRecover
     )
 
 
-def recovery_point_unusable(point: str, pair: str, reason: str) -> SiteRecoveryError:
+def recovery_point_unusable(point: str, pair: str, reason: str, damaged_seq: int = -1) -> SiteRecoveryError:
     """A listed point whose journal records are damaged (or that misses a refused write)."""
     return SiteRecoveryError(
         Problem(
@@ -122,5 +122,6 @@ def recovery_point_unusable(point: str, pair: str, reason: str) -> SiteRecoveryE
             message=f"Recovery point {point!r} of pair {pair!r} cannot be restored: {reason}.",
             remediation="Choose another recovery point (`points list` marks the unusable ones), "
             "or fail over to the latest point.",
+            detail={"point": point, "pair": pair, "damaged_seq": damaged_seq},
         )
     )

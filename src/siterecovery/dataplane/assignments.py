@@ -147,6 +147,9 @@ class PointInfo(_Model):
     time: float
     seq: int
     tag: str = ""
+    unusable: str = Field(
+        default="", description="why the point cannot be restored (damaged journal, a missing write)"
+    )
 
 
 class MasterTargetPairStats(_Model):

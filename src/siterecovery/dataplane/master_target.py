@@ -287,7 +287,7 @@ class MasterTarget:
                     result = applier.materialise_in_place(find_point(applier, want))
                     log.info("materialised %s at %s (%d bytes)", pair.disk.pair_id, want, result.bytes_moved)
                     pair.position = want
-                if pair.paused == "recovery-point-unavailable":
+                if pair.paused in ("recovery-point-unavailable", "recovery-point-unusable"):
                     pair.paused = ""
             except SiteRecoveryError as exc:
                 log.warning("cannot materialise %s at %s: %s", pair.disk.pair_id, want, exc.first.message)
