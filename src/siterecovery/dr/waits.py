@@ -89,9 +89,14 @@ def wait_for_apply(
     behind: dict[str, tuple[int, int]] = {}
 
     def applied() -> bool:
-        got = {p.pair_id: p.applied_seq for p in mt_pairs(mt_id).pairs}
+        reported = mt_pairs(mt_id).pairs
+        got = {p.pair_id: p.applied_seq for p in reported}
+        # A refused write still being re-read from the source is not drained either (healing.py).
+        gaps = {p.pair_id for p in reported if p.missing}
         behind.clear()
-        behind.update({p: (got.get(p, -1), seq) for p, seq in targets.items() if got.get(p, -1) < seq})
+        behind.update(
+            {p: (got.get(p, -1), seq) for p, seq in targets.items() if got.get(p, -1) < seq or p in gaps}
+        )
         ctx.progress(
             percent=100.0 * (len(targets) - len(behind)) / max(1, len(targets)),
             message=f"{len(behind)} disk(s) still draining: {', '.join(sorted(behind))}"
