@@ -15,11 +15,14 @@ from siterecovery.control.context import ControlPlane, open_control_plane
 from siterecovery.control.db import Component, Job, JobTask, Policy, ReplicatedItem
 from siterecovery.dataplane.assignments import (
     AgentStats,
+    CacheHealth,
     MasterTargetPairStats,
     MasterTargetStats,
     PairState,
     PairStats,
     PointInfo,
+    ProcessServerStats,
+    RefusedFrame,
 )
 from siterecovery.dr.record import ItemDisk, ItemRecord, Pair, Replication, Site
 
@@ -49,6 +52,23 @@ class Plane:
                 ]
             ).model_dump(mode="json")
             agent.last_heartbeat = mt.last_heartbeat = at
+
+    def report_refused(self, *refused: RefusedFrame) -> None:
+        """The process server heartbeats these refused frames."""
+        with self.cp.db.session() as s:
+            ps = s.get(Component, "ps")
+            assert ps is not None
+            ps.stats = ProcessServerStats(
+                cache_used_bytes=0,
+                cache_capacity_bytes=1 << 30,
+                cache_free_percent=90.0,
+                cache_health=CacheHealth.OK,
+                backlog_bytes=0,
+                throughput_bytes_per_s=0.0,
+                drain_seconds=None,
+                pairs=1,
+                refused_frames=list(refused),
+            ).model_dump(mode="json")
 
     def item(self) -> ReplicatedItem:
         with self.cp.db.session() as s:
@@ -104,6 +124,7 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
         )
         s.add(Component(id="ag", kind="agent", name="onprem/web1"))
         s.add(Component(id="mt", kind="master-target", name="mt-cloud"))
+        s.add(Component(id="ps", kind="process-server", name="ps-onprem"))
         s.flush()
         s.add(
             ReplicatedItem(
