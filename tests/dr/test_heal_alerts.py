@@ -56,3 +56,23 @@ def test_refused_frame_alert_is_raised_until_healed(plane: Plane) -> None:
     alerts = _alerts(plane)
     assert [(a[0], a[1]) for a in alerts] == [("critical", False), ("critical", False)]
     assert "process server -> master target link" in alerts[1][2]
+
+
+def test_unusable_points_warn(plane: Plane) -> None:
+    from siterecovery.dataplane.assignments import PointInfo
+
+    t0 = plane.t0
+    bad = PointInfo(
+        id="d:app:4", kind="app", time=t0, seq=4, tag="p2", unusable="journal record 5 is damaged"
+    )
+    plane.report(captured=9, acked=9, applied=9, at=t0, points=[bad])
+    evaluate(plane.cp, now=t0)
+    assert plane.item().health == "warning"
+    with plane.cp.db.session() as s:
+        [alert] = s.scalars(
+            select(Event).where(Event.code == "recovery-points-unusable", Event.active.is_(True))
+        )
+        assert "disk disk0" in alert.message and "journal record 5 is damaged" in alert.message
+    plane.report(captured=9, acked=9, applied=9, at=t0 + 1, points=[])  # pruned out of the window
+    evaluate(plane.cp, now=t0 + 1)
+    assert plane.item().health == "normal"

@@ -15,11 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.db import Component, Event, ReplicatedItem, now
+from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import Health, Severity
 from siterecovery.dataplane.assignments import RefusedFrame
 from siterecovery.dr.record import ItemRecord
 
 ALERT = "frame-refused"
+UNUSABLE = "recovery-points-unusable"
 
 
 def _message(item: ReplicatedItem, disk: str, e: RefusedFrame) -> str:
@@ -72,3 +74,32 @@ def check_refused_frames(s: Session, item: ReplicatedItem) -> Health:
         if not e.healed:
             health = Health.CRITICAL
     return health
+
+
+def check_unusable_points(s: Session, item: ReplicatedItem) -> Health:
+    """Warn while the master target lists points of the item it cannot restore (damaged journal
+    records, a write missing while they were taken): they stay listed, marked, and are refused."""
+    rep = ItemRecord.model_validate(item.details).replication
+    mt = s.get(Component, rep.master_target) if rep is not None else None
+    if rep is None or mt is None:
+        return Health.NORMAL
+    disks = {p.pair_id: p.disk for p in rep.pairs}
+    bad: list[str] = []
+    for pair in (mt.stats or {}).get("pairs", []) or []:
+        if not isinstance(pair, dict) or pair.get("pair_id") not in disks:
+            continue
+        reasons = [str(p.get("unusable")) for p in pair.get("points", []) or [] if p.get("unusable")]
+        if reasons:
+            bad.append(f"disk {disks[pair['pair_id']]}: {len(reasons)} ({reasons[-1]})")
+    if not bad:
+        clear_alert(s, UNUSABLE, "replicatedItem", item.id)
+        return Health.NORMAL
+    raise_alert(
+        s,
+        Severity.WARNING,
+        UNUSABLE,
+        f"Item {item.name} has recovery points that cannot be restored: {'; '.join(bad)}.",
+        "replicatedItem",
+        item.id,
+    )
+    return Health.WARNING

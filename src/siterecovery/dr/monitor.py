@@ -25,7 +25,7 @@ from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
-from siterecovery.dr.heal import check_refused_frames
+from siterecovery.dr.heal import check_refused_frames, check_unusable_points
 from siterecovery.dr.record import ItemRecord
 from siterecovery.dr.stall import check_stalls, worse
 
@@ -129,6 +129,7 @@ def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
             rpo_health = _health(rpo.seconds, threshold)
             health = worse(rpo_health, check_stalls(s, item, now))  # a pair applying nothing (stall.py)
             health = worse(health, check_refused_frames(s, item))  # damaged frames healing (heal.py)
+            health = worse(health, check_unusable_points(s, item))
             item.rpo_seconds = round(rpo.seconds, 2)
             item.health = health.value
             if rpo_health is Health.NORMAL:
