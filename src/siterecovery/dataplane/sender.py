@@ -134,6 +134,9 @@ class PairSender:
                     self.pair.on_ack(h.seq)
                 elif h.type == FrameType.DIGESTS:
                     self._digests.put((h.seq, bytes(frame.payload)))
+                elif h.type == FrameType.REFETCH:
+                    # A downstream copy of this range was damaged: send it again from the disk.
+                    self.pair.refetch(h.offset, h.length)
                 elif h.type == FrameType.NACK:
                     log.warning("process server refused frame %d of %s; resending", h.seq, self.pair.pair_id)
                     return
