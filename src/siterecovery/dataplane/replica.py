@@ -22,6 +22,7 @@ from pathlib import Path
 from siterecovery.dataplane.assignments import DiskReplication, PairState, PairStats, SyncMode
 from siterecovery.dataplane.blocks import FINE
 from siterecovery.dataplane.dirty import DirtyBitmap
+from siterecovery.dataplane.durable import write_durably
 from siterecovery.dataplane.protocol import (
     EMPTY_DIGEST,
     HEADER_SIZE,
@@ -92,6 +93,8 @@ class PairReplication:
         self._next = max(reserved, self.spool.last_seq + 1)
         self._reserved = self._next
         self._generation = generation
+        # A new generation starts with a sync of the whole disk: it covers every earlier write.
+        self.fresh = spec.generation > generation
         self.acked = -1
         self.bytes_sent = 0
         self.bytes_done = 0
@@ -121,12 +124,7 @@ class PairReplication:
             "dirty_mode": self.dirty_mode,
             "sync": None if self.sync is None else {"kind": self.sync.kind.value, "s0": self.sync.s0},
         }
-        tmp = self._state_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        write_durably(self._state_path, json.dumps(state).encode())
 
     @property
     def captured_seq(self) -> int:
@@ -163,6 +161,14 @@ class PairReplication:
         with self._lock:
             if self.dirty_mode:
                 self.dirty.save()
+
+    def absorb(self, changed: DirtyBitmap) -> None:
+        """Blocks written while this pair was not capturing: track them dirty, to be resynced."""
+        with self._lock:
+            self.dirty.merge(changed)
+            self.dirty_mode = True
+            self.dirty.save()
+            self._save_state()
 
     def bookmark(self, tag: str, kind: BookmarkKind, *, sync: bool = True) -> int:
         """Insert a recovery-point marker after every write recorded so far.

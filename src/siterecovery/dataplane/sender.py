@@ -171,7 +171,8 @@ class PairSender:
                     pair.sync_generated(last)
                     continue
                 if held is None:
-                    if pair.dirty_mode and pair.acked >= pair.spool.last_seq:
+                    # Never over a pending sync: its frames may not all be acknowledged yet.
+                    if pair.dirty_mode and pair.sync is None and pair.acked >= pair.spool.last_seq:
                         pair.start_sync(SyncKind.DIRTY)
                         continue
                     with pair.changed:
