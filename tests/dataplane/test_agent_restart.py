@@ -11,6 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
@@ -22,7 +23,9 @@ from tests.dataplane.conftest import (
     wait_for,
     wait_replicated,
 )
-from tests.nbd_writer import RecordWriter, verify_records
+from tests.nbd_writer import RECORD, NbdConnection, RecordWriter, record, verify_records
+
+from siterecovery.dataplane.agent import FAULT_EXIT_BEFORE_CAPTURE, FAULT_EXIT_CODE
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -133,3 +136,51 @@ def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane)
     verdict = verify_records(target, BASE, 200, seed=1)
     assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
     assert _compare(src, target) == 0
+
+
+def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent dies after a write reached the image and before it was spooled (a fault hook);
+    after the restart, the write-intent log's marked extent is compared with the target and the
+    write reaches the replica: the replica equals the source."""
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    mt.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    agent.kill(signal.SIGTERM)
+    monkeypatch.setenv(FAULT_EXIT_BEFORE_CAPTURE, "5")
+    agent.start()
+    monkeypatch.delenv(FAULT_EXIT_BEFORE_CAPTURE)
+    sock = plane.root / "nbd" / "d0.sock"
+    wait_for(lambda: _connectable(sock), 30, "the restarted export")
+    conn = NbdConnection(sock, "d0")
+    for slot in range(5):
+        conn.write(BASE + slot * RECORD, record(slot, 1))
+    conn.flush()
+    with pytest.raises((ConnectionError, OSError)):
+        conn.write(BASE + 5 * RECORD, record(5, 1))  # the agent exits between image and spool
+    conn.close()
+    assert agent.proc is not None and agent.proc.wait(timeout=60) == FAULT_EXIT_CODE
+    with open(src, "rb") as f:
+        f.seek(BASE + 5 * RECORD)
+        assert f.read(RECORD) == record(5, 1), "the write did not reach the image before the exit"
+    (agent.state_dir / "stats.json").unlink(missing_ok=True)
+    agent.start()
+    wait_replicated(agent, mt, "p1", timeout=120)
+    verdict = verify_records(target, BASE, 6, seed=1)
+    assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
+    assert _compare(src, target) == 0
+
+
+def _connectable(sock: Path) -> bool:
+    try:
+        NbdConnection(sock, "d0", timeout=5).close()
+    except OSError:
+        return False
+    return True

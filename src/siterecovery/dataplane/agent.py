@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from siterecovery.dataplane.activity_log import ActivityLog
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats, DiskReplication
 from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
 from siterecovery.dataplane.dirty import DirtyBitmap
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # The pairs the agent replicates, as last told: read at start, before any disk is served.
 PAIRS_FILE = "pairs.json"
+# Tests only: the agent exits (code FAULT_EXIT_CODE) at the N+1th write, after the image, before capture.
+FAULT_EXIT_BEFORE_CAPTURE = "SITERECOVERY_FAULT_EXIT_BEFORE_CAPTURE"
+FAULT_EXIT_CODE = 86
 
 
 def _protected(pair: PairReplication) -> bool:
@@ -61,6 +65,7 @@ class AgentOptions:
     machine: str = ""
     freeze_hook: str | None = None  # shell command run before an app-consistent bookmark
     thaw_hook: str | None = None  # shell command run after it
+    activity_log: bool = True  # the write-intent log (off only to measure what it costs)
 
 
 class _SinkSwitch:
@@ -76,6 +81,22 @@ class _SinkSwitch:
         self._lock = threading.Lock()
         self._target: PairReplication | None = None
         self._untracked = untracked
+        # Fault injection for tests: exit after this many writes, between image and capture.
+        fault = os.environ.get(FAULT_EXIT_BEFORE_CAPTURE)
+        self._exit_after = int(fault) if fault else -1
+
+    def track(self, ranges: list[tuple[int, int]]) -> None:
+        """Track these ranges as written while no pair captured them (saved at once)."""
+        with self._lock:
+            for offset, length in ranges:
+                self._untracked.mark(offset, min(length, self._untracked.size - offset))
+            self._untracked.save()
+
+    def _fault(self) -> None:
+        if self._exit_after >= 0:
+            if self._exit_after == 0:
+                os._exit(FAULT_EXIT_CODE)
+            self._exit_after -= 1
 
     @property
     def lock(self) -> threading.Lock:
@@ -96,6 +117,7 @@ class _SinkSwitch:
         return self._target
 
     def record_write(self, offset: int, data: memoryview) -> int:
+        self._fault()
         with self._lock:
             if self._target is not None:
                 return self._target.record_write(offset, data)
@@ -288,9 +310,26 @@ class Agent:
         switch = self._switch(label, image)
         if unix is None and tcp is None:
             return
+        intent = None
+        if self.options.activity_log:
+            size = os.stat(image).st_size
+            intent = ActivityLog(self.options.state_dir / "disks" / f"{label}.al", size)
+            if intent.recovered:
+                self._recover(label, switch, intent)
         self._servers[label] = run_nbd_server_in_thread(
-            [Export.for_image(label, image, switch)], tcp=tcp, unix=unix
+            [Export.for_image(label, image, switch, intent=intent)], tcp=tcp, unix=unix
         )
+
+    def _recover(self, label: str, switch: _SinkSwitch, intent: ActivityLog) -> None:
+        """An unclean stop left extents marked: have them compared with the target and resynced."""
+        ranges = intent.recovered_ranges()
+        log.warning("disk %s: %d extent(s) of an unclean stop are resynced", label, len(ranges))
+        pair = switch.target
+        if pair is not None:
+            pair.request_resync(ranges)
+        else:
+            switch.track(ranges)  # no pair to compare with: whoever comes next resyncs them
+        intent.forget_recovered()
 
     def stats(self) -> AgentStats:
         return AgentStats(

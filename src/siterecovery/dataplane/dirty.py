@@ -53,6 +53,11 @@ class DirtyBitmap:
     def any(self) -> bool:
         return any(self._bits)
 
+    def indexes(self) -> list[int]:
+        """The dirty blocks' indexes, ascending."""
+        nbits = (self.size + self.granularity - 1) // self.granularity
+        return [i for i in range(nbits) if self._bits[i >> 3] & (1 << (i & 7))]
+
     def count(self) -> int:
         return sum(bin(b).count("1") for b in self._bits)
 
