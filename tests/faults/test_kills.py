@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from siterecovery.demo.environment import Environment
 from tests.e2e.conftest import run_job
 from tests.faults.conftest import DATA, MACHINE, FaultOptions, data_writer
@@ -24,11 +22,6 @@ from tests.faults.report import Report, Row
 from tests.faults.schedule import Component, Injector, make_schedule
 
 
-@pytest.mark.xfail(
-    reason="issue 12 defect: a restarted agent serves its export before capture is plugged in, so "
-    "writes in between never reach the replica (fixed by h1-agent-capture)",
-    strict=False,
-)
 def test_kills_under_a_live_writer(
     fault_env: Environment, fault_options: FaultOptions, fault_report: Report, tmp_path: Path
 ) -> None:
