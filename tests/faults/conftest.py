@@ -1,15 +1,20 @@
-"""Fixtures of the fault-injection suite: a whole deployment (tests/e2e's), a protected lab machine
-with a second disk the independent writer owns, and the knobs of the seeded kill schedule.
+"""Fixtures of the fault-injection suite: one deployment for the whole suite (the e2e one: a
+configuration server, a process server and a master target per site, the lab), and the knobs of
+the seeded kill schedule.
 
-`SITERECOVERY_FAULT_KILLS` (default 12, each of the four components at least 3 times) and
-`SITERECOVERY_FAULT_SEED` (default 1) set the schedule; `make faults` raises the kills for a soak.
-`SITERECOVERY_FAULT_RESULTS` names a file the kill test appends its figures to.
+Each scenario protects its own lab machine, given a second disk that only the independent writer
+writes. mt-cloud's retention volume is a small tmpfs (the full-volume case fills it) and it
+advertises a relay the test controls (the link-cut case cuts it), so every scenario runs through
+both. `SITERECOVERY_FAULT_KILLS` (default 12: each of the four components killed 3 times) and
+`SITERECOVERY_FAULT_SEED` (default 1) set the kill schedule; `make faults` raises the kills for a
+soak and names `SITERECOVERY_FAULT_RESULTS`, the file the figures go to.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +22,15 @@ import pytest
 
 from siterecovery.demo.environment import Environment
 from siterecovery.lab import runtime
+from tests.conftest import IN_CI
 from tests.e2e.conftest import HEARTBEAT_TIMEOUT, protect
+from tests.faults.proxy import LinkProxy
 from tests.faults.records import RECORD, RecordWriter
 from tests.faults.report import Report
 
-MACHINE = "web1"
 DATA = "data"  # the second disk: the writer's, nobody else writes it
+POLICY = "faults"
+VOLUME_BYTES = 256 << 20  # mt-cloud's retention volume
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,24 @@ class FaultOptions:
     kills: int
     seed: int
     results: Path | None
+
+
+@dataclass
+class FaultSite:
+    env: Environment
+    proxy: LinkProxy  # between ps-onprem and mt-cloud
+    volume: Path  # mt-cloud's retention volume
+    volume_is_tmpfs: bool
+    options: FaultOptions
+
+    def protect(self, machine: str) -> None:
+        """Give the machine its second disk, power it on and protect it (1 s crash points)."""
+        self.env.lab_set("machine", machine, f"disk+={DATA}:{data_disk_bytes(self.options)}")
+        protect(self.env, machine, policy=POLICY)
+
+    def writer(self, machine: str) -> RecordWriter:
+        sock = runtime.agent_socket(runtime.run_dir(self.env.lab_dir, "onprem", machine), DATA)
+        return RecordWriter(sock, DATA, capacity=data_disk_bytes(self.options) // RECORD)
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +68,6 @@ def fault_options() -> FaultOptions:
     )
 
 
-def data_disk_bytes(options: FaultOptions) -> int:
-    """Room for every record the run can write without wrapping (about 40 records per kill)."""
-    records = max(4096, 200 * options.kills)
-    return (records * RECORD + (1 << 20) - 1) & ~((1 << 20) - 1)
-
-
 @pytest.fixture(scope="session")
 def fault_report(fault_options: FaultOptions) -> Iterator[Report]:
     """Figures of every scenario that ran; written out at the end when a results file is named."""
@@ -57,57 +77,44 @@ def fault_report(fault_options: FaultOptions) -> Iterator[Report]:
         report.write(fault_options.results)
 
 
-Deploy = Callable[..., Environment]
+def data_disk_bytes(options: FaultOptions) -> int:
+    """Room for every record a run can write without wrapping (about 40 records per kill)."""
+    records = max(4096, 200 * options.kills)
+    return (records * RECORD + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
-def env_root(tmp_path: Path) -> Path:
-    """Where `deploy` puts the deployment of a test."""
-    return tmp_path / "dr"
+def _mount_tmpfs(path: Path) -> bool:
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={VOLUME_BYTES}", "tmpfs", str(path)]
+    proc = subprocess.run(mount, capture_output=True, text=True)
+    if proc.returncode != 0 and IN_CI:
+        pytest.fail(f"the full-volume case needs a tmpfs (root): {proc.stderr.strip()}")
+    return proc.returncode == 0
 
 
-@pytest.fixture
-def deploy(tmp_path: Path, fault_options: FaultOptions) -> Iterator[Deploy]:
-    """Builds the e2e deployment (configuration server, PS and MT per site, the lab) with `web1`
-    given a second disk and protected. `before_start(root)` runs before anything starts (e.g. to
-    mount the retention volume); `mt_cloud_args` are added to mt-cloud's command line."""
-    envs: list[Environment] = []
-
-    def build(
-        before_start: Callable[[Path], None] | None = None, mt_cloud_args: tuple[str, ...] = ()
-    ) -> Environment:
-        env = Environment(
-            env_root(tmp_path),
-            disk_size=16 << 20,
-            env={
-                "SITERECOVERY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
-                "SITERECOVERY_SYNC_TIMEOUT": "120",
-                "SITERECOVERY_DRAIN_TIMEOUT": "120",
-            },
-        )
-        envs.append(env)
-        if before_start is not None:
-            before_start(env.root)
-        env.start()
-        if mt_cloud_args:
-            env.restart_component("mt-cloud", kill=False, extra=mt_cloud_args)
-        env.lab_set("machine", MACHINE, f"disk+={DATA}:{data_disk_bytes(fault_options)}")
-        # A crash point every second: a short run still lists many to check.
-        env.api.post("/api/policies", {"name": "faults", "crash_consistent_frequency_seconds": 1})
-        protect(env, MACHINE, policy="faults")
-        return env
-
+@pytest.fixture(scope="session")
+def fault_site(tmp_path_factory: pytest.TempPathFactory, fault_options: FaultOptions) -> Iterator[FaultSite]:
+    root = tmp_path_factory.mktemp("faults") / "dr"
+    volume = root / "retention" / "cloud"
+    volume.mkdir(parents=True)
+    tmpfs = _mount_tmpfs(volume)
+    proxy = LinkProxy((root / "components" / "mt-cloud" / "address").read_text).start()
+    env = Environment(
+        root,
+        disk_size=16 << 20,
+        env={
+            "SITERECOVERY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+            "SITERECOVERY_SYNC_TIMEOUT": "120",
+            "SITERECOVERY_DRAIN_TIMEOUT": "120",
+        },
+    )
     try:
-        yield build
+        env.start()
+        env.restart_component("mt-cloud", kill=False, extra=("--advertise", proxy.address))
+        # A crash point every second: a short run still lists many to check.
+        env.api.post("/api/policies", {"name": POLICY, "crash_consistent_frequency_seconds": 1})
+        yield FaultSite(env, proxy, volume, tmpfs, fault_options)
     finally:
-        for env in envs:
-            env.stop()
-
-
-@pytest.fixture
-def fault_env(deploy: Deploy) -> Environment:
-    return deploy()
-
-
-def data_writer(env: Environment, options: FaultOptions, site: str = "onprem") -> RecordWriter:
-    sock = runtime.agent_socket(runtime.run_dir(env.lab_dir, site, MACHINE), DATA)
-    return RecordWriter(sock, DATA, capacity=data_disk_bytes(options) // RECORD)
+        env.stop()
+        proxy.stop()
+        if tmpfs:
+            subprocess.run(["umount", "-l", str(volume)], check=True, capture_output=True)
