@@ -93,7 +93,6 @@ class RecordWriter:
     last_error: str = ""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> RecordWriter:
         self._thread = threading.Thread(target=self._run, name="fault-writer", daemon=True)
