@@ -47,7 +47,7 @@ faults: FAULT_KILLS ?= 50
 faults: FAULT_SEED ?= 1
 faults: venv system-deps
 	SITERECOVERY_FAULT_KILLS=$(FAULT_KILLS) SITERECOVERY_FAULT_SEED=$(FAULT_SEED) \
-	SITERECOVERY_FAULT_RESULTS=bench/results/faults.md $(BIN)/pytest -q -p no:cacheprovider -rxX tests/faults
+	SITERECOVERY_FAULT_RESULTS=bench/results/faults.md $(BIN)/pytest -q -p no:cacheprovider -rxX --timeout 3600 tests/faults
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
