@@ -61,11 +61,15 @@ def test_writer_merges_aligns_splits_and_clears(azurite: Azurite) -> None:
     model[2 * MiB : 3 * MiB] = bytes(1 * MiB)
     writer.flush()
 
-    assert _digest(blob.download_blob().readall()) == _digest(model)
+    assert _digest(blob.download_blob(offset=0, length=size).readall()) == _digest(model)
     assert not any(lo < 3 * MiB and hi > 2 * MiB for lo, hi in _pages(blob))
-    # A reopened writer keeps the blob (and its size) as it is.
+    # The disk is followed by a fixed-VHD footer (what Azure imports managed disks from).
+    assert blob.get_blob_properties().size == size + 512
+    assert blob.download_blob(offset=size, length=8).readall() == b"conectix"
+    # A reopened writer keeps the blob as it is.
+    before = blob.download_blob().readall()
     assert PageBlobWriter(blob, size).size == size
-    assert _digest(blob.download_blob().readall()) == _digest(model)
+    assert blob.download_blob().readall() == before
 
 
 @pytest.fixture
@@ -116,7 +120,21 @@ def test_master_target_writes_the_replica_into_a_page_blob(
         check=True,
     )
     wait_replicated(agent, mt, "p1")  # type: ignore[arg-type]
-    blob = container.get_blob_client("p1.vhd")
-    assert blob.get_blob_properties().size == size
-    assert _digest(blob.download_blob().readall()) == _digest(src.read_bytes())
     assert not (plane.root / "p1.vhd").exists()  # nothing went to a local image
+    # The blob is a fixed VHD of the source's bytes: qemu-img reads it back (size from the footer).
+    blob = container.get_blob_client("p1.vhd")
+    assert blob.get_blob_properties().size == size + 512
+    replica = plane.root / "replica.vhd"
+    replica.write_bytes(blob.download_blob().readall())
+    result = subprocess.run(
+        [
+            require_tool("qemu-img"),
+            "compare",
+            "--image-opts",
+            f"driver=vpc,force_size_calc=current_size,file.filename={replica}",
+            f"driver=raw,file.filename={src}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

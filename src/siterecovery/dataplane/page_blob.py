@@ -10,6 +10,10 @@ page back from the blob (read-modify-write of at most two pages per range). A Pu
 durable when it returns, so `sync()` sends the pending run, then records the applied sequence in
 the pair's local state file, exactly as `DirectApplier` does for a local image.
 
+The blob is the disk followed by a 512-byte fixed-VHD footer: Azure imports a managed disk only
+from a fixed VHD, so a failover can create its disks straight from the replica blobs (and
+`qemu-img` reads a downloaded replica as `vpc`).
+
 The storage service version is pinned (`STORAGE_API_VERSION`): the SDK's default is newer than
 what emulators and older Azure Stack endpoints accept, and a pinned version keeps behaviour fixed.
 """
@@ -18,6 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +38,55 @@ PAGE = 512
 MAX_PUT = 4 << 20  # the service's limit for one Put Page
 STORAGE_API_VERSION = "2025-11-05"
 CONNECTION_ENV = "SITERECOVERY_AZURE_STORAGE"  # a storage connection string; never on a command line
+
+
+_VHD_EPOCH = 946684800  # 2000-01-01T00:00:00Z, the VHD format's time origin
+
+
+def _chs(size: int) -> tuple[int, int, int]:
+    """The VHD specification's cylinders/heads/sectors for a disk of `size` bytes."""
+    total = min(size // PAGE, 65535 * 16 * 255)
+    if total >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cth = total // spt
+    else:
+        spt = 17
+        cth = total // spt
+        heads = max((cth + 1023) // 1024, 4)
+        if cth >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cth = total // spt
+        if cth >= heads * 1024:
+            spt, heads = 63, 16
+            cth = total // spt
+    return cth // heads, heads, spt
+
+
+def vhd_footer(size: int) -> bytes:
+    """The 512-byte footer that makes `size` bytes of raw disk a fixed VHD."""
+    cylinders, heads, spt = _chs(size)
+    fields = struct.pack(
+        ">8sIIQI4sI4sQQHBBI",
+        b"conectix",
+        2,  # features: reserved bit set
+        0x00010000,  # format version
+        0xFFFFFFFFFFFFFFFF,  # data offset: none (fixed disk)
+        int(time.time()) - _VHD_EPOCH,
+        b"srcv",  # creator application
+        0x00010000,
+        b"Wi2k",
+        size,  # original size
+        size,  # current size
+        cylinders,
+        heads,
+        spt,
+        2,  # disk type: fixed
+    )
+    unique = uuid.uuid4().bytes
+    body = fields + b"\0\0\0\0" + unique + b"\0"
+    checksum = ~sum(body) & 0xFFFFFFFF
+    footer = fields + struct.pack(">I", checksum) + unique + b"\0"
+    return footer + bytes(PAGE - len(footer))
 
 
 def align_down(n: int) -> int:
@@ -91,10 +147,12 @@ class PageBlobWriter:
             try:
                 current = int(blob.get_blob_properties().size)
             except ResourceNotFoundError:
-                blob.create_page_blob(self.size)
-                current = self.size
-            if current < self.size:
-                blob.resize_blob(self.size)
+                blob.create_page_blob(self.size + PAGE)
+                current = 0
+            if current < self.size + PAGE:
+                if current:
+                    blob.resize_blob(self.size + PAGE)
+                blob.upload_page(vhd_footer(self.size), offset=self.size, length=PAGE)
         except AzureError as exc:
             raise storage_error(f"opening page blob {blob.blob_name!r}", exc) from exc
 
