@@ -38,6 +38,7 @@ from siterecovery.fabrics.base import (
 )
 
 DEFAULT_VM_SIZE = "Standard_D2s_v3"
+DEFAULT_REPLICA_CONTAINER = "siterecovery-replicas"  # where the cloud master target writes page blobs
 
 
 class AzureFabric:

@@ -17,7 +17,11 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute.models import Disk, GrantAccessData, Snapshot, VirtualMachine
 from azure.mgmt.network import NetworkManagementClient
 from azure.mgmt.network.models import NetworkInterface
+from azure.storage.blob import BlobServiceClient
 
+from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
+from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, AzureFabric
 from siterecovery.fabrics.azure_arm import ArmDisk, ArmNic, ArmSnapshot, ArmVm, Usage, VmCreate, VmSize
 from siterecovery.fabrics.base import FabricError, IpMode, OsType, PowerState
 
@@ -29,6 +33,16 @@ def credential(tenant: str, client_id: str, secret: str) -> TokenCredential:
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
 
     if secret:
+        if not (tenant and client_id):
+            raise SiteRecoveryError(
+                Problem(
+                    "azure-credentials-incomplete",
+                    "The Azure fabric has a client secret but no tenant or client id to use it with.",
+                    "Give --tenant and --client-id with --client-secret-file (or neither, to use the "
+                    "server's managed identity).",
+                ),
+                Status.UNPROCESSABLE,
+            )
         return ClientSecretCredential(tenant, client_id, secret)
     return DefaultAzureCredential()
 
@@ -352,3 +366,27 @@ class SdkArm:
         self._wait(
             f"delete snapshot {name}", lambda: self._compute.snapshots.begin_delete(self.resource_group, name)
         )
+
+
+def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str) -> AzureFabric:
+    """The fabric a stored `azure` connection describes (`fabrics add azure`); opens no connection yet."""
+    cred = credential(str(connection.get("tenant", "")), str(connection.get("client_id", "")), secret)
+    account = str(connection["storage_account"])
+    arm = SdkArm(
+        str(connection["subscription"]),
+        str(connection["resource_group"]),
+        str(connection["location"]),
+        account,
+        cred,
+    )
+    storage = BlobServiceClient(
+        f"https://{account}.blob.core.windows.net", credential=cred, api_version=STORAGE_API_VERSION
+    )
+    return AzureFabric(
+        name,
+        site,
+        arm,
+        storage.get_container_client(str(connection.get("replica_container") or DEFAULT_REPLICA_CONTAINER)),
+        subnet_id=str(connection["subnet_id"]),
+        vm_size=str(connection.get("vm_size") or DEFAULT_VM_SIZE),
+    )
