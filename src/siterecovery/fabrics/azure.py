@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from azure.storage.blob import ContainerClient
 
-from siterecovery.fabrics.azure_arm import ORIGIN_TAG, Arm, ArmDisk, ArmNic, ArmVm, VmCreate
+from siterecovery.fabrics.azure_arm import ORIGIN_TAG, Arm, ArmDisk, ArmNic, ArmVm, AzureCapacity, VmCreate
 from siterecovery.fabrics.base import (
     CloudOrigin,
     Disk,
@@ -114,6 +114,10 @@ class AzureFabric:
         disks = {d.id.lower(): d for d in self.arm.list_disks()}
         nics = {n.id.lower(): n for n in self.arm.list_nics()}
         return self._machine(vm, disks, nics)
+
+    def capacity(self) -> AzureCapacity:
+        """The region, the VM sizes it offers and the subscription's usage there (failover checks)."""
+        return AzureCapacity(self.arm.location(), tuple(self.arm.vm_sizes()), tuple(self.arm.usages()))
 
     # ---- power ------------------------------------------------------------------------------
 

@@ -81,6 +81,15 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class AzureCapacity:
+    """What the region offers and what the subscription has left there (failover checks read it)."""
+
+    location: str
+    sizes: tuple[VmSize, ...]
+    usages: tuple[Usage, ...]
+
+
+@dataclass(frozen=True)
 class VmCreate:
     name: str
     size: str
