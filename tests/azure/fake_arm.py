@@ -142,18 +142,30 @@ class FakeArm:
         if name not in self.disks:
             raise _refuse(f"no disk {name}")
         self.read_grants.add(name)
+        return self._sas(name, seconds)
+
+    def _sas(self, blob: str, seconds: int) -> str:
         sas = generate_blob_sas(
             ACCOUNT,
             self.blobs.container_name,
-            name,
+            blob,
             account_key=ACCOUNT_KEY,
             permission=BlobSasPermissions(read=True),
             expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds),
         )
-        return f"{self.blobs.get_blob_client(name).url}?{sas}"
+        return f"{self.blobs.get_blob_client(blob).url}?{sas}"
 
     def end_disk_read(self, name: str) -> None:
         self.read_grants.discard(name)
+
+    def snapshot_read_url(self, name: str, seconds: int) -> str:
+        if name not in self.snapshots:
+            raise _refuse(f"no snapshot {name}")
+        self.read_grants.add(f"snapshot-{name}")
+        return self._sas(f"snapshot-{name}", seconds)
+
+    def end_snapshot_read(self, name: str) -> None:
+        self.read_grants.discard(f"snapshot-{name}")
 
     def snapshot_disk(self, name: str, disk_id: str) -> ArmSnapshot:
         disk = next((d for d in self.disks.values() if d.id == disk_id), None)

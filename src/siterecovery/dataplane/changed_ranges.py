@@ -17,15 +17,18 @@ size, a grown disk's base reads as zeroes).
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 import xxhash
 from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, ContainerClient, PageRange
 
+from siterecovery.dataplane.apply import punch_or_zero
 from siterecovery.dataplane.page_blob import MAX_PUT, PAGE, storage_error
 
 _ZERO_PAGE = bytes(PAGE)
@@ -86,9 +89,8 @@ def _span(page: PageRange) -> tuple[int, int]:
     return int(page.start or 0), int(page.end or 0) + 1
 
 
-def _page_extents(blob: BlobClient, snapshot: str | None) -> list[tuple[int, int]]:
-    pages = blob.list_page_ranges() if snapshot is None else _at(blob, snapshot).list_page_ranges()
-    return [_span(p) for p in pages]
+def _page_extents(blob: BlobClient) -> list[tuple[int, int]]:
+    return [_span(p) for p in blob.list_page_ranges()]
 
 
 def _at(blob: BlobClient, snapshot: str) -> BlobClient:
@@ -117,17 +119,22 @@ class ContentCompare:
         self.bytes_read = 0
 
     def changes(self, blob: BlobClient, base_snapshot: str) -> list[ChangedRange]:
-        base = _at(blob, base_snapshot)
+        return self.compare(blob, _at(blob, base_snapshot))
+
+    def compare(self, blob: BlobClient, base: BlobClient, size: int | None = None) -> list[ChangedRange]:
+        """`blob`'s changes against any other blob `base` (e.g. a managed disk's snapshot, by SAS),
+        in its first `size` bytes when given (a managed disk's VHD footer is not disk content)."""
         out: list[ChangedRange] = []
         try:
             base_size = int(base.get_blob_properties().size)
-            spans = _union(_page_extents(blob, None), _page_extents(blob, base_snapshot))
-            for lo, hi in spans:
+            limit = size if size is not None else int(blob.get_blob_properties().size)
+            for lo, hi in _union(_page_extents(blob), _page_extents(base)):
+                hi = min(hi, limit)
                 for at in range(lo - lo % self.block, hi, self.block):
                     start, end = max(at, lo), min(at + self.block, hi)
                     out += self._compare(blob, base, start, end, base_size)
         except AzureError as exc:
-            raise storage_error(f"comparing {blob.blob_name!r} with its base snapshot", exc) from exc
+            raise storage_error(f"comparing {blob.blob_name!r} with its base", exc) from exc
         return _merge(out)
 
     def _read(self, blob: BlobClient, start: int, end: int, limit: int) -> bytes:
@@ -174,3 +181,29 @@ def self_test(container: ContainerClient) -> bool:
 def choose(container: ContainerClient) -> ChangedRanges:
     """The service's diff where its self-test passes, else the content compare."""
     return ServiceDiff() if self_test(container) else ContentCompare()
+
+
+def copy_changes(source: BlobClient, changes: list[ChangedRange], target: Path) -> int:
+    """Make `target` (a local disk image holding the base) equal to `source`: write the updated
+    ranges, punch the cleared ones; returns the bytes read. fsyncs before returning."""
+    moved = 0
+    fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for r in changes:
+            if r.cleared:
+                punch_or_zero(fd, r.offset, r.length)
+                continue
+            for at in range(r.offset, r.end, MAX_PUT):
+                n = min(MAX_PUT, r.end - at)
+                try:
+                    data = source.download_blob(offset=at, length=n).readall()
+                except AzureError as exc:
+                    raise storage_error(f"reading {source.blob_name!r}", exc) from exc
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, at + len(data) - len(view)) :]
+                moved += len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return moved

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-from azure.storage.blob import ContainerClient
+from azure.storage.blob import BlobClient, ContainerClient
 
+from siterecovery.dataplane.changed_ranges import ChangedRange, ContentCompare
+from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.fabrics.azure_arm import ORIGIN_TAG, Arm, ArmDisk, ArmNic, ArmVm, AzureCapacity, VmCreate
 from siterecovery.fabrics.base import (
     CloudOrigin,
@@ -38,7 +42,21 @@ from siterecovery.fabrics.base import (
 )
 
 DEFAULT_VM_SIZE = "Standard_D2s_v3"
+# The snapshot a failover takes of the recovery VM's disks before it first boots: failback sends
+# what changed since, and reverting to it returns the VM to the failover's point.
+FAILOVER_BASE = "failover-base"
+READ_SECONDS = 4 * 3600  # how long a failback's read access to a disk or snapshot lasts
 DEFAULT_REPLICA_CONTAINER = "siterecovery-replicas"  # where the cloud master target writes page blobs
+
+
+@dataclass(frozen=True)
+class DiskChanges:
+    """One recovery-VM disk's changes since the failover: what failback sends, and where from."""
+
+    label: str
+    size_bytes: int
+    source: BlobClient  # the disk's content, readable for the failback's duration
+    changes: list[ChangedRange]
 
 
 class AzureFabric:
@@ -153,12 +171,14 @@ class AzureFabric:
                     "Fail over from a pair whose master target writes page blobs (--page-blob-container).",
                 )
             blob = self.replicas.get_blob_client(d.backing)
-            position = "os" if i == 0 else f"lun{i - 1}"
+            position = self._positions_of(i + 1)[i]
             made.append(
                 self.arm.import_disk(
                     f"{spec.name}-{position}", blob.url, d.size_bytes, spec.os_type if i == 0 else None
                 )
             )
+        for position, disk in zip(self._positions_of(len(made)), made, strict=True):
+            self.arm.snapshot_disk(f"{spec.name}-{FAILOVER_BASE}-{position}", disk.id)
         nics = [
             self.arm.create_nic(
                 f"{spec.name}-nic{j}",
@@ -193,6 +213,9 @@ class AzureFabric:
         for disk_id in (vm.os_disk_id, *vm.data_disk_ids):
             if disk_id.lower() in disks:
                 self.arm.delete_disk(disks[disk_id.lower()])
+        for snap in self.arm.list_snapshots():
+            if snap.name.startswith(f"{vm.name}-{FAILOVER_BASE}-"):
+                self.arm.delete_snapshot(snap.name)
 
     def attach_disks(self, machine: str, disks: Sequence[Disk]) -> None:
         vm = self._vm(machine)
@@ -222,8 +245,13 @@ class AzureFabric:
     # ---- snapshots ----------------------------------------------------------------------------
 
     @staticmethod
-    def _positions(vm: ArmVm) -> list[tuple[str, str]]:
-        return [("os", vm.os_disk_id)] + [(f"lun{i}", d) for i, d in enumerate(vm.data_disk_ids)]
+    def _positions_of(count: int) -> list[str]:
+        return ["os", *(f"lun{i}" for i in range(count - 1))]
+
+    @classmethod
+    def _positions(cls, vm: ArmVm) -> list[tuple[str, str]]:
+        disks = [vm.os_disk_id, *vm.data_disk_ids]
+        return list(zip(cls._positions_of(len(disks)), disks, strict=True))
 
     def create_snapshot(self, machine: str, name: str) -> Snapshot:
         vm = self._vm(machine)
@@ -259,6 +287,41 @@ class AzureFabric:
         for snap in self.arm.list_snapshots():
             if snap.name.startswith(f"{snapshot_id}-"):
                 self.arm.delete_snapshot(snap.name)
+
+    # ---- failback ------------------------------------------------------------------------------
+
+    @contextmanager
+    def failback_changes(self, machine: str) -> Iterator[list[DiskChanges]]:
+        """Each disk's ranges changed since the failover's base snapshot, with read access to them.
+
+        Read access (SAS) to the disks and the base snapshots is granted for the `with` block and
+        revoked after it. The ranges come from the content compare: the service's managed-disk
+        diff is not used until a self-test can vouch for it (see dataplane/changed_ranges.py).
+        """
+        vm = self._vm(machine)
+        current = self._as_machine(vm)
+        granted: list[tuple[str, bool]] = []
+        try:
+            out: list[DiskChanges] = []
+            for (position, _), disk in zip(self._positions(vm), current.disks, strict=True):
+                snap = f"{vm.name}-{FAILOVER_BASE}-{position}"
+                base = BlobClient.from_blob_url(
+                    self.arm.snapshot_read_url(snap, READ_SECONDS), api_version=STORAGE_API_VERSION
+                )
+                granted.append((snap, True))
+                source = BlobClient.from_blob_url(
+                    self.arm.disk_read_url(disk.label, READ_SECONDS), api_version=STORAGE_API_VERSION
+                )
+                granted.append((disk.label, False))
+                changes = ContentCompare().compare(source, base, disk.size_bytes)
+                out.append(DiskChanges(disk.label, disk.size_bytes, source, changes))
+            yield out
+        finally:
+            for name, is_snapshot in granted:
+                if is_snapshot:
+                    self.arm.end_snapshot_read(name)
+                else:
+                    self.arm.end_disk_read(name)
 
     def move_storage(self, machine: str, datastore: str) -> None:
         raise FabricError(

@@ -237,6 +237,21 @@ class SdkArm:
             lambda: self._compute.disks.begin_revoke_access(self.resource_group, name),
         )
 
+    def snapshot_read_url(self, name: str, seconds: int) -> str:
+        grant = GrantAccessData({"access": "Read", "durationInSeconds": seconds})
+        poller = self._call(
+            f"grant read access to snapshot {name}",
+            lambda: self._compute.snapshots.begin_grant_access(self.resource_group, name, grant),
+        )
+        access = self._call(f"grant read access to snapshot {name}", poller.result)
+        return str(access.as_dict().get("accessSAS", ""))
+
+    def end_snapshot_read(self, name: str) -> None:
+        self._wait(
+            f"revoke read access to snapshot {name}",
+            lambda: self._compute.snapshots.begin_revoke_access(self.resource_group, name),
+        )
+
     def create_nic(self, name: str, subnet_id: str, private_ip: str) -> ArmNic:
         ip: dict[str, Any] = {
             "subnet": {"id": subnet_id},
