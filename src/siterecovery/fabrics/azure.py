@@ -7,6 +7,10 @@ target's replica page blobs (`dataplane/page_blob.py`) in the replica container:
 managed disk imported from its blob (the first is the OS disk), then NICs on the recovery subnet
 and the VM, tagged as created by a failover (RP-ELIGIBLE reads the tag back as `CloudOrigin`).
 
+Before the VM is created (ARM starts a VM it creates) each imported disk gets an incremental
+snapshot, `<vm>-failover-base-<position>`: reverting to it returns the VM to the failover's point,
+and failback (`failback_changes`) sends only the ranges changed since, read over SAS.
+
 Azure VMs have no snapshot chain: a fabric snapshot is one incremental snapshot per disk, named
 `<snapshot>-<position>` (`os`, `lun0`, …) so it survives the disk swaps a revert makes; a revert
 creates new disks from them and swaps them onto the deallocated VM. Every ARM call goes through
