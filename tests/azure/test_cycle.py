@@ -15,7 +15,7 @@ import xxhash
 from azure.storage.blob import BlobClient
 
 from siterecovery.dataplane.changed_ranges import copy_changes
-from siterecovery.dataplane.page_blob import CONNECTION_ENV, STORAGE_API_VERSION, PageBlobWriter
+from siterecovery.dataplane.page_blob import CONNECTION_ENV, STORAGE_API_VERSION, PageBlobWriter, blob_name
 from siterecovery.fabrics.azure import FAILOVER_BASE, AzureFabric
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType, PowerState
 from siterecovery.pki import CertificateAuthority
@@ -52,7 +52,9 @@ def test_protect_failover_run_failback_commit(
     # 1. Protect: the on-premises disk reaches a page blob in the replica container.
     disk = random_image(plane.root / "web-d0.img", SIZE, [(0, 4 * MiB), (12 * MiB, 2 * MiB)])
     monkeypatch.setenv(CONNECTION_ENV, azurite.connection_string)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(plane.root / "p1.vhd"), "size": SIZE}])
+    mt = plane.master_target(
+        [{"pair_id": "p1", "path": str(plane.root / "replicas" / "web" / "d0.img"), "size": SIZE}]
+    )
     mt.args += ["--page-blob-container", replicas.container_name]
     mt.start()
     ps = plane.process_server().start()
@@ -65,14 +67,19 @@ def test_protect_failover_run_failback_commit(
     )
     wait_replicated(agent, mt, "p1")  # type: ignore[arg-type]
     at_failover = disk.read_bytes()
-    replica = replicas.get_blob_client("p1.vhd").download_blob(offset=0, length=SIZE).readall()
+    target = plane.root / "replicas" / "web" / "d0.img"  # the item's cloud_path for the disk
+    replica = replicas.get_blob_client(blob_name(target)).download_blob(offset=0, length=SIZE).readall()
     assert digest(replica) == digest(at_failover)  # oracle: the replica is the source
 
     # 2. Planned failover: the source is shut down (everything was applied), replication stops.
     plane.stop_all()
     fabric.create_machine(
         MachineSpec(
-            name="web", host="", datastore="", os_type=OsType.LINUX, disks=(DiskSpec("d0", SIZE, "p1.vhd"),)
+            name="web",
+            host="",
+            datastore="",
+            os_type=OsType.LINUX,
+            disks=(DiskSpec("d0", SIZE, str(target)),),
         )
     )
     vm = fabric.discover().machine("web")

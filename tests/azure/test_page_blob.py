@@ -12,7 +12,7 @@ import pytest
 import xxhash
 from azure.storage.blob import BlobClient
 
-from siterecovery.dataplane.page_blob import CONNECTION_ENV, PageBlobWriter
+from siterecovery.dataplane.page_blob import CONNECTION_ENV, PageBlobWriter, blob_name
 from siterecovery.pki import CertificateAuthority
 from tests.azure.conftest import Azurite
 from tests.conftest import require_tool
@@ -122,7 +122,7 @@ def test_master_target_writes_the_replica_into_a_page_blob(
     wait_replicated(agent, mt, "p1")  # type: ignore[arg-type]
     assert not (plane.root / "p1.vhd").exists()  # nothing went to a local image
     # The blob is a fixed VHD of the source's bytes: qemu-img reads it back (size from the footer).
-    blob = container.get_blob_client("p1.vhd")
+    blob = container.get_blob_client(blob_name(plane.root / "p1.vhd"))
     assert blob.get_blob_properties().size == size + 512
     replica = plane.root / "replica.vhd"
     replica.write_bytes(blob.download_blob().readall())

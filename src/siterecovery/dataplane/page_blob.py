@@ -26,7 +26,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
@@ -272,9 +272,10 @@ class PageBlobApplier:
         self.writer.flush()
 
 
-def blob_name(path: Path) -> str:
-    """The page blob a target disk path names: its file name (`<disk>.vhd` by convention)."""
-    return path.name
+def blob_name(path: PurePath | str) -> str:
+    """The page blob a target disk path names: its folder and file name (`web-01/disk0.img`), so
+    disks with the same label on different machines get different blobs."""
+    return "/".join(PurePath(path).parts[-2:])
 
 
 def page_blob_applier_factory(container: ContainerClient) -> ApplierFactory:

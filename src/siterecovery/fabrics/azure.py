@@ -2,8 +2,8 @@
 
 Discovery maps the group's VMs, managed disks and NICs into the provider-neutral `Inventory`
 (a disk's `uuid` is the managed disk's GUID, its `backing` the disk's ARM id, which is what
-attaching takes). A failover's `create_machine` gets disks whose backing names the master
-target's replica page blobs (`dataplane/page_blob.py`) in the replica container: each becomes a
+attaching takes). A failover's `create_machine` gets disks whose backing is the master
+target's target path of the replica (`page_blob.blob_name` names its page blob the same way): each becomes a
 managed disk imported from its blob (the first is the OS disk), then NICs on the recovery subnet
 and the VM, tagged as created by a failover (RP-ELIGIBLE reads the tag back as `CloudOrigin`).
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from azure.storage.blob import BlobClient, ContainerClient
 
 from siterecovery.dataplane.changed_ranges import ChangedRange, ContentCompare
-from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
+from siterecovery.dataplane.page_blob import STORAGE_API_VERSION, blob_name
 from siterecovery.fabrics.azure_arm import ORIGIN_TAG, Arm, ArmDisk, ArmNic, ArmVm, AzureCapacity, VmCreate
 from siterecovery.fabrics.base import (
     CloudOrigin,
@@ -174,7 +174,7 @@ class AzureFabric:
                     f"Disk {d.label} of {spec.name} names no replica page blob.",
                     "Fail over from a pair whose master target writes page blobs (--page-blob-container).",
                 )
-            blob = self.replicas.get_blob_client(d.backing)
+            blob = self.replicas.get_blob_client(blob_name(d.backing))
             position = self._positions_of(i + 1)[i]
             made.append(
                 self.arm.import_disk(
