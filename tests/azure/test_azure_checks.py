@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from siterecovery.dr.azure_checks import check_azure_failover
+from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES, check_azure_failover
+from siterecovery.dr.rules import RULES
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_arm import VmCreate
 from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
@@ -30,32 +31,40 @@ def codes(fabric: AzureFabric, machines: list[Machine], size: str = "Standard_D2
     return [p.code for p in check_azure_failover(fabric.capacity(), machines, size)]
 
 
-@pytest.mark.parametrize(
-    ("machines", "size", "expected"),
-    [
-        pytest.param([machine("web", 64 * MiB)], "Standard_D2s_v3", [], id="healthy"),
-        pytest.param(
-            [machine("web", 64 * MiB)], "Standard_M416", ["azure-vm-size-unavailable"], id="az-size"
-        ),
-        pytest.param(
-            [machine("db", 64 * MiB, *[MiB] * 3)], "Standard_B1s", ["azure-too-many-disks"], id="az-disks"
-        ),
-        pytest.param(
-            [machine("web", 64 * MiB + 512)],
-            "Standard_D2s_v3",
-            ["azure-disk-size-unsupported"],
-            id="az-disk-size",
-        ),
-        pytest.param(
-            [machine(f"m{i}", 64 * MiB) for i in range(4)],
-            "Standard_D2s_v3",
-            ["azure-core-quota"],
-            id="az-quota",
-        ),
-    ],
-)
+CASES = [
+    pytest.param([machine("web", 64 * MiB)], "Standard_D2s_v3", [], id="healthy"),
+    pytest.param([machine("web", 64 * MiB)], "Standard_M416", ["azure-vm-size-unavailable"], id="az-size"),
+    pytest.param(
+        [machine("db", 64 * MiB, *[MiB] * 3)], "Standard_B1s", ["azure-too-many-disks"], id="az-disks"
+    ),
+    pytest.param(
+        [machine("web", 64 * MiB + 512)],
+        "Standard_D2s_v3",
+        ["azure-disk-size-unsupported"],
+        id="az-disk-size",
+    ),
+    pytest.param(
+        [machine(f"m{i}", 64 * MiB) for i in range(4)],
+        "Standard_D2s_v3",
+        ["azure-core-quota"],
+        id="az-quota",
+    ),
+]
+
+
+@pytest.mark.parametrize(("machines", "size", "expected"), CASES)
 def test_each_rule(fabric: AzureFabric, machines: list[Machine], size: str, expected: list[str]) -> None:
-    assert codes(fabric, machines, size) == expected
+    problems = check_azure_failover(fabric.capacity(), machines, size)
+    assert [p.code for p in problems] == expected
+    for problem in problems:
+        assert problem.rule == RULES[problem.code].id
+        for text in (problem.message, problem.remediation):
+            assert text.endswith(".") and ". " not in text and "{" not in text, text
+
+
+def test_every_azure_rule_has_a_case() -> None:
+    cased = {code for p in CASES for code in p.values[2]}  # type: ignore[attr-defined]
+    assert cased == {r.code for r in AZURE_FAILOVER_RULES}
 
 
 def test_all_failing_rules_at_once_and_quota_counts_running_vms(fabric: AzureFabric) -> None:
