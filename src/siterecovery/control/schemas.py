@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from siterecovery.control.states import ComponentKind, Role
 
@@ -18,6 +18,8 @@ class Strict(BaseModel):
 class TokenCreate(Strict):
     name: str = Name
     role: Literal[Role.READER, Role.OPERATOR, Role.ADMIN]
+    # Omitted: the server's token_days (30 by default). At most ten years; there is no "never".
+    expires_in_seconds: int | None = Field(default=None, ge=60, le=10 * 366 * 86400)
 
 
 class TokenCreated(BaseModel):
@@ -25,6 +27,17 @@ class TokenCreated(BaseModel):
     name: str
     role: Role
     token: str
+    expires_at: float | None
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    role: Role
+    created_at: float
+    expires_at: float | None
+    revoked: bool
+    expired: bool
 
 
 class Registration(Strict):
@@ -181,6 +194,31 @@ class EventOut(BaseModel):
     message: str
     object_type: str
     object_id: str
+
+
+class LabConnection(Strict):
+    """Where a lab fabric lives: a folder on the configuration server's host."""
+
+    # No NUL (the OS refuses it), and within what a file system accepts (PATH_MAX, NAME_MAX).
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    site: str = Field(default="", max_length=100)
+
+    @field_validator("path")
+    @classmethod
+    def _components_fit(cls, value: str) -> str:
+        if any(len(part.encode()) > 255 for part in value.split("/")):
+            raise ValueError("each path component must be at most 255 bytes")
+        return value
+
+
+class VSphereConnection(Strict):
+    """How to reach a vCenter or ESXi host; the password travels separately, as the secret."""
+
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")
+    port: int = Field(default=443, ge=1, le=65535)
+    user: str = Field(min_length=1, max_length=200)
+    insecure: bool = False
+    datacenter: str | None = Field(default=None, max_length=200)
 
 
 class FabricCreate(Strict):
