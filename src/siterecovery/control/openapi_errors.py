@@ -70,7 +70,8 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
     for path, operations in schema.get("paths", {}).items():
         statuses = list(_EVERYWHERE)
         statuses += [401, 403] if protected(path) else []
-        statuses += [429] if path in RATE_LIMITED else []
+        # Registration is public but refuses a wrong passphrase (403) and throttles guessing (429).
+        statuses += [403, 429] if path in RATE_LIMITED else []
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             for status in sorted(statuses):

@@ -16,6 +16,10 @@ class Strict(BaseModel):
 
 
 class TokenCreate(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "auditor", "role": "reader", "expires_in_seconds": 86400}]}
+    )
+
     name: str = Name
     role: Literal[Role.READER, Role.OPERATOR, Role.ADMIN]
     # Omitted: the server's token_days (30 by default). At most ten years; there is no "never".
@@ -86,6 +90,8 @@ class ServerOut(BaseModel):
 
 
 class PolicyCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "gold", "rpo_threshold_minutes": 30}]})
+
     name: str = Name
     rpo_threshold_minutes: int = Field(default=60, ge=1, le=1440)
     retention_hours: int = Field(default=24, ge=1, le=720)
