@@ -297,3 +297,10 @@ def test_wrong_passphrases_are_rate_limited_per_address(cs: ConfigServer) -> Non
     alerts = cs.api("GET", "/api/events?alerts=true&active=true").json()
     assert [a["object_id"] for a in alerts if a["code"] == "passphrase-attempts-throttled"] == ["127.0.0.1"]
     assert all(s["name"] != "ps-guess" for s in cs.api("GET", "/api/servers").json())
+
+
+def test_json_nested_too_deep_is_a_400_problem(edge: ConfigServer) -> None:
+    resp = edge.api(
+        "POST", "/api/policies", content=b"[" * 100_000, headers={"content-type": "application/json"}
+    )
+    assert _problem(resp, 400)["code"] == "body-unparseable"

@@ -37,6 +37,7 @@ def problem_response(
 
 
 _HTTP_CODES = {
+    400: ("body-unparseable", "Send a well-formed JSON body (see /openapi.json)."),
     401: ("unauthenticated", "Send a bearer token: Authorization: Bearer <token>."),
     403: ("forbidden", "Use a token whose role allows this operation."),
     404: ("not-found", "Check the URL against /openapi.json."),
