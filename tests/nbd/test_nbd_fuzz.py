@@ -24,7 +24,7 @@ from siterecovery.dataplane.nbd_client import NbdClient
 from tests.nbd.conftest import IMAGE_SIZE, Served
 
 FUZZ = settings(
-    max_examples=80,
+    max_examples=60,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
