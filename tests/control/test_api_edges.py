@@ -274,7 +274,8 @@ def test_expired_and_revoked_tokens_are_refused_with_a_code(edge: ConfigServer) 
     revoked = _problem(edge.api("GET", "/api/policies", token=hourly["token"]), 401)
     assert revoked["code"] == "token-revoked"
     listing = run_cli("tokens", "list", env=edge.env).stdout
-    assert hourly["id"] in listing
+    assert hourly["id"] in listing and "never" in listing  # the initial admin token does not expire
+    assert time.strftime("%Y-%m-%d", time.gmtime(hourly["expires_at"])) in listing
     # The caller's own token cannot lock it out.
     me = next(t for t in edge.api("GET", "/api/tokens").json() if t["name"] == "initial admin")
     assert _problem(edge.api("POST", f"/api/tokens/{me['id']}/revoke"), 409)["code"] == "token-in-use"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,8 +59,14 @@ def tokens_create(
 @tokens_app.command("list")
 def tokens_list(ctx: typer.Context) -> None:
     """User tokens with their expiry; revoked and expired ones are listed too."""
-    columns = ("id", "name", "role", "expires_at", "expired", "revoked")
-    emit(call(ctx, lambda api: api.get("/api/tokens")), as_json(ctx), columns)
+    tokens = call(ctx, lambda api: api.get("/api/tokens"))
+    if as_json(ctx):
+        emit(tokens, True)
+        return
+    for t in tokens:
+        at = t["expires_at"]
+        t["expires"] = "never" if at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+    emit(tokens, False, ("id", "name", "role", "expires", "expired", "revoked"))
 
 
 @tokens_app.command("revoke")
