@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from siterecovery.control.states import ComponentKind, Role
+
+
+def _not_a_bool(value: Any) -> Any:
+    # JSON true/false are not numbers, whatever Python thinks (bool is an int subclass).
+    if isinstance(value, bool):
+        raise ValueError("a number is expected, not true or false")
+    return value
+
+
+# Request numbers: an int, or a float with no fraction (JSON Schema's "integer"), never a bool.
+Count = Annotated[int, BeforeValidator(_not_a_bool)]
+# Request flags: JSON true or false only (not 0, 1, "yes").
+Flag = StrictBool
 
 Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
 
@@ -23,7 +36,7 @@ class TokenCreate(Strict):
     name: str = Name
     role: Literal[Role.READER, Role.OPERATOR, Role.ADMIN]
     # Omitted: the server's token_days (30 by default). At most ten years; there is no "never".
-    expires_in_seconds: int | None = Field(default=None, ge=60, le=10 * 366 * 86400)
+    expires_in_seconds: Count | None = Field(default=None, ge=60, le=10 * 366 * 86400)
 
 
 class TokenCreated(BaseModel):
@@ -93,17 +106,17 @@ class PolicyCreate(Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "gold", "rpo_threshold_minutes": 30}]})
 
     name: str = Name
-    rpo_threshold_minutes: int = Field(default=60, ge=1, le=1440)
-    retention_hours: int = Field(default=24, ge=1, le=720)
-    app_consistent_frequency_minutes: int = Field(default=60, ge=0, le=720)
-    crash_consistent_frequency_seconds: int = Field(default=5, ge=1, le=3600)
+    rpo_threshold_minutes: Count = Field(default=60, ge=1, le=1440)
+    retention_hours: Count = Field(default=24, ge=1, le=720)
+    app_consistent_frequency_minutes: Count = Field(default=60, ge=0, le=720)
+    crash_consistent_frequency_seconds: Count = Field(default=5, ge=1, le=3600)
 
 
 class PolicyUpdate(Strict):
-    rpo_threshold_minutes: int | None = Field(default=None, ge=1, le=1440)
-    retention_hours: int | None = Field(default=None, ge=1, le=720)
-    app_consistent_frequency_minutes: int | None = Field(default=None, ge=0, le=720)
-    crash_consistent_frequency_seconds: int | None = Field(default=None, ge=1, le=3600)
+    rpo_threshold_minutes: Count | None = Field(default=None, ge=1, le=1440)
+    retention_hours: Count | None = Field(default=None, ge=1, le=720)
+    app_consistent_frequency_minutes: Count | None = Field(default=None, ge=0, le=720)
+    crash_consistent_frequency_seconds: Count | None = Field(default=None, ge=1, le=3600)
 
 
 class PolicyOut(BaseModel):
@@ -125,7 +138,7 @@ class PlanAction(Strict):
     name: str = Name
     instructions: str = Field(default="", max_length=2000)
     command: str = Field(default="", max_length=2000)
-    timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    timeout_seconds: Count = Field(default=600, ge=1, le=86400)
 
 
 class PlanGroup(Strict):
@@ -221,9 +234,9 @@ class VSphereConnection(Strict):
     """How to reach a vCenter or ESXi host; the password travels separately, as the secret."""
 
     host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")
-    port: int = Field(default=443, ge=1, le=65535)
+    port: Count = Field(default=443, ge=1, le=65535)
     user: str = Field(min_length=1, max_length=200)
-    insecure: bool = False
+    insecure: Flag = False
     datacenter: str | None = Field(default=None, max_length=200)
 
 
