@@ -6,7 +6,10 @@ is where a generated fabric connection is pinned down before it is sent:
 - a vSphere `host` becomes 127.0.0.1 (discovery would otherwise connect to whatever host name
   was generated, out to the internet);
 - a lab `path` becomes the test's sandbox folder (discovery takes a lock file in the folder it is
-  given, and must not do so in `/` or `/etc`).
+  given, and must not do so in `/` or `/etc`);
+- an Azure connection loses its `subscription`, so it is always refused (422) before anything is
+  opened: discovery would call Azure's public endpoints (and, without a secret, the instance
+  metadata service for a managed identity).
 The rest of the body, the port included, stays as generated, so validation is still fuzzed.
 """
 
@@ -30,6 +33,8 @@ def pin(body: Any) -> None:
         connection["host"] = "127.0.0.1"
     if isinstance(connection.get("path"), str):
         connection["path"] = SANDBOX
+    if body.get("kind") == "azure" or "storage_account" in connection:
+        connection.pop("subscription", None)
 
 
 @schemathesis.hook

@@ -61,6 +61,18 @@ def _problem(resp: httpx.Response, status: int) -> dict[str, Any]:
         ),
         pytest.param("vsphere", {"host": "127.0.0.1"}, "connection.user", id="no-user"),
         pytest.param("lab", {"path": "/x", "colour": "blue"}, "connection.colour", id="unknown-key"),
+        pytest.param(
+            "azure",
+            {
+                "subscription": "1",
+                "resource_group": "rg",
+                "location": "westeurope",
+                "storage_account": "evil.example/x#",
+                "subnet_id": "/subscriptions/1/subnets/a",
+            },
+            "connection.storage_account",
+            id="azure-account-not-a-name",
+        ),
     ],
 )
 def test_f1_bad_fabric_connection_is_422_naming_the_field(

@@ -240,9 +240,26 @@ class VSphereConnection(Strict):
     datacenter: str | None = Field(default=None, max_length=200)
 
 
+class AzureConnection(Strict):
+    """An Azure resource group as a recovery site; the client secret travels separately.
+
+    Azure's own naming rules, so that no value can steer a request elsewhere: the storage account
+    becomes a host name (https://<account>.blob.core.windows.net)."""
+
+    subscription: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9-]+$")
+    resource_group: str = Field(min_length=1, max_length=90, pattern=r"^[-\w.()]+$")
+    location: str = Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9]+$")
+    storage_account: str = Field(min_length=3, max_length=24, pattern=r"^[a-z0-9]+$")
+    subnet_id: str = Field(min_length=1, max_length=1000, pattern=r"^/subscriptions/[^\x00]+$")
+    tenant: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9.-]*$")
+    client_id: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9-]*$")
+    vm_size: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9_]*$")
+    replica_container: str = Field(default="", max_length=63, pattern=r"^[a-z0-9-]*$")
+
+
 class FabricCreate(Strict):
     name: str = Name
-    kind: Literal["lab", "vsphere"]
+    kind: Literal["lab", "vsphere", "azure"]
     site: str = Field(default="", max_length=100)
     connection: dict[str, Any] = Field(default_factory=dict)
     secret: str = Field(default="", max_length=1000)

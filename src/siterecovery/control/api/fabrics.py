@@ -16,6 +16,7 @@ from siterecovery.control.db import Fabric, ReplicatedItem, by_id_or_name, new_i
 from siterecovery.control.events import record_event
 from siterecovery.control.fabric_access import discover, summary
 from siterecovery.control.schemas import (
+    AzureConnection,
     FabricCreate,
     FabricCredentials,
     FabricOut,
@@ -27,7 +28,11 @@ from siterecovery.errors import conflict, invalid, not_found
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
 
-_CONNECTIONS: dict[str, type[BaseModel]] = {"lab": LabConnection, "vsphere": VSphereConnection}
+_CONNECTIONS: dict[str, type[BaseModel]] = {
+    "lab": LabConnection,
+    "vsphere": VSphereConnection,
+    "azure": AzureConnection,
+}
 _SECRET_KEYS = ("password", "secret", "token")
 
 
