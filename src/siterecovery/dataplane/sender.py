@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from siterecovery.dataplane.blocks import COARSE, FINE, BlockStream
+from siterecovery.dataplane.blocks import COARSE, FINE, BlockHasher, BlockStream
 from siterecovery.dataplane.links import connect
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
@@ -38,7 +38,7 @@ from siterecovery.dataplane.protocol import (
     decode_model,
 )
 from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
-from siterecovery.dataplane.sync_source import Chunk, Progress, delta, dirty_blocks, full_copy
+from siterecovery.dataplane.sync_source import Chunk, Progress, delta, delta_blocks, dirty_blocks, full_copy
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class PairSender:
                     pair.sync_generated(last)
                     continue
                 if held is None:
-                    if pair.dirty_mode and pair.acked >= pair.spool.last_seq:
+                    # Never over a pending sync: its frames may not all be acknowledged yet.
+                    if pair.dirty_mode and pair.sync is None and pair.acked >= pair.spool.last_seq:
                         pair.start_sync(SyncKind.DIRTY)
                         continue
                     with pair.changed:
@@ -218,6 +219,13 @@ class PairSender:
                 stream = BlockStream(pair.image, pair.size, COARSE, FINE, first=start // COARSE)
                 queries = _DigestQueries(self, batched)
                 chunks = delta(fd, stream, queries.ask, queries.answer, plan, start, view, progress)
+            elif plan.kind == SyncKind.INTENT:
+                blocks = pair.intent_bitmap().indexes()  # coarse blocks: the bitmap's granularity
+                queries = _DigestQueries(self, batched)
+                hasher = BlockHasher(pair.image, pair.size, COARSE, FINE)
+                chunks = delta_blocks(
+                    fd, hasher, blocks, queries.ask, queries.answer, plan, start, view, progress
+                )
             else:
                 chunks = dirty_blocks(fd, pair.sync_bitmap(), plan, start, view, progress)
             last: int | None = None
