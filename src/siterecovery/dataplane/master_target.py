@@ -122,6 +122,7 @@ class _Pair:
         with self.lock:
             if isinstance(applier, JournaledDisk) and not self.detached:
                 points, journal_bytes = self.gaps.mark(point_infos(applier, now)), applier.journal_bytes
+            missing = sorted(self.gaps.missing)  # changed under the lock by the applying session
         return MasterTargetPairStats(
             pair_id=self.disk.pair_id,
             applied_seq=_durable_seq(applier),
@@ -130,7 +131,7 @@ class _Pair:
             position=self.position,
             journal_bytes=journal_bytes,
             paused=self.paused,
-            missing=sorted(self.gaps.missing),
+            missing=missing,
         )
 
 
