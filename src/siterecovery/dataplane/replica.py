@@ -165,6 +165,31 @@ class PairReplication:
                 self._append(seq, b"")
         return seq
 
+    def refetch(self, offset: int, length: int) -> int:
+        """Re-read [offset, +length) from the image and spool it as a new write (flag REFETCH).
+
+        Under the capture lock, and the export writes the image before it records a write: every
+        write already recorded is in what is read, and any later one gets a later sequence.
+        """
+        length = max(0, min(length, self.size - offset))
+        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self._lock:
+                data = memoryview(os.pread(fd, length, offset))
+                seq = self._alloc()
+                # Spooled even past the spool's limit (dirty mode): downstream waits for exactly
+                # this frame, and a later dirty-block sync only brings newer content after it.
+                pack_header(
+                    self._hbuf, FrameType.WRITE, Flag.REFETCH, 0, seq, offset, length, length, digest(data)
+                )
+                self._append(seq, data)
+        finally:
+            os.close(fd)
+        self.spool.sync()
+        with self.changed:
+            self.changed.notify_all()
+        return seq
+
     def flush(self) -> None:
         self.spool.sync()
         with self._lock:
