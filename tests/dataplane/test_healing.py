@@ -10,7 +10,15 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import require_tool
-from tests.dataplane.conftest import Plane, free_addresses, make_image, replication, wait_for, wait_replicated
+from tests.dataplane.conftest import (
+    Plane,
+    free_addresses,
+    make_image,
+    pair_stats,
+    replication,
+    wait_for,
+    wait_replicated,
+)
 
 MiB = 1 << 20
 
@@ -106,3 +114,42 @@ def test_an_intact_frame_refused_downstream_is_resent_then_dropped(tmp_path: Pat
     cache_damage = RefusalLog("p2", tmp_path / "p2")
     assert cache_damage.refused_downstream(7, memoryview(damaged)) is True  # dropped at once
     assert cache_damage.entries()[0].hop.value == "process-server cache"
+
+
+def test_frame_damaged_in_the_agent_spool_is_read_from_the_disk_again(plane: Plane) -> None:
+    size = 8 * MiB
+    src = make_image(plane.root / "src.img", size)
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    ps.kill(signal.SIGKILL)  # the writes below stay in the agent's spool
+    data = os.urandom(64 * 1024)
+    pattern = plane.root / "pattern"
+    pattern.write_bytes(data)
+    sock = plane.root / "nbd" / "d0.sock"
+    qemu_io = require_tool("qemu-io")
+    cmds = ["-c", f"write -s {pattern} {MiB} 64k", "-c", f"write -P 7 {3 * MiB} 64k", "-c", "flush"]
+    subprocess.run(
+        [qemu_io, "-f", "raw", *cmds, f"nbd+unix:///d0?socket={sock}"], check=True, capture_output=True
+    )
+
+    def spooled() -> bool:
+        return int(pair_stats(agent, "p1").get("spool_bytes", 0)) > 0  # type: ignore[call-overload]
+
+    wait_for(spooled, 30, "the writes to be reported spooled")  # so no stale report passes below
+    agent.kill(signal.SIGKILL)
+    _flip_cached_copy(agent.state_dir / "pairs" / "p1" / "spool", data[:4096])
+
+    agent.start()
+    ps.start()
+    wait_replicated(agent, mt, "p1", timeout=120)  # used to resend the bad frame for ever
+    qemu_img = require_tool("qemu-img")
+    same = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), str(target)], check=False)
+    assert same.returncode == 0
+    wait_for(lambda: any(r["healed"] for r in _refused(ps.stats())), 30, "the refusal to be reported healed")
+    assert [r["hop"] for r in _refused(ps.stats())] == ["agent -> process server"]
+    assert all(not p["missing"] for p in mt.stats().get("pairs", []))  # type: ignore[index, union-attr]

@@ -73,3 +73,15 @@ def test_stall_names_the_agent_hop_when_nothing_is_acknowledged(plane: Plane) ->
         plane.report(captured=20 + step, acked=10 + step, applied=10 + step, at=t0 + 3 + step)
         evaluate(plane.cp, now=t0 + 3 + step)
     assert plane.item().health == "normal"
+
+
+def test_a_pair_held_at_a_failover_point_is_not_a_stall(plane: Plane) -> None:
+    from siterecovery.dr import items as repo
+
+    rep = repo.load("it").record.replication
+    assert rep is not None
+    plane.set_record(replication=rep.model_copy(update={"points": {"p1": "disk:app:4"}}))
+    plane.report(captured=10, acked=10, applied=5, at=plane.t0)  # applying stops while it is held
+    evaluate(plane.cp, now=plane.t0)
+    evaluate(plane.cp, now=plane.t0 + 10)
+    assert plane.item().health == "normal" and not _alerts(plane)

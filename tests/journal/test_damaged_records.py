@@ -101,4 +101,4 @@ def test_an_unusable_point_is_refused_when_chosen() -> None:
     assert err.value.first.code == "recovery-point-unusable" and "damaged" in err.value.first.message
     assert resolve(points, "latest-app").id == "app-1"  # the newest *usable* app point
     assert resolve(points, "25").id == "app-1"
-    assert "unusable" in points[1].as_dict() and "unusable" not in points[2].as_dict()
+    assert points[1].as_dict()["unusable"] and points[2].as_dict()["unusable"] == ""

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from siterecovery.control.context import current
 from siterecovery.control.db import Component, Event, Job, ReplicatedItem
+from siterecovery.control.reports import entries, number
 from siterecovery.control.states import ComponentKind
 
 router = APIRouter(tags=["metrics"])
@@ -63,14 +64,13 @@ class StateCollector(Collector):
             for c in s.scalars(select(Component)):
                 st = c.stats or {}
                 if c.kind == ComponentKind.PROCESS.value:
-                    cache.add_metric([c.name], float(st.get("cache_used_bytes", 0)))
-                    capacity.add_metric([c.name], float(st.get("cache_capacity_bytes", 0)))
-                    throughput.add_metric([c.name], float(st.get("throughput_bytes_per_s", 0)))
+                    cache.add_metric([c.name], number(st, "cache_used_bytes"))
+                    capacity.add_metric([c.name], number(st, "cache_capacity_bytes"))
+                    throughput.add_metric([c.name], number(st, "throughput_bytes_per_s"))
                 elif c.kind == ComponentKind.MASTER_TARGET.value:
-                    disks.add_metric([c.name], float(st.get("attached_disks", 0)))
-                    journal.add_metric(
-                        [c.name], float(sum(p.get("journal_bytes", 0) for p in st.get("pairs", [])))
-                    )
+                    disks.add_metric([c.name], number(st, "attached_disks"))
+                    in_use = sum(number(p, "journal_bytes") for p in entries(st, "pairs"))
+                    journal.add_metric([c.name], in_use)
             for state, count in Counter(s.scalars(select(Job.state))).items():
                 jobs.add_metric([state], count)
             names = {r.id: r.name for r in s.execute(select(ReplicatedItem.id, ReplicatedItem.name))}

@@ -165,7 +165,8 @@ class Agent:
                     log.warning("pair %s: no image for disk %s; not resumed", spec.pair_id, spec.disk)
                     continue
                 self._add(spec, image)
-            for label, disk_path in self.options.disks.items():
+            disks = {**self.options.disks, **{p.spec.disk: p.image for p in self.pairs.values()}}
+            for label, disk_path in disks.items():
                 if label not in self._servers:
                     self._export(label, disk_path)
 

@@ -90,7 +90,7 @@ class AgentStats(_Model):
 
 
 class RefusedHop(StrEnum):
-    AGENT_LINK = "agent -> process server link"
+    AGENT_LINK = "agent -> process server"  # the agent's spool or the link
     CACHE = "process-server cache"
     MT_LINK = "process server -> master target link"
 

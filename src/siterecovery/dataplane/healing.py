@@ -3,7 +3,8 @@
 A frame can be refused at three hops: the agent -> process server link (the process server NACKs;
 the agent still spools the frame and resends it), the process server's cache (the copy it stored
 is damaged: resending it is pointless), and the process server -> master target link (the master
-target NACKs an intact cached copy; resending heals it). `RefusalLog` is the process server's side,
+target NACKs an intact cached copy, damaged in memory on the way - TLS itself drops a session whose
+records were altered in transit; resending heals it). `RefusalLog` is the process server's side,
 one per pair: on a master target's NACK it verifies its cached copy; a damaged copy (or an intact
 one refused `MAX_REFUSALS` times) is *dropped*: the process server forwards a header-only MISSING
 frame in its place and asks the agent (REFETCH) to read that range from its disk again and send it

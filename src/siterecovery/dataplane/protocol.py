@@ -366,5 +366,5 @@ M = TypeVar("M", bound=BaseModel)
 def decode_model(model: type[M], payload: memoryview | bytes) -> M:
     try:
         return model.model_validate(json.loads(bytes(payload)))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep (found by fuzzing)
         raise ProtocolError(f"bad {model.__name__} payload: {exc}") from exc

@@ -177,21 +177,12 @@ class PairReplication:
             with self._lock:
                 data = memoryview(os.pread(fd, length, offset))
                 seq = self._alloc()
-                if self.dirty_mode:
-                    self.dirty.mark(offset, length)
-                else:
-                    pack_header(
-                        self._hbuf,
-                        FrameType.WRITE,
-                        Flag.REFETCH,
-                        0,
-                        seq,
-                        offset,
-                        length,
-                        length,
-                        digest(data),
-                    )
-                    self._append(seq, data)
+                # Spooled even past the spool's limit (dirty mode): downstream waits for exactly
+                # this frame, and a later dirty-block sync only brings newer content after it.
+                pack_header(
+                    self._hbuf, FrameType.WRITE, Flag.REFETCH, 0, seq, offset, length, length, digest(data)
+                )
+                self._append(seq, data)
         finally:
             os.close(fd)
         self.spool.sync()

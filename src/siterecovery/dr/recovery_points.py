@@ -30,16 +30,14 @@ class ItemPoint:
     unusable: str = ""  # why it cannot be restored (a disk's journal is damaged before it)
 
     def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {
+        return {
             "id": self.id,
             "kind": self.kind,
             "time": self.time,
             "time_utc": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="seconds"),
             "disks": dict(self.disks),
+            "unusable": self.unusable,
         }
-        if self.unusable:
-            out["unusable"] = self.unusable
-        return out
 
 
 def item_points(s: Session, rep: Replication) -> list[ItemPoint]:

@@ -100,8 +100,8 @@ def item_stalls(s: Session, item: ReplicatedItem, now: float, watch: StallWatch 
     if item.state != ProtectionState.PROTECTED.value:
         return []
     rep = ItemRecord.model_validate(item.details).replication
-    if rep is None:
-        return []
+    if rep is None or rep.points:
+        return []  # not replicating, or held at a chosen point for a failover: nothing is applied
     agent = s.scalar(
         select(Component).where(
             Component.kind == ComponentKind.AGENT.value,
