@@ -78,7 +78,15 @@ def fail_over_and_check(
     recovered data disk and every listed crash point. Returns the job and both verdicts; asserts
     nothing itself, so the caller records its figures first."""
     writer.stop()
-    listed = listed_points(env, machine)
+    # Right after a master target restarts the item lists no points until it reports its pairs
+    # again: wait for the listing (its journals keep every point), as an operator would.
+    listed: list[dict[str, Any]] = []
+
+    def crash_listed() -> bool:
+        listed[:] = listed_points(env, machine)
+        return sum(p["kind"] == "crash" for p in listed) >= 2
+
+    wait(crash_listed, "the item's crash points to be listed")
     job = run_job(env, f"/api/replicatedItems/{machine}/failover", {"planned": True})
     held = env.api.get(f"/api/replicatedItems/{machine}")["details"].get("held")
     assert held is not None, f"the failover did not happen: {job}"

@@ -3,6 +3,7 @@ bench/results/faults.md (SITERECOVERY_FAULT_RESULTS names the file)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ class Report:
             "",
             f"`make faults` with SITERECOVERY_FAULT_KILLS={self.kills} SITERECOVERY_FAULT_SEED={self.seed}, "
             f"on {platform.node() or 'this host'} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), "
-            f"{time.monotonic() - self.started:.0f} s in total. Lost = flushed records missing from the "
+            f"{time.monotonic() - self.started:.0f} s in total, load average {os.getloadavg()[1]:.1f} on "
+            f"{os.cpu_count()} CPUs (a shared machine). Lost = flushed records missing from the "
             "recovered disk; every crash point must be a clean prefix of the writer's records.",
             "",
             "| scenario | faults injected | records flushed | records recovered | lost | crash points "
