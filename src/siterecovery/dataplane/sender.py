@@ -39,6 +39,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
 from siterecovery.dataplane.sync_source import Chunk, Progress, delta, dirty_blocks, full_copy
+from siterecovery.dataplane.trust import PeerKind, check_server
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class PairSender:
     def _session(self) -> None:
         sock = connect(self.pair.spec.process_server, self._ctx)
         try:
+            # Only the assigned process server's certificate: never another kind of component.
+            spec = self.pair.spec
+            check_server(sock, spec.process_server, PeerKind.PROCESS_SERVER, spec.process_server_id)
             writer = FrameWriter(sock)
             reader = FrameReader(sock, MAX_PAYLOAD)
             writer.send_model(
