@@ -33,6 +33,8 @@ class ServerConfig:
     tls: bool = False
     # Extra names (DNS or IP, comma-separated) for the HTTPS certificate: the ones components use.
     tls_names: str = ""
+    # Lifetime of component certificates; components renew them when a third of it is left.
+    component_cert_days: float = 7.0
 
     @property
     def host(self) -> str:

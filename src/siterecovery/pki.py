@@ -32,6 +32,15 @@ def component_uri(kind: str, component_id: str) -> str:
     return f"{URI_PREFIX}{kind}:{component_id}"
 
 
+def component_uris(cert: x509.Certificate) -> list[str]:
+    """The `urn:siterecovery:` URIs a certificate's SAN carries (none before they named components)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_PREFIX)]
+
+
 def serial_hex(serial: int) -> str:
     """How serials are written in revocation lists and the database."""
     return format(serial, "x")
@@ -142,12 +151,13 @@ class CertificateAuthority:
         kind: str,
         component_id: str,
         validity: dt.timedelta,
+        not_before: dt.datetime | None = None,
     ) -> x509.Certificate:
         """A renewed certificate for the CSR's key (the caller checked who holds that key)."""
         key = csr.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ValueError("the CSR's key is not an EC key")
-        return self._sign(key, common_name, hosts, kind, component_id, validity, None)
+        return self._sign(key, common_name, hosts, kind, component_id, validity, not_before)
 
     def _sign(
         self,

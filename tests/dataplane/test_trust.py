@@ -8,6 +8,7 @@ or write beyond a disk's end (D5).
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
@@ -27,6 +29,7 @@ from tests.dataplane.conftest import (
     replication,
     wait_for,
     wait_replicated,
+    write_json,
 )
 
 from siterecovery.dataplane.links import Identity, connect
@@ -221,3 +224,31 @@ def test_d5_writes_beyond_the_disk_are_refused(plane: Plane, live: Live) -> None
     with session(live.ps_addr, real_agent, hello) as (first, _):
         assert first is not None and first.header.type == FrameType.HELLO
         assert decode_model(HelloReply, first.payload).acked[PAIR] < (1 << 30)
+
+
+def _serial(state_dir: Path) -> str:
+    cert = x509.load_pem_x509_certificate(Identity.in_dir(state_dir).cert.read_bytes())
+    return format(cert.serial_number, "x")
+
+
+def _refused_for(comp: Component, peer: str, why: str) -> bool:
+    return any(r["peer"] == peer and why in r["message"] for r in comp.stats().get("refusals", []))  # type: ignore[union-attr,index,operator]
+
+
+def test_a_removed_component_is_refused_by_every_hop(plane: Plane, live: Live) -> None:
+    """Revoked serials (what `servers remove` puts in every desired state) end live sessions and
+    are refused at the next HELLO: the agent by its process server, the process server by its
+    master target."""
+    agent_serial, ps_serial = _serial(plane.root / "agent"), _serial(plane.root / "ps")
+    plane.assign_relays("ps", [relay(PAIR, "agent", live.mt_addr, "mt", SIZE)], revoked=[agent_serial])
+    wait_for(lambda: _refused_for(live.ps, "agent:agent", "revoked"), 30, "the agent to be refused")
+    hello = Hello(component="agent", role=Role.AGENT, pairs=[PAIR], master_target=live.mt_addr)
+    with session(live.ps_addr, Identity.in_dir(plane.root / "agent"), hello) as (first, _):
+        assert refused(first)
+
+    mt_file = plane.root / "mt-assignments.json"
+    write_json(mt_file, {**json.loads(mt_file.read_text()), "revoked": [ps_serial]})
+    wait_for(lambda: _refused_for(live.mt, "process-server:ps", "revoked"), 30, "the PS to be refused")
+    ps_hello = Hello(component="ps", role=Role.PROCESS_SERVER, pairs=[PAIR])
+    with session(live.mt_addr, Identity.in_dir(plane.root / "ps"), ps_hello) as (first, _):
+        assert refused(first)

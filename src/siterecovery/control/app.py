@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from siterecovery import __version__, portal
 from siterecovery.control import metrics, plan_actions, problems
 from siterecovery.control.api import (
+    certificates,
     components,
     events,
     fabrics,
@@ -31,7 +32,8 @@ def create_app() -> FastAPI:
         description="Replicate, fail over, reprotect and fail back machines.",
     )
     problems.install(app)
-    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
+    routers = (server, components, certificates, fabrics, policies, item_actions, items, plans, jobs, events)
+    for module in (*routers, metrics):
         app.include_router(module.router)
     app.include_router(portal.router)
 

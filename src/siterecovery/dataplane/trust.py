@@ -79,13 +79,7 @@ def peer_of(sock: ssl.SSLSocket, address: str) -> Peer:
         return Peer(None, "", "", address)
     cert = x509.load_der_x509_certificate(der)
     serial = pki.serial_hex(cert.serial_number)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return Peer(None, "", serial, address)
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if not uri.startswith(pki.URI_PREFIX):
-            continue
+    for uri in pki.component_uris(cert):
         kind, _, component_id = uri[len(pki.URI_PREFIX) :].partition(":")
         if kind in PeerKind.__members__.values() and component_id:
             return Peer(PeerKind(kind), component_id, serial, address)
