@@ -26,6 +26,7 @@ from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
 from siterecovery.dataplane.sender import PairSender
+from siterecovery.dataplane.trust import Revocations
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,14 @@ class Agent:
         self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
         self._crash_marks: dict[str, int] = {}
+        self.revoked = Revocations()  # process servers whose certificate it must refuse
         hooks = Hooks(options.machine, options.freeze_hook, options.thaw_hook)
         self.bookmarks = Bookmarker(options.state_dir, hooks, self.protected, self.insert_bookmark)
 
     def reconcile(self, desired: AgentDesired) -> None:
         """Export every disk and replicate what `desired` lists; stop what it no longer lists (idempotent)."""
         self.bookmarks.update(desired.bookmarks, desired.crash_interval_seconds)
+        self.revoked.update(desired.revoked)
         with self._lock:
             for label, disk_path in self.options.disks.items():
                 if label not in self._servers:
@@ -141,7 +144,8 @@ class Agent:
                 self.pairs[spec.pair_id] = pair
                 self._switches[spec.disk].plug(pair)
                 if not spec.paused:
-                    sender = PairSender(pair, self.identity.client_context(), self.options.name)
+                    ctx = self.identity.client_context()
+                    sender = PairSender(pair, ctx, self.options.name, self.revoked)
                     self.senders[spec.pair_id] = sender
                     sender.start()
 

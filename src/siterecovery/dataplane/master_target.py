@@ -70,7 +70,7 @@ from siterecovery.dataplane.trust import (
     Refusals,
     Revocations,
     child,
-    frame_problem,
+    data_frame_problem,
     not_authorised,
     peer_of,
     valid_identifier,
@@ -432,7 +432,7 @@ class MasterTarget:
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
             pair, session = pairs[h.pair]
             if h.type in (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK):
-                problem = _frame_problem(pair, frame)
+                problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
                 if problem is not None:
                     raise _SessionEnds(self.refusals.add(peer, problem, pair.disk.pair_id))
                 if not self._try_apply(pair, session, frame):
@@ -573,10 +573,3 @@ class MasterTarget:
             copies_done=self._copier.results,
             refusals=self.refusals.kept,
         )
-
-
-def _frame_problem(pair: _Pair, frame: Frame) -> Problem | None:
-    """A data frame must lie inside the disk and not run too far ahead of what was applied."""
-    h = frame.header
-    extent = 0 if h.type == FrameType.BOOKMARK else h.length if h.flags & Flag.ZERO else len(frame.payload)
-    return frame_problem(pair.disk.pair_id, h.seq, pair.seen, h.offset, extent, pair.disk.size)

@@ -36,7 +36,6 @@ from siterecovery.dataplane.protocol import (
     MAX_PAYLOAD,
     CorruptFrame,
     ErrorBody,
-    Flag,
     FrameReader,
     FrameType,
     FrameWriter,
@@ -54,7 +53,7 @@ from siterecovery.dataplane.trust import (
     Refusals,
     Revocations,
     check_server,
-    frame_problem,
+    data_frame_problem,
     not_authorised,
     peer_of,
     valid_identifier,
@@ -403,11 +402,7 @@ class ProcessServer:
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(relays)} pairs")
             relay = relays[h.pair]
             if h.type in _DATA_TYPES:
-                extent = h.length if h.flags & Flag.ZERO else len(frame.payload)
-                if h.type == FrameType.BOOKMARK:
-                    extent = 0
-                last = relay.durable_seq
-                problem = frame_problem(relay.pair_id, h.seq, last, h.offset, extent, relay.size)
+                problem = data_frame_problem(relay.pair_id, frame, relay.durable_seq, relay.size)
                 if problem is not None:
                     # Refused before it is cached or acknowledged: the master target would drop it.
                     with session.lock:

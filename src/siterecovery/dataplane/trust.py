@@ -26,6 +26,7 @@ from cryptography import x509
 
 from siterecovery import pki
 from siterecovery.dataplane.assignments import PeerRefusal
+from siterecovery.dataplane.protocol import Flag, Frame, FrameType
 from siterecovery.errors import Problem
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,13 @@ def frame_problem(pair_id: str, seq: int, last: int, offset: int, length: int, s
             remediation="None for the receiver: the sender is faulty or hostile; its session ends.",
         )
     return None
+
+
+def data_frame_problem(pair_id: str, frame: Frame, last: int, size: int) -> Problem | None:
+    """`frame_problem` for a received data frame: a WRITE covers its payload, a zero its length."""
+    h = frame.header
+    extent = 0 if h.type == FrameType.BOOKMARK else h.length if h.flags & Flag.ZERO else len(frame.payload)
+    return frame_problem(pair_id, h.seq, last, h.offset, extent, size)
 
 
 def not_authorised(peer: Peer, what: str) -> Problem:
