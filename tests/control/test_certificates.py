@@ -105,6 +105,17 @@ def test_certificate_is_renewed_by_the_running_component_and_revoked_at_removal(
         address = (state / "address").read_text().strip()
         assert _served_serial(address, Identity.in_dir(client_dir)) == renewed.serial_number
 
+        # A certificate from before they named their component (CN only, 825 days) is replaced at once.
+        _stop(proc)
+        legacy = ca.sign_csr(
+            _csr(ident.key), "process-server:ps-a", ("127.0.0.1",), "", "", dt.timedelta(days=825)
+        )
+        ident.cert.write_bytes(legacy.public_bytes(serialization.Encoding.PEM))
+        proc = _start_ps(cs, tmp_path, passphrase)
+        wait_for(lambda: _cert(ident.cert).serial_number != legacy.serial_number, 60, "the legacy renewal")
+        renewed = _cert(ident.cert)
+        assert _uris(renewed) == [f"urn:siterecovery:process-server:{ps_id}"]
+
         token = json.loads((state / "registration.json").read_text())["token"]
         renew_body = {
             "cert_pem": ident.cert.read_text(),
