@@ -65,6 +65,7 @@ from siterecovery.dataplane.protocol import (
     decode_model,
 )
 from siterecovery.dataplane.trust import (
+    NOT_AUTHORISED,
     Peer,
     PeerKind,
     Refusals,
@@ -343,7 +344,10 @@ class MasterTarget:
             return "", not_authorised(peer, "connect: its certificate is revoked")
         assigned = {d.pair_id: d.process_server for d in self._desired.disks}
         for pair_id in hello.pairs:
-            if not valid_identifier(pair_id) or assigned.get(pair_id) != peer.id:
+            if valid_identifier(pair_id) and pair_id not in assigned:
+                # No longer (or not yet) held here: a process server's leftover backlog, not an attack.
+                return pair_id, self._refusal(pair_id)
+            if not valid_identifier(pair_id) or assigned[pair_id] != peer.id:
                 return pair_id, not_authorised(peer, f"send pair {pair_id!r}: it is not assigned to it")
         return None
 
@@ -357,7 +361,9 @@ class MasterTarget:
         hello = decode_model(Hello, first.payload)
         refusal = self._authorise(peer, hello)
         if refusal is not None:
-            p = self.refusals.add(peer, refusal[1], refusal[0])
+            p = refusal[1]
+            if p.code == NOT_AUTHORISED:
+                self.refusals.add(peer, p, refusal[0])
             writer.send_model(
                 FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
             )

@@ -314,8 +314,14 @@ class ProcessServer:
         if peer.serial in self.revoked:
             return "", not_authorised(peer, "connect: its certificate is revoked")
         for pair_id in hello.pairs:
-            assigned = self._assigned.get(pair_id) if valid_identifier(pair_id) else None
-            if assigned is None or assigned.agent != peer.id:
+            if valid_identifier(pair_id) and pair_id not in self._assigned:
+                # Ended, or this process server has not heard of it yet: the agent retries.
+                return pair_id, Problem(
+                    code="pair-not-assigned",
+                    message=f"Process server {self.name!r} relays no pair {pair_id!r} (yet).",
+                    remediation="None if replication was just enabled: the agent retries.",
+                )
+            if not valid_identifier(pair_id) or self._assigned[pair_id].agent != peer.id:
                 return pair_id, not_authorised(peer, f"send pair {pair_id!r}: it is not assigned to it")
         return None
 
@@ -377,7 +383,10 @@ class ProcessServer:
                     relay.agent = None
 
     def _refuse(self, writer: FrameWriter, peer: Peer, problem: Problem, pair_id: str = "") -> None:
-        self.refusals.add(peer, problem, pair_id)
+        if problem.code == "pair-not-assigned":
+            log.info("%s: %s", peer, problem.message)
+        else:
+            self.refusals.add(peer, problem, pair_id)
         with contextlib.suppress(OSError):
             writer.send_model(
                 FrameType.ERROR,

@@ -117,9 +117,12 @@ def data_frame_problem(pair_id: str, frame: Frame, last: int, size: int) -> Prob
     return frame_problem(pair_id, h.seq, last, h.offset, extent, size)
 
 
+NOT_AUTHORISED = "peer-not-authorised"
+
+
 def not_authorised(peer: Peer, what: str) -> Problem:
     return Problem(
-        code="peer-not-authorised",
+        code=NOT_AUTHORISED,
         message=f"{peer} ({peer.address}) may not {what}.",
         remediation="Check which component the pair is assigned to; a removed component must register anew.",
     )
