@@ -163,7 +163,7 @@ def test_refusals_reported_by_a_hop_become_events_naming_the_peer(cs: ConfigServ
     stats = {
         "cache_used_bytes": 0, "cache_capacity_bytes": 100, "cache_free_percent": 100.0, "cache_health": "ok",
         "backlog_bytes": 0, "throughput_bytes_per_s": 0.0, "drain_seconds": None, "pairs": 0,
-        "refusals": [refusal],
+        "refused_peers": [refusal],
     }  # fmt: skip
     for _ in range(2):  # reported twice, recorded once
         path = f"/api/components/{reg['id']}/heartbeat"

@@ -172,7 +172,7 @@ def test_d2_another_component_cannot_write_into_a_pair(plane: Plane, live: Live)
     frames = [{"pair": 0, "seq": HUGE_SEQ, "offset": 0, "length": len(payload), "payload": payload}]
     assert acked_or_refused(live.ps_addr, evil, hello, frames) == "refused"
     # The refusal names the peer in the process server's statistics (and so in an event).
-    wait_for(lambda: any(r["peer"] == "agent:evil" for r in live.ps.stats().get("refusals", [])), 30,
+    wait_for(lambda: any(r["peer"] == "agent:evil" for r in live.ps.stats().get("refused_peers", [])), 30,
              "the refusal to be reported")  # fmt: skip
     assert applied_seq(live.mt, PAIR) < HUGE_SEQ
     with open(live.target, "rb") as f:
@@ -232,7 +232,7 @@ def _serial(state_dir: Path) -> str:
 
 
 def _refused_for(comp: Component, peer: str, why: str) -> bool:
-    return any(r["peer"] == peer and why in r["message"] for r in comp.stats().get("refusals", []))  # type: ignore[union-attr,index,operator]
+    return any(r["peer"] == peer and why in r["message"] for r in comp.stats().get("refused_peers", []))  # type: ignore[union-attr,index,operator]
 
 
 def test_a_removed_component_is_refused_by_every_hop(plane: Plane, live: Live) -> None:

@@ -38,7 +38,7 @@ def record_refusals(s: Session, row: Component, previous: dict[str, Any], stats:
     """An event for each peer a hop refused since its last heartbeat (issue 13: naming the peer)."""
 
     def refusals(doc: dict[str, Any]) -> list[dict[str, Any]]:
-        items = doc.get("refusals")
+        items = doc.get("refused_peers")
         return [r for r in items if isinstance(r, dict)] if isinstance(items, list) else []
 
     seen = {(r.get("number"), r.get("time")) for r in refusals(previous)}

@@ -38,6 +38,7 @@ from siterecovery.dataplane.assignments import (
     RetentionVolume,
 )
 from siterecovery.dataplane.blocks import STREAM_WAIT, BlockHasher, BlockStream, answer_for
+from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener, idle
 from siterecovery.dataplane.mt_points import (
@@ -118,9 +119,10 @@ def _durable_seq(applier: DiskApplier) -> int:
 
 
 class _Pair:
-    def __init__(self, disk: AttachedDisk, applier: DiskApplier) -> None:
+    def __init__(self, disk: AttachedDisk, applier: DiskApplier, gaps: Gaps | None = None) -> None:
         self.disk = disk
         self.applier = applier
+        self.gaps = gaps or Gaps(None)  # writes refused upstream and awaited again (healing.py)
         self.lock = threading.Lock()
         self.seen = applier.applied_seq
         self.last_applied_time: float | None = None
@@ -138,7 +140,8 @@ class _Pair:
         journal_bytes = 0
         with self.lock:
             if isinstance(applier, JournaledDisk) and not self.detached:
-                points, journal_bytes = point_infos(applier, now), applier.journal_bytes
+                points, journal_bytes = self.gaps.mark(point_infos(applier, now)), applier.journal_bytes
+            missing = sorted(self.gaps.missing)  # changed under the lock by the applying session
         return MasterTargetPairStats(
             pair_id=self.disk.pair_id,
             applied_seq=_durable_seq(applier),
@@ -147,6 +150,7 @@ class _Pair:
             position=self.position,
             journal_bytes=journal_bytes,
             paused=self.paused,
+            missing=missing,
         )
 
 
@@ -192,7 +196,7 @@ class MasterTarget:
         self._targets_seen: tuple[str, ...] = ()
         self._copier = Copier(state_dir, self._lookup)
         self.revoked = Revocations()
-        self.refusals = Refusals()
+        self.peer_refusals = Refusals()
         self._listener = Listener(listen, identity.server_context(), self._serve)
 
     @property
@@ -237,7 +241,7 @@ class MasterTarget:
                 raise disk_limit_error(disk.pair_id, len(self._pairs))
             pair_state = child(self.state_dir / "pairs", disk.pair_id)
             applier = self._applier_factory()(disk.pair_id, disk.path, disk.size, pair_state)
-            self._pairs[disk.pair_id] = _Pair(disk, applier)
+            self._pairs[disk.pair_id] = _Pair(disk, applier, Gaps(pair_state))
 
     def reconcile(self, desired: MasterTargetDesired) -> None:
         """Attach, detach, move disks to their points, queue copies, describe volumes (idempotent)."""
@@ -320,7 +324,7 @@ class MasterTarget:
                     result = applier.materialise_in_place(find_point(applier, want))
                     log.info("materialised %s at %s (%d bytes)", pair.disk.pair_id, want, result.bytes_moved)
                     pair.position = want
-                if pair.paused == "recovery-point-unavailable":
+                if pair.paused in ("recovery-point-unavailable", "recovery-point-unusable"):
                     pair.paused = ""
             except SiteRecoveryError as exc:
                 log.warning("cannot materialise %s at %s: %s", pair.disk.pair_id, want, exc.first.message)
@@ -369,7 +373,7 @@ class MasterTarget:
         if refusal is not None:
             p = refusal[1]
             if p.code == NOT_AUTHORISED:
-                self.refusals.add(peer, p, refusal[0])
+                self.peer_refusals.add(peer, p, refusal[0])
             writer.send_model(
                 FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
             )
@@ -446,7 +450,7 @@ class MasterTarget:
             if h.type in (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK):
                 problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
                 if problem is not None:
-                    raise _SessionEnds(self.refusals.add(peer, problem, pair.disk.pair_id))
+                    raise _SessionEnds(self.peer_refusals.add(peer, problem, pair.disk.pair_id))
                 if not self._try_apply(pair, session, frame):
                     # Paused: acknowledge what is durable, then retry this frame until it applies.
                     self._ack(writer, pairs, touched | {h.pair})
@@ -487,13 +491,21 @@ class MasterTarget:
             if pair.disk.point is not None or pair.disk.frozen:
                 return False  # materialised at a chosen point, or held: nothing new is applied
             try:
-                if h.type == FrameType.BOOKMARK:
+                if h.flags & Flag.MISSING:
+                    # A refused frame dropped upstream: its sequence passes with nothing written,
+                    # and points are unusable until the re-read of its range arrives.
+                    pair.gaps.open(h.seq, h.offset, h.length)
+                    pair.applier.apply_write(h.seq, h.offset, memoryview(b""))
+                elif h.type == FrameType.BOOKMARK:
                     bm = decode_model(Bookmark, frame.payload)
                     pair.applier.bookmark(h.seq, bm.tag, bm.kind.name.lower(), bm.timestamp)
+                    pair.gaps.point(h.seq)
                 elif h.flags & Flag.ZERO:
                     pair.applier.apply_zero(h.seq, h.offset, h.length)
                 else:
                     pair.applier.apply_write(h.seq, h.offset, frame.payload)
+                    if h.flags & Flag.REFETCH:
+                        pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:
                 if exc.first.code not in _PAUSE_CODES:
                     raise
@@ -583,5 +595,5 @@ class MasterTarget:
             retention_volumes=self._volumes,
             retention_full=any(p.paused == "retention-volume-full" for p in pairs),
             copies_done=self._copier.results,
-            refusals=self.refusals.kept,
+            refused_peers=self.peer_refusals.kept,
         )

@@ -1,7 +1,7 @@
 """component certificates: serials, expiry and revocation (issue 13)
 
-Revision ID: 0002_h3
-Revises: 0001
+Revision ID: 0003_h3
+Revises: 0002_h4
 """
 
 from collections.abc import Sequence
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_h3"
-down_revision: str | None = "0001"
+revision: str = "0003_h3"
+down_revision: str | None = "0002_h4"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
