@@ -50,8 +50,8 @@ if [ "$MODE" = bench ]; then
   t0=$(ms); i=0
   while [ $i -lt 4 ]; do dd if=/tmp/pat of=$DISK bs=1M seek=$((i*16)) oflag=direct 2>/dev/null; i=$((i+1)); done
   t1=$(ms); say BENCH write-direct-1M $((64*1048576)) $(( (t1-t0)*10 ))
-  t0=$(ms); dd if=/tmp/pat of=$DISK bs=4k count=512 oflag=direct,dsync 2>/dev/null; t1=$(ms)
-  say BENCH write-4k-dsync $((512*4096)) $(( (t1-t0)*10 ))
+  t0=$(ms); dd if=/tmp/pat of=$DISK bs=4k count=2048 oflag=direct,dsync 2>/dev/null; t1=$(ms)
+  say BENCH write-4k-dsync $((2048*4096)) $(( (t1-t0)*10 ))
   say STOPPED clean; poweroff -f
 fi
 
