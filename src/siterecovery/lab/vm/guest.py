@@ -27,7 +27,7 @@ from typing import IO
 
 from siterecovery.fabrics.lab_model import Accel
 from siterecovery.lab.guest import GuestState, GuestStatus, write_status
-from siterecovery.lab.vm.image import GuestImage, nbd_drive, qemu_command
+from siterecovery.lab.vm.image import nbd_drive, qemu_command
 
 QEMU_PID = "qemu.pid"
 _PR_SET_PDEATHSIG = 1
@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=16.0, help="files per second, 0 = unlimited")
     parser.add_argument("--memory", type=int, default=128, help="MiB of guest memory")
     args = parser.parse_args(argv)
-    image = GuestImage(args.kernel.parent, "", 0, 0, 0.0)
-    append = f"sr.machine={args.machine} sr.rate={int(args.rate)} sr.mode=log"
-    cmd = qemu_command(image, args.accel, append, nbd_drive(args.unix, args.export), args.memory)
+    rate = max(1, round(args.rate)) if args.rate > 0 else 0  # the guest's shell counts whole files
+    append = f"sr.machine={args.machine} sr.rate={rate} sr.mode=log"
+    drive = nbd_drive(args.unix, args.export)
+    cmd = qemu_command(args.kernel, args.initrd, args.accel, append, drive, args.memory)
     run = args.status.parent
     started = time.monotonic()
     proc = subprocess.Popen(

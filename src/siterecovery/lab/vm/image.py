@@ -236,14 +236,14 @@ def ensure_image() -> GuestImage:
 
 
 def qemu_command(
-    image: GuestImage, accel: Accel, append: str, drive: list[str], memory_mib: int = 128
+    kernel: Path, initrd: Path, accel: Accel, append: str, drive: list[str], memory_mib: int = 128
 ) -> list[str]:
     """QEMU for one guest: serial console on stdio, no reboot (a poweroff or panic ends QEMU)."""
     return [
         QEMU, "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", f"q35,accel={accel.value}", "-cpu", "host" if accel is Accel.KVM else "max",
         "-m", f"{memory_mib}M", "-smp", "1",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 {append}",
         "-serial", "stdio", "-no-reboot",
         *drive,
@@ -269,7 +269,7 @@ def file_drive(path: Path) -> list[str]:
 
 def boot_once(image: GuestImage, accel: Accel, timeout: float) -> tuple[bool, float, str]:
     """Boot the image in probe mode; (reached /init, seconds, last console text)."""
-    cmd = qemu_command(image, accel, "sr.mode=probe", [])
+    cmd = qemu_command(image.kernel, image.initrd, accel, "sr.mode=probe", [])
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -292,8 +292,9 @@ def kvm_usable() -> bool:
 
 
 def probe_kvm(image: GuestImage, refresh: bool = False) -> AccelProbe:
-    """Whether KVM boots this image: tried once, the answer cached next to the image."""
-    cached = image.folder / "accel.json"
+    """Whether KVM boots this image's kernel: tried once per kernel (a new init script does not
+    change the answer), the answer cached in the cache folder."""
+    cached = image.folder.parent / f"accel-{image.kernel_version}.json"
     if not refresh:
         try:
             return AccelProbe(**json.loads(cached.read_text()))
