@@ -57,6 +57,8 @@ def _verdict(result: dict[str, Any]) -> str:
     if not oracle.get("observable", True):
         return "n/a"
     if oracle.get("ok"):
+        if isinstance(oracle.get("filesystem"), dict):  # a VM guest: ext4 checked, files counted
+            return f"pass ({oracle.get('records', 0)} files, e2fsck clean)"
         return f"pass ({oracle.get('records', 0)} records)"
     return f"FAIL: {oracle.get('reason', '?')}"
 
