@@ -13,6 +13,11 @@ declare -A need=(
   [rsync]=rsync
   [go]=golang-go
   [chromium]=chromium
+  # VM lab guests (siterecovery.lab.vm): QEMU, and busybox + e2fsprogs for the guest's initramfs.
+  [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static
+  [e2fsck]=e2fsprogs
+  [debugfs]=e2fsprogs
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -22,6 +27,10 @@ done
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi ] || missing+=(golang-github-vmware-govmomi-dev)
 # A PostgreSQL server for the tests that run the configuration server on PostgreSQL.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+# The VM guests' kernel (the cloud flavour: small, virtio as modules, ext4 built in).
+compgen -G "/boot/vmlinuz-*" >/dev/null || missing+=(linux-image-cloud-amd64)
+# busybox-static, not the dynamically linked busybox that may already be installed.
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || missing+=(busybox-static)
 # Azurite (the Azure storage emulator) comes from npm; Debian's npm brings Node.js.
 command -v azurite-blob >/dev/null 2>&1 || command -v npm >/dev/null 2>&1 || missing+=(npm)
 
