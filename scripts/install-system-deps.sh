@@ -18,6 +18,12 @@ declare -A need=(
   [busybox]=busybox-static
   [e2fsck]=e2fsprogs
   [debugfs]=e2fsprogs
+  # The libvirt fabric's tests run their own libvirtd (QEMU driver, TCG) and use virsh.
+  [libvirtd]=libvirt-daemon-driver-qemu
+  [virtlogd]=libvirt-daemon
+  [virsh]=libvirt-clients
+  [pkg-config]=pkg-config
+  [gcc]=gcc
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -31,14 +37,22 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql
 compgen -G "/boot/vmlinuz-*" >/dev/null || missing+=(linux-image-cloud-amd64)
 # busybox-static, not the dynamically linked busybox that may already be installed.
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || missing+=(busybox-static)
+# libvirt-python (pip) builds against libvirt's headers.
+[ -f /usr/include/libvirt/libvirt.h ] || missing+=(libvirt-dev)
+# Azurite (the Azure storage emulator) comes from npm; Debian's npm brings Node.js.
+command -v azurite-blob >/dev/null 2>&1 || command -v npm >/dev/null 2>&1 || missing+=(npm)
 
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
-fi
-mapfile -t unique < <(printf '%s\n' "${missing[@]}" | sort -u)
-echo "installing system packages: ${unique[*]}"
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${unique[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t unique < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "installing system packages: ${unique[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${unique[@]}" >/dev/null
+fi
+# 3.35.0 is the newest Azurite that runs on the Node.js of Debian 12 and of this project's CI.
+if ! command -v azurite-blob >/dev/null 2>&1; then
+  echo "installing azurite@3.35.0 from npm"
+  $sudo npm install -g --no-fund --no-audit azurite@3.35.0 >/dev/null
+fi

@@ -31,8 +31,10 @@ from siterecovery.dataplane.control_client import (
 )
 from siterecovery.dataplane.links import Identity, parse_address
 from siterecovery.dataplane.master_target import MasterTarget
+from siterecovery.dataplane.page_blob import CONNECTION_ENV, page_blob_factory
 from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
+from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
 
 ServerOpt = Annotated[
@@ -214,6 +216,19 @@ def master_target(
     retention_quota: Annotated[
         int | None, typer.Option("--retention-quota", help="bytes per pair's journal (testing)", hidden=True)
     ] = None,
+    page_blob_container: Annotated[
+        str | None,
+        typer.Option(
+            "--page-blob-container",
+            help=f"target disks are page blobs in this container (connection string in ${CONNECTION_ENV})",
+        ),
+    ] = None,
+    datastore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--datastore", help="NAME=DIR: a datastore mounted here; its disks are written as VMDKs"
+        ),
+    ] = None,
     server: ServerOpt = None,
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
@@ -241,6 +256,8 @@ def master_target(
     stop = _stop_event()
     try:
         identity = load_identity(state_dir, client, passphrase_file)
+        factory = page_blob_factory(page_blob_container)
+        mounts = DatastoreMounts.parse(datastore or [])
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
     svc = MasterTarget(
@@ -251,6 +268,8 @@ def master_target(
         volumes=tuple(volume or ()),
         retention_quota=retention_quota,
         name=name,
+        applier_factory=factory,
+        place=mounts.place if mounts.mounts else None,
     )
     source = DesiredSource(MasterTargetDesired, state_dir, client, assignments)
     try:

@@ -39,11 +39,15 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
             conn.get("datacenter"),
             name=row.name,
         )
+    if row.kind == FabricKind.AZURE.value:
+        from siterecovery.fabrics.azure_sdk import open_azure
+
+        return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
     raise SiteRecoveryError(
         Problem(
             "fabric-kind-unsupported",
             f"Fabric {row.name} has kind {row.kind!r}, which this server cannot open.",
-            "Use a lab or vsphere fabric.",
+            "Use a lab, vsphere or azure fabric.",
         ),
         Status.UNPROCESSABLE,
     )

@@ -18,6 +18,7 @@ import shutil
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import siterecovery
@@ -150,6 +151,7 @@ class MasterTarget:
         applier_factory: ApplierFactory | None = None,
         retention_quota: int | None = None,
         name: str = "master-target",
+        place: Callable[[AttachedDisk], AttachedDisk] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.identity = identity
@@ -158,6 +160,8 @@ class MasterTarget:
         self.volumes = volumes
         self.retention_quota = retention_quota
         self._factory = applier_factory
+        # Where an attached disk's path really is (a datastore path's local VMDK extent, vmdk.py).
+        self._place = place
         self._desired = MasterTargetDesired()
         self._pairs: dict[str, _Pair] = {}
         self._refused: dict[str, RefusedDisk] = {}
@@ -203,6 +207,8 @@ class MasterTarget:
 
     def attach(self, disk: AttachedDisk) -> None:
         """Attach a target disk; refuses beyond 60 attached disks (MT-3)."""
+        if self._place is not None:
+            disk = self._place(disk)
         with self._lock:
             if disk.pair_id in self._pairs:
                 self._pairs[disk.pair_id].disk = disk

@@ -20,7 +20,11 @@ from siterecovery.errors import conflict, invalid, not_found
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
 
-_REQUIRED = {"lab": ("path",), "vsphere": ("host", "user")}
+_REQUIRED = {
+    "lab": ("path",),
+    "vsphere": ("host", "user"),
+    "azure": ("subscription", "resource_group", "location", "storage_account", "subnet_id"),
+}
 _SECRET_KEYS = ("password", "secret", "token")
 
 
