@@ -24,6 +24,7 @@ declare -A need=(
   [virsh]=libvirt-clients
   [pkg-config]=pkg-config
   [gcc]=gcc
+  [ip]=iproute2
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -50,6 +51,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${unique[@]}" >/dev/null
+fi
+# libvirtd's QEMU driver runs domains as libvirt-qemu (Debian's build); libvirt-daemon-system would
+# create it with a systemd unit this project does not use.
+getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null ||
+  $sudo useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+# In the kvm group, as Debian's package puts it: without /dev/kvm access libvirtd finds its cached
+# QEMU capabilities stale on every call and probes QEMU again (seconds per capabilities request).
+if getent group kvm >/dev/null && ! id -nG libvirt-qemu | grep -qw kvm; then
+  $sudo usermod -aG kvm libvirt-qemu
 fi
 # 3.35.0 is the newest Azurite that runs on the Node.js of Debian 12 and of this project's CI.
 if ! command -v azurite-blob >/dev/null 2>&1; then

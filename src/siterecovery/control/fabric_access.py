@@ -43,11 +43,18 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
         from siterecovery.fabrics.azure_sdk import open_azure
 
         return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
+    if row.kind == FabricKind.LIBVIRT.value:
+        from siterecovery.fabrics.libvirt import LibvirtFabric
+
+        # Credentials are the URI's business (SSH keys, SASL, TLS certificates on the server).
+        return LibvirtFabric(
+            str(conn["uri"]), name=row.name, site=row.site, domain_type=str(conn.get("domain_type", ""))
+        )
     raise SiteRecoveryError(
         Problem(
             "fabric-kind-unsupported",
             f"Fabric {row.name} has kind {row.kind!r}, which this server cannot open.",
-            "Use a lab, vsphere or azure fabric.",
+            "Use a lab, vsphere, azure or libvirt fabric.",
         ),
         Status.UNPROCESSABLE,
     )
@@ -96,6 +103,7 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
 
 def summary(row: FabricRow) -> dict[str, Any]:
     inv = row.inventory or {}
-    return {key: len(inv.get(key, [])) for key in ("hosts", "datastores", "machines", "resource_groups")} | {
-        "warnings": inv.get("warnings", [])
-    }
+    return {
+        key: len(inv.get(key, []))
+        for key in ("hosts", "datastores", "machines", "resource_groups", "networks")
+    } | {"warnings": inv.get("warnings", [])}

@@ -185,7 +185,7 @@ class EventOut(BaseModel):
 
 class FabricCreate(Strict):
     name: str = Name
-    kind: Literal["lab", "vsphere", "azure"]
+    kind: Literal["lab", "vsphere", "azure", "libvirt"]
     site: str = Field(default="", max_length=100)
     connection: dict[str, Any] = Field(default_factory=dict)
     secret: str = Field(default="", max_length=1000)

@@ -24,6 +24,7 @@ _REQUIRED = {
     "lab": ("path",),
     "vsphere": ("host", "user"),
     "azure": ("subscription", "resource_group", "location", "storage_account", "subnet_id"),
+    "libvirt": ("uri",),
 }
 _SECRET_KEYS = ("password", "secret", "token")
 
