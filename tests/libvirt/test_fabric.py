@@ -3,6 +3,7 @@ DR workflow performs (define, power, disks, snapshots, storage moves, delete) wi
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -172,3 +173,29 @@ def test_an_unreachable_uri_is_a_clear_problem(tmp_path: Path) -> None:
     with pytest.raises(FabricError) as unreachable:
         fabric.discover()
     assert unreachable.value.code == "libvirt-unreachable" and "none.sock" in unreachable.value.message
+
+
+def test_fabrics_add_libvirt_discovers_through_the_server(sites: Sites, tmp_path: Path) -> None:
+    from tests.conftest import free_port, run_cli
+    from tests.control.conftest import ConfigServer
+
+    cs = ConfigServer(state_dir=tmp_path / "state", port=free_port(), log=tmp_path / "server.log")
+    cs.start()
+    try:
+        resp = cs.api("POST", "/api/fabrics", json={"name": "kvm", "kind": "libvirt", "connection": {}})
+        assert resp.status_code in (400, 422) and "connection.uri" in resp.text, resp.text
+        out = run_cli(
+            "-o", "json", "fabrics", "add", "libvirt", "--uri", sites.uri, "--name", "kvm", env=cs.env
+        )
+        added = json.loads(out.stdout)
+        assert added["kind"] == "libvirt" and added["discovery_error"] == ""
+        assert added["summary"]["hosts"] == 1 and added["summary"]["networks"] >= 2
+        assert added["summary"]["datastores"] >= 2
+        assert cs.api("GET", "/api/fabrics/kvm").json()["summary"] == added["summary"]
+        broken = {"uri": f"qemu:///system?socket={tmp_path}/none.sock"}
+        resp = cs.api("POST", "/api/fabrics", json={"name": "gone", "kind": "libvirt", "connection": broken})
+        assert resp.json().get("code") == "libvirt-unreachable" or "libvirt-unreachable" in resp.text, (
+            resp.text
+        )
+    finally:
+        cs.stop()
