@@ -308,6 +308,15 @@ class LibvirtFabric:
         dom = self._call(f"define domain {name}", lambda: self.conn.defineXML(xml))
         return self._machine(dom, self._host().name)
 
+    def define_recovery(
+        self, recorded_xml: str, name: str, volumes: dict[str, str], networks: dict[str, str] | None = None
+    ) -> Machine:
+        """The recovery domain of a failover: the protected domain's recorded XML under `name`, each
+        disk target pointing at its replica volume (`volumes`: target -> path), its interfaces (MACs
+        and models) kept and their networks mapped through `networks`."""
+        xml = lx.replace_disk_sources(lx.for_new_domain(recorded_xml, name, networks), volumes)
+        return self.define(xml)
+
     def _refuse_existing(self, name: str) -> None:
         try:
             self.conn.lookupByName(name)

@@ -179,11 +179,15 @@ def replace_disk_sources(xml: str, sources: dict[str, str], formats: dict[str, s
     return ET.tostring(root, encoding="unicode")
 
 
-def for_new_domain(xml: str, name: str) -> str:
+def for_new_domain(xml: str, name: str, networks: dict[str, str] | None = None) -> str:
     """Recorded domain XML made definable under `name` beside the original: no UUID (libvirt makes a
     new one), the given name; MACs and interface definitions are kept (a recovery domain's
-    addresses come back because the guest sees the same NICs)."""
+    addresses come back because the guest sees the same NICs), each interface's network mapped
+    through `networks` (a test failover's isolated network, the recovery site's own)."""
     root = parse(xml)
+    for src in root.findall("./devices/interface/source"):
+        if src.get("network") in (networks or {}):
+            src.set("network", (networks or {})[src.get("network", "")])
     for tag in ("uuid", "name"):
         el = root.find(tag)
         if el is not None:
