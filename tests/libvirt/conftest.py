@@ -14,6 +14,8 @@ import pytest
 
 import libvirt
 from siterecovery.fabrics.libvirt import LibvirtFabric
+from siterecovery.pki import CertificateAuthority
+from tests.dataplane.conftest import Plane
 from tests.libvirt.daemon import PREFIX, Daemon
 
 BRIDGES = ("srtestbr0", "srtestbr1")
@@ -74,3 +76,13 @@ def sites() -> Iterator[Sites]:
         for bridge in BRIDGES:
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    """The real agent, process server and master target as processes (tests/dataplane's Plane)."""
+    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
+    try:
+        yield p
+    finally:
+        p.stop_all()

@@ -146,8 +146,13 @@ def test_operations_define_power_disks_snapshots_and_delete(sites: Sites) -> Non
     with pytest.raises(FabricError) as no_move:
         fabric.move_storage(app.name, pool_b)
     assert no_move.value.code == "machine-powered-on"
+    # A running domain takes a new disk source (the agent's export) at its next power cycle.
+    assert fabric.set_disk_sources(app.name, {"vda": "nbd+unix://vda@/run/sr/app/vda.sock"}) is False
+    live = fabric.xml(app.name, inactive=False)
+    assert vda.backing in live and "vda.sock" in fabric.xml(app.name)
     fabric.power_off(app.name)
     assert fabric.discover().machine(app.name).power_state is PowerState.OFF  # type: ignore[union-attr]
+    assert fabric.set_disk_sources(app.name, {"vda": vda.backing}) is True
 
     # Storage moves to another pool; deleting the domain deletes the volumes it owns, not borrowed ones.
     fabric.move_storage(app.name, pool_b)

@@ -1,12 +1,13 @@
-"""A real VM guest (the lab's VM guest image, TCG) as a libvirt domain whose disk is the agent's NBD
-export over a Unix socket, then a recovery domain defined from its recorded XML in the other pool.
+"""A real VM guest (the lab's VM guest image, TCG) as a libvirt domain protected, failed over and
+reprotected through the real data path: agent, process server and master target processes.
 
 Capture option (a) of docs/libvirt.md: protecting a stopped domain rewrites its disk source to the
-export at once (`set_disk_sources` answers True); the guest writes fsync'd files through libvirt's
-QEMU into the export; a hard power-off (a crash) keeps every flushed file (the host-side ext4
-oracle of the VM guest checks the volume). The volume copied to the second site's pool stands for
-the replica; the recovery domain keeps the domain's interface (same MAC) on the recovery network
-and its guest finds a clean file system holding the same files.
+agent's NBD export over a Unix socket at once (`set_disk_sources` answers True); the guest writes
+fsync'd files through libvirt's QEMU into the export, the master target writes the replica volume
+in the second site's directory pool, and a hard power-off (a crash) keeps every flushed file on
+both (the VM guest's host-side ext4 oracle). Failover defines the recovery domain from the
+recorded XML on the replica volume (same MAC, the recovery network); its guest boots clean, writes
+more, and a delta resync onto the original domain's volume sends only what changed (measured).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from siterecovery.fabrics import libvirt_xml as lx
-from siterecovery.fabrics.base import PowerState
 from siterecovery.lab.vm.fs_oracle import verify_fs_image
 from siterecovery.lab.vm.image import ensure_image
+from tests.dataplane.conftest import (
+    Component,
+    Plane,
+    pair_stats,
+    replication,
+    wait_for,
+    wait_replicated,
+)
 from tests.libvirt.conftest import Sites
 from tests.libvirt.daemon import PREFIX
 
@@ -67,65 +73,93 @@ def wait_console(path: Path, pattern: str, timeout: float = BOOT_TIMEOUT) -> re.
     )
 
 
-def test_a_domain_on_the_agents_export_survives_a_crash_and_recovers_from_its_recorded_xml(
-    sites: Sites,
-) -> None:
+def guest(fabric_dir: Path) -> tuple[Path, Path]:
+    """The VM guest's kernel and initrd where QEMU (libvirt-qemu or root) can read them."""
     image = ensure_image()
-    boot = sites.folder / "boot"
+    boot = fabric_dir / "boot"
     boot.mkdir(exist_ok=True)
     boot.chmod(0o755)
-    kernel, initrd = Path(shutil.copy(image.kernel, boot)), Path(shutil.copy(image.initrd, boot))
+    return Path(shutil.copy(image.kernel, boot)), Path(shutil.copy(image.initrd, boot))
+
+
+def wait_flushed(console: Path, at_least: int) -> int:
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        flushed = int(wait_console(console, r"SR FLUSHED (\d+)")[1])
+        if flushed >= at_least or time.monotonic() > deadline:
+            return flushed
+        time.sleep(0.5)
+
+
+def pipeline(plane: Plane, name: str, source: str, target: str, mode: str) -> tuple[Component, Component]:
+    """The real agent exporting `source` as vda, a process server, and a master target writing `target`."""
+    mt = plane.master_target([{"pair_id": name, "path": target, "size": 48 * MiB}], name=f"mt-{name}").start()
+    ps = plane.process_server(name=f"ps-{name}").start()
+    rep = replication(name, "vda", ps.wait_address(), mt.wait_address(), mode)
+    agent = plane.agent([rep], {"vda": Path(source)}, f"agent-{name}").start()
+    return agent, mt
+
+
+def test_protect_failover_reprotect_a_libvirt_domain_through_the_real_data_path(
+    sites: Sites, plane: Plane
+) -> None:
+    kernel, initrd = guest(sites.folder)
     fabric = sites.fabric()
     pool_a, pool_b = f"{PREFIX}a", f"{PREFIX}b"
     volume = fabric.create_volume(fabric.pool(pool_a), f"{PREFIX}vm_vda.img", 48 * MiB, "raw")
+    replica = fabric.create_volume(fabric.pool(pool_b), f"{PREFIX}vm-dr_vda.img", 48 * MiB, "raw")
     name = f"{PREFIX}vm"
     console = sites.folder / "vm-console.log"
     fabric.define(guest_xml(name, kernel, initrd, volume, sites.networks[0], console))
-    recorded = fabric.xml(name)
+    recorded = fabric.xml(name)  # what protection records: the domain's own definition
 
-    nbd = sites.folder / "nbd"
-    export = subprocess.Popen(
-        [sys.executable, "-m", "siterecovery.lab.export", "--unix-dir", str(nbd), "--disk", f"vda={volume}"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert export.stdout is not None and "serving vda" in export.stdout.readline()
-        sock = nbd / "vda.sock"
-        # Protection: the stopped domain's disk becomes the export at once.
-        assert fabric.set_disk_sources(name, {"vda": f"nbd+unix://vda@{sock}"}) is True
-        (disk,) = fabric.discover().machine(name).disks  # type: ignore[union-attr]
-        assert disk.backing == f"nbd+unix://vda@{sock}" and disk.bus == "virtio"
-        fabric.power_on(name)
-        assert fabric.discover().machine(name).power_state is PowerState.ON  # type: ignore[union-attr]
-        flushed = int(wait_console(console, r"SR FLUSHED (\d+)")[1])
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while flushed < 6 and time.monotonic() < deadline:
-            flushed = int(wait_console(console, r"SR FLUSHED (\d+)")[1])
-            time.sleep(0.5)
-        assert flushed >= 6
-        fabric.power_off(name)  # a hard stop: the crash
-    finally:
-        export.terminate()
-        export.wait(timeout=60)
-    verdict, fs = verify_fs_image(Path(volume), name)
-    assert verdict.ok and fs.clean, verdict.reason
-    assert verdict.records >= flushed  # every file the guest had fsync'd is there
+    # Protection: the agent exports the domain's volume; the stopped domain's disk becomes the
+    # export at once; the master target writes the replica volume in the other site's pool.
+    agent, mt = pipeline(plane, "fwd", volume, replica, "full")
+    sock = plane.root / "nbd" / "vda.sock"
+    wait_for(sock.exists, 60, "the agent's export")
+    assert fabric.set_disk_sources(name, {"vda": f"nbd+unix://vda@{sock}"}) is True
+    (disk,) = fabric.discover().machine(name).disks  # type: ignore[union-attr]
+    assert disk.backing == f"nbd+unix://vda@{sock}" and disk.bus == "virtio"
+    fabric.power_on(name)
+    flushed = wait_flushed(console, 6)
+    assert flushed >= 6
+    fabric.power_off(name)  # a hard stop: the crash
+    wait_replicated(agent, mt, "fwd")
+    for image in (Path(volume), Path(replica)):
+        verdict, fs = verify_fs_image(image, name)
+        assert verdict.ok and fs.clean and verdict.records >= flushed, (image, verdict.reason)
+    agent.kill()
+    mt.kill()
 
-    # The second site: the volume's copy in pool b stands for the replica the master target wrote.
-    replica = sites.pools[pool_b] / f"{PREFIX}vm-dr_vda.img"
-    subprocess.run(["cp", "--sparse=always", volume, str(replica)], check=True, timeout=120)
-    fabric.pool(pool_b).refresh(0)
+    # Failover: the recovery domain from the recorded XML on the replica volume, same MAC, the
+    # recovery site's network; its guest finds a clean file system with every flushed file.
     dr_console = sites.folder / "vm-dr-console.log"
-    dr_xml = recorded.replace(str(console), str(dr_console))
     dr = fabric.define_recovery(
-        dr_xml, f"{PREFIX}vm-dr", {"vda": str(replica)}, {sites.networks[0]: sites.networks[1]}
+        recorded.replace(str(console), str(dr_console)),
+        f"{PREFIX}vm-dr",
+        {"vda": replica},
+        {sites.networks[0]: sites.networks[1]},
     )
-    assert [d.backing for d in dr.disks] == [str(replica)] and dr.disks[0].datastore == pool_b
+    assert [d.backing for d in dr.disks] == [replica] and dr.disks[0].datastore == pool_b
     assert [(n.mac, n.network) for n in dr.nics] == [("52:54:00:5e:00:07", sites.networks[1])]
-    assert dr.id != fabric.discover().machine(name).id  # type: ignore[union-attr]
     fabric.power_on(dr.name)
     seen = wait_console(dr_console, r"SR VERDICT ok=(\d) records=(\d+)")
     assert seen[1] == "1" and int(seen[2]) >= flushed, seen[0]
+    written = wait_flushed(dr_console, int(seen[2]) + 4)
     fabric.power_off(dr.name)
-    assert lx.disk_sources(lx.parse(fabric.xml(dr.name)))[0].path == str(replica)
+
+    # Reprotect: a delta from the replica back onto the original domain's volume sends only what
+    # the recovery domain changed; the original volume then passes the oracle with its files.
+    back, mt_back = pipeline(plane, "back", replica, volume, "delta")
+    wait_replicated(back, mt_back, "back")
+    sent = int(pair_stats(back, "back")["bytes_sent"])  # type: ignore[call-overload]
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", volume, replica], capture_output=True
+    )
+    assert same.returncode == 0, same.stdout
+    assert sent < 8 * MiB, f"{sent} bytes sent to reprotect a 48 MiB disk"  # the delta, not the disk
+    print(f"reprotect delta: {sent} bytes sent for {written - flushed} new files on a 48 MiB disk")
+    verdict, fs = verify_fs_image(Path(volume), name)
+    assert verdict.ok and fs.clean and verdict.records >= written, verdict.reason
     fabric.close()
