@@ -125,23 +125,30 @@ def agent(
         freeze_hook=freeze_hook,
         thaw_hook=thaw_hook,
     )
-    svc = Agent(options)
+    # A certificate from an earlier registration lets the resumed pairs send at once.
+    known = Identity.in_dir(state_dir)
+    svc = Agent(options, known if known.exists() else None)
+    identity: Identity | None = None
     try:
-        # The machine's disks are served at once; registration follows after the delay (AG-1).
-        svc.reconcile(AgentDesired())
+        # The pairs of the last run capture before the disks are served; registration follows
+        # after the delay (AG-1), and a configuration server that is away changes neither.
+        svc.start()
         if client is not None:
             stop.wait(registration_delay)
-        svc.identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
-        if svc.identity is not None:
+        identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
+        if identity is not None:
+            svc.set_identity(identity)
             source = DesiredSource(AgentDesired, state_dir, client, assignments)
             while not stop.is_set():
-                svc.reconcile(source.exchange(svc.stats()))
+                desired = source.exchange(svc.stats())
+                if source.known:  # else keep the resumed pairs rather than retire them
+                    svc.reconcile(desired)
                 stop.wait(interval)
     except SiteRecoveryError as exc:
         svc.stop()
         raise _fail(exc) from exc
     svc.stop(drain_timeout)
-    if svc.identity is not None:
+    if identity is not None:
         source.exchange(svc.stats())  # the final statistics: what was drained before exit
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from siterecovery import __version__, portal
-from siterecovery.control import metrics, plan_actions, problems
+from siterecovery.control import metrics, openapi_errors, plan_actions, problems
 from siterecovery.control.api import (
     components,
     events,
@@ -17,6 +17,7 @@ from siterecovery.control.api import (
     policies,
     server,
 )
+from siterecovery.control.edges import Edge
 from siterecovery.dr import held_failover, point_tasks
 from siterecovery.dr import tasks as dr_tasks
 
@@ -31,6 +32,9 @@ def create_app() -> FastAPI:
         description="Replicate, fail over, reprotect and fail back machines.",
     )
     problems.install(app)
+    openapi_errors.install(app)
+    # Outermost of the application's own layers: refuses before any route reads the body.
+    app.add_middleware(Edge)
     for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
         app.include_router(module.router)
     app.include_router(portal.router)

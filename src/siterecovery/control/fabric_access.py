@@ -89,6 +89,18 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
             ),
             Status.UNAVAILABLE,
         ) from exc
+    except (OSError, ValueError) as exc:
+        # What the provider did not anticipate (a lab folder it may not read, a file that is not
+        # a lab's inventory) is still the fabric's fault, never the server's.
+        row.discovery_error = f"{type(exc).__name__}: {exc}"[:500]
+        raise SiteRecoveryError(
+            Problem(
+                "fabric-unreadable",
+                f"Fabric {row.name} could not be discovered: {row.discovery_error}",
+                "Check the fabric's connection (a lab's folder, a vCenter's address), then discover again.",
+            ),
+            Status.UNAVAILABLE,
+        ) from exc
     finally:
         # A provider holding a session (a vCenter login) ends it: every check discovers anew, and
         # vCenter caps the sessions an account may keep open.

@@ -25,7 +25,9 @@ from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
+from siterecovery.dr.heal import check_refused_frames, check_unusable_points
 from siterecovery.dr.record import ItemRecord
+from siterecovery.dr.stall import check_stalls, worse
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
@@ -124,15 +126,18 @@ def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
             out.append(rpo)
             policy = s.get(Policy, item.policy_id)
             threshold = float(policy.rpo_threshold_seconds) if policy else 900.0
-            health = _health(rpo.seconds, threshold)
+            rpo_health = _health(rpo.seconds, threshold)
+            health = worse(rpo_health, check_stalls(s, item, now))  # a pair applying nothing (stall.py)
+            health = worse(health, check_refused_frames(s, item))  # damaged frames healing (heal.py)
+            health = worse(health, check_unusable_points(s, item))
             item.rpo_seconds = round(rpo.seconds, 2)
             item.health = health.value
-            if health is Health.NORMAL:
+            if rpo_health is Health.NORMAL:
                 clear_alert(s, "rpo-threshold-exceeded", "replicatedItem", item.id)
             else:
                 raise_alert(
                     s,
-                    Severity.CRITICAL if health is Health.CRITICAL else Severity.WARNING,
+                    Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING,
                     "rpo-threshold-exceeded",
                     f"Item {item.name}: RPO {rpo.seconds:.0f} s exceeds the policy's threshold "
                     f"of {threshold:.0f} s.",

@@ -12,8 +12,10 @@ from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
 from siterecovery.control.events import record_event
 from siterecovery.control.heartbeats import apply_heartbeat, server_view
+from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.states import ComponentKind, Role, Severity
+from siterecovery.control.throttle import THROTTLE
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 router = APIRouter(prefix="/api", tags=["servers"])
@@ -26,10 +28,12 @@ def register(
     cp: ControlPlane = Depends(control_plane),
     s: Session = Depends(session, scope="function"),
 ) -> Registered:
+    peer = request.client.host if request.client else "?"
+    THROTTLE.check(peer, cp.config.passphrase_failures_per_minute)
     if not cp.check_passphrase(body.passphrase):
-        peer = request.client.host if request.client else "?"
         # Recorded in its own transaction: the refusal below rolls this request's session back.
         with cp.db.session() as audit:
+            THROTTLE.failed(audit, peer, cp.config.passphrase_failures_per_minute)
             record_event(
                 audit,
                 Severity.WARNING,
@@ -46,6 +50,7 @@ def register(
             ),
             Status.FORBIDDEN,
         )
+    THROTTLE.succeeded(s, peer)
     row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
     if row is None:
         row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
@@ -97,9 +102,10 @@ def heartbeat(
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
+    stats = validated_stats(row.kind, body.stats)  # a bad report is a 422 and is not stored
     if body.address:
         row.address = body.address
-    desired = apply_heartbeat(s, row, body.stats, cp.config)
+    desired = apply_heartbeat(s, row, stats, cp.config)
     return HeartbeatReply(desired=desired, server_time=now())
 
 
