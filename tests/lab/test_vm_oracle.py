@@ -1,5 +1,6 @@
 """The VM guest's oracle pieces that need no QEMU: the host-side check of dumped log files, the
-console parser that turns the guest's reports into a verdict, and which guest a machine runs."""
+console parser that turns the guest's reports into a verdict, which guest a machine runs, and the
+lab CLI's checks of VM settings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from siterecovery.fabrics.lab_model import CLOUD, ONPREM, GuestKind, LabMachine
 from siterecovery.lab.guest import GuestState, read_status
 from siterecovery.lab.vm.fs_oracle import check_files
 from siterecovery.lab.vm.guest import Console
+
+from .conftest import Lab
 
 
 def _put(folder: Path, seq: int, kind: str = "d", machine: str = "web1", tamper: bool = False) -> Path:
@@ -87,3 +90,12 @@ def test_a_failed_over_copy_runs_the_guest_of_the_machine_whose_log_it_continues
     state.guest = GuestKind.VM
     db1 = state.sites[ONPREM].find_machine("db1")
     assert db1 is not None and state.guest_of(db1) is GuestKind.VM
+
+
+def test_a_vm_lab_needs_disks_for_ext4_and_guest_values_are_checked(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    small = lab.cli("create", str(lab.path), "--guest", "vm", "--disk-size", "16M", check=False)
+    assert small.returncode == 1 and "disk-too-small" in small.stderr
+    lab.cli("create", str(lab.path), "--disk-size", "64M")
+    bad = lab.cli("set", str(lab.path), "machine", "web1", "guest=xen", check=False)
+    assert bad.returncode == 2 and "python, vm" in bad.stderr

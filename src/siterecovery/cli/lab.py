@@ -145,7 +145,8 @@ def show(
         return
     for name in [site] if site else list(state.sites):
         try:
-            _print_inventory(_fabric(lab_dir, name).discover(), state.sites[name].account.mode.value)
+            vms = {m.name for m in state.sites[name].machines if state.guest_of(m) is GuestKind.VM}
+            _print_inventory(_fabric(lab_dir, name).discover(), state.sites[name].account.mode.value, vms)
         except FabricError as exc:
             err.print(f"[yellow]site {name}[/yellow]: {exc.message}")
 
@@ -154,7 +155,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "[red]no[/red]"
 
 
-def _print_inventory(inv: Inventory, account: str) -> None:
+def _print_inventory(
+    inv: Inventory, account: str, vm_guests: set[str] | frozenset[str] = frozenset()
+) -> None:
     console.rule(f"site {inv.site} ({inv.kind.value}), account {account}")
     for warning in inv.warnings:
         console.print(f"[yellow]warning[/yellow] {warning}")
@@ -204,6 +207,7 @@ def _print_inventory(inv: Inventory, account: str) -> None:
         notes = [n for n, on in (("physical", m.physical), ("lvm", m.on_lvm)) if on]
         notes += [f"origin={m.origin.value}"] if m.origin else []
         notes += [f"template={m.template}"] if m.template else []
+        notes += ["guest=vm"] if m.name in vm_guests else []
         machines.add_row(
             m.name,
             m.id,

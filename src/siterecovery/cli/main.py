@@ -172,9 +172,16 @@ def demo(
 ) -> None:
     """Build a lab and run the whole DR cycle on it with every service a real process."""
     from siterecovery.demo.run import run_demo
-    from siterecovery.fabrics.lab_build import parse_size
+    from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
 
-    raise typer.Exit(run_demo(parse_size(disk_size), keep, directory, guest, accel))
+    size = parse_size(disk_size)
+    if guest is GuestKind.VM and size < VM_MIN_DISK_SIZE:
+        typer.echo(
+            "error disk-too-small: a VM guest's ext4 needs disks of at least 64 MiB (--disk-size 64M)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    raise typer.Exit(run_demo(size, keep, directory, guest, accel))
 
 
 app.add_typer(server_app, name="server")
