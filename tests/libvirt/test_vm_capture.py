@@ -4,8 +4,9 @@ reprotected through the real data path: agent, process server and master target 
 Capture option (a) of docs/libvirt.md: protecting a stopped domain rewrites its disk source to the
 agent's NBD export over a Unix socket at once (`set_disk_sources` answers True); the guest writes
 fsync'd files through libvirt's QEMU into the export, the master target writes the replica volume
-in the second site's directory pool, and a hard power-off (a crash) keeps every flushed file on
-both (the VM guest's host-side ext4 oracle). Failover defines the recovery domain from the
+in the second site's directory pool; a kill -9 of the agent under the running domain followed by a
+hard power-off keeps every flushed file on both, once the restarted agent has caught up (the VM
+guest's host-side ext4 oracle). Failover defines the recovery domain from the
 recorded XML on the replica volume (same MAC, the recovery network); its guest boots clean, writes
 more, and a delta resync onto the original domain's volume sends only what changed (measured).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -122,9 +124,14 @@ def test_protect_failover_reprotect_a_libvirt_domain_through_the_real_data_path(
     (disk,) = fabric.discover().machine(name).disks  # type: ignore[union-attr]
     assert disk.backing == f"nbd+unix://vda@{sock}" and disk.bus == "virtio"
     fabric.power_on(name)
-    flushed = wait_flushed(console, 6)
-    assert flushed >= 6
-    fabric.power_off(name)  # a hard stop: the crash
+    assert wait_flushed(console, 6) >= 6
+    # kill -9 of the agent under the running domain: QEMU's disk is gone mid-write (libvirt 9 has
+    # no NBD reconnect), then the domain is stopped hard. A FLUSHED line means fsync returned, so
+    # every file it counts was acknowledged by the agent before the kill.
+    agent.kill(signal.SIGKILL)
+    fabric.power_off(name)
+    flushed = int(wait_console(console, r"SR FLUSHED (\d+)")[1])
+    agent.start()  # the restarted agent resumes the pair and sends what the kill left unsent
     wait_replicated(agent, mt, "fwd")
     for image in (Path(volume), Path(replica)):
         verdict, fs = verify_fs_image(image, name)
