@@ -9,6 +9,7 @@ from siterecovery.dr.libvirt_checks import (
     LIBVIRT_RULES,
     LibvirtTarget,
     RecordedDomain,
+    check_libvirt_site,
     check_libvirt_target,
     check_unreachable,
 )
@@ -44,6 +45,7 @@ def test_a_healthy_move_passes_and_a_bad_one_lists_every_failing_rule_at_once(si
     good = recorded(f"{PREFIX}db", "qemu", "x86_64", sites.networks[1], 2, MiB)
     target = LibvirtTarget(sites.uri, pool, mt.name)
     assert check_libvirt_target(fabric.discover(), target, [good]) == []
+    assert check_libvirt_site(fabric, target, [good]) == []  # discovering live
 
     fabric.create_snapshot(mt.name, "oops")
     fabric.create_machine(MachineSpec(f"{PREFIX}db", "", pool, OsType.LINUX))  # another domain, same name

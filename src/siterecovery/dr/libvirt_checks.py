@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from siterecovery.dr import rules
 from siterecovery.errors import Problem
 from siterecovery.fabrics import libvirt_xml as lx
-from siterecovery.fabrics.base import Inventory, Machine
+from siterecovery.fabrics.base import Fabric, FabricError, Inventory, Machine
 
 LIBVIRT_RULES: tuple[rules.Rule, ...] = (
     rules.LIBVIRT_REACH,
@@ -58,6 +58,22 @@ def check_unreachable(target: LibvirtTarget, host: str, why: str) -> list[Proble
             f"libvirt at {target.uri} does not answer: {why}", host=host, uri=target.uri
         )
     ]
+
+
+def check_libvirt_site(
+    fabric: Fabric, target: LibvirtTarget, domains: Sequence[RecordedDomain]
+) -> list[Problem]:
+    """Discover the target site live and check it; a host that does not answer is LV-REACH alone
+    (nothing else can be known about it)."""
+    try:
+        inventory = fabric.discover()
+    except FabricError as exc:
+        if exc.code != "libvirt-unreachable":
+            raise
+        rest = target.uri.split("://", 1)[-1]
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1] or "this host"
+        return check_unreachable(target, host, exc.message)
+    return check_libvirt_target(inventory, target, domains)
 
 
 def check_libvirt_target(
