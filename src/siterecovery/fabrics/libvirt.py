@@ -7,8 +7,8 @@ is `libvirt_xml`. Every libvirt error becomes a `FabricError` with a stable code
 safe to replay like the other providers': starting a running domain or attaching an attached disk
 does nothing; each snapshot create makes a new one.
 
-Snapshots are libvirt's internal snapshots, so they need qcow2 disks (a raw disk is refused with
-`libvirt-snapshot-unsupported`; the prerequisite LV-SNAPSHOT says so before anything starts).
+Snapshots are libvirt's internal snapshots, so they need qcow2 disks: a domain with a raw disk is
+refused with `libvirt-snapshot-unsupported` before anything is taken.
 Disk changes go to the persistent definition and, on a running domain, to the live one as well.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -126,7 +125,7 @@ class LibvirtFabric:
         machines = tuple(self._machine(d, host.name) for d in domains)
         return Inventory(
             site=self.site,
-            kind=SiteKind.VCENTER,
+            kind=SiteKind.VCENTER,  # an on-premises site, as a vCenter is
             discovered_at=time.time(),
             hosts=(host,),
             datastores=datastores,
@@ -148,6 +147,7 @@ class LibvirtFabric:
         name = self._call("read host name", conn.getHostname)
         version = f"libvirt {_version(self._call('read version', conn.getLibVersion))}"
         version += f", QEMU {_version(self._call('read hypervisor version', conn.getVersion))}"
+        # KVM has no licence editions: reported as one no rule refuses (RP-MT-LICENCE is vSphere's).
         return Host(
             name, name, HypervisorKind.KVM, LicenceEdition.ENTERPRISE, version,
             cpus=int(info[2]), memory_bytes=int(info[1]) << 20, domain_types=tuple(types),
@@ -226,9 +226,6 @@ class LibvirtFabric:
             f"Site {self.name} has no domain {machine}.",
             "Rediscover the site and choose a domain it has.",
         )
-
-    def _machine_of(self, machine: str) -> Machine:
-        return self._machine(self.domain(machine), self._host().name)
 
     def xml(self, machine: str, inactive: bool = True) -> str:
         """The domain's definition (the persistent one unless `inactive` is False)."""
@@ -508,19 +505,3 @@ class LibvirtFabric:
             self.set_disk_sources(machine, moved)
             for vol in old:
                 self._call(f"delete {vol.path()}", partial(vol.delete, 0))
-
-
-def reachable(uri: str, timeout: float = 5.0) -> bool:
-    """Whether a `qemu+ssh://host/…` or `qemu+tcp://host/…` target answers on its port at all (the
-    prerequisite LV-REACH names the host before a libvirt connection would hang on it)."""
-    rest = uri.split("://", 1)[-1]
-    hostport = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    if not hostport:
-        return True  # a local URI: the Unix socket is checked by connecting
-    host, _, port = hostport.partition(":")
-    default = 22 if "+ssh" in uri else 16514 if "+tls" in uri or "+" not in uri.split("://")[0] else 16509
-    try:
-        with socket.create_connection((host, int(port or default)), timeout=timeout):
-            return True
-    except OSError:
-        return False
