@@ -51,6 +51,7 @@ def _pool(conn: libvirt.virConnect, name: str, path: Path) -> None:
 def _network(conn: libvirt.virConnect, name: str, bridge: str) -> None:
     # A host bridge handed to libvirt (forward mode bridge), what operators with their own bridges
     # use; it needs no dnsmasq and no firewall rules. The bridge is the test's own, unconnected.
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)  # a killed run's
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True, timeout=30)
     subprocess.run(["ip", "link", "set", bridge, "up"], check=True, timeout=30)
     conn.networkCreateXML(
