@@ -8,7 +8,8 @@ in the second site's directory pool; a kill -9 of the agent under the running do
 hard power-off keeps every flushed file on both, once the restarted agent has caught up (the VM
 guest's host-side ext4 oracle). Failover defines the recovery domain from the
 recorded XML on the replica volume (same MAC, the recovery network); its guest boots clean, writes
-more, and a delta resync onto the original domain's volume sends only what changed (measured).
+more, and a delta resync onto the original domain's volume sends only what changed (measured);
+a deleted original domain is recreated from its recorded XML on a new volume.
 """
 
 from __future__ import annotations
@@ -168,5 +169,20 @@ def test_protect_failover_reprotect_a_libvirt_domain_through_the_real_data_path(
     assert sent < 8 * MiB, f"{sent} bytes sent to reprotect a 48 MiB disk"  # the delta, not the disk
     print(f"reprotect delta: {sent} bytes sent for {written - flushed} new files on a 48 MiB disk")
     verdict, fs = verify_fs_image(Path(volume), name)
+    assert verdict.ok and fs.clean and verdict.records >= written, verdict.reason
+    back.kill()
+    mt_back.kill()
+
+    # A deleted original domain: recreated from its recorded XML on a new volume in the chosen
+    # pool, after a full sync from the replica. (Its old volume was the agent's, so it stays.)
+    fabric.delete_machine(name)
+    assert fabric.discover().machine(name) is None
+    fresh = fabric.create_volume(fabric.pool(pool_a), f"{PREFIX}vm-new_vda.img", 48 * MiB, "raw")
+    full, mt_full = pipeline(plane, "full", replica, fresh, "full")
+    wait_replicated(full, mt_full, "full")
+    again = fabric.define_recovery(recorded, name, {"vda": fresh})
+    assert [d.backing for d in again.disks] == [fresh] and again.disks[0].datastore == pool_a
+    assert [n.mac for n in again.nics] == ["52:54:00:5e:00:07"]
+    verdict, fs = verify_fs_image(Path(fresh), name)
     assert verdict.ok and fs.clean and verdict.records >= written, verdict.reason
     fabric.close()
