@@ -44,7 +44,18 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
 
         return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
     if row.kind == FabricKind.LIBVIRT.value:
-        from siterecovery.fabrics.libvirt import LibvirtFabric
+        try:
+            from siterecovery.fabrics.libvirt import LibvirtFabric
+        except ImportError as exc:  # libvirt-python is an extra
+            raise SiteRecoveryError(
+                Problem(
+                    "libvirt-binding-missing",
+                    "This configuration server has no libvirt binding, so it cannot open libvirt fabrics.",
+                    "Install it on the server: apt-get install libvirt-dev pkg-config gcc, then "
+                    "pip install 'siterecovery[libvirt]'.",
+                ),
+                Status.UNPROCESSABLE,
+            ) from exc
 
         # Credentials are the URI's business (SSH keys, SASL, TLS certificates on the server).
         return LibvirtFabric(
