@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,17 @@ def test_fabrics_add_libvirt_discovers_through_the_server(sites: Sites, tmp_path
         )
     finally:
         cs.stop()
+
+
+def test_a_server_without_the_libvirt_binding_refuses_a_libvirt_fabric_by_code() -> None:
+    # A process in which `import libvirt` fails, as on a server installed without the extra.
+    script = (
+        "import sys; sys.modules['libvirt'] = None\n"
+        "from types import SimpleNamespace\n"
+        "from siterecovery.control.fabric_access import open_fabric\n"
+        "from siterecovery.errors import SiteRecoveryError\n"
+        "row = SimpleNamespace(kind='libvirt', connection={'uri': 'test:///default'}, name='x', site='s')\n"
+        "try:\n    open_fabric(None, row)\nexcept SiteRecoveryError as e:\n    print(e.first.code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "libvirt-binding-missing", out.stderr
