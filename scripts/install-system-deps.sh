@@ -18,6 +18,13 @@ declare -A need=(
   [busybox]=busybox-static
   [e2fsck]=e2fsprogs
   [debugfs]=e2fsprogs
+  # The libvirt fabric's tests run their own libvirtd (QEMU driver, TCG) and use virsh.
+  [libvirtd]=libvirt-daemon-driver-qemu
+  [virtlogd]=libvirt-daemon
+  [virsh]=libvirt-clients
+  [pkg-config]=pkg-config
+  [gcc]=gcc
+  [ip]=iproute2
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -31,6 +38,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql
 compgen -G "/boot/vmlinuz-*" >/dev/null || missing+=(linux-image-cloud-amd64)
 # busybox-static, not the dynamically linked busybox that may already be installed.
 { command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || missing+=(busybox-static)
+# libvirt-python (pip) builds against libvirt's headers.
+[ -f /usr/include/libvirt/libvirt.h ] || missing+=(libvirt-dev)
 # Azurite (the Azure storage emulator) comes from npm; Debian's npm brings Node.js.
 command -v azurite-blob >/dev/null 2>&1 || command -v npm >/dev/null 2>&1 || missing+=(npm)
 
@@ -42,6 +51,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${unique[@]}" >/dev/null
+fi
+# libvirtd's QEMU driver runs domains as libvirt-qemu (Debian's build); libvirt-daemon-system would
+# create it with a systemd unit this project does not use.
+getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null ||
+  $sudo useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+# In the kvm group, as Debian's package puts it: without /dev/kvm access libvirtd finds its cached
+# QEMU capabilities stale on every call and probes QEMU again (seconds per capabilities request).
+if getent group kvm >/dev/null && ! id -nG libvirt-qemu | grep -qw kvm; then
+  $sudo usermod -aG kvm libvirt-qemu
 fi
 # 3.35.0 is the newest Azurite that runs on the Node.js of Debian 12 and of this project's CI.
 if ! command -v azurite-blob >/dev/null 2>&1; then
