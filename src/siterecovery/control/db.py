@@ -13,7 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -57,6 +69,8 @@ class Component(Base):
     """A registered server: configuration server, process server, master target or agent."""
 
     __tablename__ = "components"
+    # The RPO monitor and registration look agents up by kind and name.
+    __table_args__ = (Index("ix_components_kind_name", "kind", "name"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(30), index=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -127,6 +141,21 @@ class ReplicatedItem(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class ItemComponent(Base):
+    """Index: which components an item's desired state concerns (see `control.item_index`).
+
+    `component` is a process server's or master target's id, or `agent:<site>/<machine>` for the
+    agent (agents are named by machine). Rewritten whenever an item's details change, so a
+    heartbeat reads only its own items instead of every item.
+    """
+
+    __tablename__ = "item_components"
+    item_id: Mapped[str] = mapped_column(
+        ForeignKey("replicated_items.id", ondelete="CASCADE"), primary_key=True
+    )
+    component: Mapped[str] = mapped_column(String(264), primary_key=True, index=True)
+
+
 class RecoveryPlan(Base):
     __tablename__ = "recovery_plans"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -176,6 +205,8 @@ class Event(Base):
     """An event (something happened) or an alert (a condition that is active until cleared)."""
 
     __tablename__ = "events"
+    # Alerts are looked up by their object and code (raise/clear), events listed by object.
+    __table_args__ = (Index("ix_events_object", "object_type", "object_id", "code"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[float] = mapped_column(Float, default=now, index=True)
     severity: Mapped[str] = mapped_column(String(20))
@@ -210,6 +241,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        from siterecovery.control.item_index import install  # it needs the models above
+
+        install(self._sessions)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

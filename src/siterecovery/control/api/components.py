@@ -14,6 +14,7 @@ from siterecovery.control.events import record_event
 from siterecovery.control.heartbeats import apply_heartbeat, server_view
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.states import ComponentKind, Role, Severity
+from siterecovery.dr.desired import version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 router = APIRouter(prefix="/api", tags=["servers"])
@@ -100,7 +101,10 @@ def heartbeat(
     if body.address:
         row.address = body.address
     desired = apply_heartbeat(s, row, body.stats, cp.config)
-    return HeartbeatReply(desired=desired, server_time=now())
+    version = version_of(desired)
+    if body.desired_version == version:
+        return HeartbeatReply(desired=None, desired_version=version, server_time=now())
+    return HeartbeatReply(desired=desired, desired_version=version, server_time=now())
 
 
 @router.get("/servers")

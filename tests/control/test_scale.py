@@ -1,0 +1,143 @@
+"""Scale of the control plane: a heartbeat costs O(its own pairs), whatever the number of items,
+and the desired state is sent only when it changed. Real API (in process), real database; costs
+are counted (SQL statements, item rows loaded), never timed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from bench.hollow import Hollow, machine_name, seed
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+
+from siterecovery.config import load_server_config
+from siterecovery.control.app import create_app
+from siterecovery.control.context import ControlPlane, open_control_plane
+from siterecovery.control.db import ReplicatedItem
+from siterecovery.dataplane.assignments import AgentStats
+from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
+from siterecovery.dr.bookmarks import request_bookmark
+from siterecovery.dr.items import get_item
+
+
+@dataclass
+class Counter:
+    statements: int = 0
+    items_loaded: int = 0
+    sql: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.statements, self.items_loaded, self.sql = 0, 0, []
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[tuple[ControlPlane, TestClient, Counter]]:
+    cp = open_control_plane(load_server_config(tmp_path / "state"))
+    counter = Counter()
+
+    def on_statement(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        counter.statements += 1
+        counter.sql.append(statement)
+
+    def on_load(_target: Any, _ctx: Any) -> None:
+        counter.items_loaded += 1
+
+    event.listen(cp.db.engine, "before_cursor_execute", on_statement)
+    event.listen(ReplicatedItem, "load", on_load)
+    try:
+        with TestClient(create_app()) as http:
+            yield cp, http, counter
+    finally:
+        event.remove(ReplicatedItem, "load", on_load)
+        event.remove(cp.db.engine, "before_cursor_execute", on_statement)
+        cp.db.engine.dispose()
+
+
+def _cost(component: Hollow, http: TestClient, counter: Counter) -> tuple[int, int]:
+    counter.reset()
+    assert component.heartbeat(http).status_code == 200
+    return counter.statements, counter.items_loaded
+
+
+def test_a_heartbeat_touches_only_its_own_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, counter = plane
+    seed(cp, 10)  # vm00000..vm00009 through process-server-0 to master-target-0
+    passphrase = cp.passphrase()
+    vm = machine_name(0)
+    agent = Hollow("agent", f"onprem/{vm}", [f"{vm}-g1-d0", f"{vm}-g1-d1"])
+    mt = Hollow("master-target", "master-target-0", [], points_per_pair=5)
+    ps = Hollow("process-server", "process-server-0", [])
+    for c in (agent, mt, ps):
+        c.register(http, passphrase)
+        c.heartbeat(http)
+    few = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    assert few["agent"][1] == 1 and few["master-target"][1] == 10  # its own items, nothing else
+
+    seed(cp, 190, start=10, first_component=1)  # others' items: another process server and master target
+    many = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    assert many == few, (few, many)
+
+
+def test_desired_is_sent_only_when_it_changed(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 3)
+    agent = Hollow("agent", f"onprem/{machine_name(1)}", [f"{machine_name(1)}-g1-d0"])
+    agent.register(http, cp.passphrase())
+    first = agent.heartbeat(http).json()
+    assert [r["pair_id"] for r in first["desired"]["replications"]] == [
+        f"{machine_name(1)}-g1-d0",
+        f"{machine_name(1)}-g1-d1",
+    ]
+    again = agent.heartbeat(http).json()
+    assert again["desired"] is None and again["desired_version"] == first["desired_version"]
+
+    with cp.db.session() as s:  # the item changes: a bookmark is asked of its agent
+        tag = request_bookmark(s, get_item(s, machine_name(1)))
+    changed = agent.heartbeat(http).json()
+    assert changed["desired_version"] != first["desired_version"]
+    assert [b["tag"] for b in changed["desired"]["bookmarks"]] == [tag]
+
+    # A component that does not say which version it holds always gets the desired state.
+    agent.version = None
+    assert agent.heartbeat(http).json()["desired"] == changed["desired"]
+
+
+def test_the_component_client_keeps_the_desired_state_the_server_says_is_unchanged(
+    plane: tuple[ControlPlane, TestClient, Counter], tmp_path: Path
+) -> None:
+    cp, _, _ = plane
+    seed(cp, 2)
+    replies: list[dict[str, Any]] = []
+
+    def keep(response: httpx.Response) -> None:
+        if response.url.path.endswith("/heartbeat"):
+            response.read()
+            replies.append(response.json())
+
+    passphrase = cp.passphrase()
+    client = ControlClient(
+        "http://testserver", tmp_path / "agent", Registration("agent", f"onprem/{machine_name(0)}", "onprem")
+    )
+    (tmp_path / "agent").mkdir()
+    client._http = TestClient(create_app())
+    client.register(passphrase)
+    client._http = TestClient(create_app())  # registering replaced it (pinned to the CA)
+    client._http.event_hooks = {"response": [keep]}
+    first = client.heartbeat(AgentStats())
+    second = client.heartbeat(AgentStats())
+    assert replies[0]["desired"] is not None and replies[1]["desired"] is None
+    assert second == first and len(first["replications"]) == 2  # type: ignore[arg-type]
+    client.close()
+
+
+def test_backoff_after_a_busy_answer_follows_retry_after_with_jitter() -> None:
+    rng = random.Random(7)
+    waits = [backoff_seconds("3", rng) for _ in range(50)]
+    assert all(3.0 <= w <= 6.0 for w in waits) and len({round(w, 3) for w in waits}) > 40
+    assert 2.0 <= backoff_seconds(None, rng) <= 4.0 and 2.0 <= backoff_seconds("soon", rng) <= 4.0
