@@ -5,6 +5,7 @@ are counted (SQL statements, item rows loaded), never timed."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,18 +13,20 @@ from typing import Any
 
 import httpx
 import pytest
-from bench.hollow import Hollow, machine_name, seed
+from bench.hollow import Hollow, agent_stats, machine_name, master_target_stats, seed
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.app import create_app
 from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import ReplicatedItem
+from siterecovery.control.db import Component, ReplicatedItem
 from siterecovery.dataplane.assignments import AgentStats
 from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
+from siterecovery.dr.monitor import evaluate
+from siterecovery.dr.record import ItemRecord
 
 
 @dataclass
@@ -141,3 +144,46 @@ def test_backoff_after_a_busy_answer_follows_retry_after_with_jitter() -> None:
     waits = [backoff_seconds("3", rng) for _ in range(50)]
     assert all(3.0 <= w <= 6.0 for w in waits) and len({round(w, 3) for w in waits}) > 40
     assert 2.0 <= backoff_seconds(None, rng) <= 4.0 and 2.0 <= backoff_seconds("soon", rng) <= 4.0
+
+
+def _report_everything(cp: ControlPlane, at: float) -> None:
+    """Every seeded item's agent and master target report: captured 7, applied 7 (caught up)."""
+    by_mt: dict[str, list[str]] = {}
+    with cp.db.session() as s:
+        for item in s.scalars(select(ReplicatedItem)):
+            rep = ItemRecord.model_validate(item.details).replication
+            assert rep is not None
+            pairs = [p.pair_id for p in rep.pairs]
+            by_mt.setdefault(rep.master_target, []).extend(pairs)
+            name = f"onprem/{item.machine}"
+            row = s.scalar(select(Component).where(Component.kind == "agent", Component.name == name))
+            if row is None:
+                row = Component(id=f"agent-{item.machine}", kind="agent", name=name)
+                s.add(row)
+            row.last_heartbeat = at
+            row.stats = agent_stats(pairs, 7)
+        for mt_id, pairs in by_mt.items():
+            mt = s.get(Component, mt_id)
+            assert mt is not None
+            mt.stats = master_target_stats(pairs, 7, points_per_pair=20)
+
+
+def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    cp, _, counter = plane
+    t0 = time.time()
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    counter.reset()
+    assert len(evaluate(cp, now=t0 + 5)) == 10
+    few = counter.statements
+
+    seed(cp, 190, start=10, first_component=1)
+    _report_everything(cp, t0 + 5)
+    counter.reset()
+    rpos = evaluate(cp, now=t0 + 10)
+    assert len(rpos) == 200 and all(4.9 <= r.seconds <= 5.1 for r in rpos)
+    assert counter.statements == few, counter.sql
+    with cp.db.session() as s:
+        assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {5.0}
