@@ -19,8 +19,11 @@ from sqlalchemy import event, select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.app import create_app
+from siterecovery.control.auth import create_token
 from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import Component, ReplicatedItem
+from siterecovery.control.db import Component, Job, ReplicatedItem
+from siterecovery.control.events import record_event
+from siterecovery.control.states import Role, Severity
 from siterecovery.dataplane.assignments import AgentStats
 from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
 from siterecovery.dr.bookmarks import request_bookmark
@@ -187,3 +190,54 @@ def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(
     assert counter.statements == few, counter.sql
     with cp.db.session() as s:
         assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {5.0}
+
+
+def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 25, master_targets=2)
+    with cp.db.session() as s:
+        token = create_token(s, "reader", Role.READER)
+        for n in range(7):
+            record_event(s, Severity.INFO, "scale-test", f"event {n}", "replicatedItem", f"obj-{n % 2}")
+    auth = {"Authorization": f"Bearer {token}"}
+
+    names: list[str] = []
+    params: dict[str, Any] = {"limit": 10, "details": "false"}
+    pages = 0
+    while True:
+        r = http.get("/api/replicatedItems", params=params, headers=auth)
+        assert r.status_code == 200 and len(r.json()) <= 10
+        assert all(i["details"] == {} for i in r.json())
+        names += [i["name"] for i in r.json()]
+        pages += 1
+        if "X-Next-After" not in r.headers:
+            break
+        assert 'rel="next"' in r.headers["Link"]
+        params["after"] = r.headers["X-Next-After"]
+    assert pages == 3 and names == [machine_name(n) for n in range(25)]
+
+    mt1 = http.get("/api/replicatedItems", params={"server": "master-target-scale-1"}, headers=auth).json()
+    assert [i["name"] for i in mt1] == [machine_name(n) for n in range(1, 25, 2)]
+    assert mt1[0]["details"]["replication"]["master_target"] == "master-target-scale-1"
+
+    first = http.get("/api/events", params={"code": "scale-test", "limit": 4}, headers=auth)
+    rest = http.get(
+        "/api/events", params={"code": "scale-test", "after": first.headers["X-Next-After"]}, headers=auth
+    )
+    assert [e["message"] for e in first.json() + rest.json()] == [f"event {n}" for n in reversed(range(7))]
+    assert "X-Next-After" not in rest.headers
+    obj = http.get("/api/events", params={"object_id": "obj-1"}, headers=auth).json()
+    assert [e["message"] for e in obj] == ["event 5", "event 3", "event 1"]
+
+    with cp.db.session() as s:  # jobs: two created in the same instant page by id
+        for n, at in enumerate([100.0, 200.0, 200.0, 300.0, 400.0]):
+            s.add(Job(id=f"job-{n}", kind="scale", state="succeeded", created_at=at))
+    seen: list[str] = []
+    query: dict[str, Any] = {"kind": "scale", "limit": 2}
+    while True:
+        r = http.get("/api/jobs", params=query, headers=auth)
+        seen += [j["id"] for j in r.json()]
+        if "X-Next-After" not in r.headers:
+            break
+        query["after"] = r.headers["X-Next-After"]
+    assert seen == ["job-4", "job-3", "job-2", "job-1", "job-0"]

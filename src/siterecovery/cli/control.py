@@ -110,7 +110,7 @@ _ITEM_COLUMNS = ("name", "direction", "state", "health", "rpo_seconds", "id")
 
 @items_app.command("list")
 def items_list(ctx: typer.Context) -> None:
-    emit(call(ctx, lambda api: api.get("/api/replicatedItems")), as_json(ctx), _ITEM_COLUMNS)
+    emit(call(ctx, lambda api: api.get_all("/api/replicatedItems")), as_json(ctx), _ITEM_COLUMNS)
 
 
 @items_app.command("show")

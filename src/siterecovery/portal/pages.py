@@ -92,7 +92,7 @@ def item_page(ident: str, request: Request, who: Principal | None = Depends(sign
         with current().db.session() as s:
             row = items_api.find_item(s, ident)
             found = next(r for r in item_rows(s) if r.item.id == row.id)
-            jobs = jobs_api.list_jobs(None, None, row.id, 20, who, s)
+            jobs = [jobs_api.job_view(s, j) for j in jobs_api.find_jobs(s, None, None, row.id, 20)]
             return page(request, who, "item.html", row=found, jobs=jobs)
     except SiteRecoveryError as exc:
         return refused(request, who, problems_of(exc), int(exc.status))
@@ -110,7 +110,8 @@ def jobs_page(
         return to_signin(request)
     wanted = JobState(state) if state in {s.value for s in JobState} else None
     with current().db.session() as s:
-        jobs = jobs_api.list_jobs(wanted, kind[:50] or None, target[:200] or None, 200, who, s)
+        found = jobs_api.find_jobs(s, wanted, kind[:50] or None, target[:200] or None, 200)
+        jobs = [jobs_api.job_view(s, j) for j in found]
         kinds = sorted(set(s.scalars(select(Job.kind).distinct())))
         return page(
             request,

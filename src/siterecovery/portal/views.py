@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.api.events import list_events
+from siterecovery.control.api.events import event_view, find_events
 from siterecovery.control.api.items import ItemOut, item_view
 from siterecovery.control.api.jobs import job_view
 from siterecovery.control.auth import Principal
@@ -171,7 +171,7 @@ def overview(s: Session, who: Principal) -> Overview:
     health = Counter(r.item.health for r in rows)
     measured = [r for r in rows if r.item.rpo_seconds is not None]
     worst = sorted(measured, key=lambda r: r.item.rpo_seconds or 0.0, reverse=True)[:5]
-    alerts = list_events(alerts=True, active=True, limit=50, _=who, s=s)
+    alerts = [event_view(e) for e in find_events(s, alerts=True, active=True, limit=50)]
     jobs = [
         job_view(s, j)
         for j in s.scalars(select(Job).where(Job.state.in_(_ACTIVE_JOB_STATES)).order_by(Job.created_at))
