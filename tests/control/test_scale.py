@@ -4,6 +4,7 @@ are counted (SQL statements, item rows loaded), never timed."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from siterecovery.config import load_server_config
+from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.control.app import create_app
 from siterecovery.control.auth import create_token
 from siterecovery.control.context import ControlPlane, open_control_plane
@@ -241,3 +243,34 @@ def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestCli
             break
         query["after"] = r.headers["X-Next-After"]
     assert seen == ["job-4", "job-3", "job-2", "job-1", "job-0"]
+
+
+def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
+    """Admission is per route: with one slot taken, another heartbeat waits its bounded time and is
+    answered 503 with Retry-After; other routes and the held heartbeat go through."""
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def fake_app(scope: Any, receive: Any, send: Any) -> None:  # a handler that holds its slot
+        if scope["path"].endswith("/heartbeat"):
+            entered.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    admission = HeartbeatAdmission(fake_app, limit=1, max_wait=0.05)
+
+    async def run() -> tuple[int, httpx.Response, int]:
+        transport = httpx.ASGITransport(app=admission)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cs") as http:
+            held = asyncio.create_task(http.post("/api/components/a/heartbeat"))
+            await asyncio.wait_for(entered.wait(), 30)
+            shed = await http.post("/api/components/b/heartbeat")
+            other = await http.get("/api/servers")
+            release.set()
+            return (await held).status_code, shed, other.status_code
+
+    held, shed, other = asyncio.run(run())
+    assert (held, shed.status_code, other) == (200, 503, 200)
+    assert shed.headers["Retry-After"] == "2" and shed.json()["code"] == "server-busy"
+    assert admission.shed == 1

@@ -6,7 +6,9 @@ from fastapi import FastAPI
 
 from siterecovery import __version__, portal
 from siterecovery.control import metrics, plan_actions, problems
+from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.control.api import (
+    cluster,
     components,
     events,
     fabrics,
@@ -33,6 +35,8 @@ def create_app() -> FastAPI:
     problems.install(app)
     for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
         app.include_router(module.router)
+    app.include_router(cluster.router)
+    app.add_middleware(HeartbeatAdmission)
     app.include_router(portal.router)
 
     @app.get("/healthz", tags=["server"])

@@ -20,6 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from siterecovery.control.cluster import Cluster
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
 from siterecovery.control.events import clear_alert, raise_alert
@@ -32,6 +33,7 @@ log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
 DISCOVERY_EVERY = 10  # passes between rediscoveries of the fabrics
 RPO_ALERT = "rpo-threshold-exceeded"
+RECOVER_EVERY = 3  # passes between looks for jobs of dead server processes (leader only)
 
 
 @dataclass(frozen=True)
@@ -292,11 +294,16 @@ def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
 
 
 class Monitor:
-    """The background thread of the configuration server that runs `evaluate` every second."""
+    """The background thread of the configuration server that runs `evaluate` every second.
 
-    def __init__(self, cp: ControlPlane, interval: float = INTERVAL) -> None:
+    With several server processes only the cluster's leader does the periodic work (see
+    `control.cluster`): the others keep asking whether they lead, and take over when it dies.
+    """
+
+    def __init__(self, cp: ControlPlane, interval: float = INTERVAL, cluster: Cluster | None = None) -> None:
         self.cp = cp
         self.interval = interval
+        self.cluster = cluster
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rpo-monitor", daemon=True)
 
@@ -310,13 +317,20 @@ class Monitor:
     def _run(self) -> None:
         passes = 0
         while not self._stop.wait(self.interval):
+            cluster = self.cluster
+            if cluster is not None and not cluster.is_leader():
+                continue
             try:
+                if cluster is not None and passes % RECOVER_EVERY == 0:
+                    cluster.recover_dead_executors()
                 if passes % DISCOVERY_EVERY == 0:
                     refresh_fabrics(self.cp)
                 evaluate(self.cp)
             except Exception:  # the monitor must outlive a bad pass (e.g. a fabric that is down)
                 log.exception("monitor pass failed")
             passes += 1
+            if cluster is not None:
+                cluster.periodic_passes += 1
 
 
 def refresh_fabrics(cp: ControlPlane) -> None:
