@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 from siterecovery.pki import CertificateAuthority, client_context, server_context
-from tests.conftest import run_cli
+from tests.conftest import SITERECOVERY, free_port, run_cli
 from tests.control.conftest import ConfigServer
 
 
@@ -180,3 +182,48 @@ def test_heartbeat_keeps_a_moved_listener_address_current(cs: ConfigServer) -> N
         json={"stats": {}, "address": "127.0.0.1:7002"},
     )
     assert cs.api("GET", "/api/servers/mt-moved").json()["address"] == "127.0.0.1:7002"
+
+
+def test_process_server_and_master_target_name_their_vm_with_machine(
+    cs: ConfigServer, tmp_path: Path
+) -> None:
+    """Real component processes register with `--machine`: before, a master target was bound to its
+    VM only by being named after it, and a process server could not name one at all."""
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(cs.api("GET", "/api/server/passphrase").json()["passphrase"])
+    common = ["--server", cs.url, "--passphrase-file", str(passphrase), "--site", "onprem"]
+    commands = {
+        "mt-svc": [
+            "master-target", "--os", "linux", "--name", "mt-svc", "--machine", "mt-vm-7",
+            "--state-dir", str(tmp_path / "mt"), "--retention-volume", str(tmp_path / "ret"),
+            "--listen", f"127.0.0.1:{free_port()}",
+        ],
+        "ps-svc": [
+            "process-server", "--name", "ps-svc", "--machine", "ps-vm-3",
+            "--cache-dir", str(tmp_path / "ps"), "--listen", f"127.0.0.1:{free_port()}",
+        ],
+    }  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [SITERECOVERY, *args, *common],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        for name, args in commands.items()
+    ]
+    try:
+        deadline = time.monotonic() + 90
+        machines: dict[str, str] = {}
+        while len(machines) < 2:
+            assert time.monotonic() < deadline, [(tmp_path / f"{n}.log").read_text() for n in commands]
+            for name in commands:
+                got = cs.api("GET", f"/api/servers/{name}")
+                if got.status_code == 200:
+                    machines[name] = got.json()["machine"]
+            time.sleep(0.2)
+        assert machines == {"mt-svc": "mt-vm-7", "ps-svc": "ps-vm-3"}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -686,6 +686,19 @@ def test_read_only_vcenter_account_names_both_causes() -> None:
     assert check_reprotect(HEALTHY) == []
 
 
+def test_host_with_only_vsan_and_vvol_is_told_to_attach_vmfs_not_to_fix_credentials() -> None:
+    # A real vCenter host with only vSAN/vVol storage: discovery reports the datastores as what they
+    # are, so the operator is sent to RP-MT-VMFS, not to the read-only-account remediation.
+    only_vsan = both(
+        edit_datastore("vmfs-01", type=DatastoreType.VSAN),
+        edit_datastore("vmfs-02", type=DatastoreType.VVOL),
+    )(HEALTHY)
+    problems = check_reprotect(only_vsan)
+    assert codes(problems) == ["mt-host-no-vmfs"]
+    assert "vmfs-01 (vsan)" in problems[0].message and "vmfs-02 (vvol)" in problems[0].message
+    assert "VMFS" in problems[0].remediation and "credentials" not in problems[0].remediation
+
+
 def test_disk_limit_counts_pending_disks_up_to_exactly_sixty() -> None:
     # 1 own disk + 2 of this machine leave 57 slots for other requests.
     assert check_reprotect(edit(HEALTHY, pending_mt_disks=MAX_MT_DISKS - 3)) == []

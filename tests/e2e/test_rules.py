@@ -38,6 +38,7 @@ from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_settings import SetKind, apply_settings
 from siterecovery.fabrics.lab_store import LabStore
 from siterecovery.lab import runtime
+from tests.conftest import run_cli
 from tests.e2e.conftest import (
     HEARTBEAT_TIMEOUT,
     fail_over_and_commit,
@@ -521,6 +522,24 @@ def deployment(dr_env: Environment) -> Iterator[Environment]:
 def test_baseline_is_clean(deployment: Environment) -> None:
     out = readiness(deployment, "web1")
     assert out["problems"] == [] and out["ready"] is True
+
+
+def test_fabrics_show_a_readable_summary_and_remove_only_unused_sites(deployment: Environment) -> None:
+    env = deployment
+    cli_env = {**env.cli_env, "COLUMNS": "200"}
+    listed = run_cli("fabrics", "list", env=cli_env).stdout
+    assert "2 hosts, 2 datastores" in listed and '{"hosts"' not in listed  # was the summary's JSON
+    # web1 (failed over and committed) lives on both sites: removing one would strand it.
+    refused = run_cli("fabrics", "remove", "onprem", env=cli_env, check=False)
+    assert refused.returncode == 2 and "fabric-in-use" in refused.stderr and "web1" in refused.stderr
+    env.api.post(
+        "/api/fabrics",
+        {"name": "spare", "kind": "lab", "site": "onprem", "connection": {"path": str(env.lab_dir)}},
+    )
+    assert "fabric spare removed" in run_cli("fabrics", "remove", "spare", env=cli_env).stdout
+    gone = run_cli("fabrics", "show", "spare", env=cli_env, check=False)
+    assert gone.returncode == 2 and "not-found" in gone.stderr
+    assert "fabric-removed" in {e["code"] for e in env.api.get("/api/events")}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -28,11 +28,11 @@ class Lab:
     def fabric(self, site: str = "onprem") -> LabFabric:
         return LabFabric(self.path, site)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run `siterecovery lab ARGS` as a real process."""
+    def cli(self, *args: str, check: bool = True, columns: int = 200) -> subprocess.CompletedProcess[str]:
+        """Run `siterecovery lab ARGS` as a real process (piped, on a terminal `columns` wide)."""
         cmd = [str(Path(sys.executable).with_name("siterecovery")), "lab", *args]
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
+            cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": str(columns)}
         )
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import pytest
@@ -256,3 +257,14 @@ def test_lab_show_tables_and_json(lab: Lab) -> None:
     data = json.loads(lab.cli("show", str(lab.path), "--site", "onprem", "--output", "json").stdout)
     assert list(data["sites"]) == ["onprem"]
     assert [m["name"] for m in data["sites"]["onprem"]["machines"]][:2] == ["mt-linux", "mt-windows"]
+
+
+def test_lab_show_at_80_columns_stacks_rows_instead_of_cutting_names(lab: Lab) -> None:
+    # Before, every name was cut to `mt-…`, `we…` at 80 columns or when piped.
+    narrow = lab.cli("show", str(lab.path), "--site", "onprem", columns=80).stdout
+    assert "…" not in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    for kind, name in (("machine", "mt-linux"), ("machine", "web1"), ("datastore", "ds-vmfs1")):
+        assert re.search(rf"^{kind} +{name} *$", narrow, re.M), name
+    wide = lab.cli("show", str(lab.path), "--site", "onprem", columns=400).stdout
+    assert not re.search(r"^machine +mt-linux", wide, re.M) and "│ mt-linux" in wide  # a table when it fits

@@ -86,6 +86,25 @@ def test_untrusted_certificate_is_refused(vcsim: Vcsim) -> None:
     assert err.value.code == "vcenter-tls-untrusted"
 
 
+@pytest.mark.parametrize("insecure", [True, False], ids=["insecure", "verified"])
+def test_plain_http_port_is_said_to_not_speak_tls(insecure: bool) -> None:
+    # A real HTTP server on loopback: before, this was "certificate not trusted, install a CA".
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(FabricError) as err:
+            VSphereFabric("127.0.0.1", httpd.server_address[1], "admin", "x", insecure=insecure).discover()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert err.value.code == "vcenter-not-tls"
+    assert "HTTPS port" in err.value.remediation and "CA" not in err.value.remediation
+
+
 def test_unreachable_vcenter(vcsim: Vcsim) -> None:
     from tests.conftest import free_port
 
@@ -191,5 +210,37 @@ def test_nfs_datastore_mounted_read_only(vcsim: Vcsim, admin_si: Any, tmp_path: 
                     MachineSpec(name="on-ro", host="DC0_C0_H0", datastore="nfs-ro", os_type=OsType.LINUX)
                 )
             assert err.value.code == "datastore-not-writable"
+    finally:
+        WaitForTask(ds.Destroy_Task())
+
+
+@pytest.mark.parametrize(
+    ("summary_type", "expected"),
+    [
+        pytest.param("vsan", DatastoreType.VSAN, id="vsan"),
+        pytest.param("VVOL", DatastoreType.VVOL, id="vvol"),
+        pytest.param("PMEM", DatastoreType.OTHER, id="other"),
+    ],
+)
+def test_datastores_neither_vmfs_nor_nfs_are_reported_as_what_they_are(
+    vcsim: Vcsim, admin_si: Any, tmp_path: Path, summary_type: str, expected: DatastoreType
+) -> None:
+    # Dropping them made a host with only vSAN storage look empty, and the check then blamed credentials.
+    host = find(admin_si, vim.HostSystem, "DC0_C0_H0")
+    export = tmp_path / f"ds-{summary_type.lower()}"
+    export.mkdir()
+    spec = vim.host.NasVolume.Specification(
+        remoteHost="127.0.0.1",
+        remotePath=str(export),
+        localPath=str(export),
+        accessMode="readWrite",
+        type=summary_type,
+    )
+    ds = host.configManager.datastoreSystem.CreateNasDatastore(spec)
+    try:
+        with vcsim.fabric() as fabric:
+            found = fabric.discover().datastore(export.name)
+        assert found is not None and found.type is expected
+        assert found.mounted_on("DC0_C0_H0")
     finally:
         WaitForTask(ds.Destroy_Task())

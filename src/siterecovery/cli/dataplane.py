@@ -158,6 +158,13 @@ def _register_until_stopped(
     return None
 
 
+# Binds a process server or master target to the VM it runs in (RP-VCENTER, MT checks): the
+# name alone was the only way before, so a component had to be named after its VM.
+MachineOpt = Annotated[
+    str | None, typer.Option("--machine", help="the VM this runs in (default: the master target's name)")
+]
+
+
 def process_server(
     cache_dir: Annotated[Path, typer.Option("--cache-dir")],
     server: ServerOpt = None,
@@ -166,6 +173,7 @@ def process_server(
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9443",
     site: Annotated[str, typer.Option("--site")] = "onprem",
     name: Annotated[str, typer.Option("--name")] = "process-server",
+    machine: MachineOpt = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="default: the cache dir")] = None,
     assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
     interval: IntervalOpt = 2.0,
@@ -174,7 +182,9 @@ def process_server(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = state_dir or cache_dir
     state.mkdir(parents=True, exist_ok=True)
-    client = _client(server, state, Registration("process-server", name, site, address=listen), ca_file)
+    client = _client(
+        server, state, Registration("process-server", name, site, address=listen, machine=machine), ca_file
+    )
     stop = _stop_event()
     try:
         identity = load_identity(state, client, passphrase_file)
@@ -210,6 +220,7 @@ def master_target(
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
     site: Annotated[str, typer.Option("--site")] = "onprem",
     name: Annotated[str, typer.Option("--name")] = "master-target",
+    machine: MachineOpt = None,
     state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("master-target-state"),
     assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
     interval: IntervalOpt = 2.0,
@@ -222,7 +233,10 @@ def master_target(
     if retention_volume is not None:
         retention_volume.mkdir(parents=True, exist_ok=True)
     client = _client(
-        server, state_dir, Registration("master-target", name, site, os_type=os_type, address=listen), ca_file
+        server,
+        state_dir,
+        Registration("master-target", name, site, os_type=os_type, address=listen, machine=machine),
+        ca_file,
     )
     stop = _stop_event()
     try:

@@ -1,4 +1,4 @@
-"""`fabrics add|list|show|discover|credentials` and `machines list --fabric`."""
+"""`fabrics add|list|show|discover|credentials|remove` and `machines list --fabric`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,28 @@ machines_app = typer.Typer(help="Machines discovered on a fabric.", no_args_is_h
 fabrics_app.add_typer(add_app, name="add")
 
 _COLUMNS = ("name", "kind", "site", "last_discovery_at", "discovery_error", "summary", "id")
+
+
+def _show(ctx: typer.Context, data: Any) -> None:
+    if as_json(ctx):
+        emit(data, True)
+        return
+    rows = data if isinstance(data, list) else [data]
+    emit([{**row, "summary": _summary_text(row.get("summary") or {})} for row in rows], False, _COLUMNS)
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    """ "2 hosts, 3 datastores, 5 machines; 1 warning: …" rather than the summary's JSON in a cell."""
+    counts = ", ".join(
+        f"{count} {key.replace('_', ' ')}" for key, count in summary.items() if key != "warnings" and count
+    )
+    warnings = summary.get("warnings") or []
+    noted = (
+        f"; {len(warnings)} warning{'s' if len(warnings) > 1 else ''}: {' '.join(warnings)}"
+        if warnings
+        else ""
+    )
+    return (counts or "empty") + noted
 
 
 def _read_secret(path: Path) -> str:
@@ -40,7 +62,7 @@ def add_lab(
         "site": site,
         "connection": {"path": str(path.resolve()), "site": site},
     }
-    emit(call(ctx, lambda api: api.post("/api/fabrics", body)), as_json(ctx), _COLUMNS)
+    _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
 
 
 @add_app.command("vsphere")
@@ -66,23 +88,30 @@ def add_vsphere(
         "connection": connection,
         "secret": _read_secret(password_file),
     }
-    emit(call(ctx, lambda api: api.post("/api/fabrics", body)), as_json(ctx), _COLUMNS)
+    _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
+
+
+@fabrics_app.command("remove")
+def fabrics_remove(ctx: typer.Context, fabric: str) -> None:
+    """Forget a site and its credentials (refused while a protected item lives there)."""
+    call(ctx, lambda api: api.request("DELETE", f"/api/fabrics/{fabric}"))
+    typer.echo(f"fabric {fabric} removed")
 
 
 @fabrics_app.command("list")
 def fabrics_list(ctx: typer.Context) -> None:
-    emit(call(ctx, lambda api: api.get("/api/fabrics")), as_json(ctx), _COLUMNS)
+    _show(ctx, call(ctx, lambda api: api.get("/api/fabrics")))
 
 
 @fabrics_app.command("show")
 def fabrics_show(ctx: typer.Context, fabric: str) -> None:
-    emit(call(ctx, lambda api: api.get(f"/api/fabrics/{fabric}")), as_json(ctx), _COLUMNS)
+    _show(ctx, call(ctx, lambda api: api.get(f"/api/fabrics/{fabric}")))
 
 
 @fabrics_app.command("discover")
 def fabrics_discover(ctx: typer.Context, fabric: str) -> None:
     """Discover the fabric's inventory now."""
-    emit(call(ctx, lambda api: api.post(f"/api/fabrics/{fabric}/discover")), as_json(ctx), _COLUMNS)
+    _show(ctx, call(ctx, lambda api: api.post(f"/api/fabrics/{fabric}/discover")))
 
 
 @fabrics_app.command("credentials")
@@ -95,11 +124,7 @@ def fabrics_credentials(
     if user:
         connection["user"] = user
     body = {"connection": connection, "secret": _read_secret(password_file)}
-    emit(
-        call(ctx, lambda api: api.request("PUT", f"/api/fabrics/{fabric}/credentials", json=body)),
-        as_json(ctx),
-        _COLUMNS,
-    )
+    _show(ctx, call(ctx, lambda api: api.request("PUT", f"/api/fabrics/{fabric}/credentials", json=body)))
 
 
 @machines_app.command("list")

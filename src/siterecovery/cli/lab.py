@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from siterecovery.cli.output import fit
 from siterecovery.cli.state import as_json
 from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
@@ -130,7 +131,7 @@ def _print_inventory(inv: Inventory, account: str) -> None:
         hosts = Table("host", "id", "kind", "licence", "version", title="Hosts")
         for h in inv.hosts:
             hosts.add_row(h.name, h.id, h.kind.value, h.licence.value, h.version)
-        console.print(hosts)
+        console.print(fit(hosts, console))
     if inv.datastores:
         stores = Table(
             "datastore", "id", "type", "accessible", "capacity GiB", "free GiB", "mounts", title="Datastores"
@@ -146,12 +147,12 @@ def _print_inventory(inv: Inventory, account: str) -> None:
                 f"{d.free_bytes / 2**30:.1f}",
                 mounts,
             )
-        console.print(stores)
+        console.print(fit(stores, console))
     if inv.resource_groups:
         groups = Table("resource group", "location", title="Resource groups")
         for g in inv.resource_groups:
             groups.add_row(g.name, g.location)
-        console.print(groups)
+        console.print(fit(groups, console))
     machines = Table(
         "machine",
         "id",
@@ -186,7 +187,7 @@ def _print_inventory(inv: Inventory, account: str) -> None:
             "\n".join(f"{n.name} {n.ip_mode.value} {n.address}".strip() for n in m.nics),
             " ".join(notes),
         )
-    console.print(machines)
+    console.print(fit(machines, console))
 
 
 @lab_app.command("set")

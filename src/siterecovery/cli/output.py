@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from siterecovery.cli.client import ApiError
 
@@ -30,7 +32,27 @@ def emit(data: Any, as_json: bool, columns: Sequence[str] = (), title: str = "")
         table.add_column(col)
     for row in rows:
         table.add_row(*(fmt(row.get(c)) for c in columns))
-    console.print(table)
+    console.print(fit(table))
+
+
+def fit(table: Table, out: Console = console) -> RenderableType:
+    """The table if it fits the terminal, else one block per row ("column  value"), wrapped rather
+    than cut: at 80 columns, or piped, a wide table shrank every name to `mt-…`."""
+    # Measured without the terminal's limit: Rich clamps a measurement to the width it is given.
+    natural = Measurement.get(out, out.options.update(max_width=1 << 16), table).maximum
+    if natural <= out.width:
+        return table
+    headers = [str(col.header) for col in table.columns]
+    cells = [list(col.cells) for col in table.columns]
+    blocks: list[RenderableType] = [Text(str(table.title), style="bold")] if table.title else []
+    for i in range(table.row_count):
+        block = Table.grid(padding=(0, 2))
+        block.add_column(style="bold", no_wrap=True)
+        block.add_column(overflow="fold")
+        for header, column in zip(headers, cells, strict=True):
+            block.add_row(header, column[i])
+        blocks += [block, Text("")]
+    return Group(*blocks)
 
 
 def fmt(value: Any) -> str:

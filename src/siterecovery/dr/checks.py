@@ -350,8 +350,9 @@ def _mt_enableuuid(f: Facts) -> Iterator[Problem]:
 def _mt_vmfs(f: Facts) -> Iterator[Problem]:
     if f.mt_host and f.host_datastores and all(d.type is not DatastoreType.VMFS for d in f.host_datastores):
         host = f.mt_host.name
+        present = ", ".join(f"{d.name} ({d.type.value})" for d in f.host_datastores)
         yield rules.MT_HOST_NO_VMFS.problem(
-            f"Host {host} of master target {f.mt_name} has no VMFS datastore.", host=host
+            f"Host {host} of master target {f.mt_name} has no VMFS datastore; it has {present}.", host=host
         )
 
 

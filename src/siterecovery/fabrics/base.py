@@ -35,6 +35,11 @@ class LicenceEdition(StrEnum):
 class DatastoreType(StrEnum):
     VMFS = "vmfs"
     NFS = "nfs"
+    # Reported as what they are, so a host holding only these is told to attach VMFS (RP-MT-VMFS),
+    # not to fix credentials as if discovery had seen nothing.
+    VSAN = "vsan"
+    VVOL = "vvol"
+    OTHER = "other"
 
 
 class OsType(StrEnum):

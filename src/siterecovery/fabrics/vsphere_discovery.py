@@ -71,7 +71,13 @@ VM_PROPS = [
     "snapshot",
 ]
 
-_DATASTORE_TYPES = {"VMFS": DatastoreType.VMFS, "NFS": DatastoreType.NFS, "NFS41": DatastoreType.NFS}
+_DATASTORE_TYPES = {
+    "VMFS": DatastoreType.VMFS,
+    "NFS": DatastoreType.NFS,
+    "NFS41": DatastoreType.NFS,
+    "vsan": DatastoreType.VSAN,
+    "VVOL": DatastoreType.VVOL,
+}
 _DATASTORE_IN_PATH = re.compile(r"^\[([^\]]*)\]")
 
 
@@ -153,15 +159,9 @@ def to_host(found: Found, licence: Any, warnings: list[str]) -> Host:
     return Host(id=found.ref._moId, name=name, kind=HypervisorKind.ESXI, licence=edition, version=version)
 
 
-def to_datastore(found: Found, host_names: Mapping[str, str], warnings: list[str]) -> Datastore | None:
+def to_datastore(found: Found, host_names: Mapping[str, str]) -> Datastore:
     name = found.props["name"]
-    kind = _DATASTORE_TYPES.get(found.props.get("summary.type", ""))
-    if kind is None:
-        warnings.append(
-            f"Datastore {name} is of type {found.props.get('summary.type')!r}, neither VMFS nor NFS; "
-            "it is not offered."
-        )
-        return None
+    kind = _DATASTORE_TYPES.get(found.props.get("summary.type", ""), DatastoreType.OTHER)
     mounts = tuple(
         DatastoreMount(
             host=host_names.get(m.key._moId, m.key._moId),
@@ -307,12 +307,7 @@ def discover(si: Any, site: str, root: Any) -> Inventory:
         to_host(f, licences.get(f.ref._moId), warnings) for f in found if isinstance(f.ref, vim.HostSystem)
     ]
     host_names = {h.id: h.name for h in hosts}
-    datastores = [
-        d
-        for f in found
-        if isinstance(f.ref, vim.Datastore)
-        if (d := to_datastore(f, host_names, warnings)) is not None
-    ]
+    datastores = [to_datastore(f, host_names) for f in found if isinstance(f.ref, vim.Datastore)]
     machines = [
         to_machine(f, host_names)
         for f in found

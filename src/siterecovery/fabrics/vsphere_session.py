@@ -45,10 +45,34 @@ def disconnect(si: Any) -> None:
     Disconnect(si)  # type: ignore[no-untyped-call]
 
 
+# What OpenSSL says when the peer answers the ClientHello with something that is not TLS at all
+# (an HTTP server's "HTTP/1.1 400" reads as a bad record version or length).
+_NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "PACKET_LENGTH_TOO_LONG",
+        "HTTP_REQUEST",
+        "UNKNOWN_PROTOCOL",
+        "RECORD_LAYER_FAILURE",
+    }
+)
+
+
+def _not_tls(exc: ssl.SSLError) -> bool:
+    return (exc.reason or "") in _NOT_TLS_REASONS
+
+
 def fabric_error(exc: BaseException, doing: str, host: str = "vCenter") -> FabricError:
     """The `FabricError` an operator can act on for a failure while `doing` something."""
     if isinstance(exc, FabricError):
         return exc
+    if isinstance(exc, ssl.SSLError) and _not_tls(exc):
+        return FabricError(
+            "vcenter-not-tls",
+            f"Could not {doing}: {host} does not speak TLS on this port ({exc.reason or exc}); it looks "
+            "like a plain-HTTP endpoint.",
+            "Give vCenter's HTTPS port (443 unless changed) in the site's address.",
+        )
     if isinstance(exc, ssl.SSLError):
         return FabricError(
             "vcenter-tls-untrusted",

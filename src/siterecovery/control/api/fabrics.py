@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import control_plane, operator, reader, session
 from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric, by_id_or_name, new_id
+from siterecovery.control.db import Fabric, ReplicatedItem, by_id_or_name, new_id
 from siterecovery.control.events import record_event
 from siterecovery.control.fabric_access import discover, summary
 from siterecovery.control.schemas import FabricCreate, FabricCredentials, FabricOut
-from siterecovery.control.states import Severity
+from siterecovery.control.states import ProtectionState, Severity
 from siterecovery.errors import conflict, invalid, not_found
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
@@ -143,6 +143,36 @@ def update_credentials(
         row.id,
     )
     return fabric_view(row)
+
+
+@router.delete("/{ident}", status_code=204, response_class=Response)
+def remove_fabric(
+    ident: str, _: Principal = Depends(operator), s: Session = Depends(session, scope="function")
+) -> Response:
+    """Forget a site and its stored credentials; refused while a protected item's machine lives there."""
+    row = find_fabric(s, ident)
+    users = sorted(
+        item.name
+        for item in s.scalars(select(ReplicatedItem))
+        if item.state != ProtectionState.DISABLED.value
+        and row.id
+        in (
+            item.source_fabric_id,
+            item.target_fabric_id,
+            item.details.get("onprem_fabric"),
+            item.details.get("cloud_fabric"),
+        )
+    )
+    if users:
+        raise conflict(
+            "fabric-in-use",
+            f"Fabric {row.name} is a site of replicated items {', '.join(users)}.",
+            "Disable protection of those items (items disable), or reprotect them to another site, then "
+            "remove the fabric.",
+        )
+    s.delete(row)
+    record_event(s, Severity.INFO, "fabric-removed", f"Fabric {row.name} removed.", "fabric", row.id)
+    return Response(status_code=204)
 
 
 @router.get("/{ident}/machines")

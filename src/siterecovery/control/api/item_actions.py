@@ -345,6 +345,24 @@ def _fail_back_to(item: repo.ItemSnapshot, vcenter: FabricRow) -> repo.ItemSnaps
     return repo.update(item.id, change)
 
 
+def _master_target_fabric(s: Session, item: repo.ItemSnapshot, master_target: str) -> str:
+    """RP-VCENTER's default: the on-premises fabric whose last discovery holds the master target's
+    VM. "" (the item's own site) when that site holds it, or when no fabric does — the checks then
+    say so with `mt-not-discovered`."""
+    mt = repo.component(s, master_target, ComponentKind.MASTER_TARGET)
+    if mt is None or not mt.machine:
+        return ""
+    holders = [
+        row.id
+        for row in s.scalars(select(FabricRow).order_by(FabricRow.name))
+        if row.inventory.get("kind") != "cloud"
+        and any(m.get("name") == mt.machine for m in row.inventory.get("machines", ()))
+    ]
+    if not holders or item.record.onprem_fabric in holders:
+        return ""
+    return holders[0]
+
+
 @router.post("/{ident}/reprotect", status_code=202, response_model=None)
 def reprotect(
     ident: str,
@@ -354,8 +372,10 @@ def reprotect(
 ) -> Started | Readiness:
     """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
     item = _item_for_dr(s, ident)
-    args = body.model_dump()
     to_cloud = item.direction is Direction.FAILBACK
+    if not to_cloud and not body.vcenter:
+        body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
+    args = body.model_dump()
     if to_cloud:
         problems = forward_problems(item, args)
         notes: list[dict[str, Any]] = []
