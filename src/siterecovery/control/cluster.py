@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -61,6 +62,8 @@ class ClusterStatus:
     leader: bool
     periodic_passes: int
     recovered_executors: list[str]
+    pass_seconds_p50: float | None  # over the last passes this process ran
+    pass_seconds_max: float | None
 
 
 class Cluster:
@@ -77,6 +80,7 @@ class Cluster:
         self._mutex = threading.Lock()
         self.periodic_passes = 0
         self.recovered_executors: list[str] = []
+        self._pass_seconds: deque[float] = deque(maxlen=300)
 
     # --- PostgreSQL connection holding the locks -------------------------------------------------
 
@@ -178,9 +182,20 @@ class Cluster:
             self.recovered_executors.append(executor)
         return dead
 
+    def passed(self, seconds: float) -> None:
+        """One periodic pass ran here and took this long."""
+        self.periodic_passes += 1
+        self._pass_seconds.append(seconds)
+
     def status(self) -> ClusterStatus:
+        recent = sorted(self._pass_seconds)
         return ClusterStatus(
-            self.executor_id, self._leader, self.periodic_passes, list(self.recovered_executors)
+            self.executor_id,
+            self._leader,
+            self.periodic_passes,
+            list(self.recovered_executors),
+            recent[len(recent) // 2] if recent else None,
+            recent[-1] if recent else None,
         )
 
     def close(self) -> None:

@@ -320,6 +320,7 @@ class Monitor:
             cluster = self.cluster
             if cluster is not None and not cluster.is_leader():
                 continue
+            started = time.monotonic()
             try:
                 if cluster is not None and passes % RECOVER_EVERY == 0:
                     cluster.recover_dead_executors()
@@ -330,7 +331,7 @@ class Monitor:
                 log.exception("monitor pass failed")
             passes += 1
             if cluster is not None:
-                cluster.periodic_passes += 1
+                cluster.passed(time.monotonic() - started)
 
 
 def refresh_fabrics(cp: ControlPlane) -> None:

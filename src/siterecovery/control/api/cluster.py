@@ -21,6 +21,8 @@ class ProcessOut(BaseModel):
     leader: bool
     periodic_passes: int
     recovered_executors: list[str]
+    pass_seconds_p50: float | None = None
+    pass_seconds_max: float | None = None
     pid: int
 
 
@@ -39,5 +41,7 @@ def this_process(_: Principal = Depends(reader)) -> ProcessOut:
         leader=st.leader,
         periodic_passes=st.periodic_passes,
         recovered_executors=st.recovered_executors,
+        pass_seconds_p50=st.pass_seconds_p50,
+        pass_seconds_max=st.pass_seconds_max,
         pid=os.getpid(),
     )
