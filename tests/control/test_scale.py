@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -274,3 +275,22 @@ def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
     assert (held, shed.status_code, other) == (200, 503, 200)
     assert shed.headers["Retry-After"] == "2" and shed.json()["code"] == "server-busy"
     assert admission.shed == 1
+
+
+def test_the_portal_pages_through_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 130)
+    assert cp.initial_admin_token
+    assert http.post("/signin", data={"token": cp.initial_admin_token, "next": "/items"}).status_code in (
+        200,
+        303,
+    )
+    first = http.get("/items")
+    rows = re.findall(r'<tr data-item="(vm\d+)"', first.text)
+    assert rows == [machine_name(n) for n in range(100)]
+    after = re.search(r'href="/items\?after=([^"]+)" rel="next"', first.text)
+    assert after is not None
+    second = http.get(f"/items?after={after.group(1)}")
+    assert re.findall(r'<tr data-item="(vm\d+)"', second.text) == [machine_name(n) for n in range(100, 130)]
+    assert 'rel="next"' not in second.text
+    assert http.get(f"/items/{machine_name(129)}").status_code == 200

@@ -11,10 +11,11 @@ from siterecovery.control.auth import Principal, create_token
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
 from siterecovery.control.events import record_event
-from siterecovery.control.heartbeats import apply_heartbeat, server_view
+from siterecovery.control.heartbeat_writer import writer_for
+from siterecovery.control.heartbeats import server_view
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.states import ComponentKind, Role, Severity
-from siterecovery.dr.desired import version_of
+from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 router = APIRouter(prefix="/api", tags=["servers"])
@@ -98,9 +99,10 @@ def heartbeat(
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
-    if body.address:
-        row.address = body.address
-    desired = apply_heartbeat(s, row, body.stats, cp.config)
+    # The report is written by the process's heartbeat writer, many per commit (group commit);
+    # this request only reads. Answered once the report is durable.
+    writer_for(cp.db, cp.config).write(component_id, body.stats, body.address)
+    desired = desired_for(s, row)
     version = version_of(desired)
     if body.desired_version == version:
         return HeartbeatReply(desired=None, desired_version=version, server_time=now())
