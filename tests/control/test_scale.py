@@ -294,3 +294,34 @@ def test_the_portal_pages_through_items(plane: tuple[ControlPlane, TestClient, C
     assert re.findall(r'<tr data-item="(vm\d+)"', second.text) == [machine_name(n) for n in range(100, 130)]
     assert 'rel="next"' not in second.text
     assert http.get(f"/items/{machine_name(129)}").status_code == 200
+
+
+def test_the_monitor_rereads_an_item_only_when_its_details_changed(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    cp, _, counter = plane
+    t0 = time.time()
+    seed(cp, 3, master_targets=2)
+    _report_everything(cp, t0)
+    assert len(evaluate(cp, now=t0 + 1)) == 3
+    counter.reset()
+    evaluate(cp, now=t0 + 2)
+    # No item's details were read again (what loads them: the route query, `id IN (...)`).
+    reads_details = [q for q in counter.sql if "replicated_items.id IN" in q]
+    assert counter.items_loaded == 0 and not reads_details, reads_details
+
+    with cp.db.session() as s:  # a workflow moves vm00000 to the other master target
+        item = get_item(s, machine_name(0))
+        rec = ItemRecord.model_validate(item.details)
+        assert rec.replication is not None
+        rec.replication.master_target = "master-target-scale-1"
+        item.details, rev = rec.model_dump(mode="json"), item.details_rev
+        item.rpo_seconds = 99.0  # not a change of details
+    with cp.db.session() as s:
+        assert get_item(s, machine_name(0)).details_rev == rev + 1
+        assert get_item(s, machine_name(1)).details_rev == 1
+    # The other master target does not report vm00000's pairs: its RPO is now the item's age.
+    rpos = {r.item: r for r in evaluate(cp, now=t0 + 3)}
+    with cp.db.session() as s:
+        moved = get_item(s, machine_name(0)).id
+    assert rpos[moved].caught_up is False

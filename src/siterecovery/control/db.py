@@ -137,6 +137,9 @@ class ReplicatedItem(Base):
     group_id: Mapped[str | None] = mapped_column(ForeignKey("replication_groups.id"), nullable=True)
     rpo_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Bumped by a flush hook whenever `details` changes (control.item_index): readers that keep a
+    # parsed copy (the RPO monitor) reload an item's details only when this moved.
+    details_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, default=now)
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
@@ -221,7 +224,10 @@ class Event(Base):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # Pool as large as PostgreSQL's: the API's threads, the heartbeat writer, the monitor.
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=20
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

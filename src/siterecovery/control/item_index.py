@@ -4,7 +4,7 @@ A component's desired state is derived from the items that name it (dr.desired).
 reading every item made each heartbeat cost O(all items); this index (`item_components`) lets a
 heartbeat read only the component's own items. It is maintained by a flush hook on every session
 of the control plane, so no workflow has to remember it: whatever writes `details` rewrites the
-item's rows in the same transaction.
+item's rows in the same transaction, and bumps the item's `details_rev`.
 
 Which components an item concerns (a superset is harmless, a missing one is a bug): its current
 replication's agent, process server and master target; the master target of a failover held
@@ -53,12 +53,19 @@ def write_links(conn: Connection, item_id: str, details: dict[str, Any] | None) 
         conn.execute(insert(ItemComponent), [{"item_id": item_id, "component": k} for k in sorted(keys)])
 
 
+def _details_changed(obj: object) -> bool:
+    return isinstance(obj, ReplicatedItem) and inspect(obj).attrs.details.history.has_changes()
+
+
+def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
+    for item in (*session.new, *session.dirty):
+        if _details_changed(item):
+            assert isinstance(item, ReplicatedItem)
+            item.details_rev = (item.details_rev or 0) + 1
+
+
 def _after_flush(session: Session, _context: Any) -> None:
-    changed = [
-        obj
-        for obj in (*session.new, *session.dirty)
-        if isinstance(obj, ReplicatedItem) and inspect(obj).attrs.details.history.has_changes()
-    ]
+    changed = [obj for obj in (*session.new, *session.dirty) if _details_changed(obj)]
     gone = [obj for obj in session.deleted if isinstance(obj, ReplicatedItem)]
     if not changed and not gone:
         return
@@ -73,4 +80,5 @@ def install(factory: sessionmaker[Session]) -> None:
     """Keep the index on every session this factory makes."""
     from sqlalchemy import event
 
+    event.listen(factory, "before_flush", _before_flush)
     event.listen(factory, "after_flush", _after_flush)

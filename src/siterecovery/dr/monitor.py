@@ -102,24 +102,71 @@ def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [p for p in (stats or {}).get("pairs", []) or [] if isinstance(p, dict)]
 
 
+@dataclass(frozen=True)
+class _Route:
+    """An item's replication as the monitor needs it, parsed once per revision of its details."""
+
+    agent: str
+    master_target: str
+    pairs: tuple[str, ...]
+
+
+# Per database, item id -> (details_rev, its route or None when not replicating): a pass reloads
+# and parses the details only of items that changed since it last looked (`details_rev`).
+_ROUTES: dict[str, dict[str, tuple[int, _Route | None]]] = {}
+_ROUTES_LOCK = threading.Lock()
+DETAILS_CHUNK = 500
+
+
+def _routes(s: Session, revs: dict[str, int]) -> dict[str, _Route | None]:
+    with _ROUTES_LOCK:
+        cache = _ROUTES.setdefault(str(s.get_bind().engine.url), {})
+        known = {i: cache[i] for i in revs if i in cache and cache[i][0] == revs[i]}
+        stale = [i for i in revs if i not in known]
+        for start in range(0, len(stale), DETAILS_CHUNK):
+            ids = stale[start : start + DETAILS_CHUNK]
+            for item_id, details in cast(
+                Iterable[tuple[str, dict[str, Any] | None]],
+                s.execute(
+                    select(ReplicatedItem.id, ReplicatedItem.details).where(ReplicatedItem.id.in_(ids))
+                ),
+            ):
+                raw = (details or {}).get("replication")
+                route = None
+                if raw is not None:
+                    rep = Replication.model_validate(raw)
+                    route = _Route(
+                        agent_name(rep.source_site.value, rep.source_machine),
+                        rep.master_target,
+                        tuple(p.pair_id for p in rep.pairs),
+                    )
+                known[item_id] = (revs[item_id], route)
+        cache.clear()
+        cache.update(known)
+        return {i: r for i, (_, r) in known.items()}
+
+
 def read_inputs(s: Session) -> PassInputs:
     thresholds = {p.id: float(p.rpo_threshold_seconds) for p in s.scalars(select(Policy))}
+    rows = list(
+        s.execute(
+            select(
+                ReplicatedItem.id,
+                ReplicatedItem.name,
+                ReplicatedItem.updated_at,
+                ReplicatedItem.policy_id,
+                ReplicatedItem.health,
+                ReplicatedItem.rpo_seconds,
+                ReplicatedItem.details_rev,
+            ).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
+        )
+    )
+    routes = _routes(s, {row.id: row.details_rev for row in rows})
     items = []
-    for row in s.execute(
-        select(
-            ReplicatedItem.id,
-            ReplicatedItem.name,
-            ReplicatedItem.updated_at,
-            ReplicatedItem.policy_id,
-            ReplicatedItem.health,
-            ReplicatedItem.rpo_seconds,
-            ReplicatedItem.details,
-        ).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
-    ):
-        raw = (row.details or {}).get("replication")
-        if raw is None:
+    for row in rows:
+        route = routes.get(row.id)
+        if route is None:
             continue
-        rep = Replication.model_validate(raw)
         items.append(
             _Watched(
                 row.id,
@@ -128,9 +175,9 @@ def read_inputs(s: Session) -> PassInputs:
                 thresholds.get(row.policy_id, 900.0),
                 row.health,
                 row.rpo_seconds,
-                agent_name(rep.source_site.value, rep.source_machine),
-                rep.master_target,
-                tuple(p.pair_id for p in rep.pairs),
+                route.agent,
+                route.master_target,
+                route.pairs,
             )
         )
     agents: dict[str, tuple[float | None, dict[str, int]]] = {}

@@ -96,12 +96,13 @@ def heartbeat(
             ),
             Status.FORBIDDEN,
         )
+    # The report is written by the process's heartbeat writer, many per commit (group commit),
+    # before this request touches the database: waiting for the writer while holding a pooled
+    # connection would let the waiting requests starve the writer of connections.
+    writer_for(cp.db, cp.config).write(component_id, body.stats, body.address)
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
-    # The report is written by the process's heartbeat writer, many per commit (group commit);
-    # this request only reads. Answered once the report is durable.
-    writer_for(cp.db, cp.config).write(component_id, body.stats, body.address)
     desired = desired_for(s, row)
     version = version_of(desired)
     if body.desired_version == version:

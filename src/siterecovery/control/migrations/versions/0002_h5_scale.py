@@ -1,4 +1,4 @@
-"""scale: the items-by-component index, and indexes for agent and alert lookups
+"""scale: the items-by-component index, items' details revision, indexes for agent and alert lookups
 
 Revision ID: 0002_h5
 Revises: 0001
@@ -26,6 +26,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("item_components", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_item_components_component"), ["component"], unique=False)
+    with op.batch_alter_table("replicated_items", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("details_rev", sa.Integer(), server_default="0", nullable=False))
     with op.batch_alter_table("components", schema=None) as batch_op:
         batch_op.create_index("ix_components_kind_name", ["kind", "name"], unique=False)
     with op.batch_alter_table("events", schema=None) as batch_op:
@@ -46,6 +48,8 @@ def downgrade() -> None:
         batch_op.drop_index("ix_events_object")
     with op.batch_alter_table("components", schema=None) as batch_op:
         batch_op.drop_index("ix_components_kind_name")
+    with op.batch_alter_table("replicated_items", schema=None) as batch_op:
+        batch_op.drop_column("details_rev")
     with op.batch_alter_table("item_components", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_item_components_component"))
     op.drop_table("item_components")
