@@ -101,6 +101,7 @@ class Result:
     db_mib: float = 0.0
     loadgen_cpu_percent: float = 0.0
     seconds: float = 0.0
+    load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -371,6 +372,7 @@ def run_level(level: Level, seconds: float) -> Result:
         used = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
         result.loadgen_cpu_percent = 100 * used / result.seconds
         result.rss_mib = rss[0]
+        result.load_average = float(Path("/proc/loadavg").read_text().split()[0])
         for u in servers.urls:
             me = httpx.get(
                 u + "/api/cluster/self", headers={"Authorization": f"Bearer {servers.token}"}
@@ -415,15 +417,15 @@ def row(r: Result) -> str:
         f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
         f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB "
-        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % |"
+        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % | {r.load_average:.1f} |"
     )
 
 
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
-    "| server CPU / peak RSS | DB size | load generator CPU |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| server CPU / peak RSS | DB size | load generator CPU | machine load average |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
