@@ -5,7 +5,9 @@ run against `qemu-nbd -f raw` serving one 1 GiB image and against our export ser
 with a sink that appends every captured write to a spool file (a bounded ring, as the real spool
 trims what was acknowledged downstream). Prints a table of MiB/s and IOPS with the ratios and writes
 it to `bench/results/capture.md` with the machine's description. Target (DESIGN.md): >= 1.0x the
-peer's throughput and >= 0.8x its IOPS. Run with `python -m bench.bench_capture [--seconds N]`.
+peer's throughput and >= 0.8x its IOPS. A third server (our export with the agent's write-intent
+log in front of the image; `--no-activity-log` leaves it out) runs in the same alternation, and its figures
+go to `bench/results/capture-activity-log.md`. Run with `python -m bench.bench_capture [--seconds N]`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from siterecovery.dataplane.activity_log import ActivityLog
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 
 IMAGE_SIZE = 1 << 30
 SPOOL_RING = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results" / "capture.md"
+RESULTS_AL = Path(__file__).resolve().parent / "results" / "capture-activity-log.md"
 _RECORD = struct.Struct(">QQI")
 
 
@@ -130,12 +134,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="run time of each fio job")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per job; medians are kept")
+    parser.add_argument(
+        "--activity-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also our export with the write-intent log (a third server)",
+    )
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             print(f"{tool} is required (make system-deps installs it)", file=sys.stderr)
             return 2
+    load_start = os.getloadavg()[0]
     rows: list[tuple[Job, Result, Result]] = []
+    al_rows: list[tuple[Job, Result, Result]] = []
+    intent: ActivityLog | None = None
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
         work = Path(tmp)
         peer_image, our_image = work / "peer.img", work / "ours.img"
@@ -159,19 +172,41 @@ def main() -> int:
         )
         sink = SpoolSink(work / "spool.bin")
         ours = run_nbd_server_in_thread([Export.for_image("disk", our_image, sink)], unix=our_sock)
+        al_sock = work / "al.sock"
+        al_sink = al_server = None
+        if args.activity_log:
+            al_image = work / "al.img"
+            shutil.copyfile(peer_image, al_image)
+            al_sink = SpoolSink(work / "al-spool.bin")
+            intent = ActivityLog(work / "disk.al", IMAGE_SIZE)
+            al_server = run_nbd_server_in_thread(
+                [Export.for_image("disk", al_image, al_sink, intent=intent)], unix=al_sock
+            )
         try:
             wait_for_socket(peer_sock, peer)
             for job in JOBS:
-                # Alternate the two servers and keep medians: the machine is shared, and load from
+                # Alternate the servers and keep medians: the machine is shared, and load from
                 # elsewhere would otherwise land on whichever server happened to run during it.
-                theirs, mine = [], []
-                for _ in range(args.rounds):
-                    theirs.append(run_fio(f"nbd+unix:///disk?socket={peer_sock}", job, args.seconds))
-                    mine.append(run_fio(f"nbd+unix:///disk?socket={our_sock}", job, args.seconds))
-                rows.append((job, median(theirs), median(mine)))
+                # The order rotates from round to round: a server that always ran last would
+                # always meet the page cache's writeback of the others' data.
+                peer_runs: list[Result] = []
+                our_runs: list[Result] = []
+                al_runs: list[Result] = []
+                servers = [(peer_sock, peer_runs), (our_sock, our_runs)]
+                if al_server is not None:
+                    servers.append((al_sock, al_runs))
+                for r in range(args.rounds):
+                    for sock, results in servers[r % len(servers) :] + servers[: r % len(servers)]:
+                        results.append(run_fio(f"nbd+unix:///disk?socket={sock}", job, args.seconds))
+                rows.append((job, median(peer_runs), median(our_runs)))
+                if al_runs:
+                    al_rows.append((job, median(our_runs), median(al_runs)))
         finally:
             ours.stop()
             sink.close()
+            if al_server is not None and al_sink is not None:
+                al_server.stop()
+                al_sink.close()
             peer.terminate()
             peer.wait(timeout=30)
     table = [
@@ -203,7 +238,55 @@ def main() -> int:
     print(report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(report)
+    if al_rows:
+        commits = intent.commits if intent is not None else 0
+        loads = (load_start, os.getloadavg()[0])
+        al_report = activity_log_report(al_rows, args.seconds, args.rounds, commits, loads)
+        print(al_report)
+        RESULTS_AL.write_text(al_report)
     return 0
+
+
+def activity_log_report(
+    rows: list[tuple[Job, Result, Result]],
+    seconds: int,
+    rounds: int,
+    commits: int,
+    loads: tuple[float, float],
+) -> str:
+    table = [
+        "| fio job | export+spool MiB/s | + write-intent log MiB/s | ratio | export+spool IOPS "
+        "| + write-intent log IOPS | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for job, without, with_al in rows:
+        ratio, iops_ratio = with_al.mib_s / without.mib_s, with_al.iops / without.iops
+        table.append(
+            f"| {job.name} | {without.mib_s:.0f} | {with_al.mib_s:.0f} | {ratio:.2f}x "
+            f"| {without.iops:.0f} | {with_al.iops:.0f} | {iops_ratio:.2f}x |"
+        )
+    return "\n".join(
+        [
+            "# Write capture: the cost of the write-intent (activity) log",
+            "",
+            f"The same fio jobs as `capture.md` (iodepth 32, {seconds} s per job after 1 s ramp, 1 GiB raw "
+            f"image, Unix socket; median of {rounds} runs per server, alternating with qemu-nbd and the "
+            "export without the log), against our export with the agent's write-intent log (4 MiB "
+            "extents, up to 1024 marked) in front of the image. The machine is shared with other work: "
+            "compare the two columns of one run, not runs of different days. The server order rotates "
+            "from round to round.",
+            "",
+            *table,
+            "",
+            f"Log writes (one fdatasync each) over the whole run: {commits}. Load average (1 min) of the "
+            f"machine at the start and the end: {loads[0]:.1f}, {loads[1]:.1f} on {os.cpu_count()} cores.",
+            "",
+            "Machine:",
+            "",
+            machine(),
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ class ServerConfig:
     tls: bool = False
     # Extra names (DNS or IP, comma-separated) for the HTTPS certificate: the ones components use.
     tls_names: str = ""
+    # Largest request body the API reads (bytes); a larger one is refused with 413 unread.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Lifetime of a new user token unless `tokens create --expires-in` says otherwise.
+    token_days: float = 30.0
+    # Wrong registration passphrases one source address may give per minute before a 429.
+    passphrase_failures_per_minute: int = 5
 
     @property
     def host(self) -> str:
@@ -54,6 +60,8 @@ _ENV_PREFIX = "SITERECOVERY_"
 def _coerce(kind: object, raw: object) -> object:
     if kind in (float, "float"):
         return float(raw)  # type: ignore[arg-type]
+    if kind in (int, "int"):
+        return int(str(raw))
     if kind in (bool, "bool"):
         return str(raw).lower() in ("1", "true", "yes", "on")
     if kind in (Path, "Path"):

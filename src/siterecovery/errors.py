@@ -80,3 +80,48 @@ def invalid(field_name: str, message: str, remediation: str) -> SiteRecoveryErro
 
 def conflict(code: str, message: str, remediation: str, rule: str | None = None) -> SiteRecoveryError:
     return SiteRecoveryError(Problem(code, message, remediation, rule), Status.CONFLICT)
+
+
+# ---- data-plane outcomes that end a DR job (stable codes the runbook names) -----------------
+
+
+def drain_timeout(machine: str, behind: dict[str, tuple[int, int]], timeout: float) -> SiteRecoveryError:
+    """A planned failover's drain did not finish: `behind` maps pair -> (applied, wanted) sequence."""
+    pairs = ", ".join(f"{p} (applied {a}, needs {w})" for p, (a, w) in sorted(behind.items()))
+    return SiteRecoveryError(
+        Problem(
+            code="drain-timeout",
+            message=f"Replication of {machine} did not drain within {timeout:.0f} s: the master target "
+            f"has not applied every acknowledged write of pair {pairs}.",
+            remediation="Wait for the pair's alert to clear (`items show`, `alerts list`) and run the "
+            "planned failover again, or run an unplanned failover to the latest point now (it "
+            "recovers what the master target has applied).",
+            detail={"pairs": sorted(behind)},
+        )
+    )
+
+
+def recovery_verdict_failed(machine: str, site: str, reason: str) -> SiteRecoveryError:
+    """The recovered guest's own consistency check (the oracle) failed after it booted."""
+    return SiteRecoveryError(
+        Problem(
+            code="recovery-verdict-failed",
+            message=f"{machine} booted at {site} but its guest check failed: {reason}.",
+            remediation="Do not commit: change the recovery point to an older one "
+            f"(`items change-point {machine} --point P`) and check again, or inspect the machine.",
+            detail={"reason": reason},
+        )
+    )
+
+
+def recovery_point_unusable(point: str, pair: str, reason: str, damaged_seq: int = -1) -> SiteRecoveryError:
+    """A listed point whose journal records are damaged (or that misses a refused write)."""
+    return SiteRecoveryError(
+        Problem(
+            code="recovery-point-unusable",
+            message=f"Recovery point {point!r} of pair {pair!r} cannot be restored: {reason}.",
+            remediation="Choose another recovery point (`points list` marks the unusable ones), "
+            "or fail over to the latest point.",
+            detail={"point": point, "pair": pair, "damaged_seq": damaged_seq},
+        )
+    )

@@ -58,8 +58,12 @@ def test_points_test_failover_and_failover_to_an_older_point(dr_env: Environment
 
     # Failover to an older crash point: the recovered log is a clean prefix that ends earlier.
     Cycle(dr_env, "web1").wait_records("onprem", 200)
-    crash = [p for p in _points(dr_env, "web1") if p["kind"] == "crash"]
+    # At least three crash points (newest first), so the one chosen is neither the newest nor the
+    # oldest: the next test changes the point to an older one than this.
+    listed = _wait_for(dr_env, "web1", lambda ps: sum(p["kind"] == "crash" for p in ps) >= 3, 120)
+    crash = [p for p in listed if p["kind"] == "crash"]
     older = crash[len(crash) // 2]
+    assert older["id"] != crash[-1]["id"]
     job = run_job(dr_env, "/api/replicatedItems/web1/failover", {"point": older["id"]})
     assert job["state"] == "succeeded", job
     applied = _booted(job, "apply-point")
@@ -103,9 +107,10 @@ def test_recovery_point_changes_until_commit(dr_env: Environment) -> None:
     # The same point again: exactly the records the point held, none the machine wrote since.
     assert change_to(first)["records"] == booted
     cycle.wait_records("cloud", booted + 40)
-    # An older point: the journal rolls further back over the undone writes.
-    older = [p for p in listed if p["kind"] == "crash"][-1]
-    assert older["id"] != first
+    # An older point: the journal rolls further back over the undone writes. The test above chose
+    # a crash point with at least one older crash point listed (points are listed newest first).
+    ids = [p["id"] for p in listed]
+    older = [p for p in listed[ids.index(first) + 1 :] if p["kind"] == "crash"][-1]
     assert change_to(older["id"])["records"] < booted
     # The newest point the master target had: forward again, past where the first failover stopped.
     newest = change_to("latest")["records"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,13 +24,32 @@ servers_app = typer.Typer(
 events_app = typer.Typer(help="Events and alerts.", no_args_is_help=True)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> int:
+    """`30d`, `12h`, `90m`, `3600s` or plain seconds."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:], 0)
+    number = value[:-1] if unit else value
+    if not number.isdigit():
+        raise typer.BadParameter(f"{text!r} is not a duration such as 30d, 12h, 90m or 3600s.")
+    return int(number) * (unit or 1)
+
+
 @tokens_app.command("create")
 def tokens_create(
     ctx: typer.Context,
     role: Annotated[str, typer.Option(help="reader | operator | admin")],
     name: Annotated[str, typer.Option(help="what the token is for")] = "cli",
+    expires_in: Annotated[
+        str | None, typer.Option(help="lifetime: 30d, 12h, 90m or seconds (default: the server's, 30 days)")
+    ] = None,
 ) -> None:
-    out = call(ctx, lambda api: api.post("/api/tokens", {"name": name, "role": role}))
+    body: dict[str, object] = {"name": name, "role": role}
+    if expires_in is not None:
+        body["expires_in_seconds"] = _seconds(expires_in)
+    out = call(ctx, lambda api: api.post("/api/tokens", body))
     if as_json(ctx):
         emit(out, True)
     else:
@@ -38,7 +58,22 @@ def tokens_create(
 
 @tokens_app.command("list")
 def tokens_list(ctx: typer.Context) -> None:
-    emit(call(ctx, lambda api: api.get("/api/tokens")), as_json(ctx), ("id", "name", "role", "revoked"))
+    """User tokens with their expiry; revoked and expired ones are listed too."""
+    tokens = call(ctx, lambda api: api.get("/api/tokens"))
+    if as_json(ctx):
+        emit(tokens, True)
+        return
+    for t in tokens:
+        at = t["expires_at"]
+        t["expires"] = "never" if at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+    emit(tokens, False, ("id", "name", "role", "expires", "expired", "revoked"))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(ctx: typer.Context, token_id: str) -> None:
+    """Revoke a token (by id, see `tokens list`): refused from its next request on."""
+    out = call(ctx, lambda api: api.post(f"/api/tokens/{token_id}/revoke", {}))
+    emit(out, as_json(ctx), ("id", "name", "role", "revoked"))
 
 
 _POLICY_COLUMNS = (

@@ -31,8 +31,10 @@ from siterecovery.dataplane.control_client import (
 )
 from siterecovery.dataplane.links import Identity, parse_address
 from siterecovery.dataplane.master_target import MasterTarget
+from siterecovery.dataplane.page_blob import CONNECTION_ENV, page_blob_factory
 from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
+from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
 
 ServerOpt = Annotated[
@@ -123,23 +125,30 @@ def agent(
         freeze_hook=freeze_hook,
         thaw_hook=thaw_hook,
     )
-    svc = Agent(options)
+    # A certificate from an earlier registration lets the resumed pairs send at once.
+    known = Identity.in_dir(state_dir)
+    svc = Agent(options, known if known.exists() else None)
+    identity: Identity | None = None
     try:
-        # The machine's disks are served at once; registration follows after the delay (AG-1).
-        svc.reconcile(AgentDesired())
+        # The pairs of the last run capture before the disks are served; registration follows
+        # after the delay (AG-1), and a configuration server that is away changes neither.
+        svc.start()
         if client is not None:
             stop.wait(registration_delay)
-        svc.identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
-        if svc.identity is not None:
+        identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
+        if identity is not None:
+            svc.set_identity(identity)
             source = DesiredSource(AgentDesired, state_dir, client, assignments)
             while not stop.is_set():
-                svc.reconcile(source.exchange(svc.stats()))
+                desired = source.exchange(svc.stats())
+                if source.known:  # else keep the resumed pairs rather than retire them
+                    svc.reconcile(desired)
                 stop.wait(interval)
     except SiteRecoveryError as exc:
         svc.stop()
         raise _fail(exc) from exc
     svc.stop(drain_timeout)
-    if svc.identity is not None:
+    if identity is not None:
         source.exchange(svc.stats())  # the final statistics: what was drained before exit
 
 
@@ -214,6 +223,19 @@ def master_target(
     retention_quota: Annotated[
         int | None, typer.Option("--retention-quota", help="bytes per pair's journal (testing)", hidden=True)
     ] = None,
+    page_blob_container: Annotated[
+        str | None,
+        typer.Option(
+            "--page-blob-container",
+            help=f"target disks are page blobs in this container (connection string in ${CONNECTION_ENV})",
+        ),
+    ] = None,
+    datastore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--datastore", help="NAME=DIR: a datastore mounted here; its disks are written as VMDKs"
+        ),
+    ] = None,
     server: ServerOpt = None,
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
@@ -241,6 +263,8 @@ def master_target(
     stop = _stop_event()
     try:
         identity = load_identity(state_dir, client, passphrase_file)
+        factory = page_blob_factory(page_blob_container)
+        mounts = DatastoreMounts.parse(datastore or [])
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
     svc = MasterTarget(
@@ -251,6 +275,8 @@ def master_target(
         volumes=tuple(volume or ()),
         retention_quota=retention_quota,
         name=name,
+        applier_factory=factory,
+        place=mounts.place if mounts.mounts else None,
     )
     source = DesiredSource(MasterTargetDesired, state_dir, client, assignments)
     try:

@@ -102,7 +102,7 @@ def bookmark(ctx: typer.Context, item: str) -> None:
 def points_list(ctx: typer.Context, item: str) -> None:
     """The item's recovery points, newest first (latest, app-consistent, crash-consistent, group)."""
     rows = call(ctx, lambda api: api.get(f"/api/replicatedItems/{item}/recoveryPoints"))
-    emit(rows, as_json(ctx), ("id", "kind", "time_utc"))
+    emit(rows, as_json(ctx), ("id", "kind", "time_utc", "unusable"))
 
 
 @items_app.command("change-point")

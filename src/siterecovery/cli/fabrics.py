@@ -91,6 +91,49 @@ def add_vsphere(
     _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
 
 
+@add_app.command("azure")
+def add_azure(
+    ctx: typer.Context,
+    subscription: Annotated[str, typer.Option(help="subscription id")],
+    resource_group: Annotated[str, typer.Option(help="the recovery site's resource group")],
+    storage_account: Annotated[str, typer.Option(help="holds the replica page blobs")],
+    location: Annotated[str, typer.Option(help="region, e.g. westeurope")],
+    subnet_id: Annotated[str, typer.Option(help="ARM id of the subnet failed-over VMs join")],
+    name: str = "azure",
+    site: str = "cloud",
+    tenant: str = "",
+    client_id: Annotated[
+        str, typer.Option(help="service principal; without it the server's own identity")
+    ] = "",
+    client_secret_file: Annotated[Path | None, typer.Option(help="the service principal's secret")] = None,
+    vm_size: str = "",
+    replica_container: str = "",
+) -> None:
+    """Add an Azure resource group as a recovery site; the client secret is stored encrypted."""
+    connection: dict[str, Any] = {
+        "subscription": subscription,
+        "resource_group": resource_group,
+        "storage_account": storage_account,
+        "location": location,
+        "subnet_id": subnet_id,
+    }
+    optional = {
+        "tenant": tenant,
+        "client_id": client_id,
+        "vm_size": vm_size,
+        "replica_container": replica_container,
+    }
+    connection |= {key: value for key, value in optional.items() if value}
+    body = {
+        "name": name,
+        "kind": "azure",
+        "site": site,
+        "connection": connection,
+        "secret": _read_secret(client_secret_file) if client_secret_file else "",
+    }
+    _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
+
+
 @fabrics_app.command("remove")
 def fabrics_remove(ctx: typer.Context, fabric: str) -> None:
     """Forget a site and its credentials (refused while a protected item lives there)."""

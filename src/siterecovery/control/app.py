@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from siterecovery import __version__, portal
-from siterecovery.control import metrics, plan_actions, problems
+from siterecovery.control import metrics, openapi_errors, plan_actions, problems
 from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.control.api import (
     cluster,
@@ -19,6 +19,7 @@ from siterecovery.control.api import (
     policies,
     server,
 )
+from siterecovery.control.edges import Edge
 from siterecovery.dr import held_failover, point_tasks
 from siterecovery.dr import tasks as dr_tasks
 
@@ -33,10 +34,14 @@ def create_app() -> FastAPI:
         description="Replicate, fail over, reprotect and fail back machines.",
     )
     problems.install(app)
+    openapi_errors.install(app)
+    # Sheds heartbeats beyond what the process handles at once (inside Edge: auth is checked first).
+    app.add_middleware(HeartbeatAdmission)
+    # Outermost of the application's own layers: refuses before any route reads the body.
+    app.add_middleware(Edge)
     for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
         app.include_router(module.router)
     app.include_router(cluster.router)
-    app.add_middleware(HeartbeatAdmission)
     app.include_router(portal.router)
 
     @app.get("/healthz", tags=["server"])

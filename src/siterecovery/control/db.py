@@ -63,6 +63,9 @@ class Token(Base):
     component_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Unix time after which the token is refused; None: it does not expire (component tokens,
+    # which are replaced on re-registration).
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Component(Base):

@@ -39,11 +39,15 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
             conn.get("datacenter"),
             name=row.name,
         )
+    if row.kind == FabricKind.AZURE.value:
+        from siterecovery.fabrics.azure_sdk import open_azure
+
+        return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
     raise SiteRecoveryError(
         Problem(
             "fabric-kind-unsupported",
             f"Fabric {row.name} has kind {row.kind!r}, which this server cannot open.",
-            "Use a lab or vsphere fabric.",
+            "Use a lab, vsphere or azure fabric.",
         ),
         Status.UNPROCESSABLE,
     )
@@ -75,6 +79,18 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
                 exc.code,
                 exc.message,
                 exc.remediation or "Check the fabric's connection and credentials, then discover again.",
+            ),
+            Status.UNAVAILABLE,
+        ) from exc
+    except (OSError, ValueError) as exc:
+        # What the provider did not anticipate (a lab folder it may not read, a file that is not
+        # a lab's inventory) is still the fabric's fault, never the server's.
+        row.discovery_error = f"{type(exc).__name__}: {exc}"[:500]
+        raise SiteRecoveryError(
+            Problem(
+                "fabric-unreadable",
+                f"Fabric {row.name} could not be discovered: {row.discovery_error}",
+                "Check the fabric's connection (a lab's folder, a vCenter's address), then discover again.",
             ),
             Status.UNAVAILABLE,
         ) from exc

@@ -1,4 +1,4 @@
-"""Prometheus `/metrics`: RPO and health per item, process-server cache, master targets, jobs.
+"""Prometheus `/metrics`: RPO and health per item, process-server cache, master targets, jobs, alerts.
 
 Values are read from the database at scrape time by a custom collector, so the exposition is
 always the current state and no metric object needs updating anywhere else.
@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import select
 
 from siterecovery.control.context import current
-from siterecovery.control.db import Component, Job, ReplicatedItem
+from siterecovery.control.db import Component, Event, Job, ReplicatedItem
+from siterecovery.control.reports import entries, number
 from siterecovery.control.states import ComponentKind
 
 router = APIRouter(tags=["metrics"])
@@ -50,6 +51,11 @@ class StateCollector(Collector):
             "siterecovery_master_target_journal_bytes", "Retention journal in use", labels=["server"]
         )
         jobs = GaugeMetricFamily("siterecovery_jobs", "Jobs by state", labels=["state"])
+        alerts = GaugeMetricFamily(
+            "siterecovery_alerts_active",
+            "Active alerts by object, code (e.g. replication-stalled, frame-refused) and severity",
+            labels=["object", "code", "severity"],
+        )
         with current().db.session() as s:
             for item in s.scalars(select(ReplicatedItem)):
                 if item.rpo_seconds is not None:
@@ -58,17 +64,24 @@ class StateCollector(Collector):
             for c in s.scalars(select(Component)):
                 st = c.stats or {}
                 if c.kind == ComponentKind.PROCESS.value:
-                    cache.add_metric([c.name], float(st.get("cache_used_bytes", 0)))
-                    capacity.add_metric([c.name], float(st.get("cache_capacity_bytes", 0)))
-                    throughput.add_metric([c.name], float(st.get("throughput_bytes_per_s", 0)))
+                    cache.add_metric([c.name], number(st, "cache_used_bytes"))
+                    capacity.add_metric([c.name], number(st, "cache_capacity_bytes"))
+                    throughput.add_metric([c.name], number(st, "throughput_bytes_per_s"))
                 elif c.kind == ComponentKind.MASTER_TARGET.value:
-                    disks.add_metric([c.name], float(st.get("attached_disks", 0)))
-                    journal.add_metric(
-                        [c.name], float(sum(p.get("journal_bytes", 0) for p in st.get("pairs", [])))
-                    )
+                    disks.add_metric([c.name], number(st, "attached_disks"))
+                    in_use = sum(number(p, "journal_bytes") for p in entries(st, "pairs"))
+                    journal.add_metric([c.name], in_use)
             for state, count in Counter(s.scalars(select(Job.state))).items():
                 jobs.add_metric([state], count)
-        yield from (rpo, health, cache, capacity, throughput, disks, journal, jobs)
+            names = {r.id: r.name for r in s.execute(select(ReplicatedItem.id, ReplicatedItem.name))}
+            active = s.execute(
+                select(Event.object_id, Event.code, Event.severity).where(
+                    Event.alert.is_(True), Event.active.is_(True)
+                )
+            )
+            for (obj, code, severity), count in Counter((r[0], r[1], r[2]) for r in active).items():
+                alerts.add_metric([names.get(obj, obj), code, severity], count)
+        yield from (rpo, health, cache, capacity, throughput, disks, journal, jobs, alerts)
 
 
 _REGISTRY = CollectorRegistry()

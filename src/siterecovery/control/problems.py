@@ -7,12 +7,14 @@ the field at fault; anything unexpected is a 500 that shows no internals (it is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from siterecovery.errors import Problem, SiteRecoveryError
 
@@ -20,7 +22,9 @@ log = logging.getLogger("siterecovery.api")
 MEDIA = "application/problem+json"
 
 
-def problem_response(status: int, problems: tuple[Problem, ...], title: str = "") -> JSONResponse:
+def problem_response(
+    status: int, problems: tuple[Problem, ...], title: str = "", headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     first = problems[0]
     body: dict[str, Any] = {
         "type": f"https://siterecovery.dev/problems/{first.code}",
@@ -29,15 +33,30 @@ def problem_response(status: int, problems: tuple[Problem, ...], title: str = ""
         **first.as_dict(),
         "problems": [p.as_dict() for p in problems],
     }
-    return JSONResponse(body, status_code=status, media_type=MEDIA)
+    return JSONResponse(body, status_code=status, media_type=MEDIA, headers=headers)
 
 
 _HTTP_CODES = {
+    400: ("body-unparseable", "Send a well-formed JSON body (see /openapi.json)."),
     401: ("unauthenticated", "Send a bearer token: Authorization: Bearer <token>."),
     403: ("forbidden", "Use a token whose role allows this operation."),
     404: ("not-found", "Check the URL against /openapi.json."),
-    405: ("method-not-allowed", "Check the method against /openapi.json."),
+    405: ("method-not-allowed", "Use one of the methods in the Allow header (see /openapi.json)."),
+    429: ("too-many-attempts", "Wait for the Retry-After seconds, and check the credentials you send."),
+    413: ("body-too-large", "Send a smaller body, or raise the server's max_body_bytes setting."),
 }
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the first)."""
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in app.routes)
+    ]
 
 
 def install(app: FastAPI) -> None:
@@ -69,10 +88,14 @@ def install(app: FastAPI) -> None:
         return problem_response(422, tuple(problems), "The request is invalid.")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, remediation = _HTTP_CODES.get(exc.status_code, ("http-error", "Check the request."))
         message = exc.detail if isinstance(exc.detail, str) else "Request refused."
-        return problem_response(exc.status_code, (Problem(code, message, remediation),))
+        # Headers carry meaning here: Allow on a 405, WWW-Authenticate on a 401, Retry-After on a 429.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return problem_response(exc.status_code, (Problem(code, message, remediation),), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

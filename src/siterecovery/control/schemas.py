@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from siterecovery.control.states import ComponentKind, Role
+
+
+def _not_a_bool(value: Any) -> Any:
+    # JSON true/false are not numbers, whatever Python thinks (bool is an int subclass).
+    if isinstance(value, bool):
+        raise ValueError("a number is expected, not true or false")
+    return value
+
+
+# Request numbers: an int, or a float with no fraction (JSON Schema's "integer"), never a bool.
+Count = Annotated[int, BeforeValidator(_not_a_bool)]
+# Request flags: JSON true or false only (not 0, 1, "yes").
+Flag = StrictBool
 
 Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
 
@@ -16,8 +29,14 @@ class Strict(BaseModel):
 
 
 class TokenCreate(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "auditor", "role": "reader", "expires_in_seconds": 86400}]}
+    )
+
     name: str = Name
     role: Literal[Role.READER, Role.OPERATOR, Role.ADMIN]
+    # Omitted: the server's token_days (30 by default). At most ten years; there is no "never".
+    expires_in_seconds: Count | None = Field(default=None, ge=60, le=10 * 366 * 86400)
 
 
 class TokenCreated(BaseModel):
@@ -25,6 +44,17 @@ class TokenCreated(BaseModel):
     name: str
     role: Role
     token: str
+    expires_at: float | None
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    role: Role
+    created_at: float
+    expires_at: float | None
+    revoked: bool
+    expired: bool
 
 
 class Registration(Strict):
@@ -77,18 +107,20 @@ class ServerOut(BaseModel):
 
 
 class PolicyCreate(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "gold", "rpo_threshold_minutes": 30}]})
+
     name: str = Name
-    rpo_threshold_minutes: int = Field(default=60, ge=1, le=1440)
-    retention_hours: int = Field(default=24, ge=1, le=720)
-    app_consistent_frequency_minutes: int = Field(default=60, ge=0, le=720)
-    crash_consistent_frequency_seconds: int = Field(default=5, ge=1, le=3600)
+    rpo_threshold_minutes: Count = Field(default=60, ge=1, le=1440)
+    retention_hours: Count = Field(default=24, ge=1, le=720)
+    app_consistent_frequency_minutes: Count = Field(default=60, ge=0, le=720)
+    crash_consistent_frequency_seconds: Count = Field(default=5, ge=1, le=3600)
 
 
 class PolicyUpdate(Strict):
-    rpo_threshold_minutes: int | None = Field(default=None, ge=1, le=1440)
-    retention_hours: int | None = Field(default=None, ge=1, le=720)
-    app_consistent_frequency_minutes: int | None = Field(default=None, ge=0, le=720)
-    crash_consistent_frequency_seconds: int | None = Field(default=None, ge=1, le=3600)
+    rpo_threshold_minutes: Count | None = Field(default=None, ge=1, le=1440)
+    retention_hours: Count | None = Field(default=None, ge=1, le=720)
+    app_consistent_frequency_minutes: Count | None = Field(default=None, ge=0, le=720)
+    crash_consistent_frequency_seconds: Count | None = Field(default=None, ge=1, le=3600)
 
 
 class PolicyOut(BaseModel):
@@ -110,7 +142,7 @@ class PlanAction(Strict):
     name: str = Name
     instructions: str = Field(default="", max_length=2000)
     command: str = Field(default="", max_length=2000)
-    timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    timeout_seconds: Count = Field(default=600, ge=1, le=86400)
 
 
 class PlanGroup(Strict):
@@ -187,9 +219,51 @@ class EventOut(BaseModel):
     object_id: str
 
 
+class LabConnection(Strict):
+    """Where a lab fabric lives: a folder on the configuration server's host."""
+
+    # No NUL (the OS refuses it), and within what a file system accepts (PATH_MAX, NAME_MAX).
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    site: str = Field(default="", max_length=100)
+
+    @field_validator("path")
+    @classmethod
+    def _components_fit(cls, value: str) -> str:
+        if any(len(part.encode()) > 255 for part in value.split("/")):
+            raise ValueError("each path component must be at most 255 bytes")
+        return value
+
+
+class VSphereConnection(Strict):
+    """How to reach a vCenter or ESXi host; the password travels separately, as the secret."""
+
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")
+    port: Count = Field(default=443, ge=1, le=65535)
+    user: str = Field(min_length=1, max_length=200)
+    insecure: Flag = False
+    datacenter: str | None = Field(default=None, max_length=200)
+
+
+class AzureConnection(Strict):
+    """An Azure resource group as a recovery site; the client secret travels separately.
+
+    Azure's own naming rules, so that no value can steer a request elsewhere: the storage account
+    becomes a host name (https://<account>.blob.core.windows.net)."""
+
+    subscription: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9-]+$")
+    resource_group: str = Field(min_length=1, max_length=90, pattern=r"^[-\w.()]+$")
+    location: str = Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9]+$")
+    storage_account: str = Field(min_length=3, max_length=24, pattern=r"^[a-z0-9]+$")
+    subnet_id: str = Field(min_length=1, max_length=1000, pattern=r"^/subscriptions/[^\x00]+$")
+    tenant: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9.-]*$")
+    client_id: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9-]*$")
+    vm_size: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9_]*$")
+    replica_container: str = Field(default="", max_length=63, pattern=r"^[a-z0-9-]*$")
+
+
 class FabricCreate(Strict):
     name: str = Name
-    kind: Literal["lab", "vsphere"]
+    kind: Literal["lab", "vsphere", "azure"]
     site: str = Field(default="", max_length=100)
     connection: dict[str, Any] = Field(default_factory=dict)
     secret: str = Field(default="", max_length=1000)

@@ -3,7 +3,12 @@
 The agent reconciles toward its desired state (`AgentDesired`): for every disk replication it opens
 the pair's spool and state (`PairReplication`, the NBD export's `CaptureSink`), serves the disk as
 an NBD export named after its label (one Unix socket `<label>.sock` per disk, and/or a TCP
-listener), and runs a `PairSender` to the process server. On a graceful stop it first drains the
+listener), and runs a `PairSender` to the process server. Capture is never off while a protected
+disk accepts writes: the pairs are listed durably in `<state_dir>/pairs.json` before they capture,
+and at start (`Agent.start`) they are resumed and plugged into their disks' capture switches
+before any export serves, whether or not the agent has registered or can reach the configuration
+server; senders start as soon as a certificate is there. A disk with no pair plugged in tracks its
+writes in a dirty bitmap, resynced when its pair comes back. On a graceful stop it first drains the
 spools to the process server for up to a configurable time. Bookmarks (requested app-consistent
 ones around the freeze/thaw hooks, and periodic crash ones) go into all pairs at once
 (`bookmarks.py`).
@@ -13,14 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from siterecovery.dataplane.assignments import AgentDesired, AgentStats
+from siterecovery.dataplane.activity_log import ActivityLog
+from siterecovery.dataplane.assignments import AgentDesired, AgentStats, DiskReplication
 from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
+from siterecovery.dataplane.dirty import DirtyBitmap
+from siterecovery.dataplane.durable import write_durably
 from siterecovery.dataplane.links import Identity
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
@@ -29,6 +38,12 @@ from siterecovery.dataplane.sender import PairSender
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger(__name__)
+
+# The pairs the agent replicates, as last told: read at start, before any disk is served.
+PAIRS_FILE = "pairs.json"
+# Tests only: the agent exits (code FAULT_EXIT_CODE) at the N+1th write, after the image, before capture.
+FAULT_EXIT_BEFORE_CAPTURE = "SITERECOVERY_FAULT_EXIT_BEFORE_CAPTURE"
+FAULT_EXIT_CODE = 86
 
 
 def _protected(pair: PairReplication) -> bool:
@@ -50,19 +65,38 @@ class AgentOptions:
     machine: str = ""
     freeze_hook: str | None = None  # shell command run before an app-consistent bookmark
     thaw_hook: str | None = None  # shell command run after it
+    activity_log: bool = True  # the write-intent log (off only to measure what it costs)
 
 
 class _SinkSwitch:
     """The capture sink an export keeps for its whole life; replication plugs in and out of it.
 
     Swapping the NBD server to start or stop capturing would drop the guest's connection, so the
-    export always writes through this switch and only its target changes. Writes made before a
-    pair is plugged in are covered by that pair's initial sync, which reads the disk afterwards.
+    export always writes through this switch and only its target changes. While no pair is
+    plugged in (not known yet, or retired), writes are tracked in the disk's own persisted dirty
+    bitmap; a pair plugged in later resyncs them, unless it starts with a sync of the whole disk.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, untracked: DirtyBitmap) -> None:
         self._lock = threading.Lock()
         self._target: PairReplication | None = None
+        self._untracked = untracked
+        # Fault injection for tests: exit after this many writes, between image and capture.
+        fault = os.environ.get(FAULT_EXIT_BEFORE_CAPTURE)
+        self._exit_after = int(fault) if fault else -1
+
+    def track(self, ranges: list[tuple[int, int]]) -> None:
+        """Track these ranges as written while no pair captured them (saved at once)."""
+        with self._lock:
+            for offset, length in ranges:
+                self._untracked.mark(offset, min(length, self._untracked.size - offset))
+            self._untracked.save()
+
+    def _fault(self) -> None:
+        if self._exit_after >= 0:
+            if self._exit_after == 0:
+                os._exit(FAULT_EXIT_CODE)
+            self._exit_after -= 1
 
     @property
     def lock(self) -> threading.Lock:
@@ -71,6 +105,11 @@ class _SinkSwitch:
 
     def plug(self, target: PairReplication | None) -> None:
         with self._lock:
+            if target is not None and self._untracked.any():
+                if not target.fresh:
+                    target.absorb(self._untracked)
+                self._untracked.clear()
+                self._untracked.save()
             self._target = target
 
     @property
@@ -78,23 +117,34 @@ class _SinkSwitch:
         return self._target
 
     def record_write(self, offset: int, data: memoryview) -> int:
+        self._fault()
         with self._lock:
-            return self._target.record_write(offset, data) if self._target is not None else 0
+            if self._target is not None:
+                return self._target.record_write(offset, data)
+            self._untracked.mark(offset, len(data))
+            return 0
 
     def record_zero(self, offset: int, length: int) -> int:
         with self._lock:
-            return self._target.record_zero(offset, length) if self._target is not None else 0
+            if self._target is not None:
+                return self._target.record_zero(offset, length)
+            self._untracked.mark(offset, length)
+            return 0
 
     def flush(self) -> None:
         with self._lock:
             if self._target is not None:
                 self._target.flush()
+            else:
+                self._untracked.save()
 
 
 class Agent:
+    """The agent's pairs, exports and senders (see the module docstring for the restart order)."""
+
     def __init__(self, options: AgentOptions, identity: Identity | None = None) -> None:
         self.options = options
-        # None until the agent has registered (AG-1); its disks are served meanwhile.
+        # None until the agent has a certificate; its pairs capture meanwhile, senders wait.
         self.identity = identity
         self.pairs: dict[str, PairReplication] = {}
         self.senders: dict[str, PairSender] = {}
@@ -102,8 +152,30 @@ class Agent:
         self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
         self._crash_marks: dict[str, int] = {}
+        self._pairs_file = options.state_dir / PAIRS_FILE
         hooks = Hooks(options.machine, options.freeze_hook, options.thaw_hook)
         self.bookmarks = Bookmarker(options.state_dir, hooks, self.protected, self.insert_bookmark)
+
+    def start(self) -> None:
+        """Resume the pairs of the last run, then serve every disk (capture before any write)."""
+        with self._lock:
+            for spec in self._saved_specs():
+                image = spec.image or self.options.disks.get(spec.disk)
+                if image is None:
+                    log.warning("pair %s: no image for disk %s; not resumed", spec.pair_id, spec.disk)
+                    continue
+                self._add(spec, image)
+            disks = {**self.options.disks, **{p.spec.disk: p.image for p in self.pairs.values()}}
+            for label, disk_path in disks.items():
+                if label not in self._servers:
+                    self._export(label, disk_path)
+
+    def set_identity(self, identity: Identity) -> None:
+        """The agent's certificate is known: start the senders of the pairs that wait for it."""
+        with self._lock:
+            self.identity = identity
+            for pair in self.pairs.values():
+                self._start_sender(pair)
 
     def reconcile(self, desired: AgentDesired) -> None:
         """Export every disk and replicate what `desired` lists; stop what it no longer lists (idempotent)."""
@@ -113,19 +185,20 @@ class Agent:
                 if label not in self._servers:
                     self._export(label, disk_path)
             wanted = {spec.pair_id for spec in desired.replications}
-            for pair_id in [p for p in self.pairs if p not in wanted]:
-                self._retire(pair_id)
+            changed = False
+            gone = [p for p in self.pairs if p not in wanted]
+            if gone:
+                # Unlisted first: a crash in between must not resume a pair that was ended.
+                self._save_specs([p.spec for pid, p in self.pairs.items() if pid in wanted])
+                for pair_id in gone:
+                    self._retire(pair_id)
             for spec in desired.replications:
-                if spec.pair_id in self.pairs:
+                pair = self.pairs.get(spec.pair_id)
+                if pair is not None:
+                    if pair.spec != spec:
+                        self._respec(pair, spec)
+                        changed = True
                     continue
-                if self.identity is None:
-                    raise SiteRecoveryError(
-                        Problem(
-                            code="component-not-registered",
-                            message=f"The agent cannot replicate pair {spec.pair_id!r} before it registered",
-                            remediation="Wait for the agent to register with the configuration server.",
-                        )
-                    )
                 image = spec.image or self.options.disks.get(spec.disk)
                 if image is None:
                     raise SiteRecoveryError(
@@ -135,15 +208,53 @@ class Agent:
                             remediation="Start the agent with --disk LABEL=PATH for it.",
                         )
                     )
+                # Listed before it captures: a restart resumes it before serving the disk.
+                self._save_specs([*(p.spec for p in self.pairs.values()), spec])
+                self._add(spec, image)
                 if spec.disk not in self._servers:
                     self._export(spec.disk, image)
-                pair = PairReplication(spec, image, self.options.state_dir, self.options.spool_limit)
-                self.pairs[spec.pair_id] = pair
-                self._switches[spec.disk].plug(pair)
-                if not spec.paused:
-                    sender = PairSender(pair, self.identity.client_context(), self.options.name)
-                    self.senders[spec.pair_id] = sender
-                    sender.start()
+            if changed:
+                self._save_specs([p.spec for p in self.pairs.values()])
+
+    def _add(self, spec: DiskReplication, image: Path) -> None:
+        """Open a pair's spool and state and plug it into its disk's capture switch."""
+        pair = PairReplication(spec, image, self.options.state_dir, self.options.spool_limit)
+        self.pairs[spec.pair_id] = pair
+        self._switch(spec.disk, image).plug(pair)
+        self._start_sender(pair)
+
+    def _start_sender(self, pair: PairReplication) -> None:
+        if pair.spec.paused or self.identity is None or pair.pair_id in self.senders:
+            return
+        sender = PairSender(pair, self.identity.client_context(), self.options.name)
+        self.senders[pair.pair_id] = sender
+        sender.start()
+
+    def _respec(self, pair: PairReplication, spec: DiskReplication) -> None:
+        """A pair's process server, master target or pause changed: restart its sender."""
+        sender = self.senders.pop(pair.pair_id, None)
+        if sender is not None:
+            sender.stop()
+        pair.spec = spec
+        self._start_sender(pair)
+
+    def _saved_specs(self) -> list[DiskReplication]:
+        try:
+            return AgentDesired.model_validate_json(self._pairs_file.read_bytes()).replications
+        except FileNotFoundError:
+            return []
+
+    def _save_specs(self, specs: list[DiskReplication]) -> None:
+        write_durably(self._pairs_file, AgentDesired(replications=specs).model_dump_json().encode())
+
+    def _switch(self, label: str, image: Path) -> _SinkSwitch:
+        switch = self._switches.get(label)
+        if switch is None:
+            disks = self.options.state_dir / "disks"
+            disks.mkdir(parents=True, exist_ok=True)
+            size = os.stat(image).st_size
+            switch = self._switches[label] = _SinkSwitch(DirtyBitmap(disks / f"{label}.dirty", size))
+        return switch
 
     def protected(self) -> bool:
         """Every pair is past its sync and captures writes in order: a bookmark is a consistent cut."""
@@ -197,12 +308,29 @@ class Agent:
         if self.options.nbd_listen is not None:
             host, port = self.options.nbd_listen
             tcp = (host, port + len(self._servers)) if port else (host, 0)
-        switch = self._switches.setdefault(label, _SinkSwitch())
+        switch = self._switch(label, image)
         if unix is None and tcp is None:
             return
+        intent = None
+        if self.options.activity_log:
+            size = os.stat(image).st_size
+            intent = ActivityLog(self.options.state_dir / "disks" / f"{label}.al", size)
+            if intent.recovered:
+                self._recover(label, switch, intent)
         self._servers[label] = run_nbd_server_in_thread(
-            [Export.for_image(label, image, switch)], tcp=tcp, unix=unix
+            [Export.for_image(label, image, switch, intent=intent)], tcp=tcp, unix=unix
         )
+
+    def _recover(self, label: str, switch: _SinkSwitch, intent: ActivityLog) -> None:
+        """An unclean stop left extents marked: have them compared with the target and resynced."""
+        ranges = intent.recovered_ranges()
+        log.warning("disk %s: %d extent(s) of an unclean stop are resynced", label, len(ranges))
+        pair = switch.target
+        if pair is not None:
+            pair.request_resync(ranges)
+        else:
+            switch.track(ranges)  # no pair to compare with: whoever comes next resyncs them
+        intent.forget_recovered()
 
     def stats(self) -> AgentStats:
         return AgentStats(
@@ -236,3 +364,5 @@ class Agent:
         for pair in self.pairs.values():
             pair.flush()
             pair.spool.close()
+        for switch in self._switches.values():
+            switch.flush()

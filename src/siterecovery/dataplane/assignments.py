@@ -89,6 +89,27 @@ class AgentStats(_Model):
 # --- process server ---------------------------------------------------------------------------
 
 
+class RefusedHop(StrEnum):
+    AGENT_LINK = "agent -> process server"  # the agent's spool or the link
+    CACHE = "process-server cache"
+    MT_LINK = "process server -> master target link"
+
+
+class RefusedFrame(_Model):
+    """A frame refused for its checksum, and how far its healing got (see process_server.py)."""
+
+    pair_id: str
+    seq: int
+    offset: int = 0
+    length: int = 0
+    hop: RefusedHop
+    refused_at: float
+    # The damaged copy was dropped; the agent re-reads the range from its disk (refetch).
+    dropped: bool = False
+    refetch_seq: int = Field(default=-1, description="sequence of the re-read write, once received")
+    healed: bool = False
+
+
 class ProcessServerStats(_Model):
     cache_used_bytes: int
     cache_capacity_bytes: int
@@ -98,6 +119,7 @@ class ProcessServerStats(_Model):
     throughput_bytes_per_s: float
     drain_seconds: float | None = Field(description="backlog / forward throughput; None if idle")
     pairs: int
+    refused_frames: list[RefusedFrame] = Field(default=[], description="recent refusals, healed or not")
 
 
 # --- master target ----------------------------------------------------------------------------
@@ -147,6 +169,9 @@ class PointInfo(_Model):
     time: float
     seq: int
     tag: str = ""
+    unusable: str = Field(
+        default="", description="why the point cannot be restored (damaged journal, a missing write)"
+    )
 
 
 class MasterTargetPairStats(_Model):
@@ -157,6 +182,9 @@ class MasterTargetPairStats(_Model):
     position: str = Field(default="latest", description="point id the disk is materialised at")
     journal_bytes: int = 0
     paused: str = Field(default="", description="error code while applying is paused")
+    missing: list[int] = Field(
+        default=[], description="sequences of refused writes whose re-read from the source is awaited"
+    )
 
 
 class RefusedDisk(_Model):

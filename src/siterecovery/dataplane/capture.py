@@ -6,10 +6,15 @@ whatever number of NBD connections and requests in flight produced it. The sink 
 spool) assigns each write a per-disk sequence number. All calls for one export come from the
 server's event-loop thread, one at a time, so a sink needs no locking; a slow sink slows the
 export, which is the backpressure we want rather than unbounded buffering.
+
+A `WriteIntent` (the agent's activity log) closes the window between the image and the sink: the
+export marks a write's region in it, durably, before the image is touched, and tells it when the
+write was recorded and when the sink made it durable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 
@@ -30,3 +35,26 @@ class CaptureSink(Protocol):
     def flush(self) -> None:
         """Make everything recorded so far durable; called for NBD FLUSH and FUA requests before
         the client is answered."""
+
+
+class WriteIntent(Protocol):
+    """Where writes are about to go, recorded durably before they reach the image."""
+
+    def covers(self, offset: int, length: int) -> bool:
+        """The range is marked already: nothing to write before the image."""
+
+    def mark(self, ranges: Iterable[tuple[int, int]], flush: Callable[[], None]) -> None:
+        """Durably mark `ranges` (the export passes all its queued requests' ranges at once);
+        `flush` makes the sink durable if room must be made."""
+
+    def recorded(self, offset: int, length: int) -> None:
+        """The write at `offset` was handed to the sink."""
+
+    def checkpoint(self) -> int:
+        """A token taken before the sink is flushed ..."""
+
+    def flushed(self, checkpoint: int) -> None:
+        """... and given back once the flush returned: those writes are durable in the sink."""
+
+    def close(self) -> None:
+        """The export stops after a flush: a clean stop."""

@@ -243,8 +243,11 @@ class DesiredSource(Reporter, Generic[D]):
         self.model = model
         self.assignments = assignments
         self._desired_file = state_dir / "desired.json"
+        # False when the last exchange found no desired state at all (server away, nothing saved).
+        self.known = True
 
     def exchange(self, stats: BaseModel) -> D:
+        self.known = True
         raw = self.report(stats)
         if raw is not None:
             if self._unreachable:
@@ -258,6 +261,7 @@ class DesiredSource(Reporter, Generic[D]):
         if self.client is not None and self._desired_file.exists():
             # The server is away: keep doing what it asked last, even across a restart of ours.
             return self.model.model_validate_json(self._desired_file.read_text())
+        self.known = self.client is None
         return self.model()
 
 

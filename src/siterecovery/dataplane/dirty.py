@@ -1,16 +1,19 @@
-"""A persisted bitmap of dirty blocks: what the agent tracks once its spool is over its limit.
+"""A persisted bitmap of dirty blocks: what the agent tracks wherever a write cannot be spooled.
 
 When the spool may not grow any more, a write is recorded only as "this block changed" (one bit per
-64 KiB). The bitmap is saved (written to a temporary file, fsynced, renamed) whenever the disk is
-flushed, so a crash loses no dirty bit of a flushed write. When the link is back, the agent resyncs
-exactly the dirty blocks, reading their current content from the disk.
+64 KiB). The same is done for a disk whose pair is not plugged in (not known yet, or retired), so a
+pair that comes back finds what changed meanwhile. The bitmap is saved (written to a temporary file,
+fsynced, renamed, directory fsynced) whenever the disk is flushed, so a crash loses no dirty bit of
+a flushed write. When the link is back, the agent resyncs exactly the dirty blocks, reading their
+current content from the disk.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from siterecovery.dataplane.durable import write_durably
 
 GRANULARITY = 64 << 10
 
@@ -35,6 +38,26 @@ class DirtyBitmap:
             self._bits[i >> 3] |= 1 << (i & 7)
         self._changed = True
 
+    def merge(self, other: DirtyBitmap) -> None:
+        """Add every dirty block of `other` (same disk, same granularity)."""
+        if other.granularity != self.granularity or len(other._bits) != len(self._bits):
+            raise ValueError("bitmaps of different geometry")
+        merged = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
+        self._bits[:] = merged.to_bytes(len(self._bits), "little")
+        self._changed = True
+
+    def clear(self) -> None:
+        self._bits[:] = bytes(len(self._bits))
+        self._changed = True
+
+    def any(self) -> bool:
+        return any(self._bits)
+
+    def indexes(self) -> list[int]:
+        """The dirty blocks' indexes, ascending."""
+        nbits = (self.size + self.granularity - 1) // self.granularity
+        return [i for i in range(nbits) if self._bits[i >> 3] & (1 << (i & 7))]
+
     def count(self) -> int:
         return sum(bin(b).count("1") for b in self._bits)
 
@@ -54,12 +77,7 @@ class DirtyBitmap:
     def save(self) -> None:
         if not self._changed and self.path.exists():
             return
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(self._bits)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_durably(self.path, self._bits)
         self._changed = False
 
     def take(self, path: Path) -> DirtyBitmap:

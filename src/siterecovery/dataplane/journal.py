@@ -32,7 +32,7 @@ import xxhash
 
 from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, punch_or_zero
 from siterecovery.dataplane.points import CrashPointPolicy, PointKind, RecoveryPoint, disk_point
-from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.errors import Problem, SiteRecoveryError, Status, recovery_point_unusable
 
 # Record: magic, kind, point kind, reserved, seq, time, offset, length, payload length, checksum.
 # The checksum (xxh3-64) covers the header before it and the payload, so a torn tail is detected.
@@ -278,6 +278,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _commit_follows(fd: int, at: int, limit: int) -> bool:
+    """A verified commit record comes after `at` (so a bad record before it is not a torn tail)."""
+    probe = _Record()
+    while probe.read(fd, at, limit, verify=True):
+        if probe.kind == _Kind.COMMIT:
+            return True
+        at += probe.end_delta
+    return False
+
+
 def _checksum(hdr: memoryview, payload: memoryview | bytes) -> int:
     h = xxhash.xxh3_64(hdr[:_CSUM_AT])
     h.update(payload)
@@ -398,6 +408,9 @@ class JournaledDisk(DiskApplier):
         self._redo_end = 0
         self._position = _Pos.LATEST
         self._pos_seq = -1
+        # Points before this sequence need an undo record that failed its checksum (`_check_undo`).
+        damaged = journal_dir / "damaged"
+        self.damaged_below = int(damaged.read_text()) if damaged.exists() else -1
         self._open()
 
     # ---- the DiskApplier seam ---------------------------------------------------------------
@@ -585,6 +598,7 @@ class JournaledDisk(DiskApplier):
             raise self._direction_error(point, "roll_forward_to")
         if to == frm:
             return MaterialiseResult(point.id, to, CopyMethod.NONE, 0, 0, 0)
+        self._check_undo(point, to, frm)
         self._write_position(_Pos.MOVING_BACK, frm, to, self._redo_end)
         try:
             moved, records = self._move_back(frm, to, self._redo_end)
@@ -612,6 +626,8 @@ class JournaledDisk(DiskApplier):
         self.sync()
         to = self._point_seq(point)
         frm = self.position_seq
+        if to < frm:
+            self._check_undo(point, to, frm)
         out = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             method, copied = self._clone(out)
@@ -788,10 +804,23 @@ class JournaledDisk(DiskApplier):
             self._commit_end = at
         uncommitted: list[RecoveryPoint] = []
         try:
-            while rec.read(fd, at, seg.size, verify=last, header_only=True):
+            while True:
+                damaged = False
+                if not rec.read(fd, at, seg.size, verify=last, header_only=True):
+                    # Torn tail, or one record damaged in place: only then does a verified commit
+                    # follow it. Damage is remembered (its points become unusable), not cut off:
+                    # cutting would drop committed records and serve older points silently wrong.
+                    if not (last and rec.read(fd, at, seg.size, verify=False, header_only=True)):
+                        break
+                    if not _commit_follows(fd, at + rec.end_delta, seg.size):
+                        break
+                    damaged = True
+                    self._note_damage(rec.seq)
                 if rec.kind == _Kind.POINT and not last and not rec.read(fd, at, seg.size, verify=True):
                     break
                 at += rec.end_delta
+                if damaged and rec.kind == _Kind.POINT:
+                    continue  # its tag is unreadable: the point is lost
                 seg.last_seq = max(seg.last_seq, rec.seq)
                 seg.last_time = max(seg.last_time, rec.time)
                 if rec.kind == _Kind.COMMIT:
@@ -842,6 +871,35 @@ class JournaledDisk(DiskApplier):
         else:
             _pwrite_all(out_fd, rec.payload, rec.offset)
         return rec.length
+
+    def _check_undo(self, point: RecoveryPoint, to: int, frm: int) -> None:
+        """Refuse a point whose way back crosses a damaged undo record, before the disk changes.
+
+        Every undo record in (to, frm] is verified first (one extra read of what the move reads):
+        a damaged one makes this point, and every older one, unusable rather than served half
+        restored. The sequence is remembered (`damaged_below`) so the points are listed so.
+        """
+        bad = None
+        try:
+            for fd, at, seq in self._undo_stream(to, frm):
+                if not self._rec.read(fd, at, _NO_LIMIT, verify=True):
+                    bad = seq
+                    break
+        finally:
+            self._close_read_fds()
+        if bad is None:
+            return
+        self._note_damage(bad)
+        raise recovery_point_unusable(
+            point.id, self._name, f"its undo record at sequence {bad} fails its checksum", bad
+        )
+
+    def _note_damage(self, seq: int) -> None:
+        if seq > self.damaged_below:
+            self.damaged_below = seq
+            tmp = self.journal_dir / "damaged.tmp"
+            tmp.write_text(str(seq))
+            os.replace(tmp, self.journal_dir / "damaged")
 
     def _new_segment(self, base_seq: int | None = None) -> None:
         base = self._committed if base_seq is None else base_seq

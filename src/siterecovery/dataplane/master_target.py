@@ -18,6 +18,7 @@ import shutil
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import siterecovery
@@ -32,6 +33,7 @@ from siterecovery.dataplane.assignments import (
     RetentionVolume,
 )
 from siterecovery.dataplane.blocks import STREAM_WAIT, BlockHasher, BlockStream, answer_for
+from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener, idle
 from siterecovery.dataplane.mt_points import (
@@ -100,9 +102,10 @@ def _durable_seq(applier: DiskApplier) -> int:
 
 
 class _Pair:
-    def __init__(self, disk: AttachedDisk, applier: DiskApplier) -> None:
+    def __init__(self, disk: AttachedDisk, applier: DiskApplier, gaps: Gaps | None = None) -> None:
         self.disk = disk
         self.applier = applier
+        self.gaps = gaps or Gaps(None)  # writes refused upstream and awaited again (healing.py)
         self.lock = threading.Lock()
         self.seen = applier.applied_seq
         self.last_applied_time: float | None = None
@@ -119,7 +122,8 @@ class _Pair:
         journal_bytes = 0
         with self.lock:
             if isinstance(applier, JournaledDisk) and not self.detached:
-                points, journal_bytes = point_infos(applier, now), applier.journal_bytes
+                points, journal_bytes = self.gaps.mark(point_infos(applier, now)), applier.journal_bytes
+            missing = sorted(self.gaps.missing)  # changed under the lock by the applying session
         return MasterTargetPairStats(
             pair_id=self.disk.pair_id,
             applied_seq=_durable_seq(applier),
@@ -128,6 +132,7 @@ class _Pair:
             position=self.position,
             journal_bytes=journal_bytes,
             paused=self.paused,
+            missing=missing,
         )
 
 
@@ -150,6 +155,7 @@ class MasterTarget:
         applier_factory: ApplierFactory | None = None,
         retention_quota: int | None = None,
         name: str = "master-target",
+        place: Callable[[AttachedDisk], AttachedDisk] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.identity = identity
@@ -158,6 +164,8 @@ class MasterTarget:
         self.volumes = volumes
         self.retention_quota = retention_quota
         self._factory = applier_factory
+        # Where an attached disk's path really is (a datastore path's local VMDK extent, vmdk.py).
+        self._place = place
         self._desired = MasterTargetDesired()
         self._pairs: dict[str, _Pair] = {}
         self._refused: dict[str, RefusedDisk] = {}
@@ -203,6 +211,8 @@ class MasterTarget:
 
     def attach(self, disk: AttachedDisk) -> None:
         """Attach a target disk; refuses beyond 60 attached disks (MT-3)."""
+        if self._place is not None:
+            disk = self._place(disk)
         with self._lock:
             if disk.pair_id in self._pairs:
                 self._pairs[disk.pair_id].disk = disk
@@ -211,7 +221,7 @@ class MasterTarget:
                 raise disk_limit_error(disk.pair_id, len(self._pairs))
             pair_state = self.state_dir / "pairs" / disk.pair_id
             applier = self._applier_factory()(disk.pair_id, disk.path, disk.size, pair_state)
-            self._pairs[disk.pair_id] = _Pair(disk, applier)
+            self._pairs[disk.pair_id] = _Pair(disk, applier, Gaps(pair_state))
 
     def reconcile(self, desired: MasterTargetDesired) -> None:
         """Attach, detach, move disks to their points, queue copies, describe volumes (idempotent)."""
@@ -287,7 +297,7 @@ class MasterTarget:
                     result = applier.materialise_in_place(find_point(applier, want))
                     log.info("materialised %s at %s (%d bytes)", pair.disk.pair_id, want, result.bytes_moved)
                     pair.position = want
-                if pair.paused == "recovery-point-unavailable":
+                if pair.paused in ("recovery-point-unavailable", "recovery-point-unusable"):
                     pair.paused = ""
             except SiteRecoveryError as exc:
                 log.warning("cannot materialise %s at %s: %s", pair.disk.pair_id, want, exc.first.message)
@@ -426,13 +436,21 @@ class MasterTarget:
             if pair.disk.point is not None or pair.disk.frozen:
                 return False  # materialised at a chosen point, or held: nothing new is applied
             try:
-                if h.type == FrameType.BOOKMARK:
+                if h.flags & Flag.MISSING:
+                    # A refused frame dropped upstream: its sequence passes with nothing written,
+                    # and points are unusable until the re-read of its range arrives.
+                    pair.gaps.open(h.seq, h.offset, h.length)
+                    pair.applier.apply_write(h.seq, h.offset, memoryview(b""))
+                elif h.type == FrameType.BOOKMARK:
                     bm = decode_model(Bookmark, frame.payload)
                     pair.applier.bookmark(h.seq, bm.tag, bm.kind.name.lower(), bm.timestamp)
+                    pair.gaps.point(h.seq)
                 elif h.flags & Flag.ZERO:
                     pair.applier.apply_zero(h.seq, h.offset, h.length)
                 else:
                     pair.applier.apply_write(h.seq, h.offset, frame.payload)
+                    if h.flags & Flag.REFETCH:
+                        pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:
                 if exc.first.code not in _PAUSE_CODES:
                     raise

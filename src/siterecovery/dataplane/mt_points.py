@@ -79,7 +79,18 @@ def point_infos(disk: JournaledDisk, now: float | None = None) -> list[PointInfo
     keep = {id(p) for p in crash}
     listed = [p for p in points if p.kind is not PointKind.CRASH or id(p) in keep]
     listed.append(disk.latest_point())
-    return [PointInfo(id=p.id, kind=p.kind.value, time=p.time, seq=p.cut[0].seq, tag=p.tag) for p in listed]
+    damaged = disk.damaged_below
+    return [
+        PointInfo(
+            id=p.id,
+            kind=p.kind.value,
+            time=p.time,
+            seq=p.cut[0].seq,
+            tag=p.tag,
+            unusable=f"journal record {damaged} is damaged" if p.cut[0].seq < damaged else "",
+        )
+        for p in listed
+    ]
 
 
 def find_point(disk: JournaledDisk, point_id: str) -> RecoveryPoint:

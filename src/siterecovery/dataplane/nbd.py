@@ -30,7 +30,7 @@ from enum import IntEnum, IntFlag
 from pathlib import Path
 
 from siterecovery.dataplane.before_image import BeforeImageLog
-from siterecovery.dataplane.capture import CaptureSink
+from siterecovery.dataplane.capture import CaptureSink, WriteIntent
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ _ALLOWED_FLAGS = {
     _WRITE_ZEROES: _FUA | _NO_HOLE,
     _BLOCK_STATUS: _REQ_ONE,
 }
+_MODIFY = (_WRITE, _TRIM, _WRITE_ZEROES)
 _EIO, _EINVAL, _ENOSPC, _EPERM = int(NbdErrno.EIO), int(NbdErrno.EINVAL), int(NbdErrno.ENOSPC), 1
 
 # Zero detection compares against zero-filled bytearrays: `bytearray == memoryview` is a memcmp,
@@ -260,13 +261,20 @@ class Export:
     sink: CaptureSink | None = None
     read_only: bool = False
     min_block_size: int = MIN_BLOCK_SIZE
+    intent: WriteIntent | None = None  # marked before each write reaches the image
 
     @classmethod
     def for_image(
-        cls, name: str, path: Path, sink: CaptureSink | None = None, *, read_only: bool = False
+        cls,
+        name: str,
+        path: Path,
+        sink: CaptureSink | None = None,
+        *,
+        read_only: bool = False,
+        intent: WriteIntent | None = None,
     ) -> Export:
         """The export of an existing image, sized from the file."""
-        return cls(name, Path(path), os.stat(path).st_size, sink, read_only)
+        return cls(name, Path(path), os.stat(path).st_size, sink, read_only, intent=intent)
 
 
 class _Image:
@@ -307,6 +315,7 @@ class _Image:
         self.export = export
         self.size = export.size
         self.sink = export.sink
+        self.intent = export.intent
         self.can_punch = _fallocate is not None
         # A snapshot of the disk is kept as a before-image log: old chunks go there before writes.
         self.before: BeforeImageLog | None = None
@@ -320,13 +329,22 @@ class _Image:
     def close(self) -> None:
         if self.before is not None:
             self.before.close()
+        if self.intent is not None:
+            self.flush()  # so a clean stop leaves nothing for the write-intent log to compare
+            self.intent.close()
         os.close(self.fd)
+
+    def _intend(self, offset: int, length: int) -> None:
+        # The connection marked its queued requests' extents in one go; this is the bit test.
+        if self.intent is not None and not self.intent.covers(offset, length):
+            self.intent.mark([(offset, length)], self.flush)
 
     def write(self, offset: int, data: memoryview) -> None:
         """Apply a write, then record it; an all-zero payload becomes a hole."""
         if is_zero(data):
             self.zero(offset, len(data), punch=True)
             return
+        self._intend(offset, len(data))
         if self.before is not None and self.before.active:
             self.before.preserve(offset, len(data))
         written = os.pwrite(self.fd, data, offset)
@@ -334,9 +352,12 @@ class _Image:
             written += os.pwrite(self.fd, data[written:], offset + written)
         if self.sink is not None:
             self.sink.record_write(offset, data)
+        if self.intent is not None:
+            self.intent.recorded(offset, len(data))
 
     def zero(self, offset: int, length: int, *, punch: bool) -> None:
         """Make the range read as zeroes (a hole unless `punch` is false), then record it."""
+        self._intend(offset, length)
         if self.before is not None and self.before.active:
             self.before.preserve(offset, length)
         if punch and self.can_punch:
@@ -345,11 +366,16 @@ class _Image:
             self._write_zeroes(offset, length)
         if self.sink is not None:
             self.sink.record_zero(offset, length)
+        if self.intent is not None:
+            self.intent.recorded(offset, length)
 
     def flush(self) -> None:
+        checkpoint = self.intent.checkpoint() if self.intent is not None else 0
         os.fdatasync(self.fd)
         if self.sink is not None:
             self.sink.flush()
+        if self.intent is not None:
+            self.intent.flushed(checkpoint)
 
     def _punch(self, offset: int, length: int) -> None:
         assert _fallocate is not None
@@ -524,6 +550,9 @@ class _Connection(asyncio.BufferedProtocol):
                 magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, self._start)
                 if magic != REQUEST_MAGIC:
                     raise _ProtocolViolation(f"bad request magic {magic:#x}")
+                intent = self._image.intent if self._image is not None else None
+                if intent is not None and cmd in _MODIFY and not intent.covers(offset, length):
+                    self._mark_queued(intent)
                 if cmd == _WRITE:
                     if length > MAX_BLOCK_SIZE:
                         self._start += 28
@@ -571,6 +600,21 @@ class _Connection(asyncio.BufferedProtocol):
                 self._state = _S_OPTIONS
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _mark_queued(self, intent: WriteIntent) -> None:
+        """Mark the ranges of every modifying request already received, with one fdatasync."""
+        image = self._image
+        assert image is not None
+        ranges: list[tuple[int, int]] = []
+        pos = self._start
+        while pos + 28 <= self._end:
+            magic, _flags, cmd, _cookie, offset, length = REQUEST.unpack_from(self._buf, pos)
+            if magic != REQUEST_MAGIC:
+                break
+            if cmd in _MODIFY and length and offset < image.size:
+                ranges.append((offset, min(length, image.size - offset)))
+            pos += 28 + (length if cmd == _WRITE else 0)
+        intent.mark(ranges, image.flush)
 
     def _send_out(self) -> None:
         if self._out and self._transport is not None:

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 from siterecovery.dataplane.assignments import CacheHealth, ProcessServerDesired, ProcessServerStats
+from siterecovery.dataplane.healing import RefusalLog
 from siterecovery.dataplane.links import Identity, Listener, connect, idle
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     CorruptFrame,
     ErrorBody,
+    Flag,
     FrameReader,
     FrameType,
     FrameWriter,
@@ -75,6 +77,7 @@ class PairRelay:
         self.mt_address = mt_address
         self._save_meta()
         self.agent: _Session | None = None
+        self.refusals = RefusalLog(pair_id, self.dir)
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
@@ -115,6 +118,25 @@ class PairRelay:
             self.mt_acked = seq
             self.cache.free_through(seq)
             self._save_meta()
+            self.refusals.acked(seq)
+
+    def on_mt_refused(self, seq: int) -> None:
+        """The master target NACKed frame `seq`: resend an intact copy; drop a damaged one and ask
+        the agent to read its range from the disk again (`healing.py`)."""
+        cursor = self.cache.cursor(seq - 1)
+        try:
+            item = cursor.next(bytearray(HEADER_SIZE + MAX_PAYLOAD))
+        except ProtocolError:
+            item = None
+        finally:
+            cursor.close()
+        cached = item[1] if item is not None and item[0].seq == seq else None
+        if self.refusals.refused_downstream(seq, cached):
+            self.request_refetch()
+
+    def request_refetch(self) -> None:
+        for e in self.refusals.pending_refetch():
+            self._relay_to_agent(FrameType.REFETCH, e.seq, e.offset, e.length, memoryview(b""))
 
     def send_to_mt(self, ftype: FrameType, seq: int, payload: memoryview) -> bool:
         """Relay a query to the master target; False if the link stays down (the sender retries)."""
@@ -191,6 +213,13 @@ class PairRelay:
                     with self.cache.appended:
                         self.cache.appended.wait(0.2)
                     continue
+                if self.refusals.dropped(item[0].seq):
+                    # The damaged frame stays out of the stream; the master target learns its
+                    # write is missing until the agent's re-read of the range arrives.
+                    h = item[0]
+                    with self._mt_lock:
+                        writer.send(h.type, 0, h.seq, h.offset, h.length, b"", Flag.MISSING)
+                    continue
                 with self._mt_lock:
                     writer.send_raw(item[1])
                 self.forwarded_bytes += len(item[1])
@@ -212,7 +241,7 @@ class PairRelay:
                 elif h.type == FrameType.DIGESTS:
                     self._relay_to_agent(FrameType.DIGESTS, h.seq, h.offset, h.length, frame.payload)
                 elif h.type == FrameType.NACK:
-                    log.warning("master target refused frame %d of %s; resending", h.seq, self.pair_id)
+                    self.on_mt_refused(h.seq)
                     return
                 elif h.type == FrameType.ERROR:
                     err = decode_model(ErrorBody, frame.payload)
@@ -305,6 +334,8 @@ class ProcessServer:
             session.writer.send_model(
                 FrameType.HELLO, HelloReply(acked={r.pair_id: r.durable_seq for r in relays})
             )
+        for relay in relays:
+            relay.request_refetch()  # refusals the agent was not connected to hear about
         try:
             self._receive(reader, session, relays)
         finally:
@@ -322,6 +353,8 @@ class ProcessServer:
             except CorruptFrame as exc:
                 with session.lock:
                     session.writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
+                if exc.pair < len(relays):
+                    relays[exc.pair].refusals.agent_link(exc.seq)
                 raise
             if frame is None:
                 return
@@ -333,6 +366,7 @@ class ProcessServer:
                 if h.seq > relay.cache.last_seq and h.seq > relay.mt_acked:
                     pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
                     relay.cache.append(h.seq, hbuf, frame.wire)
+                    relay.refusals.received(h)
                     self._received += HEADER_SIZE + h.payload_len
                     unacked += HEADER_SIZE + h.payload_len
                 touched[h.pair] = h.seq
@@ -378,4 +412,5 @@ class ProcessServer:
             throughput_bytes_per_s=self._rate_in,
             drain_seconds=drain,
             pairs=len(self._relays),
+            refused_frames=[e for r in list(self._relays.values()) for e in r.refusals.entries()],
         )

@@ -49,6 +49,9 @@ class FrameType(IntEnum):
     DIGESTS = 8
     HEARTBEAT = 9
     ERROR = 10
+    # Process server -> agent: a frame of [offset, offset+length) was refused for its checksum and
+    # dropped; read that range from the disk again and send it as a new write (seq: the refused one).
+    REFETCH = 11
 
 
 class Flag(IntFlag):
@@ -56,6 +59,11 @@ class Flag(IntFlag):
     COMPRESSED = 1
     # The range [offset, offset+length) reads as zeroes; the frame has no payload.
     ZERO = 2
+    # In place of a frame refused for its checksum (no payload): the write at this sequence is
+    # missing until a REFETCH write of the same range arrives; points in between are unusable.
+    MISSING = 4
+    # A write re-read from the source disk for a refused frame's range (see FrameType.REFETCH).
+    REFETCH = 8
 
 
 class ProtocolError(ConnectionError):
@@ -256,6 +264,20 @@ class FrameWriter:
         return self.send(ftype, pair=pair, seq=seq, payload=model.model_dump_json().encode())
 
 
+def frame_intact(raw: memoryview | bytes) -> bool:
+    """Whether a stored frame (header + wire payload, as cached) still matches its digests."""
+    try:
+        h = parse_header(raw[:HEADER_SIZE])
+        payload: memoryview | bytes = raw[HEADER_SIZE : HEADER_SIZE + h.payload_len]
+        if len(payload) != h.payload_len:
+            return False
+        if h.flags & Flag.COMPRESSED:
+            payload = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=MAX_PAYLOAD)
+    except (ProtocolError, zstandard.ZstdError):
+        return False
+    return xxhash.xxh3_128_digest(payload) == h.digest
+
+
 def encode_frame(
     ftype: FrameType,
     pair: int,
@@ -344,5 +366,5 @@ M = TypeVar("M", bound=BaseModel)
 def decode_model(model: type[M], payload: memoryview | bytes) -> M:
     try:
         return model.model_validate(json.loads(bytes(payload)))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep (found by fuzzing)
         raise ProtocolError(f"bad {model.__name__} payload: {exc}") from exc

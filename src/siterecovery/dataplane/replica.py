@@ -20,8 +20,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from siterecovery.dataplane.assignments import DiskReplication, PairState, PairStats, SyncMode
-from siterecovery.dataplane.blocks import FINE
+from siterecovery.dataplane.blocks import COARSE, FINE
 from siterecovery.dataplane.dirty import DirtyBitmap
+from siterecovery.dataplane.durable import write_durably
 from siterecovery.dataplane.protocol import (
     EMPTY_DIGEST,
     HEADER_SIZE,
@@ -42,6 +43,11 @@ class SyncKind(StrEnum):
     FULL = "full"
     DELTA = "delta"
     DIRTY = "dirty"
+    INTENT = "intent"  # delta of the extents an unclean stop left in the write-intent log
+
+
+# Syncs of some blocks only: the pair is resync-required, not in its initial sync.
+_PARTIAL = (SyncKind.DIRTY, SyncKind.INTENT)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class PairReplication:
         self.spool = SegmentLog(self.dir / "spool")
         self.spool_limit = spool_limit
         self.dirty = DirtyBitmap(self.dir / "dirty.bitmap", self.size)
+        # Coarse blocks to compare with the target once no other sync is pending (INTENT).
+        self.intent = DirtyBitmap(self.dir / "intent.bitmap", self.size, COARSE)
         self._lock = threading.Lock()
         self._hbuf = bytearray(HEADER_SIZE)
         self._state_path = self.dir / "state.json"
@@ -92,6 +100,8 @@ class PairReplication:
         self._next = max(reserved, self.spool.last_seq + 1)
         self._reserved = self._next
         self._generation = generation
+        # A new generation starts with a sync of the whole disk: it covers every earlier write.
+        self.fresh = spec.generation > generation
         self.acked = -1
         self.bytes_sent = 0
         self.bytes_done = 0
@@ -101,6 +111,8 @@ class PairReplication:
         if spec.generation > generation:
             self._generation = spec.generation
             self.start_sync(SyncKind.FULL if spec.sync_mode == SyncMode.FULL else SyncKind.DELTA)
+        elif self.sync is None and self.intent.any():
+            self.start_sync(SyncKind.INTENT)  # requested, then a crash before it was planned
         else:
             self._save_state()
 
@@ -121,12 +133,7 @@ class PairReplication:
             "dirty_mode": self.dirty_mode,
             "sync": None if self.sync is None else {"kind": self.sync.kind.value, "s0": self.sync.s0},
         }
-        tmp = self._state_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        write_durably(self._state_path, json.dumps(state).encode())
 
     @property
     def captured_seq(self) -> int:
@@ -158,11 +165,44 @@ class PairReplication:
                 self._append(seq, b"")
         return seq
 
+    def refetch(self, offset: int, length: int) -> int:
+        """Re-read [offset, +length) from the image and spool it as a new write (flag REFETCH).
+
+        Under the capture lock, and the export writes the image before it records a write: every
+        write already recorded is in what is read, and any later one gets a later sequence.
+        """
+        length = max(0, min(length, self.size - offset))
+        fd = os.open(self.image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self._lock:
+                data = memoryview(os.pread(fd, length, offset))
+                seq = self._alloc()
+                # Spooled even past the spool's limit (dirty mode): downstream waits for exactly
+                # this frame, and a later dirty-block sync only brings newer content after it.
+                pack_header(
+                    self._hbuf, FrameType.WRITE, Flag.REFETCH, 0, seq, offset, length, length, digest(data)
+                )
+                self._append(seq, data)
+        finally:
+            os.close(fd)
+        self.spool.sync()
+        with self.changed:
+            self.changed.notify_all()
+        return seq
+
     def flush(self) -> None:
         self.spool.sync()
         with self._lock:
             if self.dirty_mode:
                 self.dirty.save()
+
+    def absorb(self, changed: DirtyBitmap) -> None:
+        """Blocks written while this pair was not capturing: track them dirty, to be resynced."""
+        with self._lock:
+            self.dirty.merge(changed)
+            self.dirty_mode = True
+            self.dirty.save()
+            self._save_state()
 
     def bookmark(self, tag: str, kind: BookmarkKind, *, sync: bool = True) -> int:
         """Insert a recovery-point marker after every write recorded so far.
@@ -193,13 +233,33 @@ class PairReplication:
     def start_sync(self, kind: SyncKind) -> None:
         """Reserve a sequence window for a sync of `kind` (dirty: of the blocks tracked so far)."""
         with self._lock:
-            if kind == SyncKind.DIRTY:
-                self.dirty.take(self.dir / "sync.bitmap")
-                self.dirty_mode = False
-            s0 = self._alloc(self.size // FINE + 2)
-            self.sync = SyncPlan(kind, s0)
-            self.sync_last = None
-            self._save_state()
+            self._start_sync(kind)
+
+    def _start_sync(self, kind: SyncKind) -> None:
+        if kind == SyncKind.DIRTY:
+            self.dirty.take(self.dir / "sync.bitmap")
+            self.dirty_mode = False
+        elif kind == SyncKind.INTENT:
+            self.intent.take(self.dir / "intent-sync.bitmap")
+        s0 = self._alloc(self.size // FINE + 2)
+        self.sync = SyncPlan(kind, s0)
+        self.sync_last = None
+        self._save_state()
+
+    def request_resync(self, ranges: list[tuple[int, int]]) -> None:
+        """Compare these ranges with the target and send what differs (after an unclean stop).
+
+        Recorded durably before returning; runs as soon as no other sync is pending.
+        """
+        with self._lock:
+            for offset, length in ranges:
+                self.intent.mark(offset, min(length, self.size - offset))
+            self.intent.save()
+            if self.sync is None:
+                self._start_sync(SyncKind.INTENT)
+
+    def intent_bitmap(self) -> DirtyBitmap:
+        return DirtyBitmap(self.dir / "intent-sync.bitmap", self.size, COARSE)
 
     def sync_bitmap(self) -> DirtyBitmap:
         return DirtyBitmap(self.dir / "sync.bitmap", self.size)
@@ -223,9 +283,14 @@ class PairReplication:
             if self.sync is not None and self.sync_last is not None and self.acked >= self.sync_last:
                 if self.sync.kind == SyncKind.DIRTY:
                     (self.dir / "sync.bitmap").unlink(missing_ok=True)
+                elif self.sync.kind == SyncKind.INTENT:
+                    (self.dir / "intent-sync.bitmap").unlink(missing_ok=True)
                 self.sync = None
                 self.sync_last = None
-                self._save_state()
+                if self.intent.any():
+                    self._start_sync(SyncKind.INTENT)
+                else:
+                    self._save_state()
 
     def drained(self) -> bool:
         """Everything captured so far is acknowledged by the process server."""
@@ -234,7 +299,9 @@ class PairReplication:
     def stats(self) -> PairStats:
         if self.spec.paused:
             state = PairState.PAUSED
-        elif self.dirty_mode or (self.sync is not None and self.sync.kind == SyncKind.DIRTY):
+        elif self.dirty_mode or (
+            self.sync is not None and self.sync.kind in (SyncKind.DIRTY, SyncKind.INTENT)
+        ):
             state = PairState.RESYNC_REQUIRED
         elif self.sync is not None:
             state = PairState.INITIAL_SYNC

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from siterecovery.dataplane.blocks import COARSE, FINE, BlockStream
+from siterecovery.dataplane.blocks import COARSE, FINE, BlockHasher, BlockStream
 from siterecovery.dataplane.links import connect
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
@@ -36,9 +36,10 @@ from siterecovery.dataplane.protocol import (
     ResyncRequest,
     Role,
     decode_model,
+    frame_intact,
 )
 from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
-from siterecovery.dataplane.sync_source import Chunk, Progress, delta, dirty_blocks, full_copy
+from siterecovery.dataplane.sync_source import Chunk, Progress, delta, delta_blocks, dirty_blocks, full_copy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class PairSender:
         self._request_id = 0
         self._compressor = Compressor()
         self._progress: Progress | None = None
+        self._dropped: set[int] = set()  # spooled frames found damaged: sent as MISSING (healing.py)
 
     def start(self) -> None:
         self._thread.start()
@@ -134,8 +136,11 @@ class PairSender:
                     self.pair.on_ack(h.seq)
                 elif h.type == FrameType.DIGESTS:
                     self._digests.put((h.seq, bytes(frame.payload)))
+                elif h.type == FrameType.REFETCH:
+                    # A downstream copy of this range was damaged: send it again from the disk.
+                    self.pair.refetch(h.offset, h.length)
                 elif h.type == FrameType.NACK:
-                    log.warning("process server refused frame %d of %s; resending", h.seq, self.pair.pair_id)
+                    self._refused(h.seq)
                     return
                 elif h.type == FrameType.ERROR:
                     self.last_error = decode_model(ErrorBody, frame.payload).message
@@ -146,6 +151,31 @@ class PairSender:
             self._broken.set()
             with self.pair.changed:
                 self.pair.changed.notify_all()
+
+    def _refused(self, seq: int) -> None:
+        """The process server refused frame `seq`: resend an intact spooled copy; a damaged one is
+        replaced by a MISSING marker and its range is read from the disk again (a new write)."""
+        cursor = self.pair.spool.cursor(seq - 1)
+        try:
+            item = cursor.next(bytearray(HEADER_SIZE + MAX_PAYLOAD))
+        except ProtocolError:
+            item = None
+        finally:
+            cursor.close()
+        if item is None or item[0].seq != seq or frame_intact(item[1]):
+            log.warning("process server refused frame %d of %s; resending", seq, self.pair.pair_id)
+            return
+        h = item[0]
+        log.warning(
+            "spooled frame %d of %s is damaged; re-reading [%d, +%d)",
+            seq,
+            self.pair.pair_id,
+            h.offset,
+            h.length,
+        )
+        self._dropped.add(seq)
+        if h.type != FrameType.BOOKMARK and h.length:
+            self.pair.refetch(h.offset, h.length)
 
     def _check(self) -> None:
         if self._broken.is_set() or self.stopped.is_set():
@@ -171,7 +201,8 @@ class PairSender:
                     pair.sync_generated(last)
                     continue
                 if held is None:
-                    if pair.dirty_mode and pair.acked >= pair.spool.last_seq:
+                    # Never over a pending sync: its frames may not all be acknowledged yet.
+                    if pair.dirty_mode and pair.sync is None and pair.acked >= pair.spool.last_seq:
                         pair.start_sync(SyncKind.DIRTY)
                         continue
                     with pair.changed:
@@ -179,6 +210,9 @@ class PairSender:
                     continue
                 header, raw = held
                 held = None
+                if header.seq in self._dropped:
+                    writer.send(header.type, 0, header.seq, header.offset, header.length, b"", Flag.MISSING)
+                    continue
                 payload = raw[HEADER_SIZE:]
                 flags, wire = self._compressor.maybe_compress(payload)
                 pair.bytes_sent += writer.send(
@@ -218,6 +252,13 @@ class PairSender:
                 stream = BlockStream(pair.image, pair.size, COARSE, FINE, first=start // COARSE)
                 queries = _DigestQueries(self, batched)
                 chunks = delta(fd, stream, queries.ask, queries.answer, plan, start, view, progress)
+            elif plan.kind == SyncKind.INTENT:
+                blocks = pair.intent_bitmap().indexes()  # coarse blocks: the bitmap's granularity
+                queries = _DigestQueries(self, batched)
+                hasher = BlockHasher(pair.image, pair.size, COARSE, FINE)
+                chunks = delta_blocks(
+                    fd, hasher, blocks, queries.ask, queries.answer, plan, start, view, progress
+                )
             else:
                 chunks = dirty_blocks(fd, pair.sync_bitmap(), plan, start, view, progress)
             last: int | None = None

@@ -12,11 +12,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import xxhash
+
 from siterecovery.dataplane.blocks import (
     COARSE,
     DIGEST_SIZE,
     FINE,
     STREAM_WAIT,
+    BlockHasher,
     BlockStream,
     coarse_data_map,
     differing_runs,
@@ -102,7 +105,6 @@ def delta(
     """
     size = stream.size
     coarse, fine = stream.coarse, stream.fine
-    fine_bytes = coarse // fine * DIGEST_SIZE
     pending: deque[tuple[list[int], list[tuple[bytes, bytes]], int]] = deque()
     next_idx = start // coarse
     progress.done = start
@@ -115,24 +117,78 @@ def delta(
             continue
         blocks, local, ticket = pending.popleft()
         remote = answer(ticket)
-        at = 0
-        for idx, (ours, fines) in zip(blocks, local, strict=True):
-            theirs = remote[at : at + DIGEST_SIZE]
-            at += DIGEST_SIZE
-            base = idx * coarse
-            if theirs != ours:
-                their_fines = remote[at : at + fine_bytes]
-                at += fine_bytes
-                if len(their_fines) != fine_bytes:
-                    raise ProtocolError(f"digest answer too short for coarse block {idx}")
-                for first, end in differing_runs(fines, their_fines):
-                    offset, stop = base + first * fine, min(base + end * fine, size)
-                    if stop > offset:
-                        yield _read_chunk(fd, view, plan, offset, stop - offset)
-            progress.done = min(base + coarse, size)
-        if at != len(remote):
-            raise ProtocolError(f"digest answer of {len(remote)} bytes, expected {at}")
+        yield from _differing(fd, view, plan, size, coarse, fine, blocks, local, remote)
+        progress.done = min((blocks[-1] + 1) * coarse, size)
     progress.done = size
+
+
+def _differing(
+    fd: int,
+    view: memoryview,
+    plan: SyncPlan,
+    size: int,
+    coarse: int,
+    fine: int,
+    blocks: list[int],
+    local: list[tuple[bytes, bytes]],
+    remote: bytes,
+) -> Iterator[Chunk]:
+    """The chunks of `blocks` where our digests (`local`) and the target's answer (`remote`) differ."""
+    fine_bytes = coarse // fine * DIGEST_SIZE
+    at = 0
+    for idx, (ours, fines) in zip(blocks, local, strict=True):
+        theirs = remote[at : at + DIGEST_SIZE]
+        at += DIGEST_SIZE
+        base = idx * coarse
+        if theirs != ours:
+            their_fines = remote[at : at + fine_bytes]
+            at += fine_bytes
+            if len(their_fines) != fine_bytes:
+                raise ProtocolError(f"digest answer too short for coarse block {idx}")
+            for first, end in differing_runs(fines, their_fines):
+                offset, stop = base + first * fine, min(base + end * fine, size)
+                if stop > offset:
+                    yield _read_chunk(fd, view, plan, offset, stop - offset)
+    if at != len(remote):
+        raise ProtocolError(f"digest answer of {len(remote)} bytes, expected {at}")
+
+
+def delta_blocks(
+    fd: int,
+    hasher: BlockHasher,
+    blocks: list[int],
+    ask: Callable[[list[int], bytes], int],
+    answer: Callable[[int], bytes],
+    plan: SyncPlan,
+    start: int,
+    view: memoryview,
+    progress: Progress,
+) -> Iterator[Chunk]:
+    """`delta` restricted to some coarse blocks (ascending): those an unclean stop left marked.
+
+    Our digests come from `hasher`, which reads only these blocks; the target answers them from
+    its digest stream, which skips the blocks in between.
+    """
+    coarse, fine = hasher.coarse, hasher.fine
+    todo = [i for i in blocks if (i + 1) * coarse > start]
+    progress.total, progress.done = len(todo) * coarse, 0
+    pending: deque[tuple[list[int], list[tuple[bytes, bytes]], int]] = deque()
+    pos = 0
+    while pos < len(todo) or pending:
+        if pos < len(todo) and len(pending) < DEPTH:
+            group = todo[pos : pos + REGION]
+            pos += len(group)
+            local = []
+            for idx in group:
+                fines = hasher.fine_digests(idx)
+                local.append((xxhash.xxh3_128_digest(fines), fines))
+            pending.append((group, local, ask(group, b"".join(c for c, _ in local))))
+            continue
+        group, local, ticket = pending.popleft()
+        remote = answer(ticket)
+        yield from _differing(fd, view, plan, hasher.size, coarse, fine, group, local, remote)
+        progress.done += len(group) * coarse
+    progress.done = progress.total
 
 
 def dirty_blocks(

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.cluster import Cluster
@@ -27,7 +27,9 @@ from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
+from siterecovery.dr.heal import check_refused_frames, check_unusable_points
 from siterecovery.dr.record import ItemRecord, Replication
+from siterecovery.dr.stall import check_stalls, worse
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
@@ -248,40 +250,49 @@ def _health(rpo: float, threshold: float) -> Health:
     return Health.WARNING if rpo > threshold else Health.NORMAL
 
 
-_ITEMS = cast(Table, ReplicatedItem.__table__)
-_SET_RPO = (
-    update(_ITEMS)
-    .where(
-        _ITEMS.c.id == bindparam("item_id"),
-        # An item a workflow took out of protection since the read keeps what the workflow set.
-        _ITEMS.c.state == ProtectionState.PROTECTED.value,
-    )
-    .values(rpo_seconds=bindparam("rpo"), health=bindparam("new_health"))
-)
+def _write(
+    cp: ControlPlane, inputs: PassInputs, results: list[tuple[_Watched, Rpo, Health]], now: float
+) -> None:
+    """Store RPO and health, raise and clear alerts: in batches, each its own short transaction.
 
-
-def _write(cp: ControlPlane, inputs: PassInputs, results: list[tuple[_Watched, Rpo, Health]]) -> None:
-    """Store RPO and health, raise and clear alerts: in batches, each its own short transaction."""
+    An item's health is the worst of its RPO's and of the data-plane checks (a stalled pair,
+    refused frames healing, unusable points: `dr.stall`, `dr.heal`); the RPO alert follows RPO.
+    """
     for start in range(0, len(results), WRITE_BATCH):
         batch = results[start : start + WRITE_BATCH]
         with cp.db.session() as s:
-            rows = [
-                {"item_id": item.id, "rpo": round(rpo.seconds, 2), "new_health": health.value}
-                for item, rpo, health in batch
+            rows = {
+                row.id: row
+                for row in s.scalars(
+                    select(ReplicatedItem).where(
+                        ReplicatedItem.id.in_([item.id for item, _, _ in batch]),
+                        # An item a workflow took out of protection since the read is left alone.
+                        ReplicatedItem.state == ProtectionState.PROTECTED.value,
+                    )
+                )
+            }
+            for item, rpo, rpo_health in batch:
+                row = rows.get(item.id)
+                if row is None:
+                    continue
+                health = worse(rpo_health, check_stalls(s, row, now))  # a pair applying nothing
+                health = worse(health, check_refused_frames(s, row))  # damaged frames healing
+                health = worse(health, check_unusable_points(s, row))
                 # RPO is shown to the second: an unchanged item is not rewritten every pass.
-                if health.value != item.health
-                or item.rpo_seconds is None
-                or abs(item.rpo_seconds - rpo.seconds) >= 1.0
-            ]
-            if rows:
-                s.connection().execute(_SET_RPO, rows)
-            for item, rpo, health in batch:
+                if (
+                    row.rpo_seconds is None
+                    or abs(row.rpo_seconds - rpo.seconds) >= 1.0
+                    or row.health != health
+                ):
+                    row.rpo_seconds = round(rpo.seconds, 2)
+                if row.health != health.value:
+                    row.health = health.value
                 alert = inputs.alerts.get(item.id)
-                if health is Health.NORMAL:
+                if rpo_health is Health.NORMAL:
                     if alert is not None:
                         clear_alert(s, RPO_ALERT, "replicatedItem", item.id)
                     continue
-                severity = Severity.CRITICAL if health is Health.CRITICAL else Severity.WARNING
+                severity = Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING
                 if alert != severity.value:
                     raise_alert(
                         s,
@@ -308,7 +319,7 @@ def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
         rpo = item_rpo(item, inputs, now)
         if rpo is not None:
             results.append((item, rpo, _health(rpo.seconds, item.threshold)))
-    _write(cp, inputs, results)
+    _write(cp, inputs, results, now)
     with cp.db.session() as s:
         _watch_powered_on_targets(cp, s)
     with cp.db.session() as s:

@@ -110,7 +110,13 @@ def failover_tasks(
         tasks.append(_detach_from_mt(base, rep.master_target))
     tasks += _boot_recovery_machine(base, target, step)
     tasks.append(TaskSpec("Failed over", "mark-failed-over", {**base, "direction": item.direction.value}))
+    tasks.append(_verify(base, target))
     return tasks
+
+
+def _verify(base: dict[str, Any], target: Site) -> TaskSpec:
+    # Last, so a failed guest check fails the job (with the verdict) instead of ending "succeeded".
+    return TaskSpec("Verify the recovered guest", "verify-recovery", {**base, "target_site": target.value})
 
 
 def _detach_from_mt(base: dict[str, Any], mt_id: str) -> TaskSpec:
@@ -190,6 +196,7 @@ def change_point_tasks(item: repo.ItemSnapshot, point: str, *, via_plan: bool = 
     if target is Site.ONPREM:
         tasks.append(_detach_from_mt(base, mt_id))
     tasks += _boot_recovery_machine(base, target, f"change recovery point to {chosen.id}")
+    tasks.append(_verify(base, target))
     return tasks
 
 

@@ -14,7 +14,7 @@ from siterecovery.dr import waits
 from siterecovery.dr.guest import adopt_log, await_verdict
 from siterecovery.dr.record import ItemRecord, Replication, Site, TestCopy, TestFailover
 from siterecovery.dr.recovery_points import LATEST, ItemPoint, item_points, resolve
-from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.errors import Problem, SiteRecoveryError, recovery_point_unusable, recovery_verdict_failed
 from siterecovery.fabrics.base import DiskSpec, IpMode, MachineSpec, Nic, PowerState
 
 POINT_TIMEOUT = 300.0
@@ -68,6 +68,10 @@ def wait_at_point(mt_id: str, target: dict[str, str]) -> None:
 
     def at_point() -> bool:
         pairs = {p.pair_id: p for p in waits.mt_pairs(mt_id).pairs}
+        for pid in target:
+            if pid in pairs and pairs[pid].paused == "recovery-point-unusable":
+                # A damaged journal record on the way back (the master target refused before moving).
+                raise recovery_point_unusable(target[pid], pid, "the master target found its journal damaged")
         if any(pairs[pid].paused == "recovery-point-unavailable" for pid in target if pid in pairs):
             raise SiteRecoveryError(
                 Problem(
@@ -181,6 +185,9 @@ def start_test_machine(ctx: TaskContext) -> dict[str, Any]:
         rec.oracle["test"] = verdict
 
     repo.update(item.id, change)
+    if verdict.get("observable", True) and not verdict.get("ok", True):
+        # The test machine stays for inspection (`items test-cleanup` removes it); the job fails.
+        raise recovery_verdict_failed(test.machine, "cloud (test)", str(verdict.get("reason", "?")))
     return {"machine": test.machine, "oracle": verdict}
 
 

@@ -27,6 +27,7 @@ class ItemPoint:
     kind: str
     time: float
     disks: dict[str, str]  # pair id -> that disk's point id
+    unusable: str = ""  # why it cannot be restored (a disk's journal is damaged before it)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -35,6 +36,7 @@ class ItemPoint:
             "time": self.time,
             "time_utc": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="seconds"),
             "disks": dict(self.disks),
+            "unusable": self.unusable,
         }
 
 
@@ -67,7 +69,11 @@ def item_points(s: Session, rep: Replication) -> list[ItemPoint]:
         first = next(iter(pts.values()))
         out.append(
             ItemPoint(
-                tag, first.kind, max(p.time for p in pts.values()), {pid: p.id for pid, p in pts.items()}
+                tag,
+                first.kind,
+                max(p.time for p in pts.values()),
+                {pid: p.id for pid, p in pts.items()},
+                "; ".join(f"{pid}: {p.unusable}" for pid, p in pts.items() if p.unusable),
             )
         )
     return out
@@ -94,17 +100,26 @@ def resolve(points: list[ItemPoint], wanted: str) -> ItemPoint:
     if wanted in (LATEST, ""):
         return points[0]
     if wanted == LATEST_APP:
-        app = [p for p in points if p.kind in ("app", "group")]
+        app = [p for p in points if p.kind in ("app", "group") and not p.unusable]
         if not app:
             raise _unavailable(wanted, "no app-consistent point is retained")
         return app[0]
     exact = next((p for p in points if p.id == wanted), None)
     if exact is not None:
+        if exact.unusable:
+            raise SiteRecoveryError(
+                Problem(
+                    "recovery-point-unusable",
+                    f"Recovery point {wanted!r} cannot be restored: {exact.unusable}.",
+                    "Choose another recovery point (`points list` marks the unusable ones), "
+                    "or fail over to the latest point.",
+                )
+            )
         return exact
     at = _as_time(wanted)
     if at is None:
         raise _unavailable(wanted, "it is neither a point id, latest, latest-app nor a time")
-    older = [p for p in points if p.time <= at and p.id != LATEST]
+    older = [p for p in points if p.time <= at and p.id != LATEST and not p.unusable]
     if not older:
         raise _unavailable(wanted, "no retained point is that old")
     return older[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES
 from siterecovery.dr.checks import FAILBACK_RULES, REPROTECT_RULES
 from siterecovery.dr.rules import RULES
 
@@ -30,7 +31,11 @@ def prerequisites_table() -> str:
     for rule in RULES.values():
         blocks = [
             op
-            for op, listed in (("reprotect", REPROTECT_RULES), ("failback", FAILBACK_RULES))
+            for op, listed in (
+                ("reprotect", REPROTECT_RULES),
+                ("failback", FAILBACK_RULES),
+                ("failover to Azure", AZURE_FAILOVER_RULES),
+            )
             if rule in listed
         ]
         cells = (rule.id, f"`{rule.code}`", ", ".join(blocks), _cell(rule.checked), _cell(rule.remediation))

@@ -244,6 +244,34 @@ NOT_REPROTECTED = Rule(
     "Reprotect {machine} and wait until it is protected in the failback direction, then fail it back.",
 )
 
+# Failover to an Azure site (dr/azure_checks.py). Reaching the on-premises configuration server from
+# the Azure network (the seed's site-to-site VPN rule) is RP-REACH and CS-2, checked by heartbeats.
+AZURE_VM_SIZE = Rule(
+    "AZ-SIZE",
+    "azure-vm-size-unavailable",
+    "(Failover to Azure) the region offers the VM size the fabric creates failed-over VMs with.",
+    "Choose a VM size offered in {location} (`fabrics add azure --vm-size`), or use another region.",
+)
+AZURE_DISK_COUNT = Rule(
+    "AZ-DISKS",
+    "azure-too-many-disks",
+    "(Failover to Azure) the VM size takes the machine's data disks.",
+    "Choose a VM size taking at least {needed} data disks for {machine}.",
+)
+AZURE_DISK_ALIGNMENT = Rule(
+    "AZ-DISK-SIZE",
+    "azure-disk-size-unsupported",
+    "(Failover to Azure) each disk is a whole number of MiB and at most 32 TiB (what a managed disk "
+    "imported from a VHD can be).",
+    "Resize disk {disk} of {machine} to a whole number of MiB (at most 32 TiB) and resynchronise it.",
+)
+AZURE_CORE_QUOTA = Rule(
+    "AZ-QUOTA",
+    "azure-core-quota",
+    "(Failover to Azure) the subscription's core quota in the region leaves room for the failed-over VMs.",
+    "Ask for a core quota of at least {needed} in {location}, or fail over fewer machines at once.",
+)
+
 RULES: Mapping[str, Rule] = {
     rule.code: rule
     for rule in (
@@ -278,5 +306,9 @@ RULES: Mapping[str, Rule] = {
         DATASTORE_REQUIRED,
         NOT_FAILED_OVER,
         NOT_REPROTECTED,
+        AZURE_VM_SIZE,
+        AZURE_DISK_COUNT,
+        AZURE_DISK_ALIGNMENT,
+        AZURE_CORE_QUOTA,
     )
 }

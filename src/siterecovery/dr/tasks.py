@@ -23,11 +23,15 @@ from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
-from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
 
 SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
-DRAIN_TIMEOUT = float(os.environ.get("SITERECOVERY_DRAIN_TIMEOUT", "300"))
+
+
+def drain_deadline() -> float:
+    """Seconds a planned failover waits for its drain (read each time, so it can change at runtime)."""
+    return float(os.environ.get("SITERECOVERY_DRAIN_TIMEOUT", "300"))
 
 
 def _agent_id(site: Site, machine: str) -> str:
@@ -216,7 +220,7 @@ def drain(ctx: TaskContext) -> dict[str, Any]:
             )
         )
     targets = {p.pair_id: final[p.pair_id].acked_seq for p in rep.pairs if p.pair_id in final}
-    waits.wait_for_apply(ctx, rep.master_target, targets, DRAIN_TIMEOUT)
+    waits.wait_for_apply(ctx, rep.master_target, targets, drain_deadline(), rep.source_machine)
     return {"drained_to": targets}
 
 
@@ -241,7 +245,7 @@ def stop_replication(ctx: TaskContext) -> dict[str, Any]:
     repo.update(item.id, change)
     waits.wait_until(
         lambda: not pair_ids & {p.pair_id for p in waits.mt_pairs(rep.master_target).pairs},
-        DRAIN_TIMEOUT,
+        drain_deadline(),
         "detach-timeout",
         "The master target did not release the item's disks.",
         "Check that the master target is running (`servers list`), then retry.",
@@ -363,6 +367,22 @@ def mark_failed_over(ctx: TaskContext) -> dict[str, Any]:
     direction = Direction(ctx.args["direction"])
     item = repo.set_state(ctx.args["item"], ProtectionState.FAILED_OVER, direction)
     return {"state": item.state.value}
+
+
+@task_handler("verify-recovery")
+def verify_recovery(ctx: TaskContext) -> dict[str, Any]:
+    """The job's last word: a recovered guest whose oracle failed fails the job, with the verdict.
+
+    It runs after the item is marked failed over (the machine does run there, and its point can
+    still change until commit), so the item's state is true while the job is not "succeeded".
+    """
+    item = repo.load(ctx.args["item"])
+    site = Site(ctx.args["target_site"])
+    raw = item.record.oracle.get(site.value)
+    verdict: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if verdict.get("observable", True) and not verdict.get("ok", True):
+        raise recovery_verdict_failed(_machine_of(item, site), site.value, str(verdict.get("reason", "?")))
+    return {"verdict": _verdict_text(verdict) if verdict else "n/a"}
 
 
 # ---- reprotect (RPW-1..7) -------------------------------------------------------------------

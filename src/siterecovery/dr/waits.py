@@ -14,7 +14,7 @@ from siterecovery.control.context import current
 from siterecovery.control.db import Component
 from siterecovery.control.jobs import TaskContext
 from siterecovery.dataplane.assignments import AgentStats, MasterTargetStats, PairState, PairStats
-from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.errors import Problem, SiteRecoveryError, drain_timeout
 
 POLL_SECONDS = 0.3
 
@@ -78,22 +78,35 @@ def wait_for_sync(ctx: TaskContext, agent_id: str, pair_ids: list[str], timeout:
     return done
 
 
-def wait_for_apply(ctx: TaskContext, mt_id: str, targets: dict[str, int], timeout: float) -> None:
-    """Wait until the master target applied every pair up to its sequence number (drain)."""
+def wait_for_apply(
+    ctx: TaskContext, mt_id: str, targets: dict[str, int], timeout: float, machine: str
+) -> None:
+    """Wait until the master target applied every pair up to its sequence number (drain).
+
+    The wait has a deadline: a pair that never drains (a stalled link, a refused frame) fails the
+    task with `drain-timeout` naming it, instead of holding the failover for ever.
+    """
+    behind: dict[str, tuple[int, int]] = {}
 
     def applied() -> bool:
-        got = {p.pair_id: p.applied_seq for p in mt_pairs(mt_id).pairs}
-        behind = [p for p, seq in targets.items() if got.get(p, -1) < seq]
+        reported = mt_pairs(mt_id).pairs
+        got = {p.pair_id: p.applied_seq for p in reported}
+        # A refused write still being re-read from the source is not drained either (healing.py).
+        gaps = {p.pair_id for p in reported if p.missing}
+        behind.clear()
+        behind.update(
+            {p: (got.get(p, -1), seq) for p, seq in targets.items() if got.get(p, -1) < seq or p in gaps}
+        )
         ctx.progress(
             percent=100.0 * (len(targets) - len(behind)) / max(1, len(targets)),
-            message=f"{len(behind)} disk(s) still draining" if behind else "drained",
+            message=f"{len(behind)} disk(s) still draining: {', '.join(sorted(behind))}"
+            if behind
+            else "drained",
         )
         return not behind
 
-    wait_until(
-        applied,
-        timeout,
-        "drain-timeout",
-        f"The master target did not apply every acknowledged write within {timeout:.0f} s.",
-        "Check the process server's backlog (`servers show`), then retry.",
-    )
+    deadline = time.monotonic() + timeout
+    while not applied():
+        if time.monotonic() > deadline:
+            raise drain_timeout(machine, behind, timeout)
+        time.sleep(POLL_SECONDS)

@@ -1,6 +1,6 @@
 """The one interface every site provider implements, and the typed inventory it discovers.
 
-A provider (`lab`, `vsphere`, later `azure`) turns a site into an `Inventory` of frozen values
+A provider (`lab`, `vsphere`, `azure`) turns a site into an `Inventory` of frozen values
 and performs the few operations the DR workflows need. Prerequisite checks (dr.checks) read only
 these values, so every rule works the same on every provider.
 """

@@ -63,7 +63,8 @@ def signin(request: Request, form: dict[str, str] = Depends(form_dep)) -> Respon
             "signin.html",
             status=401,
             next=target,
-            error="The token is unknown or revoked. Create one with `siterecovery tokens create`.",
+            error="The token is unknown or revoked, or it has expired. "
+            "Create one with `siterecovery tokens create`.",
         )
     return sign_in_response(request, secret, target)
 

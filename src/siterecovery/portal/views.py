@@ -22,6 +22,7 @@ from siterecovery.control.api.jobs import job_view
 from siterecovery.control.auth import Principal
 from siterecovery.control.db import Component, Job, Policy, ReplicatedItem
 from siterecovery.control.heartbeats import server_view
+from siterecovery.control.reports import entries, number
 from siterecovery.control.schemas import EventOut, JobOut, ServerOut
 from siterecovery.control.states import ComponentKind, Direction, JobState, ProtectionState
 from siterecovery.dr.record import ItemRecord
@@ -231,13 +232,13 @@ class RetentionChoice:
 
 def retention_choices(stats: dict[str, Any]) -> list[RetentionChoice]:
     out = []
-    for v in stats.get("retention_volumes", []) or []:
-        capacity = int(v.get("capacity_bytes", 0) or 0)
+    for v in entries(stats, "retention_volumes"):
+        capacity = int(number(v, "capacity_bytes"))
         out.append(
             RetentionChoice(
                 name=str(v.get("name") or v.get("path")),
                 capacity_bytes=capacity,
-                free_bytes=int(v.get("free_bytes", 0) or 0),
+                free_bytes=int(number(v, "free_bytes")),
                 fs_type=str(v.get("fs_type", "")),
                 # The same default as the reprotect check: without a verdict, capacity decides.
                 eligible=bool(v.get("eligible", capacity > 0)),
@@ -275,21 +276,21 @@ class Infrastructure:
 def master_target_row(server: ServerOut) -> MasterTargetRow:
     return MasterTargetRow(
         server=server,
-        attached_disks=int(server.stats.get("attached_disks", 0) or 0),
+        attached_disks=int(number(server.stats, "attached_disks")),
         max_disks=MAX_MT_DISKS,
         retention=retention_choices(server.stats),
     )
 
 
 def process_server_row(server: ServerOut) -> ProcessServerRow:
-    used = int(server.stats.get("cache_used_bytes", 0) or 0)
-    capacity = int(server.stats.get("cache_capacity_bytes", 0) or 0)
+    used = int(number(server.stats, "cache_used_bytes"))
+    capacity = int(number(server.stats, "cache_capacity_bytes"))
     return ProcessServerRow(
         server=server,
         cache_used_bytes=used,
         cache_capacity_bytes=capacity,
         cache_percent=100.0 * used / capacity if capacity else 0.0,
-        throughput_bytes_per_s=float(server.stats.get("throughput_bytes_per_s", 0.0) or 0.0),
+        throughput_bytes_per_s=number(server.stats, "throughput_bytes_per_s"),
     )
 
 

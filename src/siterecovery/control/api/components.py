@@ -13,8 +13,10 @@ from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
 from siterecovery.control.events import record_event
 from siterecovery.control.heartbeat_writer import writer_for
 from siterecovery.control.heartbeats import server_view
+from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.states import ComponentKind, Role, Severity
+from siterecovery.control.throttle import THROTTLE
 from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
@@ -28,10 +30,12 @@ def register(
     cp: ControlPlane = Depends(control_plane),
     s: Session = Depends(session, scope="function"),
 ) -> Registered:
+    peer = request.client.host if request.client else "?"
+    THROTTLE.check(peer, cp.config.passphrase_failures_per_minute)
     if not cp.check_passphrase(body.passphrase):
-        peer = request.client.host if request.client else "?"
         # Recorded in its own transaction: the refusal below rolls this request's session back.
         with cp.db.session() as audit:
+            THROTTLE.failed(audit, peer, cp.config.passphrase_failures_per_minute)
             record_event(
                 audit,
                 Severity.WARNING,
@@ -48,6 +52,7 @@ def register(
             ),
             Status.FORBIDDEN,
         )
+    THROTTLE.succeeded(s, peer)
     row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
     if row is None:
         row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
@@ -96,10 +101,11 @@ def heartbeat(
             ),
             Status.FORBIDDEN,
         )
+    stats = validated_stats(_kind(cp, component_id), body.stats)  # a bad report is a 422, not stored
     # The report is written by the process's heartbeat writer, many per commit (group commit),
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
-    writer_for(cp.db, cp.config).write(component_id, body.stats, body.address)
+    writer_for(cp.db, cp.config).write(component_id, stats, body.address)
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
@@ -108,6 +114,21 @@ def heartbeat(
     if body.desired_version == version:
         return HeartbeatReply(desired=None, desired_version=version, server_time=now())
     return HeartbeatReply(desired=desired, desired_version=version, server_time=now())
+
+
+_KINDS: dict[str, str] = {}  # component id -> kind; a component's kind never changes
+
+
+def _kind(cp: ControlPlane, component_id: str) -> str:
+    """The component's kind, read in a short session of its own (once per component)."""
+    kind = _KINDS.get(component_id)
+    if kind is None:
+        with cp.db.session() as q:
+            kind = q.scalar(select(Component.kind).where(Component.id == component_id))
+        if kind is None:
+            raise not_found("component", component_id)
+        _KINDS[component_id] = kind
+    return kind
 
 
 @router.get("/servers")

@@ -8,10 +8,11 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from siterecovery.control.auth import Principal, authenticate
+from siterecovery.control.auth import Principal
 from siterecovery.control.context import ControlPlane, current
-from siterecovery.control.events import record_event
-from siterecovery.control.states import Role, Severity
+from siterecovery.control.edges import PRINCIPAL, REFUSALS, identify
+from siterecovery.control.states import Role
+from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -28,23 +29,19 @@ def session(cp: ControlPlane = Depends(control_plane)) -> Iterator[Session]:
 def principal(
     request: Request,
     creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    cp: ControlPlane = Depends(control_plane),
 ) -> Principal:
-    if creds is None or creds.scheme.lower() != "bearer":
-        raise HTTPException(401, "This API needs a bearer token.")
-    with cp.db.session() as s:
-        who = authenticate(s, creds.credentials)
-        if who is None:
-            record_event(
-                s,
-                Severity.WARNING,
-                "token-invalid",
-                f"A request from {request.client.host if request.client else '?'} "
-                "used an unknown or revoked token.",
-            )
-    if who is None:
-        raise HTTPException(401, "The bearer token is unknown or revoked.")
-    return who
+    # The edge middleware has checked the token before the body was read (control/edges.py).
+    who = getattr(request.state, PRINCIPAL, None)
+    if isinstance(who, Principal):
+        return who
+    client = request.client.host if request.client else "?"
+    found = identify(f"Bearer {creds.credentials}" if creds else None, client)
+    if not isinstance(found, Principal):
+        raise SiteRecoveryError(
+            Problem(found.value, REFUSALS[found], "Send a valid bearer token (`tokens create`)."),
+            Status.UNAUTHORIZED,
+        )
+    return found
 
 
 def require(role: Role) -> Callable[[Principal], Principal]:

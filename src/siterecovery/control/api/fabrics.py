@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,13 +15,24 @@ from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Fabric, ReplicatedItem, by_id_or_name, new_id
 from siterecovery.control.events import record_event
 from siterecovery.control.fabric_access import discover, summary
-from siterecovery.control.schemas import FabricCreate, FabricCredentials, FabricOut
+from siterecovery.control.schemas import (
+    AzureConnection,
+    FabricCreate,
+    FabricCredentials,
+    FabricOut,
+    LabConnection,
+    VSphereConnection,
+)
 from siterecovery.control.states import ProtectionState, Severity
 from siterecovery.errors import conflict, invalid, not_found
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
 
-_REQUIRED = {"lab": ("path",), "vsphere": ("host", "user")}
+_CONNECTIONS: dict[str, type[BaseModel]] = {
+    "lab": LabConnection,
+    "vsphere": VSphereConnection,
+    "azure": AzureConnection,
+}
 _SECRET_KEYS = ("password", "secret", "token")
 
 
@@ -45,11 +57,7 @@ def find_fabric(s: Session, ident: str) -> Fabric:
 
 
 def _check_connection(kind: str, connection: dict[str, Any]) -> None:
-    for key in _REQUIRED[kind]:
-        if not connection.get(key):
-            raise invalid(
-                f"connection.{key}", f"A {kind} fabric needs connection.{key}.", f"Give connection.{key}."
-            )
+    """The connection must be a valid one of its kind's (strict types, bounds, no unknown keys)."""
     for key in connection:
         if key in _SECRET_KEYS:
             raise invalid(
@@ -57,6 +65,16 @@ def _check_connection(kind: str, connection: dict[str, Any]) -> None:
                 "Secrets do not belong in the connection.",
                 "Send the password as `secret`; it is stored encrypted.",
             )
+    try:
+        _CONNECTIONS[kind].model_validate(connection, strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(["connection", *(str(p) for p in err["loc"])])
+        raise invalid(
+            field,
+            f"Field '{field}': {err['msg']}.",
+            f"Correct {field}; a {kind} fabric's connection is described in /openapi.json.",
+        ) from None
 
 
 @router.post("", status_code=201)

@@ -20,7 +20,7 @@ from siterecovery.control.context import ControlPlane, current
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.db import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.fabric_access import discover
-from siterecovery.control.schemas import Strict
+from siterecovery.control.schemas import Flag, Strict
 from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
@@ -51,8 +51,8 @@ class EnableRequest(Strict):
 
 class FailoverBody(Strict):
     point: str = Field(default="latest", max_length=100)
-    planned: bool = False
-    test: bool = False
+    planned: Flag = False
+    test: Flag = False
 
 
 class ReprotectBody(Strict):
@@ -64,12 +64,12 @@ class ReprotectBody(Strict):
     # machine was protected from; the checks judge that vCenter and, on success, it becomes the
     # item's on-premises site for the reprotect job and the failback.
     vcenter: str = Field(default="", max_length=200)
-    what_if: bool = False
+    what_if: Flag = False
 
 
 class FailbackBody(Strict):
     point: str = Field(default="latest", max_length=100)
-    what_if: bool = False
+    what_if: Flag = False
 
 
 class Started(Strict):

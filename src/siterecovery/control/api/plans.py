@@ -15,6 +15,7 @@ from siterecovery.control.auth import Principal
 from siterecovery.control.db import RecoveryPlan, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.plan_jobs import PlanOperation, plan_tasks
 from siterecovery.control.schemas import (
+    Flag,
     GroupCreate,
     GroupOut,
     JobStarted,
@@ -33,7 +34,7 @@ class PlanRun(Strict):
     """Per-operation values; `items` supplies values for every machine (RP-GROUP-PLAN)."""
 
     point: str = Field(default="latest", max_length=100)
-    planned: bool = False
+    planned: Flag = False
     items: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

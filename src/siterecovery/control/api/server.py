@@ -11,12 +11,13 @@ from sqlalchemy.orm import Session
 
 from siterecovery import __version__
 from siterecovery.control.api.deps import admin, control_plane, reader, session
-from siterecovery.control.auth import Principal, create_token
+from siterecovery.control.auth import Principal, create_token, hash_secret
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import ServerIdentity, Token, now
 from siterecovery.control.events import record_event
-from siterecovery.control.schemas import TokenCreate, TokenCreated
+from siterecovery.control.schemas import TokenCreate, TokenCreated, TokenOut
 from siterecovery.control.states import Role, Severity
+from siterecovery.errors import conflict, not_found
 
 router = APIRouter(prefix="/api", tags=["server"])
 
@@ -62,20 +63,61 @@ def rotate_passphrase(
 
 @router.post("/tokens", status_code=201)
 def new_token(
-    body: TokenCreate, _: Principal = Depends(admin), s: Session = Depends(session, scope="function")
+    body: TokenCreate,
+    who: Principal = Depends(admin),
+    cp: ControlPlane = Depends(control_plane),
+    s: Session = Depends(session, scope="function"),
 ) -> TokenCreated:
-    secret = create_token(s, body.name, Role(body.role))
-    row = s.scalar(select(Token).order_by(Token.created_at.desc()).where(Token.name == body.name))
+    lifetime = body.expires_in_seconds or cp.config.token_days * 86400
+    expires_at = now() + lifetime
+    secret = create_token(s, body.name, Role(body.role), expires_at=expires_at)
+    row = s.scalar(select(Token).where(Token.secret_hash == hash_secret(secret)))
     assert row is not None
-    return TokenCreated(id=row.id, name=row.name, role=Role(row.role), token=secret)
+    record_event(
+        s, Severity.INFO, "token-created", f"{body.role.value} token {row.name!r} created by {who.name}."
+    )
+    return TokenCreated(id=row.id, name=row.name, role=Role(row.role), token=secret, expires_at=expires_at)
+
+
+def token_view(t: Token) -> TokenOut:
+    expired = t.expires_at is not None and t.expires_at <= now()
+    return TokenOut(
+        id=t.id,
+        name=t.name,
+        role=Role(t.role),
+        created_at=t.created_at,
+        expires_at=t.expires_at,
+        revoked=t.revoked,
+        expired=expired,
+    )
 
 
 @router.get("/tokens")
 def list_tokens(
     _: Principal = Depends(admin), s: Session = Depends(session, scope="function")
-) -> list[dict[str, Any]]:
+) -> list[TokenOut]:
+    """User tokens (component tokens are managed by registration), revoked and expired included."""
     rows = s.scalars(select(Token).where(Token.role != Role.COMPONENT.value).order_by(Token.created_at))
-    return [
-        {"id": t.id, "name": t.name, "role": t.role, "created_at": t.created_at, "revoked": t.revoked}
-        for t in rows
-    ]
+    return [token_view(t) for t in rows]
+
+
+@router.post("/tokens/{token_id}/revoke")
+def revoke_token(
+    token_id: str, who: Principal = Depends(admin), s: Session = Depends(session, scope="function")
+) -> TokenOut:
+    """Refused from the next request on; revoking twice is harmless."""
+    row = s.get(Token, token_id)
+    if row is None or row.role == Role.COMPONENT.value:
+        raise not_found("token", token_id)
+    if row.id == who.token_id:
+        raise conflict(
+            "token-in-use",
+            "A token cannot revoke itself: this request would lock its caller out.",
+            "Revoke it with another admin token.",
+        )
+    if not row.revoked:
+        row.revoked = True
+        record_event(
+            s, Severity.INFO, "token-revoked", f"Token {row.name!r} ({row.id}) revoked by {who.name}."
+        )
+    return token_view(row)

@@ -1,0 +1,75 @@
+"""Prerequisites of a failover to an Azure site: what ARM would refuse, found before anything is made.
+
+A failover creates one VM per machine (the fabric's VM size), one managed disk per replica disk,
+imported from its fixed-VHD page blob. ARM refuses a VM size the region does not offer, more data
+disks than the size takes, a VHD that is not a whole number of MiB (or beyond 32 TiB), and cores
+beyond the subscription's regional quota, but only after earlier disks and VMs were created; these
+checks run every rule at once against `AzureCapacity` (read from ARM by the fabric) and return one
+problem per failing rule, through the same registry as the reprotect checks (`dr.rules`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from siterecovery.dr import rules
+from siterecovery.errors import Problem
+from siterecovery.fabrics.azure_arm import AzureCapacity
+from siterecovery.fabrics.base import Machine
+
+MiB = 1 << 20
+MAX_DISK = 32 << 40  # the largest managed disk an imported VHD may become
+CORES = "cores"  # the regional total of all VM families (ARM's usage name)
+
+AZURE_FAILOVER_RULES: tuple[rules.Rule, ...] = (
+    rules.AZURE_VM_SIZE,
+    rules.AZURE_DISK_COUNT,
+    rules.AZURE_DISK_ALIGNMENT,
+    rules.AZURE_CORE_QUOTA,
+)
+
+
+def check_azure_failover(capacity: AzureCapacity, machines: Sequence[Machine], vm_size: str) -> list[Problem]:
+    """Every failing rule for failing `machines` over as VMs of `vm_size`; empty when none fails."""
+    problems: list[Problem] = []
+    size = next((s for s in capacity.sizes if s.name.lower() == vm_size.lower()), None)
+    if size is None:
+        problems.append(
+            rules.AZURE_VM_SIZE.problem(
+                f"Region {capacity.location} does not offer VM size {vm_size}.", location=capacity.location
+            )
+        )
+    for m in machines:
+        data_disks = max(len(m.disks) - 1, 0)
+        if size is not None and data_disks > size.max_data_disks:
+            problems.append(
+                rules.AZURE_DISK_COUNT.problem(
+                    f"Machine {m.name} has {data_disks} data disks; VM size {size.name} takes "
+                    f"{size.max_data_disks}.",
+                    machine=m.name,
+                    needed=str(data_disks),
+                )
+            )
+        for d in m.disks:
+            if d.size_bytes % MiB or d.size_bytes > MAX_DISK:
+                problems.append(
+                    rules.AZURE_DISK_ALIGNMENT.problem(
+                        f"Disk {d.label} of {m.name} is {d.size_bytes} bytes, not a whole number of MiB "
+                        "up to 32 TiB.",
+                        machine=m.name,
+                        disk=d.label,
+                    )
+                )
+    cores = next((u for u in capacity.usages if u.name == CORES), None)
+    if size is not None and cores is not None:
+        needed = cores.current + size.cores * len(machines)
+        if needed > cores.limit:
+            problems.append(
+                rules.AZURE_CORE_QUOTA.problem(
+                    f"Failing over {len(machines)} machine(s) as {size.name} needs {needed} cores in "
+                    f"{capacity.location}; the subscription's quota there is {cores.limit}.",
+                    location=capacity.location,
+                    needed=str(needed),
+                )
+            )
+    return problems

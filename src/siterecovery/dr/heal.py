@@ -1,0 +1,105 @@
+"""Alerts for frames refused for their checksum: every refusal is raised loudly, cleared once healed.
+
+The process server reports each refused frame of its pairs (`RefusedFrame` in its statistics:
+pair, sequence, range, the hop that damaged it) until the master target has acknowledged its
+repair (`dataplane/healing.py`). The monitor calls `check_refused_frames` for each protected item
+on every pass: each refusal becomes one critical `frame-refused` alert naming the item, disk,
+sequence and hop, active until it healed. One alert per refusal, found again by its message (the
+message is built from the refusal alone), so a refusal that healed before the monitor saw it
+still leaves its (cleared) alert, and a restarted configuration server does not repeat one.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from siterecovery.control.db import Component, Event, ReplicatedItem, now
+from siterecovery.control.events import clear_alert, raise_alert
+from siterecovery.control.states import Health, Severity
+from siterecovery.dataplane.assignments import RefusedFrame
+from siterecovery.dr.record import ItemRecord
+
+ALERT = "frame-refused"
+UNUSABLE = "recovery-points-unusable"
+
+
+def _message(item: ReplicatedItem, disk: str, e: RefusedFrame) -> str:
+    where = f" (range {e.offset}+{e.length})" if e.length else ""
+    return (
+        f"Item {item.name}, disk {disk} (pair {e.pair_id}): frame sequence {e.seq}{where} was refused "
+        f"for its checksum at hop {e.hop.value}; it is resent, or read again from the source disk."
+    )
+
+
+def check_refused_frames(s: Session, item: ReplicatedItem) -> Health:
+    """Raise or clear the item's frame-refused alerts; critical while a refusal is not healed."""
+    rep = ItemRecord.model_validate(item.details).replication
+    if rep is None:
+        return Health.NORMAL
+    ps = s.get(Component, rep.process_server)
+    raw = (ps.stats or {}).get("refused_frames", []) if ps is not None else []
+    disks = {p.pair_id: p.disk for p in rep.pairs}
+    health = Health.NORMAL
+    for entry in raw or []:
+        if not isinstance(entry, dict) or entry.get("pair_id") not in disks:
+            continue
+        e = RefusedFrame.model_validate(entry)
+        message = _message(item, disks[e.pair_id], e)
+        existing = s.scalar(
+            select(Event).where(
+                Event.alert.is_(True),
+                Event.code == ALERT,
+                Event.object_type == "replicatedItem",
+                Event.object_id == item.id,
+                Event.message == message,
+            )
+        )
+        if existing is None:
+            s.add(
+                Event(
+                    severity=Severity.CRITICAL.value,
+                    code=ALERT,
+                    message=message,
+                    object_type="replicatedItem",
+                    object_id=item.id,
+                    alert=True,
+                    active=not e.healed,
+                    cleared_at=now() if e.healed else None,
+                )
+            )
+        elif existing.active and e.healed:
+            existing.active = False
+            existing.cleared_at = now()
+        if not e.healed:
+            health = Health.CRITICAL
+    return health
+
+
+def check_unusable_points(s: Session, item: ReplicatedItem) -> Health:
+    """Warn while the master target lists points of the item it cannot restore (damaged journal
+    records, a write missing while they were taken): they stay listed, marked, and are refused."""
+    rep = ItemRecord.model_validate(item.details).replication
+    mt = s.get(Component, rep.master_target) if rep is not None else None
+    if rep is None or mt is None:
+        return Health.NORMAL
+    disks = {p.pair_id: p.disk for p in rep.pairs}
+    bad: list[str] = []
+    for pair in (mt.stats or {}).get("pairs", []) or []:
+        if not isinstance(pair, dict) or pair.get("pair_id") not in disks:
+            continue
+        reasons = [str(p.get("unusable")) for p in pair.get("points", []) or [] if p.get("unusable")]
+        if reasons:
+            bad.append(f"disk {disks[pair['pair_id']]}: {len(reasons)} ({reasons[-1]})")
+    if not bad:
+        clear_alert(s, UNUSABLE, "replicatedItem", item.id)
+        return Health.NORMAL
+    raise_alert(
+        s,
+        Severity.WARNING,
+        UNUSABLE,
+        f"Item {item.name} has recovery points that cannot be restored: {'; '.join(bad)}.",
+        "replicatedItem",
+        item.id,
+    )
+    return Health.WARNING

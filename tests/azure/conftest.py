@@ -1,0 +1,78 @@
+"""A real Azurite blob service for the Azure storage tests: one process per session, on a random port.
+
+Azurite is started on loopback with its data in a temporary folder and the well-known development
+account; every test gets its own container. The SDK clients pin `STORAGE_API_VERSION`, which
+Azurite accepts without `--skipApiVersionCheck` (so a version it refuses would fail these tests).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+
+from siterecovery.dataplane.page_blob import open_container
+from tests.conftest import free_port, require_tool
+
+# Azurite's published development account (not a secret: it is in Azurite's documentation).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@dataclass(frozen=True)
+class Azurite:
+    port: int
+    location: Path
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{self.port}/{ACCOUNT};"
+        )
+
+    def container(self, prefix: str = "t") -> ContainerClient:
+        return open_container(self.connection_string, f"{prefix}-{uuid.uuid4().hex[:12]}")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    exe = require_tool("azurite-blob")
+    location = tmp_path_factory.mktemp("azurite")
+    port = free_port()
+    log = open(location / "azurite.log", "wb")  # noqa: SIM115 - closed after the process ends
+    proc = subprocess.Popen(
+        [exe, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location), "--loose"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"azurite did not start:\n{(location / 'azurite.log').read_text()}")
+            time.sleep(0.1)
+        yield Azurite(port, location)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()

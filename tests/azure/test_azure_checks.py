@@ -1,0 +1,83 @@
+"""Prerequisites of a failover to Azure, read from the fabric's capacity (FakeArm's catalogue and quota)."""
+
+from __future__ import annotations
+
+import pytest
+
+from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES, check_azure_failover
+from siterecovery.dr.rules import RULES
+from siterecovery.fabrics.azure import AzureFabric
+from siterecovery.fabrics.azure_arm import VmCreate
+from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
+from tests.azure.conftest import Azurite
+from tests.azure.fabric_cases import write_replica
+from tests.azure.fake_arm import FakeArm
+
+MiB = 1 << 20
+
+
+def machine(name: str, *sizes: int) -> Machine:
+    disks = tuple(Disk(f"{name}-{i}", f"disk{i}", size, f"{name}-{i}.vhd") for i, size in enumerate(sizes))
+    return Machine(name, name, name, OsType.LINUX, "", PowerState.ON, disks=disks)
+
+
+@pytest.fixture
+def fabric(azurite: Azurite) -> AzureFabric:
+    arm = FakeArm(azurite.container("disks"), core_quota=6)
+    return AzureFabric("azure", "cloud", arm, azurite.container("replicas"), subnet_id="subnet")
+
+
+def codes(fabric: AzureFabric, machines: list[Machine], size: str = "Standard_D2s_v3") -> list[str]:
+    return [p.code for p in check_azure_failover(fabric.capacity(), machines, size)]
+
+
+CASES = [
+    pytest.param([machine("web", 64 * MiB)], "Standard_D2s_v3", [], id="healthy"),
+    pytest.param([machine("web", 64 * MiB)], "Standard_M416", ["azure-vm-size-unavailable"], id="az-size"),
+    pytest.param(
+        [machine("db", 64 * MiB, *[MiB] * 3)], "Standard_B1s", ["azure-too-many-disks"], id="az-disks"
+    ),
+    pytest.param(
+        [machine("web", 64 * MiB + 512)],
+        "Standard_D2s_v3",
+        ["azure-disk-size-unsupported"],
+        id="az-disk-size",
+    ),
+    pytest.param(
+        [machine(f"m{i}", 64 * MiB) for i in range(4)],
+        "Standard_D2s_v3",
+        ["azure-core-quota"],
+        id="az-quota",
+    ),
+]
+
+
+@pytest.mark.parametrize(("machines", "size", "expected"), CASES)
+def test_each_rule(fabric: AzureFabric, machines: list[Machine], size: str, expected: list[str]) -> None:
+    problems = check_azure_failover(fabric.capacity(), machines, size)
+    assert [p.code for p in problems] == expected
+    for problem in problems:
+        assert problem.rule == RULES[problem.code].id
+        for text in (problem.message, problem.remediation):
+            assert text.endswith(".") and ". " not in text and "{" not in text, text
+
+
+def test_every_azure_rule_has_a_case() -> None:
+    cased = {code for p in CASES for code in p.values[2]}  # type: ignore[attr-defined]
+    assert cased == {r.code for r in AZURE_FAILOVER_RULES}
+
+
+def test_all_failing_rules_at_once_and_quota_counts_running_vms(fabric: AzureFabric) -> None:
+    bad = [machine("db", 64 * MiB + 512, *[MiB] * 9)]
+    assert codes(fabric, bad) == ["azure-too-many-disks", "azure-disk-size-unsupported"]
+    problems = check_azure_failover(fabric.capacity(), [machine("web", 64 * MiB)] * 3, "Standard_D2s_v3")
+    assert problems == []  # 3 x 2 cores = the quota of 6
+    # A running VM in the region uses 2 of the cores: the same failover no longer fits.
+    arm = fabric.arm
+    assert isinstance(arm, FakeArm)
+    write_replica(fabric.replicas, "x.vhd", MiB, [])
+    d = arm.import_disk("x", fabric.replicas.get_blob_client("x.vhd").url, MiB, OsType.LINUX)
+    arm.create_vm(VmCreate("x", "Standard_D2s_v3", OsType.LINUX, d.id, (), (), {}))
+    (problem,) = check_azure_failover(fabric.capacity(), [machine("web", 64 * MiB)] * 3, "Standard_D2s_v3")
+    assert problem.code == "azure-core-quota" and problem.rule == "AZ-QUOTA"
+    assert "8 cores" in problem.message and "westeurope" in problem.remediation

@@ -1,0 +1,87 @@
+"""Changed ranges since a base snapshot, on Azurite: the self-test, and the content compare's exactness."""
+
+from __future__ import annotations
+
+import os
+
+import xxhash
+from azure.storage.blob import BlobClient
+
+from siterecovery.dataplane.changed_ranges import (
+    ChangedRange,
+    ContentCompare,
+    DiffMethod,
+    ServiceDiff,
+    choose,
+    self_test,
+)
+from tests.azure.conftest import Azurite
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE = 12 * MiB
+
+
+def _put(blob: BlobClient, offset: int, data: bytes) -> None:
+    blob.upload_page(data, offset=offset, length=len(data))
+
+
+def _base_and_changes(blob: BlobClient) -> str:
+    """A base with data in three places, a snapshot, then seven kinds of change (see the test)."""
+    blob.create_page_blob(SIZE)
+    head = os.urandom(2 * MiB)
+    _put(blob, 0, head)
+    _put(blob, 4 * MiB - 64 * KiB, os.urandom(128 * KiB))
+    _put(blob, 8 * MiB, os.urandom(1 * MiB))
+    snapshot = str(blob.create_snapshot()["snapshot"])
+    _put(blob, 4 * KiB, os.urandom(4 * KiB))  # rewritten
+    _put(blob, 0, head[: 4 * KiB])  # rewritten with the same bytes: not a change
+    _put(blob, 1 * MiB, bytes(1 * KiB))  # zeroes written over data: reads as cleared
+    _put(blob, 4 * MiB - 1 * KiB, os.urandom(1536))  # rewritten across a 4 MiB block boundary
+    blob.clear_page(offset=8 * MiB + 64 * KiB, length=64 * KiB)  # cleared
+    _put(blob, 10 * MiB, os.urandom(512))  # written where the base had no pages
+    blob.clear_page(offset=11 * MiB, length=1 * MiB)  # cleared where the base had no pages: no change
+    return snapshot
+
+
+EXPECTED = [
+    ChangedRange(4 * KiB, 4 * KiB, cleared=False),
+    ChangedRange(1 * MiB, 1 * KiB, cleared=True),
+    ChangedRange(4 * MiB - 1 * KiB, 1536, cleared=False),
+    ChangedRange(8 * MiB + 64 * KiB, 64 * KiB, cleared=True),
+    ChangedRange(10 * MiB, 512, cleared=False),
+]
+
+
+def test_self_test_chooses_the_content_compare_on_azurite(azurite: Azurite) -> None:
+    """Azurite's diff lists every range and no cleared one (Azure/Azurite#812): the self-test sees it."""
+    container = azurite.container()
+    assert self_test(container) is False
+    assert choose(container).method == DiffMethod.CONTENT
+    # Why: on the same changes the service's answer is not the exact one; it misses the cleared ranges.
+    blob = container.get_blob_client("disk0.vhd")
+    snapshot = _base_and_changes(blob)
+    service = ServiceDiff().changes(blob, snapshot)
+    assert service != EXPECTED
+    assert not any(r.cleared for r in service)
+    # The probe blob is gone again.
+    assert [b.name for b in container.list_blobs()] == ["disk0.vhd"]
+
+
+def test_content_compare_finds_exactly_the_updated_and_cleared_ranges(azurite: Azurite) -> None:
+    container = azurite.container()
+    blob = container.get_blob_client("disk0.vhd")
+    snapshot = _base_and_changes(blob)
+    compare = ContentCompare()
+    changes = compare.changes(blob, snapshot)
+    assert changes == EXPECTED
+    # Regions with pages in neither version are not read (the base's 11 MiB tail had none).
+    assert compare.bytes_read < 2 * SIZE
+
+    # What failback does with them: the base plus the changed ranges is the current disk.
+    disk = bytearray(container.get_blob_client("disk0.vhd", snapshot=snapshot).download_blob().readall())
+    for r in changes:
+        if r.cleared:
+            disk[r.offset : r.end] = bytes(r.length)
+        else:
+            disk[r.offset : r.end] = blob.download_blob(offset=r.offset, length=r.length).readall()
+    assert xxhash.xxh3_128_hexdigest(disk) == xxhash.xxh3_128_hexdigest(blob.download_blob().readall())

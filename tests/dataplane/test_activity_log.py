@@ -1,0 +1,80 @@
+"""The write-intent (activity) log: marked before the image, batched, unmarked once durable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.nbd_writer import RECORD, NbdConnection, record
+
+from siterecovery.dataplane.activity_log import EXTENT, ActivityLog
+from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+class FakeSink:
+    """Stands in for the spool: counts flushes (no real peer needed to observe the log)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.flushes = 0
+
+    def record_write(self, offset: int, data: memoryview) -> int:
+        self.writes += 1
+        return self.writes
+
+    def record_zero(self, offset: int, length: int) -> int:
+        self.writes += 1
+        return self.writes
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def test_a_hot_extent_costs_one_mark_and_is_unmarked_after_a_flush(tmp_path: Path) -> None:
+    image = _image(tmp_path)
+    log = ActivityLog(tmp_path / "disk.al", SIZE)
+    sink = FakeSink()
+    sock = tmp_path / "d.sock"
+    with run_nbd_server_in_thread([Export.for_image("d", image, sink, intent=log)], unix=sock):
+        conn = NbdConnection(sock, "d")
+        for slot in range(200):  # 800 KiB: all in extent 0
+            conn.write(slot * RECORD, record(slot, 1))
+        assert log.commits == 1 and log.marked == 1
+        conn.flush()
+        conn.write(2 * EXTENT, record(0, 2))  # a new extent: extent 0 is unmarked in the same write
+        assert log.commits == 2 and log.marked == 1
+        # Left as it is (no clean stop): a reopened log holds extent 2 only.
+        assert ActivityLog(tmp_path / "disk.al", SIZE).recovered == [2]
+        conn.close()
+    # The export's clean stop flushed and unmarked everything.
+    assert ActivityLog(tmp_path / "disk.al", SIZE).recovered == []
+
+
+def test_marks_are_bounded_by_flushing_the_sink(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "disk.al", SIZE, limit=4)
+    flushes: list[int] = []
+
+    def flush() -> None:
+        flushes.append(1)
+        log.flushed(log.checkpoint())
+
+    for e in range(10):
+        log.mark([(e * EXTENT, RECORD)], flush)
+        log.recorded(e * EXTENT, RECORD)
+        assert log.marked <= 4
+    assert flushes, "the log grew past its limit without making room"
+    assert len(ActivityLog(tmp_path / "disk.al", SIZE).recovered) <= 4
+
+
+def test_a_log_of_another_geometry_compares_every_extent(tmp_path: Path) -> None:
+    ActivityLog(tmp_path / "disk.al", SIZE).mark([(0, RECORD)], lambda: None)
+    assert ActivityLog(tmp_path / "disk.al", 2 * SIZE).recovered == list(range(2 * SIZE // EXTENT))

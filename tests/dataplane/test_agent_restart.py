@@ -1,0 +1,186 @@
+"""Agent restarts under a live writer: capture is never off while the disk accepts writes.
+
+The writer is `tests.nbd_writer` (a stdlib NBD client, not the project's code) writing
+self-verifying records with a FLUSH every 16 and reconnecting when the export restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from tests.conftest import require_tool
+from tests.dataplane.conftest import (
+    Component,
+    Plane,
+    free_addresses,
+    make_image,
+    pair_stats,
+    replication,
+    wait_for,
+    wait_replicated,
+)
+from tests.nbd_writer import RECORD, NbdConnection, RecordWriter, record, verify_records
+
+from siterecovery.dataplane.agent import FAULT_EXIT_BEFORE_CAPTURE, FAULT_EXIT_CODE
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+BASE = 4 * MiB  # the records' region: slots of 4 KiB from here
+
+
+def _compare(a: Path, b: Path) -> int:
+    return subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True
+    ).returncode
+
+
+def _restarted_unregistered(plane: Plane, agent: Component, disk: Path) -> Component:
+    """The same agent started the way the lab powers a machine on: with a configuration server
+    (unreachable here: an outage) and the AG-1 registration delay (an hour: it never registers)."""
+    [dead] = free_addresses(1)
+    passphrase = plane.root / "passphrase"
+    passphrase.write_text("not-used\n")
+    args = [
+        "agent",
+        "--machine",
+        "agent",
+        "--state-dir",
+        str(agent.state_dir),
+        "--server",
+        f"http://{dead}",
+        "--passphrase-file",
+        str(passphrase),
+        "--registration-delay",
+        "3600",
+        "--nbd-unix-dir",
+        str(plane.root / "nbd"),
+        "--interval",
+        "0.3",
+        "--disk",
+        f"d0={disk}",
+    ]
+    comp = Component(args, agent.state_dir, plane.root / "agent-restarted.log")
+    plane.components.append(comp)
+    return comp.start()
+
+
+def test_agent_kill_9_restart_under_writer_loses_no_flushed_record(plane: Plane) -> None:
+    """Issue 12: writes between a restarted agent's export and its registration were never captured.
+
+    The agent is killed with kill -9 under the writer and restarted unregistered (AG-1 delay,
+    configuration server away); the writer goes on through the restarted export. Then the agent
+    is restarted once more, as when registration finally happens. Every flushed record must be on
+    the replica and the replica must equal the source.
+    """
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    mt.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    sock = plane.root / "nbd" / "d0.sock"
+    writer = RecordWriter(sock, "d0", BASE, slots=(SIZE - BASE) // 4096).start()
+    try:
+        writer.wait_flushed(64)
+        agent.kill(signal.SIGKILL)
+        restarted = _restarted_unregistered(plane, agent, src)
+        writer.wait_flushed(writer.flushed + 256)
+    finally:
+        writer.stop()
+    assert writer.error is None, writer.error
+    assert writer.reconnects >= 1, "the writer never saw the export restart"
+    flushed = writer.flushed
+    restarted.kill(signal.SIGKILL)
+    # Registration happens at last: the agent runs from its desired state again. (Its statistics
+    # of before the first kill must not pass for the new process's.)
+    (agent.state_dir / "stats.json").unlink(missing_ok=True)
+    agent.start()
+    wait_replicated(agent, mt, "p1", timeout=120)
+    verdict = verify_records(target, BASE, flushed, seed=1)
+    assert verdict.first_bad is None, (
+        f"replica holds {verdict.valid} of {flushed} flushed records; slot {verdict.first_bad} is "
+        f"{verdict.why}"
+    )
+    assert _compare(src, target) == 0
+
+
+def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane) -> None:
+    """A disk served while its pair is not plugged in (dropped from the desired state, then listed
+    again with the same generation) tracks its writes in a dirty bitmap and resyncs them."""
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    mt.wait_address()
+    pair = replication("p1", "d0", ps_addr, mt_addr)
+    agent = plane.agent([pair], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    assignments = plane.root / "agent-assignments.json"
+    assignments.write_text(json.dumps({"replications": []}))
+    wait_for(lambda: pair_stats(agent, "p1") == {} and bool(agent.stats()), 60, "the pair to be dropped")
+    writer = RecordWriter(plane.root / "nbd" / "d0.sock", "d0", BASE, slots=200).start()
+    writer.wait_flushed(200)  # all 200 slots, then a last FLUSH
+    writer.stop()
+    assert writer.error is None and writer.flushed == 200, (writer.error, writer.flushed)
+    assignments.write_text(json.dumps({"replications": [pair]}))
+    wait_replicated(agent, mt, "p1", timeout=120)
+    verdict = verify_records(target, BASE, 200, seed=1)
+    assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
+    assert _compare(src, target) == 0
+
+
+def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent dies after a write reached the image and before it was spooled (a fault hook);
+    after the restart, the write-intent log's marked extent is compared with the target and the
+    write reaches the replica: the replica equals the source."""
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    mt.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    agent.kill(signal.SIGTERM)
+    monkeypatch.setenv(FAULT_EXIT_BEFORE_CAPTURE, "5")
+    agent.start()
+    monkeypatch.delenv(FAULT_EXIT_BEFORE_CAPTURE)
+    sock = plane.root / "nbd" / "d0.sock"
+    wait_for(lambda: _connectable(sock), 30, "the restarted export")
+    conn = NbdConnection(sock, "d0")
+    for slot in range(5):
+        conn.write(BASE + slot * RECORD, record(slot, 1))
+    conn.flush()
+    with pytest.raises((ConnectionError, OSError)):
+        conn.write(BASE + 5 * RECORD, record(5, 1))  # the agent exits between image and spool
+    conn.close()
+    assert agent.proc is not None and agent.proc.wait(timeout=60) == FAULT_EXIT_CODE
+    with open(src, "rb") as f:
+        f.seek(BASE + 5 * RECORD)
+        assert f.read(RECORD) == record(5, 1), "the write did not reach the image before the exit"
+    (agent.state_dir / "stats.json").unlink(missing_ok=True)
+    agent.start()
+    wait_replicated(agent, mt, "p1", timeout=120)
+    verdict = verify_records(target, BASE, 6, seed=1)
+    assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
+    assert _compare(src, target) == 0
+
+
+def _connectable(sock: Path) -> bool:
+    try:
+        NbdConnection(sock, "d0", timeout=5).close()
+    except OSError:
+        return False
+    return True
