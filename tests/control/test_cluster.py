@@ -122,6 +122,10 @@ def test_two_servers_share_jobs_and_one_leader_survives_kill9(
             lambda: _self(survivor)["leader"] and _self(survivor)["periodic_passes"] > passes_before,
         )
         assert _self(survivor)["recovered_executors"] == [dead]
+        # The CLI pages through lists (here against the survivor).
+        jobs = json.loads(run_cli("-o", "json", "jobs", "list", "--all", env=survivor.env).stdout)
+        items = json.loads(run_cli("-o", "json", "items", "list", env=survivor.env).stdout)
+        assert [j["id"] for j in jobs] == [job_id] and [i["name"] for i in items] == ["vm00000"]
     finally:
         a.stop()
         b.stop()
