@@ -8,6 +8,7 @@ from siterecovery import __version__, portal
 from siterecovery.control import metrics, openapi_errors, plan_actions, problems
 from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.control.api import (
+    certificates,
     cluster,
     components,
     events,
@@ -39,7 +40,8 @@ def create_app() -> FastAPI:
     app.add_middleware(HeartbeatAdmission)
     # Outermost of the application's own layers: refuses before any route reads the body.
     app.add_middleware(Edge)
-    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
+    routers = (server, components, certificates, fabrics, policies, item_actions, items, plans, jobs, events)
+    for module in (*routers, metrics):
         app.include_router(module.router)
     app.include_router(cluster.router)
     app.include_router(portal.router)

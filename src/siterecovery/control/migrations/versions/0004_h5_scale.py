@@ -1,7 +1,7 @@
 """scale: the items-by-component index, items' details revision, indexes for agent and alert lookups
 
-Revision ID: 0003_h5
-Revises: 0002_h4
+Revision ID: 0004_h5
+Revises: 0003_h3
 """
 
 from collections.abc import Sequence
@@ -10,8 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_h5"
-down_revision: str | None = "0002_h4"
+revision: str = "0004_h5"
+down_revision: str | None = "0003_h3"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
