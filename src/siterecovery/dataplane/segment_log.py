@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from siterecovery.dataplane.fileio import fsync_dir as _fsync_dir
 from siterecovery.dataplane.protocol import HEADER_SIZE, Header, ProtocolError, parse_header
 
 _SUFFIX = ".seg"
@@ -233,11 +234,3 @@ def _scan(path: Path) -> _Segment | None:
     if first < 0:
         return None
     return _Segment(first, last, pos, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
