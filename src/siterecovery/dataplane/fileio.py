@@ -185,10 +185,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | bytearray) -> None:
-    """Replace `path` with `data` atomically and durably (tmp + fsync + rename + fsync dir)."""
+def write_durably(path: Path, data: bytes | bytearray, *, mode: int = 0o600) -> None:
+    """Replace `path` with `data` atomically and durably (tmp + fsync + rename + fsync dir).
+
+    One writer at a time per path (the temporary file's name is fixed); `mode` applies to a new file.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:

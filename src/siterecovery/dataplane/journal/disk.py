@@ -235,6 +235,8 @@ class JournaledDisk(_Mover, DiskApplier):
     def latest_point(self) -> RecoveryPoint:
         return disk_point(self._name, PointKind.LATEST, self._committed, self._commit_time)
 
+    # ---- internals ----------------------------------------------------------------------------
+
     def _read_old(self, offset: int, n: int) -> memoryview | None:
         """The bytes a write at offset replaces, or None when they all read as zeroes."""
         in_pending = self._pending.overlaps(offset, offset + n)

@@ -221,6 +221,8 @@ class _JournalLog:
         self.paused = self._full_problem(full.volume, seq, full.err)
         return SiteRecoveryError(self.paused, Status.UNAVAILABLE)
 
+    # ---- internals: opening, recovery, segments ---------------------------------------------
+
     def _open(self) -> None:
         names = sorted(p for p in self.journal_dir.glob("seg-*.jnl"))
         for path in names:
