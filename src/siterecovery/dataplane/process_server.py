@@ -6,6 +6,11 @@ after the cache is fsynced (PS-1: nothing acknowledged is lost if the process se
 forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
 frees cache segments only on the master target's ACK. Resync requests and digests are relayed
 between the two sessions without caching (they are queries, not data).
+
+A cache found damaged on open (a bad frame header followed by intact frames, `segment_log.py`) lost
+frames of unknown ranges: the forwarder sends a header-only MISSING|RESYNC frame in their place (the
+master target marks points unusable), the agent is asked (REFETCH|RESYNC) to compare its whole disk
+with the replica, and the loss is reported as a refused frame (an alert) until that resync applied.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-from siterecovery.dataplane.assignments import CacheHealth, ProcessServerDesired, ProcessServerStats
+from siterecovery.dataplane.assignments import (
+    CacheHealth,
+    ProcessServerDesired,
+    ProcessServerStats,
+    RefusedHop,
+)
 from siterecovery.dataplane.healing import RefusalLog
 from siterecovery.dataplane.links import Identity, Listener, connect, idle
 from siterecovery.dataplane.protocol import (
@@ -78,6 +88,9 @@ class PairRelay:
         self._save_meta()
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
+        for damage in self.cache.damage:
+            self.refusals.lost_frames(damage.after_seq + 1, RefusedHop.CACHE)
+        self.cache.clear_damage()  # taken over by the refusal log (persisted)
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
@@ -137,6 +150,9 @@ class PairRelay:
     def request_refetch(self) -> None:
         for e in self.refusals.pending_refetch():
             self._relay_to_agent(FrameType.REFETCH, e.seq, e.offset, e.length, memoryview(b""))
+        for e in self.refusals.pending_resync():
+            if e.hop is RefusedHop.CACHE:  # the agent found its own spool's loss itself
+                self._relay_to_agent(FrameType.REFETCH, e.seq, 0, 0, memoryview(b""), Flag.RESYNC)
 
     def send_to_mt(self, ftype: FrameType, seq: int, payload: memoryview) -> bool:
         """Relay a query to the master target; False if the link stays down (the sender retries)."""
@@ -151,7 +167,13 @@ class PairRelay:
             return True
 
     def _relay_to_agent(
-        self, ftype: FrameType, seq: int, offset: int, length: int, payload: memoryview
+        self,
+        ftype: FrameType,
+        seq: int,
+        offset: int,
+        length: int,
+        payload: memoryview,
+        flags: Flag = Flag.NONE,
     ) -> None:
         session = self.agent
         if session is None:
@@ -159,7 +181,9 @@ class PairRelay:
         with session.lock:
             try:
                 idx = session.pairs.index(self.pair_id)
-                session.writer.send(ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload)
+                session.writer.send(
+                    ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
+                )
             except (OSError, ValueError) as exc:
                 log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
 
@@ -206,6 +230,10 @@ class PairRelay:
         acks.start()
         cursor = self.cache.cursor(self.mt_acked)
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
+        # Frames the cache lost (damaged header): a MISSING|RESYNC frame goes out in their place.
+        lost = sorted(
+            e.seq for e in self.refusals.entries() if e.resync and not e.healed and e.hop is RefusedHop.CACHE
+        )
         try:
             while not self._stopping and not broken.is_set():
                 item = cursor.next(buf)
@@ -213,6 +241,9 @@ class PairRelay:
                     with self.cache.appended:
                         self.cache.appended.wait(0.2)
                     continue
+                while lost and lost[0] < item[0].seq:
+                    with self._mt_lock:
+                        writer.send(FrameType.WRITE, 0, lost.pop(0), 0, 0, b"", Flag.MISSING | Flag.RESYNC)
                 if self.refusals.dropped(item[0].seq):
                     # The damaged frame stays out of the stream; the master target learns its
                     # write is missing until the agent's re-read of the range arrives.

@@ -136,6 +136,9 @@ class PairSender:
                     self.pair.on_ack(h.seq)
                 elif h.type == FrameType.DIGESTS:
                     self._digests.put((h.seq, bytes(frame.payload)))
+                elif h.type == FrameType.REFETCH and h.flags & Flag.RESYNC:
+                    # Downstream lost frames of unknown ranges: compare the whole disk.
+                    self.pair.resync_whole()
                 elif h.type == FrameType.REFETCH:
                     # A downstream copy of this range was damaged: send it again from the disk.
                     self.pair.refetch(h.offset, h.length)
@@ -187,6 +190,7 @@ class PairSender:
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
         held = None
         sent: SyncPlan | None = None
+        lost = [s for s in pair.lost if s > acked]  # the spool lost frames before these
         try:
             while True:
                 self._check()
@@ -210,6 +214,8 @@ class PairSender:
                     continue
                 header, raw = held
                 held = None
+                while lost and lost[0] < header.seq:
+                    writer.send(FrameType.WRITE, 0, lost.pop(0), 0, 0, b"", Flag.MISSING | Flag.RESYNC)
                 if header.seq in self._dropped:
                     writer.send(header.type, 0, header.seq, header.offset, header.length, b"", Flag.MISSING)
                     continue

@@ -1,0 +1,76 @@
+"""A segment log on open: a torn tail is cut; a damaged frame header followed by intact frames is
+damage - the intact frames after it are kept, and the loss is recorded durably for the owner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
+from siterecovery.dataplane.segment_log import SegmentLog
+
+
+def _fill(directory: Path, seqs: range, segment_bytes: int = 64 << 20) -> dict[int, bytes]:
+    frames = {s: encode_frame(FrameType.WRITE, 0, s, s * 4096, 4096, os.urandom(4096)) for s in seqs}
+    log = SegmentLog(directory, segment_bytes)
+    for seq, frame in frames.items():
+        log.append(seq, frame[:HEADER_SIZE], frame[HEADER_SIZE:])
+    log.close()
+    return frames
+
+
+def _read_all(log: SegmentLog) -> list[bytes]:
+    cursor = log.cursor(-1)
+    buf = bytearray(HEADER_SIZE + 8192)
+    out = []
+    while (item := cursor.next(buf)) is not None:
+        out.append(bytes(item[1]))
+    cursor.close()
+    return out
+
+
+def _damage(segment: Path, at: int) -> None:
+    raw = bytearray(segment.read_bytes())
+    raw[at + 10] ^= 0xFF  # inside the header: its CRC no longer verifies
+    segment.write_bytes(bytes(raw))
+
+
+def test_torn_tail_is_still_cut(tmp_path: Path) -> None:
+    frames = _fill(tmp_path, range(1, 6))
+    [segment] = tmp_path.glob("*.seg")
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:
+        f.truncate(size - 100)  # the last frame partly written
+    with open(segment, "ab") as f:
+        f.write(frames[5][:HEADER_SIZE])  # and a header whose payload never made it
+    log = SegmentLog(tmp_path)
+    assert _read_all(log) == [frames[s] for s in range(1, 5)]
+    assert log.last_seq == 4 and not log.damage
+    assert segment.stat().st_size == 4 * len(frames[1])
+    log.close()
+
+
+def test_damaged_header_in_the_middle_keeps_the_frames_after_it(tmp_path: Path) -> None:
+    frames = _fill(tmp_path, range(1, 9))
+    [segment] = tmp_path.glob("*.seg")
+    _damage(segment, 3 * len(frames[1]))  # frame 4's header
+    log = SegmentLog(tmp_path)
+    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 8)]  # used to stop at 3
+    [damage] = log.damage
+    assert (damage.after_seq, damage.resumed_seq, damage.skipped) == (3, 5, len(frames[4]))
+    log.close()
+    reopened = SegmentLog(tmp_path)  # recorded durably until the owner takes it over
+    assert reopened.damage == [damage] and reopened.last_seq == 8
+    reopened.clear_damage()
+    assert not SegmentLog(tmp_path).damage
+
+
+def test_damaged_tail_of_a_segment_with_frames_in_the_next_is_damage(tmp_path: Path) -> None:
+    frames = _fill(tmp_path, range(1, 9), segment_bytes=3 * (HEADER_SIZE + 4096))
+    first, second, _third = sorted(tmp_path.glob("*.seg"))
+    _damage(first, 2 * len(frames[1]))  # frame 3, the last of the first segment
+    _damage(second, 0)  # frame 4, the first of the second
+    log = SegmentLog(tmp_path)
+    assert _read_all(log) == [frames[s] for s in (1, 2, 5, 6, 7, 8)]
+    assert [(d.after_seq, d.resumed_seq) for d in log.damage] == [(2, 5), (2, 5)]
+    log.close()
