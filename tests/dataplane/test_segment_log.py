@@ -74,3 +74,33 @@ def test_damaged_tail_of_a_segment_with_frames_in_the_next_is_damage(tmp_path: P
     assert _read_all(log) == [frames[s] for s in (1, 2, 5, 6, 7, 8)]
     assert [(d.after_seq, d.resumed_seq) for d in log.damage] == [(2, 5), (2, 5)]
     log.close()
+
+
+def test_a_lost_range_is_reported_until_the_whole_pair_resync_is_applied(tmp_path: Path) -> None:
+    from siterecovery.dataplane.healing import Gaps, RefusalLog
+    from siterecovery.dataplane.protocol import Flag, Header, digest
+
+    def header(seq: int, flags: Flag) -> Header:
+        return Header(FrameType.WRITE, flags, 0, seq, 0, 0, 0, digest(b""))
+
+    refusals = RefusalLog("p1", tmp_path)
+    refusals.received(header(40, Flag.MISSING | Flag.RESYNC))  # the agent's spool lost frames
+    [entry] = refusals.entries()
+    assert (entry.hop.value, entry.seq, entry.resync) == ("agent spool", 40, True)
+    assert not refusals.dropped(40)  # that MISSING|RESYNC frame goes downstream as it is
+    refusals.acked(60)
+    assert not refusals.entries()[0].healed  # the resync has not been reported done
+    refusals.received(header(90, Flag.REFETCH | Flag.RESYNC))  # the agent's marker
+    refusals.acked(89)
+    assert not refusals.entries()[0].healed
+    refusals.acked(90)
+    assert RefusalLog("p1", tmp_path).entries()[0].healed
+
+    gaps = Gaps(tmp_path)
+    gaps.open(40, 0, 0, whole=True)
+    gaps.point(50)
+    gaps.refetched(4096, 4096)  # a range re-read does not repair a loss of unknown ranges
+    gaps.point(60)
+    gaps.refetched(0, 0)  # the marker
+    gaps.point(95)
+    assert not gaps.missing and sorted(gaps.unusable) == [50, 60]

@@ -126,8 +126,10 @@ class RefusalLog:
             return [e for e in self._entries.values() if e.resync and e.refetch_seq < 0]
 
     def dropped(self, seq: int) -> bool:
+        """Whether the cached frame `seq` is damaged and goes downstream as a MISSING frame (a
+        loss's own MISSING|RESYNC frame, cached from the agent, goes as it is)."""
         entry = self._entries.get(seq)
-        return entry is not None and entry.dropped
+        return entry is not None and entry.dropped and not entry.resync
 
     def pending_refetch(self) -> list[RefusedFrame]:
         with self._lock:

@@ -89,7 +89,11 @@ class PairRelay:
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
         for damage in self.cache.damage:
-            self.refusals.lost_frames(damage.after_seq + 1, RefusedHop.CACHE)
+            if damage.resumed_seq <= self.mt_acked + 1:
+                # Every frame the damage can have held was applied downstream already.
+                log.warning("damage in the cache of %s held only applied frames", pair_id)
+                continue
+            self.refusals.lost_frames(max(damage.after_seq, self.mt_acked) + 1, RefusedHop.CACHE)
         self.cache.clear_damage()  # taken over by the refusal log (persisted)
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
