@@ -76,6 +76,18 @@ def test_damaged_tail_of_a_segment_with_frames_in_the_next_is_damage(tmp_path: P
     log.close()
 
 
+def test_a_wholly_damaged_segment_between_intact_ones_is_damage(tmp_path: Path) -> None:
+    frames = _fill(tmp_path, range(1, 10), segment_bytes=3 * (HEADER_SIZE + 4096))
+    _first, second, _third = sorted(tmp_path.glob("*.seg"))
+    for k in range(3):
+        _damage(second, k * len(frames[1]))  # frames 4, 5 and 6
+    log = SegmentLog(tmp_path)
+    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 7, 8, 9)]
+    assert [(d.after_seq, d.resumed_seq) for d in log.damage] == [(3, 7)]
+    assert not second.exists()
+    log.close()
+
+
 def test_a_lost_range_is_reported_until_the_whole_pair_resync_is_applied(tmp_path: Path) -> None:
     from siterecovery.dataplane.healing import Gaps, RefusalLog
     from siterecovery.dataplane.protocol import Flag, Header, digest

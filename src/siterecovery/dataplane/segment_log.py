@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".seg"
 _DAMAGE = "damage.json"
+_REWRITE = ".rewrite"  # a segment being rewritten without its damaged bytes
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class SegmentLog:
         self.damage: list[LogDamage] = []
         if self._damage_path.exists():
             self.damage = [LogDamage(**d) for d in json.loads(self._damage_path.read_text())]
+        for stale in directory.glob(f"*{_SUFFIX}{_REWRITE}"):
+            stale.unlink()  # a rewrite interrupted by a crash (the segment itself is intact)
         self._open_segments(sorted(directory.glob(f"*{_SUFFIX}")))
 
     def _open_segments(self, paths: list[Path]) -> None:
@@ -90,10 +93,10 @@ class SegmentLog:
             if scan.cut_at is not None and any(later.first >= 0 for later in scans[i + 1 :]):
                 # Not the log's tail: intact frames follow in a later segment.
                 resumed = next(later.first for later in scans[i + 1 :] if later.first >= 0)
-                found.append(
-                    LogDamage(scan.path.name, scan.cut_at, scan.size - scan.cut_at, scan.last, resumed)
-                )
+                after = scan.last if scan.last >= 0 else last
+                found.append(LogDamage(scan.path.name, scan.cut_at, scan.size - scan.cut_at, after, resumed))
             last = scan.last if scan.last >= 0 else last
+        found = [d for d in found if d not in self.damage]  # found again after a crash mid-rewrite
         if found:
             # Recorded before any byte is dropped: a crash while rewriting cannot hide the damage.
             self.damage.extend(found)
@@ -310,7 +313,7 @@ class _Scan:
     def apply(self) -> _Segment | None:
         """Make the file hold exactly its intact frames; None if it holds none."""
         if self.bad:
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_name(self.path.name + _REWRITE)
             with open(self.path, "rb") as src, open(tmp, "wb") as dst:
                 for start, end in self.keep:
                     src.seek(start)
