@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench system-deps venv clean
+.PHONY: demo test lint typecheck pytest bench system-deps venv libvirt-python clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# libvirt-python when libvirt's headers are there (after `make system-deps`); see pyproject.toml.
+libvirt-python: venv
+	@$(BIN)/python -c 'import libvirt' 2>/dev/null || ! pkg-config --exists libvirt 2>/dev/null || \
+		$(BIN)/pip install -q -e '.[dev,libvirt]'
 
 venv: $(STAMP)
 
@@ -26,10 +31,10 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-typecheck: venv
+typecheck: venv libvirt-python
 	$(BIN)/mypy src
 
-pytest: venv
+pytest: venv libvirt-python
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test: system-deps lint typecheck pytest

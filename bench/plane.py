@@ -89,11 +89,16 @@ def sync_once(
     0.05 s, so up to one interval of pick-up latency is included).
     """
     procs: list[subprocess.Popen[bytes]] = []
-    for name in ("agent", "ps", "mt"):
+    for name, kind in (("agent", "agent"), ("ps", "process-server"), ("mt", "master-target")):
         shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(name))
+        Identity.in_dir(root / name).write(ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    mt_desired = {"disks": [{"pair_id": "p", "path": str(target), "size": size}]}
+    mt_desired = {"disks": [{"pair_id": "p", "path": str(target), "size": size, "process_server": "ps"}]}
+    # The process server relays pair "p" only from "agent" and only to "mt" (pair-scoped trust).
+    relay: dict[str, object] = {"pair_id": "p", "agent": "agent", "master_target": mt_addr}
+    relay["master_target_id"] = "mt"
+    relay["size"] = size
+    _write_json(root / "ps.json", {"pairs": [relay]})
     agent_desired = {
         "replications": [
             {
@@ -140,6 +145,8 @@ def sync_once(
                     str(root / "ps"),
                     "--listen",
                     ps_addr,
+                    "--assignments",
+                    str(root / "ps.json"),
                     "--interval",
                     "0.5",
                 ],

@@ -22,6 +22,7 @@ import httpx
 from siterecovery.cli.client import Api
 from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import create_lab
+from siterecovery.fabrics.lab_model import Accel, GuestKind
 from siterecovery.lab import runtime
 
 START_TIMEOUT = 60.0
@@ -44,6 +45,8 @@ class Environment:
     root: Path
     disk_size: int = 64 << 20
     registration_delay: float = 1.0
+    guest: GuestKind = GuestKind.PYTHON  # VM: every machine is a real Linux VM (siterecovery.lab.vm)
+    accel: Accel = Accel.AUTO
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     token: str = ""
@@ -188,7 +191,7 @@ class Environment:
     def start(self) -> None:
         """Lab, configuration server, both sites as fabrics, a process server and a master target per site."""
         self.root.mkdir(parents=True, exist_ok=True)
-        create_lab(self.lab_dir, self.disk_size)
+        create_lab(self.lab_dir, self.disk_size, self.guest, self.accel)
         self.start_server()
         self.passphrase_file.write_text(self.api.get("/api/server/passphrase")["passphrase"] + "\n")
         os.chmod(self.passphrase_file, 0o600)
