@@ -35,14 +35,16 @@ DAMAGED = 48  # the record whose frame header is damaged: frames after it must s
 
 
 def _damage_header(directory: Path, slot: int) -> None:
-    """Flip a byte in the header of the frame carrying record `slot` (stored as written)."""
+    """Flip a byte in the header of the frame carrying record `slot` (stored as written), in place
+    (a running process server keeps reading the same file)."""
     needle = record(slot, seed=1)
     for segment in sorted(directory.glob("*.seg")):
-        raw = bytearray(segment.read_bytes())
+        raw = segment.read_bytes()
         at = raw.find(needle)
         if at >= 0:
-            raw[at - HEADER_SIZE + 20] ^= 0xFF
-            segment.write_bytes(bytes(raw))
+            with open(segment, "r+b") as f:
+                f.seek(at - HEADER_SIZE + 20)
+                f.write(bytes([raw[at - HEADER_SIZE + 20] ^ 0xFF]))
             return
     raise AssertionError(f"{directory} does not hold record {slot}")
 
@@ -120,6 +122,31 @@ def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) 
     _same(src, target)
     pairs = mt.stats().get("pairs", [])
     assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]
+
+
+def test_damaged_header_met_by_a_running_process_server_loses_nothing(plane: Plane) -> None:
+    """No restart: the forwarder meets the bad header itself (it used to retry it for ever)."""
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr)
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
+    _write_records(plane, agent)
+
+    def acked_by_ps() -> bool:
+        spooled = pair_stats(agent, "p1")["spool_bytes"]
+        return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
+
+    wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
+    mt.start()
+    _wait_records(target)
+    wait_for(lambda: _lost_frames_healed(ps, "process-server cache"), 120, "the loss to be reported, healed")
+    wait_replicated(agent, mt, "p1", timeout=120)
+    _same(src, target)
 
 
 def test_damaged_header_in_the_agent_spool_loses_nothing(plane: Plane) -> None:

@@ -88,6 +88,30 @@ def test_a_wholly_damaged_segment_between_intact_ones_is_damage(tmp_path: Path) 
     log.close()
 
 
+def test_a_live_log_repaired_after_a_reader_met_a_bad_header(tmp_path: Path) -> None:
+    from siterecovery.dataplane.protocol import ProtocolError
+
+    frames = {s: encode_frame(FrameType.WRITE, 0, s, 0, 4096, os.urandom(4096)) for s in range(1, 10)}
+    log = SegmentLog(tmp_path)
+    for seq in range(1, 9):
+        log.append(seq, frames[seq][:HEADER_SIZE], frames[seq][HEADER_SIZE:])
+    log.sync()
+    [segment] = tmp_path.glob("*.seg")
+    with open(segment, "r+b") as f:  # in place: the log keeps its descriptor
+        for at in (3 * len(frames[1]), 7 * len(frames[1])):  # frames 4 and 8 (the tail)
+            f.seek(at + 10)
+            f.write(b"\xff")
+    try:
+        _read_all(log)
+        raise AssertionError("the bad header was read as a frame")
+    except ProtocolError:
+        pass
+    assert [(d.after_seq, d.resumed_seq) for d in log.repair()] == [(3, 5), (7, 9)]
+    log.append(9, frames[9][:HEADER_SIZE], frames[9][HEADER_SIZE:])  # appends go on
+    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 9)]
+    log.close()
+
+
 def test_a_lost_range_is_reported_until_the_whole_pair_resync_is_applied(tmp_path: Path) -> None:
     from siterecovery.dataplane.healing import Gaps, RefusalLog
     from siterecovery.dataplane.protocol import Flag, Header, digest

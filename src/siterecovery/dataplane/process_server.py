@@ -108,13 +108,7 @@ class PairRelay:
         self._save_meta()
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
-        for damage in self.cache.damage:
-            if damage.resumed_seq <= self.mt_acked + 1:
-                # Every frame the damage can have held was applied downstream already.
-                log.warning("damage in the cache of %s held only applied frames", pair_id)
-                continue
-            self.refusals.lost_frames(max(damage.after_seq, self.mt_acked) + 1, RefusedHop.CACHE)
-        self.cache.clear_damage()  # taken over by the refusal log (persisted)
+        self._take_over_damage()
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
@@ -149,6 +143,22 @@ class PairRelay:
     def durable_seq(self) -> int:
         """Newest sequence this hop holds durably (cached, or already applied downstream)."""
         return max(self.cache.last_seq, self.mt_acked)
+
+    def _take_over_damage(self) -> None:
+        """Record the frames the cache lost to damage as refusals (persisted), to be resynced."""
+        for damage in self.cache.damage:
+            if damage.resumed_seq <= self.mt_acked + 1:
+                # Every frame the damage can have held was applied downstream already.
+                log.warning("damage in the cache of %s held only applied frames", self.pair_id)
+                continue
+            self.refusals.lost_frames(max(damage.after_seq, self.mt_acked) + 1, RefusedHop.CACHE)
+        self.cache.clear_damage()
+
+    def _repair_cache(self) -> None:
+        """The forwarder met a bad frame header: skip the damage now, rather than at a restart."""
+        if self.cache.repair():
+            self._take_over_damage()
+            self.request_refetch()
 
     def on_mt_ack(self, seq: int) -> None:
         if seq > self.mt_acked:
@@ -265,7 +275,11 @@ class PairRelay:
         )
         try:
             while not self._stopping and not broken.is_set():
-                item = cursor.next(buf)
+                try:
+                    item = cursor.next(buf)
+                except ProtocolError:
+                    self._repair_cache()  # a damaged header; the next session resumes past it
+                    raise
                 if item is None:
                     with self.cache.appended:
                         self.cache.appended.wait(0.2)

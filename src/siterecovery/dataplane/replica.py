@@ -114,12 +114,7 @@ class PairReplication:
             if saved.get("whole"):
                 self.whole = WholeResync(saved["whole"])
             self.lost = [int(s) for s in saved.get("lost", [])]
-        if self.spool.damage:
-            # Acknowledged writes of unknown ranges are gone from the spool: the disk has them.
-            self.lost = sorted({*self.lost, *(d.after_seq + 1 for d in self.spool.damage)})
-            self.whole = self.whole or WholeResync.REQUESTED
-            self.intent.mark(0, self.size)
-            self.intent.save()
+        self._note_damage()
         self._next = max(reserved, self.spool.last_seq + 1)
         self._reserved = self._next
         self._generation = generation
@@ -300,6 +295,26 @@ class PairReplication:
                 self._save_state()
         with self.changed:
             self.changed.notify_all()
+
+    def _note_damage(self) -> None:
+        """Frames of unknown ranges are gone from the spool (damage): the disk still has them."""
+        if self.spool.damage:
+            self.lost = sorted({*self.lost, *(d.after_seq + 1 for d in self.spool.damage)})
+            self.whole = self.whole or WholeResync.REQUESTED
+            self.intent.mark(0, self.size)
+            self.intent.save()
+
+    def repair_spool(self) -> None:
+        """The sender met a bad frame header in the spool: skip the damage and resync the disk."""
+        if not self.spool.repair():
+            return
+        with self._lock:
+            self._note_damage()
+            if self.sync is None:
+                self._start_sync(SyncKind.INTENT)
+            else:
+                self._save_state()
+        self.spool.clear_damage()
 
     def intent_bitmap(self) -> DirtyBitmap:
         return DirtyBitmap(self.dir / "intent-sync.bitmap", self.size, COARSE)

@@ -81,8 +81,12 @@ class SegmentLog:
             stale.unlink()  # a rewrite interrupted by a crash (the segment itself is intact)
         self._open_segments(sorted(directory.glob(f"*{_SUFFIX}")))
 
-    def _open_segments(self, paths: list[Path]) -> None:
-        """Index the segments: cut a torn tail, skip (and record) damage followed by intact frames."""
+    def _open_segments(self, paths: list[Path], known_last: int = -1) -> list[LogDamage]:
+        """Index the segments: cut a torn tail, skip (and record) damage followed by intact frames.
+
+        `known_last`: the newest frame appended (a live log, `repair`): every frame up to it was
+        whole, so a bad tail before it is damage too.
+        """
         scans = [_scan(path) for path in paths]
         found: list[LogDamage] = []
         last = -1
@@ -96,6 +100,10 @@ class SegmentLog:
                 after = scan.last if scan.last >= 0 else last
                 found.append(LogDamage(scan.path.name, scan.cut_at, scan.size - scan.cut_at, after, resumed))
             last = scan.last if scan.last >= 0 else last
+        tail = next((scan for scan in reversed(scans) if scan.cut_at is not None or scan.first >= 0), None)
+        if tail is not None and tail.cut_at is not None and last < known_last:
+            lost = tail.size - tail.cut_at
+            found.append(LogDamage(tail.path.name, tail.cut_at, lost, last, known_last + 1))
         found = [d for d in found if d not in self.damage]  # found again after a crash mid-rewrite
         if found:
             # Recorded before any byte is dropped: a crash while rewriting cannot hide the damage.
@@ -120,6 +128,19 @@ class SegmentLog:
                 self._segments.append(seg)
         if found:
             _fsync_dir(self.directory)
+        return found
+
+    def repair(self) -> list[LogDamage]:
+        """A reader met a bad frame header in the live log: index it again as on open (the damage
+        found is recorded in `damage`); appends go on in a new segment."""
+        with self._lock:
+            if self._fd is not None:
+                self._unsynced.append(self._fd)  # fdatasynced and closed by the next sync()
+                self._fd = None
+            known_last = self._segments[-1].last_seq if self._segments else -1
+            paths = [seg.path for seg in self._segments]
+            self._segments = []
+            return self._open_segments(paths, known_last)
 
     def clear_damage(self) -> None:
         """The owner has taken over the damage (persisted its resync and alert): forget it."""

@@ -203,7 +203,11 @@ class PairSender:
             while True:
                 self._check()
                 if held is None:
-                    held = cursor.next(buf)
+                    try:
+                        held = cursor.next(buf)
+                    except ProtocolError:
+                        pair.repair_spool()  # a damaged header; the next session resumes past it
+                        raise
                 plan = pair.sync
                 # A sync is sent once per session; it completes when its last frame is acknowledged.
                 if plan is not None and plan is not sent and (held is None or held[0].seq > plan.s0):
