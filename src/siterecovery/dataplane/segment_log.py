@@ -12,7 +12,8 @@ disk): the scan resynchronises on the next offset whose header verifies and whos
 its digest, keeps every intact frame after it, and rewrites the segment without the damaged bytes.
 Which frames the damaged range held is unknown, so the log records a `LogDamage` durably (in
 `damage.json`, before the segment is rewritten) for its owner to act on: the process server and
-the agent have the whole pair compared with the replica (a delta resync) and raise an alert.
+the agent have the whole pair compared with the replica (a delta resync) and raise an alert. A
+reader that meets a bad header in a running log has it indexed again the same way (`repair`).
 """
 
 from __future__ import annotations
