@@ -10,6 +10,7 @@ Run alone: `python -m siterecovery.cli.dataplane --help`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -76,7 +77,10 @@ def _client(
 
 
 def _write_address(state_dir: Path, address: str) -> None:
-    (state_dir / "address").write_text(address + "\n")
+    # Replaced whole: a reader (an operator's script, the lab) never sees the file empty.
+    tmp = state_dir / "address.tmp"
+    tmp.write_text(address + "\n")
+    os.replace(tmp, state_dir / "address")
 
 
 def agent(
@@ -240,6 +244,12 @@ def master_target(
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise", help="host:port process servers connect to, if not --listen (NAT, a relay)"
+        ),
+    ] = None,
     site: Annotated[str, typer.Option("--site")] = "onprem",
     name: Annotated[str, typer.Option("--name")] = "master-target",
     machine: MachineOpt = None,
@@ -257,7 +267,9 @@ def master_target(
     client = _client(
         server,
         state_dir,
-        Registration("master-target", name, site, os_type=os_type, address=listen, machine=machine),
+        Registration(
+            "master-target", name, site, os_type=os_type, address=advertise or listen, machine=machine
+        ),
         ca_file,
     )
     stop = _stop_event()
@@ -284,7 +296,7 @@ def master_target(
         svc.start()
         _write_address(state_dir, svc.address)
         if client is not None:
-            client.address = svc.address
+            client.address = advertise or svc.address
         while not stop.is_set():
             stop.wait(interval)
             svc.reconcile(source.exchange(svc.stats()))

@@ -225,10 +225,15 @@ class PairRelay:
         backoff = 0.1
         while not self._stopping:
             try:
-                self._forward_once()
-                backoff = 0.1
+                if self.mt_address:  # else: not assigned yet; the next reconcile or HELLO names it
+                    self._forward_once()
+                    backoff = 0.1
             except (OSError, ProtocolError, ssl.SSLError) as exc:
                 log.info("forwarding %s to %s interrupted: %s", self.pair_id, self.mt_address, exc)
+            except Exception:
+                # Never a silent death: a dead forwarder stalls the pair for good while the agent's
+                # frames are still acknowledged. Log it whole and try again.
+                log.exception("forwarding %s to %s failed", self.pair_id, self.mt_address)
             finally:
                 self._mt_up.clear()
                 with self._mt_lock:

@@ -49,6 +49,7 @@ class Environment:
     accel: Accel = Accel.AUTO
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, tuple[str, ...]] = field(default_factory=dict)  # each process's arguments
     token: str = ""
     port: int = 0
 
@@ -80,6 +81,7 @@ class Environment:
     def _spawn(self, name: str, *args: str) -> None:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        self.commands[name] = args
         with open(logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "siterecovery", *args],
@@ -173,6 +175,18 @@ class Environment:
         else:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
         self._await(lambda: self.connected(name), name)
+
+    def restart_component(self, name: str, kill: bool = True, extra: tuple[str, ...] = ()) -> None:
+        """Stop a process server or master target (kill -9 by default) and start it again with the
+        same command line (plus `extra` options), as an operator would after a crash."""
+        args = (*self.commands[name], *extra)
+        self._stop(name, signal.SIGKILL if kill else signal.SIGTERM)
+        self._spawn(name, *args)
+        self._await(lambda: self.connected(name), name)
+
+    def stop_component(self, name: str) -> None:
+        """Stop a process server or master target cleanly (SIGTERM)."""
+        self._stop(name)
 
     def retention_volume(self, master_target: str) -> str:
         """The first eligible retention volume the master target reports (what the portal offers)."""
