@@ -36,7 +36,7 @@ from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUN
 from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
 from siterecovery.dataplane.fileio import ZERO_VIEW as _ZERO_VIEW
 from siterecovery.dataplane.fileio import fallocate as _fallocate
-from siterecovery.dataplane.fileio import is_zero
+from siterecovery.dataplane.fileio import is_zero, pread_zero_filled
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 log = logging.getLogger(__name__)
@@ -353,14 +353,8 @@ class _Image:
             offset += os.pwrite(self.fd, _ZERO_VIEW[: min(_ZERO_CHUNK, end - offset)], offset)
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        got = os.preadv(self.fd, [view], offset)
-        while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n == 0:
-                # Only if the image shrank under us: what is past its end reads as zeroes.
-                view[got:] = _ZERO_VIEW[: len(view) - got]
-                return
-            got += n
+        # Past the end reads as zeroes (only if the image shrank under us).
+        pread_zero_filled(self.fd, view, offset)
 
     def extents(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """(length, base:allocation flags) runs from `offset`, from SEEK_DATA/SEEK_HOLE."""
