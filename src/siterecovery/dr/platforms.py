@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.control.context import current
 from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.control.db import by_id_or_name
 from siterecovery.control.fabric_access import open_fabric
 from siterecovery.control.states import ComponentKind, FabricKind
 from siterecovery.dr import items as repo
@@ -109,7 +110,8 @@ def libvirt_reprotect_problems(s: Session, item: repo.ItemSnapshot, args: dict[s
     """LV-* for a reprotect whose target (the on-premises site) is a libvirt host: the pool
     (`datastore`), the master target domain, the recorded domain. Empty for other fabric kinds."""
     rec = item.record
-    row = s.get(FabricRow, str(args.get("vcenter") or "") or rec.onprem_fabric)
+    # The alternate site a reprotect names (RP-VCENTER, a fabric's name or id), else the item's own.
+    row = by_id_or_name(s, FabricRow, str(args.get("vcenter") or "") or rec.onprem_fabric)
     if row is None or row.kind != FabricKind.LIBVIRT.value:
         return []
     mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
