@@ -114,6 +114,10 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
     body = {"machine": WEB, "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-kvm-b",
             "source_fabric": "kvm-a", "target_fabric": "kvm-b", "target_datastore": pool_b,
             "recovery_name": RECOVERY}  # fmt: skip
+    for pool, code in (("", "target-datastore-required"), (f"{PREFIX}nopool", "datastore-not-found")):
+        with pytest.raises(ApiError) as refused:
+            env.api.post("/api/replicatedItems", {**body, "target_datastore": pool})
+        assert codes(refused.value.problems) == {code}
     job = run_job(env, "/api/replicatedItems", body)
     assert job["state"] == "succeeded", [
         (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
