@@ -24,7 +24,10 @@ def scaled_args(name: str, scale: float) -> list[str]:
     if name in ("replication", "resync"):
         return ["--size-mib", str(max(64, round(2048 * scale)))]
     if name == "capture":
-        return ["--seconds", str(max(2, round(5 * scale))), "--rounds", "1" if scale < 1 else "3"]
+        return [
+            *("--seconds", str(max(2, round(10 * scale))), "--sustained", str(max(5, round(60 * scale)))),
+            *("--rounds", "1" if scale < 1 else "3"),
+        ]
     return []
 
 
