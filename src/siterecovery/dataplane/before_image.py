@@ -4,7 +4,8 @@ A disk image `<image>` being preserved has a sidecar `<image>.before-image`: a f
 chunk size, disk size) followed by records, each the old contents of one chunk (aligned to the chunk
 size, clipped at the disk's end) saved the first time anything overwrites it. Whatever serves the
 disk calls `BeforeImageLog.preserve` before each write or zero and the log is fdatasync'd before the
-disk is touched (write-ahead), so after any crash every chunk that differs from the snapshot has a
+disk is touched (write-ahead; the NBD server saves the chunks of all requests queued on a connection
+under one fdatasync, `preserve_all`), so after any crash every chunk that differs from the snapshot has a
 durable record; a record that is short or fails its xxh3-64 checksum can only be the torn tail of a
 write that never reached the disk, and is cut. `restore` (machine off) writes the saved chunks back,
 with zero blocks punched so holes stay holes, and empties the log so it preserves again from there.
