@@ -23,6 +23,8 @@ def scaled_args(name: str, scale: float) -> list[str]:
         return []
     if name in ("replication", "resync"):
         return ["--size-mib", str(max(64, round(2048 * scale)))]
+    if name == "before_image":
+        return ["--size-mib", str(max(64, round(512 * scale)))]
     if name == "capture":
         return [
             *("--seconds", str(max(2, round(10 * scale))), "--sustained", str(max(5, round(60 * scale)))),
