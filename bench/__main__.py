@@ -23,6 +23,8 @@ def scaled_args(name: str, scale: float) -> list[str]:
         return []
     if name in ("replication", "resync"):
         return ["--size-mib", str(max(64, round(2048 * scale)))]
+    if name == "failover":
+        return ["--sizes-mib", "32,1024"] if scale < 1 else []
     if name == "before_image":
         return ["--size-mib", str(max(64, round(512 * scale)))]
     if name == "capture":
