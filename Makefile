@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench system-deps venv clean
+.PHONY: demo test lint typecheck pytest bench faults system-deps venv libvirt-python clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# libvirt-python when libvirt's headers are there (after `make system-deps`); see pyproject.toml.
+libvirt-python: venv
+	@$(BIN)/python -c 'import libvirt' 2>/dev/null || ! pkg-config --exists libvirt 2>/dev/null || \
+		$(BIN)/pip install -q -e '.[dev,libvirt]'
 
 venv: $(STAMP)
 
@@ -26,10 +31,10 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-typecheck: venv
+typecheck: venv libvirt-python
 	$(BIN)/mypy src
 
-pytest: venv
+pytest: venv libvirt-python
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test: system-deps lint typecheck pytest
@@ -39,6 +44,15 @@ test: system-deps lint typecheck pytest
 bench: BENCH_SCALE ?= 1.0
 bench: venv system-deps
 	SITERECOVERY_BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python -m bench $(BENCHES)
+
+# The fault-injection soak (docs/faults.md): FAULT_KILLS kill -9's under a live writer, seeded by
+# FAULT_SEED, plus the corruption, link-cut and full-volume cases; figures go to
+# bench/results/faults.md. `make test` runs the same suite as a short seeded pass (12 kills).
+faults: FAULT_KILLS ?= 50
+faults: FAULT_SEED ?= 1
+faults: venv system-deps
+	SITERECOVERY_FAULT_KILLS=$(FAULT_KILLS) SITERECOVERY_FAULT_SEED=$(FAULT_SEED) \
+	SITERECOVERY_FAULT_RESULTS=bench/results/faults.md $(BIN)/pytest -q -p no:cacheprovider -rxX --timeout 3600 tests/faults
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -91,7 +91,33 @@ def _mt_cmd(root: Path, mt_addr: str) -> list[str]:
 
 
 def _ps_cmd(root: Path, ps_addr: str) -> list[str]:
-    return [*CLI, "process-server", "--cache-dir", str(root / "ps"), "--listen", ps_addr, "--interval", "0.5"]
+    return [
+        *CLI,
+        "process-server",
+        "--cache-dir",
+        str(root / "ps"),
+        "--listen",
+        ps_addr,
+        "--assignments",
+        str(root / "ps.json"),
+        "--interval",
+        "0.5",
+    ]
+
+
+def _identities(
+    root: Path, ca: CertificateAuthority, target: Path, size: int, mt_addr: str
+) -> dict[str, object]:
+    """Certificates of the three services, and the process server's pair-scoped relay of pair "p"
+    (only from "agent", only to "mt"); returns the master target's desired state."""
+    for name, kind in (("agent", "agent"), ("ps", "process-server"), ("mt", "master-target")):
+        shutil.rmtree(root / name, ignore_errors=True)
+        Identity.in_dir(root / name).write(ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
+    relay: dict[str, object] = {"pair_id": "p", "agent": "agent", "master_target": mt_addr}
+    relay["master_target_id"] = "mt"
+    relay["size"] = size
+    _write_json(root / "ps.json", {"pairs": [relay]})
+    return {"disks": [{"pair_id": "p", "path": str(target), "size": size, "process_server": "ps"}]}
 
 
 def sync_once(
@@ -115,11 +141,8 @@ def sync_once(
     0.05 s, so up to one interval of pick-up latency is included).
     """
     procs: list[subprocess.Popen[bytes]] = []
-    for name in ("agent", "ps", "mt"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(name))
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    mt_desired = {"disks": [{"pair_id": "p", "path": str(target), "size": size}]}
+    mt_desired = _identities(root, ca, target, size, mt_addr)
     agent_desired = {
         "replications": [
             {
@@ -222,11 +245,8 @@ def protected_disk(
     the agent also serving `src` over NBD on a Unix socket (as the product does for a protected
     machine); yields once the pair is protected (initial sync done), kills them all on exit."""
     procs: list[subprocess.Popen[bytes]] = []
-    for name in ("agent", "ps", "mt"):
-        shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(name))
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    _write_json(root / "mt.json", {"disks": [{"pair_id": "p", "path": str(target), "size": size}]})
+    _write_json(root / "mt.json", _identities(root, ca, target, size, mt_addr))
     pair = {
         "pair_id": "p",
         "disk": "d",

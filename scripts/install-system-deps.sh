@@ -13,6 +13,18 @@ declare -A need=(
   [rsync]=rsync
   [go]=golang-go
   [chromium]=chromium
+  # VM lab guests (siterecovery.lab.vm): QEMU, and busybox + e2fsprogs for the guest's initramfs.
+  [qemu-system-x86_64]=qemu-system-x86
+  [busybox]=busybox-static
+  [e2fsck]=e2fsprogs
+  [debugfs]=e2fsprogs
+  # The libvirt fabric's tests run their own libvirtd (QEMU driver, TCG) and use virsh.
+  [libvirtd]=libvirt-daemon-driver-qemu
+  [virtlogd]=libvirt-daemon
+  [virsh]=libvirt-clients
+  [pkg-config]=pkg-config
+  [gcc]=gcc
+  [ip]=iproute2
 )
 missing=()
 for tool in "${!need[@]}"; do
@@ -22,6 +34,12 @@ done
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi ] || missing+=(golang-github-vmware-govmomi-dev)
 # A PostgreSQL server for the tests that run the configuration server on PostgreSQL.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+# The VM guests' kernel (the cloud flavour: small, virtio as modules, ext4 built in).
+compgen -G "/boot/vmlinuz-*" >/dev/null || missing+=(linux-image-cloud-amd64)
+# busybox-static, not the dynamically linked busybox that may already be installed.
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || missing+=(busybox-static)
+# libvirt-python (pip) builds against libvirt's headers.
+[ -f /usr/include/libvirt/libvirt.h ] || missing+=(libvirt-dev)
 # Azurite (the Azure storage emulator) comes from npm; Debian's npm brings Node.js.
 command -v azurite-blob >/dev/null 2>&1 || command -v npm >/dev/null 2>&1 || missing+=(npm)
 
@@ -33,6 +51,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${unique[@]}" >/dev/null
+fi
+# libvirtd's QEMU driver runs domains as libvirt-qemu (Debian's build); libvirt-daemon-system would
+# create it with a systemd unit this project does not use.
+getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null ||
+  $sudo useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+# In the kvm group, as Debian's package puts it: without /dev/kvm access libvirtd finds its cached
+# QEMU capabilities stale on every call and probes QEMU again (seconds per capabilities request).
+if getent group kvm >/dev/null && ! id -nG libvirt-qemu | grep -qw kvm; then
+  $sudo usermod -aG kvm libvirt-qemu
 fi
 # 3.35.0 is the newest Azurite that runs on the Node.js of Debian 12 and of this project's CI.
 if ! command -v azurite-blob >/dev/null 2>&1; then

@@ -39,6 +39,8 @@ class ServerConfig:
     token_days: float = 30.0
     # Wrong registration passphrases one source address may give per minute before a 429.
     passphrase_failures_per_minute: int = 5
+    # Lifetime of component certificates; components renew them when a third of it is left.
+    component_cert_days: float = 7.0
 
     @property
     def host(self) -> str:

@@ -2,7 +2,10 @@
 
 Built on the `cryptography` package, never hand-rolled. The CA signs one certificate per
 registered component (agent, process server, master target); data-plane links then use mutual
-TLS, so nobody joins the replication mesh without first registering with the passphrase.
+TLS, so nobody joins the replication mesh without first registering with the passphrase. A
+component's certificate names its kind and id in a SAN URI (`urn:siterecovery:<kind>:<id>`): the
+hops authorise a peer by that name, never by the CN. Component certificates are short-lived and
+renewed from a CSR signed by the key they already hold (`sign_csr`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-_VALIDITY = dt.timedelta(days=825)
+_VALIDITY = dt.timedelta(days=825)  # the configuration server's own HTTPS certificate
+COMPONENT_VALIDITY = dt.timedelta(days=7)
+URI_PREFIX = "urn:siterecovery:"
+
+
+def component_uri(kind: str, component_id: str) -> str:
+    return f"{URI_PREFIX}{kind}:{component_id}"
+
+
+def component_uris(cert: x509.Certificate) -> list[str]:
+    """The `urn:siterecovery:` URIs a certificate's SAN carries (none before they named components)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_PREFIX)]
+
+
+def serial_hex(serial: int) -> str:
+    """How serials are written in revocation lists and the database."""
+    return format(serial, "x")
 
 
 @dataclass(frozen=True)
@@ -102,25 +126,66 @@ class CertificateAuthority:
         return ca
 
     def issue(
-        self, common_name: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+        self,
+        common_name: str,
+        hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+        *,
+        kind: str = "",
+        component_id: str = "",
+        validity: dt.timedelta = _VALIDITY,
+        not_before: dt.datetime | None = None,
     ) -> IssuedCertificate:
-        """Sign a certificate usable both as TLS server and client (components are both)."""
+        """Sign a certificate usable both as TLS server and client (components are both).
+
+        With `kind` and `component_id` it carries the component's SAN URI (what hops authorise).
+        """
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(key.public_key(), common_name, hosts, kind, component_id, validity, not_before)
+        return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), self.cert_pem)
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        common_name: str,
+        hosts: tuple[str, ...],
+        kind: str,
+        component_id: str,
+        validity: dt.timedelta,
+        not_before: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """A renewed certificate for the CSR's key (the caller checked who holds that key)."""
+        key = csr.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("the CSR's key is not an EC key")
+        return self._sign(key, common_name, hosts, kind, component_id, validity, not_before)
+
+    def _sign(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        common_name: str,
+        hosts: tuple[str, ...],
+        kind: str,
+        component_id: str,
+        validity: dt.timedelta,
+        not_before: dt.datetime | None,
+    ) -> x509.Certificate:
         alt: list[x509.GeneralName] = []
         for h in hosts:
             try:
                 alt.append(x509.IPAddress(ipaddress.ip_address(h)))
             except ValueError:
                 alt.append(x509.DNSName(h))
-        now = dt.datetime.now(dt.UTC)
-        cert = (
+        if kind and component_id:
+            alt.append(x509.UniformResourceIdentifier(component_uri(kind, component_id)))
+        start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_before(start)
+            .not_valid_after(start + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(
@@ -129,7 +194,14 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), self.cert_pem)
+
+    def verify_issued(self, cert: x509.Certificate) -> bool:
+        """True if this CA signed `cert` (its issuer and signature)."""
+        try:
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
 
 def server_context(cert: Path, key: Path, ca: Path, require_client_cert: bool = True) -> ssl.SSLContext:

@@ -9,7 +9,9 @@ is where a generated fabric connection is pinned down before it is sent:
   given, and must not do so in `/` or `/etc`);
 - an Azure connection loses its `subscription`, so it is always refused (422) before anything is
   opened: discovery would call Azure's public endpoints (and, without a secret, the instance
-  metadata service for a managed identity).
+  metadata service for a managed identity);
+- a libvirt `uri` becomes `test:///default`, libvirt's built-in test driver (a generated
+  `qemu+ssh://host/…` would open SSH to that host).
 The rest of the body, the port included, stays as generated, so validation is still fuzzed.
 """
 
@@ -33,6 +35,8 @@ def pin(body: Any) -> None:
         connection["host"] = "127.0.0.1"
     if isinstance(connection.get("path"), str):
         connection["path"] = SANDBOX
+    if isinstance(connection.get("uri"), str):
+        connection["uri"] = "test:///default"
     if body.get("kind") == "azure" or "storage_account" in connection:
         connection.pop("subscription", None)
 

@@ -73,6 +73,13 @@ def _problem(resp: httpx.Response, status: int) -> dict[str, Any]:
             "connection.storage_account",
             id="azure-account-not-a-name",
         ),
+        pytest.param("libvirt", {"uri": "not a uri"}, "connection.uri", id="libvirt-uri-not-a-uri"),
+        pytest.param(
+            "libvirt",
+            {"uri": "qemu:///system", "domain_type": "xen"},
+            "connection.domain_type",
+            id="libvirt-type",
+        ),
     ],
 )
 def test_f1_bad_fabric_connection_is_422_naming_the_field(

@@ -1,4 +1,10 @@
-"""Fixtures for the data plane: a CA, identities, and real component processes on loopback."""
+"""Fixtures for the data plane: a CA, identities, and real component processes on loopback.
+
+Certificates name their component as the configuration server's do (`urn:siterecovery:<kind>:<id>`,
+here the id is the component's name), and every hop gets the assignments that authorise its peers:
+a process server the pairs it relays (written when an agent is given replications), a master
+target the process server of each disk.
+"""
 
 from __future__ import annotations
 
@@ -88,30 +94,62 @@ class Plane:
     ca: CertificateAuthority
     components: list[Component] = field(default_factory=list)
 
-    def identity(self, state_dir: Path, name: str) -> Identity:
+    def identity(self, state_dir: Path, name: str, kind: str = "agent") -> Identity:
         ident = Identity.in_dir(state_dir)
-        ident.write(self.ca.issue(name))
+        ident.write(self.ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
         return ident
 
     def component(self, kind: str, name: str, *args: str) -> Component:
         state = self.root / name
-        self.identity(state, name)
+        self.identity(state, name, kind)
         comp = Component([kind, *args], state, self.root / f"{name}.log")
         self.components.append(comp)
         return comp
 
-    def process_server(self, name: str = "ps", listen: str = "127.0.0.1:0") -> Component:
+    def process_server(
+        self, name: str = "ps", listen: str = "127.0.0.1:0", relays: list[dict[str, object]] | None = None
+    ) -> Component:
         state = self.root / name
+        self.assign_relays(name, relays or [])
         return self.component(
-            "process-server", name, "--cache-dir", str(state), "--listen", listen, "--interval", "0.3"
+            "process-server",
+            name,
+            "--cache-dir",
+            str(state),
+            "--listen",
+            listen,
+            "--interval",
+            "0.3",
+            "--assignments",
+            str(self.root / f"{name}-assignments.json"),
         )
 
+    def assign_relays(
+        self, ps: str, relays: list[dict[str, object]], revoked: list[str] | None = None
+    ) -> None:
+        """(Re)write a process server's desired state: the pairs it relays, the revoked serials."""
+        write_json(self.root / f"{ps}-assignments.json", {"pairs": relays, "revoked": revoked or []})
+
+    def _named(self, address: str) -> str:
+        """The name of the started component listening at `address` ("" if none)."""
+        for comp in self.components:
+            path = comp.state_dir / "address"
+            listen = comp.args[comp.args.index("--listen") + 1] if "--listen" in comp.args else ""
+            if address == listen or (path.exists() and path.read_text().strip() == address):
+                return comp.state_dir.name
+        return ""
+
     def master_target(
-        self, disks: list[dict[str, object]], name: str = "mt", listen: str = "127.0.0.1:0"
+        self,
+        disks: list[dict[str, object]],
+        name: str = "mt",
+        listen: str = "127.0.0.1:0",
+        process_server: str = "ps",
     ) -> Component:
         state = self.root / name
         assignments = self.root / f"{name}-assignments.json"
-        assignments.write_text(json.dumps({"disks": disks}))
+        # Each disk accepts `process_server` unless the test names another.
+        write_json(assignments, {"disks": [{"process_server": process_server, **d} for d in disks]})
         (self.root / "retention").mkdir(exist_ok=True)
         return self.component(
             "master-target",
@@ -136,6 +174,18 @@ class Plane:
         state = self.root / name
         assignments = self.root / f"{name}-assignments.json"
         assignments.write_text(json.dumps({"replications": replications}))
+        # Each process server already started relays these pairs from this agent (when not told).
+        for rep in replications:
+            ps, mt = self._named(str(rep["process_server"])), self._named(str(rep["master_target"]))
+            relays_file = self.root / f"{ps}-assignments.json"
+            if not ps or not relays_file.exists():
+                continue
+            relays = json.loads(relays_file.read_text())["pairs"]
+            if not any(r["pair_id"] == rep["pair_id"] for r in relays):
+                image = disks[str(rep["disk"])]
+                size = os.stat(image).st_size
+                relays.append(relay(str(rep["pair_id"]), name, str(rep["master_target"]), mt, size))
+                self.assign_relays(ps, relays)
         args = [
             "--machine",
             name,
@@ -165,6 +215,18 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
         yield p
     finally:
         p.stop_all()
+
+
+def write_json(path: Path, doc: object) -> None:
+    """Replace `path` at once: the services re-read their assignments file every interval."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def relay(pair: str, agent: str, mt_addr: str, mt: str, size: int) -> dict[str, object]:
+    """A process server's assignment: `pair` only from `agent`, forwarded to master target `mt`."""
+    return {"pair_id": pair, "agent": agent, "master_target": mt_addr, "master_target_id": mt, "size": size}
 
 
 def make_image(path: Path, size: int, writes: list[tuple[int, int, int]] | None = None) -> Path:

@@ -19,6 +19,7 @@ from tests.dataplane.conftest import (
     free_addresses,
     make_image,
     pair_stats,
+    relay,
     replication,
     wait_for,
     wait_replicated,
@@ -129,10 +130,11 @@ def test_flipped_byte_is_refused_and_data_still_arrives_correct(plane: Plane) ->
         f.write(os.urandom(6 * MiB))
     target = plane.root / "target.img"
     mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}]).start()
-    ps = plane.process_server().start()
+    mt_addr = mt.wait_address()
+    ps = plane.process_server(relays=[relay("p1", "agent", mt_addr, "mt", size)]).start()
     proxy = FlippingProxy(ps.wait_address(), flip_at=3 * MiB)
     try:
-        agent = plane.agent([replication("p1", "d0", proxy.address, mt.wait_address())], {"d0": src}).start()
+        agent = plane.agent([replication("p1", "d0", proxy.address, mt_addr)], {"d0": src}).start()
         wait_replicated(agent, mt, "p1")
         assert proxy.flipped
         assert proxy.connections >= 2, "the sender did not reconnect and resend"

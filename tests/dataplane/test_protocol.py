@@ -115,6 +115,8 @@ def test_master_target_refuses_the_61st_disk(plane: Plane) -> None:
     for i in range(61):
         path = make_image(plane.root / f"t{i}.img", 1 << 20)
         disks.append({"pair_id": f"p{i:02d}", "path": str(path), "size": 1 << 20})
+    # Every disk accepts the process server "ps-client" (the Plane's default for its disks).
+    disks = [{**d, "process_server": "ps-client"} for d in disks]
     mt = plane.master_target(disks).start()
     address = mt.wait_address()
     wait_for(lambda: bool(mt.stats().get("refused")), 30, "the MT's stats")
@@ -122,7 +124,7 @@ def test_master_target_refuses_the_61st_disk(plane: Plane) -> None:
     assert stats["attached_disks"] == 60
     assert [r["code"] for r in stats["refused"]] == ["mt-disk-limit"]  # type: ignore[index,union-attr]
     refused_pair = stats["refused"][0]["pair_id"]  # type: ignore[index]
-    ps_identity = plane.identity(plane.root / "ps-client", "ps-client")
+    ps_identity = plane.identity(plane.root / "ps-client", "ps-client", "process-server")
     sock = connect(address, ps_identity.client_context())
     with sock:
         FrameWriter(sock).send_model(

@@ -35,6 +35,7 @@ from siterecovery.dr.checks import (
     ensure_failback,
     ensure_reprotect,
 )
+from siterecovery.dr.libvirt_checks import LIBVIRT_RULES
 from siterecovery.dr.notes import TaskKind, plan_notes
 from siterecovery.dr.ruledoc import documented_table, prerequisites_table
 from siterecovery.dr.rules import MAX_MT_DISKS, RULES
@@ -634,8 +635,10 @@ def test_every_code_has_a_case() -> None:
     failback = {p.values[1] for p in FAILBACK_CASES}
     assert reprotect == {r.code for r in REPROTECT_RULES}
     assert failback == {r.code for r in FAILBACK_RULES}
-    # The failover-to-Azure rules have their cases in tests/azure/test_azure_checks.py.
-    assert reprotect | failback | {r.code for r in AZURE_FAILOVER_RULES} == set(RULES)
+    # The failover-to-Azure rules have their cases in tests/azure/test_azure_checks.py, the libvirt
+    # rules theirs in tests/libvirt/test_checks.py.
+    others = {r.code for r in (*AZURE_FAILOVER_RULES, *LIBVIRT_RULES)}
+    assert reprotect | failback | others == set(RULES)
 
 
 def test_five_violations_are_all_listed_in_rule_order() -> None:

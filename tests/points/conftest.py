@@ -23,7 +23,15 @@ from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
 from siterecovery.lab import runtime
 from siterecovery.lab.guest import GuestState, read_status
 from siterecovery.pki import CertificateAuthority
-from tests.dataplane.conftest import Component, Plane, free_addresses, make_image, replication, wait_for
+from tests.dataplane.conftest import (
+    Component,
+    Plane,
+    free_addresses,
+    make_image,
+    relay,
+    replication,
+    wait_for,
+)
 
 DISK = 16 << 20
 MACHINE = "m1"
@@ -195,12 +203,12 @@ def build_rig(plane: Plane, *mt_extra: str) -> Rig:
     target = root / "targets" / f"{PAIR}.img"
     lab_dir = root / "lab"
     ps_addr, mt_addr = free_addresses(2)
-    ps = plane.process_server(listen=ps_addr).start()
+    ps = plane.process_server(listen=ps_addr, relays=[relay(PAIR, "agent", mt_addr, "mt", DISK)]).start()
     mt = plane.master_target([], listen=mt_addr)
     mt.args += ["--volume", str(root / "targets"), *mt_extra]
     agent = plane.agent([], {LABEL: source}, "agent", *lab_hooks(lab_dir, source))
     rig = Rig(plane, source, target, lab_dir, ps, mt, agent)
-    rig.set_mt(disks=[{"pair_id": PAIR, "path": str(target), "size": DISK}])
+    rig.set_mt(disks=[{"pair_id": PAIR, "path": str(target), "size": DISK, "process_server": "ps"}])
     rig.set_agent(replications=[replication(PAIR, LABEL, ps_addr, mt_addr)], crash_interval_seconds=0.5)
     mt.start()
     agent.start()

@@ -77,5 +77,8 @@ class Api:
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, json=body if body is not None else {})
 
+    def delete(self, path: str, **params: Any) -> Any:
+        return self.request("DELETE", path, params={k: v for k, v in params.items() if v is not None})
+
     def patch(self, path: str, body: Any) -> Any:
         return self.request("PATCH", path, json=body)

@@ -266,6 +266,18 @@ def servers_refresh(ctx: typer.Context, server: str) -> None:
     emit(call(ctx, lambda api: api.post(f"/api/servers/{server}/refresh")), as_json(ctx), _SERVER_COLUMNS)
 
 
+@servers_app.command("remove")
+def servers_remove(
+    ctx: typer.Context,
+    server: str,
+    force: Annotated[
+        bool, typer.Option("--force", help="remove it even while it replicates items (e.g. compromised)")
+    ] = False,
+) -> None:
+    """Remove a component: its certificates and token are revoked and every hop refuses it (admin)."""
+    emit(call(ctx, lambda api: api.delete(f"/api/servers/{server}", force=force)), as_json(ctx))
+
+
 @events_app.command("list")
 def events_list(ctx: typer.Context, alerts: bool = False, active: bool = False) -> None:
     emit(

@@ -240,6 +240,12 @@ def master_target(
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise", help="host:port process servers connect to, if not --listen (NAT, a relay)"
+        ),
+    ] = None,
     site: Annotated[str, typer.Option("--site")] = "onprem",
     name: Annotated[str, typer.Option("--name")] = "master-target",
     machine: MachineOpt = None,
@@ -257,7 +263,9 @@ def master_target(
     client = _client(
         server,
         state_dir,
-        Registration("master-target", name, site, os_type=os_type, address=listen, machine=machine),
+        Registration(
+            "master-target", name, site, os_type=os_type, address=advertise or listen, machine=machine
+        ),
         ca_file,
     )
     stop = _stop_event()
@@ -284,7 +292,7 @@ def master_target(
         svc.start()
         _write_address(state_dir, svc.address)
         if client is not None:
-            client.address = svc.address
+            client.address = advertise or svc.address
         while not stop.is_set():
             stop.wait(interval)
             svc.reconcile(source.exchange(svc.stats()))

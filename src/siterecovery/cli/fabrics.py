@@ -134,6 +134,24 @@ def add_azure(
     _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
 
 
+@add_app.command("libvirt")
+def add_libvirt(
+    ctx: typer.Context,
+    uri: Annotated[str, typer.Option(help="qemu:///system, qemu+ssh://user@host/system, ...")],
+    name: str = "libvirt",
+    site: str = "onprem",
+    domain_type: Annotated[
+        str, typer.Option(help="kvm | qemu (TCG) for domains the fabric creates; default kvm when offered")
+    ] = "",
+) -> None:
+    """Add a libvirt host (KVM/QEMU); its credentials are the URI's (SSH keys, SASL, TLS)."""
+    connection: dict[str, Any] = {"uri": uri}
+    if domain_type:
+        connection["domain_type"] = domain_type
+    body = {"name": name, "kind": "libvirt", "site": site, "connection": connection}
+    _show(ctx, call(ctx, lambda api: api.post("/api/fabrics", body)))
+
+
 @fabrics_app.command("remove")
 def fabrics_remove(ctx: typer.Context, fabric: str) -> None:
     """Forget a site and its credentials (refused while a protected item lives there)."""

@@ -10,6 +10,7 @@ freeze and thaw the guest (the mobility agent's freeze and thaw hooks).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +25,7 @@ from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
 from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import DEFAULT_DISK_SIZE, create_lab, parse_size
-from siterecovery.fabrics.lab_model import ONPREM
+from siterecovery.fabrics.lab_model import ONPREM, Accel, GuestKind
 from siterecovery.fabrics.lab_settings import LabSettingError, SetKind, apply_settings
 from siterecovery.fabrics.lab_store import LabStore
 from siterecovery.lab import runtime
@@ -77,6 +78,10 @@ def _machine(fabric: LabFabric, name: str) -> Machine:
 def create(
     lab_dir: LabDir,
     disk_size: Annotated[str, typer.Option(help="Size of every disk image, e.g. 64M or 1G.")] = "64M",
+    guest: Annotated[
+        GuestKind, typer.Option(help="The machines' guest: the Python log writer or a real Linux VM.")
+    ] = GuestKind.PYTHON,
+    accel: Annotated[Accel, typer.Option(help="VM guests: kvm, tcg or auto.")] = Accel.AUTO,
 ) -> None:
     """Create a lab with an on-premises and a cloud site."""
     try:
@@ -85,11 +90,37 @@ def create(
         err.print(f"[red]error[/red] --disk-size: {exc}")
         raise typer.Exit(2) from None
     try:
-        state = create_lab(lab_dir, size)
+        state = create_lab(lab_dir, size, guest, accel)
     except FabricError as exc:
         raise _fail(exc) from None
     machines = ", ".join(m.name for m in state.sites[ONPREM].machines)
-    console.print(f"Created lab {lab_dir.resolve()} (sites onprem, cloud; machines {machines}).")
+    console.print(
+        f"Created lab {lab_dir.resolve()} (sites onprem, cloud; machines {machines}; {guest.value} guests)."
+    )
+
+
+@lab_app.command("image")
+def image(
+    ctx: typer.Context,
+    probe: Annotated[bool, typer.Option(help="Probe again whether KVM boots the guest.")] = False,
+) -> None:
+    """Build (on first use) or show the VM guests' image, and whether KVM can boot it."""
+    from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm
+
+    try:
+        built = ensure_image()
+        kvm = probe_kvm(built, refresh=probe)
+    except FabricError as exc:
+        raise _fail(exc) from None
+    if as_json(ctx):
+        out = {**asdict(built), "folder": str(built.folder), "kvm": asdict(kvm), "cache": str(cache_root())}
+        typer.echo(json.dumps(out, indent=2))
+        return
+    console.print(f"image   {built.folder}")
+    console.print(f"kernel  {built.kernel_version} ({built.kernel_bytes >> 20} MiB)")
+    console.print(f"initrd  {built.initrd_bytes / 2**20:.1f} MiB (busybox, e2fsprogs, virtio modules, /init)")
+    accel = "kvm" if kvm.kvm else "tcg"
+    console.print(f"accel   {accel} when auto ({kvm.reason}; probed in {kvm.seconds:.1f} s)")
 
 
 @lab_app.command("show")
@@ -114,7 +145,8 @@ def show(
         return
     for name in [site] if site else list(state.sites):
         try:
-            _print_inventory(_fabric(lab_dir, name).discover(), state.sites[name].account.mode.value)
+            vms = {m.name for m in state.sites[name].machines if state.guest_of(m) is GuestKind.VM}
+            _print_inventory(_fabric(lab_dir, name).discover(), state.sites[name].account.mode.value, vms)
         except FabricError as exc:
             err.print(f"[yellow]site {name}[/yellow]: {exc.message}")
 
@@ -123,7 +155,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "[red]no[/red]"
 
 
-def _print_inventory(inv: Inventory, account: str) -> None:
+def _print_inventory(
+    inv: Inventory, account: str, vm_guests: set[str] | frozenset[str] = frozenset()
+) -> None:
     console.rule(f"site {inv.site} ({inv.kind.value}), account {account}")
     for warning in inv.warnings:
         console.print(f"[yellow]warning[/yellow] {warning}")
@@ -173,6 +207,7 @@ def _print_inventory(inv: Inventory, account: str) -> None:
         notes = [n for n, on in (("physical", m.physical), ("lvm", m.on_lvm)) if on]
         notes += [f"origin={m.origin.value}"] if m.origin else []
         notes += [f"template={m.template}"] if m.template else []
+        notes += ["guest=vm"] if m.name in vm_guests else []
         machines.add_row(
             m.name,
             m.id,
@@ -268,15 +303,50 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
             "Verify a machine with a log disk.",
         )
     disk = machine.disks[0]
-    if machine.power_state is PowerState.ON and runtime.export_running(
+    running = machine.power_state is PowerState.ON and runtime.export_running(
         fabric.lab_dir, fabric.site, machine.name
-    ):
+    )
+    if fabric.guest_kind(machine.name) is GuestKind.VM:
+        alive = running and runtime.guest_running(fabric.lab_dir, fabric.site, machine.name)
+        return _verify_vm(fabric, machine, alive)
+    if running:
         sock = runtime.agent_socket(fabric.run_dir(machine.name), disk.label)
         with NbdClient.connect(disk.label, unix=sock) as client:
             return verify_log(
                 lambda off, n: client.pread(n, off), client.size, fabric.log_owner(machine.name)
             )
     return verify_image(disk.backing, fabric.log_owner(machine.name))
+
+
+def _verify_vm(fabric: LabFabric, machine: Machine, running: bool) -> OracleVerdict:
+    """A VM guest's disk is ext4: while the guest runs, its own boot verdict (the file system is
+    mounted in the guest, so the host cannot check it); when it is off or crashed, the same checks
+    from the host on the disk image (the journal replayed on a copy first)."""
+    from siterecovery.lab.vm.fs_oracle import verify_fs_image
+
+    owner = fabric.log_owner(machine.name)
+    if running:
+        status = runtime.guest_status(fabric.lab_dir, fabric.site, machine.name)
+        if status is None or not status.start_verdict:
+            raise FabricError(
+                "guest-not-responding",
+                f"The VM guest of {machine.name} has not reported its boot verdict yet.",
+                "Wait for it to boot (see console.log in its run folder) and verify again.",
+            )
+        v = status.start_verdict
+        ok, listed = bool(v.get("ok")), v.get("quiesce_markers")
+        markers = tuple(int(m) for m in listed) if isinstance(listed, list) else ()
+        return OracleVerdict(
+            ok, int(str(v.get("records", 0))), None if ok else int(str(v.get("first_bad"))),
+            f"at boot: {v.get('reason')}; {status.flushed} files fsync'd by now", owner, markers,
+        )  # fmt: skip
+    verdict, fs = verify_fs_image(Path(machine.disks[0].backing), owner)
+    replay = "journal replayed, " if fs.needed_replay else ""
+    reason = f"ext4 {replay}e2fsck -fn exit {fs.fsck_rc}; {verdict.reason}"
+    return OracleVerdict(
+        verdict.ok, verdict.records, verdict.first_bad, reason, verdict.machine, verdict.quiesce_markers,
+        verdict.torn_tail,
+    )  # fmt: skip
 
 
 @lab_app.command("verify")

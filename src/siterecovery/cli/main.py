@@ -20,6 +20,7 @@ from siterecovery.cli.client import Api
 from siterecovery.cli.output import emit
 from siterecovery.cli.state import CliState, call, state
 from siterecovery.config import load_server_config
+from siterecovery.fabrics.lab_model import Accel, GuestKind
 
 
 class OutputFormat(StrEnum):
@@ -164,12 +165,23 @@ def demo(
     directory: Annotated[
         Path | None, typer.Option("--dir", help="where to build (default: a new temp dir)")
     ] = None,
+    guest: Annotated[
+        GuestKind, typer.Option(help="python: the quick log writer; vm: a real Linux VM under QEMU")
+    ] = GuestKind.PYTHON,
+    accel: Annotated[Accel, typer.Option(help="VM guests: kvm, tcg or auto (KVM if it boots)")] = Accel.AUTO,
 ) -> None:
     """Build a lab and run the whole DR cycle on it with every service a real process."""
     from siterecovery.demo.run import run_demo
-    from siterecovery.fabrics.lab_build import parse_size
+    from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
 
-    raise typer.Exit(run_demo(parse_size(disk_size), keep, directory))
+    size = parse_size(disk_size)
+    if guest is GuestKind.VM and size < VM_MIN_DISK_SIZE:
+        typer.echo(
+            "error disk-too-small: a VM guest's ext4 needs disks of at least 64 MiB (--disk-size 64M)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    raise typer.Exit(run_demo(size, keep, directory, guest, accel))
 
 
 app.add_typer(server_app, name="server")

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from siterecovery import __version__, portal
 from siterecovery.control import metrics, openapi_errors, plan_actions, problems
 from siterecovery.control.api import (
+    certificates,
     components,
     events,
     fabrics,
@@ -35,7 +36,8 @@ def create_app() -> FastAPI:
     openapi_errors.install(app)
     # Outermost of the application's own layers: refuses before any route reads the body.
     app.add_middleware(Edge)
-    for module in (server, components, fabrics, policies, item_actions, items, plans, jobs, events, metrics):
+    routers = (server, components, certificates, fabrics, policies, item_actions, items, plans, jobs, events)
+    for module in (*routers, metrics):
         app.include_router(module.router)
     app.include_router(portal.router)
 

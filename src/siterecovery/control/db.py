@@ -74,6 +74,21 @@ class Component(Base):
     desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class ComponentCertificate(Base):
+    """A certificate the CA issued to a component; revoked when the component is removed.
+
+    Kept until it expires (certificates are short-lived), so the revocation list stays short.
+    """
+
+    __tablename__ = "component_certificates"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    component_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    not_after: Mapped[float] = mapped_column(Float)
+    issued_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Fabric(Base):
     __tablename__ = "fabrics"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -43,11 +43,29 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
         from siterecovery.fabrics.azure_sdk import open_azure
 
         return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
+    if row.kind == FabricKind.LIBVIRT.value:
+        try:
+            from siterecovery.fabrics.libvirt import LibvirtFabric
+        except ImportError as exc:  # libvirt-python is an extra
+            raise SiteRecoveryError(
+                Problem(
+                    "libvirt-binding-missing",
+                    "This configuration server has no libvirt binding, so it cannot open libvirt fabrics.",
+                    "Install it on the server: apt-get install libvirt-dev pkg-config gcc, then "
+                    "pip install 'siterecovery[libvirt]'.",
+                ),
+                Status.UNPROCESSABLE,
+            ) from exc
+
+        # Credentials are the URI's business (SSH keys, SASL, TLS certificates on the server).
+        return LibvirtFabric(
+            str(conn["uri"]), name=row.name, site=row.site, domain_type=str(conn.get("domain_type", ""))
+        )
     raise SiteRecoveryError(
         Problem(
             "fabric-kind-unsupported",
             f"Fabric {row.name} has kind {row.kind!r}, which this server cannot open.",
-            "Use a lab, vsphere or azure fabric.",
+            "Use a lab, vsphere, azure or libvirt fabric.",
         ),
         Status.UNPROCESSABLE,
     )
@@ -108,6 +126,7 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
 
 def summary(row: FabricRow) -> dict[str, Any]:
     inv = row.inventory or {}
-    return {key: len(inv.get(key, [])) for key in ("hosts", "datastores", "machines", "resource_groups")} | {
-        "warnings": inv.get("warnings", [])
-    }
+    return {
+        key: len(inv.get(key, []))
+        for key in ("hosts", "datastores", "machines", "resource_groups", "networks")
+    } | {"warnings": inv.get("warnings", [])}

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.db import Component, now
-from siterecovery.control.events import clear_alert, raise_alert
+from siterecovery.control.events import clear_alert, raise_alert, record_event
 from siterecovery.control.schemas import ServerOut
 from siterecovery.control.states import ComponentKind, Health, Severity
 from siterecovery.dr.desired import desired_for
@@ -34,10 +34,34 @@ def cache_health(stats: dict[str, Any]) -> Health:
     return Health.NORMAL
 
 
+def record_refusals(s: Session, row: Component, previous: dict[str, Any], stats: dict[str, Any]) -> None:
+    """An event for each peer a hop refused since its last heartbeat (issue 13: naming the peer)."""
+
+    def refusals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        items = doc.get("refused_peers")
+        return [r for r in items if isinstance(r, dict)] if isinstance(items, list) else []
+
+    seen = {(r.get("number"), r.get("time")) for r in refusals(previous)}
+    for r in refusals(stats):
+        if (r.get("number"), r.get("time")) in seen:
+            continue
+        record_event(
+            s,
+            Severity.WARNING,
+            "peer-refused",
+            f"{row.kind} {row.name} refused {r.get('peer')} from {r.get('address')}"
+            f"{' for pair ' + str(r.get('pair_id')) if r.get('pair_id') else ''}: "
+            f"{r.get('code')}: {r.get('message')}",
+            "component",
+            row.id,
+        )
+
+
 def apply_heartbeat(
     s: Session, row: Component, stats: dict[str, Any], config: ServerConfig
 ) -> dict[str, Any]:
     row.last_heartbeat = now()
+    record_refusals(s, row, row.stats or {}, stats)
     row.stats = stats
     if row.kind == ComponentKind.PROCESS.value:
         health = cache_health(stats)

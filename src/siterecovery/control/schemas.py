@@ -257,9 +257,17 @@ class AzureConnection(Strict):
     replica_container: str = Field(default="", max_length=63, pattern=r"^[a-z0-9-]*$")
 
 
+class LibvirtConnection(Strict):
+    """A libvirt host by its URI (qemu:///system, qemu+ssh://user@host/system); its credentials are
+    the URI's own (SSH keys, SASL, TLS certificates on the configuration server's host)."""
+
+    uri: str = Field(min_length=1, max_length=1000, pattern=r"^[a-z0-9]+(\+[a-z0-9]+)?://[^\x00\s]*$")
+    domain_type: Literal["", "kvm", "qemu"] = ""
+
+
 class FabricCreate(Strict):
     name: str = Name
-    kind: Literal["lab", "vsphere", "azure"]
+    kind: Literal["lab", "vsphere", "azure", "libvirt"]
     site: str = Field(default="", max_length=100)
     connection: dict[str, Any] = Field(default_factory=dict)
     secret: str = Field(default="", max_length=1000)

@@ -81,3 +81,4 @@ class FabricKind(StrEnum):
     LAB = "lab"
     VSPHERE = "vsphere"
     AZURE = "azure"
+    LIBVIRT = "libvirt"

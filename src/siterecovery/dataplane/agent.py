@@ -35,6 +35,7 @@ from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
 from siterecovery.dataplane.sender import PairSender
+from siterecovery.dataplane.trust import Revocations
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class Agent:
         self._lock = threading.Lock()
         self._crash_marks: dict[str, int] = {}
         self._pairs_file = options.state_dir / PAIRS_FILE
+        self.revoked = Revocations()  # process servers whose certificate it must refuse
         hooks = Hooks(options.machine, options.freeze_hook, options.thaw_hook)
         self.bookmarks = Bookmarker(options.state_dir, hooks, self.protected, self.insert_bookmark)
 
@@ -180,6 +182,7 @@ class Agent:
     def reconcile(self, desired: AgentDesired) -> None:
         """Export every disk and replicate what `desired` lists; stop what it no longer lists (idempotent)."""
         self.bookmarks.update(desired.bookmarks, desired.crash_interval_seconds)
+        self.revoked.update(desired.revoked)
         with self._lock:
             for label, disk_path in self.options.disks.items():
                 if label not in self._servers:
@@ -226,7 +229,7 @@ class Agent:
     def _start_sender(self, pair: PairReplication) -> None:
         if pair.spec.paused or self.identity is None or pair.pair_id in self.senders:
             return
-        sender = PairSender(pair, self.identity.client_context(), self.options.name)
+        sender = PairSender(pair, self.identity.client_context(), self.options.name, self.revoked)
         self.senders[pair.pair_id] = sender
         sender.start()
 

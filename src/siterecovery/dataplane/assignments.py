@@ -10,12 +10,34 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# Pair ids become directory names on every hop: one strict pattern (no separators, no leading dot).
+PAIR_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PairId = Annotated[str, Field(pattern=PAIR_ID_PATTERN)]
+
+
+def _revoked() -> list[str]:
+    return Field(default=[], description="revoked certificate serials (hex): refused on every link")
+
+
+class PeerRefusal(_Model):
+    """A peer a hop refused (wrong kind, not assigned, revoked, out-of-bounds frame): becomes an event."""
+
+    number: int = Field(description="counts refusals since the component started")
+    time: float
+    peer: str = Field(description='"<kind>:<component id>" from its certificate')
+    address: str
+    pair_id: str = ""
+    code: str
+    message: str
 
 
 class SyncMode(StrEnum):
@@ -42,11 +64,12 @@ class CacheHealth(StrEnum):
 class DiskReplication(_Model):
     """One disk the agent exports over NBD and replicates."""
 
-    pair_id: str
+    pair_id: PairId
     disk: str = Field(description="disk label; also the NBD export name")
     image: Path | None = Field(default=None, description="image path; else from the agent's --disk")
     process_server: str = Field(description="host:port of the process server's data listener")
     master_target: str = Field(description="host:port the process server forwards to")
+    process_server_id: str = Field(default="", description="its certificate must name this id")
     sync_mode: SyncMode = SyncMode.FULL
     # Raising the generation asks for a new initial sync of the pair (e.g. after reprotect).
     generation: int = 1
@@ -66,6 +89,7 @@ class AgentDesired(_Model):
     bookmarks: list[BookmarkRequest] = []
     # A crash bookmark goes into all the agent's pairs at once this often, if anything was written.
     crash_interval_seconds: float = 5.0
+    revoked: list[str] = _revoked()
 
 
 class PairStats(_Model):
@@ -120,21 +144,35 @@ class ProcessServerStats(_Model):
     drain_seconds: float | None = Field(description="backlog / forward throughput; None if idle")
     pairs: int
     refused_frames: list[RefusedFrame] = Field(default=[], description="recent refusals, healed or not")
+    refused_peers: list[PeerRefusal] = Field(default=[], description="the newest peers refused")
 
 
 # --- master target ----------------------------------------------------------------------------
 
 
+class RelayAssignment(_Model):
+    """A pair the process server relays: only from its agent, only to its master target."""
+
+    pair_id: PairId
+    agent: str = Field(description="component id of the agent the pair's source is assigned to")
+    master_target: str = Field(description="host:port the process server forwards to")
+    master_target_id: str = Field(description="its certificate must name this id")
+    size: int = Field(ge=0, description="disk size: frames beyond it are refused")
+
+
 class ProcessServerDesired(_Model):
+    pairs: list[RelayAssignment] = Field(default=[], description="the only pairs it accepts")
     discard: list[str] = Field(
         default=[], description="ended pairs (committed or disabled): their cached frames can go"
     )
+    revoked: list[str] = _revoked()
 
 
 class AttachedDisk(_Model):
-    pair_id: str
+    pair_id: PairId
     path: Path
-    size: int
+    size: int = Field(ge=0)
+    process_server: str = Field(default="", description="component id of the only process server accepted")
     # Materialise the disk in place at this recovery point id (None: follow latest). While set,
     # the master target applies no new writes to the pair.
     point: str | None = None
@@ -161,6 +199,7 @@ class MasterTargetDesired(_Model):
     discard: list[str] = Field(
         default=[], description="ended pairs (committed or disabled): their journals and state can go"
     )
+    revoked: list[str] = _revoked()
 
 
 class PointInfo(_Model):
@@ -220,3 +259,4 @@ class MasterTargetStats(_Model):
     retention_volumes: list[RetentionVolume] = []
     retention_full: bool = False
     copies_done: list[CopyResult] = []
+    refused_peers: list[PeerRefusal] = Field(default=[], description="the newest peers refused")

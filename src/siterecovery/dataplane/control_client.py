@@ -5,6 +5,9 @@ token are kept under the component's state directory and reused), then heartbeat
 receive `{"desired"}`. Over HTTPS the server's certificate must chain to the CA given with
 `--ca-file`; without one, registration trusts the server on first use and every later call is
 pinned to the CA registration returned (the server's own), so an impostor is refused from then on.
+The certificate is short-lived: once a third of its life is left, the component renews it before
+its next heartbeat (`POST /api/components/{id}/certificate`, its current certificate and a CSR for
+the same key) and its TLS contexts present the new one from their next handshake.
 Without a configuration server (`--assignments FILE`): the desired state is re-read from a JSON
 file on every cycle and the certificate must already be in the state directory. Either way the
 latest stats are also written to `<state_dir>/stats.json` for operators and tests.
@@ -12,6 +15,7 @@ latest stats are also written to `<state_dir>/stats.json` for operators and test
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -21,6 +25,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
 from siterecovery import pki
@@ -30,6 +37,7 @@ from siterecovery.errors import Problem, SiteRecoveryError
 log = logging.getLogger(__name__)
 
 D = TypeVar("D", bound=BaseModel)
+RENEW_WHEN_LEFT = 1 / 3  # of the certificate's lifetime
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,34 @@ class ControlClient:
     def close(self) -> None:
         self._http.close()
 
+    def renew_if_due(self) -> bool:
+        """Renew the certificate once a third of its lifetime is left; True if it was renewed."""
+        cert = x509.load_pem_x509_certificate(self.identity.cert.read_bytes())
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        # A certificate from before they named their component is renewed at once: hops refuse it.
+        named = bool(pki.component_uris(cert))
+        if named and end - dt.datetime.now(dt.UTC) > (end - start) * RENEW_WHEN_LEFT:
+            return False
+        key = serialization.load_pem_private_key(self.identity.key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.identity.key} is not an EC private key")
+        csr = x509.CertificateSigningRequestBuilder().subject_name(cert.subject).sign(key, hashes.SHA256())
+        resp = self._http.post(
+            f"{self.server}/api/components/{self.component_id}/certificate",
+            json={
+                "cert_pem": self.identity.cert.read_text(),
+                "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            },
+            headers={"Authorization": f"Bearer {self._token}"},
+        )
+        if resp.status_code != 200:
+            log.warning("certificate renewal refused (%s): %s", resp.status_code, resp.text[:500])
+            return False
+        _write_atomically(self.identity.cert, str(resp.json()["cert_pem"]))
+        self.identity.reload()
+        log.info("certificate %s renewed", format(cert.serial_number, "x"))
+        return True
+
     def heartbeat(self, stats: BaseModel) -> dict[str, object]:
         """Send stats, return the raw desired state."""
         body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
@@ -169,6 +205,7 @@ class Reporter:
         if self.client is None:
             return None
         try:
+            self.client.renew_if_due()
             return self.client.heartbeat(stats)
         except httpx.HTTPError as exc:
             if not self._unreachable:

@@ -683,7 +683,9 @@ class JournaledDisk(DiskApplier):
                 _pwrite_all(self._seg_fd, memoryview(self._jbuf), seg.size)
             except OSError as exc:
                 if exc.errno in _FULL_ERRNOS:
-                    raise _VolumeFull("retention", exc) from exc
+                    # Without its traceback: the frames hold views of _jbuf, which _abort clears
+                    # (a BufferError there killed the apply thread with no pause and no alert).
+                    raise _VolumeFull("retention", exc.with_traceback(None)) from None
                 raise
             seg.size += len(self._jbuf)
             self._jbuf.clear()

@@ -1,7 +1,9 @@
 """Mutual-TLS links between data-plane components: identities, listeners and connections.
 
 A component's identity is the certificate the configuration server issued at registration, kept
-in `<state_dir>/tls/` (`component.crt`, `component.key`, `ca.crt`). Listeners require a client
+in `<state_dir>/tls/` (`component.crt`, `component.key`, `ca.crt`). Its TLS contexts are made once
+and reloaded in place when the certificate is renewed, so listeners and senders holding them
+present the new certificate from their next handshake on. Listeners require a client
 certificate from the same CA; a peer without one fails the handshake and never sees a frame.
 Links use blocking sockets, one thread per connection: `SSLSocket.recv_into` into a reused buffer
 releases the GIL, and avoids the extra copies of asyncio's memory-BIO TLS transport.
@@ -16,7 +18,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from siterecovery import pki
@@ -26,11 +28,13 @@ log = logging.getLogger(__name__)
 _SOCK_BUF = 4 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Identity:
     cert: Path
     key: Path
     ca: Path
+    _server: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+    _client: ssl.SSLContext | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> Identity:
@@ -44,10 +48,20 @@ class Identity:
         issued.write(self.cert.parent, "component")
 
     def server_context(self) -> ssl.SSLContext:
-        return pki.server_context(self.cert, self.key, self.ca)
+        if self._server is None:
+            self._server = pki.server_context(self.cert, self.key, self.ca)
+        return self._server
 
     def client_context(self) -> ssl.SSLContext:
-        return pki.client_context(self.cert, self.key, self.ca)
+        if self._client is None:
+            self._client = pki.client_context(self.cert, self.key, self.ca)
+        return self._client
+
+    def reload(self) -> None:
+        """Present the (renewed) certificate on disk from the next handshake on."""
+        for ctx in (self._server, self._client):
+            if ctx is not None:
+                ctx.load_cert_chain(self.cert, self.key)
 
 
 def parse_address(address: str) -> tuple[str, int]:

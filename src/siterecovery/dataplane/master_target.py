@@ -9,10 +9,15 @@ retention journal, so BOOKMARK frames become recovery points; the desired state 
 disk to a point in place or ask for copies of points (`mt_points.py`). A full retention volume
 pauses a pair without acknowledging: the frame is retried until it applies. The master target also
 answers resync requests with the block digests of its target disks.
+
+A session is accepted only from the process server each of its pairs is assigned to (the desired
+state's `process_server`), never from another kind of certificate or a revoked one, and a data
+frame outside the disk or too far ahead of the pair's sequence ends the session (`trust.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import ssl
@@ -60,6 +65,18 @@ from siterecovery.dataplane.protocol import (
     ResyncRequest,
     Role,
     decode_model,
+)
+from siterecovery.dataplane.trust import (
+    NOT_AUTHORISED,
+    Peer,
+    PeerKind,
+    Refusals,
+    Revocations,
+    child,
+    data_frame_problem,
+    not_authorised,
+    peer_of,
+    valid_identifier,
 )
 from siterecovery.errors import Problem, SiteRecoveryError
 
@@ -115,6 +132,7 @@ class _Pair:
         self.paused = ""
         self.position = position_id(applier) if isinstance(applier, JournaledDisk) else "latest"
         self.last_ack = -1
+        self.link: tuple[Peer, ssl.SSLSocket] | None = None  # the session that applies it
 
     def stats(self, now: float) -> MasterTargetPairStats:
         applier = self.applier
@@ -177,6 +195,8 @@ class MasterTarget:
         self._refresh_seen: int | None = None
         self._targets_seen: tuple[str, ...] = ()
         self._copier = Copier(state_dir, self._lookup)
+        self.revoked = Revocations()
+        self.peer_refusals = Refusals()
         self._listener = Listener(listen, identity.server_context(), self._serve)
 
     @property
@@ -219,13 +239,14 @@ class MasterTarget:
                 return
             if len(self._pairs) >= MAX_ATTACHED_DISKS:
                 raise disk_limit_error(disk.pair_id, len(self._pairs))
-            pair_state = self.state_dir / "pairs" / disk.pair_id
+            pair_state = child(self.state_dir / "pairs", disk.pair_id)
             applier = self._applier_factory()(disk.pair_id, disk.path, disk.size, pair_state)
             self._pairs[disk.pair_id] = _Pair(disk, applier, Gaps(pair_state))
 
     def reconcile(self, desired: MasterTargetDesired) -> None:
         """Attach, detach, move disks to their points, queue copies, describe volumes (idempotent)."""
         self._desired = desired
+        self.revoked.update(desired.revoked)
         wanted = {d.pair_id for d in desired.disks}
         with self._lock:
             gone = [self._pairs.pop(p) for p in list(self._pairs) if p not in wanted]
@@ -243,6 +264,12 @@ class MasterTarget:
         self._refused = refused
         for pair in list(self._pairs.values()):
             self._follow_point(pair)
+            link = pair.link
+            # A session whose process server was revoked or lost the pair ends now.
+            moved = link is not None and link[0].id != pair.disk.process_server
+            if link is not None and (moved or link[0].serial in self.revoked):
+                with contextlib.suppress(OSError, ValueError):
+                    link[1].shutdown(2)
         self._copier.request(desired.copies)
         stale = time.monotonic() - self._discovered_at > REDISCOVER_SECONDS
         targets = tuple(sorted(str(p.disk.path) for p in self._pairs.values()))
@@ -254,7 +281,7 @@ class MasterTarget:
     def _discard(self, pair_ids: list[str]) -> None:
         """Delete the journals and state of pairs that ended: nothing can restore them any more."""
         for pair_id in pair_ids:
-            if pair_id in self._discarded or pair_id in self._pairs or Path(pair_id).name != pair_id:
+            if pair_id in self._discarded or pair_id in self._pairs or not valid_identifier(pair_id):
                 continue
             for volume in {
                 v for v in (self._desired.retention_volume, self.retention_volume, *self.volumes) if v
@@ -319,15 +346,38 @@ class MasterTarget:
 
     # ---- sessions -----------------------------------------------------------------------------
 
-    def _serve(self, sock: ssl.SSLSocket, peer: str) -> None:
+    def _authorise(self, peer: Peer, hello: Hello) -> tuple[str, Problem] | None:
+        """Why this HELLO is refused (pair, problem), or None: the assigned process server, not revoked."""
+        if peer.kind is not PeerKind.PROCESS_SERVER or hello.role != Role.PROCESS_SERVER:
+            return "", not_authorised(peer, "send to a master target (only process servers do)")
+        if peer.serial in self.revoked:
+            return "", not_authorised(peer, "connect: its certificate is revoked")
+        assigned = {d.pair_id: d.process_server for d in self._desired.disks}
+        for pair_id in hello.pairs:
+            if valid_identifier(pair_id) and pair_id not in assigned:
+                # No longer (or not yet) held here: a process server's leftover backlog, not an attack.
+                return pair_id, self._refusal(pair_id)
+            if not valid_identifier(pair_id) or assigned[pair_id] != peer.id:
+                return pair_id, not_authorised(peer, f"send pair {pair_id!r}: it is not assigned to it")
+        return None
+
+    def _serve(self, sock: ssl.SSLSocket, address: str) -> None:
+        peer = peer_of(sock, address)
         reader = FrameReader(sock)
         writer = FrameWriter(sock)
         first = reader.read()
         if first is None or first.header.type != FrameType.HELLO:
             raise ProtocolError(f"{peer} did not open with HELLO")
         hello = decode_model(Hello, first.payload)
-        if hello.role != Role.PROCESS_SERVER:
-            raise ProtocolError(f"{peer} is not a process server")
+        refusal = self._authorise(peer, hello)
+        if refusal is not None:
+            p = refusal[1]
+            if p.code == NOT_AUTHORISED:
+                self.peer_refusals.add(peer, p, refusal[0])
+            writer.send_model(
+                FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
+            )
+            return
         pairs: list[tuple[_Pair, int]] = []
         acked: dict[str, int] = {}
         for pair_id in hello.pairs:
@@ -341,6 +391,7 @@ class MasterTarget:
                 return
             with pair.lock:
                 pair.session += 1
+                pair.link = (peer, sock)
                 self._sync(pair)
                 # Resume after what is durable: anything applied but not committed is redone.
                 pair.seen = pair.applier.applied_seq
@@ -348,7 +399,7 @@ class MasterTarget:
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
         try:
-            self._apply_stream(reader, writer, sock, pairs)
+            self._apply_stream(reader, writer, sock, pairs, peer)
         except _SessionEnds as end:
             p = end.problem
             writer.send_model(
@@ -380,6 +431,7 @@ class MasterTarget:
         writer: FrameWriter,
         sock: ssl.SSLSocket,
         pairs: list[tuple[_Pair, int]],
+        peer: Peer,
     ) -> None:
         touched: set[int] = set()
         pending = 0
@@ -396,6 +448,9 @@ class MasterTarget:
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
             pair, session = pairs[h.pair]
             if h.type in (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK):
+                problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
+                if problem is not None:
+                    raise _SessionEnds(self.peer_refusals.add(peer, problem, pair.disk.pair_id))
                 if not self._try_apply(pair, session, frame):
                     # Paused: acknowledge what is durable, then retry this frame until it applies.
                     self._ack(writer, pairs, touched | {h.pair})
@@ -540,4 +595,5 @@ class MasterTarget:
             retention_volumes=self._volumes,
             retention_full=any(p.paused == "retention-volume-full" for p in pairs),
             copies_done=self._copier.results,
+            refused_peers=self.peer_refusals.kept,
         )

@@ -6,6 +6,10 @@ after the cache is fsynced (PS-1: nothing acknowledged is lost if the process se
 forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
 frees cache segments only on the master target's ACK. Resync requests and digests are relayed
 between the two sessions without caching (they are queries, not data).
+
+Only the agent a pair is assigned to (its desired state's `pairs`) may open a session for it, and
+only to the master target assigned to it; a data frame outside the disk or too far ahead of the
+pair's sequence is refused before it is cached or acknowledged (`trust.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-from siterecovery.dataplane.assignments import CacheHealth, ProcessServerDesired, ProcessServerStats
+from siterecovery.dataplane.assignments import (
+    CacheHealth,
+    ProcessServerDesired,
+    ProcessServerStats,
+    RelayAssignment,
+)
 from siterecovery.dataplane.healing import RefusalLog
 from siterecovery.dataplane.links import Identity, Listener, connect, idle
 from siterecovery.dataplane.protocol import (
@@ -40,6 +49,18 @@ from siterecovery.dataplane.protocol import (
     pack_header,
 )
 from siterecovery.dataplane.segment_log import SegmentLog
+from siterecovery.dataplane.trust import (
+    Peer,
+    PeerKind,
+    Refusals,
+    Revocations,
+    check_server,
+    data_frame_problem,
+    not_authorised,
+    peer_of,
+    valid_identifier,
+)
+from siterecovery.errors import Problem
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +74,10 @@ _DATA_TYPES = (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK)
 class _Session:
     """One agent connection; its writer is shared by the session thread and digest relays."""
 
-    def __init__(self, sock: ssl.SSLSocket, pairs: list[str]) -> None:
+    def __init__(self, sock: ssl.SSLSocket, pairs: list[str], peer: Peer) -> None:
         self.sock = sock
         self.pairs = pairs
+        self.peer = peer
         self.writer = FrameWriter(sock)
         self.lock = threading.Lock()
 
@@ -75,6 +97,8 @@ class PairRelay:
             self.mt_acked = int(meta["mt_acked"])
             mt_address = mt_address or str(meta["master_target"])
         self.mt_address = mt_address
+        self.mt_id = ""  # the master target's component id, once assigned (its certificate must match)
+        self.size = 0
         self._save_meta()
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
@@ -183,6 +207,11 @@ class PairRelay:
 
     def _forward_once(self) -> None:
         sock = connect(self.mt_address, self.server.identity.client_context())
+        try:
+            check_server(sock, self.mt_address, PeerKind.MASTER_TARGET, self.mt_id, self.server.revoked)
+        except ssl.SSLError:
+            sock.close()
+            raise
         with self._mt_lock:
             self._mt_sock = sock
         writer = FrameWriter(sock)
@@ -265,6 +294,9 @@ class ProcessServer:
         self.stopped = threading.Event()
         self._relays: dict[str, PairRelay] = {}
         self._discarded: set[str] = set()
+        self._assigned: dict[str, RelayAssignment] = {}
+        self.revoked = Revocations()
+        self.peer_refusals = Refusals()
         self._lock = threading.Lock()
         self._listener = Listener(listen, identity.server_context(), self._serve)
         self._received = 0
@@ -282,7 +314,8 @@ class ProcessServer:
     def start(self) -> None:
         # Resume forwarding whatever a previous run cached but the master target never acknowledged.
         for meta in sorted(self.cache_dir.glob("*/meta.json")):
-            self._relay(meta.parent.name, "")
+            if valid_identifier(meta.parent.name):
+                self._relay(meta.parent.name, "")
         self._listener.start()
 
     def stop(self) -> None:
@@ -291,7 +324,7 @@ class ProcessServer:
         for relay in list(self._relays.values()):
             relay.cache.close()
 
-    def _relay(self, pair_id: str, mt_address: str) -> PairRelay:
+    def _relay(self, pair_id: str, mt_address: str, assigned: RelayAssignment | None = None) -> PairRelay:
         with self._lock:
             relay = self._relays.get(pair_id)
             if relay is None:
@@ -299,12 +332,45 @@ class ProcessServer:
                 self._relays[pair_id] = relay
             elif mt_address and mt_address != relay.mt_address:
                 relay.mt_address = mt_address
+            if assigned is not None:
+                relay.mt_id, relay.size = assigned.master_target_id, assigned.size
             return relay
 
+    def _authorise(self, peer: Peer, hello: Hello) -> tuple[str, Problem] | None:
+        """Why this HELLO is refused (pair, problem), or None: the assigned agent, not revoked."""
+        if peer.kind is not PeerKind.AGENT or hello.role != Role.AGENT:
+            return "", not_authorised(peer, "send to a process server (only agents do)")
+        if peer.serial in self.revoked:
+            return "", not_authorised(peer, "connect: its certificate is revoked")
+        for pair_id in hello.pairs:
+            if valid_identifier(pair_id) and pair_id not in self._assigned:
+                # Ended, or this process server has not heard of it yet: the agent retries.
+                return pair_id, Problem(
+                    code="pair-not-assigned",
+                    message=f"Process server {self.name!r} relays no pair {pair_id!r} (yet).",
+                    remediation="None if replication was just enabled: the agent retries.",
+                )
+            if not valid_identifier(pair_id) or self._assigned[pair_id].agent != peer.id:
+                return pair_id, not_authorised(peer, f"send pair {pair_id!r}: it is not assigned to it")
+        return None
+
     def reconcile(self, desired: ProcessServerDesired) -> None:
-        """Drop the caches of pairs that ended (their master target would refuse them for ever)."""
+        """Take the assignments and revocations; drop the caches of pairs that ended for good."""
+        self._assigned = {a.pair_id: a for a in desired.pairs}
+        self.revoked.update(desired.revoked)
+        for pair_id, assignment in self._assigned.items():
+            if pair_id in self._relays:
+                self._relay(pair_id, assignment.master_target, assignment)
+        # A session whose agent was revoked or lost the pair ends now, not at its next HELLO.
+        for live in list(self._relays.values()):
+            session, now = live.agent, self._assigned.get(live.pair_id)
+            if session is not None and (
+                session.peer.serial in self.revoked or now is None or now.agent != session.peer.id
+            ):
+                with contextlib.suppress(OSError, ValueError):
+                    session.sock.shutdown(2)
         for pair_id in desired.discard:
-            if pair_id in self._discarded or Path(pair_id).name != pair_id:
+            if pair_id in self._discarded or not valid_identifier(pair_id):
                 continue
             with self._lock:
                 relay = self._relays.pop(pair_id, None)
@@ -318,16 +384,20 @@ class ProcessServer:
     def note_forwarded(self, n: int) -> None:
         self._forwarded += n
 
-    def _serve(self, sock: ssl.SSLSocket, peer: str) -> None:
+    def _serve(self, sock: ssl.SSLSocket, address: str) -> None:
+        peer = peer_of(sock, address)
         reader = FrameReader(sock)
         first = reader.read()
         if first is None or first.header.type != FrameType.HELLO:
             raise ProtocolError(f"{peer} did not open with HELLO")
         hello = decode_model(Hello, first.payload)
-        if hello.role != Role.AGENT or not hello.master_target:
-            raise ProtocolError(f"{peer} is not an agent naming a master target")
-        relays = [self._relay(p, hello.master_target) for p in hello.pairs]
-        session = _Session(sock, list(hello.pairs))
+        refusal = self._authorise(peer, hello)
+        if refusal is not None:
+            self._refuse(FrameWriter(sock), peer, refusal[1], refusal[0])
+            return
+        assigned = [self._assigned[p] for p in hello.pairs]
+        relays = [self._relay(a.pair_id, a.master_target or hello.master_target or "", a) for a in assigned]
+        session = _Session(sock, list(hello.pairs), peer)
         for relay in relays:
             relay.agent = session
         with session.lock:
@@ -342,6 +412,17 @@ class ProcessServer:
             for relay in relays:
                 if relay.agent is session:
                     relay.agent = None
+
+    def _refuse(self, writer: FrameWriter, peer: Peer, problem: Problem, pair_id: str = "") -> None:
+        if problem.code == "pair-not-assigned":
+            log.info("%s: %s", peer, problem.message)
+        else:
+            self.peer_refusals.add(peer, problem, pair_id)
+        with contextlib.suppress(OSError):
+            writer.send_model(
+                FrameType.ERROR,
+                ErrorBody(code=problem.code, message=problem.message, remediation=problem.remediation),
+            )
 
     def _receive(self, reader: FrameReader, session: _Session, relays: list[PairRelay]) -> None:
         hbuf = bytearray(HEADER_SIZE)
@@ -363,6 +444,12 @@ class ProcessServer:
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(relays)} pairs")
             relay = relays[h.pair]
             if h.type in _DATA_TYPES:
+                problem = data_frame_problem(relay.pair_id, frame, relay.durable_seq, relay.size)
+                if problem is not None:
+                    # Refused before it is cached or acknowledged: the master target would drop it.
+                    with session.lock:
+                        self._refuse(session.writer, session.peer, problem, relay.pair_id)
+                    raise ProtocolError(problem.message)
                 if h.seq > relay.cache.last_seq and h.seq > relay.mt_acked:
                     pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
                     relay.cache.append(h.seq, hbuf, frame.wire)
@@ -413,4 +500,5 @@ class ProcessServer:
             drain_seconds=drain,
             pairs=len(self._relays),
             refused_frames=[e for r in list(self._relays.values()) for e in r.refusals.entries()],
+            refused_peers=self.peer_refusals.kept,
         )

@@ -40,6 +40,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
 from siterecovery.dataplane.sync_source import Chunk, Progress, delta, delta_blocks, dirty_blocks, full_copy
+from siterecovery.dataplane.trust import PeerKind, Revocations, check_server
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ class SessionEnded(ConnectionError):
 
 
 class PairSender:
-    def __init__(self, pair: PairReplication, ctx: ssl.SSLContext, component: str) -> None:
+    def __init__(
+        self, pair: PairReplication, ctx: ssl.SSLContext, component: str, revoked: Revocations | None = None
+    ) -> None:
         self.pair = pair
+        self._revoked = revoked
         self._ctx = ctx
         self._component = component
         self.stopped = threading.Event()
@@ -91,6 +95,10 @@ class PairSender:
     def _session(self) -> None:
         sock = connect(self.pair.spec.process_server, self._ctx)
         try:
+            # Only the assigned process server's certificate: never another kind of component.
+            spec = self.pair.spec
+            ps_id = spec.process_server_id
+            check_server(sock, spec.process_server, PeerKind.PROCESS_SERVER, ps_id, self._revoked)
             writer = FrameWriter(sock)
             reader = FrameReader(sock, MAX_PAYLOAD)
             writer.send_model(

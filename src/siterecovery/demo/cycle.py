@@ -57,6 +57,8 @@ def _verdict(result: dict[str, Any]) -> str:
     if not oracle.get("observable", True):
         return "n/a"
     if oracle.get("ok"):
+        if isinstance(oracle.get("filesystem"), dict):  # a VM guest: ext4 checked, files counted
+            return f"pass ({oracle.get('records', 0)} files, e2fsck clean)"
         return f"pass ({oracle.get('records', 0)} records)"
     return f"FAIL: {oracle.get('reason', '?')}"
 
@@ -64,10 +66,19 @@ def _verdict(result: dict[str, Any]) -> str:
 class Cycle:
     """Runs one machine through the whole cycle; `progress` sees every job poll (for progress bars)."""
 
-    def __init__(self, env: Environment, machine: str = "web1", progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        env: Environment,
+        machine: str = "web1",
+        progress: Progress | None = None,
+        pace: float = 1.0,
+    ) -> None:
         self.env = env
         self.machine = machine
         self.progress = progress
+        # How much the guest writes between steps (1.0: 32 or 64 records; a VM guest writes a
+        # few files a second under TCG, so its tests ask for less).
+        self.pace = pace
         self.rows: list[StepRow] = []
         self._rpo_max: float | None = None
 
@@ -80,6 +91,9 @@ class Cycle:
             return
         if rpo is not None:
             self._rpo_max = max(self._rpo_max or 0.0, float(rpo))
+
+    def _some(self, records: int) -> int:
+        return max(1, round(records * self.pace))
 
     def _records(self, site: str) -> int:
         status = guest_status(self.env.lab_dir, site, self.machine)
@@ -170,14 +184,14 @@ class Cycle:
             raise CycleError(f"the lab has no machine {m}")
         env.fabric("onprem").power_on(m)
         self.wait_agent("onprem")
-        self.wait_records("onprem", 32)
+        self.wait_records("onprem", self._some(32))
         self._sync_step(
             "enable + initial replication",
             "/api/replicatedItems",
             {"machine": m, "policy": "demo", "process_server": "ps-onprem", "master_target": "mt-cloud"},
             lambda: sum(os.stat(d.backing).st_blocks * 512 for d in onprem_disk.disks),
         )
-        self.wait_records("onprem", self._records("onprem") + 64)
+        self.wait_records("onprem", self._records("onprem") + self._some(64))
         self._move_step(
             "planned failover to cloud",
             f"/api/replicatedItems/{m}/failover",
@@ -186,7 +200,7 @@ class Cycle:
         self._job("commit failover", f"/api/replicatedItems/{m}/commit", {})
         self.wait_agent("cloud")
         at_failover = self._records("cloud")
-        self.wait_records("cloud", at_failover + 64)  # the machine keeps working in the cloud
+        self.wait_records("cloud", at_failover + self._some(64))  # the machine keeps working in the cloud
         self._sync_step(
             "reprotect cloud → on-premises (delta)",
             f"/api/replicatedItems/{m}/reprotect",
@@ -198,11 +212,11 @@ class Cycle:
             },
             lambda: (self._records("cloud") - at_failover) * RECORD_SIZE,
         )
-        self.wait_records("cloud", self._records("cloud") + 64)
+        self.wait_records("cloud", self._records("cloud") + self._some(64))
         back = self._move_step(
             "failback to on-premises", f"/api/replicatedItems/{m}/failback", {"point": "latest"}
         )
-        self.wait_records("onprem", self._records("onprem") + 32)
+        self.wait_records("onprem", self._records("onprem") + self._some(32))
         # Before commit the point can change: the machine boots again from the same point, and
         # everything it wrote meanwhile is undone, so its log ends exactly where it did at failback.
         again = self._move_step(
@@ -217,7 +231,7 @@ class Cycle:
         self._job("commit failback", f"/api/replicatedItems/{m}/commit", {})
         self.wait_agent("onprem")
         at_failback = self._records("onprem")
-        self.wait_records("onprem", at_failback + 64)
+        self.wait_records("onprem", at_failback + self._some(64))
         self._sync_step(
             "re-protect on-premises → cloud (delta)",
             f"/api/replicatedItems/{m}/reprotect",
@@ -228,5 +242,5 @@ class Cycle:
             },
             lambda: (self._records("onprem") - at_failback) * RECORD_SIZE,
         )
-        self.wait_records("onprem", self._records("onprem") + 32)
+        self.wait_records("onprem", self._records("onprem") + self._some(32))
         self.rows[-1].rpo_held = self._rpo_max

@@ -22,6 +22,7 @@ import httpx
 from siterecovery.cli.client import Api
 from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import create_lab
+from siterecovery.fabrics.lab_model import Accel, GuestKind
 from siterecovery.lab import runtime
 
 START_TIMEOUT = 60.0
@@ -44,8 +45,11 @@ class Environment:
     root: Path
     disk_size: int = 64 << 20
     registration_delay: float = 1.0
+    guest: GuestKind = GuestKind.PYTHON  # VM: every machine is a real Linux VM (siterecovery.lab.vm)
+    accel: Accel = Accel.AUTO
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, tuple[str, ...]] = field(default_factory=dict)  # each process's arguments
     token: str = ""
     port: int = 0
 
@@ -77,6 +81,7 @@ class Environment:
     def _spawn(self, name: str, *args: str) -> None:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        self.commands[name] = args
         with open(logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "siterecovery", *args],
@@ -171,6 +176,18 @@ class Environment:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
         self._await(lambda: self.connected(name), name)
 
+    def restart_component(self, name: str, kill: bool = True, extra: tuple[str, ...] = ()) -> None:
+        """Stop a process server or master target (kill -9 by default) and start it again with the
+        same command line (plus `extra` options), as an operator would after a crash."""
+        args = (*self.commands[name], *extra)
+        self._stop(name, signal.SIGKILL if kill else signal.SIGTERM)
+        self._spawn(name, *args)
+        self._await(lambda: self.connected(name), name)
+
+    def stop_component(self, name: str) -> None:
+        """Stop a process server or master target cleanly (SIGTERM)."""
+        self._stop(name)
+
     def retention_volume(self, master_target: str) -> str:
         """The first eligible retention volume the master target reports (what the portal offers)."""
         for server in self.api.get("/api/servers"):
@@ -188,7 +205,7 @@ class Environment:
     def start(self) -> None:
         """Lab, configuration server, both sites as fabrics, a process server and a master target per site."""
         self.root.mkdir(parents=True, exist_ok=True)
-        create_lab(self.lab_dir, self.disk_size)
+        create_lab(self.lab_dir, self.disk_size, self.guest, self.accel)
         self.start_server()
         self.passphrase_file.write_text(self.api.get("/api/server/passphrase")["passphrase"] + "\n")
         os.chmod(self.passphrase_file, 0o600)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from siterecovery.demo.cycle import Cycle, CycleError, StepRow
 from siterecovery.demo.environment import Environment
+from siterecovery.fabrics.lab_model import Accel, GuestKind
 
 # Piped output (make demo in CI, a log) would wrap the table at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 132)
@@ -54,10 +55,16 @@ def table(rows: list[StepRow]) -> Table:
     return out
 
 
-def run_demo(disk_size: int, keep: bool, directory: Path | None) -> int:
+def run_demo(
+    disk_size: int,
+    keep: bool,
+    directory: Path | None,
+    guest: GuestKind = GuestKind.PYTHON,
+    accel: Accel = Accel.AUTO,
+) -> int:
     root = directory or Path(tempfile.mkdtemp(prefix="siterecovery-demo-"))
-    env = Environment(root, disk_size=disk_size)
-    console.print(f"[bold]siterecovery demo[/] in {root}")
+    env = Environment(root, disk_size=disk_size, guest=guest, accel=accel)
+    console.print(f"[bold]siterecovery demo[/] in {root} ({guest.value} guests)")
     failed = False
     try:
         with console.status("starting the lab, the configuration server, process servers and master targets"):

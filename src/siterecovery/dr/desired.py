@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from siterecovery.control.certificates import revoked_serials
 from siterecovery.control.db import Component, Policy, ReplicatedItem
 from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import (
@@ -24,6 +25,7 @@ from siterecovery.dataplane.assignments import (
     MasterTargetDesired,
     PointCopy,
     ProcessServerDesired,
+    RelayAssignment,
 )
 from siterecovery.dr.record import ItemRecord, Replication
 
@@ -59,6 +61,13 @@ def _address(s: Session, component_id: str) -> str:
     return row.address if row is not None else ""
 
 
+def _agent_id(s: Session, name: str) -> str:
+    found = s.scalar(
+        select(Component.id).where(Component.kind == ComponentKind.AGENT.value, Component.name == name)
+    )
+    return found or ""
+
+
 def agent_desired(s: Session, agent: Component) -> AgentDesired:
     replications = []
     bookmarks: list[BookmarkRequest] = []
@@ -74,6 +83,7 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
                 image=Path(p.source),
                 process_server=ps,
                 master_target=mt,
+                process_server_id=rep.process_server,
                 sync_mode=rep.sync_mode,
                 generation=rep.generation,
             )
@@ -83,7 +93,12 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
         policy = _policy(s, item)
         if policy is not None:
             crash_interval = min(crash_interval, float(policy.crash_consistent_frequency_seconds))
-    return AgentDesired(replications=replications, bookmarks=bookmarks, crash_interval_seconds=crash_interval)
+    return AgentDesired(
+        replications=replications,
+        bookmarks=bookmarks,
+        crash_interval_seconds=crash_interval,
+        revoked=revoked_serials(s),
+    )
 
 
 def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
@@ -106,6 +121,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
                 size=p.size,
                 point=rep.points.get(p.pair_id),
                 frozen=rep is not rec.replication,
+                process_server=rep.process_server,
             )
             for p in rep.pairs
         ]
@@ -127,6 +143,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
         copies=copies,
         refresh=int(mt.desired.get("refresh", 0)),
         discard=discard,
+        revoked=revoked_serials(s),
     )
 
 
@@ -137,7 +154,20 @@ def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
         for e in ItemRecord.model_validate(item.details).ended_pairs
         if e.process_server == ps.id
     ]
-    return ProcessServerDesired(discard=discard)
+    # The pairs it relays: each only from the agent of its source, only to its master target.
+    pairs = [
+        RelayAssignment(
+            pair_id=p.pair_id,
+            agent=_agent_id(s, agent_name(rep.source_site.value, rep.source_machine)),
+            master_target=_address(s, rep.master_target),
+            master_target_id=rep.master_target,
+            size=p.size,
+        )
+        for _item, _rec, rep in _replicating(s)
+        if rep.process_server == ps.id
+        for p in rep.pairs
+    ]
+    return ProcessServerDesired(pairs=pairs, discard=discard, revoked=revoked_serials(s))
 
 
 def desired_for(s: Session, component: Component) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from siterecovery.fabrics.base import Fabric
 
-VERDICT_TIMEOUT = 60.0
+VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
 
 
 def _lab(fabric: Fabric) -> Any:

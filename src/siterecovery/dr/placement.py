@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from siterecovery.control.context import current
@@ -29,4 +30,7 @@ def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
 
 
 def pair_id(item_id: str, generation: int, disk: str) -> str:
-    return f"{item_id}.g{generation}.{disk}"
+    """`<item>.g<generation>.<disk>`: every hop makes it a directory name, so it keeps to the strict
+    pattern (`PAIR_ID_PATTERN`); a disk label such as vSphere's "Hard disk 1" becomes "Hard-disk-1"."""
+    label = re.sub(r"[^A-Za-z0-9._-]", "-", disk)
+    return f"{item_id}.g{generation}.{label}"[:128]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES
 from siterecovery.dr.checks import FAILBACK_RULES, REPROTECT_RULES
+from siterecovery.dr.libvirt_checks import LIBVIRT_RULES
 from siterecovery.dr.rules import RULES
 
 BEGIN = "<!-- rules:begin -->\n"
@@ -35,6 +36,7 @@ def prerequisites_table() -> str:
                 ("reprotect", REPROTECT_RULES),
                 ("failback", FAILBACK_RULES),
                 ("failover to Azure", AZURE_FAILOVER_RULES),
+                ("move onto libvirt", LIBVIRT_RULES),
             )
             if rule in listed
         ]

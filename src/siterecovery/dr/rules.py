@@ -272,6 +272,58 @@ AZURE_CORE_QUOTA = Rule(
     "Ask for a core quota of at least {needed} in {location}, or fail over fewer machines at once.",
 )
 
+# Failover, reprotect and failback onto a libvirt site (dr/libvirt_checks.py): what libvirt would
+# refuse or get wrong, found before anything is defined.
+LIBVIRT_REACH = Rule(
+    "LV-REACH",
+    "libvirt-unreachable",
+    "(libvirt) the target host answers at the fabric's URI.",
+    "Start libvirtd (or virtqemud) on {host} and check the URI and SSH access (`virsh -c {uri} version`).",
+)
+LIBVIRT_POOL = Rule(
+    "LV-POOL",
+    "libvirt-pool-unavailable",
+    "(libvirt) the storage pool for the replica volumes exists, is active and is writable on the host.",
+    "Define and start pool {pool} on {host} (`virsh pool-start {pool}`), writable by libvirtd.",
+)
+LIBVIRT_POOL_SPACE = Rule(
+    "LV-POOL-SPACE",
+    "libvirt-pool-full",
+    "(libvirt) the storage pool has room for the replica volumes.",
+    "Free {needed} bytes in pool {pool} or choose a larger pool.",
+)
+LIBVIRT_NAME = Rule(
+    "LV-NAME",
+    "libvirt-name-taken",
+    "(libvirt) no other domain on the host has the name the recovery domain will get.",
+    "Undefine or rename domain {machine} on {host}, or recover under another name.",
+)
+LIBVIRT_SNAPSHOTS = Rule(
+    "LV-SNAPSHOT",
+    "libvirt-snapshots-present",
+    "(libvirt) the master target domain has no snapshots (a revert restores its old disk list and "
+    "drops the replica disks attached since).",
+    "Delete the snapshots of {machine} (`virsh snapshot-delete`).",
+)
+LIBVIRT_DISK_LIMIT = Rule(
+    "LV-DISKS",
+    "libvirt-disk-limit",
+    "(libvirt) the master target domain's bus takes the replica disks beside those it has.",
+    "Detach disks from {machine} or use another master target ({needed} {bus} disks needed).",
+)
+LIBVIRT_DOMAIN_TYPE = Rule(
+    "LV-TYPE",
+    "libvirt-domain-type-unsupported",
+    "(libvirt) the target host runs the domain type and architecture of the recorded domain XML.",
+    "Run {machine} on a host offering {needed}, or change the domain type in its record.",
+)
+LIBVIRT_NETWORK = Rule(
+    "LV-NETWORK",
+    "libvirt-network-missing",
+    "(libvirt) the networks the domain's interfaces use exist and are active on the target host.",
+    "Define and start network {network} on {host} (`virsh net-start {network}`).",
+)
+
 RULES: Mapping[str, Rule] = {
     rule.code: rule
     for rule in (
@@ -310,5 +362,13 @@ RULES: Mapping[str, Rule] = {
         AZURE_DISK_COUNT,
         AZURE_DISK_ALIGNMENT,
         AZURE_CORE_QUOTA,
+        LIBVIRT_REACH,
+        LIBVIRT_POOL,
+        LIBVIRT_POOL_SPACE,
+        LIBVIRT_NAME,
+        LIBVIRT_SNAPSHOTS,
+        LIBVIRT_DISK_LIMIT,
+        LIBVIRT_DOMAIN_TYPE,
+        LIBVIRT_NETWORK,
     )
 }

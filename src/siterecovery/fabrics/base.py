@@ -23,6 +23,7 @@ class HypervisorKind(StrEnum):
     HYPERV = "hyperv"
     PHYSICAL = "physical"
     WORKSTATION = "workstation"
+    KVM = "kvm"  # a libvirt host (QEMU with KVM or TCG)
 
 
 class LicenceEdition(StrEnum):
@@ -116,6 +117,10 @@ class Host:
     kind: HypervisorKind
     licence: LicenceEdition
     version: str = ""
+    cpus: int = 0
+    memory_bytes: int = 0
+    # Domain types the host runs, as "arch/type" ("x86_64/kvm", "x86_64/qemu"): libvirt capabilities.
+    domain_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class Disk:
     backing: str  # image file path (lab), "[datastore] path.vmdk" (vSphere)
     datastore: str = ""  # datastore name
     controller_key: int = 0
+    bus: str = ""  # libvirt: the target bus (virtio, sata, scsi, ide)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,15 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class Network:
+    """A virtual network a site offers its machines (libvirt networks)."""
+
+    name: str
+    active: bool
+    bridge: str = ""
+
+
+@dataclass(frozen=True)
 class ResourceGroup:
     name: str
     location: str
@@ -192,6 +207,7 @@ class Inventory:
     datastores: tuple[Datastore, ...] = ()
     machines: tuple[Machine, ...] = ()
     resource_groups: tuple[ResourceGroup, ...] = ()
+    networks: tuple[Network, ...] = ()
     privileges: frozenset[str] = frozenset()
     # Why discovery saw less than it should (e.g. a read-only account sees no datastores).
     warnings: tuple[str, ...] = ()

@@ -41,6 +41,7 @@ from siterecovery.fabrics.lab_build import (
 )
 from siterecovery.fabrics.lab_model import (
     AccountMode,
+    GuestKind,
     LabController,
     LabDisk,
     LabMachine,
@@ -202,6 +203,7 @@ class LabFabric:
                 m.powered_on_at = time.time()
             value = self._machine(m)
             workload, rate, after, owner = m.workload, m.guest_rate, m.guest_after, m.log_owner
+            guest, accel = state.guest_of(m), state.vm_accel
             agent = runtime.AgentSettings(
                 site=self.site,
                 server=site.control_server,
@@ -213,8 +215,9 @@ class LabFabric:
         peer = runtime.run_dir(self.lab_dir, self.site, after) / runtime.GUEST_STATUS if after else None
         try:
             runtime.start_machine(
-                self.lab_dir, self.site, value, rate=rate, after=peer, agent=agent, log_owner=owner
-            )
+                self.lab_dir, self.site, value, rate=rate, after=peer, agent=agent, log_owner=owner,
+                guest=guest, accel=accel,
+            )  # fmt: skip
         except BaseException:
             if not was_on:
                 with self.store.edit() as state:
@@ -226,6 +229,10 @@ class LabFabric:
         """Whose log the machine's guest writes: its own name unless it is a copy of another machine."""
         m = self._find(self._site(self.store.read()), machine)
         return m.log_owner or m.name
+
+    def guest_kind(self, machine: str) -> GuestKind:
+        state = self.store.read()
+        return state.guest_of(self._find(self._site(state), machine))
 
     def set_log_owner(self, machine: str, owner: str) -> None:
         with self.store.edit() as state:

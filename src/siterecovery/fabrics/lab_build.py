@@ -24,6 +24,8 @@ from siterecovery.fabrics.base import (
 from siterecovery.fabrics.lab_model import (
     CLOUD,
     ONPREM,
+    Accel,
+    GuestKind,
     LabController,
     LabDatastore,
     LabDisk,
@@ -38,6 +40,7 @@ from siterecovery.fabrics.lab_model import (
 from siterecovery.fabrics.lab_store import LabStore
 
 DEFAULT_DISK_SIZE = 64 * 1024 * 1024
+VM_MIN_DISK_SIZE = 64 * 1024 * 1024
 RECOVERY_GROUP = "rg-recovery"
 CONTROLLER_KEY = 1000
 GIB = 1024**3
@@ -194,8 +197,14 @@ def default_state(disk_size: int) -> LabState:
     return state
 
 
-def create_lab(lab_dir: Path, disk_size: int = DEFAULT_DISK_SIZE) -> LabState:
-    """Create a new lab in `lab_dir` (empty or absent) with sparse disks of `disk_size` bytes."""
+def create_lab(
+    lab_dir: Path,
+    disk_size: int = DEFAULT_DISK_SIZE,
+    guest: GuestKind = GuestKind.PYTHON,
+    accel: Accel = Accel.AUTO,
+) -> LabState:
+    """Create a new lab in `lab_dir` (empty or absent) with sparse disks of `disk_size` bytes whose
+    machines run `guest` (a VM guest's ext4 wants disks of at least 64 MiB)."""
     lab_dir = Path(lab_dir)
     store = LabStore(lab_dir)
     if store.exists():
@@ -203,7 +212,14 @@ def create_lab(lab_dir: Path, disk_size: int = DEFAULT_DISK_SIZE) -> LabState:
             "lab-exists", f"{lab_dir} already holds a lab.", "Choose another folder or remove this one first."
         )
     lab_dir.mkdir(parents=True, exist_ok=True)
+    if guest is GuestKind.VM and disk_size < VM_MIN_DISK_SIZE:
+        raise FabricError(
+            "disk-too-small",
+            f"A VM guest's ext4 file system needs disks of at least {VM_MIN_DISK_SIZE >> 20} MiB.",
+            "Create the lab with --disk-size 64M or more.",
+        )
     state = default_state(disk_size)
+    state.guest, state.vm_accel = guest, accel
     for machine in state.sites[ONPREM].machines:
         for disk in machine.disks:
             make_sparse_image(store.lab_dir / disk.backing, disk.size_bytes)

@@ -33,6 +33,22 @@ CLOUD = "cloud"
 READONLY_PRIVILEGES: tuple[str, ...] = ("System.Anonymous", "System.Read", "System.View")
 
 
+class GuestKind(StrEnum):
+    """What runs on a lab machine: the Python guest writing its record log through the export, or a
+    real Linux VM (QEMU) whose virtio disk is the export (siterecovery.lab.vm)."""
+
+    PYTHON = "python"
+    VM = "vm"
+
+
+class Accel(StrEnum):
+    """How QEMU runs a VM guest: KVM when it boots the guest (probed once), else TCG; or forced."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
 class AccountMode(StrEnum):
     FULL = "full"
     READONLY = "readonly"
@@ -123,6 +139,8 @@ class LabMachine(BaseModel):
     # Whose self-verifying log the guest continues ("" = its own name): a test-failover copy of
     # web1 is a different machine that holds web1's log.
     log_owner: str = ""
+    # The guest that runs when it powers on; None: the log owner's guest, else the lab's default.
+    guest: GuestKind | None = None
     # When the machine last powered on (AG-1: its agent registers `agent_registration_delay` later).
     powered_on_at: float | None = None
 
@@ -168,7 +186,21 @@ class LabState(BaseModel):
     disk_size: int
     next_id: int = 100
     updated_at: float = 0.0
+    guest: GuestKind = GuestKind.PYTHON  # the default guest of the lab's machines
+    vm_accel: Accel = Accel.AUTO
     sites: dict[str, LabSite]
+
+    def guest_of(self, machine: LabMachine) -> GuestKind:
+        """A machine's guest: its own setting, else that of the machine whose log it continues (a
+        failed-over copy keeps its name, a test copy names its owner), else the lab's default."""
+        if machine.guest is not None:
+            return machine.guest
+        owner = machine.log_owner or machine.name
+        for site in self.sites.values():
+            for m in site.machines:
+                if m.name == owner and m.guest is not None:
+                    return m.guest
+        return self.guest
 
     def site(self, name: str) -> LabSite:
         try:

@@ -38,6 +38,7 @@ from siterecovery.fabrics.lab_build import (
 from siterecovery.fabrics.lab_model import (
     READONLY_PRIVILEGES,
     AccountMode,
+    GuestKind,
     LabDatastore,
     LabDisk,
     LabHost,
@@ -174,7 +175,7 @@ class _Context:
 MACHINE_KEYS = (
     "os", "os_version", "physical", "scsi", "enableuuid", "tools", "snapshot", "lvm", "host", "template",
     "packages", "ip", "origin", "resource_group", "visible", "workload", "guest_rate", "guest_after",
-    "log_owner",
+    "log_owner", "guest",
     "bios_uuid", "disk",
 )  # fmt: skip
 
@@ -241,6 +242,8 @@ def _set_machine(ctx: _Context, m: LabMachine, a: Assignment) -> None:
             m.guest_rate = _number(a)
         case "log_owner":
             m.log_owner = a.value
+        case "guest":
+            m.guest = _enum(a, GuestKind)
         case "guest_after":
             if a.value and ctx.site.find_machine(a.value) is None:
                 raise LabSettingError(

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.fabrics.base import FabricError, Machine
+from siterecovery.fabrics.lab_model import Accel, GuestKind
 from siterecovery.lab.guest import GuestState, GuestStatus, read_status
 
 NBD_DIR = "nbd"
 GUEST_STATUS = "guest.json"
+GUEST_KIND = "guest-kind"
 _START_TIMEOUT = 15.0
 _STOP_TIMEOUT = 10.0
+# A VM guest shuts down through its console (writer ends, unmount, poweroff) and may first have to
+# finish booting (journal replay, e2fsck): under TCG on a busy machine that takes a while.
+_VM_STOP_TIMEOUT = 120.0
 
 
 def run_dir(lab_dir: Path, site: str, machine: str) -> Path:
@@ -102,6 +107,25 @@ def guest_command(
         str(rate),
     ]
     return [*cmd, "--after", str(after)] if after is not None else cmd
+
+
+def vm_guest_command(
+    machine: Machine, run: Path, *, rate: float = 16.0, log_owner: str = "", accel: Accel = Accel.AUTO
+) -> list[str]:
+    """A real VM as the guest (siterecovery.lab.vm): the image is built and KVM probed on first use."""
+    from siterecovery.lab.vm.image import ensure_image, resolve_accel
+
+    image = ensure_image()
+    return [
+        sys.executable, "-m", "siterecovery.lab.vm.guest",
+        "--unix", str(agent_socket(run, machine.disks[0].label)),
+        "--export", machine.disks[0].label,
+        "--machine", log_owner or machine.name,
+        "--status", str(run / GUEST_STATUS),
+        "--kernel", str(image.kernel), "--initrd", str(image.initrd),
+        "--accel", resolve_accel(image, accel).value,
+        "--rate", str(rate),
+    ]  # fmt: skip
 
 
 # ---- pid files ---------------------------------------------------------------------------------
@@ -207,12 +231,21 @@ def start_machine(
     after: Path | None = None,
     agent: AgentSettings | None = None,
     log_owner: str = "",
+    guest: GuestKind = GuestKind.PYTHON,
+    accel: Accel = Accel.AUTO,
 ) -> None:
     """Start whatever of the machine's agent and guest is not running (idempotent)."""
     run = run_dir(lab_dir, site, machine.name)
     run.mkdir(parents=True, exist_ok=True)
     if not machine.disks:
         return
+    cmd: list[str] = []
+    if _live_pid(run / "guest.pid") is None:
+        # First, so a VM guest that cannot be built fails the power-on before anything starts.
+        if guest is GuestKind.VM:
+            cmd = vm_guest_command(machine, run, rate=rate, log_owner=log_owner, accel=accel)
+        else:
+            cmd = guest_command(machine, run, rate=rate, after=after, log_owner=log_owner)
     if _live_pid(run / "export.pid") is None:
         for d in machine.disks:
             agent_socket(run, d.label).unlink(missing_ok=True)
@@ -224,19 +257,16 @@ def start_machine(
         )
         for d in machine.disks:
             _wait_connectable(agent_socket(run, d.label), run / "export.pid", run / "export.log")
-    if _live_pid(run / "guest.pid") is None:
+    if cmd:
         (run / GUEST_STATUS).unlink(missing_ok=True)
-        _spawn(
-            guest_command(machine, run, rate=rate, after=after, log_owner=log_owner),
-            run / "guest.pid",
-            run / "guest.log",
-        )
+        (run / GUEST_KIND).write_text(guest.value)
+        _spawn(cmd, run / "guest.pid", run / "guest.log")
 
 
 def stop_machine(lab_dir: Path, site: str, machine: str) -> None:
     """Shut the guest down cleanly (it flushes), then the export."""
     run = run_dir(lab_dir, site, machine)
-    _stop(run / "guest.pid")
+    _stop(run / "guest.pid", _VM_STOP_TIMEOUT if _guest_kind(run) is GuestKind.VM else _STOP_TIMEOUT)
     # The agent drains what it captured to its process server before it exits: give it that time.
     try:
         drain = float((run / "agent-drain-timeout").read_text())
@@ -247,11 +277,20 @@ def stop_machine(lab_dir: Path, site: str, machine: str) -> None:
         sock.unlink(missing_ok=True)
 
 
+def _guest_kind(run: Path) -> GuestKind:
+    try:
+        return GuestKind((run / GUEST_KIND).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return GuestKind.PYTHON
+
+
 def crash_guest(lab_dir: Path, site: str, machine: str) -> bool:
-    """kill -9 the guest; False if it was not running."""
-    pidfile = run_dir(lab_dir, site, machine) / "guest.pid"
+    """kill -9 the guest (a VM guest's QEMU first); False if it was not running."""
+    run = run_dir(lab_dir, site, machine)
+    pidfile = run / "guest.pid"
     if _live_pid(pidfile) is None:
         return False
+    _signal_and_wait(run / "qemu.pid", signal.SIGKILL, _STOP_TIMEOUT)
     _signal_and_wait(pidfile, signal.SIGKILL, _STOP_TIMEOUT)
     return True
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from siterecovery.control import certificates
 from siterecovery.control.api.deps import component, control_plane, operator, reader, session
 from siterecovery.control.auth import Principal, create_token
 from siterecovery.control.context import ControlPlane
@@ -63,8 +64,7 @@ def register(
     for old in s.scalars(select(Token).where(Token.component_id == row.id)):
         old.revoked = True
     token = create_token(s, f"{body.kind.value}:{body.name}", Role.COMPONENT, component_id=row.id)
-    hosts = tuple(sorted({"127.0.0.1", "localhost", (body.address or "").rsplit(":", 1)[0] or "127.0.0.1"}))
-    issued = cp.ca.issue(f"{body.kind.value}:{body.name}", hosts)
+    issued = certificates.issue(cp, s, row)
     record_event(
         s,
         Severity.INFO,

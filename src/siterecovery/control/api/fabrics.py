@@ -21,6 +21,7 @@ from siterecovery.control.schemas import (
     FabricCredentials,
     FabricOut,
     LabConnection,
+    LibvirtConnection,
     VSphereConnection,
 )
 from siterecovery.control.states import ProtectionState, Severity
@@ -32,6 +33,7 @@ _CONNECTIONS: dict[str, type[BaseModel]] = {
     "lab": LabConnection,
     "vsphere": VSphereConnection,
     "azure": AzureConnection,
+    "libvirt": LibvirtConnection,
 }
 _SECRET_KEYS = ("password", "secret", "token")
 
