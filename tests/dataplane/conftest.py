@@ -8,6 +8,7 @@ target the process server of each disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -69,12 +70,16 @@ class Component:
 
     def wait_address(self) -> str:
         path = self.state_dir / "address"
+
+        def written() -> bool:
+            return path.exists() and bool(path.read_text().strip())
+
         wait_for(
-            lambda: path.exists() or self.proc is None or self.proc.poll() is not None,
+            lambda: written() or self.proc is None or self.proc.poll() is not None,
             30,
             f"{self.args[0]} to listen",
         )
-        if not path.exists():
+        if not written():
             raise AssertionError(f"{self.args[0]} exited:\n{self.log.read_text()}")
         return path.read_text().strip()
 
@@ -266,8 +271,28 @@ def applied_seq(mt: Component, pair: str) -> int:
     return -1
 
 
+def wait_fresh_stats(*components: Component, timeout: float = 30.0) -> None:
+    """Until every component has published its stats twice since now.
+
+    `stats.json` is rewritten each interval: a snapshot read right after the caller's writes may
+    predate their capture (it once said "replicated" with 9 MiB still unsent). The first rewrite
+    may have been computed before now, the second cannot have been."""
+
+    def rewritten_since(since: int) -> bool:
+        try:
+            return all((c.state_dir / "stats.json").stat().st_mtime_ns > since for c in components)
+        except FileNotFoundError:
+            return False
+
+    for _ in range(2):
+        since = time.time_ns()
+        wait_for(functools.partial(rewritten_since, since), timeout, "fresh stats")
+
+
 def wait_replicated(agent: Component, mt: Component, pair: str, timeout: float = 90.0) -> None:
-    """Until the agent's pair is protected with an empty spool and the MT applied all it sent."""
+    """Until the agent's pair is protected with an empty spool and the MT applied all it sent
+    (judged on stats published after the call, never on an older snapshot)."""
+    wait_fresh_stats(agent, mt)
 
     def done() -> bool:
         s = pair_stats(agent, pair)

@@ -31,6 +31,7 @@ from tests.dataplane.conftest import (
     relay,
     replication,
     wait_for,
+    wait_fresh_stats,
 )
 
 DISK = 16 << 20
@@ -157,6 +158,7 @@ class Rig:
 
     def wait_applied(self) -> None:
         """Until the MT durably applied everything the agent captured (the guest is stopped)."""
+        wait_fresh_stats(self.agent, self.mt)
 
         def caught_up() -> bool:
             pairs = self.agent.stats().get("pairs", [])

@@ -39,6 +39,11 @@ class Api:
         )
 
     def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        return self._body(self._send(method, path, json, params))
+
+    def _send(
+        self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None
+    ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             resp = httpx.request(
@@ -67,12 +72,28 @@ class Api:
             except ValueError:
                 body = {"code": "http-error", "message": resp.text[:500] or f"HTTP {resp.status_code}"}
             raise ApiError(resp.status_code, body if isinstance(body, dict) else {"message": str(body)})
+        return resp
+
+    @staticmethod
+    def _body(resp: httpx.Response) -> Any:
         if resp.headers.get("content-type", "").startswith("application/json"):
             return resp.json()
         return resp.text
 
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def get_all(self, path: str, **params: Any) -> list[Any]:
+        """Every row of a paged list route: follows `X-Next-After` until the last page."""
+        rows: list[Any] = []
+        query = {k: v for k, v in params.items() if v is not None}
+        while True:
+            resp = self._send("GET", path, params=query)
+            rows += self._body(resp)
+            after = resp.headers.get("X-Next-After")
+            if not after:
+                return rows
+            query["after"] = after
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, json=body if body is not None else {})

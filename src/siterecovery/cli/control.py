@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from siterecovery.cli.client import Api
 from siterecovery.cli.jobs_view import watch_job
 from siterecovery.cli.output import emit
 from siterecovery.cli.state import as_json, call
@@ -145,7 +147,7 @@ _ITEM_COLUMNS = ("name", "direction", "state", "health", "rpo_seconds", "id")
 
 @items_app.command("list")
 def items_list(ctx: typer.Context) -> None:
-    emit(call(ctx, lambda api: api.get("/api/replicatedItems")), as_json(ctx), _ITEM_COLUMNS)
+    emit(call(ctx, lambda api: api.get_all("/api/replicatedItems")), as_json(ctx), _ITEM_COLUMNS)
 
 
 @items_app.command("show")
@@ -153,15 +155,29 @@ def items_show(ctx: typer.Context, item: str) -> None:
     emit(call(ctx, lambda api: api.get(f"/api/replicatedItems/{item}")), as_json(ctx))
 
 
+def _listing(api: Api, all_pages: bool) -> Callable[..., Any]:
+    """The first page of a paged list (the newest), or every page (`--all`, follows X-Next-After)."""
+    return api.get_all if all_pages else api.get
+
+
 _JOB_COLUMNS = ("id", "kind", "target_name", "state", "percent")
 
 
 @jobs_app.command("list")
 def jobs_list(
-    ctx: typer.Context, state: str | None = None, kind: str | None = None, target: str | None = None
+    ctx: typer.Context,
+    state: str | None = None,
+    kind: str | None = None,
+    target: str | None = None,
+    all_pages: bool = typer.Option(False, "--all", help="every job, not only the newest 100"),
 ) -> None:
     emit(
-        call(ctx, lambda api: api.get("/api/jobs", state=state, kind=kind, target=target)),
+        call(
+            ctx,
+            lambda api: (api.get_all if all_pages else api.get)(
+                "/api/jobs", state=state, kind=kind, target=target
+            ),
+        ),
         as_json(ctx),
         _JOB_COLUMNS,
     )
@@ -279,9 +295,17 @@ def servers_remove(
 
 
 @events_app.command("list")
-def events_list(ctx: typer.Context, alerts: bool = False, active: bool = False) -> None:
+def events_list(
+    ctx: typer.Context,
+    alerts: bool = False,
+    active: bool = False,
+    all_pages: bool = typer.Option(False, "--all", help="every event, not only the newest 200"),
+) -> None:
     emit(
-        call(ctx, lambda api: api.get("/api/events", alerts=alerts, active=active)),
+        call(
+            ctx,
+            lambda api: (api.get_all if all_pages else api.get)("/api/events", alerts=alerts, active=active),
+        ),
         as_json(ctx),
         ("id", "severity", "alert", "active", "code", "message"),
     )

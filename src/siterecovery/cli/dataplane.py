@@ -10,6 +10,7 @@ Run alone: `python -m siterecovery.cli.dataplane --help`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -76,7 +77,10 @@ def _client(
 
 
 def _write_address(state_dir: Path, address: str) -> None:
-    (state_dir / "address").write_text(address + "\n")
+    # Replaced whole: a reader (an operator's script, the lab) never sees the file empty.
+    tmp = state_dir / "address.tmp"
+    tmp.write_text(address + "\n")
+    os.replace(tmp, state_dir / "address")
 
 
 def agent(

@@ -6,8 +6,10 @@ from fastapi import FastAPI
 
 from siterecovery import __version__, portal
 from siterecovery.control import metrics, openapi_errors, plan_actions, problems
+from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.control.api import (
     certificates,
+    cluster,
     components,
     events,
     fabrics,
@@ -34,11 +36,14 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     openapi_errors.install(app)
+    # Sheds heartbeats beyond what the process handles at once (inside Edge: auth is checked first).
+    app.add_middleware(HeartbeatAdmission)
     # Outermost of the application's own layers: refuses before any route reads the body.
     app.add_middleware(Edge)
     routers = (server, components, certificates, fabrics, policies, item_actions, items, plans, jobs, events)
     for module in (*routers, metrics):
         app.include_router(module.router)
+    app.include_router(cluster.router)
     app.include_router(portal.router)
 
     @app.get("/healthz", tags=["server"])

@@ -13,7 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -60,6 +72,8 @@ class Component(Base):
     """A registered server: configuration server, process server, master target or agent."""
 
     __tablename__ = "components"
+    # The RPO monitor and registration look agents up by kind and name.
+    __table_args__ = (Index("ix_components_kind_name", "kind", "name"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(30), index=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -141,8 +155,26 @@ class ReplicatedItem(Base):
     group_id: Mapped[str | None] = mapped_column(ForeignKey("replication_groups.id"), nullable=True)
     rpo_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Bumped by a flush hook whenever `details` changes (control.item_index): readers that keep a
+    # parsed copy (the RPO monitor) reload an item's details only when this moved.
+    details_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, default=now)
     updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ItemComponent(Base):
+    """Index: which components an item's desired state concerns (see `control.item_index`).
+
+    `component` is a process server's or master target's id, or `agent:<site>/<machine>` for the
+    agent (agents are named by machine). Rewritten whenever an item's details change, so a
+    heartbeat reads only its own items instead of every item.
+    """
+
+    __tablename__ = "item_components"
+    item_id: Mapped[str] = mapped_column(
+        ForeignKey("replicated_items.id", ondelete="CASCADE"), primary_key=True
+    )
+    component: Mapped[str] = mapped_column(String(264), primary_key=True, index=True)
 
 
 class RecoveryPlan(Base):
@@ -194,6 +226,8 @@ class Event(Base):
     """An event (something happened) or an alert (a condition that is active until cleared)."""
 
     __tablename__ = "events"
+    # Alerts are looked up by their object and code (raise/clear), events listed by object.
+    __table_args__ = (Index("ix_events_object", "object_type", "object_id", "code"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[float] = mapped_column(Float, default=now, index=True)
     severity: Mapped[str] = mapped_column(String(20))
@@ -208,7 +242,10 @@ class Event(Base):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # Pool as large as PostgreSQL's: the API's threads, the heartbeat writer, the monitor.
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=20
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -220,7 +257,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Heartbeats are admitted 16 at a time (control.admission); jobs and the API need the rest.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 class Database:
@@ -228,6 +266,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        from siterecovery.control.item_index import install  # it needs the models above
+
+        install(self._sessions)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

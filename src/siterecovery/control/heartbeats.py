@@ -60,6 +60,13 @@ def record_refusals(s: Session, row: Component, previous: dict[str, Any], stats:
 def apply_heartbeat(
     s: Session, row: Component, stats: dict[str, Any], config: ServerConfig
 ) -> dict[str, Any]:
+    """Record a heartbeat and return the component's desired state, in one session."""
+    record_heartbeat(s, row, stats, config)
+    return desired_for(s, row)
+
+
+def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: ServerConfig) -> None:
+    """What a heartbeat writes: liveness, statistics, health and alerts (see `heartbeat_writer`)."""
     row.last_heartbeat = now()
     record_refusals(s, row, row.stats or {}, stats)
     row.stats = stats
@@ -92,7 +99,6 @@ def apply_heartbeat(
     elif row.kind == ComponentKind.MASTER_TARGET.value:
         row.health = Health.NORMAL.value
         clear_alert(s, "retention-volume-full", "component", row.id)
-    return desired_for(s, row)
 
 
 def heartbeat_age(row: Component) -> float | None:

@@ -30,6 +30,15 @@ from siterecovery.errors import Problem, SiteRecoveryError, conflict, not_found
 log = logging.getLogger("siterecovery.jobs")
 
 RESUME_TOPIC = "resume"
+# Jobs of a cluster on PostgreSQL: every server process takes work from this queue.
+JOB_QUEUE = "siterecovery-jobs"
+
+
+def register_job_queue() -> None:
+    """Declare the job queue in DBOS's database (after launch); every process then polls it."""
+    DBOS.register_queue(JOB_QUEUE, polling_interval_sec=0.5)
+
+
 MANUAL_ACTION = "manual-action"
 
 
@@ -140,7 +149,13 @@ def create_job(
                 )
             )
     with SetWorkflowID(job_id):
-        DBOS.start_workflow(run_job, job_id)
+        if current().db.engine.dialect.name == "postgresql":
+            queue = DBOS.retrieve_queue(JOB_QUEUE)
+            if queue is None:
+                raise RuntimeError("the job queue is not registered (see register_job_queue)")
+            queue.enqueue(run_job, job_id)  # any server process of the cluster may run it
+        else:
+            DBOS.start_workflow(run_job, job_id)  # SQLite: one process, start it right here
     return job_id
 
 

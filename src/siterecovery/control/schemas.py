@@ -80,10 +80,14 @@ class Heartbeat(Strict):
     stats: dict[str, Any] = Field(default_factory=dict)
     # The component's data listener as it is now (it may move across restarts).
     address: str | None = Field(default=None, max_length=300)
+    # The version of the desired state the component holds (from its last reply), if any.
+    desired_version: str | None = Field(default=None, max_length=64)
 
 
 class HeartbeatReply(BaseModel):
-    desired: dict[str, Any]
+    # None when the component already holds this version (it sent it as `desired_version`).
+    desired: dict[str, Any] | None
+    desired_version: str = ""
     server_time: float
 
 

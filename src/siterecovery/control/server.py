@@ -12,6 +12,7 @@ from dbos import DBOS
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.app import create_app
+from siterecovery.control.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
 from siterecovery.control.context import ControlPlane, open_control_plane
 
 log = logging.getLogger("siterecovery.server")
@@ -25,15 +26,20 @@ def dbos_system_url(config: ServerConfig) -> str:
     return config.database_url
 
 
-def start_engine(cp: ControlPlane) -> None:
+def start_engine(cp: ControlPlane, executor_id: str = SQLITE_EXECUTOR) -> None:
     DBOS(
         config={
             "name": "siterecovery",
             "system_database_url": dbos_system_url(cp.config),
             "log_level": "WARNING",
+            # Each process of a cluster runs its jobs as its own executor (see control.cluster).
+            "executor_id": executor_id,
         }
     )
     DBOS.launch()
+    from siterecovery.control.jobs import register_job_queue
+
+    register_job_queue()
 
 
 def certificate_names(config: ServerConfig) -> tuple[str, ...]:
@@ -57,10 +63,13 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
                 f.write(cp.initial_admin_token + "\n")
         print(f"initial admin token (shown once): {cp.initial_admin_token}", file=sys.stderr, flush=True)
     app = create_app()
-    start_engine(cp)
+    cluster = Cluster(cp.db, default_executor_id(config.listen), config.state_dir)
+    cluster.join()
+    set_current(cluster)
+    start_engine(cp, cluster.executor_id)
     from siterecovery.dr.monitor import Monitor
 
-    Monitor(cp).start()
+    Monitor(cp, cluster=cluster).start()
     ssl_kwargs: dict[str, object] = {}
     if config.tls:
         pki = config.state_dir / "pki"

@@ -19,7 +19,9 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -67,6 +69,12 @@ class ControlClient:
         self._token: str | None = None
         # Where this component's data listener really is; heartbeats keep the server's record current.
         self.address: str | None = registration.address
+        # The desired state last received and its version: the server answers "unchanged" (no
+        # desired) while the version we send is still current, so an idle heartbeat stays small.
+        self._desired: dict[str, object] | None = None
+        self._desired_version: str | None = None
+        # An overloaded server answers 429/503 with Retry-After: no heartbeat before this time.
+        self._backoff_until = 0.0
 
     def _trust(self) -> ssl.SSLContext | bool:
         """What the API's HTTPS certificate must chain to: the CA given, else the pinned one."""
@@ -169,19 +177,60 @@ class ControlClient:
         return True
 
     def heartbeat(self, stats: BaseModel) -> dict[str, object]:
-        """Send stats, return the raw desired state."""
+        """Send stats, return the raw desired state (the one held when the server says unchanged).
+
+        Raises `ServerBusy` while backing off from an overloaded server, `httpx.HTTPError` when
+        the server cannot be reached or refuses.
+        """
+        clock = time.monotonic()
+        if clock < self._backoff_until:
+            raise ServerBusy(self._backoff_until - clock)
         body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
         if self.address:
             body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
+        if self._desired is not None and self._desired_version:
+            body["desired_version"] = self._desired_version
         # An impostor's certificate fails like an unreachable server: the last desired state holds.
         resp = self._http.post(
             f"{self.server}/api/components/{self.component_id}/heartbeat",
             json=body,
             headers={"Authorization": f"Bearer {self._token}"},
         )
+        if resp.status_code in (429, 503):
+            wait = backoff_seconds(resp.headers.get("Retry-After"))
+            self._backoff_until = time.monotonic() + wait
+            raise ServerBusy(wait)
         resp.raise_for_status()
-        desired = resp.json().get("desired") or {}
-        return dict(desired)
+        reply = resp.json()
+        desired = reply.get("desired")
+        held = self._desired
+        if desired is None and held is not None and reply.get("desired_version") == self._desired_version:
+            return dict(held)
+        self._desired = dict(desired or {})
+        self._desired_version = str(reply.get("desired_version") or "") or None
+        return dict(self._desired)
+
+
+class ServerBusy(httpx.HTTPError):
+    """The configuration server asked us to come back later (429/503): the last desired state holds."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"configuration server busy; retrying in {retry_in:.1f} s")
+        self.retry_in = retry_in
+
+
+def backoff_seconds(retry_after: str | None, rng: random.Random | None = None) -> float:
+    """How long to wait after a busy answer: Retry-After (default 2 s), stretched by 0-100 % jitter.
+
+    The jitter spreads the components the server shed over the next interval instead of having
+    them all come back at the same instant.
+    """
+    try:
+        base = float(retry_after) if retry_after else 2.0
+    except ValueError:
+        base = 2.0
+    base = min(max(base, 0.5), 60.0)
+    return base * (1.0 + (rng or random).random())
 
 
 class Reporter:
@@ -207,6 +256,9 @@ class Reporter:
         try:
             self.client.renew_if_due()
             return self.client.heartbeat(stats)
+        except ServerBusy as exc:
+            log.info("%s; keeping the last desired state", exc)
+            return None
         except httpx.HTTPError as exc:
             if not self._unreachable:
                 log.warning("configuration server unreachable (%s); keeping the last desired state", exc)

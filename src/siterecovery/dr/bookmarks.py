@@ -42,8 +42,14 @@ def schedule_bookmarks(s: Session, now: float) -> list[str]:
     """Ask for every point that is due at its policy's app-consistent frequency."""
     asked: list[str] = []
     seen_groups: set[str] = set()
+    # Only items whose policy asks for app-consistent points: the others are not even loaded.
+    scheduled = list(s.scalars(select(Policy.id).where(Policy.app_consistent_frequency_seconds > 0)))
+    if not scheduled:
+        return asked
     for item in s.scalars(
-        select(ReplicatedItem).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
+        select(ReplicatedItem).where(
+            ReplicatedItem.state == ProtectionState.PROTECTED.value, ReplicatedItem.policy_id.in_(scheduled)
+        )
     ):
         if item.group_id is not None and item.group_id in seen_groups:
             continue

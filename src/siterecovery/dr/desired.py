@@ -2,11 +2,16 @@
 
 A component's desired state is never stored on its own: on every heartbeat it is computed from
 the items whose current replication names it, so there is one source of truth and a workflow
-changes replication by changing an item.
+changes replication by changing an item. The items are found through the items-by-component
+index (`control.item_index`), so a heartbeat reads O(its own items), not every item; its
+`version` (a digest of the JSON) lets the heartbeat skip sending a desired state the component
+already holds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.certificates import revoked_serials
-from siterecovery.control.db import Component, Policy, ReplicatedItem
+from siterecovery.control.db import Component, ItemComponent, Policy, ReplicatedItem
+from siterecovery.control.item_index import agent_key
 from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import (
     AgentDesired,
@@ -38,9 +44,20 @@ def agent_name(site: str, machine: str) -> str:
     return f"{site}/{machine}"
 
 
-def _replicating(s: Session) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
-    for item in s.scalars(select(ReplicatedItem)):
-        rec = ItemRecord.model_validate(item.details)
+def _own_items(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord]]:
+    """The items the index lists for component `key`, with their records (in a stable order)."""
+    rows = s.scalars(
+        select(ReplicatedItem)
+        .join(ItemComponent, ItemComponent.item_id == ReplicatedItem.id)
+        .where(ItemComponent.component == key)
+        .order_by(ReplicatedItem.id)
+    )
+    for item in rows:
+        yield item, ItemRecord.model_validate(item.details)
+
+
+def _replicating(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
+    for item, rec in _own_items(s, key):
         if rec.replication is not None:
             yield item, rec, rec.replication
 
@@ -72,7 +89,7 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
     replications = []
     bookmarks: list[BookmarkRequest] = []
     crash_interval = DEFAULT_CRASH_INTERVAL
-    for item, rec, rep in _replicating(s):
+    for item, rec, rep in _replicating(s, agent_key(agent.name)):
         if agent_name(rep.source_site.value, rep.source_machine) != agent.name:
             continue
         ps, mt = _address(s, rep.process_server), _address(s, rep.master_target)
@@ -107,8 +124,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     retention = ""
     window = 0.0
     discard: list[str] = []
-    for item in s.scalars(select(ReplicatedItem)):
-        rec = ItemRecord.model_validate(item.details)
+    for item, rec in _own_items(s, mt.id):
         discard += [e.pair_id for e in rec.ended_pairs if e.master_target == mt.id]
         rep = _held_or_current(rec)
         if rep is None or rep.master_target != mt.id:
@@ -149,10 +165,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
 
 def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
     discard = [
-        e.pair_id
-        for item in s.scalars(select(ReplicatedItem))
-        for e in ItemRecord.model_validate(item.details).ended_pairs
-        if e.process_server == ps.id
+        e.pair_id for _, rec in _own_items(s, ps.id) for e in rec.ended_pairs if e.process_server == ps.id
     ]
     # The pairs it relays: each only from the agent of its source, only to its master target.
     pairs = [
@@ -163,7 +176,7 @@ def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
             master_target_id=rep.master_target,
             size=p.size,
         )
-        for _item, _rec, rep in _replicating(s)
+        for _item, _rec, rep in _replicating(s, ps.id)
         if rep.process_server == ps.id
         for p in rep.pairs
     ]
@@ -179,3 +192,9 @@ def desired_for(s: Session, component: Component) -> dict[str, Any]:
     if component.kind == ComponentKind.PROCESS.value:
         return process_server_desired(s, component).model_dump(mode="json")
     return dict(component.desired)
+
+
+def version_of(desired: dict[str, Any]) -> str:
+    """A digest of a desired state: equal versions mean the component already holds it."""
+    canonical = json.dumps(desired, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]

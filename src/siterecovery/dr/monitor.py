@@ -13,25 +13,29 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from siterecovery.control.cluster import Cluster
 from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Policy, ReplicatedItem
+from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
 from siterecovery.control.events import clear_alert, raise_alert
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.heal import check_refused_frames, check_unusable_points
-from siterecovery.dr.record import ItemRecord
+from siterecovery.dr.record import ItemRecord, Replication
 from siterecovery.dr.stall import check_stalls, worse
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
 DISCOVERY_EVERY = 10  # passes between rediscoveries of the fabrics
+RPO_ALERT = "rpo-threshold-exceeded"
+RECOVER_EVERY = 3  # passes between looks for jobs of dead server processes (leader only)
 
 
 @dataclass(frozen=True)
@@ -66,43 +70,175 @@ class CaptureHistory:
 
 
 _HISTORY = CaptureHistory()
+WRITE_BATCH = 500  # items written per transaction: a pass never holds the write lock for long
 
 
-def _pairs(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    # Raw dicts on purpose: this runs every second for every item, and a master target's report
-    # carries every retained recovery point, which full validation would parse each time.
-    return {str(p.get("pair_id")): p for p in stats.get("pairs", []) or [] if isinstance(p, dict)}
+@dataclass(frozen=True)
+class _Watched:
+    """What a pass needs of a protected item, read once (its replication, not its whole record)."""
+
+    id: str
+    name: str
+    updated_at: float
+    threshold: float
+    health: str
+    rpo_seconds: float | None
+    agent: str  # agent name
+    master_target: str
+    pairs: tuple[str, ...]
 
 
-def item_rpo(s: Session, item: ReplicatedItem, now: float, history: CaptureHistory = _HISTORY) -> Rpo | None:
-    if item.state != ProtectionState.PROTECTED.value:
-        return None
-    rep = ItemRecord.model_validate(item.details).replication
-    if rep is None:
-        return None
-    agent = s.scalar(
-        select(Component).where(
-            Component.kind == ComponentKind.AGENT.value,
-            Component.name == agent_name(rep.source_site.value, rep.source_machine),
+@dataclass
+class PassInputs:
+    """Everything one pass reads, in one short read transaction; each component's stats decoded once."""
+
+    items: list[_Watched]
+    agents: dict[str, tuple[float | None, dict[str, int]]]  # name -> last heartbeat, captured seq by pair
+    applied: dict[str, dict[str, tuple[int, float | None]]]  # mt id -> pair -> applied seq, its time
+    alerts: dict[str, str]  # item id -> severity of its active RPO alert
+
+
+def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
+    # Raw dicts on purpose: a master target's report carries every retained recovery point, which
+    # full validation would parse; each component's report is read once per pass, not per item.
+    return [p for p in (stats or {}).get("pairs", []) or [] if isinstance(p, dict)]
+
+
+@dataclass(frozen=True)
+class _Route:
+    """An item's replication as the monitor needs it, parsed once per revision of its details."""
+
+    agent: str
+    master_target: str
+    pairs: tuple[str, ...]
+
+
+# Per database, item id -> (details_rev, its route or None when not replicating): a pass reloads
+# and parses the details only of items that changed since it last looked (`details_rev`).
+_ROUTES: dict[str, dict[str, tuple[int, _Route | None]]] = {}
+_ROUTES_LOCK = threading.Lock()
+DETAILS_CHUNK = 500
+
+
+def _routes(s: Session, revs: dict[str, int]) -> dict[str, _Route | None]:
+    with _ROUTES_LOCK:
+        cache = _ROUTES.setdefault(str(s.get_bind().engine.url), {})
+        known = {i: cache[i] for i in revs if i in cache and cache[i][0] == revs[i]}
+        stale = [i for i in revs if i not in known]
+        for start in range(0, len(stale), DETAILS_CHUNK):
+            ids = stale[start : start + DETAILS_CHUNK]
+            for item_id, details in cast(
+                Iterable[tuple[str, dict[str, Any] | None]],
+                s.execute(
+                    select(ReplicatedItem.id, ReplicatedItem.details).where(ReplicatedItem.id.in_(ids))
+                ),
+            ):
+                raw = (details or {}).get("replication")
+                route = None
+                if raw is not None:
+                    rep = Replication.model_validate(raw)
+                    route = _Route(
+                        agent_name(rep.source_site.value, rep.source_machine),
+                        rep.master_target,
+                        tuple(p.pair_id for p in rep.pairs),
+                    )
+                known[item_id] = (revs[item_id], route)
+        cache.clear()
+        cache.update(known)
+        return {i: r for i, (_, r) in known.items()}
+
+
+def read_inputs(s: Session) -> PassInputs:
+    thresholds = {p.id: float(p.rpo_threshold_seconds) for p in s.scalars(select(Policy))}
+    rows = list(
+        s.execute(
+            select(
+                ReplicatedItem.id,
+                ReplicatedItem.name,
+                ReplicatedItem.updated_at,
+                ReplicatedItem.policy_id,
+                ReplicatedItem.health,
+                ReplicatedItem.rpo_seconds,
+                ReplicatedItem.details_rev,
+            ).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
         )
     )
-    mt = s.get(Component, rep.master_target)
-    if agent is None or mt is None or agent.last_heartbeat is None:
+    routes = _routes(s, {row.id: row.details_rev for row in rows})
+    items = []
+    for row in rows:
+        route = routes.get(row.id)
+        if route is None:
+            continue
+        items.append(
+            _Watched(
+                row.id,
+                row.name,
+                row.updated_at,
+                thresholds.get(row.policy_id, 900.0),
+                row.health,
+                row.rpo_seconds,
+                route.agent,
+                route.master_target,
+                route.pairs,
+            )
+        )
+    agents: dict[str, tuple[float | None, dict[str, int]]] = {}
+    for name, beat, stats in cast(
+        Iterable[tuple[str, float | None, dict[str, Any] | None]],
+        s.execute(
+            select(Component.name, Component.last_heartbeat, Component.stats).where(
+                Component.kind == ComponentKind.AGENT.value
+            )
+        ),
+    ):
+        agents[name] = (beat, {str(p.get("pair_id")): int(p.get("captured_seq", -1)) for p in _pairs(stats)})
+    applied: dict[str, dict[str, tuple[int, float | None]]] = {}
+    for mt_id, stats in cast(
+        Iterable[tuple[str, dict[str, Any] | None]],
+        s.execute(
+            select(Component.id, Component.stats).where(Component.kind == ComponentKind.MASTER_TARGET.value)
+        ),
+    ):
+        applied[mt_id] = {
+            str(p.get("pair_id")): (int(p.get("applied_seq", -1)), p.get("last_applied_time"))
+            for p in _pairs(stats)
+        }
+    alerts = {
+        object_id: severity
+        for object_id, severity in s.execute(
+            select(Event.object_id, Event.severity).where(
+                Event.object_type == "replicatedItem",
+                Event.code == RPO_ALERT,
+                Event.alert.is_(True),
+                Event.active.is_(True),
+            )
+        )
+    }
+    return PassInputs(items, agents, applied, alerts)
+
+
+def item_rpo(
+    item: _Watched, inputs: PassInputs, now: float, history: CaptureHistory = _HISTORY
+) -> Rpo | None:
+    agent = inputs.agents.get(item.agent)
+    applied = inputs.applied.get(item.master_target)
+    if agent is None or applied is None or agent[0] is None:
         return None
-    captured, applied = _pairs(agent.stats or {}), _pairs(mt.stats or {})
+    last_heartbeat, captured = agent
+    assert last_heartbeat is not None
     worst, caught_up = 0.0, True
-    for pair in rep.pairs:
-        c, a = captured.get(pair.pair_id), applied.get(pair.pair_id)
-        if c is None or a is None:
+    for pair_id in item.pairs:
+        captured_seq, a = captured.get(pair_id), applied.get(pair_id)
+        if captured_seq is None or a is None:
             return Rpo(item.id, max(0.0, now - item.updated_at), False)
-        captured_seq, applied_seq = int(c.get("captured_seq", -1)), int(a.get("applied_seq", -1))
-        history.record(pair.pair_id, agent.last_heartbeat, captured_seq)
+        applied_seq, last_applied = a
+        history.record(pair_id, last_heartbeat, captured_seq)
         if applied_seq >= captured_seq:
-            age = now - agent.last_heartbeat
+            age = now - last_heartbeat
         else:
             caught_up = False
-            covered = history.covered_at(pair.pair_id, applied_seq)
-            fallback = a.get("last_applied_time") or item.updated_at
+            covered = history.covered_at(pair_id, applied_seq)
+            fallback = last_applied or item.updated_at
             age = now - (covered if covered is not None else float(fallback))
         worst = max(worst, age)
     return Rpo(item.id, max(0.0, worst), caught_up)
@@ -114,39 +250,81 @@ def _health(rpo: float, threshold: float) -> Health:
     return Health.WARNING if rpo > threshold else Health.NORMAL
 
 
-def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
-    """One pass over every protected item: RPO, health, alerts."""
-    now = now or time.time()
-    out = []
-    with cp.db.session() as s:
-        for item in s.scalars(select(ReplicatedItem)):
-            rpo = item_rpo(s, item, now)
-            if rpo is None:
-                continue
-            out.append(rpo)
-            policy = s.get(Policy, item.policy_id)
-            threshold = float(policy.rpo_threshold_seconds) if policy else 900.0
-            rpo_health = _health(rpo.seconds, threshold)
-            health = worse(rpo_health, check_stalls(s, item, now))  # a pair applying nothing (stall.py)
-            health = worse(health, check_refused_frames(s, item))  # damaged frames healing (heal.py)
-            health = worse(health, check_unusable_points(s, item))
-            item.rpo_seconds = round(rpo.seconds, 2)
-            item.health = health.value
-            if rpo_health is Health.NORMAL:
-                clear_alert(s, "rpo-threshold-exceeded", "replicatedItem", item.id)
-            else:
-                raise_alert(
-                    s,
-                    Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING,
-                    "rpo-threshold-exceeded",
-                    f"Item {item.name}: RPO {rpo.seconds:.0f} s exceeds the policy's threshold "
-                    f"of {threshold:.0f} s.",
-                    "replicatedItem",
-                    item.id,
+def _write(
+    cp: ControlPlane, inputs: PassInputs, results: list[tuple[_Watched, Rpo, Health]], now: float
+) -> None:
+    """Store RPO and health, raise and clear alerts: in batches, each its own short transaction.
+
+    An item's health is the worst of its RPO's and of the data-plane checks (a stalled pair,
+    refused frames healing, unusable points: `dr.stall`, `dr.heal`); the RPO alert follows RPO.
+    """
+    for start in range(0, len(results), WRITE_BATCH):
+        batch = results[start : start + WRITE_BATCH]
+        with cp.db.session() as s:
+            rows = {
+                row.id: row
+                for row in s.scalars(
+                    select(ReplicatedItem).where(
+                        ReplicatedItem.id.in_([item.id for item, _, _ in batch]),
+                        # An item a workflow took out of protection since the read is left alone.
+                        ReplicatedItem.state == ProtectionState.PROTECTED.value,
+                    )
                 )
+            }
+            for item, rpo, rpo_health in batch:
+                row = rows.get(item.id)
+                if row is None:
+                    continue
+                health = worse(rpo_health, check_stalls(s, row, now))  # a pair applying nothing
+                health = worse(health, check_refused_frames(s, row))  # damaged frames healing
+                health = worse(health, check_unusable_points(s, row))
+                # RPO is shown to the second: an unchanged item is not rewritten every pass.
+                if (
+                    row.rpo_seconds is None
+                    or abs(row.rpo_seconds - rpo.seconds) >= 1.0
+                    or row.health != health
+                ):
+                    row.rpo_seconds = round(rpo.seconds, 2)
+                if row.health != health.value:
+                    row.health = health.value
+                alert = inputs.alerts.get(item.id)
+                if rpo_health is Health.NORMAL:
+                    if alert is not None:
+                        clear_alert(s, RPO_ALERT, "replicatedItem", item.id)
+                    continue
+                severity = Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING
+                if alert != severity.value:
+                    raise_alert(
+                        s,
+                        severity,
+                        RPO_ALERT,
+                        f"Item {item.name}: RPO {rpo.seconds:.0f} s exceeds the policy's threshold "
+                        f"of {item.threshold:.0f} s.",
+                        "replicatedItem",
+                        item.id,
+                    )
+
+
+def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
+    """One pass over every protected item: RPO, health, alerts; then watches and bookmarks.
+
+    Reads everything in one read transaction, computes outside any, and writes in short batches,
+    so heartbeats and jobs are never queued behind a whole pass (SQLite has one write lock).
+    """
+    now = now or time.time()
+    with cp.db.session() as s:
+        inputs = read_inputs(s)
+    results = []
+    for item in inputs.items:
+        rpo = item_rpo(item, inputs, now)
+        if rpo is not None:
+            results.append((item, rpo, _health(rpo.seconds, item.threshold)))
+    _write(cp, inputs, results, now)
+    with cp.db.session() as s:
         _watch_powered_on_targets(cp, s)
+    with cp.db.session() as s:
         schedule_bookmarks(s, now)
-    return out
+    return [rpo for _, rpo, _ in results]
 
 
 def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
@@ -174,11 +352,16 @@ def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
 
 
 class Monitor:
-    """The background thread of the configuration server that runs `evaluate` every second."""
+    """The background thread of the configuration server that runs `evaluate` every second.
 
-    def __init__(self, cp: ControlPlane, interval: float = INTERVAL) -> None:
+    With several server processes only the cluster's leader does the periodic work (see
+    `control.cluster`): the others keep asking whether they lead, and take over when it dies.
+    """
+
+    def __init__(self, cp: ControlPlane, interval: float = INTERVAL, cluster: Cluster | None = None) -> None:
         self.cp = cp
         self.interval = interval
+        self.cluster = cluster
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rpo-monitor", daemon=True)
 
@@ -192,13 +375,21 @@ class Monitor:
     def _run(self) -> None:
         passes = 0
         while not self._stop.wait(self.interval):
+            cluster = self.cluster
+            if cluster is not None and not cluster.is_leader():
+                continue
+            started = time.monotonic()
             try:
+                if cluster is not None and passes % RECOVER_EVERY == 0:
+                    cluster.recover_dead_executors()
                 if passes % DISCOVERY_EVERY == 0:
                     refresh_fabrics(self.cp)
                 evaluate(self.cp)
             except Exception:  # the monitor must outlive a bad pass (e.g. a fabric that is down)
                 log.exception("monitor pass failed")
             passes += 1
+            if cluster is not None:
+                cluster.passed(time.monotonic() - started)
 
 
 def refresh_fabrics(cp: ControlPlane) -> None:

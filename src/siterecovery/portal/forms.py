@@ -89,7 +89,7 @@ def _action_page(
     cp = current()
     with cp.db.session() as s:
         row = find_item(s, ident)
-        found = next(r for r in item_rows(s) if r.item.id == row.id)
+        found = item_rows(s, ids=[row.id])[0]
         if action is ItemAction.REPROTECT:
             dialog = build_dialog(s, cp.config, row, _choice(form))
             return page(request, who, "reprotect.html", row=found, dialog=dialog, status=status, **outcome)

@@ -27,7 +27,7 @@ from siterecovery.portal.plans_view import plan_choices, plan_rows
 from siterecovery.portal.render import page, problems_of, refused
 from siterecovery.portal.session import check_token, safe_next, sign_in_response, signed_in, to_signin
 from siterecovery.portal.session import form_fields as form_dep
-from siterecovery.portal.views import infrastructure, item_rows, overview
+from siterecovery.portal.views import PAGE_SIZE, infrastructure, item_rows, overview
 
 router = APIRouter(include_in_schema=False)
 
@@ -78,11 +78,13 @@ def overview_page(request: Request, who: Principal | None = Depends(signed_in)) 
 
 
 @router.get("/items")
-def items_page(request: Request, who: Principal | None = Depends(signed_in)) -> Response:
+def items_page(request: Request, after: str = "", who: Principal | None = Depends(signed_in)) -> Response:
     if who is None:
         return to_signin(request)
     with current().db.session() as s:
-        return page(request, who, "items.html", rows=item_rows(s))
+        rows = item_rows(s, after=after[:200] or None, limit=PAGE_SIZE + 1)
+        more = rows[PAGE_SIZE - 1].item.name if len(rows) > PAGE_SIZE else ""
+        return page(request, who, "items.html", rows=rows[:PAGE_SIZE], next_after=more, paged=bool(after))
 
 
 @router.get("/items/{ident}")
@@ -92,8 +94,8 @@ def item_page(ident: str, request: Request, who: Principal | None = Depends(sign
     try:
         with current().db.session() as s:
             row = items_api.find_item(s, ident)
-            found = next(r for r in item_rows(s) if r.item.id == row.id)
-            jobs = jobs_api.list_jobs(None, None, row.id, 20, who, s)
+            found = item_rows(s, ids=[row.id])[0]
+            jobs = [jobs_api.job_view(s, j) for j in jobs_api.find_jobs(s, None, None, row.id, 20)]
             return page(request, who, "item.html", row=found, jobs=jobs)
     except SiteRecoveryError as exc:
         return refused(request, who, problems_of(exc), int(exc.status))
@@ -111,7 +113,8 @@ def jobs_page(
         return to_signin(request)
     wanted = JobState(state) if state in {s.value for s in JobState} else None
     with current().db.session() as s:
-        jobs = jobs_api.list_jobs(wanted, kind[:50] or None, target[:200] or None, 200, who, s)
+        found = jobs_api.find_jobs(s, wanted, kind[:50] or None, target[:200] or None, 200)
+        jobs = [jobs_api.job_view(s, j) for j in found]
         kinds = sorted(set(s.scalars(select(Job.kind).distinct())))
         return page(
             request,

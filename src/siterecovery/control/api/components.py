@@ -12,11 +12,13 @@ from siterecovery.control.auth import Principal, create_token
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
 from siterecovery.control.events import record_event
-from siterecovery.control.heartbeats import apply_heartbeat, server_view
+from siterecovery.control.heartbeat_writer import writer_for
+from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.states import ComponentKind, Role, Severity
 from siterecovery.control.throttle import THROTTLE
+from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 router = APIRouter(prefix="/api", tags=["servers"])
@@ -99,14 +101,34 @@ def heartbeat(
             ),
             Status.FORBIDDEN,
         )
+    stats = validated_stats(_kind(cp, component_id), body.stats)  # a bad report is a 422, not stored
+    # The report is written by the process's heartbeat writer, many per commit (group commit),
+    # before this request touches the database: waiting for the writer while holding a pooled
+    # connection would let the waiting requests starve the writer of connections.
+    writer_for(cp.db, cp.config).write(component_id, stats, body.address)
     row = s.get(Component, component_id)
     if row is None:
         raise not_found("component", component_id)
-    stats = validated_stats(row.kind, body.stats)  # a bad report is a 422 and is not stored
-    if body.address:
-        row.address = body.address
-    desired = apply_heartbeat(s, row, stats, cp.config)
-    return HeartbeatReply(desired=desired, server_time=now())
+    desired = desired_for(s, row)
+    version = version_of(desired)
+    if body.desired_version == version:
+        return HeartbeatReply(desired=None, desired_version=version, server_time=now())
+    return HeartbeatReply(desired=desired, desired_version=version, server_time=now())
+
+
+_KINDS: dict[str, str] = {}  # component id -> kind; a component's kind never changes
+
+
+def _kind(cp: ControlPlane, component_id: str) -> str:
+    """The component's kind, read in a short session of its own (once per component)."""
+    kind = _KINDS.get(component_id)
+    if kind is None:
+        with cp.db.session() as q:
+            kind = q.scalar(select(Component.kind).where(Component.id == component_id))
+        if kind is None:
+            raise not_found("component", component_id)
+        _KINDS[component_id] = kind
+    return kind
 
 
 @router.get("/servers")

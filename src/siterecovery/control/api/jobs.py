@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import operator, reader, session
+from siterecovery.control.api.paging import page
 from siterecovery.control.auth import Principal
 from siterecovery.control.db import Job, JobTask
 from siterecovery.control.schemas import JobOut, TaskOut
@@ -54,23 +55,47 @@ def job_view(s: Session, job: Job) -> JobOut:
     )
 
 
-@router.get("")
-def list_jobs(
+def find_jobs(
+    s: Session,
     state: JobState | None = None,
-    kind: str | None = Query(default=None, max_length=50),
-    target: str | None = Query(default=None, max_length=200),
-    limit: int = Query(default=100, ge=1, le=1000),
-    _: Principal = Depends(reader),
-    s: Session = Depends(session, scope="function"),
-) -> list[JobOut]:
-    q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    kind: str | None = None,
+    target: str | None = None,
+    limit: int = 100,
+    after: str | None = None,
+) -> list[Job]:
+    """Up to `limit` jobs, newest first, older than job `after` (keyset: created_at, then id)."""
+    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    last = s.get(Job, after) if after else None
+    if after and last is None:
+        raise not_found("job", after)
+    if last is not None:
+        q = q.where(
+            (Job.created_at < last.created_at) | ((Job.created_at == last.created_at) & (Job.id < last.id))
+        )
     if state is not None:
         q = q.where(Job.state == state.value)
     if kind:
         q = q.where(Job.kind == kind)
     if target:
         q = q.where((Job.target_id == target) | (Job.target_name == target))
-    return [job_view(s, j) for j in s.scalars(q)]
+    return list(s.scalars(q))
+
+
+@router.get("")
+def list_jobs(
+    request: Request,
+    response: Response,
+    state: JobState | None = None,
+    kind: str | None = Query(default=None, max_length=50),
+    target: str | None = Query(default=None, max_length=200),
+    limit: int = Query(default=100, ge=1, le=1000),
+    after: str | None = Query(default=None, max_length=64, description="the job id the last page ended at"),
+    _: Principal = Depends(reader),
+    s: Session = Depends(session, scope="function"),
+) -> list[JobOut]:
+    """Newest first, a page at a time (see `paging`); filterable by state, kind and target."""
+    rows = find_jobs(s, state, kind, target, limit + 1, after)
+    return [job_view(s, j) for j in page(rows, limit, request, response, lambda j: j.id)]
 
 
 @router.get("/{job_id}")

@@ -1,0 +1,484 @@
+"""Scale of the control plane: hollow components heartbeating through the real API, N items.
+
+Per level: a fresh configuration server (real `siterecovery server` processes: one on SQLite, one
+or two on a throwaway PostgreSQL), N protected items written through the product's own models
+(`bench.hollow.seed`: 2 disks each, round-robin over the process servers and master targets), and
+one hollow component per agent, process server and master target (`bench.hollow.Hollow`) that
+registers through the API (passphrase, certificate, token) and then heartbeats like the real one:
+heartbeat, wait the rest of its interval (2 s, the components' default), again; on 503 it waits
+Retry-After plus jitter. Statistics are realistic in size: agents report their pairs, master
+targets every pair with `--points` recovery points each (220 ≈ a day of thinned points), process
+servers their cache; the sequence numbers change on every heartbeat, so every report is a write.
+Meanwhile an API client pages through `GET /api/replicatedItems?limit=100` (with details), shows
+an item and lists jobs, over and over.
+
+Reported per level: heartbeat p50/p99 (and how many timed out after 30 s or were shed with 503),
+heartbeats done / offered per second (offered = components / interval), paged item-list p99, RPO
+monitor pass p50/max (as the leader measures it, `GET /api/cluster/self`), server CPU (% of one
+core, all processes) and peak RSS, database size. The load generator shares the machine with the
+server(s) (and, on the shared build box, with other work): its own CPU use is reported too, and a
+done/offered below 1 can be the generator's limit as much as the server's.
+
+Run with `python -m bench.bench_scale [--seconds N] [--levels sqlite:100,...]`; writes
+bench/results/scale.md. A level is `db:items[:points[:processes[:servers]]]` where `servers` is the
+number of process servers and of master targets (default 10, or items/100 when larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
+from bench.pg import postgres
+from siterecovery.control.db import Database
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
+INTERVAL = 2.0
+TIMEOUT = 30.0
+SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
+DEFAULT_LEVELS = (
+    "sqlite:100,sqlite:100:220,sqlite:1000,postgres:1000:0:1,postgres:1000:0:2,postgres:5000:0:2:50"
+)
+
+
+@dataclass(frozen=True)
+class Level:
+    db: str
+    items: int
+    points: int = 0
+    processes: int = 1
+    servers: int = 10
+
+    @classmethod
+    def parse(cls, spec: str) -> Level:
+        parts = spec.split(":")
+        items = int(parts[1])
+        return cls(
+            parts[0],
+            items,
+            int(parts[2]) if len(parts) > 2 else 0,
+            int(parts[3]) if len(parts) > 3 else 1,
+            int(parts[4]) if len(parts) > 4 else max(10, items // 100),
+        )
+
+    @property
+    def components(self) -> int:
+        return self.items + 2 * self.servers
+
+
+@dataclass
+class Result:
+    level: Level
+    heartbeat_ms: list[float] = field(default_factory=list)
+    timed_out: int = 0
+    shed: int = 0
+    errors: int = 0
+    list_ms: list[float] = field(default_factory=list)
+    list_bytes: int = 0
+    pages: int = 0
+    monitor_p50: float | None = None
+    monitor_max: float | None = None
+    cpu_percent: float = 0.0
+    rss_mib: float = 0.0
+    db_mib: float = 0.0
+    loadgen_cpu_percent: float = 0.0
+    seconds: float = 0.0
+    load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+class Servers:
+    """N `siterecovery server` processes on one database and state directory."""
+
+    def __init__(self, work: Path, database_url: str) -> None:
+        self.work = work
+        self.state = work / "state"
+        self.database_url = database_url
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.urls: list[str] = []
+        self.token = ""
+
+    def start_one(self) -> None:
+        port = _free_port()
+        n = len(self.procs)
+        log = open(self.work / f"server{n}.log", "ab")  # noqa: SIM115 - closed with the process
+        cmd = [SITERECOVERY, "server", "--state-dir", str(self.state), "--listen", f"127.0.0.1:{port}"]
+        cmd += ["--admin-token-file", str(self.work / "admin-token")]
+        if not self.database_url.startswith("sqlite"):
+            cmd += ["--database-url", self.database_url]
+        env = {**os.environ, "SITERECOVERY_NODE": f"bench-{n}"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.work / f'server{n}.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not start")
+        self.procs.append(proc)
+        self.urls.append(url)
+        self.token = self.token or (self.work / "admin-token").read_text().strip()
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def rss_mib(self) -> float:
+        total = 0
+        for p in self.procs:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 15)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait(5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- hollow components ------------------------------------------------------------------------
+
+
+@dataclass
+class HollowComponent:
+    kind: str
+    name: str
+    template: bytes  # the heartbeat body with "__SEQ__" where the sequence numbers go
+    url: str = ""
+    component_id: str = ""
+    token: str = ""
+    version: str | None = None
+    seq: int = 0
+
+    def body(self) -> bytes:
+        self.seq += 1
+        out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
+        if self.version:
+            out = out[:-1] + b',"desired_version":"' + self.version.encode() + b'"}'
+        return out
+
+
+def _template(stats: dict[str, Any]) -> bytes:
+    text_ = json.dumps({"stats": stats}, separators=(",", ":"))
+    for key in ("captured_seq", "acked_seq", "applied_seq"):
+        text_ = text_.replace(f'"{key}":0', f'"{key}":"__SEQ__"')
+    return text_.encode()
+
+
+def hollow_components(level: Level, urls: list[str]) -> list[HollowComponent]:
+    out = []
+    mt_pairs: dict[int, list[str]] = {}
+    for i in range(level.items):
+        vm = machine_name(i)
+        pairs = [f"{vm}-g1-d0", f"{vm}-g1-d1"]
+        mt_pairs.setdefault(i % level.servers, []).extend(pairs)
+        out.append(HollowComponent("agent", f"onprem/{vm}", _template(agent_stats(pairs, 0))))
+    for n in range(level.servers):
+        pairs = mt_pairs.get(n, [])
+        mt = master_target_stats(pairs, 0, level.points)
+        out.append(HollowComponent("master-target", f"master-target-{n}", _template(mt)))
+        ps = process_server_stats(len(pairs))
+        out.append(HollowComponent("process-server", f"process-server-{n}", _template(ps)))
+    for i, c in enumerate(out):
+        c.url = urls[i % len(urls)]
+    return out
+
+
+async def register_all(components: list[HollowComponent], passphrase: str) -> None:
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        gate = asyncio.Semaphore(16)
+
+        async def one(c: HollowComponent) -> None:
+            async with gate:
+                r = await http.post(
+                    c.url + "/api/components/register",
+                    json={"passphrase": passphrase, "kind": c.kind, "name": c.name, "site": "onprem"},
+                )
+                r.raise_for_status()
+                c.component_id, c.token = r.json()["id"], r.json()["token"]
+
+        await asyncio.gather(*(one(c) for c in components))
+
+
+async def drive(components: list[HollowComponent], seconds: float, result: Result, api: ApiLoad) -> None:
+    stop_at = time.monotonic() + seconds
+    measure_from = time.monotonic() + INTERVAL
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
+
+        async def component(c: HollowComponent) -> None:
+            await asyncio.sleep(random.uniform(0, INTERVAL))  # components start at random phases
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                wait = INTERVAL
+                try:
+                    r = await http.post(
+                        f"{c.url}/api/components/{c.component_id}/heartbeat",
+                        content=c.body(),
+                        headers={"Authorization": f"Bearer {c.token}", "content-type": "application/json"},
+                    )
+                    if r.status_code == 200:
+                        if started >= measure_from:
+                            result.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                        c.version = r.json().get("desired_version") or None
+                    elif r.status_code in (429, 503):
+                        result.shed += 1
+                        wait = float(r.headers.get("Retry-After", "2")) * (1 + random.random())
+                    else:
+                        result.errors += 1
+                except httpx.TimeoutException:
+                    result.timed_out += 1
+                except httpx.HTTPError:
+                    result.errors += 1
+                await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
+
+        await asyncio.gather(*(component(c) for c in components), api.run(http, stop_at, result))
+
+
+@dataclass
+class ApiLoad:
+    urls: list[str]
+    token: str
+
+    async def run(self, http: httpx.AsyncClient, stop_at: float, result: Result) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        n = 0
+        while time.monotonic() < stop_at:
+            url = self.urls[n % len(self.urls)]
+            n += 1
+            after: str | None = None
+            size = 0
+            try:
+                while True:  # page through every item, as the CLI does
+                    params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+                    started = time.monotonic()
+                    r = await http.get(url + "/api/replicatedItems", params=params, headers=headers)
+                    result.list_ms.append((time.monotonic() - started) * 1000)
+                    size += len(r.content)
+                    result.pages += 1
+                    after = r.headers.get("X-Next-After")
+                    if not after or time.monotonic() >= stop_at:
+                        break
+                result.list_bytes = max(result.list_bytes, size)
+                await http.get(url + f"/api/replicatedItems/{machine_name(0)}", headers=headers)
+                await http.get(url + "/api/jobs", headers=headers)
+            except httpx.HTTPError:
+                result.errors += 1
+            await asyncio.sleep(0.5)
+
+
+# --- one level --------------------------------------------------------------------------------
+
+
+class _Plane:
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+
+
+def run_level(level: Level, seconds: float) -> Result:
+    result = Result(level)
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
+        stack.callback(shutil.rmtree, work, True)
+        url = (
+            stack.enter_context(postgres())
+            if level.db == "postgres"
+            else f"sqlite:///{work / 'state' / 'siterecovery.db'}"
+        )
+        servers = Servers(work, url)
+        stack.callback(servers.stop)
+        servers.start_one()  # the first applies the migrations
+        plane = _Plane(url)
+        stack.callback(plane.db.engine.dispose)
+        started = time.monotonic()
+        for start in range(0, level.items, 1000):
+            seed(plane, min(1000, level.items - start), level.servers, level.servers, start=start)  # type: ignore[arg-type]
+        for _ in range(level.processes - 1):
+            servers.start_one()
+        passphrase = (servers.state / "passphrase").read_text().strip()
+        components = hollow_components(level, servers.urls)
+        asyncio.run(register_all(components, passphrase))
+        print(f"  {level}: seeded and registered in {time.monotonic() - started:.0f} s", flush=True)
+
+        cpu0, wall0 = servers.cpu_seconds(), time.monotonic()
+        self0 = resource.getrusage(resource.RUSAGE_SELF)
+        rss = [0.0]
+
+        async def sample_rss() -> None:
+            while True:
+                rss[0] = max(rss[0], servers.rss_mib())
+                await asyncio.sleep(1)
+
+        async def main() -> None:
+            sampler = asyncio.create_task(sample_rss())
+            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token))
+            sampler.cancel()
+
+        asyncio.run(main())
+        result.seconds = time.monotonic() - wall0
+        result.cpu_percent = 100 * (servers.cpu_seconds() - cpu0) / result.seconds
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        used = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
+        result.loadgen_cpu_percent = 100 * used / result.seconds
+        result.rss_mib = rss[0]
+        result.load_average = float(Path("/proc/loadavg").read_text().split()[0])
+        for u in servers.urls:
+            me = httpx.get(
+                u + "/api/cluster/self", headers={"Authorization": f"Bearer {servers.token}"}
+            ).json()
+            if me.get("leader"):
+                result.monitor_p50, result.monitor_max = me["pass_seconds_p50"], me["pass_seconds_max"]
+        result.db_mib = db_size(url, servers.state) / (1 << 20)
+    return result
+
+
+def db_size(url: str, state: Path) -> float:
+    if url.startswith("sqlite"):
+        return float(sum(p.stat().st_size for p in state.glob("siterecovery.db*")))
+    db = Database(url)
+    try:
+        with db.engine.connect() as c:
+            return float(c.execute(text("SELECT pg_database_size(current_database())")).scalar() or 0)
+    finally:
+        db.engine.dispose()
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, unit: str = "", digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def row(r: Result) -> str:
+    lv = r.level
+    offered = lv.components / INTERVAL
+    measured = r.seconds - INTERVAL  # the first interval ramps up (components start at random phases)
+    done = len(r.heartbeat_ms) / measured if measured > 0 else 0.0
+    hb = f"{fmt(pct(r.heartbeat_ms, 0.5), ' ms')} / {fmt(pct(r.heartbeat_ms, 0.99), ' ms')}"
+    monitor = f"{fmt(r.monitor_p50, ' s', 2)} / {fmt(r.monitor_max, ' s', 2)}"
+    plural = "es" if lv.processes > 1 else ""
+    db = f"{'SQLite' if lv.db == 'sqlite' else 'PostgreSQL'}, {lv.processes} process{plural}"
+    items = f"{lv.items:,}" + (f", {lv.points} points/pair" if lv.points else "")
+    comps = f"{lv.items:,} + {lv.servers} + {lv.servers}"
+    return (
+        f"| {db} | {items} | {comps} | {hb} "
+        f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
+        f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
+        f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB "
+        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % | {r.load_average:.1f} |"
+    )
+
+
+HEADER = (
+    "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
+    "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
+    "| server CPU / peak RSS | DB size | load generator CPU | machine load average |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def write(results: list[Result], seconds: float, note: str) -> str:
+    lines = [
+        "# Control-plane scale (bench_scale)",
+        "",
+        f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.python_version()}; "
+        f"{seconds:.0f} s of heartbeats per level, every component every {INTERVAL:.0f} s; "
+        f"`{' '.join(sys.argv[1:]) or 'defaults'}`.",
+        "",
+        HEADER,
+        *(row(r) for r in results),
+        "",
+        note,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+NOTE = """How to read it. *Offered* is components ÷ 2 s; a component heartbeats again 2 s after the
+previous one started (or after Retry-After plus jitter when shed), so when heartbeats are slow
+fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats without an answer
+within 30 s (before this work: every one at 1,000 items); *shed* counts 503 answers (admission
+control, `control/admission.py`). The load generator runs on the same 2 shared cores as the
+server(s) — and the build box is shared with other work while this runs — so its own CPU use is
+shown: when it nears 100 % (one Python process), done/offered measures the generator, not the
+server. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`).
+Item list: each page is 100 items with their full records (`?limit=100`), the whole list paged
+through by `X-Next-After`; p99 is per page."""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    scale = float(os.environ.get("SITERECOVERY_BENCH_SCALE", "1.0"))
+    parser.add_argument("--seconds", type=float, default=max(10.0, 60.0 * scale))
+    parser.add_argument("--levels", default=DEFAULT_LEVELS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = []
+    for spec in args.levels.split(","):
+        level = Level.parse(spec)
+        print(f"level {spec} ...", flush=True)
+        try:
+            results.append(run_level(level, args.seconds))
+        except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
+            print(f"  level {spec} failed: {exc}", flush=True)
+            continue
+        print(HEADER.splitlines()[0] + "\n" + row(results[-1]), flush=True)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(write(results, args.seconds, NOTE))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""A throwaway PostgreSQL cluster on loopback for the benches (as tests/control/test_postgres.py
+starts one): initdb as the `postgres` user in a temporary directory, one database, stopped and
+deleted on exit."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed (make system-deps installs it)")
+    return found[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def postgres(max_connections: int = 200) -> Iterator[str]:
+    """Yields a SQLAlchemy URL of a fresh database; the cluster is gone afterwards."""
+    user = pwd.getpwnam("postgres")
+    data = Path(tempfile.mkdtemp(prefix="siterecovery-bench-pg-"))
+    os.chown(data, user.pw_uid, user.pw_gid)
+    port = _free_port()
+
+    def as_postgres(*cmd: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=120
+        )
+
+    as_postgres(pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "sr")
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections={max_connections}"
+    as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o", options, "start")
+    try:
+        psql = shutil.which("psql") or pg_bin("psql")
+        subprocess.run(
+            [
+                psql,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "sr",
+                "-d",
+                "postgres",
+                "-c",
+                "create database sr",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"postgresql+psycopg://sr@127.0.0.1:{port}/sr"
+    finally:
+        as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(data, ignore_errors=True)

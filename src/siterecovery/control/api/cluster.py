@@ -1,0 +1,47 @@
+"""`GET /api/cluster/self`: what this server process is in its cluster (see `control.cluster`).
+
+Answered by whichever process the request reaches: its DBOS executor id, whether it currently
+does the periodic work, how many periodic passes it ran, which dead processes' jobs it took over.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from siterecovery.control.api.deps import reader
+from siterecovery.control.auth import Principal
+from siterecovery.control.cluster import current_cluster
+
+router = APIRouter(prefix="/api/cluster", tags=["server"])
+
+
+class ProcessOut(BaseModel):
+    executor_id: str
+    leader: bool
+    periodic_passes: int
+    recovered_executors: list[str]
+    pass_seconds_p50: float | None = None
+    pass_seconds_max: float | None = None
+    pid: int
+
+
+@router.get("/self")
+def this_process(_: Principal = Depends(reader)) -> ProcessOut:
+    import os
+
+    cluster = current_cluster()
+    if cluster is None:  # in-process app without the server loop (tests): a lone process
+        return ProcessOut(
+            executor_id="", leader=False, periodic_passes=0, recovered_executors=[], pid=os.getpid()
+        )
+    st = cluster.status()
+    return ProcessOut(
+        executor_id=st.executor_id,
+        leader=st.leader,
+        periodic_passes=st.periodic_passes,
+        recovered_executors=st.recovered_executors,
+        pass_seconds_p50=st.pass_seconds_p50,
+        pass_seconds_max=st.pass_seconds_max,
+        pid=os.getpid(),
+    )

@@ -1,0 +1,335 @@
+"""Scale of the control plane: a heartbeat costs O(its own pairs), whatever the number of items,
+and the desired state is sent only when it changed. Real API (in process), real database; costs
+are counted (SQL statements, item rows loaded), never timed."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from bench.hollow import Hollow, agent_stats, machine_name, master_target_stats, seed
+from fastapi.testclient import TestClient
+from sqlalchemy import event, select
+
+from siterecovery.config import load_server_config
+from siterecovery.control.admission import HeartbeatAdmission
+from siterecovery.control.app import create_app
+from siterecovery.control.auth import create_token
+from siterecovery.control.context import ControlPlane, open_control_plane
+from siterecovery.control.db import Component, Job, ReplicatedItem
+from siterecovery.control.events import record_event
+from siterecovery.control.states import Role, Severity
+from siterecovery.dataplane.assignments import AgentStats
+from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
+from siterecovery.dr.bookmarks import request_bookmark
+from siterecovery.dr.items import get_item
+from siterecovery.dr.monitor import evaluate, read_inputs
+from siterecovery.dr.record import ItemRecord
+
+
+@dataclass
+class Counter:
+    statements: int = 0
+    items_loaded: int = 0
+    sql: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.statements, self.items_loaded, self.sql = 0, 0, []
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[tuple[ControlPlane, TestClient, Counter]]:
+    cp = open_control_plane(load_server_config(tmp_path / "state"))
+    counter = Counter()
+
+    def on_statement(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        counter.statements += 1
+        counter.sql.append(statement)
+
+    def on_load(_target: Any, _ctx: Any) -> None:
+        counter.items_loaded += 1
+
+    event.listen(cp.db.engine, "before_cursor_execute", on_statement)
+    event.listen(ReplicatedItem, "load", on_load)
+    try:
+        with TestClient(create_app()) as http:
+            yield cp, http, counter
+    finally:
+        event.remove(ReplicatedItem, "load", on_load)
+        event.remove(cp.db.engine, "before_cursor_execute", on_statement)
+        cp.db.engine.dispose()
+
+
+def _cost(component: Hollow, http: TestClient, counter: Counter) -> tuple[int, int]:
+    counter.reset()
+    assert component.heartbeat(http).status_code == 200
+    return counter.statements, counter.items_loaded
+
+
+def test_a_heartbeat_touches_only_its_own_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, counter = plane
+    seed(cp, 10)  # vm00000..vm00009 through process-server-0 to master-target-0
+    passphrase = cp.passphrase()
+    vm = machine_name(0)
+    agent = Hollow("agent", f"onprem/{vm}", [f"{vm}-g1-d0", f"{vm}-g1-d1"])
+    mt = Hollow("master-target", "master-target-0", [], points_per_pair=5)
+    ps = Hollow("process-server", "process-server-0", [])
+    for c in (agent, mt, ps):
+        c.register(http, passphrase)
+        c.heartbeat(http)
+    few = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    assert few["agent"][1] == 1 and few["master-target"][1] == 10  # its own items, nothing else
+
+    seed(cp, 190, start=10, first_component=1)  # others' items: another process server and master target
+    many = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    assert many == few, (few, many)
+
+
+def test_desired_is_sent_only_when_it_changed(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 3)
+    agent = Hollow("agent", f"onprem/{machine_name(1)}", [f"{machine_name(1)}-g1-d0"])
+    agent.register(http, cp.passphrase())
+    first = agent.heartbeat(http).json()
+    assert [r["pair_id"] for r in first["desired"]["replications"]] == [
+        f"{machine_name(1)}-g1-d0",
+        f"{machine_name(1)}-g1-d1",
+    ]
+    again = agent.heartbeat(http).json()
+    assert again["desired"] is None and again["desired_version"] == first["desired_version"]
+
+    with cp.db.session() as s:  # the item changes: a bookmark is asked of its agent
+        tag = request_bookmark(s, get_item(s, machine_name(1)))
+    changed = agent.heartbeat(http).json()
+    assert changed["desired_version"] != first["desired_version"]
+    assert [b["tag"] for b in changed["desired"]["bookmarks"]] == [tag]
+
+    # A component that does not say which version it holds always gets the desired state.
+    agent.version = None
+    assert agent.heartbeat(http).json()["desired"] == changed["desired"]
+
+
+def test_the_component_client_keeps_the_desired_state_the_server_says_is_unchanged(
+    plane: tuple[ControlPlane, TestClient, Counter], tmp_path: Path
+) -> None:
+    cp, _, _ = plane
+    seed(cp, 2)
+    replies: list[dict[str, Any]] = []
+
+    def keep(response: httpx.Response) -> None:
+        if response.url.path.endswith("/heartbeat"):
+            response.read()
+            replies.append(response.json())
+
+    passphrase = cp.passphrase()
+    client = ControlClient(
+        "http://testserver", tmp_path / "agent", Registration("agent", f"onprem/{machine_name(0)}", "onprem")
+    )
+    (tmp_path / "agent").mkdir()
+    client._http = TestClient(create_app())
+    client.register(passphrase)
+    client._http = TestClient(create_app())  # registering replaced it (pinned to the CA)
+    client._http.event_hooks = {"response": [keep]}
+    first = client.heartbeat(AgentStats())
+    second = client.heartbeat(AgentStats())
+    assert replies[0]["desired"] is not None and replies[1]["desired"] is None
+    assert second == first and len(first["replications"]) == 2  # type: ignore[arg-type]
+    client.close()
+
+
+def test_backoff_after_a_busy_answer_follows_retry_after_with_jitter() -> None:
+    rng = random.Random(7)
+    waits = [backoff_seconds("3", rng) for _ in range(50)]
+    assert all(3.0 <= w <= 6.0 for w in waits) and len({round(w, 3) for w in waits}) > 40
+    assert 2.0 <= backoff_seconds(None, rng) <= 4.0 and 2.0 <= backoff_seconds("soon", rng) <= 4.0
+
+
+def _report_everything(cp: ControlPlane, at: float) -> None:
+    """Every seeded item's agent and master target report: captured 7, applied 7 (caught up)."""
+    by_mt: dict[str, list[str]] = {}
+    with cp.db.session() as s:
+        for item in s.scalars(select(ReplicatedItem)):
+            rep = ItemRecord.model_validate(item.details).replication
+            assert rep is not None
+            pairs = [p.pair_id for p in rep.pairs]
+            by_mt.setdefault(rep.master_target, []).extend(pairs)
+            name = f"onprem/{item.machine}"
+            row = s.scalar(select(Component).where(Component.kind == "agent", Component.name == name))
+            if row is None:
+                row = Component(id=f"agent-{item.machine}", kind="agent", name=name)
+                s.add(row)
+            row.last_heartbeat = at
+            row.stats = agent_stats(pairs, 7)
+        for mt_id, pairs in by_mt.items():
+            mt = s.get(Component, mt_id)
+            assert mt is not None
+            mt.stats = master_target_stats(pairs, 7, points_per_pair=20)
+
+
+def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """The read phase of a pass (items, every component's stats, open alerts) is a fixed number of
+    statements whatever the number of items; the RPO it computes is stored for every item."""
+    cp, _, counter = plane
+    t0 = time.time()
+    seed(cp, 10)
+    _report_everything(cp, t0)
+
+    def read_cost() -> int:
+        counter.reset()
+        with cp.db.session() as s:
+            read_inputs(s)
+        return counter.statements
+
+    assert len(evaluate(cp, now=t0 + 5)) == 10
+    few = read_cost()
+
+    seed(cp, 190, start=10, first_component=1)
+    _report_everything(cp, t0 + 5)
+    rpos = evaluate(cp, now=t0 + 10)
+    assert len(rpos) == 200 and all(4.9 <= r.seconds <= 5.1 for r in rpos)
+    assert read_cost() == few, counter.sql
+    with cp.db.session() as s:
+        assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {5.0}
+
+
+def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 25, master_targets=2)
+    with cp.db.session() as s:
+        token = create_token(s, "reader", Role.READER)
+        for n in range(7):
+            record_event(s, Severity.INFO, "scale-test", f"event {n}", "replicatedItem", f"obj-{n % 2}")
+    auth = {"Authorization": f"Bearer {token}"}
+
+    names: list[str] = []
+    params: dict[str, Any] = {"limit": 10, "details": "false"}
+    pages = 0
+    while True:
+        r = http.get("/api/replicatedItems", params=params, headers=auth)
+        assert r.status_code == 200 and len(r.json()) <= 10
+        assert all(i["details"] == {} for i in r.json())
+        names += [i["name"] for i in r.json()]
+        pages += 1
+        if "X-Next-After" not in r.headers:
+            break
+        assert 'rel="next"' in r.headers["Link"]
+        params["after"] = r.headers["X-Next-After"]
+    assert pages == 3 and names == [machine_name(n) for n in range(25)]
+
+    mt1 = http.get("/api/replicatedItems", params={"server": "master-target-scale-1"}, headers=auth).json()
+    assert [i["name"] for i in mt1] == [machine_name(n) for n in range(1, 25, 2)]
+    assert mt1[0]["details"]["replication"]["master_target"] == "master-target-scale-1"
+
+    first = http.get("/api/events", params={"code": "scale-test", "limit": 4}, headers=auth)
+    rest = http.get(
+        "/api/events", params={"code": "scale-test", "after": first.headers["X-Next-After"]}, headers=auth
+    )
+    assert [e["message"] for e in first.json() + rest.json()] == [f"event {n}" for n in reversed(range(7))]
+    assert "X-Next-After" not in rest.headers
+    obj = http.get("/api/events", params={"object_id": "obj-1"}, headers=auth).json()
+    assert [e["message"] for e in obj] == ["event 5", "event 3", "event 1"]
+
+    with cp.db.session() as s:  # jobs: two created in the same instant page by id
+        for n, at in enumerate([100.0, 200.0, 200.0, 300.0, 400.0]):
+            s.add(Job(id=f"job-{n}", kind="scale", state="succeeded", created_at=at))
+    seen: list[str] = []
+    query: dict[str, Any] = {"kind": "scale", "limit": 2}
+    while True:
+        r = http.get("/api/jobs", params=query, headers=auth)
+        seen += [j["id"] for j in r.json()]
+        if "X-Next-After" not in r.headers:
+            break
+        query["after"] = r.headers["X-Next-After"]
+    assert seen == ["job-4", "job-3", "job-2", "job-1", "job-0"]
+
+
+def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
+    """Admission is per route: with one slot taken, another heartbeat waits its bounded time and is
+    answered 503 with Retry-After; other routes and the held heartbeat go through."""
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def fake_app(scope: Any, receive: Any, send: Any) -> None:  # a handler that holds its slot
+        if scope["path"].endswith("/heartbeat"):
+            entered.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    admission = HeartbeatAdmission(fake_app, limit=1, max_wait=0.05)
+
+    async def run() -> tuple[int, httpx.Response, int]:
+        transport = httpx.ASGITransport(app=admission)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cs") as http:
+            held = asyncio.create_task(http.post("/api/components/a/heartbeat"))
+            await asyncio.wait_for(entered.wait(), 30)
+            shed = await http.post("/api/components/b/heartbeat")
+            other = await http.get("/api/servers")
+            release.set()
+            return (await held).status_code, shed, other.status_code
+
+    held, shed, other = asyncio.run(run())
+    assert (held, shed.status_code, other) == (200, 503, 200)
+    assert shed.headers["Retry-After"] == "2" and shed.json()["code"] == "server-busy"
+    assert admission.shed == 1
+
+
+def test_the_portal_pages_through_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
+    cp, http, _ = plane
+    seed(cp, 130)
+    assert cp.initial_admin_token
+    assert http.post("/signin", data={"token": cp.initial_admin_token, "next": "/items"}).status_code in (
+        200,
+        303,
+    )
+    first = http.get("/items")
+    rows = re.findall(r'<tr data-item="(vm\d+)"', first.text)
+    assert rows == [machine_name(n) for n in range(100)]
+    after = re.search(r'href="/items\?after=([^"]+)" rel="next"', first.text)
+    assert after is not None
+    second = http.get(f"/items?after={after.group(1)}")
+    assert re.findall(r'<tr data-item="(vm\d+)"', second.text) == [machine_name(n) for n in range(100, 130)]
+    assert 'rel="next"' not in second.text
+    assert http.get(f"/items/{machine_name(129)}").status_code == 200
+
+
+def test_the_monitor_rereads_an_item_only_when_its_details_changed(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    cp, _, counter = plane
+    t0 = time.time()
+    seed(cp, 3, master_targets=2)
+    _report_everything(cp, t0)
+    assert len(evaluate(cp, now=t0 + 1)) == 3
+    counter.reset()
+    with cp.db.session() as s:
+        read_inputs(s)
+    # No item's details were read again (what loads them: the route query, `id IN (...)`).
+    reads_details = [q for q in counter.sql if "replicated_items.id IN" in q]
+    assert counter.items_loaded == 0 and not reads_details, reads_details
+
+    with cp.db.session() as s:  # a workflow moves vm00000 to the other master target
+        item = get_item(s, machine_name(0))
+        rec = ItemRecord.model_validate(item.details)
+        assert rec.replication is not None
+        rec.replication.master_target = "master-target-scale-1"
+        item.details, rev = rec.model_dump(mode="json"), item.details_rev
+        item.rpo_seconds = 99.0  # not a change of details
+    with cp.db.session() as s:
+        assert get_item(s, machine_name(0)).details_rev == rev + 1
+        assert get_item(s, machine_name(1)).details_rev == 1
+    # The other master target does not report vm00000's pairs: its RPO is now the item's age.
+    rpos = {r.item: r for r in evaluate(cp, now=t0 + 3)}
+    with cp.db.session() as s:
+        moved = get_item(s, machine_name(0)).id
+    assert rpos[moved].caught_up is False
