@@ -185,12 +185,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | bytearray, *, mode: int = 0o600) -> None:
+def write_durably(path: Path, data: bytes | bytearray, *, mode: int = 0o600, tmp: Path | None = None) -> None:
     """Replace `path` with `data` atomically and durably (tmp + fsync + rename + fsync dir).
 
-    One writer at a time per path (the temporary file's name is fixed); `mode` applies to a new file.
+    The temporary file is `tmp`, by default `<name>.tmp` beside `path` (one writer at a time);
+    `mode` applies to a new file.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp or path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)

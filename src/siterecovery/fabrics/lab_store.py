@@ -27,10 +27,9 @@ LOCK = "inventory.lock"
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves either the old or the new content.
 
-    Callers hold the inventory lock, so the one temporary name `write_durably` uses is safe; the
-    inventory stays world-readable as before.
+    The temporary file is hidden and per process: a writer killed mid-write leaves only its own.
     """
-    write_durably(path, data, mode=0o644)
+    write_durably(path, data, mode=0o644, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 class LabStore:
