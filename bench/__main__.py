@@ -23,10 +23,17 @@ def scaled_args(name: str, scale: float) -> list[str]:
         return []
     if name in ("replication", "resync"):
         return ["--size-mib", str(max(64, round(2048 * scale)))]
+    if name == "failover":
+        return ["--sizes-mib", "32,1024"] if scale < 1 else []
+    if name == "before_image":
+        return ["--size-mib", str(max(64, round(512 * scale)))]
     if name == "scale" and scale < 1:  # the bench scales its seconds itself; fewer levels
         return ["--levels", "sqlite:100,sqlite:100:220,sqlite:1000,postgres:1000:0:2"]
     if name == "capture":
-        return ["--seconds", str(max(2, round(5 * scale))), "--rounds", "1" if scale < 1 else "3"]
+        return [
+            *("--seconds", str(max(2, round(10 * scale))), "--sustained", str(max(5, round(60 * scale)))),
+            *("--rounds", "1" if scale < 1 else "3"),
+        ]
     return []
 
 

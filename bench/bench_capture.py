@@ -1,13 +1,24 @@
-"""Write-capture benchmark: the agent's NBD export with a spooling sink against `qemu-nbd`.
+"""Write-capture benchmark: a protected disk's NBD export, replication running, against `qemu-nbd`.
 
-The same `fio --ioengine=nbd` jobs (1 MiB sequential writes and 4 KiB random writes, queue depth 32)
-run against `qemu-nbd -f raw` serving one 1 GiB image and against our export serving a copy of it,
-with a sink that appends every captured write to a spool file (a bounded ring, as the real spool
-trims what was acknowledged downstream). Prints a table of MiB/s and IOPS with the ratios and writes
-it to `bench/results/capture.md` with the machine's description. Target (DESIGN.md): >= 1.0x the
-peer's throughput and >= 0.8x its IOPS. A third server (our export with the agent's write-intent
-log in front of the image; `--no-activity-log` leaves it out) runs in the same alternation, and its figures
-go to `bench/results/capture-activity-log.md`. Run with `python -m bench.bench_capture [--seconds N]`.
+The product's path: the mobility agent runs as a process serving a 1 GiB disk over NBD (Unix
+socket) with its capture switch, spool, write-intent log (on, as deployed) and sender, replicating
+over mutual TLS into a process server and a master target, both real processes on this machine
+(`bench.plane.protected_disk`). `qemu-nbd -f raw -t -e 8` serves a copy of the image; the same
+`fio --ioengine=nbd` jobs run against both, alternating in a rotating order, medians kept:
+
+- **burst** (`--seconds`, default 10): 1 MiB sequential and 4 KiB random writes at queue depth 32,
+  unthrottled. For the agent's runs it also records the spool's peak and the catch-up time (until
+  the master target has applied everything captured) after fio stopped;
+- **sustained** (`--sustained`, default 60): 1 MiB sequential writes at queue depth 32 held to
+  `--rate-mb` MB/s, the data-plane RPO sampled every 0.25 s while it runs (the age of the oldest
+  captured write the master target has not applied yet, from the services' own stats files).
+
+A separate row, labelled as such, keeps the old figure: the same NBD server code in this process
+with a sink that only appends to a file (no agent, no sender, no replication). A fourth server adds
+the write-intent log in front of that sink (`--no-activity-log` leaves it out); its ratio goes to
+`bench/results/capture-activity-log.md`. Results and the load average go to
+`bench/results/capture.md`. Targets (issue 16): burst >= 0.8x qemu-nbd's throughput and >= 0.5x its
+IOPS with replication running; sustained >= 100 MB/s with p99 RPO <= 5 s.
 """
 
 from __future__ import annotations
@@ -22,12 +33,15 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.plane import PairSample, Protected, protected_disk, wait_until
 from siterecovery.dataplane.activity_log import ActivityLog
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.pki import CertificateAuthority
 
 IMAGE_SIZE = 1 << 30
 SPOOL_RING = 1 << 30
@@ -71,6 +85,7 @@ class Job:
     name: str
     rw: str
     bs: str
+    rate: int = 0  # bytes/s, 0 = unthrottled
 
 
 JOBS = (
@@ -86,6 +101,7 @@ class Result:
 
 
 def run_fio(uri: str, job: Job, seconds: int) -> Result:
+    rate = [f"--rate={job.rate}"] if job.rate else []
     out = subprocess.run(
         [
             "fio",
@@ -99,6 +115,7 @@ def run_fio(uri: str, job: Job, seconds: int) -> Result:
             f"--runtime={seconds}",
             "--time_based",
             "--ramp_time=1",
+            *rate,
             "--output-format=json",
         ],
         capture_output=True,
@@ -130,121 +147,236 @@ def machine() -> str:
     return f"- `{uname}`\n- CPU: {cpu}, {os.cpu_count()} cores\n- Python {platform.python_version()}"
 
 
+@dataclass
+class Watch:
+    """What the protected pair did while fio ran against the agent (sampled every 0.25 s)."""
+
+    samples: list[PairSample] = field(default_factory=list)
+    spool_max: int = 0
+    catch_up: list[float] = field(default_factory=list)  # s from fio's end until all was applied
+
+    def rpo(self) -> list[float]:
+        """Per sample, the age of the oldest captured write not yet applied by the master target:
+        the time since the newest earlier look whose captured writes are all applied now (0 when
+        nothing is outstanding). Resolution: the services' 0.05 s stats interval + 0.25 s sampling."""
+        ages = []
+        for i, s in enumerate(self.samples):
+            if s.applied_seq >= s.captured_seq:
+                ages.append(0.0)
+                continue
+            covered = [e.at for e in self.samples[:i] if e.captured_seq <= s.applied_seq]
+            if covered:
+                ages.append(s.at - covered[-1])
+        return ages
+
+
+def watched(disk: Protected, watch: Watch, job: Job, seconds: int) -> Result:
+    """fio against the agent's export, sampling the pair meanwhile, then wait for the catch-up."""
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            s = disk.sample()
+            if s is not None:
+                watch.samples.append(s)
+                watch.spool_max = max(watch.spool_max, s.spool_bytes)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = run_fio(f"nbd+unix:///d?socket={disk.sock}", job, seconds)
+    finally:
+        stop.set()
+        sampler.join()
+    ended = time.monotonic()
+    wait_until(disk.caught_up, 1800)
+    watch.catch_up.append(time.monotonic() - ended)
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Run:
+    burst: list[tuple[Job, dict[str, Result]]] = field(default_factory=list)
+    burst_watch: Watch = field(default_factory=Watch)
+    sustained: dict[str, Result] = field(default_factory=dict)
+    sustained_watch: Watch = field(default_factory=Watch)
+    commits: int = 0
+
+
+PEER, AGENT, SINK, SINK_AL = "qemu-nbd", "agent", "sink only", "sink only + write-intent log"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5, help="run time of each fio job")
+    parser.add_argument("--seconds", type=int, default=10, help="run time of each burst fio job")
+    parser.add_argument("--sustained", type=int, default=60, help="run time of the sustained job (0: skip)")
+    parser.add_argument("--rate-mb", type=int, default=100, help="the sustained job's rate, MB/s (10^6 B)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per job; medians are kept")
     parser.add_argument(
         "--activity-log",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also our export with the write-intent log (a third server)",
+        help="also the sink-only export with the write-intent log (a fourth server)",
     )
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             print(f"{tool} is required (make system-deps installs it)", file=sys.stderr)
             return 2
-    load_start = os.getloadavg()[0]
-    rows: list[tuple[Job, Result, Result]] = []
-    al_rows: list[tuple[Job, Result, Result]] = []
-    intent: ActivityLog | None = None
-    with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
+    loads = [os.getloadavg()[0]]
+    run = Run()
+    tmp_root = os.environ.get("BENCH_TMP", "/var/tmp")
+    with tempfile.TemporaryDirectory(prefix="bench-capture-", dir=tmp_root) as tmp:
         work = Path(tmp)
-        peer_image, our_image = work / "peer.img", work / "ours.img"
-        with open(peer_image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        shutil.copyfile(peer_image, our_image)
-        peer_sock, our_sock = work / "peer.sock", work / "ours.sock"
-        peer = subprocess.Popen(
-            [
-                "qemu-nbd",
-                "-f",
-                "raw",
-                "-x",
-                "disk",
-                "-t",
-                "-e",
-                "8",
-                f"--socket={peer_sock}",
-                str(peer_image),
-            ],
+        measure(work, args, run)
+    loads.append(os.getloadavg()[0])
+    report = capture_report(run, args, loads)
+    print(report)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(report)
+    al_rows = [(job, r[SINK], r[SINK_AL]) for job, r in run.burst if SINK_AL in r]
+    if al_rows:
+        al_report = activity_log_report(
+            al_rows, args.seconds, args.rounds, run.commits, (loads[0], loads[-1])
         )
-        sink = SpoolSink(work / "spool.bin")
-        ours = run_nbd_server_in_thread([Export.for_image("disk", our_image, sink)], unix=our_sock)
-        al_sock = work / "al.sock"
-        al_sink = al_server = None
-        if args.activity_log:
-            al_image = work / "al.img"
-            shutil.copyfile(peer_image, al_image)
-            al_sink = SpoolSink(work / "al-spool.bin")
-            intent = ActivityLog(work / "disk.al", IMAGE_SIZE)
-            al_server = run_nbd_server_in_thread(
-                [Export.for_image("disk", al_image, al_sink, intent=intent)], unix=al_sock
-            )
-        try:
-            wait_for_socket(peer_sock, peer)
+        print(al_report)
+        RESULTS_AL.write_text(al_report)
+    return 0
+
+
+def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
+    images = {name: work / f"{name}.img" for name in ("peer", "agent", "sink", "al", "target")}
+    for image in images.values():
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+    peer_sock, sink_sock, al_sock = work / "peer.sock", work / "sink.sock", work / "al.sock"
+    peer = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "8", f"--socket={peer_sock}", str(images["peer"])]
+    )
+    ca = CertificateAuthority.load_or_create(work / "ca")
+    sink = SpoolSink(work / "spool.bin")
+    sink_server = run_nbd_server_in_thread([Export.for_image("disk", images["sink"], sink)], unix=sink_sock)
+    al_sink = al_server = intent = None
+    if args.activity_log:
+        al_sink = SpoolSink(work / "al-spool.bin")
+        intent = ActivityLog(work / "disk.al", IMAGE_SIZE)
+        al_server = run_nbd_server_in_thread(
+            [Export.for_image("disk", images["al"], al_sink, intent=intent)], unix=al_sock
+        )
+    try:
+        wait_for_socket(peer_sock, peer)
+        with protected_disk(work / "plane", ca, images["agent"], images["target"], IMAGE_SIZE) as disk:
+
+            def fio(name: str, job: Job, seconds: int, watch: Watch) -> Result:
+                if name == AGENT:
+                    return watched(disk, watch, job, seconds)
+                sock = {PEER: peer_sock, SINK: sink_sock, SINK_AL: al_sock}[name]
+                return run_fio(f"nbd+unix:///disk?socket={sock}", job, seconds)
+
+            names = [PEER, AGENT, SINK] + ([SINK_AL] if al_server is not None else [])
             for job in JOBS:
                 # Alternate the servers and keep medians: the machine is shared, and load from
                 # elsewhere would otherwise land on whichever server happened to run during it.
                 # The order rotates from round to round: a server that always ran last would
                 # always meet the page cache's writeback of the others' data.
-                peer_runs: list[Result] = []
-                our_runs: list[Result] = []
-                al_runs: list[Result] = []
-                servers = [(peer_sock, peer_runs), (our_sock, our_runs)]
-                if al_server is not None:
-                    servers.append((al_sock, al_runs))
+                runs: dict[str, list[Result]] = {n: [] for n in names}
                 for r in range(args.rounds):
-                    for sock, results in servers[r % len(servers) :] + servers[: r % len(servers)]:
-                        results.append(run_fio(f"nbd+unix:///disk?socket={sock}", job, args.seconds))
-                rows.append((job, median(peer_runs), median(our_runs)))
-                if al_runs:
-                    al_rows.append((job, median(our_runs), median(al_runs)))
-        finally:
-            ours.stop()
-            sink.close()
-            if al_server is not None and al_sink is not None:
-                al_server.stop()
-                al_sink.close()
-            peer.terminate()
-            peer.wait(timeout=30)
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        runs[name].append(fio(name, job, args.seconds, run.burst_watch))
+                run.burst.append((job, {n: median(v) for n, v in runs.items()}))
+            if args.sustained:
+                job = Job("1 MiB sequential write, QD32", "write", "1M", args.rate_mb * 1_000_000)
+                for name in (AGENT, PEER):
+                    run.sustained[name] = fio(name, job, args.sustained, run.sustained_watch)
+    finally:
+        sink_server.stop()
+        sink.close()
+        if al_server is not None and al_sink is not None:
+            al_server.stop()
+            al_sink.close()
+        run.commits = intent.commits if intent is not None else 0
+        peer.terminate()
+        peer.wait(timeout=30)
+
+
+def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> str:
     table = [
-        "| fio job | qemu-nbd MiB/s | export+spool MiB/s | throughput ratio | qemu-nbd IOPS "
-        "| export+spool IOPS | IOPS ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| fio job | server | MiB/s | IOPS | vs qemu-nbd (throughput / IOPS) |",
+        "|---|---|---:|---:|---:|",
     ]
-    for job, theirs, mine in rows:
-        table.append(
-            f"| {job.name} | {theirs.mib_s:.0f} | {mine.mib_s:.0f} | {mine.mib_s / theirs.mib_s:.2f}x "
-            f"| {theirs.iops:.0f} | {mine.iops:.0f} | {mine.iops / theirs.iops:.2f}x |"
+    for job, results in run.burst:
+        peer = results[PEER]
+        for name, label in (
+            (PEER, "qemu-nbd -f raw -t -e 8"),
+            (AGENT, "**agent export, replication running** (write-intent log on)"),
+            (SINK, "sink only: NBD server code + spool file, no agent/replication (not the product)"),
+            (SINK_AL, "sink only + write-intent log (not the product)"),
+        ):
+            if name in results:
+                r = results[name]
+                ratio = "—" if name == PEER else f"{r.mib_s / peer.mib_s:.2f}x / {r.iops / peer.iops:.2f}x"
+                table.append(f"| {job.name} | {label} | {r.mib_s:.0f} | {r.iops:.0f} | {ratio} |")
+    bw = run.burst_watch
+    lines = [
+        "# Write capture: a protected disk's NBD export with replication running, vs qemu-nbd",
+        "",
+        f"`fio --ioengine=nbd`, iodepth 32, 1 GiB raw images, Unix sockets. Burst: {args.seconds} s per "
+        f"job after 1 s ramp, median of {args.rounds} runs per server, alternating in a rotating order. "
+        "The agent is the real mobility-agent process (capture switch, spool, write-intent log on, "
+        "sender) replicating over mutual TLS into a process server and a master target, real processes "
+        "on the same machine. Targets (issue 16): burst >= 0.8x throughput and >= 0.5x IOPS of "
+        "qemu-nbd; sustained >= 100 MB/s with p99 RPO <= 5 s.",
+        "",
+        "## Burst",
+        "",
+        *table,
+        "",
+        f"Agent spool peak during its burst runs: {bw.spool_max / (1 << 20):.0f} MiB; catch-up after "
+        f"each run (fio's end until the master target had applied everything captured): "
+        f"median {statistics.median(bw.catch_up) if bw.catch_up else float('nan'):.1f} s, "
+        f"max {max(bw.catch_up, default=float('nan')):.1f} s.",
+        "",
+    ]
+    if run.sustained:
+        sw = run.sustained_watch
+        rpo = sw.rpo()
+        rpo_cell = " / ".join(
+            f"{v:.1f}" for v in (percentile(rpo, 0.5), percentile(rpo, 0.99), max(rpo, default=0))
         )
-    report = "\n".join(
-        [
-            "# Write capture: agent NBD export + spool vs qemu-nbd",
+        a, p = run.sustained[AGENT], run.sustained[PEER]
+        lines += [
+            "## Sustained",
             "",
-            f"`fio --ioengine=nbd`, iodepth 32, {args.seconds} s per job after 1 s ramp, 1 GiB raw image, "
-            f"Unix socket; median of {args.rounds} alternating runs per server. "
-            "Target: >= 1.0x throughput, >= 0.8x IOPS.",
+            f"1 MiB sequential writes, iodepth 32, held to {args.rate_mb} MB/s for {args.sustained} s "
+            "(agent first, then qemu-nbd). Data-plane RPO: the age of the oldest captured write the "
+            "master target had not applied yet, sampled every 0.25 s from the services' stats files.",
             "",
-            *table,
-            "",
-            "Machine:",
-            "",
-            machine(),
+            "| server | MB/s reached | RPO p50 / p99 / max s | spool peak MiB | catch-up s |",
+            "|---|---:|---:|---:|---:|",
+            f"| agent, replication running | {a.mib_s * (1 << 20) / 1e6:.0f} | "
+            f"{rpo_cell} "
+            f"| {sw.spool_max / (1 << 20):.0f} | {sw.catch_up[0] if sw.catch_up else float('nan'):.1f} |",
+            f"| qemu-nbd | {p.mib_s * (1 << 20) / 1e6:.0f} | — | — | — |",
             "",
         ]
-    )
-    print(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
-    if al_rows:
-        commits = intent.commits if intent is not None else 0
-        loads = (load_start, os.getloadavg()[0])
-        al_report = activity_log_report(al_rows, args.seconds, args.rounds, commits, loads)
-        print(al_report)
-        RESULTS_AL.write_text(al_report)
-    return 0
+    lines += [
+        f"Load average (1 min) at the start and the end: {loads[0]:.1f}, {loads[-1]:.1f} on "
+        f"{os.cpu_count()} cores. The machine is shared with other work: compare the rows of one run, "
+        "not runs of different days.",
+        "",
+        "Machine:",
+        "",
+        machine(),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def activity_log_report(

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.dataplane.links import Identity
@@ -51,7 +53,7 @@ def _write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
-def _agent_cmd(root: Path, src: Path) -> list[str]:
+def _agent_cmd(root: Path, src: Path, *extra: str) -> list[str]:
     return [
         *CLI,
         "agent",
@@ -65,7 +67,57 @@ def _agent_cmd(root: Path, src: Path) -> list[str]:
         f"d={src}",
         "--interval",
         "0.05",
+        *extra,
     ]
+
+
+def _mt_cmd(root: Path, mt_addr: str) -> list[str]:
+    return [
+        *CLI,
+        "master-target",
+        "--os",
+        "linux",
+        "--retention-volume",
+        str(root),
+        "--state-dir",
+        str(root / "mt"),
+        "--listen",
+        mt_addr,
+        "--assignments",
+        str(root / "mt.json"),
+        "--interval",
+        "0.05",
+    ]
+
+
+def _ps_cmd(root: Path, ps_addr: str) -> list[str]:
+    return [
+        *CLI,
+        "process-server",
+        "--cache-dir",
+        str(root / "ps"),
+        "--listen",
+        ps_addr,
+        "--assignments",
+        str(root / "ps.json"),
+        "--interval",
+        "0.5",
+    ]
+
+
+def _identities(
+    root: Path, ca: CertificateAuthority, target: Path, size: int, mt_addr: str
+) -> dict[str, object]:
+    """Certificates of the three services, and the process server's pair-scoped relay of pair "p"
+    (only from "agent", only to "mt"); returns the master target's desired state."""
+    for name, kind in (("agent", "agent"), ("ps", "process-server"), ("mt", "master-target")):
+        shutil.rmtree(root / name, ignore_errors=True)
+        Identity.in_dir(root / name).write(ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
+    relay: dict[str, object] = {"pair_id": "p", "agent": "agent", "master_target": mt_addr}
+    relay["master_target_id"] = "mt"
+    relay["size"] = size
+    _write_json(root / "ps.json", {"pairs": [relay]})
+    return {"disks": [{"pair_id": "p", "path": str(target), "size": size, "process_server": "ps"}]}
 
 
 def sync_once(
@@ -89,16 +141,8 @@ def sync_once(
     0.05 s, so up to one interval of pick-up latency is included).
     """
     procs: list[subprocess.Popen[bytes]] = []
-    for name, kind in (("agent", "agent"), ("ps", "process-server"), ("mt", "master-target")):
-        shutil.rmtree(root / name, ignore_errors=True)
-        Identity.in_dir(root / name).write(ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    mt_desired = {"disks": [{"pair_id": "p", "path": str(target), "size": size, "process_server": "ps"}]}
-    # The process server relays pair "p" only from "agent" and only to "mt" (pair-scoped trust).
-    relay: dict[str, object] = {"pair_id": "p", "agent": "agent", "master_target": mt_addr}
-    relay["master_target_id"] = "mt"
-    relay["size"] = size
-    _write_json(root / "ps.json", {"pairs": [relay]})
+    mt_desired = _identities(root, ca, target, size, mt_addr)
     agent_desired = {
         "replications": [
             {
@@ -114,46 +158,8 @@ def sync_once(
     _write_json(root / "agent.json", {"replications": []} if services_running else agent_desired)
     log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
     try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "master-target",
-                    "--os",
-                    "linux",
-                    "--retention-volume",
-                    str(root),
-                    "--state-dir",
-                    str(root / "mt"),
-                    "--listen",
-                    mt_addr,
-                    "--assignments",
-                    str(root / "mt.json"),
-                    "--interval",
-                    "0.05",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    *CLI,
-                    "process-server",
-                    "--cache-dir",
-                    str(root / "ps"),
-                    "--listen",
-                    ps_addr,
-                    "--assignments",
-                    str(root / "ps.json"),
-                    "--interval",
-                    "0.5",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        )
+        procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
+        procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
         if services_running:
             procs.append(subprocess.Popen(_agent_cmd(root, src), stdout=log, stderr=log))
         wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
@@ -191,6 +197,89 @@ def sync_once(
     ).returncode:
         raise AssertionError("target differs from source")
     return elapsed, sent
+
+
+@dataclass(frozen=True)
+class PairSample:
+    """One look at the pair in the services' own stats files (each rewritten every 0.05 s)."""
+
+    at: float  # time.monotonic() of the look
+    captured_seq: int  # the agent's newest captured write
+    acked_seq: int  # what the process server has acknowledged
+    applied_seq: int  # what the master target has made durable
+    spool_bytes: int  # the agent's spool
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A protected disk: the agent's live NBD export, with replication running behind it."""
+
+    sock: Path  # the agent's export of disk `d` (Unix socket)
+    root: Path
+    pids: dict[str, int]  # agent, process server, master target
+
+    def sample(self) -> PairSample | None:
+        agent = stats(self.root / "agent").get("pairs") or []
+        mt = stats(self.root / "mt").get("pairs") or []
+        if not agent or not mt:
+            return None
+        a, m = agent[0], mt[0]  # type: ignore[index]
+        return PairSample(
+            time.monotonic(),
+            int(a["captured_seq"]),
+            int(a["acked_seq"]),
+            int(m["applied_seq"]),
+            int(a.get("spool_bytes", 0)),
+        )
+
+    def caught_up(self) -> bool:
+        s = self.sample()
+        return s is not None and s.applied_seq >= s.captured_seq
+
+
+@contextmanager
+def protected_disk(
+    root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int
+) -> Iterator[Protected]:
+    """Agent, process server and master target as processes over mutual TLS (as in `sync_once`),
+    the agent also serving `src` over NBD on a Unix socket (as the product does for a protected
+    machine); yields once the pair is protected (initial sync done), kills them all on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    _write_json(root / "mt.json", _identities(root, ca, target, size, mt_addr))
+    pair = {
+        "pair_id": "p",
+        "disk": "d",
+        "process_server": ps_addr,
+        "master_target": mt_addr,
+        "sync_mode": "full",
+    }
+    _write_json(root / "agent.json", {"replications": [pair]})
+    nbd_dir = root / "nbd"
+    log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
+    try:
+        procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
+        procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
+        wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 60)
+        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir))
+        procs.append(subprocess.Popen(agent_cmd, stdout=log, stderr=log))
+        disk = Protected(
+            nbd_dir / "d.sock", root, {"agent": procs[2].pid, "ps": procs[1].pid, "mt": procs[0].pid}
+        )
+
+        def protected() -> bool:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a service exited; see {root / 'services.log'}")
+            pairs = stats(root / "agent").get("pairs") or []
+            return bool(pairs) and pairs[0]["state"] == "protected" and disk.sock.exists()  # type: ignore[index]
+
+        wait_until(protected, 600)
+        yield disk
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        log.close()
 
 
 def machine_description() -> str:

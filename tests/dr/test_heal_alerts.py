@@ -76,3 +76,20 @@ def test_unusable_points_warn(plane: Plane) -> None:
     plane.report(captured=9, acked=9, applied=9, at=t0 + 1, points=[])  # pruned out of the window
     evaluate(plane.cp, now=t0 + 1)
     assert plane.item().health == "normal"
+
+
+def test_frames_lost_to_a_damaged_header_alert_until_the_resync_applied(plane: Plane) -> None:
+    t0 = plane.t0
+    plane.report(captured=50, acked=50, applied=50, at=t0)
+    lost = _refused(31, offset=0, length=0, resync=True)
+    plane.report_refused(lost)
+    evaluate(plane.cp, now=t0)
+    assert plane.item().health == "critical"
+    [(severity, active, message)] = _alerts(plane)
+    assert (severity, active) == ("critical", True)
+    for part in ("web1", "disk disk0", "after sequence 30", "damaged frame header", "process-server cache"):
+        assert part in message, message
+    plane.report_refused(lost.model_copy(update={"refetch_seq": 90, "healed": True}))
+    evaluate(plane.cp, now=t0 + 1)
+    assert plane.item().health == "normal"
+    assert [(a[0], a[1]) for a in _alerts(plane)] == [("critical", False)]

@@ -3,6 +3,7 @@ and two isolated networks standing for two sites on one host."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +24,8 @@ from siterecovery.pki import CertificateAuthority
 from tests.dataplane.conftest import Plane
 from tests.libvirt.daemon import PREFIX, Daemon
 
-BRIDGES = ("srtestbr0", "srtestbr1")
+# Host-wide names: one per test process, so two sessions on one machine never delete each other's.
+BRIDGES = (f"srbr{os.getpid()}a", f"srbr{os.getpid()}b")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from siterecovery.fabrics.base import (
     PowerState,
 )
 from tests.conftest import require_tool
-from tests.libvirt.conftest import Sites
+from tests.libvirt.conftest import BRIDGES, Sites
 from tests.libvirt.daemon import PREFIX
 
 MiB = 1 << 20
@@ -72,8 +72,8 @@ def test_discovery_maps_domains_disks_pools_networks_and_the_host(sites: Sites) 
     assert pools[pool_a].type is DatastoreType.OTHER and pools[pool_a].accessible
     assert pools[pool_a].writable_on(host.name) and pools[pool_a].free_bytes > 0
     assert {(n.name, n.active, n.bridge) for n in inv.networks} >= {
-        (sites.networks[0], True, "srtestbr0"),
-        (sites.networks[1], True, "srtestbr1"),
+        (sites.networks[0], True, BRIDGES[0]),
+        (sites.networks[1], True, BRIDGES[1]),
     }
     web = inv.machine(f"{PREFIX}web")
     assert web is not None and web.power_state is PowerState.OFF and web.snapshots == ()

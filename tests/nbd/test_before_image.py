@@ -182,6 +182,42 @@ def test_preserve_saves_a_data_chunk_with_its_payload(snapshot: tuple[Path, Path
     assert log_path(image).stat().st_size == RECORD + 3 * (RECORD + CHUNK) + RECORD
 
 
+def test_preserve_all_saves_the_ranges_of_queued_requests_under_one_fdatasync(
+    snapshot: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, copy = snapshot
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    fd = os.open(image, os.O_RDWR)
+    try:
+        log = BeforeImageLog.open_for(image, fd)
+        assert log is not None
+        ranges = [(100, 2 * CHUNK), (5 * MiB, 10), (150, 10), (SIZE - 10, 100), (SIZE + CHUNK, 10)]
+        assert not log.covers(100, 2 * CHUNK)
+        monkeypatch.setattr(os, "fdatasync", counting)
+        log.preserve_all(ranges)
+        assert len(syncs) == 1  # three data chunks, a hole chunk and the last chunk in one go
+        assert all(log.covers(offset, length) for offset, length in ranges)
+        log.preserve_all(ranges)
+        log.preserve(100, 10)
+        assert len(syncs) == 1  # all saved already: bit tests only
+        monkeypatch.undo()
+        assert log.saved_bytes == 5 * CHUNK
+        # Overwrite what was saved; the revert brings back the snapshot's contents.
+        for offset, length in ranges[:4]:
+            os.pwrite(fd, b"\xee" * min(length, SIZE - offset), offset)
+        log.close()
+    finally:
+        os.close(fd)
+    before_image.restore(image)
+    assert_reverted(image, copy)
+
+
 # Three writes, each to its own chunk of data (see DATA_AT): one full record each.
 THIRD_RECORD = RECORD + 2 * (RECORD + CHUNK)
 

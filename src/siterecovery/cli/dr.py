@@ -55,6 +55,8 @@ def enable(
     source_fabric: str = "onprem",
     target_fabric: str = "cloud",
     resource_group: str = "",
+    target_datastore: Annotated[str, typer.Option(help="libvirt target: the replica volumes' pool")] = "",
+    recovery_name: Annotated[str, typer.Option(help="the recovery machine's name (default its own)")] = "",
     group: Annotated[str | None, typer.Option(help="replication group (FW-4)")] = None,
     wait: Wait = True,
 ) -> None:
@@ -67,6 +69,8 @@ def enable(
         "source_fabric": source_fabric,
         "target_fabric": target_fabric,
         "resource_group": resource_group,
+        "target_datastore": target_datastore,
+        "recovery_name": recovery_name,
         "group": group,
     }
     _run(ctx, "/api/replicatedItems", body, wait)

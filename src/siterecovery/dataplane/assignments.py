@@ -117,6 +117,7 @@ class RefusedHop(StrEnum):
     AGENT_LINK = "agent -> process server"  # the agent's spool or the link
     CACHE = "process-server cache"
     MT_LINK = "process server -> master target link"
+    AGENT_SPOOL = "agent spool"
 
 
 class RefusedFrame(_Model):
@@ -131,6 +132,9 @@ class RefusedFrame(_Model):
     # The damaged copy was dropped; the agent re-reads the range from its disk (refetch).
     dropped: bool = False
     refetch_seq: int = Field(default=-1, description="sequence of the re-read write, once received")
+    # Frames after seq - 1 of unknown ranges were lost (a damaged frame header): the whole pair is
+    # compared with the replica; refetch_seq is then the agent's marker that this resync is done.
+    resync: bool = False
     healed: bool = False
 
 

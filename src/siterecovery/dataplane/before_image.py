@@ -4,7 +4,8 @@ A disk image `<image>` being preserved has a sidecar `<image>.before-image`: a f
 chunk size, disk size) followed by records, each the old contents of one chunk (aligned to the chunk
 size, clipped at the disk's end) saved the first time anything overwrites it. Whatever serves the
 disk calls `BeforeImageLog.preserve` before each write or zero and the log is fdatasync'd before the
-disk is touched (write-ahead), so after any crash every chunk that differs from the snapshot has a
+disk is touched (write-ahead; the NBD server saves the chunks of all requests queued on a connection
+under one fdatasync, `preserve_all`), so after any crash every chunk that differs from the snapshot has a
 durable record; a record that is short or fails its xxh3-64 checksum can only be the torn tail of a
 write that never reached the disk, and is cut. `restore` (machine off) writes the saved chunks back,
 with zero blocks punched so holes stay holes, and empties the log so it preserves again from there.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
@@ -228,13 +230,34 @@ class BeforeImageLog:
     def saved_bytes(self) -> int:
         return self._saved
 
-    def preserve(self, offset: int, length: int) -> None:
-        """Save, durably, every chunk of [offset, offset+length) not saved yet; call before writing it."""
+    def covers(self, offset: int, length: int) -> bool:
+        """Whether every chunk of [offset, offset+length) is saved already (or nothing is to be)."""
         if self._fd < 0 or length <= 0:
-            return
+            return True
         bits, chunk = self._bits, self._chunk
         last = (min(offset + length, self._size) - 1) // chunk
-        new = [i for i in range(offset // chunk, last + 1) if not bits[i >> 3] & (1 << (i & 7))]
+        return all(bits[i >> 3] & (1 << (i & 7)) for i in range(offset // chunk, last + 1))
+
+    def preserve(self, offset: int, length: int) -> None:
+        """Save, durably, every chunk of [offset, offset+length) not saved yet; call before writing it."""
+        self.preserve_all([(offset, length)])
+
+    def preserve_all(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Save every chunk of `ranges` not saved yet, under one fdatasync; call before writing any.
+
+        The NBD server passes the ranges of all requests already queued on a connection: saving a
+        chunk before its first write is needed is harmless (it still holds the snapshot's bytes),
+        and one fdatasync for the lot instead of one per request is what makes a snapshot's first
+        pass over a disk affordable.
+        """
+        if self._fd < 0:
+            return
+        bits, chunk, size = self._bits, self._chunk, self._size
+        wanted: set[int] = set()
+        for offset, length in ranges:
+            if length > 0:
+                wanted.update(range(offset // chunk, (min(offset + length, size) - 1) // chunk + 1))
+        new = sorted(i for i in wanted if not bits[i >> 3] & (1 << (i & 7)))
         if not new:
             return
         if os.fstat(self._fd).st_nlink == 0:
@@ -252,7 +275,7 @@ class BeforeImageLog:
             raise
         for index in new:
             bits[index >> 3] |= 1 << (index & 7)
-            self._saved += min(chunk, self._size - index * chunk)
+            self._saved += min(chunk, size - index * chunk)
 
     def _append(self, offset: int) -> None:
         """One record: the chunk at `offset` read from the disk straight into the record buffer."""

@@ -109,9 +109,27 @@ class RefusalLog:
         )
         return dropped and header.length > 0
 
+    def lost_frames(self, seq: int, hop: RefusedHop) -> None:
+        """Frames after `seq - 1` were lost to a damaged header at `hop`: the whole pair resyncs."""
+        with self._lock:
+            if seq in self._entries and self._entries[seq].resync:
+                return
+            self._entries[seq] = RefusedFrame(
+                pair_id=self.pair_id, seq=seq, hop=hop, refused_at=time.time(), dropped=True, resync=True
+            )
+            self._save()
+        log.error("frames of %s after %d lost at hop %s; resyncing the pair", self.pair_id, seq - 1, hop)
+
+    def pending_resync(self) -> list[RefusedFrame]:
+        """Losses whose whole-pair resync the agent has not reported done yet."""
+        with self._lock:
+            return [e for e in self._entries.values() if e.resync and e.refetch_seq < 0]
+
     def dropped(self, seq: int) -> bool:
+        """Whether the cached frame `seq` is damaged and goes downstream as a MISSING frame (a
+        loss's own MISSING|RESYNC frame, cached from the agent, goes as it is)."""
         entry = self._entries.get(seq)
-        return entry is not None and entry.dropped
+        return entry is not None and entry.dropped and not entry.resync
 
     def pending_refetch(self) -> list[RefusedFrame]:
         with self._lock:
@@ -119,6 +137,9 @@ class RefusalLog:
 
     def received(self, h: Header) -> None:
         """A data frame from the agent was cached: a re-read range, or a resend after a bad link."""
+        if h.flags & Flag.MISSING and h.flags & Flag.RESYNC:
+            self.lost_frames(h.seq, RefusedHop.AGENT_SPOOL)  # the agent's spool lost frames
+            return
         if not self._entries:
             return
         with self._lock:
@@ -126,7 +147,11 @@ class RefusalLog:
             for seq, e in list(self._entries.items()):
                 if e.healed:
                     continue
-                if e.hop is RefusedHop.AGENT_LINK:
+                if e.resync:
+                    if h.flags & Flag.REFETCH and h.flags & Flag.RESYNC and e.refetch_seq < 0:
+                        self._entries[seq] = e.model_copy(update={"refetch_seq": h.seq})
+                        changed = True
+                elif e.hop is RefusedHop.AGENT_LINK:
                     self._entries[seq] = e.model_copy(update={"healed": True})
                     changed = True
                 elif (
@@ -149,7 +174,7 @@ class RefusalLog:
             for seq, e in list(self._entries.items()):
                 if e.healed or e.hop is RefusedHop.AGENT_LINK:
                     continue
-                need = e.refetch_seq if e.dropped and e.length > 0 else e.seq
+                need = e.refetch_seq if e.dropped and (e.length > 0 or e.resync) else e.seq
                 if need >= 0 and mt_acked >= need:
                     self._entries[seq] = e.model_copy(update={"healed": True})
                     self._refusals.pop(seq, None)
@@ -183,9 +208,10 @@ class Gaps:
             raw = {"missing": self.missing, "unusable": self.unusable}
             _save_json(self._path, json.dumps(raw).encode())
 
-    def open(self, seq: int, offset: int, length: int) -> None:
-        """A MISSING frame: the write at `seq` of [offset, +length) is not on the disk yet."""
-        if length > 0 and self.missing.get(seq) != (offset, length):
+    def open(self, seq: int, offset: int, length: int, whole: bool = False) -> None:
+        """A MISSING frame: the write at `seq` of [offset, +length) is not on the disk yet (`whole`:
+        writes of unknown ranges, recorded as (0, 0), until the REFETCH|RESYNC marker)."""
+        if (length > 0 or whole) and self.missing.get(seq) != (offset, length):
             self.missing[seq] = (offset, length)
             self._save()
 

@@ -494,7 +494,7 @@ class MasterTarget:
                 if h.flags & Flag.MISSING:
                     # A refused frame dropped upstream: its sequence passes with nothing written,
                     # and points are unusable until the re-read of its range arrives.
-                    pair.gaps.open(h.seq, h.offset, h.length)
+                    pair.gaps.open(h.seq, h.offset, h.length, whole=bool(h.flags & Flag.RESYNC))
                     pair.applier.apply_write(h.seq, h.offset, memoryview(b""))
                 elif h.type == FrameType.BOOKMARK:
                     bm = decode_model(Bookmark, frame.payload)

@@ -15,6 +15,7 @@ only a broken framing (bad magic) ends a connection, as the protocol requires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -553,6 +554,10 @@ class _Connection(asyncio.BufferedProtocol):
                 intent = self._image.intent if self._image is not None else None
                 if intent is not None and cmd in _MODIFY and not intent.covers(offset, length):
                     self._mark_queued(intent)
+                before = self._image.before if self._image is not None else None
+                if before is not None and cmd in _MODIFY and not before.covers(offset, length):
+                    with contextlib.suppress(OSError):  # the request's own preserve reports it
+                        before.preserve_all(self._queued_ranges())
                 if cmd == _WRITE:
                     if length > MAX_BLOCK_SIZE:
                         self._start += 28
@@ -603,6 +608,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _mark_queued(self, intent: WriteIntent) -> None:
         """Mark the ranges of every modifying request already received, with one fdatasync."""
+        assert self._image is not None
+        intent.mark(self._queued_ranges(), self._image.flush)
+
+    def _queued_ranges(self) -> list[tuple[int, int]]:
+        """The disk ranges of the modifying requests already received, from the current one on."""
         image = self._image
         assert image is not None
         ranges: list[tuple[int, int]] = []
@@ -614,7 +624,7 @@ class _Connection(asyncio.BufferedProtocol):
             if cmd in _MODIFY and length and offset < image.size:
                 ranges.append((offset, min(length, image.size - offset)))
             pos += 28 + (length if cmd == _WRITE else 0)
-        intent.mark(ranges, image.flush)
+        return ranges
 
     def _send_out(self) -> None:
         if self._out and self._transport is not None:

@@ -7,6 +7,11 @@ forwarder thread per pair streams the cache to the master target named in the ag
 frees cache segments only on the master target's ACK. Resync requests and digests are relayed
 between the two sessions without caching (they are queries, not data).
 
+A cache found damaged on open (a bad frame header followed by intact frames, `segment_log.py`) lost
+frames of unknown ranges: the forwarder sends a header-only MISSING|RESYNC frame in their place (the
+master target marks points unusable), the agent is asked (REFETCH|RESYNC) to compare its whole disk
+with the replica, and the loss is reported as a refused frame (an alert) until that resync applied.
+
 Only the agent a pair is assigned to (its desired state's `pairs`) may open a session for it, and
 only to the master target assigned to it; a data frame outside the disk or too far ahead of the
 pair's sequence is refused before it is cached or acknowledged (`trust.py`).
@@ -28,6 +33,7 @@ from siterecovery.dataplane.assignments import (
     CacheHealth,
     ProcessServerDesired,
     ProcessServerStats,
+    RefusedHop,
     RelayAssignment,
 )
 from siterecovery.dataplane.healing import RefusalLog
@@ -102,6 +108,7 @@ class PairRelay:
         self._save_meta()
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
+        self._take_over_damage()
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
@@ -137,6 +144,22 @@ class PairRelay:
         """Newest sequence this hop holds durably (cached, or already applied downstream)."""
         return max(self.cache.last_seq, self.mt_acked)
 
+    def _take_over_damage(self) -> None:
+        """Record the frames the cache lost to damage as refusals (persisted), to be resynced."""
+        for damage in self.cache.damage:
+            if damage.resumed_seq <= self.mt_acked + 1:
+                # Every frame the damage can have held was applied downstream already.
+                log.warning("damage in the cache of %s held only applied frames", self.pair_id)
+                continue
+            self.refusals.lost_frames(max(damage.after_seq, self.mt_acked) + 1, RefusedHop.CACHE)
+        self.cache.clear_damage()
+
+    def _repair_cache(self) -> None:
+        """The forwarder met a bad frame header: skip the damage now, rather than at a restart."""
+        if self.cache.repair():
+            self._take_over_damage()
+            self.request_refetch()
+
     def on_mt_ack(self, seq: int) -> None:
         if seq > self.mt_acked:
             self.mt_acked = seq
@@ -161,6 +184,9 @@ class PairRelay:
     def request_refetch(self) -> None:
         for e in self.refusals.pending_refetch():
             self._relay_to_agent(FrameType.REFETCH, e.seq, e.offset, e.length, memoryview(b""))
+        for e in self.refusals.pending_resync():
+            if e.hop is RefusedHop.CACHE:  # the agent found its own spool's loss itself
+                self._relay_to_agent(FrameType.REFETCH, e.seq, 0, 0, memoryview(b""), Flag.RESYNC)
 
     def send_to_mt(self, ftype: FrameType, seq: int, payload: memoryview) -> bool:
         """Relay a query to the master target; False if the link stays down (the sender retries)."""
@@ -175,7 +201,13 @@ class PairRelay:
             return True
 
     def _relay_to_agent(
-        self, ftype: FrameType, seq: int, offset: int, length: int, payload: memoryview
+        self,
+        ftype: FrameType,
+        seq: int,
+        offset: int,
+        length: int,
+        payload: memoryview,
+        flags: Flag = Flag.NONE,
     ) -> None:
         session = self.agent
         if session is None:
@@ -183,7 +215,9 @@ class PairRelay:
         with session.lock:
             try:
                 idx = session.pairs.index(self.pair_id)
-                session.writer.send(ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload)
+                session.writer.send(
+                    ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
+                )
             except (OSError, ValueError) as exc:
                 log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
 
@@ -240,13 +274,24 @@ class PairRelay:
         acks.start()
         cursor = self.cache.cursor(self.mt_acked)
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
+        # Frames the cache lost (damaged header): a MISSING|RESYNC frame goes out in their place.
+        lost = sorted(
+            e.seq for e in self.refusals.entries() if e.resync and not e.healed and e.hop is RefusedHop.CACHE
+        )
         try:
             while not self._stopping and not broken.is_set():
-                item = cursor.next(buf)
+                try:
+                    item = cursor.next(buf)
+                except ProtocolError:
+                    self._repair_cache()  # a damaged header; the next session resumes past it
+                    raise
                 if item is None:
                     with self.cache.appended:
                         self.cache.appended.wait(0.2)
                     continue
+                while lost and lost[0] < item[0].seq:
+                    with self._mt_lock:
+                        writer.send(FrameType.WRITE, 0, lost.pop(0), 0, 0, b"", Flag.MISSING | Flag.RESYNC)
                 if self.refusals.dropped(item[0].seq):
                     # The damaged frame stays out of the stream; the master target learns its
                     # write is missing until the agent's re-read of the range arrives.

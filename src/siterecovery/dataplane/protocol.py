@@ -64,6 +64,11 @@ class Flag(IntFlag):
     MISSING = 4
     # A write re-read from the source disk for a refused frame's range (see FrameType.REFETCH).
     REFETCH = 8
+    # The whole pair rather than one range (a damaged frame header in a segment log lost frames
+    # of unknown ranges): on REFETCH, compare the whole disk with the target (delta resync); on a
+    # MISSING frame, every point is unusable until the header-only REFETCH|RESYNC write that the
+    # agent sends once that resync is acknowledged.
+    RESYNC = 16
 
 
 class ProtocolError(ConnectionError):

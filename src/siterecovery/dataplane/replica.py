@@ -7,6 +7,10 @@ switches to dirty-block tracking and is *resync-required*. A sync (full copy, de
 blocks) reserves a window of sequence numbers at once, one per 4 KiB of disk, so the sync's
 frames sit in the stream after everything captured before it and before everything captured
 during it; the master target's idempotence by sequence then yields the disk's current content.
+
+Frames of unknown ranges lost downstream or in the spool (a damaged frame header, `segment_log.py`)
+are repaired by comparing the whole disk with the target (an INTENT sync of every block); once that
+sync is acknowledged a header-only REFETCH|RESYNC write tells every hop the loss is healed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ from siterecovery.dataplane.segment_log import SegmentLog
 
 _RESERVE = 1 << 20
 DEFAULT_SPOOL_LIMIT = 1 << 30
+
+
+class WholeResync(StrEnum):
+    """A whole-disk comparison asked for after a loss of unknown ranges (persisted)."""
+
+    REQUESTED = "requested"  # to run as the next INTENT sync
+    RUNNING = "running"  # the current INTENT sync; its end is announced with a marker
 
 
 class SyncKind(StrEnum):
@@ -88,6 +99,9 @@ class PairReplication:
         self.sync: SyncPlan | None = None
         self.sync_last: int | None = None
         self.dirty_mode = False
+        self.whole: WholeResync | None = None
+        # Sequences at which the spool lost frames (damaged header): sent as MISSING|RESYNC frames.
+        self.lost: list[int] = []
         generation = 0
         reserved = 0
         if self._state_path.exists():
@@ -97,6 +111,10 @@ class PairReplication:
             self.dirty_mode = bool(saved["dirty_mode"])
             if saved["sync"] is not None:
                 self.sync = SyncPlan(SyncKind(saved["sync"]["kind"]), int(saved["sync"]["s0"]))
+            if saved.get("whole"):
+                self.whole = WholeResync(saved["whole"])
+            self.lost = [int(s) for s in saved.get("lost", [])]
+        self._note_damage()
         self._next = max(reserved, self.spool.last_seq + 1)
         self._reserved = self._next
         self._generation = generation
@@ -115,6 +133,7 @@ class PairReplication:
             self.start_sync(SyncKind.INTENT)  # requested, then a crash before it was planned
         else:
             self._save_state()
+        self.spool.clear_damage()  # taken over by the state saved above
 
     # --- sequence numbers and state -----------------------------------------------------------
 
@@ -132,6 +151,8 @@ class PairReplication:
             "seq_reserved": self._reserved,
             "dirty_mode": self.dirty_mode,
             "sync": None if self.sync is None else {"kind": self.sync.kind.value, "s0": self.sync.s0},
+            "whole": None if self.whole is None else self.whole.value,
+            "lost": self.lost,
         }
         write_durably(self._state_path, json.dumps(state).encode())
 
@@ -241,6 +262,8 @@ class PairReplication:
             self.dirty_mode = False
         elif kind == SyncKind.INTENT:
             self.intent.take(self.dir / "intent-sync.bitmap")
+            if self.whole is WholeResync.REQUESTED:
+                self.whole = WholeResync.RUNNING
         s0 = self._alloc(self.size // FINE + 2)
         self.sync = SyncPlan(kind, s0)
         self.sync_last = None
@@ -258,6 +281,41 @@ class PairReplication:
             if self.sync is None:
                 self._start_sync(SyncKind.INTENT)
 
+    def resync_whole(self) -> None:
+        """A hop lost frames of unknown ranges: compare the whole disk with the target."""
+        with self._lock:
+            if self.whole is not None:
+                return  # already asked for (a repeated request after a reconnect)
+            self.whole = WholeResync.REQUESTED
+            self.intent.mark(0, self.size)
+            self.intent.save()
+            if self.sync is None:
+                self._start_sync(SyncKind.INTENT)
+            else:
+                self._save_state()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _note_damage(self) -> None:
+        """Frames of unknown ranges are gone from the spool (damage): the disk still has them."""
+        if self.spool.damage:
+            self.lost = sorted({*self.lost, *(d.after_seq + 1 for d in self.spool.damage)})
+            self.whole = self.whole or WholeResync.REQUESTED
+            self.intent.mark(0, self.size)
+            self.intent.save()
+
+    def repair_spool(self) -> None:
+        """The sender met a bad frame header in the spool: skip the damage and resync the disk."""
+        if not self.spool.repair():
+            return
+        with self._lock:
+            self._note_damage()
+            if self.sync is None:
+                self._start_sync(SyncKind.INTENT)
+            else:
+                self._save_state()
+        self.spool.clear_damage()
+
     def intent_bitmap(self) -> DirtyBitmap:
         return DirtyBitmap(self.dir / "intent-sync.bitmap", self.size, COARSE)
 
@@ -274,23 +332,40 @@ class PairReplication:
         if seq > self.acked:
             self.acked = seq
             self.spool.free_through(seq)
+            if self.lost and self.lost[0] <= seq:
+                with self._lock:
+                    self.lost = [s for s in self.lost if s > seq]
+                    self._save_state()
         self._check_sync_done()
         with self.changed:
             self.changed.notify_all()
 
     def _check_sync_done(self) -> None:
+        marked = False
         with self._lock:
             if self.sync is not None and self.sync_last is not None and self.acked >= self.sync_last:
                 if self.sync.kind == SyncKind.DIRTY:
                     (self.dir / "sync.bitmap").unlink(missing_ok=True)
                 elif self.sync.kind == SyncKind.INTENT:
                     (self.dir / "intent-sync.bitmap").unlink(missing_ok=True)
+                    if self.whole is WholeResync.RUNNING:
+                        # After every frame of the comparison: the loss is repaired from here on.
+                        seq = self._alloc()
+                        flags = Flag.REFETCH | Flag.RESYNC
+                        pack_header(self._hbuf, FrameType.WRITE, flags, 0, seq, 0, 0, 0, EMPTY_DIGEST)
+                        self._append(seq, b"")
+                        self.whole = None
+                        marked = True
                 self.sync = None
                 self.sync_last = None
                 if self.intent.any():
                     self._start_sync(SyncKind.INTENT)
                 else:
                     self._save_state()
+        if marked:
+            self.spool.sync()
+            with self.changed:
+                self.changed.notify_all()
 
     def drained(self) -> bool:
         """Everything captured so far is acknowledged by the process server."""

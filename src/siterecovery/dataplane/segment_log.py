@@ -6,18 +6,52 @@ log back with cursors to send downstream, and frees whole segments once downstre
 their last frame. On open, a torn tail left by a crash (a partly written frame) is cut off; every
 frame before it was either fsynced (and acknowledged) or never acknowledged, so nothing
 acknowledged is lost.
+
+A bad frame header *followed by intact frames* is not a torn tail but damage (a flipped bit on the
+disk): the scan resynchronises on the next offset whose header verifies and whose payload matches
+its digest, keeps every intact frame after it, and rewrites the segment without the damaged bytes.
+Which frames the damaged range held is unknown, so the log records a `LogDamage` durably (in
+`damage.json`, before the segment is rewritten) for its owner to act on: the process server and
+the agent have the whole pair compared with the replica (a delta resync) and raise an alert. A
+reader that meets a bad header in a running log has it indexed again the same way (`repair`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import mmap
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from siterecovery.dataplane.protocol import HEADER_SIZE, Header, ProtocolError, parse_header
+from siterecovery.dataplane.durable import write_durably
+from siterecovery.dataplane.protocol import (
+    HEADER_SIZE,
+    MAGIC,
+    Header,
+    ProtocolError,
+    frame_intact,
+    parse_header,
+)
+
+log = logging.getLogger(__name__)
 
 _SUFFIX = ".seg"
+_DAMAGE = "damage.json"
+_REWRITE = ".rewrite"  # a segment being rewritten without its damaged bytes
+
+
+@dataclass(frozen=True)
+class LogDamage:
+    """Bytes of a segment that held no verifiable frame, with intact frames after them."""
+
+    segment: str  # file name
+    offset: int  # where the damage starts in the segment as it was
+    skipped: int  # bytes dropped
+    after_seq: int  # the last intact frame before the damage (-1: none in this log)
+    resumed_seq: int  # the first intact frame after it; the lost frames lie strictly between
 
 
 @dataclass
@@ -40,12 +74,80 @@ class SegmentLog:
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._unsynced: list[int] = []
-        for path in sorted(directory.glob(f"*{_SUFFIX}")):
-            seg = _scan(path)
+        self._damage_path = directory / _DAMAGE
+        self.damage: list[LogDamage] = []
+        if self._damage_path.exists():
+            self.damage = [LogDamage(**d) for d in json.loads(self._damage_path.read_text())]
+        for stale in directory.glob(f"*{_SUFFIX}{_REWRITE}"):
+            stale.unlink()  # a rewrite interrupted by a crash (the segment itself is intact)
+        self._open_segments(sorted(directory.glob(f"*{_SUFFIX}")))
+
+    def _open_segments(self, paths: list[Path], known_last: int = -1) -> list[LogDamage]:
+        """Index the segments: cut a torn tail, skip (and record) damage followed by intact frames.
+
+        `known_last`: the newest frame appended (a live log, `repair`): every frame up to it was
+        whole, so a bad tail before it is damage too.
+        """
+        scans = [_scan(path) for path in paths]
+        found: list[LogDamage] = []
+        last = -1
+        for i, scan in enumerate(scans):
+            for bad in scan.bad:
+                after = bad.after_seq if bad.after_seq >= 0 else last
+                found.append(LogDamage(scan.path.name, bad.offset, bad.skipped, after, bad.resumed_seq))
+            if scan.cut_at is not None and any(later.first >= 0 for later in scans[i + 1 :]):
+                # Not the log's tail: intact frames follow in a later segment.
+                resumed = next(later.first for later in scans[i + 1 :] if later.first >= 0)
+                after = scan.last if scan.last >= 0 else last
+                found.append(LogDamage(scan.path.name, scan.cut_at, scan.size - scan.cut_at, after, resumed))
+            last = scan.last if scan.last >= 0 else last
+        tail = next((scan for scan in reversed(scans) if scan.cut_at is not None or scan.first >= 0), None)
+        if tail is not None and tail.cut_at is not None and last < known_last:
+            lost = tail.size - tail.cut_at
+            found.append(LogDamage(tail.path.name, tail.cut_at, lost, last, known_last + 1))
+        found = [d for d in found if d not in self.damage]  # found again after a crash mid-rewrite
+        if found:
+            # Recorded before any byte is dropped: a crash while rewriting cannot hide the damage.
+            self.damage.extend(found)
+            write_durably(self._damage_path, json.dumps([asdict(d) for d in self.damage]).encode())
+            for d in found:
+                log.error(
+                    "segment log %s: %d damaged bytes at %s:%d (frames after %d, before %d lost); "
+                    "intact frames after them are kept",
+                    self.directory,
+                    d.skipped,
+                    d.segment,
+                    d.offset,
+                    d.after_seq,
+                    d.resumed_seq,
+                )
+        for scan in scans:
+            seg = scan.apply()
             if seg is None:
-                path.unlink()
+                scan.path.unlink()
             else:
                 self._segments.append(seg)
+        if found:
+            _fsync_dir(self.directory)
+        return found
+
+    def repair(self) -> list[LogDamage]:
+        """A reader met a bad frame header in the live log: index it again as on open (the damage
+        found is recorded in `damage`); appends go on in a new segment."""
+        with self._lock:
+            if self._fd is not None:
+                self._unsynced.append(self._fd)  # fdatasynced and closed by the next sync()
+                self._fd = None
+            known_last = self._segments[-1].last_seq if self._segments else -1
+            paths = [seg.path for seg in self._segments]
+            self._segments = []
+            return self._open_segments(paths, known_last)
+
+    def clear_damage(self) -> None:
+        """The owner has taken over the damage (persisted its resync and alert): forget it."""
+        with self._lock:
+            self.damage = []
+            self._damage_path.unlink(missing_ok=True)
 
     @property
     def last_seq(self) -> int:
@@ -208,31 +310,114 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
-def _scan(path: Path) -> _Segment | None:
-    """Index a segment file, cutting off a torn tail; None if it holds no whole frame."""
-    first = last = -1
-    pos = 0
-    hbuf = bytearray(HEADER_SIZE)
+@dataclass(frozen=True)
+class _Bad:
+    offset: int
+    skipped: int
+    after_seq: int  # the last intact frame before it in this segment (-1: none)
+    resumed_seq: int
+
+
+@dataclass
+class _Scan:
+    """What a segment holds: the byte ranges of its intact frames, in order, and what to drop."""
+
+    path: Path
+    size: int
+    keep: list[tuple[int, int]]  # (start, end) of runs of whole frames
+    bad: list[_Bad]  # damage followed by intact frames in this segment
+    # Where a tail with no intact frame after it starts: torn (or damage, if a later segment holds
+    # frames). A rewrite (`bad`) keeps only `keep`, which never includes it.
+    cut_at: int | None
+    first: int = -1
+    last: int = -1
+
+    def apply(self) -> _Segment | None:
+        """Make the file hold exactly its intact frames; None if it holds none."""
+        if self.bad:
+            tmp = self.path.with_name(self.path.name + _REWRITE)
+            with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                for start, end in self.keep:
+                    src.seek(start)
+                    dst.write(src.read(end - start))
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, self.path)
+        elif self.cut_at is not None:
+            os.truncate(self.path, self.cut_at)
+        if self.first < 0:
+            return None
+        return _Segment(self.first, self.last, sum(end - start for start, end in self.keep), self.path)
+
+
+def _frame_at(data: mmap.mmap | bytes, pos: int, after_seq: int) -> int:
+    """Length of the intact frame at `pos` whose sequence follows `after_seq`, or 0."""
+    if pos + HEADER_SIZE > len(data):
+        return 0
+    try:
+        h = parse_header(data[pos : pos + HEADER_SIZE])
+    except ProtocolError:
+        return 0
+    total = HEADER_SIZE + h.payload_len
+    if h.seq <= after_seq or pos + total > len(data):
+        return 0
+    return total if frame_intact(memoryview(data)[pos : pos + total]) else 0
+
+
+def _resync(data: mmap.mmap, pos: int, after_seq: int) -> int:
+    """The next offset after `pos` where an intact frame following `after_seq` starts, or -1."""
+    at = pos
+    while True:
+        at = data.find(MAGIC, at + 1)
+        if at < 0 or _frame_at(data, at, after_seq):
+            return at
+
+
+def _scan(path: Path) -> _Scan:
+    """Index a segment file without changing it (`_Scan.apply` does)."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        while pos + HEADER_SIZE <= size:
-            f.seek(pos)
-            if f.readinto(hbuf) != HEADER_SIZE:
+    scan = _Scan(path, size, [], [], None)
+    if size == 0:
+        return scan  # rolled, then a crash before its first frame: nothing to keep
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = run = 0
+        while pos < size:
+            # The header alone decides on the fast path; its payload is verified where it is read.
+            total = _header_frame(data, pos, scan.last)
+            if total:
+                if scan.first < 0:
+                    scan.first = _seq(data, pos)
+                scan.last = _seq(data, pos)
+                pos += total
+                continue
+            if pos > run:
+                scan.keep.append((run, pos))
+            resumed = _resync(data, pos, scan.last)
+            if resumed < 0:
+                scan.cut_at = pos
                 break
-            try:
-                h = parse_header(hbuf)
-            except ProtocolError:
-                break
-            if pos + HEADER_SIZE + h.payload_len > size:
-                break
-            first = h.seq if first < 0 else first
-            last = h.seq
-            pos += HEADER_SIZE + h.payload_len
-    if pos < size:
-        os.truncate(path, pos)
-    if first < 0:
-        return None
-    return _Segment(first, last, pos, path)
+            scan.bad.append(_Bad(pos, resumed - pos, scan.last, _seq(data, resumed)))
+            pos = run = resumed
+        else:
+            if pos > run:
+                scan.keep.append((run, pos))
+    return scan
+
+
+def _header_frame(data: mmap.mmap, pos: int, after_seq: int) -> int:
+    """Length of the frame at `pos` if its header verifies and the whole frame is in the file."""
+    if pos + HEADER_SIZE > len(data):
+        return 0
+    try:
+        h = parse_header(data[pos : pos + HEADER_SIZE])
+    except ProtocolError:
+        return 0
+    total = HEADER_SIZE + h.payload_len
+    return total if h.seq > after_seq and pos + total <= len(data) else 0
+
+
+def _seq(data: mmap.mmap, pos: int) -> int:
+    return parse_header(data[pos : pos + HEADER_SIZE]).seq
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -144,6 +144,9 @@ class PairSender:
                     self.pair.on_ack(h.seq)
                 elif h.type == FrameType.DIGESTS:
                     self._digests.put((h.seq, bytes(frame.payload)))
+                elif h.type == FrameType.REFETCH and h.flags & Flag.RESYNC:
+                    # Downstream lost frames of unknown ranges: compare the whole disk.
+                    self.pair.resync_whole()
                 elif h.type == FrameType.REFETCH:
                     # A downstream copy of this range was damaged: send it again from the disk.
                     self.pair.refetch(h.offset, h.length)
@@ -195,20 +198,32 @@ class PairSender:
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
         held = None
         sent: SyncPlan | None = None
+        # Spooled frames go out in batches of up to BATCH_BYTES, flushed whenever the spool has
+        # nothing more to send: one TLS record and syscall per 4 KiB write was most of the
+        # sender's time under random writes, and its GIL time slowed the NBD export down.
+        batched = _Batched(writer)
+        out = FrameWriter(batched)
+        lost = [s for s in pair.lost if s > acked]  # the spool lost frames before these
         try:
             while True:
                 self._check()
                 if held is None:
-                    held = cursor.next(buf)
+                    try:
+                        held = cursor.next(buf)
+                    except ProtocolError:
+                        pair.repair_spool()  # a damaged header; the next session resumes past it
+                        raise
                 plan = pair.sync
                 # A sync is sent once per session; it completes when its last frame is acknowledged.
                 if plan is not None and plan is not sent and (held is None or held[0].seq > plan.s0):
                     sent = plan
+                    batched.flush()  # the sync's frames go after those already produced
                     sync_buf = bytearray(COARSE)
                     last = self._send_sync(writer, acked, memoryview(sync_buf))
                     pair.sync_generated(last)
                     continue
                 if held is None:
+                    batched.flush()
                     # Never over a pending sync: its frames may not all be acknowledged yet.
                     if pair.dirty_mode and pair.sync is None and pair.acked >= pair.spool.last_seq:
                         pair.start_sync(SyncKind.DIRTY)
@@ -218,12 +233,14 @@ class PairSender:
                     continue
                 header, raw = held
                 held = None
+                while lost and lost[0] < header.seq:
+                    out.send(FrameType.WRITE, 0, lost.pop(0), 0, 0, b"", Flag.MISSING | Flag.RESYNC)
                 if header.seq in self._dropped:
-                    writer.send(header.type, 0, header.seq, header.offset, header.length, b"", Flag.MISSING)
+                    out.send(header.type, 0, header.seq, header.offset, header.length, b"", Flag.MISSING)
                     continue
                 payload = raw[HEADER_SIZE:]
                 flags, wire = self._compressor.maybe_compress(payload)
-                pair.bytes_sent += writer.send(
+                pair.bytes_sent += out.send(
                     header.type,
                     0,
                     header.seq,

@@ -2,11 +2,13 @@
 
 The process server reports each refused frame of its pairs (`RefusedFrame` in its statistics:
 pair, sequence, range, the hop that damaged it) until the master target has acknowledged its
-repair (`dataplane/healing.py`). The monitor calls `check_refused_frames` for each protected item
-on every pass: each refusal becomes one critical `frame-refused` alert naming the item, disk,
-sequence and hop, active until it healed. One alert per refusal, found again by its message (the
-message is built from the refusal alone), so a refusal that healed before the monitor saw it
-still leaves its (cleared) alert, and a restarted configuration server does not repeat one.
+repair (`dataplane/healing.py`), and each loss of frames to a damaged frame header in its cache or
+an agent's spool until the whole-pair resync that repairs it was applied. The monitor calls
+`check_refused_frames` for each protected item on every pass: each refusal becomes one critical
+`frame-refused` alert naming the item, disk, sequence and hop, active until it healed. One alert
+per refusal, found again by its message (the message is built from the refusal alone), so a
+refusal that healed before the monitor saw it still leaves its (cleared) alert, and a restarted
+configuration server does not repeat one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ UNUSABLE = "recovery-points-unusable"
 
 
 def _message(item: ReplicatedItem, disk: str, e: RefusedFrame) -> str:
+    if e.resync:
+        return (
+            f"Item {item.name}, disk {disk} (pair {e.pair_id}): frames after sequence {e.seq - 1} were "
+            f"lost to a damaged frame header at hop {e.hop.value}; the whole disk is compared with "
+            "the replica (delta resync) and recovery points in between are unusable."
+        )
     where = f" (range {e.offset}+{e.length})" if e.length else ""
     return (
         f"Item {item.name}, disk {disk} (pair {e.pair_id}): frame sequence {e.seq}{where} was refused "

@@ -64,14 +64,21 @@ def snapshot_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
     fabric = repo.site_fabric(item.record, held.site)
     found = fabric.discover().machine(machine)
     existing = next((s for s in (found.snapshots if found else ()) if s.name == SNAPSHOT_NAME), None)
-    snap = existing or fabric.create_snapshot(machine, SNAPSHOT_NAME)
+    try:
+        snap_id = (existing or fabric.create_snapshot(machine, SNAPSHOT_NAME)).id
+    except FabricError as exc:
+        # libvirt's internal snapshots need qcow2 and the master target writes raw volumes: the
+        # machine boots without one, and its point cannot change before commit (change-point says so).
+        if exc.code != "libvirt-snapshot-unsupported":
+            raise
+        snap_id = ""
 
     def change(_: Any, rec: ItemRecord) -> None:
         assert rec.held is not None
-        rec.held.machine, rec.held.snapshot = machine, snap.id
+        rec.held.machine, rec.held.snapshot = machine, snap_id
 
     repo.update(item.id, change)
-    return {"machine": machine, "snapshot": snap.id}
+    return {"machine": machine, "snapshot": snap_id}
 
 
 def drop_snapshot(fabric: Fabric, machine: str, snapshot_id: str) -> None:

@@ -165,6 +165,15 @@ def change_point_tasks(item: repo.ItemSnapshot, point: str, *, via_plan: bool = 
             "only a failed-over item that is not committed can change its recovery point",
             "Fail the item over first; after `items commit` the point is final.",
         )
+    if held.machine and not held.snapshot:
+        raise SiteRecoveryError(
+            Problem(
+                "change-point-unavailable",
+                f"Recovery machine {held.machine} booted without a snapshot (its site cannot snapshot "
+                "its raw replica volumes), so its point cannot change before commit.",
+                f"Commit this point (`items commit {item.name}`), or fail over again after a reprotect.",
+            )
+        )
     chosen = resolve(held_points(held), point)
     target = held.site
     mt_id = held.replication.master_target

@@ -11,6 +11,23 @@ from siterecovery.control.states import FabricKind
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 
+def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool: str = "") -> dict[str, str]:
+    """Path of each (disk label's) cloud replica disk: `<label>.img` in the lab cloud site's
+    managed-disk folder of the item, or volume `<machine>_<label>.img` in the directory of storage
+    pool `pool` on a libvirt host (named as the fabric names a domain's own volumes)."""
+    with current().db.session() as s:
+        row = s.get(FabricRow, cloud_fabric_id)
+        if row is None:
+            raise not_found("fabric", cloud_fabric_id)
+        if row.kind == FabricKind.LIBVIRT.value:
+            from siterecovery.dr.platforms import libvirt_replica_dir
+
+            folder = libvirt_replica_dir(row, pool)
+            return {label: str(folder / f"{item_name}_{label}.img") for label in labels}
+    folder = replica_dir(cloud_fabric_id, item_name)
+    return {label: str(folder / f"{label}.img") for label in labels}
+
+
 def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
     """Folder of an item's cloud replica disks (managed disks of the lab's cloud site)."""
     with current().db.session() as s:
@@ -22,7 +39,7 @@ def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
                 Problem(
                     "target-fabric-unsupported",
                     f"Fabric {row.name} ({row.kind}) cannot hold replica disks.",
-                    "Replicate to a lab cloud site; Azure managed disks are not supported yet.",
+                    "Replicate to a lab cloud site or a libvirt host; the jobs do not drive Azure yet.",
                 ),
                 Status.UNPROCESSABLE,
             )

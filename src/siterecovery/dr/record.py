@@ -178,3 +178,5 @@ class ItemRecord(_Model):
     target_created: bool = False  # reprotect created the on-premises machine anew (RPW-6): full copy
     metrics: list[StepMetric] = Field(default_factory=list)
     oracle: dict[str, object] = Field(default_factory=dict)  # last verdict per site
+    # A libvirt domain's persistent XML at enable: failover defines the recovery domain from it.
+    domain_xml: str = ""

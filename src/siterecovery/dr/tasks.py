@@ -21,6 +21,7 @@ from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
+from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
@@ -208,7 +209,7 @@ def drain(ctx: TaskContext) -> dict[str, Any]:
     if rep is None:
         return {"drained": "no replication"}
     agent = _agent_id(rep.source_site, rep.source_machine)
-    final = waits.agent_pairs(agent)
+    final = waits.agent_pairs_acked(agent, current().config.heartbeat_timeout, drain_deadline())
     lost = [p.pair_id for p in final.values() if p.captured_seq > p.acked_seq]
     if lost and ctx.args.get("planned"):
         raise SiteRecoveryError(
@@ -259,7 +260,7 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
     fabric = repo.site_fabric(item.record, Site.CLOUD)
     name = item.record.cloud_machine or item.record.machine
-    if fabric.discover().machine(name) is None:
+    if fabric.discover().machine(name) is None and not define_recovery_domain(fabric, item.record, name):
         fabric.create_machine(
             MachineSpec(
                 name=name,
@@ -395,6 +396,10 @@ def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
         from siterecovery.dr.checks import ensure_reprotect
 
         ensure_reprotect(build_reprotect_context(item, ctx.args))
+        with current().db.session() as s:
+            problems = libvirt_reprotect_problems(s, item, ctx.args)
+        if problems:
+            raise SiteRecoveryError(problems)
     else:
         problems = forward_problems(item, ctx.args)
         if problems:

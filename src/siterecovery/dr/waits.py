@@ -34,6 +34,22 @@ def agent_pairs(component_id: str) -> dict[str, PairStats]:
     return {p.pair_id: p for p in AgentStats.model_validate(stats).pairs}
 
 
+def agent_pairs_acked(component_id: str, heartbeat_timeout: float, timeout: float) -> dict[str, PairStats]:
+    """The agent's pairs once its process server acknowledged everything it captured, or as they
+    stand once the agent stops heartbeating (or `timeout` passes). An agent that outlives its
+    machine's shutdown (a libvirt host's agent, not the machine's own) is still sending its last
+    writes; one that exited with the machine reports nothing new."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats, heartbeat = component_stats(component_id)
+        pairs = {p.pair_id: p for p in AgentStats.model_validate(stats).pairs} if stats else {}
+        behind = any(p.captured_seq > p.acked_seq for p in pairs.values())
+        alive = heartbeat is not None and time.time() - heartbeat <= heartbeat_timeout
+        if not behind or not alive or time.monotonic() > deadline:
+            return pairs
+        time.sleep(POLL_SECONDS)
+
+
 def mt_pairs(component_id: str) -> MasterTargetStats:
     """The master target's last report (pairs with points, copies done)."""
     stats, _ = component_stats(component_id)

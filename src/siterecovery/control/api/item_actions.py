@@ -27,7 +27,8 @@ from siterecovery.dr import operations as ops
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.notes import plan_notes
-from siterecovery.dr.placement import replica_dir
+from siterecovery.dr.placement import replica_paths
+from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
 from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
 from siterecovery.dr.recovery_points import points_of
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
@@ -45,6 +46,10 @@ class EnableRequest(Strict):
     master_target: str = NamePattern
     source_fabric: str = Field(default="onprem", max_length=200)
     target_fabric: str = Field(default="cloud", max_length=200)
+    # A libvirt target: the storage pool the replica volumes are placed in.
+    target_datastore: str = Field(default="", max_length=200)
+    # The recovery machine's name on the target site; default the machine's own.
+    recovery_name: str = Field(default="", max_length=200)
     resource_group: str = Field(default="", max_length=200)
     group: str | None = Field(default=None, max_length=200)
 
@@ -208,12 +213,14 @@ def enable(
             s.flush()  # the item's foreign key needs the group row first
         group_id = group.id
     item_id = new_id("item")
-    folder = replica_dir(target.id, machine.name)
+    cloud_paths = replica_paths(
+        target.id, machine.name, [d.label for d in machine.disks], body.target_datastore
+    )
     rec = ItemRecord(
         onprem_fabric=source.id,
         cloud_fabric=target.id,
         machine=machine.name,
-        cloud_machine=machine.name,
+        cloud_machine=body.recovery_name or machine.name,
         cloud_resource_group=body.resource_group,
         os_type=machine.os_type.value,
         os_version=machine.os_version,
@@ -224,7 +231,7 @@ def enable(
                 size=d.size_bytes,
                 onprem_path=d.backing,
                 onprem_uuid=d.uuid,
-                cloud_path=str(folder / f"{d.label}.img"),
+                cloud_path=cloud_paths[d.label],
             )
             for d in machine.disks
         ],
@@ -240,6 +247,7 @@ def enable(
             for n in machine.nics
         ],
         packages=list(machine.packages),
+        domain_xml=recorded_xml(source, machine.name),
     )
     s.add(
         ReplicatedItem(
@@ -381,7 +389,7 @@ def reprotect(
         notes: list[dict[str, Any]] = []
     else:
         ctx = build_reprotect_context(item, args)
-        problems = check_reprotect(ctx)
+        problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
         notes = [
             {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
             for n in plan_notes(ctx)

@@ -1,0 +1,181 @@
+"""A damaged frame header in a segment log (the process server's cache, the agent's spool) loses
+nothing acknowledged, loudly: the intact frames after it are kept, the whole pair is compared with
+the replica (delta resync), and the loss is reported (a `frame-refused` alert) until repaired.
+
+The writer is `tests.nbd_writer` (a stdlib NBD client, not the project's code) writing
+self-verifying records with a FLUSH every 16; every flushed record must reach the replica.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.conftest import require_tool
+from tests.dataplane.conftest import (
+    Component,
+    Plane,
+    free_addresses,
+    make_image,
+    pair_stats,
+    replication,
+    wait_for,
+    wait_replicated,
+)
+from tests.nbd_writer import NbdConnection, RecordWriter, Verdict, record, verify_records
+
+from siterecovery.dataplane.protocol import HEADER_SIZE
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+BASE = 4 * MiB
+RECORDS = 96
+DAMAGED = 48  # the record whose frame header is damaged: frames after it must survive
+
+
+def _damage_header(directory: Path, slot: int) -> None:
+    """Flip a byte in the header of the frame carrying record `slot` (stored as written), in place
+    (a running process server keeps reading the same file)."""
+    needle = record(slot, seed=1)
+    for segment in sorted(directory.glob("*.seg")):
+        raw = segment.read_bytes()
+        at = raw.find(needle)
+        if at >= 0:
+            with open(segment, "r+b") as f:
+                f.seek(at - HEADER_SIZE + 20)
+                f.write(bytes([raw[at - HEADER_SIZE + 20] ^ 0xFF]))
+            return
+    raise AssertionError(f"{directory} does not hold record {slot}")
+
+
+def _seq(agent: Component, key: str) -> int:
+    return int(pair_stats(agent, "p1").get(key, -1))  # type: ignore[call-overload]
+
+
+def _write_records(plane: Plane, agent: Component) -> None:
+    before = _seq(agent, "captured_seq")
+    writer = RecordWriter(plane.root / "nbd" / "d0.sock", "d0", BASE, slots=RECORDS).start()
+    writer.wait_flushed(RECORDS)
+    writer.stop()
+    assert writer.error is None and writer.flushed == RECORDS, (writer.error, writer.flushed)
+    # Reported captured (so a report of before the writes cannot pass for one after them).
+    wait_for(lambda: _seq(agent, "captured_seq") >= before + RECORDS, 60, "the records to be captured")
+
+
+def _lost_frames_healed(ps: Component, hop: str) -> bool:
+    entries = [e for e in ps.stats().get("refused_frames", []) if e["resync"]]  # type: ignore[union-attr, index]
+    assert all(e["hop"] == hop for e in entries), entries  # type: ignore[index]
+    return bool(entries) and all(e["healed"] for e in entries)  # type: ignore[index]
+
+
+def _wait_records(target: Path) -> None:
+    """Until every flushed record is on the replica (the master target keeps applying meanwhile)."""
+    last: list[Verdict] = []
+
+    def complete() -> bool:
+        if not target.exists():
+            return False
+        last[:] = [verify_records(target, BASE, RECORDS, seed=1)]
+        return last[0].first_bad is None
+
+    try:
+        wait_for(complete, 120, "every flushed record on the replica")
+    except AssertionError:
+        v = last[0] if last else None
+        where = f"slot {v.first_bad} is {v.why}" if v else "no replica"
+        raise AssertionError(f"flushed records lost: {where} (of {RECORDS})") from None
+
+
+def _same(src: Path, target: Path) -> None:
+    qemu_img = require_tool("qemu-img")
+    same = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), str(target)], check=False)
+    assert same.returncode == 0
+
+
+def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) -> None:
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    # The master target is down: everything stops in the process server's cache.
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr)
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
+    _write_records(plane, agent)
+
+    def acked_by_ps() -> bool:
+        spooled = pair_stats(agent, "p1")["spool_bytes"]
+        return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
+
+    wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    ps.kill(signal.SIGKILL)
+    _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
+
+    ps.start()
+    mt.start()
+    # Used to cut the cache at the bad header: the records after it never reached the replica.
+    _wait_records(target)
+    wait_for(lambda: _lost_frames_healed(ps, "process-server cache"), 120, "the loss to be reported, healed")
+    wait_replicated(agent, mt, "p1", timeout=120)
+    _same(src, target)
+    pairs = mt.stats().get("pairs", [])
+    assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]
+
+
+def test_damaged_header_met_by_a_running_process_server_loses_nothing(plane: Plane) -> None:
+    """No restart: the forwarder meets the bad header itself (it used to retry it for ever)."""
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr)
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
+    _write_records(plane, agent)
+
+    def acked_by_ps() -> bool:
+        spooled = pair_stats(agent, "p1")["spool_bytes"]
+        return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
+
+    wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
+    mt.start()
+    _wait_records(target)
+    wait_for(lambda: _lost_frames_healed(ps, "process-server cache"), 120, "the loss to be reported, healed")
+    wait_replicated(agent, mt, "p1", timeout=120)
+    _same(src, target)
+
+
+def test_damaged_header_in_the_agent_spool_loses_nothing(plane: Plane) -> None:
+    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    wait_replicated(agent, mt, "p1")
+    ps.kill(signal.SIGKILL)  # the records stay in the agent's spool
+    _write_records(plane, agent)
+    # A flushed write in another 4 MiB extent: the write-intent log unmarks the records' extent
+    # (their capture is durable), so only the spool holds them when the agent is killed.
+    other = NbdConnection(plane.root / "nbd" / "d0.sock", "d0")
+    other.write(SIZE - MiB, record(0, seed=2))
+    other.flush()
+    other.close()
+    agent.kill(signal.SIGKILL)
+    _damage_header(agent.state_dir / "pairs" / "p1" / "spool", DAMAGED)
+    (agent.state_dir / "stats.json").unlink(missing_ok=True)  # no stale report after the restart
+
+    agent.start()
+    ps.start()
+    # Used to cut the spool at the bad header: the records after it were never sent.
+    _wait_records(target)
+    wait_for(lambda: _lost_frames_healed(ps, "agent spool"), 120, "the loss to be reported, then healed")
+    wait_replicated(agent, mt, "p1", timeout=120)
+    _same(src, target)
+    pairs = mt.stats().get("pairs", [])
+    assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]

@@ -1,0 +1,180 @@
+"""The configuration server's DR jobs on two libvirt sites (two pools of one real libvirtd): enable
+places the replica volume in the target pool and records the domain's XML; a planned failover
+defines the recovery domain from that XML on the replica; commit; a reprotect onto the libvirt
+site lists every failing libvirt prerequisite (LV-*) together with the other rules.
+
+The real configuration server, process server, master target and agent run as processes
+(demo.Environment); the domain's disk is written through the agent's NBD export, as QEMU writes
+it once the domain's disk source is that export (docs/libvirt.md)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from siterecovery.cli.client import ApiError
+from siterecovery.demo.environment import Environment
+from tests.conftest import require_tool
+from tests.e2e.conftest import ensure_policy, run_job
+from tests.libvirt.conftest import Sites
+from tests.libvirt.daemon import PREFIX
+from tests.libvirt.test_fabric import domain_xml, qemu_io
+
+MiB = 1 << 20
+WEB = f"{PREFIX}jobweb"
+RECOVERY = f"{PREFIX}jobweb-dr"
+
+
+@pytest.fixture
+def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
+    e = Environment(
+        tmp_path / "cs", env={"SITERECOVERY_HEARTBEAT_TIMEOUT": "6", "SITERECOVERY_SYNC_TIMEOUT": "120"}
+    )
+    e.root.mkdir(parents=True)
+    try:
+        e.start_server()
+        e.passphrase_file.write_text(e.api.get("/api/server/passphrase")["passphrase"] + "\n")
+        e.passphrase_file.chmod(0o600)
+        for name, site in (("kvm-a", "onprem"), ("kvm-b", "cloud")):
+            e.api.post(
+                "/api/fabrics",
+                {
+                    "name": name,
+                    "kind": "libvirt",
+                    "site": site,
+                    "connection": {"uri": sites.uri, "domain_type": "qemu"},
+                },
+            )
+        (e.root / "retention").mkdir()
+        e.start_component("process-server", "ps-onprem", "onprem")
+        e.start_component(
+            "master-target",
+            "mt-kvm-b",
+            "cloud",
+            "--os",
+            "linux",
+            "--retention-volume",
+            str(e.root / "retention"),
+        )
+        yield e
+    finally:
+        e.stop()
+
+
+def start_agent(env: Environment, machine: str, volume: str) -> Path:
+    """The agent beside the protected domain, serving its volume as `vda` over a Unix socket."""
+    run = env.root / "agent"
+    run.mkdir()
+    env._spawn(
+        "agent",
+        "agent",
+        "--machine", machine, "--site", "onprem",
+        "--server", env.url, "--passphrase-file", str(env.passphrase_file),
+        "--state-dir", str(run / "state"), "--nbd-unix-dir", str(run / "nbd"),
+        "--interval", "0.5", "--disk", f"vda={volume}",
+    )  # fmt: skip
+    env._await(lambda: env.connected(f"onprem/{machine}"), "agent")
+    return run / "nbd" / "vda.sock"
+
+
+def compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
+    # -U: the recovery domain's QEMU holds its volume's lock while it runs.
+    return subprocess.run(
+        [require_tool("qemu-img"), "compare", "-U", "-f", "raw", "-F", "raw", a, b],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def codes(problems: list[dict[str, Any]]) -> set[str]:
+    return {p["code"] for p in problems}
+
+
+def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
+    env: Environment, sites: Sites
+) -> None:
+    pool_a, pool_b = f"{PREFIX}a", f"{PREFIX}b"
+    fabric = sites.fabric()
+    volume = fabric.create_volume(fabric.pool(pool_a), f"{WEB}_vda.img", 8 * MiB, "raw")
+    assert qemu_io("raw", volume, "write -P 0xaa 0 1M").returncode == 0  # before protection
+    disk = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{volume}'/>"
+        "<target dev='vda' bus='virtio'/></disk>"
+    )
+    fabric.define(domain_xml(WEB, disk, sites.networks[0]))
+    sock = start_agent(env, WEB, volume)
+    ensure_policy(env)
+
+    # Enable onto kvm-b: the replica is a volume in pool b, the domain's XML is recorded.
+    body = {"machine": WEB, "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-kvm-b",
+            "source_fabric": "kvm-a", "target_fabric": "kvm-b", "target_datastore": pool_b,
+            "recovery_name": RECOVERY}  # fmt: skip
+    for pool, code in (("", "target-datastore-required"), (f"{PREFIX}nopool", "datastore-not-found")):
+        with pytest.raises(ApiError) as refused:
+            env.api.post("/api/replicatedItems", {**body, "target_datastore": pool})
+        assert codes(refused.value.problems) == {code}
+    job = run_job(env, "/api/replicatedItems", body)
+    assert job["state"] == "succeeded", [
+        (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
+    ]
+    item = env.api.get(f"/api/replicatedItems/{WEB}")
+    replica = str(sites.pools[pool_b] / f"{WEB}_vda.img")
+    assert [d["cloud_path"] for d in item["details"]["disks"]] == [replica]
+    assert f"<name>{WEB}</name>" in item["details"]["domain_xml"]
+    assert compare(volume, replica).returncode == 0  # the full sync
+
+    # A write while protected (QEMU's write, through the agent's export) reaches the replica.
+    nbd = f"nbd+unix:///vda?socket={sock}"
+    written = subprocess.run(
+        [require_tool("qemu-io"), "-f", "raw", "-c", "write -P 0xbb 3M 512k", nbd],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+
+    # A planned failover drains it and defines the recovery domain from the recorded XML.
+    job = run_job(env, f"/api/replicatedItems/{WEB}/failover", {"planned": True})
+    assert job["state"] == "succeeded", [
+        (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
+    ]
+    assert compare(volume, replica).returncode == 0
+    for path in (volume, replica):  # the write is in both, so the compare above is not vacuous
+        read = subprocess.run(
+            [require_tool("qemu-io"), "-U", "-r", "-f", "raw", "-c", "read -P 0xbb 3M 512k", path],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+    recovered = fabric.discover().machine(RECOVERY)
+    assert recovered is not None and recovered.power_state.value == "on"
+    assert [d.backing for d in recovered.disks] == [replica]
+    assert [n.mac for n in recovered.nics] == ["52:54:00:aa:bb:01"]  # the domain's own interface
+    original = fabric.discover().machine(WEB)
+    assert original is not None and recovered.bios_uuid != original.bios_uuid
+
+    # Raw replica volumes take no libvirt snapshot: the point is final, and change-point says so.
+    with pytest.raises(ApiError) as refused:
+        env.api.post(f"/api/replicatedItems/{WEB}/changePoint", {"point": "latest"})
+    assert codes(refused.value.problems) == {"change-point-unavailable"}
+    job = run_job(env, f"/api/replicatedItems/{WEB}/commit", {})
+    assert job["state"] == "succeeded", [
+        (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
+    ]
+    assert env.api.get(f"/api/replicatedItems/{WEB}")["state"] == "failover-committed"
+
+    # Back onto kvm-a: another domain took the protected domain's name, and the pool named does not
+    # exist. The what-if lists both libvirt rules with the lab/vSphere ones (no master target on
+    # kvm-a is registered), and the real reprotect is refused with the same list.
+    fabric.delete_machine(WEB)
+    fabric.define(domain_xml(WEB, "", sites.networks[0]))
+    body = {"master_target": "mt-kvm-a", "process_server": "ps-onprem", "datastore": f"{PREFIX}nopool"}
+    answer = env.api.post(f"/api/replicatedItems/{WEB}/reprotect", {**body, "what_if": True})
+    found = codes(answer["problems"])
+    assert not answer["ready"]
+    assert {"libvirt-pool-unavailable", "libvirt-name-taken", "mt-not-discovered"} <= found, found
+    with pytest.raises(ApiError) as exc:
+        env.api.post(f"/api/replicatedItems/{WEB}/reprotect", body)
+    assert codes(exc.value.problems) == found
