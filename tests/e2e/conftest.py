@@ -53,6 +53,13 @@ def wait_job(env: Environment, job_id: str, timeout: float = 180.0) -> dict[str,
         time.sleep(0.25)
 
 
+def task_result(job: dict[str, Any], action: str) -> dict[str, Any]:
+    """What the job's task `action` returned (a booted machine's oracle verdict, ...)."""
+    task = next(t for t in job["tasks"] if t["action"] == action)
+    result: dict[str, Any] = job["result"][str(task["ordinal"])]
+    return result
+
+
 def kill9_after_task(env: Environment, job_id: str, action: str, timeout: float = 60.0) -> None:
     """Once the job's task `action` succeeded, and the job runs on, kill -9 the configuration
     server and start it again (durable jobs resume where they were)."""

@@ -18,7 +18,7 @@ from siterecovery.fabrics.lab_model import GuestKind
 from siterecovery.lab import runtime
 from siterecovery.lab.vm.fs_oracle import needs_recovery, verify_fs_image
 from tests.conftest import require_tool, run_cli
-from tests.e2e.conftest import HEARTBEAT_TIMEOUT, run_job
+from tests.e2e.conftest import HEARTBEAT_TIMEOUT, run_job, task_result
 
 pytestmark = pytest.mark.vm
 
@@ -43,12 +43,6 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         env.stop()
 
 
-def _booted(job: dict[str, Any], action: str) -> dict[str, Any]:
-    task = next(t for t in job["tasks"] if t["action"] == action)
-    result: dict[str, Any] = job["result"][str(task["ordinal"])]
-    return result
-
-
 def _points(env: Environment) -> list[dict[str, Any]]:
     return list(json.loads(run_cli("-o", "json", "points", "list", "web1", env=env.cli_env).stdout))
 
@@ -64,7 +58,7 @@ def test_whole_cycle_on_vm_guests_passes_the_file_system_oracle_after_every_move
     ]
     for row in moves:
         assert row.oracle.startswith("pass"), row
-        verdict = _booted(vm_env.api.get(f"/api/jobs/{row.job_id}"), "start-recovery-machine")["oracle"]
+        verdict = task_result(vm_env.api.get(f"/api/jobs/{row.job_id}"), "start-recovery-machine")["oracle"]
         fs = verdict["filesystem"]
         assert verdict["ok"] and fs["fsck_rc"] == 0, verdict  # e2fsck -fn after the journal replay
         # Planned moves shut the guest down cleanly (it unmounts): nothing is left in the journal.
@@ -85,7 +79,7 @@ def test_app_consistent_point_of_a_vm_is_clean_without_journal_replay(vm_env: En
         time.sleep(0.5)
     job = run_job(vm_env, "/api/replicatedItems/web1/failover", {"point": tag, "test": True})
     assert job["state"] == "succeeded", job
-    verdict = _booted(job, "start-test-machine")["oracle"]
+    verdict = task_result(job, "start-test-machine")["oracle"]
     fs = verdict["filesystem"]
     assert not fs["needed_journal_replay"] and fs["fsck_before_replay_rc"] == 0, verdict
     assert fs["clean_without_replay"] and verdict["ok"], verdict
@@ -122,7 +116,7 @@ def test_kill9_of_qemu_loses_no_fsynced_file(vm_env: Environment) -> None:
 
     job = run_job(vm_env, "/api/replicatedItems/web1/failover", {"point": "latest", "planned": True})
     assert job["state"] == "succeeded", job
-    booted = _booted(job, "start-recovery-machine")["oracle"]
+    booted = task_result(job, "start-recovery-machine")["oracle"]
     assert booted["filesystem"]["needed_journal_replay"], booted  # the replica of a crashed disk
     assert booted["filesystem"]["fsck_rc"] == 0 and booted["ok"], booted
     assert booted["records"] >= status.flushed, (booted, status)

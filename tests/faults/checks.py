@@ -25,11 +25,12 @@ def wait(check: Callable[[], object], what: str, timeout: float = TIMEOUT) -> No
         time.sleep(0.25)
 
 
-def data_pair(env: Environment, machine: str) -> dict[str, Any]:
-    """The writer's disk's pair: replicating, or as the failed-over item keeps it until commit."""
+def data_pair(env: Environment, machine: str, disk: str = DATA) -> dict[str, Any]:
+    """The writer's disk's pair (or `disk`'s): replicating, or as the failed-over item keeps it
+    until commit."""
     details = env.api.get(f"/api/replicatedItems/{machine}")["details"]
     rep = details["replication"] or details["held"]["replication"]
-    pair: dict[str, Any] = next(p for p in rep["pairs"] if p["disk"] == DATA)
+    pair: dict[str, Any] = next(p for p in rep["pairs"] if p["disk"] == disk)
     return pair
 
 
@@ -71,13 +72,8 @@ def alerts_ever(env: Environment, code: str) -> list[dict[str, Any]]:
     return [e for e in env.api.get("/api/events", alerts="true") if e["code"] == code]
 
 
-def fail_over_and_check(
-    env: Environment, machine: str, writer: RecordWriter, scratch: Path
-) -> tuple[dict[str, Any], Verdict, list[PointVerdict]]:
-    """Stop the writer (it flushes), list the points, fail over (planned), then check the
-    recovered data disk and every listed crash point. Returns the job and both verdicts; asserts
-    nothing itself, so the caller records its figures first."""
-    writer.stop()
+def wait_listed(env: Environment, machine: str) -> list[dict[str, Any]]:
+    """The item's points once it lists at least two crash points."""
     # Right after a master target restarts the item lists no points until it reports its pairs
     # again: wait for the listing (its journals keep every point), as an operator would.
     listed: list[dict[str, Any]] = []
@@ -87,19 +83,53 @@ def fail_over_and_check(
         return sum(p["kind"] == "crash" for p in listed) >= 2
 
     wait(crash_listed, "the item's crash points to be listed")
+    return listed
+
+
+def planned_failover(
+    env: Environment, machine: str, disk: str = DATA
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """List the item's points, then fail over (planned). Returns the job, the points listed
+    before it and the failed-over pair of `disk` (its replica and journal)."""
+    listed = wait_listed(env, machine)
     job = run_job(env, f"/api/replicatedItems/{machine}/failover", {"planned": True})
     held = env.api.get(f"/api/replicatedItems/{machine}")["details"].get("held")
     assert held is not None, f"the failover did not happen: {job}"
-    pair = next(p for p in held["replication"]["pairs"] if p["disk"] == DATA)
-    recovered = check_image(Path(pair["target"]), writer.run_id, writer.capacity)
+    pair: dict[str, Any] = next(p for p in held["replication"]["pairs"] if p["disk"] == disk)
+    return job, listed, pair
+
+
+def check_points_offline(
+    env: Environment,
+    listed: list[dict[str, Any]],
+    pair: dict[str, Any],
+    check: Callable[[Path], Verdict],
+    scratch: Path,
+) -> list[PointVerdict]:
+    """Materialise the listed crash points of a pair and judge each with `check`. The replica must
+    not change but through mt-cloud's journal: before a failover, or after one when nothing has
+    written the recovered disk (a booted VM writes its own disk, so its points go first)."""
     env.stop_component("mt-cloud")  # a journal has one owner: the points are checked offline
     try:
-        points = check_crash_points(
-            listed, env.root / "retention" / "cloud", pair["pair_id"], Path(pair["target"]),
-            writer.run_id, writer.capacity, scratch,
-        )  # fmt: skip
+        return check_crash_points(
+            listed, env.root / "retention" / "cloud", pair["pair_id"], Path(pair["target"]), check, scratch
+        )
     finally:
         env.restart_component("mt-cloud", kill=False)
+
+
+def fail_over_and_check(
+    env: Environment, machine: str, writer: RecordWriter, scratch: Path
+) -> tuple[dict[str, Any], Verdict, list[PointVerdict]]:
+    """Stop the writer (it flushes), list the points, fail over (planned), then check the
+    recovered data disk and every listed crash point. Returns the job and both verdicts; asserts
+    nothing itself, so the caller records its figures first."""
+    writer.stop()
+    job, listed, pair = planned_failover(env, machine)
+    recovered = check_image(Path(pair["target"]), writer.run_id, writer.capacity)
+    points = check_points_offline(
+        env, listed, pair, lambda image: check_image(image, writer.run_id, writer.capacity), scratch
+    )
     return job, recovered, points
 
 

@@ -10,6 +10,7 @@ journal has one owner at a time), so the check sees exactly the image a failover
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from siterecovery.dataplane.mt_points import find_point
 from siterecovery.demo.environment import Environment
 from siterecovery.errors import SiteRecoveryError
 from tests.conftest import run_cli
-from tests.faults.records import Verdict, check_image
+from tests.faults.records import Verdict
 
 KEEP_EVERYTHING = 10 * 365 * 86400.0  # opening the journal must not prune what it checks
 
@@ -48,11 +49,11 @@ def check_crash_points(
     retention_volume: Path,
     pair_id: str,
     target: Path,
-    run_id: bytes,
-    capacity: int,
+    check: Callable[[Path], Verdict],
     scratch: Path,
 ) -> list[PointVerdict]:
-    """Every listed crash point of the pair, materialised and checked."""
+    """Every listed crash point of the pair, materialised and judged by `check` (the writer's
+    records, or a VM guest's file system and files)."""
     scratch.mkdir(parents=True, exist_ok=True)
     out: list[PointVerdict] = []
     journal = retention_volume / JOURNAL_DIR / pair_id
@@ -67,6 +68,6 @@ def check_crash_points(
             except SiteRecoveryError as exc:
                 out.append(PointVerdict(p["id"], None, unusable, exc.first.code))
                 continue
-            out.append(PointVerdict(p["id"], check_image(image, run_id, capacity), unusable))
+            out.append(PointVerdict(p["id"], check(image), unusable))
             image.unlink()
     return out

@@ -251,10 +251,19 @@ def qemu_command(
     ]  # fmt: skip
 
 
+RECONNECT_DELAY = 60  # s: covers an agent's restart (`lab power on`) on a loaded host
+
+
 def nbd_drive(socket: Path, export: str) -> list[str]:
-    """The machine's agent export as the guest's virtio disk."""
+    """The machine's agent export as the guest's virtio disk.
+
+    A real agent is a filter in the disk's path: when its process dies the disk stays. Here the
+    agent serves the disk, so QEMU reconnects to its socket and holds the guest's requests for up
+    to RECONNECT_DELAY seconds (resent once the agent is back) instead of failing them."""
     return [
-        "-blockdev", f"driver=nbd,node-name=d0,server.type=unix,server.path={socket},export={export}",
+        "-blockdev",
+        f"driver=nbd,node-name=d0,server.type=unix,server.path={socket},export={export},"
+        f"reconnect-delay={RECONNECT_DELAY}",
         "-device", "virtio-blk-pci,drive=d0",
     ]  # fmt: skip
 
