@@ -3,7 +3,8 @@
 The extents the client reports must be the ones `qemu-img map` sees in the same sparse image, reads
 with structured replies (data and hole chunks) must return the image's bytes, and the lab oracle
 fed those extents must read only the data yet still find a valid record after a gap. A client that
-does not negotiate structured replies (as with an old server) gets one data extent and reads it all.
+does not negotiate structured replies gets one data extent and reads it all, and so does one talking
+to an old server (nbdkit `--no-sr`, which refuses them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from siterecovery.dataplane.nbd import STATE_HOLE, STATE_ZERO, NbdErrno
 from siterecovery.dataplane.nbd_client import Extent, NbdClient, NbdError
 from siterecovery.lab import verify_log
+from siterecovery.lab.oracle import file_data_ranges
 from siterecovery.lab.records import RECORD_SIZE, RecordKind, encode_record
 from tests.conftest import require_tool
 from tests.nbd.conftest import IMAGE_SIZE, Served
@@ -161,3 +163,51 @@ def test_agent_export_reports_written_ranges_and_old_clients_read_everything(ser
         assert old.block_status() == [Extent(0, IMAGE_SIZE, 0)]
         assert old.data_ranges() == [(0, IMAGE_SIZE)]
         assert old.pread(2 * MiB, 0) == served.image.read_bytes()[: 2 * MiB]
+
+
+@contextlib.contextmanager
+def _nbdkit(image: Path, sock: Path, *options: str) -> Iterator[Path]:
+    """nbdkit's file plugin serving `image` on the Unix socket `sock` (a new path: it is waited for)."""
+    proc = subprocess.Popen(
+        [require_tool("nbdkit"), "--foreground", "--unix", str(sock), *options, "file", f"file={image}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_old_server_without_structured_replies_is_read_in_full(tmp_path: Path) -> None:
+    image = _sparse_image(tmp_path / "old.img")
+    # The same record layout as above: 50 records, then a valid one far after the gap.
+    buf = bytearray(RECORD_SIZE)
+    with open(image, "r+b") as f:
+        for seq in (*range(1, 51), 12_000):
+            encode_record(buf, seq, "vm-1", RecordKind.DATA)
+            f.seek((seq - 1) * RECORD_SIZE)
+            f.write(buf)
+    content = image.read_bytes()
+    with _nbdkit(image, tmp_path / "modern.sock") as sock, NbdClient.connect("", unix=sock) as modern:
+        assert modern.can_block_status  # nbdkit offers base:allocation when it may
+        with open(image, "rb") as f:
+            assert modern.data_ranges() == file_data_ranges(f.fileno(), IMAGE_SIZE)
+    with _nbdkit(image, tmp_path / "old.sock", "--no-sr") as sock, NbdClient.connect("", unix=sock) as client:
+        assert not client.structured and not client.can_block_status
+        assert client.data_ranges() == [(0, IMAGE_SIZE)]
+        assert client.pread(4 * MiB, 0) == content[: 4 * MiB]
+        read: list[int] = []
+
+        def read_at(offset: int, length: int) -> bytes:
+            read.append(length)
+            return client.pread(length, offset)
+
+        verdict = verify_log(read_at, client.size, "vm-1", data_ranges=client.data_ranges())
+        assert not verdict.ok and verdict.first_bad == 51 and "slot 12000" in verdict.reason
+        assert sum(read) >= 12_000 * RECORD_SIZE  # everything up to the record was read
