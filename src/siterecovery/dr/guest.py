@@ -12,14 +12,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.fabrics.base import Fabric
+from siterecovery.fabrics.lab import LabFabric
+from siterecovery.lab.runtime import guest_status
 
 VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
 
 
-def _lab(fabric: Fabric) -> Any:
-    from siterecovery.fabrics.lab import LabFabric
-
+def _lab(fabric: Fabric) -> LabFabric | None:
     return fabric if isinstance(fabric, LabFabric) else None
 
 
@@ -35,8 +36,6 @@ def last_flushed(fabric: Fabric, machine: str) -> int | None:
     lab = _lab(fabric)
     if lab is None:
         return None
-    from siterecovery.lab.runtime import guest_status
-
     status = guest_status(lab.lab_dir, lab.site, machine)
     return status.flushed if status is not None else None
 
@@ -48,8 +47,6 @@ def await_verdict(
     lab = _lab(fabric)
     if lab is None:
         return {"ok": True, "observable": False, "reason": "no guest oracle on this fabric"}
-    from siterecovery.lab.runtime import guest_status
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = guest_status(lab.lab_dir, lab.site, machine)
@@ -92,8 +89,6 @@ def guest_warnings(record: Any, machine: Any) -> list[str]:
 
 def powered_on(cp: Any, fabric_id: str, machine: str) -> bool:
     """Whether a machine runs, from the fabric's last discovery (cheap: no live call per second)."""
-    from siterecovery.control.db import Fabric as FabricRow
-
     with cp.db.session() as s:
         row = s.get(FabricRow, fabric_id)
         machines = (row.inventory or {}).get("machines", []) if row is not None else []
