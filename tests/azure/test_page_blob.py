@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import xxhash
 from azure.storage.blob import BlobClient
 
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, PageBlobWriter, blob_name
-from siterecovery.pki import CertificateAuthority
 from tests.azure.conftest import Azurite
 from tests.conftest import require_tool
 from tests.dataplane.conftest import Plane, make_image, replication, wait_for, wait_replicated
@@ -70,15 +67,6 @@ def test_writer_merges_aligns_splits_and_clears(azurite: Azurite) -> None:
     before = blob.download_blob().readall()
     assert PageBlobWriter(blob, size).size == size
     assert blob.download_blob().readall() == before
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def test_master_target_writes_the_replica_into_a_page_blob(
