@@ -4,7 +4,6 @@ vCenter disk backing names (descriptor + flat extent), through the datastore's l
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,11 @@ from pyVmomi import vim
 from siterecovery.dataplane.assignments import AttachedDisk
 from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
-from siterecovery.pki import CertificateAuthority
 from tests.conftest import require_tool
 from tests.dataplane.conftest import Plane, random_image, replication, wait_for, wait_replicated
 from tests.vsphere.conftest import Vcsim, find
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def test_master_target_writes_the_backing_vmdk_on_the_datastore(
