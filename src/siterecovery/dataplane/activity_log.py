@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from siterecovery.dataplane.durable import fsync_dir
+from siterecovery.dataplane.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from siterecovery.dataplane.activity_log import ActivityLog
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats, DiskReplication
 from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
 from siterecovery.dataplane.dirty import DirtyBitmap
-from siterecovery.dataplane.durable import write_durably
+from siterecovery.dataplane.fileio import write_durably
 from siterecovery.dataplane.links import Identity
 from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind

@@ -10,18 +10,13 @@ applier factory.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_ZERO_CHUNK = 1 << 20
+from siterecovery.dataplane.fileio import punch_or_zero, pwrite_all
 
 
 class DiskApplier(Protocol):
@@ -41,39 +36,6 @@ class DiskApplier(Protocol):
 
 # (pair_id, target disk path, size in bytes, state directory for the pair) -> applier
 ApplierFactory = Callable[[str, Path, int, Path], DiskApplier]
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    fn = libc.fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
-
-
-def punch_or_zero(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeroes, keeping the file sparse where possible."""
-    if length <= 0:
-        return
-    if _fallocate is not None:
-        rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
-    zeros = bytes(min(length, _ZERO_CHUNK))
-    end = offset + length
-    while offset < end:
-        n = min(len(zeros), end - offset)
-        os.pwrite(fd, zeros[:n], offset)
-        offset += n
 
 
 def load_applied_seq(state: Path) -> int:
@@ -114,9 +76,7 @@ class DirectApplier:
         return self._applied
 
     def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fd, data[done:], offset + done)
+        pwrite_all(self._fd, data, offset)
         self._pending = seq
 
     def apply_zero(self, seq: int, offset: int, length: int) -> None:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import xxhash
 
-from siterecovery.dataplane.apply import punch_or_zero
+from siterecovery.dataplane.fileio import fsync_dir, punch_or_zero
+from siterecovery.dataplane.fileio import pread_full as _pread_full
+from siterecovery.dataplane.fileio import pwrite_all as _pwrite_full
 from siterecovery.errors import SiteRecoveryError, conflict, invalid
 
 SUFFIX = ".before-image"
@@ -68,11 +70,7 @@ def create(image: Path, chunk: int = DEFAULT_CHUNK) -> Path:
         os.close(fd)
     # Renamed into place so a crash leaves the old log or a whole new header, never half of one.
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
     return path
 
 
@@ -104,19 +102,6 @@ def discard(image: Path) -> None:
 
 def _refused(code: str, path: Path, what: str) -> SiteRecoveryError:
     return conflict(code, f"Before-image log {path} {what}.", _REMEDIATION[code])
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view) and (n := os.preadv(fd, [view[got:]], offset + got)):
-        got += n
-    return got
-
-
-def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _digest(record: memoryview, size: int) -> int:

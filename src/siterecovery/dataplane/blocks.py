@@ -13,7 +13,6 @@ compares and sends one region while both ends are still reading the next.
 from __future__ import annotations
 
 import base64
-import errno
 import functools
 import itertools
 import os
@@ -21,10 +20,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
+
+from siterecovery.dataplane.fileio import extents, pread_full
 
 COARSE = 1 << 20
 FINE = 4096
@@ -48,37 +48,6 @@ def zero_coarse_digest(coarse: int = COARSE, fine: int = FINE) -> bytes:
     return xxhash.xxh3_128_digest(zero_fine_digests(coarse, fine))
 
 
-@dataclass(frozen=True)
-class Extent:
-    offset: int
-    length: int
-    data: bool
-
-
-def extents(fd: int, size: int) -> Iterator[Extent]:
-    """Data and hole extents covering [0, size), from SEEK_DATA/SEEK_HOLE where supported."""
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
-                yield Extent(pos, size - pos, False)
-                return
-            if exc.errno == errno.EINVAL:  # file system without SEEK_DATA: all data
-                yield Extent(pos, size - pos, True)
-                return
-            raise
-        data = min(data, size)
-        if data > pos:
-            yield Extent(pos, data - pos, False)
-        if data >= size:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        yield Extent(data, hole - data, True)
-        pos = hole
-
-
 def coarse_data_map(fd: int, size: int, coarse: int = COARSE) -> bytearray:
     """One byte per coarse block: 1 if any of it is allocated data, 0 if it is all hole."""
     nblocks = (size + coarse - 1) // coarse
@@ -88,17 +57,6 @@ def coarse_data_map(fd: int, size: int, coarse: int = COARSE) -> bytearray:
             for i in range(ext.offset // coarse, (ext.offset + ext.length - 1) // coarse + 1):
                 out[i] = 1
     return out
-
-
-def pread_full(fd: int, view: memoryview, offset: int) -> int:
-    """Read up to len(view) bytes at offset; fewer only at end of file."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
 
 
 class BlockHasher:

@@ -28,7 +28,7 @@ import xxhash
 from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, ContainerClient, PageRange
 
-from siterecovery.dataplane.apply import punch_or_zero
+from siterecovery.dataplane.fileio import punch_or_zero
 from siterecovery.dataplane.page_blob import MAX_PUT, PAGE, storage_error
 
 _ZERO_PAGE = bytes(PAGE)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from siterecovery.dataplane.durable import write_durably
+from siterecovery.dataplane.fileio import write_durably
 
 GRANULARITY = 64 << 10
 

@@ -32,6 +32,12 @@ from pathlib import Path
 
 from siterecovery.dataplane.before_image import BeforeImageLog
 from siterecovery.dataplane.capture import CaptureSink, WriteIntent
+from siterecovery.dataplane.fileio import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
+from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUNCH_HOLE
+from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
+from siterecovery.dataplane.fileio import ZERO_VIEW as _ZERO_VIEW
+from siterecovery.dataplane.fileio import fallocate as _fallocate
+from siterecovery.dataplane.fileio import is_zero, pread_zero_filled
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 log = logging.getLogger(__name__)
@@ -192,53 +198,6 @@ _ALLOWED_FLAGS = {
 _MODIFY = (_WRITE, _TRIM, _WRITE_ZEROES)
 _EIO, _EINVAL, _ENOSPC, _EPERM = int(NbdErrno.EIO), int(NbdErrno.EINVAL), int(NbdErrno.ENOSPC), 1
 
-# Zero detection compares against zero-filled bytearrays: `bytearray == memoryview` is a memcmp,
-# while `memoryview == memoryview` compares element by element (70x slower). One buffer per power
-# of two up to 1 MiB covers any length with at most log2(n) comparisons and 2 MiB of memory.
-_ZERO_CHUNK = 1 << 20
-_ZEROS = [bytearray(1 << i) for i in range(21)]
-_ZERO_VIEW = memoryview(bytes(_ZERO_CHUNK))
-
-
-def is_zero(data: memoryview) -> bool:
-    """True if every byte of `data` is zero; random data fails on the first bytes."""
-    n = len(data)
-    pos = 0
-    big = _ZEROS[20]
-    while n - pos >= _ZERO_CHUNK:
-        if big != data[pos : pos + _ZERO_CHUNK]:
-            return False
-        pos += _ZERO_CHUNK
-    rest = n - pos
-    bit = 19
-    while rest:
-        size = 1 << bit
-        if rest >= size:
-            if _ZEROS[bit] != data[pos : pos + size]:
-                return False
-            pos += size
-            rest -= size
-        bit -= 1
-    return True
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
-
 
 def _to_nbd_errno(exc: OSError) -> int:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -395,14 +354,8 @@ class _Image:
             offset += os.pwrite(self.fd, _ZERO_VIEW[: min(_ZERO_CHUNK, end - offset)], offset)
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        got = os.preadv(self.fd, [view], offset)
-        while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n == 0:
-                # Only if the image shrank under us: what is past its end reads as zeroes.
-                view[got:] = _ZERO_VIEW[: len(view) - got]
-                return
-            got += n
+        # Past the end reads as zeroes (only if the image shrank under us).
+        pread_zero_filled(self.fd, view, offset)
 
     def extents(self, offset: int, length: int, max_extents: int) -> list[tuple[int, int]]:
         """(length, base:allocation flags) runs from `offset`, from SEEK_DATA/SEEK_HOLE."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from siterecovery.dataplane.assignments import DiskReplication, PairState, PairStats, SyncMode
 from siterecovery.dataplane.blocks import COARSE, FINE
 from siterecovery.dataplane.dirty import DirtyBitmap
-from siterecovery.dataplane.durable import write_durably
+from siterecovery.dataplane.fileio import write_durably
 from siterecovery.dataplane.protocol import (
     EMPTY_DIGEST,
     HEADER_SIZE,

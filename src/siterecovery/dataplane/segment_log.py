@@ -26,7 +26,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from siterecovery.dataplane.durable import write_durably
+from siterecovery.dataplane.fileio import fsync_dir as _fsync_dir
+from siterecovery.dataplane.fileio import pread_full, write_durably
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
     MAGIC,
@@ -302,12 +303,9 @@ class LogCursor:
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise ProtocolError(f"log segment ended early at {offset + got}")
-        got += n
+    got = pread_full(fd, view, offset)
+    if got < len(view):
+        raise ProtocolError(f"log segment ended early at {offset + got}")
 
 
 @dataclass(frozen=True)
@@ -418,11 +416,3 @@ def _header_frame(data: mmap.mmap, pos: int, after_seq: int) -> int:
 
 def _seq(data: mmap.mmap, pos: int) -> int:
     return parse_header(data[pos : pos + HEADER_SIZE]).seq
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

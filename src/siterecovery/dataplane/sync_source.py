@@ -23,10 +23,10 @@ from siterecovery.dataplane.blocks import (
     BlockStream,
     coarse_data_map,
     differing_runs,
-    pread_full,
     zero_digest,
 )
 from siterecovery.dataplane.dirty import DirtyBitmap
+from siterecovery.dataplane.fileio import pread_full
 from siterecovery.dataplane.protocol import ProtocolError, digest
 from siterecovery.dataplane.replica import SyncPlan
 

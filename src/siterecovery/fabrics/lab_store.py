@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from siterecovery.dataplane.fileio import write_durably
 from siterecovery.fabrics.base import FabricError
 from siterecovery.fabrics.lab_model import LabState
 
@@ -24,23 +25,11 @@ LOCK = "inventory.lock"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    # The rename is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace `path` with `data` so that a crash leaves either the old or the new content.
+
+    The temporary file is hidden and per process: a writer killed mid-write leaves only its own.
+    """
+    write_durably(path, data, mode=0o644, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 class LabStore:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from siterecovery.dataplane.fileio import is_zero
 from siterecovery.lab.records import RECORD_SIZE, ZERO_RECORD, Fault, RecordKind, check_record, record_machine
 
 _CHUNK_RECORDS = 256  # read 1 MiB at a time
@@ -64,7 +65,7 @@ def verify_log(read_at: Callable[[int, int], bytes], size: int, machine: str | N
     for start in range(0, slots, _CHUNK_RECORDS):
         count = min(_CHUNK_RECORDS, slots - start)
         chunk = memoryview(read_at(start * RECORD_SIZE, count * RECORD_SIZE))
-        if gap is not None and chunk == bytes(len(chunk)):
+        if gap is not None and is_zero(chunk):
             continue  # nothing written here: the fast path over the unwritten rest of the disk
         for i in range(count):
             seq = start + i + 1

@@ -1,0 +1,105 @@
+"""Sorted disjoint byte ranges the journal keeps in memory while it applies and moves the disk.
+
+`_Pending` holds disk writes whose undo records are not yet durable (the write-ahead rule);
+`_Ranges` tells a rollback batch whether a record overlaps one already in it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+
+from siterecovery.dataplane.fileio import pwritev_all
+
+
+class _Pending:
+    """Disk writes whose undo records are journaled but not yet fsynced: disjoint, sorted by offset.
+
+    Holding them back until the journal is durable is the write-ahead rule; an overlapping write
+    merges into the range it overlaps, so reading "old bytes" sees every earlier write.
+    """
+
+    __slots__ = ("bufs", "nbytes", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.bufs: list[bytearray] = []
+        self.nbytes = 0
+
+    def _span(self, off: int, end: int) -> tuple[int, int]:
+        i = bisect_right(self.starts, off) - 1
+        if i < 0 or self.starts[i] + len(self.bufs[i]) <= off:
+            i += 1
+        return i, bisect_left(self.starts, end, lo=i)
+
+    def overlaps(self, off: int, end: int) -> bool:
+        i, j = self._span(off, end)
+        return i < j
+
+    def overlay(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        i, j = self._span(off, end)
+        for k in range(i, j):
+            s, b = self.starts[k], self.bufs[k]
+            lo, hi = max(off, s), min(end, s + len(b))
+            view[lo - off : hi - off] = b[lo - s : hi - s]
+
+    def add(self, off: int, data: memoryview) -> None:
+        end = off + len(data)
+        i, j = self._span(off, end)
+        if i == j:
+            self.starts.insert(i, off)
+            self.bufs.insert(i, bytearray(data))
+            self.nbytes += len(data)
+            return
+        lo = min(off, self.starts[i])
+        hi = max(end, self.starts[j - 1] + len(self.bufs[j - 1]))
+        if j == i + 1 and lo == self.starts[i] and hi == lo + len(self.bufs[i]):
+            self.bufs[i][off - lo : end - lo] = data
+            return
+        merged = bytearray(hi - lo)
+        for k in range(i, j):
+            s, b = self.starts[k], self.bufs[k]
+            merged[s - lo : s - lo + len(b)] = b
+            self.nbytes -= len(b)
+        merged[off - lo : end - lo] = data
+        self.starts[i:j] = [lo]
+        self.bufs[i:j] = [merged]
+        self.nbytes += len(merged)
+
+    def drain(self, fd: int) -> None:
+        """Write everything, one pwritev per run of adjacent ranges."""
+        k, n = 0, len(self.starts)
+        while k < n:
+            run_end = k + 1
+            while (
+                run_end < n
+                and run_end - k < 1024
+                and self.starts[run_end] == self.starts[run_end - 1] + len(self.bufs[run_end - 1])
+            ):
+                run_end += 1
+            pwritev_all(fd, self.bufs[k:run_end], self.starts[k])
+            k = run_end
+        self.starts.clear()
+        self.bufs.clear()
+        self.nbytes = 0
+
+
+class _Ranges:
+    """Disjoint ranges, sorted: answers "does this range overlap any so far?" in O(log n)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def overlaps(self, off: int, end: int) -> bool:
+        i = bisect_right(self.starts, off) - 1
+        if i >= 0 and self.ends[i] > off:
+            return True
+        return i + 1 < len(self.starts) and self.starts[i + 1] < end
+
+    def add(self, off: int, end: int) -> None:
+        i = bisect_left(self.starts, off)
+        self.starts.insert(i, off)
+        self.ends.insert(i, end)
