@@ -317,11 +317,15 @@ class OnePair(NamedTuple):
     agent: Component
 
 
-def one_pair(plane: Plane, src: Path, target: Path, size: int, *, master_target_up: bool = True) -> OnePair:
+def one_pair(
+    plane: Plane, src: Path, target: Path | str, size: int, *mt_extra: str, master_target_up: bool = True
+) -> OnePair:
     """Starts a process server, an agent serving `src` as "d0" and (unless `master_target_up` is
-    False: the test starts it later) a master target writing `target`, all for pair "p1"."""
+    False: the test starts it later) a master target writing `target` (given `mt_extra` arguments),
+    all for pair "p1"."""
     ps_addr, mt_addr = free_addresses(2)
     mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr)
+    mt.args += mt_extra
     if master_target_up:
         mt.start()
     ps = plane.process_server(listen=ps_addr).start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.dataplane.conftest import (
     Component,
+    OnePair,
     Plane,
     compare_raw,
     make_image,
@@ -85,11 +86,12 @@ def _wait_records(target: Path) -> None:
         raise AssertionError(f"flushed records lost: {where} (of {RECORDS})") from None
 
 
-def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) -> None:
-    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
-    target = plane.root / "target.img"
-    # The master target is down: everything stops in the process server's cache.
-    mt, ps, agent = one_pair(plane, src, target, SIZE, master_target_up=False)
+def _records_in_the_cache(plane: Plane, src: Path, target: Path) -> OnePair:
+    """The pair with the master target down: the sync and the records stop in the process server's
+    cache; returns once the process server acknowledged them all."""
+    make_image(src, SIZE, [(0, 1 * MiB, 0x42)])
+    hops = one_pair(plane, src, target, SIZE, master_target_up=False)
+    agent = hops.agent
     wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
     _write_records(plane, agent)
 
@@ -98,6 +100,12 @@ def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) 
         return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
 
     wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    return hops
+
+
+def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) -> None:
+    src, target = plane.root / "src.img", plane.root / "target.img"
+    mt, ps, agent = _records_in_the_cache(plane, src, target)
     ps.kill(signal.SIGKILL)
     _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
 
@@ -114,17 +122,8 @@ def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) 
 
 def test_damaged_header_met_by_a_running_process_server_loses_nothing(plane: Plane) -> None:
     """No restart: the forwarder meets the bad header itself (it used to retry it for ever)."""
-    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
-    target = plane.root / "target.img"
-    mt, ps, agent = one_pair(plane, src, target, SIZE, master_target_up=False)
-    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
-    _write_records(plane, agent)
-
-    def acked_by_ps() -> bool:
-        spooled = pair_stats(agent, "p1")["spool_bytes"]
-        return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
-
-    wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    src, target = plane.root / "src.img", plane.root / "target.img"
+    mt, ps, agent = _records_in_the_cache(plane, src, target)
     _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
     mt.start()
     _wait_records(target)
