@@ -9,6 +9,8 @@ declare -A need=(
   [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
+  # An NBD server that can refuse structured replies (--no-sr): the client's old-server fallback.
+  [nbdkit]=nbdkit
   [fio]=fio
   [rsync]=rsync
   [go]=golang-go

@@ -313,7 +313,10 @@ def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
         sock = runtime.agent_socket(fabric.run_dir(machine.name), disk.label)
         with NbdClient.connect(disk.label, unix=sock) as client:
             return verify_log(
-                lambda off, n: client.pread(n, off), client.size, fabric.log_owner(machine.name)
+                lambda off, n: client.pread(n, off),
+                client.size,
+                fabric.log_owner(machine.name),
+                data_ranges=client.data_ranges(),  # skip what the export reports as zeroes
             )
     return verify_image(disk.backing, fabric.log_owner(machine.name))
 
