@@ -180,6 +180,22 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
         env.api.post(f"/api/replicatedItems/{WEB}/reprotect", body)
     assert codes(exc.value.problems) == found
 
+    # With the name free again, pool a named and kvm-a's master target running, the deleted domain
+    # is recreated from its recorded XML on a new raw volume in pool a, filled by a full sync from
+    # the replica (which the recovery domain's agent serves).
+    fabric.delete_machine(WEB)
+    start_agent(env, RECOVERY, replica, site="cloud")
+    body = start_mt_a(env, sites, f"{PREFIX}mt-a1")
+    job = succeeded(run_job(env, f"/api/replicatedItems/{WEB}/reprotect", body))
+    assert result(job, "prepare-onprem-disks")["created"] is True
+    recreated = fabric.discover().machine(WEB)
+    new_volume = str(sites.pools[pool_a] / f"{WEB}_vda.img")
+    assert recreated is not None and [d.backing for d in recreated.disks] == [new_volume]
+    assert [n.mac for n in recreated.nics] == ["52:54:00:aa:bb:01"]  # from the recorded XML
+    assert recreated.bios_uuid != original.bios_uuid  # a new domain, not the old definition
+    assert result(job, "replication-sync")["bytes_sent"] > 0
+    assert compare(new_volume, replica).returncode == 0
+
 
 BACK = f"{PREFIX}jobback"
 BACK_DR = f"{PREFIX}jobback-dr"
@@ -210,6 +226,18 @@ def _has_retention(env: Environment, name: str) -> bool:
         return bool(env.retention_volume(name))
     except RuntimeError:
         return False
+
+
+def start_mt_a(env: Environment, sites: Sites, domain: str) -> dict[str, Any]:
+    """kvm-a's master target, running beside a domain of its own (each test its own: the libvirtd
+    outlives a test); the body of a reprotect onto pool a through it."""
+    sites.fabric().define(domain_xml(domain, "", sites.networks[0]).replace("aa:bb:01", "aa:bb:0a"))
+    (env.root / "retention-a").mkdir()
+    env.start_component("master-target", "mt-kvm-a", "onprem", "--os", "linux", "--machine", domain,
+                        "--retention-volume", str(env.root / "retention-a"))  # fmt: skip
+    env._await(lambda: _has_retention(env, "mt-kvm-a"), "mt-kvm-a")  # its first stats heartbeat
+    return {"master_target": "mt-kvm-a", "process_server": "ps-onprem", "datastore": f"{PREFIX}a",
+            "retention_volume": env.retention_volume("mt-kvm-a")}  # fmt: skip
 
 
 def has_pattern(path: str, command: str) -> bool:
@@ -252,13 +280,7 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
 
     # The master target of kvm-a is a domain of its own; the original domain's volume is attached
     # to it for the reprotect and detached again at failback.
-    fabric.define(domain_xml(MT_A, "", sites.networks[0]).replace("52:54:00:aa:bb:01", "52:54:00:aa:bb:0a"))
-    (env.root / "retention-a").mkdir()
-    env.start_component("master-target", "mt-kvm-a", "onprem", "--os", "linux", "--machine", MT_A,
-                        "--retention-volume", str(env.root / "retention-a"))  # fmt: skip
-    env._await(lambda: _has_retention(env, "mt-kvm-a"), "mt-kvm-a")  # its first stats heartbeat
-    back = {"master_target": "mt-kvm-a", "process_server": "ps-onprem", "datastore": pool_a,
-            "retention_volume": env.retention_volume("mt-kvm-a")}  # fmt: skip
+    back = start_mt_a(env, sites, MT_A)
     answer = env.api.post(f"/api/replicatedItems/{BACK}/reprotect", {**back, "what_if": True})
     assert answer["ready"], [(p["code"], p.get("rule"), p["message"][:150]) for p in answer["problems"]]
     job = succeeded(run_job(env, f"/api/replicatedItems/{BACK}/reprotect", back))
