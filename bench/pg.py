@@ -1,6 +1,6 @@
-"""A throwaway PostgreSQL cluster on loopback for the benches (as tests/control/test_postgres.py
-starts one): initdb as the `postgres` user in a temporary directory, one database, stopped and
-deleted on exit."""
+"""A throwaway PostgreSQL cluster on loopback for the benches and the tests (tests/control's
+`postgres` fixture starts it through here): initdb as the `postgres` user in a temporary directory,
+one database, stopped and deleted on exit."""
 
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def postgres(max_connections: int = 200) -> Iterator[str]:
+def postgres(max_connections: int = 200, database: str = "sr") -> Iterator[str]:
     """Yields a SQLAlchemy URL of a fresh database; the cluster is gone afterwards."""
     user = pwd.getpwnam("postgres")
-    data = Path(tempfile.mkdtemp(prefix="siterecovery-bench-pg-"))
+    # Outside pytest's private (0700) temp tree, which the postgres user cannot enter.
+    data = Path(tempfile.mkdtemp(prefix="siterecovery-pg-"))
     os.chown(data, user.pw_uid, user.pw_gid)
     port = _free_port()
 
@@ -59,13 +60,13 @@ def postgres(max_connections: int = 200) -> Iterator[str]:
                 "-d",
                 "postgres",
                 "-c",
-                "create database sr",
+                f"create database {database}",
             ],
             check=True,
             capture_output=True,
             timeout=60,
         )
-        yield f"postgresql+psycopg://sr@127.0.0.1:{port}/sr"
+        yield f"postgresql+psycopg://sr@127.0.0.1:{port}/{database}"
     finally:
         as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(data, ignore_errors=True)

@@ -20,6 +20,7 @@ from azure.storage.blob import ContainerClient
 
 from siterecovery.dataplane.page_blob import open_container
 from tests.conftest import free_port, require_tool
+from tests.dataplane.conftest import plane  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
 
 # Azurite's published development account (not a secret: it is in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"

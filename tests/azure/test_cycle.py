@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import xxhash
@@ -18,7 +16,6 @@ from siterecovery.dataplane.changed_ranges import copy_changes
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, STORAGE_API_VERSION, PageBlobWriter, blob_name
 from siterecovery.fabrics.azure import FAILOVER_BASE, AzureFabric
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType, PowerState
-from siterecovery.pki import CertificateAuthority
 from tests.azure.conftest import Azurite
 from tests.azure.fake_arm import FakeArm
 from tests.conftest import require_tool
@@ -30,15 +27,6 @@ SIZE = 16 * MiB
 
 def digest(data: bytes | bytearray) -> str:
     return xxhash.xxh3_128_hexdigest(data)
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def test_protect_failover_run_failback_commit(

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import xxhash
 from azure.storage.blob import BlobClient
 
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, PageBlobWriter, blob_name
-from siterecovery.pki import CertificateAuthority
 from tests.azure.conftest import Azurite
 from tests.conftest import require_tool
-from tests.dataplane.conftest import Plane, make_image, replication, wait_for, wait_replicated
+from tests.dataplane.conftest import Plane, make_image, one_pair, wait_for, wait_replicated
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -72,15 +69,6 @@ def test_writer_merges_aligns_splits_and_clears(azurite: Azurite) -> None:
     assert blob.download_blob().readall() == before
 
 
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
-
-
 def test_master_target_writes_the_replica_into_a_page_blob(
     azurite: Azurite, plane: Plane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -90,12 +78,9 @@ def test_master_target_writes_the_replica_into_a_page_blob(
     container = azurite.container("replicas")
     src = make_image(plane.root / "src.img", size, [(1 * MiB, 2 * MiB, 0xAB), (7 * MiB, 512 * KiB, 0x11)])
     monkeypatch.setenv(CONNECTION_ENV, azurite.connection_string)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(plane.root / "p1.vhd"), "size": size}])
-    mt.args += ["--page-blob-container", container.container_name]
-    mt.start()
-    ps = plane.process_server().start()
-    ps_addr, mt_addr = ps.wait_address(), mt.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, _, agent = one_pair(
+        plane, src, plane.root / "p1.vhd", size, "--page-blob-container", container.container_name
+    )
     sock = plane.root / "nbd" / "d0.sock"
     wait_for(sock.exists, 60, "the NBD export")
     subprocess.run(

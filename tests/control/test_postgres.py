@@ -3,83 +3,33 @@ survives kill -9 — DBOS keeps its tables in its own schema of the same databas
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bench import pg
 
 from tests.conftest import IN_CI, free_port, run_cli
 from tests.control.conftest import ConfigServer
 
 
-def _pg_bin(tool: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
-    if found:
-        return found[-1]
-    if IN_CI:
-        pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
-    pytest.skip("PostgreSQL not installed (make system-deps installs it)")
+def _require_postgres() -> None:
+    try:
+        pg.pg_bin("initdb")
+    except RuntimeError:
+        if IN_CI:
+            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
+        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
 
 
 @pytest.fixture
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on loopback, run as the `postgres` user; yields a database URL."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    user = pwd.getpwnam("postgres")
-    # Outside pytest's private (0700) temp tree, which the postgres user cannot enter.
-    data = Path(tempfile.mkdtemp(prefix="siterecovery-pg-"))
-    os.chown(data, user.pw_uid, user.pw_gid)
-    port = free_port()
-
-    def as_postgres(*cmd: str) -> None:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=120
-        )
-
-    as_postgres(initdb, "-D", str(data), "-A", "trust", "-U", "sr")
-    as_postgres(
-        pg_ctl,
-        "-D",
-        str(data),
-        "-w",
-        "-l",
-        str(data / "log"),
-        "-o",
-        f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
-        "start",
-    )
-    try:
-        psql = shutil.which("psql") or _pg_bin("psql")
-        subprocess.run(
-            [
-                psql,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-U",
-                "sr",
-                "-d",
-                "postgres",
-                "-c",
-                "create database siterecovery",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield f"postgresql+psycopg://sr@127.0.0.1:{port}/siterecovery"
-    finally:
-        as_postgres(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+    _require_postgres()
+    with pg.postgres(max_connections=100, database="siterecovery") as url:
+        yield url
 
 
 def test_server_on_postgresql_migrates_and_resumes_a_job_after_kill9(postgres: str, tmp_path: Path) -> None:

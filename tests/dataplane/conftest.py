@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from tests.conftest import require_tool
 
 from siterecovery.dataplane.links import Identity
 from siterecovery.pki import CertificateAuthority
@@ -305,3 +307,37 @@ def wait_replicated(agent: Component, mt: Component, pair: str, timeout: float =
         )
 
     wait_for(done, timeout, f"pair {pair} to be replicated")
+
+
+class OnePair(NamedTuple):
+    """One pair "p1" of disk "d0" from `agent` through `ps` to `mt`, as most data-plane tests set up."""
+
+    mt: Component
+    ps: Component
+    agent: Component
+
+
+def one_pair(
+    plane: Plane, src: Path, target: Path | str, size: int, *mt_extra: str, master_target_up: bool = True
+) -> OnePair:
+    """Starts a process server, an agent serving `src` as "d0" and (unless `master_target_up` is
+    False: the test starts it later) a master target writing `target` (given `mt_extra` arguments),
+    all for pair "p1"."""
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr)
+    mt.args += mt_extra
+    if master_target_up:
+        mt.start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    if master_target_up:
+        mt.wait_address()
+    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    return OnePair(mt, ps, agent)
+
+
+def compare_raw(a: Path, b: Path) -> int:
+    """`qemu-img compare` of two raw images: 0 when their contents are the same."""
+    return subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True
+    ).returncode

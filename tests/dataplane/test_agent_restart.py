@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
     Plane,
+    compare_raw,
     free_addresses,
     make_image,
+    one_pair,
     pair_stats,
-    replication,
     wait_for,
     wait_replicated,
 )
@@ -30,12 +29,6 @@ from siterecovery.dataplane.agent import FAULT_EXIT_BEFORE_CAPTURE, FAULT_EXIT_C
 MiB = 1 << 20
 SIZE = 16 * MiB
 BASE = 4 * MiB  # the records' region: slots of 4 KiB from here
-
-
-def _compare(a: Path, b: Path) -> int:
-    return subprocess.run(
-        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True
-    ).returncode
 
 
 def _restarted_unregistered(plane: Plane, agent: Component, disk: Path) -> Component:
@@ -78,12 +71,7 @@ def test_agent_kill_9_restart_under_writer_loses_no_flushed_record(plane: Plane)
     """
     src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    mt.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, _, agent = one_pair(plane, src, target, SIZE)
     wait_replicated(agent, mt, "p1")
     sock = plane.root / "nbd" / "d0.sock"
     writer = RecordWriter(sock, "d0", BASE, slots=(SIZE - BASE) // 4096).start()
@@ -108,7 +96,7 @@ def test_agent_kill_9_restart_under_writer_loses_no_flushed_record(plane: Plane)
         f"replica holds {verdict.valid} of {flushed} flushed records; slot {verdict.first_bad} is "
         f"{verdict.why}"
     )
-    assert _compare(src, target) == 0
+    assert compare_raw(src, target) == 0
 
 
 def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane) -> None:
@@ -116,15 +104,10 @@ def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane)
     again with the same generation) tracks its writes in a dirty bitmap and resyncs them."""
     src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    mt.wait_address()
-    pair = replication("p1", "d0", ps_addr, mt_addr)
-    agent = plane.agent([pair], {"d0": src}).start()
-    wait_replicated(agent, mt, "p1")
+    mt, _, agent = one_pair(plane, src, target, SIZE)
     assignments = plane.root / "agent-assignments.json"
+    pair = json.loads(assignments.read_text())["replications"][0]  # to list it again below
+    wait_replicated(agent, mt, "p1")
     assignments.write_text(json.dumps({"replications": []}))
     wait_for(lambda: pair_stats(agent, "p1") == {} and bool(agent.stats()), 60, "the pair to be dropped")
     writer = RecordWriter(plane.root / "nbd" / "d0.sock", "d0", BASE, slots=200).start()
@@ -135,7 +118,7 @@ def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane)
     wait_replicated(agent, mt, "p1", timeout=120)
     verdict = verify_records(target, BASE, 200, seed=1)
     assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
-    assert _compare(src, target) == 0
+    assert compare_raw(src, target) == 0
 
 
 def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
@@ -146,12 +129,7 @@ def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
     write reaches the replica: the replica equals the source."""
     src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    mt.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, _, agent = one_pair(plane, src, target, SIZE)
     wait_replicated(agent, mt, "p1")
     agent.kill(signal.SIGTERM)
     monkeypatch.setenv(FAULT_EXIT_BEFORE_CAPTURE, "5")
@@ -175,7 +153,7 @@ def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
     wait_replicated(agent, mt, "p1", timeout=120)
     verdict = verify_records(target, BASE, 6, seed=1)
     assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
-    assert _compare(src, target) == 0
+    assert compare_raw(src, target) == 0
 
 
 def _connectable(sock: Path) -> bool:

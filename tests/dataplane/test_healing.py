@@ -12,10 +12,10 @@ from pathlib import Path
 from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Plane,
-    free_addresses,
+    compare_raw,
     make_image,
+    one_pair,
     pair_stats,
-    replication,
     wait_for,
     wait_replicated,
 )
@@ -44,12 +44,8 @@ def test_frame_damaged_in_the_cache_is_refetched_from_the_source(plane: Plane) -
     with open(src, "r+b") as f:
         f.write(os.urandom(2 * MiB))  # incompressible: the cached frames hold the bytes as they are
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
     # The master target is down: the initial sync stops in the process server's cache.
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr)
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, ps, agent = one_pair(plane, src, target, size, master_target_up=False)
 
     def cached_all() -> bool:
         pairs = agent.stats().get("pairs", [])
@@ -66,9 +62,7 @@ def test_frame_damaged_in_the_cache_is_refetched_from_the_source(plane: Plane) -
     [refusal] = _refused(ps.stats())
     assert refusal["hop"] == "process-server cache" and refusal["dropped"], refusal
     assert refusal["pair_id"] == "p1" and int(refusal["refetch_seq"]) > int(refusal["seq"]), refusal  # type: ignore[call-overload]
-    qemu_img = require_tool("qemu-img")
-    same = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), str(target)], check=False)
-    assert same.returncode == 0
+    assert compare_raw(src, target) == 0
     # While the write was missing no point was taken here; none is listed unusable.
     pairs = mt.stats().get("pairs", [])
     assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]
@@ -120,11 +114,7 @@ def test_frame_damaged_in_the_agent_spool_is_read_from_the_disk_again(plane: Pla
     size = 8 * MiB
     src = make_image(plane.root / "src.img", size)
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, ps, agent = one_pair(plane, src, target, size)
     wait_replicated(agent, mt, "p1")
     ps.kill(signal.SIGKILL)  # the writes below stay in the agent's spool
     data = os.urandom(64 * 1024)
@@ -147,9 +137,7 @@ def test_frame_damaged_in_the_agent_spool_is_read_from_the_disk_again(plane: Pla
     agent.start()
     ps.start()
     wait_replicated(agent, mt, "p1", timeout=120)  # used to resend the bad frame for ever
-    qemu_img = require_tool("qemu-img")
-    same = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), str(target)], check=False)
-    assert same.returncode == 0
+    assert compare_raw(src, target) == 0
     wait_for(lambda: any(r["healed"] for r in _refused(ps.stats())), 30, "the refusal to be reported healed")
     assert [r["hop"] for r in _refused(ps.stats())] == ["agent -> process server"]
     assert all(not p["missing"] for p in mt.stats().get("pairs", []))  # type: ignore[index, union-attr]

@@ -16,8 +16,10 @@ from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
     Plane,
+    compare_raw,
     free_addresses,
     make_image,
+    one_pair,
     pair_stats,
     relay,
     replication,
@@ -26,12 +28,6 @@ from tests.dataplane.conftest import (
 )
 
 MiB = 1 << 20
-
-
-def compare(a: Path, b: Path) -> int:
-    return subprocess.run(
-        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True
-    ).returncode
 
 
 def write_batch(sock: Path, rng: random.Random, count: int, size: int) -> None:
@@ -52,12 +48,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write(plane: Plane, victim: str
     size = 32 * MiB
     src = make_image(plane.root / "src.img", size, [(0, 4 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": size}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    mt.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, ps, agent = one_pair(plane, src, target, size)
     sock = plane.root / "nbd" / "d0.sock"
     wait_for(sock.exists, 30, "the NBD export")
     rng = random.Random(7)
@@ -69,7 +60,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write(plane: Plane, victim: str
         if i == 7:
             hop.start()
     wait_replicated(agent, mt, "p1", timeout=120)
-    assert compare(src, target) == 0
+    assert compare_raw(src, target) == 0
 
 
 class FlippingProxy:
@@ -138,7 +129,7 @@ def test_flipped_byte_is_refused_and_data_still_arrives_correct(plane: Plane) ->
         wait_replicated(agent, mt, "p1")
         assert proxy.flipped
         assert proxy.connections >= 2, "the sender did not reconnect and resend"
-        assert compare(src, target) == 0
+        assert compare_raw(src, target) == 0
     finally:
         proxy.close()
 
@@ -179,7 +170,7 @@ def test_spool_overflow_resyncs_only_dirty_blocks(plane: Plane) -> None:
     before = int(pair_stats(agent, "p1")["bytes_sent"])  # type: ignore[call-overload]
     ps.start()
     wait_replicated(agent, mt, "p1", timeout=120)
-    assert compare(src, target) == 0
+    assert compare_raw(src, target) == 0
     sent = int(pair_stats(agent, "p1")["bytes_sent"]) - before  # type: ignore[call-overload]
     # The spool (≤ limit + one write) is resent, then only the dirty 64 KiB blocks.
     assert sent < 256 * 1024 + 65536 + written + 64 * 1024, f"{sent} bytes for {written} written"

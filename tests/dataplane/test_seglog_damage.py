@@ -9,17 +9,16 @@ self-verifying records with a FLUSH every 16; every flushed record must reach th
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
-from tests.conftest import require_tool
 from tests.dataplane.conftest import (
     Component,
+    OnePair,
     Plane,
-    free_addresses,
+    compare_raw,
     make_image,
+    one_pair,
     pair_stats,
-    replication,
     wait_for,
     wait_replicated,
 )
@@ -87,21 +86,12 @@ def _wait_records(target: Path) -> None:
         raise AssertionError(f"flushed records lost: {where} (of {RECORDS})") from None
 
 
-def _same(src: Path, target: Path) -> None:
-    qemu_img = require_tool("qemu-img")
-    same = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(src), str(target)], check=False)
-    assert same.returncode == 0
-
-
-def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) -> None:
-    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
-    target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    # The master target is down: everything stops in the process server's cache.
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr)
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+def _records_in_the_cache(plane: Plane, src: Path, target: Path) -> OnePair:
+    """The pair with the master target down: the sync and the records stop in the process server's
+    cache; returns once the process server acknowledged them all."""
+    make_image(src, SIZE, [(0, 1 * MiB, 0x42)])
+    hops = one_pair(plane, src, target, SIZE, master_target_up=False)
+    agent = hops.agent
     wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
     _write_records(plane, agent)
 
@@ -110,6 +100,12 @@ def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) 
         return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
 
     wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    return hops
+
+
+def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) -> None:
+    src, target = plane.root / "src.img", plane.root / "target.img"
+    mt, ps, agent = _records_in_the_cache(plane, src, target)
     ps.kill(signal.SIGKILL)
     _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
 
@@ -119,44 +115,27 @@ def test_damaged_header_in_the_process_server_cache_loses_nothing(plane: Plane) 
     _wait_records(target)
     wait_for(lambda: _lost_frames_healed(ps, "process-server cache"), 120, "the loss to be reported, healed")
     wait_replicated(agent, mt, "p1", timeout=120)
-    _same(src, target)
+    assert compare_raw(src, target) == 0
     pairs = mt.stats().get("pairs", [])
     assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]
 
 
 def test_damaged_header_met_by_a_running_process_server_loses_nothing(plane: Plane) -> None:
     """No restart: the forwarder meets the bad header itself (it used to retry it for ever)."""
-    src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
-    target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr)
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
-    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
-    _write_records(plane, agent)
-
-    def acked_by_ps() -> bool:
-        spooled = pair_stats(agent, "p1")["spool_bytes"]
-        return _seq(agent, "acked_seq") >= _seq(agent, "captured_seq") and spooled == 0
-
-    wait_for(acked_by_ps, 60, "the records to be acknowledged by the process server")
+    src, target = plane.root / "src.img", plane.root / "target.img"
+    mt, ps, agent = _records_in_the_cache(plane, src, target)
     _damage_header(ps.state_dir / "cache" / "p1", DAMAGED)
     mt.start()
     _wait_records(target)
     wait_for(lambda: _lost_frames_healed(ps, "process-server cache"), 120, "the loss to be reported, healed")
     wait_replicated(agent, mt, "p1", timeout=120)
-    _same(src, target)
+    assert compare_raw(src, target) == 0
 
 
 def test_damaged_header_in_the_agent_spool_loses_nothing(plane: Plane) -> None:
     src = make_image(plane.root / "src.img", SIZE, [(0, 1 * MiB, 0x42)])
     target = plane.root / "target.img"
-    ps_addr, mt_addr = free_addresses(2)
-    mt = plane.master_target([{"pair_id": "p1", "path": str(target), "size": SIZE}], listen=mt_addr).start()
-    ps = plane.process_server(listen=ps_addr).start()
-    ps.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, ps, agent = one_pair(plane, src, target, SIZE)
     wait_replicated(agent, mt, "p1")
     ps.kill(signal.SIGKILL)  # the records stay in the agent's spool
     _write_records(plane, agent)
@@ -176,6 +155,6 @@ def test_damaged_header_in_the_agent_spool_loses_nothing(plane: Plane) -> None:
     _wait_records(target)
     wait_for(lambda: _lost_frames_healed(ps, "agent spool"), 120, "the loss to be reported, then healed")
     wait_replicated(agent, mt, "p1", timeout=120)
-    _same(src, target)
+    assert compare_raw(src, target) == 0
     pairs = mt.stats().get("pairs", [])
     assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]

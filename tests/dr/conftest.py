@@ -94,9 +94,21 @@ class Plane:
         return f"job-{action}", 0
 
 
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    cp = open_control_plane(load_server_config(tmp_path))
+def gold_policy(rpo_threshold_seconds: int) -> Policy:
+    """The item's replication policy ("pol")."""
+    return Policy(
+        id="pol",
+        name="gold",
+        kind="replication",
+        rpo_threshold_seconds=rpo_threshold_seconds,
+        retention_seconds=3600,
+        app_consistent_frequency_seconds=0,
+    )
+
+
+def protected_item() -> ReplicatedItem:
+    """The protected item "it": web1 with one pair p1, agent "ag", process server "ps" and
+    master target "mt", under policy "pol"."""
     rec = ItemRecord(
         onprem_fabric="f1",
         cloud_fabric="f2",
@@ -111,34 +123,29 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
             pairs=[Pair(pair_id="p1", disk="disk0", source="/a", target="/b", size=1 << 20)],
         ),
     )
+    return ReplicatedItem(
+        id="it",
+        name="web1",
+        machine="web1",
+        source_fabric_id="f1",
+        target_fabric_id="f2",
+        direction="onprem-to-cloud",
+        state="protected",
+        policy_id="pol",
+        details=rec.model_dump(mode="json"),
+    )
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    cp = open_control_plane(load_server_config(tmp_path))
     with cp.db.session() as s:
-        s.add(
-            Policy(
-                id="pol",
-                name="gold",
-                kind="replication",
-                rpo_threshold_seconds=3600,
-                retention_seconds=3600,
-                app_consistent_frequency_seconds=0,
-            )
-        )
+        s.add(gold_policy(3600))
         s.add(Component(id="ag", kind="agent", name="onprem/web1"))
         s.add(Component(id="mt", kind="master-target", name="mt-cloud"))
         s.add(Component(id="ps", kind="process-server", name="ps-onprem"))
         s.flush()
-        s.add(
-            ReplicatedItem(
-                id="it",
-                name="web1",
-                machine="web1",
-                source_fabric_id="f1",
-                target_fabric_id="f2",
-                direction="onprem-to-cloud",
-                state="protected",
-                policy_id="pol",
-                details=rec.model_dump(mode="json"),
-            )
-        )
+        s.add(protected_item())
     plane = Plane(cp)
     plane.report(captured=0, acked=0, applied=0, at=plane.t0)
     yield plane

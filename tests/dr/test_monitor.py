@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.context import open_control_plane
-from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
+from siterecovery.control.db import Component, Event, ReplicatedItem
 from siterecovery.dataplane.assignments import (
     AgentStats,
     MasterTargetPairStats,
@@ -19,7 +19,7 @@ from siterecovery.dataplane.assignments import (
     PairStats,
 )
 from siterecovery.dr.monitor import evaluate
-from siterecovery.dr.record import ItemDisk, ItemRecord, Pair, Replication, Site
+from tests.dr.conftest import gold_policy, protected_item
 
 
 def _alerts(cp: object) -> list[Event]:
@@ -32,31 +32,8 @@ def _alerts(cp: object) -> list[Event]:
 def test_rpo_threshold_raises_and_clears_the_alert(tmp_path: Path) -> None:
     cp = open_control_plane(load_server_config(tmp_path))
     t0 = time.time()
-    rec = ItemRecord(
-        onprem_fabric="f1",
-        cloud_fabric="f2",
-        machine="web1",
-        os_type="linux",
-        disks=[ItemDisk(label="disk0", size=1 << 20, onprem_path="/a", onprem_uuid="u", cloud_path="/b")],
-        replication=Replication(
-            source_site=Site.ONPREM,
-            source_machine="web1",
-            process_server="ps",
-            master_target="mt",
-            pairs=[Pair(pair_id="p1", disk="disk0", source="/a", target="/b", size=1 << 20)],
-        ),
-    )
     with cp.db.session() as s:
-        s.add(
-            Policy(
-                id="pol",
-                name="gold",
-                kind="replication",
-                rpo_threshold_seconds=60,
-                retention_seconds=3600,
-                app_consistent_frequency_seconds=0,
-            )
-        )
+        s.add(gold_policy(60))
         s.add(
             Component(
                 id="ag",
@@ -80,19 +57,7 @@ def test_rpo_threshold_raises_and_clears_the_alert(tmp_path: Path) -> None:
             )
         )
         s.flush()
-        s.add(
-            ReplicatedItem(
-                id="it",
-                name="web1",
-                machine="web1",
-                source_fabric_id="f1",
-                target_fabric_id="f2",
-                direction="onprem-to-cloud",
-                state="protected",
-                policy_id="pol",
-                details=rec.model_dump(mode="json"),
-            )
-        )
+        s.add(protected_item())
 
     def item() -> ReplicatedItem:
         with cp.db.session() as s:

@@ -20,8 +20,9 @@ if not IN_CI:  # libvirt-python is an extra (`make pytest` adds it once libvirt'
 
 import libvirt
 from siterecovery.fabrics.libvirt import LibvirtFabric
-from siterecovery.pki import CertificateAuthority
-from tests.dataplane.conftest import Plane
+from tests.dataplane.conftest import (
+    plane,  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
+)
 from tests.libvirt.daemon import PREFIX, Daemon
 
 # Host-wide names: one per test process, so two sessions on one machine never delete each other's.
@@ -84,13 +85,3 @@ def sites() -> Iterator[Sites]:
         for bridge in BRIDGES:
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    """The real agent, process server and master target as processes (tests/dataplane's Plane)."""
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()

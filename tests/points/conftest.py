@@ -22,12 +22,12 @@ import pytest
 from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
 from siterecovery.lab import runtime
 from siterecovery.lab.guest import GuestState, read_status
-from siterecovery.pki import CertificateAuthority
 from tests.dataplane.conftest import (
     Component,
     Plane,
     free_addresses,
     make_image,
+    plane,  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
     relay,
     replication,
     wait_for,
@@ -188,16 +188,7 @@ def qemu_compare(a: Path, b: Path) -> int:
     return proc.returncode
 
 
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
-
-
-def build_rig(plane: Plane, *mt_extra: str) -> Rig:
+def build_rig(plane: Plane, *mt_extra: str) -> Rig:  # noqa: F811 - the imported fixture
     """PS, a journaled MT (retention volume `retention`, target disks in `targets`) and an agent."""
     root = plane.root
     source = make_image(root / "source.img", DISK)
@@ -220,7 +211,7 @@ def build_rig(plane: Plane, *mt_extra: str) -> Rig:
 
 
 @pytest.fixture
-def rig(plane: Plane) -> Iterator[Rig]:
+def rig(plane: Plane) -> Iterator[Rig]:  # noqa: F811 - the imported fixture
     r = build_rig(plane)
     try:
         yield r

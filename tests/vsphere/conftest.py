@@ -14,6 +14,7 @@ import os
 import ssl
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pyVmomi import vim
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType
 from siterecovery.fabrics.vsphere import VSphereFabric
 from tests.conftest import require_tool
+from tests.dataplane.conftest import plane  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
 
 VCSIM_DIR = Path(__file__).resolve().parent / "vcsim"
 VCSIM_BIN = VCSIM_DIR / "vcsim"
@@ -117,6 +119,23 @@ def find(si: Any, kind: Any, name: str) -> Any:
         return next(o for o in view.view if o.name == name)
     finally:
         view.Destroy()
+
+
+@contextmanager
+def nas_datastore(
+    si: Any, host: str, export: Path, access: str = "readWrite", kind: str = "NFS"
+) -> Iterator[Any]:
+    """A NAS datastore on `host` named after `export` (a folder it creates); destroyed afterwards."""
+    host_system = find(si, vim.HostSystem, host)
+    export.mkdir()
+    spec = vim.host.NasVolume.Specification(
+        remoteHost="127.0.0.1", remotePath=str(export), localPath=str(export), accessMode=access, type=kind
+    )
+    ds = host_system.configManager.datastoreSystem.CreateNasDatastore(spec)
+    try:
+        yield ds
+    finally:
+        WaitForTask(ds.Destroy_Task())
 
 
 def reconfigure(vm: Any, **spec: Any) -> None:

@@ -22,7 +22,7 @@ from siterecovery.fabrics.base import (
 )
 from siterecovery.fabrics.vsphere import VSphereFabric
 
-from .conftest import Vcsim, find, reconfigure
+from .conftest import Vcsim, find, nas_datastore, reconfigure
 
 
 def test_discovers_model_inventory(vcsim: Vcsim) -> None:
@@ -189,29 +189,16 @@ def test_host_licence_edition(vcsim: Vcsim, admin_si: Any, edition: str, expecte
 
 
 def test_nfs_datastore_mounted_read_only(vcsim: Vcsim, admin_si: Any, tmp_path: Path) -> None:
-    host = find(admin_si, vim.HostSystem, "DC0_C0_H0")
     export = tmp_path / "nfs-ro"
-    export.mkdir()
-    spec = vim.host.NasVolume.Specification(
-        remoteHost="127.0.0.1",
-        remotePath=str(export),
-        localPath=str(export),
-        accessMode="readOnly",
-        type="NFS",
-    )
-    ds = host.configManager.datastoreSystem.CreateNasDatastore(spec)
-    try:
-        with vcsim.fabric() as fabric:
-            found = fabric.discover().datastore("nfs-ro")
-            assert found is not None and found.type is DatastoreType.NFS
-            assert found.mounted_on("DC0_C0_H0") and not found.writable_on("DC0_C0_H0")
-            with pytest.raises(FabricError) as err:
-                fabric.create_machine(
-                    MachineSpec(name="on-ro", host="DC0_C0_H0", datastore="nfs-ro", os_type=OsType.LINUX)
-                )
-            assert err.value.code == "datastore-not-writable"
-    finally:
-        WaitForTask(ds.Destroy_Task())
+    with nas_datastore(admin_si, "DC0_C0_H0", export, access="readOnly"), vcsim.fabric() as fabric:
+        found = fabric.discover().datastore("nfs-ro")
+        assert found is not None and found.type is DatastoreType.NFS
+        assert found.mounted_on("DC0_C0_H0") and not found.writable_on("DC0_C0_H0")
+        with pytest.raises(FabricError) as err:
+            fabric.create_machine(
+                MachineSpec(name="on-ro", host="DC0_C0_H0", datastore="nfs-ro", os_type=OsType.LINUX)
+            )
+        assert err.value.code == "datastore-not-writable"
 
 
 @pytest.mark.parametrize(
@@ -226,21 +213,9 @@ def test_datastores_neither_vmfs_nor_nfs_are_reported_as_what_they_are(
     vcsim: Vcsim, admin_si: Any, tmp_path: Path, summary_type: str, expected: DatastoreType
 ) -> None:
     # Dropping them made a host with only vSAN storage look empty, and the check then blamed credentials.
-    host = find(admin_si, vim.HostSystem, "DC0_C0_H0")
     export = tmp_path / f"ds-{summary_type.lower()}"
-    export.mkdir()
-    spec = vim.host.NasVolume.Specification(
-        remoteHost="127.0.0.1",
-        remotePath=str(export),
-        localPath=str(export),
-        accessMode="readWrite",
-        type=summary_type,
-    )
-    ds = host.configManager.datastoreSystem.CreateNasDatastore(spec)
-    try:
+    with nas_datastore(admin_si, "DC0_C0_H0", export, kind=summary_type):
         with vcsim.fabric() as fabric:
             found = fabric.discover().datastore(export.name)
         assert found is not None and found.type is expected
         assert found.mounted_on("DC0_C0_H0")
-    finally:
-        WaitForTask(ds.Destroy_Task())

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from siterecovery.fabrics.base import (
@@ -20,7 +19,7 @@ from siterecovery.fabrics.base import (
     ScsiType,
 )
 
-from .conftest import Vcsim, find, reconfigure
+from .conftest import Vcsim, find, nas_datastore, reconfigure
 
 
 def test_create_machine_round_trip(vcsim: Vcsim) -> None:
@@ -207,26 +206,13 @@ def test_disks_moved_into_master_target_folder_refuse_detach(
 
 
 def test_move_storage(vcsim: Vcsim, admin_si: Any, fresh_vm: str, tmp_path: Path) -> None:
-    host = find(admin_si, vim.HostSystem, "DC0_H0")
     export = tmp_path / "nfs-rw"
-    export.mkdir()
-    spec = vim.host.NasVolume.Specification(
-        remoteHost="127.0.0.1",
-        remotePath=str(export),
-        localPath=str(export),
-        accessMode="readWrite",
-        type="NFS",
-    )
-    ds = host.configManager.datastoreSystem.CreateNasDatastore(spec)
-    try:
-        with vcsim.fabric() as fabric:
-            fabric.move_storage(fresh_vm, "nfs-rw")
-            vm = find(admin_si, vim.VirtualMachine, fresh_vm)
-            assert [d.name for d in vm.datastore] == ["nfs-rw"]
-            with pytest.raises(FabricError) as err:
-                fabric.move_storage(fresh_vm, "nope")
-            assert err.value.code == "datastore-not-found"
-            fabric.move_storage(fresh_vm, "LocalDS_0")
-            assert [d.name for d in vm.datastore] == ["LocalDS_0"]
-    finally:
-        WaitForTask(ds.Destroy_Task())
+    with nas_datastore(admin_si, "DC0_H0", export), vcsim.fabric() as fabric:
+        fabric.move_storage(fresh_vm, "nfs-rw")
+        vm = find(admin_si, vim.VirtualMachine, fresh_vm)
+        assert [d.name for d in vm.datastore] == ["nfs-rw"]
+        with pytest.raises(FabricError) as err:
+            fabric.move_storage(fresh_vm, "nope")
+        assert err.value.code == "datastore-not-found"
+        fabric.move_storage(fresh_vm, "LocalDS_0")
+        assert [d.name for d in vm.datastore] == ["LocalDS_0"]

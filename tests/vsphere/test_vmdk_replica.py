@@ -4,7 +4,6 @@ vCenter disk backing names (descriptor + flat extent), through the datastore's l
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,11 @@ from pyVmomi import vim
 from siterecovery.dataplane.assignments import AttachedDisk
 from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
-from siterecovery.pki import CertificateAuthority
 from tests.conftest import require_tool
-from tests.dataplane.conftest import Plane, random_image, replication, wait_for, wait_replicated
+from tests.dataplane.conftest import Plane, one_pair, random_image, wait_for, wait_replicated
 from tests.vsphere.conftest import Vcsim, find
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Plane]:
-    p = Plane(tmp_path, CertificateAuthority.load_or_create(tmp_path / "ca"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def test_master_target_writes_the_backing_vmdk_on_the_datastore(
@@ -46,12 +35,7 @@ def test_master_target_writes_the_backing_vmdk_on_the_datastore(
 
     size = disk.size_bytes
     src = random_image(plane.root / "src.img", size, [(0, 3 * MiB), (9 * MiB, 2 * MiB)])
-    mt = plane.master_target([{"pair_id": "p1", "path": disk.backing, "size": size}])
-    mt.args += ["--datastore", f"{disk.datastore}={mount}"]
-    mt.start()
-    ps = plane.process_server().start()
-    ps_addr, mt_addr = ps.wait_address(), mt.wait_address()
-    agent = plane.agent([replication("p1", "d0", ps_addr, mt_addr)], {"d0": src}).start()
+    mt, _, agent = one_pair(plane, src, disk.backing, size, "--datastore", f"{disk.datastore}={mount}")
     sock = plane.root / "nbd" / "d0.sock"
     wait_for(sock.exists, 60, "the NBD export")
     commands = ["-c", "write -P 0x5a 5M 1M", "-c", "write -z 0 512k", "-c", "flush"]

@@ -38,6 +38,24 @@ class DiskApplier(Protocol):
 ApplierFactory = Callable[[str, Path, int, Path], DiskApplier]
 
 
+def load_applied_seq(state: Path) -> int:
+    """The sequence an applier saved in `state` (`applied.json`) as applied; -1 before the first."""
+    if not state.exists():
+        return -1
+    return int(json.loads(state.read_text())["applied_seq"])
+
+
+def save_applied_seq(state: Path, seq: int) -> None:
+    """Saves `seq` as applied (after the replica's own flush): written to a temporary file, fsynced
+    and renamed over `state`, so a crash leaves the old or the new value, never half of one."""
+    tmp = state.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"applied_seq": seq}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state)
+
+
 class DirectApplier:
     """Applies writes in place; the newest state only (no journal, no older recovery points)."""
 
@@ -49,11 +67,8 @@ class DirectApplier:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
-        self._applied = -1
+        self._applied = load_applied_seq(self._state)
         self.bookmarks: list[tuple[int, str, str, float]] = []
-        if self._state.exists():
-            saved = json.loads(self._state.read_text())
-            self._applied = int(saved["applied_seq"])
         self._pending = self._applied
 
     @property
@@ -76,12 +91,7 @@ class DirectApplier:
         if self._pending == self._applied:
             return
         os.fdatasync(self._fd)
-        tmp = self._state.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"applied_seq": self._pending}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state)
+        save_applied_seq(self._state, self._pending)
         self._applied = self._pending
 
     def close(self) -> None:

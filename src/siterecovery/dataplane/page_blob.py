@@ -20,7 +20,6 @@ what emulators and older Azure Stack endpoints accept, and a pinned version keep
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import time
@@ -31,7 +30,7 @@ from pathlib import Path, PurePath
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 
-from siterecovery.dataplane.apply import ApplierFactory, DiskApplier
+from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, load_applied_seq, save_applied_seq
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 PAGE = 512
@@ -234,10 +233,8 @@ class PageBlobApplier:
         self.writer = PageBlobWriter(blob, size)
         state_dir.mkdir(parents=True, exist_ok=True)
         self._state = state_dir / "applied.json"
-        self._applied = -1
+        self._applied = load_applied_seq(self._state)
         self.bookmarks: list[tuple[int, str, str, float]] = []
-        if self._state.exists():
-            self._applied = int(json.loads(self._state.read_text())["applied_seq"])
         self._pending = self._applied
 
     @property
@@ -260,12 +257,7 @@ class PageBlobApplier:
         self.writer.flush()
         if self._pending == self._applied:
             return
-        tmp = self._state.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"applied_seq": self._pending}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state)
+        save_applied_seq(self._state, self._pending)
         self._applied = self._pending
 
     def close(self) -> None:
