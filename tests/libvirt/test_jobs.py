@@ -77,6 +77,8 @@ def start_agent(env: Environment, machine: str, volume: str, site: str = "onprem
         "--server", env.url, "--passphrase-file", str(env.passphrase_file),
         "--state-dir", str(run / "state"), "--nbd-unix-dir", str(run / "nbd"),
         "--interval", "0.5", "--disk", f"vda={volume}",
+        # The test's end stops the process server first: no 30 s wait to drain into nothing.
+        "--drain-timeout", "2",
     )  # fmt: skip
     env._await(lambda: env.connected(f"{site}/{machine}"), "agent")
     return run / "nbd" / "vda.sock"
@@ -191,6 +193,8 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
     recreated = fabric.discover().machine(WEB)
     new_volume = str(sites.pools[pool_a] / f"{WEB}_vda.img")
     assert recreated is not None and [d.backing for d in recreated.disks] == [new_volume]
+    # The step run again (a resumed job) reuses that volume rather than failing on it.
+    assert fabric.ensure_volume(fabric.pool(pool_a), f"{WEB}_vda.img", 8 * MiB, "raw") == new_volume
     assert [n.mac for n in recreated.nics] == ["52:54:00:aa:bb:01"]  # from the recorded XML
     assert recreated.bios_uuid != original.bios_uuid  # a new domain, not the old definition
     assert result(job, "replication-sync")["bytes_sent"] > 0

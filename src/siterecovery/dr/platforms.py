@@ -92,7 +92,7 @@ def recreate_domain(fabric: Fabric, rec: ItemRecord, pool: str) -> Machine | Non
     file; a full sync fills it). None when this is not a libvirt site or no XML was recorded (the
     generic `create_machine` then builds one)."""
     define = getattr(fabric, "define_recovery", None)
-    create_volume = getattr(fabric, "create_volume", None)
+    create_volume = getattr(fabric, "ensure_volume", None)  # a replayed step reuses its volume
     find_pool = getattr(fabric, "pool", None)
     if not rec.domain_xml or not callable(define) or not callable(create_volume) or not callable(find_pool):
         return None
