@@ -30,6 +30,7 @@ system-deps:
 lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports  # the layer contracts in pyproject.toml
 
 typecheck: venv libvirt-python
 	$(BIN)/mypy src

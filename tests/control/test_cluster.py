@@ -14,7 +14,8 @@ from typing import Any
 from bench.hollow import seed
 from sqlalchemy import update
 
-from siterecovery.control.db import Database, Policy, ReplicatedItem
+from siterecovery.control.database import Database
+from siterecovery.control.db import Policy, ReplicatedItem
 from siterecovery.dr.record import ItemRecord
 from tests.conftest import free_port, run_cli
 from tests.control.conftest import ConfigServer

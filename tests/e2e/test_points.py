@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 from siterecovery.dataplane.master_target import JOURNAL_DIR
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
 from siterecovery.fabrics.lab import LabFabric

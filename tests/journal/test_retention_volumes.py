@@ -13,11 +13,11 @@ from siterecovery.dataplane.retention import (
     RetentionVolume,
     VolumeSpec,
     check_retention_volume,
-    default_retention_volume,
     discover_volumes,
     eligible_volumes,
     read_mounts,
 )
+from siterecovery.dr.checks import DEFAULT_RETENTION_VOLUME
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.fabrics.base import OsType
 
@@ -100,4 +100,5 @@ def test_file_system_type_comes_from_the_mount_table(tmp_path: Path) -> None:
     ],
 )
 def test_default_retention_volume(os_type: OsType, expected: str) -> None:
-    assert default_retention_volume(os_type) == expected
+    # The default lives with the reprotect checks that apply it (dr.checks), above the data plane.
+    assert DEFAULT_RETENTION_VOLUME[os_type] == expected

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from tests.conftest import require_tool
 from tests.e2e.conftest import ensure_policy, run_job

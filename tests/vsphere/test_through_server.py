@@ -26,7 +26,7 @@ from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType
 from tests.conftest import require_tool, run_cli

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from siterecovery.cli.client import Api
+from siterecovery.api_client import Api
 from siterecovery.cli.jobs_view import watch_job
 from siterecovery.cli.output import emit
 from siterecovery.cli.state import as_json, call

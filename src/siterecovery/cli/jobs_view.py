@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from siterecovery.cli.client import Api
+from siterecovery.api_client import Api
 from siterecovery.cli.output import console
 
 FINISHED = ("succeeded", "failed", "cancelled")

@@ -30,6 +30,8 @@ from siterecovery.fabrics.lab_settings import LabSettingError, SetKind, apply_se
 from siterecovery.fabrics.lab_store import LabStore
 from siterecovery.lab import runtime
 from siterecovery.lab.oracle import OracleVerdict, verify_image, verify_log
+from siterecovery.lab.vm.fs_oracle import verify_fs_image
+from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm
 
 console = Console()
 err = Console(stderr=True)
@@ -105,8 +107,6 @@ def image(
     probe: Annotated[bool, typer.Option(help="Probe again whether KVM boots the guest.")] = False,
 ) -> None:
     """Build (on first use) or show the VM guests' image, and whether KVM can boot it."""
-    from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm
-
     try:
         built = ensure_image()
         kvm = probe_kvm(built, refresh=probe)
@@ -322,8 +322,6 @@ def _verify_vm(fabric: LabFabric, machine: Machine, running: bool) -> OracleVerd
     """A VM guest's disk is ext4: while the guest runs, its own boot verdict (the file system is
     mounted in the guest, so the host cannot check it); when it is off or crashed, the same checks
     from the host on the disk image (the journal replayed on a copy first)."""
-    from siterecovery.lab.vm.fs_oracle import verify_fs_image
-
     owner = fabric.log_owner(machine.name)
     if running:
         status = runtime.guest_status(fabric.lab_dir, fabric.site, machine.name)

@@ -9,17 +9,22 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from siterecovery.api_client import Api, ApiError
 from siterecovery.cli import control, dataplane, dr, fabrics, lab
-from siterecovery.cli.client import Api
-from siterecovery.cli.output import emit
+from siterecovery.cli.output import emit, fail
 from siterecovery.cli.state import CliState, call, state
 from siterecovery.config import load_server_config
+from siterecovery.control.backup import backup, restore
+from siterecovery.demo.run import run_demo
+from siterecovery.errors import SiteRecoveryError
+from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
 from siterecovery.fabrics.lab_model import Accel, GuestKind
 
 
@@ -82,8 +87,8 @@ def server(
     """Run the configuration server (API, database, jobs, portal)."""
     if ctx.invoked_subcommand is not None:
         return
-    from dataclasses import replace
-
+    # Loaded here, not at the top: DBOS and uvicorn add about a second and a half to every
+    # other command of the CLI (not an import cycle).
     from siterecovery.control.server import serve
 
     cfg = load_server_config(state_dir, database_url, listen)
@@ -112,8 +117,6 @@ def server_backup(
     state_dir: StateDir = None,
 ) -> None:
     """Back up the configuration server's state (CS-3); safe while it runs."""
-    from siterecovery.control.backup import backup
-
     manifest = _local(ctx, lambda: backup(load_server_config(state_dir), output))
     typer.echo(f"backed up server {manifest['server_id']} to {output}")
 
@@ -126,8 +129,6 @@ def server_restore(
     force: Annotated[bool, typer.Option(help="replace an existing state directory")] = False,
 ) -> None:
     """Restore a backup into a state directory; the server keeps its id, CA and advertised address."""
-    from siterecovery.control.backup import restore
-
     cfg = load_server_config(state_dir)
     manifest = _local(ctx, lambda: restore(archive, cfg.state_dir, force))
     typer.echo(f"restored server {manifest['server_id']} into {cfg.state_dir}")
@@ -135,10 +136,6 @@ def server_restore(
 
 def _local(ctx: typer.Context, action: Callable[[], dict[str, object]]) -> dict[str, object]:
     """Run a local (not API) server operation; its problems print like the API's."""
-    from siterecovery.cli.client import ApiError
-    from siterecovery.cli.output import fail
-    from siterecovery.errors import SiteRecoveryError
-
     try:
         return action()
     except SiteRecoveryError as exc:
@@ -171,9 +168,6 @@ def demo(
     accel: Annotated[Accel, typer.Option(help="VM guests: kvm, tcg or auto (KVM if it boots)")] = Accel.AUTO,
 ) -> None:
     """Build a lab and run the whole DR cycle on it with every service a real process."""
-    from siterecovery.demo.run import run_demo
-    from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
-
     size = parse_size(disk_size)
     if guest is GuestKind.VM and size < VM_MIN_DISK_SIZE:
         typer.echo(

@@ -14,7 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 
 console = Console()
 err_console = Console(stderr=True)

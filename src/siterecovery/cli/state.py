@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import typer
 
-from siterecovery.cli.client import Api, ApiError
+from siterecovery.api_client import Api, ApiError
 from siterecovery.cli.output import fail
 
 T = TypeVar("T")

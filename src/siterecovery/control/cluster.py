@@ -32,7 +32,7 @@ from typing import IO
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from siterecovery.control.db import Database
+from siterecovery.control.database import Database
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger("siterecovery.cluster")

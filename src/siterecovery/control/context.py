@@ -19,7 +19,8 @@ from sqlalchemy import select
 from siterecovery.config import ServerConfig
 from siterecovery.control import migrate
 from siterecovery.control.auth import create_token
-from siterecovery.control.db import Component, Database, ServerIdentity, new_id, now
+from siterecovery.control.database import Database
+from siterecovery.control.db import Component, ServerIdentity, new_id, now
 from siterecovery.control.secrets import SecretBox
 from siterecovery.control.states import ComponentKind, Role
 from siterecovery.pki import CertificateAuthority

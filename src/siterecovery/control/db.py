@@ -1,4 +1,4 @@
-"""Database schema (SQLAlchemy 2) and the session factory.
+"""Database schema (SQLAlchemy 2); the engine and session factory are in `control.database`.
 
 SQLite file by default (embedded), PostgreSQL by URL. The schema is created and upgraded by the
 Alembic migrations in `migrations/`, applied when the server starts; models here are the single
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -22,12 +20,9 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    create_engine,
-    event,
     select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 T = TypeVar("T", bound="Base")
 
@@ -238,42 +233,6 @@ class Event(Base):
     object_type: Mapped[str] = mapped_column(String(30), default="")
     object_id: Mapped[str] = mapped_column(String(64), default="")
     cleared_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        # Pool as large as PostgreSQL's: the API's threads, the heartbeat writer, the monitor.
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=20
-        )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # WAL lets the portal read while a job writes; busy_timeout rides out short locks.
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    # Heartbeats are admitted 16 at a time (control.admission); jobs and the API need the rest.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-
-
-class Database:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.engine = make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        from siterecovery.control.item_index import install  # it needs the models above
-
-        install(self._sessions)
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
-            yield s
 
 
 def by_id_or_name(s: Session, model: type[T], ident: str) -> T | None:

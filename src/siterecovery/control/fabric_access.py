@@ -19,13 +19,14 @@ from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.states import FabricKind
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import Fabric, FabricError, Inventory
+from siterecovery.fabrics.lab import LabFabric
 
 
 def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
+    # The vSphere, Azure and libvirt providers are loaded when a fabric of their kind is opened:
+    # their SDKs are heavy (pyVmomi, the Azure SDK) or an extra (libvirt-python); not a cycle.
     conn = row.connection
     if row.kind == FabricKind.LAB.value:
-        from siterecovery.fabrics.lab import LabFabric
-
         return LabFabric(Path(str(conn["path"])), str(conn.get("site") or row.site))
     if row.kind == FabricKind.VSPHERE.value:
         from siterecovery.fabrics.vsphere import VSphereFabric

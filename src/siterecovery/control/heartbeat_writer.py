@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.db import Component, Database
+from siterecovery.control.database import Database
+from siterecovery.control.db import Component
+from siterecovery.control.heartbeats import record_heartbeat
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 log = logging.getLogger("siterecovery.heartbeats")
@@ -89,8 +91,6 @@ class HeartbeatWriter:
                 report.done.set()
 
     def _apply(self, s: Any, report: _Report) -> None:
-        from siterecovery.control.heartbeats import record_heartbeat
-
         row = s.get(Component, report.component_id)
         if row is None:
             raise not_found("component", report.component_id)

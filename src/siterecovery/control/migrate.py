@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from siterecovery.control.db import Database
+from siterecovery.control.database import Database
 
 _SCRIPTS = Path(__file__).resolve().parent / "migrations"
 

@@ -14,6 +14,8 @@ from siterecovery.config import ServerConfig
 from siterecovery.control.app import create_app
 from siterecovery.control.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
 from siterecovery.control.context import ControlPlane, open_control_plane
+from siterecovery.control.jobs import register_job_queue
+from siterecovery.dr.monitor import Monitor
 
 log = logging.getLogger("siterecovery.server")
 
@@ -37,8 +39,6 @@ def start_engine(cp: ControlPlane, executor_id: str = SQLITE_EXECUTOR) -> None:
         }
     )
     DBOS.launch()
-    from siterecovery.control.jobs import register_job_queue
-
     register_job_queue()
 
 
@@ -67,8 +67,6 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
     cluster.join()
     set_current(cluster)
     start_engine(cp, cluster.executor_id)
-    from siterecovery.dr.monitor import Monitor
-
     Monitor(cp, cluster=cluster).start()
     ssl_kwargs: dict[str, object] = {}
     if config.tls:

@@ -19,7 +19,6 @@ from enum import StrEnum
 from pathlib import Path
 
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
-from siterecovery.fabrics.base import OsType
 
 LOCK_FILE = ".siterecovery-locked"
 _FAT_TYPES = frozenset({"vfat", "msdos", "fat", "fat32", "fat16", "umsdos"})
@@ -109,10 +108,6 @@ class RetentionVolume:
             return ""
         first = self.failed[0]
         return f"{first.value}: {_WHY[first][0]}"
-
-
-def default_retention_volume(os_type: OsType | str) -> str:
-    return "R:" if OsType(os_type) is OsType.WINDOWS else "/mnt/retention"
 
 
 def read_mounts(path: Path = Path("/proc/mounts")) -> list[Mount]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from siterecovery.cli.client import ApiError
+from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from siterecovery.lab.records import RECORD_SIZE
 from siterecovery.lab.runtime import guest_status

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from siterecovery.cli.client import Api
+from siterecovery.api_client import Api
 from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import create_lab
 from siterecovery.fabrics.lab_model import Accel, GuestKind

@@ -1,10 +1,11 @@
-"""The crash-consistency oracle as the workflows read it from a lab machine's guest.
+"""The crash-consistency oracle as the workflows read it from a fabric's guests.
 
 A lab guest checks its self-verifying log when it starts and reports whether the disk holds a
 clean prefix. Workflows record that verdict after every failover and failback, and compare it
 with what the source guest had made durable before it was shut down: a planned failover must
-lose no flushed record. On other fabrics (a real vCenter) there is no such guest and the
-verdict is "not observable".
+lose no flushed record. A fabric with such guests (the lab) implements `GuestOracle`
+(fabrics.base); on other fabrics (a real vCenter) there is no such guest and the verdict is
+"not observable".
 """
 
 from __future__ import annotations
@@ -12,49 +13,41 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from siterecovery.fabrics.base import Fabric
+from siterecovery.control.db import Fabric as FabricRow
+from siterecovery.fabrics.base import Fabric, GuestOracle
 
 VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
 
 
-def _lab(fabric: Fabric) -> Any:
-    from siterecovery.fabrics.lab import LabFabric
-
-    return fabric if isinstance(fabric, LabFabric) else None
+def _oracle(fabric: Fabric) -> GuestOracle | None:
+    return fabric if isinstance(fabric, GuestOracle) else None
 
 
 def adopt_log(fabric: Fabric, machine: str, owner: str) -> None:
     """A copy of `owner`'s disks (test failover) continues `owner`'s log: tell the lab guest so."""
-    lab = _lab(fabric)
-    if lab is not None:
-        lab.set_log_owner(machine, owner)
+    oracle = _oracle(fabric)
+    if oracle is not None:
+        oracle.set_log_owner(machine, owner)
 
 
 def last_flushed(fabric: Fabric, machine: str) -> int | None:
     """The last log record the machine's guest knew durable (after a clean shutdown)."""
-    lab = _lab(fabric)
-    if lab is None:
-        return None
-    from siterecovery.lab.runtime import guest_status
-
-    status = guest_status(lab.lab_dir, lab.site, machine)
-    return status.flushed if status is not None else None
+    oracle = _oracle(fabric)
+    return oracle.guest_flushed(machine) if oracle is not None else None
 
 
 def await_verdict(
     fabric: Fabric, machine: str, since: float, timeout: float = VERDICT_TIMEOUT
 ) -> dict[str, Any]:
     """Wait for the guest started after `since` to report its start-up verdict."""
-    lab = _lab(fabric)
-    if lab is None:
+    oracle = _oracle(fabric)
+    if oracle is None:
         return {"ok": True, "observable": False, "reason": "no guest oracle on this fabric"}
-    from siterecovery.lab.runtime import guest_status
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = guest_status(lab.lab_dir, lab.site, machine)
-        if status is not None and status.updated_at >= since and status.start_verdict:
-            return {**status.start_verdict, "observable": True}
+        verdict = oracle.guest_start_verdict(machine, since)
+        if verdict is not None:
+            return {**verdict, "observable": True}
         time.sleep(0.2)
     return {
         "ok": False,
@@ -92,8 +85,6 @@ def guest_warnings(record: Any, machine: Any) -> list[str]:
 
 def powered_on(cp: Any, fabric_id: str, machine: str) -> bool:
     """Whether a machine runs, from the fabric's last discovery (cheap: no live call per second)."""
-    from siterecovery.control.db import Fabric as FabricRow
-
     with cp.db.session() as s:
         row = s.get(FabricRow, fabric_id)
         machines = (row.inventory or {}).get("machines", []) if row is not None else []

@@ -23,13 +23,17 @@ from sqlalchemy.orm import Session
 from siterecovery.control.cluster import Cluster
 from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
+from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.events import clear_alert, raise_alert
+from siterecovery.control.fabric_access import discover
 from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
+from siterecovery.dr.guest import powered_on
 from siterecovery.dr.heal import check_refused_frames, check_unusable_points
 from siterecovery.dr.record import ItemRecord, Replication
 from siterecovery.dr.stall import check_stalls, worse
+from siterecovery.errors import SiteRecoveryError
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
@@ -329,8 +333,6 @@ def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
 
 def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
     """RPW-5: an on-premises machine written by a master target must stay off; alert if it runs."""
-    from siterecovery.dr.guest import powered_on
-
     for item in s.scalars(
         select(ReplicatedItem).where(
             ReplicatedItem.direction == Direction.FAILBACK.value,
@@ -394,10 +396,6 @@ class Monitor:
 
 def refresh_fabrics(cp: ControlPlane) -> None:
     """Rediscover every fabric, so power-state watches and the portal see recent inventory."""
-    from siterecovery.control.db import Fabric as FabricRow
-    from siterecovery.control.fabric_access import discover
-    from siterecovery.errors import SiteRecoveryError
-
     with cp.db.session() as s:
         for row in s.scalars(select(FabricRow)):
             try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from siterecovery.control.context import current
+from siterecovery.control.db import Component
 from siterecovery.control.jobs import TaskSpec
-from siterecovery.control.states import Direction, ProtectionState
+from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr.record import Site
@@ -210,9 +212,6 @@ def change_point_tasks(item: repo.ItemSnapshot, point: str, *, via_plan: bool = 
 
 
 def _mt_machine(mt_id: str) -> str:
-    from siterecovery.control.context import current
-    from siterecovery.control.db import Component
-
     with current().db.session() as s:
         row = s.get(Component, mt_id)
         return row.machine if row is not None else ""
@@ -304,9 +303,6 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
 
 
 def _component_id(ident: str, kind: str) -> str:
-    from siterecovery.control.context import current
-    from siterecovery.control.states import ComponentKind
-
     with current().db.session() as s:
         row = repo.component(s, ident, ComponentKind(kind))
         return row.id if row is not None else ident

@@ -8,6 +8,7 @@ from pathlib import Path
 from siterecovery.control.context import current
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.states import FabricKind
+from siterecovery.dr.platforms import libvirt_replica_dir
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 
 
@@ -20,8 +21,6 @@ def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool:
         if row is None:
             raise not_found("fabric", cloud_fabric_id)
         if row.kind == FabricKind.LIBVIRT.value:
-            from siterecovery.dr.platforms import libvirt_replica_dir
-
             folder = libvirt_replica_dir(row, pool)
             return {label: str(folder / f"{item_name}_{label}.img") for label in labels}
     folder = replica_dir(cloud_fabric_id, item_name)

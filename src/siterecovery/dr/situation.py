@@ -32,7 +32,7 @@ from siterecovery.dr.check_inputs import (
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError
-from siterecovery.fabrics.base import Inventory, OsType
+from siterecovery.fabrics.base import Inventory, OsType, SiteKind
 
 
 def _fabric_row(s: Session, ident: str) -> FabricRow | None:
@@ -118,18 +118,12 @@ def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
             ),
             vcenter=vcenter.name if vcenter else target,
             onprem=onprem,
-            cloud=cloud or Inventory(site="cloud", kind=_cloud_kind(), discovered_at=0.0),
+            cloud=cloud or Inventory(site="cloud", kind=SiteKind.CLOUD, discovered_at=0.0),
             master_target=_mt_view(mt),
             process_server=_component_view(ps),
             agent=_agent(s, item.record, item.record.cloud_machine, "cloud", cloud),
             heartbeat_timeout=cp.config.heartbeat_timeout,
         )
-
-
-def _cloud_kind() -> Any:
-    from siterecovery.fabrics.base import SiteKind
-
-    return SiteKind.CLOUD
 
 
 def build_reprotect_context(item: repo.ItemSnapshot, args: dict[str, Any]) -> ReprotectContext:

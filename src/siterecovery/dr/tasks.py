@@ -17,6 +17,7 @@ from siterecovery.control.states import ComponentKind, Direction, ProtectionStat
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
+from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
@@ -393,8 +394,6 @@ def verify_recovery(ctx: TaskContext) -> dict[str, Any]:
 def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
     if Site(ctx.args["source_site"]) is Site.CLOUD:
-        from siterecovery.dr.checks import ensure_reprotect
-
         ensure_reprotect(build_reprotect_context(item, ctx.args))
         with current().db.session() as s:
             problems = libvirt_reprotect_problems(s, item, ctx.args)

@@ -254,6 +254,22 @@ class FabricError(Exception):
 
 
 @runtime_checkable
+class GuestOracle(Protocol):
+    """A fabric whose guests judge their own crash consistency (the lab's log writer and VM
+    guests). The workflows ask it after a failover or failback; a fabric without such guests (a
+    real vCenter, Azure, libvirt) does not implement it and the verdict is "not observable"."""
+
+    def set_log_owner(self, machine: str, owner: str) -> None:
+        """A copy of `owner`'s disks (test failover) continues `owner`'s log."""
+
+    def guest_flushed(self, machine: str) -> int | None:
+        """The last log record the machine's guest knew durable (after a clean shutdown)."""
+
+    def guest_start_verdict(self, machine: str, since: float) -> dict[str, object] | None:
+        """The start-up verdict of the guest started after `since`, once it has reported one."""
+
+
+@runtime_checkable
 class Fabric(Protocol):
     """A site: discovery plus the operations reprotect, failover and failback perform."""
 

@@ -238,6 +238,17 @@ class LabFabric:
         with self.store.edit() as state:
             self._find(state.site(self.site), machine).log_owner = owner
 
+    # The lab is the GuestOracle (fabrics.base): its guests write the self-verifying log.
+    def guest_flushed(self, machine: str) -> int | None:
+        status = runtime.guest_status(self.lab_dir, self.site, machine)
+        return status.flushed if status is not None else None
+
+    def guest_start_verdict(self, machine: str, since: float) -> dict[str, object] | None:
+        status = runtime.guest_status(self.lab_dir, self.site, machine)
+        if status is not None and status.updated_at >= since and status.start_verdict:
+            return dict(status.start_verdict)
+        return None
+
     def power_off(self, machine: str) -> None:
         site = self._site(self.store.read(), "power_off")
         m = self._find(site, machine)

@@ -23,6 +23,7 @@ from pathlib import Path
 from siterecovery.fabrics.base import FabricError, Machine
 from siterecovery.fabrics.lab_model import Accel, GuestKind
 from siterecovery.lab.guest import GuestState, GuestStatus, read_status
+from siterecovery.lab.vm.image import ensure_image, resolve_accel
 
 NBD_DIR = "nbd"
 GUEST_STATUS = "guest.json"
@@ -113,8 +114,6 @@ def vm_guest_command(
     machine: Machine, run: Path, *, rate: float = 16.0, log_owner: str = "", accel: Accel = Accel.AUTO
 ) -> list[str]:
     """A real VM as the guest (siterecovery.lab.vm): the image is built and KVM probed on first use."""
-    from siterecovery.lab.vm.image import ensure_image, resolve_accel
-
     image = ensure_image()
     return [
         sys.executable, "-m", "siterecovery.lab.vm.guest",

@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from siterecovery.control.database import make_engine
 from siterecovery.control.db import Base
 
 config = context.config
@@ -11,8 +12,6 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is None:
-        from siterecovery.control.db import make_engine
-
         engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
         with engine.connect() as connection:
             _run(connection)

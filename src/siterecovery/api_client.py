@@ -1,4 +1,4 @@
-"""The CLI's only way to the configuration server: its REST API.
+"""The client of the REST API, the only way of the CLI and the demo to the configuration server.
 
 Problem responses become `ApiError` with the server's code, message and remediation, which the
 CLI prints and turns into a non-zero exit.
