@@ -757,3 +757,29 @@ def test_documentation_table_is_the_registry() -> None:
     """Regenerate with `python -m siterecovery.dr.ruledoc docs/prerequisites.md`."""
     doc = (ROOT / "docs" / "prerequisites.md").read_text()
     assert documented_table(doc) == prerequisites_table()
+
+
+def test_a_libvirt_onprem_site_is_not_judged_by_the_vsphere_only_rules() -> None:
+    """RP-PERMS, VMware Tools, disk.EnableUUID, VMFS and ESXi have no libvirt meaning (the LV-*
+    rules judge a libvirt site); the other rules still apply there, and the same facts on vSphere
+    hosts still fail."""
+    vsphere_only = both(
+        edit_onprem(privileges=frozenset()),
+        edit_machine("onprem", "mt-01", tools_running=False, extra_config={}),
+        edit_datastore("vmfs-01", type=DatastoreType.NFS),
+        edit_datastore("vmfs-02", type=DatastoreType.NFS),
+    )
+    kvm = both(edit_host("esx-01", kind=HypervisorKind.KVM), edit_host("esx-02", kind=HypervisorKind.KVM))
+    on_vsphere = codes(check_reprotect(vsphere_only(HEALTHY)))
+    assert {"vcenter-insufficient-privileges", "mt-tools-missing", "mt-enableuuid-missing",
+            "mt-host-no-vmfs"} <= set(on_vsphere)  # fmt: skip
+    assert codes(check_reprotect(kvm(vsphere_only(HEALTHY)))) == []
+    broken = edit_request(retention_volume="/mnt/new")
+    assert codes(check_reprotect(kvm(broken(vsphere_only(HEALTHY))))) == ["retention-volume-ineligible"]
+    # A libvirt recovery site keeps no origin: not a reason to refuse; a recorded one still is.
+    no_origin = both(
+        edit_machine("cloud", "web-01", origin=None),
+        lambda ctx: edit(ctx, cloud=dataclasses.replace(ctx.cloud, hosts=(ctx.onprem.hosts[0],))),
+    )
+    assert "not-failback-eligible" in codes(check_reprotect(no_origin(HEALTHY)))
+    assert codes(check_reprotect(no_origin(kvm(HEALTHY)))) == []  # a KVM host holds the domain

@@ -9,6 +9,7 @@ it once the domain's disk source is that export (docs/libvirt.md)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,19 +66,21 @@ def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
         e.stop()
 
 
-def start_agent(env: Environment, machine: str, volume: str) -> Path:
+def start_agent(env: Environment, machine: str, volume: str, site: str = "onprem") -> Path:
     """The agent beside the protected domain, serving its volume as `vda` over a Unix socket."""
-    run = env.root / "agent"
+    run = env.root / f"agent-{site}"
     run.mkdir()
     env._spawn(
+        f"agent-{site}",
         "agent",
-        "agent",
-        "--machine", machine, "--site", "onprem",
+        "--machine", machine, "--site", site,
         "--server", env.url, "--passphrase-file", str(env.passphrase_file),
         "--state-dir", str(run / "state"), "--nbd-unix-dir", str(run / "nbd"),
         "--interval", "0.5", "--disk", f"vda={volume}",
+        # The test's end stops the process server first: no 30 s wait to drain into nothing.
+        "--drain-timeout", "2",
     )  # fmt: skip
-    env._await(lambda: env.connected(f"onprem/{machine}"), "agent")
+    env._await(lambda: env.connected(f"{site}/{machine}"), "agent")
     return run / "nbd" / "vda.sock"
 
 
@@ -178,3 +181,145 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
     with pytest.raises(ApiError) as exc:
         env.api.post(f"/api/replicatedItems/{WEB}/reprotect", body)
     assert codes(exc.value.problems) == found
+
+    # With the name free again, pool a named and kvm-a's master target running, the deleted domain
+    # is recreated from its recorded XML on a new raw volume in pool a, filled by a full sync from
+    # the replica (which the recovery domain's agent serves).
+    fabric.delete_machine(WEB)
+    start_agent(env, RECOVERY, replica, site="cloud")
+    body = start_mt_a(env, sites, f"{PREFIX}mt-a1")
+    job = succeeded(run_job(env, f"/api/replicatedItems/{WEB}/reprotect", body))
+    assert result(job, "prepare-onprem-disks")["created"] is True
+    recreated = fabric.discover().machine(WEB)
+    new_volume = str(sites.pools[pool_a] / f"{WEB}_vda.img")
+    assert recreated is not None and [d.backing for d in recreated.disks] == [new_volume]
+    # The step run again (a resumed job) reuses that volume rather than failing on it.
+    assert fabric.ensure_volume(fabric.pool(pool_a), f"{WEB}_vda.img", 8 * MiB, "raw") == new_volume
+    assert [n.mac for n in recreated.nics] == ["52:54:00:aa:bb:01"]  # from the recorded XML
+    assert recreated.bios_uuid != original.bios_uuid  # a new domain, not the old definition
+    assert result(job, "replication-sync")["bytes_sent"] > 0
+    assert compare(new_volume, replica).returncode == 0
+
+
+BACK = f"{PREFIX}jobback"
+BACK_DR = f"{PREFIX}jobback-dr"
+MT_A = f"{PREFIX}mt-a"
+
+
+def succeeded(job: dict[str, Any]) -> dict[str, Any]:
+    assert job["state"] == "succeeded", [
+        (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
+    ]
+    return job
+
+
+def result(job: dict[str, Any], action: str) -> dict[str, Any]:
+    return next(job["result"][str(t["ordinal"])] for t in job["tasks"] if t["action"] == action)
+
+
+def nbd_write(sock: Path, command: str) -> None:
+    written = subprocess.run(
+        [require_tool("qemu-io"), "-f", "raw", "-c", command, f"nbd+unix:///vda?socket={sock}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+
+
+def _has_retention(env: Environment, name: str) -> bool:
+    try:
+        return bool(env.retention_volume(name))
+    except RuntimeError:
+        return False
+
+
+def start_mt_a(env: Environment, sites: Sites, domain: str) -> dict[str, Any]:
+    """kvm-a's master target, running beside a domain of its own (each test its own: the libvirtd
+    outlives a test); the body of a reprotect onto pool a through it."""
+    sites.fabric().define(domain_xml(domain, "", sites.networks[0]).replace("aa:bb:01", "aa:bb:0a"))
+    (env.root / "retention-a").mkdir()
+    env.start_component("master-target", "mt-kvm-a", "onprem", "--os", "linux", "--machine", domain,
+                        "--retention-volume", str(env.root / "retention-a"))  # fmt: skip
+    env._await(lambda: _has_retention(env, "mt-kvm-a"), "mt-kvm-a")  # its first stats heartbeat
+    return {"master_target": "mt-kvm-a", "process_server": "ps-onprem", "datastore": f"{PREFIX}a",
+            "retention_volume": env.retention_volume("mt-kvm-a")}  # fmt: skip
+
+
+def has_pattern(path: str, command: str) -> bool:
+    read = subprocess.run(
+        [require_tool("qemu-io"), "-U", "-r", "-f", "raw", "-c", command, path],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return read.returncode == 0 and "Pattern verification failed" not in read.stdout
+
+
+def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
+    env: Environment, sites: Sites
+) -> None:
+    pool_a, pool_b = f"{PREFIX}a", f"{PREFIX}b"
+    fabric = sites.fabric()
+    volume = fabric.create_volume(fabric.pool(pool_a), f"{BACK}_vda.img", 8 * MiB, "raw")
+    assert qemu_io("raw", volume, "write -P 0xaa 0 1M").returncode == 0
+    disk = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{volume}'/>"
+        "<target dev='vda' bus='virtio'/></disk>"
+    )
+    fabric.define(domain_xml(BACK, disk, sites.networks[0]))
+    start_agent(env, BACK, volume)
+    ensure_policy(env)
+    body = {"machine": BACK, "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-kvm-b",
+            "source_fabric": "kvm-a", "target_fabric": "kvm-b", "target_datastore": pool_b,
+            "recovery_name": BACK_DR}  # fmt: skip
+    succeeded(run_job(env, "/api/replicatedItems", body))
+    replica = str(sites.pools[pool_b] / f"{BACK}_vda.img")
+    succeeded(run_job(env, f"/api/replicatedItems/{BACK}/failover", {"planned": True}))
+    succeeded(run_job(env, f"/api/replicatedItems/{BACK}/commit", {}))
+    assert compare(volume, replica).returncode == 0
+
+    # The recovery domain's writes while it runs in the cloud: through its own agent's export.
+    cloud_sock = start_agent(env, BACK_DR, replica, site="cloud")
+    noise = env.root / "noise"  # incompressible, so the bytes sent measure the delta
+    noise.write_bytes(os.urandom(256 * 1024))
+    nbd_write(cloud_sock, f"write -s {noise} 5M 256k")
+    assert compare(volume, replica).returncode == 1  # they differ now
+
+    # The master target of kvm-a is a domain of its own; the original domain's volume is attached
+    # to it for the reprotect and detached again at failback.
+    back = start_mt_a(env, sites, MT_A)
+    answer = env.api.post(f"/api/replicatedItems/{BACK}/reprotect", {**back, "what_if": True})
+    assert answer["ready"], [(p["code"], p.get("rule"), p["message"][:150]) for p in answer["problems"]]
+    job = succeeded(run_job(env, f"/api/replicatedItems/{BACK}/reprotect", back))
+    prepared = result(job, "prepare-onprem-disks")
+    assert prepared["created"] is False and len(prepared["attached"]) == 1
+    mt = fabric.discover().machine(MT_A)
+    assert mt is not None and [d.backing for d in mt.disks] == [volume]
+    sync = result(job, "replication-sync")
+    # A delta onto the original volume: the 256 KiB written in the cloud, not the 8 MiB disk.
+    assert 256 * 1024 <= sync["bytes_sent"] < 1 * MiB, sync
+    assert compare(volume, replica).returncode == 0
+    item = env.api.get(f"/api/replicatedItems/{BACK}")
+    assert (item["state"], item["direction"]) == ("protected", "cloud-to-onprem")
+
+    # Failback (planned): a write while protected in the failback direction comes home, the volume
+    # leaves the master target and the original domain boots on it.
+    nbd_write(cloud_sock, "write -P 0xdd 6M 128k")
+    succeeded(run_job(env, f"/api/replicatedItems/{BACK}/failback", {"point": "latest"}))
+    assert compare(volume, replica).returncode == 0
+    assert has_pattern(volume, "read -P 0xdd 6M 128k")
+    assert Path(volume).read_bytes()[5 * MiB : 5 * MiB + 256 * 1024] == noise.read_bytes()
+    inv = fabric.discover()
+    original, mt, recovery = inv.machine(BACK), inv.machine(MT_A), inv.machine(BACK_DR)
+    assert original is not None and original.power_state.value == "on"
+    assert [d.backing for d in original.disks] == [volume]
+    assert [n.mac for n in original.nics] == ["52:54:00:aa:bb:01"]
+    assert mt is not None and mt.disks == ()
+    assert recovery is not None and recovery.power_state.value == "off"
+    succeeded(run_job(env, f"/api/replicatedItems/{BACK}/commit", {}))
+
+    # Re-protect towards kvm-b again: a delta onto the replica volume, which holds it all already.
+    again = {"master_target": "mt-kvm-b", "process_server": "ps-onprem", "datastore": pool_b,
+             "retention_volume": env.retention_volume("mt-kvm-b")}  # fmt: skip
+    job = succeeded(run_job(env, f"/api/replicatedItems/{BACK}/reprotect", again))
+    assert result(job, "replication-sync")["bytes_sent"] < 256 * 1024
+    assert compare(volume, replica).returncode == 0
+    item = env.api.get(f"/api/replicatedItems/{BACK}")
+    assert (item["state"], item["direction"]) == ("protected", "onprem-to-cloud")

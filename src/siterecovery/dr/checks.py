@@ -25,6 +25,7 @@ from siterecovery.fabrics.base import (
     DatastoreType,
     Host,
     HypervisorKind,
+    Inventory,
     LicenceEdition,
     OsType,
     ScsiType,
@@ -48,13 +49,25 @@ class _Check:
 
     rules: tuple[rules.Rule, ...]
     run: Callable[[Facts], Iterator[Problem]]
+    vsphere_only: bool = False  # no meaning on a libvirt site (docs/prerequisites.md); LV-* judge it
 
 
-def _check(*covers: rules.Rule) -> Callable[[Callable[[Facts], Iterator[Problem]]], _Check]:
+def _check(
+    *covers: rules.Rule, vsphere_only: bool = False
+) -> Callable[[Callable[[Facts], Iterator[Problem]]], _Check]:
     def wrap(fn: Callable[[Facts], Iterator[Problem]]) -> _Check:
-        return _Check(covers, fn)
+        return _Check(covers, fn, vsphere_only)
 
     return wrap
+
+
+def _libvirt_site(inventory: Inventory | None) -> bool:
+    """A site whose hosts are all libvirt (KVM) hosts: the libvirt fabric's discovery."""
+    return (
+        inventory is not None
+        and bool(inventory.hosts)
+        and all(h.kind is HypervisorKind.KVM for h in inventory.hosts)
+    )
 
 
 @_check(rules.CS_UNKNOWN_MACHINE)
@@ -164,7 +177,7 @@ def _datastores_visible(f: Facts) -> Iterator[Problem]:
     )
 
 
-@_check(rules.VCENTER_INSUFFICIENT_PRIVILEGES)
+@_check(rules.VCENTER_INSUFFICIENT_PRIVILEGES, vsphere_only=True)
 def _vcenter_privileges(f: Facts) -> Iterator[Problem]:
     missing = f.ctx.onprem.missing_privileges() if f.ctx.onprem else ()
     if missing:
@@ -325,7 +338,7 @@ def _retention_volume(f: Facts) -> Iterator[Problem]:
     )
 
 
-@_check(rules.MT_TOOLS_MISSING)
+@_check(rules.MT_TOOLS_MISSING, vsphere_only=True)
 def _mt_tools(f: Facts) -> Iterator[Problem]:
     if f.mt_vm and not f.mt_vm.tools_running:
         yield rules.MT_TOOLS_MISSING.problem(
@@ -333,7 +346,7 @@ def _mt_tools(f: Facts) -> Iterator[Problem]:
         )
 
 
-@_check(rules.MT_ENABLEUUID_MISSING)
+@_check(rules.MT_ENABLEUUID_MISSING, vsphere_only=True)
 def _mt_enableuuid(f: Facts) -> Iterator[Problem]:
     if f.mt_vm is None:
         return
@@ -346,7 +359,7 @@ def _mt_enableuuid(f: Facts) -> Iterator[Problem]:
         )
 
 
-@_check(rules.MT_HOST_NO_VMFS)
+@_check(rules.MT_HOST_NO_VMFS, vsphere_only=True)
 def _mt_vmfs(f: Facts) -> Iterator[Problem]:
     if f.mt_host and f.host_datastores and all(d.type is not DatastoreType.VMFS for d in f.host_datastores):
         host = f.mt_host.name
@@ -356,7 +369,7 @@ def _mt_vmfs(f: Facts) -> Iterator[Problem]:
         )
 
 
-@_check(rules.MT_PARAVIRTUAL_CONTROLLER)
+@_check(rules.MT_PARAVIRTUAL_CONTROLLER, vsphere_only=True)
 def _mt_scsi(f: Facts) -> Iterator[Problem]:
     if f.mt_vm is None:
         return
@@ -405,7 +418,8 @@ def _eligible(f: Facts) -> Iterator[Problem]:
     else:
         if vm.origin is CloudOrigin.MIGRATION:
             reasons.append(f"{vm.name} was migrated to the cloud, not failed over")
-        elif vm.origin is not CloudOrigin.FAILOVER:
+        # A libvirt recovery site keeps no origin: its domain is the one the failover job defined.
+        elif vm.origin is not CloudOrigin.FAILOVER and not (vm.origin is None and _libvirt_site(f.ctx.cloud)):
             reasons.append(f"{vm.name} was created in the cloud, not by a failover")
         if vm.resource_group != item.cloud_resource_group:
             reasons.append(
@@ -417,7 +431,7 @@ def _eligible(f: Facts) -> Iterator[Problem]:
         )
 
 
-@_check(rules.TARGET_NOT_ESXI)
+@_check(rules.TARGET_NOT_ESXI, vsphere_only=True)
 def _esxi_only(f: Facts) -> Iterator[Problem]:
     if f.ctx.onprem is None or not f.target_host:
         return
@@ -537,7 +551,8 @@ def _run(checks: tuple[_Check, ...], ctx: Situation) -> list[Problem]:
     wrong_stage = list(stage.run(facts))
     if wrong_stage:
         return wrong_stage
-    return [problem for check in rest for problem in check.run(facts)]
+    libvirt = _libvirt_site(ctx.onprem)
+    return [p for c in rest if not (libvirt and c.vsphere_only) for p in c.run(facts)]
 
 
 def check_reprotect(ctx: ReprotectContext) -> list[Problem]:

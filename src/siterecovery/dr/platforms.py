@@ -85,6 +85,25 @@ def define_recovery_domain(fabric: Fabric, rec: ItemRecord, name: str) -> bool:
     return True
 
 
+def recreate_domain(fabric: Fabric, rec: ItemRecord, pool: str) -> Machine | None:
+    """Reprotect onto a libvirt site whose protected domain was deleted: define it again from the
+    recorded XML under its own name, each disk a new empty raw volume `<machine>_<disk>.img` in
+    storage pool `pool` (raw, because the master target writes the disk's bytes straight into the
+    file; a full sync fills it). None when this is not a libvirt site or no XML was recorded (the
+    generic `create_machine` then builds one)."""
+    define = getattr(fabric, "define_recovery", None)
+    create_volume = getattr(fabric, "ensure_volume", None)  # a replayed step reuses its volume
+    find_pool = getattr(fabric, "pool", None)
+    if not rec.domain_xml or not callable(define) or not callable(create_volume) or not callable(find_pool):
+        return None
+    target = find_pool(pool)
+    volumes = {
+        d.label: str(create_volume(target, f"{rec.machine}_{d.label}.img", d.size, "raw")) for d in rec.disks
+    }
+    machine: Machine = define(rec.domain_xml, rec.machine, volumes)
+    return machine
+
+
 def _recorded_machine(rec: ItemRecord, found: Machine | None) -> Machine:
     """The protected domain as the LV checks need it: live when the site still has it (the same
     UUID), else from the record (a deleted domain is recreated under its name, which another

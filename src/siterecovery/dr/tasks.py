@@ -22,7 +22,7 @@ from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
-from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems
+from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
@@ -438,6 +438,9 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
     inv = fabric.discover()
     existing = inv.machine(item.record.machine)
     created = False
+    if existing is None:
+        existing = recreate_domain(fabric, item.record, str(ctx.args["datastore"]))
+        created = existing is not None
     if existing is None:
         mt = inv.machine(mt_machine)
         host = mt.host if mt else ""

@@ -337,6 +337,14 @@ class LibvirtFabric:
         vol = self._call(f"create volume {name} in {pool.name()}", lambda: pool.createXML(vol_xml, 0))
         return str(vol.path())
 
+    def ensure_volume(self, pool: libvirt.virStoragePool, name: str, size: int, fmt: str = "qcow2") -> str:
+        """The volume `name` of the pool, created when it is not there yet (a job step run again
+        after a crash finds the one it created before); its path."""
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)  # a volume created since the pool's last look is listed only after it
+            return str(pool.storageVolLookupByName(name).path())
+        return self.create_volume(pool, name, size, fmt)
+
     def _format(self, path: str) -> str:
         try:
             vol = self.conn.storageVolLookupByPath(path)
