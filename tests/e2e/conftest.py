@@ -21,11 +21,12 @@ HEARTBEAT_TIMEOUT = 4.0
 
 
 @pytest.fixture(scope="module")
-def dr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
+def dr_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
     require_tool("qemu-img")  # the deployment itself needs no peer, but every e2e module compares disks
     env = Environment(
         tmp_path_factory.mktemp("dr"),
-        disk_size=16 << 20,
+        # A module whose guests write for minutes sets DISK_SIZE: a full log writes no more records.
+        disk_size=getattr(request.module, "DISK_SIZE", 16 << 20),
         env={
             "SITERECOVERY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "SITERECOVERY_SYNC_TIMEOUT": "120",

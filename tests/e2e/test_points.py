@@ -17,6 +17,10 @@ from siterecovery.demo.environment import Environment
 from tests.conftest import run_cli
 from tests.e2e.conftest import kill9_after_task, protect, run_job, wait_job
 
+# The module's guests write 64 records/s from its start; at 16 MiB (4,096 records) a loaded machine
+# filled db1's log before the last test, which needs the recovered machine to write 20 more.
+DISK_SIZE = 64 << 20
+
 
 def _points(env: Environment, machine: str) -> list[dict[str, Any]]:
     out = run_cli("-o", "json", "points", "list", machine, env=env.cli_env)

@@ -96,7 +96,9 @@ def wait_flushed(console: Path, at_least: int) -> int:
 
 def pipeline(plane: Plane, name: str, source: str, target: str, mode: str) -> tuple[Component, Component]:
     """The real agent exporting `source` as vda, a process server, and a master target writing `target`."""
-    mt = plane.master_target([{"pair_id": name, "path": target, "size": 48 * MiB}], name=f"mt-{name}").start()
+    # The master target takes the pair only from the process server assigned to it (issue 13).
+    disk = {"pair_id": name, "path": target, "size": 48 * MiB, "process_server": f"ps-{name}"}
+    mt = plane.master_target([disk], name=f"mt-{name}").start()
     ps = plane.process_server(name=f"ps-{name}").start()
     rep = replication(name, "vda", ps.wait_address(), mt.wait_address(), mode)
     agent = plane.agent([rep], {"vda": Path(source)}, f"agent-{name}").start()
