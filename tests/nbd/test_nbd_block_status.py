@@ -56,27 +56,21 @@ def _merged(runs: list[tuple[int, int, bool, bool]]) -> list[tuple[int, int, boo
 def _qemu_nbd(image: Path, name: str) -> Iterator[Path]:
     """qemu-nbd serving the raw `image` as export `name` on a Unix socket beside it."""
     sock = image.with_suffix(".sock")
-    proc = subprocess.Popen(
-        [
-            require_tool("qemu-nbd"),
-            "--socket",
-            str(sock),
-            "--format",
-            "raw",
-            "--persistent",
-            "--export-name",
-            name,
-            str(image),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    cmd = [require_tool("qemu-nbd"), "--socket", str(sock), "--format", "raw", "--persistent"]
+    with _serving([*cmd, "--export-name", name, str(image)], sock, "qemu-nbd"):
+        yield sock
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], sock: Path, what: str) -> Iterator[None]:
+    """Run the NBD server `cmd` until the block ends, once its Unix socket `sock` exists."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
             time.sleep(0.02)
-        yield sock
+        yield
     finally:
         proc.terminate()
         proc.wait(30)
@@ -168,20 +162,9 @@ def test_agent_export_reports_written_ranges_and_old_clients_read_everything(ser
 @contextlib.contextmanager
 def _nbdkit(image: Path, sock: Path, *options: str) -> Iterator[Path]:
     """nbdkit's file plugin serving `image` on the Unix socket `sock` (a new path: it is waited for)."""
-    proc = subprocess.Popen(
-        [require_tool("nbdkit"), "--foreground", "--unix", str(sock), *options, "file", f"file={image}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
+    cmd = [require_tool("nbdkit"), "--foreground", "--unix", str(sock), *options, "file", f"file={image}"]
+    with _serving(cmd, sock, "nbdkit"):
         yield sock
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_old_server_without_structured_replies_is_read_in_full(tmp_path: Path) -> None:
