@@ -15,7 +15,8 @@ Files, in the pair's state directory:
 
 The rule: a state byte on disk says ZERO or DATA only while the replica holds the bytes its digests
 describe. So before the first write into an extent (64 coarse blocks) the extent's state bytes are
-set to UNKNOWN on disk, with one fdatasync (`before_write`); the digests of applied writes live in
+set to UNKNOWN on disk, with one fdatasync (`before_write`; the next few extents with it, as a
+sync writes in disk order); the digests of applied writes live in
 memory until `flush` (called after the applier's own sync made the writes durable) writes them,
 fdatasyncs them, and only then restores the state bytes of extents not written for `COOL_SECONDS`
 (so a stream of writes does not pay a mark per batch). An unclean stop therefore leaves every
@@ -47,6 +48,7 @@ from siterecovery.dataplane.blocks import (
 from siterecovery.dataplane.fileio import pread_full
 
 EXTENT_BLOCKS = 64  # coarse blocks marked together before a write (64 MiB)
+MARK_AHEAD = 7  # extents marked with the one written first (a sequential stream: one fdatasync)
 COOL_SECONDS = 2.0  # an extent not written for this long is unmarked at the next flush
 _MAGIC = b"SRTD0001"
 # magic, coarse, fine, size, st_dev, st_ino, st_mtime_ns, clean
@@ -75,6 +77,7 @@ class TargetDigests:
         self.target = target
         self.size = size
         self.nblocks = (size + COARSE - 1) // COARSE
+        self._nextents = (self.nblocks + EXTENT_BLOCKS - 1) // EXTENT_BLOCKS
         self.counters = DigestCounters()
         directory.mkdir(parents=True, exist_ok=True)
         self._state_path = directory / "digests.state"
@@ -141,7 +144,12 @@ class TargetDigests:
             self._hot[e] = now
         if not cold:
             return
+        # Syncs and most streams write in disk order: the extents after these are marked in the
+        # same fdatasync (a crash then costs reading them again, nothing more).
+        ahead = range(last + 1, min(last + 1 + MARK_AHEAD, self._nextents))
+        cold += [e for e in ahead if e not in self._hot]
         for e in cold:
+            self._hot.setdefault(e, now)
             lo = e * EXTENT_BLOCKS
             hi = min(lo + EXTENT_BLOCKS, self.nblocks)
             os.pwrite(self._state_fd, bytes(hi - lo), _HEADER.size + lo)
@@ -236,8 +244,12 @@ class TargetDigests:
         self._hot_cool(time.monotonic() - COOL_SECONDS)
         restate = sorted(i for i in self._restate if i // EXTENT_BLOCKS not in self._hot)
         self._restate.difference_update(restate)
-        for idx in restate:
-            os.pwrite(self._state_fd, bytes([self.state[idx]]), _HEADER.size + idx)
+        start = 0
+        for k in range(1, len(restate) + 1):  # one write per run of consecutive blocks
+            if k == len(restate) or restate[k] != restate[k - 1] + 1:
+                lo, hi = restate[start], restate[k - 1] + 1
+                os.pwrite(self._state_fd, self.state[lo:hi], _HEADER.size + lo)
+                start = k
         if restate:
             os.fdatasync(self._state_fd)
 
