@@ -15,12 +15,12 @@ Files, in the pair's state directory:
 
 The rule: a state byte on disk says ZERO or DATA only while the replica holds the bytes its digests
 describe. So before the first write into an extent (64 coarse blocks) the extent's state bytes are
-set to UNKNOWN on disk, with one fdatasync (`before_write`; the next few extents with it, as a
-sync writes in disk order); the digests of applied writes live in
-memory until `flush` (called after the applier's own sync made the writes durable) writes them,
-fdatasyncs them, and only then restores the state bytes of extents not written for `COOL_SECONDS`
-(so a stream of writes does not pay a mark per batch). An unclean stop therefore leaves every
-extent that was being written UNKNOWN: its blocks are read from the replica by the next resync,
+set to UNKNOWN on disk, with one fdatasync (`before_write`; the next few extents with it, as a sync
+writes in disk order). The digests of applied writes live in memory until `flush` (called after
+the applier's own sync made the writes durable) writes them; once an extent was not written for
+`COOL_SECONDS` they are fdatasynced, and only then are its state bytes restored from memory (so a
+stream of writes pays neither a mark nor an fdatasync per batch). An unclean stop therefore leaves
+every extent that was being written UNKNOWN: its blocks are read from the replica by the next resync,
 never trusted. Anything that changes the replica outside the applied stream (moving it to a point,
 a batch the journal undid) calls `forget`. A replica changed while no master target ran is caught
 by its modification time, checked against the one recorded at the last clean close.
@@ -238,11 +238,14 @@ class TargetDigests:
         """After the applier's sync: persist the digests of what it applied, unmark cooled extents."""
         for idx, fines in sorted(self._dirty.items()):
             os.pwrite(self._fine_fd, fines, idx * _FINES)
-        if self._dirty:
-            os.fdatasync(self._fine_fd)
         self._dirty.clear()
         self._hot_cool(time.monotonic() - COOL_SECONDS)
         restate = sorted(i for i in self._restate if i // EXTENT_BLOCKS not in self._hot)
+        if not restate:
+            return  # digests of blocks marked UNKNOWN on disk need no fdatasync yet
+        # A block whose state says UNKNOWN on disk may have its digests rewritten in place
+        # without a sync; they must be durable before its state says otherwise.
+        os.fdatasync(self._fine_fd)
         self._restate.difference_update(restate)
         start = 0
         for k in range(1, len(restate) + 1):  # one write per run of consecutive blocks
@@ -250,8 +253,7 @@ class TargetDigests:
                 lo, hi = restate[start], restate[k - 1] + 1
                 os.pwrite(self._state_fd, self.state[lo:hi], _HEADER.size + lo)
                 start = k
-        if restate:
-            os.fdatasync(self._state_fd)
+        os.fdatasync(self._state_fd)
 
     def _hot_cool(self, before: float) -> None:
         """Unmark the extents last written before `before` (rewritten from memory at the flush)."""
