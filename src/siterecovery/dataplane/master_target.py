@@ -525,6 +525,9 @@ class MasterTarget:
         self, writer: FrameWriter, idx: int, seq: int, pair: TargetPair, req: ResyncRequest
     ) -> None:
         """Digests of the target disk for a resync request (from the pair's digest store)."""
+        if req.prefetch is not None:
+            pair.prefetch(req.prefetch)  # a hint: never answered
+            return
         payload = pair.answer(req, lambda: self._sync(pair))
         writer.send(FrameType.DIGESTS, pair=idx, seq=seq, payload=payload)
 

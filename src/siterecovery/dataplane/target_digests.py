@@ -18,12 +18,13 @@ describe. So before the first write into an extent (64 coarse blocks) the extent
 set to UNKNOWN on disk, with one fdatasync (`before_write`; the next few extents with it, as a sync
 writes in disk order). The digests of applied writes live in memory until `flush` (called after
 the applier's own sync made the writes durable) writes them; once an extent was not written for
-`COOL_SECONDS` they are fdatasynced, and only then are its state bytes restored from memory (so a
-stream of writes pays neither a mark nor an fdatasync per batch). An unclean stop therefore leaves
-every extent that was being written UNKNOWN: its blocks are read from the replica by the next resync,
-never trusted. Anything that changes the replica outside the applied stream (moving it to a point,
-a batch the journal undid) calls `forget`. A replica changed while no master target ran is caught
-by its modification time, checked against the one recorded at the last clean close.
+`COOL_SECONDS` they are fdatasynced, and only then are its state bytes restored from memory, at most
+every `COOL_EVERY` seconds (so a stream of writes pays neither a mark nor an fdatasync per batch).
+An unclean stop therefore leaves every extent that was being written UNKNOWN: its blocks are read
+from the replica by the next resync, never trusted. Anything that changes the replica outside the
+applied stream (moving it to a point, a batch the journal undid) calls `forget`. A replica changed
+while no master target ran is caught by its modification time, checked against the one recorded at
+the last clean close.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from siterecovery.dataplane.fileio import pread_full
 EXTENT_BLOCKS = 64  # coarse blocks marked together before a write (64 MiB)
 MARK_AHEAD = 7  # extents marked with the one written first (a sequential stream: one fdatasync)
 COOL_SECONDS = 2.0  # an extent not written for this long is unmarked at the next flush
+COOL_EVERY = 5.0  # seconds between unmarkings
 _MAGIC = b"SRTD0001"
 # magic, coarse, fine, size, st_dev, st_ino, st_mtime_ns, clean
 _HEADER = struct.Struct(">8sIIQQQQI")
@@ -90,6 +92,7 @@ class TargetDigests:
         self._restate: set[int] = set()  # blocks whose state byte must be written at the flush
         self._hot: dict[int, float] = {}  # extents marked UNKNOWN on disk -> last write time
         self._buf = bytearray(COARSE)
+        self._cooled_at = time.monotonic()
         self._load(fresh)
 
     # ---- opening and closing ------------------------------------------------------------------
@@ -239,7 +242,12 @@ class TargetDigests:
         for idx, fines in sorted(self._dirty.items()):
             os.pwrite(self._fine_fd, fines, idx * _FINES)
         self._dirty.clear()
-        self._hot_cool(time.monotonic() - COOL_SECONDS)
+        now = time.monotonic()
+        if now - self._cooled_at >= COOL_EVERY:
+            # Not at every flush: each unmarking costs two fdatasyncs, which on a busy disk
+            # (a full sync writing the replica) wait for much more than these small files.
+            self._cooled_at = now
+            self._hot_cool(now - COOL_SECONDS)
         restate = sorted(i for i in self._restate if i // EXTENT_BLOCKS not in self._hot)
         if not restate:
             return  # digests of blocks marked UNKNOWN on disk need no fdatasync yet
