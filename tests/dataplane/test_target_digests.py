@@ -6,11 +6,13 @@ would hash it; the store must give the same digests for every block, whatever ha
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
 from siterecovery.dataplane.apply import DirectApplier
-from siterecovery.dataplane.blocks import COARSE, BlockHasher
+from siterecovery.dataplane.blocks import COARSE, BlockHasher, BlockStream, answer_for
+from siterecovery.dataplane.mt_pair import answer_from
 from siterecovery.dataplane.target_digests import EXTENT_BLOCKS, BlockState, TargetDigests
 
 MiB = 1 << 20
@@ -136,3 +138,23 @@ def test_forget_distrusts_everything_durably(tmp_path: Path) -> None:
         f.write(os.urandom(4096))
     assert not any(r.reopen().state)
     check(r.store, r.path)
+
+
+def test_answers_from_the_store_equal_answers_from_hashing_the_replica(tmp_path: Path) -> None:
+    """The master target's two ways to answer a resync region give the same bytes on the wire."""
+    r = Replica(tmp_path)
+    r.write(0, os.urandom(3 * COARSE))
+    r.write(6 * MiB + 4096, os.urandom(4096))
+    r.zero(COARSE, 8192)
+    r.sync()
+    blocks = list(range(8))
+    mine = BlockHasher(r.path, SIZE).coarse_digests()[: 8 * 16]  # as if the source were the same...
+    have = bytearray(mine)
+    have[16:32] = bytes(16)  # ...but for block 1, whose fine digests must then be answered
+    stream = BlockStream(r.path, SIZE)
+    try:
+        expected = answer_for(stream, blocks, base64.b64encode(have).decode(), 60)
+    finally:
+        stream.close()
+    assert answer_from(r.store, blocks, base64.b64encode(have).decode()) == expected
+    assert r.store.counters.replica_bytes_read == 0

@@ -123,7 +123,7 @@ class TargetPair:
         disk that read was most of a resync's time on the master target."""
         if len(flat) % 2 or len(flat) > MAX_PREFETCH:
             raise ProtocolError(f"prefetch hint of {len(flat)} numbers for pair {self.disk.pair_id!r}")
-        if not isinstance(self.applier, JournaledDisk):
+        if not isinstance(self.applier, JournaledDisk) or self.detached:
             return  # nothing is read before it is overwritten
         fd = os.open(self.disk.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -140,9 +140,11 @@ class TargetPair:
         store = self.digests
         if req.have is not None and store is not None and (req.coarse, req.fine) == (COARSE, FINE):
             with self.lock:
+                if self.detached:
+                    raise ProtocolError(f"pair {self.disk.pair_id!r} was detached")
                 if store.unknown(blocks) and self.applier.applied_seq != self.synced_seq:
                     sync()  # blocks read from the replica must hold everything applied
-                return _answer_from(store, blocks, req.have)
+                return answer_from(store, blocks, req.have)
         return self._answer_hashing(req, blocks, sync)
 
     def _answer_hashing(self, req: ResyncRequest, blocks: list[int], sync: Callable[[], None]) -> bytes:
@@ -178,7 +180,7 @@ class TargetPair:
         return b"".join(hasher.fine_digests(i) for i in req.blocks)
 
 
-def _answer_from(store: TargetDigests, blocks: list[int], have_b64: str) -> bytes:
+def answer_from(store: TargetDigests, blocks: list[int], have_b64: str) -> bytes:
     """As `blocks.answer_for`, from the digest store instead of a hashing stream."""
     try:
         have = base64.b64decode(have_b64, validate=True)
