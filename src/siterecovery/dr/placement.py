@@ -20,7 +20,7 @@ def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool:
         row = s.get(FabricRow, cloud_fabric_id)
         if row is None:
             raise not_found("fabric", cloud_fabric_id)
-        if row.kind == FabricKind.LIBVIRT.value:
+        if row.kind == FabricKind.LIBVIRT:
             folder = libvirt_replica_dir(row, pool)
             return {label: str(folder / f"{item_name}_{label}.img") for label in labels}
     folder = replica_dir(cloud_fabric_id, item_name)
@@ -33,7 +33,7 @@ def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
         row = s.get(FabricRow, cloud_fabric_id)
         if row is None:
             raise not_found("fabric", cloud_fabric_id)
-        if row.kind != FabricKind.LAB.value:
+        if row.kind != FabricKind.LAB:
             raise SiteRecoveryError(
                 Problem(
                     "target-fabric-unsupported",

@@ -144,7 +144,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
 def mark_protected(ctx: TaskContext) -> dict[str, Any]:
     direction = Direction(ctx.args["direction"])
     repo.set_state(ctx.args["item"], ProtectionState.PROTECTED, direction, ctx.args.get("policy"))
-    return {"state": ProtectionState.PROTECTED.value, "direction": direction.value}
+    return {"state": ProtectionState.PROTECTED, "direction": direction.value}
 
 
 # ---- failover / failback (FW-2, FB-1) ------------------------------------------------------
@@ -504,7 +504,7 @@ def commit(ctx: TaskContext) -> dict[str, Any]:
         )
     _forget_held(item)
     repo.set_state(item.id, ProtectionState.FAILOVER_COMMITTED)
-    return {"state": ProtectionState.FAILOVER_COMMITTED.value}
+    return {"state": ProtectionState.FAILOVER_COMMITTED}
 
 
 def _forget_held(item: repo.ItemSnapshot) -> None:
@@ -531,7 +531,7 @@ def disable(ctx: TaskContext) -> dict[str, Any]:
         if rec.replication is not None:
             rec.end_pairs(rec.replication)
         rec.replication = None
-        item.state = ProtectionState.DISABLED.value
+        item.state = ProtectionState.DISABLED
 
     repo.update(ctx.args["item"], change)
-    return {"state": ProtectionState.DISABLED.value}
+    return {"state": ProtectionState.DISABLED}

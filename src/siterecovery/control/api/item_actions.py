@@ -127,7 +127,7 @@ def _ensure_idle(item: repo.ItemSnapshot) -> None:
         busy = s.scalar(
             select(Job).where(
                 Job.target_id == item.id,
-                Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value]),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.PAUSED]),
             )
         )
         if busy is not None:
@@ -150,7 +150,7 @@ def enable(
     policy = by_id_or_name(s, Policy, body.policy)
     if policy is None:
         raise not_found("policy", body.policy)
-    if policy.kind != PolicyKind.REPLICATION.value:
+    if policy.kind != PolicyKind.REPLICATION:
         raise invalid(
             "policy",
             f"Policy {policy.name} is a failback policy.",
@@ -256,8 +256,8 @@ def enable(
             machine=machine.name,
             source_fabric_id=source.id,
             target_fabric_id=target.id,
-            direction=Direction.FORWARD.value,
-            state=ProtectionState.ENABLING.value,
+            direction=Direction.FORWARD,
+            state=ProtectionState.ENABLING,
             policy_id=policy.id,
             process_server_id=ps.id,
             master_target_id=mt.id,
@@ -308,7 +308,7 @@ def take_bookmark(
 ) -> dict[str, str]:
     """Take an app-consistent point now (a group point for every member when the item is in a group)."""
     row = repo.get_item(s, ident)
-    if row.state != ProtectionState.PROTECTED.value:
+    if row.state != ProtectionState.PROTECTED:
         raise conflict(
             "invalid-state",
             f"Item {row.name} is {row.state}; points are taken while protected.",
