@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.dr import items as repo
+from siterecovery.dr import rules
 from siterecovery.dr.check_inputs import (
     ComponentView,
     GroupMember,
@@ -184,11 +185,9 @@ def forward_problems(item: repo.ItemSnapshot, args: dict[str, Any]) -> list[Prob
         agent = _agent(s, item.record, item.record.machine, "onprem", onprem)
         if agent is None or not agent.connected(cp.config.heartbeat_timeout):
             problems.append(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {item.record.machine} has not registered since the machine booted.",
                     "Wait a few minutes, then retry.",
-                    rule="AG-1",
                 )
             )
         for kind, ident in (
@@ -198,13 +197,11 @@ def forward_problems(item: repo.ItemSnapshot, args: dict[str, Any]) -> list[Prob
             row = repo.component(s, str(ident), kind)
             age = heartbeat_age(row) if row is not None else None
             if age is None or age > cp.config.heartbeat_timeout:
-                code = "ps-disconnected" if kind is ComponentKind.PROCESS else "mt-not-discovered"
+                rule = rules.PS_DISCONNECTED if kind is ComponentKind.PROCESS else rules.MT_NOT_DISCOVERED
                 problems.append(
-                    Problem(
-                        code,
-                        f"The {kind.value} {ident!r} is not connected.",
-                        f"Start the {kind.value} or choose a connected one.",
-                        rule="RP-PS" if kind is ComponentKind.PROCESS else "RP-VCENTER",
+                    rule.refusal(
+                        f"The {kind} {ident!r} is not connected.",
+                        f"Start the {kind} or choose a connected one.",
                     )
                 )
     return problems

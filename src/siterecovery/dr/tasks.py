@@ -13,7 +13,7 @@ from typing import Any
 
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
-from siterecovery.dr import waits
+from siterecovery.dr import rules, waits
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
@@ -41,11 +41,9 @@ def _agent_id(site: Site, machine: str) -> str:
         row = repo.component(s, agent_name(site.value, machine), ComponentKind.AGENT)
         if row is None:
             raise SiteRecoveryError(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {machine} ({site.value}) has not registered yet.",
                     "Wait a few minutes for the machine's agent to register, then retry.",
-                    rule="AG-1",
                 )
             )
         return row.id
@@ -306,7 +304,7 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
                     str(getattr(exc, "message", exc)),
                     str(getattr(exc, "remediation", ""))
                     or "Find the disks, attach them to the machine and boot it.",
-                    rule="RP-MT-MOVE" if code == "mt-disks-moved" else None,
+                    rule=rules.MT_DISKS_MOVED.id if code == rules.MT_DISKS_MOVED.code else None,
                 )
             ) from exc
     return {"detached": attached}
@@ -497,8 +495,8 @@ def commit(ctx: TaskContext) -> dict[str, Any]:
     if item.state is not ProtectionState.FAILED_OVER:
         raise SiteRecoveryError(
             Problem(
-                "not-failed-over",
-                f"Item {item.name} is {item.state.value}; only a failed-over item can be committed.",
+                rules.NOT_FAILED_OVER.code,
+                f"Item {item.name} is {item.state}; only a failed-over item can be committed.",
                 "Fail the item over first.",
             )
         )

@@ -17,6 +17,7 @@ from siterecovery.control.api.deps import control_plane, operator, reader, sessi
 from siterecovery.control.schemas import Flag, Strict
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr import rules
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover
@@ -25,7 +26,7 @@ from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
 from siterecovery.dr.recovery_points import points_of
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
-from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.errors import SiteRecoveryError, Status, conflict, invalid, not_found
 from siterecovery.store import jobs as engine
 from siterecovery.store.context import ControlPlane, current
 from siterecovery.store.models import Fabric as FabricRow
@@ -100,11 +101,9 @@ def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
     row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise SiteRecoveryError(
-            Problem(
-                "cs-unknown-machine",
+            rules.CS_UNKNOWN_MACHINE.refusal(
                 f"Machine {ident!r} is not in the configuration server's database.",
                 "Restore the configuration server from a backup holding the machine, or protect it anew.",
-                rule="CS-1",
             ),
             Status.NOT_FOUND,
         )
@@ -176,29 +175,23 @@ def enable(
     agent = repo.component(s, f"onprem/{machine.name}", ComponentKind.AGENT)
     if ps is None:
         problems.append(
-            Problem(
-                "ps-disconnected",
+            rules.PS_DISCONNECTED.refusal(
                 f"No process server {body.process_server!r} is registered.",
                 "Start the process server and register it with the passphrase.",
-                rule="RP-PS",
             )
         )
     if mt is None:
         problems.append(
-            Problem(
-                "mt-not-discovered",
+            rules.MT_NOT_DISCOVERED.refusal(
                 f"No master target {body.master_target!r} is registered.",
                 "Start the master target and register it with the passphrase.",
-                rule="RP-VCENTER",
             )
         )
     if agent is None:
         problems.append(
-            Problem(
-                "agent-not-registered",
+            rules.AGENT_NOT_REGISTERED.refusal(
                 f"The agent of {machine.name} has not registered.",
                 "Power the machine on and wait a few minutes for its agent to register.",
-                rule="AG-1",
             )
         )
     if problems:
