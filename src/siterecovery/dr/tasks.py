@@ -20,7 +20,7 @@ from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
-from siterecovery.dr.situation import build_reprotect_context, forward_problems
+from siterecovery.dr.situation import ReprotectArgs, build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
 from siterecovery.store.context import current
@@ -392,13 +392,13 @@ def verify_recovery(ctx: TaskContext) -> dict[str, Any]:
 def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
     if Site(ctx.args["source_site"]) is Site.CLOUD:
-        ensure_reprotect(build_reprotect_context(item, ctx.args))
+        ensure_reprotect(build_reprotect_context(item, ReprotectArgs.model_validate(ctx.args)))
         with current().db.session() as s:
             problems = libvirt_reprotect_problems(s, item, ctx.args)
         if problems:
             raise SiteRecoveryError(problems)
     else:
-        problems = forward_problems(item, ctx.args)
+        problems = forward_problems(item, ReprotectArgs.model_validate(ctx.args))
         if problems:
             raise SiteRecoveryError(problems)
     return {"ready": True}

@@ -25,7 +25,12 @@ from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
 from siterecovery.dr.recovery_points import points_of
-from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
+from siterecovery.dr.situation import (
+    ReprotectArgs,
+    build_reprotect_context,
+    build_situation,
+    forward_problems,
+)
 from siterecovery.errors import SiteRecoveryError, Status, conflict, invalid, not_found
 from siterecovery.store import jobs as engine
 from siterecovery.store.context import ControlPlane, current
@@ -377,11 +382,12 @@ def reprotect(
     if not to_cloud and not body.vcenter:
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
+    typed = ReprotectArgs.model_validate(args)
     if to_cloud:
-        problems = forward_problems(item, args)
+        problems = forward_problems(item, typed)
         notes: list[dict[str, Any]] = []
     else:
-        ctx = build_reprotect_context(item, args)
+        ctx = build_reprotect_context(item, typed)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
         notes = [
             {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
@@ -411,10 +417,9 @@ def failback(
     """FB-1: planned failover to on-premises, after every failback rule passed."""
     item = _item_for_dr(s, ident)
     rep = item.record.replication
-    args = {
-        "master_target": rep.master_target if rep else "",
-        "process_server": rep.process_server if rep else "",
-    }
+    args = ReprotectArgs(
+        master_target=rep.master_target if rep else "", process_server=rep.process_server if rep else ""
+    )
     problems = check_failback(build_situation(item, args))
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
