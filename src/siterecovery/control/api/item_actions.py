@@ -21,7 +21,7 @@ from siterecovery.dr import rules
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover
-from siterecovery.dr.notes import plan_notes
+from siterecovery.dr.notes import PlannedTask, plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
 from siterecovery.dr.recovery_points import points_of
@@ -91,7 +91,7 @@ class Started(Strict):
 class Readiness(Strict):
     ready: bool
     problems: list[dict[str, Any]]
-    notes: list[dict[str, Any]] = Field(default_factory=list)
+    notes: list[PlannedTask] = Field(default_factory=list)
 
 
 def _fabric(s: Session, ident: str) -> FabricRow:
@@ -385,14 +385,11 @@ def reprotect(
     typed = ReprotectArgs.model_validate(args)
     if to_cloud:
         problems = forward_problems(item, typed)
-        notes: list[dict[str, Any]] = []
+        notes: list[PlannedTask] = []
     else:
         ctx = build_reprotect_context(item, typed)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
-        notes = [
-            {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
-            for n in plan_notes(ctx)
-        ]
+        notes = plan_notes(ctx)
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
     if problems:
