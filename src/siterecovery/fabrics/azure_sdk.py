@@ -29,8 +29,21 @@ T = TypeVar("T")
 Json = Mapping[str, Any]
 
 
-def credential(tenant: str, client_id: str, secret: str) -> TokenCredential:
+PUBLIC_ARM = "https://management.azure.com"
+
+
+def credential(tenant: str, client_id: str, secret: str, authority_host: str = "") -> TokenCredential:
+    """The service principal's credential, or the server's own identity without a secret.
+
+    `authority_host` is the identity provider of a sovereign cloud or an Azure Stack Hub
+    (`https://login.microsoftonline.us`, an AD FS / Entra host): tokens are asked there, and MSAL's
+    instance discovery, which asks the public cloud which authorities exist, is turned off for it.
+    """
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
+
+    custom: dict[str, Any] = (
+        {"authority": authority_host, "disable_instance_discovery": True} if authority_host else {}
+    )
 
     if secret:
         if not (tenant and client_id):
@@ -43,8 +56,8 @@ def credential(tenant: str, client_id: str, secret: str) -> TokenCredential:
                 ),
                 Status.UNPROCESSABLE,
             )
-        return ClientSecretCredential(tenant, client_id, secret)
-    return DefaultAzureCredential()
+        return ClientSecretCredential(tenant, client_id, secret, **custom)
+    return DefaultAzureCredential(**custom)
 
 
 def _os(value: object) -> OsType | None:
@@ -70,6 +83,7 @@ class SdkArm:
         location: str,
         storage_account: str,
         cred: TokenCredential,
+        arm_endpoint: str = PUBLIC_ARM,
     ) -> None:
         self.subscription = subscription
         self.resource_group = resource_group
@@ -78,8 +92,15 @@ class SdkArm:
             f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
             f"/providers/Microsoft.Storage/storageAccounts/{storage_account}"
         )
-        self._compute = ComputeManagementClient(cred, subscription)
-        self._network = NetworkManagementClient(cred, subscription)
+        # Another cloud's ARM (a sovereign cloud, an Azure Stack Hub) is also its token audience.
+        endpoint = arm_endpoint.rstrip("/") or PUBLIC_ARM
+        scopes = [f"{endpoint}/.default"]
+        self._compute = ComputeManagementClient(
+            cred, subscription, base_url=endpoint, credential_scopes=scopes
+        )
+        self._network = NetworkManagementClient(
+            cred, subscription, base_url=endpoint, credential_scopes=scopes
+        )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -385,7 +406,12 @@ class SdkArm:
 
 def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str) -> AzureFabric:
     """The fabric a stored `azure` connection describes (`fabrics add azure`); opens no connection yet."""
-    cred = credential(str(connection.get("tenant", "")), str(connection.get("client_id", "")), secret)
+    cred = credential(
+        str(connection.get("tenant", "")),
+        str(connection.get("client_id", "")),
+        secret,
+        str(connection.get("authority_host") or ""),
+    )
     account = str(connection["storage_account"])
     arm = SdkArm(
         str(connection["subscription"]),
@@ -393,10 +419,10 @@ def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str)
         str(connection["location"]),
         account,
         cred,
+        str(connection.get("arm_endpoint") or PUBLIC_ARM),
     )
-    storage = BlobServiceClient(
-        f"https://{account}.blob.core.windows.net", credential=cred, api_version=STORAGE_API_VERSION
-    )
+    blobs = str(connection.get("blob_endpoint") or f"https://{account}.blob.core.windows.net")
+    storage = BlobServiceClient(blobs.rstrip("/"), credential=cred, api_version=STORAGE_API_VERSION)
     return AzureFabric(
         name,
         site,
