@@ -17,6 +17,7 @@ from siterecovery.control.states import ComponentKind, Direction, ProtectionStat
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
+from siterecovery.dr.azure_jobs import is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
@@ -26,7 +27,7 @@ from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_
 from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
-from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
 
 SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
 
@@ -72,6 +73,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
     target = source.other
     created = item.record.target_created
     for disk in item.record.disks:
+        if is_page_blob(disk.path(target)):
+            continue  # an Azure replica: its master target creates the page blob (enable syncs it full)
         path = Path(disk.path(target))
         if not path.exists():  # a new target disk: created sparse, filled by a full sync
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +270,7 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
                 name=name,
                 host="",
                 datastore=item.record.cloud_resource_group,
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size, d.cloud_path) for d in item.record.disks),
                 nics=tuple(Nic(n.name, n.mac, IpMode.DHCP) for n in item.record.nics),
@@ -451,7 +454,7 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
                 name=item.record.machine,
                 host=host,
                 datastore=str(ctx.args["datastore"]),
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
                 nics=tuple(

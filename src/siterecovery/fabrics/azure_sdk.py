@@ -422,7 +422,9 @@ def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str)
         str(connection.get("arm_endpoint") or PUBLIC_ARM),
     )
     blobs = str(connection.get("blob_endpoint") or f"https://{account}.blob.core.windows.net")
-    storage = BlobServiceClient(blobs.rstrip("/"), credential=cred, api_version=STORAGE_API_VERSION)
+    # No credential: the server only names replica blobs (ARM imports them; failback reads the
+    # recovery VM's disks over the SAS ARM grants), it never reads or writes the account itself.
+    storage = BlobServiceClient(blobs.rstrip("/"), api_version=STORAGE_API_VERSION)
     return AzureFabric(
         name,
         site,

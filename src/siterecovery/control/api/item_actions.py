@@ -24,6 +24,7 @@ from siterecovery.control.schemas import Flag, Strict
 from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr.azure_jobs import azure_enable_problems
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.notes import plan_notes
@@ -201,6 +202,7 @@ def enable(
                 rule="AG-1",
             )
         )
+    problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None

@@ -1,0 +1,189 @@
+"""The configuration server's DR jobs onto an Azure fabric: the real server, process server, master
+target and lab agent as processes; the Azure fabric added with `fabrics add azure --arm-endpoint
+--authority-host --blob-endpoint`, so the server drives the real Azure SDK against the fake ARM
+process (tests/azure/fake_arm_server.py, managed disks as Azurite page blobs) and the master target
+writes the replica page blobs into Azurite.
+
+Enable refuses, all at once, what ARM would refuse at failover (AZ-*) with the other missing
+prerequisites; enable fills the replica page blob through agent → process server → master target; a
+planned failover drains, imports the blob as a managed disk and creates and starts the VM; the
+managed disk read over its SAS equals the on-premises disk (`qemu-img compare`) and passes the lab's
+oracle with every record the guest had flushed; commit removes the snapshot taken before boot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobClient
+
+from siterecovery.api_client import ApiError
+from siterecovery.dataplane.page_blob import CONNECTION_ENV, STORAGE_API_VERSION
+from siterecovery.demo.cycle import Cycle
+from siterecovery.demo.environment import Environment
+from siterecovery.fabrics.azure import AzureFabric
+from siterecovery.fabrics.azure_sdk import SdkArm, credential
+from siterecovery.fabrics.base import PowerState
+from siterecovery.fabrics.lab_build import create_lab
+from siterecovery.lab.oracle import verify_image
+from tests.azure.conftest import ACCOUNT, Azurite, FakeArmEndpoint
+from tests.azure.test_fabric import SUBNET
+from tests.conftest import require_tool, run_cli
+from tests.e2e.conftest import ensure_policy, run_job
+
+MiB = 1 << 20
+MACHINE = "web1"
+
+
+@pytest.fixture
+def env(tmp_path: Path, azurite: Azurite, fake_arm_endpoint: FakeArmEndpoint) -> Iterator[Environment]:
+    """The on-premises lab site with its process server, and the Azure site's master target."""
+    e = Environment(
+        tmp_path / "dr",
+        disk_size=16 * MiB,
+        env={
+            "SITERECOVERY_HEARTBEAT_TIMEOUT": "6",
+            "SITERECOVERY_SYNC_TIMEOUT": "120",
+            "SITERECOVERY_DRAIN_TIMEOUT": "60",
+            CONNECTION_ENV: azurite.connection_string,  # the Azure master target's storage account
+            "REQUESTS_CA_BUNDLE": str(fake_arm_endpoint.ca_file),  # the server trusts the fake's CA
+        },
+    )
+    e.root.mkdir(parents=True)
+    try:
+        create_lab(e.lab_dir, e.disk_size, e.guest, e.accel)
+        e.start_server()
+        e.passphrase_file.write_text(e.api.get("/api/server/passphrase")["passphrase"] + "\n")
+        e.passphrase_file.chmod(0o600)
+        connection = {"path": str(e.lab_dir), "site": "onprem"}
+        e.api.post(
+            "/api/fabrics", {"name": "onprem", "kind": "lab", "site": "onprem", "connection": connection}
+        )
+        e.lab_set("site", "onprem", f"control_server={e.url}", f"passphrase_file={e.passphrase_file}",
+                  f"agent_registration_delay={e.registration_delay}")  # fmt: skip
+        e.start_component("process-server", "ps-onprem", "onprem")
+        yield e
+    finally:
+        e.stop()
+
+
+def add_azure(env: Environment, arm: FakeArmEndpoint, azurite: Azurite, name: str, *extra: str) -> str:
+    """`fabrics add azure` toward the fake ARM; returns the replica container's name."""
+    secret = env.root / f"{name}.secret"
+    secret.write_text(arm.secret + "\n")
+    container = f"replicas-{name}"
+    run_cli("fabrics", "add", "azure", "--name", name,
+            "--subscription", "00000000-0000-0000-0000-000000000000", "--resource-group", "rg-recovery",
+            "--storage-account", ACCOUNT, "--location", "westeurope", "--subnet-id", SUBNET,
+            "--tenant", arm.tenant, "--client-id", arm.client_id, "--client-secret-file", str(secret),
+            "--arm-endpoint", arm.url, "--authority-host", arm.url,
+            "--blob-endpoint", f"http://127.0.0.1:{azurite.port}/{ACCOUNT}",
+            "--replica-container", container, *extra, env=env.cli_env)  # fmt: skip
+    return container
+
+
+def codes(problems: list[dict[str, Any]]) -> set[str]:
+    return {str(p["code"]) for p in problems}
+
+
+def succeeded(job: dict[str, Any]) -> dict[str, Any]:
+    assert job["state"] == "succeeded", [
+        (t["action"], t.get("error")) for t in job["tasks"] if t["state"] == "failed"
+    ]
+    return job
+
+
+def result(job: dict[str, Any], action: str) -> dict[str, Any]:
+    return next(job["result"][str(t["ordinal"])] for t in job["tasks"] if t["action"] == action)
+
+
+def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
+    env: Environment, azurite: Azurite, fake_arm_endpoint: FakeArmEndpoint, tmp_path: Path
+) -> None:
+    arm_endpoint = fake_arm_endpoint
+    container = add_azure(env, arm_endpoint, azurite, "azure")
+    add_azure(env, arm_endpoint, azurite, "azure-tiny", "--vm-size", "Standard_Z99")
+    fabrics = {f["name"]: f for f in env.api.get("/api/fabrics")}
+    assert fabrics["azure"]["last_discovery_at"], fabrics["azure"]  # discovered through the fake ARM
+    env.start_component(
+        "master-target", "mt-azure", "cloud", "--os", "linux", "--page-blob-container", container
+    )
+    ensure_policy(env)
+
+    # Refused at once, listing every failing rule: a VM size the region lacks (AZ-SIZE) and, for a
+    # machine that is off, its agent (AG-1). Nothing is created.
+    body = {"machine": "db1", "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-azure",
+            "source_fabric": "onprem", "target_fabric": "azure-tiny"}  # fmt: skip
+    with pytest.raises(ApiError) as refused:
+        env.api.post("/api/replicatedItems", body)
+    assert codes(refused.value.problems) == {"azure-vm-size-unavailable", "agent-not-registered"}
+    assert env.api.get("/api/replicatedItems") == []
+
+    # Enable: the replica is a page blob in the fabric's container, filled through the real data path.
+    env.fabric("onprem").power_on(MACHINE)
+    cycle = Cycle(env, MACHINE)
+    cycle.wait_agent("onprem")
+    cycle.wait_records("onprem", 16)
+    job = succeeded(
+        run_job(env, "/api/replicatedItems", {**body, "machine": MACHINE, "target_fabric": "azure"})
+    )
+    assert result(job, "replication-start")["sync_mode"] == "full"
+    item = env.api.get(f"/api/replicatedItems/{MACHINE}")
+    blob_url = f"http://127.0.0.1:{azurite.port}/{ACCOUNT}/{container}/{MACHINE}/"
+    assert all(d["cloud_path"].startswith(blob_url) for d in item["details"]["disks"]), item["details"]
+    assert result(job, "replication-sync")["bytes_sent"] > 0
+
+    # Planned failover: the source shuts down, the replica drains, managed disks come from the blobs.
+    job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/failover", {"planned": True}))
+    flushed = int(result(job, "shutdown-source")["source_flushed"])
+    assert flushed >= 16
+    fabric = AzureFabric(
+        "azure", "cloud", sdk_arm(arm_endpoint), azurite.container("unused"), subnet_id=SUBNET
+    )
+    vm = fabric.discover().machine(MACHINE)
+    assert vm is not None and vm.power_state is PowerState.ON and vm.origin.value == "failover"
+    source = env.fabric("onprem").discover().machine(MACHINE)
+    assert source is not None and source.power_state is PowerState.OFF
+    snapshots = {s.name for s in fabric.arm.list_snapshots()}
+    assert f"{MACHINE}-failover-base-os" in snapshots  # failback's base, taken before the VM existed
+    assert f"{MACHINE}-siterecovery-before-commit-os" in snapshots  # the point can change until commit
+
+    # The oracle: the managed disk, read over its SAS, equals the on-premises disk, and holds every
+    # record the guest had flushed at shutdown.
+    for disk, local in zip(vm.disks, source.disks, strict=True):
+        copy = tmp_path / f"{disk.label}.raw"
+        url = fabric.arm.disk_read_url(disk.label, 600)
+        blob = BlobClient.from_blob_url(url, api_version=STORAGE_API_VERSION)
+        # A managed disk reads as a fixed VHD: the disk's bytes, then the 512-byte footer.
+        assert blob.get_blob_properties().size == local.size_bytes + 512
+        assert blob.download_blob(offset=local.size_bytes, length=8).readall() == b"conectix"
+        copy.write_bytes(blob.download_blob(offset=0, length=local.size_bytes).readall())
+        fabric.arm.end_disk_read(disk.label)
+        same = compare(Path(local.backing), copy)
+        assert same.returncode == 0, same.stdout + same.stderr
+    verdict = verify_image(str(tmp_path / f"{vm.disks[0].label}.raw"), MACHINE)
+    assert verdict.ok and verdict.records >= flushed, verdict
+
+    # Commit: the point is final, the snapshot before boot goes; the VM and failback's base stay.
+    succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/commit", {}))
+    assert env.api.get(f"/api/replicatedItems/{MACHINE}")["state"] == "failover-committed"
+    snapshots = {s.name for s in fabric.arm.list_snapshots()}
+    assert f"{MACHINE}-failover-base-os" in snapshots
+    assert not any("before-commit" in s for s in snapshots), snapshots
+    assert fabric.discover().machine(MACHINE) is not None
+
+
+def sdk_arm(arm: FakeArmEndpoint) -> SdkArm:
+    cred = credential(arm.tenant, arm.client_id, arm.secret, arm.url)
+    return SdkArm("00000000-0000-0000-0000-000000000000", "rg-recovery", "westeurope", ACCOUNT, cred, arm.url)
