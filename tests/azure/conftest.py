@@ -105,9 +105,10 @@ class FakeArmEndpoint:
 
 @pytest.fixture
 def fake_arm_endpoint(
-    azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FakeArmEndpoint]:
-    """A fresh fake ARM (empty resource group) for one test; this process trusts its CA."""
+    """A fresh fake ARM (empty resource group) for one test; this process trusts its CA. A module
+    sets FAKE_ARM_CORE_QUOTA for a smaller regional core quota (AZ-QUOTA)."""
     folder = tmp_path / "fake-arm"
     ca = CertificateAuthority.load_or_create(folder / "ca", "fake ARM test CA")
     cert, key, ca_file = ca.issue("fake-arm", ("127.0.0.1",)).write(folder, "arm")
@@ -117,7 +118,8 @@ def fake_arm_endpoint(
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.azure.fake_arm_server", "--port-file", str(port_file),
          "--cert", str(cert), "--key", str(key), "--secret", secret,
-         "--storage", azurite.connection_string, "--container", disks],
+         "--storage", azurite.connection_string, "--container", disks,
+         "--core-quota", str(getattr(request.module, "FAKE_ARM_CORE_QUOTA", 10))],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
     )  # fmt: skip
     try:

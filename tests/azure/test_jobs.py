@@ -36,7 +36,8 @@ from tests.conftest import require_tool, run_cli
 from tests.e2e.conftest import ensure_policy, run_job
 
 MiB = 1 << 20
-MACHINE = "web1"
+MACHINE, OTHER = "web1", "db1"
+FAKE_ARM_CORE_QUOTA = 3  # one Standard_D2s_v3 (2 cores) runs; a second is refused (AZ-QUOTA)
 
 
 @pytest.fixture
@@ -131,14 +132,17 @@ def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
     assert env.api.get("/api/replicatedItems") == []
 
     # Enable: the replica is a page blob in the fabric's container, filled through the real data path.
-    env.fabric("onprem").power_on(MACHINE)
-    cycle = Cycle(env, MACHINE)
-    cycle.wait_agent("onprem")
-    cycle.wait_records("onprem", 16)
-    job = succeeded(
-        run_job(env, "/api/replicatedItems", {**body, "machine": MACHINE, "target_fabric": "azure"})
-    )
-    assert result(job, "replication-start")["sync_mode"] == "full"
+    for machine in (MACHINE, OTHER):
+        env.fabric("onprem").power_on(machine)
+    for machine in (MACHINE, OTHER):
+        cycle = Cycle(env, machine)
+        cycle.wait_agent("onprem")
+        cycle.wait_records("onprem", 16)
+    for machine in (OTHER, MACHINE):
+        job = succeeded(
+            run_job(env, "/api/replicatedItems", {**body, "machine": machine, "target_fabric": "azure"})
+        )
+        assert result(job, "replication-start")["sync_mode"] == "full"
     item = env.api.get(f"/api/replicatedItems/{MACHINE}")
     blob_url = f"http://127.0.0.1:{azurite.port}/{ACCOUNT}/{container}/{MACHINE}/"
     assert all(d["cloud_path"].startswith(blob_url) for d in item["details"]["disks"]), item["details"]
@@ -182,6 +186,30 @@ def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
     assert f"{MACHINE}-failover-base-os" in snapshots
     assert not any("before-commit" in s for s in snapshots), snapshots
     assert fabric.discover().machine(MACHINE) is not None
+
+    # An unplanned failover of the second machine needs 4 cores of the quota's 3: refused before
+    # anything stops or is made, and the item stays protected, so it can run again.
+    job = run_job(env, f"/api/replicatedItems/{OTHER}/failover", {"planned": False})
+    assert job["state"] == "failed"
+    failed = [t for t in job["tasks"] if t["state"] == "failed"]
+    assert [(t["action"], t["error"]["code"]) for t in failed] == [
+        ("azure-failover-check", "azure-core-quota")
+    ]
+    assert env.api.get(f"/api/replicatedItems/{OTHER}")["state"] == "protected"
+    assert not [d for d in fabric.arm.list_disks() if d.name.startswith(OTHER)]
+    fabric.power_off(MACHINE)  # deallocated: its cores are free again
+    job = succeeded(run_job(env, f"/api/replicatedItems/{OTHER}/failover", {"planned": False}))
+    other = fabric.discover().machine(OTHER)
+    assert other is not None and other.power_state is PowerState.ON
+    copy = tmp_path / "other.raw"
+    url = fabric.arm.disk_read_url(other.disks[0].label, 600)
+    blob = BlobClient.from_blob_url(url, api_version=STORAGE_API_VERSION)
+    copy.write_bytes(blob.download_blob(offset=0, length=other.disks[0].size_bytes).readall())
+    fabric.arm.end_disk_read(other.disks[0].label)
+    # The source still runs (unplanned): the replica is a clean prefix of its log.
+    verdict = verify_image(str(copy), OTHER)
+    assert verdict.ok and verdict.records >= 16, verdict
+    succeeded(run_job(env, f"/api/replicatedItems/{OTHER}/commit", {}))
 
 
 def sdk_arm(arm: FakeArmEndpoint) -> SdkArm:

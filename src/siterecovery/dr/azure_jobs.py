@@ -5,7 +5,8 @@ Two seams, each a no-op for the other fabric kinds. Where a replica disk is plac
 of that site, started with `--page-blob-container`, writes it; the failover imports it as a managed
 disk). And what enable checks before anything is made: the failover rules ARM would otherwise
 refuse only half-way through a failover (AZ-SIZE, AZ-DISKS, AZ-DISK-SIZE, AZ-QUOTA), every failing
-rule listed at once, read live from ARM.
+rule listed at once, read live from ARM; the failover job checks them again before it makes anything
+(quotas and the region's sizes change while a machine is protected).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import open_fabric
 from siterecovery.control.states import FabricKind
 from siterecovery.dr.azure_checks import check_azure_failover
+from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.azure import AzureFabric
-from siterecovery.fabrics.base import FabricError, Machine
+from siterecovery.fabrics.base import Disk, Fabric, FabricError, Machine, OsType, PowerState
 
 
 def is_page_blob(path: str) -> bool:
@@ -42,7 +44,10 @@ def azure_enable_problems(cp: ControlPlane, row: FabricRow, machine: Machine) ->
     """Every Azure rule that would refuse this machine's failover; empty for other fabric kinds."""
     if row.kind != FabricKind.AZURE.value:
         return []
-    fabric = _azure(cp, row)
+    return _problems(_azure(cp, row), machine)
+
+
+def _problems(fabric: AzureFabric, machine: Machine) -> list[Problem]:
     try:
         capacity = fabric.capacity()
     except FabricError as exc:
@@ -51,3 +56,29 @@ def azure_enable_problems(cp: ControlPlane, row: FabricRow, machine: Machine) ->
             Status.UNAVAILABLE,
         ) from exc
     return check_azure_failover(capacity, [machine], fabric.vm_size)
+
+
+def is_azure(cp: ControlPlane, fabric_id: str) -> bool:
+    with cp.db.session() as s:
+        row = s.get(FabricRow, fabric_id)
+        return row is not None and row.kind == FabricKind.AZURE.value
+
+
+def ensure_azure_failover(fabric: Fabric, rec: ItemRecord) -> None:
+    """Before a failover makes anything on an Azure site: every failing AZ-* rule, at once."""
+    if not isinstance(fabric, AzureFabric):
+        return
+    machine = Machine(
+        id=rec.machine,
+        name=rec.cloud_machine or rec.machine,
+        bios_uuid="",
+        os_type=OsType(rec.os_type),
+        os_version=rec.os_version,
+        power_state=PowerState.OFF,
+        disks=tuple(
+            Disk(uuid=d.label, label=d.label, size_bytes=d.size, backing=d.cloud_path) for d in rec.disks
+        ),
+    )
+    problems = _problems(fabric, machine)
+    if problems:
+        raise SiteRecoveryError(problems)

@@ -15,6 +15,7 @@ from siterecovery.control.jobs import TaskSpec
 from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
+from siterecovery.dr.azure_jobs import is_azure
 from siterecovery.dr.record import Site
 from siterecovery.dr.recovery_points import LATEST, held_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
@@ -95,6 +96,9 @@ def failover_tasks(
     base = {"item": item.id, "planned": request.planned}
     step = "failback to on-premises" if failback else "failover to cloud"
     tasks = [TaskSpec("Begin", "failover-begin", {**base, "point": request.point})]
+    if target is Site.CLOUD and is_azure(current(), item.record.cloud_fabric):
+        # Refused here, the item stays protected and the failover can be run again.
+        tasks.append(TaskSpec("Check Azure prerequisites (AZ-*)", "azure-failover-check", base))
     if request.planned:
         tasks += [
             TaskSpec(

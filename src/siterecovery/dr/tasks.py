@@ -17,7 +17,7 @@ from siterecovery.control.states import ComponentKind, Direction, ProtectionStat
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
-from siterecovery.dr.azure_jobs import is_page_blob
+from siterecovery.dr.azure_jobs import ensure_azure_failover, is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
@@ -172,6 +172,14 @@ def failover_begin(ctx: TaskContext) -> dict[str, Any]:
         }
 
     return dict(repo.update(item.id, change).record.failover_point)
+
+
+@task_handler("azure-failover-check")
+def azure_failover_check(ctx: TaskContext) -> dict[str, Any]:
+    """AZ-*: before the source stops or replication is held, what ARM would refuse half-way."""
+    item = repo.load(ctx.args["item"])
+    ensure_azure_failover(repo.site_fabric(item.record, Site.CLOUD), item.record)
+    return {"ready": True}
 
 
 @task_handler("post-failover-checks")
