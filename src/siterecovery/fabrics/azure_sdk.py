@@ -94,6 +94,7 @@ class SdkArm:
         )
         # Another cloud's ARM (a sovereign cloud, an Azure Stack Hub) is also its token audience.
         endpoint = arm_endpoint.rstrip("/") or PUBLIC_ARM
+        self.endpoint = endpoint
         scopes = [f"{endpoint}/.default"]
         self._compute = ComputeManagementClient(
             cred, subscription, base_url=endpoint, credential_scopes=scopes
