@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import ContainerClient
 
-from siterecovery.dataplane.page_blob import open_container
+from siterecovery.dataplane.page_blob import STORAGE_API_VERSION, open_container
 from siterecovery.pki import CertificateAuthority
 from tests.conftest import free_port, require_tool
 from tests.dataplane.conftest import plane  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
@@ -39,6 +39,12 @@ class Azurite:
         return (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint=http://127.0.0.1:{self.port}/{ACCOUNT};"
+        )
+
+    def container_client(self, name: str) -> ContainerClient:
+        """An existing container (e.g. the fake ARM's managed disks), with the account's key."""
+        return ContainerClient.from_connection_string(
+            self.connection_string, name, api_version=STORAGE_API_VERSION
         )
 
     def container(self, prefix: str = "t") -> ContainerClient:

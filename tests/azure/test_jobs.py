@@ -30,6 +30,7 @@ from siterecovery.fabrics.azure_sdk import SdkArm, credential
 from siterecovery.fabrics.base import PowerState
 from siterecovery.fabrics.lab_build import create_lab
 from siterecovery.lab.oracle import verify_image
+from siterecovery.lab.records import RECORD_SIZE, encode_record
 from tests.azure.conftest import ACCOUNT, Azurite, FakeArmEndpoint
 from tests.azure.test_fabric import SUBNET
 from tests.conftest import require_tool, run_cli
@@ -176,8 +177,8 @@ def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
         fabric.arm.end_disk_read(disk.label)
         same = compare(Path(local.backing), copy)
         assert same.returncode == 0, same.stdout + same.stderr
-    verdict = verify_image(str(tmp_path / f"{vm.disks[0].label}.raw"), MACHINE)
-    assert verdict.ok and verdict.records >= flushed, verdict
+    verdict_first = verify_image(str(tmp_path / f"{vm.disks[0].label}.raw"), MACHINE)
+    assert verdict_first.ok and verdict_first.records >= flushed, verdict_first
 
     # Commit: the point is final, the snapshot before boot goes; the VM and failback's base stay.
     succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/commit", {}))
@@ -210,6 +211,59 @@ def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
     verdict = verify_image(str(copy), OTHER)
     assert verdict.ok and verdict.records >= 16, verdict
     succeeded(run_job(env, f"/api/replicatedItems/{OTHER}/commit", {}))
+
+    # The way back, agentless (dr/azure_failback.py). The recovery VM runs and its guest appends
+    # records to its log (written into the managed disk's page blob, as the VM would write it).
+    fabric.power_off(OTHER)
+    fabric.power_on(MACHINE)
+    disk = azurite.container_client(fake_arm_endpoint.disks).get_blob_client(f"{MACHINE}-os")
+    records = verdict_first.records
+    append_records(disk, MACHINE, records, 8)
+    onprem_disk = Path(source.disks[0].backing)
+    body = {"master_target": "mt-azure", "process_server": "ps-onprem"}
+    answer = env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", {**body, "what_if": True})
+    assert answer["ready"], answer
+    job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/reprotect", body))
+    sync = result(job, "azure-sync")
+    # Only what changed since the base snapshot taken before the VM first booted moves.
+    assert sync["base"] == f"{MACHINE}-failover-base", sync
+    assert 0 < sync["bytes_sent"] <= 8 * RECORD_SIZE, sync
+    item = env.api.get(f"/api/replicatedItems/{MACHINE}")
+    assert (item["state"], item["direction"]) == ("protected", "cloud-to-onprem")
+    verdict = verify_image(str(onprem_disk), MACHINE)
+    assert verdict.ok and verdict.records == records + 8, verdict
+
+    # Failback: the VM is deallocated, the last differences move, the on-premises machine boots
+    # and its guest's own start-up check passes with every record the VM wrote.
+    append_records(disk, MACHINE, records + 8, 4)
+    job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/failback", {"point": "latest"}))
+    sync = result(job, "azure-sync")
+    assert sync["base"].startswith(f"{MACHINE}-failback-sync-") and 0 < sync["bytes_sent"] <= 4 * RECORD_SIZE
+    booted = result(job, "start-recovery-machine")["oracle"]
+    assert booted["ok"] and booted["records"] == records + 12, booted
+    vm = fabric.discover().machine(MACHINE)
+    assert vm is not None and vm.power_state is PowerState.OFF
+    succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/commit", {}))
+
+    # Re-protect to Azure: the old recovery VM goes, the replica page blob is filled again.
+    Cycle(env, MACHINE).wait_agent("onprem")
+    job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/reprotect", body))
+    assert result(job, "azure-retire-recovery-vm")["deleted"] == MACHINE
+    assert result(job, "replication-start")["sync_mode"] == "full"
+    assert fabric.discover().machine(MACHINE) is None
+    assert not [s for s in fabric.arm.list_snapshots() if s.name.startswith(f"{MACHINE}-")]
+    item = env.api.get(f"/api/replicatedItems/{MACHINE}")
+    assert (item["state"], item["direction"]) == ("protected", "onprem-to-cloud")
+
+
+def append_records(blob: BlobClient, machine: str, after: int, count: int) -> None:
+    """The recovery VM's guest appends log records `after`+1 … `after`+`count` to its disk."""
+    data = bytearray()
+    for seq in range(after + 1, after + count + 1):
+        buf = bytearray(RECORD_SIZE)
+        encode_record(buf, seq, machine)
+        data += buf
+    blob.upload_page(bytes(data), offset=after * RECORD_SIZE, length=len(data))
 
 
 def sdk_arm(arm: FakeArmEndpoint) -> SdkArm:

@@ -15,6 +15,7 @@ from siterecovery.control.jobs import TaskSpec
 from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
+from siterecovery.dr.azure_failback import azure_failback_tasks, azure_reprotect_tasks, retire_task
 from siterecovery.dr.azure_jobs import is_azure
 from siterecovery.dr.record import Site
 from siterecovery.dr.recovery_points import LATEST, held_points, resolve
@@ -86,13 +87,17 @@ def failover_tasks(
             f"To boot it from another point, run `items change-point {item.name} --point P`; "
             f"to keep this one, `items commit {item.name}`.",
         )
-    if item.state is not ProtectionState.PROTECTED or item.record.replication is None:
+    agentless = failback and is_azure(current(), item.record.cloud_fabric)  # dr/azure_failback.py
+    if item.state is not ProtectionState.PROTECTED or (item.record.replication is None and not agentless):
         raise _state_error(item, "only a protected item can fail over", "Enable or reprotect it first.")
     if failback != (item.direction is Direction.FAILBACK):
         wanted = "failback" if item.direction is Direction.FAILBACK else "failover"
         raise _state_error(item, f"use {wanted} for this direction", f"Run `items {wanted}`.")
+    if agentless:
+        return azure_failback_tasks(item, request.point, request.planned)
     source, target = _site_pair(item.direction)
     rep = item.record.replication
+    assert rep is not None
     base = {"item": item.id, "planned": request.planned}
     step = "failback to on-premises" if failback else "failover to cloud"
     tasks = [TaskSpec("Begin", "failover-begin", {**base, "point": request.point})]
@@ -263,6 +268,9 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
         )
     source = Site.CLOUD if item.direction is Direction.FORWARD else Site.ONPREM
     direction = Direction.FAILBACK if source is Site.CLOUD else Direction.FORWARD
+    azure = is_azure(current(), item.record.cloud_fabric)
+    if azure and source is Site.CLOUD:
+        return azure_reprotect_tasks(item, policy_id)  # agentless: no agent in the Azure VM
     args: dict[str, Any] = {
         "item": item.id,
         "source_site": source.value,
@@ -279,6 +287,8 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
         TaskSpec("Check prerequisites", "reprotect-check", args),
         TaskSpec(f"Power off {source.other.value} machine (RPW-5)", "power-off-target", args),
     ]
+    if azure and source is Site.ONPREM:
+        tasks.append(retire_task(item))
     if source is Site.CLOUD:
         tasks += [
             TaskSpec("Merge snapshots of on-premises machine (RP-VM-SNAP)", "merge-snapshots", args),

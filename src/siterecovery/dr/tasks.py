@@ -83,6 +83,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
             created = True
     # Onto disks that already hold (an older copy of) the data only the differences move (RPW-6).
     wanted = str(ctx.args["sync_mode"])
+    # Page blobs take full synchronisations only (no block digests of a blob on the master target).
+    created = created or any(is_page_blob(d.path(target)) for d in item.record.disks)
     mode = (SyncMode.FULL if created else SyncMode.DELTA) if wanted == "auto" else SyncMode(wanted)
     machine = item.record.machine if source is Site.ONPREM else item.record.cloud_machine
     rep = Replication(
