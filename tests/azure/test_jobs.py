@@ -1,14 +1,16 @@
-"""The configuration server's DR jobs onto an Azure fabric: the real server, process server, master
-target and lab agent as processes; the Azure fabric added with `fabrics add azure --arm-endpoint
---authority-host --blob-endpoint`, so the server drives the real Azure SDK against the fake ARM
-process (tests/azure/fake_arm_server.py, managed disks as Azurite page blobs) and the master target
-writes the replica page blobs into Azurite.
+"""The configuration server's DR jobs with an Azure fabric, the whole cycle: the real server, process
+server, master target and lab agents as processes; the Azure fabric added with `fabrics add azure
+--arm-endpoint --authority-host --blob-endpoint`, so the server drives the real Azure SDK against the
+fake ARM process (tests/azure/fake_arm_server.py, managed disks as Azurite page blobs) and the master
+target writes the replica page blobs into Azurite.
 
 Enable refuses, all at once, what ARM would refuse at failover (AZ-*) with the other missing
 prerequisites; enable fills the replica page blob through agent → process server → master target; a
 planned failover drains, imports the blob as a managed disk and creates and starts the VM; the
 managed disk read over its SAS equals the on-premises disk (`qemu-img compare`) and passes the lab's
-oracle with every record the guest had flushed; commit removes the snapshot taken before boot.
+oracle with every record the guest had flushed; commit; an unplanned failover refused on the core
+quota, then run; the agentless way back (reprotect, failback, commit, re-protect), the lab's oracle
+after each move.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_enable_planned_failover_and_commit_onto_azure_through_the_jobs(
+def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
     env: Environment, azurite: Azurite, fake_arm_endpoint: FakeArmEndpoint, tmp_path: Path
 ) -> None:
     arm_endpoint = fake_arm_endpoint
