@@ -151,6 +151,11 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
     assert all(d["cloud_path"].startswith(blob_url) for d in item["details"]["disks"]), item["details"]
     assert result(job, "replication-sync")["bytes_sent"] > 0
 
+    # A test failover needs recovery points a page-blob replica does not keep: refused, saying so.
+    with pytest.raises(ApiError) as refused:
+        env.api.post(f"/api/replicatedItems/{MACHINE}/failover", {"test": True, "point": "latest"})
+    assert codes(refused.value.problems) == {"test-failover-unsupported"}
+
     # Planned failover: the source shuts down, the replica drains, managed disks come from the blobs.
     job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/failover", {"planned": True}))
     flushed = int(result(job, "shutdown-source")["source_flushed"])

@@ -237,6 +237,16 @@ def test_failover_tasks(item: repo.ItemSnapshot, point: str) -> list[TaskSpec]:
             f"test machine {item.record.test.machine} still exists",
             "Clean the last test failover up first (`items test-cleanup`).",
         )
+    if is_azure(current(), item.record.cloud_fabric):
+        raise SiteRecoveryError(
+            Problem(
+                "test-failover-unsupported",
+                f"Item {item.name} replicates to an Azure fabric, whose page-blob replicas keep no "
+                "recovery points for the master target to copy a test machine's disks from.",
+                "Test the recovery with a planned failover in a maintenance window, or replicate to a "
+                "lab or libvirt site for test failovers.",
+            )
+        )
     base = {"item": item.id, "point": point}
     return [
         TaskSpec(f"Copy disks at recovery point {point}", "test-copy", base),
