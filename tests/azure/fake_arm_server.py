@@ -137,6 +137,7 @@ class FakeArmService:
     def _disk(self, d: ArmDisk) -> Json:
         props: Json = {
             "uniqueId": d.unique_id,
+            "diskState": d.state,
             "diskSizeBytes": d.size_bytes,
             "diskSizeGB": max(1, d.size_bytes >> 30),
             "provisioningState": "Succeeded",
@@ -173,6 +174,7 @@ class FakeArmService:
             "location": self.arm.location(),
             "properties": {
                 "provisioningState": "Succeeded",
+                "diskState": s.state,
                 "incremental": True,
                 "creationData": {"createOption": "Copy", "sourceResourceId": s.disk_id},
             },
@@ -233,7 +235,8 @@ class FakeArmService:
         return {"value": [self._disk(d) for d in self.arm.list_disks()]}
 
     def get_disk(self, p: Json) -> Json:
-        return self._disk(self._find(self.arm.disks, "disk", p["name"]))
+        self._find(self.arm.disks, "disk", p["name"])
+        return self._disk(next(d for d in self.arm.list_disks() if d.name == p["name"]))
 
     def put_disk(self, p: Json, body: Json) -> Json:
         props = body.get("properties") or {}
@@ -266,7 +269,8 @@ class FakeArmService:
         return {"value": [self._snapshot(s) for s in self.arm.list_snapshots()]}
 
     def get_snapshot(self, p: Json) -> Json:
-        return self._snapshot(self._find(self.arm.snapshots, "snapshot", p["name"]))
+        self._find(self.arm.snapshots, "snapshot", p["name"])
+        return self._snapshot(next(s for s in self.arm.list_snapshots() if s.name == p["name"]))
 
     def put_snapshot(self, p: Json, body: Json) -> Json:
         creation = (body.get("properties") or {}).get("creationData") or {}

@@ -117,7 +117,7 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
 ) -> None:
     arm_endpoint = fake_arm_endpoint
     container = add_azure(env, arm_endpoint, azurite, "azure")
-    add_azure(env, arm_endpoint, azurite, "azure-tiny", "--vm-size", "Standard_Z99")
+    add_azure(env, arm_endpoint, azurite, "azure-tiny", "--vm-size", "Standard_Z99", "--sas-seconds", "10")
     fabrics = {f["name"]: f for f in env.api.get("/api/fabrics")}
     assert fabrics["azure"]["last_discovery_at"], fabrics["azure"]  # discovered through the fake ARM
     env.start_component(
@@ -125,13 +125,17 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
     )
     ensure_policy(env)
 
-    # Refused at once, listing every failing rule: a VM size the region lacks (AZ-SIZE) and, for a
-    # machine that is off, its agent (AG-1). Nothing is created.
+    # Refused at once, listing every failing rule: a VM size the region lacks (AZ-SIZE), a SAS
+    # duration ARM would not grant (AZ-SAS) and, for a machine that is off, its agent (AG-1).
     body = {"machine": "db1", "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-azure",
             "source_fabric": "onprem", "target_fabric": "azure-tiny"}  # fmt: skip
     with pytest.raises(ApiError) as refused:
         env.api.post("/api/replicatedItems", body)
-    assert codes(refused.value.problems) == {"azure-vm-size-unavailable", "agent-not-registered"}
+    assert codes(refused.value.problems) == {
+        "azure-vm-size-unavailable",
+        "azure-sas-duration",
+        "agent-not-registered",
+    }
     assert env.api.get("/api/replicatedItems") == []
 
     # Enable: the replica is a page blob in the fabric's container, filled through the real data path.
@@ -228,6 +232,13 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
     append_records(disk, MACHINE, records, 8)
     onprem_disk = Path(source.disks[0].backing)
     body = {"master_target": "mt-azure", "process_server": "ps-onprem"}
+    # Someone else is exporting the VM's disk (ActiveSAS): not ready, saying which (AZ-SAS-ACTIVE).
+    os_disk = vm.disks[0].label
+    fabric.arm.disk_read_url(os_disk, 600)
+    answer = env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", {**body, "what_if": True})
+    assert not answer["ready"] and codes(answer["problems"]) == {"azure-sas-active"}, answer
+    assert os_disk in answer["problems"][0]["message"]
+    fabric.arm.end_disk_read(os_disk)
     answer = env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", {**body, "what_if": True})
     assert answer["ready"], answer
     job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/reprotect", body))

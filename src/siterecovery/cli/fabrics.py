@@ -112,6 +112,9 @@ def add_azure(
         str, typer.Option(help="another cloud's Resource Manager (sovereign cloud, Azure Stack Hub)")
     ] = "",
     authority_host: Annotated[str, typer.Option(help="that cloud's identity provider")] = "",
+    sas_seconds: Annotated[
+        int, typer.Option(help="how long failback's read access to a disk lasts (default 4 hours)")
+    ] = 0,
     blob_endpoint: Annotated[
         str, typer.Option(help="the storage account's blob endpoint, if not <account>.blob.core.windows.net")
     ] = "",
@@ -134,6 +137,8 @@ def add_azure(
         "blob_endpoint": blob_endpoint,
     }
     connection |= {key: value for key, value in optional.items() if value}
+    if sas_seconds:
+        connection["sas_seconds"] = sas_seconds
     body = {
         "name": name,
         "kind": "azure",

@@ -263,6 +263,9 @@ class AzureConnection(Strict):
     client_id: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9-]*$")
     vm_size: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9_]*$")
     replica_container: str = Field(default="", max_length=63, pattern=r"^[a-z0-9-]*$")
+    # How long failback's read access (SAS) to a disk or snapshot lasts; 0: 4 hours. Its bounds are
+    # a prerequisite (AZ-SAS), listed with the others at enable, not refused here.
+    sas_seconds: Count = Field(default=0, ge=0, le=2**32 - 1)
     arm_endpoint: str = Field(default="", max_length=300, pattern=ENDPOINT)
     authority_host: str = Field(default="", max_length=300, pattern=ENDPOINT)
     # The replica account's blob endpoint when it is not <account>.blob.core.windows.net; http only

@@ -33,9 +33,10 @@ from siterecovery.control.states import Direction
 from siterecovery.dataplane.changed_ranges import ContentCompare, copy_changes
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.dr import items as repo
+from siterecovery.dr.azure_checks import check_sas
 from siterecovery.dr.record import ItemRecord, Site, StepMetric
 from siterecovery.errors import Problem, SiteRecoveryError
-from siterecovery.fabrics.azure import FAILOVER_BASE, READ_SECONDS, AzureFabric
+from siterecovery.fabrics.azure import FAILOVER_BASE, AzureFabric
 
 SYNC = "failback-sync"
 
@@ -54,8 +55,9 @@ def _problem(code: str, message: str, remediation: str) -> Problem:
 def azure_way_back_problems(item: repo.ItemSnapshot) -> list[Problem]:
     """Every reason a reprotect or failback from Azure cannot run, at once."""
     rec = item.record
-    problems: list[Problem] = []
-    vm = _fabric(rec).discover().machine(rec.cloud_machine)
+    fabric = _fabric(rec)
+    vm = fabric.discover().machine(rec.cloud_machine)
+    problems = check_sas(fabric.read_seconds, fabric.active_reads(vm.name) if vm is not None else ())
     if vm is None:
         problems.append(
             _problem(
@@ -184,12 +186,12 @@ def azure_sync(ctx: TaskContext) -> dict[str, Any]:
     arm = fabric.arm
     for position, disk in zip(positions, rec.disks, strict=True):
         new_name = f"{snapshot}-{position}"
-        new = _blob(arm.snapshot_read_url(new_name, READ_SECONDS))
+        new = _blob(arm.snapshot_read_url(new_name, fabric.read_seconds))
         try:
             diff = ContentCompare()
             if base:
                 old_name = f"{base}-{position}"
-                old = _blob(arm.snapshot_read_url(old_name, READ_SECONDS))
+                old = _blob(arm.snapshot_read_url(old_name, fabric.read_seconds))
                 try:
                     changes = diff.compare(new, old, disk.size)
                 finally:

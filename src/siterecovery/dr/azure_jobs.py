@@ -15,7 +15,7 @@ from siterecovery.control.context import ControlPlane
 from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.control.fabric_access import open_fabric
 from siterecovery.control.states import FabricKind
-from siterecovery.dr.azure_checks import check_azure_failover
+from siterecovery.dr.azure_checks import check_azure_failover, check_sas
 from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.azure import AzureFabric
@@ -55,7 +55,7 @@ def _problems(fabric: AzureFabric, machine: Machine) -> list[Problem]:
             Problem(exc.code, exc.message, exc.remediation or "Check the Azure fabric's connection."),
             Status.UNAVAILABLE,
         ) from exc
-    return check_azure_failover(capacity, [machine], fabric.vm_size)
+    return [*check_azure_failover(capacity, [machine], fabric.vm_size), *check_sas(fabric.read_seconds)]
 
 
 def is_azure(cp: ControlPlane, fabric_id: str) -> bool:

@@ -21,7 +21,7 @@ from azure.storage.blob import BlobServiceClient
 
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.errors import Problem, SiteRecoveryError, Status
-from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, AzureFabric
+from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, READ_SECONDS, AzureFabric
 from siterecovery.fabrics.azure_arm import ArmDisk, ArmNic, ArmSnapshot, ArmVm, Usage, VmCreate, VmSize
 from siterecovery.fabrics.base import FabricError, IpMode, OsType, PowerState
 
@@ -164,6 +164,7 @@ class SdkArm:
             os_type=_os(props.get("osType")),
             source_uri=str((props.get("creationData") or {}).get("sourceUri", "")),
             managed_by=str(body.get("managedBy") or ""),
+            state=str(props.get("diskState") or ""),
         )
 
     def list_disks(self) -> list[ArmDisk]:
@@ -374,7 +375,8 @@ class SdkArm:
     def _snapshot(s: Snapshot) -> ArmSnapshot:
         body, props = _props(s)
         source = str((props.get("creationData") or {}).get("sourceResourceId", ""))
-        return ArmSnapshot(str(body.get("id", "")), str(body.get("name", "")), source)
+        state = str(props.get("diskState") or "")
+        return ArmSnapshot(str(body.get("id", "")), str(body.get("name", "")), source, state)
 
     def snapshot_disk(self, name: str, disk_id: str) -> ArmSnapshot:
         snap = Snapshot(
@@ -433,4 +435,5 @@ def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str)
         storage.get_container_client(str(connection.get("replica_container") or DEFAULT_REPLICA_CONTAINER)),
         subnet_id=str(connection["subnet_id"]),
         vm_size=str(connection.get("vm_size") or DEFAULT_VM_SIZE),
+        read_seconds=int(connection.get("sas_seconds") or READ_SECONDS),
     )
