@@ -28,15 +28,15 @@ from typing import Any
 
 from azure.storage.blob import BlobClient
 
-from siterecovery.control.jobs import TaskContext, TaskSpec, task_handler
-from siterecovery.control.states import Direction
 from siterecovery.dataplane.changed_ranges import ContentCompare, copy_changes
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.dr import items as repo
 from siterecovery.dr.azure_checks import check_sas
-from siterecovery.dr.record import ItemRecord, Site, StepMetric
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.azure import FAILOVER_BASE, AzureFabric
+from siterecovery.store.jobs import TaskContext, TaskSpec, task_handler
+from siterecovery.store.record import ItemRecord, Site, StepMetric
+from siterecovery.store.states import Direction
 
 SYNC = "failback-sync"
 

@@ -11,15 +11,15 @@ rule listed at once, read live from ARM; the failover job checks them again befo
 
 from __future__ import annotations
 
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.fabric_access import open_fabric
-from siterecovery.control.states import FabricKind
 from siterecovery.dr.azure_checks import check_azure_failover, check_sas
-from siterecovery.dr.record import ItemRecord
+from siterecovery.dr.fabric_access import open_fabric
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.base import Disk, Fabric, FabricError, Machine, OsType, PowerState
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import FabricKind
 
 
 def is_page_blob(path: str) -> bool:
