@@ -28,7 +28,10 @@ from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
 
-SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
+
+def sync_timeout() -> float:
+    """Seconds enable waits for the initial sync (read when it waits, never at import time)."""
+    return float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
 
 
 def drain_deadline() -> float:
@@ -125,7 +128,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
         )
     started = time.monotonic()
     agent = _agent_id(rep.source_site, rep.source_machine)
-    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], SYNC_TIMEOUT)
+    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], sync_timeout())
     sent = sum(p.bytes_sent for p in pairs)
     allocated = sum(p.bytes_total for p in pairs)
     _metric(
