@@ -63,6 +63,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def announce(logger: str, fmt: LogFormat, message: str) -> None:
+    """Tell the operator on stderr whatever the log level (e.g. the initial admin token), in the
+    log's format, so a JSON log stays one JSON object per line."""
+    if fmt is LogFormat.JSON:
+        record = logging.makeLogRecord({"name": logger, "levelno": logging.WARNING, "levelname": "WARNING"})
+        record.msg = message
+        print(JsonFormatter().format(record), file=sys.stderr, flush=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def route_to_root(*names: str) -> None:
+    """Let these libraries' loggers (DBOS, uvicorn install their own text handlers) write through
+    the root logger's handler, so a JSON log stays one JSON object per line."""
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
     """Replace the root logger's handlers with one writing to stderr in `fmt`."""
     handler = logging.StreamHandler(sys.stderr)

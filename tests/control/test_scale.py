@@ -28,11 +28,12 @@ from siterecovery.control.db import Component, Job, ReplicatedItem
 from siterecovery.control.events import record_event
 from siterecovery.control.states import Role, Severity
 from siterecovery.dataplane.assignments import AgentStats
-from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
+from siterecovery.dataplane.control_client import ControlClient, Registration
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
 from siterecovery.dr.record import ItemRecord
+from siterecovery.retry import after_busy as backoff_seconds
 
 
 @dataclass

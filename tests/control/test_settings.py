@@ -19,7 +19,8 @@ from siterecovery.config import (
 )
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
 from siterecovery.errors import SiteRecoveryError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, free_port, run_cli
+from tests.control.conftest import ConfigServer
 
 
 def _file(tmp_path: Path, text: str) -> Path:
@@ -133,3 +134,19 @@ def test_nothing_reads_the_environment_at_import_time() -> None:
     assert found == {}
     # The check sees what it is meant to see.
     assert _module_level_environ_reads(ast.parse('import os\nX = os.environ.get("A")\n')) == [2]
+
+
+def test_server_with_json_logs_from_the_environment_writes_only_json(tmp_path: Path) -> None:
+    server = ConfigServer(
+        state_dir=tmp_path / "state",
+        port=free_port(),
+        log=tmp_path / "server.log",
+        extra_env={"SITERECOVERY_LOG_FORMAT": "json", "SITERECOVERY_LOG_LEVEL": "INFO"},
+    )
+    server.start()
+    server.stop()
+    records = [json.loads(line) for line in server.log.read_text().splitlines() if line.strip()]
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("serving on 127.0.0.1:") for m in messages)
+    token = next(r for r in records if r["message"].startswith("initial admin token"))
+    assert token["level"] == "WARNING" and token["logger"] == "siterecovery.server"

@@ -46,6 +46,7 @@ from siterecovery.dataplane.process_server import ProcessServer
 from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.logs import configure_logging
+from siterecovery.retry import Backoff
 
 S = TypeVar("S", bound=ServiceSettings)
 T = TypeVar("T")
@@ -221,17 +222,22 @@ def agent(
 
 
 def _register_until_stopped(
-    state_dir: Path, client: ControlClient | None, passphrase_file: Path | None, stop: threading.Event
+    state_dir: Path,
+    client: ControlClient | None,
+    passphrase_file: Path | None,
+    stop: threading.Event,
+    backoff: Backoff | None = None,
 ) -> Identity | None:
     """Register, retrying while the configuration server is unreachable; None if stopped first."""
-    delay = 1.0
+    # Jittered: agents that found the server away at the same moment do not all return at once.
+    backoff = backoff or Backoff(1.0, 30.0)
     while not stop.is_set():
         try:
             return load_identity(state_dir, client, passphrase_file)
         except httpx.HTTPError as exc:
-            logging.getLogger(__name__).warning("registration failed (%s); retrying in %.0f s", exc, delay)
+            delay = backoff.next()
+            logging.getLogger(__name__).warning("registration failed (%s); retrying in %.1f s", exc, delay)
             stop.wait(delay)
-            delay = min(delay * 2, 30.0)
     return None
 
 
