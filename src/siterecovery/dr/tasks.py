@@ -27,6 +27,7 @@ from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetr
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.retry import is_transient
 
 
 def sync_timeout() -> float:
@@ -302,6 +303,8 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
         try:
             fabric.detach_disks(mt_machine, attached)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # the job engine retries the step (control/jobs.py)
             code = getattr(exc, "code", "detach-failed")
             raise SiteRecoveryError(
                 Problem(
