@@ -262,10 +262,10 @@ class TomlTable(PydanticBaseSettingsSource):
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise _invalid(f"Configuration file {path} cannot be read: {exc}.") from exc
+            raise _invalid(f"Configuration file {path} cannot be read: {exc}") from exc
         section = data.get(table, {})
         if not isinstance(section, dict):
-            raise _invalid(f"[{table}] in {path} is not a table.")
+            raise _invalid(f"[{table}] in {path} is not a table")
         self.values = {k.replace("-", "_"): v for k, v in section.items()}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
@@ -337,7 +337,7 @@ def load_settings(
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"
         origin, where = origins.get(name, (Origin.DEFAULT, ""))
-        raise _invalid(f"Setting {name} ({f'{origin} {where}'.strip()}): {first['msg']}.") from exc
+        raise _invalid(f"Setting {name} ({f'{origin} {where}'.strip()}): {first['msg']}") from exc
     return Effective(settings, origins)
 
 
