@@ -185,6 +185,9 @@ class MasterTargetSettings(ComponentSettings):
     volumes: list[Path] = []
     retention_quota: int | None = None
     page_blob_container: str | None = None
+    # The storage account's connection string for page blobs: $SITERECOVERY_AZURE_STORAGE or the
+    # file, never a flag (a command line is visible to every user of the machine).
+    azure_storage: SecretStr | None = None
     datastores: list[str] = []  # NAME=DIR
     listen: str = "127.0.0.1:9444"
     advertise: str | None = None

@@ -105,6 +105,11 @@ def test_config_show_names_sources_and_masks_secrets(tmp_path: Path) -> None:
     assert "postgresql://sr:********@db.example/sr" in table
     assert "env SITERECOVERY_DATABASE_URL" in table
 
+    storage = {"SITERECOVERY_AZURE_STORAGE": "AccountName=sr;AccountKey=c2VjcmV0"}
+    mt = json.loads(run_cli("-o", "json", "config", "show", "--service", "master-target", env=storage).stdout)
+    assert mt["settings"]["azure_storage"] == "********"
+    assert mt["sources"]["azure_storage"] == "env SITERECOVERY_AZURE_STORAGE"
+
     bad = run_cli("config", "show", "--service", "agent", env={"SITERECOVERY_INTERVAL": "x"}, check=False)
     assert bad.returncode == 2 and "config-invalid" in bad.stderr
 

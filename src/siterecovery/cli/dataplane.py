@@ -391,7 +391,8 @@ def master_target(
     stop = _stop_event()
     try:
         identity = load_identity(state, client, cfg.passphrase_file)
-        factory = page_blob_factory(cfg.page_blob_container)
+        connection = cfg.azure_storage.get_secret_value() if cfg.azure_storage is not None else None
+        factory = page_blob_factory(cfg.page_blob_container, connection)
         mounts = DatastoreMounts.parse(cfg.datastores)
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
