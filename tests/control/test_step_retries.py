@@ -20,14 +20,14 @@ import pytest
 from dbos import DBOS
 
 from siterecovery.config import load_server_config
-from siterecovery.control import jobs
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import Job, JobTask
-from siterecovery.control.server import start_engine
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import FabricError
 from siterecovery.logs import JsonFormatter
 from siterecovery.retry import VIR_ERR_OPERATION_TIMEOUT, VIR_ERR_RPC, is_transient
+from siterecovery.server.main import start_engine
+from siterecovery.store import jobs
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.models import Job, JobTask
 
 VIR_ERR_INVALID_ARG = 8  # virterror.h: a caller's mistake, not worth retrying
 

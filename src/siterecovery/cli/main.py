@@ -107,7 +107,7 @@ def server(
         return
     # Loaded here, not at the top: DBOS and uvicorn add about a second and a half to every
     # other command of the CLI (not an import cycle).
-    from siterecovery.control.server import serve
+    from siterecovery.server.main import serve
 
     flags = {
         "state_dir": state_dir,

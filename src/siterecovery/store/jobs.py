@@ -28,13 +28,13 @@ from dbos import DBOS, SetWorkflowID
 from dbos._error import DBOSMaxStepRetriesExceeded
 from sqlalchemy import select
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Job, JobTask, new_id, now
-from siterecovery.control.events import record_event
-from siterecovery.control.states import JobState, Severity, TaskState
 from siterecovery.errors import Problem, SiteRecoveryError, conflict, not_found
 from siterecovery.logs import log_context
 from siterecovery.retry import is_transient
+from siterecovery.store.context import current
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Job, JobTask, new_id, now
+from siterecovery.store.states import JobState, Severity, TaskState
 
 log = logging.getLogger("siterecovery.jobs")
 
