@@ -10,7 +10,8 @@ server answered 429/503: at least its Retry-After, stretched by up to 100 %.
 
 `is_transient` classifies a provider (fabric) error for the job engine: connection resets and
 refusals, timeouts, HTTP 5xx and 429, libvirt's RPC and timeout errors are worth retrying (the job
-step is retried by DBOS); anything carrying an operator-facing `code` is permanent, as is the rest.
+step is retried by DBOS); anything carrying an operator-facing `code` is permanent, unless it was
+raised from one of those (the providers wrap them: `vcenter-unreachable`), as is the rest.
 This module imports nothing of the project: the data plane and the control plane both use it.
 """
 
@@ -117,8 +118,15 @@ def _status(exc: BaseException) -> int | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True if retrying the operation that raised `exc` may well succeed."""
-    if isinstance(exc, SiteRecoveryError) or isinstance(getattr(exc, "code", None), str):
-        return False  # an operator-facing code: the operator must act, a retry will not help
+    if isinstance(exc, SiteRecoveryError):
+        return False
+    if isinstance(getattr(exc, "code", None), str):
+        # An operator-facing code means the operator must act, unless it only names a transient
+        # failure it was raised from (`vcenter-unreachable` from a reset connection,
+        # `libvirt-operation-failed` from an RPC error): that is worth retrying, and the code is
+        # what the operator reads if the retries run out.
+        cause = exc.__cause__
+        return cause is not None and is_transient(cause)
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:

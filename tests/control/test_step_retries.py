@@ -10,10 +10,11 @@ import errno
 import io
 import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -47,6 +48,7 @@ class FabricFake:
 
 
 FAKES: dict[str, FabricFake] = {}
+E = TypeVar("E", bound=BaseException)
 
 
 @jobs.task_handler("discover-fake")
@@ -66,14 +68,22 @@ def engine(tmp_path: Path) -> Iterator[ControlPlane]:
         cp.db.engine.dispose()
 
 
-def _run(cp: ControlPlane, fabric: str, failures: list[BaseException]) -> tuple[Job, JobTask, FabricFake]:
-    FAKES[fabric] = fake = FabricFake(failures)
-    job_id = jobs.create_job(
+def _start(fabric: str, failures: list[BaseException]) -> str:
+    FAKES[fabric] = FabricFake(failures)
+    return jobs.create_job(
         "discover",
         [jobs.TaskSpec("discover", "discover-fake", {"fabric": fabric})],
         target_type="replicatedItem",
         target_id="item-7",
     )
+
+
+def _run(cp: ControlPlane, fabric: str, failures: list[BaseException]) -> tuple[Job, JobTask, FabricFake]:
+    return _wait(cp, _start(fabric, failures), fabric)
+
+
+def _wait(cp: ControlPlane, job_id: str, fabric: str) -> tuple[Job, JobTask, FabricFake]:
+    fake = FAKES[fabric]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with cp.db.session() as s:
@@ -122,12 +132,46 @@ def test_a_permanent_error_fails_at_once_with_its_code(engine: ControlPlane) -> 
     assert fake.calls == 1 and task.attempts == 1
 
 
-def test_transient_errors_that_persist_fail_with_retries_exhausted(engine: ControlPlane) -> None:
-    job, task, fake = _run(engine, "down", [ConnectionRefusedError("refused") for _ in range(9)])
+def _raised_from(exc: E, cause: BaseException) -> E:
+    exc.__cause__ = cause
+    return exc
+
+
+def _unreachable() -> FabricError:
+    """What the vSphere provider raises for a refused connection: a coded error from the OSError."""
+    return _raised_from(
+        FabricError("vcenter-unreachable", "vc1:443 does not answer.", "Check that vCenter runs."),
+        ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+    )
+
+
+def test_transient_errors_that_persist_fail_once_the_attempts_run_out(engine: ControlPlane) -> None:
+    # Both jobs run at once, so their retry intervals overlap.
+    plain = _start("down", [ConnectionRefusedError("refused") for _ in range(9)])
+    coded = _start("vc-down", [_unreachable() for _ in range(9)])
+    job, task, fake = _wait(engine, plain, "down")
     assert job.state == "failed"
     assert job.error["code"] == "task-retries-exhausted"
     assert "ConnectionRefusedError" in job.error["message"]
     assert fake.calls == jobs.STEP_MAX_ATTEMPTS == task.attempts
+    # A provider's coded error raised from a transient one was retried too, and keeps its code.
+    job, task, fake = _wait(engine, coded, "vc-down")
+    assert job.state == "failed"
+    assert job.error["code"] == "vcenter-unreachable"
+    assert job.error["remediation"] == "Check that vCenter runs."
+    assert f"failed {jobs.STEP_MAX_ATTEMPTS} times" in job.error["message"]
+    assert fake.calls == jobs.STEP_MAX_ATTEMPTS == task.attempts
+
+
+def test_a_transient_failure_survives_pickling() -> None:
+    # DBOS records what the step raised by pickling it; a crash-recovered job reads it back.
+    failure = jobs.TransientFailure.of(_unreachable())
+    back = pickle.loads(pickle.dumps(failure))
+    assert (back.summary, back.problem_code, back.remediation) == (
+        "vc1:443 does not answer.",
+        "vcenter-unreachable",
+        "Check that vCenter runs.",
+    )
 
 
 class LibvirtErrorFake(Exception):
@@ -163,6 +207,9 @@ def _http_status(code: int) -> httpx.HTTPStatusError:
         (LibvirtErrorFake(VIR_ERR_OPERATION_TIMEOUT), True),
         (LibvirtErrorFake(VIR_ERR_INVALID_ARG), False),
         (FabricError("vcenter-task-timeout", "timed out"), False),
+        (_unreachable(), True),
+        (_raised_from(FabricError("libvirt-operation-failed", "x"), LibvirtErrorFake(VIR_ERR_RPC)), True),
+        (_raised_from(FabricError("disk-not-found", "x"), ValueError("no such file")), False),
         (SiteRecoveryError(Problem("x", "y", "z"), Status.UNAVAILABLE), False),
         (OSError(errno.ENOSPC, "full"), False),
         (ValueError("bad"), False),

@@ -9,8 +9,9 @@ must therefore be safe to run again after an interruption (idempotent).
 A task that fails on a transient provider error (`retry.is_transient`: a reset connection, a
 timeout, HTTP 5xx/429, libvirt's RPC errors) raises out of its step and DBOS runs the step again
 (`STEP_MAX_ATTEMPTS`, waits growing from `STEP_RETRY_INTERVAL` by `STEP_BACKOFF_RATE`); when the
-attempts run out the task fails with `task-retries-exhausted`. Every other failure ends the task at
-once with its code (a provider error's own `code`, else `task-failed`).
+attempts run out the task fails with the last error's code, or `task-retries-exhausted` if it had
+none. Every other failure ends the task at once with its code (a provider error's own `code`, else
+`task-failed`).
 
 Manual actions (recovery plans) pause the workflow on `DBOS.recv` until `jobs resume` sends it a
 message; the job shows `paused` meanwhile, and that wait survives restarts too.
@@ -223,7 +224,7 @@ def _run_task(ctx: TaskContext, action: str) -> dict[str, Any]:
             log.warning("task %s of job %s hit a transient error, to be retried: %r", ordinal, job_id, exc)
             with current().db.session() as s:
                 _task(s, job_id, ordinal).message = f"retrying after a transient error: {exc!r}"[:500]
-            raise
+            raise TransientFailure.of(exc) from exc
         log.exception("task %s of job %s failed", ordinal, job_id)
         problem = _permanent_problem(exc)
         _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
@@ -242,14 +243,44 @@ def _permanent_problem(exc: Exception) -> Problem:
     return Problem("task-failed", f"Task failed: {exc}", "See the server log; fix the cause and rerun.")
 
 
+class TransientFailure(Exception):
+    """A task's transient error as DBOS records it between retries.
+
+    DBOS pickles what a step raised; a provider's own exception may not unpickle (its constructor
+    wants more than its message), so the step raises this plain summary instead, keeping the
+    operator-facing code when the error had one.
+    """
+
+    def __init__(self, summary: str, code: str = "", remediation: str = "") -> None:
+        super().__init__(summary, code, remediation)
+        self.summary = summary
+        self.problem_code = code
+        self.remediation = remediation
+
+    @classmethod
+    def of(cls, exc: Exception) -> TransientFailure:
+        code = getattr(exc, "code", None)
+        if isinstance(code, str) and code:
+            message = str(getattr(exc, "message", "") or exc)
+            return cls(message, code, str(getattr(exc, "remediation", "") or ""))
+        return cls(repr(exc))
+
+
 @DBOS.step()
-def _retries_exhausted(job_id: str, ordinal: int, last_error: str) -> dict[str, Any]:
-    problem = Problem(
-        "task-retries-exhausted",
-        f"The task failed {STEP_MAX_ATTEMPTS} times on transient errors; the last: {last_error}",
-        "Check that the provider (vCenter, libvirt host, Azure) and the network to it are up, "
-        "then rerun the job.",
-    )
+def _retries_exhausted(
+    job_id: str, ordinal: int, summary: str, code: str, remediation: str
+) -> dict[str, Any]:
+    if code:
+        # The provider's own code says what is down; the attempts say it did not come back.
+        message = f"{summary} (failed {STEP_MAX_ATTEMPTS} times on transient errors)"
+        problem = Problem(code, message, remediation or "Fix the cause named above and rerun.")
+    else:
+        problem = Problem(
+            "task-retries-exhausted",
+            f"The task failed {STEP_MAX_ATTEMPTS} times on transient errors; the last: {summary}",
+            "Check that the provider (vCenter, libvirt host, Azure) and the network to it are up, "
+            "then rerun the job.",
+        )
     _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
     return {"failed": [problem.as_dict()]}
 
@@ -326,8 +357,10 @@ def run_job(job_id: str) -> str:
         try:
             outcome = _execute_task(job_id, ordinal)
         except DBOSMaxStepRetriesExceeded as exc:
-            last = repr(exc.errors[-1]) if exc.errors else "?"
-            outcome = _retries_exhausted(job_id, ordinal, last)
+            last = exc.errors[-1] if exc.errors else None
+            if not isinstance(last, TransientFailure):
+                last = TransientFailure(repr(last))
+            outcome = _retries_exhausted(job_id, ordinal, last.summary, last.problem_code, last.remediation)
         if "failed" in outcome:
             _finish_job(job_id, JobState.FAILED.value, outcome["failed"][0], results)
             return JobState.FAILED.value
