@@ -9,6 +9,7 @@ it once the domain's disk source is that export (docs/libvirt.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -94,6 +95,14 @@ def compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def backing_of(image: str) -> str:
+    info = subprocess.run(
+        [require_tool("qemu-img"), "info", "-U", "--output=json", image],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return str(json.loads(info.stdout).get("backing-filename", ""))
+
+
 def codes(problems: list[dict[str, Any]]) -> set[str]:
     return {p["code"] for p in problems}
 
@@ -153,20 +162,26 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
         assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
     recovered = fabric.discover().machine(RECOVERY)
     assert recovered is not None and recovered.power_state.value == "on"
-    assert [d.backing for d in recovered.disks] == [replica]
+    # Until commit the domain runs on a qcow2 overlay over the replica volume (its point can change).
+    (overlay,) = [d.backing for d in recovered.disks]
+    assert overlay.startswith(f"{replica}.") and overlay.endswith(".qcow2"), overlay
+    assert [s.name for s in recovered.snapshots] == ["siterecovery-before-commit"]
+    assert backing_of(overlay) == replica
     assert [n.mac for n in recovered.nics] == ["52:54:00:aa:bb:01"]  # the domain's own interface
     original = fabric.discover().machine(WEB)
     assert original is not None and recovered.bios_uuid != original.bios_uuid
 
-    # Raw replica volumes take no libvirt snapshot: the point is final, and change-point says so.
-    with pytest.raises(ApiError) as refused:
-        env.api.post(f"/api/replicatedItems/{WEB}/changePoint", {"point": "latest"})
-    assert codes(refused.value.problems) == {"change-point-unavailable"}
+    # Commit merges the overlay into the replica volume (a live block commit and pivot): the
+    # running domain is on the volume again, the overlay is gone.
     job = run_job(env, f"/api/replicatedItems/{WEB}/commit", {})
     assert job["state"] == "succeeded", [
         (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
     ]
     assert env.api.get(f"/api/replicatedItems/{WEB}")["state"] == "failover-committed"
+    recovered = fabric.discover().machine(RECOVERY)
+    assert recovered is not None and recovered.power_state.value == "on" and recovered.snapshots == ()
+    assert [d.backing for d in recovered.disks] == [replica] and not Path(overlay).exists()
+    assert f"file='{replica}'" in fabric.xml(RECOVERY, inactive=False).replace('"', "'")
 
     # Back onto kvm-a: another domain took the protected domain's name, and the pool named does not
     # exist. The what-if lists both libvirt rules with the lab/vSphere ones (no master target on
@@ -309,11 +324,14 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
     inv = fabric.discover()
     original, mt, recovery = inv.machine(BACK), inv.machine(MT_A), inv.machine(BACK_DR)
     assert original is not None and original.power_state.value == "on"
-    assert [d.backing for d in original.disks] == [volume]
+    (overlay,) = [d.backing for d in original.disks]  # on an overlay over its volume until commit
+    assert backing_of(overlay) == volume
     assert [n.mac for n in original.nics] == ["52:54:00:aa:bb:01"]
     assert mt is not None and mt.disks == ()
     assert recovery is not None and recovery.power_state.value == "off"
     succeeded(run_job(env, f"/api/replicatedItems/{BACK}/commit", {}))
+    original = fabric.discover().machine(BACK)
+    assert original is not None and [d.backing for d in original.disks] == [volume]
 
     # Re-protect towards kvm-b again: a delta onto the replica volume, which holds it all already.
     again = {"master_target": "mt-kvm-b", "process_server": "ps-onprem", "datastore": pool_b,
