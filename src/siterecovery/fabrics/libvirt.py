@@ -539,6 +539,29 @@ class LibvirtFabric:
             libvirt_overlay.remove(self.conn, dom, overlay, self._call)
         return len(snaps) + (overlay is not None)
 
+    # ---- isolated networks (test failover) -----------------------------------------------------
+
+    def create_isolated_network(self, name: str) -> str:
+        """A network with no forward and no addresses (a bridge of its own that reaches nothing
+        outside), for a test failover's domain; one already there (a replayed step) is kept."""
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.conn.networkLookupByName(name).isActive():
+                return name
+        xml = f"<network><name>{name}</name></network>"
+        self._call(f"create the isolated network {name}", lambda: self.conn.networkCreateXML(xml))
+        return name
+
+    def remove_network(self, name: str) -> None:
+        try:
+            net = self.conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            return  # gone already
+        persistent = net.isPersistent()
+        if net.isActive():
+            self._call(f"stop network {name}", net.destroy)
+        if persistent:
+            self._call(f"undefine network {name}", net.undefine)
+
     # ---- the VM guest's oracle (GuestOracle) ---------------------------------------------------
 
     def _console(self, machine: str) -> Path | None:
