@@ -33,6 +33,12 @@ RECOVERY = f"{PREFIX}jobweb-dr"
 
 @pytest.fixture
 def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
+    yield from environment(tmp_path, sites.uri, sites.uri)
+
+
+def environment(tmp_path: Path, uri_a: str, uri_b: str) -> Iterator[Environment]:
+    """The real configuration server with fabrics kvm-a (on-premises) and kvm-b (cloud) at those
+    URIs, the process server ps-onprem and kvm-b's master target mt-kvm-b."""
     e = Environment(
         tmp_path / "cs", env={"SITERECOVERY_HEARTBEAT_TIMEOUT": "6", "SITERECOVERY_SYNC_TIMEOUT": "120"}
     )
@@ -41,14 +47,14 @@ def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
         e.start_server()
         e.passphrase_file.write_text(e.api.get("/api/server/passphrase")["passphrase"] + "\n")
         e.passphrase_file.chmod(0o600)
-        for name, site in (("kvm-a", "onprem"), ("kvm-b", "cloud")):
+        for name, site, uri in (("kvm-a", "onprem", uri_a), ("kvm-b", "cloud", uri_b)):
             e.api.post(
                 "/api/fabrics",
                 {
                     "name": name,
                     "kind": "libvirt",
                     "site": site,
-                    "connection": {"uri": sites.uri, "domain_type": "qemu"},
+                    "connection": {"uri": uri, "domain_type": "qemu"},
                 },
             )
         (e.root / "retention").mkdir()
