@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES
 from siterecovery.dr.check_inputs import (
     ComponentView,
@@ -60,6 +59,7 @@ from siterecovery.fabrics.base import (
     SiteKind,
     Snapshot,
 )
+from siterecovery.store.states import Direction, ProtectionState
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siterecovery.fabrics import libvirt_capture, libvirt_guest
+from siterecovery.fabrics import libvirt_capture
 from siterecovery.fabrics import libvirt_xml as lx
+from siterecovery.lab import libvirt_oracle as libvirt_guest
 
 RECORDED = """<domain type='qemu'>
   <name>web</name><uuid>0b5d9f5e-93a5-4c39-9cc0-6a7c9e0b8d11</uuid>

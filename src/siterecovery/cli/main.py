@@ -89,7 +89,7 @@ def server(
         return
     # Loaded here, not at the top: DBOS and uvicorn add about a second and a half to every
     # other command of the CLI (not an import cycle).
-    from siterecovery.control.server import serve
+    from siterecovery.server.main import serve
 
     cfg = load_server_config(state_dir, database_url, listen)
     if tls:

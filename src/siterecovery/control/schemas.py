@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from siterecovery.control.states import ComponentKind, Role
+from siterecovery.store.states import ComponentKind, Role
 
 
 def _not_a_bool(value: Any) -> Any:

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component
-from siterecovery.control.jobs import TaskSpec
-from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
-from siterecovery.dr.record import Site
 from siterecovery.dr.recovery_points import LATEST, held_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskSpec
+from siterecovery.store.models import Component
+from siterecovery.store.record import Site
+from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
 
 @dataclass(frozen=True)

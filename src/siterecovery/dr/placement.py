@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.states import FabricKind
 from siterecovery.dr.platforms import libvirt_replica_dir
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store.context import current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.states import FabricKind
 
 
 def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool: str = "") -> dict[str, str]:

@@ -11,7 +11,7 @@ Snapshots are libvirt's internal snapshots on qcow2 disks; a stopped domain whos
 files (replica volumes) gets a qcow2 overlay per disk instead (`libvirt_overlay`: a failover's
 recovery domain runs on them until commit, so its point can still change). Other domains with a
 raw disk are refused with `libvirt-snapshot-unsupported` before anything is taken. The lab's VM
-guest image booted as a domain is the fabric's `GuestOracle` (`libvirt_guest`).
+guest image booted as a domain makes it a `GuestOracle` (`lab.libvirt_oracle`, a layer above).
 Disk changes go to the persistent definition and, on a running domain, to the live one as well.
 """
 
@@ -24,11 +24,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import libvirt
-from siterecovery.fabrics import libvirt_capture, libvirt_guest, libvirt_overlay
+from siterecovery.fabrics import libvirt_capture, libvirt_overlay
 from siterecovery.fabrics import libvirt_xml as lx
 from siterecovery.fabrics.base import (
     Datastore,
@@ -561,26 +560,6 @@ class LibvirtFabric:
             self._call(f"stop network {name}", net.destroy)
         if persistent:
             self._call(f"undefine network {name}", net.undefine)
-
-    # ---- the VM guest's oracle (GuestOracle) ---------------------------------------------------
-
-    def _console(self, machine: str) -> Path | None:
-        # Only this host's files can be read; a remote host's guests are not observable from here.
-        return libvirt_guest.console_path(self.xml(machine)) if self.local else None
-
-    def set_log_owner(self, machine: str, owner: str) -> None:
-        """Nothing to do: a domain defined from another's recorded XML keeps its kernel command
-        line, whose `sr.machine=` already names the log it continues."""
-
-    def guest_flushed(self, machine: str) -> int | None:
-        path = self._console(machine)
-        return libvirt_guest.flushed(path, machine) if path is not None else None
-
-    def guest_start_verdict(self, machine: str, since: float) -> dict[str, object] | None:
-        path = self._console(machine)
-        if path is None:
-            return libvirt_guest.not_observable(machine)
-        return libvirt_guest.start_verdict(path, machine, since)
 
     # ---- storage -----------------------------------------------------------------------------
 

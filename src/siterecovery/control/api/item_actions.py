@@ -13,26 +13,26 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane, current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
-from siterecovery.control.fabric_access import discover
 from siterecovery.control.schemas import Flag, Strict
-from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
+from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
-from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
 from siterecovery.dr.recovery_points import points_of
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.context import ControlPlane, current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.models import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
+from siterecovery.store.record import ItemDisk, ItemRecord, NicRecord
+from siterecovery.store.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
 

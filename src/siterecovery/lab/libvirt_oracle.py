@@ -4,8 +4,9 @@ A domain booting the lab's VM guest image (its kernel command line carries `sr.m
 its disk at boot (journal replay, `e2fsck -fn`, its numbered fsync'd files a clean prefix) and
 reports on its serial console, as it does under the lab's QEMU: `SR VERDICT …` once per boot,
 `SR FLUSHED n` after each durable file. When that console is a file (`<serial type='file'>`) on
-this host, the fabric reads it with the lab's own console parser (`lab.vm.guest.Console`), so the
-DR jobs record the same verdicts after a failover or failback onto libvirt as onto the lab.
+this host, `LibvirtGuestFabric` (the libvirt fabric the configuration server opens) reads it
+with the lab's own console parser (`lab.vm.guest.Console`), so the DR jobs record the same
+verdicts after a failover or failback onto libvirt as onto the lab.
 Every other domain (a real guest, a console elsewhere, a remote host) is "not observable": the
 jobs then skip the verdict instead of waiting for one.
 
@@ -19,6 +20,7 @@ import io
 from pathlib import Path
 
 from siterecovery.fabrics import libvirt_xml as lx
+from siterecovery.fabrics.libvirt import LibvirtFabric
 from siterecovery.lab.guest import GuestState
 from siterecovery.lab.vm.guest import Console
 
@@ -75,3 +77,25 @@ def start_verdict(path: Path, machine: str, since: float) -> dict[str, object] |
 def flushed(path: Path, machine: str) -> int:
     """The last file the guest reported durable (its verdict's count when it wrote none since)."""
     return read_console(path, machine).status.flushed
+
+
+class LibvirtGuestFabric(LibvirtFabric):
+    """The libvirt fabric with the VM guest's oracle (`GuestOracle`) for the domains that boot it."""
+
+    def _console(self, machine: str) -> Path | None:
+        # Only this host's files can be read; a remote host's guests are not observable from here.
+        return console_path(self.xml(machine)) if self.local else None
+
+    def set_log_owner(self, machine: str, owner: str) -> None:
+        """Nothing to do: a domain defined from another's recorded XML keeps its kernel command
+        line, whose `sr.machine=` already names the log it continues."""
+
+    def guest_flushed(self, machine: str) -> int | None:
+        path = self._console(machine)
+        return flushed(path, machine) if path is not None else None
+
+    def guest_start_verdict(self, machine: str, since: float) -> dict[str, object] | None:
+        path = self._console(machine)
+        if path is None:
+            return not_observable(machine)
+        return start_verdict(path, machine, since)

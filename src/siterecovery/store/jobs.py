@@ -21,11 +21,11 @@ from typing import Any
 from dbos import DBOS, SetWorkflowID
 from sqlalchemy import select
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Job, JobTask, new_id, now
-from siterecovery.control.events import record_event
-from siterecovery.control.states import JobState, Severity, TaskState
 from siterecovery.errors import Problem, SiteRecoveryError, conflict, not_found
+from siterecovery.store.context import current
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Job, JobTask, new_id, now
+from siterecovery.store.states import JobState, Severity, TaskState
 
 log = logging.getLogger("siterecovery.jobs")
 

@@ -11,11 +11,11 @@ import uvicorn
 from dbos import DBOS
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.app import create_app
-from siterecovery.control.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.jobs import register_job_queue
 from siterecovery.dr.monitor import Monitor
+from siterecovery.server.app import create_app
+from siterecovery.store.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.jobs import register_job_queue
 
 log = logging.getLogger("siterecovery.server")
 
@@ -34,7 +34,7 @@ def start_engine(cp: ControlPlane, executor_id: str = SQLITE_EXECUTOR) -> None:
             "name": "siterecovery",
             "system_database_url": dbos_system_url(cp.config),
             "log_level": "WARNING",
-            # Each process of a cluster runs its jobs as its own executor (see control.cluster).
+            # Each process of a cluster runs its jobs as its own executor ((see store.cluster)).
             "executor_id": executor_id,
         }
     )
