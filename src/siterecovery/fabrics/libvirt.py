@@ -491,6 +491,14 @@ class LibvirtFabric:
         dom = self.domain(machine)
         sources = lx.disk_sources(lx.parse(self.xml(machine)))
         raw = [s.target for s in sources if s.format != "qcow2"]
+        if libvirt_overlay.read(dom) is not None:
+            # Its disks are qcow2 overlays now, but an internal snapshot of them would not be
+            # undone by dropping or merging the overlays: one overlay snapshot at a time.
+            raise FabricError(
+                "libvirt-snapshot-unsupported",
+                f"Domain {machine} already runs on an overlay snapshot; it takes one at a time.",
+                f"Remove the snapshot of {machine} first.",
+            )
         if sources and all(s.kind == "file" and s.format == "raw" for s in sources):
             overlay = libvirt_overlay.create(self.conn, dom, name, sources, self._call)
             return Snapshot(overlay.id, name)

@@ -101,12 +101,6 @@ def create(
             f"Domain {dom.name()} runs on raw volumes: an overlay snapshot is taken only while stopped.",
             f"Power {dom.name()} off, then snapshot it.",
         )
-    if read(dom) is not None:
-        raise FabricError(
-            "libvirt-snapshot-unsupported",
-            f"Domain {dom.name()} already runs on an overlay snapshot; it takes one at a time.",
-            f"Remove the snapshot of {dom.name()} first.",
-        )
     snap_id = f"{name}-{time.time_ns()}"
     disks = {
         s.target: (s.path, _new_overlay(conn, s.path, f"{Path(s.path).name}.{snap_id}.qcow2", call))
