@@ -14,6 +14,7 @@ from typing import Any
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
+from siterecovery.dr.azure_jobs import ensure_azure_failover, is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
@@ -22,7 +23,7 @@ from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
-from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
 from siterecovery.store.context import current
 from siterecovery.store.jobs import TaskContext, task_handler
 from siterecovery.store.record import ItemRecord, Pair, Replication, Site, StepMetric
@@ -72,6 +73,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
     target = source.other
     created = item.record.target_created
     for disk in item.record.disks:
+        if is_page_blob(disk.path(target)):
+            continue  # an Azure replica: its master target creates the page blob (enable syncs it full)
         path = Path(disk.path(target))
         if not path.exists():  # a new target disk: created sparse, filled by a full sync
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
             created = True
     # Onto disks that already hold (an older copy of) the data only the differences move (RPW-6).
     wanted = str(ctx.args["sync_mode"])
+    # Page blobs take full synchronisations only (no block digests of a blob on the master target).
+    created = created or any(is_page_blob(d.path(target)) for d in item.record.disks)
     mode = (SyncMode.FULL if created else SyncMode.DELTA) if wanted == "auto" else SyncMode(wanted)
     machine = item.record.machine if source is Site.ONPREM else item.record.cloud_machine
     rep = Replication(
@@ -169,6 +174,14 @@ def failover_begin(ctx: TaskContext) -> dict[str, Any]:
         }
 
     return dict(repo.update(item.id, change).record.failover_point)
+
+
+@task_handler("azure-failover-check")
+def azure_failover_check(ctx: TaskContext) -> dict[str, Any]:
+    """AZ-*: before the source stops or replication is held, what ARM would refuse half-way."""
+    item = repo.load(ctx.args["item"])
+    ensure_azure_failover(repo.site_fabric(item.record, Site.CLOUD), item.record)
+    return {"ready": True}
 
 
 @task_handler("post-failover-checks")
@@ -267,7 +280,7 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
                 name=name,
                 host="",
                 datastore=item.record.cloud_resource_group,
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size, d.cloud_path) for d in item.record.disks),
                 nics=tuple(Nic(n.name, n.mac, IpMode.DHCP) for n in item.record.nics),
@@ -451,7 +464,7 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
                 name=item.record.machine,
                 host=host,
                 datastore=str(ctx.args["datastore"]),
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
                 nics=tuple(

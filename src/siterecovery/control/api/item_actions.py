@@ -17,6 +17,8 @@ from siterecovery.control.api.deps import control_plane, operator, reader, sessi
 from siterecovery.control.schemas import Flag, Strict
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr.azure_failback import azure_reprotect_tasks, azure_way_back_problems
+from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover
@@ -201,6 +203,7 @@ def enable(
                 rule="AG-1",
             )
         )
+    problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None
@@ -381,6 +384,8 @@ def reprotect(
     """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
     item = _item_for_dr(s, ident)
     to_cloud = item.direction is Direction.FAILBACK
+    if not to_cloud and is_azure(current(), item.record.cloud_fabric):
+        return _azure_reprotect(s, item, body)
     if not to_cloud and not body.vcenter:
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
@@ -408,6 +413,18 @@ def reprotect(
     return _start("reprotect", item, ops.reprotect_tasks(item, request, next_policy), args)
 
 
+def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -> Started | Readiness:
+    """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
+    problems = azure_way_back_problems(item)
+    if body.what_if:
+        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=[])
+    if problems:
+        raise SiteRecoveryError(problems)
+    policy = repo.policy(s, item.policy_id)
+    tasks = azure_reprotect_tasks(item, policy.failback_policy_id or policy.id)
+    return _start("reprotect", item, tasks, body.model_dump())
+
+
 @router.post("/{ident}/failback", status_code=202, response_model=None)
 def failback(
     ident: str,
@@ -422,7 +439,8 @@ def failback(
         "master_target": rep.master_target if rep else "",
         "process_server": rep.process_server if rep else "",
     }
-    problems = check_failback(build_situation(item, args))
+    azure = is_azure(current(), item.record.cloud_fabric)
+    problems = azure_way_back_problems(item) if azure else check_failback(build_situation(item, args))
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
     if problems:
