@@ -115,9 +115,7 @@ def azure_reprotect_tasks(item: repo.ItemSnapshot, policy_id: str) -> list[TaskS
             "azure-sync",
             {**base, "step": "reprotect cloud → on-premises (agentless)"},
         ),
-        TaskSpec(
-            "Protect", "mark-protected", {**base, "direction": Direction.FAILBACK.value, "policy": policy_id}
-        ),
+        TaskSpec("Protect", "mark-protected", {**base, "direction": Direction.FAILBACK, "policy": policy_id}),
     ]
 
 
@@ -145,7 +143,7 @@ def azure_failback_tasks(item: repo.ItemSnapshot, point: str, planned: bool) -> 
             {**base, "target_site": onprem, "step": "failback to on-premises"},
         ),
         TaskSpec("Network and guest checks", "post-failover-checks", {**base, "target_site": onprem}),
-        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": Direction.FAILBACK.value}),
+        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": Direction.FAILBACK}),
         TaskSpec("Verify the recovered guest", "verify-recovery", {**base, "target_site": onprem}),
     ]
 

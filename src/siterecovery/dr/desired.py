@@ -80,7 +80,7 @@ def _address(s: Session, component_id: str) -> str:
 
 def _agent_id(s: Session, name: str) -> str:
     found = s.scalar(
-        select(Component.id).where(Component.kind == ComponentKind.AGENT.value, Component.name == name)
+        select(Component.id).where(Component.kind == ComponentKind.AGENT, Component.name == name)
     )
     return found or ""
 
@@ -185,11 +185,11 @@ def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
 
 def desired_for(s: Session, component: Component) -> dict[str, Any]:
     """The JSON desired state a heartbeat returns to this component."""
-    if component.kind == ComponentKind.AGENT.value:
+    if component.kind == ComponentKind.AGENT:
         return agent_desired(s, component).model_dump(mode="json")
-    if component.kind == ComponentKind.MASTER_TARGET.value:
+    if component.kind == ComponentKind.MASTER_TARGET:
         return master_target_desired(s, component).model_dump(mode="json")
-    if component.kind == ComponentKind.PROCESS.value:
+    if component.kind == ComponentKind.PROCESS:
         return process_server_desired(s, component).model_dump(mode="json")
     return dict(component.desired)
 

@@ -66,7 +66,7 @@ def check_refused_frames(s: Session, item: ReplicatedItem) -> Health:
         if existing is None:
             s.add(
                 Event(
-                    severity=Severity.CRITICAL.value,
+                    severity=Severity.CRITICAL,
                     code=ALERT,
                     message=message,
                     object_type="replicatedItem",

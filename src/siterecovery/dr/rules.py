@@ -34,6 +34,11 @@ class Rule:
             detail=dict(fields),
         )
 
+    def refusal(self, message: str, remediation: str) -> Problem:
+        """A problem with this rule's code and ID, and a remediation that fits where it is found
+        rather than the registry's template (at enable, before any pair exists; at a task)."""
+        return Problem(code=self.code, message=message, remediation=remediation, rule=self.id)
+
 
 CS_UNKNOWN_MACHINE = Rule(
     "CS-1",

@@ -54,9 +54,9 @@ def register(
             Status.FORBIDDEN,
         )
     THROTTLE.succeeded(s, peer)
-    row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
+    row = s.scalar(select(Component).where(Component.kind == body.kind, Component.name == body.name))
     if row is None:
-        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
+        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind, name=body.name)
         s.add(row)
     # A master target runs on a VM of the site; unless told otherwise it is the VM of its own name.
     machine = body.machine or (body.name if body.kind is ComponentKind.MASTER_TARGET else "")
