@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.db import Component, now
-from siterecovery.control.events import clear_alert, raise_alert, record_event
 from siterecovery.control.schemas import ServerOut
-from siterecovery.control.states import ComponentKind, Health, Severity
 from siterecovery.dr.desired import desired_for
+from siterecovery.store.events import clear_alert, raise_alert, record_event
+from siterecovery.store.models import Component, heartbeat_age, now
+from siterecovery.store.states import ComponentKind, Health, Severity
 
 CACHE_WARNING_FREE = 0.30
 CACHE_CRITICAL_FREE = 0.25
@@ -70,9 +70,9 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
     row.last_heartbeat = now()
     record_refusals(s, row, row.stats or {}, stats)
     row.stats = stats
-    if row.kind == ComponentKind.PROCESS.value:
+    if row.kind == ComponentKind.PROCESS:
         health = cache_health(stats)
-        row.health = health.value
+        row.health = health
         if health is Health.NORMAL:
             clear_alert(s, "ps-cache-low", "component", row.id)
         else:
@@ -86,8 +86,8 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
                 "component",
                 row.id,
             )
-    elif row.kind == ComponentKind.MASTER_TARGET.value and stats.get("retention_full"):
-        row.health = Health.CRITICAL.value
+    elif row.kind == ComponentKind.MASTER_TARGET and stats.get("retention_full"):
+        row.health = Health.CRITICAL
         raise_alert(
             s,
             Severity.CRITICAL,
@@ -96,24 +96,20 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
             "component",
             row.id,
         )
-    elif row.kind == ComponentKind.MASTER_TARGET.value:
-        row.health = Health.NORMAL.value
+    elif row.kind == ComponentKind.MASTER_TARGET:
+        row.health = Health.NORMAL
         clear_alert(s, "retention-volume-full", "component", row.id)
 
 
-def heartbeat_age(row: Component) -> float | None:
-    return None if row.last_heartbeat is None else max(0.0, now() - row.last_heartbeat)
-
-
 def is_connected(row: Component, config: ServerConfig) -> bool:
-    if row.kind == ComponentKind.CONFIGURATION.value:
+    if row.kind == ComponentKind.CONFIGURATION:
         return True
     age = heartbeat_age(row)
     return age is not None and age <= config.heartbeat_timeout
 
 
 def server_view(row: Component, config: ServerConfig) -> ServerOut:
-    if row.kind == ComponentKind.CONFIGURATION.value:
+    if row.kind == ComponentKind.CONFIGURATION:
         row.last_heartbeat = now()
     return ServerOut(
         id=row.id,

@@ -16,10 +16,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import select
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component, Event, Job, ReplicatedItem
 from siterecovery.control.reports import entries, number
-from siterecovery.control.states import ComponentKind
+from siterecovery.store.context import current
+from siterecovery.store.models import Component, Event, Job, ReplicatedItem
+from siterecovery.store.states import ComponentKind
 
 router = APIRouter(tags=["metrics"])
 _HEALTH = {"normal": 0, "warning": 1, "critical": 2}
@@ -63,11 +63,11 @@ class StateCollector(Collector):
                 health.add_metric([item.name], _HEALTH.get(item.health, 0))
             for c in s.scalars(select(Component)):
                 st = c.stats or {}
-                if c.kind == ComponentKind.PROCESS.value:
+                if c.kind == ComponentKind.PROCESS:
                     cache.add_metric([c.name], number(st, "cache_used_bytes"))
                     capacity.add_metric([c.name], number(st, "cache_capacity_bytes"))
                     throughput.add_metric([c.name], number(st, "throughput_bytes_per_s"))
-                elif c.kind == ComponentKind.MASTER_TARGET.value:
+                elif c.kind == ComponentKind.MASTER_TARGET:
                     disks.add_metric([c.name], number(st, "attached_disks"))
                     in_use = sum(number(p, "journal_bytes") for p in entries(st, "pairs"))
                     journal.add_metric([c.name], in_use)

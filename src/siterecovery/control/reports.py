@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import AgentStats, CacheHealth, MasterTargetStats, ProcessServerStats
 from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.store.states import ComponentKind
 
 # Anything larger cannot be a byte count, a sequence number or a time, and would overflow a
 # PostgreSQL bigint or a Prometheus float's exact range.
@@ -49,9 +49,9 @@ class AgentReport(AgentStats):
 
 
 _REPORTS: dict[str, type[BaseModel]] = {
-    ComponentKind.PROCESS.value: ProcessServerReport,
-    ComponentKind.MASTER_TARGET.value: MasterTargetReport,
-    ComponentKind.AGENT.value: AgentReport,
+    ComponentKind.PROCESS: ProcessServerReport,
+    ComponentKind.MASTER_TARGET: MasterTargetReport,
+    ComponentKind.AGENT: AgentReport,
 }
 
 

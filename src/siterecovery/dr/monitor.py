@@ -20,20 +20,20 @@ from typing import Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.cluster import Cluster
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.fabric_access import discover
-from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
+from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.guest import powered_on
 from siterecovery.dr.heal import check_refused_frames, check_unusable_points
-from siterecovery.dr.record import ItemRecord, Replication
 from siterecovery.dr.stall import check_stalls, worse
 from siterecovery.errors import SiteRecoveryError
+from siterecovery.store.cluster import Cluster
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.models import Component, Event, Policy, ReplicatedItem
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.record import ItemRecord, Replication
+from siterecovery.store.states import ComponentKind, Direction, Health, ProtectionState, Severity
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
@@ -99,7 +99,7 @@ class PassInputs:
     items: list[_Watched]
     agents: dict[str, tuple[float | None, dict[str, int]]]  # name -> last heartbeat, captured seq by pair
     applied: dict[str, dict[str, tuple[int, float | None]]]  # mt id -> pair -> applied seq, its time
-    alerts: dict[str, str]  # item id -> severity of its active RPO alert
+    alerts: dict[str, Severity]  # item id -> severity of its active RPO alert
 
 
 def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -164,7 +164,7 @@ def read_inputs(s: Session) -> PassInputs:
                 ReplicatedItem.health,
                 ReplicatedItem.rpo_seconds,
                 ReplicatedItem.details_rev,
-            ).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
+            ).where(ReplicatedItem.state == ProtectionState.PROTECTED)
         )
     )
     routes = _routes(s, {row.id: row.details_rev for row in rows})
@@ -191,7 +191,7 @@ def read_inputs(s: Session) -> PassInputs:
         Iterable[tuple[str, float | None, dict[str, Any] | None]],
         s.execute(
             select(Component.name, Component.last_heartbeat, Component.stats).where(
-                Component.kind == ComponentKind.AGENT.value
+                Component.kind == ComponentKind.AGENT
             )
         ),
     ):
@@ -199,9 +199,7 @@ def read_inputs(s: Session) -> PassInputs:
     applied: dict[str, dict[str, tuple[int, float | None]]] = {}
     for mt_id, stats in cast(
         Iterable[tuple[str, dict[str, Any] | None]],
-        s.execute(
-            select(Component.id, Component.stats).where(Component.kind == ComponentKind.MASTER_TARGET.value)
-        ),
+        s.execute(select(Component.id, Component.stats).where(Component.kind == ComponentKind.MASTER_TARGET)),
     ):
         applied[mt_id] = {
             str(p.get("pair_id")): (int(p.get("applied_seq", -1)), p.get("last_applied_time"))
@@ -271,7 +269,7 @@ def _write(
                     select(ReplicatedItem).where(
                         ReplicatedItem.id.in_([item.id for item, _, _ in batch]),
                         # An item a workflow took out of protection since the read is left alone.
-                        ReplicatedItem.state == ProtectionState.PROTECTED.value,
+                        ReplicatedItem.state == ProtectionState.PROTECTED,
                     )
                 )
             }
@@ -289,15 +287,15 @@ def _write(
                     or row.health != health
                 ):
                     row.rpo_seconds = round(rpo.seconds, 2)
-                if row.health != health.value:
-                    row.health = health.value
+                if row.health != health:
+                    row.health = health
                 alert = inputs.alerts.get(item.id)
                 if rpo_health is Health.NORMAL:
                     if alert is not None:
                         clear_alert(s, RPO_ALERT, "replicatedItem", item.id)
                     continue
                 severity = Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING
-                if alert != severity.value:
+                if alert != severity:
                     raise_alert(
                         s,
                         severity,
@@ -335,8 +333,8 @@ def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
     """RPW-5: an on-premises machine written by a master target must stay off; alert if it runs."""
     for item in s.scalars(
         select(ReplicatedItem).where(
-            ReplicatedItem.direction == Direction.FAILBACK.value,
-            ReplicatedItem.state == ProtectionState.PROTECTED.value,
+            ReplicatedItem.direction == Direction.FAILBACK,
+            ReplicatedItem.state == ProtectionState.PROTECTED,
         )
     ):
         rec = ItemRecord.model_validate(item.details)
@@ -357,7 +355,7 @@ class Monitor:
     """The background thread of the configuration server that runs `evaluate` every second.
 
     With several server processes only the cluster's leader does the periodic work (see
-    `control.cluster`): the others keep asking whether they lead, and take over when it dies.
+    `store.cluster`): the others keep asking whether they lead, and take over when it dies.
     """
 
     def __init__(self, cp: ControlPlane, interval: float = INTERVAL, cluster: Cluster | None = None) -> None:

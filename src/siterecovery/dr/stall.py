@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Component, ReplicatedItem
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.states import ComponentKind, Health, ProtectionState, Severity
 from siterecovery.dr.desired import agent_name
-from siterecovery.dr.record import ItemRecord
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.models import Component, ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import ComponentKind, Health, ProtectionState, Severity
 
 ALERT = "replication-stalled"
 
@@ -97,14 +97,14 @@ def _hop(captured: int, acked: int, applied: int, paused: str) -> tuple[Hop, str
 
 def item_stalls(s: Session, item: ReplicatedItem, now: float, watch: StallWatch = WATCH) -> list[Stall]:
     """The item's stalled pairs (none unless it is protected and its components reported)."""
-    if item.state != ProtectionState.PROTECTED.value:
+    if item.state != ProtectionState.PROTECTED:
         return []
     rep = ItemRecord.model_validate(item.details).replication
     if rep is None or rep.points:
         return []  # not replicating, or held at a chosen point for a failover: nothing is applied
     agent = s.scalar(
         select(Component).where(
-            Component.kind == ComponentKind.AGENT.value,
+            Component.kind == ComponentKind.AGENT,
             Component.name == agent_name(rep.source_site.value, rep.source_machine),
         )
     )

@@ -11,24 +11,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
-from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
-from siterecovery.dr import waits
+from siterecovery.dr import rules, waits
+from siterecovery.dr.azure_jobs import ensure_azure_failover, is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
-from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
-from siterecovery.dr.situation import build_reprotect_context, forward_problems
+from siterecovery.dr.situation import ReprotectArgs, build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
-from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
+from siterecovery.retry import is_transient
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import ItemRecord, Pair, Replication, Site, StepMetric
+from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
-SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
+
+def sync_timeout() -> float:
+    """Seconds enable waits for the initial sync (read when it waits, never at import time)."""
+    return float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
 
 
 def drain_deadline() -> float:
@@ -41,11 +46,9 @@ def _agent_id(site: Site, machine: str) -> str:
         row = repo.component(s, agent_name(site.value, machine), ComponentKind.AGENT)
         if row is None:
             raise SiteRecoveryError(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {machine} ({site.value}) has not registered yet.",
                     "Wait a few minutes for the machine's agent to register, then retry.",
-                    rule="AG-1",
                 )
             )
         return row.id
@@ -72,6 +75,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
     target = source.other
     created = item.record.target_created
     for disk in item.record.disks:
+        if is_page_blob(disk.path(target)):
+            continue  # an Azure replica: its master target creates the page blob (enable syncs it full)
         path = Path(disk.path(target))
         if not path.exists():  # a new target disk: created sparse, filled by a full sync
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +85,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
             created = True
     # Onto disks that already hold (an older copy of) the data only the differences move (RPW-6).
     wanted = str(ctx.args["sync_mode"])
+    # Page blobs take full synchronisations only (no block digests of a blob on the master target).
+    created = created or any(is_page_blob(d.path(target)) for d in item.record.disks)
     mode = (SyncMode.FULL if created else SyncMode.DELTA) if wanted == "auto" else SyncMode(wanted)
     machine = item.record.machine if source is Site.ONPREM else item.record.cloud_machine
     rep = Replication(
@@ -125,7 +132,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
         )
     started = time.monotonic()
     agent = _agent_id(rep.source_site, rep.source_machine)
-    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], SYNC_TIMEOUT)
+    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], sync_timeout())
     sent = sum(p.bytes_sent for p in pairs)
     allocated = sum(p.bytes_total for p in pairs)
     _metric(
@@ -144,7 +151,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
 def mark_protected(ctx: TaskContext) -> dict[str, Any]:
     direction = Direction(ctx.args["direction"])
     repo.set_state(ctx.args["item"], ProtectionState.PROTECTED, direction, ctx.args.get("policy"))
-    return {"state": ProtectionState.PROTECTED.value, "direction": direction.value}
+    return {"state": ProtectionState.PROTECTED, "direction": direction.value}
 
 
 # ---- failover / failback (FW-2, FB-1) ------------------------------------------------------
@@ -169,6 +176,14 @@ def failover_begin(ctx: TaskContext) -> dict[str, Any]:
         }
 
     return dict(repo.update(item.id, change).record.failover_point)
+
+
+@task_handler("azure-failover-check")
+def azure_failover_check(ctx: TaskContext) -> dict[str, Any]:
+    """AZ-*: before the source stops or replication is held, what ARM would refuse half-way."""
+    item = repo.load(ctx.args["item"])
+    ensure_azure_failover(repo.site_fabric(item.record, Site.CLOUD), item.record)
+    return {"ready": True}
 
 
 @task_handler("post-failover-checks")
@@ -267,7 +282,7 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
                 name=name,
                 host="",
                 datastore=item.record.cloud_resource_group,
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size, d.cloud_path) for d in item.record.disks),
                 nics=tuple(Nic(n.name, n.mac, IpMode.DHCP) for n in item.record.nics),
@@ -299,6 +314,8 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
         try:
             fabric.detach_disks(mt_machine, attached)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # the job engine retries the step (store/jobs.py)
             code = getattr(exc, "code", "detach-failed")
             raise SiteRecoveryError(
                 Problem(
@@ -306,7 +323,7 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
                     str(getattr(exc, "message", exc)),
                     str(getattr(exc, "remediation", ""))
                     or "Find the disks, attach them to the machine and boot it.",
-                    rule="RP-MT-MOVE" if code == "mt-disks-moved" else None,
+                    rule=rules.MT_DISKS_MOVED.id if code == rules.MT_DISKS_MOVED.code else None,
                 )
             ) from exc
     return {"detached": attached}
@@ -394,13 +411,13 @@ def verify_recovery(ctx: TaskContext) -> dict[str, Any]:
 def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
     if Site(ctx.args["source_site"]) is Site.CLOUD:
-        ensure_reprotect(build_reprotect_context(item, ctx.args))
+        ensure_reprotect(build_reprotect_context(item, ReprotectArgs.model_validate(ctx.args)))
         with current().db.session() as s:
             problems = libvirt_reprotect_problems(s, item, ctx.args)
         if problems:
             raise SiteRecoveryError(problems)
     else:
-        problems = forward_problems(item, ctx.args)
+        problems = forward_problems(item, ReprotectArgs.model_validate(ctx.args))
         if problems:
             raise SiteRecoveryError(problems)
     return {"ready": True}
@@ -451,7 +468,7 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
                 name=item.record.machine,
                 host=host,
                 datastore=str(ctx.args["datastore"]),
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
                 nics=tuple(
@@ -497,14 +514,14 @@ def commit(ctx: TaskContext) -> dict[str, Any]:
     if item.state is not ProtectionState.FAILED_OVER:
         raise SiteRecoveryError(
             Problem(
-                "not-failed-over",
-                f"Item {item.name} is {item.state.value}; only a failed-over item can be committed.",
+                rules.NOT_FAILED_OVER.code,
+                f"Item {item.name} is {item.state}; only a failed-over item can be committed.",
                 "Fail the item over first.",
             )
         )
     _forget_held(item)
     repo.set_state(item.id, ProtectionState.FAILOVER_COMMITTED)
-    return {"state": ProtectionState.FAILOVER_COMMITTED.value}
+    return {"state": ProtectionState.FAILOVER_COMMITTED}
 
 
 def _forget_held(item: repo.ItemSnapshot) -> None:
@@ -531,7 +548,7 @@ def disable(ctx: TaskContext) -> dict[str, Any]:
         if rec.replication is not None:
             rec.end_pairs(rec.replication)
         rec.replication = None
-        item.state = ProtectionState.DISABLED.value
+        item.state = ProtectionState.DISABLED
 
     repo.update(ctx.args["item"], change)
-    return {"state": ProtectionState.DISABLED.value}
+    return {"state": ProtectionState.DISABLED}

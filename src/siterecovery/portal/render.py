@@ -15,10 +15,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from pydantic import ValidationError
 
 from siterecovery import __version__
-from siterecovery.control.auth import Principal
-from siterecovery.control.states import Direction, Role
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.session import csrf_token, session_secret
+from siterecovery.store.states import Direction, Role
+from siterecovery.store.tokens import Principal
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -62,7 +62,7 @@ def label(value: str) -> str:
 
 
 def direction_label(value: str) -> str:
-    return "Cloud → On-premises" if value == Direction.FAILBACK.value else "On-premises → Cloud"
+    return "Cloud → On-premises" if value == Direction.FAILBACK else "On-premises → Cloud"
 
 
 _env = Environment(

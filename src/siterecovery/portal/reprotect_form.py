@@ -16,10 +16,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.api.policies import policy_view
-from siterecovery.control.db import Fabric, Policy, ReplicatedItem
 from siterecovery.control.schemas import PolicyOut
-from siterecovery.control.states import ComponentKind, Direction
-from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.portal.views import (
     MasterTargetRow,
     ProcessServerRow,
@@ -27,6 +24,9 @@ from siterecovery.portal.views import (
     process_server_row,
     servers,
 )
+from siterecovery.store.models import Fabric, Policy, ReplicatedItem
+from siterecovery.store.record import ItemRecord, Site
+from siterecovery.store.states import ComponentKind, Direction
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _defaults(
 
 def build_dialog(s: Session, config: ServerConfig, item: ReplicatedItem, given: Choice) -> ReprotectDialog:
     rec = ItemRecord.model_validate(item.details)
-    to_onprem = item.direction == Direction.FORWARD.value
+    to_onprem = item.direction == Direction.FORWARD
     source = Site.CLOUD if to_onprem else Site.ONPREM
     every_mt = [master_target_row(x) for x in servers(s, config, ComponentKind.MASTER_TARGET)]
     # A master target writes the target site's disks: only those at that site are offered.

@@ -6,20 +6,20 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import certificates
 from siterecovery.control.api.deps import component, control_plane, operator, reader, session
-from siterecovery.control.auth import Principal, create_token
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
-from siterecovery.control.events import record_event
 from siterecovery.control.heartbeat_writer import writer_for
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
-from siterecovery.control.states import ComponentKind, Role, Severity
 from siterecovery.control.throttle import THROTTLE
 from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store import certificates
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Component, Token, by_id_or_name, new_id, now
+from siterecovery.store.states import ComponentKind, Role, Severity
+from siterecovery.store.tokens import Principal, create_token
 
 router = APIRouter(prefix="/api", tags=["servers"])
 
@@ -54,9 +54,9 @@ def register(
             Status.FORBIDDEN,
         )
     THROTTLE.succeeded(s, peer)
-    row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
+    row = s.scalar(select(Component).where(Component.kind == body.kind, Component.name == body.name))
     if row is None:
-        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
+        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind, name=body.name)
         s.add(row)
     # A master target runs on a VM of the site; unless told otherwise it is the VM of its own name.
     machine = body.machine or (body.name if body.kind is ComponentKind.MASTER_TARGET else "")

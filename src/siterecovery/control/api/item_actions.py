@@ -13,26 +13,34 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane, current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
-from siterecovery.control.fabric_access import discover
 from siterecovery.control.schemas import Flag, Strict
-from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr import rules
+from siterecovery.dr.azure_failback import azure_reprotect_tasks, azure_way_back_problems
+from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
-from siterecovery.dr.notes import plan_notes
+from siterecovery.dr.fabric_access import discover
+from siterecovery.dr.notes import PlannedTask, plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
-from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
 from siterecovery.dr.recovery_points import points_of
-from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
-from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.dr.situation import (
+    ReprotectArgs,
+    build_reprotect_context,
+    build_situation,
+    forward_problems,
+)
+from siterecovery.errors import SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.context import ControlPlane, current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.models import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
+from siterecovery.store.record import ItemDisk, ItemRecord, NicRecord
+from siterecovery.store.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
 
@@ -85,7 +93,7 @@ class Started(Strict):
 class Readiness(Strict):
     ready: bool
     problems: list[dict[str, Any]]
-    notes: list[dict[str, Any]] = Field(default_factory=list)
+    notes: list[PlannedTask] = Field(default_factory=list)
 
 
 def _fabric(s: Session, ident: str) -> FabricRow:
@@ -100,11 +108,9 @@ def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
     row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise SiteRecoveryError(
-            Problem(
-                "cs-unknown-machine",
+            rules.CS_UNKNOWN_MACHINE.refusal(
                 f"Machine {ident!r} is not in the configuration server's database.",
                 "Restore the configuration server from a backup holding the machine, or protect it anew.",
-                rule="CS-1",
             ),
             Status.NOT_FOUND,
         )
@@ -127,7 +133,7 @@ def _ensure_idle(item: repo.ItemSnapshot) -> None:
         busy = s.scalar(
             select(Job).where(
                 Job.target_id == item.id,
-                Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value]),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.PAUSED]),
             )
         )
         if busy is not None:
@@ -150,7 +156,7 @@ def enable(
     policy = by_id_or_name(s, Policy, body.policy)
     if policy is None:
         raise not_found("policy", body.policy)
-    if policy.kind != PolicyKind.REPLICATION.value:
+    if policy.kind != PolicyKind.REPLICATION:
         raise invalid(
             "policy",
             f"Policy {policy.name} is a failback policy.",
@@ -176,31 +182,26 @@ def enable(
     agent = repo.component(s, f"onprem/{machine.name}", ComponentKind.AGENT)
     if ps is None:
         problems.append(
-            Problem(
-                "ps-disconnected",
+            rules.PS_DISCONNECTED.refusal(
                 f"No process server {body.process_server!r} is registered.",
                 "Start the process server and register it with the passphrase.",
-                rule="RP-PS",
             )
         )
     if mt is None:
         problems.append(
-            Problem(
-                "mt-not-discovered",
+            rules.MT_NOT_DISCOVERED.refusal(
                 f"No master target {body.master_target!r} is registered.",
                 "Start the master target and register it with the passphrase.",
-                rule="RP-VCENTER",
             )
         )
     if agent is None:
         problems.append(
-            Problem(
-                "agent-not-registered",
+            rules.AGENT_NOT_REGISTERED.refusal(
                 f"The agent of {machine.name} has not registered.",
                 "Power the machine on and wait a few minutes for its agent to register.",
-                rule="AG-1",
             )
         )
+    problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None
@@ -256,8 +257,8 @@ def enable(
             machine=machine.name,
             source_fabric_id=source.id,
             target_fabric_id=target.id,
-            direction=Direction.FORWARD.value,
-            state=ProtectionState.ENABLING.value,
+            direction=Direction.FORWARD,
+            state=ProtectionState.ENABLING,
             policy_id=policy.id,
             process_server_id=ps.id,
             master_target_id=mt.id,
@@ -308,7 +309,7 @@ def take_bookmark(
 ) -> dict[str, str]:
     """Take an app-consistent point now (a group point for every member when the item is in a group)."""
     row = repo.get_item(s, ident)
-    if row.state != ProtectionState.PROTECTED.value:
+    if row.state != ProtectionState.PROTECTED:
         raise conflict(
             "invalid-state",
             f"Item {row.name} is {row.state}; points are taken while protected.",
@@ -381,19 +382,19 @@ def reprotect(
     """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
     item = _item_for_dr(s, ident)
     to_cloud = item.direction is Direction.FAILBACK
+    if not to_cloud and is_azure(current(), item.record.cloud_fabric):
+        return _azure_reprotect(s, item, body)
     if not to_cloud and not body.vcenter:
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
+    typed = ReprotectArgs.model_validate(args)
     if to_cloud:
-        problems = forward_problems(item, args)
-        notes: list[dict[str, Any]] = []
+        problems = forward_problems(item, typed)
+        notes: list[PlannedTask] = []
     else:
-        ctx = build_reprotect_context(item, args)
+        ctx = build_reprotect_context(item, typed)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
-        notes = [
-            {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
-            for n in plan_notes(ctx)
-        ]
+        notes = plan_notes(ctx)
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
     if problems:
@@ -408,6 +409,18 @@ def reprotect(
     return _start("reprotect", item, ops.reprotect_tasks(item, request, next_policy), args)
 
 
+def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -> Started | Readiness:
+    """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
+    problems = azure_way_back_problems(item)
+    if body.what_if:
+        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=[])
+    if problems:
+        raise SiteRecoveryError(problems)
+    policy = repo.policy(s, item.policy_id)
+    tasks = azure_reprotect_tasks(item, policy.failback_policy_id or policy.id)
+    return _start("reprotect", item, tasks, body.model_dump())
+
+
 @router.post("/{ident}/failback", status_code=202, response_model=None)
 def failback(
     ident: str,
@@ -418,11 +431,11 @@ def failback(
     """FB-1: planned failover to on-premises, after every failback rule passed."""
     item = _item_for_dr(s, ident)
     rep = item.record.replication
-    args = {
-        "master_target": rep.master_target if rep else "",
-        "process_server": rep.process_server if rep else "",
-    }
-    problems = check_failback(build_situation(item, args))
+    args = ReprotectArgs(
+        master_target=rep.master_target if rep else "", process_server=rep.process_server if rep else ""
+    )
+    azure = is_azure(current(), item.record.cloud_fabric)
+    problems = azure_way_back_problems(item) if azure else check_failback(build_situation(item, args))
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
     if problems:

@@ -6,14 +6,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import operator, reader, session
 from siterecovery.control.api.paging import page
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import Job, JobTask
 from siterecovery.control.schemas import JobOut, TaskOut
-from siterecovery.control.states import JobState
 from siterecovery.errors import not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.models import Job, JobTask
+from siterecovery.store.states import JobState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -73,7 +73,7 @@ def find_jobs(
             (Job.created_at < last.created_at) | ((Job.created_at == last.created_at) & (Job.id < last.id))
         )
     if state is not None:
-        q = q.where(Job.state == state.value)
+        q = q.where(Job.state == state)
     if kind:
         q = q.where(Job.kind == kind)
     if target:
@@ -111,7 +111,7 @@ def show_job(
 @router.post("/{job_id}/cancel")
 def cancel(job_id: str, _: Principal = Depends(operator)) -> dict[str, str]:
     engine.cancel_job(job_id)
-    return {"job_id": job_id, "state": JobState.CANCELLED.value}
+    return {"job_id": job_id, "state": JobState.CANCELLED}
 
 
 @router.post("/{job_id}/resume")

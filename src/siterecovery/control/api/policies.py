@@ -7,13 +7,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Policy, by_id_or_name, new_id
-from siterecovery.control.events import record_event
 from siterecovery.control.schemas import PolicyCreate, PolicyOut, PolicyUpdate
-from siterecovery.control.states import PolicyKind, Severity
 from siterecovery.errors import conflict, not_found
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Policy, by_id_or_name, new_id
+from siterecovery.store.states import PolicyKind, Severity
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/policies", tags=["policies"])
 
@@ -62,7 +62,7 @@ def create_policy(
     forward = Policy(
         id=new_id("pol"),
         name=body.name,
-        kind=PolicyKind.REPLICATION.value,
+        kind=PolicyKind.REPLICATION,
         rpo_threshold_seconds=body.rpo_threshold_minutes * 60,
         retention_seconds=body.retention_hours * 3600,
         app_consistent_frequency_seconds=body.app_consistent_frequency_minutes * 60,
@@ -72,7 +72,7 @@ def create_policy(
     failback = Policy(
         id=new_id("pol"),
         name=failback_name,
-        kind=PolicyKind.FAILBACK.value,
+        kind=PolicyKind.FAILBACK,
         rpo_threshold_seconds=FAILBACK_RPO_SECONDS,
         retention_seconds=FAILBACK_RETENTION_SECONDS,
         app_consistent_frequency_seconds=FAILBACK_APP_FREQUENCY_SECONDS,

@@ -1,7 +1,7 @@
 """Several configuration-server processes on one database: who does the periodic work, and who
 finishes the jobs of a process that died.
 
-Every process serves the API and runs jobs (DBOS queues spread them, see `control.jobs`). The
+Every process serves the API and runs jobs (DBOS queues spread them, see `store.jobs`). The
 periodic work — RPO monitor, scheduled bookmarks, rediscovery — must run once per interval in the
 whole cluster, so exactly one process, the leader, does it:
 
@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from dbos import DBOS
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from siterecovery.control.database import Database
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.database import Database
 
 log = logging.getLogger("siterecovery.cluster")
 
@@ -163,8 +164,6 @@ class Cluster:
         """Re-enqueue the unfinished jobs of every executor whose process is gone (leader only)."""
         if not self.postgres or not self._leader:
             return []
-        from dbos import DBOS
-
         pending = {
             w.executor_id for w in DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)
         }
