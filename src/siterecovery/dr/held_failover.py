@@ -67,8 +67,9 @@ def snapshot_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
     try:
         snap_id = (existing or fabric.create_snapshot(machine, SNAPSHOT_NAME)).id
     except FabricError as exc:
-        # libvirt's internal snapshots need qcow2 and the master target writes raw volumes: the
-        # machine boots without one, and its point cannot change before commit (change-point says so).
+        # A libvirt domain on raw replica volumes gets qcow2 overlays instead; one whose disk is
+        # the agent's NBD export (a failback home onto a captured domain) can take neither: it
+        # boots without one, and its point cannot change before commit (change-point says so).
         if exc.code != "libvirt-snapshot-unsupported":
             raise
         snap_id = ""

@@ -181,7 +181,8 @@ def change_point_tasks(item: repo.ItemSnapshot, point: str, *, via_plan: bool = 
             Problem(
                 "change-point-unavailable",
                 f"Recovery machine {held.machine} booted without a snapshot (its site cannot snapshot "
-                "its raw replica volumes), so its point cannot change before commit.",
+                "its disks, e.g. a libvirt domain on an agent's NBD export), so its point cannot "
+                "change before commit.",
                 f"Commit this point (`items commit {item.name}`), or fail over again after a reprotect.",
             )
         )

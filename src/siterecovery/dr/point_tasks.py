@@ -10,6 +10,7 @@ from typing import Any
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.guest import adopt_log, await_verdict
+from siterecovery.dr.platforms import define_test_domain, remove_test_network
 from siterecovery.dr.recovery_points import LATEST, ItemPoint, item_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_point_unusable, recovery_verdict_failed
 from siterecovery.fabrics.base import DiskSpec, IpMode, MachineSpec, Nic, PowerState
@@ -163,7 +164,10 @@ def start_test_machine(ctx: TaskContext) -> dict[str, Any]:
             )
         )
     fabric = repo.site_fabric(item.record, Site.CLOUD)
-    if fabric.discover().machine(test.machine) is None:
+    copies = {c.label: c.out_path for c in test.copies}
+    if fabric.discover().machine(test.machine) is None and not define_test_domain(
+        fabric, item.record, test.machine, copies
+    ):
         fabric.create_machine(
             MachineSpec(
                 name=test.machine,
@@ -201,6 +205,7 @@ def test_cleanup(ctx: TaskContext) -> dict[str, Any]:
     if fabric.discover().machine(test.machine) is not None:
         fabric.power_off(test.machine)
         fabric.delete_machine(test.machine)
+    remove_test_network(fabric, test.machine)
     for copy in test.copies:
         Path(copy.out_path).unlink(missing_ok=True)
 

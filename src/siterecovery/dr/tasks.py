@@ -24,12 +24,16 @@ from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
+from siterecovery.retry import is_transient
 from siterecovery.store.context import current
 from siterecovery.store.jobs import TaskContext, task_handler
 from siterecovery.store.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
-SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
+
+def sync_timeout() -> float:
+    """Seconds enable waits for the initial sync (read when it waits, never at import time)."""
+    return float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
 
 
 def drain_deadline() -> float:
@@ -130,7 +134,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
         )
     started = time.monotonic()
     agent = _agent_id(rep.source_site, rep.source_machine)
-    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], SYNC_TIMEOUT)
+    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], sync_timeout())
     sent = sum(p.bytes_sent for p in pairs)
     allocated = sum(p.bytes_total for p in pairs)
     _metric(
@@ -312,6 +316,8 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
         try:
             fabric.detach_disks(mt_machine, attached)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # the job engine retries the step (store/jobs.py)
             code = getattr(exc, "code", "detach-failed")
             raise SiteRecoveryError(
                 Problem(
