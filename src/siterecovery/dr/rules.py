@@ -286,7 +286,7 @@ AZURE_ONPREM_ROUTE = Rule(
     "its virtual network's gateway has a site-to-site connection in state Connected (the seed's VPN). "
     "Agentless failback reads the disks over SAS and does not need it.",
     "Connect the gateway of {network} to the on-premises VPN device (a Connected site-to-site "
-    "connection), or reprotect agentless (the default: without `agent`).",
+    "connection), or reprotect agentless (the default: without `--agent`).",
 )
 AZURE_SAS_DURATION = Rule(
     "AZ-SAS",
