@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from siterecovery.control import certificates
 from siterecovery.control.api.deps import component, control_plane, operator, reader, session
@@ -106,7 +106,9 @@ def heartbeat(
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
     writer_for(cp.db, cp.config).write(component_id, stats, body.address)
-    row = s.get(Component, component_id)
+    # Without its statistics: the writer has stored them, and decoding them again here (a master
+    # target's list every recovery point of every pair) would be most of the heartbeat's cost.
+    row = s.get(Component, component_id, options=[defer(Component.stats)])
     if row is None:
         raise not_found("component", component_id)
     desired = desired_for(s, row)
