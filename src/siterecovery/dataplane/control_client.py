@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from siterecovery import pki
 from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.point_delta import PointReports
 from siterecovery.errors import Problem, SiteRecoveryError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class ControlClient:
         self._desired_version: str | None = None
         # An overloaded server answers 429/503 with Retry-After: no heartbeat before this time.
         self._backoff_until = 0.0
+        # A master target's point lists go as deltas to what the server acknowledged.
+        self._points = PointReports() if registration.kind == "master-target" else None
 
     def _trust(self) -> ssl.SSLContext | bool:
         """What the API's HTTPS certificate must chain to: the CA given, else the pinned one."""
@@ -185,7 +188,8 @@ class ControlClient:
         clock = time.monotonic()
         if clock < self._backoff_until:
             raise ServerBusy(self._backoff_until - clock)
-        body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
+        report = stats.model_dump(mode="json")
+        body: dict[str, object] = {"stats": self._points.encode(report) if self._points else report}
         if self.address:
             body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
         if self._desired is not None and self._desired_version:
@@ -202,6 +206,8 @@ class ControlClient:
             raise ServerBusy(wait)
         resp.raise_for_status()
         reply = resp.json()
+        if self._points is not None:
+            self._points.acknowledge(reply)
         desired = reply.get("desired")
         held = self._desired
         if desired is None and held is not None and reply.get("desired_version") == self._desired_version:

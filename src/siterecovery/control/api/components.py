@@ -105,7 +105,8 @@ def heartbeat(
     # The report is written by the process's heartbeat writer, many per commit (group commit),
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
-    writer_for(cp.db, cp.config).write(component_id, stats, body.address)
+    recorded = writer_for(cp.db, cp.config).write(component_id, stats, body.address)
+    points = {} if recorded is None else {"points_seq": recorded.points_seq, "points_resync": recorded.resync}
     # Without its statistics: the writer has stored them, and decoding them again here (a master
     # target's list every recovery point of every pair) would be most of the heartbeat's cost.
     row = s.get(Component, component_id, options=[defer(Component.stats)])
@@ -113,9 +114,10 @@ def heartbeat(
         raise not_found("component", component_id)
     desired = desired_for(s, row)
     version = version_of(desired)
-    if body.desired_version == version:
-        return HeartbeatReply(desired=None, desired_version=version, server_time=now())
-    return HeartbeatReply(desired=desired, desired_version=version, server_time=now())
+    unchanged = body.desired_version == version
+    return HeartbeatReply(
+        desired=None if unchanged else desired, desired_version=version, server_time=now(), **points
+    )
 
 
 _KINDS: dict[str, str] = {}  # component id -> kind; a component's kind never changes
