@@ -202,6 +202,28 @@ def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(
         assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {5.0}
 
 
+def test_an_idle_monitor_pass_costs_the_same_statements_for_10_or_200_items(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """The stall, refused-frame and unusable-point checks use the pass's one read: no query per
+    item (before, each item read its agent's and master target's rows and cleared its alerts)."""
+    cp, _, counter = plane
+    t0 = time.time()
+
+    def pass_cost(at: float) -> int:
+        evaluate(cp, now=at)  # RPO stored; the next pass at the same time changes nothing
+        counter.reset()
+        assert evaluate(cp, now=at)
+        return counter.statements
+
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    few = pass_cost(t0 + 5)
+    seed(cp, 190, start=10, first_component=1)
+    _report_everything(cp, t0 + 5)
+    assert pass_cost(t0 + 10) == few, counter.sql
+
+
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
     cp, http, _ = plane
     seed(cp, 25, master_targets=2)
