@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +101,11 @@ class Result:
     cpu_percent: float = 0.0
     rss_mib: float = 0.0
     db_mib: float = 0.0
-    loadgen_cpu_percent: float = 0.0
+    loadgen_cpu_percent: float = 0.0  # all its processes, in % of one core
+    loadgen_cpu_seconds: float = 0.0  # its worker processes'
+    loadgen_processes: int = 1
+    heartbeats_answered: int = 0  # over the whole run, ramp-up included (CPU per heartbeat's divisor)
+    server_cpu_seconds: float = 0.0
     seconds: float = 0.0
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
 
@@ -199,13 +205,52 @@ class HollowComponent:
     token: str = ""
     version: str | None = None
     seq: int = 0
+    points: int = 0  # a master target's points per pair: its lists are then reported as deltas
+    pairs: list[str] = field(default_factory=list)
+    acked: int | None = None  # the point-list version the server acknowledged
 
     def body(self) -> bytes:
         self.seq += 1
-        out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
+        if self.points:
+            out = self._point_report()
+        else:
+            out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
         if self.version:
             out = out[:-1] + b',"desired_version":"' + self.version.encode() + b'"}'
         return out
+
+    def _point_report(self) -> bytes:
+        """A master target's report, as the real one's control client sends it (`point_delta`).
+
+        Version v of a pair's list is points v .. v+N-1: every heartbeat one point is taken and
+        the oldest thinned away (a busier master target than a 5 s crash interval makes)."""
+        v, n, a = self.seq, self.points, self.acked
+        stats = json.loads(self.template.replace(b'"__SEQ__"', str(v).encode()))["stats"]
+        stats["points_seq"] = v
+        if a is None or v - a >= n:
+            for pair in stats["pairs"]:
+                pair["points"] = [_point(pair["pair_id"], k) for k in range(v, v + n)]
+        else:
+            stats["points_delta"] = {
+                "base": a,
+                "pairs": {
+                    p: {
+                        "removed": [f"{p}-pt{k}" for k in range(a, v)],
+                        "added": [_point(p, k) for k in range(a + n, v + n)],
+                    }
+                    for p in self.pairs
+                },
+            }
+        return json.dumps({"stats": stats}, separators=(",", ":")).encode()
+
+    def answered(self, reply: dict[str, Any]) -> None:
+        self.version = reply.get("desired_version") or None
+        if self.points:
+            self.acked = None if reply.get("points_resync") else reply.get("points_seq")
+
+
+def _point(pair: str, k: int) -> dict[str, Any]:
+    return {"id": f"{pair}-pt{k}", "kind": "crash", "time": 1.7e9 + 5 * k, "seq": k}
 
 
 def _template(stats: dict[str, Any]) -> bytes:
@@ -225,8 +270,12 @@ def hollow_components(level: Level, urls: list[str]) -> list[HollowComponent]:
         out.append(HollowComponent("agent", f"onprem/{vm}", _template(agent_stats(pairs, 0))))
     for n in range(level.servers):
         pairs = mt_pairs.get(n, [])
-        mt = master_target_stats(pairs, 0, level.points)
-        out.append(HollowComponent("master-target", f"master-target-{n}", _template(mt)))
+        mt = master_target_stats(pairs, 0, 0)
+        out.append(
+            HollowComponent(
+                "master-target", f"master-target-{n}", _template(mt), points=level.points, pairs=pairs
+            )
+        )
         ps = process_server_stats(len(pairs))
         out.append(HollowComponent("process-server", f"process-server-{n}", _template(ps)))
     for i, c in enumerate(out):
@@ -251,10 +300,20 @@ async def register_all(components: list[HollowComponent], passphrase: str) -> No
         await asyncio.gather(*(one(c) for c in components))
 
 
-async def drive(components: list[HollowComponent], seconds: float, result: Result, api: ApiLoad) -> None:
-    stop_at = time.monotonic() + seconds
-    measure_from = time.monotonic() + INTERVAL
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+@dataclass
+class Driven:
+    """What one load-generator process measured."""
+
+    heartbeat_ms: list[float] = field(default_factory=list)
+    answered: int = 0  # every 200, the ramp-up included
+    timed_out: int = 0
+    shed: int = 0
+    errors: int = 0
+    cpu_seconds: float = 0.0
+
+
+async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
 
         async def component(c: HollowComponent) -> None:
@@ -269,21 +328,54 @@ async def drive(components: list[HollowComponent], seconds: float, result: Resul
                         headers={"Authorization": f"Bearer {c.token}", "content-type": "application/json"},
                     )
                     if r.status_code == 200:
+                        out.answered += 1
                         if started >= measure_from:
-                            result.heartbeat_ms.append((time.monotonic() - started) * 1000)
-                        c.version = r.json().get("desired_version") or None
+                            out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                        c.answered(r.json())
                     elif r.status_code in (429, 503):
-                        result.shed += 1
+                        out.shed += 1
                         wait = float(r.headers.get("Retry-After", "2")) * (1 + random.random())
                     else:
-                        result.errors += 1
+                        out.errors += 1
                 except httpx.TimeoutException:
-                    result.timed_out += 1
+                    out.timed_out += 1
                 except httpx.HTTPError:
-                    result.errors += 1
+                    out.errors += 1
                 await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 
-        await asyncio.gather(*(component(c) for c in components), api.run(http, stop_at, result))
+        await asyncio.gather(*(component(c) for c in components))
+
+
+def _drive_process(components: list[HollowComponent], stop_at: float, measure_from: float) -> Driven:
+    """One load-generator process: its share of the components, in its own event loop."""
+    out = Driven()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    asyncio.run(_drive(components, stop_at, measure_from, out))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out.cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return out
+
+
+async def drive(
+    components: list[HollowComponent], seconds: float, result: Result, api: ApiLoad, processes: int
+) -> None:
+    """The hollow components in `processes` processes (CLOCK_MONOTONIC is shared), the API here."""
+    stop_at = time.monotonic() + seconds
+    measure_from = time.monotonic() + INTERVAL
+    shares = [components[k::processes] for k in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [
+            asyncio.wrap_future(pool.submit(_drive_process, share, stop_at, measure_from)) for share in shares
+        ]
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            await api.run(http, stop_at, result)
+        for driven in await asyncio.gather(*futures):
+            result.heartbeat_ms += driven.heartbeat_ms
+            result.heartbeats_answered += driven.answered
+            result.timed_out += driven.timed_out
+            result.shed += driven.shed
+            result.errors += driven.errors
+            result.loadgen_cpu_seconds += driven.cpu_seconds
 
 
 @dataclass
@@ -326,7 +418,7 @@ class _Plane:
         self.db = Database(url)
 
 
-def run_level(level: Level, seconds: float) -> Result:
+def run_level(level: Level, seconds: float, loadgen: int) -> Result:
     result = Result(level)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
@@ -362,15 +454,17 @@ def run_level(level: Level, seconds: float) -> Result:
 
         async def main() -> None:
             sampler = asyncio.create_task(sample_rss())
-            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token))
+            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token), loadgen)
             sampler.cancel()
 
         asyncio.run(main())
         result.seconds = time.monotonic() - wall0
-        result.cpu_percent = 100 * (servers.cpu_seconds() - cpu0) / result.seconds
+        result.server_cpu_seconds = servers.cpu_seconds() - cpu0
+        result.cpu_percent = 100 * result.server_cpu_seconds / result.seconds
         self1 = resource.getrusage(resource.RUSAGE_SELF)
         used = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
-        result.loadgen_cpu_percent = 100 * used / result.seconds
+        result.loadgen_cpu_percent = 100 * (used + result.loadgen_cpu_seconds) / result.seconds
+        result.loadgen_processes = loadgen
         result.rss_mib = rss[0]
         result.load_average = float(Path("/proc/loadavg").read_text().split()[0])
         for u in servers.urls:
@@ -412,20 +506,24 @@ def row(r: Result) -> str:
     db = f"{'SQLite' if lv.db == 'sqlite' else 'PostgreSQL'}, {lv.processes} process{plural}"
     items = f"{lv.items:,}" + (f", {lv.points} points/pair" if lv.points else "")
     comps = f"{lv.items:,} + {lv.servers} + {lv.servers}"
+    answered = r.heartbeats_answered
+    per_beat = f"{1000 * r.server_cpu_seconds / answered:.1f} ms" if answered else "—"
     return (
         f"| {db} | {items} | {comps} | {hb} "
         f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
-        f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB "
-        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % | {r.load_average:.1f} |"
+        f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB | {per_beat} "
+        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % ({r.loadgen_processes}) "
+        f"| {r.load_average:.1f} |"
     )
 
 
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
-    "| server CPU / peak RSS | DB size | load generator CPU | machine load average |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| server CPU / peak RSS | server CPU per heartbeat | DB size | load generator CPU (processes) "
+    "| machine load average |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -464,13 +562,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=max(10.0, 60.0 * scale))
     parser.add_argument("--levels", default=DEFAULT_LEVELS)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--loadgen-processes",
+        type=int,
+        default=0,
+        help="processes running the hollow components (default: 1 per 1,000 components, at most 4)",
+    )
     args = parser.parse_args()
     results = []
     for spec in args.levels.split(","):
         level = Level.parse(spec)
         print(f"level {spec} ...", flush=True)
         try:
-            results.append(run_level(level, args.seconds))
+            loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
+            results.append(run_level(level, args.seconds, loadgen))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
             print(f"  level {spec} failed: {exc}", flush=True)
             continue
