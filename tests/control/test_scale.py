@@ -27,8 +27,14 @@ from siterecovery.control.context import ControlPlane, open_control_plane
 from siterecovery.control.db import Component, Job, ReplicatedItem
 from siterecovery.control.events import record_event
 from siterecovery.control.states import Role, Severity
-from siterecovery.dataplane.assignments import AgentStats
-from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
+from siterecovery.dataplane.assignments import AgentDesired, AgentStats
+from siterecovery.dataplane.control_client import (
+    FAST_INTERVAL,
+    ControlClient,
+    DesiredSource,
+    Registration,
+    backoff_seconds,
+)
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
@@ -142,6 +148,31 @@ def test_the_component_client_keeps_the_desired_state_the_server_says_is_unchang
     second = client.heartbeat(AgentStats())
     assert replies[0]["desired"] is not None and replies[1]["desired"] is None
     assert second == first and len(first["replications"]) == 2  # type: ignore[arg-type]
+    client.close()
+
+
+def test_an_idle_component_heartbeats_at_its_idle_interval_and_fast_after_a_change(
+    plane: tuple[ControlPlane, TestClient, Counter], tmp_path: Path
+) -> None:
+    cp, _, _ = plane
+    seed(cp, 2)
+    client = ControlClient(
+        "http://testserver", tmp_path / "agent", Registration("agent", f"onprem/{machine_name(0)}", "onprem")
+    )
+    (tmp_path / "agent").mkdir()
+    client._http = TestClient(create_app())
+    client.register(cp.passphrase())
+    client._http = TestClient(create_app())
+    source = DesiredSource(AgentDesired, tmp_path / "agent", client)
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == FAST_INTERVAL  # its first desired state: something to do
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == 10.0 and source.pace(10.0, busy=True) == FAST_INTERVAL
+    with cp.db.session() as s:  # a workflow asks something of it: the next exchange brings it
+        request_bookmark(s, get_item(s, machine_name(0)))
+    assert source.exchange(AgentStats()).bookmarks and source.pace(10.0) == FAST_INTERVAL
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == 10.0
     client.close()
 
 

@@ -23,7 +23,12 @@ import httpx
 import typer
 
 from siterecovery.dataplane.agent import Agent, AgentOptions
-from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired, ProcessServerDesired
+from siterecovery.dataplane.assignments import (
+    AgentDesired,
+    MasterTargetDesired,
+    PairState,
+    ProcessServerDesired,
+)
 from siterecovery.dataplane.control_client import (
     ControlClient,
     DesiredSource,
@@ -50,7 +55,18 @@ CaOpt = Annotated[
     ),
 ]
 PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
-IntervalOpt = Annotated[float, typer.Option("--interval", help="seconds between heartbeats")]
+IntervalOpt = Annotated[
+    float,
+    typer.Option(
+        "--interval",
+        envvar="SITERECOVERY_HEARTBEAT_INTERVAL",
+        help="seconds between heartbeats while idle (2 s while something changes; docs/operations.md)",
+    ),
+]
+# Idle heartbeat intervals (docs/operations.md, "Heartbeat intervals"): an agent's report feeds
+# RPO and liveness (timeout 30 s), a process server's and master target's feed every item's RPO.
+AGENT_INTERVAL = 10.0
+SERVER_INTERVAL = 5.0
 
 
 def _stop_event() -> threading.Event:
@@ -96,7 +112,7 @@ def agent(
     spool_limit: Annotated[int, typer.Option("--spool-limit", help="bytes")] = DEFAULT_SPOOL_LIMIT,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds")] = 30.0,
     site: Annotated[str, typer.Option("--site")] = "onprem",
-    interval: IntervalOpt = 2.0,
+    interval: IntervalOpt = AGENT_INTERVAL,
     registration_delay: Annotated[
         float, typer.Option("--registration-delay", help="seconds after start before registering (AG-1)")
     ] = 0.0,
@@ -144,10 +160,12 @@ def agent(
             svc.set_identity(identity)
             source = DesiredSource(AgentDesired, state_dir, client, assignments)
             while not stop.is_set():
-                desired = source.exchange(svc.stats())
+                stats = svc.stats()
+                desired = source.exchange(stats)
                 if source.known:  # else keep the resumed pairs rather than retire them
                     svc.reconcile(desired)
-                stop.wait(interval)
+                syncing = any(p.state is not PairState.PROTECTED for p in stats.pairs)
+                stop.wait(source.pace(interval, busy=syncing))
     except SiteRecoveryError as exc:
         svc.stop()
         raise _fail(exc) from exc
@@ -189,7 +207,7 @@ def process_server(
     machine: MachineOpt = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="default: the cache dir")] = None,
     assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
-    interval: IntervalOpt = 2.0,
+    interval: IntervalOpt = SERVER_INTERVAL,
 ) -> None:
     """Receive agents' frames, cache them durably and forward them to master targets (PS-1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -211,7 +229,7 @@ def process_server(
     source = DesiredSource(ProcessServerDesired, state, client, assignments)
     while not stop.is_set():
         svc.reconcile(source.exchange(svc.stats()))
-        stop.wait(interval)
+        stop.wait(source.pace(interval))
     svc.stop()
 
 
@@ -255,7 +273,7 @@ def master_target(
     machine: MachineOpt = None,
     state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("master-target-state"),
     assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
-    interval: IntervalOpt = 2.0,
+    interval: IntervalOpt = SERVER_INTERVAL,
 ) -> None:
     """Apply replicated writes to attached target disks through retention journals (MT-1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -298,7 +316,7 @@ def master_target(
         if client is not None:
             client.address = advertise or svc.address
         while not stop.is_set():
-            stop.wait(interval)
+            stop.wait(source.pace(interval))
             svc.reconcile(source.exchange(svc.stats()))
     except SiteRecoveryError as exc:
         svc.stop()

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 D = TypeVar("D", bound=BaseModel)
 RENEW_WHEN_LEFT = 1 / 3  # of the certificate's lifetime
+# The heartbeat interval while something is changing (see `DesiredSource.pace`, docs/operations.md).
+FAST_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ControlClient:
         # desired) while the version we send is still current, so an idle heartbeat stays small.
         self._desired: dict[str, object] | None = None
         self._desired_version: str | None = None
+        self.desired_changed = False  # the last answer carried a desired state new to us
         # An overloaded server answers 429/503 with Retry-After: no heartbeat before this time.
         self._backoff_until = 0.0
         # A master target's point lists go as deltas to what the server acknowledged.
@@ -211,7 +214,9 @@ class ControlClient:
         desired = reply.get("desired")
         held = self._desired
         if desired is None and held is not None and reply.get("desired_version") == self._desired_version:
+            self.desired_changed = False
             return dict(held)
+        self.desired_changed = held is None or dict(desired or {}) != held
         self._desired = dict(desired or {})
         self._desired_version = str(reply.get("desired_version") or "") or None
         return dict(self._desired)
@@ -288,6 +293,16 @@ class DesiredSource(Reporter, Generic[D]):
         self._desired_file = state_dir / "desired.json"
         # False when the last exchange found no desired state at all (server away, nothing saved).
         self.known = True
+
+    def pace(self, idle: float, busy: bool = False) -> float:
+        """Seconds until the next heartbeat: `idle`, or at most FAST_INTERVAL while things change.
+
+        An idle component reports every `idle` seconds (its stats feed RPO and liveness, which
+        need tens of seconds, not two). Right after the server changed its desired state, or
+        while the component is `busy` (an agent's pair syncing), it heartbeats fast, so the next
+        change of a workflow (a failover draining pairs, a bookmark) follows within seconds."""
+        changed = self.client is not None and self.client.desired_changed
+        return min(idle, FAST_INTERVAL) if busy or changed else idle
 
     def exchange(self, stats: BaseModel) -> D:
         self.known = True
