@@ -1,16 +1,16 @@
 """Scale of the control plane: hollow components heartbeating through the real API, N items.
 
-Per level: a fresh configuration server (real `siterecovery server` processes: one on SQLite, one
-or two on a throwaway PostgreSQL), N protected items written through the product's own models
+Per level: a fresh configuration server (real `siterecovery server` processes: one on SQLite, one or
+two on a throwaway PostgreSQL), N protected items written through the product's own models
 (`bench.hollow.seed`: 2 disks each, round-robin over the process servers and master targets), and
 one hollow component per agent, process server and master target (`bench.hollow.Hollow`) that
 registers through the API (passphrase, certificate, token) and then heartbeats like the real one:
-heartbeat, wait the rest of its interval (2 s, the components' default), again; on 503 it waits
-Retry-After plus jitter. Statistics are realistic in size: agents report their pairs, master
-targets every pair with `--points` recovery points each (220 ≈ a day of thinned points), process
-servers their cache; the sequence numbers change on every heartbeat, so every report is a write.
-Meanwhile an API client pages through `GET /api/replicatedItems?limit=100` (with details), shows
-an item and lists jobs, over and over.
+heartbeat, wait the rest of its interval (its kind's default idle interval, or `--interval`), again;
+on 503 it waits Retry-After plus jitter. Statistics are realistic in size: agents report their
+pairs, master targets every pair with `--points` recovery points each (220 ≈ a day of thinned
+points), process servers their cache; the sequence numbers change on every heartbeat, so every
+report is a write. Meanwhile an API client pages through `GET /api/replicatedItems?limit=100` (with
+details), shows an item and lists jobs, over and over.
 
 Reported per level: heartbeat p50/p99 (and how many timed out after 30 s or were shed with 503),
 heartbeats done / offered per second (offered = components / interval), paged item-list p99, RPO
@@ -50,10 +50,13 @@ from sqlalchemy import text
 
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
+from siterecovery.cli.dataplane import AGENT_INTERVAL, SERVER_INTERVAL
 from siterecovery.control.database import Database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
-INTERVAL = 2.0
+# The components' default idle heartbeat intervals (`siterecovery.cli.dataplane`); `--interval N`
+# makes every component heartbeat every N s instead (2 s was the default before this session).
+INTERVALS = {"agent": AGENT_INTERVAL, "process-server": SERVER_INTERVAL, "master-target": SERVER_INTERVAL}
 TIMEOUT = 30.0
 SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
 DEFAULT_LEVELS = (
@@ -107,6 +110,8 @@ class Result:
     heartbeats_answered: int = 0  # over the whole run, ramp-up included (CPU per heartbeat's divisor)
     server_cpu_seconds: float = 0.0
     seconds: float = 0.0
+    offered: float = 0.0  # heartbeats per second the components would send at their intervals
+    ramp: float = 0.0  # seconds before measuring (the longest interval)
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
 
 
@@ -205,6 +210,7 @@ class HollowComponent:
     token: str = ""
     version: str | None = None
     seq: int = 0
+    interval: float = 2.0
     points: int = 0  # a master target's points per pair: its lists are then reported as deltas
     pairs: list[str] = field(default_factory=list)
     acked: int | None = None  # the point-list version the server acknowledged
@@ -317,10 +323,10 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
 
         async def component(c: HollowComponent) -> None:
-            await asyncio.sleep(random.uniform(0, INTERVAL))  # components start at random phases
+            await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
             while time.monotonic() < stop_at:
                 started = time.monotonic()
-                wait = INTERVAL
+                wait = c.interval
                 try:
                     r = await http.post(
                         f"{c.url}/api/components/{c.component_id}/heartbeat",
@@ -361,7 +367,7 @@ async def drive(
 ) -> None:
     """The hollow components in `processes` processes (CLOCK_MONOTONIC is shared), the API here."""
     stop_at = time.monotonic() + seconds
-    measure_from = time.monotonic() + INTERVAL
+    measure_from = time.monotonic() + max(c.interval for c in components)
     shares = [components[k::processes] for k in range(processes)]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [
@@ -418,7 +424,13 @@ class _Plane:
         self.db = Database(url)
 
 
-def run_level(level: Level, seconds: float, loadgen: int) -> Result:
+def _describe(interval: float) -> str:
+    if interval:
+        return f"every component every {interval:g} s"
+    return f"agents {AGENT_INTERVAL:g} s, process servers and master targets {SERVER_INTERVAL:g} s (defaults)"
+
+
+def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Result:
     result = Result(level)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
@@ -440,6 +452,10 @@ def run_level(level: Level, seconds: float, loadgen: int) -> Result:
             servers.start_one()
         passphrase = (servers.state / "passphrase").read_text().strip()
         components = hollow_components(level, servers.urls)
+        for c in components:
+            c.interval = interval or INTERVALS[c.kind]
+        result.offered = sum(1 / c.interval for c in components)
+        result.ramp = max(c.interval for c in components)
         asyncio.run(register_all(components, passphrase))
         print(f"  {level}: seeded and registered in {time.monotonic() - started:.0f} s", flush=True)
 
@@ -497,8 +513,8 @@ def fmt(v: float | None, unit: str = "", digits: int = 0) -> str:
 
 def row(r: Result) -> str:
     lv = r.level
-    offered = lv.components / INTERVAL
-    measured = r.seconds - INTERVAL  # the first interval ramps up (components start at random phases)
+    offered = r.offered
+    measured = r.seconds - r.ramp  # the first interval ramps up (components start at random phases)
     done = len(r.heartbeat_ms) / measured if measured > 0 else 0.0
     hb = f"{fmt(pct(r.heartbeat_ms, 0.5), ' ms')} / {fmt(pct(r.heartbeat_ms, 0.99), ' ms')}"
     monitor = f"{fmt(r.monitor_p50, ' s', 2)} / {fmt(r.monitor_max, ' s', 2)}"
@@ -527,12 +543,12 @@ HEADER = (
 )
 
 
-def write(results: list[Result], seconds: float, note: str) -> str:
+def write(results: list[Result], seconds: float, note: str, intervals: str) -> str:
     lines = [
         "# Control-plane scale (bench_scale)",
         "",
         f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.python_version()}; "
-        f"{seconds:.0f} s of heartbeats per level, every component every {INTERVAL:.0f} s; "
+        f"{seconds:.0f} s of heartbeats per level; heartbeat intervals {intervals}; "
         f"`{' '.join(sys.argv[1:]) or 'defaults'}`.",
         "",
         HEADER,
@@ -544,16 +560,18 @@ def write(results: list[Result], seconds: float, note: str) -> str:
     return "\n".join(lines)
 
 
-NOTE = """How to read it. *Offered* is components ÷ 2 s; a component heartbeats again 2 s after the
-previous one started (or after Retry-After plus jitter when shed), so when heartbeats are slow
-fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats without an answer
-within 30 s (before this work: every one at 1,000 items); *shed* counts 503 answers (admission
-control, `control/admission.py`). The load generator runs on the same 2 shared cores as the
-server(s) — and the build box is shared with other work while this runs — so its own CPU use is
-shown: when it nears 100 % (one Python process), done/offered measures the generator, not the
-server. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`).
-Item list: each page is 100 items with their full records (`?limit=100`), the whole list paged
-through by `X-Next-After`; p99 is per page."""
+NOTE = """How to read it. *Offered* is the sum over components of 1 ÷ interval; a component heartbeats again
+one interval after the previous one started (or after Retry-After plus jitter when shed), so when
+heartbeats are slow fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats
+without an answer within 30 s (before this work: every one at 1,000 items); *shed* counts 503
+answers (admission control, `control/admission.py`). The load generator runs on the same 2 shared
+cores as the server(s) — and the build box is shared with other work while this runs — so its own
+CPU use is shown (all its processes, in % of one core; the number of processes in brackets). *Server
+CPU per heartbeat* is the server processes' CPU time divided by the heartbeats answered over the run
+— the monitor's passes and the item-list load included, so it is an upper bound of a heartbeat's own
+cost. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item
+list: each page is 100 items with their full records (`?limit=100`), the whole list paged through by
+`X-Next-After`; p99 is per page."""
 
 
 def main() -> int:
@@ -562,6 +580,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=max(10.0, 60.0 * scale))
     parser.add_argument("--levels", default=DEFAULT_LEVELS)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--interval", type=float, default=0.0, help="every component's heartbeat interval (default: theirs)"
+    )
     parser.add_argument(
         "--loadgen-processes",
         type=int,
@@ -575,13 +596,13 @@ def main() -> int:
         print(f"level {spec} ...", flush=True)
         try:
             loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
-            results.append(run_level(level, args.seconds, loadgen))
+            results.append(run_level(level, args.seconds, loadgen, args.interval))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
             print(f"  level {spec} failed: {exc}", flush=True)
             continue
         print(HEADER.splitlines()[0] + "\n" + row(results[-1]), flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(write(results, args.seconds, NOTE))
+        args.output.write_text(write(results, args.seconds, NOTE, _describe(args.interval)))
     return 0 if results else 1
 
 
