@@ -347,7 +347,9 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
                     out.timed_out += 1
                 except httpx.HTTPError:
                     out.errors += 1
-                await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
+                # Never past the end: the level's length is its measuring window plus the ramp.
+                rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
+                await asyncio.sleep(max(0.0, rest))
 
         await asyncio.gather(*(component(c) for c in components))
 
