@@ -8,9 +8,10 @@ registers through the API (passphrase, certificate, token) and then heartbeats l
 heartbeat, wait the rest of its interval (its kind's default idle interval, or `--interval`), again;
 on 503 it waits Retry-After plus jitter. Statistics are realistic in size: agents report their
 pairs, master targets every pair with `--points` recovery points each (220 ≈ a day of thinned
-points), process servers their cache; the sequence numbers change on every heartbeat, so every
-report is a write. Meanwhile an API client pages through `GET /api/replicatedItems?limit=100` (with
-details), shows an item and lists jobs, over and over.
+points; the full lists once, then deltas, as the real client sends them), process servers their
+cache; the sequence numbers change on every heartbeat, so every report is a write. Meanwhile an API
+client pages through `GET /api/replicatedItems?limit=100` (with details), shows an item and lists
+jobs, over and over.
 
 Reported per level: heartbeat p50/p99 (and how many timed out after 30 s or were shed with 503),
 heartbeats done / offered per second (offered = components / interval), paged item-list p99, RPO
