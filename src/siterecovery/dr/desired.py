@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from siterecovery.control.certificates import revoked_serials
 from siterecovery.control.db import Component, ItemComponent, Policy, ReplicatedItem
@@ -44,16 +45,49 @@ def agent_name(site: str, machine: str) -> str:
     return f"{site}/{machine}"
 
 
+# Item id -> (details_rev, its parsed record): a heartbeat validates only the records that changed
+# since this process last parsed them (`details_rev` is bumped with every change of `details`,
+# `control.item_index`). Parsing was most of a master target's or process server's heartbeat
+# (one record per item it serves). Records are only read here, never changed.
+_RECORDS: dict[str, tuple[int, ItemRecord]] = {}
+_RECORDS_LOCK = threading.Lock()
+_RECORDS_MAX = 100_000  # items; beyond that the cache starts again (deleted items leave entries)
+
+
 def _own_items(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord]]:
     """The items the index lists for component `key`, with their records (in a stable order)."""
-    rows = s.scalars(
-        select(ReplicatedItem)
-        .join(ItemComponent, ItemComponent.item_id == ReplicatedItem.id)
-        .where(ItemComponent.component == key)
-        .order_by(ReplicatedItem.id)
+    rows = list(
+        s.scalars(
+            select(ReplicatedItem)
+            .options(load_only(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.policy_id))
+            .join(ItemComponent, ItemComponent.item_id == ReplicatedItem.id)
+            .where(ItemComponent.component == key)
+            .order_by(ReplicatedItem.id)
+        )
     )
+    with _RECORDS_LOCK:
+        found = {r.id: _RECORDS[r.id][1] for r in rows if _RECORDS.get(r.id, (None,))[0] == r.details_rev}
+    stale = [r.id for r in rows if r.id not in found]
+    if stale:
+        parsed: dict[str, tuple[int, ItemRecord]] = {
+            item_id: (rev, ItemRecord.model_validate(details))
+            for item_id, rev, details in cast(
+                Iterable[tuple[str, int, dict[str, Any]]],
+                s.execute(
+                    select(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.details).where(
+                        ReplicatedItem.id.in_(stale)
+                    )
+                ),
+            )
+        }
+        with _RECORDS_LOCK:
+            if len(_RECORDS) > _RECORDS_MAX:
+                _RECORDS.clear()
+            _RECORDS.update(parsed)
+        found.update({i: rec for i, (_, rec) in parsed.items()})
     for item in rows:
-        yield item, ItemRecord.model_validate(item.details)
+        if item.id in found:  # else deleted between the two reads
+            yield item, found[item.id]
 
 
 def _replicating(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
