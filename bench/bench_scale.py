@@ -51,8 +51,8 @@ from sqlalchemy import text
 
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
-from siterecovery.cli.dataplane import AGENT_INTERVAL, SERVER_INTERVAL
-from siterecovery.control.database import Database
+from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
+from siterecovery.store.database import Database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
 # The components' default idle heartbeat intervals (`siterecovery.cli.dataplane`); `--interval N`

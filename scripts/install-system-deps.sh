@@ -24,6 +24,8 @@ declare -A need=(
   [libvirtd]=libvirt-daemon-driver-qemu
   [virtlogd]=libvirt-daemon
   [virsh]=libvirt-clients
+  # libvirt 9 puts an isolated network's bridge behind iptables rules (a test failover's network).
+  [iptables]=iptables
   [pkg-config]=pkg-config
   [gcc]=gcc
   [ip]=iproute2

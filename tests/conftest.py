@@ -16,7 +16,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
 # Components started by tests heartbeat every 2 s even when idle (their default idle interval is
 # longer, docs/operations.md): tests wait for reports, and must not wait longer than before.
-os.environ.setdefault("SITERECOVERY_HEARTBEAT_INTERVAL", "2")
+os.environ.setdefault("SITERECOVERY_DEFAULT_INTERVAL", "2")
 
 
 def require_tool(name: str) -> str:

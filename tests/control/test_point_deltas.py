@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from siterecovery.config import load_server_config
-from siterecovery.control.app import create_app
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import Component
 from siterecovery.dataplane.assignments import MasterTargetPairStats, MasterTargetStats, PointInfo
 from siterecovery.dataplane.control_client import ControlClient, Registration
+from siterecovery.server.app import create_app
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.models import Component
 
 PAIRS = 20
 POINTS = 220  # a day of thinned points per pair

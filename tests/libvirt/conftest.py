@@ -85,3 +85,40 @@ def sites() -> Iterator[Sites]:
         for bridge in BRIDGES:
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TwoSites:
+    """Two libvirt hosts: two libvirtd instances (two URIs), each with a pool and a network of
+    the same name on its own bridge, as two KVM hosts an operator sets up alike."""
+
+    a: Sites
+    b: Sites
+
+
+NETWORK = f"{PREFIX}net"
+
+
+@pytest.fixture(scope="module")
+def two_sites() -> Iterator[TwoSites]:
+    folder = Path(tempfile.mkdtemp(prefix="sr-libvirt2-"))
+    folder.chmod(0o755)
+    daemons = (Daemon(folder / "daemon-a"), Daemon(folder / "daemon-b", private=True))
+    try:
+        built = []
+        for daemon, site, bridge in zip(daemons, "ab", BRIDGES, strict=True):
+            daemon.folder.mkdir()
+            daemon.start()
+            conn = libvirt.open(daemon.uri)
+            pool = folder / f"pool-{site}"
+            _pool(conn, f"{PREFIX}{site}", pool)
+            _network(conn, NETWORK, bridge)
+            conn.close()
+            built.append(Sites(daemon, folder, {f"{PREFIX}{site}": pool}, (NETWORK,)))
+        yield TwoSites(*built)
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+        for bridge in BRIDGES:
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -5,6 +5,12 @@ libvirt runs here without systemd: `virtlogd` first (QEMU's console and log go t
 daemon over `qemu:///system?socket=…`. Pools and networks the tests make are transient (they end
 with the daemon); domains are persistent (failover defines them), so every domain whose name starts
 with the test prefix (and any pool or network) is removed at the start and at the end.
+
+A second site as a second libvirtd on the same machine (`private=True`): a privileged libvirtd
+keeps its state in fixed places (/run/libvirt, /etc/libvirt, /var/lib/libvirt), where a second one
+would adopt the first one's domains, so it runs in a mount namespace of its own (`unshare -m`)
+where those three are folders of the test, with a `virtlogd` of its own; its socket is in the
+test's folder like the first one's, so the two are two URIs (`qemu:///system?socket=…`).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ PREFIX = "srtest-"
 
 
 class Daemon:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, private: bool = False) -> None:
         self.folder = folder
+        self.private = private
         self.sock = folder / "sock"
         self.uri = f"qemu:///system?socket={self.sock}/libvirt-sock"
         self.pids: list[Path] = []
@@ -48,13 +55,16 @@ class Daemon:
         logconf.write_text(f'log_outputs = "3:file:{self.folder}/virtlogd.log"\n')
         # QEMU domains' logs: libvirtd writes them under /var/log/libvirt/qemu through virtlogd.
         Path("/var/log/libvirt/qemu").mkdir(parents=True, exist_ok=True)
-        if not Path("/run/libvirt/virtlogd-sock").exists():
+        if self.private:
+            self._start_private(virtlogd, logconf, libvirtd, conf)
+        elif not Path("/run/libvirt/virtlogd-sock").exists():
             self._spawn(
                 [virtlogd, "-d", "-f", str(logconf), "-p", str(self.folder / "virtlogd.pid")], "virtlogd.pid"
             )
-        self._spawn(
-            [libvirtd, "-d", "-f", str(conf), "-p", str(self.folder / "libvirtd.pid")], "libvirtd.pid"
-        )
+        if not self.private:
+            self._spawn(
+                [libvirtd, "-d", "-f", str(conf), "-p", str(self.folder / "libvirtd.pid")], "libvirtd.pid"
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -70,6 +80,23 @@ class Daemon:
                     raise AssertionError(f"libvirtd did not answer at {self.uri}: {log[-2000:]}") from None
                 time.sleep(0.2)
         self.clean()
+
+    def _start_private(self, virtlogd: str, logconf: Path, libvirtd: str, conf: Path) -> None:
+        binds = []
+        for system in ("/run/libvirt", "/etc/libvirt", "/var/lib/libvirt"):
+            own = self.folder / system.strip("/").replace("/", "-")
+            own.mkdir(mode=0o755)
+            binds.append(f"mount --bind {own} {system}")
+        script = " && ".join([
+            *binds,
+            f"{virtlogd} -d -f {logconf} -p {self.folder / 'virtlogd.pid'}",
+            f"exec {libvirtd} -d -f {conf} -p {self.folder / 'libvirtd.pid'}",
+        ])  # fmt: skip
+        unshare = require_tool("unshare")
+        subprocess.run(
+            [unshare, "--mount", "--propagation", "private", "sh", "-c", script], check=True, timeout=60
+        )
+        self.pids += [self.folder / "virtlogd.pid", self.folder / "libvirtd.pid"]
 
     def _spawn(self, cmd: list[str], pidfile: str) -> None:
         subprocess.run(cmd, check=True, timeout=60)

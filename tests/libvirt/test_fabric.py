@@ -172,6 +172,49 @@ def test_operations_define_power_disks_snapshots_and_delete(sites: Sites) -> Non
     fabric.close()
 
 
+def test_a_domain_on_raw_volumes_snapshots_as_qcow2_overlays(sites: Sites) -> None:
+    """The recovery domain's snapshot until commit: writes land in an overlay; a revert drops them;
+    a remove merges them into the volume (the domain stopped: started paused for the block commit);
+    deleting a domain on overlays deletes the overlays, never the volume under them."""
+    fabric = sites.fabric()
+    pool_b = f"{PREFIX}b"
+    raw = fabric.create_volume(fabric.pool(pool_b), f"{PREFIX}ovl_vda.img", 4 * MiB, "raw")
+    assert qemu_io("raw", raw, "write -P 0xa1 0 64k").returncode == 0
+    disk = f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{raw}'/>" + (
+        "<target dev='vda' bus='virtio'/></disk>"
+    )
+    name = f"{PREFIX}ovl"
+    fabric.define(domain_xml(name, disk, sites.networks[1]))
+    snap = fabric.create_snapshot(name, "before-commit")
+    dom = fabric.discover().machine(name)
+    assert dom is not None and [s.id for s in dom.snapshots] == [snap.id]
+    (overlay,) = [d.backing for d in dom.disks]
+    assert overlay == f"{raw}.{snap.id}.qcow2" and dom.disks[0].datastore == pool_b
+    with pytest.raises(FabricError) as twice:
+        fabric.create_snapshot(name, "again")
+    assert twice.value.code == "libvirt-snapshot-unsupported"
+
+    # What the domain writes goes to the overlay; a revert empties it, the volume never changed.
+    assert qemu_io("qcow2", overlay, "write -P 0xb2 0 64k").returncode == 0
+    assert qemu_io("raw", raw, "read -P 0xa1 0 64k").stdout.count("Pattern verification failed") == 0
+    fabric.revert_to_snapshot(name, snap.id)
+    assert qemu_io("qcow2", overlay, "read -P 0xa1 0 64k").stdout.count("Pattern verification failed") == 0
+    # Remove merges what was written since into the volume and runs the domain on it again.
+    assert qemu_io("qcow2", overlay, "write -P 0xc3 64k 64k").returncode == 0
+    fabric.remove_snapshot(name, snap.id)
+    dom = fabric.discover().machine(name)
+    assert dom is not None and dom.snapshots == () and [d.backing for d in dom.disks] == [raw]
+    assert dom.power_state is PowerState.OFF and not Path(overlay).exists()
+    merged = qemu_io("raw", raw, "read -P 0xc3 64k 64k")
+    assert merged.returncode == 0 and "Pattern verification failed" not in merged.stdout
+
+    # Deleting a domain on overlays: its overlays go, the replica volume under them stays.
+    snap = fabric.create_snapshot(name, "before-commit")
+    (overlay,) = [d.backing for d in fabric.discover().machine(name).disks]  # type: ignore[union-attr]
+    fabric.delete_machine(name)
+    assert not Path(overlay).exists() and Path(raw).exists()
+
+
 def test_an_unreachable_uri_is_a_clear_problem(tmp_path: Path) -> None:
     from siterecovery.fabrics.libvirt import LibvirtFabric
 
@@ -212,7 +255,7 @@ def test_a_server_without_the_libvirt_binding_refuses_a_libvirt_fabric_by_code()
     script = (
         "import sys; sys.modules['libvirt'] = None\n"
         "from types import SimpleNamespace\n"
-        "from siterecovery.control.fabric_access import open_fabric\n"
+        "from siterecovery.dr.fabric_access import open_fabric\n"
         "from siterecovery.errors import SiteRecoveryError\n"
         "row = SimpleNamespace(kind='libvirt', connection={'uri': 'test:///default'}, name='x', site='s')\n"
         "try:\n    open_fabric(None, row)\nexcept SiteRecoveryError as e:\n    print(e.first.code)\n"

@@ -9,6 +9,7 @@ it once the domain's disk source is that export (docs/libvirt.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +33,12 @@ RECOVERY = f"{PREFIX}jobweb-dr"
 
 @pytest.fixture
 def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
+    yield from environment(tmp_path, sites.uri, sites.uri)
+
+
+def environment(tmp_path: Path, uri_a: str, uri_b: str) -> Iterator[Environment]:
+    """The real configuration server with fabrics kvm-a (on-premises) and kvm-b (cloud) at those
+    URIs, the process server ps-onprem and kvm-b's master target mt-kvm-b."""
     e = Environment(
         tmp_path / "cs", env={"SITERECOVERY_HEARTBEAT_TIMEOUT": "6", "SITERECOVERY_SYNC_TIMEOUT": "120"}
     )
@@ -40,14 +47,14 @@ def env(tmp_path: Path, sites: Sites) -> Iterator[Environment]:
         e.start_server()
         e.passphrase_file.write_text(e.api.get("/api/server/passphrase")["passphrase"] + "\n")
         e.passphrase_file.chmod(0o600)
-        for name, site in (("kvm-a", "onprem"), ("kvm-b", "cloud")):
+        for name, site, uri in (("kvm-a", "onprem", uri_a), ("kvm-b", "cloud", uri_b)):
             e.api.post(
                 "/api/fabrics",
                 {
                     "name": name,
                     "kind": "libvirt",
                     "site": site,
-                    "connection": {"uri": sites.uri, "domain_type": "qemu"},
+                    "connection": {"uri": uri, "domain_type": "qemu"},
                 },
             )
         (e.root / "retention").mkdir()
@@ -92,6 +99,14 @@ def compare(a: str, b: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def backing_of(image: str) -> str:
+    info = subprocess.run(
+        [require_tool("qemu-img"), "info", "-U", "--output=json", image],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return str(json.loads(info.stdout).get("backing-filename", ""))
 
 
 def codes(problems: list[dict[str, Any]]) -> set[str]:
@@ -153,20 +168,26 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
         assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
     recovered = fabric.discover().machine(RECOVERY)
     assert recovered is not None and recovered.power_state.value == "on"
-    assert [d.backing for d in recovered.disks] == [replica]
+    # Until commit the domain runs on a qcow2 overlay over the replica volume (its point can change).
+    (overlay,) = [d.backing for d in recovered.disks]
+    assert overlay.startswith(f"{replica}.") and overlay.endswith(".qcow2"), overlay
+    assert [s.name for s in recovered.snapshots] == ["siterecovery-before-commit"]
+    assert backing_of(overlay) == replica
     assert [n.mac for n in recovered.nics] == ["52:54:00:aa:bb:01"]  # the domain's own interface
     original = fabric.discover().machine(WEB)
     assert original is not None and recovered.bios_uuid != original.bios_uuid
 
-    # Raw replica volumes take no libvirt snapshot: the point is final, and change-point says so.
-    with pytest.raises(ApiError) as refused:
-        env.api.post(f"/api/replicatedItems/{WEB}/changePoint", {"point": "latest"})
-    assert codes(refused.value.problems) == {"change-point-unavailable"}
+    # Commit merges the overlay into the replica volume (a live block commit and pivot): the
+    # running domain is on the volume again, the overlay is gone.
     job = run_job(env, f"/api/replicatedItems/{WEB}/commit", {})
     assert job["state"] == "succeeded", [
         (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
     ]
     assert env.api.get(f"/api/replicatedItems/{WEB}")["state"] == "failover-committed"
+    recovered = fabric.discover().machine(RECOVERY)
+    assert recovered is not None and recovered.power_state.value == "on" and recovered.snapshots == ()
+    assert [d.backing for d in recovered.disks] == [replica] and not Path(overlay).exists()
+    assert f"file='{replica}'" in fabric.xml(RECOVERY, inactive=False).replace('"', "'")
 
     # Back onto kvm-a: another domain took the protected domain's name, and the pool named does not
     # exist. The what-if lists both libvirt rules with the lab/vSphere ones (no master target on
@@ -309,11 +330,14 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
     inv = fabric.discover()
     original, mt, recovery = inv.machine(BACK), inv.machine(MT_A), inv.machine(BACK_DR)
     assert original is not None and original.power_state.value == "on"
-    assert [d.backing for d in original.disks] == [volume]
+    (overlay,) = [d.backing for d in original.disks]  # on an overlay over its volume until commit
+    assert backing_of(overlay) == volume
     assert [n.mac for n in original.nics] == ["52:54:00:aa:bb:01"]
     assert mt is not None and mt.disks == ()
     assert recovery is not None and recovery.power_state.value == "off"
     succeeded(run_job(env, f"/api/replicatedItems/{BACK}/commit", {}))
+    original = fabric.discover().machine(BACK)
+    assert original is not None and [d.backing for d in original.disks] == [volume]
 
     # Re-protect towards kvm-b again: a delta onto the replica volume, which holds it all already.
     again = {"master_target": "mt-kvm-b", "process_server": "ps-onprem", "datastore": pool_b,

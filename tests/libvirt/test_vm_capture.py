@@ -124,8 +124,11 @@ def test_protect_failover_reprotect_a_libvirt_domain_through_the_real_data_path(
     sock = plane.root / "nbd" / "vda.sock"
     wait_for(sock.exists, 60, "the agent's export")
     assert fabric.set_disk_sources(name, {"vda": f"nbd+unix://vda@{sock}"}) is True
+    assert f"socket='{sock}'" in fabric.xml(name).replace('"', "'")  # QEMU's disk is the export
+    # Discovery still names the disk by the volume under the export (what DR moves and attaches).
     (disk,) = fabric.discover().machine(name).disks  # type: ignore[union-attr]
-    assert disk.backing == f"nbd+unix://vda@{sock}" and disk.bus == "virtio"
+    assert (disk.backing, disk.uuid, disk.datastore, disk.bus) == (volume, volume, pool_a, "virtio")
+    assert disk.size_bytes == 48 * MiB
     fabric.power_on(name)
     assert wait_flushed(console, 6) >= 6
     # kill -9 of the agent under the running domain: QEMU's disk is gone mid-write (libvirt 9 has
@@ -144,9 +147,10 @@ def test_protect_failover_reprotect_a_libvirt_domain_through_the_real_data_path(
 
     # Failover: the recovery domain from the recorded XML on the replica volume, same MAC, the
     # recovery site's network; its guest finds a clean file system with every flushed file.
-    dr_console = sites.folder / "vm-dr-console.log"
+    # The recovery domain's file console is its own, beside the original's (NAME.FILE).
+    dr_console = sites.folder / f"{PREFIX}vm-dr.{console.name}"
     dr = fabric.define_recovery(
-        recorded.replace(str(console), str(dr_console)),
+        recorded,
         f"{PREFIX}vm-dr",
         {"vda": replica},
         {sites.networks[0]: sites.networks[1]},

@@ -4,8 +4,8 @@ A lab guest checks its self-verifying log when it starts and reports whether the
 clean prefix. Workflows record that verdict after every failover and failback, and compare it
 with what the source guest had made durable before it was shut down: a planned failover must
 lose no flushed record. A fabric with such guests (the lab) implements `GuestOracle`
-(fabrics.base); on other fabrics (a real vCenter) there is no such guest and the verdict is
-"not observable".
+(fabrics.base), and so does libvirt for a domain booting the lab's VM guest image; on other
+fabrics (a real vCenter) or other domains there is no such guest and the verdict is "not observable".
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.fabrics.base import Fabric, GuestOracle
+from siterecovery.store.models import Fabric as FabricRow
 
 VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
 
@@ -46,8 +46,8 @@ def await_verdict(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         verdict = oracle.guest_start_verdict(machine, since)
-        if verdict is not None:
-            return {**verdict, "observable": True}
+        if verdict is not None:  # a fabric may say at once that this machine has no oracle
+            return {"observable": True, **verdict}
         time.sleep(0.2)
     return {
         "ok": False,

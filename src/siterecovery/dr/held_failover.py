@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.point_tasks import wait_at_point
-from siterecovery.dr.record import HeldFailover, HeldPoint, ItemRecord, Replication, Site
 from siterecovery.dr.recovery_points import item_points
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.base import Fabric, FabricError
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import HeldFailover, HeldPoint, ItemRecord, Replication, Site
 
 SNAPSHOT_NAME = "siterecovery-before-commit"
 HOLD_TIMEOUT = 300.0
@@ -67,8 +67,9 @@ def snapshot_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
     try:
         snap_id = (existing or fabric.create_snapshot(machine, SNAPSHOT_NAME)).id
     except FabricError as exc:
-        # libvirt's internal snapshots need qcow2 and the master target writes raw volumes: the
-        # machine boots without one, and its point cannot change before commit (change-point says so).
+        # A libvirt domain on raw replica volumes gets qcow2 overlays instead; one whose disk is
+        # the agent's NBD export (a failback home onto a captured domain) can take neither: it
+        # boots without one, and its point cannot change before commit (change-point says so).
         if exc.code != "libvirt-snapshot-unsupported":
             raise
         snap_id = ""

@@ -15,17 +15,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import by_id_or_name
-from siterecovery.control.fabric_access import open_fabric
-from siterecovery.control.states import ComponentKind, FabricKind
 from siterecovery.dr import items as repo
+from siterecovery.dr.fabric_access import open_fabric
 from siterecovery.dr.libvirt_checks import LibvirtTarget, RecordedDomain, check_libvirt_site
-from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics import libvirt_xml as lx
 from siterecovery.fabrics.base import Disk, Fabric, FabricError, Machine, OsType, PowerState
+from siterecovery.store.context import current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.models import by_id_or_name
+from siterecovery.store.record import ItemRecord, Site
+from siterecovery.store.states import ComponentKind, FabricKind
 
 
 def _refuse(code: str, message: str, remediation: str) -> SiteRecoveryError:
@@ -83,6 +83,34 @@ def define_recovery_domain(fabric: Fabric, rec: ItemRecord, name: str) -> bool:
         return False
     define(rec.domain_xml, name, {d.label: d.cloud_path for d in rec.disks})
     return True
+
+
+def isolated_network_name(test_machine: str) -> str:
+    """The isolated network of a test failover's domain, named after it (clean-up finds it so)."""
+    return f"{test_machine}-isolated"
+
+
+def define_test_domain(fabric: Fabric, rec: ItemRecord, name: str, copies: dict[str, str]) -> bool:
+    """Test failover onto a libvirt site: an isolated network made for it (no forward, no
+    addresses) and the recorded XML defined under `name`, each disk target on the master target's
+    copy at the point, every interface (MAC kept) on that network. Replication goes on meanwhile:
+    the copies are the domain's own. False when this is not a libvirt site or no XML was recorded."""
+    define = getattr(fabric, "define_recovery", None)
+    isolate = getattr(fabric, "create_isolated_network", None)
+    if not rec.domain_xml or not callable(define) or not callable(isolate):
+        return False
+    network = isolate(isolated_network_name(name))
+    root = lx.parse(rec.domain_xml)
+    used = {src.get("network", "") for src in root.findall("./devices/interface/source")}
+    define(rec.domain_xml, name, copies, {n: network for n in used if n})
+    return True
+
+
+def remove_test_network(fabric: Fabric, name: str) -> None:
+    """Test clean-up: the isolated network made for test domain `name` goes (a no-op elsewhere)."""
+    remove = getattr(fabric, "remove_network", None)
+    if callable(remove):
+        remove(isolated_network_name(name))
 
 
 def recreate_domain(fabric: Fabric, rec: ItemRecord, pool: str) -> Machine | None:

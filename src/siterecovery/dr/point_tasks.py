@@ -7,15 +7,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.guest import adopt_log, await_verdict
-from siterecovery.dr.record import ItemRecord, Replication, Site, TestCopy, TestFailover
+from siterecovery.dr.platforms import define_test_domain, remove_test_network
 from siterecovery.dr.recovery_points import LATEST, ItemPoint, item_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_point_unusable, recovery_verdict_failed
 from siterecovery.fabrics.base import DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import ItemRecord, Replication, Site, TestCopy, TestFailover
 
 POINT_TIMEOUT = 300.0
 
@@ -163,7 +164,10 @@ def start_test_machine(ctx: TaskContext) -> dict[str, Any]:
             )
         )
     fabric = repo.site_fabric(item.record, Site.CLOUD)
-    if fabric.discover().machine(test.machine) is None:
+    copies = {c.label: c.out_path for c in test.copies}
+    if fabric.discover().machine(test.machine) is None and not define_test_domain(
+        fabric, item.record, test.machine, copies
+    ):
         fabric.create_machine(
             MachineSpec(
                 name=test.machine,
@@ -201,6 +205,7 @@ def test_cleanup(ctx: TaskContext) -> dict[str, Any]:
     if fabric.discover().machine(test.machine) is not None:
         fabric.power_off(test.machine)
         fabric.delete_machine(test.machine)
+    remove_test_network(fabric, test.machine)
     for copy in test.copies:
         Path(copy.out_path).unlink(missing_ok=True)
 

@@ -256,8 +256,10 @@ class FabricError(Exception):
 @runtime_checkable
 class GuestOracle(Protocol):
     """A fabric whose guests judge their own crash consistency (the lab's log writer and VM
-    guests). The workflows ask it after a failover or failback; a fabric without such guests (a
-    real vCenter, Azure, libvirt) does not implement it and the verdict is "not observable"."""
+    guests, and libvirt domains booting the VM guest image). The workflows ask it after a failover
+    or failback; a fabric without such guests (a real vCenter, Azure) does not implement it, and
+    one that has them for some machines only answers "observable: False" for the others: the
+    verdict is then "not observable"."""
 
     def set_log_owner(self, machine: str, owner: str) -> None:
         """A copy of `owner`'s disks (test failover) continues `owner`'s log."""

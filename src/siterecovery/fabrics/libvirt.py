@@ -7,8 +7,11 @@ is `libvirt_xml`. Every libvirt error becomes a `FabricError` with a stable code
 safe to replay like the other providers': starting a running domain or attaching an attached disk
 does nothing; each snapshot create makes a new one.
 
-Snapshots are libvirt's internal snapshots, so they need qcow2 disks: a domain with a raw disk is
-refused with `libvirt-snapshot-unsupported` before anything is taken.
+Snapshots are libvirt's internal snapshots on qcow2 disks; a stopped domain whose disks are all raw
+files (replica volumes) gets a qcow2 overlay per disk instead (`libvirt_overlay`: a failover's
+recovery domain runs on them until commit, so its point can still change). Other domains with a
+raw disk are refused with `libvirt-snapshot-unsupported` before anything is taken. The lab's VM
+guest image booted as a domain makes it a `GuestOracle` (`lab.libvirt_oracle`, a layer above).
 Disk changes go to the persistent definition and, on a running domain, to the live one as well.
 """
 
@@ -19,10 +22,12 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
 import libvirt
+from siterecovery.fabrics import libvirt_capture, libvirt_overlay
 from siterecovery.fabrics import libvirt_xml as lx
 from siterecovery.fabrics.base import (
     Datastore,
@@ -193,10 +198,31 @@ class LibvirtFabric:
             power_state=PowerState.ON if active else PowerState.OFF,
             host=host,
             tools_running=active,
-            snapshots=tuple(Snapshot(s.getName(), s.getName()) for s in snaps),
-            disks=lx.disks(root, lambda src: self._size_and_pool(dom, src, active)),
+            snapshots=tuple(Snapshot(s.getName(), s.getName()) for s in snaps) + self._overlay_snapshot(dom),
+            disks=self._disks(dom, root, active),
             nics=lx.nics(root),
         )
+
+    def _disks(self, dom: libvirt.virDomain, root: ET.Element, active: bool) -> tuple[Disk, ...]:
+        # A disk whose source is the agent's export is reported by the volume under it (capture).
+        captured = libvirt_capture.read(dom)
+        out: list[Disk] = []
+        for disk in lx.disks(root, lambda src: self._size_and_pool(dom, src, active)):
+            volume = captured.get(disk.label, "")
+            if volume and disk.backing.startswith("nbd+unix://"):
+                size, pool = self._size_and_pool(
+                    dom, lx.DiskSource(disk.label, disk.bus, "file", volume, "raw"), False
+                )
+                disk = replace(
+                    disk, uuid=volume, backing=volume, size_bytes=size or disk.size_bytes, datastore=pool
+                )
+            out.append(disk)
+        return tuple(out)
+
+    @staticmethod
+    def _overlay_snapshot(dom: libvirt.virDomain) -> tuple[Snapshot, ...]:
+        overlay = libvirt_overlay.read(dom)
+        return (Snapshot(overlay.id, overlay.name),) if overlay is not None else ()
 
     def _size_and_pool(self, dom: libvirt.virDomain, src: lx.DiskSource, active: bool) -> tuple[int, str]:
         if src.kind in ("file", "block") and src.path:
@@ -364,12 +390,17 @@ class LibvirtFabric:
             )
         # The volumes the domain owns (named after it, as create_machine names them) go with it;
         # disks it only borrows (another domain's, attached to a master target) stay.
+        # Its overlays (a recovery domain before commit) are its own; the volumes under them are not.
+        overlay = libvirt_overlay.read(dom)
+        tops = [top for _, top in overlay.disks.values()] if overlay is not None else []
         owned = [
             d.backing
             for d in m.disks
-            if d.datastore and d.backing.rsplit("/", 1)[-1].startswith(f"{m.name}_")
+            if d.datastore and d.backing.rsplit("/", 1)[-1].startswith(f"{m.name}_") and d.backing not in tops
         ]
         self._call(f"undefine {m.name}", lambda: dom.undefineFlags(_UNDEFINE))
+        for path in tops:
+            libvirt_overlay.delete_volume(self.conn, path)
         for path in owned:
             vol = self._call(f"find volume {path}", partial(self.conn.storageVolLookupByPath, path))
             self._call(f"delete volume {path}", partial(vol.delete, 0))
@@ -431,11 +462,17 @@ class LibvirtFabric:
 
     def set_disk_sources(self, machine: str, sources: dict[str, str]) -> bool:
         """Point disk targets at new sources (a file, or `nbd+unix://EXPORT@SOCKET` for the agent's
-        export) in the persistent definition. True when the running domain uses them at once
-        (it was stopped); a running domain picks them up at its next power cycle."""
+        export) in the persistent definition; the volume under an export is recorded
+        (`libvirt_capture`), so discovery still reports the disk by its volume. True when the
+        domain uses them at once (it was stopped); a running domain picks them up at its next power cycle."""
         dom = self.domain(machine)
-        xml = lx.replace_disk_sources(self.xml(machine), sources)
+        before = self.xml(machine)
+        xml = lx.replace_disk_sources(before, sources)
         self._call(f"redefine {machine}", lambda: self.conn.defineXML(xml))
+        known = libvirt_capture.read(dom)
+        record = libvirt_capture.updated(lx.disk_sources(lx.parse(before)), known, sources)
+        if record != known:
+            self._call(f"record the capture of {machine}", partial(libvirt_capture.set_record, dom, record))
         return not dom.isActive()
 
     # ---- snapshots ---------------------------------------------------------------------------
@@ -452,7 +489,19 @@ class LibvirtFabric:
 
     def create_snapshot(self, machine: str, name: str) -> Snapshot:
         dom = self.domain(machine)
-        raw = [s.target for s in lx.disk_sources(lx.parse(self.xml(machine))) if s.format != "qcow2"]
+        sources = lx.disk_sources(lx.parse(self.xml(machine)))
+        raw = [s.target for s in sources if s.format != "qcow2"]
+        if libvirt_overlay.read(dom) is not None:
+            # Its disks are qcow2 overlays now, but an internal snapshot of them would not be
+            # undone by dropping or merging the overlays: one overlay snapshot at a time.
+            raise FabricError(
+                "libvirt-snapshot-unsupported",
+                f"Domain {machine} already runs on an overlay snapshot; it takes one at a time.",
+                f"Remove the snapshot of {machine} first.",
+            )
+        if sources and all(s.kind == "file" and s.format == "raw" for s in sources):
+            overlay = libvirt_overlay.create(self.conn, dom, name, sources, self._call)
+            return Snapshot(overlay.id, name)
         if raw:
             raise FabricError(
                 "libvirt-snapshot-unsupported",
@@ -471,11 +520,19 @@ class LibvirtFabric:
 
     def revert_to_snapshot(self, machine: str, snapshot_id: str) -> None:
         dom = self.domain(machine)
+        overlay = libvirt_overlay.read(dom)
+        if overlay is not None and overlay.id == snapshot_id:
+            libvirt_overlay.revert(self.conn, dom, overlay, self._call)
+            return
         snap = self._snapshot(dom, snapshot_id)
         self._call(f"revert {machine} to {snapshot_id}", lambda: dom.revertToSnapshot(snap, 0))
 
     def remove_snapshot(self, machine: str, snapshot_id: str) -> None:
         dom = self.domain(machine)
+        overlay = libvirt_overlay.read(dom)
+        if overlay is not None and overlay.id == snapshot_id:
+            libvirt_overlay.remove(self.conn, dom, overlay, self._call)
+            return
         snap = self._snapshot(dom, snapshot_id)
         self._call(f"remove snapshot {snapshot_id} of {machine}", lambda: snap.delete(0))
 
@@ -484,7 +541,33 @@ class LibvirtFabric:
         snaps = self._call(f"list snapshots of {machine}", lambda: dom.listAllSnapshots(0))
         for snap in snaps:
             self._call(f"remove snapshot {snap.getName()}", partial(snap.delete, 0))
-        return len(snaps)
+        overlay = libvirt_overlay.read(dom)
+        if overlay is not None:
+            libvirt_overlay.remove(self.conn, dom, overlay, self._call)
+        return len(snaps) + (overlay is not None)
+
+    # ---- isolated networks (test failover) -----------------------------------------------------
+
+    def create_isolated_network(self, name: str) -> str:
+        """A network with no forward and no addresses (a bridge of its own that reaches nothing
+        outside), for a test failover's domain; one already there (a replayed step) is kept."""
+        with contextlib.suppress(libvirt.libvirtError):
+            if self.conn.networkLookupByName(name).isActive():
+                return name
+        xml = f"<network><name>{name}</name></network>"
+        self._call(f"create the isolated network {name}", lambda: self.conn.networkCreateXML(xml))
+        return name
+
+    def remove_network(self, name: str) -> None:
+        try:
+            net = self.conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            return  # gone already
+        persistent = net.isPersistent()
+        if net.isActive():
+            self._call(f"stop network {name}", net.destroy)
+        if persistent:
+            self._call(f"undefine network {name}", net.undefine)
 
     # ---- storage -----------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from siterecovery.fabrics.base import Disk, FabricError, IpMode, Nic, OsType
 # q35 (32 slots less those the machine itself uses); sata: the one AHCI controller q35 has; ide:
 # two channels of two on i440fx; scsi: one virtio-scsi controller's targets a guest probes.
 BUS_LIMITS: dict[str, int] = {"virtio": 28, "sata": 6, "ide": 4, "scsi": 256, "usb": 4}
+# The namespace of the fabric's own domain metadata (capture, overlays): not copied to a new domain.
+OWN_METADATA = "https://siterecovery.dev/xmlns/libvirt/"
 _PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd"}
 
 
@@ -183,15 +185,26 @@ def for_new_domain(xml: str, name: str, networks: dict[str, str] | None = None) 
     """Recorded domain XML made definable under `name` beside the original: no UUID (libvirt makes a
     new one), the given name; MACs and interface definitions are kept (a recovery domain's
     addresses come back because the guest sees the same NICs), each interface's network mapped
-    through `networks` (a test failover's isolated network, the recovery site's own)."""
+    through `networks` (a test failover's isolated network, the recovery site's own). A file
+    console moves to a file of its own beside the original (`NAME.FILE`): both domains may run on
+    one host, and a console file is where the VM guest reports its verdict."""
     root = parse(xml)
+    for metadata in root.findall("metadata"):
+        for own in [el for el in metadata if el.tag.startswith("{" + OWN_METADATA)]:
+            metadata.remove(own)  # the original's capture and overlays are its own
+    for tag in ("serial", "console"):
+        for src in root.findall(f"./devices/{tag}[@type='file']/source"):
+            path = src.get("path", "")
+            if path:
+                folder, _, file = path.rpartition("/")
+                src.set("path", f"{folder}/{name}.{file}")
     for src in root.findall("./devices/interface/source"):
         if src.get("network") in (networks or {}):
             src.set("network", (networks or {})[src.get("network", "")])
     for tag in ("uuid", "name"):
-        el = root.find(tag)
-        if el is not None:
-            root.remove(el)
+        found = root.find(tag)
+        if found is not None:
+            root.remove(found)
     named = ET.Element("name")
     named.text = name
     root.insert(0, named)

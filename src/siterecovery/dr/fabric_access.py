@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.states import FabricKind
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import Fabric, FabricError, Inventory
-from siterecovery.fabrics.lab import LabFabric
+from siterecovery.lab.fabric import LabFabric
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.states import FabricKind
 
 
 def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
@@ -46,7 +46,8 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
         return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
     if row.kind == FabricKind.LIBVIRT.value:
         try:
-            from siterecovery.fabrics.libvirt import LibvirtFabric
+            # The libvirt fabric with the lab's VM guest as its oracle (a layer above fabrics).
+            from siterecovery.lab.libvirt_oracle import LibvirtGuestFabric
         except ImportError as exc:  # libvirt-python is an extra
             raise SiteRecoveryError(
                 Problem(
@@ -59,7 +60,7 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
             ) from exc
 
         # Credentials are the URI's business (SSH keys, SASL, TLS certificates on the server).
-        return LibvirtFabric(
+        return LibvirtGuestFabric(
             str(conn["uri"]), name=row.name, site=row.site, domain_type=str(conn.get("domain_type", ""))
         )
     raise SiteRecoveryError(
