@@ -36,6 +36,7 @@ from siterecovery.dataplane.protocol import (
     frame_intact,
     parse_header,
 )
+from siterecovery.dataplane.spool_tail import SpoolTail
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class SegmentLog:
         self._fd: int | None = None
         self._unsynced: list[int] = []
         self._damage_path = directory / _DAMAGE
+        self._tail: SpoolTail | None = None
         self.damage: list[LogDamage] = []
         if self._damage_path.exists():
             self.damage = [LogDamage(**d) for d in json.loads(self._damage_path.read_text())]
@@ -132,6 +134,20 @@ class SegmentLog:
             _fsync_dir(self.directory)
         return found
 
+    def share_tail(self, tail: SpoolTail) -> None:
+        """Publish where the log ends into `tail` from now on (a reader in another process)."""
+        with self._lock:
+            self._tail = tail
+            self._publish()
+
+    def _publish(self) -> None:
+        if self._tail is not None:
+            seg = self._segments[-1] if self._segments else None
+            if seg is None:
+                self._tail.publish(-1, 0, -1)
+            else:
+                self._tail.publish(seg.first_seq, seg.size, seg.last_seq)
+
     def repair(self) -> list[LogDamage]:
         """A reader met a bad frame header in the live log: index it again as on open (the damage
         found is recorded in `damage`); appends go on in a new segment."""
@@ -142,7 +158,9 @@ class SegmentLog:
             known_last = self._segments[-1].last_seq if self._segments else -1
             paths = [seg.path for seg in self._segments]
             self._segments = []
-            return self._open_segments(paths, known_last)
+            found = self._open_segments(paths, known_last)
+            self._publish()
+            return found
 
     def clear_damage(self) -> None:
         """The owner has taken over the damage (persisted its resync and alert): forget it."""
@@ -183,6 +201,8 @@ class SegmentLog:
             seg = self._segments[-1]
             seg.size += want
             seg.last_seq = seq
+            if self._tail is not None:
+                self._tail.publish(seg.first_seq, seg.size, seq)
             self.appended.notify_all()
 
     def _roll(self, seq: int) -> None:
