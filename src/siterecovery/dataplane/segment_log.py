@@ -76,6 +76,8 @@ class SegmentLog:
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._unsynced: list[int] = []
+        self._rolls = 0  # segments created so far ...
+        self._rolls_durable = 0  # ... and how many of their names an fsync of the directory covers
         self._damage_path = directory / _DAMAGE
         self._tail: SpoolTail | None = None
         self.damage: list[LogDamage] = []
@@ -211,12 +213,15 @@ class SegmentLog:
         path = self.directory / f"{seq:020d}{_SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._segments.append(_Segment(seq, seq - 1, 0, path))
-        _fsync_dir(self.directory)
+        # Its name is made durable by the next sync(), with its frames: nothing in it is promised
+        # before then, and an fsync of the directory here stalled the export's writes.
+        self._rolls += 1
 
     def sync(self) -> None:
         """Make every appended frame durable."""
         with self._lock:
             fds, self._unsynced = self._unsynced, []
+            rolls = self._rolls
             # A duplicate of the current segment's descriptor: `free_through` on another thread may
             # close the original while we fdatasync outside the lock ("Bad file descriptor").
             current = os.dup(self._fd) if self._fd is not None else None
@@ -228,6 +233,11 @@ class SegmentLog:
                 os.fdatasync(current)
             finally:
                 os.close(current)
+        if rolls > self._rolls_durable:
+            # Cleared only once done: a concurrent sync() does not return before the names are durable.
+            _fsync_dir(self.directory)
+            with self._lock:
+                self._rolls_durable = max(self._rolls_durable, rolls)
 
     def free_through(self, seq: int) -> None:
         """Delete segments whose every frame has sequence <= `seq` (acknowledged downstream)."""
