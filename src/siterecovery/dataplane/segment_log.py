@@ -6,6 +6,8 @@ log back with cursors to send downstream, and frees whole segments once downstre
 their last frame. On open, a torn tail left by a crash (a partly written frame) is cut off; every
 frame before it was either fsynced (and acknowledged) or never acknowledged, so nothing
 acknowledged is lost.
+A new segment's name is made durable by the next `sync()` together with its frames, not when
+it is created: nothing in it is promised before, and a directory fsync per roll stalled writers.
 
 A bad frame header *followed by intact frames* is not a torn tail but damage (a flipped bit on the
 disk): the scan resynchronises on the next offset whose header verifies and whose payload matches
