@@ -22,7 +22,8 @@ from pathlib import Path
 
 from bench.bench_capture import JOBS, Job, Result, machine, median
 from siterecovery.dataplane import before_image
-from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 
 MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results" / "before-image.md"

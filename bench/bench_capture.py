@@ -41,7 +41,8 @@ from pathlib import Path
 
 from bench.plane import PairSample, Protected, protected_disk, wait_until
 from siterecovery.dataplane.activity_log import ActivityLog
-from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 from siterecovery.pki import CertificateAuthority
 
 IMAGE_SIZE = 1 << 30

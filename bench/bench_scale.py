@@ -48,7 +48,7 @@ from sqlalchemy import text
 
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
-from siterecovery.control.database import Database
+from siterecovery.store.database import Database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
 INTERVAL = 2.0

@@ -16,9 +16,6 @@ from typing import Any
 
 import httpx
 
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Policy, ReplicatedItem, new_id, now
-from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import (
     AgentStats,
     CacheHealth,
@@ -29,7 +26,10 @@ from siterecovery.dataplane.assignments import (
     PointInfo,
     ProcessServerStats,
 )
-from siterecovery.dr.record import ItemDisk, ItemRecord, Pair, Replication, Site
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.models import Component, Policy, ReplicatedItem, new_id, now
+from siterecovery.store.record import ItemDisk, ItemRecord, Pair, Replication, Site
+from siterecovery.store.states import ComponentKind
 
 DISKS_PER_ITEM = 2
 

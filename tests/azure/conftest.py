@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import ContainerClient
 
-from siterecovery.dataplane.page_blob import open_container
+from siterecovery.dataplane.page_blob import STORAGE_API_VERSION, open_container
+from siterecovery.pki import CertificateAuthority
 from tests.conftest import free_port, require_tool
 from tests.dataplane.conftest import plane  # noqa: F401 - the real data-plane processes (tests/dataplane's fixture)
 
@@ -37,6 +39,12 @@ class Azurite:
         return (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint=http://127.0.0.1:{self.port}/{ACCOUNT};"
+        )
+
+    def container_client(self, name: str) -> ContainerClient:
+        """An existing container (e.g. the fake ARM's managed disks), with the account's key."""
+        return ContainerClient.from_connection_string(
+            self.connection_string, name, api_version=STORAGE_API_VERSION
         )
 
     def container(self, prefix: str = "t") -> ContainerClient:
@@ -69,6 +77,66 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
                 raise AssertionError(f"azurite did not start:\n{(location / 'azurite.log').read_text()}")
             time.sleep(0.1)
         yield Azurite(port, location)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+
+
+@dataclass(frozen=True)
+class FakeArmEndpoint:
+    """A fake ARM process (tests/azure/fake_arm_server.py) on https://127.0.0.1:port."""
+
+    port: int
+    ca_file: Path  # the test CA that signed its certificate (clients trust it)
+    secret: str  # the one client secret its token endpoint accepts
+    disks: str  # the Azurite container holding its managed disks and snapshots
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def tenant(self) -> str:
+        return "fake-tenant"
+
+    @property
+    def client_id(self) -> str:
+        return "00000000-0000-0000-0000-00000000c11e"
+
+
+@pytest.fixture
+def fake_arm_endpoint(
+    request: pytest.FixtureRequest, azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeArmEndpoint]:
+    """A fresh fake ARM (empty resource group) for one test; this process trusts its CA. A module
+    sets FAKE_ARM_CORE_QUOTA for a smaller regional core quota (AZ-QUOTA)."""
+    folder = tmp_path / "fake-arm"
+    ca = CertificateAuthority.load_or_create(folder / "ca", "fake ARM test CA")
+    cert, key, ca_file = ca.issue("fake-arm", ("127.0.0.1",)).write(folder, "arm")
+    disks = f"disks-{uuid.uuid4().hex[:12]}"
+    port_file, secret = folder / "port", uuid.uuid4().hex
+    log = open(folder / "fake-arm.log", "wb")  # noqa: SIM115 - closed after the process ends
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.azure.fake_arm_server", "--port-file", str(port_file),
+         "--cert", str(cert), "--key", str(key), "--secret", secret,
+         "--storage", azurite.connection_string, "--container", disks,
+         "--core-quota", str(getattr(request.module, "FAKE_ARM_CORE_QUOTA", 10))],
+        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the fake ARM did not start:\n{(folder / 'fake-arm.log').read_text()}")
+            time.sleep(0.1)
+        # The SDK's transport (requests) trusts the test CA as the server process will.
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
+        yield FakeArmEndpoint(int(port_file.read_text()), ca_file, secret, disks)
     finally:
         proc.terminate()
         try:

@@ -73,13 +73,21 @@ class FakeArm:
         return list(self.vms.values())
 
     def list_disks(self) -> list[ArmDisk]:
-        return list(self.disks.values())
+        return [
+            dataclasses.replace(d, state=self._state(d.name, bool(d.managed_by))) for d in self.disks.values()
+        ]
+
+    def _state(self, blob: str, attached: bool) -> str:
+        return "ActiveSAS" if blob in self.read_grants else ("Attached" if attached else "Unattached")
 
     def list_nics(self) -> list[ArmNic]:
         return list(self.nics.values())
 
     def list_snapshots(self) -> list[ArmSnapshot]:
-        return list(self.snapshots.values())
+        return [
+            dataclasses.replace(s, state=self._state(f"snapshot-{s.name}", False))
+            for s in self.snapshots.values()
+        ]
 
     # ---- disks ----------------------------------------------------------------------------------
 

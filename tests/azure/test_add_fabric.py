@@ -34,6 +34,14 @@ def test_the_api_names_each_missing_azure_setting(tmp_path: Path) -> None:
         body = {"name": "az", "kind": "azure", "connection": CONNECTION, "secret": "s3cret"}
         resp = cs.api("POST", "/api/fabrics", json=body)  # a secret without tenant and client id
         assert resp.status_code == 422 and resp.json()["code"] == "azure-credentials-incomplete", resp.text
+        for key, value in (
+            ("arm_endpoint", "http://management.example"),  # the SDK's token policy needs https
+            ("authority_host", "https://login.example/path"),  # an origin, nothing after it
+            ("blob_endpoint", "http://10.0.0.5:10000/acct"),  # plain http only on loopback
+        ):
+            bad = {"name": "az", "kind": "azure", "connection": {**CONNECTION, key: value}}
+            resp = cs.api("POST", "/api/fabrics", json=bad)
+            assert resp.status_code in (400, 422) and f"connection.{key}" in resp.text, resp.text
         assert cs.api("GET", "/api/fabrics").json() == []
         out = run_cli("fabrics", "add", "azure", "--subscription", "x", env=cs.env, check=False)
         assert out.returncode != 0 and "--resource-group" in out.stderr
@@ -56,6 +64,14 @@ def test_a_stored_connection_opens_as_the_azure_fabric() -> None:
     )
     assert fabric.replicas.url == f"https://srreplicas.blob.core.windows.net/{DEFAULT_REPLICA_CONTAINER}"
     assert fabric.replicas.api_version == "2025-11-05"
+    elsewhere = {
+        "arm_endpoint": "https://management.usgovcloudapi.net",
+        "authority_host": "https://login.microsoftonline.us",
+        "blob_endpoint": "https://srreplicas.blob.core.usgovcloudapi.net",
+    }
+    sovereign = open_azure("az", "cloud", {**CONNECTION, **elsewhere}, "")
+    assert sovereign.replicas.url == f"{elsewhere['blob_endpoint']}/{DEFAULT_REPLICA_CONTAINER}"
+    assert isinstance(sovereign.arm, SdkArm) and sovereign.arm.endpoint == elsewhere["arm_endpoint"]
     with pytest.raises(SiteRecoveryError) as incomplete:
         open_azure("az", "cloud", {**CONNECTION, "client_id": "app"}, "s3cret")  # a secret, but no tenant
     assert incomplete.value.first.code == "azure-credentials-incomplete"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES, check_azure_failover
+from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES, check_azure_failover, check_sas
 from siterecovery.dr.rules import RULES
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_arm import VmCreate
@@ -81,3 +81,40 @@ def test_all_failing_rules_at_once_and_quota_counts_running_vms(fabric: AzureFab
     (problem,) = check_azure_failover(fabric.capacity(), [machine("web", 64 * MiB)] * 3, "Standard_D2s_v3")
     assert problem.code == "azure-core-quota" and problem.rule == "AZ-QUOTA"
     assert "8 cores" in problem.message and "westeurope" in problem.remediation
+
+
+DAY = 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("seconds", "failing"),
+    [(29, True), (30, False), (4 * 3600, False), (60 * DAY, False), (60 * DAY + 1, True)],
+)
+def test_the_sas_duration_is_one_arm_grants(seconds: int, failing: bool) -> None:
+    problems = check_sas(seconds)
+    assert [p.code for p in problems] == (["azure-sas-duration"] if failing else [])
+    for p in problems:
+        assert p.rule == RULES[p.code].id and str(seconds) in p.remediation and "{" not in p.remediation
+
+
+def test_a_disk_or_snapshot_already_read_through_a_sas_is_named(fabric: AzureFabric) -> None:
+    arm = fabric.arm
+    assert isinstance(arm, FakeArm)
+    write_replica(fabric.replicas, "web.vhd", MiB, [(0, 4096)])
+    disk = arm.import_disk("web-os", fabric.replicas.get_blob_client("web.vhd").url, MiB, OsType.LINUX)
+    nic = arm.create_nic("web-nic", "subnet", "")
+    arm.create_vm(VmCreate("web", "Standard_B1s", OsType.LINUX, disk.id, (), (nic.id,), {}))
+    fabric.create_snapshot("web", "failback-sync-1")
+    other = arm.import_disk("other-os", fabric.replicas.get_blob_client("web.vhd").url, MiB, None)
+    assert fabric.active_reads("web") == []
+    arm.disk_read_url("web-os", 60)
+    arm.snapshot_read_url("web-failback-sync-1-os", 60)
+    arm.disk_read_url(other.name, 60)  # not the VM's: someone else's export is no concern here
+    active = fabric.active_reads("web")
+    assert active == ["web-failback-sync-1-os", "web-os"]
+    problems = check_sas(4 * 3600, active)
+    assert [(p.code, p.rule) for p in problems] == [("azure-sas-active", "AZ-SAS-ACTIVE")] * 2
+    assert "web-os" in problems[1].message and "web-os" in problems[1].remediation
+    arm.end_disk_read("web-os")
+    arm.end_snapshot_read("web-failback-sync-1-os")
+    assert fabric.active_reads("web") == []

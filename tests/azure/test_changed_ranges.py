@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import xxhash
 from azure.storage.blob import BlobClient
@@ -13,6 +14,7 @@ from siterecovery.dataplane.changed_ranges import (
     DiffMethod,
     ServiceDiff,
     choose,
+    copy_changes,
     self_test,
 )
 from tests.azure.conftest import Azurite
@@ -85,3 +87,35 @@ def test_content_compare_finds_exactly_the_updated_and_cleared_ranges(azurite: A
         else:
             disk[r.offset : r.end] = blob.download_blob(offset=r.offset, length=r.length).readall()
     assert xxhash.xxh3_128_hexdigest(disk) == xxhash.xxh3_128_hexdigest(blob.download_blob().readall())
+
+
+def test_compare_with_an_on_premises_disk_finds_exactly_what_differs(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    """The first sync after an unplanned failover: no snapshot is known to equal the on-premises
+    disk, so the blob is compared with the disk itself (a sparse file whose holes read as zeroes)."""
+    container = azurite.container()
+    blob = container.get_blob_client("disk0.vhd")
+    snapshot = _base_and_changes(blob)
+    disk = tmp_path / "disk0.img"
+    base = container.get_blob_client("disk0.vhd", snapshot=snapshot)
+    with open(disk, "wb") as f:  # the on-premises disk holds the base, sparse where it had no pages
+        f.truncate(SIZE)
+        for page in base.list_page_ranges():
+            lo, hi = int(page.start or 0), int(page.end or 0) + 1
+            f.seek(lo)
+            f.write(base.download_blob(offset=lo, length=hi - lo).readall())
+    with open(disk, "r+b") as f:  # and something the replica never had: written there after failover
+        f.seek(6 * MiB)
+        f.write(b"\x07" * 4 * KiB)
+    compare = ContentCompare()
+    changes = compare.compare_file(blob, disk, SIZE)
+    assert changes == sorted(
+        [*EXPECTED, ChangedRange(6 * MiB, 4 * KiB, cleared=True)], key=lambda r: r.offset
+    )
+    # Neither the blob nor the file holds data in most of the 12 MiB: it is not read.
+    assert compare.bytes_read < SIZE
+    copy_changes(blob, changes, disk)
+    assert xxhash.xxh3_128_hexdigest(disk.read_bytes()) == xxhash.xxh3_128_hexdigest(
+        blob.download_blob().readall()
+    )

@@ -14,9 +14,9 @@ from typing import Any
 from bench.hollow import seed
 from sqlalchemy import update
 
-from siterecovery.control.database import Database
-from siterecovery.control.db import Policy, ReplicatedItem
-from siterecovery.dr.record import ItemRecord
+from siterecovery.store.database import Database
+from siterecovery.store.models import Policy, ReplicatedItem
+from siterecovery.store.record import ItemRecord
 from tests.conftest import free_port, run_cli
 from tests.control.conftest import ConfigServer
 from tests.control.test_postgres import postgres  # noqa: F401 - the real PostgreSQL fixture

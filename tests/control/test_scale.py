@@ -21,18 +21,19 @@ from sqlalchemy import event, select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.admission import HeartbeatAdmission
-from siterecovery.control.app import create_app
-from siterecovery.control.auth import create_token
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import Component, Job, ReplicatedItem
-from siterecovery.control.events import record_event
-from siterecovery.control.states import Role, Severity
 from siterecovery.dataplane.assignments import AgentStats
-from siterecovery.dataplane.control_client import ControlClient, Registration, backoff_seconds
+from siterecovery.dataplane.control_client import ControlClient, Registration
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
-from siterecovery.dr.record import ItemRecord
+from siterecovery.retry import after_busy as backoff_seconds
+from siterecovery.server.app import create_app
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Component, Job, ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import Role, Severity
+from siterecovery.store.tokens import create_token
 
 
 @dataclass

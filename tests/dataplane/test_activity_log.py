@@ -7,7 +7,8 @@ from pathlib import Path
 from tests.nbd_writer import RECORD, NbdConnection, record
 
 from siterecovery.dataplane.activity_log import AHEAD, EXTENT, ActivityLog
-from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 
 from siterecovery.config import load_server_config
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.db import Component, Job, JobTask, Policy, ReplicatedItem
 from siterecovery.dataplane.assignments import (
     AgentStats,
     CacheHealth,
@@ -24,7 +22,9 @@ from siterecovery.dataplane.assignments import (
     ProcessServerStats,
     RefusedFrame,
 )
-from siterecovery.dr.record import ItemDisk, ItemRecord, Pair, Replication, Site
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.models import Component, Job, JobTask, Policy, ReplicatedItem
+from siterecovery.store.record import ItemDisk, ItemRecord, Pair, Replication, Site
 
 
 class Plane:

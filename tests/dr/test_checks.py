@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from siterecovery.control.states import Direction, ProtectionState
-from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES
+from siterecovery.dr.azure_checks import AZURE_FAILBACK_RULES, AZURE_FAILOVER_RULES
 from siterecovery.dr.check_inputs import (
     ComponentView,
     GroupMember,
@@ -60,6 +59,7 @@ from siterecovery.fabrics.base import (
     SiteKind,
     Snapshot,
 )
+from siterecovery.store.states import Direction, ProtectionState
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
@@ -635,9 +635,9 @@ def test_every_code_has_a_case() -> None:
     failback = {p.values[1] for p in FAILBACK_CASES}
     assert reprotect == {r.code for r in REPROTECT_RULES}
     assert failback == {r.code for r in FAILBACK_RULES}
-    # The failover-to-Azure rules have their cases in tests/azure/test_azure_checks.py, the libvirt
-    # rules theirs in tests/libvirt/test_checks.py.
-    others = {r.code for r in (*AZURE_FAILOVER_RULES, *LIBVIRT_RULES)}
+    # The Azure rules have their cases in tests/azure/test_azure_checks.py, the libvirt rules theirs
+    # in tests/libvirt/test_checks.py.
+    others = {r.code for r in (*AZURE_FAILOVER_RULES, *AZURE_FAILBACK_RULES, *LIBVIRT_RULES)}
     assert reprotect | failback | others == set(RULES)
 
 

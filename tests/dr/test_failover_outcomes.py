@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from siterecovery.control.jobs import TaskContext
 from siterecovery.dataplane.assignments import PointInfo
 from siterecovery.dr import items as repo
 from siterecovery.dr.operations import FailoverRequest, change_point_tasks, failover_tasks
-from siterecovery.dr.record import Site
 from siterecovery.dr.tasks import drain, verify_recovery
 from siterecovery.errors import SiteRecoveryError
+from siterecovery.store.jobs import TaskContext
+from siterecovery.store.record import Site
 from tests.dr.conftest import Plane
 
 
@@ -64,7 +64,7 @@ def test_a_point_change_is_verified_too(plane: Plane) -> None:
     assert item.record.replication is not None
     plane.set_record(held=held_failover(item.record.replication))
     with plane.cp.db.session() as s:
-        from siterecovery.control.db import ReplicatedItem
+        from siterecovery.store.models import ReplicatedItem
 
         row = s.get(ReplicatedItem, "it")
         assert row is not None

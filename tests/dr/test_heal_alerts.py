@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from siterecovery.control.db import Event
 from siterecovery.dataplane.assignments import RefusedFrame, RefusedHop
 from siterecovery.dr.monitor import evaluate
+from siterecovery.store.models import Event
 from tests.dr.conftest import Plane
 
 

@@ -9,8 +9,6 @@ from pathlib import Path
 from sqlalchemy import select
 
 from siterecovery.config import load_server_config
-from siterecovery.control.context import open_control_plane
-from siterecovery.control.db import Component, Event, ReplicatedItem
 from siterecovery.dataplane.assignments import (
     AgentStats,
     MasterTargetPairStats,
@@ -19,6 +17,8 @@ from siterecovery.dataplane.assignments import (
     PairStats,
 )
 from siterecovery.dr.monitor import evaluate
+from siterecovery.store.context import open_control_plane
+from siterecovery.store.models import Component, Event, ReplicatedItem
 from tests.dr.conftest import gold_policy, protected_item
 
 

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from siterecovery.control.db import Event
 from siterecovery.control.metrics import StateCollector
 from siterecovery.dr import stall
 from siterecovery.dr.monitor import evaluate
+from siterecovery.store.models import Event
 from tests.dr.conftest import Plane
 
 

@@ -34,10 +34,10 @@ import pytest
 from siterecovery.api_client import ApiError
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
-from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_settings import SetKind, apply_settings
 from siterecovery.fabrics.lab_store import LabStore
 from siterecovery.lab import runtime
+from siterecovery.lab.fabric import LabFabric
 from tests.conftest import run_cli
 from tests.e2e.conftest import (
     HEARTBEAT_TIMEOUT,
@@ -641,7 +641,7 @@ def _plan_reprotect_refused(env: Env, plan: str, values: dict[str, dict[str, str
     """The plan's job starts; its first task (the first machine's prerequisite check) refuses with
     `code`, and no later task ran: nothing was powered off, merged, attached or replicated.
 
-    A failed task keeps only its first problem (control/jobs.py), so each plan case breaks one rule.
+    A failed task keeps only its first problem ((store/jobs.py)), so each plan case breaks one rule.
     """
     before = world(env)
     job = run_job(env, f"/api/recoveryPlans/{plan}/reprotect", {"items": values})

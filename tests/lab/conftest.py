@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import create_lab
 from siterecovery.lab import runtime
+from siterecovery.lab.fabric import LabFabric
 from siterecovery.lab.guest import GuestStatus
 
 DISK_SIZE = 16 * 1024 * 1024

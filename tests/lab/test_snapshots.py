@@ -9,8 +9,8 @@ import pytest
 
 from siterecovery.dataplane.before_image import log_path
 from siterecovery.fabrics.base import FabricError
-from siterecovery.fabrics.lab import LabFabric
 from siterecovery.lab import runtime
+from siterecovery.lab.fabric import LabFabric
 from tests.conftest import data_extents
 
 from .conftest import Lab, wait_records

@@ -212,7 +212,7 @@ def test_a_server_without_the_libvirt_binding_refuses_a_libvirt_fabric_by_code()
     script = (
         "import sys; sys.modules['libvirt'] = None\n"
         "from types import SimpleNamespace\n"
-        "from siterecovery.control.fabric_access import open_fabric\n"
+        "from siterecovery.dr.fabric_access import open_fabric\n"
         "from siterecovery.errors import SiteRecoveryError\n"
         "row = SimpleNamespace(kind='libvirt', connection={'uri': 'test:///default'}, name='x', site='s')\n"
         "try:\n    open_fabric(None, row)\nexcept SiteRecoveryError as e:\n    print(e.first.code)\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.dataplane.nbd import Export, ServerThread, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import ServerThread, run_nbd_server_in_thread
 
 IMAGE_SIZE = 64 * 1024 * 1024
 

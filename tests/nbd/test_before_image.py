@@ -19,7 +19,8 @@ import pytest
 from siterecovery.dataplane import before_image
 from siterecovery.dataplane.apply import punch_or_zero
 from siterecovery.dataplane.before_image import DEFAULT_CHUNK, BeforeImageLog, log_path
-from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 from siterecovery.errors import SiteRecoveryError
 from tests.conftest import data_extents, require_tool
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.dataplane.nbd import STATE_HOLE, STATE_ZERO, NbdErrno
+from siterecovery.dataplane.nbd.wire import STATE_HOLE, STATE_ZERO, NbdErrno
 from siterecovery.dataplane.nbd_client import Extent, NbdClient, NbdError
 from siterecovery.lab import verify_log
 from siterecovery.lab.oracle import file_data_ranges

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from siterecovery.dataplane.nbd import (
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import NbdServer
+from siterecovery.dataplane.nbd.wire import (
     MAX_BLOCK_SIZE,
     REQUEST,
     REQUEST_MAGIC,
@@ -22,9 +24,7 @@ from siterecovery.dataplane.nbd import (
     SIMPLE_REPLY_MAGIC,
     Cmd,
     CmdFlag,
-    Export,
     NbdErrno,
-    NbdServer,
 )
 from siterecovery.dataplane.nbd_client import NbdClient, NbdError
 from siterecovery.errors import SiteRecoveryError

@@ -1,4 +1,4 @@
-"""Property-based tests of the NBD export's parser (dataplane/nbd.py), over real sockets.
+"""Property-based tests of the NBD export's parser (dataplane/nbd/), over real sockets.
 
 Whatever a client sends — in the handshake or as transmission requests — the server answers,
 or refuses and closes that one connection (its protocol error); it never raises anything else,
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from siterecovery.dataplane.nbd import IHAVEOPT, REQUEST, REQUEST_MAGIC, Cmd, HandshakeFlag
+from siterecovery.dataplane.nbd.wire import IHAVEOPT, REQUEST, REQUEST_MAGIC, Cmd, HandshakeFlag
 from siterecovery.dataplane.nbd_client import NbdClient
 from tests.nbd.conftest import IMAGE_SIZE, Served
 

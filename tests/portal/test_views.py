@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.portal.views import ItemAction, RpoLevel, actions_for, rpo_level
+from siterecovery.store.states import Direction, ProtectionState
 
 F, B = Direction.FORWARD, Direction.FAILBACK
 A = ItemAction

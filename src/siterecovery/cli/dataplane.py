@@ -17,11 +17,20 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import httpx
 import typer
 
+from siterecovery.config import (
+    AgentSettings,
+    LogFormat,
+    LogLevel,
+    MasterTargetSettings,
+    ProcessServerSettings,
+    ServiceSettings,
+    load_settings,
+)
 from siterecovery.dataplane.agent import Agent, AgentOptions
 from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired, ProcessServerDesired
 from siterecovery.dataplane.control_client import (
@@ -34,23 +43,52 @@ from siterecovery.dataplane.links import Identity, parse_address
 from siterecovery.dataplane.master_target import MasterTarget
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, page_blob_factory
 from siterecovery.dataplane.process_server import ProcessServer
-from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT
 from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
+from siterecovery.logs import configure_logging
+from siterecovery.retry import Backoff
 
+S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
+
+# Every option defaults to None, meaning "not given": the service's settings (siterecovery.config)
+# then take the SITERECOVERY_* variable, the configuration file or the default, in that order.
 ServerOpt = Annotated[
-    str | None, typer.Option("--server", envvar="SITERECOVERY_SERVER", help="configuration server URL")
+    str | None, typer.Option("--server", help="configuration server URL [env SITERECOVERY_SERVER]")
 ]
 CaOpt = Annotated[
     Path | None,
     typer.Option(
         "--ca-file",
-        envvar="SITERECOVERY_CA_FILE",
         help="CA the configuration server's HTTPS certificate must chain to (else trust on first use)",
     ),
 ]
 PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
-IntervalOpt = Annotated[float, typer.Option("--interval", help="seconds between heartbeats")]
+IntervalOpt = Annotated[float | None, typer.Option("--interval", help="seconds between heartbeats [2]")]
+SiteOpt = Annotated[str | None, typer.Option("--site", help="[onprem]")]
+AssignmentsOpt = Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="TOML settings file [env SITERECOVERY_CONFIG]", show_default=False),
+]
+LogFormatOpt = Annotated[LogFormat | None, typer.Option("--log-format", help="text or json [text]")]
+LogLevelOpt = Annotated[LogLevel | None, typer.Option("--log-level", help="[INFO]")]
+
+
+def _settings(cls: type[S], config: Path | None, **flags: object) -> S:
+    """The service's effective settings (flags > env > file > defaults), logging set up from them."""
+    try:
+        settings = load_settings(cls, flags, config).settings
+    except SiteRecoveryError as exc:
+        raise _fail(exc) from exc
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def _required(value: T | None, flag: str) -> T:
+    if value is None:
+        raise typer.BadParameter(f"{flag} is required (or its setting in the environment or the file)")
+    return value
 
 
 def _stop_event() -> threading.Event:
@@ -84,53 +122,80 @@ def _write_address(state_dir: Path, address: str) -> None:
 
 
 def agent(
-    machine: Annotated[str, typer.Option("--machine", help="name of the protected machine")],
+    machine: Annotated[str | None, typer.Option("--machine", help="name of the protected machine")] = None,
     server: ServerOpt = None,
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
     disk: Annotated[list[str] | None, typer.Option("--disk", help="LABEL=PATH of a local disk")] = None,
     nbd_unix_dir: Annotated[Path | None, typer.Option("--nbd-unix-dir")] = None,
     nbd_listen: Annotated[str | None, typer.Option("--nbd-listen", help="H:P for NBD over TCP")] = None,
-    state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("agent-state"),
-    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
-    spool_limit: Annotated[int, typer.Option("--spool-limit", help="bytes")] = DEFAULT_SPOOL_LIMIT,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds")] = 30.0,
-    site: Annotated[str, typer.Option("--site")] = "onprem",
-    interval: IntervalOpt = 2.0,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="[agent-state]")] = None,
+    assignments: AssignmentsOpt = None,
+    spool_limit: Annotated[int | None, typer.Option("--spool-limit", help="bytes [1 GiB]")] = None,
+    drain_timeout: Annotated[float | None, typer.Option("--drain-timeout", help="seconds [30]")] = None,
+    site: SiteOpt = None,
+    interval: IntervalOpt = None,
     registration_delay: Annotated[
-        float, typer.Option("--registration-delay", help="seconds after start before registering (AG-1)")
-    ] = 0.0,
+        float | None,
+        typer.Option("--registration-delay", help="seconds after start before registering (AG-1) [0]"),
+    ] = None,
     freeze_hook: Annotated[
         str | None, typer.Option("--freeze-hook", help="shell command quiescing the machine (app bookmarks)")
     ] = None,
     thaw_hook: Annotated[str | None, typer.Option("--thaw-hook", help="shell command thawing it")] = None,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Export disks over NBD and replicate their writes to a process server."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _settings(
+        AgentSettings,
+        config,
+        machine=machine,
+        server=server,
+        ca_file=ca_file,
+        passphrase_file=passphrase_file,
+        disks=disk,
+        nbd_unix_dir=nbd_unix_dir,
+        nbd_listen=nbd_listen,
+        state_dir=state_dir,
+        assignments=assignments,
+        spool_limit=spool_limit,
+        drain_timeout=drain_timeout,
+        site=site,
+        interval=interval,
+        registration_delay=registration_delay,
+        freeze_hook=freeze_hook,
+        thaw_hook=thaw_hook,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    name = _required(cfg.machine, "--machine")
+    state = cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True)
     disks = {}
-    for item in disk or []:
+    for item in cfg.disks:
         label, _, path = item.partition("=")
         disks[label] = Path(path)
     # Named by site too: a failed-over machine keeps its name in the cloud.
     client = _client(
-        server, state_dir, Registration("agent", f"{site}/{machine}", site, machine=machine), ca_file
+        cfg.server, state, Registration("agent", f"{cfg.site}/{name}", cfg.site, machine=name), cfg.ca_file
     )
     stop = _stop_event()
-    nbd_tcp = parse_address(nbd_listen) if nbd_listen else None
+    nbd_tcp = parse_address(cfg.nbd_listen) if cfg.nbd_listen else None
     options = AgentOptions(
-        state_dir,
+        state,
         disks,
-        nbd_unix_dir,
+        cfg.nbd_unix_dir,
         nbd_tcp,
-        spool_limit,
-        f"agent-{machine}",
-        machine=machine,
-        freeze_hook=freeze_hook,
-        thaw_hook=thaw_hook,
+        cfg.spool_limit,
+        f"agent-{name}",
+        machine=name,
+        freeze_hook=cfg.freeze_hook,
+        thaw_hook=cfg.thaw_hook,
     )
     # A certificate from an earlier registration lets the resumed pairs send at once.
-    known = Identity.in_dir(state_dir)
+    known = Identity.in_dir(state)
     svc = Agent(options, known if known.exists() else None)
     identity: Identity | None = None
     try:
@@ -138,36 +203,41 @@ def agent(
         # after the delay (AG-1), and a configuration server that is away changes neither.
         svc.start()
         if client is not None:
-            stop.wait(registration_delay)
-        identity = _register_until_stopped(state_dir, client, passphrase_file, stop)
+            stop.wait(cfg.registration_delay)
+        identity = _register_until_stopped(state, client, cfg.passphrase_file, stop)
         if identity is not None:
             svc.set_identity(identity)
-            source = DesiredSource(AgentDesired, state_dir, client, assignments)
+            source = DesiredSource(AgentDesired, state, client, cfg.assignments)
             while not stop.is_set():
                 desired = source.exchange(svc.stats())
                 if source.known:  # else keep the resumed pairs rather than retire them
                     svc.reconcile(desired)
-                stop.wait(interval)
+                stop.wait(cfg.interval)
     except SiteRecoveryError as exc:
         svc.stop()
         raise _fail(exc) from exc
-    svc.stop(drain_timeout)
+    svc.stop(cfg.drain_timeout)
     if identity is not None:
         source.exchange(svc.stats())  # the final statistics: what was drained before exit
 
 
 def _register_until_stopped(
-    state_dir: Path, client: ControlClient | None, passphrase_file: Path | None, stop: threading.Event
+    state_dir: Path,
+    client: ControlClient | None,
+    passphrase_file: Path | None,
+    stop: threading.Event,
+    backoff: Backoff | None = None,
 ) -> Identity | None:
     """Register, retrying while the configuration server is unreachable; None if stopped first."""
-    delay = 1.0
+    # Jittered: agents that found the server away at the same moment do not all return at once.
+    backoff = backoff or Backoff(1.0, 30.0)
     while not stop.is_set():
         try:
             return load_identity(state_dir, client, passphrase_file)
         except httpx.HTTPError as exc:
-            logging.getLogger(__name__).warning("registration failed (%s); retrying in %.0f s", exc, delay)
+            delay = backoff.next()
+            logging.getLogger(__name__).warning("registration failed (%s); retrying in %.1f s", exc, delay)
             stop.wait(delay)
-            delay = min(delay * 2, 30.0)
     return None
 
 
@@ -179,44 +249,63 @@ MachineOpt = Annotated[
 
 
 def process_server(
-    cache_dir: Annotated[Path, typer.Option("--cache-dir")],
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="required")] = None,
     server: ServerOpt = None,
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
-    listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9443",
-    site: Annotated[str, typer.Option("--site")] = "onprem",
-    name: Annotated[str, typer.Option("--name")] = "process-server",
+    listen: Annotated[str | None, typer.Option("--listen", help="[127.0.0.1:9443]")] = None,
+    site: SiteOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="[process-server]")] = None,
     machine: MachineOpt = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="default: the cache dir")] = None,
-    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
-    interval: IntervalOpt = 2.0,
+    assignments: AssignmentsOpt = None,
+    interval: IntervalOpt = None,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Receive agents' frames, cache them durably and forward them to master targets (PS-1)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    state = state_dir or cache_dir
-    state.mkdir(parents=True, exist_ok=True)
-    client = _client(
-        server, state, Registration("process-server", name, site, address=listen, machine=machine), ca_file
+    cfg = _settings(
+        ProcessServerSettings,
+        config,
+        cache_dir=cache_dir,
+        server=server,
+        ca_file=ca_file,
+        passphrase_file=passphrase_file,
+        listen=listen,
+        site=site,
+        name=name,
+        machine=machine,
+        state_dir=state_dir,
+        assignments=assignments,
+        interval=interval,
+        log_format=log_format,
+        log_level=log_level,
     )
+    cache = _required(cfg.cache_dir, "--cache-dir")
+    state = cfg.state_dir or cache
+    state.mkdir(parents=True, exist_ok=True)
+    reg = Registration("process-server", cfg.name, cfg.site, address=cfg.listen, machine=cfg.machine)
+    client = _client(cfg.server, state, reg, cfg.ca_file)
     stop = _stop_event()
     try:
-        identity = load_identity(state, client, passphrase_file)
+        identity = load_identity(state, client, cfg.passphrase_file)
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
-    svc = ProcessServer(cache_dir / "cache", identity, listen, name)
+    svc = ProcessServer(cache / "cache", identity, cfg.listen, cfg.name)
     svc.start()
     _write_address(state, svc.address)
     if client is not None:
         client.address = svc.address
-    source = DesiredSource(ProcessServerDesired, state, client, assignments)
+    source = DesiredSource(ProcessServerDesired, state, client, cfg.assignments)
     while not stop.is_set():
         svc.reconcile(source.exchange(svc.stats()))
-        stop.wait(interval)
+        stop.wait(cfg.interval)
     svc.stop()
 
 
 def master_target(
-    os_type: Annotated[str, typer.Option("--os", help="linux or windows (MT-2)")],
+    os_type: Annotated[str | None, typer.Option("--os", help="linux or windows (MT-2); required")] = None,
     retention_volume: Annotated[
         Path | None,
         typer.Option("--retention-volume", help="journals go here unless the desired state names one"),
@@ -243,62 +332,90 @@ def master_target(
     server: ServerOpt = None,
     ca_file: CaOpt = None,
     passphrase_file: PassOpt = None,
-    listen: Annotated[str, typer.Option("--listen")] = "127.0.0.1:9444",
+    listen: Annotated[str | None, typer.Option("--listen", help="[127.0.0.1:9444]")] = None,
     advertise: Annotated[
         str | None,
         typer.Option(
             "--advertise", help="host:port process servers connect to, if not --listen (NAT, a relay)"
         ),
     ] = None,
-    site: Annotated[str, typer.Option("--site")] = "onprem",
-    name: Annotated[str, typer.Option("--name")] = "master-target",
+    site: SiteOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="[master-target]")] = None,
     machine: MachineOpt = None,
-    state_dir: Annotated[Path, typer.Option("--state-dir")] = Path("master-target-state"),
-    assignments: Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")] = None,
-    interval: IntervalOpt = 2.0,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="[master-target-state]")] = None,
+    assignments: AssignmentsOpt = None,
+    interval: IntervalOpt = None,
+    config: ConfigOpt = None,
+    log_format: LogFormatOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Apply replicated writes to attached target disks through retention journals (MT-1)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if os_type not in ("linux", "windows"):
-        raise typer.BadParameter("--os must be linux or windows")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    if retention_volume is not None:
-        retention_volume.mkdir(parents=True, exist_ok=True)
-    client = _client(
-        server,
-        state_dir,
-        Registration(
-            "master-target", name, site, os_type=os_type, address=advertise or listen, machine=machine
-        ),
-        ca_file,
+    cfg = _settings(
+        MasterTargetSettings,
+        config,
+        os_type=os_type,
+        retention_volume=retention_volume,
+        volumes=volume,
+        retention_quota=retention_quota,
+        page_blob_container=page_blob_container,
+        datastores=datastore,
+        server=server,
+        ca_file=ca_file,
+        passphrase_file=passphrase_file,
+        listen=listen,
+        advertise=advertise,
+        site=site,
+        name=name,
+        machine=machine,
+        state_dir=state_dir,
+        assignments=assignments,
+        interval=interval,
+        log_format=log_format,
+        log_level=log_level,
     )
+    if cfg.os_type not in ("linux", "windows"):
+        raise typer.BadParameter("--os must be linux or windows")
+    state = cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    if cfg.retention_volume is not None:
+        cfg.retention_volume.mkdir(parents=True, exist_ok=True)
+    reg = Registration(
+        "master-target",
+        cfg.name,
+        cfg.site,
+        os_type=cfg.os_type,
+        address=cfg.advertise or cfg.listen,
+        machine=cfg.machine,
+    )
+    client = _client(cfg.server, state, reg, cfg.ca_file)
     stop = _stop_event()
     try:
-        identity = load_identity(state_dir, client, passphrase_file)
-        factory = page_blob_factory(page_blob_container)
-        mounts = DatastoreMounts.parse(datastore or [])
+        identity = load_identity(state, client, cfg.passphrase_file)
+        connection = cfg.azure_storage.get_secret_value() if cfg.azure_storage is not None else None
+        factory = page_blob_factory(cfg.page_blob_container, connection)
+        mounts = DatastoreMounts.parse(cfg.datastores)
     except SiteRecoveryError as exc:
         raise _fail(exc) from exc
     svc = MasterTarget(
-        state_dir,
+        state,
         identity,
-        listen,
-        retention_volume=retention_volume,
-        volumes=tuple(volume or ()),
-        retention_quota=retention_quota,
-        name=name,
+        cfg.listen,
+        retention_volume=cfg.retention_volume,
+        volumes=tuple(cfg.volumes),
+        retention_quota=cfg.retention_quota,
+        name=cfg.name,
         applier_factory=factory,
         place=mounts.place if mounts.mounts else None,
     )
-    source = DesiredSource(MasterTargetDesired, state_dir, client, assignments)
+    source = DesiredSource(MasterTargetDesired, state, client, cfg.assignments)
     try:
         svc.reconcile(source.exchange(svc.stats()))
         svc.start()
-        _write_address(state_dir, svc.address)
+        _write_address(state, svc.address)
         if client is not None:
-            client.address = advertise or svc.address
+            client.address = cfg.advertise or svc.address
         while not stop.is_set():
-            stop.wait(interval)
+            stop.wait(cfg.interval)
             svc.reconcile(source.exchange(svc.stats()))
     except SiteRecoveryError as exc:
         svc.stop()

@@ -108,6 +108,16 @@ def add_azure(
     client_secret_file: Annotated[Path | None, typer.Option(help="the service principal's secret")] = None,
     vm_size: str = "",
     replica_container: str = "",
+    arm_endpoint: Annotated[
+        str, typer.Option(help="another cloud's Resource Manager (sovereign cloud, Azure Stack Hub)")
+    ] = "",
+    authority_host: Annotated[str, typer.Option(help="that cloud's identity provider")] = "",
+    sas_seconds: Annotated[
+        int, typer.Option(help="how long failback's read access to a disk lasts (default 4 hours)")
+    ] = 0,
+    blob_endpoint: Annotated[
+        str, typer.Option(help="the storage account's blob endpoint, if not <account>.blob.core.windows.net")
+    ] = "",
 ) -> None:
     """Add an Azure resource group as a recovery site; the client secret is stored encrypted."""
     connection: dict[str, Any] = {
@@ -122,8 +132,13 @@ def add_azure(
         "client_id": client_id,
         "vm_size": vm_size,
         "replica_container": replica_container,
+        "arm_endpoint": arm_endpoint,
+        "authority_host": authority_host,
+        "blob_endpoint": blob_endpoint,
     }
     connection |= {key: value for key, value in optional.items() if value}
+    if sas_seconds:
+        connection["sas_seconds"] = sas_seconds
     body = {
         "name": name,
         "kind": "azure",

@@ -23,12 +23,12 @@ from siterecovery.cli.output import fit
 from siterecovery.cli.state import as_json
 from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
-from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import DEFAULT_DISK_SIZE, create_lab, parse_size
 from siterecovery.fabrics.lab_model import ONPREM, Accel, GuestKind
 from siterecovery.fabrics.lab_settings import LabSettingError, SetKind, apply_settings
 from siterecovery.fabrics.lab_store import LabStore
 from siterecovery.lab import runtime
+from siterecovery.lab.fabric import LabFabric
 from siterecovery.lab.oracle import OracleVerdict, verify_image, verify_log
 from siterecovery.lab.vm.fs_oracle import verify_fs_image
 from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm

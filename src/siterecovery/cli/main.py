@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -20,12 +19,23 @@ from siterecovery.api_client import Api, ApiError
 from siterecovery.cli import control, dataplane, dr, fabrics, lab
 from siterecovery.cli.output import emit, fail
 from siterecovery.cli.state import CliState, call, state
-from siterecovery.config import load_server_config
+from siterecovery.config import (
+    SETTINGS,
+    LogFormat,
+    LogLevel,
+    ServerConfig,
+    Service,
+    load_server_config,
+    load_settings,
+)
 from siterecovery.control.backup import backup, restore
 from siterecovery.demo.run import run_demo
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
 from siterecovery.fabrics.lab_model import Accel, GuestKind
+from siterecovery.logs import configure_logging
+
+R = TypeVar("R")
 
 
 class OutputFormat(StrEnum):
@@ -62,6 +72,9 @@ def root(
     ctx.obj = CliState(Api.from_env(server, token, ca_file), output is OutputFormat.JSON)
 
 
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file [env SITERECOVERY_CONFIG]")
+]
 StateDir = Annotated[
     Path | None, typer.Option("--state-dir", help="default $SITERECOVERY_HOME or ~/.local/share/siterecovery")
 ]
@@ -75,7 +88,9 @@ def server(
         str | None, typer.Option(help="SQLAlchemy URL; default SQLite in the state dir")
     ] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT, default 127.0.0.1:8443")] = None,
-    tls: Annotated[bool, typer.Option(help="serve the API over HTTPS with the server's CA")] = False,
+    tls: Annotated[
+        bool | None, typer.Option("--tls/--no-tls", help="serve the API over HTTPS with the server's CA")
+    ] = None,
     tls_name: Annotated[
         list[str] | None,
         typer.Option(help="a DNS name or IP components use to reach the server (repeatable; --tls)"),
@@ -83,19 +98,29 @@ def server(
     admin_token_file: Annotated[
         str | None, typer.Option(help="on first start, also write the admin token to this file (0600)")
     ] = None,
+    config: ConfigOpt = None,
+    log_format: Annotated[LogFormat | None, typer.Option("--log-format", help="text or json [text]")] = None,
+    log_level: Annotated[LogLevel | None, typer.Option("--log-level", help="[WARNING]")] = None,
 ) -> None:
     """Run the configuration server (API, database, jobs, portal)."""
     if ctx.invoked_subcommand is not None:
         return
     # Loaded here, not at the top: DBOS and uvicorn add about a second and a half to every
     # other command of the CLI (not an import cycle).
-    from siterecovery.control.server import serve
+    from siterecovery.server.main import serve
 
-    cfg = load_server_config(state_dir, database_url, listen)
-    if tls:
-        cfg = replace(cfg, tls=True)
+    flags = {
+        "state_dir": state_dir,
+        "database_url": database_url,
+        "listen": listen,
+        "tls": tls,
+        "log_format": log_format,
+        "log_level": log_level,
+    }
+    cfg = _local(ctx, lambda: load_settings(ServerConfig, flags, config)).settings
     if tls_name:
-        cfg = replace(cfg, tls_names=",".join([cfg.tls_names, *tls_name]).strip(","))
+        cfg = cfg.model_copy(update={"tls_names": ",".join([cfg.tls_names, *tls_name]).strip(",")})
+    configure_logging(cfg.log_level, cfg.log_format)
     serve(cfg, admin_token_file)
 
 
@@ -134,7 +159,7 @@ def server_restore(
     typer.echo(f"restored server {manifest['server_id']} into {cfg.state_dir}")
 
 
-def _local(ctx: typer.Context, action: Callable[[], dict[str, object]]) -> dict[str, object]:
+def _local(ctx: typer.Context, action: Callable[[], R]) -> R:
     """Run a local (not API) server operation; its problems print like the API's."""
     try:
         return action()
@@ -144,13 +169,29 @@ def _local(ctx: typer.Context, action: Callable[[], dict[str, object]]) -> dict[
 
 
 @config_app.command("show")
-def config_show(ctx: typer.Context, state_dir: StateDir = None) -> None:
-    """Print the effective server configuration (defaults < config.toml < environment)."""
-    cfg = load_server_config(state_dir)
+def config_show(
+    ctx: typer.Context,
+    service: Annotated[Service, typer.Option("--service", help="whose settings")] = Service.SERVER,
+    state_dir: StateDir = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a service's effective settings and where each came from (env > file > default).
+
+    Flags are the service's own command line, so they are not seen here; secrets are masked.
+    """
+    flags = {"state_dir": state_dir} if service is Service.SERVER else {}
+    effective = _local(ctx, lambda: load_settings(SETTINGS[service], flags, config))
+    rows = effective.rows()
     if state(ctx).as_json:
-        typer.echo(json.dumps(cfg.as_dict(), indent=2))
+        out = {
+            "service": service.value,
+            "settings": {r.name: r.value for r in rows},
+            "sources": {r.name: r.source for r in rows},
+        }
+        typer.echo(json.dumps(out, indent=2))
     else:
-        emit([{"setting": k, "value": v} for k, v in cfg.as_dict().items()], False, ("setting", "value"))
+        table = [{"setting": r.name, "value": r.value, "source": r.source} for r in rows]
+        emit(table, False, ("setting", "value", "source"))
 
 
 @app.command("demo")

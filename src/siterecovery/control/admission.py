@@ -21,7 +21,13 @@ from siterecovery.control.problems import problem_response
 from siterecovery.errors import Problem, Status
 
 HEARTBEAT_PATH = re.compile(r"^/api/components/[^/]+/heartbeat$")
-DEFAULT_LIMIT = int(os.environ.get("SITERECOVERY_HEARTBEAT_CONCURRENCY", "16"))
+
+
+def default_limit() -> int:
+    """Heartbeats handled at once unless told (read when the app is built, never at import time)."""
+    return int(os.environ.get("SITERECOVERY_HEARTBEAT_CONCURRENCY", "16"))
+
+
 DEFAULT_MAX_WAIT = 2.0
 RETRY_AFTER_SECONDS = 2
 
@@ -29,9 +35,9 @@ RETRY_AFTER_SECONDS = 2
 class HeartbeatAdmission:
     """ASGI middleware: at most `limit` heartbeats in flight, the others delayed, then shed."""
 
-    def __init__(self, app: ASGIApp, limit: int = DEFAULT_LIMIT, max_wait: float = DEFAULT_MAX_WAIT) -> None:
+    def __init__(self, app: ASGIApp, limit: int | None = None, max_wait: float = DEFAULT_MAX_WAIT) -> None:
         self.app = app
-        self.limit = max(1, limit)
+        self.limit = max(1, default_limit() if limit is None else limit)
         self.max_wait = max_wait
         self.shed = 0  # heartbeats answered 503 since start (for the bench and tests)
         self._slots: asyncio.Semaphore | None = None

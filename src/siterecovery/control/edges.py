@@ -18,12 +18,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from siterecovery.control.auth import Principal, TokenRefusal, check_token
-from siterecovery.control.context import current
-from siterecovery.control.events import record_event
 from siterecovery.control.problems import problem_response
-from siterecovery.control.states import Severity
 from siterecovery.errors import Problem
+from siterecovery.store.context import current
+from siterecovery.store.events import record_event
+from siterecovery.store.states import Severity
+from siterecovery.store.tokens import Principal, TokenRefusal, check_token
 
 PUBLIC = frozenset({"/api/ca", "/api/components/register"})
 PRINCIPAL = "principal"  # the key in the request state

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.database import Database
-from siterecovery.control.db import Component
 from siterecovery.control.heartbeats import record_heartbeat
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store.database import Database
+from siterecovery.store.models import Component
 
 log = logging.getLogger("siterecovery.heartbeats")
 

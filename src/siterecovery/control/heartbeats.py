@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
-from siterecovery.control.db import Component, now
-from siterecovery.control.events import clear_alert, raise_alert, record_event
 from siterecovery.control.schemas import ServerOut
-from siterecovery.control.states import ComponentKind, Health, Severity
 from siterecovery.dr.desired import desired_for
+from siterecovery.store.events import clear_alert, raise_alert, record_event
+from siterecovery.store.models import Component, heartbeat_age, now
+from siterecovery.store.states import ComponentKind, Health, Severity
 
 CACHE_WARNING_FREE = 0.30
 CACHE_CRITICAL_FREE = 0.25
@@ -99,10 +99,6 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
     elif row.kind == ComponentKind.MASTER_TARGET.value:
         row.health = Health.NORMAL.value
         clear_alert(s, "retention-volume-full", "component", row.id)
-
-
-def heartbeat_age(row: Component) -> float | None:
-    return None if row.last_heartbeat is None else max(0.0, now() - row.last_heartbeat)
 
 
 def is_connected(row: Component, config: ServerConfig) -> bool:

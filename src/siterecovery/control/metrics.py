@@ -16,10 +16,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import select
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component, Event, Job, ReplicatedItem
 from siterecovery.control.reports import entries, number
-from siterecovery.control.states import ComponentKind
+from siterecovery.store.context import current
+from siterecovery.store.models import Component, Event, Job, ReplicatedItem
+from siterecovery.store.states import ComponentKind
 
 router = APIRouter(tags=["metrics"])
 _HEALTH = {"normal": 0, "warning": 1, "critical": 2}

@@ -11,8 +11,8 @@ import os
 import subprocess
 from typing import Any
 
-from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.jobs import TaskContext, task_handler
 
 _OUTPUT_TAIL = 2000
 

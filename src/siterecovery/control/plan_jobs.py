@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import RecoveryPlan, ReplicatedItem
-from siterecovery.control.jobs import MANUAL_ACTION, TaskSpec
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.errors import invalid
+from siterecovery.store.jobs import MANUAL_ACTION, TaskSpec
+from siterecovery.store.models import RecoveryPlan, ReplicatedItem
 
 
 class PlanOperation(StrEnum):

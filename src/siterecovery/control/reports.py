@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import AgentStats, CacheHealth, MasterTargetStats, ProcessServerStats
 from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.store.states import ComponentKind
 
 # Anything larger cannot be a byte count, a sequence number or a time, and would overflow a
 # PostgreSQL bigint or a Prometheus float's exact range.

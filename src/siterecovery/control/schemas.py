@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
-from siterecovery.control.states import ComponentKind, Role
+from siterecovery.store.states import ComponentKind, Role
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -244,11 +244,15 @@ class VSphereConnection(Strict):
     datacenter: str | None = Field(default=None, max_length=200)
 
 
+ENDPOINT = r"^(https://[A-Za-z0-9.:-]+/?)?$"  # an https origin (host and port), or empty
+
+
 class AzureConnection(Strict):
     """An Azure resource group as a recovery site; the client secret travels separately.
 
     Azure's own naming rules, so that no value can steer a request elsewhere: the storage account
-    becomes a host name (https://<account>.blob.core.windows.net)."""
+    becomes a host name (https://<account>.blob.core.windows.net). The endpoints of another cloud
+    (a sovereign cloud, an Azure Stack Hub) are whole https origins, given by an operator."""
 
     subscription: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9-]+$")
     resource_group: str = Field(min_length=1, max_length=90, pattern=r"^[-\w.()]+$")
@@ -259,6 +263,18 @@ class AzureConnection(Strict):
     client_id: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9-]*$")
     vm_size: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9_]*$")
     replica_container: str = Field(default="", max_length=63, pattern=r"^[a-z0-9-]*$")
+    # How long failback's read access (SAS) to a disk or snapshot lasts; 0: 4 hours. Its bounds are
+    # a prerequisite (AZ-SAS), listed with the others at enable, not refused here.
+    sas_seconds: Count = Field(default=0, ge=0, le=2**32 - 1)
+    arm_endpoint: str = Field(default="", max_length=300, pattern=ENDPOINT)
+    authority_host: str = Field(default="", max_length=300, pattern=ENDPOINT)
+    # The replica account's blob endpoint when it is not <account>.blob.core.windows.net; http only
+    # for a storage emulator on loopback (the account's key never travels: ARM reads the blob).
+    blob_endpoint: str = Field(
+        default="",
+        max_length=300,
+        pattern=r"^(https://[A-Za-z0-9.:-]+(/[A-Za-z0-9]+)?|http://127\.0\.0\.1:[0-9]+/[a-z0-9]+)?$",
+    )
 
 
 class LibvirtConnection(Strict):

@@ -20,8 +20,8 @@ from collections import deque
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.states import Severity
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.states import Severity
 
 WINDOW = 60.0
 ALERT = "passphrase-attempts-throttled"

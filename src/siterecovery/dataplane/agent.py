@@ -32,7 +32,8 @@ from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
 from siterecovery.dataplane.dirty import DirtyBitmap
 from siterecovery.dataplane.fileio import write_durably
 from siterecovery.dataplane.links import Identity
-from siterecovery.dataplane.nbd import Export, run_nbd_server_in_thread
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
 from siterecovery.dataplane.sender_process import SenderProcess

@@ -28,7 +28,7 @@ import xxhash
 from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, ContainerClient, PageRange
 
-from siterecovery.dataplane.fileio import punch_or_zero
+from siterecovery.dataplane.fileio import data_extents, punch_or_zero
 from siterecovery.dataplane.page_blob import MAX_PUT, PAGE, storage_error
 
 _ZERO_PAGE = bytes(PAGE)
@@ -137,6 +137,27 @@ class ContentCompare:
             raise storage_error(f"comparing {blob.blob_name!r} with its base", exc) from exc
         return _merge(out)
 
+    def compare_file(self, blob: BlobClient, path: Path, size: int) -> list[ChangedRange]:
+        """`blob`'s first `size` bytes against a local disk image holding an unknown older copy
+        (what a failback must send when no base snapshot is known to equal that disk): blocks
+        neither side holds data in are skipped; the rest are read from both and compared."""
+        out: list[ChangedRange] = []
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            local = [(lo, lo + n) for lo, n in data_extents(fd, 0, size)]
+            for lo, hi in _union(_page_extents(blob), local):
+                hi = min(hi, size)
+                for at in range(lo - lo % self.block, hi, self.block):
+                    start, end = max(at, lo), min(at + self.block, hi)
+                    new = self._read(blob, start, end, end)
+                    old = os.pread(fd, end - start, start)
+                    out += _page_changes(start, new, old + bytes(end - start - len(old)))
+        except AzureError as exc:
+            raise storage_error(f"comparing {blob.blob_name!r} with {path}", exc) from exc
+        finally:
+            os.close(fd)
+        return _merge(out)
+
     def _read(self, blob: BlobClient, start: int, end: int, limit: int) -> bytes:
         if start >= limit:
             return bytes(end - start)
@@ -149,14 +170,19 @@ class ContentCompare:
     ) -> list[ChangedRange]:
         new = self._read(blob, start, end, end)
         old = self._read(base, start, end, base_size)
-        if xxhash.xxh3_128_digest(new) == xxhash.xxh3_128_digest(old):
-            return []
-        out: list[ChangedRange] = []
-        for at in range(0, end - start, PAGE):
-            page = new[at : at + PAGE]
-            if page != old[at : at + PAGE]:
-                out.append(ChangedRange(start + at, len(page), page == _ZERO_PAGE[: len(page)]))
-        return out
+        return _page_changes(start, new, old)
+
+
+def _page_changes(start: int, new: bytes, old: bytes) -> list[ChangedRange]:
+    """The pages of a block at `start` that differ between its `new` and `old` bytes."""
+    if xxhash.xxh3_128_digest(new) == xxhash.xxh3_128_digest(old):
+        return []
+    out: list[ChangedRange] = []
+    for at in range(0, len(new), PAGE):
+        page = new[at : at + PAGE]
+        if page != old[at : at + PAGE]:
+            out.append(ChangedRange(start + at, len(page), page == _ZERO_PAGE[: len(page)]))
+    return out
 
 
 def self_test(container: ContainerClient) -> bool:

@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import logging
 import os
-import random
 import ssl
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pydantic import BaseModel
 from siterecovery import pki
 from siterecovery.dataplane.links import Identity
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.retry import after_busy
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class ControlClient:
             headers={"Authorization": f"Bearer {self._token}"},
         )
         if resp.status_code in (429, 503):
-            wait = backoff_seconds(resp.headers.get("Retry-After"))
+            wait = after_busy(resp.headers.get("Retry-After"))
             self._backoff_until = time.monotonic() + wait
             raise ServerBusy(wait)
         resp.raise_for_status()
@@ -217,20 +217,6 @@ class ServerBusy(httpx.HTTPError):
     def __init__(self, retry_in: float) -> None:
         super().__init__(f"configuration server busy; retrying in {retry_in:.1f} s")
         self.retry_in = retry_in
-
-
-def backoff_seconds(retry_after: str | None, rng: random.Random | None = None) -> float:
-    """How long to wait after a busy answer: Retry-After (default 2 s), stretched by 0-100 % jitter.
-
-    The jitter spreads the components the server shed over the next interval instead of having
-    them all come back at the same instant.
-    """
-    try:
-        base = float(retry_after) if retry_after else 2.0
-    except ValueError:
-        base = 2.0
-    base = min(max(base, 0.5), 60.0)
-    return base * (1.0 + (rng or random).random())
 
 
 class Reporter:

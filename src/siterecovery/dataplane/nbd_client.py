@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from siterecovery.dataplane.nbd import (
+from siterecovery.dataplane.nbd.wire import (
     BASE_ALLOCATION,
     IHAVEOPT,
     MAX_BLOCK_SIZE,

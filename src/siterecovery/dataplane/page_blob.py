@@ -20,7 +20,6 @@ what emulators and older Azure Stack endpoints accept, and a pinned version keep
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import uuid
@@ -279,11 +278,11 @@ def page_blob_applier_factory(container: ContainerClient) -> ApplierFactory:
     return make
 
 
-def page_blob_factory(container: str | None) -> ApplierFactory | None:
-    """The master target's page-blob backend when a container is named (`--page-blob-container`)."""
+def page_blob_factory(container: str | None, connection: str | None) -> ApplierFactory | None:
+    """The master target's page-blob backend when a container is named (`--page-blob-container`);
+    `connection` is the storage connection string (the master target's `azure_storage` setting)."""
     if container is None:
         return None
-    connection = os.environ.get(CONNECTION_ENV)
     if not connection:
         raise SiteRecoveryError(
             Problem(

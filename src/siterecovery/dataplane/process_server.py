@@ -67,6 +67,8 @@ from siterecovery.dataplane.trust import (
     valid_identifier,
 )
 from siterecovery.errors import Problem
+from siterecovery.logs import PAIR_ID
+from siterecovery.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +225,13 @@ class PairRelay:
                 log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
 
     def _forward_loop(self) -> None:
-        backoff = 0.1
+        PAIR_ID.set(self.pair_id)  # this thread's log lines name the pair
+        backoff = Backoff(0.1, 2.0)  # jittered: pairs cut off together do not return together
         while not self._stopping:
             try:
                 if self.mt_address:  # else: not assigned yet; the next reconcile or HELLO names it
                     self._forward_once()
-                    backoff = 0.1
+                    backoff.reset()
             except (OSError, ProtocolError, ssl.SSLError) as exc:
                 log.info("forwarding %s to %s interrupted: %s", self.pair_id, self.mt_address, exc)
             except Exception:
@@ -242,8 +245,7 @@ class PairRelay:
                     sock, self._mt_sock = self._mt_sock, None
                 if sock is not None:
                     sock.close()
-            self._ended.wait(backoff)
-            backoff = min(backoff * 2, 2.0)
+            self._ended.wait(backoff.next())
 
     def _forward_once(self) -> None:
         sock = connect(self.mt_address, self.server.identity.client_context())

@@ -198,7 +198,7 @@ class RemotePair:
     def on_ack(self, seq: int) -> None:
         if seq > self.acked:
             self.acked = seq
-            self._channel(Acked(seq))
+            self._channel(Acked(seq, self.bytes_sent, self.bytes_done, self.bytes_total))
         with self.changed:
             self.changed.notify_all()
 

@@ -45,6 +45,8 @@ from siterecovery.dataplane.remote_pair import RemotePair
 from siterecovery.dataplane.replica import SyncKind, SyncPlan
 from siterecovery.dataplane.sync_source import Chunk, Progress, delta, delta_blocks, dirty_blocks, full_copy
 from siterecovery.dataplane.trust import PeerKind, check_server
+from siterecovery.logs import PAIR_ID
+from siterecovery.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,16 @@ class PairSender:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        backoff = 0.1
+        PAIR_ID.set(self.pair.pair_id)  # this thread's log lines name the pair
+        backoff = Backoff(0.1, 5.0)  # jittered: agents cut off together do not return together
         while not self.stopped.is_set():
             try:
                 self._session()
-                backoff = 0.1
+                backoff.reset()
             except (OSError, ProtocolError, ssl.SSLError, queue.Empty) as exc:
                 self.last_error = str(exc)
                 log.info("replication of %s interrupted: %s", self.pair.pair_id, exc)
-            self.stopped.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+            self.stopped.wait(backoff.next())
 
     def _session(self) -> None:
         self.pair.refresh()  # revocations, lost frames, the pending sync, as the agent has them now

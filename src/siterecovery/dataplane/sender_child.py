@@ -21,6 +21,7 @@ from siterecovery import pki
 from siterecovery.dataplane.remote_pair import RemotePair
 from siterecovery.dataplane.sender import PairSender
 from siterecovery.dataplane.sender_link import Call, Progress, Reply, Start, Stop
+from siterecovery.logs import PAIR_ID, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,12 @@ class _Link:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sender %(name)s %(message)s")
     conn = Connection(int(argv[0]))
     start = conn.recv()
     if not isinstance(start, Start):
         return 2
+    configure_logging(start.log_level, start.log_format)
+    PAIR_ID.set(start.spec.pair_id)
     link = _Link(conn)
     threading.Thread(target=link.read, name="agent-link", daemon=True).start()
     pair = RemotePair(start.spec, start.image, start.pair_dir, start.size, link.send, start.bytes_sent)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from siterecovery.config import LogFormat, LogLevel
 from siterecovery.dataplane.assignments import DiskReplication
 from siterecovery.dataplane.replica import SyncKind
 
@@ -30,6 +31,8 @@ class Start:
     key: Path
     ca: Path
     bytes_sent: int  # carried on across restarts of the child
+    log_level: LogLevel  # the agent's own logging settings
+    log_format: LogFormat
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,16 @@ class Reply:
 
 @dataclass(frozen=True)
 class Acked:
-    """The process server acknowledged everything up to `seq`: the agent frees the spool."""
+    """The process server acknowledged everything up to `seq`: the agent frees the spool.
+
+    It carries the byte counters too, so the agent never reports an acknowledgement beside a
+    count of bytes sent from before it.
+    """
 
     seq: int
+    bytes_sent: int
+    bytes_done: int
+    bytes_total: int
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
+from siterecovery.config import LogFormat, LogLevel
 from siterecovery.dataplane.links import Identity
 from siterecovery.dataplane.replica import PairReplication, SyncKind
 from siterecovery.dataplane.sender_link import (
@@ -39,6 +40,8 @@ from siterecovery.dataplane.sender_link import (
     Stop,
 )
 from siterecovery.dataplane.trust import Revocations
+from siterecovery.logs import PAIR_ID, JsonFormatter
+from siterecovery.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,8 @@ class SenderProcess:
         self._thread.join(timeout=STOP_TIMEOUT + 5)
 
     def _supervise(self) -> None:
-        backoff = 0.1
+        PAIR_ID.set(self.pair.pair_id)  # this thread's log lines name the pair
+        backoff = Backoff(0.1, 5.0)  # jittered, like every reconnect
         while not self.stopped.is_set():
             try:
                 code = self._run_child()
@@ -86,11 +90,9 @@ class SenderProcess:
             if self.stopped.is_set():
                 break
             self.restarts += 1
-            log.warning(
-                "sender of %s exited (code %s); restarting in %.1f s", self.pair.pair_id, code, backoff
-            )
-            self.stopped.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+            delay = backoff.next()
+            log.warning("sender of %s exited (code %s); restarting in %.1f s", self.pair.pair_id, code, delay)
+            self.stopped.wait(delay)
         (self.pair.dir / PID_FILE).unlink(missing_ok=True)
 
     def _run_child(self) -> int | None:
@@ -120,6 +122,7 @@ class SenderProcess:
                         identity.key,
                         identity.ca,
                         pair.bytes_sent,
+                        *_log_settings(),
                     )
                 )
             if self.stopped.is_set():
@@ -144,6 +147,8 @@ class SenderProcess:
         while True:
             msg = conn.recv()
             if isinstance(msg, Acked):
+                pair.bytes_sent, pair.bytes_done = msg.bytes_sent, msg.bytes_done
+                pair.bytes_total = msg.bytes_total
                 pair.on_ack(msg.seq)
             elif isinstance(msg, Progress):
                 pair.bytes_sent, pair.bytes_done = msg.bytes_sent, msg.bytes_done
@@ -188,3 +193,14 @@ class SenderProcess:
     def pid(self) -> int | None:
         proc = self._proc
         return None if proc is None or proc.poll() is not None else proc.pid
+
+
+def _log_settings() -> tuple[LogLevel, LogFormat]:
+    """The agent's logging settings (`configure_logging` set them on the root logger), for its child."""
+    root = logging.getLogger()
+    level = logging.getLevelName(root.getEffectiveLevel())
+    json_logs = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return (
+        LogLevel(level) if level in LogLevel.__members__ else LogLevel.INFO,
+        LogFormat.JSON if json_logs else LogFormat.TEXT,
+    )

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 
 from siterecovery.api_client import Api
-from siterecovery.fabrics.lab import LabFabric
 from siterecovery.fabrics.lab_build import create_lab
 from siterecovery.fabrics.lab_model import Accel, GuestKind
 from siterecovery.lab import runtime
+from siterecovery.lab.fabric import LabFabric
 
 START_TIMEOUT = 60.0
 

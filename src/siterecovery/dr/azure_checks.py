@@ -21,6 +21,11 @@ MiB = 1 << 20
 MAX_DISK = 32 << 40  # the largest managed disk an imported VHD may become
 CORES = "cores"  # the regional total of all VM families (ARM's usage name)
 
+SAS_MIN, SAS_MAX = 30, 60 * 24 * 3600  # what ARM's grant_access accepts for a disk or snapshot
+
+# Checked at enable (the duration) and before a reprotect or failback from Azure (both).
+AZURE_FAILBACK_RULES: tuple[rules.Rule, ...] = (rules.AZURE_SAS_DURATION, rules.AZURE_SAS_ACTIVE)
+
 AZURE_FAILOVER_RULES: tuple[rules.Rule, ...] = (
     rules.AZURE_VM_SIZE,
     rules.AZURE_DISK_COUNT,
@@ -72,4 +77,25 @@ def check_azure_failover(capacity: AzureCapacity, machines: Sequence[Machine], v
                     needed=str(needed),
                 )
             )
+    return problems
+
+
+def check_sas(seconds: int, active: Sequence[str] = ()) -> list[Problem]:
+    """AZ-SAS and AZ-SAS-ACTIVE: the SAS duration failback asks for, and `active`, the recovery VM's
+    disks and failback snapshots already being read through a SAS."""
+    problems: list[Problem] = []
+    if not SAS_MIN <= seconds <= SAS_MAX:
+        problems.append(
+            rules.AZURE_SAS_DURATION.problem(
+                f"The fabric's SAS duration is {seconds} s; ARM grants read access for "
+                f"{SAS_MIN} s to 60 days.",
+                seconds=str(seconds),
+            )
+        )
+    for name in active:
+        problems.append(
+            rules.AZURE_SAS_ACTIVE.problem(
+                f"{name} is already being read through a SAS (ActiveSAS).", resource=name
+            )
+        )
     return problems

@@ -12,9 +12,9 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Policy, ReplicatedItem
-from siterecovery.control.states import ProtectionState
-from siterecovery.dr.record import BookmarkRecord, ItemRecord
+from siterecovery.store.models import Policy, ReplicatedItem
+from siterecovery.store.record import BookmarkRecord, ItemRecord
+from siterecovery.store.states import ProtectionState
 
 KEEP = 10  # bookmark requests kept per item (agents remember which tags they did)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.fabrics.base import Inventory, OsType
+from siterecovery.store.states import Direction, ProtectionState
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from siterecovery.control.states import Direction, ProtectionState
 from siterecovery.dr import rules
 from siterecovery.dr.check_inputs import ReprotectContext, Situation
 from siterecovery.dr.facts import Facts, resolve
@@ -30,6 +29,7 @@ from siterecovery.fabrics.base import (
     OsType,
     ScsiType,
 )
+from siterecovery.store.states import Direction, ProtectionState
 
 # Where recovery points go when the request names no retention volume (RP-RET).
 DEFAULT_RETENTION_VOLUME: Mapping[OsType, str] = {OsType.WINDOWS: "R:", OsType.LINUX: "/mnt/retention"}

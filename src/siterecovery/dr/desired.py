@@ -3,7 +3,7 @@
 A component's desired state is never stored on its own: on every heartbeat it is computed from
 the items whose current replication names it, so there is one source of truth and a workflow
 changes replication by changing an item. The items are found through the items-by-component
-index (`control.item_index`), so a heartbeat reads O(its own items), not every item; its
+index (`store.item_index`), so a heartbeat reads O(its own items), not every item; its
 `version` (a digest of the JSON) lets the heartbeat skip sending a desired state the component
 already holds.
 """
@@ -19,10 +19,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.certificates import revoked_serials
-from siterecovery.control.db import Component, ItemComponent, Policy, ReplicatedItem
-from siterecovery.control.item_index import agent_key
-from siterecovery.control.states import ComponentKind
 from siterecovery.dataplane.assignments import (
     AgentDesired,
     AttachedDisk,
@@ -33,7 +29,11 @@ from siterecovery.dataplane.assignments import (
     ProcessServerDesired,
     RelayAssignment,
 )
-from siterecovery.dr.record import ItemRecord, Replication
+from siterecovery.store.certificates import revoked_serials
+from siterecovery.store.item_index import agent_key
+from siterecovery.store.models import Component, ItemComponent, Policy, ReplicatedItem
+from siterecovery.store.record import ItemRecord, Replication
+from siterecovery.store.states import ComponentKind
 
 DEFAULT_RETENTION_SECONDS = 24 * 3600.0
 DEFAULT_CRASH_INTERVAL = 5.0

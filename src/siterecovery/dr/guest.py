@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from siterecovery.control.db import Fabric as FabricRow
 from siterecovery.fabrics.base import Fabric, GuestOracle
+from siterecovery.store.models import Fabric as FabricRow
 
 VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Component, Event, ReplicatedItem, now
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.states import Health, Severity
 from siterecovery.dataplane.assignments import RefusedFrame
-from siterecovery.dr.record import ItemRecord
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.models import Component, Event, ReplicatedItem, now
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import Health, Severity
 
 ALERT = "frame-refused"
 UNUSABLE = "recovery-points-unusable"

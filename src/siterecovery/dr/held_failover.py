@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.point_tasks import wait_at_point
-from siterecovery.dr.record import HeldFailover, HeldPoint, ItemRecord, Replication, Site
 from siterecovery.dr.recovery_points import item_points
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.base import Fabric, FabricError
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import HeldFailover, HeldPoint, ItemRecord, Replication, Site
 
 SNAPSHOT_NAME = "siterecovery-before-commit"
 HOLD_TIMEOUT = 300.0

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component, Policy, ReplicatedItem, by_id_or_name, now
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.fabric_access import open_fabric
-from siterecovery.control.jobs import around_tasks
-from siterecovery.control.states import ComponentKind, Direction, ProtectionState
-from siterecovery.dr.record import ItemRecord, Site
+from siterecovery.dr.fabric_access import open_fabric
 from siterecovery.errors import not_found
 from siterecovery.fabrics.base import Fabric, PowerState
+from siterecovery.store.context import current
+from siterecovery.store.jobs import around_tasks
+from siterecovery.store.models import Component, Policy, ReplicatedItem, by_id_or_name, now
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.record import ItemRecord, Site
+from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,20 @@ from typing import Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.cluster import Cluster
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Event, Policy, ReplicatedItem
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.fabric_access import discover
-from siterecovery.control.states import ComponentKind, Direction, Health, ProtectionState, Severity
 from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
+from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.guest import powered_on
 from siterecovery.dr.heal import check_refused_frames, check_unusable_points
-from siterecovery.dr.record import ItemRecord, Replication
 from siterecovery.dr.stall import check_stalls, worse
 from siterecovery.errors import SiteRecoveryError
+from siterecovery.store.cluster import Cluster
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.models import Component, Event, Policy, ReplicatedItem
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.record import ItemRecord, Replication
+from siterecovery.store.states import ComponentKind, Direction, Health, ProtectionState, Severity
 
 log = logging.getLogger("siterecovery.monitor")
 INTERVAL = 1.0
@@ -357,7 +357,7 @@ class Monitor:
     """The background thread of the configuration server that runs `evaluate` every second.
 
     With several server processes only the cluster's leader does the periodic work (see
-    `control.cluster`): the others keep asking whether they lead, and take over when it dies.
+    `store.cluster`): the others keep asking whether they lead, and take over when it dies.
     """
 
     def __init__(self, cp: ControlPlane, interval: float = INTERVAL, cluster: Cluster | None = None) -> None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component
-from siterecovery.control.jobs import TaskSpec
-from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
-from siterecovery.dr.record import Site
+from siterecovery.dr.azure_failback import azure_failback_tasks, azure_reprotect_tasks, retire_task
+from siterecovery.dr.azure_jobs import is_azure
 from siterecovery.dr.recovery_points import LATEST, held_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskSpec
+from siterecovery.store.models import Component
+from siterecovery.store.record import Site
+from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
 
 @dataclass(frozen=True)
@@ -85,16 +87,23 @@ def failover_tasks(
             f"To boot it from another point, run `items change-point {item.name} --point P`; "
             f"to keep this one, `items commit {item.name}`.",
         )
-    if item.state is not ProtectionState.PROTECTED or item.record.replication is None:
+    agentless = failback and is_azure(current(), item.record.cloud_fabric)  # dr/azure_failback.py
+    if item.state is not ProtectionState.PROTECTED or (item.record.replication is None and not agentless):
         raise _state_error(item, "only a protected item can fail over", "Enable or reprotect it first.")
     if failback != (item.direction is Direction.FAILBACK):
         wanted = "failback" if item.direction is Direction.FAILBACK else "failover"
         raise _state_error(item, f"use {wanted} for this direction", f"Run `items {wanted}`.")
+    if agentless:
+        return azure_failback_tasks(item, request.point, request.planned)
     source, target = _site_pair(item.direction)
     rep = item.record.replication
+    assert rep is not None
     base = {"item": item.id, "planned": request.planned}
     step = "failback to on-premises" if failback else "failover to cloud"
     tasks = [TaskSpec("Begin", "failover-begin", {**base, "point": request.point})]
+    if target is Site.CLOUD and is_azure(current(), item.record.cloud_fabric):
+        # Refused here, the item stays protected and the failover can be run again.
+        tasks.append(TaskSpec("Check Azure prerequisites (AZ-*)", "azure-failover-check", base))
     if request.planned:
         tasks += [
             TaskSpec(
@@ -228,6 +237,16 @@ def test_failover_tasks(item: repo.ItemSnapshot, point: str) -> list[TaskSpec]:
             f"test machine {item.record.test.machine} still exists",
             "Clean the last test failover up first (`items test-cleanup`).",
         )
+    if is_azure(current(), item.record.cloud_fabric):
+        raise SiteRecoveryError(
+            Problem(
+                "test-failover-unsupported",
+                f"Item {item.name} replicates to an Azure fabric, whose page-blob replicas keep no "
+                "recovery points for the master target to copy a test machine's disks from.",
+                "Test the recovery with a planned failover in a maintenance window, or replicate to a "
+                "lab or libvirt site for test failovers.",
+            )
+        )
     base = {"item": item.id, "point": point}
     return [
         TaskSpec(f"Copy disks at recovery point {point}", "test-copy", base),
@@ -259,6 +278,9 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
         )
     source = Site.CLOUD if item.direction is Direction.FORWARD else Site.ONPREM
     direction = Direction.FAILBACK if source is Site.CLOUD else Direction.FORWARD
+    azure = is_azure(current(), item.record.cloud_fabric)
+    if azure and source is Site.CLOUD:
+        return azure_reprotect_tasks(item, policy_id)  # agentless: no agent in the Azure VM
     args: dict[str, Any] = {
         "item": item.id,
         "source_site": source.value,
@@ -275,6 +297,8 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
         TaskSpec("Check prerequisites", "reprotect-check", args),
         TaskSpec(f"Power off {source.other.value} machine (RPW-5)", "power-off-target", args),
     ]
+    if azure and source is Site.ONPREM:
+        tasks.append(retire_task(item))
     if source is Site.CLOUD:
         tasks += [
             TaskSpec("Merge snapshots of on-premises machine (RP-VM-SNAP)", "merge-snapshots", args),

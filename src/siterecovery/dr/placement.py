@@ -5,17 +5,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.states import FabricKind
+from siterecovery.dr.azure_jobs import azure_replica_urls
 from siterecovery.dr.platforms import libvirt_replica_dir
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store.context import current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.states import FabricKind
 
 
 def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool: str = "") -> dict[str, str]:
     """Path of each (disk label's) cloud replica disk: `<label>.img` in the lab cloud site's
     managed-disk folder of the item, or volume `<machine>_<label>.img` in the directory of storage
-    pool `pool` on a libvirt host (named as the fabric names a domain's own volumes)."""
+    pool `pool` on a libvirt host (named as the fabric names a domain's own volumes), or the URL of
+    page blob `<item>/<label>.vhd` in an Azure fabric's replica container."""
     with current().db.session() as s:
         row = s.get(FabricRow, cloud_fabric_id)
         if row is None:
@@ -23,6 +25,8 @@ def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool:
         if row.kind == FabricKind.LIBVIRT.value:
             folder = libvirt_replica_dir(row, pool)
             return {label: str(folder / f"{item_name}_{label}.img") for label in labels}
+        if row.kind == FabricKind.AZURE.value:
+            return azure_replica_urls(current(), row, item_name, labels)
     folder = replica_dir(cloud_fabric_id, item_name)
     return {label: str(folder / f"{label}.img") for label in labels}
 
@@ -38,7 +42,7 @@ def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
                 Problem(
                     "target-fabric-unsupported",
                     f"Fabric {row.name} ({row.kind}) cannot hold replica disks.",
-                    "Replicate to a lab cloud site or a libvirt host; the jobs do not drive Azure yet.",
+                    "Replicate to a lab cloud site, a libvirt host or an Azure fabric.",
                 ),
                 Status.UNPROCESSABLE,
             )

@@ -15,17 +15,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import by_id_or_name
-from siterecovery.control.fabric_access import open_fabric
-from siterecovery.control.states import ComponentKind, FabricKind
 from siterecovery.dr import items as repo
+from siterecovery.dr.fabric_access import open_fabric
 from siterecovery.dr.libvirt_checks import LibvirtTarget, RecordedDomain, check_libvirt_site
-from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics import libvirt_xml as lx
 from siterecovery.fabrics.base import Disk, Fabric, FabricError, Machine, OsType, PowerState
+from siterecovery.store.context import current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.models import by_id_or_name
+from siterecovery.store.record import ItemRecord, Site
+from siterecovery.store.states import ComponentKind, FabricKind
 
 
 def _refuse(code: str, message: str, remediation: str) -> SiteRecoveryError:

@@ -7,15 +7,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
 from siterecovery.dr.guest import adopt_log, await_verdict
-from siterecovery.dr.record import ItemRecord, Replication, Site, TestCopy, TestFailover
 from siterecovery.dr.recovery_points import LATEST, ItemPoint, item_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_point_unusable, recovery_verdict_failed
 from siterecovery.fabrics.base import DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import ItemRecord, Replication, Site, TestCopy, TestFailover
 
 POINT_TIMEOUT = 300.0
 

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Component
 from siterecovery.dataplane.assignments import MasterTargetStats, PointInfo
-from siterecovery.dr.record import HeldFailover, ItemRecord, Replication
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.models import Component
+from siterecovery.store.record import HeldFailover, ItemRecord, Replication
 
 LATEST = "latest"
 LATEST_APP = "latest-app"

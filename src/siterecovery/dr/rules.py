@@ -271,6 +271,21 @@ AZURE_CORE_QUOTA = Rule(
     "(Failover to Azure) the subscription's core quota in the region leaves room for the failed-over VMs.",
     "Ask for a core quota of at least {needed} in {location}, or fail over fewer machines at once.",
 )
+AZURE_SAS_DURATION = Rule(
+    "AZ-SAS",
+    "azure-sas-duration",
+    "(Failback from Azure) the read access (SAS) failback asks ARM for on a disk or snapshot lasts "
+    "between 30 seconds and 60 days (what `grant_access` accepts).",
+    "Set the fabric's SAS duration between 30 and 5184000 seconds (`fabrics add azure --sas-seconds`); "
+    "it is {seconds} s now.",
+)
+AZURE_SAS_ACTIVE = Rule(
+    "AZ-SAS-ACTIVE",
+    "azure-sas-active",
+    "(Failback from Azure) no disk or failback snapshot of the recovery VM is already being read "
+    "through a SAS (ARM state ActiveSAS): such a disk cannot be started or exported again.",
+    "End the other export of {resource} (`az disk revoke-access` / `az snapshot revoke-access`), then retry.",
+)
 
 # Failover, reprotect and failback onto a libvirt site (dr/libvirt_checks.py): what libvirt would
 # refuse or get wrong, found before anything is defined.
@@ -362,6 +377,8 @@ RULES: Mapping[str, Rule] = {
         AZURE_DISK_COUNT,
         AZURE_DISK_ALIGNMENT,
         AZURE_CORE_QUOTA,
+        AZURE_SAS_DURATION,
+        AZURE_SAS_ACTIVE,
         LIBVIRT_REACH,
         LIBVIRT_POOL,
         LIBVIRT_POOL_SPACE,

@@ -11,12 +11,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component, ReplicatedItem, ReplicationGroup, by_id_or_name
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.fabric_access import discover
-from siterecovery.control.heartbeats import heartbeat_age
-from siterecovery.control.states import ComponentKind
 from siterecovery.dr import items as repo
 from siterecovery.dr.check_inputs import (
     ComponentView,
@@ -30,9 +24,20 @@ from siterecovery.dr.check_inputs import (
     Situation,
 )
 from siterecovery.dr.desired import agent_name
-from siterecovery.dr.record import ItemRecord
+from siterecovery.dr.fabric_access import discover
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.base import Inventory, OsType, SiteKind
+from siterecovery.store.context import current
+from siterecovery.store.models import (
+    Component,
+    ReplicatedItem,
+    ReplicationGroup,
+    by_id_or_name,
+    heartbeat_age,
+)
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import ComponentKind
 
 
 def _fabric_row(s: Session, ident: str) -> FabricRow | None:

@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Component, ReplicatedItem
-from siterecovery.control.events import clear_alert, raise_alert
-from siterecovery.control.states import ComponentKind, Health, ProtectionState, Severity
 from siterecovery.dr.desired import agent_name
-from siterecovery.dr.record import ItemRecord
+from siterecovery.store.events import clear_alert, raise_alert
+from siterecovery.store.models import Component, ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import ComponentKind, Health, ProtectionState, Severity
 
 ALERT = "replication-stalled"
 

@@ -11,24 +11,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.jobs import TaskContext, task_handler
-from siterecovery.control.states import ComponentKind, Direction, ProtectionState
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr import waits
+from siterecovery.dr.azure_jobs import ensure_azure_failover, is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
-from siterecovery.dr.record import ItemRecord, Pair, Replication, Site, StepMetric
 from siterecovery.dr.situation import build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
-from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, PowerState
+from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
+from siterecovery.retry import is_transient
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext, task_handler
+from siterecovery.store.record import ItemRecord, Pair, Replication, Site, StepMetric
+from siterecovery.store.states import ComponentKind, Direction, ProtectionState
 
-SYNC_TIMEOUT = float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
+
+def sync_timeout() -> float:
+    """Seconds enable waits for the initial sync (read when it waits, never at import time)."""
+    return float(os.environ.get("SITERECOVERY_SYNC_TIMEOUT", "1800"))
 
 
 def drain_deadline() -> float:
@@ -72,6 +77,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
     target = source.other
     created = item.record.target_created
     for disk in item.record.disks:
+        if is_page_blob(disk.path(target)):
+            continue  # an Azure replica: its master target creates the page blob (enable syncs it full)
         path = Path(disk.path(target))
         if not path.exists():  # a new target disk: created sparse, filled by a full sync
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +87,8 @@ def start_replication(ctx: TaskContext) -> dict[str, Any]:
             created = True
     # Onto disks that already hold (an older copy of) the data only the differences move (RPW-6).
     wanted = str(ctx.args["sync_mode"])
+    # Page blobs take full synchronisations only (no block digests of a blob on the master target).
+    created = created or any(is_page_blob(d.path(target)) for d in item.record.disks)
     mode = (SyncMode.FULL if created else SyncMode.DELTA) if wanted == "auto" else SyncMode(wanted)
     machine = item.record.machine if source is Site.ONPREM else item.record.cloud_machine
     rep = Replication(
@@ -125,7 +134,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
         )
     started = time.monotonic()
     agent = _agent_id(rep.source_site, rep.source_machine)
-    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], SYNC_TIMEOUT)
+    pairs = waits.wait_for_sync(ctx, agent, [p.pair_id for p in rep.pairs], sync_timeout())
     sent = sum(p.bytes_sent for p in pairs)
     allocated = sum(p.bytes_total for p in pairs)
     _metric(
@@ -169,6 +178,14 @@ def failover_begin(ctx: TaskContext) -> dict[str, Any]:
         }
 
     return dict(repo.update(item.id, change).record.failover_point)
+
+
+@task_handler("azure-failover-check")
+def azure_failover_check(ctx: TaskContext) -> dict[str, Any]:
+    """AZ-*: before the source stops or replication is held, what ARM would refuse half-way."""
+    item = repo.load(ctx.args["item"])
+    ensure_azure_failover(repo.site_fabric(item.record, Site.CLOUD), item.record)
+    return {"ready": True}
 
 
 @task_handler("post-failover-checks")
@@ -267,7 +284,7 @@ def create_recovery_machine(ctx: TaskContext) -> dict[str, Any]:
                 name=name,
                 host="",
                 datastore=item.record.cloud_resource_group,
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size, d.cloud_path) for d in item.record.disks),
                 nics=tuple(Nic(n.name, n.mac, IpMode.DHCP) for n in item.record.nics),
@@ -299,6 +316,8 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
         try:
             fabric.detach_disks(mt_machine, attached)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # the job engine retries the step (store/jobs.py)
             code = getattr(exc, "code", "detach-failed")
             raise SiteRecoveryError(
                 Problem(
@@ -451,7 +470,7 @@ def prepare_onprem_disks(ctx: TaskContext) -> dict[str, Any]:
                 name=item.record.machine,
                 host=host,
                 datastore=str(ctx.args["datastore"]),
-                os_type=item.record.os_type,  # type: ignore[arg-type]
+                os_type=OsType(item.record.os_type),
                 os_version=item.record.os_version,
                 disks=tuple(DiskSpec(d.label, d.size) for d in item.record.disks),
                 nics=tuple(

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Component
-from siterecovery.control.jobs import TaskContext
 from siterecovery.dataplane.assignments import AgentStats, MasterTargetStats, PairState, PairStats
 from siterecovery.errors import Problem, SiteRecoveryError, drain_timeout
+from siterecovery.store.context import current
+from siterecovery.store.jobs import TaskContext
+from siterecovery.store.models import Component
 
 POLL_SECONDS = 0.3
 

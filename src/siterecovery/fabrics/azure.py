@@ -73,6 +73,7 @@ class AzureFabric:
         *,
         subnet_id: str,
         vm_size: str = DEFAULT_VM_SIZE,
+        read_seconds: int = READ_SECONDS,
     ) -> None:
         self.name = name
         self.site = site
@@ -80,6 +81,7 @@ class AzureFabric:
         self.replicas = replicas
         self.subnet_id = subnet_id
         self.vm_size = vm_size
+        self.read_seconds = read_seconds  # the SAS duration failback asks ARM for (AZ-SAS)
 
     # ---- discovery --------------------------------------------------------------------------
 
@@ -310,11 +312,11 @@ class AzureFabric:
             for (position, _), disk in zip(self._positions(vm), current.disks, strict=True):
                 snap = f"{vm.name}-{FAILOVER_BASE}-{position}"
                 base = BlobClient.from_blob_url(
-                    self.arm.snapshot_read_url(snap, READ_SECONDS), api_version=STORAGE_API_VERSION
+                    self.arm.snapshot_read_url(snap, self.read_seconds), api_version=STORAGE_API_VERSION
                 )
                 granted.append((snap, True))
                 source = BlobClient.from_blob_url(
-                    self.arm.disk_read_url(disk.label, READ_SECONDS), api_version=STORAGE_API_VERSION
+                    self.arm.disk_read_url(disk.label, self.read_seconds), api_version=STORAGE_API_VERSION
                 )
                 granted.append((disk.label, False))
                 changes = ContentCompare().compare(source, base, disk.size_bytes)
@@ -326,6 +328,17 @@ class AzureFabric:
                     self.arm.end_snapshot_read(name)
                 else:
                     self.arm.end_disk_read(name)
+
+    def active_reads(self, machine: str) -> list[str]:
+        """The VM's disks and its snapshots already being read through a SAS (ARM's ActiveSAS)."""
+        vm = self._vm(machine)
+        disks = [d.name for d in self.arm.list_disks() if d.managed_by == vm.id and d.state == "ActiveSAS"]
+        snaps = [
+            s.name
+            for s in self.arm.list_snapshots()
+            if s.name.startswith(f"{vm.name}-") and s.state == "ActiveSAS"
+        ]
+        return sorted(disks + snaps)
 
     def move_storage(self, machine: str, datastore: str) -> None:
         raise FabricError(

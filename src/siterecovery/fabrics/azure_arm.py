@@ -30,6 +30,7 @@ class ArmDisk:
     os_type: OsType | None
     source_uri: str = ""  # the page blob it was imported from, if any
     managed_by: str = ""  # id of the VM it is attached to
+    state: str = ""  # ARM's diskState: Unattached, Attached, ActiveSAS (being read through a SAS), ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ArmSnapshot:
     id: str
     name: str
     disk_id: str
+    state: str = ""  # ARM's diskState (ActiveSAS while read access is granted)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from azure.storage.blob import BlobServiceClient
 
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.errors import Problem, SiteRecoveryError, Status
-from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, AzureFabric
+from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, READ_SECONDS, AzureFabric
 from siterecovery.fabrics.azure_arm import ArmDisk, ArmNic, ArmSnapshot, ArmVm, Usage, VmCreate, VmSize
 from siterecovery.fabrics.base import FabricError, IpMode, OsType, PowerState
 
@@ -29,8 +29,21 @@ T = TypeVar("T")
 Json = Mapping[str, Any]
 
 
-def credential(tenant: str, client_id: str, secret: str) -> TokenCredential:
+PUBLIC_ARM = "https://management.azure.com"
+
+
+def credential(tenant: str, client_id: str, secret: str, authority_host: str = "") -> TokenCredential:
+    """The service principal's credential, or the server's own identity without a secret.
+
+    `authority_host` is the identity provider of a sovereign cloud or an Azure Stack Hub
+    (`https://login.microsoftonline.us`, an AD FS / Entra host): tokens are asked there, and MSAL's
+    instance discovery, which asks the public cloud which authorities exist, is turned off for it.
+    """
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
+
+    custom: dict[str, Any] = (
+        {"authority": authority_host, "disable_instance_discovery": True} if authority_host else {}
+    )
 
     if secret:
         if not (tenant and client_id):
@@ -43,8 +56,8 @@ def credential(tenant: str, client_id: str, secret: str) -> TokenCredential:
                 ),
                 Status.UNPROCESSABLE,
             )
-        return ClientSecretCredential(tenant, client_id, secret)
-    return DefaultAzureCredential()
+        return ClientSecretCredential(tenant, client_id, secret, **custom)
+    return DefaultAzureCredential(**custom)
 
 
 def _os(value: object) -> OsType | None:
@@ -70,6 +83,7 @@ class SdkArm:
         location: str,
         storage_account: str,
         cred: TokenCredential,
+        arm_endpoint: str = PUBLIC_ARM,
     ) -> None:
         self.subscription = subscription
         self.resource_group = resource_group
@@ -78,8 +92,16 @@ class SdkArm:
             f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
             f"/providers/Microsoft.Storage/storageAccounts/{storage_account}"
         )
-        self._compute = ComputeManagementClient(cred, subscription)
-        self._network = NetworkManagementClient(cred, subscription)
+        # Another cloud's ARM (a sovereign cloud, an Azure Stack Hub) is also its token audience.
+        endpoint = arm_endpoint.rstrip("/") or PUBLIC_ARM
+        self.endpoint = endpoint
+        scopes = [f"{endpoint}/.default"]
+        self._compute = ComputeManagementClient(
+            cred, subscription, base_url=endpoint, credential_scopes=scopes
+        )
+        self._network = NetworkManagementClient(
+            cred, subscription, base_url=endpoint, credential_scopes=scopes
+        )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -142,6 +164,7 @@ class SdkArm:
             os_type=_os(props.get("osType")),
             source_uri=str((props.get("creationData") or {}).get("sourceUri", "")),
             managed_by=str(body.get("managedBy") or ""),
+            state=str(props.get("diskState") or ""),
         )
 
     def list_disks(self) -> list[ArmDisk]:
@@ -352,7 +375,8 @@ class SdkArm:
     def _snapshot(s: Snapshot) -> ArmSnapshot:
         body, props = _props(s)
         source = str((props.get("creationData") or {}).get("sourceResourceId", ""))
-        return ArmSnapshot(str(body.get("id", "")), str(body.get("name", "")), source)
+        state = str(props.get("diskState") or "")
+        return ArmSnapshot(str(body.get("id", "")), str(body.get("name", "")), source, state)
 
     def snapshot_disk(self, name: str, disk_id: str) -> ArmSnapshot:
         snap = Snapshot(
@@ -385,7 +409,12 @@ class SdkArm:
 
 def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str) -> AzureFabric:
     """The fabric a stored `azure` connection describes (`fabrics add azure`); opens no connection yet."""
-    cred = credential(str(connection.get("tenant", "")), str(connection.get("client_id", "")), secret)
+    cred = credential(
+        str(connection.get("tenant", "")),
+        str(connection.get("client_id", "")),
+        secret,
+        str(connection.get("authority_host") or ""),
+    )
     account = str(connection["storage_account"])
     arm = SdkArm(
         str(connection["subscription"]),
@@ -393,10 +422,12 @@ def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str)
         str(connection["location"]),
         account,
         cred,
+        str(connection.get("arm_endpoint") or PUBLIC_ARM),
     )
-    storage = BlobServiceClient(
-        f"https://{account}.blob.core.windows.net", credential=cred, api_version=STORAGE_API_VERSION
-    )
+    blobs = str(connection.get("blob_endpoint") or f"https://{account}.blob.core.windows.net")
+    # No credential: the server only names replica blobs (ARM imports them; failback reads the
+    # recovery VM's disks over the SAS ARM grants), it never reads or writes the account itself.
+    storage = BlobServiceClient(blobs.rstrip("/"), api_version=STORAGE_API_VERSION)
     return AzureFabric(
         name,
         site,
@@ -404,4 +435,5 @@ def open_azure(name: str, site: str, connection: Mapping[str, Any], secret: str)
         storage.get_container_client(str(connection.get("replica_container") or DEFAULT_REPLICA_CONTAINER)),
         subnet_id=str(connection["subnet_id"]),
         vm_size=str(connection.get("vm_size") or DEFAULT_VM_SIZE),
+        read_seconds=int(connection.get("sas_seconds") or READ_SECONDS),
     )

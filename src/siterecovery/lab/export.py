@@ -16,7 +16,8 @@ import asyncio
 import signal
 from pathlib import Path
 
-from siterecovery.dataplane.nbd import Export, NbdServer
+from siterecovery.dataplane.nbd.image import Export
+from siterecovery.dataplane.nbd.server import NbdServer
 
 
 def _parse_disk(text: str) -> tuple[str, Path]:

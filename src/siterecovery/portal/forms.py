@@ -20,18 +20,18 @@ from siterecovery.control.api import item_actions
 from siterecovery.control.api import jobs as jobs_api
 from siterecovery.control.api import plans as plans_api
 from siterecovery.control.api.items import find_item
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import current
-from siterecovery.control.db import ReplicatedItem
 from siterecovery.control.plan_jobs import PlanOperation
-from siterecovery.control.states import Direction, ProtectionState, Role
-from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.render import forbidden, page, problems_of, refused
 from siterecovery.portal.reprotect_form import Choice, build_dialog
 from siterecovery.portal.session import csrf_ok, sign_out_response, signed_in, to_signin
 from siterecovery.portal.session import form_fields as form_dep
 from siterecovery.portal.views import ItemAction, actions_for, item_rows
+from siterecovery.store.context import current
+from siterecovery.store.models import ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import Direction, ProtectionState, Role
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(include_in_schema=False)
 

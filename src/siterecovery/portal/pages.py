@@ -18,16 +18,16 @@ from siterecovery.control.api import items as items_api
 from siterecovery.control.api import jobs as jobs_api
 from siterecovery.control.api.fabrics import list_fabrics
 from siterecovery.control.api.server import server_info
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import current
-from siterecovery.control.db import Job, ReplicatedItem
-from siterecovery.control.states import JobState
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.portal.plans_view import plan_choices, plan_rows
 from siterecovery.portal.render import page, problems_of, refused
 from siterecovery.portal.session import check_token, safe_next, sign_in_response, signed_in, to_signin
 from siterecovery.portal.session import form_fields as form_dep
 from siterecovery.portal.views import PAGE_SIZE, infrastructure, item_rows, overview
+from siterecovery.store.context import current
+from siterecovery.store.models import Job, ReplicatedItem
+from siterecovery.store.states import JobState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(include_in_schema=False)
 

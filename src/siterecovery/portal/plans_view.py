@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.api.plans import plan_view
-from siterecovery.control.db import Fabric, RecoveryPlan, ReplicatedItem
 from siterecovery.control.plan_jobs import PlanOperation
 from siterecovery.control.schemas import PlanAction
-from siterecovery.control.states import ComponentKind
 from siterecovery.portal.views import retention_choices, servers
+from siterecovery.store.models import Fabric, RecoveryPlan, ReplicatedItem
+from siterecovery.store.states import ComponentKind
 
 
 @dataclass(frozen=True)

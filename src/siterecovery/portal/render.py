@@ -15,10 +15,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from pydantic import ValidationError
 
 from siterecovery import __version__
-from siterecovery.control.auth import Principal
-from siterecovery.control.states import Direction, Role
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.session import csrf_token, session_secret
+from siterecovery.store.states import Direction, Role
+from siterecovery.store.tokens import Principal
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

@@ -16,10 +16,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.api.policies import policy_view
-from siterecovery.control.db import Fabric, Policy, ReplicatedItem
 from siterecovery.control.schemas import PolicyOut
-from siterecovery.control.states import ComponentKind, Direction
-from siterecovery.dr.record import ItemRecord, Site
 from siterecovery.portal.views import (
     MasterTargetRow,
     ProcessServerRow,
@@ -27,6 +24,9 @@ from siterecovery.portal.views import (
     process_server_row,
     servers,
 )
+from siterecovery.store.models import Fabric, Policy, ReplicatedItem
+from siterecovery.store.record import ItemRecord, Site
+from siterecovery.store.states import ComponentKind, Direction
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl
 from fastapi import Request
 from fastapi.responses import RedirectResponse
 
-from siterecovery.control.auth import Principal, authenticate
-from siterecovery.control.context import current
+from siterecovery.store.context import current
+from siterecovery.store.tokens import Principal, authenticate
 
 COOKIE = "siterecovery_session"
 _CSRF_CONTEXT = b"siterecovery portal csrf v1"

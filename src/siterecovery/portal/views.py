@@ -19,15 +19,15 @@ from siterecovery.config import ServerConfig
 from siterecovery.control.api.events import event_view, find_events
 from siterecovery.control.api.items import ItemOut, item_view
 from siterecovery.control.api.jobs import job_view
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import Component, Job, Policy, ReplicatedItem
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import entries, number
 from siterecovery.control.schemas import EventOut, JobOut, ServerOut
-from siterecovery.control.states import ComponentKind, Direction, JobState, ProtectionState
-from siterecovery.dr.record import ItemRecord
 from siterecovery.dr.recovery_points import item_points
 from siterecovery.dr.rules import MAX_MT_DISKS
+from siterecovery.store.models import Component, Job, Policy, ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import ComponentKind, Direction, JobState, ProtectionState
+from siterecovery.store.tokens import Principal
 
 
 class ItemAction(StrEnum):

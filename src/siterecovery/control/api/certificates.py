@@ -1,7 +1,7 @@
 """Component certificates over the API: renewal by the component, removal of a component.
 
 `POST /api/components/{id}/certificate` renews the caller's certificate (its token, plus its
-current certificate and a CSR signed by the same key: see `control/certificates.py`).
+current certificate and a CSR signed by the same key: see `store/certificates.py`).
 `DELETE /api/servers/{ident}` removes a component: its certificates and tokens are revoked at once
 and every hop refuses it from its next desired state (`siterecovery servers remove`).
 """
@@ -13,17 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import certificates
 from siterecovery.control.api.components import find_component
 from siterecovery.control.api.deps import admin, component, control_plane, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, ReplicatedItem
-from siterecovery.control.events import record_event
-from siterecovery.control.states import ComponentKind, Severity
 from siterecovery.dr.desired import agent_name
-from siterecovery.dr.record import ItemRecord
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store import certificates
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Component, ReplicatedItem
+from siterecovery.store.record import ItemRecord
+from siterecovery.store.states import ComponentKind, Severity
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api", tags=["servers"])
 

@@ -1,4 +1,4 @@
-"""`GET /api/cluster/self`: what this server process is in its cluster (see `control.cluster`).
+"""`GET /api/cluster/self`: what this server process is in its cluster (see `store.cluster`).
 
 Answered by whichever process the request reaches: its DBOS executor id, whether it currently
 does the periodic work, how many periodic passes it ran, which dead processes' jobs it took over.
@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from siterecovery.control.api.deps import reader
-from siterecovery.control.auth import Principal
-from siterecovery.control.cluster import current_cluster
+from siterecovery.store.cluster import current_cluster
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/cluster", tags=["server"])
 

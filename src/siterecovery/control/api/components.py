@@ -6,20 +6,20 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import certificates
 from siterecovery.control.api.deps import component, control_plane, operator, reader, session
-from siterecovery.control.auth import Principal, create_token
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, Token, by_id_or_name, new_id, now
-from siterecovery.control.events import record_event
 from siterecovery.control.heartbeat_writer import writer_for
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
-from siterecovery.control.states import ComponentKind, Role, Severity
 from siterecovery.control.throttle import THROTTLE
 from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store import certificates
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Component, Token, by_id_or_name, new_id, now
+from siterecovery.store.states import ComponentKind, Role, Severity
+from siterecovery.store.tokens import Principal, create_token
 
 router = APIRouter(prefix="/api", tags=["servers"])
 

@@ -8,11 +8,11 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane, current
 from siterecovery.control.edges import PRINCIPAL, REFUSALS, identify
-from siterecovery.control.states import Role
 from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.store.context import ControlPlane, current
+from siterecovery.store.states import Role
+from siterecovery.store.tokens import Principal
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -8,9 +8,9 @@ from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import reader, session
 from siterecovery.control.api.paging import page
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import Event
 from siterecovery.control.schemas import EventOut
+from siterecovery.store.models import Event
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/events", tags=["events"])
 

@@ -10,11 +10,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric, ReplicatedItem, by_id_or_name, new_id
-from siterecovery.control.events import record_event
-from siterecovery.control.fabric_access import discover, summary
 from siterecovery.control.schemas import (
     AzureConnection,
     FabricCreate,
@@ -24,8 +19,13 @@ from siterecovery.control.schemas import (
     LibvirtConnection,
     VSphereConnection,
 )
-from siterecovery.control.states import ProtectionState, Severity
+from siterecovery.dr.fabric_access import discover, summary
 from siterecovery.errors import conflict, invalid, not_found
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Fabric, ReplicatedItem, by_id_or_name, new_id
+from siterecovery.store.states import ProtectionState, Severity
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
 

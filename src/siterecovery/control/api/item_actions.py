@@ -13,26 +13,28 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane, current
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.db import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
-from siterecovery.control.fabric_access import discover
 from siterecovery.control.schemas import Flag, Strict
-from siterecovery.control.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
+from siterecovery.dr.azure_failback import azure_reprotect_tasks, azure_way_back_problems
+from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
+from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
-from siterecovery.dr.record import ItemDisk, ItemRecord, NicRecord
 from siterecovery.dr.recovery_points import points_of
 from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.context import ControlPlane, current
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.models import Job, Policy, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
+from siterecovery.store.record import ItemDisk, ItemRecord, NicRecord
+from siterecovery.store.states import ComponentKind, Direction, JobState, PolicyKind, ProtectionState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
 
@@ -201,6 +203,7 @@ def enable(
                 rule="AG-1",
             )
         )
+    problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None
@@ -381,6 +384,8 @@ def reprotect(
     """RPW-1..7. With `what_if`, every failing prerequisite is listed and nothing changes."""
     item = _item_for_dr(s, ident)
     to_cloud = item.direction is Direction.FAILBACK
+    if not to_cloud and is_azure(current(), item.record.cloud_fabric):
+        return _azure_reprotect(s, item, body)
     if not to_cloud and not body.vcenter:
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
@@ -408,6 +413,18 @@ def reprotect(
     return _start("reprotect", item, ops.reprotect_tasks(item, request, next_policy), args)
 
 
+def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -> Started | Readiness:
+    """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
+    problems = azure_way_back_problems(item)
+    if body.what_if:
+        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=[])
+    if problems:
+        raise SiteRecoveryError(problems)
+    policy = repo.policy(s, item.policy_id)
+    tasks = azure_reprotect_tasks(item, policy.failback_policy_id or policy.id)
+    return _start("reprotect", item, tasks, body.model_dump())
+
+
 @router.post("/{ident}/failback", status_code=202, response_model=None)
 def failback(
     ident: str,
@@ -422,7 +439,8 @@ def failback(
         "master_target": rep.master_target if rep else "",
         "process_server": rep.process_server if rep else "",
     }
-    problems = check_failback(build_situation(item, args))
+    azure = is_azure(current(), item.record.cloud_fabric)
+    problems = azure_way_back_problems(item) if azure else check_failback(build_situation(item, args))
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
     if problems:

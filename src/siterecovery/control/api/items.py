@@ -9,9 +9,9 @@ from sqlalchemy.orm import Session, defer
 
 from siterecovery.control.api.deps import reader, session
 from siterecovery.control.api.paging import page
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import ReplicatedItem, by_id_or_name
 from siterecovery.errors import not_found
+from siterecovery.store.models import ReplicatedItem, by_id_or_name
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/replicatedItems", tags=["replicated items"])
 

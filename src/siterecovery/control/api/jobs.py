@@ -6,14 +6,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import operator, reader, session
 from siterecovery.control.api.paging import page
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import Job, JobTask
 from siterecovery.control.schemas import JobOut, TaskOut
-from siterecovery.control.states import JobState
 from siterecovery.errors import not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.models import Job, JobTask
+from siterecovery.store.states import JobState
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 

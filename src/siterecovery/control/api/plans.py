@@ -9,10 +9,7 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control import jobs as engine
 from siterecovery.control.api.deps import operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.db import RecoveryPlan, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
 from siterecovery.control.plan_jobs import PlanOperation, plan_tasks
 from siterecovery.control.schemas import (
     Flag,
@@ -24,8 +21,11 @@ from siterecovery.control.schemas import (
     PlanOut,
     Strict,
 )
-from siterecovery.control.states import Role
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.store import jobs as engine
+from siterecovery.store.models import RecoveryPlan, ReplicatedItem, ReplicationGroup, by_id_or_name, new_id
+from siterecovery.store.states import Role
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api", tags=["recovery plans"])
 

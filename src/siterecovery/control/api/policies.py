@@ -7,13 +7,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.auth import Principal
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Policy, by_id_or_name, new_id
-from siterecovery.control.events import record_event
 from siterecovery.control.schemas import PolicyCreate, PolicyOut, PolicyUpdate
-from siterecovery.control.states import PolicyKind, Severity
 from siterecovery.errors import conflict, not_found
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Policy, by_id_or_name, new_id
+from siterecovery.store.states import PolicyKind, Severity
+from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/policies", tags=["policies"])
 

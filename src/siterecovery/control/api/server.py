@@ -11,13 +11,13 @@ from sqlalchemy.orm import Session
 
 from siterecovery import __version__
 from siterecovery.control.api.deps import admin, control_plane, reader, session
-from siterecovery.control.auth import Principal, create_token, hash_secret
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import ServerIdentity, Token, now
-from siterecovery.control.events import record_event
 from siterecovery.control.schemas import TokenCreate, TokenCreated, TokenOut
-from siterecovery.control.states import Role, Severity
 from siterecovery.errors import conflict, not_found
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.events import record_event
+from siterecovery.store.models import ServerIdentity, Token, now
+from siterecovery.store.states import Role, Severity
+from siterecovery.store.tokens import Principal, create_token, hash_secret
 
 router = APIRouter(prefix="/api", tags=["server"])
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import sys
 
 import uvicorn
 from dbos import DBOS
 
-from siterecovery.config import ServerConfig
-from siterecovery.control.app import create_app
-from siterecovery.control.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
-from siterecovery.control.context import ControlPlane, open_control_plane
-from siterecovery.control.jobs import register_job_queue
+from siterecovery.config import LogFormat, ServerConfig
 from siterecovery.dr.monitor import Monitor
+from siterecovery.logs import announce, route_to_root
+from siterecovery.server.app import create_app
+from siterecovery.store.cluster import SQLITE_EXECUTOR, Cluster, default_executor_id, set_current
+from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.jobs import register_job_queue
 
 log = logging.getLogger("siterecovery.server")
 
@@ -34,7 +34,7 @@ def start_engine(cp: ControlPlane, executor_id: str = SQLITE_EXECUTOR) -> None:
             "name": "siterecovery",
             "system_database_url": dbos_system_url(cp.config),
             "log_level": "WARNING",
-            # Each process of a cluster runs its jobs as its own executor (see control.cluster).
+            # Each process of a cluster runs its jobs as its own executor ((see store.cluster)).
             "executor_id": executor_id,
         }
     )
@@ -61,18 +61,22 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
             fd = os.open(admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(cp.initial_admin_token + "\n")
-        print(f"initial admin token (shown once): {cp.initial_admin_token}", file=sys.stderr, flush=True)
+        announce(log.name, config.log_format, f"initial admin token (shown once): {cp.initial_admin_token}")
     app = create_app()
     cluster = Cluster(cp.db, default_executor_id(config.listen), config.state_dir)
     cluster.join()
     set_current(cluster)
     start_engine(cp, cluster.executor_id)
     Monitor(cp, cluster=cluster).start()
-    ssl_kwargs: dict[str, object] = {}
+    uvicorn_options: dict[str, object] = {}
     if config.tls:
         pki = config.state_dir / "pki"
         issued = cp.ca.issue("configuration-server", certificate_names(config))
         cert, key, _ = issued.write(pki, "server")
-        ssl_kwargs = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_cert_reqs": ssl.CERT_NONE}
+        uvicorn_options = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_cert_reqs": ssl.CERT_NONE}
+    if config.log_format is LogFormat.JSON:
+        # uvicorn then leaves logging alone, and DBOS's text handler goes: one format on stderr.
+        uvicorn_options["log_config"] = None
+        route_to_root("dbos", "uvicorn", "uvicorn.error", "uvicorn.access")
     log.info("serving on %s", config.listen)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", **ssl_kwargs)  # type: ignore[arg-type]
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", **uvicorn_options)  # type: ignore[arg-type]

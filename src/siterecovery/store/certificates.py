@@ -18,9 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery import pki
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Component, ComponentCertificate, Token, now
 from siterecovery.errors import Problem, SiteRecoveryError, Status
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.models import Component, ComponentCertificate, Token, now
 
 
 def _validity(cp: ControlPlane) -> dt.timedelta:

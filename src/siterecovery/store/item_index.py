@@ -19,8 +19,8 @@ from sqlalchemy import delete, insert, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
-from siterecovery.control.db import ItemComponent, ReplicatedItem
-from siterecovery.dr.record import ItemRecord
+from siterecovery.store.models import ItemComponent, ReplicatedItem
+from siterecovery.store.record import ItemRecord
 
 AGENT_PREFIX = "agent:"
 

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from siterecovery.control.database import make_engine
-from siterecovery.control.db import Base
+from siterecovery.store.database import make_engine
+from siterecovery.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,7 +1,7 @@
 """The engine and the session factory of the configuration server's database.
 
-SQLite file by default (embedded), PostgreSQL by URL. Apart from the models (`control.db`) so
-that every session keeps the item index (`control.item_index`, which needs the models) without
+SQLite file by default (embedded), PostgreSQL by URL. Apart from the models (`store.models`) so
+that every session keeps the item index (`store.item_index`, which needs the models) without
 the models' module importing the index back.
 """
 
@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from siterecovery.control.item_index import install
+from siterecovery.store.item_index import install
 
 
 def make_engine(url: str) -> Engine:

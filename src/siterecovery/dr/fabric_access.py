@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from siterecovery.control.context import ControlPlane
-from siterecovery.control.db import Fabric as FabricRow
-from siterecovery.control.states import FabricKind
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.base import Fabric, FabricError, Inventory
-from siterecovery.fabrics.lab import LabFabric
+from siterecovery.lab.fabric import LabFabric
+from siterecovery.store.context import ControlPlane
+from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.states import FabricKind
 
 
 def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Event, now
-from siterecovery.control.states import Severity
+from siterecovery.store.models import Event, now
+from siterecovery.store.states import Severity
 
 
 def record_event(

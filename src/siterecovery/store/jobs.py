@@ -6,6 +6,13 @@ unfinished workflow, and each finished step returns its recorded result instead 
 again — so a reprotect resumes where it was, it does not redo finished tasks. A task handler
 must therefore be safe to run again after an interruption (idempotent).
 
+A task that fails on a transient provider error (`retry.is_transient`: a reset connection, a
+timeout, HTTP 5xx/429, libvirt's RPC errors) raises out of its step and DBOS runs the step again
+(`STEP_MAX_ATTEMPTS`, waits growing from `STEP_RETRY_INTERVAL` by `STEP_BACKOFF_RATE`); when the
+attempts run out the task fails with the last error's code, or `task-retries-exhausted` if it had
+none. Every other failure ends the task at once with its code (a provider error's own `code`, else
+`task-failed`).
+
 Manual actions (recovery plans) pause the workflow on `DBOS.recv` until `jobs resume` sends it a
 message; the job shows `paused` meanwhile, and that wait survives restarts too.
 """
@@ -19,13 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbos import DBOS, SetWorkflowID
+from dbos._error import DBOSMaxStepRetriesExceeded
 from sqlalchemy import select
 
-from siterecovery.control.context import current
-from siterecovery.control.db import Job, JobTask, new_id, now
-from siterecovery.control.events import record_event
-from siterecovery.control.states import JobState, Severity, TaskState
 from siterecovery.errors import Problem, SiteRecoveryError, conflict, not_found
+from siterecovery.logs import log_context
+from siterecovery.retry import is_transient
+from siterecovery.store.context import current
+from siterecovery.store.events import record_event
+from siterecovery.store.models import Job, JobTask, new_id, now
+from siterecovery.store.states import JobState, Severity, TaskState
 
 log = logging.getLogger("siterecovery.jobs")
 
@@ -40,6 +50,10 @@ def register_job_queue() -> None:
 
 
 MANUAL_ACTION = "manual-action"
+# A transient provider error is retried 4 times, after 1, 2, 4 and 8 s (then the task fails).
+STEP_MAX_ATTEMPTS = 5
+STEP_RETRY_INTERVAL = 1.0
+STEP_BACKOFF_RATE = 2.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +185,12 @@ def _start_job(job_id: str) -> int:
         return len(list(s.scalars(select(JobTask.id).where(JobTask.job_id == job_id))))
 
 
-@DBOS.step()
+@DBOS.step(
+    retries_allowed=True,
+    max_attempts=STEP_MAX_ATTEMPTS,
+    interval_seconds=STEP_RETRY_INTERVAL,
+    backoff_rate=STEP_BACKOFF_RATE,
+)
 def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
     """Run one task. Its result is recorded by DBOS, so a finished task never runs twice."""
     with current().db.session() as s:
@@ -180,7 +199,15 @@ def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
         task.attempts += 1
         task.started_at = task.started_at or now()
         action, args = task.action, dict(task.args)
-    ctx = TaskContext(job_id, ordinal, args)
+        job = s.get(Job, job_id)
+        item_id = job.target_id if job is not None and job.target_type == "replicatedItem" else None
+    # Every log line of the task, its handler's and ours, names the job and the item.
+    with log_context(job_id=job_id, item_id=item_id):
+        return _run_task(TaskContext(job_id, ordinal, args), action)
+
+
+def _run_task(ctx: TaskContext, action: str) -> dict[str, Any]:
+    job_id, ordinal = ctx.job_id, ctx.ordinal
     try:
         with ExitStack() as scopes:
             for scope in _TASK_SCOPES:
@@ -192,14 +219,70 @@ def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
         _finish_task(job_id, ordinal, TaskState.FAILED, error=error)
         return {"failed": [error]}
     except Exception as exc:  # a task's own failure ends the job, never the server
+        if is_transient(exc):
+            # Out of the step: DBOS runs it again after its interval (the handlers are idempotent).
+            log.warning("task %s of job %s hit a transient error, to be retried: %r", ordinal, job_id, exc)
+            with current().db.session() as s:
+                _task(s, job_id, ordinal).message = f"retrying after a transient error: {exc!r}"[:500]
+            raise TransientFailure.of(exc) from exc
         log.exception("task %s of job %s failed", ordinal, job_id)
-        problem = Problem(
-            "task-failed", f"Task failed: {exc}", "See the server log; fix the cause and rerun."
-        )
+        problem = _permanent_problem(exc)
         _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
         return {"failed": [problem.as_dict()]}
     _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
     return {"result": result}
+
+
+def _permanent_problem(exc: Exception) -> Problem:
+    """A provider error with an operator-facing code keeps it; anything else is `task-failed`."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        message = str(getattr(exc, "message", "") or exc)
+        remediation = str(getattr(exc, "remediation", "") or "Fix the cause named above and rerun.")
+        return Problem(code, message, remediation)
+    return Problem("task-failed", f"Task failed: {exc}", "See the server log; fix the cause and rerun.")
+
+
+class TransientFailure(Exception):
+    """A task's transient error as DBOS records it between retries.
+
+    DBOS pickles what a step raised; a provider's own exception may not unpickle (its constructor
+    wants more than its message), so the step raises this plain summary instead, keeping the
+    operator-facing code when the error had one.
+    """
+
+    def __init__(self, summary: str, code: str = "", remediation: str = "") -> None:
+        super().__init__(summary, code, remediation)
+        self.summary = summary
+        self.problem_code = code
+        self.remediation = remediation
+
+    @classmethod
+    def of(cls, exc: Exception) -> TransientFailure:
+        code = getattr(exc, "code", None)
+        if isinstance(code, str) and code:
+            message = str(getattr(exc, "message", "") or exc)
+            return cls(message, code, str(getattr(exc, "remediation", "") or ""))
+        return cls(repr(exc))
+
+
+@DBOS.step()
+def _retries_exhausted(
+    job_id: str, ordinal: int, summary: str, code: str, remediation: str
+) -> dict[str, Any]:
+    if code:
+        # The provider's own code says what is down; the attempts say it did not come back.
+        message = f"{summary} (failed {STEP_MAX_ATTEMPTS} times on transient errors)"
+        problem = Problem(code, message, remediation or "Fix the cause named above and rerun.")
+    else:
+        problem = Problem(
+            "task-retries-exhausted",
+            f"The task failed {STEP_MAX_ATTEMPTS} times on transient errors; the last: {summary}",
+            "Check that the provider (vCenter, libvirt host, Azure) and the network to it are up, "
+            "then rerun the job.",
+        )
+    _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
+    return {"failed": [problem.as_dict()]}
 
 
 def _finish_task(job_id: str, ordinal: int, state: TaskState, error: dict[str, Any] | None = None) -> None:
@@ -271,7 +354,13 @@ def run_job(job_id: str) -> str:
                 pass
             _leave_manual_action(job_id, ordinal)
             continue
-        outcome = _execute_task(job_id, ordinal)
+        try:
+            outcome = _execute_task(job_id, ordinal)
+        except DBOSMaxStepRetriesExceeded as exc:
+            last = exc.errors[-1] if exc.errors else None
+            if not isinstance(last, TransientFailure):
+                last = TransientFailure(repr(last))
+            outcome = _retries_exhausted(job_id, ordinal, last.summary, last.problem_code, last.remediation)
         if "failed" in outcome:
             _finish_job(job_id, JobState.FAILED.value, outcome["failed"][0], results)
             return JobState.FAILED.value

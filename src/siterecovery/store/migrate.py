@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from siterecovery.control.database import Database
+from siterecovery.store.database import Database
 
 _SCRIPTS = Path(__file__).resolve().parent / "migrations"
 

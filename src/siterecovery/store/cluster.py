@@ -1,7 +1,7 @@
 """Several configuration-server processes on one database: who does the periodic work, and who
 finishes the jobs of a process that died.
 
-Every process serves the API and runs jobs (DBOS queues spread them, see `control.jobs`). The
+Every process serves the API and runs jobs (DBOS queues spread them, see `store.jobs`). The
 periodic work — RPO monitor, scheduled bookmarks, rediscovery — must run once per interval in the
 whole cluster, so exactly one process, the leader, does it:
 
@@ -32,8 +32,8 @@ from typing import IO
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from siterecovery.control.database import Database
 from siterecovery.errors import Problem, SiteRecoveryError
+from siterecovery.store.database import Database
 
 log = logging.getLogger("siterecovery.cluster")
 

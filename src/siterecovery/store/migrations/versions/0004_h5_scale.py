@@ -34,7 +34,7 @@ def upgrade() -> None:
         batch_op.create_index("ix_events_object", ["object_type", "object_id", "code"], unique=False)
 
     # Existing items: build their index rows the way the flush hook does.
-    from siterecovery.control.item_index import write_links
+    from siterecovery.store.item_index import write_links
 
     conn = op.get_bind()
     items = sa.table("replicated_items", sa.column("id", sa.String), sa.column("details", sa.JSON))

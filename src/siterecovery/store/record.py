@@ -180,3 +180,6 @@ class ItemRecord(_Model):
     oracle: dict[str, object] = Field(default_factory=dict)  # last verdict per site
     # A libvirt domain's persistent XML at enable: failover defines the recovery domain from it.
     domain_xml: str = ""
+    # Agentless failback from Azure: the snapshot (prefix `<vm>-<name>`) the on-premises disks
+    # were last made equal to; the next sync sends what changed since (dr/azure_failback.py).
+    azure_base: str = ""

@@ -17,13 +17,13 @@ from pathlib import Path
 from sqlalchemy import select
 
 from siterecovery.config import ServerConfig
-from siterecovery.control import migrate
-from siterecovery.control.auth import create_token
-from siterecovery.control.database import Database
-from siterecovery.control.db import Component, ServerIdentity, new_id, now
-from siterecovery.control.secrets import SecretBox
-from siterecovery.control.states import ComponentKind, Role
 from siterecovery.pki import CertificateAuthority
+from siterecovery.store import migrate
+from siterecovery.store.database import Database
+from siterecovery.store.models import Component, ServerIdentity, new_id, now
+from siterecovery.store.secrets import SecretBox
+from siterecovery.store.states import ComponentKind, Role
+from siterecovery.store.tokens import create_token
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Database schema (SQLAlchemy 2); the engine and session factory are in `control.database`.
+"""Database schema (SQLAlchemy 2); the engine and session factory are in `store.database`.
 
 SQLite file by default (embedded), PostgreSQL by URL. The schema is created and upgraded by the
 Alembic migrations in `migrations/`, applied when the server starts; models here are the single
@@ -83,6 +83,10 @@ class Component(Base):
     desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+def heartbeat_age(row: Component) -> float | None:
+    return None if row.last_heartbeat is None else max(0.0, now() - row.last_heartbeat)
+
+
 class ComponentCertificate(Base):
     """A certificate the CA issued to a component; revoked when the component is removed.
 
@@ -150,7 +154,7 @@ class ReplicatedItem(Base):
     group_id: Mapped[str | None] = mapped_column(ForeignKey("replication_groups.id"), nullable=True)
     rpo_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    # Bumped by a flush hook whenever `details` changes (control.item_index): readers that keep a
+    # Bumped by a flush hook whenever `details` changes ((store.item_index)): readers that keep a
     # parsed copy (the RPO monitor) reload an item's details only when this moved.
     details_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -158,7 +162,7 @@ class ReplicatedItem(Base):
 
 
 class ItemComponent(Base):
-    """Index: which components an item's desired state concerns (see `control.item_index`).
+    """Index: which components an item's desired state concerns (see `store.item_index`).
 
     `component` is a process server's or master target's id, or `agent:<site>/<machine>` for the
     agent (agents are named by machine). Rewritten whenever an item's details change, so a
@@ -203,7 +207,7 @@ class JobTask(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     ordinal: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(200))
-    # What runs: a registered task handler name and its JSON arguments (see control.jobs).
+    # What runs: a registered task handler name and its JSON arguments ((see store.jobs)).
     action: Mapped[str] = mapped_column(String(100))
     args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(20))

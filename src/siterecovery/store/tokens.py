@@ -17,8 +17,8 @@ from enum import StrEnum
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from siterecovery.control.db import Token, new_id, now
-from siterecovery.control.states import Role
+from siterecovery.store.models import Token, new_id, now
+from siterecovery.store.states import Role
 
 _RANK = {Role.READER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
