@@ -9,9 +9,10 @@ from siterecovery.store.models import Event, now
 from siterecovery.store.states import Severity
 
 
-def record_event(
-    s: Session, severity: Severity, code: str, message: str, object_type: str = "", object_id: str = ""
+def _add(
+    s: Session, severity: Severity, code: str, message: str, object_type: str, object_id: str, *, alert: bool
 ) -> None:
+    # An alert opens active (until it clears); a plain event is never active.
     s.add(
         Event(
             severity=severity,
@@ -19,10 +20,16 @@ def record_event(
             message=message,
             object_type=object_type,
             object_id=object_id,
-            alert=False,
-            active=False,
+            alert=alert,
+            active=alert,
         )
     )
+
+
+def record_event(
+    s: Session, severity: Severity, code: str, message: str, object_type: str = "", object_id: str = ""
+) -> None:
+    _add(s, severity, code, message, object_type, object_id, alert=False)
 
 
 def raise_alert(
@@ -43,17 +50,7 @@ def raise_alert(
             existing.severity = severity
             existing.message = message
         return
-    s.add(
-        Event(
-            severity=severity,
-            code=code,
-            message=message,
-            object_type=object_type,
-            object_id=object_id,
-            alert=True,
-            active=True,
-        )
-    )
+    _add(s, severity, code, message, object_type, object_id, alert=True)
 
 
 def clear_alert(s: Session, code: str, object_type: str, object_id: str) -> None:
