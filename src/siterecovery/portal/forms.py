@@ -20,7 +20,7 @@ from siterecovery.control.api import item_actions
 from siterecovery.control.api import jobs as jobs_api
 from siterecovery.control.api import plans as plans_api
 from siterecovery.control.api.items import find_item
-from siterecovery.control.plan_jobs import PlanOperation
+from siterecovery.control.plan_jobs import PlanOperation, PlanRun
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.render import forbidden, page, problems_of, refused
 from siterecovery.portal.reprotect_form import Choice, build_dialog
@@ -47,7 +47,7 @@ def _guard(request: Request, who: Principal | None, form: dict[str, str]) -> Pri
     if who is None:
         return to_signin(request)
     if not csrf_ok(request, form):
-        return refused(request, who, [_CSRF.as_dict()], 403)
+        return refused(request, who, [_CSRF], 403)
     if not who.can(Role.OPERATOR):
         return forbidden(request, who)
     return who
@@ -60,7 +60,7 @@ def _to_job(job_id: str) -> RedirectResponse:
 @router.post("/signout")
 def signout(request: Request, form: dict[str, str] = Depends(form_dep)) -> Response:
     if not csrf_ok(request, form):
-        return refused(request, None, [_CSRF.as_dict()], 403)
+        return refused(request, None, [_CSRF], 403)
     return sign_out_response()
 
 
@@ -196,41 +196,30 @@ def run_action(
     return _action_page(request, guarded, ident, action, form, outcome, status)
 
 
-def _job_op(
-    job_id: str,
-    request: Request,
-    who: Principal | None,
-    form: dict[str, str],
-    op: Callable[[str, Principal], dict[str, str]],
-) -> Response:
-    guarded = _guard(request, who, form)
-    if isinstance(guarded, Response):
-        return guarded
-    try:
-        op(job_id, guarded)
-    except SiteRecoveryError as exc:
-        return refused(request, guarded, problems_of(exc), int(exc.status))
-    return _to_job(job_id)
+def _job_route(op: Callable[[str, Principal], dict[str, str]]) -> Callable[..., Response]:
+    """The POST route of one job operation (cancel, resume): guarded, refused with problems, or
+    redirected to the job's page."""
+
+    def route(
+        job_id: str,
+        request: Request,
+        who: Principal | None = Depends(signed_in),
+        form: dict[str, str] = Depends(form_dep),
+    ) -> Response:
+        guarded = _guard(request, who, form)
+        if isinstance(guarded, Response):
+            return guarded
+        try:
+            op(job_id, guarded)
+        except SiteRecoveryError as exc:
+            return refused(request, guarded, problems_of(exc), int(exc.status))
+        return _to_job(job_id)
+
+    return route
 
 
-@router.post("/jobs/{job_id}/cancel")
-def cancel_job(
-    job_id: str,
-    request: Request,
-    who: Principal | None = Depends(signed_in),
-    form: dict[str, str] = Depends(form_dep),
-) -> Response:
-    return _job_op(job_id, request, who, form, jobs_api.cancel)
-
-
-@router.post("/jobs/{job_id}/resume")
-def resume_job(
-    job_id: str,
-    request: Request,
-    who: Principal | None = Depends(signed_in),
-    form: dict[str, str] = Depends(form_dep),
-) -> Response:
-    return _job_op(job_id, request, who, form, jobs_api.resume)
+router.add_api_route("/jobs/{job_id}/cancel", _job_route(jobs_api.cancel), methods=["POST"])
+router.add_api_route("/jobs/{job_id}/resume", _job_route(jobs_api.resume), methods=["POST"])
 
 
 @router.post("/plans/{ident}/{operation}")
@@ -252,7 +241,7 @@ def run_plan(
                 for key in ("master_target", "process_server", "datastore", "retention_volume")
             }
             machines = [m for g in plans_api.plan_view(plan).groups for m in g.items]
-            run = plans_api.PlanRun(
+            run = PlanRun(
                 point=form.get("point") or "latest",
                 planned=form.get("planned") == "on",
                 items={m: values for m in machines} if operation is PlanOperation.REPROTECT else {},
