@@ -18,7 +18,11 @@ from siterecovery.control.schemas import Flag, ProblemItem, RecoveryPointOut, St
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.dr import rules
-from siterecovery.dr.azure_failback import azure_reprotect_tasks, azure_way_back_problems
+from siterecovery.dr.azure_failback import (
+    azure_agent_problems,
+    azure_reprotect_tasks,
+    azure_way_back_problems,
+)
 from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
@@ -78,6 +82,9 @@ class ReprotectBody(Strict):
     # machine was protected from; the checks judge that vCenter and, on success, it becomes the
     # item's on-premises site for the reprotect job and the failback.
     vcenter: str = Field(default="", max_length=200)
+    # From Azure: through an agent in the recovery VM (needs a route to on-premises, AZ-VPN; not
+    # built, refused) instead of agentless over SAS.
+    agent: Flag = False
     what_if: Flag = False
 
 
@@ -411,7 +418,7 @@ def reprotect(
 
 def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -> Started | Readiness:
     """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
-    problems = azure_way_back_problems(item)
+    problems = azure_way_back_problems(item) + (azure_agent_problems(item) if body.agent else [])
     if body.what_if:
         return Readiness(ready=not problems, problems=[ProblemItem.of(p) for p in problems], notes=[])
     if problems:
