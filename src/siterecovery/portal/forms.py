@@ -196,9 +196,25 @@ def run_action(
     return _action_page(request, guarded, ident, action, form, outcome, status)
 
 
+def _posted(
+    request: Request, who: Principal | None, form: dict[str, str], act: Callable[[Principal], str]
+) -> Response:
+    """A guarded post that starts or changes a job (`act` returns its id): the job's page, or the
+    page listing the problems that refused it."""
+    guarded = _guard(request, who, form)
+    if isinstance(guarded, Response):
+        return guarded
+    try:
+        job_id = act(guarded)
+    except ValidationError as exc:
+        return refused(request, guarded, problems_of(exc), 422)
+    except SiteRecoveryError as exc:
+        return refused(request, guarded, problems_of(exc), int(exc.status))
+    return _to_job(job_id)
+
+
 def _job_route(op: Callable[[str, Principal], dict[str, str]]) -> Callable[..., Response]:
-    """The POST route of one job operation (cancel, resume): guarded, refused with problems, or
-    redirected to the job's page."""
+    """The POST route of one job operation (cancel, resume)."""
 
     def route(
         job_id: str,
@@ -206,14 +222,11 @@ def _job_route(op: Callable[[str, Principal], dict[str, str]]) -> Callable[..., 
         who: Principal | None = Depends(signed_in),
         form: dict[str, str] = Depends(form_dep),
     ) -> Response:
-        guarded = _guard(request, who, form)
-        if isinstance(guarded, Response):
-            return guarded
-        try:
-            op(job_id, guarded)
-        except SiteRecoveryError as exc:
-            return refused(request, guarded, problems_of(exc), int(exc.status))
-        return _to_job(job_id)
+        def act(operator: Principal) -> str:
+            op(job_id, operator)
+            return job_id
+
+        return _posted(request, who, form, act)
 
     return route
 
@@ -230,10 +243,7 @@ def run_plan(
     who: Principal | None = Depends(signed_in),
     form: dict[str, str] = Depends(form_dep),
 ) -> Response:
-    guarded = _guard(request, who, form)
-    if isinstance(guarded, Response):
-        return guarded
-    try:
+    def act(operator: Principal) -> str:
         with current().db.session() as s:
             plan = plans_api.find_plan(s, ident)
             values = {
@@ -246,9 +256,6 @@ def run_plan(
                 planned=form.get("planned") == "on",
                 items={m: values for m in machines} if operation is PlanOperation.REPROTECT else {},
             )
-            started = plans_api.run_plan(ident, operation, run, guarded, s)
-    except ValidationError as exc:
-        return refused(request, guarded, problems_of(exc), 422)
-    except SiteRecoveryError as exc:
-        return refused(request, guarded, problems_of(exc), int(exc.status))
-    return _to_job(started.job_id)
+            return plans_api.run_plan(ident, operation, run, operator, s).job_id
+
+    return _posted(request, who, form, act)
