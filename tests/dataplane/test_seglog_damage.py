@@ -88,17 +88,11 @@ def _wait_records(target: Path) -> None:
 
 def _records_in_the_cache(plane: Plane, src: Path, target: Path) -> OnePair:
     """The pair with the master target down: the sync and the records stop in the process server's
-    cache; returns once the process server acknowledged them all. (The sync alone is not: its blocks
-    wait for the master target's ACK; the fsync for the records after them covers them.)"""
+    cache; returns once the process server acknowledged them all."""
     make_image(src, SIZE, [(0, 1 * MiB, 0x42)])
     hops = one_pair(plane, src, target, SIZE, master_target_up=False)
     agent = hops.agent
-
-    def sync_sent() -> bool:
-        s = pair_stats(agent, "p1")
-        return int(s.get("bytes_total", 0)) > 0 and s.get("bytes_done") == s.get("bytes_total")  # type: ignore[call-overload]
-
-    wait_for(sync_sent, 60, "the sync to be sent")
+    wait_for(lambda: pair_stats(agent, "p1").get("state") == "protected", 60, "the sync to be cached")
     _write_records(plane, agent)
 
     def acked_by_ps() -> bool:

@@ -140,21 +140,3 @@ def test_a_lost_range_is_reported_until_the_whole_pair_resync_is_applied(tmp_pat
     gaps.refetched(0, 0)  # the marker
     gaps.point(95)
     assert not gaps.missing and sorted(gaps.unusable) == [50, 60]
-
-
-def test_cut_after_drops_later_frames_and_segments_durably(tmp_path: Path) -> None:
-    """The process server's cache restarted with unfsynced sync blocks: frames after the mark go,
-    in the segment holding it and in every later segment, and the log appends after the mark."""
-    frames = _fill(tmp_path, range(1, 13), segment_bytes=4 * (HEADER_SIZE + 4096))  # 3 segments
-    assert len(list(tmp_path.glob("*.seg"))) == 3
-    log = SegmentLog(tmp_path)
-    log.cut_after(6)
-    assert log.last_seq == 6 and _read_all(log) == [frames[s] for s in range(1, 7)]
-    assert sorted(p.name for p in tmp_path.glob("*.seg")) == [f"{1:020d}.seg", f"{5:020d}.seg"]
-    again = encode_frame(FrameType.WRITE, 0, 7, 0, 4096, os.urandom(4096))
-    log.append(7, again[:HEADER_SIZE], again[HEADER_SIZE:])
-    log.close()
-    reopened = SegmentLog(tmp_path)
-    assert _read_all(reopened) == [frames[s] for s in range(1, 7)] + [again]
-    assert not reopened.damage
-    reopened.close()

@@ -2,10 +2,10 @@
 
 Each pair has a disk cache (a `SegmentLog` under `<cache_dir>/<pair_id>/`). A frame from an agent is
 verified (header CRC, payload digest), appended to the cache, and acknowledged to the agent only
-once it is durable (PS-1): a captured write once the cache is fsynced, a sync's BLOCK (not fsynced)
-once the master target acknowledged it (`relay_acks.py`). A forwarder thread per pair streams the
-cache in sequence order to the master target named in the agent's HELLO and frees cache segments
-only on its ACK. Resync requests and digests are relayed between the two sessions without caching.
+after the cache is fsynced (PS-1: nothing acknowledged is lost if the process server crashes). A
+forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
+frees cache segments only on the master target's ACK. Resync requests and digests are relayed
+between the two sessions without caching (they are queries, not data).
 
 A cache found damaged on open (a bad frame header followed by intact frames, `segment_log.py`) lost
 frames of unknown ranges: the forwarder sends a header-only MISSING|RESYNC frame in their place (the
@@ -20,7 +20,9 @@ pair's sequence is refused before it is cached or acknowledged (`trust.py`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import shutil
 import ssl
 import threading
@@ -52,7 +54,6 @@ from siterecovery.dataplane.protocol import (
     decode_model,
     pack_header,
 )
-from siterecovery.dataplane.relay_acks import AckGate, RelayMeta
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -98,18 +99,16 @@ class PairRelay:
         self.pair_id = pair_id
         self.dir = server.cache_dir / pair_id
         self.cache = SegmentLog(self.dir)
-        self._meta = RelayMeta(self.dir / "meta.json")
-        self.mt_acked, self.mt_address = self._meta.mt_acked, mt_address or self._meta.master_target
-        cut = self._meta.volatile_after
-        if cut is not None:  # frames after it were not fsynced: a power cut may have holed them
-            self.cache.cut_after(cut)
-        self.cache.sync_found()  # frames a killed predecessor did not fsync are acknowledged below
-        if cut is not None:
-            self._meta.mark(None, self.mt_address, self.mt_acked)
-        self.acks = AckGate()
+        self._meta = self.dir / "meta.json"
+        self.mt_acked = -1
+        if self._meta.exists():
+            meta = json.loads(self._meta.read_text())
+            self.mt_acked = int(meta["mt_acked"])
+            mt_address = mt_address or str(meta["master_target"])
+        self.mt_address = mt_address
         self.mt_id = ""  # the master target's component id, once assigned (its certificate must match)
         self.size = 0
-        self._meta.save(self.mt_address, self.mt_acked)
+        self._save_meta()
         self.agent: _Session | None = None
         self.refusals = RefusalLog(pair_id, self.dir)
         self._take_over_damage()
@@ -138,33 +137,15 @@ class PairRelay:
         self.cache.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _save_meta(self) -> None:
+        tmp = self._meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"master_target": self.mt_address, "mt_acked": self.mt_acked}))
+        os.replace(tmp, self._meta)
+
     @property
     def durable_seq(self) -> int:
         """Newest sequence this hop holds durably (cached, or already applied downstream)."""
         return max(self.cache.last_seq, self.mt_acked)
-
-    def cache_frame(self, seq: int, header: bytearray, wire: memoryview, volatile: bool) -> None:
-        """Append a frame; a sync block (`volatile`) is not fsynced, so the mark is made first."""
-        if volatile and self._meta.volatile_after is None:
-            self._meta.mark(self.cache.last_seq, self.mt_address, self.mt_acked)
-        self.cache.append(seq, header, wire)
-        self.acks.cached(seq, volatile)
-
-    def sync_cache(self) -> None:
-        """fsync the cache if a captured frame awaits it (the fsync covers sync blocks too)."""
-        if not self.acks.needs_fsync:
-            return
-        last = self.cache.last_seq
-        self.cache.sync()
-        if self._meta.volatile_after is not None and self.cache.last_seq == last:
-            self._meta.mark(None, self.mt_address, self.mt_acked)  # before anything after it is acked
-        self.acks.fsynced(last)
-
-    def ack_agent(self) -> None:
-        """Tell the agent the newest sequence durable here or downstream, if it moved."""
-        point = self.acks.point(self.cache.last_seq, self.mt_acked)
-        if self.agent is not None and self.acks.advance(point):
-            self._relay_to_agent(FrameType.ACK, point, 0, 0, memoryview(b""))
 
     def _take_over_damage(self) -> None:
         """Record the frames the cache lost to damage as refusals (persisted), to be resynced."""
@@ -186,9 +167,8 @@ class PairRelay:
         if seq > self.mt_acked:
             self.mt_acked = seq
             self.cache.free_through(seq)
-            self._meta.save(self.mt_address, self.mt_acked)
+            self._save_meta()
             self.refusals.acked(seq)
-            self.ack_agent()  # sync blocks wait for this ACK (cut-through)
 
     def on_mt_refused(self, seq: int) -> None:
         """The master target NACKed frame `seq`: resend an intact copy; drop a damaged one and ask
@@ -495,11 +475,10 @@ class ProcessServer:
         session = _Session(sock, list(hello.pairs), peer)
         for relay in relays:
             relay.agent = session
-        points = {r.pair_id: r.acks.point(r.cache.last_seq, r.mt_acked) for r in relays}
-        for relay in relays:
-            relay.acks.told = points[relay.pair_id]
         with session.lock:
-            session.writer.send_model(FrameType.HELLO, HelloReply(acked=points))
+            session.writer.send_model(
+                FrameType.HELLO, HelloReply(acked={r.pair_id: r.durable_seq for r in relays})
+            )
         for relay in relays:
             relay.request_refetch()  # refusals the agent was not connected to hear about
         try:
@@ -539,7 +518,6 @@ class ProcessServer:
             if h.pair >= len(relays):
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(relays)} pairs")
             relay = relays[h.pair]
-            relay.agent = session  # the live one (another session for the pair may have ended)
             if h.type in _DATA_TYPES:
                 problem = data_frame_problem(relay.pair_id, frame, relay.durable_seq, relay.size)
                 if problem is not None:
@@ -549,7 +527,7 @@ class ProcessServer:
                     raise ProtocolError(problem.message)
                 if h.seq > relay.cache.last_seq and h.seq > relay.mt_acked:
                     pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
-                    relay.cache_frame(h.seq, hbuf, frame.wire, volatile=h.type == FrameType.BLOCK)
+                    relay.cache.append(h.seq, hbuf, frame.wire)
                     relay.refusals.received(h)
                     self._received += HEADER_SIZE + h.payload_len
                     unacked += HEADER_SIZE + h.payload_len
@@ -562,9 +540,10 @@ class ProcessServer:
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from an agent")
             if touched and (unacked >= ACK_EVERY_BYTES or idle(session.sock)):
-                for idx in touched:
-                    relays[idx].sync_cache()
-                    relays[idx].ack_agent()
+                for idx, seq in touched.items():
+                    relays[idx].cache.sync()
+                    with session.lock:
+                        session.writer.send(FrameType.ACK, pair=idx, seq=seq)
                 touched.clear()
                 unacked = 0
 

@@ -241,51 +241,6 @@ class SegmentLog:
             with self._lock:
                 self._rolls_durable = max(self._rolls_durable, rolls)
 
-    def sync_found(self) -> None:
-        """Make every frame found on open durable (call before anything is appended).
-
-        The process server appends sync blocks without fsyncing them (`process_server.py`); one
-        killed meanwhile left them in the page cache only. They are acknowledged after a restart,
-        so they are made durable first.
-        """
-        with self._lock:
-            paths = [seg.path for seg in self._segments]
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        if paths:
-            _fsync_dir(self.directory)
-
-    def cut_after(self, seq: int) -> None:
-        """Drop every frame after `seq`, durably (call before anything is appended).
-
-        The process server's cache after a crash with sync blocks not fsynced: a power cut may have
-        kept a later segment and lost an earlier one's tail, a hole nothing else would show.
-        """
-        log.warning("segment log %s: dropping frames after %d (not fsynced)", self.directory, seq)
-        with self._lock:
-            segments = list(self._segments)
-        keep: list[_Segment] = []
-        for seg in segments:
-            if seg.first_seq > seq:
-                seg.path.unlink(missing_ok=True)
-                continue
-            if seg.last_seq > seq:
-                fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    seg.size, seg.last_seq = _end_after(fd, seg.size, seq)
-                    os.ftruncate(fd, seg.size)
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            keep.append(seg)
-        with self._lock:
-            self._segments = keep
-        _fsync_dir(self.directory)
-
     def free_through(self, seq: int) -> None:
         """Delete segments whose every frame has sequence <= `seq` (acknowledged downstream)."""
         with self._lock:
@@ -377,19 +332,6 @@ class LogCursor:
 
     def close(self) -> None:
         self._close_fd()
-
-
-def _end_after(fd: int, size: int, seq: int) -> tuple[int, int]:
-    """The offset just past the last frame numbered <= `seq` in an intact segment, and its number."""
-    header = bytearray(HEADER_SIZE)
-    pos, last = 0, -1
-    while pos + HEADER_SIZE <= size:
-        _pread_exact(fd, memoryview(header), pos)
-        h = parse_header(header)
-        if h.seq > seq:
-            break
-        pos, last = pos + HEADER_SIZE + h.payload_len, h.seq
-    return pos, last
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
