@@ -228,6 +228,9 @@ class MasterTargetPairStats(_Model):
     missing: list[int] = Field(
         default=[], description="sequences of refused writes whose re-read from the source is awaited"
     )
+    replica_bytes_read: int = Field(
+        default=0, description="bytes of the replica read to answer resyncs (digests it did not keep)"
+    )
 
 
 class RefusedDisk(_Model):
