@@ -1,17 +1,20 @@
 """A master target's recovery points as rows (`store.points`, migration 0006_s17p).
 
-Against real SQLite databases made by the store's Alembic migrations: the migration moves the
-lists held in `components.stats` into the table, and deltas applied as rows give the very lists
-`dataplane.point_delta.apply` gives.
+Against real databases made by the store's Alembic migrations (SQLite; PostgreSQL too for the
+deltas): the migration moves the lists held in `components.stats` into the table, and deltas
+applied as rows give the very lists `dataplane.point_delta.apply` gives.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
+from bench import pg
 from sqlalchemy import text
 
 from siterecovery.dataplane.point_delta import apply, diff
@@ -20,6 +23,7 @@ from siterecovery.store.database import Database
 from siterecovery.store.models import Component
 from siterecovery.store.points import point_lists, store_report, unusable_by_pair, with_points
 from siterecovery.store.states import ComponentKind
+from tests.conftest import IN_CI
 
 
 def _point(n: int, unusable: str = "") -> dict[str, Any]:
@@ -64,8 +68,23 @@ def test_the_migration_moves_held_lists_into_rows(tmp_path: Path) -> None:
     db.engine.dispose()
 
 
-def test_deltas_as_rows_give_the_lists_the_master_target_holds(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'store.sqlite'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite'}"
+        return
+    try:
+        pg.pg_bin("initdb")
+    except RuntimeError:
+        if IN_CI:
+            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
+        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
+    with pg.postgres(max_connections=20, database="siterecovery") as found:
+        yield found
+
+
+def test_deltas_as_rows_give_the_lists_the_master_target_holds(url: str) -> None:
+    db = Database(url)
     migrate.upgrade(db)
     lists = {"p1": [_point(n) for n in range(5)], "p2": [_point(n) for n in range(3)]}
     with db.session() as s:
