@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     select,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -134,7 +135,19 @@ class MasterTargetPoint(Base):
     __tablename__ = "mt_points"
     # Ids are the master target's and not checked for uniqueness (a delta removes every point
     # with a removed id, as `point_delta.apply` does), so the key is the position, not the id.
-    __table_args__ = (Index("ix_mt_points_id", "master_target_id", "pair_id", "point_id"),)
+    # The RPO monitor reads the unusable points of every master target once per pass: few rows,
+    # found through a partial index rather than a scan of every point.
+    __table_args__ = (
+        Index("ix_mt_points_id", "master_target_id", "pair_id", "point_id"),
+        Index(
+            "ix_mt_points_unusable",
+            "master_target_id",
+            "pair_id",
+            "position",
+            sqlite_where=text("unusable != ''"),
+            postgresql_where=text("unusable != ''"),
+        ),
+    )
     master_target_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     pair_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, insert, select, tuple_
+from sqlalchemy import delete, func, insert, literal_column, select, tuple_
 from sqlalchemy.orm import Session
 
 from siterecovery.dataplane.assignments import PointInfo
@@ -158,7 +158,7 @@ def unusable_by_pair(s: Session, mt_id: str | None = None) -> dict[tuple[str, st
     """Why points cannot be restored, by (master target, pair), in list order: the unusable ones
     only (few), so the RPO monitor reads them for every master target in one statement."""
     query = select(MasterTargetPoint.master_target_id, MasterTargetPoint.pair_id, MasterTargetPoint.unusable)
-    query = query.where(MasterTargetPoint.unusable != "")
+    query = query.where(MasterTargetPoint.unusable != literal_column("''"))  # as the partial index says
     if mt_id is not None:
         query = query.where(MasterTargetPoint.master_target_id == mt_id)
     out: dict[tuple[str, str], list[str]] = {}

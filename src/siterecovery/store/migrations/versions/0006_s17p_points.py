@@ -33,6 +33,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("master_target_id", "pair_id", "position"),
     )
     op.create_index("ix_mt_points_id", "mt_points", ["master_target_id", "pair_id", "point_id"])
+    op.create_index(
+        "ix_mt_points_unusable",
+        "mt_points",
+        ["master_target_id", "pair_id", "position"],
+        sqlite_where=sa.text("unusable != ''"),
+        postgresql_where=sa.text("unusable != ''"),
+    )
     # The lists master targets reported so far move from `components.stats` into the table.
     components = sa.table(
         "components", sa.column("id", sa.String), sa.column("kind", sa.String), sa.column("stats", sa.JSON)
@@ -67,5 +74,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_mt_points_unusable", table_name="mt_points")
     op.drop_index("ix_mt_points_id", table_name="mt_points")
     op.drop_table("mt_points")
