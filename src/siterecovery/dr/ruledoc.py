@@ -12,6 +12,7 @@ from pathlib import Path
 
 from siterecovery.dr.azure_checks import AZURE_FAILBACK_RULES, AZURE_FAILOVER_RULES
 from siterecovery.dr.checks import FAILBACK_RULES, REPROTECT_RULES
+from siterecovery.dr.libvirt_capture import CAPTURE_RULES
 from siterecovery.dr.libvirt_checks import LIBVIRT_RULES
 from siterecovery.dr.rules import RULES
 
@@ -38,6 +39,7 @@ def prerequisites_table() -> str:
                 ("failover to Azure", AZURE_FAILOVER_RULES),
                 ("reprotect or failback from Azure", AZURE_FAILBACK_RULES),
                 ("move onto libvirt", LIBVIRT_RULES),
+                ("protect a libvirt domain", CAPTURE_RULES),
             )
             if rule in listed
         ]

@@ -22,6 +22,7 @@ from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover
+from siterecovery.dr.libvirt_capture import enable_capture_problems, reprotect_capture_problems
 from siterecovery.dr.notes import plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
@@ -204,6 +205,7 @@ def enable(
             )
         )
     problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
+    problems += enable_capture_problems(s, source, machine)  # LV-CAPTURE: the agent serves each disk
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None
@@ -390,11 +392,12 @@ def reprotect(
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
     if to_cloud:
-        problems = forward_problems(item, args)
+        problems = forward_problems(item, args) + reprotect_capture_problems(s, item)
         notes: list[dict[str, Any]] = []
     else:
         ctx = build_reprotect_context(item, args)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
+        problems += reprotect_capture_problems(s, item)  # LV-CAPTURE: the recovery domain's agent
         notes = [
             {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
             for n in plan_notes(ctx)
