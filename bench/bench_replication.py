@@ -12,13 +12,15 @@ timed: an empty sparse 100 GiB disk (target ≤ 2 s). Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench.plane import MiB, free_port, report, sync_once
+from bench.plane import MiB, free_port, report, sync_once, wait_until
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replication.md"
@@ -77,19 +79,25 @@ def nbdcopy_tls(root: Path, ca: CertificateAuthority, src: Path, size: int) -> f
             )
         )
     try:
-        time.sleep(1.0)
+        for port in ports:  # both servers listen (a loaded box starts them slowly)
+            wait_until(functools.partial(_listening, port), 60)
         uri = "nbds://localhost:{}/?tls-certificates=" + str(client_dir)
         start = time.monotonic()
         subprocess.run(["nbdcopy", uri.format(ports[0]), uri.format(ports[1])], check=True)
         elapsed = time.monotonic() - start
     finally:
         for p in procs:
-            p.terminate()
+            p.kill()  # qemu-nbd with TLS can hang on SIGTERM while a client is connected
             p.wait()
     if subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(dst)]).returncode:
         raise AssertionError("nbdcopy target differs from source")
     dst.unlink()
     return elapsed
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{ours:.2f} s ({mib / ours:.0f} MiB/s)",
             f"{peer:.2f} s ({mib / peer:.0f} MiB/s)",
             f"{peer / ours:.2f}x",
-            ">= 0.8x",
+            ">= 1.0x",
         ),
         ("bytes sent by the agent", f"{args.size_mib} MiB", f"{sent / MiB:.1f} MiB", "-", "-", "-"),
         (
@@ -143,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         "Initial full replication",
         header,
         rows,
-        "Time includes starting the agent process (~0.5 s).",
+        "Time includes starting the agent process (~0.5 s). The master target also keeps the"
+        " replica's block digests as it applies (`target_digests.py`). The box is shared with other"
+        " engineers' jobs (load average below).",
+        keep_history=True,
     )
 
 

@@ -1,16 +1,17 @@
 """Scale of the control plane: hollow components heartbeating through the real API, N items.
 
-Per level: a fresh configuration server (real `siterecovery server` processes: one on SQLite, one
-or two on a throwaway PostgreSQL), N protected items written through the product's own models
+Per level: a fresh configuration server (real `siterecovery server` processes: one on SQLite, one or
+two on a throwaway PostgreSQL), N protected items written through the product's own models
 (`bench.hollow.seed`: 2 disks each, round-robin over the process servers and master targets), and
 one hollow component per agent, process server and master target (`bench.hollow.Hollow`) that
 registers through the API (passphrase, certificate, token) and then heartbeats like the real one:
-heartbeat, wait the rest of its interval (2 s, the components' default), again; on 503 it waits
-Retry-After plus jitter. Statistics are realistic in size: agents report their pairs, master
-targets every pair with `--points` recovery points each (220 ≈ a day of thinned points), process
-servers their cache; the sequence numbers change on every heartbeat, so every report is a write.
-Meanwhile an API client pages through `GET /api/replicatedItems?limit=100` (with details), shows
-an item and lists jobs, over and over.
+heartbeat, wait the rest of its interval (its kind's default idle interval, or `--interval`), again;
+on 503 it waits Retry-After plus jitter. Statistics are realistic in size: agents report their
+pairs, master targets every pair with `--points` recovery points each (220 ≈ a day of thinned
+points; the full lists once, then deltas, as the real client sends them), process servers their
+cache; the sequence numbers change on every heartbeat, so every report is a write. Meanwhile an API
+client pages through `GET /api/replicatedItems?limit=100` (with details), shows an item and lists
+jobs, over and over.
 
 Reported per level: heartbeat p50/p99 (and how many timed out after 30 s or were shed with 503),
 heartbeats done / offered per second (offered = components / interval), paged item-list p99, RPO
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +51,13 @@ from sqlalchemy import text
 
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
+from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
 from siterecovery.store.database import Database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
-INTERVAL = 2.0
+# The components' default idle heartbeat intervals (`siterecovery.cli.dataplane`); `--interval N`
+# makes every component heartbeat every N s instead (2 s was the default before this session).
+INTERVALS = {"agent": AGENT_INTERVAL, "process-server": SERVER_INTERVAL, "master-target": SERVER_INTERVAL}
 TIMEOUT = 30.0
 SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
 DEFAULT_LEVELS = (
@@ -99,8 +105,14 @@ class Result:
     cpu_percent: float = 0.0
     rss_mib: float = 0.0
     db_mib: float = 0.0
-    loadgen_cpu_percent: float = 0.0
+    loadgen_cpu_percent: float = 0.0  # all its processes, in % of one core
+    loadgen_cpu_seconds: float = 0.0  # its worker processes'
+    loadgen_processes: int = 1
+    heartbeats_answered: int = 0  # over the whole run, ramp-up included (CPU per heartbeat's divisor)
+    server_cpu_seconds: float = 0.0
     seconds: float = 0.0
+    offered: float = 0.0  # heartbeats per second the components would send at their intervals
+    ramp: float = 0.0  # seconds before measuring (the longest interval)
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
 
 
@@ -199,13 +211,53 @@ class HollowComponent:
     token: str = ""
     version: str | None = None
     seq: int = 0
+    interval: float = 2.0
+    points: int = 0  # a master target's points per pair: its lists are then reported as deltas
+    pairs: list[str] = field(default_factory=list)
+    acked: int | None = None  # the point-list version the server acknowledged
 
     def body(self) -> bytes:
         self.seq += 1
-        out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
+        if self.points:
+            out = self._point_report()
+        else:
+            out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
         if self.version:
             out = out[:-1] + b',"desired_version":"' + self.version.encode() + b'"}'
         return out
+
+    def _point_report(self) -> bytes:
+        """A master target's report, as the real one's control client sends it (`point_delta`).
+
+        Version v of a pair's list is points v .. v+N-1: every heartbeat one point is taken and
+        the oldest thinned away (a busier master target than a 5 s crash interval makes)."""
+        v, n, a = self.seq, self.points, self.acked
+        stats = json.loads(self.template.replace(b'"__SEQ__"', str(v).encode()))["stats"]
+        stats["points_seq"] = v
+        if a is None or v - a >= n:
+            for pair in stats["pairs"]:
+                pair["points"] = [_point(pair["pair_id"], k) for k in range(v, v + n)]
+        else:
+            stats["points_delta"] = {
+                "base": a,
+                "pairs": {
+                    p: {
+                        "removed": [f"{p}-pt{k}" for k in range(a, v)],
+                        "added": [_point(p, k) for k in range(a + n, v + n)],
+                    }
+                    for p in self.pairs
+                },
+            }
+        return json.dumps({"stats": stats}, separators=(",", ":")).encode()
+
+    def answered(self, reply: dict[str, Any]) -> None:
+        self.version = reply.get("desired_version") or None
+        if self.points:
+            self.acked = None if reply.get("points_resync") else reply.get("points_seq")
+
+
+def _point(pair: str, k: int) -> dict[str, Any]:
+    return {"id": f"{pair}-pt{k}", "kind": "crash", "time": 1.7e9 + 5 * k, "seq": k}
 
 
 def _template(stats: dict[str, Any]) -> bytes:
@@ -225,8 +277,12 @@ def hollow_components(level: Level, urls: list[str]) -> list[HollowComponent]:
         out.append(HollowComponent("agent", f"onprem/{vm}", _template(agent_stats(pairs, 0))))
     for n in range(level.servers):
         pairs = mt_pairs.get(n, [])
-        mt = master_target_stats(pairs, 0, level.points)
-        out.append(HollowComponent("master-target", f"master-target-{n}", _template(mt)))
+        mt = master_target_stats(pairs, 0, 0)
+        out.append(
+            HollowComponent(
+                "master-target", f"master-target-{n}", _template(mt), points=level.points, pairs=pairs
+            )
+        )
         ps = process_server_stats(len(pairs))
         out.append(HollowComponent("process-server", f"process-server-{n}", _template(ps)))
     for i, c in enumerate(out):
@@ -251,17 +307,27 @@ async def register_all(components: list[HollowComponent], passphrase: str) -> No
         await asyncio.gather(*(one(c) for c in components))
 
 
-async def drive(components: list[HollowComponent], seconds: float, result: Result, api: ApiLoad) -> None:
-    stop_at = time.monotonic() + seconds
-    measure_from = time.monotonic() + INTERVAL
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+@dataclass
+class Driven:
+    """What one load-generator process measured."""
+
+    heartbeat_ms: list[float] = field(default_factory=list)
+    answered: int = 0  # every 200, the ramp-up included
+    timed_out: int = 0
+    shed: int = 0
+    errors: int = 0
+    cpu_seconds: float = 0.0
+
+
+async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
 
         async def component(c: HollowComponent) -> None:
-            await asyncio.sleep(random.uniform(0, INTERVAL))  # components start at random phases
+            await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
             while time.monotonic() < stop_at:
                 started = time.monotonic()
-                wait = INTERVAL
+                wait = c.interval
                 try:
                     r = await http.post(
                         f"{c.url}/api/components/{c.component_id}/heartbeat",
@@ -269,21 +335,56 @@ async def drive(components: list[HollowComponent], seconds: float, result: Resul
                         headers={"Authorization": f"Bearer {c.token}", "content-type": "application/json"},
                     )
                     if r.status_code == 200:
+                        out.answered += 1
                         if started >= measure_from:
-                            result.heartbeat_ms.append((time.monotonic() - started) * 1000)
-                        c.version = r.json().get("desired_version") or None
+                            out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                        c.answered(r.json())
                     elif r.status_code in (429, 503):
-                        result.shed += 1
+                        out.shed += 1
                         wait = float(r.headers.get("Retry-After", "2")) * (1 + random.random())
                     else:
-                        result.errors += 1
+                        out.errors += 1
                 except httpx.TimeoutException:
-                    result.timed_out += 1
+                    out.timed_out += 1
                 except httpx.HTTPError:
-                    result.errors += 1
-                await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
+                    out.errors += 1
+                # Never past the end: the level's length is its measuring window plus the ramp.
+                rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
+                await asyncio.sleep(max(0.0, rest))
 
-        await asyncio.gather(*(component(c) for c in components), api.run(http, stop_at, result))
+        await asyncio.gather(*(component(c) for c in components))
+
+
+def _drive_process(components: list[HollowComponent], stop_at: float, measure_from: float) -> Driven:
+    """One load-generator process: its share of the components, in its own event loop."""
+    out = Driven()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    asyncio.run(_drive(components, stop_at, measure_from, out))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out.cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return out
+
+
+async def drive(
+    components: list[HollowComponent], seconds: float, result: Result, api: ApiLoad, processes: int
+) -> None:
+    """The hollow components in `processes` processes (CLOCK_MONOTONIC is shared), the API here."""
+    stop_at = time.monotonic() + seconds
+    measure_from = time.monotonic() + max(c.interval for c in components)
+    shares = [components[k::processes] for k in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [
+            asyncio.wrap_future(pool.submit(_drive_process, share, stop_at, measure_from)) for share in shares
+        ]
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            await api.run(http, stop_at, result)
+        for driven in await asyncio.gather(*futures):
+            result.heartbeat_ms += driven.heartbeat_ms
+            result.heartbeats_answered += driven.answered
+            result.timed_out += driven.timed_out
+            result.shed += driven.shed
+            result.errors += driven.errors
+            result.loadgen_cpu_seconds += driven.cpu_seconds
 
 
 @dataclass
@@ -326,7 +427,13 @@ class _Plane:
         self.db = Database(url)
 
 
-def run_level(level: Level, seconds: float) -> Result:
+def _describe(interval: float) -> str:
+    if interval:
+        return f"every component every {interval:g} s"
+    return f"agents {AGENT_INTERVAL:g} s, process servers and master targets {SERVER_INTERVAL:g} s (defaults)"
+
+
+def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Result:
     result = Result(level)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
@@ -348,6 +455,10 @@ def run_level(level: Level, seconds: float) -> Result:
             servers.start_one()
         passphrase = (servers.state / "passphrase").read_text().strip()
         components = hollow_components(level, servers.urls)
+        for c in components:
+            c.interval = interval or INTERVALS[c.kind]
+        result.offered = sum(1 / c.interval for c in components)
+        result.ramp = max(c.interval for c in components)
         asyncio.run(register_all(components, passphrase))
         print(f"  {level}: seeded and registered in {time.monotonic() - started:.0f} s", flush=True)
 
@@ -362,15 +473,17 @@ def run_level(level: Level, seconds: float) -> Result:
 
         async def main() -> None:
             sampler = asyncio.create_task(sample_rss())
-            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token))
+            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token), loadgen)
             sampler.cancel()
 
         asyncio.run(main())
         result.seconds = time.monotonic() - wall0
-        result.cpu_percent = 100 * (servers.cpu_seconds() - cpu0) / result.seconds
+        result.server_cpu_seconds = servers.cpu_seconds() - cpu0
+        result.cpu_percent = 100 * result.server_cpu_seconds / result.seconds
         self1 = resource.getrusage(resource.RUSAGE_SELF)
         used = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
-        result.loadgen_cpu_percent = 100 * used / result.seconds
+        result.loadgen_cpu_percent = 100 * (used + result.loadgen_cpu_seconds) / result.seconds
+        result.loadgen_processes = loadgen
         result.rss_mib = rss[0]
         result.load_average = float(Path("/proc/loadavg").read_text().split()[0])
         for u in servers.urls:
@@ -403,8 +516,8 @@ def fmt(v: float | None, unit: str = "", digits: int = 0) -> str:
 
 def row(r: Result) -> str:
     lv = r.level
-    offered = lv.components / INTERVAL
-    measured = r.seconds - INTERVAL  # the first interval ramps up (components start at random phases)
+    offered = r.offered
+    measured = r.seconds - r.ramp  # the first interval ramps up (components start at random phases)
     done = len(r.heartbeat_ms) / measured if measured > 0 else 0.0
     hb = f"{fmt(pct(r.heartbeat_ms, 0.5), ' ms')} / {fmt(pct(r.heartbeat_ms, 0.99), ' ms')}"
     monitor = f"{fmt(r.monitor_p50, ' s', 2)} / {fmt(r.monitor_max, ' s', 2)}"
@@ -412,29 +525,33 @@ def row(r: Result) -> str:
     db = f"{'SQLite' if lv.db == 'sqlite' else 'PostgreSQL'}, {lv.processes} process{plural}"
     items = f"{lv.items:,}" + (f", {lv.points} points/pair" if lv.points else "")
     comps = f"{lv.items:,} + {lv.servers} + {lv.servers}"
+    answered = r.heartbeats_answered
+    per_beat = f"{1000 * r.server_cpu_seconds / answered:.1f} ms" if answered else "—"
     return (
         f"| {db} | {items} | {comps} | {hb} "
         f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
-        f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB "
-        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % | {r.load_average:.1f} |"
+        f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB | {per_beat} "
+        f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % ({r.loadgen_processes}) "
+        f"| {r.load_average:.1f} |"
     )
 
 
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
-    "| server CPU / peak RSS | DB size | load generator CPU | machine load average |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| server CPU / peak RSS | server CPU per heartbeat | DB size | load generator CPU (processes) "
+    "| machine load average |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def write(results: list[Result], seconds: float, note: str) -> str:
+def write(results: list[Result], seconds: float, note: str, intervals: str) -> str:
     lines = [
         "# Control-plane scale (bench_scale)",
         "",
         f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.python_version()}; "
-        f"{seconds:.0f} s of heartbeats per level, every component every {INTERVAL:.0f} s; "
+        f"{seconds:.0f} s of heartbeats per level; heartbeat intervals {intervals}; "
         f"`{' '.join(sys.argv[1:]) or 'defaults'}`.",
         "",
         HEADER,
@@ -446,16 +563,18 @@ def write(results: list[Result], seconds: float, note: str) -> str:
     return "\n".join(lines)
 
 
-NOTE = """How to read it. *Offered* is components ÷ 2 s; a component heartbeats again 2 s after the
-previous one started (or after Retry-After plus jitter when shed), so when heartbeats are slow
-fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats without an answer
-within 30 s (before this work: every one at 1,000 items); *shed* counts 503 answers (admission
-control, `control/admission.py`). The load generator runs on the same 2 shared cores as the
-server(s) — and the build box is shared with other work while this runs — so its own CPU use is
-shown: when it nears 100 % (one Python process), done/offered measures the generator, not the
-server. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`).
-Item list: each page is 100 items with their full records (`?limit=100`), the whole list paged
-through by `X-Next-After`; p99 is per page."""
+NOTE = """How to read it. *Offered* is the sum over components of 1 ÷ interval; a component heartbeats again
+one interval after the previous one started (or after Retry-After plus jitter when shed), so when
+heartbeats are slow fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats
+without an answer within 30 s (before this work: every one at 1,000 items); *shed* counts 503
+answers (admission control, `control/admission.py`). The load generator runs on the same 2 shared
+cores as the server(s) — and the build box is shared with other work while this runs — so its own
+CPU use is shown (all its processes, in % of one core; the number of processes in brackets). *Server
+CPU per heartbeat* is the server processes' CPU time divided by the heartbeats answered over the run
+— the monitor's passes and the item-list load included, so it is an upper bound of a heartbeat's own
+cost. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item
+list: each page is 100 items with their full records (`?limit=100`), the whole list paged through by
+`X-Next-After`; p99 is per page."""
 
 
 def main() -> int:
@@ -464,19 +583,29 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=max(10.0, 60.0 * scale))
     parser.add_argument("--levels", default=DEFAULT_LEVELS)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--interval", type=float, default=0.0, help="every component's heartbeat interval (default: theirs)"
+    )
+    parser.add_argument(
+        "--loadgen-processes",
+        type=int,
+        default=0,
+        help="processes running the hollow components (default: 1 per 1,000 components, at most 4)",
+    )
     args = parser.parse_args()
     results = []
     for spec in args.levels.split(","):
         level = Level.parse(spec)
         print(f"level {spec} ...", flush=True)
         try:
-            results.append(run_level(level, args.seconds))
+            loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
+            results.append(run_level(level, args.seconds, loadgen, args.interval))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
             print(f"  level {spec} failed: {exc}", flush=True)
             continue
         print(HEADER.splitlines()[0] + "\n" + row(results[-1]), flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(write(results, args.seconds, NOTE))
+        args.output.write_text(write(results, args.seconds, NOTE, _describe(args.interval)))
     return 0 if results else 1
 
 

@@ -200,6 +200,91 @@ def sync_once(
 
 
 @dataclass(frozen=True)
+class Resync:
+    """A delta resync of a pair the running services replicated themselves (`replicate_then_resync`)."""
+
+    full_seconds: float  # the initial full replication (agent start-up excluded)
+    seconds: float  # the delta resync, from raising the pair's generation to the last block applied
+    sent: int  # bytes the agent sent for the resync
+    replica_read: int  # bytes of the replica the master target read to answer it
+
+
+def replicate_then_resync(
+    root: Path,
+    ca: CertificateAuthority,
+    src: Path,
+    target: Path,
+    size: int,
+    change: Callable[[], None],
+    before_start: Callable[[], None],
+) -> Resync:
+    """As in the product: the services run; pair "p" is replicated in full (so the master target
+    keeps the replica's block digests), then `change` rewrites part of `src` behind the agent's
+    back, `before_start` runs (dropping the page cache), and the pair's generation is raised with
+    sync mode delta: timed until the master target has durably applied the resync's last block."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    mt_desired = _identities(root, ca, target, size, mt_addr)
+    pair = {"pair_id": "p", "disk": "d", "process_server": ps_addr, "master_target": mt_addr}
+    _write_json(root / "mt.json", {"disks": []})
+    _write_json(root / "agent.json", {"replications": []})
+    log = open(root / "services.log", "ab")  # noqa: SIM115 - closed below, after the processes
+    try:
+        procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
+        procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
+        procs.append(subprocess.Popen(_agent_cmd(root, src), stdout=log, stderr=log))
+        wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 30)
+        wait_until(lambda: bool(stats(root / "agent")) and bool(stats(root / "mt")), 30)
+
+        def pair_stats() -> tuple[dict[str, object], dict[str, object]] | None:
+            pairs = stats(root / "agent").get("pairs") or []
+            mt_pairs = stats(root / "mt").get("pairs") or []
+            return (pairs[0], mt_pairs[0]) if pairs and mt_pairs else None  # type: ignore[index]
+
+        def synced(after: int) -> bool:
+            got = pair_stats()
+            if got is None:
+                return False
+            p, m = got
+            return bool(
+                int(p["captured_seq"]) > after  # type: ignore[call-overload]
+                and p["state"] == "protected"
+                and p["acked_seq"] >= 0  # type: ignore[operator]
+                and m["applied_seq"] >= p["acked_seq"]  # type: ignore[operator]
+            )
+
+        start = time.monotonic()
+        _write_json(root / "mt.json", mt_desired)
+        _write_json(root / "agent.json", {"replications": [{**pair, "sync_mode": "full"}]})
+        wait_until(lambda: synced(-1), 3600)
+        full = time.monotonic() - start
+        got = pair_stats()
+        assert got is not None
+        captured, sent0 = int(got[0]["captured_seq"]), int(got[0]["bytes_sent"])  # type: ignore[call-overload]
+        change()
+        before_start()
+        start = time.monotonic()
+        resync = {**pair, "sync_mode": "delta", "generation": 2}
+        _write_json(root / "agent.json", {"replications": [resync]})
+        wait_until(lambda: synced(captured), 3600)
+        elapsed = time.monotonic() - start
+        got = pair_stats()
+        assert got is not None
+        sent = int(got[0]["bytes_sent"]) - sent0  # type: ignore[call-overload]
+        read = int(got[1].get("replica_bytes_read", 0))  # type: ignore[call-overload]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        log.close()
+    if subprocess.run(
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
+    ).returncode:
+        raise AssertionError("target differs from source")
+    return Resync(full, elapsed, sent, read)
+
+
+@dataclass(frozen=True)
 class PairSample:
     """One look at the pair in the services' own stats files (each rewritten every 0.05 s)."""
 
@@ -289,11 +374,27 @@ def machine_description() -> str:
     )
 
 
-def report(path: Path, title: str, header: list[str], rows: list[tuple[str, ...]], note: str) -> None:
-    """Print a results table and write it, with the machine it was measured on, to `path`."""
+def report(
+    path: Path,
+    title: str,
+    header: list[str],
+    rows: list[tuple[str, ...]],
+    note: str,
+    *,
+    keep_history: bool = False,
+) -> None:
+    """Print a results table and write it, with the machine it was measured on, to `path`; with
+    `keep_history` as a new dated section after the earlier ones, with the load average."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines)
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {title}\n\nMachine: {machine_description()}\n{note}\n\n{text}\n")
+    if not keep_history or not path.exists():
+        path.write_text(f"# {title}\n\nMachine: {machine_description()}\n{note}\n\n{text}\n")
+        return
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = f"\n## {when}: {title}\n\nMachine: {machine_description()}; load average after the run {load}\n"
+    with open(path, "a") as f:
+        f.write(f"{section}{note}\n\n{text}\n")

@@ -14,6 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
+# Components started by tests heartbeat every 2 s even when idle (their default idle interval is
+# longer, docs/operations.md): tests wait for reports, and must not wait longer than before.
+os.environ.setdefault("SITERECOVERY_DEFAULT_INTERVAL", "2")
 
 
 def require_tool(name: str) -> str:

@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -134,6 +134,17 @@ class ServerConfig(ServiceSettings):
         return self.model_dump(mode="json")
 
 
+# Idle heartbeat intervals by default (docs/operations.md, "Heartbeat intervals").
+AGENT_INTERVAL = 10.0
+SERVER_INTERVAL = 5.0  # process servers and master targets
+
+
+def idle_interval(seconds: float) -> float:
+    """A component's default idle interval; $SITERECOVERY_DEFAULT_INTERVAL replaces it for every
+    component (the tests keep the 2 s of before, tests/conftest.py)."""
+    return float(os.environ.get("SITERECOVERY_DEFAULT_INTERVAL", seconds))
+
+
 class ComponentSettings(ServiceSettings):
     """What the data-plane components share: how they reach the configuration server."""
 
@@ -143,14 +154,17 @@ class ComponentSettings(ServiceSettings):
     ca_file: Path | None = None
     passphrase_file: Path | None = None
     site: str = "onprem"
-    # Seconds between heartbeats (and reconciliations).
-    interval: float = 2.0
+    # Seconds between heartbeats (and reconciliations) while idle; 2 s right after a change
+    # (docs/operations.md, "Heartbeat intervals").
+    interval: float = Field(default_factory=lambda: idle_interval(SERVER_INTERVAL))
     # Desired state from this JSON file instead of the configuration server.
     assignments: Path | None = None
 
 
 class AgentSettings(ComponentSettings):
     SERVICE: ClassVar[Service] = Service.AGENT
+
+    interval: float = Field(default_factory=lambda: idle_interval(AGENT_INTERVAL))
 
     machine: str | None = None  # required: the protected machine's name
     disks: list[str] = []  # LABEL=PATH of each local disk

@@ -114,7 +114,8 @@ def fake_arm_endpoint(
     request: pytest.FixtureRequest, azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FakeArmEndpoint]:
     """A fresh fake ARM (empty resource group) for one test; this process trusts its CA. A module
-    sets FAKE_ARM_CORE_QUOTA for a smaller regional core quota (AZ-QUOTA)."""
+    sets FAKE_ARM_CORE_QUOTA for a smaller regional core quota (AZ-QUOTA), FAKE_ARM_CONNECTIONS for its
+    gateway connections ("NAME,STATUS,VNET_ID", AZ-VPN)."""
     folder = tmp_path / "fake-arm"
     ca = CertificateAuthority.load_or_create(folder / "ca", "fake ARM test CA")
     cert, key, ca_file = ca.issue("fake-arm", ("127.0.0.1",)).write(folder, "arm")
@@ -125,7 +126,8 @@ def fake_arm_endpoint(
         [sys.executable, "-m", "tests.azure.fake_arm_server", "--port-file", str(port_file),
          "--cert", str(cert), "--key", str(key), "--secret", secret,
          "--storage", azurite.connection_string, "--container", disks,
-         "--core-quota", str(getattr(request.module, "FAKE_ARM_CORE_QUOTA", 10))],
+         "--core-quota", str(getattr(request.module, "FAKE_ARM_CORE_QUOTA", 10)),
+         *(f"--connection={c}" for c in getattr(request.module, "FAKE_ARM_CONNECTIONS", ()))],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
     )  # fmt: skip
     try:

@@ -13,6 +13,7 @@ from azure.storage.blob import BlobClient, ContainerClient
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION, PageBlobWriter
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_arm import Arm
+from siterecovery.fabrics.azure_diff import PROBE_PREFIX, DiffChoice, self_test
 from siterecovery.fabrics.base import CloudOrigin, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
 
 MiB = 1 << 20
@@ -117,3 +118,13 @@ def case_delete_machine_removes_vm_nics_and_disks(site: Site, name: str) -> None
     assert site.fabric.discover().machine(name) is None
     assert not {d.backing for d in vm.disks} & {d.id for d in site.arm.list_disks()}
     assert not {n.name for n in vm.nics} & {n.name for n in site.arm.list_nics()}
+
+
+def case_the_diff_self_test_reaches_a_verdict_and_leaves_no_probe(site: Site) -> DiffChoice:
+    """The managed-disk diff's self-test runs through ARM to a verdict (which one depends on the
+    endpoint: the caller asserts it) and deletes its probe disk and snapshots."""
+    choice = self_test(site.arm)
+    assert "could not run" not in choice.reason, choice  # every ARM step of the probe was accepted
+    assert not [d.name for d in site.arm.list_disks() if d.name.startswith(PROBE_PREFIX)]
+    assert not [s.name for s in site.arm.list_snapshots() if s.name.startswith(PROBE_PREFIX)]
+    return choice

@@ -19,6 +19,7 @@ from azure.storage.blob import BlobClient, BlobSasPermissions, ContainerClient, 
 
 from siterecovery.dataplane.page_blob import MAX_PUT, PAGE, PageBlobWriter
 from siterecovery.fabrics.azure_arm import (
+    ArmConnection,
     ArmDisk,
     ArmNic,
     ArmSnapshot,
@@ -30,6 +31,7 @@ from siterecovery.fabrics.azure_arm import (
 from siterecovery.fabrics.base import FabricError, IpMode, OsType, PowerState
 from tests.azure.conftest import ACCOUNT, ACCOUNT_KEY
 
+REGIONS = ("westeurope", "northeurope")  # where the fake's subscription can create VMs
 SIZES = (
     VmSize("Standard_B1s", 1, 1024, 2),
     VmSize("Standard_D2s_v3", 2, 8192, 4),
@@ -60,6 +62,9 @@ class FakeArm:
         self.nics: dict[str, ArmNic] = {}
         self.snapshots: dict[str, ArmSnapshot] = {}
         self.read_grants: set[str] = set()
+        self.write_grants: set[str] = set()  # upload disks being written (ActiveUpload)
+        # Site-to-site connections of the group's virtual network gateways (AZ-VPN); a test sets them.
+        self.connections: list[ArmConnection] = []
         self._next_ip = 4
 
     def _id(self, provider: str, kind: str, name: str) -> str:
@@ -78,6 +83,8 @@ class FakeArm:
         ]
 
     def _state(self, blob: str, attached: bool) -> str:
+        if blob in self.write_grants:
+            return "ActiveUpload"
         return "ActiveSAS" if blob in self.read_grants else ("Attached" if attached else "Unattached")
 
     def list_nics(self) -> list[ArmNic]:
@@ -152,19 +159,30 @@ class FakeArm:
         self.read_grants.add(name)
         return self._sas(name, seconds)
 
-    def _sas(self, blob: str, seconds: int) -> str:
+    def _sas(self, blob: str, seconds: int, write: bool = False) -> str:
         sas = generate_blob_sas(
             ACCOUNT,
             self.blobs.container_name,
             blob,
             account_key=ACCOUNT_KEY,
-            permission=BlobSasPermissions(read=True),
+            permission=BlobSasPermissions(read=True, write=write),
             expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds),
         )
         return f"{self.blobs.get_blob_client(blob).url}?{sas}"
 
     def end_disk_read(self, name: str) -> None:
         self.read_grants.discard(name)
+        self.write_grants.discard(name)
+
+    def create_upload_disk(self, name: str, size_bytes: int) -> ArmDisk:
+        self.blobs.get_blob_client(name).create_page_blob(size_bytes)
+        return self._new_disk(name, size_bytes, None, "")
+
+    def disk_write_url(self, name: str, seconds: int) -> str:
+        if name not in self.disks:
+            raise _refuse(f"no disk {name}")
+        self.write_grants.add(name)
+        return self._sas(name, seconds, write=True)
 
     def snapshot_read_url(self, name: str, seconds: int) -> str:
         if name not in self.snapshots:
@@ -277,7 +295,10 @@ class FakeArm:
     # ---- facts ----------------------------------------------------------------------------------
 
     def vm_sizes(self) -> list[VmSize]:
-        return list(SIZES)
+        return list(SIZES) if self._location.lower() in REGIONS else []
+
+    def gateway_connections(self) -> list[ArmConnection]:
+        return list(self.connections)
 
     def usages(self) -> list[Usage]:
         cores = {s.name: s.cores for s in SIZES}

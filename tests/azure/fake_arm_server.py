@@ -35,9 +35,18 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from siterecovery.dataplane.page_blob import open_container
-from siterecovery.fabrics.azure_arm import ArmDisk, ArmNic, ArmSnapshot, ArmVm, Usage, VmCreate, VmSize
+from siterecovery.fabrics.azure_arm import (
+    ArmConnection,
+    ArmDisk,
+    ArmNic,
+    ArmSnapshot,
+    ArmVm,
+    Usage,
+    VmCreate,
+    VmSize,
+)
 from siterecovery.fabrics.base import FabricError, OsType, PowerState
-from tests.azure.fake_arm import FakeArm
+from tests.azure.fake_arm import REGIONS, FakeArm
 
 Json = dict[str, Any]
 GROUP = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers"
@@ -68,6 +77,8 @@ ROUTES: list[tuple[str, str, str]] = [
     ("PUT", GROUP + r"/Microsoft\.Network/networkInterfaces/(?P<name>[^/]+)", "put_nic"),
     ("DELETE", GROUP + r"/Microsoft\.Network/networkInterfaces/(?P<name>[^/]+)", "delete_nic"),
     ("GET", REGION + "/vmSizes", "sizes"),
+    ("GET", GROUP + r"/Microsoft\.Network/connections", "list_connections"),
+    ("GET", GROUP + r"/Microsoft\.Network/virtualNetworkGateways/(?P<name>[^/]+)", "get_gateway"),
     ("GET", REGION + "/usages", "usages"),
 ]  # fmt: skip
 
@@ -250,6 +261,8 @@ class FakeArmService:
             disk = self.arm.import_disk(p["name"], str(creation.get("sourceUri", "")), 0, os_type)
         elif option == "Copy":
             disk = self.arm.disk_from_snapshot(p["name"], str(creation.get("sourceResourceId", "")), os_type)
+        elif option == "Upload":
+            disk = self.arm.create_upload_disk(p["name"], int(creation.get("uploadSizeBytes", 0)) - 512)
         else:
             raise ArmFault(400, "InvalidParameter", f"createOption {option!r} is not supported by this fake.")
         return self._disk(disk)
@@ -260,7 +273,10 @@ class FakeArmService:
 
     def grant_disk(self, p: Json, body: Json) -> Json:
         self._find(self.arm.disks, "disk", p["name"])
-        return {"accessSAS": self.arm.disk_read_url(p["name"], int(body.get("durationInSeconds", 0)))}
+        seconds = int(body.get("durationInSeconds", 0))
+        if body.get("access") == "Write":
+            return {"accessSAS": self.arm.disk_write_url(p["name"], seconds)}
+        return {"accessSAS": self.arm.disk_read_url(p["name"], seconds)}
 
     def revoke_disk(self, p: Json) -> None:
         self.arm.end_disk_read(p["name"])
@@ -308,11 +324,43 @@ class FakeArmService:
         self._find(self.arm.nics, "network interface", p["name"])
         self.arm.delete_nic(p["name"])
 
+    def _region(self, p: Json) -> None:
+        if p["loc"].lower() not in REGIONS:
+            raise ArmFault(
+                400, "LocationNotAvailableForResourceType", f"The location '{p['loc']}' is not available."
+            )
+
     def sizes(self, p: Json) -> Json:
+        self._region(p)
         return {"value": [_size(s) for s in self.arm.vm_sizes()]}
 
     def usages(self, p: Json) -> Json:
+        self._region(p)
         return {"value": [_usage(u) for u in self.arm.usages()]}
+
+    def list_connections(self, p: Json) -> Json:
+        group = f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/Microsoft.Network"
+        return {
+            "value": [
+                {
+                    "id": f"{group}/connections/{c.name}",
+                    "name": c.name,
+                    "properties": {
+                        "connectionType": "IPsec",
+                        "connectionStatus": c.status,
+                        "virtualNetworkGateway1": {"id": f"{group}/virtualNetworkGateways/{c.name}-gw"},
+                    },
+                }
+                for c in self.arm.gateway_connections()
+            ]
+        }
+
+    def get_gateway(self, p: Json) -> Json:
+        conn = next((c for c in self.arm.gateway_connections() if f"{c.name}-gw" == p["name"]), None)
+        if conn is None:
+            raise ArmFault(404, "ResourceNotFound", f"virtual network gateway {p['name']} not found")
+        subnet = {"id": f"{conn.vnet_id}/subnets/GatewaySubnet"}
+        return {"name": p["name"], "properties": {"ipConfigurations": [{"properties": {"subnet": subnet}}]}}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -465,12 +513,18 @@ def main() -> None:
     parser.add_argument("--container", required=True, help="where the managed disks' page blobs live")
     parser.add_argument("--resource-group", default="rg-recovery")
     parser.add_argument("--core-quota", type=int, default=10)
+    parser.add_argument(
+        "--connection", action="append", default=[], help="a gateway connection: NAME,STATUS,VNET_ID"
+    )
     args = parser.parse_args()
     arm = FakeArm(
         open_container(args.storage, args.container),
         resource_group=args.resource_group,
         core_quota=args.core_quota,
     )
+    for spec in args.connection:
+        name, status, vnet = spec.split(",", 2)
+        arm.connections.append(ArmConnection(name, vnet, status))
     Handler.service = FakeArmService(arm, args.secret)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from siterecovery.dataplane.changed_ranges import DiffMethod
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, open_container
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_sdk import SdkArm, credential
@@ -66,3 +67,10 @@ def test_failover_snapshot_revert_and_delete(site: cases.Site) -> None:
         cases.case_snapshot_revert_and_remove(site, name, digests)
     finally:
         cases.case_delete_machine_removes_vm_nics_and_disks(site, name)
+
+
+def test_the_managed_disk_diff_self_test(site: cases.Site) -> None:
+    """Real ARM lets the probe run (an Upload disk written again after a snapshot: if not, the fake
+    is wrong and failback compares content) and its diff, reporting cleared ranges, passes."""
+    choice = cases.case_the_diff_self_test_reaches_a_verdict_and_leaves_no_probe(site)
+    assert choice.method is DiffMethod.SERVICE, choice

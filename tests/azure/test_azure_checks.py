@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from siterecovery.dr.azure_checks import AZURE_FAILOVER_RULES, check_azure_failover, check_sas
+from siterecovery.dr.azure_checks import (
+    AZURE_FAILOVER_RULES,
+    check_azure_failover,
+    check_onprem_route,
+    check_sas,
+)
 from siterecovery.dr.rules import RULES
 from siterecovery.fabrics.azure import AzureFabric
-from siterecovery.fabrics.azure_arm import VmCreate
+from siterecovery.fabrics.azure_arm import ArmConnection, VmCreate
 from siterecovery.fabrics.base import Disk, Machine, OsType, PowerState
 from tests.azure.conftest import Azurite
 from tests.azure.fabric_cases import write_replica
@@ -64,7 +69,49 @@ def test_each_rule(fabric: AzureFabric, machines: list[Machine], size: str, expe
 
 def test_every_azure_rule_has_a_case() -> None:
     cased = {code for p in CASES for code in p.values[2]}  # type: ignore[attr-defined]
+    cased.add("azure-region-unavailable")  # a fabric of its own (the test below)
     assert cased == {r.code for r in AZURE_FAILOVER_RULES}
+
+
+def test_a_region_the_subscription_cannot_use_is_named_with_every_other_failing_rule(
+    azurite: Azurite,
+) -> None:
+    arm = FakeArm(azurite.container("disks"), location="atlantis")
+    fabric = AzureFabric("azure", "cloud", arm, azurite.container("replicas"), subnet_id="subnet")
+    problems = check_azure_failover(fabric.capacity(), [machine("web", 64 * MiB + 512)], "Standard_D2s_v3")
+    # Not also "VM size unavailable": no size is, the region is what is wrong.
+    assert [(p.code, p.rule) for p in problems] == [
+        ("azure-region-unavailable", "AZ-REGION"),
+        ("azure-disk-size-unsupported", "AZ-DISK-SIZE"),
+    ]
+    assert "'atlantis'" in problems[0].message and "atlantis is not one" in problems[0].remediation
+
+
+VNET = "/subscriptions/0/resourceGroups/rg-net/providers/Microsoft.Network/virtualNetworks/vnet"
+
+
+@pytest.mark.parametrize(
+    ("connections", "failing"),
+    [
+        ([], True),
+        ([ArmConnection("to-onprem", VNET, "NotConnected")], True),
+        ([ArmConnection("elsewhere", VNET + "2", "Connected")], True),  # another network's gateway
+        ([ArmConnection("to-onprem", VNET, "Connecting"), ArmConnection("backup", VNET, "Connected")], False),
+    ],
+)
+def test_the_recovery_network_routes_to_on_premises(
+    fabric: AzureFabric, connections: list[ArmConnection], failing: bool
+) -> None:
+    arm = fabric.arm
+    assert isinstance(arm, FakeArm)
+    arm.connections = connections
+    problems = check_onprem_route(arm.gateway_connections(), f"{VNET}/subnets/recovery")
+    assert [(p.code, p.rule) for p in problems] == (
+        [("azure-onprem-unreachable", "AZ-VPN")] if failing else []
+    )
+    for p in problems:
+        assert "vnet" in p.remediation and "{" not in p.remediation
+        assert all(f"{c.name} {c.status}" in p.message for c in connections if c.vnet_id == VNET)
 
 
 def test_all_failing_rules_at_once_and_quota_counts_running_vms(fabric: AzureFabric) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from siterecovery.dataplane.changed_ranges import DiffMethod
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_arm import VmCreate
 from siterecovery.fabrics.base import CloudOrigin, Disk, FabricError, IpMode, OsType, PowerState
@@ -28,6 +29,11 @@ def test_failover_snapshot_revert_and_delete(site: cases.Site) -> None:
     cases.case_failover_creates_the_vm_on_disks_imported_from_the_replicas(site, name, digests)
     cases.case_snapshot_revert_and_remove(site, name, digests)
     cases.case_delete_machine_removes_vm_nics_and_disks(site, name)
+
+
+def test_the_diff_self_test_picks_the_content_compare_on_azurite(site: cases.Site) -> None:
+    choice = cases.case_the_diff_self_test_reaches_a_verdict_and_leaves_no_probe(site)
+    assert choice.method is DiffMethod.CONTENT and "no cleared range" in choice.reason, choice
 
 
 def test_discovery_maps_a_hand_made_vm_and_refuses_what_azure_refuses(site: cases.Site) -> None:

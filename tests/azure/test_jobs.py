@@ -15,6 +15,7 @@ after each move.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from siterecovery.api_client import ApiError
 from siterecovery.dataplane.page_blob import CONNECTION_ENV, STORAGE_API_VERSION
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
+from siterecovery.dr.azure_failback import FAULT_KILL_AT
 from siterecovery.fabrics.azure import AzureFabric
 from siterecovery.fabrics.azure_sdk import SdkArm, credential
 from siterecovery.fabrics.base import PowerState
@@ -36,10 +38,13 @@ from siterecovery.lab.records import RECORD_SIZE, encode_record
 from tests.azure.conftest import ACCOUNT, Azurite, FakeArmEndpoint
 from tests.azure.test_fabric import SUBNET
 from tests.conftest import require_tool, run_cli
-from tests.e2e.conftest import ensure_policy, run_job
+from tests.e2e.conftest import ensure_policy, run_job, wait_job
 
 MiB = 1 << 20
 MACHINE, OTHER = "web1", "db1"
+KILL_FLAG = "kill-server-in-sync"
+VNET = SUBNET.split("/subnets/")[0]
+FAKE_ARM_CONNECTIONS = (f"to-onprem,NotConnected,{VNET}",)  # the site-to-site VPN is down (AZ-VPN)
 FAKE_ARM_CORE_QUOTA = 3  # one Standard_D2s_v3 (2 cores) runs; a second is refused (AZ-QUOTA)
 
 
@@ -55,6 +60,7 @@ def env(tmp_path: Path, azurite: Azurite, fake_arm_endpoint: FakeArmEndpoint) ->
             "SITERECOVERY_DRAIN_TIMEOUT": "60",
             CONNECTION_ENV: azurite.connection_string,  # the Azure master target's storage account
             "REQUESTS_CA_BUNDLE": str(fake_arm_endpoint.ca_file),  # the server trusts the fake's CA
+            FAULT_KILL_AT: f"azure-sync-written:{tmp_path / KILL_FLAG}",  # armed by the flag file
         },
     )
     e.root.mkdir(parents=True)
@@ -137,6 +143,11 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
         "agent-not-registered",
     }
     assert env.api.get("/api/replicatedItems") == []
+    # A region the subscription cannot create VMs in (ARM refuses the location): AZ-REGION.
+    add_azure(env, arm_endpoint, azurite, "azure-atlantis", "--location", "atlantis")
+    with pytest.raises(ApiError) as refused:
+        env.api.post("/api/replicatedItems", {**body, "target_fabric": "azure-atlantis"})
+    assert codes(refused.value.problems) == {"azure-region-unavailable", "agent-not-registered"}
 
     # Enable: the replica is a page blob in the fabric's container, filled through the real data path.
     for machine in (MACHINE, OTHER):
@@ -241,24 +252,63 @@ def test_the_dr_cycle_through_the_jobs_with_an_azure_fabric_on_the_fake_arm(
     fabric.arm.end_disk_read(os_disk)
     answer = env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", {**body, "what_if": True})
     assert answer["ready"], answer
-    job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/reprotect", body))
+    # Through an agent in the VM instead, the recovery network must route on-premises: its VPN
+    # connection is down (AZ-VPN), listed with that path not being built; agentless needs neither.
+    answer = env.api.post(
+        f"/api/replicatedItems/{MACHINE}/reprotect", {**body, "agent": True, "what_if": True}
+    )
+    assert codes(answer["problems"]) == {"azure-onprem-unreachable", "azure-agent-failback-unsupported"}
+    assert "to-onprem NotConnected" in answer["problems"][0]["message"], answer
+    # The configuration server is killed with SIGKILL in the reprotect's sync, after the
+    # on-premises disk was written and before its base moved (the fault hook); the VM writes on
+    # meanwhile. Started again, the job resumes: the interrupted snapshot is completed, then the
+    # sync goes on from it, so the on-premises disk ends equal to the VM's disk.
+    (tmp_path / KILL_FLAG).touch()
+    job_id = env.api.post(f"/api/replicatedItems/{MACHINE}/reprotect", body)["job_id"]
+    server = env.procs["server"]
+    assert server.wait(timeout=300) == -signal.SIGKILL, env.log_tail("server")
+    assert not (tmp_path / KILL_FLAG).exists()  # the hook fired
+    append_records(disk, MACHINE, records + 8, 3)
+    env.stop_server(kill=True)  # already gone: forgets the process
+    env.start_server()
+    job = succeeded(wait_job(env, job_id, 300))
+    assert next(t for t in job["tasks"] if t["action"] == "azure-sync")["attempts"] == 2
     sync = result(job, "azure-sync")
-    # Only what changed since the base snapshot taken before the VM first booted moves.
-    assert sync["base"] == f"{MACHINE}-failover-base", sync
-    assert 0 < sync["bytes_sent"] <= 8 * RECORD_SIZE, sync
+    interrupted = sync["resumed"]  # completed against the base snapshot taken before first boot
+    assert interrupted.startswith(f"{MACHINE}-failback-sync-") and sync["base"] == interrupted, sync
+    assert sync["snapshot"] != interrupted, sync
+    # Only what changed moves: the 8 records since the failover's base (again), then the 3 since.
+    assert 0 < sync["bytes_sent"] <= 11 * RECORD_SIZE, sync
+    # The self-test through the fake ARM found Azurite's managed-disk diff inexact.
+    assert sync["diff"] == "content-compare" and "no cleared range" in sync["diff_reason"], sync
+    # Shown as an event by each server process that chose (the killed one, then its successor).
+    shown = env.api.get("/api/events", code="azure-diff-method")
+    assert shown and {e["message"] for e in shown} == {
+        f"Fabric azure: failback finds changed ranges by content-compare ({sync['diff_reason']})."
+    }, shown
     item = env.api.get(f"/api/replicatedItems/{MACHINE}")
     assert (item["state"], item["direction"]) == ("protected", "cloud-to-onprem")
+    assert item["details"]["azure_pending"] == ""
     verdict = verify_image(str(onprem_disk), MACHINE)
-    assert verdict.ok and verdict.records == records + 8, verdict
+    assert verdict.ok and verdict.records == records + 11, verdict
+    # The on-premises disk (off) equals the Azure VM's disk byte for byte.
+    azure_copy = tmp_path / "azure-os.raw"
+    url = fabric.arm.disk_read_url(os_disk, 600)
+    blob = BlobClient.from_blob_url(url, api_version=STORAGE_API_VERSION)
+    azure_copy.write_bytes(blob.download_blob(offset=0, length=source.disks[0].size_bytes).readall())
+    fabric.arm.end_disk_read(os_disk)
+    same = compare(onprem_disk, azure_copy)
+    assert same.returncode == 0, same.stdout + same.stderr
 
     # Failback: the VM is deallocated, the last differences move, the on-premises machine boots
     # and its guest's own start-up check passes with every record the VM wrote.
-    append_records(disk, MACHINE, records + 8, 4)
+    append_records(disk, MACHINE, records + 11, 4)
     job = succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/failback", {"point": "latest"}))
     sync = result(job, "azure-sync")
     assert sync["base"].startswith(f"{MACHINE}-failback-sync-") and 0 < sync["bytes_sent"] <= 4 * RECORD_SIZE
+    assert sync["resumed"] == "" and sync["diff"] == "content-compare", sync
     booted = result(job, "start-recovery-machine")["oracle"]
-    assert booted["ok"] and booted["records"] == records + 12, booted
+    assert booted["ok"] and booted["records"] == records + 15, booted
     vm = fabric.discover().machine(MACHINE)
     assert vm is not None and vm.power_state is PowerState.OFF
     succeeded(run_job(env, f"/api/replicatedItems/{MACHINE}/commit", {}))

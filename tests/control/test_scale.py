@@ -21,8 +21,8 @@ from sqlalchemy import event, select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.admission import HeartbeatAdmission
-from siterecovery.dataplane.assignments import AgentStats
-from siterecovery.dataplane.control_client import ControlClient, Registration
+from siterecovery.dataplane.assignments import AgentDesired, AgentStats
+from siterecovery.dataplane.control_client import FAST_INTERVAL, ControlClient, DesiredSource, Registration
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
@@ -146,6 +146,31 @@ def test_the_component_client_keeps_the_desired_state_the_server_says_is_unchang
     client.close()
 
 
+def test_an_idle_component_heartbeats_at_its_idle_interval_and_fast_after_a_change(
+    plane: tuple[ControlPlane, TestClient, Counter], tmp_path: Path
+) -> None:
+    cp, _, _ = plane
+    seed(cp, 2)
+    client = ControlClient(
+        "http://testserver", tmp_path / "agent", Registration("agent", f"onprem/{machine_name(0)}", "onprem")
+    )
+    (tmp_path / "agent").mkdir()
+    client._http = TestClient(create_app())
+    client.register(cp.passphrase())
+    client._http = TestClient(create_app())
+    source = DesiredSource(AgentDesired, tmp_path / "agent", client)
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == FAST_INTERVAL  # its first desired state: something to do
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == 10.0 and source.pace(10.0, busy=True) == FAST_INTERVAL
+    with cp.db.session() as s:  # a workflow asks something of it: the next exchange brings it
+        request_bookmark(s, get_item(s, machine_name(0)))
+    assert source.exchange(AgentStats()).bookmarks and source.pace(10.0) == FAST_INTERVAL
+    source.exchange(AgentStats())
+    assert source.pace(10.0) == 10.0
+    client.close()
+
+
 def test_backoff_after_a_busy_answer_follows_retry_after_with_jitter() -> None:
     rng = random.Random(7)
     waits = [backoff_seconds("3", rng) for _ in range(50)]
@@ -201,6 +226,28 @@ def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(
     assert read_cost() == few, counter.sql
     with cp.db.session() as s:
         assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {5.0}
+
+
+def test_an_idle_monitor_pass_costs_the_same_statements_for_10_or_200_items(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """The stall, refused-frame and unusable-point checks use the pass's one read: no query per
+    item (before, each item read its agent's and master target's rows and cleared its alerts)."""
+    cp, _, counter = plane
+    t0 = time.time()
+
+    def pass_cost(at: float) -> int:
+        evaluate(cp, now=at)  # RPO stored; the next pass at the same time changes nothing
+        counter.reset()
+        assert evaluate(cp, now=at)
+        return counter.statements
+
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    few = pass_cost(t0 + 5)
+    seed(cp, 190, start=10, first_component=1)
+    _report_everything(cp, t0 + 5)
+    assert pass_cost(t0 + 10) == few, counter.sql
 
 
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:

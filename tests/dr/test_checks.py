@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from siterecovery.dr.azure_checks import AZURE_FAILBACK_RULES, AZURE_FAILOVER_RULES
+from siterecovery.dr.azure_checks import AZURE_AGENT_RULES, AZURE_FAILBACK_RULES, AZURE_FAILOVER_RULES
 from siterecovery.dr.check_inputs import (
     ComponentView,
     GroupMember,
@@ -639,7 +639,16 @@ def test_every_code_has_a_case() -> None:
     # The Azure rules have their cases in tests/azure/test_azure_checks.py, the libvirt rules theirs
     # in tests/libvirt/test_checks.py.
     # LV-CAPTURE's are in tests/dr/test_libvirt_capture.py and tests/libvirt/test_jobs.py.
-    others = {r.code for r in (*AZURE_FAILOVER_RULES, *AZURE_FAILBACK_RULES, *LIBVIRT_RULES, *CAPTURE_RULES)}
+    others = {
+        r.code
+        for r in (
+            *AZURE_FAILOVER_RULES,
+            *AZURE_FAILBACK_RULES,
+            *AZURE_AGENT_RULES,
+            *LIBVIRT_RULES,
+            *CAPTURE_RULES,
+        )
+    }
     assert reprotect | failback | others == set(RULES)
 
 

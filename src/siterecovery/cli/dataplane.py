@@ -32,7 +32,12 @@ from siterecovery.config import (
     load_settings,
 )
 from siterecovery.dataplane.agent import Agent, AgentOptions
-from siterecovery.dataplane.assignments import AgentDesired, MasterTargetDesired, ProcessServerDesired
+from siterecovery.dataplane.assignments import (
+    AgentDesired,
+    MasterTargetDesired,
+    PairState,
+    ProcessServerDesired,
+)
 from siterecovery.dataplane.control_client import (
     ControlClient,
     DesiredSource,
@@ -64,7 +69,10 @@ CaOpt = Annotated[
     ),
 ]
 PassOpt = Annotated[Path | None, typer.Option("--passphrase-file", help="file holding the passphrase")]
-IntervalOpt = Annotated[float | None, typer.Option("--interval", help="seconds between heartbeats [2]")]
+IntervalOpt = Annotated[
+    float | None,
+    typer.Option("--interval", help="seconds between heartbeats while idle [agent 10, others 5]"),
+]
 SiteOpt = Annotated[str | None, typer.Option("--site", help="[onprem]")]
 AssignmentsOpt = Annotated[Path | None, typer.Option("--assignments", help="desired-state JSON")]
 ConfigOpt = Annotated[
@@ -209,10 +217,12 @@ def agent(
             svc.set_identity(identity)
             source = DesiredSource(AgentDesired, state, client, cfg.assignments)
             while not stop.is_set():
-                desired = source.exchange(svc.stats())
+                stats = svc.stats()
+                desired = source.exchange(stats)
                 if source.known:  # else keep the resumed pairs rather than retire them
                     svc.reconcile(desired)
-                stop.wait(cfg.interval)
+                syncing = any(p.state is not PairState.PROTECTED for p in stats.pairs)
+                stop.wait(source.pace(cfg.interval, busy=syncing))
     except SiteRecoveryError as exc:
         svc.stop()
         raise _fail(exc) from exc
@@ -300,7 +310,7 @@ def process_server(
     source = DesiredSource(ProcessServerDesired, state, client, cfg.assignments)
     while not stop.is_set():
         svc.reconcile(source.exchange(svc.stats()))
-        stop.wait(cfg.interval)
+        stop.wait(source.pace(cfg.interval))
     svc.stop()
 
 
@@ -415,7 +425,7 @@ def master_target(
         if client is not None:
             client.address = cfg.advertise or svc.address
         while not stop.is_set():
-            stop.wait(cfg.interval)
+            stop.wait(source.pace(cfg.interval))
             svc.reconcile(source.exchange(svc.stats()))
     except SiteRecoveryError as exc:
         svc.stop()

@@ -137,6 +137,9 @@ def reprotect(
     vcenter: Annotated[
         str, typer.Option(help="fail back to this vCenter (fabric name) instead of the original one")
     ] = "",
+    agent: Annotated[
+        bool, typer.Option("--agent", help="from Azure: through an agent in the recovery VM (needs AZ-VPN)")
+    ] = False,
     what_if: Annotated[bool, typer.Option("--what-if", help="list every failing prerequisite")] = False,
     wait: Wait = True,
 ) -> None:
@@ -147,6 +150,7 @@ def reprotect(
         "datastore": datastore,
         "retention_volume": retention_volume,
         "vcenter": vcenter,
+        "agent": agent,
         "what_if": what_if,
     }
     if what_if:

@@ -19,6 +19,7 @@ from typing import Any
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.heartbeats import record_heartbeat
+from siterecovery.dataplane.point_delta import merge
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
@@ -36,6 +37,15 @@ class _Report:
     address: str | None
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
+    outcome: Recorded | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the server now holds of a report whose point lists are versioned (a master target's)."""
+
+    points_seq: int
+    resync: bool  # the report's delta did not apply: the component must send its full lists
 
 
 class HeartbeatWriter:
@@ -50,7 +60,7 @@ class HeartbeatWriter:
         self._thread = threading.Thread(target=self._run, name="heartbeat-writer", daemon=True)
         self._thread.start()
 
-    def write(self, component_id: str, stats: dict[str, Any], address: str | None) -> None:
+    def write(self, component_id: str, stats: dict[str, Any], address: str | None) -> Recorded | None:
         """Record one heartbeat; returns once it is committed (raises what applying it raised)."""
         report = _Report(component_id, stats, address)
         with self._cond:
@@ -67,6 +77,7 @@ class HeartbeatWriter:
             )
         if report.error is not None:
             raise report.error
+        return report.outcome
 
     def _run(self) -> None:
         while True:
@@ -96,7 +107,11 @@ class HeartbeatWriter:
             raise not_found("component", report.component_id)
         if report.address:
             row.address = report.address
-        record_heartbeat(s, row, report.stats, self.config)
+        stats = report.stats
+        if "points_seq" in stats:  # point lists versioned, maybe sent as a delta (`point_delta`)
+            stats, resync = merge(row.stats or {}, stats)
+            report.outcome = Recorded(int(stats.get("points_seq", 0)), resync)
+        record_heartbeat(s, row, stats, self.config)
 
 
 _WRITERS: dict[int, HeartbeatWriter] = {}

@@ -70,9 +70,9 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
     row.last_heartbeat = now()
     record_refusals(s, row, row.stats or {}, stats)
     row.stats = stats
-    if row.kind == ComponentKind.PROCESS.value:
+    if row.kind == ComponentKind.PROCESS:
         health = cache_health(stats)
-        row.health = health.value
+        row.health = health
         if health is Health.NORMAL:
             clear_alert(s, "ps-cache-low", "component", row.id)
         else:
@@ -86,8 +86,8 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
                 "component",
                 row.id,
             )
-    elif row.kind == ComponentKind.MASTER_TARGET.value and stats.get("retention_full"):
-        row.health = Health.CRITICAL.value
+    elif row.kind == ComponentKind.MASTER_TARGET and stats.get("retention_full"):
+        row.health = Health.CRITICAL
         raise_alert(
             s,
             Severity.CRITICAL,
@@ -96,20 +96,20 @@ def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: 
             "component",
             row.id,
         )
-    elif row.kind == ComponentKind.MASTER_TARGET.value:
-        row.health = Health.NORMAL.value
+    elif row.kind == ComponentKind.MASTER_TARGET:
+        row.health = Health.NORMAL
         clear_alert(s, "retention-volume-full", "component", row.id)
 
 
 def is_connected(row: Component, config: ServerConfig) -> bool:
-    if row.kind == ComponentKind.CONFIGURATION.value:
+    if row.kind == ComponentKind.CONFIGURATION:
         return True
     age = heartbeat_age(row)
     return age is not None and age <= config.heartbeat_timeout
 
 
 def server_view(row: Component, config: ServerConfig) -> ServerOut:
-    if row.kind == ComponentKind.CONFIGURATION.value:
+    if row.kind == ComponentKind.CONFIGURATION:
         row.last_heartbeat = now()
     return ServerOut(
         id=row.id,

@@ -63,11 +63,11 @@ class StateCollector(Collector):
                 health.add_metric([item.name], _HEALTH.get(item.health, 0))
             for c in s.scalars(select(Component)):
                 st = c.stats or {}
-                if c.kind == ComponentKind.PROCESS.value:
+                if c.kind == ComponentKind.PROCESS:
                     cache.add_metric([c.name], number(st, "cache_used_bytes"))
                     capacity.add_metric([c.name], number(st, "cache_capacity_bytes"))
                     throughput.add_metric([c.name], number(st, "throughput_bytes_per_s"))
-                elif c.kind == ComponentKind.MASTER_TARGET.value:
+                elif c.kind == ComponentKind.MASTER_TARGET:
                     disks.add_metric([c.name], number(st, "attached_disks"))
                     in_use = sum(number(p, "journal_bytes") for p in entries(st, "pairs"))
                     journal.add_metric([c.name], in_use)

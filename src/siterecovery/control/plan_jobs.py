@@ -17,6 +17,7 @@ from siterecovery.dr import operations as ops
 from siterecovery.errors import invalid
 from siterecovery.store.jobs import MANUAL_ACTION, TaskSpec
 from siterecovery.store.models import RecoveryPlan, ReplicatedItem
+from siterecovery.store.states import Direction
 
 
 class PlanOperation(StrEnum):
@@ -67,7 +68,7 @@ def _item_tasks(
     )
     policy = repo.policy(s, item.policy_id)
     next_policy = (
-        policy.failback_policy_id if snap.direction.value == "onprem-to-cloud" else policy.forward_policy_id
+        policy.failback_policy_id if snap.direction is Direction.FORWARD else policy.forward_policy_id
     ) or policy.id
     return ops.reprotect_tasks(snap, request, next_policy)
 

@@ -49,9 +49,9 @@ class AgentReport(AgentStats):
 
 
 _REPORTS: dict[str, type[BaseModel]] = {
-    ComponentKind.PROCESS.value: ProcessServerReport,
-    ComponentKind.MASTER_TARGET.value: MasterTargetReport,
-    ComponentKind.AGENT.value: AgentReport,
+    ComponentKind.PROCESS: ProcessServerReport,
+    ComponentKind.MASTER_TARGET: MasterTargetReport,
+    ComponentKind.AGENT: AgentReport,
 }
 
 

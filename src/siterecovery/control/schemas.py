@@ -89,6 +89,10 @@ class HeartbeatReply(BaseModel):
     desired: dict[str, Any] | None
     desired_version: str = ""
     server_time: float
+    # A master target's point lists: the version the server now holds (the next report's delta
+    # base), or a request to send the full lists (`dataplane.point_delta`).
+    points_seq: int | None = None
+    points_resync: bool = False
 
 
 class ServerOut(BaseModel):

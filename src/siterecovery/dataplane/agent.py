@@ -239,7 +239,7 @@ class Agent:
         sender = self.senders.pop(pair.pair_id, None)
         if sender is not None:
             sender.stop()
-        pair.spec = spec
+        pair.renew(spec)  # a raised generation starts a new initial sync
         self._start_sender(pair)
 
     def _saved_specs(self) -> list[DiskReplication]:

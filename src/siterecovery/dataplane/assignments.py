@@ -244,6 +244,9 @@ class MasterTargetPairStats(_Model):
     missing: list[int] = Field(
         default=[], description="sequences of refused writes whose re-read from the source is awaited"
     )
+    replica_bytes_read: int = Field(
+        default=0, description="bytes of the replica read to answer resyncs (digests it did not keep)"
+    )
 
 
 class RefusedDisk(_Model):
@@ -272,8 +275,38 @@ class CopyResult(_Model):
     bytes_moved: int = 0
 
 
+# A delta's bounds: far above what a master target changes between two heartbeats (a pair gains
+# a point per crash interval and loses thinned ones), so a hostile report stays small to check.
+MAX_DELTA_POINTS = 100_000
+
+
+class PairPointsDelta(_Model):
+    """How one pair's point list changed since the acknowledged report (`dataplane.point_delta`)."""
+
+    removed: list[str] = Field(default=[], max_length=MAX_DELTA_POINTS, description="ids of points gone")
+    added: list[PointInfo] = Field(
+        default=[], max_length=MAX_DELTA_POINTS, description="appended, oldest first"
+    )
+    replace: list[PointInfo] | None = Field(
+        default=None, max_length=MAX_DELTA_POINTS, description="the whole list, when not an append"
+    )
+
+
+class PointsDelta(_Model):
+    """The point lists of a report as changes to the report the server acknowledged (`base`)."""
+
+    base: int = Field(ge=0, le=2**63 - 1)
+    pairs: dict[PairId, PairPointsDelta] = Field(default={}, max_length=MAX_DELTA_POINTS)
+
+
 class MasterTargetStats(_Model):
     pairs: list[MasterTargetPairStats] = []
+    points_seq: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="the version of the point lists this report describes"
+    )
+    points_delta: PointsDelta | None = Field(
+        default=None, description="when present, `pairs[].points` are left out and this carries their changes"
+    )
     attached_disks: int = 0
     refused: list[RefusedDisk] = []
     retention_volumes: list[RetentionVolume] = []

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from siterecovery import pki
 from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.point_delta import PointReports
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.retry import after_busy
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 D = TypeVar("D", bound=BaseModel)
 RENEW_WHEN_LEFT = 1 / 3  # of the certificate's lifetime
+# The heartbeat interval while something is changing (see `DesiredSource.pace`, docs/operations.md).
+FAST_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,11 @@ class ControlClient:
         # desired) while the version we send is still current, so an idle heartbeat stays small.
         self._desired: dict[str, object] | None = None
         self._desired_version: str | None = None
+        self.desired_changed = False  # the last answer carried a desired state new to us
         # An overloaded server answers 429/503 with Retry-After: no heartbeat before this time.
         self._backoff_until = 0.0
+        # A master target's point lists go as deltas to what the server acknowledged.
+        self._points = PointReports() if registration.kind == "master-target" else None
 
     def _trust(self) -> ssl.SSLContext | bool:
         """What the API's HTTPS certificate must chain to: the CA given, else the pinned one."""
@@ -185,7 +191,8 @@ class ControlClient:
         clock = time.monotonic()
         if clock < self._backoff_until:
             raise ServerBusy(self._backoff_until - clock)
-        body: dict[str, object] = {"stats": stats.model_dump(mode="json")}
+        report = stats.model_dump(mode="json")
+        body: dict[str, object] = {"stats": self._points.encode(report) if self._points else report}
         if self.address:
             body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
         if self._desired is not None and self._desired_version:
@@ -202,10 +209,14 @@ class ControlClient:
             raise ServerBusy(wait)
         resp.raise_for_status()
         reply = resp.json()
+        if self._points is not None:
+            self._points.acknowledge(reply)
         desired = reply.get("desired")
         held = self._desired
         if desired is None and held is not None and reply.get("desired_version") == self._desired_version:
+            self.desired_changed = False
             return dict(held)
+        self.desired_changed = held is None or dict(desired or {}) != held
         self._desired = dict(desired or {})
         self._desired_version = str(reply.get("desired_version") or "") or None
         return dict(self._desired)
@@ -268,6 +279,16 @@ class DesiredSource(Reporter, Generic[D]):
         self._desired_file = state_dir / "desired.json"
         # False when the last exchange found no desired state at all (server away, nothing saved).
         self.known = True
+
+    def pace(self, idle: float, busy: bool = False) -> float:
+        """Seconds until the next heartbeat: `idle`, or at most FAST_INTERVAL while things change.
+
+        An idle component reports every `idle` seconds (its stats feed RPO and liveness, which
+        need tens of seconds, not two). Right after the server changed its desired state, or
+        while the component is `busy` (an agent's pair syncing), it heartbeats fast, so the next
+        change of a workflow (a failover draining pairs, a bookmark) follows within seconds."""
+        changed = self.client is not None and self.client.desired_changed
+        return min(idle, FAST_INTERVAL) if busy or changed else idle
 
     def exchange(self, stats: BaseModel) -> D:
         self.known = True

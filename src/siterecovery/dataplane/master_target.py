@@ -31,23 +31,19 @@ from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, direct_app
 from siterecovery.dataplane.assignments import (
     AttachedDisk,
     MasterTargetDesired,
-    MasterTargetPairStats,
     MasterTargetStats,
-    PointInfo,
     RefusedDisk,
     RetentionVolume,
 )
-from siterecovery.dataplane.blocks import STREAM_WAIT, BlockHasher, BlockStream, answer_for
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener, idle
+from siterecovery.dataplane.mt_pair import TargetPair, durable_seq
 from siterecovery.dataplane.mt_points import (
     Copier,
     describe_volumes,
     find_point,
     no_journal,
-    point_infos,
-    position_id,
 )
 from siterecovery.dataplane.points import NO_CRASH_POINTS
 from siterecovery.dataplane.protocol import (
@@ -66,6 +62,7 @@ from siterecovery.dataplane.protocol import (
     Role,
     decode_model,
 )
+from siterecovery.dataplane.target_digests import TargetDigests
 from siterecovery.dataplane.trust import (
     NOT_AUTHORISED,
     Peer,
@@ -113,47 +110,6 @@ class _SessionEnds(Exception):
         self.problem = problem
 
 
-def _durable_seq(applier: DiskApplier) -> int:
-    """What the applier holds durably (the journal's applied sequence may be ahead of its commit)."""
-    return applier.committed_seq if isinstance(applier, JournaledDisk) else applier.applied_seq
-
-
-class _Pair:
-    def __init__(self, disk: AttachedDisk, applier: DiskApplier, gaps: Gaps | None = None) -> None:
-        self.disk = disk
-        self.applier = applier
-        self.gaps = gaps or Gaps(None)  # writes refused upstream and awaited again (healing.py)
-        self.lock = threading.Lock()
-        self.seen = applier.applied_seq
-        self.last_applied_time: float | None = None
-        self.hasher: BlockHasher | None = None
-        self.session = 0  # the newest process-server session; older ones stop applying
-        self.detached = False
-        self.paused = ""
-        self.position = position_id(applier) if isinstance(applier, JournaledDisk) else "latest"
-        self.last_ack = -1
-        self.link: tuple[Peer, ssl.SSLSocket] | None = None  # the session that applies it
-
-    def stats(self, now: float) -> MasterTargetPairStats:
-        applier = self.applier
-        points: list[PointInfo] = []
-        journal_bytes = 0
-        with self.lock:
-            if isinstance(applier, JournaledDisk) and not self.detached:
-                points, journal_bytes = self.gaps.mark(point_infos(applier, now)), applier.journal_bytes
-            missing = sorted(self.gaps.missing)  # changed under the lock by the applying session
-        return MasterTargetPairStats(
-            pair_id=self.disk.pair_id,
-            applied_seq=_durable_seq(applier),
-            last_applied_time=self.last_applied_time,
-            points=points,
-            position=self.position,
-            journal_bytes=journal_bytes,
-            paused=self.paused,
-            missing=missing,
-        )
-
-
 class MasterTarget:
     """Applies process servers' streams; materialises recovery points; describes retention volumes.
 
@@ -185,7 +141,7 @@ class MasterTarget:
         # Where an attached disk's path really is (a datastore path's local VMDK extent, vmdk.py).
         self._place = place
         self._desired = MasterTargetDesired()
-        self._pairs: dict[str, _Pair] = {}
+        self._pairs: dict[str, TargetPair] = {}
         self._refused: dict[str, RefusedDisk] = {}
         self._discarded: set[str] = set()
         self._lock = threading.Lock()
@@ -241,7 +197,10 @@ class MasterTarget:
                 raise disk_limit_error(disk.pair_id, len(self._pairs))
             pair_state = child(self.state_dir / "pairs", disk.pair_id)
             applier = self._applier_factory()(disk.pair_id, disk.path, disk.size, pair_state)
-            self._pairs[disk.pair_id] = _Pair(disk, applier, Gaps(pair_state))
+            digests = None
+            if TargetPair.keeps_digests(applier):
+                digests = TargetDigests(pair_state / "digests", disk.path, disk.size)
+            self._pairs[disk.pair_id] = TargetPair(disk, applier, Gaps(pair_state), digests)
 
     def reconcile(self, desired: MasterTargetDesired) -> None:
         """Attach, detach, move disks to their points, queue copies, describe volumes (idempotent)."""
@@ -291,16 +250,18 @@ class MasterTarget:
             self._discarded.add(pair_id)
             log.info("discarded the journal of ended pair %s", pair_id)
 
-    def _close(self, pair: _Pair) -> None:
+    def _close(self, pair: TargetPair) -> None:
         with pair.lock:
             pair.detached = True
             try:
-                pair.applier.sync()
+                pair.sync()
             except SiteRecoveryError as exc:
                 log.warning("detaching %s: %s", pair.disk.pair_id, exc.first.message)
-            pair.applier.close()
+                if pair.digests is not None:
+                    pair.digests.forget()
+            pair.close()
 
-    def _follow_point(self, pair: _Pair) -> None:
+    def _follow_point(self, pair: TargetPair) -> None:
         """Materialise the pair in place at its desired point, or roll it forward to latest."""
         want = pair.disk.point
         applier = pair.applier
@@ -313,6 +274,10 @@ class MasterTarget:
                 return
             try:
                 applier.set_retention(self._desired.retention_seconds)
+                at_latest = want is None and applier.at_latest
+                moving = not at_latest and (want is None or pair.position != want)
+                if moving and pair.digests is not None:
+                    pair.digests.forget()  # the replica's bytes move outside the applied stream
                 if want is None:
                     if not applier.at_latest:
                         result = applier.roll_forward_to(applier.latest_point())
@@ -378,7 +343,7 @@ class MasterTarget:
                 FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
             )
             return
-        pairs: list[tuple[_Pair, int]] = []
+        pairs: list[tuple[TargetPair, int]] = []
         acked: dict[str, int] = {}
         for pair_id in hello.pairs:
             pair = self._pairs.get(pair_id)
@@ -395,7 +360,7 @@ class MasterTarget:
                 self._sync(pair)
                 # Resume after what is durable: anything applied but not committed is redone.
                 pair.seen = pair.applier.applied_seq
-                acked[pair_id] = pair.last_ack = _durable_seq(pair.applier)
+                acked[pair_id] = pair.last_ack = durable_seq(pair.applier)
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
         try:
@@ -416,10 +381,10 @@ class MasterTarget:
             remediation="Enable replication (or reprotect) so the disk is attached, then retry.",
         )
 
-    def _sync(self, pair: _Pair) -> None:
+    def _sync(self, pair: TargetPair) -> None:
         """Sync under the pair's lock; a full volume pauses the pair (the journal undid the batch)."""
         try:
-            pair.applier.sync()
+            pair.sync()
         except SiteRecoveryError as exc:
             if exc.first.code not in _PAUSE_CODES:
                 raise
@@ -430,7 +395,7 @@ class MasterTarget:
         reader: FrameReader,
         writer: FrameWriter,
         sock: ssl.SSLSocket,
-        pairs: list[tuple[_Pair, int]],
+        pairs: list[tuple[TargetPair, int]],
         peer: Peer,
     ) -> None:
         touched: set[int] = set()
@@ -472,7 +437,7 @@ class MasterTarget:
                 touched.clear()
                 pending = 0
 
-    def _try_apply(self, pair: _Pair, session: int, frame: Frame) -> bool:
+    def _try_apply(self, pair: TargetPair, session: int, frame: Frame) -> bool:
         """Apply one data frame (idempotent by sequence); False while the pair is paused."""
         h = frame.header
         with pair.lock:
@@ -490,7 +455,10 @@ class MasterTarget:
                 return True
             if pair.disk.point is not None or pair.disk.frozen:
                 return False  # materialised at a chosen point, or held: nothing new is applied
+            store = pair.digests
             try:
+                if store is not None and h.type != FrameType.BOOKMARK and not h.flags & Flag.MISSING:
+                    store.before_write(h.offset, h.length)
                 if h.flags & Flag.MISSING:
                     # A refused frame dropped upstream: its sequence passes with nothing written,
                     # and points are unusable until the re-read of its range arrives.
@@ -502,11 +470,17 @@ class MasterTarget:
                     pair.gaps.point(h.seq)
                 elif h.flags & Flag.ZERO:
                     pair.applier.apply_zero(h.seq, h.offset, h.length)
+                    if store is not None:
+                        store.zeroed(h.offset, h.length)
                 else:
                     pair.applier.apply_write(h.seq, h.offset, frame.payload)
+                    if store is not None:
+                        store.wrote(h.offset, frame.payload)
                     if h.flags & Flag.REFETCH:
                         pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:
+                if store is not None:
+                    store.forget_unflushed()  # the journal may have undone the batch
                 if exc.first.code not in _PAUSE_CODES:
                     raise
                 if exc.first.code != "disk-not-at-latest":
@@ -522,7 +496,7 @@ class MasterTarget:
             pair.last_applied_time = time.time()
             return True
 
-    def _ack(self, writer: FrameWriter, pairs: list[tuple[_Pair, int]], touched: set[int]) -> None:
+    def _ack(self, writer: FrameWriter, pairs: list[tuple[TargetPair, int]], touched: set[int]) -> None:
         """Sync the touched pairs and acknowledge what each holds durably."""
         for idx in touched:
             p, _session = pairs[idx]
@@ -531,7 +505,7 @@ class MasterTarget:
                     continue
                 before = p.seen
                 self._sync(p)
-                seq = _durable_seq(p.applier)
+                seq = durable_seq(p.applier)
                 undone = p.applier.applied_seq < before
                 p.seen = p.applier.applied_seq
                 send = seq > p.last_ack
@@ -548,41 +522,13 @@ class MasterTarget:
                 )
 
     def _answer_resync(
-        self, writer: FrameWriter, idx: int, seq: int, pair: _Pair, req: ResyncRequest
+        self, writer: FrameWriter, idx: int, seq: int, pair: TargetPair, req: ResyncRequest
     ) -> None:
-        """Digests of the target disk for a resync request (see `ResyncRequest`).
-
-        A request with `have` continues the pair's `BlockStream` (which keeps hashing ahead in disk
-        order while this session applies the blocks already answered) or, for a new or resumed
-        resync, starts one. Only a new stream needs what was applied flushed to the disk first:
-        the blocks applied meanwhile lie in regions the stream has already hashed.
-        """
-        blocks = req.blocks or []
-        with pair.lock:
-            old = pair.hasher
-            if req.have is not None:
-                if not (isinstance(old, BlockStream) and old.alive and blocks and blocks[0] >= old.position):
-                    self._sync(pair)
-                    pair.hasher = BlockStream(
-                        pair.disk.path, pair.disk.size, req.coarse, req.fine, first=blocks[0] if blocks else 0
-                    )
-            else:
-                self._sync(pair)
-                if req.blocks is None or old is None:
-                    pair.hasher = BlockHasher(pair.disk.path, pair.disk.size, req.coarse, req.fine)
-            hasher = pair.hasher
-            if isinstance(old, BlockStream) and old is not hasher:
-                old.close()
-        assert hasher is not None
-        if req.have is not None and isinstance(hasher, BlockStream):
-            try:
-                payload = answer_for(hasher, blocks, req.have, STREAM_WAIT)
-            except ValueError as exc:
-                raise ProtocolError(f"resync request for pair {pair.disk.pair_id!r}: {exc}") from exc
-        elif req.blocks is None:
-            payload = hasher.coarse_digests()
-        else:
-            payload = b"".join(hasher.fine_digests(i) for i in req.blocks)
+        """Digests of the target disk for a resync request (from the pair's digest store)."""
+        if req.prefetch is not None:
+            pair.prefetch(req.prefetch)  # a hint: never answered
+            return
+        payload = pair.answer(req, lambda: self._sync(pair))
         writer.send(FrameType.DIGESTS, pair=idx, seq=seq, payload=payload)
 
     def stats(self) -> MasterTargetStats:

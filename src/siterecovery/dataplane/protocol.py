@@ -356,13 +356,16 @@ class ResyncRequest(_Msg):
     `blocks` (ascending) and `have` (base64 of the requester's own coarse digests of those blocks,
     concatenated): per block, the target's coarse digest followed, only where it differs from the
     requester's, by its fine digests — one round trip per region, answered while the master
-    target keeps hashing the next regions in disk order.
+    target keeps hashing the next regions in disk order. With `prefetch` (offset, length pairs,
+    flattened): not a query but a hint, never answered — the ranges the requester is about to
+    send, whose current bytes the master target reads ahead (its journal's undo records need them).
     """
 
     coarse: int
     fine: int
     blocks: list[int] | None = None
     have: str | None = None
+    prefetch: list[int] | None = None
 
 
 M = TypeVar("M", bound=BaseModel)

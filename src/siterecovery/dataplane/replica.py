@@ -269,6 +269,15 @@ class PairReplication:
         self.sync_last = None
         self._save_state()
 
+    def renew(self, spec: DiskReplication) -> None:
+        """The pair's desired state changed while it runs; a raised generation asks for a new
+        initial sync (full or delta, per `sync_mode`) after everything captured so far."""
+        with self._lock:
+            self.spec = spec
+            if spec.generation > self._generation:
+                self._generation = spec.generation
+                self._start_sync(SyncKind.FULL if spec.sync_mode == SyncMode.FULL else SyncKind.DELTA)
+
     def request_resync(self, ranges: list[tuple[int, int]]) -> None:
         """Compare these ranges with the target and send what differs (after an unclean stop).
 

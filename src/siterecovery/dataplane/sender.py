@@ -278,13 +278,15 @@ class PairSender:
             elif plan.kind == SyncKind.DELTA:
                 stream = BlockStream(pair.image, pair.size, COARSE, FINE, first=start // COARSE)
                 queries = _DigestQueries(self, batched)
-                chunks = delta(fd, stream, queries.ask, queries.answer, plan, start, view, progress)
+                chunks = delta(
+                    fd, stream, queries.ask, queries.answer, plan, start, view, progress, queries.hint
+                )
             elif plan.kind == SyncKind.INTENT:
                 blocks = pair.intent_bitmap().indexes()  # coarse blocks: the bitmap's granularity
                 queries = _DigestQueries(self, batched)
                 hasher = BlockHasher(pair.image, pair.size, COARSE, FINE)
                 chunks = delta_blocks(
-                    fd, hasher, blocks, queries.ask, queries.answer, plan, start, view, progress
+                    fd, hasher, blocks, queries.ask, queries.answer, plan, start, view, progress, queries.hint
                 )
             else:
                 chunks = dirty_blocks(fd, pair.sync_bitmap(), plan, start, view, progress)
@@ -375,6 +377,11 @@ class _DigestQueries:
         self._asked[rid] = req
         self._send(rid, req)
         return rid
+
+    def hint(self, ranges: list[tuple[int, int]]) -> None:
+        """Tell the master target the ranges about to be sent (it reads what they replace ahead)."""
+        flat = [n for offset, stop in ranges for n in (offset, stop - offset)]
+        self._send(0, ResyncRequest(coarse=COARSE, fine=FINE, prefetch=flat))
 
     def answer(self, rid: int) -> bytes:
         self._batched.flush()  # the master target applies what we sent while we wait

@@ -34,6 +34,9 @@ from siterecovery.dataplane.replica import SyncPlan
 REGION = 16
 DEPTH = 8
 
+# Told the ranges [offset, stop) of a region just before they are read and sent.
+Hint = Callable[[list[tuple[int, int]]], None]
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -95,13 +98,15 @@ def delta(
     start: int,
     view: memoryview,
     progress: Progress,
+    hint: Hint | None = None,
 ) -> Iterator[Chunk]:
     """Only the fine blocks whose digests differ from the target's, coalesced into runs.
 
     `stream` hashes this side from `start`'s coarse block on. Region by region, `ask` sends our
     coarse digests and returns a ticket; `answer(ticket)` waits for the target's reply (see
     `blocks.answer_for`). Up to `DEPTH` regions are asked ahead, so both ends keep reading while
-    the differing blocks of earlier regions are compared and sent.
+    the differing blocks of earlier regions are compared and sent. `hint` is told each region's
+    ranges before they are sent (the master target reads what they replace ahead, `prefetch`).
     """
     size = stream.size
     coarse, fine = stream.coarse, stream.fine
@@ -117,24 +122,24 @@ def delta(
             continue
         blocks, local, ticket = pending.popleft()
         remote = answer(ticket)
-        yield from _differing(fd, view, plan, size, coarse, fine, blocks, local, remote)
+        ranges = _differing(size, coarse, fine, blocks, local, remote)
+        yield from _read_ranges(fd, view, plan, ranges, hint)
         progress.done = min((blocks[-1] + 1) * coarse, size)
     progress.done = size
 
 
 def _differing(
-    fd: int,
-    view: memoryview,
-    plan: SyncPlan,
     size: int,
     coarse: int,
     fine: int,
     blocks: list[int],
     local: list[tuple[bytes, bytes]],
     remote: bytes,
-) -> Iterator[Chunk]:
-    """The chunks of `blocks` where our digests (`local`) and the target's answer (`remote`) differ."""
+) -> list[tuple[int, int]]:
+    """The ranges [offset, stop) of `blocks` where our digests (`local`) and the target's answer
+    (`remote`) differ."""
     fine_bytes = coarse // fine * DIGEST_SIZE
+    out: list[tuple[int, int]] = []
     at = 0
     for idx, (ours, fines) in zip(blocks, local, strict=True):
         theirs = remote[at : at + DIGEST_SIZE]
@@ -148,9 +153,19 @@ def _differing(
             for first, end in differing_runs(fines, their_fines):
                 offset, stop = base + first * fine, min(base + end * fine, size)
                 if stop > offset:
-                    yield _read_chunk(fd, view, plan, offset, stop - offset)
+                    out.append((offset, stop))
     if at != len(remote):
         raise ProtocolError(f"digest answer of {len(remote)} bytes, expected {at}")
+    return out
+
+
+def _read_ranges(
+    fd: int, view: memoryview, plan: SyncPlan, ranges: list[tuple[int, int]], hint: Hint | None
+) -> Iterator[Chunk]:
+    if hint is not None and ranges:
+        hint(ranges)
+    for offset, stop in ranges:
+        yield _read_chunk(fd, view, plan, offset, stop - offset)
 
 
 def delta_blocks(
@@ -163,6 +178,7 @@ def delta_blocks(
     start: int,
     view: memoryview,
     progress: Progress,
+    hint: Hint | None = None,
 ) -> Iterator[Chunk]:
     """`delta` restricted to some coarse blocks (ascending): those an unclean stop left marked.
 
@@ -186,7 +202,8 @@ def delta_blocks(
             continue
         group, local, ticket = pending.popleft()
         remote = answer(ticket)
-        yield from _differing(fd, view, plan, hasher.size, coarse, fine, group, local, remote)
+        ranges = _differing(hasher.size, coarse, fine, group, local, remote)
+        yield from _read_ranges(fd, view, plan, ranges, hint)
         progress.done += len(group) * coarse
     progress.done = progress.total
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from siterecovery.dr import rules
 from siterecovery.errors import Problem
-from siterecovery.fabrics.azure_arm import AzureCapacity
+from siterecovery.fabrics.azure_arm import ArmConnection, AzureCapacity
 from siterecovery.fabrics.base import Machine
 
 MiB = 1 << 20
@@ -25,8 +25,11 @@ SAS_MIN, SAS_MAX = 30, 60 * 24 * 3600  # what ARM's grant_access accepts for a d
 
 # Checked at enable (the duration) and before a reprotect or failback from Azure (both).
 AZURE_FAILBACK_RULES: tuple[rules.Rule, ...] = (rules.AZURE_SAS_DURATION, rules.AZURE_SAS_ACTIVE)
+# Checked before a reprotect from Azure through an agent in the recovery VM (`--agent`) only.
+AZURE_AGENT_RULES: tuple[rules.Rule, ...] = (rules.AZURE_ONPREM_ROUTE,)
 
 AZURE_FAILOVER_RULES: tuple[rules.Rule, ...] = (
+    rules.AZURE_REGION,
     rules.AZURE_VM_SIZE,
     rules.AZURE_DISK_COUNT,
     rules.AZURE_DISK_ALIGNMENT,
@@ -38,7 +41,15 @@ def check_azure_failover(capacity: AzureCapacity, machines: Sequence[Machine], v
     """Every failing rule for failing `machines` over as VMs of `vm_size`; empty when none fails."""
     problems: list[Problem] = []
     size = next((s for s in capacity.sizes if s.name.lower() == vm_size.lower()), None)
-    if size is None:
+    if not capacity.sizes:  # no VM can go there at all: the region, not the size, is wrong
+        problems.append(
+            rules.AZURE_REGION.problem(
+                f"The subscription can create no VMs in region {capacity.location!r} (ARM lists no VM "
+                "sizes there).",
+                location=capacity.location,
+            )
+        )
+    elif size is None:
         problems.append(
             rules.AZURE_VM_SIZE.problem(
                 f"Region {capacity.location} does not offer VM size {vm_size}.", location=capacity.location
@@ -99,3 +110,20 @@ def check_sas(seconds: int, active: Sequence[str] = ()) -> list[Problem]:
             )
         )
     return problems
+
+
+def check_onprem_route(connections: Sequence[ArmConnection], subnet_id: str) -> list[Problem]:
+    """AZ-VPN: the recovery subnet's virtual network has a Connected gateway connection."""
+    vnet = subnet_id.split("/subnets/")[0]
+    mine = [c for c in connections if c.vnet_id.lower() == vnet.lower()]
+    if any(c.status == "Connected" for c in mine):
+        return []
+    seen = ", ".join(f"{c.name} {c.status}" for c in mine) or "none"
+    name = vnet.rstrip("/").rsplit("/", 1)[-1] or "(no recovery network)"
+    return [
+        rules.AZURE_ONPREM_ROUTE.problem(
+            f"The recovery network {name} has no Connected site-to-site connection to the on-premises "
+            f"site (connections: {seen}).",
+            network=name,
+        )
+    ]

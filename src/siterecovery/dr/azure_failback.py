@@ -8,8 +8,10 @@ disks were last made equal to (`ItemRecord.azure_base`): at the first sync, the 
 snapshot taken before the VM first booted when the failover was planned (the source's disks then
 held exactly the replica), else nothing is assumed and each disk is compared with the on-premises
 disk itself. Each sync takes a new snapshot (`<vm>-failback-sync-<id>`), sends what changed, then
-makes it the base and deletes the older sync snapshots, so a sync interrupted half-way is simply
-run again against the old base. Protected in the failback direction, the item syncs when asked
+makes it the base and deletes the older sync snapshots. A sync interrupted half-way (the
+configuration server killed: the job resumes, or is run again) first completes the snapshot it was
+writing, recorded before the first byte (`ItemRecord.azure_pending`), against the old base, then
+syncs as usual. Protected in the failback direction, the item syncs when asked
 (reprotect, and failback's last sync after the VM is deallocated): the RPO is the time since the
 last sync, not continuous replication.
 
@@ -21,24 +23,32 @@ replica page blobs become the target again, filled by a full synchronisation.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobClient
 
-from siterecovery.dataplane.changed_ranges import ContentCompare, copy_changes
+from siterecovery.dataplane.changed_ranges import ContentCompare, DiffMethod, copy_changes
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.dr import items as repo
-from siterecovery.dr.azure_checks import check_sas
+from siterecovery.dr.azure_checks import check_onprem_route, check_sas
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.fabrics.azure import FAILOVER_BASE, AzureFabric
+from siterecovery.fabrics.azure_diff import DiffChoice, ManagedDiskDiff
+from siterecovery.store.context import current
+from siterecovery.store.events import record_event
 from siterecovery.store.jobs import TaskContext, TaskSpec, task_handler
 from siterecovery.store.record import ItemRecord, Site, StepMetric
-from siterecovery.store.states import Direction
+from siterecovery.store.states import Direction, Severity
 
 SYNC = "failback-sync"
+# Tests only: "POINT:FLAG" kills the configuration server with SIGKILL at POINT while FLAG exists.
+FAULT_KILL_AT = "SITERECOVERY_FAULT_KILL_AT"
 
 
 def _fabric(rec: ItemRecord) -> AzureFabric:
@@ -57,7 +67,11 @@ def azure_way_back_problems(item: repo.ItemSnapshot) -> list[Problem]:
     rec = item.record
     fabric = _fabric(rec)
     vm = fabric.discover().machine(rec.cloud_machine)
-    problems = check_sas(fabric.read_seconds, fabric.active_reads(vm.name) if vm is not None else ())
+    # The item's own sync snapshots may keep a read access a killed sync left open: the sync ends
+    # it before reading, so only other exports (and the VM's disks) count (AZ-SAS-ACTIVE).
+    ours = (f"{rec.cloud_machine}-{SYNC}-", f"{rec.cloud_machine}-{FAILOVER_BASE}-")
+    active = [n for n in fabric.active_reads(vm.name) if not n.startswith(ours)] if vm is not None else []
+    problems = check_sas(fabric.read_seconds, active)
     if vm is None:
         problems.append(
             _problem(
@@ -98,6 +112,24 @@ def azure_way_back_problems(item: repo.ItemSnapshot) -> list[Problem]:
     return problems
 
 
+def azure_agent_problems(item: repo.ItemSnapshot) -> list[Problem]:
+    """A reprotect through an agent in the recovery VM (the seed's agent-based failback): its
+    agent, process server and master target talk to the on-premises site, so the recovery network
+    must route there (AZ-VPN, RP-REACH); the agentless way reads over SAS and needs no route. The
+    agent-based data path from Azure is not built, so it is refused even when the route exists."""
+    fabric = _fabric(item.record)
+    problems = check_onprem_route(fabric.arm.gateway_connections(), fabric.subnet_id)
+    problems.append(
+        _problem(
+            "azure-agent-failback-unsupported",
+            "Reprotect from Azure through an agent in the recovery VM is not available: the agentless "
+            "reprotect moves the data (incremental snapshots read over SAS).",
+            "Reprotect without `agent` (agentless).",
+        )
+    )
+    return problems
+
+
 # ---- task lists ---------------------------------------------------------------------------------
 
 
@@ -115,9 +147,7 @@ def azure_reprotect_tasks(item: repo.ItemSnapshot, policy_id: str) -> list[TaskS
             "azure-sync",
             {**base, "step": "reprotect cloud → on-premises (agentless)"},
         ),
-        TaskSpec(
-            "Protect", "mark-protected", {**base, "direction": Direction.FAILBACK.value, "policy": policy_id}
-        ),
+        TaskSpec("Protect", "mark-protected", {**base, "direction": Direction.FAILBACK, "policy": policy_id}),
     ]
 
 
@@ -145,7 +175,7 @@ def azure_failback_tasks(item: repo.ItemSnapshot, point: str, planned: bool) -> 
             {**base, "target_site": onprem, "step": "failback to on-premises"},
         ),
         TaskSpec("Network and guest checks", "post-failover-checks", {**base, "target_site": onprem}),
-        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": Direction.FAILBACK.value}),
+        TaskSpec("Failed over", "mark-failed-over", {**base, "direction": Direction.FAILBACK}),
         TaskSpec("Verify the recovered guest", "verify-recovery", {**base, "target_site": onprem}),
     ]
 
@@ -170,9 +200,75 @@ def _blob(url: str) -> BlobClient:
     return BlobClient.from_blob_url(url, api_version=STORAGE_API_VERSION)
 
 
+def fault_point(point: str) -> None:
+    """Tests only: kill -9 this process at `point` when FAULT_KILL_AT names it and its flag file
+    exists (removed first, so the restarted server runs on). Unset in production: a no-op."""
+    spec = os.environ.get(FAULT_KILL_AT, "")
+    name, _, flag = spec.partition(":")
+    if name != point or not flag:
+        return
+    try:
+        os.unlink(flag)
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Moved:
+    compared: int = 0
+    sent: int = 0
+    changed: int = 0
+
+
+def _sync_to(fabric: AzureFabric, rec: ItemRecord, snapshot: str, base: str, service: bool) -> _Moved:
+    """Write onto the on-premises disks what differs between `snapshot` and `base` (or, with no
+    base, the on-premises disks themselves). Idempotent: run again, it writes the same bytes."""
+    arm = fabric.arm
+    moved = _Moved()
+    positions = ["os", *(f"lun{i}" for i in range(len(rec.disks) - 1))]
+    for position, disk in zip(positions, rec.disks, strict=True):
+        new_name = f"{snapshot}-{position}"
+        old_name = f"{base}-{position}" if base else ""
+        for name in (new_name, old_name):  # a killed sync's read access is still open: ours, ended
+            if name:
+                arm.end_snapshot_read(name)
+        new = _blob(arm.snapshot_read_url(new_name, fabric.read_seconds))
+        try:
+            diff = ContentCompare()
+            if old_name:
+                old_url = arm.snapshot_read_url(old_name, fabric.read_seconds)
+                try:
+                    if service:  # the self-test found the service's diff exact (fabrics/azure_diff.py)
+                        changes = ManagedDiskDiff().compare(new, old_url, disk.size)
+                    else:
+                        changes = diff.compare(new, _blob(old_url), disk.size)
+                finally:
+                    arm.end_snapshot_read(old_name)
+            else:
+                changes = diff.compare_file(new, Path(disk.onprem_path), disk.size)
+            moved.sent += copy_changes(new, changes, Path(disk.onprem_path))
+            moved.compared += diff.bytes_read
+            moved.changed += sum(c.length for c in changes)
+        finally:
+            arm.end_snapshot_read(new_name)
+    return moved
+
+
+def _snapshot_exists(fabric: AzureFabric, snapshot: str) -> bool:
+    return any(s.name.startswith(f"{snapshot}-") for s in fabric.arm.list_snapshots())
+
+
 @task_handler("azure-sync")
 def azure_sync(ctx: TaskContext) -> dict[str, Any]:
-    """Make the on-premises disks equal to a new snapshot of the Azure VM's disks."""
+    """Make the on-premises disks equal to a new snapshot of the Azure VM's disks.
+
+    The sync's snapshot is recorded (`azure_pending`) before any byte is written. A sync that died
+    half-way (the configuration server killed, the job resumed or run again) first completes that
+    snapshot against the unchanged base: the on-premises disks may hold part of it, and only
+    finishing it makes them equal to a known snapshot again. Then it syncs as usual from there,
+    so what the VM wrote since (or a failback's deallocated VM) is what lands.
+    """
     item = repo.load(ctx.args["item"])
     rec = item.record
     fabric = _fabric(rec)
@@ -180,49 +276,62 @@ def azure_sync(ctx: TaskContext) -> dict[str, Any]:
     planned_failover = bool(rec.failover_point.get("planned")) and rec.active_site is Site.CLOUD
     base = rec.azure_base or (f"{vm}-{FAILOVER_BASE}" if planned_failover else "")
     started = time.monotonic()
+    choice, new_choice = fabric.diff_choice()
+    if new_choice:
+        _diff_event(fabric, choice)
+    service = choice.method is DiffMethod.SERVICE
+    moved = _Moved()
+    resumed = ""
+    if rec.azure_pending and _snapshot_exists(fabric, rec.azure_pending):
+        resumed = rec.azure_pending
+        first = _sync_to(fabric, rec, resumed, base, service)
+        moved = _Moved(first.compared, first.sent, first.changed)
+        base = resumed
+        _record(item.id, base=resumed, pending="")
     snapshot = fabric.create_snapshot(vm, f"{SYNC}-{uuid.uuid4().hex[:8]}").id
-    positions = ["os", *(f"lun{i}" for i in range(len(rec.disks) - 1))]
-    compared = sent = changed = 0
-    arm = fabric.arm
-    for position, disk in zip(positions, rec.disks, strict=True):
-        new_name = f"{snapshot}-{position}"
-        new = _blob(arm.snapshot_read_url(new_name, fabric.read_seconds))
-        try:
-            diff = ContentCompare()
-            if base:
-                old_name = f"{base}-{position}"
-                old = _blob(arm.snapshot_read_url(old_name, fabric.read_seconds))
-                try:
-                    changes = diff.compare(new, old, disk.size)
-                finally:
-                    arm.end_snapshot_read(old_name)
-            else:
-                changes = diff.compare_file(new, Path(disk.onprem_path), disk.size)
-            sent += copy_changes(new, changes, Path(disk.onprem_path))
-            compared += diff.bytes_read
-            changed += sum(c.length for c in changes)
-        finally:
-            arm.end_snapshot_read(new_name)
-
-    def change(_: Any, r: ItemRecord) -> None:
-        r.azure_base = snapshot
-        r.metrics.append(
-            StepMetric(
-                step=str(ctx.args.get("step", "agentless sync")),
-                seconds=round(time.monotonic() - started, 2),
-                bytes_changed=changed,
-                bytes_sent=sent,
-            )
-        )
-
-    repo.update(item.id, change)
+    _record(item.id, pending=snapshot)
+    last = _sync_to(fabric, rec, snapshot, base, service)
+    fault_point("azure-sync-written")  # written, the base not moved yet
+    moved.compared += last.compared
+    moved.sent += last.sent
+    moved.changed += last.changed
+    metric = StepMetric(
+        step=str(ctx.args.get("step", "agentless sync")),
+        seconds=round(time.monotonic() - started, 2),
+        bytes_changed=moved.changed,
+        bytes_sent=moved.sent,
+    )
+    _record(item.id, base=snapshot, pending="", metric=metric)
     for snap in {
-        s.name.rsplit("-", 1)[0] for s in arm.list_snapshots() if s.name.startswith(f"{vm}-{SYNC}-")
+        s.name.rsplit("-", 1)[0] for s in fabric.arm.list_snapshots() if s.name.startswith(f"{vm}-{SYNC}-")
     }:
         if snap != snapshot:  # older syncs (and an interrupted one's) are no base any more
             fabric.remove_snapshot(vm, snap)
-    return {"base": base or "on-premises disks", "snapshot": snapshot, "bytes_changed": changed,
-            "bytes_sent": sent, "bytes_compared": compared}  # fmt: skip
+    return {"base": base or "on-premises disks", "snapshot": snapshot, "resumed": resumed,
+            "bytes_changed": moved.changed, "bytes_sent": moved.sent,
+            "bytes_compared": moved.compared, "diff": choice.method.value,
+            "diff_reason": choice.reason}  # fmt: skip
+
+
+def _diff_event(fabric: AzureFabric, choice: DiffChoice) -> None:
+    with current().db.session() as s:
+        message = f"Fabric {fabric.name}: failback finds changed ranges by {choice.method.value}"
+        record_event(
+            s, Severity.INFO, "azure-diff-method", f"{message} ({choice.reason}).", "fabric", fabric.name
+        )
+
+
+def _record(item_id: str, *, base: str | None = None, pending: str | None = None,
+            metric: StepMetric | None = None) -> None:  # fmt: skip
+    def change(_: Any, r: ItemRecord) -> None:
+        if base is not None:
+            r.azure_base = base
+        if pending is not None:
+            r.azure_pending = pending
+        if metric is not None:
+            r.metrics.append(metric)
+
+    repo.update(item_id, change)
 
 
 @task_handler("azure-retire-recovery-vm")
@@ -236,8 +345,5 @@ def retire_recovery_vm(ctx: TaskContext) -> dict[str, Any]:
     fabric.remove_snapshot(vm, f"{vm}-{SYNC}")
     fabric.delete_machine(vm)
 
-    def change(_: Any, r: ItemRecord) -> None:
-        r.azure_base = ""
-
-    repo.update(item.id, change)
+    _record(item.id, base="", pending="")
     return {"deleted": vm}

@@ -42,7 +42,7 @@ def azure_replica_urls(cp: ControlPlane, row: FabricRow, item_name: str, labels:
 
 def azure_enable_problems(cp: ControlPlane, row: FabricRow, machine: Machine) -> list[Problem]:
     """Every Azure rule that would refuse this machine's failover; empty for other fabric kinds."""
-    if row.kind != FabricKind.AZURE.value:
+    if row.kind != FabricKind.AZURE:
         return []
     return _problems(_azure(cp, row), machine)
 
@@ -61,7 +61,7 @@ def _problems(fabric: AzureFabric, machine: Machine) -> list[Problem]:
 def is_azure(cp: ControlPlane, fabric_id: str) -> bool:
     with cp.db.session() as s:
         row = s.get(FabricRow, fabric_id)
-        return row is not None and row.kind == FabricKind.AZURE.value
+        return row is not None and row.kind == FabricKind.AZURE
 
 
 def ensure_azure_failover(fabric: Fabric, rec: ItemRecord) -> None:

@@ -48,7 +48,7 @@ def schedule_bookmarks(s: Session, now: float) -> list[str]:
         return asked
     for item in s.scalars(
         select(ReplicatedItem).where(
-            ReplicatedItem.state == ProtectionState.PROTECTED.value, ReplicatedItem.policy_id.in_(scheduled)
+            ReplicatedItem.state == ProtectionState.PROTECTED, ReplicatedItem.policy_id.in_(scheduled)
         )
     ):
         if item.group_id is not None and item.group_id in seen_groups:
@@ -60,7 +60,7 @@ def schedule_bookmarks(s: Session, now: float) -> list[str]:
         members = _members(s, item)
         if item.group_id is not None:
             seen_groups.add(item.group_id)
-            if any(m.state != ProtectionState.PROTECTED.value for m in members):
+            if any(m.state != ProtectionState.PROTECTED for m in members):
                 continue
         last = max(
             (b.requested_at for m in members for b in ItemRecord.model_validate(m.details).bookmarks),

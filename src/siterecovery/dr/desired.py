@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from siterecovery.dataplane.assignments import (
     AgentDesired,
@@ -44,16 +45,49 @@ def agent_name(site: str, machine: str) -> str:
     return f"{site}/{machine}"
 
 
+# Item id -> (details_rev, its parsed record): a heartbeat validates only the records that changed
+# since this process last parsed them (`details_rev` is bumped with every change of `details`,
+# `store.item_index`). Parsing was most of a master target's or process server's heartbeat
+# (one record per item it serves). Records are only read here, never changed.
+_RECORDS: dict[str, tuple[int, ItemRecord]] = {}
+_RECORDS_LOCK = threading.Lock()
+_RECORDS_MAX = 100_000  # items; beyond that the cache starts again (deleted items leave entries)
+
+
 def _own_items(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord]]:
     """The items the index lists for component `key`, with their records (in a stable order)."""
-    rows = s.scalars(
-        select(ReplicatedItem)
-        .join(ItemComponent, ItemComponent.item_id == ReplicatedItem.id)
-        .where(ItemComponent.component == key)
-        .order_by(ReplicatedItem.id)
+    rows = list(
+        s.scalars(
+            select(ReplicatedItem)
+            .options(load_only(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.policy_id))
+            .join(ItemComponent, ItemComponent.item_id == ReplicatedItem.id)
+            .where(ItemComponent.component == key)
+            .order_by(ReplicatedItem.id)
+        )
     )
+    with _RECORDS_LOCK:
+        found = {r.id: _RECORDS[r.id][1] for r in rows if _RECORDS.get(r.id, (None,))[0] == r.details_rev}
+    stale = [r.id for r in rows if r.id not in found]
+    if stale:
+        parsed: dict[str, tuple[int, ItemRecord]] = {
+            item_id: (rev, ItemRecord.model_validate(details))
+            for item_id, rev, details in cast(
+                Iterable[tuple[str, int, dict[str, Any]]],
+                s.execute(
+                    select(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.details).where(
+                        ReplicatedItem.id.in_(stale)
+                    )
+                ),
+            )
+        }
+        with _RECORDS_LOCK:
+            if len(_RECORDS) > _RECORDS_MAX:
+                _RECORDS.clear()
+            _RECORDS.update(parsed)
+        found.update({i: rec for i, (_, rec) in parsed.items()})
     for item in rows:
-        yield item, ItemRecord.model_validate(item.details)
+        if item.id in found:  # else deleted between the two reads
+            yield item, found[item.id]
 
 
 def _replicating(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
@@ -69,30 +103,63 @@ def _held_or_current(rec: ItemRecord) -> Replication | None:
     return rec.held.replication if rec.held is not None and rec.held.attached else None
 
 
-def _policy(s: Session, item: ReplicatedItem) -> Policy | None:
-    return s.get(Policy, item.policy_id)
+class _Lookups:
+    """Columns of other rows one desired state names, each read once per heartbeat.
 
+    Only the columns needed: loading a whole component row would decode its statistics JSON
+    (a master target's lists every recovery point of every pair), and the session's identity map
+    holds rows weakly, so a row dropped after one use would be read (and decoded) again for the
+    next pair. This was most of a process server's heartbeat (one row per pair it relays).
+    """
 
-def _address(s: Session, component_id: str) -> str:
-    row = s.get(Component, component_id)
-    return row.address if row is not None else ""
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self._addresses: dict[str, str] = {}
+        self._windows: dict[str | None, tuple[float, float] | None] = {}
 
+    def addresses(self, ids: Iterable[str]) -> None:
+        wanted = {i for i in ids if i not in self._addresses}
+        if wanted:
+            rows = self.s.execute(select(Component.id, Component.address).where(Component.id.in_(wanted)))
+            self._addresses.update({i: "" for i in wanted})
+            self._addresses.update({i: a for i, a in rows})
 
-def _agent_id(s: Session, name: str) -> str:
-    found = s.scalar(
-        select(Component.id).where(Component.kind == ComponentKind.AGENT.value, Component.name == name)
-    )
-    return found or ""
+    def address(self, component_id: str) -> str:
+        self.addresses([component_id])
+        return self._addresses[component_id]
+
+    def policy(self, policy_id: str | None) -> tuple[float, float] | None:
+        """(crash point interval, retention seconds) of a policy, None when there is none."""
+        if policy_id not in self._windows:
+            row = self.s.execute(
+                select(Policy.crash_consistent_frequency_seconds, Policy.retention_seconds).where(
+                    Policy.id == policy_id
+                )
+            ).first()
+            self._windows[policy_id] = None if row is None else (float(row[0]), float(row[1]))
+        return self._windows[policy_id]
+
+    def agent_ids(self, names: Iterable[str]) -> dict[str, str]:
+        wanted = set(names)
+        if not wanted:
+            return {}
+        rows = self.s.execute(
+            select(Component.name, Component.id).where(
+                Component.kind == ComponentKind.AGENT, Component.name.in_(wanted)
+            )
+        )
+        return {n: i for n, i in rows}
 
 
 def agent_desired(s: Session, agent: Component) -> AgentDesired:
     replications = []
     bookmarks: list[BookmarkRequest] = []
     crash_interval = DEFAULT_CRASH_INTERVAL
+    look = _Lookups(s)
     for item, rec, rep in _replicating(s, agent_key(agent.name)):
         if agent_name(rep.source_site.value, rep.source_machine) != agent.name:
             continue
-        ps, mt = _address(s, rep.process_server), _address(s, rep.master_target)
+        ps, mt = look.address(rep.process_server), look.address(rep.master_target)
         replications += [
             DiskReplication(
                 pair_id=p.pair_id,
@@ -107,9 +174,9 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
             for p in rep.pairs
         ]
         bookmarks += [BookmarkRequest(tag=b.tag, kind=b.kind, freeze=b.freeze) for b in rec.bookmarks]
-        policy = _policy(s, item)
+        policy = look.policy(item.policy_id)
         if policy is not None:
-            crash_interval = min(crash_interval, float(policy.crash_consistent_frequency_seconds))
+            crash_interval = min(crash_interval, policy[0])
     return AgentDesired(
         replications=replications,
         bookmarks=bookmarks,
@@ -124,6 +191,7 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
     retention = ""
     window = 0.0
     discard: list[str] = []
+    look = _Lookups(s)
     for item, rec in _own_items(s, mt.id):
         discard += [e.pair_id for e in rec.ended_pairs if e.master_target == mt.id]
         rep = _held_or_current(rec)
@@ -148,10 +216,8 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
                 )
                 for c in rec.test.copies
             ]
-        policy = _policy(s, item)
-        window = max(
-            window, float(policy.retention_seconds) if policy is not None else DEFAULT_RETENTION_SECONDS
-        )
+        policy = look.policy(item.policy_id)
+        window = max(window, policy[1] if policy is not None else DEFAULT_RETENTION_SECONDS)
     return MasterTargetDesired(
         disks=disks,
         retention_volume=Path(retention) if retention else None,
@@ -164,20 +230,26 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
 
 
 def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
-    discard = [
-        e.pair_id for _, rec in _own_items(s, ps.id) for e in rec.ended_pairs if e.process_server == ps.id
+    own = list(_own_items(s, ps.id))
+    discard = [e.pair_id for _, rec in own for e in rec.ended_pairs if e.process_server == ps.id]
+    relayed = [
+        rec.replication
+        for _, rec in own
+        if rec.replication is not None and rec.replication.process_server == ps.id
     ]
     # The pairs it relays: each only from the agent of its source, only to its master target.
+    look = _Lookups(s)
+    agents = look.agent_ids(agent_name(rep.source_site.value, rep.source_machine) for rep in relayed)
+    look.addresses(rep.master_target for rep in relayed)
     pairs = [
         RelayAssignment(
             pair_id=p.pair_id,
-            agent=_agent_id(s, agent_name(rep.source_site.value, rep.source_machine)),
-            master_target=_address(s, rep.master_target),
+            agent=agents.get(agent_name(rep.source_site.value, rep.source_machine), ""),
+            master_target=look.address(rep.master_target),
             master_target_id=rep.master_target,
             size=p.size,
         )
-        for _item, _rec, rep in _replicating(s, ps.id)
-        if rep.process_server == ps.id
+        for rep in relayed
         for p in rep.pairs
     ]
     return ProcessServerDesired(pairs=pairs, discard=discard, revoked=revoked_serials(s))
@@ -185,11 +257,11 @@ def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
 
 def desired_for(s: Session, component: Component) -> dict[str, Any]:
     """The JSON desired state a heartbeat returns to this component."""
-    if component.kind == ComponentKind.AGENT.value:
+    if component.kind == ComponentKind.AGENT:
         return agent_desired(s, component).model_dump(mode="json")
-    if component.kind == ComponentKind.MASTER_TARGET.value:
+    if component.kind == ComponentKind.MASTER_TARGET:
         return master_target_desired(s, component).model_dump(mode="json")
-    if component.kind == ComponentKind.PROCESS.value:
+    if component.kind == ComponentKind.PROCESS:
         return process_server_desired(s, component).model_dump(mode="json")
     return dict(component.desired)
 

@@ -26,9 +26,9 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
     # The vSphere, Azure and libvirt providers are loaded when a fabric of their kind is opened:
     # their SDKs are heavy (pyVmomi, the Azure SDK) or an extra (libvirt-python); not a cycle.
     conn = row.connection
-    if row.kind == FabricKind.LAB.value:
+    if row.kind == FabricKind.LAB:
         return LabFabric(Path(str(conn["path"])), str(conn.get("site") or row.site))
-    if row.kind == FabricKind.VSPHERE.value:
+    if row.kind == FabricKind.VSPHERE:
         from siterecovery.fabrics.vsphere import VSphereFabric
 
         return VSphereFabric(
@@ -40,11 +40,11 @@ def open_fabric(cp: ControlPlane, row: FabricRow) -> Fabric:
             conn.get("datacenter"),
             name=row.name,
         )
-    if row.kind == FabricKind.AZURE.value:
+    if row.kind == FabricKind.AZURE:
         from siterecovery.fabrics.azure_sdk import open_azure
 
         return open_azure(row.name, row.site, conn, cp.box.open(row.secret_encrypted))
-    if row.kind == FabricKind.LIBVIRT.value:
+    if row.kind == FabricKind.LIBVIRT:
         try:
             # The libvirt fabric with the lab's VM guest as its oracle (a layer above fabrics).
             from siterecovery.lab.libvirt_oracle import LibvirtGuestFabric

@@ -13,6 +13,8 @@ configuration server does not repeat one.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,16 +28,16 @@ ALERT = "frame-refused"
 UNUSABLE = "recovery-points-unusable"
 
 
-def _message(item: ReplicatedItem, disk: str, e: RefusedFrame) -> str:
+def _message(item_name: str, disk: str, e: RefusedFrame) -> str:
     if e.resync:
         return (
-            f"Item {item.name}, disk {disk} (pair {e.pair_id}): frames after sequence {e.seq - 1} were "
+            f"Item {item_name}, disk {disk} (pair {e.pair_id}): frames after sequence {e.seq - 1} were "
             f"lost to a damaged frame header at hop {e.hop.value}; the whole disk is compared with "
             "the replica (delta resync) and recovery points in between are unusable."
         )
     where = f" (range {e.offset}+{e.length})" if e.length else ""
     return (
-        f"Item {item.name}, disk {disk} (pair {e.pair_id}): frame sequence {e.seq}{where} was refused "
+        f"Item {item_name}, disk {disk} (pair {e.pair_id}): frame sequence {e.seq}{where} was refused "
         f"for its checksum at hop {e.hop.value}; it is resent, or read again from the source disk."
     )
 
@@ -46,31 +48,38 @@ def check_refused_frames(s: Session, item: ReplicatedItem) -> Health:
     if rep is None:
         return Health.NORMAL
     ps = s.get(Component, rep.process_server)
-    raw = (ps.stats or {}).get("refused_frames", []) if ps is not None else []
     disks = {p.pair_id: p.disk for p in rep.pairs}
+    return alert_refused_frames(s, item.id, item.name, disks, (ps.stats or {}) if ps is not None else {})
+
+
+def alert_refused_frames(
+    s: Session, item_id: str, item_name: str, disks: dict[str, str], ps_stats: dict[str, Any]
+) -> Health:
+    """The item's frame-refused alerts from its process server's report (events read per refusal)."""
+    raw = ps_stats.get("refused_frames", [])
     health = Health.NORMAL
     for entry in raw or []:
         if not isinstance(entry, dict) or entry.get("pair_id") not in disks:
             continue
         e = RefusedFrame.model_validate(entry)
-        message = _message(item, disks[e.pair_id], e)
+        message = _message(item_name, disks[e.pair_id], e)
         existing = s.scalar(
             select(Event).where(
                 Event.alert.is_(True),
                 Event.code == ALERT,
                 Event.object_type == "replicatedItem",
-                Event.object_id == item.id,
+                Event.object_id == item_id,
                 Event.message == message,
             )
         )
         if existing is None:
             s.add(
                 Event(
-                    severity=Severity.CRITICAL.value,
+                    severity=Severity.CRITICAL,
                     code=ALERT,
                     message=message,
                     object_type="replicatedItem",
-                    object_id=item.id,
+                    object_id=item_id,
                     alert=True,
                     active=not e.healed,
                     cleared_at=now() if e.healed else None,
@@ -92,22 +101,35 @@ def check_unusable_points(s: Session, item: ReplicatedItem) -> Health:
     if rep is None or mt is None:
         return Health.NORMAL
     disks = {p.pair_id: p.disk for p in rep.pairs}
+    return alert_unusable_points(s, item.id, item.name, disks, mt.stats or {})
+
+
+def alert_unusable_points(
+    s: Session,
+    item_id: str,
+    item_name: str,
+    disks: dict[str, str],
+    mt_stats: dict[str, Any],
+    active: bool = True,
+) -> Health:
+    """The unusable-points alert from the master target's report; `active` False: none is open."""
     bad: list[str] = []
-    for pair in (mt.stats or {}).get("pairs", []) or []:
+    for pair in mt_stats.get("pairs", []) or []:
         if not isinstance(pair, dict) or pair.get("pair_id") not in disks:
             continue
         reasons = [str(p.get("unusable")) for p in pair.get("points", []) or [] if p.get("unusable")]
         if reasons:
             bad.append(f"disk {disks[pair['pair_id']]}: {len(reasons)} ({reasons[-1]})")
     if not bad:
-        clear_alert(s, UNUSABLE, "replicatedItem", item.id)
+        if active:
+            clear_alert(s, UNUSABLE, "replicatedItem", item_id)
         return Health.NORMAL
     raise_alert(
         s,
         Severity.WARNING,
         UNUSABLE,
-        f"Item {item.name} has recovery points that cannot be restored: {'; '.join(bad)}.",
+        f"Item {item_name} has recovery points that cannot be restored: {'; '.join(bad)}.",
         "replicatedItem",
-        item.id,
+        item_id,
     )
     return Health.WARNING

@@ -36,8 +36,8 @@ def snapshot(item: ReplicatedItem) -> ItemSnapshot:
     return ItemSnapshot(
         item.id,
         item.name,
-        ProtectionState(item.state),
-        Direction(item.direction),
+        item.state,
+        item.direction,
         item.policy_id,
         item.group_id,
         ItemRecord.model_validate(item.details),
@@ -71,9 +71,9 @@ def set_state(
     item_id: str, state: ProtectionState, direction: Direction | None = None, policy_id: str | None = None
 ) -> ItemSnapshot:
     def change(item: ReplicatedItem, _: ItemRecord) -> None:
-        item.state = state.value
+        item.state = state
         if direction is not None:
-            item.direction = direction.value
+            item.direction = direction
         if policy_id is not None:
             item.policy_id = policy_id
 
@@ -123,9 +123,7 @@ def site_fabric(rec: ItemRecord, site: Site) -> Fabric:
 
 def component(s: Session, ident: str, kind: ComponentKind) -> Component | None:
     return s.scalar(
-        select(Component).where(
-            Component.kind == kind.value, (Component.id == ident) | (Component.name == ident)
-        )
+        select(Component).where(Component.kind == kind, (Component.id == ident) | (Component.name == ident))
     )
 
 

@@ -59,7 +59,7 @@ class _Capturable(Protocol):
 def is_libvirt(fabric_id: str) -> bool:
     with current().db.session() as s:
         row = s.get(FabricRow, fabric_id)
-        return row is not None and row.kind == FabricKind.LIBVIRT.value
+        return row is not None and row.kind == FabricKind.LIBVIRT
 
 
 def _machine_at(rec: ItemRecord, site: Site) -> str:
@@ -104,7 +104,7 @@ def _exports(stats: dict[str, Any]) -> list[DiskExport]:
 def enable_capture_problems(s: Session, source: FabricRow, machine: Machine) -> list[Problem]:
     """LV-CAPTURE at the enable request, when the agent has reported what it serves (the job's
     task judges again, after the agent's first report)."""
-    if source.kind != FabricKind.LIBVIRT.value:
+    if source.kind != FabricKind.LIBVIRT:
         return []
     agent = repo.component(s, agent_name(Site.ONPREM.value, machine.name), ComponentKind.AGENT)
     if agent is None or not agent.stats:
@@ -119,7 +119,7 @@ def reprotect_capture_problems(s: Session, item: repo.ItemSnapshot) -> list[Prob
     rec = item.record
     site = Site.CLOUD if item.direction is Direction.FORWARD else Site.ONPREM
     row = s.get(FabricRow, _fabric_at(rec, site))
-    if row is None or row.kind != FabricKind.LIBVIRT.value:
+    if row is None or row.kind != FabricKind.LIBVIRT:
         return []
     machine = _machine_at(rec, site)
     agent = repo.component(s, agent_name(site.value, machine), ComponentKind.AGENT)
@@ -161,11 +161,9 @@ def _reported_exports(site: Site, machine: str) -> list[DiskExport]:
             return _exports(stats)
         if time.monotonic() > deadline:
             raise SiteRecoveryError(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {machine} ({site.value}) has not registered or reported yet.",
                     f"Start the agent of {machine} on its host and wait for it to register, then retry.",
-                    rule="AG-1",
                 )
             )
         time.sleep(POLL_SECONDS)

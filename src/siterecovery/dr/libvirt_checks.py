@@ -68,7 +68,7 @@ def check_libvirt_site(
     try:
         inventory = fabric.discover()
     except FabricError as exc:
-        if exc.code != "libvirt-unreachable":
+        if exc.code != rules.LIBVIRT_REACH.code:
             raise
         rest = target.uri.split("://", 1)[-1]
         host = rest.split("/", 1)[0].rsplit("@", 1)[-1] or "this host"

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import select
@@ -24,8 +24,10 @@ from siterecovery.dr.bookmarks import schedule_bookmarks
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.guest import powered_on
-from siterecovery.dr.heal import check_refused_frames, check_unusable_points
-from siterecovery.dr.stall import check_stalls, worse
+from siterecovery.dr.heal import UNUSABLE as UNUSABLE_ALERT
+from siterecovery.dr.heal import alert_refused_frames, alert_unusable_points
+from siterecovery.dr.stall import ALERT as STALL_ALERT
+from siterecovery.dr.stall import alert_stalls, pair_stalls, worse
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.store.cluster import Cluster
 from siterecovery.store.context import ControlPlane
@@ -90,6 +92,9 @@ class _Watched:
     agent: str  # agent name
     master_target: str
     pairs: tuple[str, ...]
+    process_server: str = ""
+    disks: tuple[tuple[str, str], ...] = ()  # pair -> disk label
+    held: bool = False  # held at a chosen point for a failover: nothing is applied, no stall
 
 
 @dataclass
@@ -99,7 +104,13 @@ class PassInputs:
     items: list[_Watched]
     agents: dict[str, tuple[float | None, dict[str, int]]]  # name -> last heartbeat, captured seq by pair
     applied: dict[str, dict[str, tuple[int, float | None]]]  # mt id -> pair -> applied seq, its time
-    alerts: dict[str, str]  # item id -> severity of its active RPO alert
+    alerts: dict[str, Severity]  # item id -> severity of its active RPO alert
+    # The data-plane checks' inputs (`dr.stall`, `dr.heal`), read in the same transaction: each
+    # component's report decoded once per pass, not once per item (a master target's lists every
+    # point of every pair), and which items have a stall or unusable-points alert open to clear.
+    agent_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # by agent name
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # master targets, process servers
+    open_alerts: set[tuple[str, str]] = field(default_factory=set)  # (code, item id)
 
 
 def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -115,6 +126,9 @@ class _Route:
     agent: str
     master_target: str
     pairs: tuple[str, ...]
+    process_server: str
+    disks: tuple[tuple[str, str], ...]
+    held: bool
 
 
 # Per database, item id -> (details_rev, its route or None when not replicating): a pass reloads
@@ -145,6 +159,9 @@ def _routes(s: Session, revs: dict[str, int]) -> dict[str, _Route | None]:
                         agent_name(rep.source_site.value, rep.source_machine),
                         rep.master_target,
                         tuple(p.pair_id for p in rep.pairs),
+                        rep.process_server,
+                        tuple((p.pair_id, p.disk) for p in rep.pairs),
+                        bool(rep.points),
                     )
                 known[item_id] = (revs[item_id], route)
         cache.clear()
@@ -164,7 +181,7 @@ def read_inputs(s: Session) -> PassInputs:
                 ReplicatedItem.health,
                 ReplicatedItem.rpo_seconds,
                 ReplicatedItem.details_rev,
-            ).where(ReplicatedItem.state == ProtectionState.PROTECTED.value)
+            ).where(ReplicatedItem.state == ProtectionState.PROTECTED)
         )
     )
     routes = _routes(s, {row.id: row.details_rev for row in rows})
@@ -184,25 +201,37 @@ def read_inputs(s: Session) -> PassInputs:
                 route.agent,
                 route.master_target,
                 route.pairs,
+                route.process_server,
+                route.disks,
+                route.held,
             )
         )
     agents: dict[str, tuple[float | None, dict[str, int]]] = {}
+    agent_stats: dict[str, dict[str, Any]] = {}
     for name, beat, stats in cast(
         Iterable[tuple[str, float | None, dict[str, Any] | None]],
         s.execute(
             select(Component.name, Component.last_heartbeat, Component.stats).where(
-                Component.kind == ComponentKind.AGENT.value
+                Component.kind == ComponentKind.AGENT
             )
         ),
     ):
         agents[name] = (beat, {str(p.get("pair_id")): int(p.get("captured_seq", -1)) for p in _pairs(stats)})
+        agent_stats[name] = stats or {}
     applied: dict[str, dict[str, tuple[int, float | None]]] = {}
-    for mt_id, stats in cast(
-        Iterable[tuple[str, dict[str, Any] | None]],
+    by_id: dict[str, dict[str, Any]] = {}
+    for comp_id, kind, stats in cast(
+        Iterable[tuple[str, ComponentKind, dict[str, Any] | None]],
         s.execute(
-            select(Component.id, Component.stats).where(Component.kind == ComponentKind.MASTER_TARGET.value)
+            select(Component.id, Component.kind, Component.stats).where(
+                Component.kind.in_([ComponentKind.MASTER_TARGET, ComponentKind.PROCESS])
+            )
         ),
     ):
+        by_id[comp_id] = stats or {}
+        if kind != ComponentKind.MASTER_TARGET:
+            continue
+        mt_id = comp_id
         applied[mt_id] = {
             str(p.get("pair_id")): (int(p.get("applied_seq", -1)), p.get("last_applied_time"))
             for p in _pairs(stats)
@@ -218,7 +247,18 @@ def read_inputs(s: Session) -> PassInputs:
             )
         )
     }
-    return PassInputs(items, agents, applied, alerts)
+    open_alerts = {
+        (code, object_id)
+        for code, object_id in s.execute(
+            select(Event.code, Event.object_id).where(
+                Event.object_type == "replicatedItem",
+                Event.code.in_([STALL_ALERT, UNUSABLE_ALERT]),
+                Event.alert.is_(True),
+                Event.active.is_(True),
+            )
+        )
+    }
+    return PassInputs(items, agents, applied, alerts, agent_stats, by_id, open_alerts)
 
 
 def item_rpo(
@@ -271,7 +311,7 @@ def _write(
                     select(ReplicatedItem).where(
                         ReplicatedItem.id.in_([item.id for item, _, _ in batch]),
                         # An item a workflow took out of protection since the read is left alone.
-                        ReplicatedItem.state == ProtectionState.PROTECTED.value,
+                        ReplicatedItem.state == ProtectionState.PROTECTED,
                     )
                 )
             }
@@ -279,9 +319,7 @@ def _write(
                 row = rows.get(item.id)
                 if row is None:
                     continue
-                health = worse(rpo_health, check_stalls(s, row, now))  # a pair applying nothing
-                health = worse(health, check_refused_frames(s, row))  # damaged frames healing
-                health = worse(health, check_unusable_points(s, row))
+                health = worse(rpo_health, _data_plane_health(s, item, inputs, now))
                 # RPO is shown to the second: an unchanged item is not rewritten every pass.
                 if (
                     row.rpo_seconds is None
@@ -289,15 +327,15 @@ def _write(
                     or row.health != health
                 ):
                     row.rpo_seconds = round(rpo.seconds, 2)
-                if row.health != health.value:
-                    row.health = health.value
+                if row.health != health:
+                    row.health = health
                 alert = inputs.alerts.get(item.id)
                 if rpo_health is Health.NORMAL:
                     if alert is not None:
                         clear_alert(s, RPO_ALERT, "replicatedItem", item.id)
                     continue
                 severity = Severity.CRITICAL if rpo_health is Health.CRITICAL else Severity.WARNING
-                if alert != severity.value:
+                if alert != severity:
                     raise_alert(
                         s,
                         severity,
@@ -307,6 +345,18 @@ def _write(
                         "replicatedItem",
                         item.id,
                     )
+
+
+def _data_plane_health(s: Session, item: _Watched, inputs: PassInputs, now: float) -> Health:
+    """A pair applying nothing, damaged frames healing, unusable points: from the pass's read."""
+    mt = inputs.stats.get(item.master_target, {})
+    stalls = [] if item.held else pair_stalls(item.pairs, inputs.agent_stats.get(item.agent, {}), mt, now)
+    health = alert_stalls(s, item.id, item.name, stalls, (STALL_ALERT, item.id) in inputs.open_alerts)
+    disks = dict(item.disks)
+    ps = inputs.stats.get(item.process_server, {})
+    health = worse(health, alert_refused_frames(s, item.id, item.name, disks, ps))
+    unusable_open = (UNUSABLE_ALERT, item.id) in inputs.open_alerts
+    return worse(health, alert_unusable_points(s, item.id, item.name, disks, mt, unusable_open))
 
 
 def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:
@@ -335,8 +385,8 @@ def _watch_powered_on_targets(cp: ControlPlane, s: Session) -> None:
     """RPW-5: an on-premises machine written by a master target must stay off; alert if it runs."""
     for item in s.scalars(
         select(ReplicatedItem).where(
-            ReplicatedItem.direction == Direction.FAILBACK.value,
-            ReplicatedItem.state == ProtectionState.PROTECTED.value,
+            ReplicatedItem.direction == Direction.FAILBACK,
+            ReplicatedItem.state == ProtectionState.PROTECTED,
         )
     ):
         rec = ItemRecord.model_validate(item.details)
@@ -376,7 +426,10 @@ class Monitor:
 
     def _run(self) -> None:
         passes = 0
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        # A pass that takes long (thousands of items on a busy machine) is followed by a rest of
+        # twice its length: the monitor never takes more than a third of a core from heartbeats.
+        while not self._stop.wait(wait):
             cluster = self.cluster
             if cluster is not None and not cluster.is_leader():
                 continue
@@ -390,8 +443,10 @@ class Monitor:
             except Exception:  # the monitor must outlive a bad pass (e.g. a fabric that is down)
                 log.exception("monitor pass failed")
             passes += 1
+            took = time.monotonic() - started
+            wait = max(self.interval, 2 * took)
             if cluster is not None:
-                cluster.passed(time.monotonic() - started)
+                cluster.passed(took)
 
 
 def refresh_fabrics(cp: ControlPlane) -> None:

@@ -74,9 +74,7 @@ def enable_tasks(
             },
         ),
         TaskSpec("Initial replication", "replication-sync", {**base, "step": "enable: initial replication"}),
-        TaskSpec(
-            "Protect", "mark-protected", {**base, "direction": Direction.FORWARD.value, "policy": policy_id}
-        ),
+        TaskSpec("Protect", "mark-protected", {**base, "direction": Direction.FORWARD, "policy": policy_id}),
     ]
 
 

@@ -22,10 +22,10 @@ def replica_paths(cloud_fabric_id: str, item_name: str, labels: list[str], pool:
         row = s.get(FabricRow, cloud_fabric_id)
         if row is None:
             raise not_found("fabric", cloud_fabric_id)
-        if row.kind == FabricKind.LIBVIRT.value:
+        if row.kind == FabricKind.LIBVIRT:
             folder = libvirt_replica_dir(row, pool)
             return {label: str(folder / f"{item_name}_{label}.img") for label in labels}
-        if row.kind == FabricKind.AZURE.value:
+        if row.kind == FabricKind.AZURE:
             return azure_replica_urls(current(), row, item_name, labels)
     folder = replica_dir(cloud_fabric_id, item_name)
     return {label: str(folder / f"{label}.img") for label in labels}
@@ -37,7 +37,7 @@ def replica_dir(cloud_fabric_id: str, item_name: str) -> Path:
         row = s.get(FabricRow, cloud_fabric_id)
         if row is None:
             raise not_found("fabric", cloud_fabric_id)
-        if row.kind != FabricKind.LAB.value:
+        if row.kind != FabricKind.LAB:
             raise SiteRecoveryError(
                 Problem(
                     "target-fabric-unsupported",

@@ -63,7 +63,7 @@ def libvirt_replica_dir(row: FabricRow, pool: str) -> Path:
 def recorded_xml(row: FabricRow, machine: str) -> str:
     """The protected domain's persistent XML, kept in the item's record when it is a libvirt domain
     (failover defines the recovery domain from it; a deleted domain is recreated from it)."""
-    if row.kind != FabricKind.LIBVIRT.value:
+    if row.kind != FabricKind.LIBVIRT:
         return ""
     fabric = open_fabric(current(), row)
     try:
@@ -159,7 +159,7 @@ def libvirt_reprotect_problems(s: Session, item: repo.ItemSnapshot, args: dict[s
     rec = item.record
     # The alternate site a reprotect names (RP-VCENTER, a fabric's name or id), else the item's own.
     row = by_id_or_name(s, FabricRow, str(args.get("vcenter") or "") or rec.onprem_fabric)
-    if row is None or row.kind != FabricKind.LIBVIRT.value:
+    if row is None or row.kind != FabricKind.LIBVIRT:
         return []
     mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
     fabric = repo.site_fabric(rec.model_copy(update={"onprem_fabric": row.id}), Site.ONPREM)

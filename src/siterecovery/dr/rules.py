@@ -34,6 +34,11 @@ class Rule:
             detail=dict(fields),
         )
 
+    def refusal(self, message: str, remediation: str) -> Problem:
+        """A problem with this rule's code and ID, and a remediation that fits where it is found
+        rather than the registry's template (at enable, before any pair exists; at a task)."""
+        return Problem(code=self.code, message=message, remediation=remediation, rule=self.id)
+
 
 CS_UNKNOWN_MACHINE = Rule(
     "CS-1",
@@ -271,6 +276,23 @@ AZURE_CORE_QUOTA = Rule(
     "(Failover to Azure) the subscription's core quota in the region leaves room for the failed-over VMs.",
     "Ask for a core quota of at least {needed} in {location}, or fail over fewer machines at once.",
 )
+AZURE_REGION = Rule(
+    "AZ-REGION",
+    "azure-region-unavailable",
+    "(Failover to Azure) the fabric's location is a region where the subscription can create VMs "
+    "(ARM lists VM sizes there; an unknown region, or one not enabled for the subscription, lists none).",
+    "Add the Azure fabric again with a --location the subscription can use (`az account list-locations`); "
+    "{location} is not one.",
+)
+AZURE_ONPREM_ROUTE = Rule(
+    "AZ-VPN",
+    "azure-onprem-unreachable",
+    "(Agent-based failback from Azure; RP-REACH) the recovery network routes to the on-premises site: "
+    "its virtual network's gateway has a site-to-site connection in state Connected (the seed's VPN). "
+    "Agentless failback reads the disks over SAS and does not need it.",
+    "Connect the gateway of {network} to the on-premises VPN device (a Connected site-to-site "
+    "connection), or reprotect agentless (the default: without `--agent`).",
+)
 AZURE_SAS_DURATION = Rule(
     "AZ-SAS",
     "azure-sas-duration",
@@ -387,8 +409,10 @@ RULES: Mapping[str, Rule] = {
         AZURE_DISK_COUNT,
         AZURE_DISK_ALIGNMENT,
         AZURE_CORE_QUOTA,
+        AZURE_REGION,
         AZURE_SAS_DURATION,
         AZURE_SAS_ACTIVE,
+        AZURE_ONPREM_ROUTE,
         LIBVIRT_REACH,
         LIBVIRT_POOL,
         LIBVIRT_POOL_SPACE,

@@ -6,12 +6,12 @@ fails counts as not discovered (RP-VCENTER), which the checks report with the fa
 
 from __future__ import annotations
 
-from typing import Any
-
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.dr import items as repo
+from siterecovery.dr import rules
 from siterecovery.dr.check_inputs import (
     ComponentView,
     GroupMember,
@@ -105,15 +105,32 @@ def _item_view(item: repo.ItemSnapshot, group: str | None, mt: str = "", ps: str
     )
 
 
-def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
+class ReprotectArgs(BaseModel):
+    """What a reprotect (or a failback's check) names, read once from a request body or from a
+    task's JSON arguments; what else those carry (the item, the sync mode, ...) is ignored here."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    master_target: str = ""
+    process_server: str = ""
+    # RP-VCENTER: an alternate vCenter (fabric id or name) to fail back to; none: the item's own.
+    vcenter: str | None = None
+    datastore: str | None = None
+    retention_volume: str | None = None
+    via_plan: bool = False
+    group_master_targets: dict[str, str] = Field(default_factory=dict)  # item id or name -> MT
+    pending_mt_disks: int = 0  # disks other running requests add to the master target (MT-3)
+
+
+def build_situation(item: repo.ItemSnapshot, args: ReprotectArgs) -> Situation:
     cp = current()
     # RP-VCENTER: a reprotect may name an alternate vCenter (fabric id or name) to fail back to;
     # otherwise it is the one the machine was protected from.
-    target = str(args.get("vcenter") or "") or item.record.onprem_fabric
+    target = args.vcenter or item.record.onprem_fabric
     with cp.db.session() as s:
         onprem, cloud = _inventory(s, target), _inventory(s, item.record.cloud_fabric)
-        mt = repo.component(s, str(args.get("master_target", "")), ComponentKind.MASTER_TARGET)
-        ps = repo.component(s, str(args.get("process_server", "")), ComponentKind.PROCESS)
+        mt = repo.component(s, args.master_target, ComponentKind.MASTER_TARGET)
+        ps = repo.component(s, args.process_server, ComponentKind.PROCESS)
         vcenter = _fabric_row(s, target)
         # Problems name the group as the operator named it, not by its id.
         group = s.get(ReplicationGroup, item.group_id) if item.group_id else None
@@ -131,16 +148,16 @@ def build_situation(item: repo.ItemSnapshot, args: dict[str, Any]) -> Situation:
         )
 
 
-def build_reprotect_context(item: repo.ItemSnapshot, args: dict[str, Any]) -> ReprotectContext:
+def build_reprotect_context(item: repo.ItemSnapshot, args: ReprotectArgs) -> ReprotectContext:
     base = build_situation(item, args)
     with current().db.session() as s:
         group = _group_members(s, item, args)
     request = ReprotectRequest(
-        master_target=str(args.get("master_target", "")),
-        process_server=str(args.get("process_server", "")),
-        datastore=args.get("datastore") or None,
-        retention_volume=args.get("retention_volume") or None,
-        via_plan=bool(args.get("via_plan", False)),
+        master_target=args.master_target,
+        process_server=args.process_server,
+        datastore=args.datastore or None,
+        retention_volume=args.retention_volume or None,
+        via_plan=args.via_plan,
     )
     fields = {
         f: getattr(base, f)
@@ -155,15 +172,13 @@ def build_reprotect_context(item: repo.ItemSnapshot, args: dict[str, Any]) -> Re
             "heartbeat_timeout",
         )
     }
-    return ReprotectContext(
-        **fields, request=request, group=group, pending_mt_disks=int(args.get("pending_mt_disks", 0))
-    )
+    return ReprotectContext(**fields, request=request, group=group, pending_mt_disks=args.pending_mt_disks)
 
 
-def _group_members(s: Session, item: repo.ItemSnapshot, args: dict[str, Any]) -> tuple[GroupMember, ...]:
+def _group_members(s: Session, item: repo.ItemSnapshot, args: ReprotectArgs) -> tuple[GroupMember, ...]:
     if item.group_id is None:
         return ()
-    plan_mts: dict[str, str] = dict(args.get("group_master_targets", {}))
+    plan_mts = args.group_master_targets
     members = []
     for other in s.scalars(
         select(ReplicatedItem).where(ReplicatedItem.group_id == item.group_id, ReplicatedItem.id != item.id)
@@ -175,7 +190,7 @@ def _group_members(s: Session, item: repo.ItemSnapshot, args: dict[str, Any]) ->
     return tuple(members)
 
 
-def forward_problems(item: repo.ItemSnapshot, args: dict[str, Any]) -> list[Problem]:
+def forward_problems(item: repo.ItemSnapshot, args: ReprotectArgs) -> list[Problem]:
     """Re-protect on-premises → cloud after a failback: the components must be there and connected."""
     cp = current()
     problems: list[Problem] = []
@@ -184,27 +199,23 @@ def forward_problems(item: repo.ItemSnapshot, args: dict[str, Any]) -> list[Prob
         agent = _agent(s, item.record, item.record.machine, "onprem", onprem)
         if agent is None or not agent.connected(cp.config.heartbeat_timeout):
             problems.append(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {item.record.machine} has not registered since the machine booted.",
                     "Wait a few minutes, then retry.",
-                    rule="AG-1",
                 )
             )
         for kind, ident in (
-            (ComponentKind.PROCESS, args.get("process_server", "")),
-            (ComponentKind.MASTER_TARGET, args.get("master_target", "")),
+            (ComponentKind.PROCESS, args.process_server),
+            (ComponentKind.MASTER_TARGET, args.master_target),
         ):
-            row = repo.component(s, str(ident), kind)
+            row = repo.component(s, ident, kind)
             age = heartbeat_age(row) if row is not None else None
             if age is None or age > cp.config.heartbeat_timeout:
-                code = "ps-disconnected" if kind is ComponentKind.PROCESS else "mt-not-discovered"
+                rule = rules.PS_DISCONNECTED if kind is ComponentKind.PROCESS else rules.MT_NOT_DISCOVERED
                 problems.append(
-                    Problem(
-                        code,
-                        f"The {kind.value} {ident!r} is not connected.",
-                        f"Start the {kind.value} or choose a connected one.",
-                        rule="RP-PS" if kind is ComponentKind.PROCESS else "RP-VCENTER",
+                    rule.refusal(
+                        f"The {kind} {ident!r} is not connected.",
+                        f"Start the {kind} or choose a connected one.",
                     )
                 )
     return problems

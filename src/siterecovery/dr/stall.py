@@ -2,9 +2,10 @@
 
 RPO grows slowly on an item whose policy allows hours; a pair that applies nothing at all is a
 different fault (a refused frame, a cut link, a full retention volume, a dead process server) and
-must show within a minute. The monitor (`monitor.py`) calls `check_stalls` for each protected item
-on every pass: a pair whose master target has applied nothing for `warning` seconds while the
-agent had captured more turns the item warning, after `critical` seconds critical, with one
+must show within a minute. The monitor (`monitor.py`) checks each protected item on every pass
+(`pair_stalls`, from the reports its one read decoded; `check_stalls` reads them itself): a
+pair whose master target has applied nothing for `warning` seconds while the agent had
+captured more turns the item warning, after `critical` seconds critical, with one
 `replication-stalled` alert per item naming the pair and the hop that does not move. Both clear
 when the pair applies again. Thresholds come from the environment (SITERECOVERY_STALL_WARNING_SECONDS,
 SITERECOVERY_STALL_CRITICAL_SECONDS; 60 s and 300 s by default), read on every pass.
@@ -13,6 +14,7 @@ SITERECOVERY_STALL_CRITICAL_SECONDS; 60 s and 300 s by default), read on every p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -97,52 +99,70 @@ def _hop(captured: int, acked: int, applied: int, paused: str) -> tuple[Hop, str
 
 def item_stalls(s: Session, item: ReplicatedItem, now: float, watch: StallWatch = WATCH) -> list[Stall]:
     """The item's stalled pairs (none unless it is protected and its components reported)."""
-    if item.state != ProtectionState.PROTECTED.value:
+    if item.state != ProtectionState.PROTECTED:
         return []
     rep = ItemRecord.model_validate(item.details).replication
     if rep is None or rep.points:
         return []  # not replicating, or held at a chosen point for a failover: nothing is applied
     agent = s.scalar(
         select(Component).where(
-            Component.kind == ComponentKind.AGENT.value,
+            Component.kind == ComponentKind.AGENT,
             Component.name == agent_name(rep.source_site.value, rep.source_machine),
         )
     )
     mt = s.get(Component, rep.master_target)
     if agent is None or mt is None:
         return []
-    captured_by, applied_by = _pairs(agent.stats or {}), _pairs(mt.stats or {})
+    return pair_stalls([p.pair_id for p in rep.pairs], agent.stats or {}, mt.stats or {}, now, watch)
+
+
+def pair_stalls(
+    pairs: Iterable[str],
+    agent_stats: dict[str, Any],
+    mt_stats: dict[str, Any],
+    now: float,
+    watch: StallWatch = WATCH,
+) -> list[Stall]:
+    """The stalled ones of an item's pairs, from its agent's and master target's reports."""
+    captured_by, applied_by = _pairs(agent_stats), _pairs(mt_stats)
     thresholds = Thresholds.from_env()
     out = []
-    for pair in rep.pairs:
-        c, a = captured_by.get(pair.pair_id), applied_by.get(pair.pair_id)
+    for pair_id in pairs:
+        c, a = captured_by.get(pair_id), applied_by.get(pair_id)
         if c is None or a is None:
             continue
         captured, acked = int(c.get("captured_seq", -1)), int(c.get("acked_seq", -1))
         applied = int(a.get("applied_seq", -1))
-        seconds = watch.stalled_for(pair.pair_id, captured, applied, now)
+        seconds = watch.stalled_for(pair_id, captured, applied, now)
         health = thresholds.health(seconds)
         if health is not Health.NORMAL:
             hop, detail = _hop(captured, acked, applied, str(a.get("paused") or ""))
-            out.append(Stall(pair.pair_id, hop, seconds, health, detail))
+            out.append(Stall(pair_id, hop, seconds, health, detail))
     return out
 
 
 def check_stalls(s: Session, item: ReplicatedItem, now: float, watch: StallWatch = WATCH) -> Health:
     """Raise, escalate or clear the item's stall alert; returns the health the stalls imply."""
-    stalls = item_stalls(s, item, now, watch)
+    return alert_stalls(s, item.id, item.name, item_stalls(s, item, now, watch))
+
+
+def alert_stalls(
+    s: Session, item_id: str, item_name: str, stalls: list[Stall], active: bool = True
+) -> Health:
+    """The stall alert for `stalls`; `active` False says none is open (nothing to clear)."""
     if not stalls:
-        clear_alert(s, ALERT, "replicatedItem", item.id)
+        if active:
+            clear_alert(s, ALERT, "replicatedItem", item_id)
         return Health.NORMAL
     worst = max(stalls, key=lambda st: (st.health is Health.CRITICAL, st.seconds))
     raise_alert(
         s,
         Severity.CRITICAL if worst.health is Health.CRITICAL else Severity.WARNING,
         ALERT,
-        f"Item {item.name}: pair {worst.pair_id} applied nothing for {worst.seconds:.0f} s; "
+        f"Item {item_name}: pair {worst.pair_id} applied nothing for {worst.seconds:.0f} s; "
         f"stalled at hop {worst.hop.value} ({worst.detail}).",
         "replicatedItem",
-        item.id,
+        item_id,
     )
     return worst.health
 

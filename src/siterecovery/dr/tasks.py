@@ -13,7 +13,7 @@ from typing import Any
 
 from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
-from siterecovery.dr import waits
+from siterecovery.dr import rules, waits
 from siterecovery.dr.azure_jobs import ensure_azure_failover, is_page_blob
 from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
@@ -22,7 +22,7 @@ from siterecovery.dr.held_failover import drop_snapshot, held_failover
 from siterecovery.dr.libvirt_capture import reprotect_capture_problems
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
-from siterecovery.dr.situation import build_reprotect_context, forward_problems
+from siterecovery.dr.situation import ReprotectArgs, build_reprotect_context, forward_problems
 from siterecovery.errors import Problem, SiteRecoveryError, recovery_verdict_failed
 from siterecovery.fabrics.base import Disk, DiskSpec, IpMode, MachineSpec, Nic, OsType, PowerState
 from siterecovery.retry import is_transient
@@ -47,11 +47,9 @@ def _agent_id(site: Site, machine: str) -> str:
         row = repo.component(s, agent_name(site.value, machine), ComponentKind.AGENT)
         if row is None:
             raise SiteRecoveryError(
-                Problem(
-                    "agent-not-registered",
+                rules.AGENT_NOT_REGISTERED.refusal(
                     f"The agent of {machine} ({site.value}) has not registered yet.",
                     "Wait a few minutes for the machine's agent to register, then retry.",
-                    rule="AG-1",
                 )
             )
         return row.id
@@ -154,7 +152,7 @@ def sync(ctx: TaskContext) -> dict[str, Any]:
 def mark_protected(ctx: TaskContext) -> dict[str, Any]:
     direction = Direction(ctx.args["direction"])
     repo.set_state(ctx.args["item"], ProtectionState.PROTECTED, direction, ctx.args.get("policy"))
-    return {"state": ProtectionState.PROTECTED.value, "direction": direction.value}
+    return {"state": ProtectionState.PROTECTED, "direction": direction.value}
 
 
 # ---- failover / failback (FW-2, FB-1) ------------------------------------------------------
@@ -326,7 +324,7 @@ def detach_from_master_target(ctx: TaskContext) -> dict[str, Any]:
                     str(getattr(exc, "message", exc)),
                     str(getattr(exc, "remediation", ""))
                     or "Find the disks, attach them to the machine and boot it.",
-                    rule="RP-MT-MOVE" if code == "mt-disks-moved" else None,
+                    rule=rules.MT_DISKS_MOVED.id if code == rules.MT_DISKS_MOVED.code else None,
                 )
             ) from exc
     return {"detached": attached}
@@ -414,13 +412,13 @@ def verify_recovery(ctx: TaskContext) -> dict[str, Any]:
 def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
     item = repo.load(ctx.args["item"])
     if Site(ctx.args["source_site"]) is Site.CLOUD:
-        ensure_reprotect(build_reprotect_context(item, ctx.args))
+        ensure_reprotect(build_reprotect_context(item, ReprotectArgs.model_validate(ctx.args)))
         with current().db.session() as s:
             problems = libvirt_reprotect_problems(s, item, ctx.args) + reprotect_capture_problems(s, item)
         if problems:
             raise SiteRecoveryError(problems)
     else:
-        problems = forward_problems(item, ctx.args)
+        problems = forward_problems(item, ReprotectArgs.model_validate(ctx.args))
         with current().db.session() as s:
             problems += reprotect_capture_problems(s, item)
         if problems:
@@ -519,14 +517,14 @@ def commit(ctx: TaskContext) -> dict[str, Any]:
     if item.state is not ProtectionState.FAILED_OVER:
         raise SiteRecoveryError(
             Problem(
-                "not-failed-over",
-                f"Item {item.name} is {item.state.value}; only a failed-over item can be committed.",
+                rules.NOT_FAILED_OVER.code,
+                f"Item {item.name} is {item.state}; only a failed-over item can be committed.",
                 "Fail the item over first.",
             )
         )
     _forget_held(item)
     repo.set_state(item.id, ProtectionState.FAILOVER_COMMITTED)
-    return {"state": ProtectionState.FAILOVER_COMMITTED.value}
+    return {"state": ProtectionState.FAILOVER_COMMITTED}
 
 
 def _forget_held(item: repo.ItemSnapshot) -> None:
@@ -553,7 +551,7 @@ def disable(ctx: TaskContext) -> dict[str, Any]:
         if rec.replication is not None:
             rec.end_pairs(rec.replication)
         rec.replication = None
-        item.state = ProtectionState.DISABLED.value
+        item.state = ProtectionState.DISABLED
 
     repo.update(ctx.args["item"], change)
-    return {"state": ProtectionState.DISABLED.value}
+    return {"state": ProtectionState.DISABLED}

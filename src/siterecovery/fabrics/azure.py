@@ -30,6 +30,8 @@ from azure.storage.blob import BlobClient, ContainerClient
 from siterecovery.dataplane.changed_ranges import ChangedRange, ContentCompare
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION, blob_name
 from siterecovery.fabrics.azure_arm import ORIGIN_TAG, Arm, ArmDisk, ArmNic, ArmVm, AzureCapacity, VmCreate
+from siterecovery.fabrics.azure_diff import DiffChoice
+from siterecovery.fabrics.azure_diff import choose as choose_diff
 from siterecovery.fabrics.base import (
     CloudOrigin,
     Disk,
@@ -82,6 +84,10 @@ class AzureFabric:
         self.subnet_id = subnet_id
         self.vm_size = vm_size
         self.read_seconds = read_seconds  # the SAS duration failback asks ARM for (AZ-SAS)
+
+    def diff_choice(self) -> tuple[DiffChoice, bool]:
+        """How failback finds changed ranges here (the self-test at first use); True when just made."""
+        return choose_diff(self.arm, self.name)
 
     # ---- discovery --------------------------------------------------------------------------
 

@@ -83,11 +83,20 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ArmConnection:
+    """A virtual network gateway connection of the resource group (site-to-site VPN, ExpressRoute)."""
+
+    name: str
+    vnet_id: str  # the virtual network whose gateway it belongs to
+    status: str  # ARM's connectionStatus: Connected, Connecting, NotConnected, Unknown
+
+
+@dataclass(frozen=True)
 class AzureCapacity:
     """What the region offers and what the subscription has left there (failover checks read it)."""
 
     location: str
-    sizes: tuple[VmSize, ...]
+    sizes: tuple[VmSize, ...]  # empty: the subscription cannot deploy VMs there (AZ-REGION)
     usages: tuple[Usage, ...]
 
 
@@ -123,6 +132,15 @@ class Arm(Protocol):
     def disk_from_snapshot(self, name: str, snapshot_id: str, os_type: OsType | None) -> ArmDisk: ...
 
     def delete_disk(self, name: str) -> None: ...
+
+    def create_upload_disk(self, name: str, size_bytes: int) -> ArmDisk:
+        """An empty managed disk of `size_bytes` (whole MiB) written through `disk_write_url`
+        (createOption Upload): the probe of the managed-disk diff's self-test."""
+        ...
+
+    def disk_write_url(self, name: str, seconds: int) -> str:
+        """A write SAS on an upload disk (grant access Write); `end_disk_read` ends it too."""
+        ...
 
     def disk_read_url(self, name: str, seconds: int) -> str:
         """A read-only SAS URL of the managed disk's content, valid for `seconds` (grant access)."""
@@ -164,6 +182,13 @@ class Arm(Protocol):
 
     def delete_snapshot(self, name: str) -> None: ...
 
-    def vm_sizes(self) -> list[VmSize]: ...
+    def vm_sizes(self) -> list[VmSize]:
+        """The VM sizes the fabric's location offers the subscription; empty where ARM refuses the
+        location (unknown, or not enabled for the subscription)."""
+        ...
 
     def usages(self) -> list[Usage]: ...
+
+    def gateway_connections(self) -> list[ArmConnection]:
+        """The resource group's virtual network gateway connections, with their state."""
+        ...

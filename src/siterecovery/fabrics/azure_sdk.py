@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute.models import Disk, GrantAccessData, Snapshot, VirtualMachine
 from azure.mgmt.network import NetworkManagementClient
@@ -22,7 +22,16 @@ from azure.storage.blob import BlobServiceClient
 from siterecovery.dataplane.page_blob import STORAGE_API_VERSION
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 from siterecovery.fabrics.azure import DEFAULT_REPLICA_CONTAINER, DEFAULT_VM_SIZE, READ_SECONDS, AzureFabric
-from siterecovery.fabrics.azure_arm import ArmDisk, ArmNic, ArmSnapshot, ArmVm, Usage, VmCreate, VmSize
+from siterecovery.fabrics.azure_arm import (
+    ArmConnection,
+    ArmDisk,
+    ArmNic,
+    ArmSnapshot,
+    ArmVm,
+    Usage,
+    VmCreate,
+    VmSize,
+)
 from siterecovery.fabrics.base import FabricError, IpMode, OsType, PowerState
 
 T = TypeVar("T")
@@ -58,6 +67,13 @@ def credential(tenant: str, client_id: str, secret: str, authority_host: str = "
             )
         return ClientSecretCredential(tenant, client_id, secret, **custom)
     return DefaultAzureCredential(**custom)
+
+
+# What ARM answers a per-location listing when the location is unknown or not enabled.
+REGION_REFUSALS = frozenset(
+    {"LocationNotAvailableForResourceType", "InvalidLocation", "NoRegisteredProviderFound",
+     "LocationNotFound"}
+)  # fmt: skip
 
 
 def _os(value: object) -> OsType | None:
@@ -193,8 +209,19 @@ class SdkArm:
         )
         return [self._nic(n) for n in nics]
 
+    def _regional(self, what: str, fn: Callable[[], list[T]]) -> list[T]:
+        """A per-location listing; nothing where ARM refuses the location itself (AZ-REGION)."""
+        try:
+            return self._call(what, fn)
+        except FabricError as exc:
+            cause = exc.__cause__
+            error = cause.error if isinstance(cause, HttpResponseError) else None
+            if error is not None and error.code in REGION_REFUSALS:
+                return []
+            raise
+
     def vm_sizes(self) -> list[VmSize]:
-        sizes = self._call(
+        sizes = self._regional(
             "list VM sizes", lambda: list(self._compute.virtual_machine_sizes.list(self._location))
         )
         return [
@@ -208,11 +235,30 @@ class SdkArm:
         ]
 
     def usages(self) -> list[Usage]:
-        usages = self._call("list quotas", lambda: list(self._compute.usage.list(self._location)))
+        usages = self._regional("list quotas", lambda: list(self._compute.usage.list(self._location)))
         return [
             Usage(str(u.name.value if u.name else ""), int(u.current_value or 0), int(u.limit or 0))
             for u in usages
         ]
+
+    def gateway_connections(self) -> list[ArmConnection]:
+        conns = self._call(
+            "list gateway connections",
+            lambda: list(self._network.virtual_network_gateway_connections.list(self.resource_group)),
+        )
+        out: list[ArmConnection] = []
+        for c in conns:
+            body, props = _props(c)
+            gateway = _name(str((props.get("virtualNetworkGateway1") or {}).get("id", "")))
+            gw = self._call(
+                f"read gateway {gateway}",
+                lambda g=gateway: self._network.virtual_network_gateways.get(self.resource_group, g),  # type: ignore[misc]
+            )
+            ip = ((_props(gw)[1].get("ipConfigurations") or [{}])[0]).get("properties") or {}
+            subnet = str((ip.get("subnet") or {}).get("id", ""))
+            status = str(props.get("connectionStatus") or "Unknown")
+            out.append(ArmConnection(str(body.get("name", "")), subnet.split("/subnets/")[0], status))
+        return out
 
     # ---- changes ----------------------------------------------------------------------------
 
@@ -252,6 +298,19 @@ class SdkArm:
             lambda: self._compute.disks.begin_grant_access(self.resource_group, name, grant),
         )
         access = self._call(f"grant read access to disk {name}", poller.result)
+        return str(access.as_dict().get("accessSAS", ""))
+
+    def create_upload_disk(self, name: str, size_bytes: int) -> ArmDisk:
+        # ARM counts the VHD footer an upload ends with.
+        return self._put_disk(name, {"createOption": "Upload", "uploadSizeBytes": size_bytes + 512}, None)
+
+    def disk_write_url(self, name: str, seconds: int) -> str:
+        grant = GrantAccessData({"access": "Write", "durationInSeconds": seconds})
+        poller = self._call(
+            f"grant write access to disk {name}",
+            lambda: self._compute.disks.begin_grant_access(self.resource_group, name, grant),
+        )
+        access = self._call(f"grant write access to disk {name}", poller.result)
         return str(access.as_dict().get("accessSAS", ""))
 
     def end_disk_read(self, name: str) -> None:

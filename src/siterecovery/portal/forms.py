@@ -30,7 +30,7 @@ from siterecovery.portal.views import ItemAction, actions_for, item_rows
 from siterecovery.store.context import current
 from siterecovery.store.models import ReplicatedItem
 from siterecovery.store.record import ItemRecord
-from siterecovery.store.states import Direction, ProtectionState, Role
+from siterecovery.store.states import Role
 from siterecovery.store.tokens import Principal
 
 router = APIRouter(include_in_schema=False)
@@ -110,7 +110,7 @@ def _action_page(
 def _ensure_offered(row: ReplicatedItem, action: ItemAction) -> None:
     """Only the actions the items table offers in the item's state may be started."""
     has_test = ItemRecord.model_validate(row.details).test is not None
-    if action not in actions_for(ProtectionState(row.state), Direction(row.direction), has_test):
+    if action not in actions_for(row.state, row.direction, has_test):
         raise SiteRecoveryError(
             Problem(
                 "invalid-state",

@@ -62,7 +62,7 @@ def label(value: str) -> str:
 
 
 def direction_label(value: str) -> str:
-    return "Cloud → On-premises" if value == Direction.FAILBACK.value else "On-premises → Cloud"
+    return "Cloud → On-premises" if value == Direction.FAILBACK else "On-premises → Cloud"
 
 
 _env = Environment(

@@ -105,7 +105,7 @@ def _defaults(
 
 def build_dialog(s: Session, config: ServerConfig, item: ReplicatedItem, given: Choice) -> ReprotectDialog:
     rec = ItemRecord.model_validate(item.details)
-    to_onprem = item.direction == Direction.FORWARD.value
+    to_onprem = item.direction == Direction.FORWARD
     source = Site.CLOUD if to_onprem else Site.ONPREM
     every_mt = [master_target_row(x) for x in servers(s, config, ComponentKind.MASTER_TARGET)]
     # A master target writes the target site's disks: only those at that site are offered.

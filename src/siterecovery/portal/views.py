@@ -26,7 +26,7 @@ from siterecovery.dr.recovery_points import item_points
 from siterecovery.dr.rules import MAX_MT_DISKS
 from siterecovery.store.models import Component, Job, Policy, ReplicatedItem
 from siterecovery.store.record import ItemRecord
-from siterecovery.store.states import ComponentKind, Direction, JobState, ProtectionState
+from siterecovery.store.states import ComponentKind, Direction, Health, JobState, ProtectionState
 from siterecovery.store.tokens import Principal
 
 
@@ -158,9 +158,7 @@ def item_rows(
                 latest_point=_latest_point(s, rec),
                 process_server=ps.name if ps else "",
                 master_target=mt.name if mt else "",
-                actions=actions_for(
-                    ProtectionState(item.state), Direction(item.direction), rec.test is not None
-                ),
+                actions=actions_for(item.state, item.direction, rec.test is not None),
             )
         )
     return rows
@@ -169,14 +167,14 @@ def item_rows(
 @dataclass(frozen=True)
 class Overview:
     total: int
-    by_state: list[tuple[str, int]]
-    by_health: list[tuple[str, int]]
+    by_state: list[tuple[ProtectionState, int]]
+    by_health: list[tuple[Health, int]]
     worst_rpo: list[ItemRow]
     alerts: list[EventOut]
     running_jobs: list[JobOut]
 
 
-_ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value)
+_ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.PAUSED)
 
 
 def overview(s: Session, who: Principal) -> Overview:
@@ -188,8 +186,8 @@ def overview(s: Session, who: Principal) -> Overview:
             )
         )
     )
-    states: Counter[str] = Counter()
-    health: Counter[str] = Counter()
+    states: Counter[ProtectionState] = Counter()
+    health: Counter[Health] = Counter()
     for state, item_health, n in counts:
         states[state] += n
         health[item_health] += n
@@ -210,8 +208,7 @@ def overview(s: Session, who: Principal) -> Overview:
     return Overview(
         total=sum(states.values()),
         by_state=sorted(states.items()),
-        by_health=[(h, health[h]) for h in ("normal", "warning", "critical") if h in health]
-        + sorted((h, n) for h, n in health.items() if h not in ("normal", "warning", "critical")),
+        by_health=[(h, health[h]) for h in Health if h in health],  # best first, not by name
         worst_rpo=worst,
         alerts=alerts,
         running_jobs=jobs,

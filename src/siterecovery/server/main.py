@@ -34,7 +34,7 @@ def start_engine(cp: ControlPlane, executor_id: str = SQLITE_EXECUTOR) -> None:
             "name": "siterecovery",
             "system_database_url": dbos_system_url(cp.config),
             "log_level": "WARNING",
-            # Each process of a cluster runs its jobs as its own executor ((see store.cluster)).
+            # Each process of a cluster runs its jobs as its own executor (see store.cluster).
             "executor_id": executor_id,
         }
     )

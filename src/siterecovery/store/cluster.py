@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from dbos import DBOS
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -163,8 +164,6 @@ class Cluster:
         """Re-enqueue the unfinished jobs of every executor whose process is gone (leader only)."""
         if not self.postgres or not self._leader:
             return []
-        from dbos import DBOS
-
         pending = {
             w.executor_id for w in DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)
         }

@@ -89,7 +89,7 @@ def open_control_plane(config: ServerConfig) -> ControlPlane:
             s.add(
                 Component(
                     id=ident.id,
-                    kind=ComponentKind.CONFIGURATION.value,
+                    kind=ComponentKind.CONFIGURATION,
                     name=ident.name,
                     site="onprem",
                     address=config.listen,

@@ -14,7 +14,7 @@ def record_event(
 ) -> None:
     s.add(
         Event(
-            severity=severity.value,
+            severity=severity,
             code=code,
             message=message,
             object_type=object_type,
@@ -39,13 +39,13 @@ def raise_alert(
         )
     )
     if existing is not None:
-        if existing.severity != severity.value:
-            existing.severity = severity.value
+        if existing.severity != severity:
+            existing.severity = severity
             existing.message = message
         return
     s.add(
         Event(
-            severity=severity.value,
+            severity=severity,
             code=code,
             message=message,
             object_type=object_type,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, insert, inspect
+from sqlalchemy import delete, event, insert, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,7 +78,5 @@ def _after_flush(session: Session, _context: Any) -> None:
 
 def install(factory: sessionmaker[Session]) -> None:
     """Keep the index on every session this factory makes."""
-    from sqlalchemy import event
-
     event.listen(factory, "before_flush", _before_flush)
     event.listen(factory, "after_flush", _after_flush)

@@ -146,7 +146,7 @@ def create_job(
                 target_type=target_type,
                 target_id=target_id,
                 target_name=target_name,
-                state=JobState.QUEUED.value,
+                state=JobState.QUEUED,
                 params=params or {},
             )
         )
@@ -159,7 +159,7 @@ def create_job(
                     name=spec.name,
                     action=spec.action,
                     args=spec.args,
-                    state=TaskState.PENDING.value,
+                    state=TaskState.PENDING,
                 )
             )
     with SetWorkflowID(job_id):
@@ -181,7 +181,7 @@ def _start_job(job_id: str) -> int:
             raise RuntimeError(f"job {job_id} vanished")
         if job.started_at is None:
             job.started_at = now()
-        job.state = JobState.RUNNING.value
+        job.state = JobState.RUNNING
         return len(list(s.scalars(select(JobTask.id).where(JobTask.job_id == job_id))))
 
 
@@ -195,7 +195,7 @@ def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
     """Run one task. Its result is recorded by DBOS, so a finished task never runs twice."""
     with current().db.session() as s:
         task = _task(s, job_id, ordinal)
-        task.state = TaskState.RUNNING.value
+        task.state = TaskState.RUNNING
         task.attempts += 1
         task.started_at = task.started_at or now()
         action, args = task.action, dict(task.args)
@@ -288,7 +288,7 @@ def _retries_exhausted(
 def _finish_task(job_id: str, ordinal: int, state: TaskState, error: dict[str, Any] | None = None) -> None:
     with current().db.session() as s:
         task = _task(s, job_id, ordinal)
-        task.state = state.value
+        task.state = state
         task.ended_at = now()
         if state is TaskState.SUCCEEDED:
             task.percent = 100.0
@@ -300,12 +300,12 @@ def _finish_task(job_id: str, ordinal: int, state: TaskState, error: dict[str, A
 def _enter_manual_action(job_id: str, ordinal: int) -> None:
     with current().db.session() as s:
         task = _task(s, job_id, ordinal)
-        task.state = TaskState.WAITING.value
+        task.state = TaskState.WAITING
         task.started_at = task.started_at or now()
         task.attempts += 1
         job = s.get(Job, job_id)
         if job is not None:
-            job.state = JobState.PAUSED.value
+            job.state = JobState.PAUSED
             record_event(
                 s,
                 Severity.INFO,
@@ -321,12 +321,12 @@ def _leave_manual_action(job_id: str, ordinal: int) -> None:
     _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
     with current().db.session() as s:
         job = s.get(Job, job_id)
-        if job is not None and job.state == JobState.PAUSED.value:
-            job.state = JobState.RUNNING.value
+        if job is not None and job.state == JobState.PAUSED:
+            job.state = JobState.RUNNING
 
 
 @DBOS.step()
-def _finish_job(job_id: str, state: str, error: dict[str, Any], result: dict[str, Any]) -> None:
+def _finish_job(job_id: str, state: JobState, error: dict[str, Any], result: dict[str, Any]) -> None:
     with current().db.session() as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -336,9 +336,9 @@ def _finish_job(job_id: str, state: str, error: dict[str, Any], result: dict[str
         job.error = error
         job.result = result
         for task in s.scalars(select(JobTask).where(JobTask.job_id == job_id)):
-            if task.state in (TaskState.PENDING.value, TaskState.RUNNING.value, TaskState.WAITING.value):
-                task.state = TaskState.SKIPPED.value if state == JobState.FAILED.value else task.state
-        severity = Severity.INFO if state == JobState.SUCCEEDED.value else Severity.WARNING
+            if task.state in (TaskState.PENDING, TaskState.RUNNING, TaskState.WAITING):
+                task.state = TaskState.SKIPPED if state == JobState.FAILED else task.state
+        severity = Severity.INFO if state == JobState.SUCCEEDED else Severity.WARNING
         record_event(s, severity, f"job-{state}", f"Job {job.kind} {job_id} {state}.", "job", job_id)
 
 
@@ -362,11 +362,11 @@ def run_job(job_id: str) -> str:
                 last = TransientFailure(repr(last))
             outcome = _retries_exhausted(job_id, ordinal, last.summary, last.problem_code, last.remediation)
         if "failed" in outcome:
-            _finish_job(job_id, JobState.FAILED.value, outcome["failed"][0], results)
-            return JobState.FAILED.value
+            _finish_job(job_id, JobState.FAILED, outcome["failed"][0], results)
+            return JobState.FAILED
         results[str(ordinal)] = outcome.get("result", {})
-    _finish_job(job_id, JobState.SUCCEEDED.value, {}, results)
-    return JobState.SUCCEEDED.value
+    _finish_job(job_id, JobState.SUCCEEDED, {}, results)
+    return JobState.SUCCEEDED
 
 
 def _task_action(job_id: str, ordinal: int) -> str:
@@ -380,7 +380,7 @@ def cancel_job(job_id: str) -> None:
         job = s.get(Job, job_id)
         if job is None:
             raise not_found("job", job_id)
-        if JobState(job.state).finished:
+        if job.state.finished:
             raise conflict(
                 "job-finished",
                 f"Job {job_id} has already {job.state}.",
@@ -390,11 +390,11 @@ def cancel_job(job_id: str) -> None:
     with current().db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        job.state = JobState.CANCELLED.value
+        job.state = JobState.CANCELLED
         job.ended_at = now()
         for task in s.scalars(select(JobTask).where(JobTask.job_id == job_id)):
-            if task.state in (TaskState.PENDING.value, TaskState.RUNNING.value, TaskState.WAITING.value):
-                task.state = TaskState.CANCELLED.value
+            if task.state in (TaskState.PENDING, TaskState.RUNNING, TaskState.WAITING):
+                task.state = TaskState.CANCELLED
         record_event(
             s, Severity.WARNING, "job-cancelled", f"Job {job.kind} {job_id} cancelled.", "job", job_id
         )
@@ -405,7 +405,7 @@ def resume_job(job_id: str) -> None:
         job = s.get(Job, job_id)
         if job is None:
             raise not_found("job", job_id)
-        if job.state != JobState.PAUSED.value:
+        if job.state != JobState.PAUSED:
             raise conflict(
                 "job-not-paused",
                 f"Job {job_id} is {job.state}, not paused.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -20,11 +21,49 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     select,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from siterecovery.store.states import (
+    ComponentKind,
+    Direction,
+    FabricKind,
+    Health,
+    JobState,
+    PolicyKind,
+    ProtectionState,
+    Role,
+    Severity,
+    TaskState,
+)
+
 T = TypeVar("T", bound="Base")
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A state column: stored as the enum's string value (the very strings stored before the
+    states were typed, so no data migration), read back as the enum.
+
+    A string given to a query is passed through as it is: a filter on an unknown state matches
+    nothing instead of failing the request.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: E | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
 
 
 def new_id(prefix: str) -> str:
@@ -53,7 +92,7 @@ class Token(Base):
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    role: Mapped[str] = mapped_column(String(20))
+    role: Mapped[Role] = mapped_column(EnumText(Role, 20))
     secret_hash: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     component_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -70,7 +109,7 @@ class Component(Base):
     # The RPO monitor and registration look agents up by kind and name.
     __table_args__ = (Index("ix_components_kind_name", "kind", "name"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(30), index=True)
+    kind: Mapped[ComponentKind] = mapped_column(EnumText(ComponentKind, 30), index=True)
     name: Mapped[str] = mapped_column(String(200))
     site: Mapped[str] = mapped_column(String(100), default="")
     os_type: Mapped[str | None] = mapped_column(String(20), nullable=True)
@@ -78,7 +117,7 @@ class Component(Base):
     machine: Mapped[str] = mapped_column(String(200), default="")
     registered_at: Mapped[float] = mapped_column(Float, default=now)
     last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
-    health: Mapped[str] = mapped_column(String(20), default="normal")
+    health: Mapped[Health] = mapped_column(EnumText(Health, 20), default=Health.NORMAL)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -96,7 +135,7 @@ class ComponentCertificate(Base):
     __tablename__ = "component_certificates"
     serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
     component_id: Mapped[str] = mapped_column(String(64), index=True)
-    kind: Mapped[str] = mapped_column(String(30))
+    kind: Mapped[ComponentKind] = mapped_column(EnumText(ComponentKind, 30))
     not_after: Mapped[float] = mapped_column(Float)
     issued_at: Mapped[float] = mapped_column(Float, default=now)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -106,7 +145,7 @@ class Fabric(Base):
     __tablename__ = "fabrics"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    kind: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[FabricKind] = mapped_column(EnumText(FabricKind, 20))
     site: Mapped[str] = mapped_column(String(100), default="")
     connection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     secret_encrypted: Mapped[str] = mapped_column(Text, default="")
@@ -119,7 +158,7 @@ class Policy(Base):
     __tablename__ = "policies"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    kind: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[PolicyKind] = mapped_column(EnumText(PolicyKind, 20))
     rpo_threshold_seconds: Mapped[int] = mapped_column(Integer)
     retention_seconds: Mapped[int] = mapped_column(Integer)
     app_consistent_frequency_seconds: Mapped[int] = mapped_column(Integer)
@@ -145,16 +184,16 @@ class ReplicatedItem(Base):
     machine: Mapped[str] = mapped_column(String(200))
     source_fabric_id: Mapped[str] = mapped_column(String(64))
     target_fabric_id: Mapped[str] = mapped_column(String(64))
-    direction: Mapped[str] = mapped_column(String(30))
-    state: Mapped[str] = mapped_column(String(30))
-    health: Mapped[str] = mapped_column(String(20), default="normal")
+    direction: Mapped[Direction] = mapped_column(EnumText(Direction, 30))
+    state: Mapped[ProtectionState] = mapped_column(EnumText(ProtectionState, 30))
+    health: Mapped[Health] = mapped_column(EnumText(Health, 20), default=Health.NORMAL)
     policy_id: Mapped[str] = mapped_column(ForeignKey("policies.id"))
     process_server_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     master_target_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     group_id: Mapped[str | None] = mapped_column(ForeignKey("replication_groups.id"), nullable=True)
     rpo_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    # Bumped by a flush hook whenever `details` changes ((store.item_index)): readers that keep a
+    # Bumped by a flush hook whenever `details` changes (store.item_index): readers that keep a
     # parsed copy (the RPO monitor) reload an item's details only when this moved.
     details_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[float] = mapped_column(Float, default=now)
@@ -192,7 +231,7 @@ class Job(Base):
     target_type: Mapped[str] = mapped_column(String(30), default="")
     target_id: Mapped[str] = mapped_column(String(64), default="")
     target_name: Mapped[str] = mapped_column(String(200), default="")
-    state: Mapped[str] = mapped_column(String(20), index=True)
+    state: Mapped[JobState] = mapped_column(EnumText(JobState, 20), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -207,10 +246,10 @@ class JobTask(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     ordinal: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(200))
-    # What runs: a registered task handler name and its JSON arguments ((see store.jobs)).
+    # What runs: a registered task handler name and its JSON arguments (see store.jobs).
     action: Mapped[str] = mapped_column(String(100))
     args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[str] = mapped_column(String(20))
+    state: Mapped[TaskState] = mapped_column(EnumText(TaskState, 20))
     percent: Mapped[float] = mapped_column(Float, default=0.0)
     bytes_done: Mapped[int] = mapped_column(Integer, default=0)
     bytes_total: Mapped[int] = mapped_column(Integer, default=0)
@@ -229,7 +268,7 @@ class Event(Base):
     __table_args__ = (Index("ix_events_object", "object_type", "object_id", "code"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[float] = mapped_column(Float, default=now, index=True)
-    severity: Mapped[str] = mapped_column(String(20))
+    severity: Mapped[Severity] = mapped_column(EnumText(Severity, 20))
     alert: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     code: Mapped[str] = mapped_column(String(100))

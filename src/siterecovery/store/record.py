@@ -183,3 +183,6 @@ class ItemRecord(_Model):
     # Agentless failback from Azure: the snapshot (prefix `<vm>-<name>`) the on-premises disks
     # were last made equal to; the next sync sends what changed since (dr/azure_failback.py).
     azure_base: str = ""
+    # The sync snapshot being written onto the on-premises disks; a sync that died half-way
+    # completes it before anything else (the disks may hold part of it).
+    azure_pending: str = ""

@@ -63,7 +63,7 @@ def create_token(
         Token(
             id=new_id("tok"),
             name=name,
-            role=role.value,
+            role=role,
             secret_hash=hash_secret(secret),
             component_id=component_id,
             expires_at=expires_at,
@@ -81,7 +81,7 @@ def check_token(session: Session, secret: str) -> Principal | TokenRefusal:
         return TokenRefusal.REVOKED
     if row.expires_at is not None and row.expires_at <= now():
         return TokenRefusal.EXPIRED
-    return Principal(row.id, row.name, Role(row.role), row.component_id)
+    return Principal(row.id, row.name, row.role, row.component_id)
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:

@@ -90,7 +90,7 @@ def remove_server(
 ) -> Removed:
     """Remove a component: revoke its certificates and tokens; every hop refuses it from then on."""
     row = find_component(s, ident)
-    if row.kind == ComponentKind.CONFIGURATION.value:
+    if row.kind == ComponentKind.CONFIGURATION:
         raise SiteRecoveryError(
             Problem(
                 "server-not-removable",
@@ -120,6 +120,6 @@ def remove_server(
         "component",
         row.id,
     )
-    out = Removed(id=row.id, name=row.name, kind=ComponentKind(row.kind), revoked=revoked)
+    out = Removed(id=row.id, name=row.name, kind=row.kind, revoked=revoked)
     s.delete(row)
     return out

@@ -6,6 +6,8 @@ does the periodic work, how many periodic passes it ran, which dead processes' j
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
@@ -28,8 +30,6 @@ class ProcessOut(BaseModel):
 
 @router.get("/self")
 def this_process(_: Principal = Depends(reader)) -> ProcessOut:
-    import os
-
     cluster = current_cluster()
     if cluster is None:  # in-process app without the server loop (tests): a lone process
         return ProcessOut(

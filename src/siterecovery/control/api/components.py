@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
+from starlette.concurrency import run_in_threadpool
 
-from siterecovery.control.api.deps import component, control_plane, operator, reader, session
+from siterecovery.control.api.deps import calling_component, control_plane, operator, reader, session
 from siterecovery.control.heartbeat_writer import writer_for
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
@@ -15,7 +16,7 @@ from siterecovery.control.throttle import THROTTLE
 from siterecovery.dr.desired import desired_for, version_of
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store import certificates
-from siterecovery.store.context import ControlPlane
+from siterecovery.store.context import ControlPlane, current
 from siterecovery.store.events import record_event
 from siterecovery.store.models import Component, Token, by_id_or_name, new_id, now
 from siterecovery.store.states import ComponentKind, Role, Severity
@@ -54,9 +55,9 @@ def register(
             Status.FORBIDDEN,
         )
     THROTTLE.succeeded(s, peer)
-    row = s.scalar(select(Component).where(Component.kind == body.kind.value, Component.name == body.name))
+    row = s.scalar(select(Component).where(Component.kind == body.kind, Component.name == body.name))
     if row is None:
-        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind.value, name=body.name)
+        row = Component(id=new_id(body.kind.value.split("-")[0]), kind=body.kind, name=body.name)
         s.add(row)
     # A master target runs on a VM of the site; unless told otherwise it is the VM of its own name.
     machine = body.machine or (body.name if body.kind is ComponentKind.MASTER_TARGET else "")
@@ -85,13 +86,16 @@ def register(
 
 
 @router.post("/components/{component_id}/heartbeat")
-def heartbeat(
-    component_id: str,
-    body: Heartbeat,
-    who: Principal = Depends(component),
-    cp: ControlPlane = Depends(control_plane),
-    s: Session = Depends(session, scope="function"),
+async def heartbeat(
+    component_id: str, body: Heartbeat, who: Principal = Depends(calling_component)
 ) -> HeartbeatReply:
+    # One hop to a worker thread for the whole heartbeat: the usual sync dependencies (control
+    # plane, principal, role check, session) would each hop to the thread pool and back, which
+    # was a good part of an idle heartbeat's CPU once its SQL was a handful of statements.
+    return await run_in_threadpool(_heartbeat, current(), who, component_id, body)
+
+
+def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartbeat) -> HeartbeatReply:
     if who.component_id != component_id:
         raise SiteRecoveryError(
             Problem(
@@ -105,15 +109,20 @@ def heartbeat(
     # The report is written by the process's heartbeat writer, many per commit (group commit),
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
-    writer_for(cp.db, cp.config).write(component_id, stats, body.address)
-    row = s.get(Component, component_id)
-    if row is None:
-        raise not_found("component", component_id)
-    desired = desired_for(s, row)
+    recorded = writer_for(cp.db, cp.config).write(component_id, stats, body.address)
+    points = {} if recorded is None else {"points_seq": recorded.points_seq, "points_resync": recorded.resync}
+    with cp.db.session() as s:
+        # Without its statistics: the writer has stored them, and decoding them again here (a master
+        # target's list every recovery point of every pair) would be most of the heartbeat's cost.
+        row = s.get(Component, component_id, options=[defer(Component.stats)])
+        if row is None:
+            raise not_found("component", component_id)
+        desired = desired_for(s, row)
     version = version_of(desired)
-    if body.desired_version == version:
-        return HeartbeatReply(desired=None, desired_version=version, server_time=now())
-    return HeartbeatReply(desired=desired, desired_version=version, server_time=now())
+    unchanged = body.desired_version == version
+    return HeartbeatReply(
+        desired=None if unchanged else desired, desired_version=version, server_time=now(), **points
+    )
 
 
 _KINDS: dict[str, str] = {}  # component id -> kind; a component's kind never changes

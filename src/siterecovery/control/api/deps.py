@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from siterecovery.control.edges import PRINCIPAL, REFUSALS, identify
 from siterecovery.errors import Problem, SiteRecoveryError, Status
@@ -51,6 +52,21 @@ def require(role: Role) -> Callable[[Principal], Principal]:
         return who
 
     return check
+
+
+async def calling_component(
+    request: Request,
+    creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
+) -> Principal:
+    """The calling component, without a hop to the thread pool (for the heartbeat route).
+
+    The edge middleware has identified the caller already; only a request it did not see is
+    looked up here, in a worker thread."""
+    found = getattr(request.state, PRINCIPAL, None)
+    who = found if isinstance(found, Principal) else await run_in_threadpool(principal, request, creds)
+    if not who.can(Role.COMPONENT):
+        raise HTTPException(403, f"Role {who.role.value} may not do this; it needs {Role.COMPONENT.value}.")
+    return who
 
 
 reader = require(Role.READER)

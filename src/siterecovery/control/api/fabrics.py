@@ -24,7 +24,7 @@ from siterecovery.errors import conflict, invalid, not_found
 from siterecovery.store.context import ControlPlane
 from siterecovery.store.events import record_event
 from siterecovery.store.models import Fabric, ReplicatedItem, by_id_or_name, new_id
-from siterecovery.store.states import ProtectionState, Severity
+from siterecovery.store.states import FabricKind, ProtectionState, Severity
 from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api/fabrics", tags=["fabrics"])
@@ -94,7 +94,7 @@ def add_fabric(
     row = Fabric(
         id=new_id("fab"),
         name=body.name,
-        kind=body.kind,
+        kind=FabricKind(body.kind),
         site=body.site or body.name,
         connection=dict(body.connection),
         secret_encrypted=cp.box.seal(body.secret),
@@ -174,7 +174,7 @@ def remove_fabric(
     users = sorted(
         item.name
         for item in s.scalars(select(ReplicatedItem))
-        if item.state != ProtectionState.DISABLED.value
+        if item.state != ProtectionState.DISABLED
         and row.id
         in (
             item.source_fabric_id,

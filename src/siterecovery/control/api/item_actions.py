@@ -17,18 +17,28 @@ from siterecovery.control.api.deps import control_plane, operator, reader, sessi
 from siterecovery.control.schemas import Flag, Strict
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
-from siterecovery.dr.azure_failback import azure_reprotect_tasks, azure_way_back_problems
+from siterecovery.dr import rules
+from siterecovery.dr.azure_failback import (
+    azure_agent_problems,
+    azure_reprotect_tasks,
+    azure_way_back_problems,
+)
 from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover
 from siterecovery.dr.libvirt_capture import enable_capture_problems, reprotect_capture_problems
-from siterecovery.dr.notes import plan_notes
+from siterecovery.dr.notes import PlannedTask, plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
 from siterecovery.dr.recovery_points import points_of
-from siterecovery.dr.situation import build_reprotect_context, build_situation, forward_problems
-from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.dr.situation import (
+    ReprotectArgs,
+    build_reprotect_context,
+    build_situation,
+    forward_problems,
+)
+from siterecovery.errors import SiteRecoveryError, Status, conflict, invalid, not_found
 from siterecovery.store import jobs as engine
 from siterecovery.store.context import ControlPlane, current
 from siterecovery.store.models import Fabric as FabricRow
@@ -72,6 +82,9 @@ class ReprotectBody(Strict):
     # machine was protected from; the checks judge that vCenter and, on success, it becomes the
     # item's on-premises site for the reprotect job and the failback.
     vcenter: str = Field(default="", max_length=200)
+    # From Azure: through an agent in the recovery VM (needs a route to on-premises, AZ-VPN; not
+    # built, refused) instead of agentless over SAS.
+    agent: Flag = False
     what_if: Flag = False
 
 
@@ -88,7 +101,7 @@ class Started(Strict):
 class Readiness(Strict):
     ready: bool
     problems: list[dict[str, Any]]
-    notes: list[dict[str, Any]] = Field(default_factory=list)
+    notes: list[PlannedTask] = Field(default_factory=list)
 
 
 def _fabric(s: Session, ident: str) -> FabricRow:
@@ -103,11 +116,9 @@ def _item_for_dr(s: Session, ident: str) -> repo.ItemSnapshot:
     row = by_id_or_name(s, ReplicatedItem, ident)
     if row is None:
         raise SiteRecoveryError(
-            Problem(
-                "cs-unknown-machine",
+            rules.CS_UNKNOWN_MACHINE.refusal(
                 f"Machine {ident!r} is not in the configuration server's database.",
                 "Restore the configuration server from a backup holding the machine, or protect it anew.",
-                rule="CS-1",
             ),
             Status.NOT_FOUND,
         )
@@ -130,7 +141,7 @@ def _ensure_idle(item: repo.ItemSnapshot) -> None:
         busy = s.scalar(
             select(Job).where(
                 Job.target_id == item.id,
-                Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value, JobState.PAUSED.value]),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.PAUSED]),
             )
         )
         if busy is not None:
@@ -153,7 +164,7 @@ def enable(
     policy = by_id_or_name(s, Policy, body.policy)
     if policy is None:
         raise not_found("policy", body.policy)
-    if policy.kind != PolicyKind.REPLICATION.value:
+    if policy.kind != PolicyKind.REPLICATION:
         raise invalid(
             "policy",
             f"Policy {policy.name} is a failback policy.",
@@ -179,29 +190,23 @@ def enable(
     agent = repo.component(s, f"onprem/{machine.name}", ComponentKind.AGENT)
     if ps is None:
         problems.append(
-            Problem(
-                "ps-disconnected",
+            rules.PS_DISCONNECTED.refusal(
                 f"No process server {body.process_server!r} is registered.",
                 "Start the process server and register it with the passphrase.",
-                rule="RP-PS",
             )
         )
     if mt is None:
         problems.append(
-            Problem(
-                "mt-not-discovered",
+            rules.MT_NOT_DISCOVERED.refusal(
                 f"No master target {body.master_target!r} is registered.",
                 "Start the master target and register it with the passphrase.",
-                rule="RP-VCENTER",
             )
         )
     if agent is None:
         problems.append(
-            Problem(
-                "agent-not-registered",
+            rules.AGENT_NOT_REGISTERED.refusal(
                 f"The agent of {machine.name} has not registered.",
                 "Power the machine on and wait a few minutes for its agent to register.",
-                rule="AG-1",
             )
         )
     problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
@@ -261,8 +266,8 @@ def enable(
             machine=machine.name,
             source_fabric_id=source.id,
             target_fabric_id=target.id,
-            direction=Direction.FORWARD.value,
-            state=ProtectionState.ENABLING.value,
+            direction=Direction.FORWARD,
+            state=ProtectionState.ENABLING,
             policy_id=policy.id,
             process_server_id=ps.id,
             master_target_id=mt.id,
@@ -313,7 +318,7 @@ def take_bookmark(
 ) -> dict[str, str]:
     """Take an app-consistent point now (a group point for every member when the item is in a group)."""
     row = repo.get_item(s, ident)
-    if row.state != ProtectionState.PROTECTED.value:
+    if row.state != ProtectionState.PROTECTED:
         raise conflict(
             "invalid-state",
             f"Item {row.name} is {row.state}; points are taken while protected.",
@@ -391,17 +396,15 @@ def reprotect(
     if not to_cloud and not body.vcenter:
         body = body.model_copy(update={"vcenter": _master_target_fabric(s, item, body.master_target)})
     args = body.model_dump()
+    typed = ReprotectArgs.model_validate(args)
     if to_cloud:
-        problems = forward_problems(item, args) + reprotect_capture_problems(s, item)
-        notes: list[dict[str, Any]] = []
+        problems = forward_problems(item, typed) + reprotect_capture_problems(s, item)
+        notes: list[PlannedTask] = []
     else:
-        ctx = build_reprotect_context(item, args)
+        ctx = build_reprotect_context(item, typed)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
         problems += reprotect_capture_problems(s, item)  # LV-CAPTURE: the recovery domain's agent
-        notes = [
-            {"kind": n.kind.value, "rule": n.rule, "machine": n.machine, "message": n.message}
-            for n in plan_notes(ctx)
-        ]
+        notes = plan_notes(ctx)
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
     if problems:
@@ -418,7 +421,7 @@ def reprotect(
 
 def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -> Started | Readiness:
     """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
-    problems = azure_way_back_problems(item)
+    problems = azure_way_back_problems(item) + (azure_agent_problems(item) if body.agent else [])
     if body.what_if:
         return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=[])
     if problems:
@@ -438,10 +441,9 @@ def failback(
     """FB-1: planned failover to on-premises, after every failback rule passed."""
     item = _item_for_dr(s, ident)
     rep = item.record.replication
-    args = {
-        "master_target": rep.master_target if rep else "",
-        "process_server": rep.process_server if rep else "",
-    }
+    args = ReprotectArgs(
+        master_target=rep.master_target if rep else "", process_server=rep.process_server if rep else ""
+    )
     azure = is_azure(current(), item.record.cloud_fabric)
     problems = azure_way_back_problems(item) if azure else check_failback(build_situation(item, args))
     if body.what_if:

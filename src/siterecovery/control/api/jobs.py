@@ -73,7 +73,7 @@ def find_jobs(
             (Job.created_at < last.created_at) | ((Job.created_at == last.created_at) & (Job.id < last.id))
         )
     if state is not None:
-        q = q.where(Job.state == state.value)
+        q = q.where(Job.state == state)
     if kind:
         q = q.where(Job.kind == kind)
     if target:
@@ -111,7 +111,7 @@ def show_job(
 @router.post("/{job_id}/cancel")
 def cancel(job_id: str, _: Principal = Depends(operator)) -> dict[str, str]:
     engine.cancel_job(job_id)
-    return {"job_id": job_id, "state": JobState.CANCELLED.value}
+    return {"job_id": job_id, "state": JobState.CANCELLED}
 
 
 @router.post("/{job_id}/resume")

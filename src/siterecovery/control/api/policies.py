@@ -62,7 +62,7 @@ def create_policy(
     forward = Policy(
         id=new_id("pol"),
         name=body.name,
-        kind=PolicyKind.REPLICATION.value,
+        kind=PolicyKind.REPLICATION,
         rpo_threshold_seconds=body.rpo_threshold_minutes * 60,
         retention_seconds=body.retention_hours * 3600,
         app_consistent_frequency_seconds=body.app_consistent_frequency_minutes * 60,
@@ -72,7 +72,7 @@ def create_policy(
     failback = Policy(
         id=new_id("pol"),
         name=failback_name,
-        kind=PolicyKind.FAILBACK.value,
+        kind=PolicyKind.FAILBACK,
         rpo_threshold_seconds=FAILBACK_RPO_SECONDS,
         retention_seconds=FAILBACK_RETENTION_SECONDS,
         app_consistent_frequency_seconds=FAILBACK_APP_FREQUENCY_SECONDS,

@@ -76,7 +76,7 @@ def new_token(
     record_event(
         s, Severity.INFO, "token-created", f"{body.role.value} token {row.name!r} created by {who.name}."
     )
-    return TokenCreated(id=row.id, name=row.name, role=Role(row.role), token=secret, expires_at=expires_at)
+    return TokenCreated(id=row.id, name=row.name, role=row.role, token=secret, expires_at=expires_at)
 
 
 def token_view(t: Token) -> TokenOut:
@@ -84,7 +84,7 @@ def token_view(t: Token) -> TokenOut:
     return TokenOut(
         id=t.id,
         name=t.name,
-        role=Role(t.role),
+        role=t.role,
         created_at=t.created_at,
         expires_at=t.expires_at,
         revoked=t.revoked,
@@ -97,7 +97,7 @@ def list_tokens(
     _: Principal = Depends(admin), s: Session = Depends(session, scope="function")
 ) -> list[TokenOut]:
     """User tokens (component tokens are managed by registration), revoked and expired included."""
-    rows = s.scalars(select(Token).where(Token.role != Role.COMPONENT.value).order_by(Token.created_at))
+    rows = s.scalars(select(Token).where(Token.role != Role.COMPONENT).order_by(Token.created_at))
     return [token_view(t) for t in rows]
 
 
@@ -107,7 +107,7 @@ def revoke_token(
 ) -> TokenOut:
     """Refused from the next request on; revoking twice is harmless."""
     row = s.get(Token, token_id)
-    if row is None or row.role == Role.COMPONENT.value:
+    if row is None or row.role == Role.COMPONENT:
         raise not_found("token", token_id)
     if row.id == who.token_id:
         raise conflict(
