@@ -24,6 +24,7 @@ IOPS with replication running; sustained >= 100 MB/s with p99 RPO <= 5 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -202,8 +203,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent_pids(disk: Protected) -> dict[str, int]:
+    """The agent's export process, its pair's sender child, the process server, the master target."""
+    pids = {"agent export": disk.pids["agent"], "process server": disk.pids["ps"]}
+    pids["master target"] = disk.pids["mt"]
+    with contextlib.suppress(OSError, ValueError):
+        pids["sender"] = int((disk.root / "agent" / "pairs" / "p" / "sender.pid").read_text())
+    return pids
+
+
 @dataclass
 class Run:
+    # (job, server) -> per run, CPU seconds per GiB written by process (fio's start to catch-up)
+    cpu: dict[tuple[str, str], list[dict[str, float]]] = field(default_factory=dict)
     burst: list[tuple[Job, dict[str, Result]]] = field(default_factory=list)
     burst_watch: Watch = field(default_factory=Watch)
     sustained: dict[str, Result] = field(default_factory=dict)
@@ -212,6 +233,7 @@ class Run:
 
 
 PEER, AGENT, SINK, SINK_AL = "qemu-nbd", "agent", "sink only", "sink only + write-intent log"
+_CPU_COLUMNS = ("qemu-nbd", "agent export", "sender", "process server", "master target")
 
 
 def main() -> int:
@@ -276,10 +298,20 @@ def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
         with protected_disk(work / "plane", ca, images["agent"], images["target"], IMAGE_SIZE) as disk:
 
             def fio(name: str, job: Job, seconds: int, watch: Watch) -> Result:
+                # CPU time per GiB beside the wall-clock rate: on a shared machine it is the steadier
+                # figure. Agent: from fio's start until the master target applied everything.
+                pids = agent_pids(disk) if name == AGENT else {"qemu-nbd": peer.pid} if name == PEER else {}
+                before = {k: cpu_seconds(p) for k, p in pids.items()}
                 if name == AGENT:
-                    return watched(disk, watch, job, seconds)
-                sock = {PEER: peer_sock, SINK: sink_sock, SINK_AL: al_sock}[name]
-                return run_fio(f"nbd+unix:///disk?socket={sock}", job, seconds)
+                    result = watched(disk, watch, job, seconds)
+                else:
+                    sock = {PEER: peer_sock, SINK: sink_sock, SINK_AL: al_sock}[name]
+                    result = run_fio(f"nbd+unix:///disk?socket={sock}", job, seconds)
+                gib = result.mib_s * (seconds + 1) / 1024  # the run and its 1 s ramp, at fio's rate
+                if pids and gib > 0:
+                    spent = {k: (cpu_seconds(p) - before[k]) / gib for k, p in pids.items()}
+                    run.cpu.setdefault((job.name, name), []).append(spent)
+                return result
 
             names = [PEER, AGENT, SINK] + ([SINK_AL] if al_server is not None else [])
             for job in JOBS:
@@ -324,6 +356,11 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
                 r = results[name]
                 ratio = "—" if name == PEER else f"{r.mib_s / peer.mib_s:.2f}x / {r.iops / peer.iops:.2f}x"
                 table.append(f"| {job.name} | {label} | {r.mib_s:.0f} | {r.iops:.0f} | {ratio} |")
+    cpu_table = ["| fio job | server | " + " | ".join(_CPU_COLUMNS) + " | total |", "|---|---|" + "---:|" * 6]
+    for (job_name, name), runs in run.cpu.items():
+        med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+        cells = [f"{med[k]:.2f}" if k in med else "—" for k in _CPU_COLUMNS]
+        cpu_table.append(f"| {job_name} | {name} | " + " | ".join(cells) + f" | {sum(med.values()):.2f} |")
     bw = run.burst_watch
     lines = [
         "# Write capture: a protected disk's NBD export with replication running, vs qemu-nbd",
@@ -343,6 +380,12 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
         f"each run (fio's end until the master target had applied everything captured): "
         f"median {statistics.median(bw.catch_up) if bw.catch_up else float('nan'):.1f} s, "
         f"max {max(bw.catch_up, default=float('nan')):.1f} s.",
+        "",
+        "CPU seconds (user + system, `/proc/PID/stat`) per GiB written, medians of the burst runs: "
+        "for the agent from fio's start until the master target had applied everything (GiB: fio's "
+        "rate x (run + 1 s ramp)). Steadier than wall-clock rates on a shared machine.",
+        "",
+        *cpu_table,
         "",
     ]
     if run.sustained:

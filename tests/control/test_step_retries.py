@@ -132,6 +132,21 @@ def test_a_permanent_error_fails_at_once_with_its_code(engine: ControlPlane) -> 
     assert fake.calls == 1 and task.attempts == 1
 
 
+def test_a_finished_task_answers_its_committed_outcome_instead_of_running_again(engine: ControlPlane) -> None:
+    """RPW-4: a kill -9 can land after a task committed `succeeded` but before DBOS recorded the
+    step's output; on recovery DBOS runs the step again. The step must answer the outcome the task
+    committed with its state, not run the handler a second time."""
+    job, task, fake = _run(engine, "once", [])
+    assert job.state == "succeeded" and fake.calls == 1 and task.attempts == 1
+    # What DBOS recovery does when the step's output was not recorded: call the step again.
+    again = jobs._execute_task(job.id, 0)
+    assert again == {"result": {"inventory": "inventory"}}
+    with engine.db.session() as s:
+        task = s.query(JobTask).filter_by(job_id=job.id).one()
+        assert task.attempts == 1 and task.state == "succeeded"
+    assert fake.calls == 1  # the handler did not run twice
+
+
 def _raised_from(exc: E, cause: BaseException) -> E:
     exc.__cause__ = cause
     return exc

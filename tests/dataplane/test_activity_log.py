@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.nbd_writer import RECORD, NbdConnection, record
 
-from siterecovery.dataplane.activity_log import EXTENT, ActivityLog
+from siterecovery.dataplane.activity_log import AHEAD, EXTENT, ActivityLog
 from siterecovery.dataplane.nbd.image import Export
 from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 
@@ -79,3 +79,21 @@ def test_marks_are_bounded_by_flushing_the_sink(tmp_path: Path) -> None:
 def test_a_log_of_another_geometry_compares_every_extent(tmp_path: Path) -> None:
     ActivityLog(tmp_path / "disk.al", SIZE).mark([(0, RECORD)], lambda: None)
     assert ActivityLog(tmp_path / "disk.al", 2 * SIZE).recovered == list(range(2 * SIZE // EXTENT))
+
+
+def test_a_sequential_stream_is_marked_ahead_and_every_write_stays_covered(tmp_path: Path) -> None:
+    """1 MiB writes through 16 extents: a mark per AHEAD + 1 extents, not one per extent, and every
+    write is covered by a durable mark before it is written (checked on the file itself)."""
+    log = ActivityLog(tmp_path / "disk.al", SIZE)
+    for offset in range(0, 16 * EXTENT, MiB):
+        if not log.covers(offset, MiB):
+            log.mark([(offset, MiB)], lambda: None)
+        assert offset // EXTENT in _marked_on_disk(tmp_path / "disk.al")  # what a crash would find
+        log.recorded(offset, MiB)
+    assert log.commits <= 1 + 16 // (AHEAD + 1) + 1, log.commits
+
+
+def _marked_on_disk(path: Path) -> list[int]:
+    copy = path.with_name("crash-copy.al")
+    copy.write_bytes(path.read_bytes())
+    return ActivityLog(copy, SIZE).recovered

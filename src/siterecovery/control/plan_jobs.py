@@ -8,10 +8,11 @@ group starts. Every machine's values come from the request (RP-GROUP-PLAN).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
 
+from pydantic import Field
 from sqlalchemy.orm import Session
 
+from siterecovery.control.schemas import Flag, PlanGroup, Strict
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.errors import invalid
@@ -28,41 +29,58 @@ class PlanOperation(StrEnum):
     FAILBACK = "failback"
 
 
-def _values(run: dict[str, Any], item: ReplicatedItem) -> dict[str, Any]:
-    given: dict[str, dict[str, Any]] = run.get("items", {}) or {}
-    return dict(given.get(item.id) or given.get(item.name) or {})
+class PlanItemValues(Strict):
+    """One machine's reprotect values in a plan run (RP-GROUP-PLAN)."""
+
+    master_target: str = Field(default="", max_length=200)
+    process_server: str = Field(default="", max_length=200)
+    datastore: str = Field(default="", max_length=200)
+    retention_volume: str = Field(default="", max_length=500)
+
+
+class PlanRun(Strict):
+    """Per-operation values; `items` supplies values for every machine (RP-GROUP-PLAN), by id or name."""
+
+    point: str = Field(default="latest", max_length=100)
+    planned: Flag = False
+    items: dict[str, PlanItemValues] = Field(default_factory=dict)
+
+
+def _values(run: PlanRun, item: ReplicatedItem) -> PlanItemValues:
+    return run.items.get(item.id) or run.items.get(item.name) or PlanItemValues()
+
+
+def _groups(plan: RecoveryPlan) -> list[PlanGroup]:
+    return [PlanGroup.model_validate(g) for g in plan.groups]
 
 
 def _item_tasks(
-    s: Session, plan: RecoveryPlan, item: ReplicatedItem, operation: PlanOperation, run: dict[str, Any]
+    s: Session, plan: RecoveryPlan, item: ReplicatedItem, operation: PlanOperation, run: PlanRun
 ) -> list[TaskSpec]:
     snap = repo.snapshot(item)
     if operation is PlanOperation.FAILOVER:
-        return ops.failover_tasks(
-            snap, ops.FailoverRequest(run.get("point", "latest"), bool(run.get("planned")))
-        )
+        return ops.failover_tasks(snap, ops.FailoverRequest(run.point, run.planned))
     if operation is PlanOperation.FAILBACK:
-        return ops.failover_tasks(snap, ops.FailoverRequest(run.get("point", "latest"), True), failback=True)
+        return ops.failover_tasks(snap, ops.FailoverRequest(run.point, True), failback=True)
     if operation is PlanOperation.CHANGE_POINT:
-        return ops.change_point_tasks(snap, run.get("point", "latest"), via_plan=True)
+        return ops.change_point_tasks(snap, run.point, via_plan=True)
     if operation is PlanOperation.COMMIT:
         return ops.commit_tasks(snap)
     values = _values(run, item)
-    missing = [k for k in ("master_target", "process_server") if not values.get(k)]
+    needed = (("master_target", values.master_target), ("process_server", values.process_server))
+    missing = [name for name, value in needed if not value]
     if missing:
         raise invalid(
             f"items.{item.name}",
             f"The plan's reprotect needs {', '.join(missing)} for {item.name}.",
             "Give values for every machine of the plan (RP-GROUP-PLAN).",
         )
-    group_mts = tuple(
-        (other.id, str(_values(run, other).get("master_target", ""))) for other in _plan_items(s, plan)
-    )
+    group_mts = tuple((other.id, _values(run, other).master_target) for other in _plan_items(s, plan))
     request = ops.ProtectRequest(
-        str(values["master_target"]),
-        str(values["process_server"]),
-        str(values.get("datastore", "")),
-        str(values.get("retention_volume", "")),
+        values.master_target,
+        values.process_server,
+        values.datastore,
+        values.retention_volume,
         via_plan=True,
         group_master_targets=group_mts,
     )
@@ -74,16 +92,14 @@ def _item_tasks(
 
 
 def _plan_items(s: Session, plan: RecoveryPlan) -> list[ReplicatedItem]:
-    found = (s.get(ReplicatedItem, i) for g in plan.groups for i in g.get("items", []))
+    found = (s.get(ReplicatedItem, i) for g in _groups(plan) for i in g.items)
     return [i for i in found if i is not None]
 
 
-def plan_tasks(
-    s: Session, plan: RecoveryPlan, operation: PlanOperation, run: dict[str, Any]
-) -> list[TaskSpec]:
+def plan_tasks(s: Session, plan: RecoveryPlan, operation: PlanOperation, run: PlanRun) -> list[TaskSpec]:
     tasks: list[TaskSpec] = []
-    for gi, group in enumerate(plan.groups, start=1):
-        for item_id in group.get("items", []):
+    for gi, group in enumerate(_groups(plan), start=1):
+        for item_id in group.items:
             item = s.get(ReplicatedItem, item_id)
             if item is None:
                 continue
@@ -93,23 +109,23 @@ def plan_tasks(
                         f"Group {gi}: {item.name}: {spec.name}", spec.action, {**spec.args, "via_plan": True}
                     )
                 )
-        for action in group.get("actions_after", []):
-            if action["kind"] == "manual":
+        for action in group.actions_after:
+            if action.kind == "manual":
                 tasks.append(
                     TaskSpec(
-                        f"Group {gi}: manual action: {action['name']}",
+                        f"Group {gi}: manual action: {action.name}",
                         MANUAL_ACTION,
-                        {"instructions": action.get("instructions", "")},
+                        {"instructions": action.instructions},
                     )
                 )
             else:
                 tasks.append(
                     TaskSpec(
-                        f"Group {gi}: script: {action['name']}",
+                        f"Group {gi}: script: {action.name}",
                         "script",
                         {
-                            "command": action["command"],
-                            "timeout_seconds": action["timeout_seconds"],
+                            "command": action.command,
+                            "timeout_seconds": action.timeout_seconds,
                             "plan": plan.name,
                             "operation": operation.value,
                         },

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    field_validator,
+    model_serializer,
+)
 
+from siterecovery.dr.fabric_access import FabricSummary
+from siterecovery.errors import Problem
 from siterecovery.store.states import ComponentKind, Role
 
 
@@ -26,6 +37,33 @@ Name = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ProblemItem(Strict):
+    """One failed rule, as each entry of a problem+json body's `problems` lists it (what-if answers
+    carry the same entries). `rule` and `detail` are left out when empty, as `Problem.as_dict` does,
+    so clients see one shape whichever answer carried the problem."""
+
+    code: str
+    message: str
+    remediation: str
+    rule: str | None = None
+    detail: dict[str, object] | None = None
+
+    @classmethod
+    def of(cls, problem: Problem) -> ProblemItem:
+        return cls(
+            code=problem.code,
+            message=problem.message,
+            remediation=problem.remediation,
+            rule=problem.rule or None,
+            detail=dict(problem.detail) or None,
+        )
+
+    @model_serializer(mode="wrap")
+    def _without_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        out: dict[str, object] = handler(self)
+        return {k: v for k, v in out.items() if not (k in ("rule", "detail") and not v)}
 
 
 class TokenCreate(Strict):
@@ -302,6 +340,27 @@ class FabricCredentials(Strict):
     secret: str = Field(default="", max_length=1000)
 
 
+class ServerInfo(BaseModel):
+    """The configuration server's identity (kept across backup/restore), version and clock."""
+
+    id: str
+    name: str
+    advertised_address: str
+    version: str
+    time: float
+
+
+class RecoveryPointOut(BaseModel):
+    """A point every disk of an item has (`latest` always first); `disks` maps pair id to point id."""
+
+    id: str
+    kind: str
+    time: float
+    time_utc: str
+    disks: dict[str, str]
+    unusable: str
+
+
 class FabricOut(BaseModel):
     id: str
     name: str
@@ -310,4 +369,4 @@ class FabricOut(BaseModel):
     connection: dict[str, Any]
     last_discovery_at: float | None
     discovery_error: str
-    summary: dict[str, Any]
+    summary: FabricSummary

@@ -13,6 +13,11 @@ the requests queued on a connection are marked together with one write and one f
 server calls `mark` once per batch); unmarking is lazy, folded into the next mark's write. The
 number of marked extents is bounded (`limit`): past it, the sink is flushed so older extents can
 be unmarked, which also bounds the resync after a crash (limit x 4 MiB compared, not the disk).
+A write stream that runs on into the next extent (the extent before it is marked) has the `AHEAD`
+extents after it marked in the same write: a sequential writer then pays one fdatasync per
+32 MiB instead of one per 4 MiB (it was the export's largest wait under 1 MiB sequential writes).
+Marking more than is written is always safe; it only widens the comparison after a crash, within
+the same limit.
 
 File: a 16-byte header (magic, extent size, extent count), then one bit per extent. Writes only
 change bits of the bitmap in place; a torn write can only leave a bit set that was being cleared
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 EXTENT = 4 << 20
 LIMIT = 1024  # marked extents at most (4 GiB): what a crash may cost to compare
+AHEAD = 7  # extents marked ahead of a sequential stream, within the limit
 _HEADER = struct.Struct(">8sII")
 _MAGIC = b"SRAL0001"
 _PENDING = 1 << 62  # marked, its write not recorded yet: never unmarked before it is
@@ -121,7 +127,25 @@ class ActivityLog:
             self._set(e)
             self._last[e] = _PENDING
             lo, hi = min(lo, e >> 3), max(hi, (e >> 3) + 1)
+        for e in self._ahead(want):
+            self._set(e)
+            self._last[e] = self._count  # nothing pending: unmarked after the next flush
+            lo, hi = min(lo, e >> 3), max(hi, (e >> 3) + 1)
         self._write(lo, hi)
+
+    def _ahead(self, want: set[int]) -> list[int]:
+        """Extents after those of a stream running on from a marked extent, while room is left."""
+        room = self.limit - len(self._last)
+        ahead: list[int] = []
+        for e in sorted(want):
+            if e == 0 or not self._bits[(e - 1) >> 3] & (1 << ((e - 1) & 7)):
+                continue
+            for n in range(e + 1, min(e + 1 + AHEAD, self.nextents)):
+                if room <= len(ahead):
+                    return ahead
+                if not self._bits[n >> 3] & (1 << (n & 7)) and n not in ahead:
+                    ahead.append(n)
+        return ahead
 
     def recorded(self, offset: int, length: int) -> None:
         """The write at `offset` was handed to the sink (after the image)."""

@@ -3,7 +3,8 @@
 The agent reconciles toward its desired state (`AgentDesired`): for every disk replication it opens
 the pair's spool and state (`PairReplication`, the NBD export's `CaptureSink`), serves the disk as
 an NBD export named after its label (one Unix socket `<label>.sock` per disk, and/or a TCP
-listener), and runs a `PairSender` to the process server. Capture is never off while a protected
+listener), and runs the pair's sender to the process server in a child process it supervises
+(`sender_process.py`). Capture is never off while a protected
 disk accepts writes: the pairs are listed durably in `<state_dir>/pairs.json` before they capture,
 and at start (`Agent.start`) they are resumed and plugged into their disks' capture switches
 before any export serves, whether or not the agent has registered or can reach the configuration
@@ -35,7 +36,7 @@ from siterecovery.dataplane.nbd.image import Export
 from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
-from siterecovery.dataplane.sender import PairSender
+from siterecovery.dataplane.sender_process import SenderProcess
 from siterecovery.dataplane.trust import Revocations
 from siterecovery.errors import Problem, SiteRecoveryError
 
@@ -149,7 +150,7 @@ class Agent:
         # None until the agent has a certificate; its pairs capture meanwhile, senders wait.
         self.identity = identity
         self.pairs: dict[str, PairReplication] = {}
-        self.senders: dict[str, PairSender] = {}
+        self.senders: dict[str, SenderProcess] = {}
         self._servers: dict[str, _Stoppable] = {}
         self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
@@ -230,7 +231,7 @@ class Agent:
     def _start_sender(self, pair: PairReplication) -> None:
         if pair.spec.paused or self.identity is None or pair.pair_id in self.senders:
             return
-        sender = PairSender(pair, self.identity.client_context(), self.options.name, self.revoked)
+        sender = SenderProcess(pair, self.identity, self.options.name, self.revoked)
         self.senders[pair.pair_id] = sender
         sender.start()
 

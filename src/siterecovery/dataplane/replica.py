@@ -38,6 +38,7 @@ from siterecovery.dataplane.protocol import (
     pack_header,
 )
 from siterecovery.dataplane.segment_log import SegmentLog
+from siterecovery.dataplane.spool_tail import SpoolTail
 
 _RESERVE = 1 << 20
 DEFAULT_SPOOL_LIMIT = 1 << 30
@@ -89,6 +90,9 @@ class PairReplication:
         self.dir = state_dir / "pairs" / spec.pair_id
         self.dir.mkdir(parents=True, exist_ok=True)
         self.spool = SegmentLog(self.dir / "spool")
+        # Read by the sender child (`sender_process.py`): where the spool ends, state changes.
+        self.tail = SpoolTail(self.dir / "spool.tail")
+        self.spool.share_tail(self.tail)
         self.spool_limit = spool_limit
         self.dirty = DirtyBitmap(self.dir / "dirty.bitmap", self.size)
         # Coarse blocks to compare with the target once no other sync is pending (INTENT).
@@ -155,6 +159,7 @@ class PairReplication:
             "lost": self.lost,
         }
         write_durably(self._state_path, json.dumps(state).encode())
+        self.tail.state_changed()
 
     @property
     def captured_seq(self) -> int:

@@ -6,6 +6,8 @@ log back with cursors to send downstream, and frees whole segments once downstre
 their last frame. On open, a torn tail left by a crash (a partly written frame) is cut off; every
 frame before it was either fsynced (and acknowledged) or never acknowledged, so nothing
 acknowledged is lost.
+A new segment's name is made durable by the next `sync()` together with its frames, not when
+it is created: nothing in it is promised before, and a directory fsync per roll stalled writers.
 
 A bad frame header *followed by intact frames* is not a torn tail but damage (a flipped bit on the
 disk): the scan resynchronises on the next offset whose header verifies and whose payload matches
@@ -36,6 +38,7 @@ from siterecovery.dataplane.protocol import (
     frame_intact,
     parse_header,
 )
+from siterecovery.dataplane.spool_tail import SpoolTail
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ class SegmentLog:
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._unsynced: list[int] = []
+        self._rolls = 0  # segments created so far ...
+        self._rolls_durable = 0  # ... and how many of their names an fsync of the directory covers
         self._damage_path = directory / _DAMAGE
+        self._tail: SpoolTail | None = None
         self.damage: list[LogDamage] = []
         if self._damage_path.exists():
             self.damage = [LogDamage(**d) for d in json.loads(self._damage_path.read_text())]
@@ -132,6 +138,20 @@ class SegmentLog:
             _fsync_dir(self.directory)
         return found
 
+    def share_tail(self, tail: SpoolTail) -> None:
+        """Publish where the log ends into `tail` from now on (a reader in another process)."""
+        with self._lock:
+            self._tail = tail
+            self._publish()
+
+    def _publish(self) -> None:
+        if self._tail is not None:
+            seg = self._segments[-1] if self._segments else None
+            if seg is None:
+                self._tail.publish(-1, 0, -1)
+            else:
+                self._tail.publish(seg.first_seq, seg.size, seg.last_seq)
+
     def repair(self) -> list[LogDamage]:
         """A reader met a bad frame header in the live log: index it again as on open (the damage
         found is recorded in `damage`); appends go on in a new segment."""
@@ -142,7 +162,9 @@ class SegmentLog:
             known_last = self._segments[-1].last_seq if self._segments else -1
             paths = [seg.path for seg in self._segments]
             self._segments = []
-            return self._open_segments(paths, known_last)
+            found = self._open_segments(paths, known_last)
+            self._publish()
+            return found
 
     def clear_damage(self) -> None:
         """The owner has taken over the damage (persisted its resync and alert): forget it."""
@@ -183,6 +205,8 @@ class SegmentLog:
             seg = self._segments[-1]
             seg.size += want
             seg.last_seq = seq
+            if self._tail is not None:
+                self._tail.publish(seg.first_seq, seg.size, seq)
             self.appended.notify_all()
 
     def _roll(self, seq: int) -> None:
@@ -191,12 +215,15 @@ class SegmentLog:
         path = self.directory / f"{seq:020d}{_SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self._segments.append(_Segment(seq, seq - 1, 0, path))
-        _fsync_dir(self.directory)
+        # Its name is made durable by the next sync(), with its frames: nothing in it is promised
+        # before then, and an fsync of the directory here stalled the export's writes.
+        self._rolls += 1
 
     def sync(self) -> None:
         """Make every appended frame durable."""
         with self._lock:
             fds, self._unsynced = self._unsynced, []
+            rolls = self._rolls
             # A duplicate of the current segment's descriptor: `free_through` on another thread may
             # close the original while we fdatasync outside the lock ("Bad file descriptor").
             current = os.dup(self._fd) if self._fd is not None else None
@@ -208,6 +235,11 @@ class SegmentLog:
                 os.fdatasync(current)
             finally:
                 os.close(current)
+        if rolls > self._rolls_durable:
+            # Cleared only once done: a concurrent sync() does not return before the names are durable.
+            _fsync_dir(self.directory)
+            with self._lock:
+                self._rolls_durable = max(self._rolls_durable, rolls)
 
     def free_through(self, seq: int) -> None:
         """Delete segments whose every frame has sequence <= `seq` (acknowledged downstream)."""

@@ -1,5 +1,8 @@
 """Streams one pair from the agent to its process server: spool, syncs, acknowledgements.
 
+It runs in the pair's sender child process (`sender_process.py`), on a `RemotePair`: the spool
+read from the files the agent's export appends to, state changes asked of the agent.
+
 A session opens with HELLO; the process server answers with the newest sequence it holds durably,
 and the sender (re)sends everything after it: spooled frames captured before a pending sync, then
 the sync's chunks, then the rest of the spool. The spool is freed only on the process server's
@@ -17,7 +20,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from siterecovery.dataplane.blocks import COARSE, FINE, BlockHasher, BlockStream
 from siterecovery.dataplane.links import connect
@@ -38,9 +41,10 @@ from siterecovery.dataplane.protocol import (
     decode_model,
     frame_intact,
 )
-from siterecovery.dataplane.replica import PairReplication, SyncKind, SyncPlan
+from siterecovery.dataplane.remote_pair import RemotePair
+from siterecovery.dataplane.replica import SyncKind, SyncPlan
 from siterecovery.dataplane.sync_source import Chunk, Progress, delta, delta_blocks, dirty_blocks, full_copy
-from siterecovery.dataplane.trust import PeerKind, Revocations, check_server
+from siterecovery.dataplane.trust import PeerKind, check_server
 from siterecovery.logs import PAIR_ID
 from siterecovery.retry import Backoff
 
@@ -56,12 +60,9 @@ class SessionEnded(ConnectionError):
 
 
 class PairSender:
-    def __init__(
-        self, pair: PairReplication, ctx: ssl.SSLContext, component: str, revoked: Revocations | None = None
-    ) -> None:
+    def __init__(self, pair: RemotePair, context: Callable[[], ssl.SSLContext], component: str) -> None:
         self.pair = pair
-        self._revoked = revoked
-        self._ctx = ctx
+        self._context = context  # made per session: a renewed certificate is used from the next one
         self._component = component
         self.stopped = threading.Event()
         self.last_error: str | None = None
@@ -95,12 +96,13 @@ class PairSender:
             self.stopped.wait(backoff.next())
 
     def _session(self) -> None:
-        sock = connect(self.pair.spec.process_server, self._ctx)
+        self.pair.refresh()  # revocations, lost frames, the pending sync, as the agent has them now
+        sock = connect(self.pair.spec.process_server, self._context())
         try:
             # Only the assigned process server's certificate: never another kind of component.
             spec = self.pair.spec
             ps_id = spec.process_server_id
-            check_server(sock, spec.process_server, PeerKind.PROCESS_SERVER, ps_id, self._revoked)
+            check_server(sock, spec.process_server, PeerKind.PROCESS_SERVER, ps_id, self.pair.revoked)
             writer = FrameWriter(sock)
             reader = FrameReader(sock, MAX_PAYLOAD)
             writer.send_model(

@@ -172,6 +172,10 @@ class Revocations:
     def __contains__(self, serial: object) -> bool:
         return serial in self._serials
 
+    @property
+    def serials(self) -> frozenset[str]:
+        return self._serials
+
 
 def check_server(
     sock: ssl.SSLSocket, address: str, kind: PeerKind, expected_id: str, revoked: Revocations | None = None

@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from siterecovery.errors import Problem, SiteRecoveryError, Status
-from siterecovery.fabrics.base import Fabric, FabricError, Inventory
+from siterecovery.fabrics.base import Fabric, FabricError, Inventory, PowerState, SiteKind
 from siterecovery.lab.fabric import LabFabric
 from siterecovery.store.context import ControlPlane
 from siterecovery.store.models import Fabric as FabricRow
@@ -126,9 +128,65 @@ def discover(cp: ControlPlane, row: FabricRow) -> Inventory:
     return inventory
 
 
-def summary(row: FabricRow) -> dict[str, Any]:
-    inv = row.inventory or {}
-    return {
-        key: len(inv.get(key, []))
-        for key in ("hosts", "datastores", "machines", "resource_groups", "networks")
-    } | {"warnings": inv.get("warnings", [])}
+class _Recorded(BaseModel):
+    # The stored copy is JSON written by `to_jsonable` from an `Inventory`; reads take the fields
+    # they need and ignore the rest, so older rows with fewer or more fields still read.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RecordedObject(_Recorded):
+    """A host, datastore, network or resource group of the recorded discovery (counted, listed)."""
+
+    name: str = ""
+
+
+class RecordedMachine(_Recorded):
+    """A machine of the recorded discovery, with what the server reads without discovering again."""
+
+    id: str = ""
+    name: str
+    power_state: PowerState | None = None
+    host: str = ""
+
+
+class RecordedInventory(_Recorded):
+    """A fabric's last discovery as stored: display and cheap defaults only; prerequisite checks
+    discover live (see the module paragraph). Empty when the fabric was never discovered."""
+
+    kind: SiteKind | None = None
+    hosts: tuple[RecordedObject, ...] = ()
+    datastores: tuple[RecordedObject, ...] = ()
+    machines: tuple[RecordedMachine, ...] = ()
+    resource_groups: tuple[RecordedObject, ...] = ()
+    networks: tuple[RecordedObject, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def holds(self, machine: str) -> bool:
+        return any(m.name == machine for m in self.machines)
+
+
+class FabricSummary(_Recorded):
+    """How much the last discovery found, and why it may have seen less (the API's `summary`)."""
+
+    hosts: int = 0
+    datastores: int = 0
+    machines: int = 0
+    resource_groups: int = 0
+    networks: int = 0
+    warnings: list[str] = Field(default_factory=list)
+
+
+def recorded(row: FabricRow) -> RecordedInventory:
+    return RecordedInventory.model_validate(row.inventory or {})
+
+
+def summary(row: FabricRow) -> FabricSummary:
+    inv = recorded(row)
+    return FabricSummary(
+        hosts=len(inv.hosts),
+        datastores=len(inv.datastores),
+        machines=len(inv.machines),
+        resource_groups=len(inv.resource_groups),
+        networks=len(inv.networks),
+        warnings=list(inv.warnings),
+    )

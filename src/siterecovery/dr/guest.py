@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from siterecovery.fabrics.base import Fabric, GuestOracle
+from siterecovery.dr.fabric_access import recorded
+from siterecovery.fabrics.base import Fabric, GuestOracle, PowerState
 from siterecovery.store.models import Fabric as FabricRow
 
 VERDICT_TIMEOUT = 180.0  # a VM guest boots, replays its journal and runs e2fsck twice first
@@ -87,5 +88,5 @@ def powered_on(cp: Any, fabric_id: str, machine: str) -> bool:
     """Whether a machine runs, from the fabric's last discovery (cheap: no live call per second)."""
     with cp.db.session() as s:
         row = s.get(FabricRow, fabric_id)
-        machines = (row.inventory or {}).get("machines", []) if row is not None else []
-    return any(m.get("name") == machine and m.get("power_state") == "on" for m in machines)
+        machines = recorded(row).machines if row is not None else ()
+    return any(m.name == machine and m.power_state is PowerState.ON for m in machines)

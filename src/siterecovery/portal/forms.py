@@ -20,7 +20,7 @@ from siterecovery.control.api import item_actions
 from siterecovery.control.api import jobs as jobs_api
 from siterecovery.control.api import plans as plans_api
 from siterecovery.control.api.items import find_item
-from siterecovery.control.plan_jobs import PlanOperation
+from siterecovery.control.plan_jobs import PlanOperation, PlanRun
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.portal.render import forbidden, page, problems_of, refused
 from siterecovery.portal.reprotect_form import Choice, build_dialog
@@ -47,7 +47,7 @@ def _guard(request: Request, who: Principal | None, form: dict[str, str]) -> Pri
     if who is None:
         return to_signin(request)
     if not csrf_ok(request, form):
-        return refused(request, who, [_CSRF.as_dict()], 403)
+        return refused(request, who, [_CSRF], 403)
     if not who.can(Role.OPERATOR):
         return forbidden(request, who)
     return who
@@ -60,7 +60,7 @@ def _to_job(job_id: str) -> RedirectResponse:
 @router.post("/signout")
 def signout(request: Request, form: dict[str, str] = Depends(form_dep)) -> Response:
     if not csrf_ok(request, form):
-        return refused(request, None, [_CSRF.as_dict()], 403)
+        return refused(request, None, [_CSRF], 403)
     return sign_out_response()
 
 
@@ -196,41 +196,43 @@ def run_action(
     return _action_page(request, guarded, ident, action, form, outcome, status)
 
 
-def _job_op(
-    job_id: str,
-    request: Request,
-    who: Principal | None,
-    form: dict[str, str],
-    op: Callable[[str, Principal], dict[str, str]],
+def _posted(
+    request: Request, who: Principal | None, form: dict[str, str], act: Callable[[Principal], str]
 ) -> Response:
+    """A guarded post that starts or changes a job (`act` returns its id): the job's page, or the
+    page listing the problems that refused it."""
     guarded = _guard(request, who, form)
     if isinstance(guarded, Response):
         return guarded
     try:
-        op(job_id, guarded)
+        job_id = act(guarded)
+    except ValidationError as exc:
+        return refused(request, guarded, problems_of(exc), 422)
     except SiteRecoveryError as exc:
         return refused(request, guarded, problems_of(exc), int(exc.status))
     return _to_job(job_id)
 
 
-@router.post("/jobs/{job_id}/cancel")
-def cancel_job(
-    job_id: str,
-    request: Request,
-    who: Principal | None = Depends(signed_in),
-    form: dict[str, str] = Depends(form_dep),
-) -> Response:
-    return _job_op(job_id, request, who, form, jobs_api.cancel)
+def _job_route(op: Callable[[str, Principal], dict[str, str]]) -> Callable[..., Response]:
+    """The POST route of one job operation (cancel, resume)."""
+
+    def route(
+        job_id: str,
+        request: Request,
+        who: Principal | None = Depends(signed_in),
+        form: dict[str, str] = Depends(form_dep),
+    ) -> Response:
+        def act(operator: Principal) -> str:
+            op(job_id, operator)
+            return job_id
+
+        return _posted(request, who, form, act)
+
+    return route
 
 
-@router.post("/jobs/{job_id}/resume")
-def resume_job(
-    job_id: str,
-    request: Request,
-    who: Principal | None = Depends(signed_in),
-    form: dict[str, str] = Depends(form_dep),
-) -> Response:
-    return _job_op(job_id, request, who, form, jobs_api.resume)
+router.add_api_route("/jobs/{job_id}/cancel", _job_route(jobs_api.cancel), methods=["POST"])
+router.add_api_route("/jobs/{job_id}/resume", _job_route(jobs_api.resume), methods=["POST"])
 
 
 @router.post("/plans/{ident}/{operation}")
@@ -241,10 +243,7 @@ def run_plan(
     who: Principal | None = Depends(signed_in),
     form: dict[str, str] = Depends(form_dep),
 ) -> Response:
-    guarded = _guard(request, who, form)
-    if isinstance(guarded, Response):
-        return guarded
-    try:
+    def act(operator: Principal) -> str:
         with current().db.session() as s:
             plan = plans_api.find_plan(s, ident)
             values = {
@@ -252,14 +251,11 @@ def run_plan(
                 for key in ("master_target", "process_server", "datastore", "retention_volume")
             }
             machines = [m for g in plans_api.plan_view(plan).groups for m in g.items]
-            run = plans_api.PlanRun(
+            run = PlanRun(
                 point=form.get("point") or "latest",
                 planned=form.get("planned") == "on",
                 items={m: values for m in machines} if operation is PlanOperation.REPROTECT else {},
             )
-            started = plans_api.run_plan(ident, operation, run, guarded, s)
-    except ValidationError as exc:
-        return refused(request, guarded, problems_of(exc), 422)
-    except SiteRecoveryError as exc:
-        return refused(request, guarded, problems_of(exc), int(exc.status))
-    return _to_job(started.job_id)
+            return plans_api.run_plan(ident, operation, run, operator, s).job_id
+
+    return _posted(request, who, form, act)

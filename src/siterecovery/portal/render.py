@@ -7,6 +7,7 @@ signed-in principal, the CSRF token for its forms and whether action buttons may
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -92,22 +93,22 @@ def page(
     return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def problems_of(exc: SiteRecoveryError | ValidationError) -> list[dict[str, object]]:
+def problems_of(exc: SiteRecoveryError | ValidationError) -> list[Problem]:
     """Code, message and remediation of each problem, as the problem list template shows them."""
     if isinstance(exc, SiteRecoveryError):
-        return [p.as_dict() for p in exc.problems]
+        return list(exc.problems)
     return [
         Problem(
             "invalid-input",
             f"Field '{'.'.join(str(x) for x in err['loc']) or 'form'}': {err['msg']}.",
             "Correct the field and submit again.",
-        ).as_dict()
+        )
         for err in exc.errors()
     ]
 
 
 def refused(
-    request: Request, who: Principal | None, problems: list[dict[str, object]], status: int
+    request: Request, who: Principal | None, problems: Sequence[Problem], status: int
 ) -> HTMLResponse:
     return page(request, who, "refused.html", status=status, problems=problems)
 
@@ -118,4 +119,4 @@ def forbidden(request: Request, who: Principal) -> HTMLResponse:
         f"Role {who.role.value} may not do this; it needs operator.",
         "Sign in with a token whose role allows this operation.",
     )
-    return refused(request, who, [problem.as_dict()], 403)
+    return refused(request, who, [problem], 403)

@@ -3,8 +3,10 @@
 The `jobs` / `job_tasks` tables hold what operators see (state, percent, bytes, errors). DBOS
 holds what makes a job survive a crash: when the server starts again, DBOS re-runs every
 unfinished workflow, and each finished step returns its recorded result instead of running
-again — so a reprotect resumes where it was, it does not redo finished tasks. A task handler
-must therefore be safe to run again after an interruption (idempotent).
+again — so a reprotect resumes where it was, it does not redo finished tasks. DBOS records a
+step's output only after it returns, so the task's row also commits its outcome with its end
+state, and a step run again after a crash in that window answers it (`_execute_task`). A task
+handler interrupted before it finished runs again, so it must be safe to (idempotent).
 
 A task that fails on a transient provider error (`retry.is_transient`: a reset connection, a
 timeout, HTTP 5xx/429, libvirt's RPC errors) raises out of its step and DBOS runs the step again
@@ -192,9 +194,16 @@ def _start_job(job_id: str) -> int:
     backoff_rate=STEP_BACKOFF_RATE,
 )
 def _execute_task(job_id: str, ordinal: int) -> dict[str, Any]:
-    """Run one task. Its result is recorded by DBOS, so a finished task never runs twice."""
+    """Run one task, or answer the outcome it already committed: a finished task never runs twice.
+
+    DBOS records a step's output only after the step returns; the task's own row commits its end
+    state and outcome first, so a crash between the two (a kill -9 just after the task shows
+    `succeeded`) would otherwise run the finished task again on recovery.
+    """
     with current().db.session() as s:
         task = _task(s, job_id, ordinal)
+        if task.state in (TaskState.SUCCEEDED, TaskState.FAILED) and task.result is not None:
+            return task.result
         task.state = TaskState.RUNNING
         task.attempts += 1
         task.started_at = task.started_at or now()
@@ -216,8 +225,7 @@ def _run_task(ctx: TaskContext, action: str) -> dict[str, Any]:
     except SiteRecoveryError as exc:
         # The first problem heads the error; all of them stay (a refused reprotect lists every rule).
         error = {**exc.first.as_dict(), "problems": [p.as_dict() for p in exc.problems]}
-        _finish_task(job_id, ordinal, TaskState.FAILED, error=error)
-        return {"failed": [error]}
+        return _finish_task(job_id, ordinal, TaskState.FAILED, {"failed": [error]}, error=error)
     except Exception as exc:  # a task's own failure ends the job, never the server
         if is_transient(exc):
             # Out of the step: DBOS runs it again after its interval (the handlers are idempotent).
@@ -227,10 +235,10 @@ def _run_task(ctx: TaskContext, action: str) -> dict[str, Any]:
             raise TransientFailure.of(exc) from exc
         log.exception("task %s of job %s failed", ordinal, job_id)
         problem = _permanent_problem(exc)
-        _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
-        return {"failed": [problem.as_dict()]}
-    _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
-    return {"result": result}
+        return _finish_task(
+            job_id, ordinal, TaskState.FAILED, {"failed": [problem.as_dict()]}, error=problem.as_dict()
+        )
+    return _finish_task(job_id, ordinal, TaskState.SUCCEEDED, {"result": result})
 
 
 def _permanent_problem(exc: Exception) -> Problem:
@@ -281,19 +289,29 @@ def _retries_exhausted(
             "Check that the provider (vCenter, libvirt host, Azure) and the network to it are up, "
             "then rerun the job.",
         )
-    _finish_task(job_id, ordinal, TaskState.FAILED, error=problem.as_dict())
-    return {"failed": [problem.as_dict()]}
+    return _finish_task(
+        job_id, ordinal, TaskState.FAILED, {"failed": [problem.as_dict()]}, error=problem.as_dict()
+    )
 
 
-def _finish_task(job_id: str, ordinal: int, state: TaskState, error: dict[str, Any] | None = None) -> None:
+def _finish_task(
+    job_id: str,
+    ordinal: int,
+    state: TaskState,
+    outcome: dict[str, Any],
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Commit a task's end state and its outcome together; returns the outcome."""
     with current().db.session() as s:
         task = _task(s, job_id, ordinal)
         task.state = state
+        task.result = outcome
         task.ended_at = now()
         if state is TaskState.SUCCEEDED:
             task.percent = 100.0
         if error:
             task.error = error
+    return outcome
 
 
 @DBOS.step()
@@ -318,7 +336,7 @@ def _enter_manual_action(job_id: str, ordinal: int) -> None:
 
 @DBOS.step()
 def _leave_manual_action(job_id: str, ordinal: int) -> None:
-    _finish_task(job_id, ordinal, TaskState.SUCCEEDED)
+    _finish_task(job_id, ordinal, TaskState.SUCCEEDED, {"result": {}})
     with current().db.session() as s:
         job = s.get(Job, job_id)
         if job is not None and job.state == JobState.PAUSED:

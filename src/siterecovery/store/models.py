@@ -256,6 +256,9 @@ class JobTask(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A finished task's outcome, committed with its end state: DBOS records a step's output only
+    # after the step returns, so a crash in between would run a finished task again without it.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 

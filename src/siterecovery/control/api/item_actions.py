@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import control_plane, operator, reader, session
-from siterecovery.control.schemas import Flag, Strict
+from siterecovery.control.schemas import Flag, ProblemItem, RecoveryPointOut, Strict
 from siterecovery.dr import items as repo
 from siterecovery.dr import operations as ops
 from siterecovery.dr import rules
@@ -26,7 +26,7 @@ from siterecovery.dr.azure_failback import (
 from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
-from siterecovery.dr.fabric_access import discover
+from siterecovery.dr.fabric_access import discover, recorded
 from siterecovery.dr.libvirt_capture import enable_capture_problems, reprotect_capture_problems
 from siterecovery.dr.notes import PlannedTask, plan_notes
 from siterecovery.dr.placement import replica_paths
@@ -39,6 +39,7 @@ from siterecovery.dr.situation import (
     forward_problems,
 )
 from siterecovery.errors import SiteRecoveryError, Status, conflict, invalid, not_found
+from siterecovery.fabrics.base import SiteKind
 from siterecovery.store import jobs as engine
 from siterecovery.store.context import ControlPlane, current
 from siterecovery.store.models import Fabric as FabricRow
@@ -100,7 +101,7 @@ class Started(Strict):
 
 class Readiness(Strict):
     ready: bool
-    problems: list[dict[str, Any]]
+    problems: list[ProblemItem]
     notes: list[PlannedTask] = Field(default_factory=list)
 
 
@@ -306,10 +307,10 @@ def test_cleanup(
 @router.get("/{ident}/recoveryPoints")
 def recovery_points(
     ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
-) -> list[dict[str, Any]]:
+) -> list[RecoveryPointOut]:
     """Points every disk of the item has, newest first; `latest` is always first (FW-3)."""
     item = repo.snapshot(repo.get_item(s, ident))
-    return [p.as_dict() for p in points_of(s, item.record)]
+    return [RecoveryPointOut.model_validate(p.as_dict()) for p in points_of(s, item.record)]
 
 
 @router.post("/{ident}/bookmarks", status_code=201)
@@ -373,8 +374,7 @@ def _master_target_fabric(s: Session, item: repo.ItemSnapshot, master_target: st
     holders = [
         row.id
         for row in s.scalars(select(FabricRow).order_by(FabricRow.name))
-        if row.inventory.get("kind") != "cloud"
-        and any(m.get("name") == mt.machine for m in row.inventory.get("machines", ()))
+        if (inventory := recorded(row)).kind is not SiteKind.CLOUD and inventory.holds(mt.machine)
     ]
     if not holders or item.record.onprem_fabric in holders:
         return ""
@@ -406,7 +406,7 @@ def reprotect(
         problems += reprotect_capture_problems(s, item)  # LV-CAPTURE: the recovery domain's agent
         notes = plan_notes(ctx)
     if body.what_if:
-        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=notes)
+        return Readiness(ready=not problems, problems=[ProblemItem.of(p) for p in problems], notes=notes)
     if problems:
         raise SiteRecoveryError(problems)
     if body.vcenter and not to_cloud:
@@ -423,7 +423,7 @@ def _azure_reprotect(s: Session, item: repo.ItemSnapshot, body: ReprotectBody) -
     """Reprotect from an Azure site: agentless (dr/azure_failback.py), its own prerequisites."""
     problems = azure_way_back_problems(item) + (azure_agent_problems(item) if body.agent else [])
     if body.what_if:
-        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems], notes=[])
+        return Readiness(ready=not problems, problems=[ProblemItem.of(p) for p in problems], notes=[])
     if problems:
         raise SiteRecoveryError(problems)
     policy = repo.policy(s, item.policy_id)
@@ -447,7 +447,7 @@ def failback(
     azure = is_azure(current(), item.record.cloud_fabric)
     problems = azure_way_back_problems(item) if azure else check_failback(build_situation(item, args))
     if body.what_if:
-        return Readiness(ready=not problems, problems=[p.as_dict() for p in problems])
+        return Readiness(ready=not problems, problems=[ProblemItem.of(p) for p in problems])
     if problems:
         raise SiteRecoveryError(problems)
     tasks = ops.failover_tasks(item, ops.FailoverRequest(body.point, planned=True), failback=True)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
-from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from siterecovery.control.api.deps import operator, reader, session
-from siterecovery.control.plan_jobs import PlanOperation, plan_tasks
+from siterecovery.control.plan_jobs import PlanOperation, PlanRun, plan_tasks
 from siterecovery.control.schemas import (
-    Flag,
     GroupCreate,
     GroupOut,
     JobStarted,
     PlanCreate,
     PlanGroup,
     PlanOut,
-    Strict,
 )
 from siterecovery.errors import Problem, SiteRecoveryError, Status, conflict, invalid, not_found
 from siterecovery.store import jobs as engine
@@ -28,14 +23,6 @@ from siterecovery.store.states import Role
 from siterecovery.store.tokens import Principal
 
 router = APIRouter(prefix="/api", tags=["recovery plans"])
-
-
-class PlanRun(Strict):
-    """Per-operation values; `items` supplies values for every machine (RP-GROUP-PLAN)."""
-
-    point: str = Field(default="latest", max_length=100)
-    planned: Flag = False
-    items: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 def plan_view(p: RecoveryPlan) -> PlanOut:
@@ -118,7 +105,7 @@ def run_plan(
 ) -> JobStarted:
     plan = find_plan(s, ident)
     run = body or PlanRun()
-    tasks = plan_tasks(s, plan, operation, run.model_dump())
+    tasks = plan_tasks(s, plan, operation, run)
     name, plan_id = plan.name, plan.id
     s.commit()
     job_id = engine.create_job(

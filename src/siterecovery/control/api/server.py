@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import select
@@ -11,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from siterecovery import __version__
 from siterecovery.control.api.deps import admin, control_plane, reader, session
-from siterecovery.control.schemas import TokenCreate, TokenCreated, TokenOut
+from siterecovery.control.schemas import ServerInfo, TokenCreate, TokenCreated, TokenOut
 from siterecovery.errors import conflict, not_found
 from siterecovery.store.context import ControlPlane
 from siterecovery.store.events import record_event
@@ -25,16 +23,16 @@ router = APIRouter(prefix="/api", tags=["server"])
 @router.get("/server")
 def server_info(
     _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
-) -> dict[str, Any]:
+) -> ServerInfo:
     ident = s.scalar(select(ServerIdentity))
     assert ident is not None
-    return {
-        "id": ident.id,
-        "name": ident.name,
-        "advertised_address": ident.advertised_address,
-        "version": __version__,
-        "time": now(),
-    }
+    return ServerInfo(
+        id=ident.id,
+        name=ident.name,
+        advertised_address=ident.advertised_address,
+        version=__version__,
+        time=now(),
+    )
 
 
 @router.get("/ca", response_class=PlainTextResponse)
