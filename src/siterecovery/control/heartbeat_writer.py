@@ -19,10 +19,10 @@ from typing import Any
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.heartbeats import record_heartbeat
-from siterecovery.dataplane.point_delta import merge
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
+from siterecovery.store.points import store_report
 
 log = logging.getLogger("siterecovery.heartbeats")
 
@@ -109,7 +109,7 @@ class HeartbeatWriter:
             row.address = report.address
         stats = report.stats
         if "points_seq" in stats:  # point lists versioned, maybe sent as a delta (`point_delta`)
-            stats, resync = merge(row.stats or {}, stats)
+            stats, resync = store_report(s, row, stats)  # the points go to their own rows
             report.outcome = Recorded(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config)
 
