@@ -75,8 +75,22 @@ class HeartbeatWriter:
                 ),
                 Status.UNAVAILABLE,
             )
-        if report.error is not None:
+        if isinstance(report.error, SiteRecoveryError):
             raise report.error
+        if report.error is not None:
+            # Not the report's fault (it was validated at the edge): the database refused the
+            # write, e.g. another server process wrote the same master target's point rows at the
+            # same moment, or SQLite stayed locked. The component retries, with jitter.
+            log.warning("heartbeat of %s not recorded: %r", component_id, report.error)
+            raise SiteRecoveryError(
+                Problem(
+                    "server-busy",
+                    "The configuration server could not record this heartbeat "
+                    f"({type(report.error).__name__}).",
+                    "Retry after a few seconds (components do so with jitter).",
+                ),
+                Status.UNAVAILABLE,
+            ) from report.error
         return report.outcome
 
     def _run(self) -> None:
