@@ -111,6 +111,9 @@ class ServerConfig(ServiceSettings):
     max_body_bytes: int = 16 * 1024 * 1024
     # Lifetime of a new user token unless `tokens create --expires-in` says otherwise.
     token_days: float = 30.0
+    # Seconds a verified token is trusted without reading it again (revokes here void it at once;
+    # another server process's revoke or expiry edits are seen within this time). 0: every request.
+    token_cache_seconds: float = 5.0
     # Wrong registration passphrases one source address may give per minute before a 429.
     passphrase_failures_per_minute: int = 5
     # Lifetime of component certificates; components renew them when a third of it is left.

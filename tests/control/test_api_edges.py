@@ -281,17 +281,21 @@ def test_expired_and_revoked_tokens_are_refused_with_a_code(edge: ConfigServer) 
     )
     assert 3500 < hourly["expires_at"] - time.time() <= 3600
     assert edge.api("GET", "/api/policies", token=short["token"]).status_code == 200
+    assert edge.api("GET", "/api/policies", token=hourly["token"]).status_code == 200
     # Expiry is the clock passing `expires_at`: move it into the past rather than wait for it.
     with sqlite3.connect(edge.state_dir / "siterecovery.db") as db:
         db.execute("update tokens set expires_at = ? where id = ?", (time.time() - 1, short["id"]))
-    expired = _problem(edge.api("GET", "/api/policies", token=short["token"]), 401)
-    assert expired["code"] == "token-expired"
     listed = {t["id"]: t for t in edge.api("GET", "/api/tokens").json()}
     assert listed[short["id"]]["expired"] is True and listed[hourly["id"]]["expired"] is False
 
+    # Both tokens are remembered as verified (`token_cache_seconds`), so the edit behind the
+    # server's back would be seen only within that time; a revoke through the API voids every
+    # remembered token at once: the revoked one and the expired one are refused on the next request.
     run_cli("tokens", "revoke", hourly["id"], env=edge.env)
     revoked = _problem(edge.api("GET", "/api/policies", token=hourly["token"]), 401)
     assert revoked["code"] == "token-revoked"
+    expired = _problem(edge.api("GET", "/api/policies", token=short["token"]), 401)
+    assert expired["code"] == "token-expired"
     listing = run_cli("tokens", "list", env=edge.env).stdout
     assert hourly["id"] in listing and "never" in listing  # the initial admin token does not expire
     assert time.strftime("%Y-%m-%d", time.gmtime(hourly["expires_at"])) in listing

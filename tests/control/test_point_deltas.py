@@ -20,6 +20,7 @@ from siterecovery.dataplane.control_client import ControlClient, Registration
 from siterecovery.server.app import create_app
 from siterecovery.store.context import ControlPlane, open_control_plane
 from siterecovery.store.models import Component
+from siterecovery.store.points import with_points
 
 PAIRS = 20
 POINTS = 220  # a day of thinned points per pair
@@ -67,7 +68,7 @@ class Plane:
         with self.cp.db.session() as s:
             row = s.get(Component, component_id)
             assert row is not None
-            return dict(row.stats)
+            return with_points(s, row)
 
 
 @pytest.fixture

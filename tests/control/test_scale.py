@@ -17,7 +17,7 @@ import httpx
 import pytest
 from bench.hollow import Hollow, agent_stats, machine_name, master_target_stats, seed
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 
 from siterecovery.config import load_server_config
 from siterecovery.control.admission import HeartbeatAdmission
@@ -30,7 +30,8 @@ from siterecovery.retry import after_busy as backoff_seconds
 from siterecovery.server.app import create_app
 from siterecovery.store.context import ControlPlane, open_control_plane
 from siterecovery.store.events import record_event
-from siterecovery.store.models import Component, Job, ReplicatedItem
+from siterecovery.store.models import Component, Job, MasterTargetPoint, ReplicatedItem
+from siterecovery.store.points import store_report
 from siterecovery.store.record import ItemRecord
 from siterecovery.store.states import Role, Severity
 from siterecovery.store.tokens import create_token
@@ -88,10 +89,78 @@ def test_a_heartbeat_touches_only_its_own_items(plane: tuple[ControlPlane, TestC
         c.heartbeat(http)
     few = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
     assert few["agent"][1] == 1 and few["master-target"][1] == 10  # its own items, nothing else
+    # An idle agent's heartbeat: its row read and written, its row's desired columns, its items,
+    # the addresses they name (one statement), their policy, the revoked serials. Its token is
+    # remembered (`store.tokens.TokenCache`), so it is not read again.
+    assert few["agent"][0] <= 7, counter.sql
 
     seed(cp, 190, start=10, first_component=1)  # others' items: another process server and master target
     many = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
     assert many == few, (few, many)
+
+
+def test_an_idle_master_target_heartbeat_writes_no_point_whatever_it_holds(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """A master target's points are rows (`store.points`): its heartbeat with an empty delta runs
+    the same statements with the same amount of data (before, the whole lists were decoded and
+    written back inside its stats), none of them on the points, for 5 or 200 points per pair;
+    the API still shows the lists it reported."""
+    cp, http, counter = plane
+    passphrase = cp.passphrase()
+    with cp.db.session() as s:
+        reader = {"Authorization": f"Bearer {create_token(s, 'reader', Role.READER)}"}
+
+    sent: list[int] = []  # characters of the statements' parameters: the data read back or written
+
+    def on_statement(_c: Any, _cur: Any, _statement: str, parameters: Any, *_: Any) -> None:
+        sent.append(len(repr(parameters)))
+
+    def idle_cost(name: str, points_per_pair: int) -> tuple[int, list[str], int]:
+        mt = Hollow("master-target", name, [f"{name}-p{i}" for i in range(4)])
+        mt.register(http, passphrase)
+        auth = {"Authorization": f"Bearer {mt.token}"}
+        url = f"/api/components/{mt.component_id}/heartbeat"
+        full = {**master_target_stats(mt.pairs, 7, points_per_pair), "points_seq": 1}
+        r = http.post(url, json={"stats": full}, headers=auth)
+        assert r.status_code == 200 and r.json()["points_seq"] == 1 and not r.json()["points_resync"]
+        shown = http.get(f"/api/servers/{mt.component_id}", headers=reader).json()["stats"]
+        assert shown["pairs"] == full["pairs"]  # as reported, points included
+        idle = {
+            **full,
+            "pairs": [{**p, "points": []} for p in full["pairs"]],
+            "points_seq": 2,
+            "points_delta": {"base": 1, "pairs": {}},
+        }
+        counter.reset()
+        sent.clear()
+        event.listen(cp.db.engine, "before_cursor_execute", on_statement)
+        try:
+            r = http.post(url, json={"stats": idle}, headers=auth)
+        finally:
+            event.remove(cp.db.engine, "before_cursor_execute", on_statement)
+        assert r.status_code == 200 and r.json()["points_seq"] == 2 and not r.json()["points_resync"]
+        statements, on_points, written = (
+            counter.statements,
+            [q for q in counter.sql if "mt_points" in q],
+            sum(sent),
+        )
+        shown = http.get(f"/api/servers/{mt.component_id}", headers=reader).json()["stats"]
+        assert [len(p["points"]) for p in shown["pairs"]] == [points_per_pair] * 4
+        return statements, on_points, written
+
+    few = idle_cost("master-target-few", 5)
+    many = idle_cost("master-target-many", 200)
+    assert few[1] == [] and many[1] == [], many[1]
+    assert few[0] == many[0], (few, many)
+    assert many[2] < few[2] + 100, (few, many)  # ids and times differ a little, not 4 x 195 points
+
+    with cp.db.session() as s:  # a removed master target's points go with it
+        admin = {"Authorization": f"Bearer {create_token(s, 'admin', Role.ADMIN)}"}
+        assert s.scalar(select(func.count()).select_from(MasterTargetPoint)) == 4 * (5 + 200)
+    assert http.delete("/api/servers/master-target-many", headers=admin).status_code == 200
+    with cp.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(MasterTargetPoint)) == 4 * 5
 
 
 def test_desired_is_sent_only_when_it_changed(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
@@ -197,7 +266,7 @@ def _report_everything(cp: ControlPlane, at: float) -> None:
         for mt_id, pairs in by_mt.items():
             mt = s.get(Component, mt_id)
             assert mt is not None
-            mt.stats = master_target_stats(pairs, 7, points_per_pair=20)
+            mt.stats, _ = store_report(s, mt, master_target_stats(pairs, 7, points_per_pair=20))
 
 
 def test_a_monitor_pass_reads_with_a_fixed_number_of_statements(

@@ -24,6 +24,7 @@ from siterecovery.dataplane.assignments import (
 )
 from siterecovery.store.context import ControlPlane, open_control_plane
 from siterecovery.store.models import Component, Job, JobTask, Policy, ReplicatedItem
+from siterecovery.store.points import store_report
 from siterecovery.store.record import ItemDisk, ItemRecord, Pair, Replication, Site
 
 
@@ -44,13 +45,14 @@ class Plane:
                     PairStats(pair_id="p1", state=PairState.PROTECTED, captured_seq=captured, acked_seq=acked)
                 ]
             ).model_dump(mode="json")
-            mt.stats = MasterTargetStats(
+            report = MasterTargetStats(
                 pairs=[
                     MasterTargetPairStats(
                         pair_id="p1", applied_seq=applied, last_applied_time=at, points=points or []
                     )
                 ]
             ).model_dump(mode="json")
+            mt.stats, _ = store_report(s, mt, report)  # as the heartbeat does: points to their rows
             agent.last_heartbeat = mt.last_heartbeat = at
 
     def report_refused(self, *refused: RefusedFrame) -> None:

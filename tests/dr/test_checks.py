@@ -34,6 +34,7 @@ from siterecovery.dr.checks import (
     ensure_failback,
     ensure_reprotect,
 )
+from siterecovery.dr.libvirt_capture import CAPTURE_RULES
 from siterecovery.dr.libvirt_checks import LIBVIRT_RULES
 from siterecovery.dr.notes import TaskKind, plan_notes
 from siterecovery.dr.ruledoc import documented_table, prerequisites_table
@@ -637,8 +638,16 @@ def test_every_code_has_a_case() -> None:
     assert failback == {r.code for r in FAILBACK_RULES}
     # The Azure rules have their cases in tests/azure/test_azure_checks.py, the libvirt rules theirs
     # in tests/libvirt/test_checks.py.
+    # LV-CAPTURE's are in tests/dr/test_libvirt_capture.py and tests/libvirt/test_jobs.py.
     others = {
-        r.code for r in (*AZURE_FAILOVER_RULES, *AZURE_FAILBACK_RULES, *AZURE_AGENT_RULES, *LIBVIRT_RULES)
+        r.code
+        for r in (
+            *AZURE_FAILOVER_RULES,
+            *AZURE_FAILBACK_RULES,
+            *AZURE_AGENT_RULES,
+            *LIBVIRT_RULES,
+            *CAPTURE_RULES,
+        )
     }
     assert reprotect | failback | others == set(RULES)
 

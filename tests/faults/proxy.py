@@ -27,6 +27,10 @@ class LinkProxy:
     _closed: threading.Event = field(default_factory=threading.Event)
     _socks: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Chunks past the open check and not yet counted; `cut` waits them out, so nothing is
+    # delivered after it returns (a chunk that passed the check just before counted late).
+    _gate: threading.Condition = field(default_factory=threading.Condition)
+    _passing: int = 0
 
     @property
     def address(self) -> str:
@@ -41,14 +45,20 @@ class LinkProxy:
         return self
 
     def cut(self) -> None:
-        self._open.clear()
+        with self._gate:
+            self._open.clear()
+            self._gate.wait_for(lambda: self._passing == 0, timeout=60)
 
     def restore(self) -> None:
-        self._open.set()
+        with self._gate:
+            self._open.set()
+            self._gate.notify_all()
 
     def stop(self) -> None:
         self._closed.set()
-        self._open.set()
+        with self._gate:
+            self._open.set()
+            self._gate.notify_all()
         with self._lock:
             socks = [*self._socks, *([self._listener] if self._listener else [])]
         for s in socks:
@@ -86,12 +96,20 @@ class LinkProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(_CHUNK):
-                self._open.wait()  # held, not dropped: what TCP delivers once the link is back
-                if self._closed.is_set():
-                    break
-                dst.sendall(data)
-                with self._lock:
-                    self.forwarded += len(data)
+                with self._gate:
+                    # Held, not dropped: what TCP delivers once the link is back.
+                    self._gate.wait_for(self._open.is_set)
+                    self._passing += 1
+                try:
+                    if self._closed.is_set():
+                        break
+                    dst.sendall(data)
+                    with self._lock:
+                        self.forwarded += len(data)
+                finally:
+                    with self._gate:
+                        self._passing -= 1
+                        self._gate.notify_all()
         except OSError:
             pass
         for s in (src, dst):

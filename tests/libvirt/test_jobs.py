@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from tests.conftest import require_tool
-from tests.e2e.conftest import ensure_policy, run_job
+from tests.e2e.conftest import ensure_policy, run_job, wait_job
 from tests.libvirt.conftest import Sites
 from tests.libvirt.daemon import PREFIX
 from tests.libvirt.test_fabric import domain_xml, qemu_io
@@ -73,12 +74,18 @@ def environment(tmp_path: Path, uri_a: str, uri_b: str) -> Iterator[Environment]
         e.stop()
 
 
-def start_agent(env: Environment, machine: str, volume: str, site: str = "onprem") -> Path:
-    """The agent beside the protected domain, serving its volume as `vda` over a Unix socket."""
-    run = env.root / f"agent-{site}"
+def _reported(env: Environment, name: str) -> bool:
+    return any(s["name"] == name and s["stats"].get("exports") for s in env.api.get("/api/servers"))
+
+
+def start_agent(env: Environment, machine: str, volume: str, site: str = "onprem", proc: str = "") -> Path:
+    """The agent beside the protected domain, serving its volume as `vda` over a Unix socket; once
+    it has reported what it serves (the jobs point the domain's disk at it)."""
+    proc = proc or f"agent-{site}"
+    run = env.root / proc
     run.mkdir()
     env._spawn(
-        f"agent-{site}",
+        proc,
         "agent",
         "--machine", machine, "--site", site,
         "--server", env.url, "--passphrase-file", str(env.passphrase_file),
@@ -87,7 +94,7 @@ def start_agent(env: Environment, machine: str, volume: str, site: str = "onprem
         # The test's end stops the process server first: no 30 s wait to drain into nothing.
         "--drain-timeout", "2",
     )  # fmt: skip
-    env._await(lambda: env.connected(f"{site}/{machine}"), "agent")
+    env._await(lambda: _reported(env, f"{site}/{machine}"), "agent")
     return run / "nbd" / "vda.sock"
 
 
@@ -113,6 +120,20 @@ def codes(problems: list[dict[str, Any]]) -> set[str]:
     return {p["code"] for p in problems}
 
 
+def pending_alerts(env: Environment, item_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = env.api.get(
+        "/api/events", alerts="true", active="true", code="capture-pending", object_id=item_id
+    )
+    return found
+
+
+def wait_for(condition: Any, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.5)
+
+
 def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
     env: Environment, sites: Sites
 ) -> None:
@@ -136,10 +157,31 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
         with pytest.raises(ApiError) as refused:
             env.api.post("/api/replicatedItems", {**body, "target_datastore": pool})
         assert codes(refused.value.problems) == {code}
+    # LV-CAPTURE: a domain whose agent does not serve its volume is refused before anything changes.
+    stray = f"{WEB}-stray"
+    stray_volume = fabric.create_volume(fabric.pool(pool_a), f"{stray}_vda.img", 1 * MiB, "raw")
+    stray_xml = domain_xml(stray, disk.replace(volume, stray_volume), sites.networks[0])
+    fabric.define(stray_xml.replace("aa:bb:01", "aa:bb:0c"))
+    elsewhere = env.root / "elsewhere.img"
+    elsewhere.write_bytes(bytes(1 * MiB))
+    start_agent(env, stray, str(elsewhere), proc="agent-stray")
+    with pytest.raises(ApiError) as refused:
+        env.api.post("/api/replicatedItems", {**body, "machine": stray, "recovery_name": f"{stray}-dr"})
+    (problem,) = refused.value.problems
+    assert problem["code"] == "libvirt-capture-not-served" and problem["rule"] == "LV-CAPTURE", problem
+    assert stray_volume in problem["message"] and f"--disk vda={stray_volume}" in problem["remediation"]
+    assert f"file='{stray_volume}'" in fabric.xml(stray).replace('"', "'")  # left as it was
+
     job = run_job(env, "/api/replicatedItems", body)
     assert job["state"] == "succeeded", [
         (x["action"], x.get("error")) for x in job["tasks"] if x["state"] == "failed"
     ]
+    # The job made the stopped domain's disk the agent's export (at once), before the initial
+    # sync; discovery still names the disk by its volume.
+    assert result(job, "capture-in-place")["at_once"] is True
+    assert [t["action"] for t in job["tasks"]][:2] == ["capture-in-place", "replication-start"]
+    assert f"socket='{sock}'" in fabric.xml(WEB).replace('"', "'")
+    assert [d.backing for d in fabric.discover().machine(WEB).disks] == [volume]  # type: ignore[union-attr]
     item = env.api.get(f"/api/replicatedItems/{WEB}")
     replica = str(sites.pools[pool_b] / f"{WEB}_vda.img")
     assert [d["cloud_path"] for d in item["details"]["disks"]] == [replica]
@@ -206,10 +248,22 @@ def test_enable_failover_commit_and_a_refused_reprotect_through_the_jobs(
     # With the name free again, pool a named and kvm-a's master target running, the deleted domain
     # is recreated from its recorded XML on a new raw volume in pool a, filled by a full sync from
     # the replica (which the recovery domain's agent serves).
+    # The recovery domain (the new source) runs: the job changes its persistent definition and
+    # waits, an alert on the item saying so, until a power cycle puts it on its agent's export.
     fabric.delete_machine(WEB)
-    start_agent(env, RECOVERY, replica, site="cloud")
+    cloud_sock = start_agent(env, RECOVERY, replica, site="cloud")
     body = start_mt_a(env, sites, f"{PREFIX}mt-a1")
-    job = succeeded(run_job(env, f"/api/replicatedItems/{WEB}/reprotect", body))
+    job_id = env.api.post(f"/api/replicatedItems/{WEB}/reprotect", body)["job_id"]
+    item_id = env.api.get(f"/api/replicatedItems/{WEB}")["id"]
+    wait_for(lambda: pending_alerts(env, item_id), "the capture-pending alert")
+    assert f"socket='{cloud_sock}'" not in fabric.xml(RECOVERY, inactive=False).replace('"', "'")
+    assert env.api.get(f"/api/jobs/{job_id}")["state"] == "running"  # no sync before capture
+    fabric.power_off(RECOVERY)
+    fabric.power_on(RECOVERY)
+    job = succeeded(wait_job(env, job_id))
+    assert result(job, "capture-in-place")["at_once"] is False
+    assert f"socket='{cloud_sock}'" in fabric.xml(RECOVERY, inactive=False).replace('"', "'")
+    assert not pending_alerts(env, item_id)  # cleared once the domain ran on the export
     assert result(job, "prepare-onprem-disks")["created"] is True
     recreated = fabric.discover().machine(WEB)
     new_volume = str(sites.pools[pool_a] / f"{WEB}_vda.img")
@@ -304,7 +358,9 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
     assert compare(volume, replica).returncode == 1  # they differ now
 
     # The master target of kvm-a is a domain of its own; the original domain's volume is attached
-    # to it for the reprotect and detached again at failback.
+    # to it for the reprotect and detached again at failback. The recovery domain is stopped, so
+    # the reprotect makes its disk the cloud agent's export at once.
+    fabric.power_off(BACK_DR)
     back = start_mt_a(env, sites, MT_A)
     answer = env.api.post(f"/api/replicatedItems/{BACK}/reprotect", {**back, "what_if": True})
     assert answer["ready"], [(p["code"], p.get("rule"), p["message"][:150]) for p in answer["problems"]]
@@ -330,8 +386,9 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
     inv = fabric.discover()
     original, mt, recovery = inv.machine(BACK), inv.machine(MT_A), inv.machine(BACK_DR)
     assert original is not None and original.power_state.value == "on"
-    (overlay,) = [d.backing for d in original.disks]  # on an overlay over its volume until commit
-    assert backing_of(overlay) == volume
+    # Captured since enable, it boots on its agent's export (the volume under it).
+    assert [d.backing for d in original.disks] == [volume]
+    assert "socket=" in fabric.xml(BACK, inactive=False)
     assert [n.mac for n in original.nics] == ["52:54:00:aa:bb:01"]
     assert mt is not None and mt.disks == ()
     assert recovery is not None and recovery.power_state.value == "off"
@@ -347,3 +404,16 @@ def test_reprotect_failback_and_reprotect_again_onto_libvirt_through_the_jobs(
     assert compare(volume, replica).returncode == 0
     item = env.api.get(f"/api/replicatedItems/{BACK}")
     assert (item["state"], item["direction"]) == ("protected", "onprem-to-cloud")
+
+    # Disable puts both domains back on their volumes: the stopped recovery domain at once, the
+    # running original in its persistent definition (it runs on the export until its next power
+    # cycle, which an event says).
+    job = succeeded(run_job(env, f"/api/replicatedItems/{BACK}/disable", {}))
+    releases = [job["result"][str(t["ordinal"])] for t in job["tasks"] if t["action"] == "capture-release"]
+    released = {r["machine"]: r for r in releases}
+    assert released[BACK]["released"] == {"vda": volume} and released[BACK]["at_once"] is False
+    assert released[BACK_DR]["released"] == {"vda": replica} and released[BACK_DR]["at_once"] is True
+    assert f"file='{volume}'" in fabric.xml(BACK).replace('"', "'")
+    assert "socket=" in fabric.xml(BACK, inactive=False)  # until its next power cycle
+    assert f"file='{replica}'" in fabric.xml(BACK_DR).replace('"', "'")
+    assert env.api.get("/api/events", code="capture-release-pending", object_id=item["id"])

@@ -61,7 +61,9 @@ def test_the_cycle_between_two_libvirtd_instances_then_an_unplanned_failover(
     ensure_policy(env)
     body = {"machine": WEB, "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-kvm-b",
             "source_fabric": "kvm-a", "target_fabric": "kvm-b", "target_datastore": pool_b}  # fmt: skip
-    succeeded(run_job(env, "/api/replicatedItems", body))
+    job = succeeded(run_job(env, "/api/replicatedItems", body))
+    assert result(job, "capture-in-place")["at_once"] is True  # the stopped domain, on the export
+    assert f"socket='{sock}'" in a.xml(WEB).replace('"', "'")
     replica = str(two_sites.b.pools[pool_b] / f"{WEB}_vda.img")
     assert compare(volume, replica).returncode == 0
     nbd_write(sock, "write -P 0xbb 3M 512k")
@@ -77,13 +79,17 @@ def test_the_cycle_between_two_libvirtd_instances_then_an_unplanned_failover(
     assert [(n.mac, n.network) for n in recovered.nics] == [("52:54:00:aa:bb:01", two_sites.b.networks[0])]
     succeeded(run_job(env, f"/api/replicatedItems/{WEB}/commit", {}))
 
-    # Reprotect by delta onto the original volume, attached to kvm-a's master target domain.
+    # Reprotect by delta onto the original volume, attached to kvm-a's master target domain; the
+    # recovery domain, stopped, has its disk made the cloud agent's export by the job.
+    b.power_off(WEB)
     cloud_sock = start_agent(env, WEB, replica, site="cloud")
     noise = env.root / "noise"
     noise.write_bytes(os.urandom(256 * 1024))
     nbd_write(cloud_sock, f"write -s {noise} 5M 256k")
     back = start_mt_a(env, two_sites.a, f"{PREFIX}two-mt")
     job = succeeded(run_job(env, f"/api/replicatedItems/{WEB}/reprotect", back))
+    assert result(job, "capture-in-place")["at_once"] is True
+    assert f"socket='{cloud_sock}'" in b.xml(WEB).replace('"', "'")
     sent = int(result(job, "replication-sync")["bytes_sent"])
     assert 256 * 1024 <= sent < 1 * MiB, sent
     assert compare(volume, replica).returncode == 0

@@ -84,12 +84,13 @@ def test_vm_guest_cycle_through_the_jobs_passes_the_oracle_after_every_move(
     body = {"machine": WEB, "policy": "gold", "process_server": "ps-onprem", "master_target": "mt-kvm-b",
             "source_fabric": "kvm-a", "target_fabric": "kvm-b", "target_datastore": pool_b,
             "recovery_name": RECOVERY}  # fmt: skip
-    succeeded(run_job(env, "/api/replicatedItems", body))
+    job = succeeded(run_job(env, "/api/replicatedItems", body))
     replica = str(sites.pools[pool_b] / f"{WEB}_vda.img")
 
-    # Capture: the stopped domain's disk becomes the agent's export at once; discovery still
+    # Capture: enable made the stopped domain's disk the agent's export at once; discovery still
     # names the disk by its volume. The guest makes its file system and writes.
-    assert fabric.set_disk_sources(WEB, {"vda": f"nbd+unix://vda@{sock}"}) is True
+    assert result(job, "capture-in-place")["at_once"] is True
+    assert f"socket='{sock}'" in fabric.xml(WEB).replace('"', "'")
     assert [d.backing for d in fabric.discover().machine(WEB).disks] == [volume]  # type: ignore[union-attr]
     fabric.power_on(WEB)
     early = wait_flushed(console, 4)
@@ -142,19 +143,21 @@ def test_vm_guest_cycle_through_the_jobs_passes_the_oracle_after_every_move(
     committed = int(wait_console(dr_console, r"SR FLUSHED (\d+)")[1])
     host_oracle(replica, committed)
 
-    # The recovery domain is protected in turn: its disk becomes its own agent's export, it boots
-    # (its guest checks the merged volume) and writes; the reprotect sends only the differences
-    # onto the original volume, attached to kvm-a's master target domain.
+    # The recovery domain is protected in turn: the reprotect makes its disk its own agent's
+    # export (at once, it is stopped) and sends only the differences onto the original volume,
+    # attached to kvm-a's master target domain; then it boots (its guest checks the merged
+    # volume) and writes.
     cloud_sock = start_agent(env, RECOVERY, replica, site="cloud")
-    assert fabric.set_disk_sources(RECOVERY, {"vda": f"nbd+unix://vda@{cloud_sock}"}) is True
-    fabric.power_on(RECOVERY)
-    boot = wait_console(dr_console, r"SR VERDICT ok=(\d) records=(\d+)")
-    assert boot[1] == "1" and int(boot[2]) >= committed, boot[0]
     back = start_mt_a(env, sites, f"{PREFIX}vmjob-mt")
     job = succeeded(run_job(env, f"/api/replicatedItems/{WEB}/reprotect", back, JOB_TIMEOUT))
+    assert result(job, "capture-in-place")["at_once"] is True
+    assert f"socket='{cloud_sock}'" in fabric.xml(RECOVERY).replace('"', "'")
     assert result(job, "prepare-onprem-disks")["created"] is False
     delta = int(result(job, "replication-sync")["bytes_sent"])
     assert 0 < delta < 16 * MiB, delta  # the files since the older point, not the 48 MiB disk
+    fabric.power_on(RECOVERY)  # QEMU starts its console file anew: the verdict is this boot's
+    boot = wait_console(dr_console, r"SR VERDICT ok=(\d) records=(\d+)")
+    assert boot[1] == "1" and int(boot[2]) >= committed, boot[0]
     wait_flushed(dr_console, int(boot[2]) + 16)
 
     # Planned failback: the recovery domain stops, the drain, the volume leaves the master target

@@ -19,10 +19,10 @@ from typing import Any
 
 from siterecovery.config import ServerConfig
 from siterecovery.control.heartbeats import record_heartbeat
-from siterecovery.dataplane.point_delta import merge
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
+from siterecovery.store.points import store_report
 
 log = logging.getLogger("siterecovery.heartbeats")
 
@@ -75,8 +75,22 @@ class HeartbeatWriter:
                 ),
                 Status.UNAVAILABLE,
             )
-        if report.error is not None:
+        if isinstance(report.error, SiteRecoveryError):
             raise report.error
+        if report.error is not None:
+            # Not the report's fault (it was validated at the edge): the database refused the
+            # write, e.g. another server process wrote the same master target's point rows at the
+            # same moment, or SQLite stayed locked. The component retries, with jitter.
+            log.warning("heartbeat of %s not recorded: %r", component_id, report.error)
+            raise SiteRecoveryError(
+                Problem(
+                    "server-busy",
+                    "The configuration server could not record this heartbeat "
+                    f"({type(report.error).__name__}).",
+                    "Retry after a few seconds (components do so with jitter).",
+                ),
+                Status.UNAVAILABLE,
+            ) from report.error
         return report.outcome
 
     def _run(self) -> None:
@@ -109,7 +123,7 @@ class HeartbeatWriter:
             row.address = report.address
         stats = report.stats
         if "points_seq" in stats:  # point lists versioned, maybe sent as a delta (`point_delta`)
-            stats, resync = merge(row.stats or {}, stats)
+            stats, resync = store_report(s, row, stats)  # the points go to their own rows
             report.outcome = Recorded(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config)
 

@@ -15,6 +15,7 @@ from siterecovery.control.schemas import ServerOut
 from siterecovery.dr.desired import desired_for
 from siterecovery.store.events import clear_alert, raise_alert, record_event
 from siterecovery.store.models import Component, heartbeat_age, now
+from siterecovery.store.points import with_points
 from siterecovery.store.states import ComponentKind, Health, Severity
 
 CACHE_WARNING_FREE = 0.30
@@ -108,7 +109,7 @@ def is_connected(row: Component, config: ServerConfig) -> bool:
     return age is not None and age <= config.heartbeat_timeout
 
 
-def server_view(row: Component, config: ServerConfig) -> ServerOut:
+def server_view(s: Session, row: Component, config: ServerConfig) -> ServerOut:
     if row.kind == ComponentKind.CONFIGURATION:
         row.last_heartbeat = now()
     return ServerOut(
@@ -123,5 +124,5 @@ def server_view(row: Component, config: ServerConfig) -> ServerOut:
         connected=is_connected(row, config),
         heartbeat_age_seconds=heartbeat_age(row),
         registered_at=row.registered_at,
-        stats=row.stats,
+        stats=with_points(s, row),  # a master target's points as it reported them
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from siterecovery.dataplane.activity_log import ActivityLog
-from siterecovery.dataplane.assignments import AgentDesired, AgentStats, DiskReplication
+from siterecovery.dataplane.assignments import AgentDesired, AgentStats, DiskExport, DiskReplication
 from siterecovery.dataplane.bookmarks import Bookmarker, Hooks, NotReady
 from siterecovery.dataplane.dirty import DirtyBitmap
 from siterecovery.dataplane.fileio import write_durably
@@ -342,7 +342,21 @@ class Agent:
             pairs=[p.stats() for p in list(self.pairs.values())],
             bookmarks_done=self.bookmarks.done,
             bookmark_errors=self.bookmarks.errors,
+            exports=self.exports(),
         )
+
+    def exports(self) -> list[DiskExport]:
+        """The disks it was started with and their sockets, absolute: the configuration server
+        points a libvirt domain's disks there (capture), so it knows them from the first report."""
+        unix = self.options.nbd_unix_dir
+        return [
+            DiskExport(
+                disk=label,
+                image=os.path.abspath(image),
+                socket=os.path.abspath(unix / f"{label}.sock") if unix is not None else "",
+            )
+            for label, image in sorted(self.options.disks.items())
+        ]
 
     def drained(self) -> bool:
         return all(p.drained() for p in self.pairs.values())

@@ -56,17 +56,15 @@ def save_applied_seq(state: Path, seq: int) -> None:
     os.replace(tmp, state)
 
 
-class DirectApplier:
-    """Applies writes in place; the newest state only (no journal, no older recovery points)."""
+class AppliedSeq:
+    """The sequence bookkeeping of an applier that writes in place (no journal): the applied
+    sequence saved in `applied.json`, the one applied but not yet durable, and the bookmarks seen.
+    `DirectApplier` and the page-blob applier share it so both record a sequence only after the
+    replica's own flush."""
 
-    def __init__(self, pair_id: str, path: Path, size: int, state_dir: Path) -> None:
-        self.pair_id = pair_id
-        self.path = path
+    def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._state = state_dir / "applied.json"
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)
         self._applied = load_applied_seq(self._state)
         self.bookmarks: list[tuple[int, str, str, float]] = []
         self._pending = self._applied
@@ -74,6 +72,31 @@ class DirectApplier:
     @property
     def applied_seq(self) -> int:
         return self._applied
+
+    def bookmark(self, seq: int, tag: str, kind: str, timestamp: float) -> None:
+        self.bookmarks.append((seq, tag, kind, timestamp))
+        self._pending = seq
+
+    def _commit(self, flush: Callable[[], None]) -> None:
+        """Records the pending sequence as applied after `flush` made the replica durable; neither
+        when nothing is pending."""
+        if self._pending == self._applied:
+            return
+        flush()
+        save_applied_seq(self._state, self._pending)
+        self._applied = self._pending
+
+
+class DirectApplier(AppliedSeq):
+    """Applies writes in place; the newest state only (no journal, no older recovery points)."""
+
+    def __init__(self, pair_id: str, path: Path, size: int, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.pair_id = pair_id
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
 
     def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
         pwrite_all(self._fd, data, offset)
@@ -83,16 +106,8 @@ class DirectApplier:
         punch_or_zero(self._fd, offset, length)
         self._pending = seq
 
-    def bookmark(self, seq: int, tag: str, kind: str, timestamp: float) -> None:
-        self.bookmarks.append((seq, tag, kind, timestamp))
-        self._pending = seq
-
     def sync(self) -> None:
-        if self._pending == self._applied:
-            return
-        os.fdatasync(self._fd)
-        save_applied_seq(self._state, self._pending)
-        self._applied = self._pending
+        self._commit(lambda: os.fdatasync(self._fd))
 
     def close(self) -> None:
         os.close(self._fd)

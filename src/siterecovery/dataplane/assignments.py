@@ -104,8 +104,24 @@ class PairStats(_Model):
     spool_bytes: int = 0
 
 
+# A path the agent reports: absolute, no control characters (it goes into a libvirt domain's XML).
+_PATH_PATTERN = r"^/[^\x00-\x1f\x7f]{0,4095}$"
+
+
+class DiskExport(_Model):
+    """A disk the agent serves (its `--disk LABEL=PATH`) and where: what a libvirt domain's disk
+    source becomes when the configuration server puts capture in place (docs/libvirt.md)."""
+
+    disk: str = Field(pattern=r"^[^\x00-\x1f\x7f@]{1,200}$", description="label; the NBD export name")
+    image: str = Field(pattern=_PATH_PATTERN, description="the image it serves, an absolute path")
+    socket: str = Field(
+        default="", pattern=r"^(/[^\x00-\x1f\x7f]{0,4095})?$", description="its Unix socket; empty: none"
+    )
+
+
 class AgentStats(_Model):
     pairs: list[PairStats] = []
+    exports: list[DiskExport] = Field(default=[], description="the disks it serves (capture on libvirt)")
     bookmarks_done: list[str] = Field(default=[], description="the last tags done, oldest first")
     bookmark_errors: dict[str, str] = Field(default={}, description="tag -> why it failed")
 

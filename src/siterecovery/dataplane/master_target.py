@@ -61,6 +61,7 @@ from siterecovery.dataplane.protocol import (
     ResyncRequest,
     Role,
     decode_model,
+    read_hello,
 )
 from siterecovery.dataplane.target_digests import TargetDigests
 from siterecovery.dataplane.trust import (
@@ -330,18 +331,13 @@ class MasterTarget:
         peer = peer_of(sock, address)
         reader = FrameReader(sock)
         writer = FrameWriter(sock)
-        first = reader.read()
-        if first is None or first.header.type != FrameType.HELLO:
-            raise ProtocolError(f"{peer} did not open with HELLO")
-        hello = decode_model(Hello, first.payload)
+        hello = read_hello(reader, peer)
         refusal = self._authorise(peer, hello)
         if refusal is not None:
             p = refusal[1]
             if p.code == NOT_AUTHORISED:
                 self.peer_refusals.add(peer, p, refusal[0])
-            writer.send_model(
-                FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
-            )
+            writer.send_model(FrameType.ERROR, ErrorBody.of(p))
             return
         pairs: list[tuple[TargetPair, int]] = []
         acked: dict[str, int] = {}
@@ -351,7 +347,7 @@ class MasterTarget:
                 problem = self._refusal(pair_id)
                 writer.send_model(
                     FrameType.ERROR,
-                    ErrorBody(code=problem.code, message=problem.message, remediation=problem.remediation),
+                    ErrorBody.of(problem),
                 )
                 return
             with pair.lock:
@@ -367,9 +363,7 @@ class MasterTarget:
             self._apply_stream(reader, writer, sock, pairs, peer)
         except _SessionEnds as end:
             p = end.problem
-            writer.send_model(
-                FrameType.ERROR, ErrorBody(code=p.code, message=p.message, remediation=p.remediation)
-            )
+            writer.send_model(FrameType.ERROR, ErrorBody.of(p))
 
     def _refusal(self, pair_id: str) -> Problem:
         refused = self._refused.get(pair_id)

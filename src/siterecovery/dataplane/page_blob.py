@@ -29,7 +29,7 @@ from pathlib import Path, PurePath
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 
-from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, load_applied_seq, save_applied_seq
+from siterecovery.dataplane.apply import AppliedSeq, ApplierFactory, DiskApplier
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 PAGE = 512
@@ -224,21 +224,13 @@ class PageBlobWriter:
         buf[lo - start : hi - start] = data
 
 
-class PageBlobApplier:
+class PageBlobApplier(AppliedSeq):
     """`DiskApplier` onto a page blob; the newest state only (point-in-time is the blob's snapshots)."""
 
     def __init__(self, pair_id: str, blob: BlobClient, size: int, state_dir: Path) -> None:
         self.pair_id = pair_id
         self.writer = PageBlobWriter(blob, size)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._state = state_dir / "applied.json"
-        self._applied = load_applied_seq(self._state)
-        self.bookmarks: list[tuple[int, str, str, float]] = []
-        self._pending = self._applied
-
-    @property
-    def applied_seq(self) -> int:
-        return self._applied
+        super().__init__(state_dir)
 
     def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
         self.writer.write(offset, data)
@@ -248,16 +240,10 @@ class PageBlobApplier:
         self.writer.zero(offset, length)
         self._pending = seq
 
-    def bookmark(self, seq: int, tag: str, kind: str, timestamp: float) -> None:
-        self.bookmarks.append((seq, tag, kind, timestamp))
-        self._pending = seq
-
     def sync(self) -> None:
+        # The writer holds back the run it is merging; it goes out even when no sequence is pending.
         self.writer.flush()
-        if self._pending == self._applied:
-            return
-        save_applied_seq(self._state, self._pending)
-        self._applied = self._pending
+        self._commit(lambda: None)
 
     def close(self) -> None:
         self.writer.flush()

@@ -9,10 +9,11 @@ changed pair the ids removed and the points appended, or the whole list when the
 append). The full lists go on the first report of a process, after the server asks for a resync
 (its version is not the delta's base: a reply was lost, the database was restored from a backup,
 another report came in between), and per pair whenever a delta could not reproduce the list
-exactly. Both sides apply a delta with the same function (`apply`), so the lists the server holds
-are always exactly the ones the master target reported.
+exactly. The master target checks each delta with `apply`; the server applies it to its rows of
+points (`store.points`, the same rules as `apply`), so the lists the server holds are always
+exactly the ones the master target reported.
 
-Everything here works on the JSON form (what goes over the wire and what the server stores).
+Everything here works on the JSON form (what goes over the wire).
 """
 
 from __future__ import annotations
@@ -82,33 +83,3 @@ class PointReports:
             self._acked = None
         elif self._pending is not None and reply.get("points_seq") == self._pending[0]:
             self._acked = self._pending
-
-
-def merge(previous: dict[str, Any], incoming: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The server's side: the report to store, and whether the master target must resync.
-
-    A full report (no `points_delta`) is stored as it is. A delta applies to the stored lists when
-    they are its `base` version; when they already are its own version (a retried report) it is
-    not applied twice; otherwise the stored lists are kept but marked unknown (`points_seq` 0 is
-    never a delta's result) and the master target is asked for its full lists.
-    """
-    delta = incoming.get("points_delta")
-    out = {k: v for k, v in incoming.items() if k != "points_delta"}
-    if delta is None:
-        return out, False
-    stored_seq = previous.get("points_seq")
-    held = {str(p.get("pair_id")): p.get("points", []) for p in previous.get("pairs", []) or []}
-    changes: dict[str, Any] = delta.get("pairs", {})
-    in_step = bool(stored_seq) and stored_seq == delta.get("base")
-    retried = stored_seq == incoming.get("points_seq")
-    pairs = []
-    for pair in incoming.get("pairs", []):
-        pid = str(pair.get("pair_id"))
-        old = list(held.get(pid, []))
-        points = apply(old, changes[pid]) if in_step and pid in changes else old
-        pairs.append({**pair, "points": points})
-    out["pairs"] = pairs
-    if in_step or retried:
-        return out, False
-    out["points_seq"] = 0
-    return out, True

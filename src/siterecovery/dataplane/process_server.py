@@ -53,6 +53,7 @@ from siterecovery.dataplane.protocol import (
     Role,
     decode_model,
     pack_header,
+    read_hello,
 )
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
@@ -462,10 +463,7 @@ class ProcessServer:
     def _serve(self, sock: ssl.SSLSocket, address: str) -> None:
         peer = peer_of(sock, address)
         reader = FrameReader(sock)
-        first = reader.read()
-        if first is None or first.header.type != FrameType.HELLO:
-            raise ProtocolError(f"{peer} did not open with HELLO")
-        hello = decode_model(Hello, first.payload)
+        hello = read_hello(reader, peer)
         refusal = self._authorise(peer, hello)
         if refusal is not None:
             self._refuse(FrameWriter(sock), peer, refusal[1], refusal[0])
@@ -496,7 +494,7 @@ class ProcessServer:
         with contextlib.suppress(OSError):
             writer.send_model(
                 FrameType.ERROR,
-                ErrorBody(code=problem.code, message=problem.message, remediation=problem.remediation),
+                ErrorBody.of(problem),
             )
 
     def _receive(self, reader: FrameReader, session: _Session, relays: list[PairRelay]) -> None:

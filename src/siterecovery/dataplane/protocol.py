@@ -23,6 +23,8 @@ import xxhash
 import zstandard
 from pydantic import BaseModel, ConfigDict
 
+from siterecovery.errors import Problem
+
 MAGIC = b"SRDP"
 VERSION = 1
 # magic, version, type, flags, pair index, seq, offset, length, payload_len, digest, reserved, hcrc
@@ -333,6 +335,10 @@ class ErrorBody(_Msg):
     message: str
     remediation: str
 
+    @classmethod
+    def of(cls, problem: Problem) -> ErrorBody:
+        return cls(code=problem.code, message=problem.message, remediation=problem.remediation)
+
 
 class BookmarkKind(IntEnum):
     CRASH = 1
@@ -376,3 +382,11 @@ def decode_model(model: type[M], payload: memoryview | bytes) -> M:
         return model.model_validate(json.loads(bytes(payload)))
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep (found by fuzzing)
         raise ProtocolError(f"bad {model.__name__} payload: {exc}") from exc
+
+
+def read_hello(reader: FrameReader, peer: object) -> Hello:
+    """The HELLO a session must open with; anything else from `peer` ends the session."""
+    first = reader.read()
+    if first is None or first.header.type != FrameType.HELLO:
+        raise ProtocolError(f"{peer} did not open with HELLO")
+    return decode_model(Hello, first.payload)

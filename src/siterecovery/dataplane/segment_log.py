@@ -382,16 +382,8 @@ class _Scan:
 
 def _frame_at(data: mmap.mmap | bytes, pos: int, after_seq: int) -> int:
     """Length of the intact frame at `pos` whose sequence follows `after_seq`, or 0."""
-    if pos + HEADER_SIZE > len(data):
-        return 0
-    try:
-        h = parse_header(data[pos : pos + HEADER_SIZE])
-    except ProtocolError:
-        return 0
-    total = HEADER_SIZE + h.payload_len
-    if h.seq <= after_seq or pos + total > len(data):
-        return 0
-    return total if frame_intact(memoryview(data)[pos : pos + total]) else 0
+    total = _header_frame(data, pos, after_seq)
+    return total if total and frame_intact(memoryview(data)[pos : pos + total]) else 0
 
 
 def _resync(data: mmap.mmap, pos: int, after_seq: int) -> int:
@@ -434,7 +426,7 @@ def _scan(path: Path) -> _Scan:
     return scan
 
 
-def _header_frame(data: mmap.mmap, pos: int, after_seq: int) -> int:
+def _header_frame(data: mmap.mmap | bytes, pos: int, after_seq: int) -> int:
     """Length of the frame at `pos` if its header verifies and the whole frame is in the file."""
     if pos + HEADER_SIZE > len(data):
         return 0

@@ -242,21 +242,33 @@ class PairSender:
                 if header.seq in self._dropped:
                     out.send(header.type, 0, header.seq, header.offset, header.length, b"", Flag.MISSING)
                     continue
-                payload = raw[HEADER_SIZE:]
-                flags, wire = self._compressor.maybe_compress(payload)
-                pair.bytes_sent += out.send(
+                pair.bytes_sent += self._send_data(
+                    out,
                     header.type,
-                    0,
                     header.seq,
                     header.offset,
                     header.length,
-                    payload,
-                    header.flags | flags,
+                    raw[HEADER_SIZE:],
+                    header.flags,
                     header.digest,
-                    wire,
                 )
         finally:
             cursor.close()
+
+    def _send_data(
+        self,
+        out: FrameWriter,
+        ftype: FrameType,
+        seq: int,
+        offset: int,
+        length: int,
+        payload: memoryview,
+        flags: Flag,
+        digest: bytes,
+    ) -> int:
+        """Sends one data frame, its payload compressed when that pays (`Compressor`); the bytes sent."""
+        compressed, wire = self._compressor.maybe_compress(payload)
+        return out.send(ftype, 0, seq, offset, length, payload, flags | compressed, digest, wire)
 
     def _send_sync(self, writer: FrameWriter, acked: int, view: memoryview) -> int | None:
         pair = self.pair
@@ -303,18 +315,15 @@ class PairSender:
                         FrameType.BLOCK, 0, chunk.seq, chunk.offset, chunk.length, b"", Flag.ZERO
                     )
                 else:
-                    data = view[: chunk.length]
-                    flags, wire = self._compressor.maybe_compress(data)
-                    pair.bytes_sent += out.send(
+                    pair.bytes_sent += self._send_data(
+                        out,
                         FrameType.BLOCK,
-                        0,
                         chunk.seq,
                         chunk.offset,
                         chunk.length,
-                        data,
-                        flags,
+                        view[: chunk.length],
+                        Flag.NONE,
                         chunk.digest,
-                        wire,
                     )
                 last = chunk.seq
             batched.flush()

@@ -156,9 +156,14 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
     bookmarks: list[BookmarkRequest] = []
     crash_interval = DEFAULT_CRASH_INTERVAL
     look = _Lookups(s)
-    for item, rec, rep in _replicating(s, agent_key(agent.name)):
-        if agent_name(rep.source_site.value, rep.source_machine) != agent.name:
-            continue
+    own = [
+        (item, rec, rep)
+        for item, rec, rep in _replicating(s, agent_key(agent.name))
+        if agent_name(rep.source_site.value, rep.source_machine) == agent.name
+    ]
+    # Every process server's and master target's address in one statement, not two per item.
+    look.addresses(i for _, _, rep in own for i in (rep.process_server, rep.master_target))
+    for item, rec, rep in own:
         ps, mt = look.address(rep.process_server), look.address(rep.master_target)
         replications += [
             DiskReplication(

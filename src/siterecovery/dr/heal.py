@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from siterecovery.dataplane.assignments import RefusedFrame
 from siterecovery.store.events import clear_alert, raise_alert
 from siterecovery.store.models import Component, Event, ReplicatedItem, now
+from siterecovery.store.points import unusable_by_pair
 from siterecovery.store.record import ItemRecord
 from siterecovery.store.states import Health, Severity
 
@@ -101,7 +102,8 @@ def check_unusable_points(s: Session, item: ReplicatedItem) -> Health:
     if rep is None or mt is None:
         return Health.NORMAL
     disks = {p.pair_id: p.disk for p in rep.pairs}
-    return alert_unusable_points(s, item.id, item.name, disks, mt.stats or {})
+    unusable = {pid: why for (_, pid), why in unusable_by_pair(s, mt.id).items()}
+    return alert_unusable_points(s, item.id, item.name, disks, unusable)
 
 
 def alert_unusable_points(
@@ -109,17 +111,16 @@ def alert_unusable_points(
     item_id: str,
     item_name: str,
     disks: dict[str, str],
-    mt_stats: dict[str, Any],
+    unusable: dict[str, list[str]],
     active: bool = True,
 ) -> Health:
-    """The unusable-points alert from the master target's report; `active` False: none is open."""
+    """The unusable-points alert from why the master target's points of each pair cannot be
+    restored (`store.points.unusable_by_pair`, in list order); `active` False: none is open."""
     bad: list[str] = []
-    for pair in mt_stats.get("pairs", []) or []:
-        if not isinstance(pair, dict) or pair.get("pair_id") not in disks:
-            continue
-        reasons = [str(p.get("unusable")) for p in pair.get("points", []) or [] if p.get("unusable")]
+    for pair_id, disk in disks.items():
+        reasons = unusable.get(pair_id, [])
         if reasons:
-            bad.append(f"disk {disks[pair['pair_id']]}: {len(reasons)} ({reasons[-1]})")
+            bad.append(f"disk {disk}: {len(reasons)} ({reasons[-1]})")
     if not bad:
         if active:
             clear_alert(s, UNUSABLE, "replicatedItem", item_id)

@@ -34,6 +34,7 @@ from siterecovery.store.context import ControlPlane
 from siterecovery.store.events import clear_alert, raise_alert
 from siterecovery.store.models import Component, Event, Policy, ReplicatedItem
 from siterecovery.store.models import Fabric as FabricRow
+from siterecovery.store.points import unusable_by_pair
 from siterecovery.store.record import ItemRecord, Replication
 from siterecovery.store.states import ComponentKind, Direction, Health, ProtectionState, Severity
 
@@ -111,6 +112,8 @@ class PassInputs:
     agent_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # by agent name
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # master targets, process servers
     open_alerts: set[tuple[str, str]] = field(default_factory=set)  # (code, item id)
+    # Why points cannot be restored, by (master target, pair): the unusable rows only.
+    unusable: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -258,7 +261,7 @@ def read_inputs(s: Session) -> PassInputs:
             )
         )
     }
-    return PassInputs(items, agents, applied, alerts, agent_stats, by_id, open_alerts)
+    return PassInputs(items, agents, applied, alerts, agent_stats, by_id, open_alerts, unusable_by_pair(s))
 
 
 def item_rpo(
@@ -356,7 +359,8 @@ def _data_plane_health(s: Session, item: _Watched, inputs: PassInputs, now: floa
     ps = inputs.stats.get(item.process_server, {})
     health = worse(health, alert_refused_frames(s, item.id, item.name, disks, ps))
     unusable_open = (UNUSABLE_ALERT, item.id) in inputs.open_alerts
-    return worse(health, alert_unusable_points(s, item.id, item.name, disks, mt, unusable_open))
+    unusable = {pid: inputs.unusable.get((item.master_target, pid), []) for pid in item.pairs}
+    return worse(health, alert_unusable_points(s, item.id, item.name, disks, unusable, unusable_open))
 
 
 def evaluate(cp: ControlPlane, now: float | None = None) -> list[Rpo]:

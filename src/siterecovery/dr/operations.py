@@ -13,6 +13,7 @@ from siterecovery.dataplane.assignments import SyncMode
 from siterecovery.dr import items as repo
 from siterecovery.dr.azure_failback import azure_failback_tasks, azure_reprotect_tasks, retire_task
 from siterecovery.dr.azure_jobs import is_azure
+from siterecovery.dr.libvirt_capture import capture_tasks, release_tasks
 from siterecovery.dr.recovery_points import LATEST, held_points, resolve
 from siterecovery.errors import Problem, SiteRecoveryError
 from siterecovery.store.context import current
@@ -57,7 +58,9 @@ def enable_tasks(
     item_id: str, process_server: str, master_target: str, policy_id: str, retention_volume: str
 ) -> list[TaskSpec]:
     base = {"item": item_id}
+    # A libvirt domain's disks become its agent's exports before anything is copied.
     return [
+        *capture_tasks(repo.load(item_id).record, item_id, Site.ONPREM),
         TaskSpec(
             "Start replication",
             "replication-start",
@@ -307,6 +310,7 @@ def reprotect_tasks(item: repo.ItemSnapshot, request: ProtectRequest, policy_id:
                 {**args, "mt_machine": _mt_machine(mt_id)},
             ),
         ]
+    tasks += capture_tasks(item.record, item.id, source)  # the new source domain's disks
     tasks += [
         TaskSpec(
             "Start replication",
@@ -337,5 +341,6 @@ def disable_tasks(item: repo.ItemSnapshot) -> list[TaskSpec]:
     tasks = []
     if item.record.replication is not None:
         tasks.append(TaskSpec("Stop replication", "stop-replication", {"item": item.id}))
+    tasks += release_tasks(item.record, item.id)
     tasks.append(TaskSpec("Disable protection", "disable", {"item": item.id}))
     return tasks

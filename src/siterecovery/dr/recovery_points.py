@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from siterecovery.dataplane.assignments import MasterTargetStats, PointInfo
+from siterecovery.dataplane.assignments import PointInfo
 from siterecovery.errors import Problem, SiteRecoveryError
-from siterecovery.store.models import Component
+from siterecovery.store.points import points_by_pair
 from siterecovery.store.record import HeldFailover, ItemRecord, Replication
 
 LATEST = "latest"
@@ -42,10 +42,8 @@ class ItemPoint:
 
 def item_points(s: Session, rep: Replication) -> list[ItemPoint]:
     """Every point all of the item's disks have, newest first, `latest` on top."""
-    mt = s.get(Component, rep.master_target)
-    stats = MasterTargetStats.model_validate(mt.stats) if mt is not None and mt.stats else MasterTargetStats()
-    per_pair: dict[str, list[PointInfo]] = {p.pair_id: p.points for p in stats.pairs}
     wanted = [p.pair_id for p in rep.pairs]
+    per_pair = points_by_pair(s, rep.master_target, wanted)
     if not wanted or any(pid not in per_pair for pid in wanted):
         return []
     latest = {pid: next((pt for pt in per_pair[pid] if pt.kind == LATEST), None) for pid in wanted}

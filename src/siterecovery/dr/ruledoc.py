@@ -12,6 +12,7 @@ from pathlib import Path
 
 from siterecovery.dr.azure_checks import AZURE_AGENT_RULES, AZURE_FAILBACK_RULES, AZURE_FAILOVER_RULES
 from siterecovery.dr.checks import FAILBACK_RULES, REPROTECT_RULES
+from siterecovery.dr.libvirt_capture import CAPTURE_RULES
 from siterecovery.dr.libvirt_checks import LIBVIRT_RULES
 from siterecovery.dr.rules import RULES
 
@@ -39,6 +40,7 @@ def prerequisites_table() -> str:
                 ("reprotect or failback from Azure", AZURE_FAILBACK_RULES),
                 ("agent-based reprotect from Azure", AZURE_AGENT_RULES),
                 ("move onto libvirt", LIBVIRT_RULES),
+                ("protect a libvirt domain", CAPTURE_RULES),
             )
             if rule in listed
         ]

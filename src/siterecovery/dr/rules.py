@@ -360,6 +360,16 @@ LIBVIRT_NETWORK = Rule(
     "(libvirt) the networks the domain's interfaces use exist and are active on the target host.",
     "Define and start network {network} on {host} (`virsh net-start {network}`).",
 )
+# Protecting a libvirt domain (enable, reprotect from a libvirt site): its disks become the exports
+# of the machine's agent (dr/libvirt_capture.py).
+LIBVIRT_CAPTURE = Rule(
+    "LV-CAPTURE",
+    "libvirt-capture-not-served",
+    "(protect a libvirt domain) the machine's agent serves each of its disks' volumes over a Unix "
+    "socket on the host, so the domain's disk can become the agent's export.",
+    "Start the agent of {machine} on its host with --disk {disk}={volume} and --nbd-unix-dir DIR, "
+    "then retry.",
+)
 
 RULES: Mapping[str, Rule] = {
     rule.code: rule
@@ -411,5 +421,6 @@ RULES: Mapping[str, Rule] = {
         LIBVIRT_DISK_LIMIT,
         LIBVIRT_DOMAIN_TYPE,
         LIBVIRT_NETWORK,
+        LIBVIRT_CAPTURE,
     )
 }

@@ -19,6 +19,7 @@ from siterecovery.dr.checks import ensure_reprotect
 from siterecovery.dr.desired import agent_name
 from siterecovery.dr.guest import await_verdict, guest_warnings, last_flushed
 from siterecovery.dr.held_failover import drop_snapshot, held_failover
+from siterecovery.dr.libvirt_capture import reprotect_capture_problems
 from siterecovery.dr.placement import pair_id
 from siterecovery.dr.platforms import define_recovery_domain, libvirt_reprotect_problems, recreate_domain
 from siterecovery.dr.situation import ReprotectArgs, build_reprotect_context, forward_problems
@@ -413,11 +414,13 @@ def reprotect_check(ctx: TaskContext) -> dict[str, Any]:
     if Site(ctx.args["source_site"]) is Site.CLOUD:
         ensure_reprotect(build_reprotect_context(item, ReprotectArgs.model_validate(ctx.args)))
         with current().db.session() as s:
-            problems = libvirt_reprotect_problems(s, item, ctx.args)
+            problems = libvirt_reprotect_problems(s, item, ctx.args) + reprotect_capture_problems(s, item)
         if problems:
             raise SiteRecoveryError(problems)
     else:
         problems = forward_problems(item, ReprotectArgs.model_validate(ctx.args))
+        with current().db.session() as s:
+            problems += reprotect_capture_problems(s, item)
         if problems:
             raise SiteRecoveryError(problems)
     return {"ready": True}

@@ -15,6 +15,7 @@ from siterecovery.errors import Problem, SiteRecoveryError, drain_timeout
 from siterecovery.store.context import current
 from siterecovery.store.jobs import TaskContext
 from siterecovery.store.models import Component
+from siterecovery.store.points import with_points
 
 POLL_SECONDS = 0.3
 
@@ -52,7 +53,9 @@ def agent_pairs_acked(component_id: str, heartbeat_timeout: float, timeout: floa
 
 def mt_pairs(component_id: str) -> MasterTargetStats:
     """The master target's last report (pairs with points, copies done)."""
-    stats, _ = component_stats(component_id)
+    with current().db.session() as s:
+        row = s.get(Component, component_id)
+        stats = with_points(s, row) if row is not None else {}
     return MasterTargetStats.model_validate(stats) if stats else MasterTargetStats()
 
 

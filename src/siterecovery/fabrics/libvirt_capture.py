@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 from siterecovery.fabrics import libvirt_xml as lx
 
-NS = "https://siterecovery.dev/xmlns/libvirt/capture/1"
+NS = lx.CAPTURE_NS
 PREFIX = "srcap"
 _CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
 

@@ -22,6 +22,8 @@ from siterecovery.fabrics.base import Disk, FabricError, IpMode, Nic, OsType
 BUS_LIMITS: dict[str, int] = {"virtio": 28, "sata": 6, "ide": 4, "scsi": 256, "usb": 4}
 # The namespace of the fabric's own domain metadata (capture, overlays): not copied to a new domain.
 OWN_METADATA = "https://siterecovery.dev/xmlns/libvirt/"
+# The domain's record of capture (`fabrics/libvirt_capture.py`): disk target -> the volume under the export.
+CAPTURE_NS = OWN_METADATA + "capture/1"
 _PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd"}
 
 
@@ -88,6 +90,14 @@ def disk_sources(root: ET.Element) -> list[DiskSource]:
         else:
             found.append(DiskSource(dev, bus, kind, source.get("file") or source.get("dev") or "", fmt))
     return found
+
+
+def captured(root: ET.Element) -> dict[str, str]:
+    """Disk target -> the volume under the agent's export serving it, from the domain's metadata."""
+    record = root.find(f"./metadata/{{{CAPTURE_NS}}}capture")
+    if record is None:
+        return {}
+    return {d.get("target", ""): d.get("volume", "") for d in record if d.tag.endswith("disk")}
 
 
 def _bus_of(dev: str) -> str:

@@ -293,7 +293,7 @@ def process_server_row(server: ServerOut) -> ProcessServerRow:
 
 def servers(s: Session, config: ServerConfig, kind: ComponentKind) -> list[ServerOut]:
     rows = s.scalars(select(Component).where(Component.kind == kind.value).order_by(Component.name))
-    return [server_view(r, config) for r in rows]
+    return [server_view(s, r, config) for r in rows]
 
 
 def infrastructure(s: Session, config: ServerConfig) -> Infrastructure:

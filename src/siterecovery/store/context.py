@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,7 +23,7 @@ from siterecovery.store.database import Database
 from siterecovery.store.models import Component, ServerIdentity, new_id, now
 from siterecovery.store.secrets import SecretBox
 from siterecovery.store.states import ComponentKind, Role
-from siterecovery.store.tokens import create_token
+from siterecovery.store.tokens import TokenCache, create_token
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -41,6 +41,10 @@ class ControlPlane:
     server_id: str
     # Set only on the start that created the admin token: it is shown once, never stored.
     initial_admin_token: str | None = None
+    tokens: TokenCache = field(init=False)  # verified API tokens, remembered briefly (`store.tokens`)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenCache(self.config.token_cache_seconds)
 
     @property
     def passphrase_file(self) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     select,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -120,6 +122,41 @@ class Component(Base):
     health: Mapped[Health] = mapped_column(EnumText(Health, 20), default=Health.NORMAL)
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class MasterTargetPoint(Base):
+    """One recovery point a master target lists for a pair (its report's `pairs[].points`).
+
+    Kept as rows, not inside `components.stats`, so a heartbeat whose point lists did not change
+    (a delta without changes) writes no point at all, and one that did writes only the points
+    added and removed. `position` keeps the order the master target lists them in.
+    """
+
+    __tablename__ = "mt_points"
+    # Ids are the master target's and not checked for uniqueness (a delta removes every point
+    # with a removed id, as `point_delta.apply` does), so the key is the position, not the id.
+    # The RPO monitor reads the unusable points of every master target once per pass: few rows,
+    # found through a partial index rather than a scan of every point.
+    __table_args__ = (
+        Index("ix_mt_points_id", "master_target_id", "pair_id", "point_id"),
+        Index(
+            "ix_mt_points_unusable",
+            "master_target_id",
+            "pair_id",
+            "position",
+            sqlite_where=text("unusable != ''"),
+            postgresql_where=text("unusable != ''"),
+        ),
+    )
+    master_target_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pair_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    point_id: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    time: Mapped[float] = mapped_column(Float)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    tag: Mapped[str] = mapped_column(Text, default="")
+    unusable: Mapped[str] = mapped_column(Text, default="")
 
 
 def heartbeat_age(row: Component) -> float | None:

@@ -5,17 +5,27 @@ everything and change nothing. A user token expires (`expires_at`, default 30 da
 creation) and can be revoked; a component token is replaced, and the old one revoked, whenever
 the component registers again. The initial admin token does not expire: it is the way back in,
 and the operator replaces it (create another admin token, revoke the initial one).
+
+Every API request presents a token, so looking it up (a session, a query, a thread hop) was a
+good part of an idle component's heartbeat. A verified token is therefore remembered for a few
+seconds (`TokenCache`, `token_cache_seconds`). Revoking any token in this process forgets every
+remembered one (when the flag is set and again when it commits, so a lookup racing the revoke
+cannot re-remember it); expiry is checked on every use. Another server process on the same
+database, or an edit of the database behind the server's back, is seen within the TTL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, object_session
 
 from siterecovery.store.models import Token, new_id, now
 from siterecovery.store.states import Role
@@ -72,16 +82,92 @@ def create_token(
     return secret
 
 
-def check_token(session: Session, secret: str) -> Principal | TokenRefusal:
-    """The principal behind `secret`, or why it is refused."""
+class _Revocations:
+    """A counter bumped by every revoke in this process: remembered tokens older than it are void."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.generation += 1
+
+
+REVOCATIONS = _Revocations()
+_REVOKED_KEY = "siterecovery.token_revoked"
+
+
+@event.listens_for(Token.revoked, "set")
+def _on_revoked(target: Token, value: Any, _old: Any, _initiator: Any) -> None:
+    if value:
+        REVOCATIONS.bump()
+        session = object_session(target)
+        if session is not None:
+            session.info[_REVOKED_KEY] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _on_commit(session: Session) -> None:
+    # A lookup between the flag being set and this commit read the row still valid; void it too.
+    if session.info.pop(_REVOKED_KEY, False):
+        REVOCATIONS.bump()
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    who: Principal
+    expires_at: float | None  # the token's own expiry (wall clock)
+    until: float  # when this entry is no longer trusted (monotonic)
+    generation: int
+
+
+class TokenCache:
+    """Verified tokens (by their hash) to their principal, for `ttl` seconds; refusals are not kept."""
+
+    MAX_ENTRIES = 50_000  # one per live component and user; cleared whole past that
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, _Remembered] = {}
+
+    def get(self, secret: str) -> Principal | None:
+        digest = hash_secret(secret)
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        expired = entry.expires_at is not None and entry.expires_at <= now()
+        if expired or entry.generation != REVOCATIONS.generation or time.monotonic() >= entry.until:
+            self._entries.pop(digest, None)
+            return None
+        return entry.who
+
+    def check(self, session: Session, secret: str) -> Principal | TokenRefusal:
+        """`check_token`, remembering a valid answer."""
+        generation = REVOCATIONS.generation  # read before the row: a revoke after it voids the entry
+        who, expires_at = _lookup(session, secret)
+        if isinstance(who, Principal) and self.ttl > 0 and generation == REVOCATIONS.generation:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            until = time.monotonic() + self.ttl
+            self._entries[hash_secret(secret)] = _Remembered(who, expires_at, until, generation)
+        return who
+
+
+def _lookup(session: Session, secret: str) -> tuple[Principal | TokenRefusal, float | None]:
     row = session.scalar(select(Token).where(Token.secret_hash == hash_secret(secret)))
     if row is None:
-        return TokenRefusal.UNKNOWN
+        return TokenRefusal.UNKNOWN, None
     if row.revoked:
-        return TokenRefusal.REVOKED
+        return TokenRefusal.REVOKED, None
     if row.expires_at is not None and row.expires_at <= now():
-        return TokenRefusal.EXPIRED
-    return Principal(row.id, row.name, row.role, row.component_id)
+        return TokenRefusal.EXPIRED, None
+    return Principal(row.id, row.name, row.role, row.component_id), row.expires_at
+
+
+def check_token(session: Session, secret: str) -> Principal | TokenRefusal:
+    """The principal behind `secret`, or why it is refused."""
+    return _lookup(session, secret)[0]
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:

@@ -17,7 +17,7 @@ from siterecovery.control.api.components import find_component
 from siterecovery.control.api.deps import admin, component, control_plane, session
 from siterecovery.dr.desired import agent_name
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
-from siterecovery.store import certificates
+from siterecovery.store import certificates, points
 from siterecovery.store.context import ControlPlane
 from siterecovery.store.events import record_event
 from siterecovery.store.models import Component, ReplicatedItem
@@ -121,5 +121,6 @@ def remove_server(
         row.id,
     )
     out = Removed(id=row.id, name=row.name, kind=row.kind, revoked=revoked)
+    points.forget(s, row.id)
     s.delete(row)
     return out

@@ -147,7 +147,7 @@ def list_servers(
     s: Session = Depends(session, scope="function"),
 ) -> list[ServerOut]:
     rows = s.scalars(select(Component).order_by(Component.kind, Component.name))
-    return [server_view(r, cp.config) for r in rows]
+    return [server_view(s, r, cp.config) for r in rows]
 
 
 @router.get("/servers/{ident}")
@@ -157,7 +157,7 @@ def show_server(
     cp: ControlPlane = Depends(control_plane),
     s: Session = Depends(session, scope="function"),
 ) -> ServerOut:
-    return server_view(find_component(s, ident), cp.config)
+    return server_view(s, find_component(s, ident), cp.config)
 
 
 @router.post("/servers/{ident}/refresh")
@@ -170,7 +170,7 @@ def refresh_server(
     """Ask a component to re-discover now (e.g. a newly added retention volume, RP-RET)."""
     row = find_component(s, ident)
     row.desired = {**row.desired, "refresh": int(row.desired.get("refresh", 0)) + 1}
-    return server_view(row, cp.config)
+    return server_view(s, row, cp.config)
 
 
 def find_component(s: Session, ident: str) -> Component:

@@ -27,6 +27,7 @@ from siterecovery.dr.azure_jobs import azure_enable_problems, is_azure
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.checks import check_failback, check_reprotect
 from siterecovery.dr.fabric_access import discover, recorded
+from siterecovery.dr.libvirt_capture import enable_capture_problems, reprotect_capture_problems
 from siterecovery.dr.notes import PlannedTask, plan_notes
 from siterecovery.dr.placement import replica_paths
 from siterecovery.dr.platforms import libvirt_reprotect_problems, recorded_xml
@@ -210,6 +211,7 @@ def enable(
             )
         )
     problems += azure_enable_problems(cp, target, machine)  # AZ-*: what ARM would refuse at failover
+    problems += enable_capture_problems(s, source, machine)  # LV-CAPTURE: the agent serves each disk
     if problems:
         raise SiteRecoveryError(problems)
     assert ps is not None and mt is not None
@@ -396,11 +398,12 @@ def reprotect(
     args = body.model_dump()
     typed = ReprotectArgs.model_validate(args)
     if to_cloud:
-        problems = forward_problems(item, typed)
+        problems = forward_problems(item, typed) + reprotect_capture_problems(s, item)
         notes: list[PlannedTask] = []
     else:
         ctx = build_reprotect_context(item, typed)
         problems = check_reprotect(ctx) + libvirt_reprotect_problems(s, item, args)
+        problems += reprotect_capture_problems(s, item)  # LV-CAPTURE: the recovery domain's agent
         notes = plan_notes(ctx)
     if body.what_if:
         return Readiness(ready=not problems, problems=[ProblemItem.of(p) for p in problems], notes=notes)
