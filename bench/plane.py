@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from siterecovery.dataplane.links import Identity
 from siterecovery.pki import CertificateAuthority
@@ -188,14 +189,8 @@ def sync_once(
         elapsed = time.monotonic() - start
         sent = int(stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        log.close()
-    if subprocess.run(
-        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
-    ).returncode:
-        raise AssertionError("target differs from source")
+        _stop(procs, log)
+    _check_equal(src, target)
     return elapsed, sent
 
 
@@ -273,14 +268,8 @@ def replicate_then_resync(
         sent = int(got[0]["bytes_sent"]) - sent0  # type: ignore[call-overload]
         read = int(got[1].get("replica_bytes_read", 0))  # type: ignore[call-overload]
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        log.close()
-    if subprocess.run(
-        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
-    ).returncode:
-        raise AssertionError("target differs from source")
+        _stop(procs, log)
+    _check_equal(src, target)
     return Resync(full, elapsed, sent, read)
 
 
@@ -398,3 +387,17 @@ def report(
     section = f"\n## {when}: {title}\n\nMachine: {machine_description()}; load average after the run {load}\n"
     with open(path, "a") as f:
         f.write(f"{section}{note}\n\n{text}\n")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], log: IO[bytes]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    log.close()
+
+
+def _check_equal(src: Path, target: Path) -> None:
+    if subprocess.run(
+        ["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), str(target)]
+    ).returncode:
+        raise AssertionError("target differs from source")

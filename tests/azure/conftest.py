@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -78,13 +79,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
             time.sleep(0.1)
         yield Azurite(port, location)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+        _stop(proc, log)
 
 
 @dataclass(frozen=True)
@@ -140,10 +135,14 @@ def fake_arm_endpoint(
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))
         yield FakeArmEndpoint(int(port_file.read_text()), ca_file, secret, disks)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+        _stop(proc, log)
+
+
+def _stop(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+    log.close()
