@@ -8,6 +8,12 @@ transaction, commits once and releases them all. A heartbeat is still answered o
 report is durable (as before), but while one batch commits the next one gathers, so throughput
 grows with load instead of latency. A batch that fails is retried one report per transaction, so
 one bad report fails alone.
+
+Most reports are an agent's liveness and counters: those are written as one UPDATE statement
+for the whole batch (executemany), without loading the rows; a report that can raise an event or
+change a row's health or address (process servers, master targets, refused peers) is applied
+through its row. Each batch also reads the desired epoch (`store.desired_epoch`), which the
+heartbeat compares with the one its cached desired state was computed under.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import bindparam, update
+from sqlalchemy.orm import Session
+
 from siterecovery.config import ServerConfig
 from siterecovery.control.heartbeats import record_heartbeat
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store import desired_epoch
 from siterecovery.store.database import Database
-from siterecovery.store.models import Component
+from siterecovery.store.models import Component, now
 from siterecovery.store.points import store_report
+from siterecovery.store.states import ComponentKind
 
 log = logging.getLogger("siterecovery.heartbeats")
 
@@ -33,19 +44,34 @@ WAIT_SECONDS = 30.0
 @dataclass
 class _Report:
     component_id: str
+    kind: str
     stats: dict[str, Any]
     address: str | None
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
-    outcome: Recorded | None = None
+    points: Points | None = None
+    epoch: int = 0
+
+    @property
+    def liveness_only(self) -> bool:
+        """An agent's report that can raise no event and changes no address: one UPDATE of many."""
+        return self.kind == ComponentKind.AGENT and not self.address and not self.stats.get("refused_peers")
 
 
 @dataclass(frozen=True)
-class Recorded:
+class Points:
     """What the server now holds of a report whose point lists are versioned (a master target's)."""
 
     points_seq: int
     resync: bool  # the report's delta did not apply: the component must send its full lists
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A committed report: its point lists' state (master targets) and the desired epoch read with it."""
+
+    points: Points | None
+    epoch: int
 
 
 class HeartbeatWriter:
@@ -60,9 +86,9 @@ class HeartbeatWriter:
         self._thread = threading.Thread(target=self._run, name="heartbeat-writer", daemon=True)
         self._thread.start()
 
-    def write(self, component_id: str, stats: dict[str, Any], address: str | None) -> Recorded | None:
+    def write(self, component_id: str, kind: str, stats: dict[str, Any], address: str | None) -> Recorded:
         """Record one heartbeat; returns once it is committed (raises what applying it raised)."""
-        report = _Report(component_id, stats, address)
+        report = _Report(component_id, kind, stats, address)
         with self._cond:
             self._pending.append(report)
             self._cond.notify()
@@ -91,7 +117,7 @@ class HeartbeatWriter:
                 ),
                 Status.UNAVAILABLE,
             ) from report.error
-        return report.outcome
+        return Recorded(report.points, report.epoch)
 
     def _run(self) -> None:
         while True:
@@ -101,21 +127,41 @@ class HeartbeatWriter:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
                 with self.db.session() as s:
-                    for report in batch:
-                        self._apply(s, report)
+                    self._apply_all(s, batch)
             except Exception:  # one bad report must not fail the others: retry them one by one
                 log.debug("heartbeat batch failed; applying its reports one at a time", exc_info=True)
                 for report in batch:
                     try:
                         with self.db.session() as s:
-                            self._apply(s, report)
+                            self._apply_all(s, [report])
                     except Exception as exc:
                         report.error = exc
             self.batches += 1
             for report in batch:
                 report.done.set()
 
-    def _apply(self, s: Any, report: _Report) -> None:
+    def _apply_all(self, s: Session, batch: list[_Report]) -> None:
+        # Read before the reports are applied: a desired state computed after this read reflects
+        # every change committed before it (a change this batch makes, e.g. an address, bumps the
+        # epoch when it commits, so the next heartbeat recomputes).
+        epoch = desired_epoch.read(s)
+        quick = [r for r in batch if r.liveness_only]
+        if quick:
+            at = now()
+            # A component removed meanwhile matches no row; its heartbeat then fails on the
+            # desired state (not found), as before.
+            s.connection().execute(
+                update(Component)
+                .where(Component.id == bindparam("cid"))
+                .values(last_heartbeat=bindparam("at"), stats=bindparam("st", type_=Component.stats.type)),
+                [{"cid": r.component_id, "at": at, "st": r.stats} for r in quick],
+            )
+        for report in batch:
+            if not report.liveness_only:
+                self._apply(s, report)
+            report.epoch = epoch
+
+    def _apply(self, s: Session, report: _Report) -> None:
         row = s.get(Component, report.component_id)
         if row is None:
             raise not_found("component", report.component_id)
@@ -124,7 +170,7 @@ class HeartbeatWriter:
         stats = report.stats
         if "points_seq" in stats:  # point lists versioned, maybe sent as a delta (`point_delta`)
             stats, resync = store_report(s, row, stats)  # the points go to their own rows
-            report.outcome = Recorded(int(stats.get("points_seq", 0)), resync)
+            report.points = Points(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config)
 
 

@@ -13,7 +13,7 @@ from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.throttle import THROTTLE
-from siterecovery.dr.desired import desired_for, version_of
+from siterecovery.dr.desired import cached_desired, desired_for, remember_desired
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store import certificates
 from siterecovery.store.context import ControlPlane, current
@@ -105,23 +105,30 @@ def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartb
             ),
             Status.FORBIDDEN,
         )
-    stats = validated_stats(_kind(cp, component_id), body.stats)  # a bad report is a 422, not stored
+    kind = _kind(cp, component_id)
+    stats = validated_stats(kind, body.stats)  # a bad report is a 422, not stored
     # The report is written by the process's heartbeat writer, many per commit (group commit),
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
-    recorded = writer_for(cp.db, cp.config).write(component_id, stats, body.address)
-    points = {} if recorded is None else {"points_seq": recorded.points_seq, "points_resync": recorded.resync}
-    with cp.db.session() as s:
-        # Without its statistics: the writer has stored them, and decoding them again here (a master
-        # target's list every recovery point of every pair) would be most of the heartbeat's cost.
-        row = s.get(Component, component_id, options=[defer(Component.stats)])
-        if row is None:
-            raise not_found("component", component_id)
-        desired = desired_for(s, row)
-    version = version_of(desired)
-    unchanged = body.desired_version == version
+    recorded = writer_for(cp.db, cp.config).write(component_id, kind, stats, body.address)
+    found = recorded.points
+    points = {} if found is None else {"points_seq": found.points_seq, "points_resync": found.resync}
+    # Nothing a desired state reads changed since this process computed it: reuse it.
+    desired = cached_desired(cp.db.url, component_id, recorded.epoch)
+    if desired is None:
+        with cp.db.session() as s:
+            # Without its statistics: the writer has stored them, and decoding them again here (a
+            # master target's list every recovery point of every pair) would be most of the cost.
+            row = s.get(Component, component_id, options=[defer(Component.stats)])
+            if row is None:
+                raise not_found("component", component_id)
+            desired = remember_desired(cp.db.url, component_id, recorded.epoch, desired_for(s, row))
+    unchanged = body.desired_version == desired.version
     return HeartbeatReply(
-        desired=None if unchanged else desired, desired_version=version, server_time=now(), **points
+        desired=None if unchanged else desired.state,
+        desired_version=desired.version,
+        server_time=now(),
+        **points,
     )
 
 
