@@ -218,7 +218,7 @@ class HollowComponent:
 
     def body(self) -> bytes:
         self.seq += 1
-        if self.points:
+        if self.kind == "master-target":
             out = self._point_report()
         else:
             out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
@@ -230,11 +230,12 @@ class HollowComponent:
         """A master target's report, as the real one's control client sends it (`point_delta`).
 
         Version v of a pair's list is points v .. v+N-1: every heartbeat one point is taken and
-        the oldest thinned away (a busier master target than a 5 s crash interval makes)."""
+        the oldest thinned away (a busier master target than a 5 s crash interval makes). With no
+        points, its deltas name no pair, as the real client's do when nothing changed."""
         v, n, a = self.seq, self.points, self.acked
         stats = json.loads(self.template.replace(b'"__SEQ__"', str(v).encode()))["stats"]
         stats["points_seq"] = v
-        if a is None or v - a >= n:
+        if a is None or (n and v - a >= n):
             for pair in stats["pairs"]:
                 pair["points"] = [_point(pair["pair_id"], k) for k in range(v, v + n)]
         else:
@@ -245,14 +246,14 @@ class HollowComponent:
                         "removed": [f"{p}-pt{k}" for k in range(a, v)],
                         "added": [_point(p, k) for k in range(a + n, v + n)],
                     }
-                    for p in self.pairs
+                    for p in (self.pairs if n else [])
                 },
             }
         return json.dumps({"stats": stats}, separators=(",", ":")).encode()
 
     def answered(self, reply: dict[str, Any]) -> None:
         self.version = reply.get("desired_version") or None
-        if self.points:
+        if self.kind == "master-target":
             self.acked = None if reply.get("points_resync") else reply.get("points_seq")
 
 

@@ -12,18 +12,22 @@ one bad report fails alone.
 Most reports are an agent's liveness and counters: those are written as one UPDATE statement
 for the whole batch (executemany), without loading the rows; a report that can raise an event or
 change a row's health or address (process servers, master targets, refused peers) is applied
-through its row. Each batch also reads the desired epoch (`store.desired_epoch`), which the
-heartbeat compares with the one its cached desired state was computed under.
+through its row (a batch of liveness reports only needs no ORM session at all). Each batch also
+reads the desired epoch (`store.desired_epoch`), which the heartbeat compares with the one its
+cached desired state was computed under. A request on the event loop awaits its report with
+`record` (no worker thread waits for it); `write` blocks a worker thread instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from siterecovery.config import ServerConfig
@@ -31,7 +35,7 @@ from siterecovery.control.heartbeats import record_heartbeat
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store import desired_epoch
 from siterecovery.store.database import Database
-from siterecovery.store.models import Component, now
+from siterecovery.store.models import Component, DesiredEpoch, now
 from siterecovery.store.points import store_report
 from siterecovery.store.states import ComponentKind
 
@@ -51,6 +55,14 @@ class _Report:
     error: Exception | None = None
     points: Points | None = None
     epoch: int = 0
+    # Set when an event-loop request awaits the report (`record`): resolved from the writer thread.
+    awaited: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.awaited is not None:
+            loop, future = self.awaited
+            loop.call_soon_threadsafe(_resolve, future)
 
     @property
     def liveness_only(self) -> bool:
@@ -88,26 +100,39 @@ class HeartbeatWriter:
 
     def write(self, component_id: str, kind: str, stats: dict[str, Any], address: str | None) -> Recorded:
         """Record one heartbeat; returns once it is committed (raises what applying it raised)."""
-        report = _Report(component_id, kind, stats, address)
+        report = self._submit(_Report(component_id, kind, stats, address))
+        if not report.done.wait(WAIT_SECONDS):
+            raise _not_in_time()
+        return self._outcome(report)
+
+    async def record(
+        self, component_id: str, kind: str, stats: dict[str, Any], address: str | None
+    ) -> Recorded:
+        """`write` for a request on the event loop: awaits the commit without holding a thread."""
+        loop = asyncio.get_running_loop()
+        report = _Report(component_id, kind, stats, address, awaited=(loop, loop.create_future()))
+        assert report.awaited is not None
+        self._submit(report)
+        try:
+            await asyncio.wait_for(asyncio.shield(report.awaited[1]), WAIT_SECONDS)
+        except TimeoutError:
+            raise _not_in_time() from None
+        return self._outcome(report)
+
+    def _submit(self, report: _Report) -> _Report:
         with self._cond:
             self._pending.append(report)
             self._cond.notify()
-        if not report.done.wait(WAIT_SECONDS):
-            raise SiteRecoveryError(
-                Problem(
-                    "server-busy",
-                    "The configuration server could not record this heartbeat in time.",
-                    "Retry after a few seconds (components do so with jitter).",
-                ),
-                Status.UNAVAILABLE,
-            )
+        return report
+
+    def _outcome(self, report: _Report) -> Recorded:
         if isinstance(report.error, SiteRecoveryError):
             raise report.error
         if report.error is not None:
             # Not the report's fault (it was validated at the edge): the database refused the
             # write, e.g. another server process wrote the same master target's point rows at the
             # same moment, or SQLite stayed locked. The component retries, with jitter.
-            log.warning("heartbeat of %s not recorded: %r", component_id, report.error)
+            log.warning("heartbeat of %s not recorded: %r", report.component_id, report.error)
             raise SiteRecoveryError(
                 Problem(
                     "server-busy",
@@ -126,8 +151,12 @@ class HeartbeatWriter:
                     self._cond.wait()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                with self.db.session() as s:
-                    self._apply_all(s, batch)
+                if all(r.liveness_only for r in batch):
+                    with self.db.engine.begin() as conn:  # no ORM session needed
+                        self._apply_quick(conn, batch)
+                else:
+                    with self.db.session() as s:
+                        self._apply_all(s, batch)
             except Exception:  # one bad report must not fail the others: retry them one by one
                 log.debug("heartbeat batch failed; applying its reports one at a time", exc_info=True)
                 for report in batch:
@@ -138,27 +167,28 @@ class HeartbeatWriter:
                         report.error = exc
             self.batches += 1
             for report in batch:
-                report.done.set()
+                report.finish()
 
     def _apply_all(self, s: Session, batch: list[_Report]) -> None:
+        self._apply_quick(s.connection(), batch)
+        for report in batch:
+            if not report.liveness_only:
+                self._apply(s, report)
+
+    @staticmethod
+    def _apply_quick(conn: Connection, batch: list[_Report]) -> None:
+        """The epoch for every report, and the liveness-only reports' one UPDATE."""
         # Read before the reports are applied: a desired state computed after this read reflects
-        # every change committed before it (a change this batch makes, e.g. an address, bumps the
-        # epoch when it commits, so the next heartbeat recomputes).
-        epoch = desired_epoch.read(s)
+        # every change committed before it (a change this batch makes, e.g. an address, gets the
+        # epoch a new value when it commits, so the next heartbeat recomputes).
+        epoch = conn.execute(_EPOCH).scalar() or 0
         quick = [r for r in batch if r.liveness_only]
         if quick:
             at = now()
             # A component removed meanwhile matches no row; its heartbeat then fails on the
             # desired state (not found), as before.
-            s.connection().execute(
-                update(Component)
-                .where(Component.id == bindparam("cid"))
-                .values(last_heartbeat=bindparam("at"), stats=bindparam("st", type_=Component.stats.type)),
-                [{"cid": r.component_id, "at": at, "st": r.stats} for r in quick],
-            )
+            conn.execute(_LIVENESS, [{"cid": r.component_id, "at": at, "st": r.stats} for r in quick])
         for report in batch:
-            if not report.liveness_only:
-                self._apply(s, report)
             report.epoch = epoch
 
     def _apply(self, s: Session, report: _Report) -> None:
@@ -172,6 +202,30 @@ class HeartbeatWriter:
             stats, resync = store_report(s, row, stats)  # the points go to their own rows
             report.points = Points(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config)
+
+
+_EPOCH = select(DesiredEpoch.value).where(DesiredEpoch.id == desired_epoch.EPOCH_ID)
+_LIVENESS = (
+    update(Component)
+    .where(Component.id == bindparam("cid"))
+    .values(last_heartbeat=bindparam("at"), stats=bindparam("st", type_=Component.stats.type))
+)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the request may have given up (timed out) meanwhile
+        future.set_result(None)
+
+
+def _not_in_time() -> SiteRecoveryError:
+    return SiteRecoveryError(
+        Problem(
+            "server-busy",
+            "The configuration server could not record this heartbeat in time.",
+            "Retry after a few seconds (components do so with jitter).",
+        ),
+        Status.UNAVAILABLE,
+    )
 
 
 _WRITERS: dict[int, HeartbeatWriter] = {}
