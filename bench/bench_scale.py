@@ -49,6 +49,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
+from bench.hb_client import Connection, HeartbeatError
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
 from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
@@ -321,39 +322,35 @@ class Driven:
 
 
 async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
-
-        async def component(c: HollowComponent) -> None:
-            await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
-            while time.monotonic() < stop_at:
-                started = time.monotonic()
-                wait = c.interval
-                try:
-                    r = await http.post(
-                        f"{c.url}/api/components/{c.component_id}/heartbeat",
-                        content=c.body(),
-                        headers={"Authorization": f"Bearer {c.token}", "content-type": "application/json"},
-                    )
-                    if r.status_code == 200:
-                        out.answered += 1
-                        if started >= measure_from:
-                            out.heartbeat_ms.append((time.monotonic() - started) * 1000)
-                        c.answered(r.json())
-                    elif r.status_code in (429, 503):
-                        out.shed += 1
-                        wait = float(r.headers.get("Retry-After", "2")) * (1 + random.random())
-                    else:
-                        out.errors += 1
-                except httpx.TimeoutException:
-                    out.timed_out += 1
-                except httpx.HTTPError:
+    async def component(c: HollowComponent) -> None:
+        connection = Connection(c.url)  # its own, as a real component holds one (`bench.hb_client`)
+        path = f"/api/components/{c.component_id}/heartbeat"
+        await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            wait = c.interval
+            try:
+                r = await asyncio.wait_for(connection.post(path, c.token, c.body()), TIMEOUT)
+                if r.status == 200:
+                    out.answered += 1
+                    if started >= measure_from:
+                        out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                    c.answered(json.loads(r.body))
+                elif r.status in (429, 503):
+                    out.shed += 1
+                    wait = float(r.headers.get("retry-after", "2")) * (1 + random.random())
+                else:
                     out.errors += 1
-                # Never past the end: the level's length is its measuring window plus the ramp.
-                rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
-                await asyncio.sleep(max(0.0, rest))
+            except TimeoutError:
+                out.timed_out += 1
+            except HeartbeatError:
+                out.errors += 1
+            # Never past the end: the level's length is its measuring window plus the ramp.
+            rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
+            await asyncio.sleep(max(0.0, rest))
+        connection.close()
 
-        await asyncio.gather(*(component(c) for c in components))
+    await asyncio.gather(*(component(c) for c in components))
 
 
 def _drive_process(components: list[HollowComponent], stop_at: float, measure_from: float) -> Driven:
