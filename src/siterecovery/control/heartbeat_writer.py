@@ -182,6 +182,7 @@ class HeartbeatWriter:
         # every change committed before it (a change this batch makes, e.g. an address, gets the
         # epoch a new value when it commits, so the next heartbeat recomputes).
         epoch = conn.execute(_EPOCH).scalar() or 0
+        desired_epoch.note(str(conn.engine.url), epoch)
         quick = [r for r in batch if r.liveness_only]
         if quick:
             at = now()

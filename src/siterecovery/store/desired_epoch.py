@@ -12,17 +12,32 @@ process's change is seen at the next heartbeat because the value lives in the da
 The write is the transaction's last statement, so the row lock it takes is held only while
 committing: no transaction waits for another's epoch while holding locks that one needs.
 Liveness, statistics, health and RPO (what heartbeats and the monitor write) do not change it.
+
+A token's revoke, expiry change or deletion changes it too, so the process's verified-token cache
+(`store.tokens.TokenCache`) may keep trusting a token past its time-to-live while the heartbeat
+writer keeps reading the same value (`note`, `recent`): a revoke through any process still
+voids it within that time-to-live, and an agent heartbeating every 10 s no longer has its token
+read again at every heartbeat because the time-to-live is 5 s.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from typing import Any
 
 from sqlalchemy import event, insert, inspect, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from siterecovery.store.models import Component, ComponentCertificate, DesiredEpoch, Policy, ReplicatedItem
+from siterecovery.store.models import (
+    Component,
+    ComponentCertificate,
+    DesiredEpoch,
+    Policy,
+    ReplicatedItem,
+    Token,
+)
 
 _CHANGED = "desired-epoch-changed"  # session.info flag
 EPOCH_ID = 1
@@ -32,6 +47,7 @@ _WATCHED: dict[type, tuple[str, ...] | None] = {
     Component: ("kind", "name", "site", "address", "machine", "desired"),
     Policy: None,
     ComponentCertificate: None,
+    Token: ("revoked", "expires_at", "role", "component_id", "secret_hash"),
 }
 
 
@@ -82,3 +98,23 @@ def install(factory: sessionmaker[Session]) -> None:
     event.listen(factory, "before_flush", _before_flush)
     event.listen(factory, "before_commit", _before_commit)
     event.listen(factory, "after_rollback", _forget)
+
+
+# Database URL -> (the value last read, when: monotonic). Read by the heartbeat writer per batch.
+_SEEN: dict[str, tuple[int, float]] = {}
+_SEEN_LOCK = threading.Lock()
+
+
+def note(db_url: str, value: int) -> None:
+    """The value was just read from this database (call only with a value read, never cached)."""
+    with _SEEN_LOCK:
+        _SEEN[db_url] = (value, time.monotonic())
+
+
+def recent(db_url: str, max_age: float) -> int | None:
+    """The value read from this database within `max_age` seconds, if any."""
+    with _SEEN_LOCK:
+        found = _SEEN.get(db_url)
+    if found is None or time.monotonic() - found[1] > max_age:
+        return None
+    return found[0]
