@@ -236,7 +236,17 @@ class Agent:
         sender.start()
 
     def _respec(self, pair: PairReplication, spec: DiskReplication) -> None:
-        """A pair's process server, master target or pause changed: restart its sender."""
+        """A pair's process server, master target or pause changed: restart its sender.
+
+        A raised generation alone (a resync asked for: the same links) keeps the running sender
+        when no sync is pending: starting a new child process and its links took about 0.4 s of
+        a delta resync of 2 GiB that otherwise takes about 1 s (issue 16).
+        """
+        same_links = spec.model_copy(
+            update={"generation": pair.spec.generation, "sync_mode": pair.spec.sync_mode}
+        )
+        if pair.pair_id in self.senders and same_links == pair.spec and pair.renew_idle(spec):
+            return
         sender = self.senders.pop(pair.pair_id, None)
         if sender is not None:
             sender.stop()
