@@ -5,6 +5,7 @@ are counted (SQL statements, item rows loaded), never timed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -23,6 +24,7 @@ from siterecovery.config import load_server_config
 from siterecovery.control.admission import HeartbeatAdmission
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats
 from siterecovery.dataplane.control_client import FAST_INTERVAL, ControlClient, DesiredSource, Registration
+from siterecovery.dr import monitor
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
@@ -491,3 +493,36 @@ def test_the_monitor_rereads_an_item_only_when_its_details_changed(
     with cp.db.session() as s:
         moved = get_item(s, machine_name(0)).id
     assert rpos[moved].caught_up is False
+
+
+def test_a_monitor_pass_decodes_only_the_reports_that_changed(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each component's report is decoded once, then again only when what is stored changed."""
+    cp, _, _ = plane
+    t0 = time.time()
+    seed(cp, 4, master_targets=2)
+    _report_everything(cp, t0)
+    decoded: list[str] = []
+
+    def counting_loads(text: str) -> Any:
+        decoded.append(text)
+        return json.loads(text)
+
+    monkeypatch.setattr(monitor, "json", type("CountingJson", (), {"loads": staticmethod(counting_loads)}))
+    assert len(evaluate(cp, now=t0 + 1)) == 4
+    first = len(decoded)
+    assert first >= 6  # 4 agents and 2 master targets at least
+    decoded.clear()
+    assert len(evaluate(cp, now=t0 + 2)) == 4
+    assert decoded == []  # nothing changed: nothing decoded
+
+    with cp.db.session() as s:  # one agent reports a newer capture (its liveness time unchanged)
+        row = s.scalar(select(Component).where(Component.name == f"onprem/{machine_name(1)}"))
+        assert row is not None
+        row.stats = agent_stats([p["pair_id"] for p in row.stats["pairs"]], 900)
+    rpos = {r.item: r for r in evaluate(cp, now=t0 + 3)}
+    assert len(decoded) == 1 and json.loads(decoded[0])["pairs"][0]["captured_seq"] == 900
+    with cp.db.session() as s:
+        assert rpos[get_item(s, machine_name(1)).id].caught_up is False
+        assert rpos[get_item(s, machine_name(0)).id].caught_up is True

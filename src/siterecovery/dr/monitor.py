@@ -9,6 +9,7 @@ the item turns warning (critical above twice it) and an alert opens; both clear 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Text, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
 
 from siterecovery.dr.bookmarks import schedule_bookmarks
@@ -119,7 +121,9 @@ class PassInputs:
 def _pairs(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
     # Raw dicts on purpose: a master target's report carries every retained recovery point, which
     # full validation would parse; each component's report is read once per pass, not per item.
-    return [p for p in (stats or {}).get("pairs", []) or [] if isinstance(p, dict)]
+    # (A process server's report counts its pairs: `pairs` is a number there, not a list.)
+    pairs = (stats or {}).get("pairs")
+    return [p for p in pairs if isinstance(p, dict)] if isinstance(pairs, list) else []
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,34 @@ def _routes(s: Session, revs: dict[str, int]) -> dict[str, _Route | None]:
         return {i: r for i, (_, r) in known.items()}
 
 
+# A component's report as stored (text, not decoded by the driver): the key of `_STATS`.
+_STATS_TEXT = sql_cast(Component.stats, Text)
+# Per database and kind, component id -> (its report as stored, decoded, its pairs): a pass
+# decodes only the reports that changed since it last looked. At 5,000 agents decoding every
+# report on every pass was most of a pass; keyed by the stored text itself, no writer (the
+# heartbeat, a liveness batch, a test) has to remember to mark a change.
+_Decoded = tuple[dict[str, Any], list[dict[str, Any]]]
+_STATS: dict[tuple[str, str], dict[str, tuple[str | None, _Decoded]]] = {}
+_STATS_LOCK = threading.Lock()
+
+
+def _decoded(s: Session, kind: str, reports: list[tuple[str, str | None]]) -> dict[str, _Decoded]:
+    """(component id, report as stored) -> its report and pairs decoded, decoding only changes."""
+    with _STATS_LOCK:
+        cache = _STATS.setdefault((str(s.get_bind().engine.url), kind), {})
+        seen: dict[str, tuple[str | None, _Decoded]] = {}
+        for comp_id, text in reports:
+            known = cache.get(comp_id)
+            if known is None or known[0] != text:
+                stats = json.loads(text) if text else {}
+                stats = stats if isinstance(stats, dict) else {}
+                known = (text, (stats, _pairs(stats)))
+            seen[comp_id] = known
+        cache.clear()  # components removed since the last pass are forgotten
+        cache.update(seen)
+    return {comp_id: decoded for comp_id, (_, decoded) in seen.items()}
+
+
 def read_inputs(s: Session) -> PassInputs:
     thresholds = {p.id: float(p.rpo_threshold_seconds) for p in s.scalars(select(Policy))}
     rows = list(
@@ -211,34 +243,36 @@ def read_inputs(s: Session) -> PassInputs:
         )
     agents: dict[str, tuple[float | None, dict[str, int]]] = {}
     agent_stats: dict[str, dict[str, Any]] = {}
-    for name, beat, stats in cast(
-        Iterable[tuple[str, float | None, dict[str, Any] | None]],
+    agent_rows = list(
         s.execute(
-            select(Component.name, Component.last_heartbeat, Component.stats).where(
+            select(Component.id, Component.name, Component.last_heartbeat, _STATS_TEXT).where(
                 Component.kind == ComponentKind.AGENT
             )
-        ),
-    ):
-        agents[name] = (beat, {str(p.get("pair_id")): int(p.get("captured_seq", -1)) for p in _pairs(stats)})
-        agent_stats[name] = stats or {}
+        )
+    )
+    decoded = _decoded(s, "agent", [(row[0], row[3]) for row in agent_rows])
+    for comp_id, name, beat, _ in agent_rows:
+        stats, pairs = decoded[comp_id]
+        agents[name] = (beat, {str(p.get("pair_id")): int(p.get("captured_seq", -1)) for p in pairs})
+        agent_stats[name] = stats
     applied: dict[str, dict[str, tuple[int, float | None]]] = {}
     by_id: dict[str, dict[str, Any]] = {}
-    for comp_id, kind, stats in cast(
-        Iterable[tuple[str, ComponentKind, dict[str, Any] | None]],
+    server_rows = list(
         s.execute(
-            select(Component.id, Component.kind, Component.stats).where(
+            select(Component.id, Component.kind, _STATS_TEXT).where(
                 Component.kind.in_([ComponentKind.MASTER_TARGET, ComponentKind.PROCESS])
             )
-        ),
-    ):
-        by_id[comp_id] = stats or {}
-        if kind != ComponentKind.MASTER_TARGET:
-            continue
-        mt_id = comp_id
-        applied[mt_id] = {
-            str(p.get("pair_id")): (int(p.get("applied_seq", -1)), p.get("last_applied_time"))
-            for p in _pairs(stats)
-        }
+        )
+    )
+    decoded = _decoded(s, "server", [(row[0], row[2]) for row in server_rows])
+    for comp_id, kind, _ in server_rows:
+        stats, pairs = decoded[comp_id]
+        by_id[comp_id] = stats
+        if kind == ComponentKind.MASTER_TARGET:
+            applied[comp_id] = {
+                str(p.get("pair_id")): (int(p.get("applied_seq", -1)), p.get("last_applied_time"))
+                for p in pairs
+            }
     alerts = {
         object_id: severity
         for object_id, severity in s.execute(
