@@ -389,6 +389,8 @@ def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestCli
     mt1 = http.get("/api/replicatedItems", params={"server": "master-target-scale-1"}, headers=auth).json()
     assert [i["name"] for i in mt1] == [machine_name(n) for n in range(1, 25, 2)]
     assert mt1[0]["details"]["replication"]["master_target"] == "master-target-scale-1"
+    shown = http.get(f"/api/replicatedItems/{mt1[0]['id']}", headers=auth).json()
+    assert mt1[0] == shown  # the list writes each record as stored: the same item as its own route
 
     first = http.get("/api/events", params={"code": "scale-test", "limit": 4}, headers=auth)
     rest = http.get(
