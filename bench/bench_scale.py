@@ -330,7 +330,7 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
             started = time.monotonic()
             wait = c.interval
             try:
-                r = await asyncio.wait_for(connection.post(path, c.token, c.body()), TIMEOUT)
+                r = await asyncio.wait_for(connection.post(path, c.token, c.body(), c.interval), TIMEOUT)
                 if r.status == 200:
                     out.answered += 1
                     if started >= measure_from:

@@ -37,18 +37,19 @@ class Connection:
         self.port = parts.port or 80
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def post(self, path: str, token: str, body: bytes) -> Answer:
+    async def post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
+        """POST a heartbeat; `interval` is the component's, told to the server (`control.admission`)."""
         reused = self._streams is not None
         try:
-            return await self._post(path, token, body)
+            return await self._post(path, token, body, interval)
         except HeartbeatError:
             if not reused:
                 raise
         # The server closes a connection idle for a few seconds (uvicorn's keep-alive timeout,
         # shorter than an agent's interval): a real client's pool opens a new one and sends again.
-        return await self._post(path, token, body)
+        return await self._post(path, token, body, interval)
 
-    async def _post(self, path: str, token: str, body: bytes) -> Answer:
+    async def _post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
         try:
             if self._streams is None:
                 self._streams = await asyncio.open_connection(self.host, self.port)
@@ -56,6 +57,7 @@ class Connection:
             writer.write(
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                f"X-Heartbeat-Interval: {interval:g}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )

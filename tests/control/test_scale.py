@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
 from siterecovery.config import load_server_config
-from siterecovery.control.admission import HeartbeatAdmission
+from siterecovery.control.admission import HeartbeatAdmission, retry_after
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats
 from siterecovery.dataplane.control_client import FAST_INTERVAL, ControlClient, DesiredSource, Registration
 from siterecovery.dr import monitor
@@ -270,11 +270,16 @@ def test_an_idle_component_heartbeats_at_its_idle_interval_and_fast_after_a_chan
     client._http = TestClient(create_app())
     client.register(cp.passphrase())
     client._http = TestClient(create_app())
+    told: list[str | None] = []  # the interval each heartbeat tells the server (`control.admission`)
+    client._http.event_hooks = {"request": [lambda r: told.append(r.headers.get("X-Heartbeat-Interval"))]}
     source = DesiredSource(AgentDesired, tmp_path / "agent", client)
     source.exchange(AgentStats())
     assert source.pace(10.0) == FAST_INTERVAL  # its first desired state: something to do
     source.exchange(AgentStats())
     assert source.pace(10.0) == 10.0 and source.pace(10.0, busy=True) == FAST_INTERVAL
+    source.exchange(AgentStats())
+    assert told == [None, "2", "2"]
+    source.pace(10.0)
     with cp.db.session() as s:  # a workflow asks something of it: the next exchange brings it
         request_bookmark(s, get_item(s, machine_name(0)))
     assert source.exchange(AgentStats()).bookmarks and source.pace(10.0) == FAST_INTERVAL
@@ -436,14 +441,28 @@ def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
             held = asyncio.create_task(http.post("/api/components/a/heartbeat"))
             await asyncio.wait_for(entered.wait(), 30)
             shed = await http.post("/api/components/b/heartbeat")
+            agent = await http.post("/api/components/c/heartbeat", headers={"X-Heartbeat-Interval": "10"})
             other = await http.get("/api/servers")
             release.set()
-            return (await held).status_code, shed, other.status_code
+            return (await held).status_code, shed, agent, other.status_code
 
-    held, shed, other = asyncio.run(run())
-    assert (held, shed.status_code, other) == (200, 503, 200)
-    assert shed.headers["Retry-After"] == "5" and shed.json()["code"] == "server-busy"
-    assert admission.shed == 1
+    held, shed, agent, other = asyncio.run(run())
+    assert (held, shed.status_code, agent.status_code, other) == (200, 503, 503, 200)
+    assert shed.json()["code"] == "server-busy"
+    # Retry-After: the caller's interval (5 s when it does not say), stretched by half the shed
+    # fraction: 1 of 2 heartbeats shed, then 2 of 3.
+    assert (shed.headers["Retry-After"], agent.headers["Retry-After"]) == ("7", "14")
+    assert admission.shed == 2
+
+
+def test_retry_after_is_the_callers_interval_stretched_by_shedding() -> None:
+    assert [retry_after(10, 0.0), retry_after(10, 1.0), retry_after(5, 0.5), retry_after(None, 0.0)] == [
+        10,
+        15,
+        7,
+        5,
+    ]
+    assert (retry_after(0.01, 0.0), retry_after(1e9, 2.0)) == (1, 90)  # clamped to 1-60 s, then stretched
 
 
 def test_the_portal_pages_through_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
