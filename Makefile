@@ -40,7 +40,8 @@ pytest: venv libvirt-python
 
 test: system-deps lint typecheck pytest
 
-# Every bench in bench/ (see bench/README.md); results go to bench/results/. A quick pass:
+# Every bench in bench/ (see bench/README.md); results go to bench/results/. At the default scale
+# the capture bench's sustained phase runs 60 s (RPO sampled while it runs). A quick pass:
 # `make bench BENCH_SCALE=0.1`; some of them: `make bench BENCHES="rpo points"`.
 bench: BENCH_SCALE ?= 1.0
 bench: venv system-deps

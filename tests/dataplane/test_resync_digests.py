@@ -25,6 +25,8 @@ from tests.dataplane.conftest import (
     write_json,
 )
 
+from siterecovery.dataplane.sender_process import PID_FILE
+
 MiB = 1 << 20
 
 
@@ -74,8 +76,11 @@ def test_resync_reads_only_the_source_with_digests_kept_across_a_restart(plane: 
     mt.start()
     mt.wait_address()
     changed = _rewrite(src, [4096, 3 * MiB + 8192, 19 * MiB, 31 * MiB + 4096, 40 * MiB])
+    child = (agent.state_dir / "pairs" / "p1" / PID_FILE).read_text()
     sent = _resync(plane, agent, mt, addrs)
     assert compare_raw(src, target) == 0
+    # No sync was pending: the running sender took the resync up (no new child, no new links).
+    assert (agent.state_dir / "pairs" / "p1" / PID_FILE).read_text() == child
     assert _replica_read(mt) == 0, "the master target read its replica instead of using its digests"
     assert sent < changed + 64 * 1024, f"{sent} bytes sent for {changed} changed"
 

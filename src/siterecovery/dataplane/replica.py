@@ -278,10 +278,26 @@ class PairReplication:
         """The pair's desired state changed while it runs; a raised generation asks for a new
         initial sync (full or delta, per `sync_mode`) after everything captured so far."""
         with self._lock:
-            self.spec = spec
-            if spec.generation > self._generation:
-                self._generation = spec.generation
-                self._start_sync(SyncKind.FULL if spec.sync_mode == SyncMode.FULL else SyncKind.DELTA)
+            self._renew(spec)
+
+    def _renew(self, spec: DiskReplication) -> None:
+        self.spec = spec
+        if spec.generation > self._generation:
+            self._generation = spec.generation
+            self._start_sync(SyncKind.FULL if spec.sync_mode == SyncMode.FULL else SyncKind.DELTA)
+
+    def renew_idle(self, spec: DiskReplication) -> bool:
+        """`renew` if no sync is pending, at once under the lock; False (nothing done) otherwise.
+
+        The running sender may then keep its session: it picks the new sync up from the state
+        (`_save_state` bumps the tail's state generation). With a sync pending it must restart
+        instead, or its report of the old sync's last frame would end the new one early.
+        """
+        with self._lock:
+            if self.sync is not None:
+                return False
+            self._renew(spec)
+            return True
 
     def request_resync(self, ranges: list[tuple[int, int]]) -> None:
         """Compare these ranges with the target and send what differs (after an unclean stop).
