@@ -240,17 +240,22 @@ class QemuIoWriter:
         """`_write` through an interactive qemu-io, pausing before the `pause_at` slot's write."""
         cmds = self.commands(batch)[1::2]  # without the "-c"s
         pause = next(i for i, c in enumerate(cmds) if f" {self.base + (self._pause_at or 0) * RECORD} " in c)
-        session = QemuIoSession(self._sock, self._export)
+        try:
+            session = QemuIoSession(self._sock, self._export)
+        except AssertionError as exc:
+            return f"qemu-io failed on records {batch.first}-{batch.last}: {exc}"
+        where = "before the pause"
         try:
             for i, cmd in enumerate(cmds):
                 if i == pause:
                     self._paused.set()
                     if not self._resumed.wait(300):
                         return "never resumed"
+                    where = "after the pause"
                 session.cmd(cmd)
             session.close()
         except AssertionError as exc:
-            return f"qemu-io failed on records {batch.first}-{batch.last} after the pause: {exc}"
+            return f"qemu-io failed on records {batch.first}-{batch.last} {where}: {exc}"
         finally:
             session.kill()
         return None
