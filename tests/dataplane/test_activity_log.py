@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.qemu_io_writer import RECORD, QemuIoSession, record_file
 
-from siterecovery.dataplane.activity_log import AHEAD, EXTENT, ActivityLog
+from siterecovery.dataplane.activity_log import AHEAD, AHEAD_MAX, EXTENT, ActivityLog
 from siterecovery.dataplane.nbd.image import Export
 from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 
@@ -102,6 +102,25 @@ def test_a_sequential_stream_is_marked_ahead_and_every_write_stays_covered(tmp_p
         assert offset // EXTENT in _marked_on_disk(tmp_path / "disk.al")  # what a crash would find
         log.recorded(offset, MiB)
     assert log.commits <= 1 + 16 // (AHEAD + 1) + 1, log.commits
+
+
+def test_a_long_stream_marks_ahead_as_far_as_it_has_run(tmp_path: Path) -> None:
+    """Through 1024 extents (4 GiB): one mark per doubling of the run, then one per AHEAD_MAX."""
+    size = 1024 * EXTENT
+    log = ActivityLog(tmp_path / "disk.al", size)
+    for offset in range(0, size, EXTENT):
+        if not log.covers(offset, EXTENT):
+            log.mark([(offset, EXTENT)], lambda: None)
+            assert offset // EXTENT in ActivityLog(_copy(tmp_path / "disk.al"), size).recovered
+        log.recorded(offset, EXTENT)
+    # 0, 1 (+7), 9, 19, 39, 79, 159 (+159 ... +255 from here on): 9 marks, not 128.
+    assert log.commits <= 2 + 6 + size // EXTENT // AHEAD_MAX, log.commits
+
+
+def _copy(path: Path) -> Path:
+    copy = path.with_name("crash-copy.al")
+    copy.write_bytes(path.read_bytes())
+    return copy
 
 
 def _marked_on_disk(path: Path) -> list[int]:

@@ -17,6 +17,7 @@ from tests.dataplane.conftest import (
     one_pair,
     pair_stats,
     wait_for,
+    wait_fresh_stats,
     wait_replicated,
 )
 
@@ -63,7 +64,9 @@ def test_frame_damaged_in_the_cache_is_refetched_from_the_source(plane: Plane) -
     assert refusal["hop"] == "process-server cache" and refusal["dropped"], refusal
     assert refusal["pair_id"] == "p1" and int(refusal["refetch_seq"]) > int(refusal["seq"]), refusal  # type: ignore[call-overload]
     assert compare_raw(src, target) == 0
-    # While the write was missing no point was taken here; none is listed unusable.
+    # While the write was missing no point was taken here; none is listed unusable. Stats published
+    # after the heal: the snapshot at hand may predate the re-read write (seen once under load).
+    wait_fresh_stats(mt)
     pairs = mt.stats().get("pairs", [])
     assert all(not p["missing"] for p in pairs)  # type: ignore[index, union-attr]
 

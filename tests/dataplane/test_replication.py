@@ -17,6 +17,8 @@ from tests.dataplane.conftest import (
     wait_replicated,
 )
 
+from siterecovery.dataplane.sender_process import PID_FILE, SENDER_NICE
+
 MiB = 1 << 20
 
 
@@ -68,6 +70,10 @@ def test_qemu_io_pattern_reaches_target_identical(plane: Plane) -> None:
     wait_replicated(agent, mt, "p1")  # type: ignore[arg-type]
     result = compare(src, plane.root / "target.img")
     assert result.returncode == 0, result.stdout + result.stderr
+    # The sender child yields the CPU to the export: SENDER_NICE levels below the agent (issue 16).
+    child = int((agent.state_dir / "pairs" / "p1" / PID_FILE).read_text())  # type: ignore[attr-defined]
+    agent_nice = os.getpriority(os.PRIO_PROCESS, agent.proc.pid)  # type: ignore[attr-defined]
+    assert os.getpriority(os.PRIO_PROCESS, child) == min(19, agent_nice + SENDER_NICE)
 
 
 def test_nbdcopy_random_image_reaches_target_identical(plane: Plane) -> None:

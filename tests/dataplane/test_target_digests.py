@@ -78,6 +78,27 @@ def test_digests_are_kept_on_apply_and_survive_a_clean_close(tmp_path: Path) -> 
     assert again.counters.replica_bytes_read == 0, "digests were not persisted"
 
 
+def test_blocks_written_again_after_a_flush_keep_true_digests(tmp_path: Path) -> None:
+    """Digests kept in memory after a flush (not read back) and written in runs stay the truth."""
+    r = Replica(tmp_path)
+    r.write(0, os.urandom(4 * COARSE))  # blocks 0-3: one run of four
+    r.write(9 * MiB, os.urandom(4096))
+    r.sync()
+    for offset in (4096, COARSE + 8192, 3 * COARSE, 9 * MiB + 4096, 2 * COARSE):
+        r.write(offset, os.urandom(4096))
+    r.zero(COARSE, 4096)
+    r.sync()
+    check(r.store, r.path)
+    r.write(COARSE + 4096, os.urandom(4096))  # a zeroed fine block of a block in memory
+    r.sync()
+    check(r.store, r.path)
+    r.store.close()
+    r.applier.close()
+    again = Replica(tmp_path).store
+    check(again, again.target)
+    assert again.counters.replica_bytes_read == 0
+
+
 def test_a_crash_before_the_flush_leaves_the_written_extents_unknown(tmp_path: Path) -> None:
     r = Replica(tmp_path)
     r.write(0, os.urandom(4 * COARSE))

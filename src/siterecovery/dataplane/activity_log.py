@@ -13,11 +13,13 @@ the requests queued on a connection are marked together with one write and one f
 server calls `mark` once per batch); unmarking is lazy, folded into the next mark's write. The
 number of marked extents is bounded (`limit`): past it, the sink is flushed so older extents can
 be unmarked, which also bounds the resync after a crash (limit x 4 MiB compared, not the disk).
-A write stream that runs on into the next extent (the extent before it is marked) has the `AHEAD`
-extents after it marked in the same write: a sequential writer then pays one fdatasync per
-32 MiB instead of one per 4 MiB (it was the export's largest wait under 1 MiB sequential writes).
-Marking more than is written is always safe; it only widens the comparison after a crash, within
-the same limit.
+A write stream that runs on into the next extent (the extent before it is marked) has extents
+after it marked in the same write: `AHEAD`, or as many as the run of marked extents it comes from,
+up to `AHEAD_MAX`, so a long sequential stream pays one fdatasync per doubling of its run (7 for the
+first GiB, then one per GiB) instead of one per 4 MiB. That fdatasync was the export's largest wait
+under 1 MiB sequential writes: with replication running, other writers keep the device busy and a
+single one took 60 ms. Marking more than is written is always safe; it only widens the comparison
+after a crash, within the same limit.
 
 File: a 16-byte header (magic, extent size, extent count), then one bit per extent. Writes only
 change bits of the bitmap in place; a torn write can only leave a bit set that was being cleared
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 EXTENT = 4 << 20
 LIMIT = 1024  # marked extents at most (4 GiB): what a crash may cost to compare
-AHEAD = 7  # extents marked ahead of a sequential stream, within the limit
+AHEAD = 7  # extents marked ahead of a sequential stream (at least), within the limit
+AHEAD_MAX = 255  # ... and at most (1 GiB): as many as the marked run the stream comes from
 _HEADER = struct.Struct(">8sII")
 _MAGIC = b"SRAL0001"
 _PENDING = 1 << 62  # marked, its write not recorded yet: never unmarked before it is
@@ -138,9 +141,16 @@ class ActivityLog:
         room = self.limit - len(self._last)
         ahead: list[int] = []
         for e in sorted(want):
-            if e == 0 or not self._bits[(e - 1) >> 3] & (1 << ((e - 1) & 7)):
+            run = 0  # marked extents right before e
+            while (
+                run < AHEAD_MAX
+                and e - run > 0
+                and self._bits[(e - run - 1) >> 3] & (1 << ((e - run - 1) & 7))
+            ):
+                run += 1
+            if not run:
                 continue
-            for n in range(e + 1, min(e + 1 + AHEAD, self.nextents)):
+            for n in range(e + 1, min(e + 1 + max(AHEAD, run), self.nextents)):
                 if room <= len(ahead):
                     return ahead
                 if not self._bits[n >> 3] & (1 << (n & 7)) and n not in ahead:

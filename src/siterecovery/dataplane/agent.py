@@ -108,6 +108,8 @@ class _SinkSwitch:
 
     def plug(self, target: PairReplication | None) -> None:
         with self._lock:
+            if self._target is not None:
+                self._target.settle()  # its held-back writes stay ahead of the switch
             if target is not None and self._untracked.any():
                 if not target.fresh:
                     target.absorb(self._untracked)
@@ -133,6 +135,11 @@ class _SinkSwitch:
                 return self._target.record_zero(offset, length)
             self._untracked.mark(offset, length)
             return 0
+
+    def settle(self) -> None:
+        with self._lock:
+            if self._target is not None:
+                self._target.settle()
 
     def flush(self) -> None:
         with self._lock:

@@ -5,7 +5,9 @@ call per write, in exactly the order the writes reached the image: one disk is o
 whatever number of NBD connections and requests in flight produced it. The sink (the replication
 spool) assigns each write a per-disk sequence number. All calls for one export come from the
 server's event-loop thread, one at a time, so a sink needs no locking; a slow sink slows the
-export, which is the backpressure we want rather than unbounded buffering.
+export, which is the backpressure we want rather than unbounded buffering. A `SettlingSink` may
+hold the writes of one batch (the requests the export read in one go) back and write them out
+together when the export calls `settle` (the agent's spool: one system call per batch).
 
 A `WriteIntent` (the agent's activity log) closes the window between the image and the sink: the
 export marks a write's region in it, durably, before the image is touched, and tells it when the
@@ -15,7 +17,7 @@ write was recorded and when the sink made it durable.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class CaptureSink(Protocol):
@@ -35,6 +37,17 @@ class CaptureSink(Protocol):
     def flush(self) -> None:
         """Make everything recorded so far durable; called for NBD FLUSH and FUA requests before
         the client is answered."""
+
+
+@runtime_checkable
+class SettlingSink(CaptureSink, Protocol):
+    """A sink that may hold recorded writes back to write them out together (the agent's spool)."""
+
+    def settle(self) -> None:
+        """The export has handed over every request it had read: write out what was held back.
+
+        Called before the export sends the replies of those requests; FLUSH and FUA reach `flush`,
+        which settles first."""
 
 
 class WriteIntent(Protocol):

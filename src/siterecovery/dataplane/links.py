@@ -98,6 +98,14 @@ def idle(sock: ssl.SSLSocket) -> bool:
     return not readable
 
 
+def quiet_for(sock: ssl.SSLSocket, seconds: float) -> bool:
+    """True when nothing becomes readable within `seconds` (0: `idle`)."""
+    if sock.pending():
+        return False
+    readable, _, _ = select.select([sock], [], [], max(0.0, seconds))
+    return not readable
+
+
 class Listener:
     """Accepts mutual-TLS connections and hands each to `handler` in its own thread."""
 

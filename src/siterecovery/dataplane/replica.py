@@ -16,6 +16,7 @@ sync is acknowledged a header-only REFETCH|RESYNC write tells every hop the loss
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.spool_tail import SpoolTail
+
+log = logging.getLogger(__name__)
 
 _RESERVE = 1 << 20
 DEFAULT_SPOOL_LIMIT = 1 << 30
@@ -99,6 +102,7 @@ class PairReplication:
         self.intent = DirtyBitmap(self.dir / "intent.bitmap", self.size, COARSE)
         self._lock = threading.Lock()
         self._hbuf = bytearray(HEADER_SIZE)
+        self._deferred: list[tuple[int, int]] = []  # ranges of frames deferred since the last settle
         self._state_path = self.dir / "state.json"
         self.sync: SyncPlan | None = None
         self.sync_last: int | None = None
@@ -177,7 +181,8 @@ class PairReplication:
                 pack_header(
                     self._hbuf, FrameType.WRITE, Flag.NONE, 0, seq, offset, len(data), len(data), digest(data)
                 )
-                self._append(seq, data)
+                self._append(seq, data, defer=True)
+                self._deferred.append((offset, len(data)))
         return seq
 
     def record_zero(self, offset: int, length: int) -> int:
@@ -188,8 +193,33 @@ class PairReplication:
                 self.dirty.mark(offset, length)
             else:
                 pack_header(self._hbuf, FrameType.WRITE, Flag.ZERO, 0, seq, offset, length, 0, EMPTY_DIGEST)
-                self._append(seq, b"")
+                self._append(seq, b"", defer=True)
+                self._deferred.append((offset, length))
         return seq
+
+    def settle(self) -> None:
+        """The export has handed over every request it had read: write the deferred frames out in
+        one go. If that fails (a full spool volume), their ranges go to the dirty bitmap instead,
+        as when the spool is over its limit: the writes are resynced, never lost."""
+        with self._lock:
+            self._settle()
+
+    def _settle(self) -> None:
+        ranges, self._deferred = self._deferred, []
+        try:
+            self.spool.settle()
+        except OSError as exc:
+            log.error(
+                "pair %s: spool write failed (%s); tracking %d writes as dirty",
+                self.pair_id,
+                exc,
+                len(ranges),
+            )
+            for offset, length in ranges:
+                self.dirty.mark(offset, length)
+            self.spool.discard_deferred()
+            self.dirty_mode = True
+            self._save_state()
 
     def refetch(self, offset: int, length: int) -> int:
         """Re-read [offset, +length) from the image and spool it as a new write (flag REFETCH).
@@ -217,6 +247,8 @@ class PairReplication:
         return seq
 
     def flush(self) -> None:
+        with self._lock:
+            self._settle()
         self.spool.sync()
         with self._lock:
             if self.dirty_mode:
@@ -247,8 +279,12 @@ class PairReplication:
             self.spool.sync()
         return seq
 
-    def _append(self, seq: int, payload: memoryview | bytes) -> None:
-        self.spool.append(seq, self._hbuf, payload)
+    def _append(self, seq: int, payload: memoryview | bytes, *, defer: bool = False) -> None:
+        if defer:
+            self.spool.defer(seq, self._hbuf, payload)
+        else:
+            self._settle()  # the deferred frames go first (or to the dirty bitmap)
+            self.spool.append(seq, self._hbuf, payload)
         if self.spool.bytes_used > self.spool_limit:
             # Past the limit the spool stops growing: remember only which blocks changed.
             self.dirty_mode = True

@@ -9,6 +9,13 @@ acknowledged is lost.
 A new segment's name is made durable by the next `sync()` together with its frames, not when
 it is created: nothing in it is promised before, and a directory fsync per roll stalled writers.
 
+The agent's export appends small frames with `defer`: they are gathered in memory and written with
+one system call when the export has taken every request it had read (`settle`), or by the next
+`append`/`sync`. A deferred frame is not in the file yet, and readers do not see it: it is
+promised nothing more than an appended one (only `sync` promises), and the export's write-intent
+log covers its range until a sync. A write that fails keeps the frames for the next try; only the
+owner drops them (`discard_deferred`), after recording their ranges another way.
+
 A bad frame header *followed by intact frames* is not a torn tail but damage (a flipped bit on the
 disk): the scan resynchronises on the next offset whose header verifies and whose payload matches
 its digest, keeps every intact frame after it, and rewrites the segment without the damaged bytes.
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 _SUFFIX = ".seg"
 _DAMAGE = "damage.json"
 _REWRITE = ".rewrite"  # a segment being rewritten without its damaged bytes
+DEFER_PAYLOAD = 64 << 10  # larger payloads are written at once (with the frames deferred before them)
+_DEFER_BYTES = 1 << 20  # deferred frames are written out once they fill this much
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class SegmentLog:
         self._rolls_durable = 0  # ... and how many of their names an fsync of the directory covers
         self._damage_path = directory / _DAMAGE
         self._tail: SpoolTail | None = None
+        self._deferred = bytearray()  # frames not written yet (`defer`); allocated on first use
+        self._deferred_len = 0
+        self._deferred_last = -1  # sequence of the newest deferred frame
         self.damage: list[LogDamage] = []
         if self._damage_path.exists():
             self.damage = [LogDamage(**d) for d in json.loads(self._damage_path.read_text())]
@@ -156,6 +168,7 @@ class SegmentLog:
         """A reader met a bad frame header in the live log: index it again as on open (the damage
         found is recorded in `damage`); appends go on in a new segment."""
         with self._lock:
+            self._write_deferred()
             if self._fd is not None:
                 self._unsynced.append(self._fd)  # fdatasynced and closed by the next sync()
                 self._fd = None
@@ -174,9 +187,10 @@ class SegmentLog:
 
     @property
     def last_seq(self) -> int:
-        """Sequence of the newest frame held, or -1 when empty."""
+        """Sequence of the newest frame held (deferred ones included), or -1 when empty."""
         with self._lock:
-            return self._segments[-1].last_seq if self._segments else -1
+            last = self._segments[-1].last_seq if self._segments else -1
+            return max(last, self._deferred_last) if self._deferred_len else last
 
     @property
     def first_seq(self) -> int:
@@ -186,28 +200,80 @@ class SegmentLog:
     @property
     def bytes_used(self) -> int:
         with self._lock:
-            return sum(s.size for s in self._segments)
+            return sum(s.size for s in self._segments) + self._deferred_len
 
     def append(self, seq: int, header: bytes | bytearray | memoryview, payload: memoryview | bytes) -> None:
         """Append one frame (header + payload) whose sequence is `seq`."""
         with self._lock:
-            if self._segments and seq <= self._segments[-1].last_seq:
-                raise ValueError(f"sequence {seq} is not after {self._segments[-1].last_seq}")
-            if self._fd is None or self._segments[-1].size >= self._segment_bytes:
+            self._check_order(seq)
+            if self._fd is None or self._segments[-1].size + self._deferred_len >= self._segment_bytes:
+                self._write_deferred()
                 self._roll(seq)
-            assert self._fd is not None
-            n = os.writev(self._fd, [header, payload])
-            want = len(header) + len(payload)
-            if n != want:
-                # writev on a regular file only comes up short on ENOSPC; make the tail whole.
-                os.ftruncate(self._fd, self._segments[-1].size)
-                raise OSError(f"short write to {self._segments[-1].path} ({n} of {want} bytes)")
-            seg = self._segments[-1]
-            seg.size += want
-            seg.last_seq = seq
-            if self._tail is not None:
-                self._tail.publish(seg.first_seq, seg.size, seq)
-            self.appended.notify_all()
+            self._write([header, payload], seq)
+
+    def defer(self, seq: int, header: bytes | bytearray | memoryview, payload: memoryview | bytes) -> None:
+        """Append one frame, written out by the next `settle`, `append` or `sync` (see the module
+        docstring); `payload` may be reused once this returns."""
+        with self._lock:
+            self._check_order(seq)
+            size = len(header) + len(payload)
+            if self._fd is None or self._segments[-1].size + self._deferred_len >= self._segment_bytes:
+                self._write_deferred()
+                self._roll(seq)
+            if len(payload) > DEFER_PAYLOAD:
+                self._write([header, payload], seq)  # one writev with the frames deferred before it
+                return
+            if self._deferred_len + size > len(self._deferred):
+                self._write_deferred()
+                if not self._deferred:
+                    self._deferred = bytearray(_DEFER_BYTES)  # kept: no page faults per batch
+            at = self._deferred_len
+            self._deferred[at : at + len(header)] = header
+            self._deferred[at + len(header) : at + size] = payload
+            self._deferred_len += size
+            self._deferred_last = seq
+
+    def settle(self) -> None:
+        """Write out the deferred frames (one system call)."""
+        with self._lock:
+            self._write_deferred()
+
+    def discard_deferred(self) -> None:
+        """Drop the deferred frames (their write failed; the owner recorded their ranges)."""
+        with self._lock:
+            self._deferred_len = 0
+            self._deferred_last = -1
+
+    def _check_order(self, seq: int) -> None:
+        last = self._segments[-1].last_seq if self._segments else -1
+        if self._deferred_len:
+            last = max(last, self._deferred_last)
+        if seq <= last:
+            raise ValueError(f"sequence {seq} is not after {last}")
+
+    def _write_deferred(self) -> None:
+        if self._deferred_len:
+            self._write([], self._deferred_last)
+
+    def _write(self, frames: list[bytes | bytearray | memoryview], last_seq: int) -> None:
+        """Write the deferred frames, then `frames`, at the end of the current segment (lock held)."""
+        assert self._fd is not None
+        seg = self._segments[-1]
+        deferred = memoryview(self._deferred)[: self._deferred_len]
+        bufs = [deferred, *frames] if self._deferred_len else frames
+        want = sum(len(b) for b in bufs)
+        n = os.writev(self._fd, bufs)
+        if n != want:
+            # writev on a regular file only comes up short on ENOSPC; make the tail whole (the
+            # deferred frames stay deferred).
+            os.ftruncate(self._fd, seg.size)
+            raise OSError(f"short write to {seg.path} ({n} of {want} bytes)")
+        self._deferred_len = 0
+        seg.size += want
+        seg.last_seq = last_seq
+        if self._tail is not None:
+            self._tail.publish(seg.first_seq, seg.size, last_seq)
+        self.appended.notify_all()
 
     def _roll(self, seq: int) -> None:
         if self._fd is not None:
@@ -220,8 +286,9 @@ class SegmentLog:
         self._rolls += 1
 
     def sync(self) -> None:
-        """Make every appended frame durable."""
+        """Make every appended frame durable (deferred ones are written first)."""
         with self._lock:
+            self._write_deferred()
             fds, self._unsynced = self._unsynced, []
             rolls = self._rolls
             # A duplicate of the current segment's descriptor: `free_through` on another thread may
@@ -246,8 +313,9 @@ class SegmentLog:
         with self._lock:
             keep: list[_Segment] = []
             for i, seg in enumerate(self._segments):
-                if seg.size > 0 and seg.last_seq <= seq:
-                    if i == len(self._segments) - 1 and self._fd is not None:
+                current = i == len(self._segments) - 1
+                if seg.size > 0 and seg.last_seq <= seq and not (current and self._deferred_len):
+                    if current and self._fd is not None:
                         os.close(self._fd)
                         self._fd = None
                     seg.path.unlink(missing_ok=True)
@@ -273,15 +341,16 @@ class SegmentLog:
 
     def _locate(self, seg_first: int, pos: int) -> tuple[_Segment | None, int]:
         """The segment to read next and the position in it (called with the lock held)."""
+        # The last segment may have nothing written yet (frames deferred into it): nothing to read.
         for i, seg in enumerate(self._segments):
             if seg.first_seq == seg_first:
                 if pos < seg.size:
                     return seg, pos
-                if i + 1 < len(self._segments):
+                if i + 1 < len(self._segments) and self._segments[i + 1].size:
                     return self._segments[i + 1], 0
                 return None, pos
             if seg.first_seq > seg_first:
-                return seg, 0
+                return (seg, 0) if seg.size else (None, pos)
         return None, pos
 
 

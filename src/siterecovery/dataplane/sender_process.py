@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 PID_FILE = "sender.pid"  # in the pair's directory: the running child (for operators and tests)
 STOP_TIMEOUT = 15.0
+# The child runs at a lower CPU priority than the export: on a busy host the guest's writes get the
+# CPU first and the spool absorbs the burst; the child sends it as soon as CPU is free (issue 16).
+SENDER_NICE = 10
 
 
 class SenderProcess:
@@ -104,6 +108,8 @@ class SenderProcess:
             )
         finally:
             theirs.close()
+        with contextlib.suppress(OSError):  # the child may already be gone; it is restarted then
+            os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + SENDER_NICE)
         self._proc = proc
         (self.pair.dir / PID_FILE).write_text(f"{proc.pid}\n")
         conn = Connection(ours.detach())

@@ -46,16 +46,20 @@ from siterecovery.dataplane.blocks import (
     zero_digest,
     zero_fine_digests,
 )
-from siterecovery.dataplane.fileio import pread_full
+from siterecovery.dataplane.fileio import pread_full, pwritev_all
 
 EXTENT_BLOCKS = 64  # coarse blocks marked together before a write (64 MiB)
 MARK_AHEAD = 7  # extents marked with the one written first (a sequential stream: one fdatasync)
 COOL_SECONDS = 2.0  # an extent not written for this long is unmarked at the next flush
 COOL_EVERY = 5.0  # seconds between unmarkings
+# Fine digests of DATA blocks kept in memory as written (4 KiB each: 16 MiB, 4 GiB of disk), so a
+# block written again after a flush is not read back from `digests.fine` first.
+CLEAN_BLOCKS = 4096
 _MAGIC = b"SRTD0001"
 # magic, coarse, fine, size, st_dev, st_ino, st_mtime_ns, clean
 _HEADER = struct.Struct(">8sIIQQQQI")
 _FINES = COARSE // FINE * DIGEST_SIZE
+_IOV_MAX = 1024  # buffers in one pwritev (Linux's IOV_MAX)
 
 
 class BlockState(IntEnum):
@@ -89,6 +93,7 @@ class TargetDigests:
         self._read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         self.state = bytearray(self.nblocks)  # the truth, in memory
         self._dirty: dict[int, bytearray] = {}  # fine digests changed since the last flush
+        self._clean: dict[int, bytearray] = {}  # DATA blocks: as in `digests.fine` (oldest first)
         self._restate: set[int] = set()  # blocks whose state byte must be written at the flush
         self._hot: dict[int, float] = {}  # extents marked UNKNOWN on disk -> last write time
         self._buf = bytearray(COARSE)
@@ -181,11 +186,13 @@ class TargetDigests:
         if data is None and lo == 0 and hi >= block_len:
             self.state[idx] = BlockState.ZERO
             self._dirty.pop(idx, None)
+            self._clean.pop(idx, None)
             return
         if lo % FINE or (hi % FINE and hi != block_len):
             # Part of a fine block: its digest would need the rest of it from the replica.
             self.state[idx] = BlockState.UNKNOWN
             self._dirty.pop(idx, None)
+            self._clean.pop(idx, None)
             return
         digest = xxhash.xxh3_128_digest
         if data is not None and lo == 0 and hi == COARSE:  # a whole block (a full sync): hash it
@@ -219,13 +226,16 @@ class TargetDigests:
         if state == BlockState.ZERO:
             return bytearray(zero_fine_digests())
         if state == BlockState.DATA:
-            return bytearray(os.pread(self._fine_fd, _FINES, idx * _FINES))
+            # Taken out: the caller changes it and it becomes dirty.
+            fines = self._clean.pop(idx, None)
+            return fines if fines is not None else bytearray(os.pread(self._fine_fd, _FINES, idx * _FINES))
         return None
 
     def forget(self, durable: bool = True) -> None:
         """The replica changed outside the applied stream: trust nothing until read again."""
         self.state[:] = bytes(self.nblocks)
         self._dirty.clear()
+        self._clean.clear()
         self._restate.clear()
         if durable:
             os.pwrite(self._state_fd, bytes(self.nblocks), _HEADER.size)
@@ -239,8 +249,15 @@ class TargetDigests:
 
     def flush(self) -> None:
         """After the applier's sync: persist the digests of what it applied, unmark cooled extents."""
-        for idx, fines in sorted(self._dirty.items()):
-            os.pwrite(self._fine_fd, fines, idx * _FINES)
+        dirty = sorted(self._dirty.items())
+        start = 0
+        for k in range(1, len(dirty) + 1):  # one pwritev per run of consecutive blocks
+            if k == len(dirty) or dirty[k][0] != dirty[k - 1][0] + 1 or k - start >= _IOV_MAX:
+                pwritev_all(self._fine_fd, [fines for _, fines in dirty[start:k]], dirty[start][0] * _FINES)
+                start = k
+        self._clean.update(dirty)
+        while len(self._clean) > CLEAN_BLOCKS:
+            del self._clean[next(iter(self._clean))]
         self._dirty.clear()
         now = time.monotonic()
         if now - self._cooled_at >= COOL_EVERY:
@@ -298,6 +315,7 @@ class TargetDigests:
             view[n:] = bytes(COARSE - n)
         self.counters.replica_bytes_read += n
         self._restate.add(idx)
+        self._clean.pop(idx, None)
         if xxhash.xxh3_128_digest(view) == zero_digest(COARSE):
             self.state[idx] = BlockState.ZERO
             self._dirty.pop(idx, None)

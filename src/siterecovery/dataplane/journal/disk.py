@@ -35,6 +35,8 @@ from siterecovery.dataplane.journal.ranges import _Pending
 from siterecovery.dataplane.points import CrashPointPolicy, PointKind, RecoveryPoint, disk_point
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
+_PROBE_ABOVE = 64 << 10  # old bytes of a larger write: skip reading them if the range is a hole
+
 
 class JournaledDisk(_Mover, DiskApplier):
     """A target disk image plus its retention journal; implements the `DiskApplier` seam."""
@@ -240,7 +242,8 @@ class JournaledDisk(_Mover, DiskApplier):
     def _read_old(self, offset: int, n: int) -> memoryview | None:
         """The bytes a write at offset replaces, or None when they all read as zeroes."""
         in_pending = self._pending.overlaps(offset, offset + n)
-        if not in_pending and not has_data(self._disk, offset, n):
+        # A small read costs no more than asking the file system whether the range is allocated.
+        if not in_pending and n > _PROBE_ABOVE and not has_data(self._disk, offset, n):
             return None
         view = memoryview(self._rbuf)[:n] if n <= len(self._rbuf) else self._grow(n)
         pread_zero_filled(self._disk, view, offset)

@@ -131,10 +131,25 @@ class Connection(asyncio.BufferedProtocol):
             self._consume()
         except ProtocolViolation as exc:
             log.warning("nbd: closing connection: %s", exc)
+            self._settle()
             self._send_out()
             self.close()
             return
+        self._settle()
         self._send_out()
+
+    def _settle(self) -> None:
+        """Let the sink write out the writes of this batch together (one spool append)."""
+        image = self._image
+        if image is None or image.settle is None:
+            return
+        try:
+            image.settle()
+        except Exception:
+            # Never acknowledge what may not be captured: drop the replies and the connection.
+            log.exception("nbd: export %s: capture failed", image.export.name)
+            self._out = bytearray()
+            self.close()
 
     def eof_received(self) -> bool | None:
         return None

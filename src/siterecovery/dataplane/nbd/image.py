@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.dataplane.before_image import BeforeImageLog
-from siterecovery.dataplane.capture import CaptureSink, WriteIntent
+from siterecovery.dataplane.capture import CaptureSink, SettlingSink, WriteIntent
 from siterecovery.dataplane.fileio import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
 from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUNCH_HOLE
 from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
@@ -95,6 +95,8 @@ class ExportImage:
         self.export = export
         self.size = export.size
         self.sink = export.sink
+        # Called once per batch of requests read, if the sink holds writes back until then.
+        self.settle = export.sink.settle if isinstance(export.sink, SettlingSink) else None
         self.intent = export.intent
         self.can_punch = _fallocate is not None
         # A snapshot of the disk is kept as a before-image log: old chunks go there before writes.

@@ -1,0 +1,89 @@
+"""The agent's spool takes the writes of one NBD batch in memory and writes them out together.
+
+Deferred frames are invisible to readers (cursors, the shared tail) until `settle`, stay in
+sequence order with frames appended at once, are written by `sync` (a FLUSH) and keep their segment
+from being freed. A write-out that fails (here a real EFBIG from a file-size limit) loses nothing:
+the pair tracks the batch's ranges in its dirty bitmap, as when the spool is over its limit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from pathlib import Path
+
+from siterecovery.dataplane.assignments import DiskReplication
+from siterecovery.dataplane.dirty import GRANULARITY, DirtyBitmap
+from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
+from siterecovery.dataplane.replica import PairReplication
+from siterecovery.dataplane.segment_log import SegmentLog
+from siterecovery.dataplane.spool_tail import SpoolTail
+
+
+def _frames(seqs: range) -> dict[int, bytes]:
+    return {s: encode_frame(FrameType.WRITE, 0, s, s * 4096, 4096, os.urandom(4096)) for s in seqs}
+
+
+def _read_all(log: SegmentLog) -> list[bytes]:
+    cursor = log.cursor(-1)
+    buf = bytearray(HEADER_SIZE + 8192)
+    out = []
+    while (item := cursor.next(buf)) is not None:
+        out.append(bytes(item[1]))
+    cursor.close()
+    return out
+
+
+def test_deferred_frames_are_written_together_in_order_and_kept_until_written(tmp_path: Path) -> None:
+    frames = _frames(range(1, 8))
+    log = SegmentLog(tmp_path / "spool")
+    tail = SpoolTail(tmp_path / "spool.tail")
+    log.share_tail(tail)
+    for s in (1, 2, 3):
+        log.defer(s, frames[s][:HEADER_SIZE], frames[s][HEADER_SIZE:])
+    assert _read_all(log) == [] and tail.read().last_seq == -1  # not written yet: nobody reads them
+    assert log.last_seq == 3 and log.bytes_used == 3 * len(frames[1])
+    log.settle()
+    assert _read_all(log) == [frames[s] for s in (1, 2, 3)] and tail.read().last_seq == 3
+
+    log.defer(4, frames[4][:HEADER_SIZE], frames[4][HEADER_SIZE:])
+    log.free_through(3)  # every written frame acknowledged: the segment still holds frame 4
+    log.append(5, frames[5][:HEADER_SIZE], frames[5][HEADER_SIZE:])  # after the deferred one
+    assert _read_all(log) == [frames[s] for s in range(1, 6)]  # not freed: it holds frame 4
+    log.free_through(5)
+    log.defer(6, frames[6][:HEADER_SIZE], frames[6][HEADER_SIZE:])
+    log.defer(7, frames[7][:HEADER_SIZE], frames[7][HEADER_SIZE:])
+    log.sync()  # a FLUSH: deferred frames are written and made durable
+    log.close()
+    tail.close()
+    assert _read_all(SegmentLog(tmp_path / "spool")) == [frames[6], frames[7]]
+
+
+def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
+    pair = PairReplication(spec, image, tmp_path / "agent")
+    data = memoryview(os.urandom(4096))
+    pair.record_write(0, data)
+    pair.settle()
+    written = pair.spool.last_seq
+    for offset in (1 << 20, 5 << 20):
+        pair.record_write(offset, data)
+    # Any write past 4 KiB into a file now fails (EFBIG) - the spool segment is already larger.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        pair.settle()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert pair.dirty_mode
+    assert pair.spool.last_seq == written  # the batch was dropped from the spool ...
+    pair.flush()  # saves the bitmap
+    dirty = DirtyBitmap(pair.dir / "dirty.bitmap", 16 << 20)
+    assert dirty.indexes() == [(1 << 20) // GRANULARITY, (5 << 20) // GRANULARITY]  # ... into it
+    pair.spool.close()
