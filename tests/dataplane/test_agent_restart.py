@@ -1,9 +1,11 @@
 """Agent restarts under a live writer: capture is never off while the disk accepts writes.
 
 The writer is not our code: `qemu-io` (`tests/qemu_io_writer.py`), batches of self-verifying
-records, one `qemu-io` process each, with a FLUSH every 16 records. A batch in flight when the
-agent is killed fails (its connection dies with the agent) and is not counted flushed; it is
-written again, whole, by a new `qemu-io` once the restarted export accepts.
+records, one `qemu-io` process each, with a FLUSH every 16 records. The agent is killed while a
+batch is in flight (held mid-way, its connection open, some of its records answered but not yet
+flushed): that batch fails (its connection dies with the agent) and is not counted flushed; it is
+written again, whole, by a new `qemu-io` once the restarted export accepts. The crash between image
+and spool is one `qemu-io` too, one request at a time, whose sixth write the agent exits under.
 """
 
 from __future__ import annotations
