@@ -49,6 +49,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
+from bench.hb_client import Connection, HeartbeatError
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
 from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
@@ -218,7 +219,7 @@ class HollowComponent:
 
     def body(self) -> bytes:
         self.seq += 1
-        if self.points:
+        if self.kind == "master-target":
             out = self._point_report()
         else:
             out = self.template.replace(b'"__SEQ__"', str(self.seq).encode())
@@ -230,11 +231,12 @@ class HollowComponent:
         """A master target's report, as the real one's control client sends it (`point_delta`).
 
         Version v of a pair's list is points v .. v+N-1: every heartbeat one point is taken and
-        the oldest thinned away (a busier master target than a 5 s crash interval makes)."""
+        the oldest thinned away (a busier master target than a 5 s crash interval makes). With no
+        points, its deltas name no pair, as the real client's do when nothing changed."""
         v, n, a = self.seq, self.points, self.acked
         stats = json.loads(self.template.replace(b'"__SEQ__"', str(v).encode()))["stats"]
         stats["points_seq"] = v
-        if a is None or v - a >= n:
+        if a is None or (n and v - a >= n):
             for pair in stats["pairs"]:
                 pair["points"] = [_point(pair["pair_id"], k) for k in range(v, v + n)]
         else:
@@ -245,14 +247,14 @@ class HollowComponent:
                         "removed": [f"{p}-pt{k}" for k in range(a, v)],
                         "added": [_point(p, k) for k in range(a + n, v + n)],
                     }
-                    for p in self.pairs
+                    for p in (self.pairs if n else [])
                 },
             }
         return json.dumps({"stats": stats}, separators=(",", ":")).encode()
 
     def answered(self, reply: dict[str, Any]) -> None:
         self.version = reply.get("desired_version") or None
-        if self.points:
+        if self.kind == "master-target":
             self.acked = None if reply.get("points_resync") else reply.get("points_seq")
 
 
@@ -320,39 +322,35 @@ class Driven:
 
 
 async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as http:
-
-        async def component(c: HollowComponent) -> None:
-            await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
-            while time.monotonic() < stop_at:
-                started = time.monotonic()
-                wait = c.interval
-                try:
-                    r = await http.post(
-                        f"{c.url}/api/components/{c.component_id}/heartbeat",
-                        content=c.body(),
-                        headers={"Authorization": f"Bearer {c.token}", "content-type": "application/json"},
-                    )
-                    if r.status_code == 200:
-                        out.answered += 1
-                        if started >= measure_from:
-                            out.heartbeat_ms.append((time.monotonic() - started) * 1000)
-                        c.answered(r.json())
-                    elif r.status_code in (429, 503):
-                        out.shed += 1
-                        wait = float(r.headers.get("Retry-After", "2")) * (1 + random.random())
-                    else:
-                        out.errors += 1
-                except httpx.TimeoutException:
-                    out.timed_out += 1
-                except httpx.HTTPError:
+    async def component(c: HollowComponent) -> None:
+        connection = Connection(c.url)  # its own, as a real component holds one (`bench.hb_client`)
+        path = f"/api/components/{c.component_id}/heartbeat"
+        await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            wait = c.interval
+            try:
+                r = await asyncio.wait_for(connection.post(path, c.token, c.body()), TIMEOUT)
+                if r.status == 200:
+                    out.answered += 1
+                    if started >= measure_from:
+                        out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                    c.answered(json.loads(r.body))
+                elif r.status in (429, 503):
+                    out.shed += 1
+                    wait = float(r.headers.get("retry-after", "2")) * (1 + random.random())
+                else:
                     out.errors += 1
-                # Never past the end: the level's length is its measuring window plus the ramp.
-                rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
-                await asyncio.sleep(max(0.0, rest))
+            except TimeoutError:
+                out.timed_out += 1
+            except HeartbeatError:
+                out.errors += 1
+            # Never past the end: the level's length is its measuring window plus the ramp.
+            rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
+            await asyncio.sleep(max(0.0, rest))
+        connection.close()
 
-        await asyncio.gather(*(component(c) for c in components))
+    await asyncio.gather(*(component(c) for c in components))
 
 
 def _drive_process(components: list[HollowComponent], stop_at: float, measure_from: float) -> Driven:

@@ -1,14 +1,16 @@
 """Server CPU per heartbeat, by kind: an idle agent, a process server and a master target.
 
-One real `siterecovery server` (SQLite) with N items (`bench.hollow.seed`, 10 process servers and
-10 master targets, so each relays or receives N/10 items), a few hollow components of each kind
+One real `siterecovery server` (SQLite, or with `--database postgres` a throwaway PostgreSQL) with
+N items (`bench.hollow.seed`, 10 process servers and 10 master targets, so each relays or receives
+N/10 items), a few hollow components of each kind
 registered through the API, then heartbeats one after another from one client: the server
 process's CPU time (from /proc) over the heartbeats, minus what it uses idle over the same time
 (the RPO monitor's passes, measured for 10 s before), divided by the heartbeats. Sequential
 heartbeats are not group-committed (each is its own transaction), so this is an upper bound of a
 heartbeat's cost under load; `bench_scale` measures the whole server under load.
 
-Run with `python -m bench.heartbeat_cpu [--items 1000] [--points 0] [--heartbeats 300]`; prints
+Run with `python -m bench.heartbeat_cpu [--items 1000] [--points 0] [--heartbeats 300]
+[--database sqlite|postgres]`; prints
 one line per kind (no results file: `bench/results/scale.md` quotes it with the load average).
 """
 
@@ -19,12 +21,14 @@ import asyncio
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 from bench.bench_scale import HollowComponent, Level, Servers, _Plane, hollow_components, register_all
 from bench.hollow import seed
+from bench.pg import postgres
 
 
 def _beat(http: httpx.Client, c: HollowComponent) -> None:
@@ -43,48 +47,57 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--points", type=int, default=0, help="recovery points per pair (master targets)")
     parser.add_argument("--heartbeats", type=int, default=300, help="per kind")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-hbcpu-"))
-    url = f"sqlite:///{work / 'state' / 'siterecovery.db'}"
-    servers = Servers(work, url)
-    try:
-        servers.start_one()
-        plane = _Plane(url)
-        seed(plane, args.items, 10, 10)  # type: ignore[arg-type]
-        plane.db.engine.dispose()
-        components = hollow_components(Level("sqlite", args.items, args.points, 1, 10), servers.urls)
-        groups = {
-            "agent": [c for c in components if c.kind == "agent"][:100],
-            "master-target": [c for c in components if c.kind == "master-target"][:3],
-            "process-server": [c for c in components if c.kind == "process-server"][:3],
-        }
-        chosen = [c for group in groups.values() for c in group]
-        asyncio.run(register_all(chosen, (servers.state / "passphrase").read_text().strip()))
-        time.sleep(3)
-        cpu0, t0 = servers.cpu_seconds(), time.monotonic()
-        time.sleep(10)
-        idle = (servers.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-        print(f"idle server: {100 * idle:.1f} % of a core (RPO monitor at {args.items} items)")
-        with httpx.Client(timeout=60) as http:
-            for kind, group in groups.items():
-                for c in group:  # the first heartbeat brings the desired state and the full lists
-                    _beat(http, c)
-                cpu0, t0, done = servers.cpu_seconds(), time.monotonic(), 0
-                while done < args.heartbeats:
-                    for c in group:
-                        _beat(http, c)
-                        done += 1
-                wall = time.monotonic() - t0
-                cpu = servers.cpu_seconds() - cpu0 - idle * wall
-                load = Path("/proc/loadavg").read_text().split()[0]
-                print(
-                    f"{kind}: {1000 * cpu / done:.2f} ms server CPU per heartbeat "
-                    f"({done} heartbeats, {args.items} items, {args.points} points/pair; load {load})"
-                )
-    finally:
-        servers.stop()
-        shutil.rmtree(work, True)
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-hbcpu-"))
+        stack.callback(shutil.rmtree, work, True)
+        url = (
+            stack.enter_context(postgres())
+            if args.database == "postgres"
+            else f"sqlite:///{work / 'state' / 'siterecovery.db'}"
+        )
+        servers = Servers(work, url)
+        stack.callback(servers.stop)
+        _run(args, servers, url)
     return 0
+
+
+def _run(args: argparse.Namespace, servers: Servers, url: str) -> None:
+    servers.start_one()
+    plane = _Plane(url)
+    seed(plane, args.items, 10, 10)  # type: ignore[arg-type]
+    plane.db.engine.dispose()
+    components = hollow_components(Level("sqlite", args.items, args.points, 1, 10), servers.urls)
+    groups = {
+        "agent": [c for c in components if c.kind == "agent"][:100],
+        "master-target": [c for c in components if c.kind == "master-target"][:3],
+        "process-server": [c for c in components if c.kind == "process-server"][:3],
+    }
+    chosen = [c for group in groups.values() for c in group]
+    asyncio.run(register_all(chosen, (servers.state / "passphrase").read_text().strip()))
+    time.sleep(3)
+    cpu0, t0 = servers.cpu_seconds(), time.monotonic()
+    time.sleep(10)
+    idle = (servers.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    print(f"idle server: {100 * idle:.1f} % of a core (RPO monitor at {args.items} items)")
+    with httpx.Client(timeout=60) as http:
+        for kind, group in groups.items():
+            for c in group:  # the first heartbeat brings the desired state and the full lists
+                _beat(http, c)
+            cpu0, t0, done = servers.cpu_seconds(), time.monotonic(), 0
+            while done < args.heartbeats:
+                for c in group:
+                    _beat(http, c)
+                    done += 1
+            wall = time.monotonic() - t0
+            cpu = servers.cpu_seconds() - cpu0 - idle * wall
+            load = Path("/proc/loadavg").read_text().split()[0]
+            print(
+                f"{kind}: {1000 * cpu / done:.2f} ms server CPU per heartbeat "
+                f"({done} heartbeats, {args.items} items, {args.points} points/pair, "
+                f"{args.database}; load {load})"
+            )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
 from siterecovery.retry import after_busy as backoff_seconds
 from siterecovery.server.app import create_app
+from siterecovery.store import desired_epoch
 from siterecovery.store.context import ControlPlane, open_control_plane
+from siterecovery.store.database import Database
 from siterecovery.store.events import record_event
-from siterecovery.store.models import Component, Job, MasterTargetPoint, ReplicatedItem
+from siterecovery.store.models import Component, Job, MasterTargetPoint, Policy, ReplicatedItem
 from siterecovery.store.points import store_report
 from siterecovery.store.record import ItemRecord
 from siterecovery.store.states import Role, Severity
@@ -76,6 +78,15 @@ def _cost(component: Hollow, http: TestClient, counter: Counter) -> tuple[int, i
     return counter.statements, counter.items_loaded
 
 
+def _cost_after_a_change(
+    cp: ControlPlane, component: Hollow, http: TestClient, counter: Counter
+) -> tuple[int, int]:
+    """A heartbeat after something its desired state may read changed: it computes it again."""
+    with cp.db.session() as s:
+        desired_epoch.bump(s)
+    return _cost(component, http, counter)
+
+
 def test_a_heartbeat_touches_only_its_own_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
     cp, http, counter = plane
     seed(cp, 10)  # vm00000..vm00009 through process-server-0 to master-target-0
@@ -87,16 +98,26 @@ def test_a_heartbeat_touches_only_its_own_items(plane: tuple[ControlPlane, TestC
     for c in (agent, mt, ps):
         c.register(http, passphrase)
         c.heartbeat(http)
-    few = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    few = {c.kind: _cost_after_a_change(cp, c, http, counter) for c in (agent, mt, ps)}
     assert few["agent"][1] == 1 and few["master-target"][1] == 10  # its own items, nothing else
-    # An idle agent's heartbeat: its row read and written, its row's desired columns, its items,
-    # the addresses they name (one statement), their policy, the revoked serials. Its token is
-    # remembered (`store.tokens.TokenCache`), so it is not read again.
+    # An agent's heartbeat computing its desired state: the epoch read, its row written, its
+    # row's desired columns, its items, the addresses they name (one statement), their policy,
+    # the revoked serials. Its token is remembered (`store.tokens.TokenCache`), so not read again.
     assert few["agent"][0] <= 7, counter.sql
+    # Idle (nothing changed since its last heartbeat): the epoch read and the liveness write for
+    # an agent, no item at all for any of them.
+    for c in (agent, mt, ps):
+        c.heartbeat(http)
+    idle = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    assert idle["agent"] == (2, 0), counter.sql
+    assert all(loaded == 0 for _, loaded in idle.values()), idle
 
     seed(cp, 190, start=10, first_component=1)  # others' items: another process server and master target
-    many = {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)}
+    many = {c.kind: _cost_after_a_change(cp, c, http, counter) for c in (agent, mt, ps)}
     assert many == few, (few, many)
+    for c in (agent, mt, ps):
+        c.heartbeat(http)
+    assert {c.kind: _cost(c, http, counter) for c in (agent, mt, ps)} == idle
 
 
 def test_an_idle_master_target_heartbeat_writes_no_point_whatever_it_holds(
@@ -165,7 +186,7 @@ def test_an_idle_master_target_heartbeat_writes_no_point_whatever_it_holds(
 
 def test_desired_is_sent_only_when_it_changed(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
     cp, http, _ = plane
-    seed(cp, 3)
+    inventory = seed(cp, 3)
     agent = Hollow("agent", f"onprem/{machine_name(1)}", [f"{machine_name(1)}-g1-d0"])
     agent.register(http, cp.passphrase())
     first = agent.heartbeat(http).json()
@@ -185,6 +206,26 @@ def test_desired_is_sent_only_when_it_changed(plane: tuple[ControlPlane, TestCli
     # A component that does not say which version it holds always gets the desired state.
     agent.version = None
     assert agent.heartbeat(http).json()["desired"] == changed["desired"]
+    assert agent.heartbeat(http).json()["desired"] is None
+
+    # Another server process on the same database (its own engine and sessions: nothing of this
+    # process's memory) changes a policy, then the process server's address: each shows at the
+    # agent's next heartbeat (the desired epoch lives in the database, `store.desired_epoch`).
+    other = Database(cp.db.url)
+    try:
+        with other.session() as s:
+            policy = s.get(Policy, "scale-policy")
+            assert policy is not None
+            policy.crash_consistent_frequency_seconds = 2
+        assert agent.heartbeat(http).json()["desired"]["crash_interval_seconds"] == 2
+        with other.session() as s:
+            ps = s.get(Component, inventory.process_servers[0])
+            assert ps is not None
+            ps.address = "192.0.2.7:9443"
+        moved = agent.heartbeat(http).json()["desired"]
+        assert {r["process_server"] for r in moved["replications"]} == {"192.0.2.7:9443"}
+    finally:
+        other.engine.dispose()
 
 
 def test_the_component_client_keeps_the_desired_state_the_server_says_is_unchanged(
@@ -397,7 +438,7 @@ def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
 
     held, shed, other = asyncio.run(run())
     assert (held, shed.status_code, other) == (200, 503, 200)
-    assert shed.headers["Retry-After"] == "2" and shed.json()["code"] == "server-busy"
+    assert shed.headers["Retry-After"] == "5" and shed.json()["code"] == "server-busy"
     assert admission.shed == 1
 
 

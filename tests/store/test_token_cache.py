@@ -6,6 +6,8 @@ only the revoke (or the token's own expiry) can make a remembered token be refus
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from siterecovery.store import migrate
+from siterecovery.store import desired_epoch, migrate
 from siterecovery.store.database import Database
 from siterecovery.store.models import Token, now
 from siterecovery.store.states import Role
@@ -72,3 +74,37 @@ def test_a_remembered_token_expires_on_time_and_a_zero_ttl_remembers_nothing(db:
     assert cache.get(secret) is None
     with db.session() as s:
         assert isinstance(cache.check(s, secret), Principal)  # the database says it is still valid
+
+
+def test_past_its_ttl_a_token_is_trusted_only_while_the_desired_epoch_is_unchanged(db: Database) -> None:
+    """An agent heartbeats every 10 s, the TTL is 5 s: the token stays trusted while the
+    database's desired epoch (read by the heartbeat writer) is the one read before the token was;
+    a revoke by another process gives the epoch a new value, so the token is read again."""
+    secret = _token(db, "agent")
+
+    def epoch() -> int:
+        with db.session() as s:
+            return desired_epoch.read(s)
+
+    cache = TokenCache(5)
+    before = epoch()
+    with db.session() as s:
+        assert isinstance(cache.check(s, secret, before), Principal)
+    cache._entries = {k: replace(e, until=0.0) for k, e in cache._entries.items()}  # the TTL passed
+    assert cache.get(secret, before) is not None
+    assert cache.get(secret, None) is None  # no epoch read lately: the TTL alone applies
+    with db.session() as s:
+        assert isinstance(cache.check(s, secret, before), Principal)
+    cache._entries = {k: replace(e, until=0.0) for k, e in cache._entries.items()}
+    revoke = (
+        "import sys; from sqlalchemy import select; from siterecovery.store.database import Database;"
+        "from siterecovery.store.models import Token; db = Database(sys.argv[1]);"
+        "s = db.session().__enter__(); s.scalar(select(Token).where(Token.name == 'agent')).revoked = True;"
+        "s.commit()"
+    )
+    subprocess.run([sys.executable, "-c", revoke, str(db.engine.url)], check=True, timeout=120)
+    after = epoch()
+    assert after != before
+    assert cache.get(secret, after) is None
+    with db.session() as s:
+        assert cache.check(s, secret, after) is TokenRefusal.REVOKED

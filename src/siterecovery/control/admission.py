@@ -29,7 +29,11 @@ def default_limit() -> int:
 
 
 DEFAULT_MAX_WAIT = 2.0
-RETRY_AFTER_SECONDS = 2
+# Components come back after this, stretched by up to 100 % (`retry.after_busy`). At 2 s an idle
+# agent (10 s interval) that was shed came back sooner than it would have heartbeat anyway, so
+# shedding multiplied the load it was meant to relieve (bench_scale, 5,000 agents); 5-10 s keeps
+# a process server or master target (5 s interval) shed twice in a row within the 30 s timeout.
+RETRY_AFTER_SECONDS = 5
 
 
 class HeartbeatAdmission:

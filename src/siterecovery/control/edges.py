@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from siterecovery.control.problems import problem_response
 from siterecovery.errors import Problem
-from siterecovery.store.context import current
+from siterecovery.store import desired_epoch
+from siterecovery.store.context import ControlPlane, current
 from siterecovery.store.events import record_event
 from siterecovery.store.states import Severity
 from siterecovery.store.tokens import Principal, TokenRefusal
@@ -52,7 +53,7 @@ def identify(authorization: str | None, client: str) -> Principal | TokenRefusal
         return TokenRefusal.MISSING
     cp = current()
     with cp.db.session() as s:
-        who = cp.tokens.check(s, secret.strip())
+        who = cp.tokens.check(s, secret.strip(), _epoch(cp))
         if not isinstance(who, Principal):
             record_event(
                 s,
@@ -67,7 +68,14 @@ def _remembered(authorization: str | None) -> Principal | None:
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         return None
-    return current().tokens.get(secret.strip())
+    cp = current()
+    return cp.tokens.get(secret.strip(), _epoch(cp))
+
+
+def _epoch(cp: ControlPlane) -> int | None:
+    # The desired epoch the heartbeat writer read within the cache's time-to-live (None when it
+    # read none: the time-to-live alone applies), see `store.desired_epoch`.
+    return desired_epoch.recent(str(cp.db.engine.url), cp.tokens.ttl)
 
 
 class Edge:

@@ -8,21 +8,36 @@ transaction, commits once and releases them all. A heartbeat is still answered o
 report is durable (as before), but while one batch commits the next one gathers, so throughput
 grows with load instead of latency. A batch that fails is retried one report per transaction, so
 one bad report fails alone.
+
+Most reports are an agent's liveness and counters: those are written as one UPDATE statement
+for the whole batch (executemany), without loading the rows; a report that can raise an event or
+change a row's health or address (process servers, master targets, refused peers) is applied
+through its row (a batch of liveness reports only needs no ORM session at all). Each batch also
+reads the desired epoch (`store.desired_epoch`), which the heartbeat compares with the one its
+cached desired state was computed under. A request on the event loop awaits its report with
+`record` (no worker thread waits for it); `write` blocks a worker thread instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
 from siterecovery.config import ServerConfig
 from siterecovery.control.heartbeats import record_heartbeat
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
+from siterecovery.store import desired_epoch
 from siterecovery.store.database import Database
-from siterecovery.store.models import Component
+from siterecovery.store.models import Component, DesiredEpoch, now
 from siterecovery.store.points import store_report
+from siterecovery.store.states import ComponentKind
 
 log = logging.getLogger("siterecovery.heartbeats")
 
@@ -33,19 +48,42 @@ WAIT_SECONDS = 30.0
 @dataclass
 class _Report:
     component_id: str
+    kind: str
     stats: dict[str, Any]
     address: str | None
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
-    outcome: Recorded | None = None
+    points: Points | None = None
+    epoch: int = 0
+    # Set when an event-loop request awaits the report (`record`): resolved from the writer thread.
+    awaited: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.awaited is not None:
+            loop, future = self.awaited
+            loop.call_soon_threadsafe(_resolve, future)
+
+    @property
+    def liveness_only(self) -> bool:
+        """An agent's report that can raise no event and changes no address: one UPDATE of many."""
+        return self.kind == ComponentKind.AGENT and not self.address and not self.stats.get("refused_peers")
 
 
 @dataclass(frozen=True)
-class Recorded:
+class Points:
     """What the server now holds of a report whose point lists are versioned (a master target's)."""
 
     points_seq: int
     resync: bool  # the report's delta did not apply: the component must send its full lists
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A committed report: its point lists' state (master targets) and the desired epoch read with it."""
+
+    points: Points | None
+    epoch: int
 
 
 class HeartbeatWriter:
@@ -60,28 +98,41 @@ class HeartbeatWriter:
         self._thread = threading.Thread(target=self._run, name="heartbeat-writer", daemon=True)
         self._thread.start()
 
-    def write(self, component_id: str, stats: dict[str, Any], address: str | None) -> Recorded | None:
+    def write(self, component_id: str, kind: str, stats: dict[str, Any], address: str | None) -> Recorded:
         """Record one heartbeat; returns once it is committed (raises what applying it raised)."""
-        report = _Report(component_id, stats, address)
+        report = self._submit(_Report(component_id, kind, stats, address))
+        if not report.done.wait(WAIT_SECONDS):
+            raise _not_in_time()
+        return self._outcome(report)
+
+    async def record(
+        self, component_id: str, kind: str, stats: dict[str, Any], address: str | None
+    ) -> Recorded:
+        """`write` for a request on the event loop: awaits the commit without holding a thread."""
+        loop = asyncio.get_running_loop()
+        report = _Report(component_id, kind, stats, address, awaited=(loop, loop.create_future()))
+        assert report.awaited is not None
+        self._submit(report)
+        try:
+            await asyncio.wait_for(asyncio.shield(report.awaited[1]), WAIT_SECONDS)
+        except TimeoutError:
+            raise _not_in_time() from None
+        return self._outcome(report)
+
+    def _submit(self, report: _Report) -> _Report:
         with self._cond:
             self._pending.append(report)
             self._cond.notify()
-        if not report.done.wait(WAIT_SECONDS):
-            raise SiteRecoveryError(
-                Problem(
-                    "server-busy",
-                    "The configuration server could not record this heartbeat in time.",
-                    "Retry after a few seconds (components do so with jitter).",
-                ),
-                Status.UNAVAILABLE,
-            )
+        return report
+
+    def _outcome(self, report: _Report) -> Recorded:
         if isinstance(report.error, SiteRecoveryError):
             raise report.error
         if report.error is not None:
             # Not the report's fault (it was validated at the edge): the database refused the
             # write, e.g. another server process wrote the same master target's point rows at the
             # same moment, or SQLite stayed locked. The component retries, with jitter.
-            log.warning("heartbeat of %s not recorded: %r", component_id, report.error)
+            log.warning("heartbeat of %s not recorded: %r", report.component_id, report.error)
             raise SiteRecoveryError(
                 Problem(
                     "server-busy",
@@ -91,7 +142,7 @@ class HeartbeatWriter:
                 ),
                 Status.UNAVAILABLE,
             ) from report.error
-        return report.outcome
+        return Recorded(report.points, report.epoch)
 
     def _run(self) -> None:
         while True:
@@ -100,22 +151,48 @@ class HeartbeatWriter:
                     self._cond.wait()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                with self.db.session() as s:
-                    for report in batch:
-                        self._apply(s, report)
+                if all(r.liveness_only for r in batch):
+                    with self.db.engine.begin() as conn:  # no ORM session needed
+                        self._apply_quick(conn, batch)
+                else:
+                    with self.db.session() as s:
+                        self._apply_all(s, batch)
             except Exception:  # one bad report must not fail the others: retry them one by one
                 log.debug("heartbeat batch failed; applying its reports one at a time", exc_info=True)
                 for report in batch:
                     try:
                         with self.db.session() as s:
-                            self._apply(s, report)
+                            self._apply_all(s, [report])
                     except Exception as exc:
                         report.error = exc
             self.batches += 1
             for report in batch:
-                report.done.set()
+                report.finish()
 
-    def _apply(self, s: Any, report: _Report) -> None:
+    def _apply_all(self, s: Session, batch: list[_Report]) -> None:
+        self._apply_quick(s.connection(), batch)
+        for report in batch:
+            if not report.liveness_only:
+                self._apply(s, report)
+
+    @staticmethod
+    def _apply_quick(conn: Connection, batch: list[_Report]) -> None:
+        """The epoch for every report, and the liveness-only reports' one UPDATE."""
+        # Read before the reports are applied: a desired state computed after this read reflects
+        # every change committed before it (a change this batch makes, e.g. an address, gets the
+        # epoch a new value when it commits, so the next heartbeat recomputes).
+        epoch = conn.execute(_EPOCH).scalar() or 0
+        desired_epoch.note(str(conn.engine.url), epoch)
+        quick = [r for r in batch if r.liveness_only]
+        if quick:
+            at = now()
+            # A component removed meanwhile matches no row; its heartbeat then fails on the
+            # desired state (not found), as before.
+            conn.execute(_LIVENESS, [{"cid": r.component_id, "at": at, "st": r.stats} for r in quick])
+        for report in batch:
+            report.epoch = epoch
+
+    def _apply(self, s: Session, report: _Report) -> None:
         row = s.get(Component, report.component_id)
         if row is None:
             raise not_found("component", report.component_id)
@@ -124,8 +201,32 @@ class HeartbeatWriter:
         stats = report.stats
         if "points_seq" in stats:  # point lists versioned, maybe sent as a delta (`point_delta`)
             stats, resync = store_report(s, row, stats)  # the points go to their own rows
-            report.outcome = Recorded(int(stats.get("points_seq", 0)), resync)
+            report.points = Points(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config)
+
+
+_EPOCH = select(DesiredEpoch.value).where(DesiredEpoch.id == desired_epoch.EPOCH_ID)
+_LIVENESS = (
+    update(Component)
+    .where(Component.id == bindparam("cid"))
+    .values(last_heartbeat=bindparam("at"), stats=bindparam("st", type_=Component.stats.type))
+)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the request may have given up (timed out) meanwhile
+        future.set_result(None)
+
+
+def _not_in_time() -> SiteRecoveryError:
+    return SiteRecoveryError(
+        Problem(
+            "server-busy",
+            "The configuration server could not record this heartbeat in time.",
+            "Retry after a few seconds (components do so with jitter).",
+        ),
+        Status.UNAVAILABLE,
+    )
 
 
 _WRITERS: dict[int, HeartbeatWriter] = {}

@@ -5,7 +5,9 @@ the items whose current replication names it, so there is one source of truth an
 changes replication by changing an item. The items are found through the items-by-component
 index (`store.item_index`), so a heartbeat reads O(its own items), not every item; its
 `version` (a digest of the JSON) lets the heartbeat skip sending a desired state the component
-already holds.
+already holds. Each process keeps the desired state it last computed per component with the
+desired epoch it read before computing it (`store.desired_epoch`): while the database's epoch is
+unchanged, an idle heartbeat reuses it without reading anything.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -275,3 +279,39 @@ def version_of(desired: dict[str, Any]) -> str:
     """A digest of a desired state: equal versions mean the component already holds it."""
     canonical = json.dumps(desired, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A component's desired state and its version."""
+
+    state: dict[str, Any]
+    version: str
+
+
+# (database URL, component id) -> (epoch, when computed, desired). Also dropped after
+# CACHE_SECONDS: the one input that changes with time alone is the revoked serials, whose expired
+# entries leave the list (an expired certificate fails TLS anyway, so keeping it a minute longer
+# is harmless).
+_DESIRED: dict[tuple[str, str], tuple[int, float, Desired]] = {}
+_DESIRED_LOCK = threading.Lock()
+CACHE_SECONDS = 60.0
+
+
+def cached_desired(db_url: str, component_id: str, epoch: int) -> Desired | None:
+    """The desired state computed under this epoch, if this process holds one."""
+    with _DESIRED_LOCK:
+        found = _DESIRED.get((db_url, component_id))
+    if found is None or found[0] != epoch or time.monotonic() - found[1] > CACHE_SECONDS:
+        return None
+    return found[2]
+
+
+def remember_desired(db_url: str, component_id: str, epoch: int, state: dict[str, Any]) -> Desired:
+    """Keep a desired state computed after reading `epoch` (read first: see store.desired_epoch)."""
+    desired = Desired(state, version_of(state))
+    with _DESIRED_LOCK:
+        if len(_DESIRED) > _RECORDS_MAX:  # removed components leave entries
+            _DESIRED.clear()
+        _DESIRED[(db_url, component_id)] = (epoch, time.monotonic(), desired)
+    return desired

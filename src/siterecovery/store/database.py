@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from siterecovery.store import desired_epoch
 from siterecovery.store.item_index import install
 
 
@@ -45,6 +46,7 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         install(self._sessions)
+        desired_epoch.install(self._sessions)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

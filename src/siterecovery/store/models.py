@@ -163,6 +163,19 @@ def heartbeat_age(row: Component) -> float | None:
     return None if row.last_heartbeat is None else max(0.0, now() - row.last_heartbeat)
 
 
+class DesiredEpoch(Base):
+    """One row whose value changes with every commit that may change a component's desired state.
+
+    A heartbeat whose component's desired state was computed under the current value skips
+    computing it again (`store.desired_epoch`). Random, not a count: a database restored from a
+    backup must not reach a value some process cached for another history.
+    """
+
+    __tablename__ = "desired_epoch"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class ComponentCertificate(Base):
     """A certificate the CA issued to a component; revoked when the component is removed.
 

@@ -118,8 +118,9 @@ def _on_commit(session: Session) -> None:
 class _Remembered:
     who: Principal
     expires_at: float | None  # the token's own expiry (wall clock)
-    until: float  # when this entry is no longer trusted (monotonic)
+    until: float  # when this entry is no longer trusted (monotonic)...
     generation: int
+    epoch: int | None  # ...unless the database's desired epoch is still this (`store.desired_epoch`)
 
 
 class TokenCache:
@@ -131,26 +132,31 @@ class TokenCache:
         self.ttl = ttl
         self._entries: dict[str, _Remembered] = {}
 
-    def get(self, secret: str) -> Principal | None:
+    def get(self, secret: str, epoch: int | None = None) -> Principal | None:
+        """The remembered principal; past `ttl` only while `epoch` — the desired epoch read from
+        the database within `ttl` seconds — is the one read before the token was (any change of a
+        token in any process gives the epoch a new value)."""
         digest = hash_secret(secret)
         entry = self._entries.get(digest)
         if entry is None:
             return None
         expired = entry.expires_at is not None and entry.expires_at <= now()
-        if expired or entry.generation != REVOCATIONS.generation or time.monotonic() >= entry.until:
+        stale = time.monotonic() >= entry.until and (epoch is None or epoch != entry.epoch)
+        if expired or entry.generation != REVOCATIONS.generation or stale:
             self._entries.pop(digest, None)
             return None
         return entry.who
 
-    def check(self, session: Session, secret: str) -> Principal | TokenRefusal:
-        """`check_token`, remembering a valid answer."""
+    def check(self, session: Session, secret: str, epoch: int | None = None) -> Principal | TokenRefusal:
+        """`check_token`, remembering a valid answer (with `epoch`, a recent desired epoch read
+        before this lookup, see `get`)."""
         generation = REVOCATIONS.generation  # read before the row: a revoke after it voids the entry
         who, expires_at = _lookup(session, secret)
         if isinstance(who, Principal) and self.ttl > 0 and generation == REVOCATIONS.generation:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()
             until = time.monotonic() + self.ttl
-            self._entries[hash_secret(secret)] = _Remembered(who, expires_at, until, generation)
+            self._entries[hash_secret(secret)] = _Remembered(who, expires_at, until, generation, epoch)
         return who
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer
 from starlette.concurrency import run_in_threadpool
 
 from siterecovery.control.api.deps import calling_component, control_plane, operator, reader, session
-from siterecovery.control.heartbeat_writer import writer_for
+from siterecovery.control.heartbeat_writer import Recorded, writer_for
 from siterecovery.control.heartbeats import server_view
 from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.throttle import THROTTLE
-from siterecovery.dr.desired import desired_for, version_of
+from siterecovery.dr.desired import Desired, cached_desired, desired_for, remember_desired
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store import certificates
 from siterecovery.store.context import ControlPlane, current
@@ -85,14 +85,31 @@ def register(
     )
 
 
-@router.post("/components/{component_id}/heartbeat")
+@router.post("/components/{component_id}/heartbeat", response_model=HeartbeatReply)
 async def heartbeat(
     component_id: str, body: Heartbeat, who: Principal = Depends(calling_component)
-) -> HeartbeatReply:
-    # One hop to a worker thread for the whole heartbeat: the usual sync dependencies (control
-    # plane, principal, role check, session) would each hop to the thread pool and back, which
-    # was a good part of an idle heartbeat's CPU once its SQL was a handful of statements.
-    return await run_in_threadpool(_heartbeat, current(), who, component_id, body)
+) -> Response:
+    cp = current()
+    kind = _KINDS.get(component_id)
+    if who.component_id != component_id or kind is None or kind != ComponentKind.AGENT:
+        # One hop to a worker thread for the whole heartbeat: the usual sync dependencies
+        # (control plane, principal, role check, session) would each hop to the thread pool and
+        # back. Master targets' and process servers' reports (large, validated per pair) and a
+        # component's first heartbeat take this way.
+        return _reply(await run_in_threadpool(_heartbeat, cp, who, component_id, body))
+    # An agent's small report is validated here and awaited on the event loop; a worker thread
+    # is needed only when its desired state must be computed again.
+    stats = validated_stats(kind, body.stats)  # a bad report is a 422, not stored
+    recorded = await writer_for(cp.db, cp.config).record(component_id, kind, stats, body.address)
+    desired = cached_desired(cp.db.url, component_id, recorded.epoch)
+    if desired is None:
+        desired = await run_in_threadpool(_desired, cp, component_id, recorded.epoch)
+    return _reply(_answer(body, desired, recorded))
+
+
+def _reply(reply: HeartbeatReply) -> Response:
+    # Serialized once, by the model itself (`response_model` keeps the schema in the OpenAPI).
+    return Response(reply.model_dump_json(), media_type="application/json")
 
 
 def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartbeat) -> HeartbeatReply:
@@ -105,23 +122,39 @@ def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartb
             ),
             Status.FORBIDDEN,
         )
-    stats = validated_stats(_kind(cp, component_id), body.stats)  # a bad report is a 422, not stored
+    kind = _kind(cp, component_id)
+    stats = validated_stats(kind, body.stats)  # a bad report is a 422, not stored
     # The report is written by the process's heartbeat writer, many per commit (group commit),
     # before this request touches the database: waiting for the writer while holding a pooled
     # connection would let the waiting requests starve the writer of connections.
-    recorded = writer_for(cp.db, cp.config).write(component_id, stats, body.address)
-    points = {} if recorded is None else {"points_seq": recorded.points_seq, "points_resync": recorded.resync}
+    recorded = writer_for(cp.db, cp.config).write(component_id, kind, stats, body.address)
+    # Nothing a desired state reads changed since this process computed it: reuse it.
+    desired = cached_desired(cp.db.url, component_id, recorded.epoch)
+    if desired is None:
+        desired = _desired(cp, component_id, recorded.epoch)
+    return _answer(body, desired, recorded)
+
+
+def _desired(cp: ControlPlane, component_id: str, epoch: int) -> Desired:
+    """Compute a component's desired state (after its report read `epoch`) and keep it."""
     with cp.db.session() as s:
-        # Without its statistics: the writer has stored them, and decoding them again here (a master
-        # target's list every recovery point of every pair) would be most of the heartbeat's cost.
+        # Without its statistics: the writer has stored them, and decoding them again here (a
+        # master target's list every recovery point of every pair) would be most of the cost.
         row = s.get(Component, component_id, options=[defer(Component.stats)])
         if row is None:
             raise not_found("component", component_id)
-        desired = desired_for(s, row)
-    version = version_of(desired)
-    unchanged = body.desired_version == version
+        return remember_desired(cp.db.url, component_id, epoch, desired_for(s, row))
+
+
+def _answer(body: Heartbeat, desired: Desired, recorded: Recorded) -> HeartbeatReply:
+    found = recorded.points
+    points = {} if found is None else {"points_seq": found.points_seq, "points_resync": found.resync}
+    unchanged = body.desired_version == desired.version
     return HeartbeatReply(
-        desired=None if unchanged else desired, desired_version=version, server_time=now(), **points
+        desired=None if unchanged else desired.state,
+        desired_version=desired.version,
+        server_time=now(),
+        **points,
     )
 
 
