@@ -22,7 +22,8 @@ def scaled_args(name: str, scale: float) -> list[str]:
     if scale == 1.0:
         return []
     if name in ("replication", "resync"):
-        return ["--size-mib", str(max(64, round(2048 * scale)))]
+        rounds = ["--rounds", "1"] if name == "replication" and scale < 1 else []
+        return ["--size-mib", str(max(64, round(2048 * scale))), *rounds]
     if name == "failover":
         return ["--sizes-mib", "32,1024"] if scale < 1 else []
     if name == "before_image":

@@ -1,12 +1,17 @@
 """Initial full replication: agent → process server → master target over mutual TLS, vs nbdcopy.
 
-Our side: the three services run as separate processes on loopback; the agent fully copies a
-random image (2 GiB by default) to the master target through the process server's disk cache; the
-time runs from the agent's start until the master target has applied everything the agent sent.
+Our side: the three services run as separate processes on loopback; the agent fully copies an
+image (2 GiB by default) to the master target through the process server's disk cache; the time
+runs from the agent's start until the master target has durably applied everything the agent sent.
 The peer: `nbdcopy` between two `qemu-nbd` exports over TLS (`nbds://`, x509 credentials from the
-same CA) — the same bytes over the same kind of link, one hop instead of two and no cache. Also
-timed: an empty sparse 100 GiB disk (target ≤ 2 s). Prints a table and writes
-`bench/results/replication.md`. Run with `python -m bench.bench_replication [--size-mib N]`.
+same CA) — the same bytes over two TLS connections too (source server → nbdcopy → destination
+server), but no cache and no fsync; `nbdcopy --flush` (destination flushed at the end, durable as
+ours) is timed beside it. Two datasets, each fed to both sides in the same run: random bytes (the
+worst case for us: nothing to skip or compress; the target's row) and a mixed image (zeroes,
+text-like and random MiB blocks). Rounds alternate the order; medians are reported, with CPU
+seconds per GiB of every process. Also timed: an empty sparse 100 GiB disk (target ≤ 2 s). Prints
+a table and writes `bench/results/replication.md`. Run with
+`python -m bench.bench_replication [--size-mib N] [--rounds N]`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import argparse
 import functools
 import os
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.plane import MiB, free_port, report, sync_once, wait_until
+from bench.plane import MiB, cpu_seconds, free_port, report, sync_once, wait_until
 from siterecovery.pki import CertificateAuthority
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replication.md"
@@ -33,15 +40,43 @@ def _write_random(path: Path, size: int) -> None:
         f.write(os.urandom(size % (64 * MiB)))
 
 
-def replicate(root: Path, ca: CertificateAuthority, src: Path, size: int) -> tuple[float, int]:
-    """Seconds for a full initial replication of `src`, and bytes the agent sent."""
+def _write_mixed(path: Path, size: int) -> None:
+    """A more realistic disk than random bytes, MiB by MiB in turn: zeroes (allocated, not holes),
+    text-like bytes (16 symbols: zstd level 1 halves them), and two MiB of random bytes."""
+    text = bytes.maketrans(bytes(range(256)), bytes(b"etaoinshrdlu \n.,"[i % 16] for i in range(256)))
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            kind = i % 4
+            block = os.urandom(MiB)
+            f.write(bytes(MiB) if kind == 0 else block.translate(text) if kind == 1 else block)
+        f.write(os.urandom(size % MiB))
+
+
+MIXED = "25 % zero, 25 % text-like, 50 % random MiB blocks"
+
+
+def replicate(
+    root: Path, ca: CertificateAuthority, src: Path, size: int, cpu: dict[str, float] | None = None
+) -> tuple[float, int]:
+    """Seconds for a full initial replication of `src`, and bytes the agent sent; `cpu`, if given,
+    receives each process's CPU seconds."""
     target = root / "target.img"
     target.unlink(missing_ok=True)
-    return sync_once(root, ca, src, target, size, "full")
+    return sync_once(root, ca, src, target, size, "full", cpu=cpu)
 
 
-def nbdcopy_tls(root: Path, ca: CertificateAuthority, src: Path, size: int) -> float:
-    """Seconds for nbdcopy between two qemu-nbd exports over TLS on loopback."""
+def nbdcopy_tls(
+    root: Path,
+    ca: CertificateAuthority,
+    src: Path,
+    size: int,
+    cpu: dict[str, float] | None = None,
+    *,
+    flush: bool = False,
+) -> float:
+    """Seconds for nbdcopy between two qemu-nbd exports over TLS on loopback; `cpu`, if given,
+    receives the CPU seconds of nbdcopy and of both qemu-nbd servers. With `flush`, nbdcopy
+    flushes the destination at the end (without, the copy may still be in the page cache)."""
     server_dir, client_dir = root / "tls-server", root / "tls-client"
     for d, stem in ((server_dir, "server"), (client_dir, "client")):
         d.mkdir(exist_ok=True)
@@ -83,8 +118,16 @@ def nbdcopy_tls(root: Path, ca: CertificateAuthority, src: Path, size: int) -> f
             wait_until(functools.partial(_listening, port), 60)
         uri = "nbds://localhost:{}/?tls-certificates=" + str(client_dir)
         start = time.monotonic()
-        subprocess.run(["nbdcopy", uri.format(ports[0]), uri.format(ports[1])], check=True)
+        flag = ["--flush"] if flush else []
+        copy = subprocess.Popen(["nbdcopy", *flag, uri.format(ports[0]), uri.format(ports[1])])
+        _pid, status, usage = os.wait4(copy.pid, 0)
         elapsed = time.monotonic() - start
+        copy.returncode = os.waitstatus_to_exitcode(status)
+        if copy.returncode:
+            raise subprocess.CalledProcessError(copy.returncode, copy.args)
+        if cpu is not None:
+            cpu["nbdcopy"] = usage.ru_utime + usage.ru_stime
+            cpu["qemu-nbd src"], cpu["qemu-nbd dst"] = (cpu_seconds(p.pid) for p in procs)
     finally:
         for p in procs:
             p.kill()  # qemu-nbd with TLS can hang on SIGTERM while a client is connected
@@ -100,35 +143,104 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@dataclass
+class Runs:
+    """Alternating runs of one dataset: seconds and CPU seconds per process, per round."""
+
+    ours: list[float] = field(default_factory=list)
+    peer: list[float] = field(default_factory=list)
+    peer_flush: list[float] = field(default_factory=list)
+    ours_cpu: list[dict[str, float]] = field(default_factory=list)
+    peer_cpu: list[dict[str, float]] = field(default_factory=list)
+    sent: int = 0
+
+    def run(self, root: Path, ca: CertificateAuthority, src: Path, size: int, rnd: int) -> None:
+        steps = [self._ours, self._peer, self._peer_flush]
+        for step in steps if rnd % 2 == 0 else steps[::-1]:  # alternating: load drifts
+            step(root, ca, src, size)
+
+    def _ours(self, root: Path, ca: CertificateAuthority, src: Path, size: int) -> None:
+        cpu: dict[str, float] = {}
+        seconds, self.sent = replicate(root, ca, src, size, cpu)
+        self.ours.append(seconds)
+        self.ours_cpu.append(cpu)
+
+    def _peer(self, root: Path, ca: CertificateAuthority, src: Path, size: int) -> None:
+        cpu: dict[str, float] = {}
+        self.peer.append(nbdcopy_tls(root, ca, src, size, cpu))
+        self.peer_cpu.append(cpu)
+
+    def _peer_flush(self, root: Path, ca: CertificateAuthority, src: Path, size: int) -> None:
+        self.peer_flush.append(nbdcopy_tls(root, ca, src, size, flush=True))
+
+
+def _cpu_per_gib(samples: list[dict[str, float]], size: int) -> str:
+    """Median CPU seconds per GiB of each process, and of all of them."""
+    gib = size / (1 << 30)
+    names = list(samples[0])
+    parts = [f"{n} {statistics.median(s[n] for s in samples) / gib:.2f}" for n in names]
+    total = statistics.median(sum(s.values()) for s in samples) / gib
+    return ", ".join(parts) + f" = {total:.2f}"
+
+
+def _rows(label: str, mib: int, runs: Runs, size: int, target: str) -> list[tuple[str, ...]]:
+    ours, peer, flushed = (statistics.median(x) for x in (runs.ours, runs.peer, runs.peer_flush))
+    return [
+        (
+            f"full replication, {label}",
+            f"{mib} MiB",
+            f"{ours:.2f} s ({mib / ours:.0f} MiB/s)",
+            f"{peer:.2f} s ({mib / peer:.0f} MiB/s)",
+            f"{peer / ours:.2f}x",
+            target,
+        ),
+        (
+            "the same, peer `nbdcopy --flush` (replica durable at the end, as ours)",
+            f"{mib} MiB",
+            f"{ours:.2f} s",
+            f"{flushed:.2f} s ({mib / flushed:.0f} MiB/s)",
+            f"{flushed / ours:.2f}x",
+            "-",
+        ),
+        (
+            f"CPU s/GiB (user+sys), {label}",
+            f"{mib} MiB",
+            _cpu_per_gib(runs.ours_cpu, size),
+            _cpu_per_gib(runs.peer_cpu, size),
+            "-",
+            "-",
+        ),
+        (f"bytes sent by the agent, {label}", f"{mib} MiB", f"{runs.sent / MiB:.1f} MiB", "-", "-", "-"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--empty-gib", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per dataset (medians)")
     args = ap.parse_args(argv)
     size = args.size_mib * MiB
+    datasets = {"random image": _write_random, f"mixed image ({MIXED})": _write_mixed}
+    results: dict[str, Runs] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/var/tmp")) as tmp:
         root = Path(tmp)
         ca = CertificateAuthority.load_or_create(root / "ca")
         src = root / "src.img"
-        _write_random(src, size)
-        peer = nbdcopy_tls(root, ca, src, size)
-        ours, sent = replicate(root, ca, src, size)
-        src.unlink()
+        for label, write in datasets.items():
+            write(src, size)
+            runs = results[label] = Runs()
+            for rnd in range(args.rounds):
+                runs.run(root, ca, src, size, rnd)
+            src.unlink()
         empty = root / "empty.img"
         with open(empty, "wb") as f:
             f.truncate(args.empty_gib << 30)
         empty_s, empty_sent = replicate(root, ca, empty, args.empty_gib << 30)
-    mib = size / MiB
-    rows = [
-        (
-            "full replication, random image",
-            f"{args.size_mib} MiB",
-            f"{ours:.2f} s ({mib / ours:.0f} MiB/s)",
-            f"{peer:.2f} s ({mib / peer:.0f} MiB/s)",
-            f"{peer / ours:.2f}x",
-            ">= 1.0x",
-        ),
-        ("bytes sent by the agent", f"{args.size_mib} MiB", f"{sent / MiB:.1f} MiB", "-", "-", "-"),
+    rows: list[tuple[str, ...]] = []
+    for label, runs in results.items():
+        rows += _rows(label, args.size_mib, runs, size, ">= 1.0x" if label == "random image" else "-")
+    rows.append(
         (
             f"empty sparse {args.empty_gib} GiB disk",
             f"{args.empty_gib} GiB",
@@ -136,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             "-",
             "-",
             "<= 2 s",
-        ),
-    ]
+        )
+    )
     header = [
         "case",
         "size",
@@ -151,8 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         "Initial full replication",
         header,
         rows,
-        "Time includes starting the agent process (~0.5 s). The master target also keeps the"
-        " replica's block digests as it applies (`target_digests.py`). The box is shared with other"
+        f"Medians of {args.rounds} alternating rounds per dataset (ours, `nbdcopy`, `nbdcopy --flush`, the"
+        " order reversed every other round); each dataset is fed to both sides in the same run. Time"
+        " includes starting the agent process (~0.5 s). The master target also keeps the replica's"
+        " block digests as it applies (`target_digests.py`). CPU: user+sys seconds per GiB of each"
+        " process (ours: agent, its sender child, process server, master target; the peer: nbdcopy and"
+        " both qemu-nbd). The random image is the worst case (nothing to skip or compress) and the"
+        " target's row; the mixed image is a more realistic disk. The box is shared with other"
         " engineers' jobs (load average below).",
         keep_history=True,
     )

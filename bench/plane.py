@@ -3,6 +3,7 @@ as real processes over mutual TLS, desired state from files (no configuration se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.master_target import JOURNAL_DIR
 from siterecovery.pki import CertificateAuthority
 
 CLI = [sys.executable, "-m", "siterecovery.cli.dataplane"]
@@ -38,6 +40,29 @@ def wait_until(check: object, timeout: float) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError("benchmark step did not finish")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of `pid` (e.g. the agent's sender child)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def chain_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each process of the chain, the agent's sender child(ren) as "sender"."""
+    out = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    if "agent" in pids:
+        out["sender"] = sum(cpu_seconds(c) for c in child_pids(pids["agent"]))
+    return out
 
 
 def stats(state: Path) -> dict[str, object]:
@@ -111,6 +136,8 @@ def _identities(
 ) -> dict[str, object]:
     """Certificates of the three services, and the process server's pair-scoped relay of pair "p"
     (only from "agent", only to "mt"); returns the master target's desired state."""
+    # A fresh master target: its retention journal too (else it skips sequences a previous run applied).
+    shutil.rmtree(root / JOURNAL_DIR, ignore_errors=True)
     for name, kind in (("agent", "agent"), ("ps", "process-server"), ("mt", "master-target")):
         shutil.rmtree(root / name, ignore_errors=True)
         Identity.in_dir(root / name).write(ca.issue(f"{kind}:{name}", kind=kind, component_id=name))
@@ -131,6 +158,8 @@ def sync_once(
     *,
     services_running: bool = False,
     before_start: Callable[[], None] | None = None,
+    cpu: dict[str, float] | None = None,
+    on_start: Callable[[dict[str, int]], None] | None = None,
 ) -> tuple[float, int]:
     """Run agent → process server → master target (real processes, mutual TLS, no configuration
     server: desired state from files) until `target` equals `src`; seconds and bytes the agent sent.
@@ -140,6 +169,9 @@ def sync_once(
     the product; then `before_start` runs (e.g. dropping the page cache) and the clock starts when
     the pair is written into the agent's and master target's assignment files (both re-read every
     0.05 s, so up to one interval of pick-up latency is included).
+
+    `cpu`, if given, receives each process's CPU seconds (user + system) at the end (`chain_cpu`);
+    `on_start` is called with the processes' ids once the clock runs (e.g. to attach a profiler).
     """
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -174,6 +206,9 @@ def sync_once(
             _write_json(root / "agent.json", agent_desired)
         else:
             procs.append(subprocess.Popen(_agent_cmd(root, src), stdout=log, stderr=log))
+        pids = {"mt": procs[0].pid, "ps": procs[1].pid, "agent": procs[2].pid}
+        if on_start is not None:
+            on_start(pids)
 
         def done() -> bool:
             pairs = stats(root / "agent").get("pairs") or []
@@ -188,6 +223,8 @@ def sync_once(
         wait_until(done, 3600)
         elapsed = time.monotonic() - start
         sent = int(stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
+        if cpu is not None:
+            cpu.update(chain_cpu(pids))
     finally:
         _stop(procs, log)
     _check_equal(src, target)

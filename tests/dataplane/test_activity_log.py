@@ -1,10 +1,15 @@
-"""The write-intent (activity) log: marked before the image, batched, unmarked once durable."""
+"""The write-intent (activity) log: marked before the image, batched, unmarked once durable.
+
+The export's writer is not our code: an interactive `qemu-io` (`tests/qemu_io_writer.py`), each
+command answered before the test looks at the log, so the log is checked between the requests of
+one connection.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.nbd_writer import RECORD, NbdConnection, record
+from tests.qemu_io_writer import RECORD, QemuIoSession, record_file
 
 from siterecovery.dataplane.activity_log import AHEAD, AHEAD_MAX, EXTENT, ActivityLog
 from siterecovery.dataplane.nbd.image import Export
@@ -46,16 +51,22 @@ def test_a_hot_extent_costs_one_mark_and_is_unmarked_after_a_flush(tmp_path: Pat
     sink = FakeSink()
     sock = tmp_path / "d.sock"
     with run_nbd_server_in_thread([Export.for_image("d", image, sink, intent=log)], unix=sock):
-        conn = NbdConnection(sock, "d")
-        for slot in range(200):  # 800 KiB: all in extent 0
-            conn.write(slot * RECORD, record(slot, 1))
-        assert log.commits == 1 and log.marked == 1
-        conn.flush()
-        conn.write(2 * EXTENT, record(0, 2))  # a new extent: extent 0 is unmarked in the same write
-        assert log.commits == 2 and log.marked == 1
-        # Left as it is (no clean stop): a reopened log holds extent 2 only.
-        assert ActivityLog(tmp_path / "disk.al", SIZE).recovered == [2]
-        conn.close()
+        qemu_io = QemuIoSession(sock, "d")
+        try:
+            for slot in range(200):  # 800 KiB: all in extent 0
+                qemu_io.write(slot * RECORD, record_file(tmp_path, slot))
+            assert sink.writes == 200
+            assert log.commits == 1 and log.marked == 1
+            qemu_io.cmd("flush")
+            assert sink.flushes >= 1
+            # A new extent: extent 0 is unmarked in the same write.
+            qemu_io.write(2 * EXTENT, record_file(tmp_path, 0, seed=2))
+            assert log.commits == 2 and log.marked == 1
+            # Left as it is (no clean stop): a reopened log holds extent 2 only.
+            assert ActivityLog(tmp_path / "disk.al", SIZE).recovered == [2]
+            qemu_io.close()
+        finally:
+            qemu_io.kill()
     # The export's clean stop flushed and unmarked everything.
     assert ActivityLog(tmp_path / "disk.al", SIZE).recovered == []
 

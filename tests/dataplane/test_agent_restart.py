@@ -1,7 +1,11 @@
 """Agent restarts under a live writer: capture is never off while the disk accepts writes.
 
-The writer is `tests.nbd_writer` (a stdlib NBD client, not the project's code) writing
-self-verifying records with a FLUSH every 16 and reconnecting when the export restarts.
+The writer is not our code: `qemu-io` (`tests/qemu_io_writer.py`), batches of self-verifying
+records, one `qemu-io` process each, with a FLUSH every 16 records. The agent is killed while a
+batch is in flight (held mid-way, its connection open, some of its records answered but not yet
+flushed): that batch fails (its connection dies with the agent) and is not counted flushed; it is
+written again, whole, by a new `qemu-io` once the restarted export accepts. The crash between image
+and spool is one `qemu-io` too, one request at a time, whose sixth write the agent exits under.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from tests.dataplane.conftest import (
     wait_for,
     wait_replicated,
 )
-from tests.nbd_writer import RECORD, NbdConnection, RecordWriter, record, verify_records
+from tests.qemu_io_writer import (
+    RECORD,
+    QemuIoWriter,
+    Records,
+    bad_records,
+    connects,
+    record,
+    record_file,
+    run,
+)
 
 from siterecovery.dataplane.agent import FAULT_EXIT_BEFORE_CAPTURE, FAULT_EXIT_CODE
 
@@ -74,16 +87,28 @@ def test_agent_kill_9_restart_under_writer_loses_no_flushed_record(plane: Plane)
     mt, _, agent = one_pair(plane, src, target, SIZE)
     wait_replicated(agent, mt, "p1")
     sock = plane.root / "nbd" / "d0.sock"
-    writer = RecordWriter(sock, "d0", BASE, slots=(SIZE - BASE) // 4096).start()
+    writer = QemuIoWriter(
+        sock,
+        (SIZE - BASE) // RECORD,
+        base=BASE,
+        kind=Records.UNIQUE,
+        workdir=plane.root / "records",
+        batch=128,
+        flush_every=16,
+        retry=True,
+        pause_at=128 + 24,  # batch 2 paused: 16 records flushed, 8 answered but not flushed yet
+    ).start()
     try:
-        writer.wait_flushed(64)
+        writer.wait_paused()
         agent.kill(signal.SIGKILL)
+        writer.resume()  # batch 2 fails on its dead connection, is written again when the export is back
         restarted = _restarted_unregistered(plane, agent, src)
-        writer.wait_flushed(writer.flushed + 256)
+        writer.wait_flushed(128 + 256)  # written through the restarted export
     finally:
+        writer.resume()
         writer.stop()
-    assert writer.error is None, writer.error
-    assert writer.reconnects >= 1, "the writer never saw the export restart"
+    writer.join()
+    assert writer.failures and "after the pause" in writer.failures[0], writer.failures[:1]
     flushed = writer.flushed
     restarted.kill(signal.SIGKILL)
     # Registration happens at last: the agent runs from its desired state again. (Its statistics
@@ -91,11 +116,9 @@ def test_agent_kill_9_restart_under_writer_loses_no_flushed_record(plane: Plane)
     (agent.state_dir / "stats.json").unlink(missing_ok=True)
     agent.start()
     wait_replicated(agent, mt, "p1", timeout=120)
-    verdict = verify_records(target, BASE, flushed, seed=1)
-    assert verdict.first_bad is None, (
-        f"replica holds {verdict.valid} of {flushed} flushed records; slot {verdict.first_bad} is "
-        f"{verdict.why}"
-    )
+    bad = bad_records(target, BASE, flushed, Records.UNIQUE)
+    assert not bad, f"{len(bad)} of {flushed} flushed records missing or torn on the replica, first {bad[:8]}"
+    assert bad_records(src, BASE, flushed, Records.UNIQUE) == [], "the source lacks records qemu-io flushed"
     assert compare_raw(src, target) == 0
 
 
@@ -110,14 +133,21 @@ def test_writes_while_the_pair_is_unknown_are_tracked_and_resynced(plane: Plane)
     wait_replicated(agent, mt, "p1")
     assignments.write_text(json.dumps({"replications": []}))
     wait_for(lambda: pair_stats(agent, "p1") == {} and bool(agent.stats()), 60, "the pair to be dropped")
-    writer = RecordWriter(plane.root / "nbd" / "d0.sock", "d0", BASE, slots=200).start()
-    writer.wait_flushed(200)  # all 200 slots, then a last FLUSH
-    writer.stop()
-    assert writer.error is None and writer.flushed == 200, (writer.error, writer.flushed)
+    writer = QemuIoWriter(
+        plane.root / "nbd" / "d0.sock",
+        200,
+        base=BASE,
+        kind=Records.UNIQUE,
+        workdir=plane.root / "records",
+        batch=200,
+        flush_every=16,
+    ).start()
+    writer.join()  # all 200 slots written and flushed, no request failed
+    assert writer.flushed == 200, writer.flushed
     assignments.write_text(json.dumps({"replications": [pair]}))
     wait_replicated(agent, mt, "p1", timeout=120)
-    verdict = verify_records(target, BASE, 200, seed=1)
-    assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
+    bad = bad_records(target, BASE, 200, Records.UNIQUE)
+    assert not bad, f"flushed records missing or torn on the replica: {bad[:8]}"
     assert compare_raw(src, target) == 0
 
 
@@ -136,29 +166,22 @@ def test_crash_between_image_and_spool_is_resynced_from_the_write_intent_log(
     agent.start()
     monkeypatch.delenv(FAULT_EXIT_BEFORE_CAPTURE)
     sock = plane.root / "nbd" / "d0.sock"
-    wait_for(lambda: _connectable(sock), 30, "the restarted export")
-    conn = NbdConnection(sock, "d0")
-    for slot in range(5):
-        conn.write(BASE + slot * RECORD, record(slot, 1))
-    conn.flush()
-    with pytest.raises((ConnectionError, OSError)):
-        conn.write(BASE + 5 * RECORD, record(5, 1))  # the agent exits between image and spool
-    conn.close()
+    wait_for(lambda: connects(sock), 30, "the restarted export")
+    files = plane.root / "records"
+    files.mkdir()
+    writes = [f"write -q -s {record_file(files, slot)} {BASE + slot * RECORD} {RECORD}" for slot in range(6)]
+    # One qemu-io, one request at a time: 5 writes, a FLUSH, then the write the agent exits under.
+    done = run(sock, [*writes[:5], "flush", writes[5]])
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and said.count("write failed") == 1, said
+    assert "flush failed" not in said, said
     assert agent.proc is not None and agent.proc.wait(timeout=60) == FAULT_EXIT_CODE
     with open(src, "rb") as f:
         f.seek(BASE + 5 * RECORD)
-        assert f.read(RECORD) == record(5, 1), "the write did not reach the image before the exit"
+        assert f.read(RECORD) == record(5), "the write did not reach the image before the exit"
     (agent.state_dir / "stats.json").unlink(missing_ok=True)
     agent.start()
     wait_replicated(agent, mt, "p1", timeout=120)
-    verdict = verify_records(target, BASE, 6, seed=1)
-    assert verdict.first_bad is None, f"slot {verdict.first_bad} of the replica is {verdict.why}"
+    bad = bad_records(target, BASE, 6, Records.UNIQUE)
+    assert not bad, f"records missing or torn on the replica: {bad}"
     assert compare_raw(src, target) == 0
-
-
-def _connectable(sock: Path) -> bool:
-    try:
-        NbdConnection(sock, "d0", timeout=5).close()
-    except OSError:
-        return False
-    return True

@@ -54,6 +54,7 @@ class JournaledDisk(_Mover, DiskApplier):
         clock: Callable[[], float] = time.time,
         segment_bytes: int = 256 << 20,
         pending_limit: int = 64 << 20,
+        drop_batch: int = 256 << 20,
     ) -> None:
         self.target = target
         self.journal_dir = journal_dir
@@ -66,6 +67,7 @@ class JournaledDisk(_Mover, DiskApplier):
         # Time-based rotation keeps pruning granular: a segment never spans more than 1/8 window.
         self._segment_seconds = max(retention_seconds / 8, 1e-3)
         self._pending_limit = pending_limit
+        self._drop_batch = drop_batch  # streamed bytes whose pages are dropped together (`_drop_streamed`)
         self.paused: Problem | None = None
 
         journal_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ class _JournalLog:
     _segment_bytes: int
     _segment_seconds: float
     _pending_limit: int
+    _drop_batch: int
     paused: Problem | None
     _lock_fd: int
     _disk: int
@@ -91,6 +92,7 @@ class _JournalLog:
         try:
             self._flush_pending()
             self._disk_io(os.fdatasync)
+            self._drop_streamed()
             if self.crash_points.due(now, self._last_point_time, self._last_point_seq, self._seq):
                 self._append_point(PointKind.CRASH, self._seq, now, "")
             self._append(_Kind.COMMIT, self._seq, now, 0, 0, b"")
@@ -172,6 +174,25 @@ class _JournalLog:
             return
         self._write_jbuf(sync=True)
         self._disk_io(self._pending.drain)
+
+    def _drop_streamed(self) -> None:
+        """Drop the durable pages of streamed runs from the page cache, once they add up to
+        `_drop_batch`: a replica's bytes are rarely read back soon (digests answer resyncs,
+        `target_digests.py`), and a master target holding many disks should not fill its memory
+        with them. On a VM whose free memory goes back to the host, growing the page cache was also
+        most of the master target's CPU in a full sync (each fresh page a host fault); recycled
+        pages are cheap (issue 16). In batches, because a drop can wait for every CPU to drain its
+        page lists, which on a loaded box stalled the applying thread once per sync."""
+        streamed = self._pending.streamed
+        if sum(n for _, n in streamed) < self._drop_batch:
+            return
+        start, end = streamed[0][0], streamed[0][0]
+        for offset, length in [*sorted(streamed), (-1, 0)]:
+            if offset != end:  # not adjacent: drop the range so far (the sentinel ends the last)
+                os.posix_fadvise(self._disk, start, end - start, os.POSIX_FADV_DONTNEED)
+                start = offset
+            end = offset + length
+        streamed.clear()
 
     def _disk_io(self, fn: Callable[..., None], *args: int) -> None:
         try:

@@ -10,6 +10,10 @@ from bisect import bisect_left, bisect_right
 
 from siterecovery.dataplane.fileio import pwritev_all
 
+# A drained run at least this long is a streaming write (a sync's blocks, a guest's large
+# sequential writes): its pages are dropped from the page cache once durable (`_JournalLog.sync`).
+STREAM_RUN = 1 << 20
+
 
 class _Pending:
     """Disk writes whose undo records are journaled but not yet fsynced: disjoint, sorted by offset.
@@ -18,12 +22,13 @@ class _Pending:
     merges into the range it overlaps, so reading "old bytes" sees every earlier write.
     """
 
-    __slots__ = ("bufs", "nbytes", "starts")
+    __slots__ = ("bufs", "nbytes", "starts", "streamed")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.bufs: list[bytearray] = []
         self.nbytes = 0
+        self.streamed: list[tuple[int, int]] = []  # runs of >= STREAM_RUN drained: (offset, length)
 
     def _span(self, off: int, end: int) -> tuple[int, int]:
         i = bisect_right(self.starts, off) - 1
@@ -78,6 +83,9 @@ class _Pending:
             ):
                 run_end += 1
             pwritev_all(fd, self.bufs[k:run_end], self.starts[k])
+            run = self.starts[run_end - 1] + len(self.bufs[run_end - 1]) - self.starts[k]
+            if run >= STREAM_RUN:
+                self.streamed.append((self.starts[k], run))
             k = run_end
         self.starts.clear()
         self.bufs.clear()
