@@ -20,8 +20,10 @@ core, all processes) and peak RSS, database size. The load generator shares the 
 server(s) (and, on the shared build box, with other work): its own CPU use is reported too, and a
 done/offered below 1 can be the generator's limit as much as the server's.
 
-Run with `python -m bench.bench_scale [--seconds N] [--levels sqlite:100,...]`; writes
-bench/results/scale.md. A level is `db:items[:points[:processes[:servers]]]` where `servers` is the
+Run with `python -m bench.bench_scale [--seconds N] [--levels sqlite:100,...] [--tls]`; writes
+bench/results/scale.md. The API is plain HTTP unless `--tls` (the servers' `tls` setting, every
+client verifying their CA: `bench.scale_servers`); the table's header says which. A level is
+`db:items[:points[:processes[:servers]]]` where `servers` is the
 number of process servers and of master targets (default 10, or items/100 when larger).
 """
 
@@ -36,7 +38,7 @@ import platform
 import random
 import resource
 import shutil
-import subprocess
+import ssl
 import sys
 import tempfile
 import time
@@ -52,6 +54,7 @@ from sqlalchemy import text
 from bench.hb_client import Connection, HeartbeatError
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
 from bench.pg import postgres
+from bench.scale_servers import Servers
 from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
 from siterecovery.store.database import Database
 
@@ -60,7 +63,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "scale.md"
 # makes every component heartbeat every N s instead (2 s was the default before this session).
 INTERVALS = {"agent": AGENT_INTERVAL, "process-server": SERVER_INTERVAL, "master-target": SERVER_INTERVAL}
 TIMEOUT = 30.0
-SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
 DEFAULT_LEVELS = (
     "sqlite:100,sqlite:100:220,sqlite:1000,postgres:1000:0:1,postgres:1000:0:2,postgres:5000:0:2:50"
 )
@@ -124,81 +126,6 @@ def pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-# --- servers ----------------------------------------------------------------------------------
-
-
-class Servers:
-    """N `siterecovery server` processes on one database and state directory."""
-
-    def __init__(self, work: Path, database_url: str) -> None:
-        self.work = work
-        self.state = work / "state"
-        self.database_url = database_url
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.urls: list[str] = []
-        self.token = ""
-
-    def start_one(self) -> None:
-        port = _free_port()
-        n = len(self.procs)
-        log = open(self.work / f"server{n}.log", "ab")  # noqa: SIM115 - closed with the process
-        cmd = [SITERECOVERY, "server", "--state-dir", str(self.state), "--listen", f"127.0.0.1:{port}"]
-        cmd += ["--admin-token-file", str(self.work / "admin-token")]
-        if not self.database_url.startswith("sqlite"):
-            cmd += ["--database-url", self.database_url]
-        env = {**os.environ, "SITERECOVERY_NODE": f"bench-{n}"}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(self.work / f'server{n}.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError("server did not start")
-        self.procs.append(proc)
-        self.urls.append(url)
-        self.token = self.token or (self.work / "admin-token").read_text().strip()
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self.procs:
-            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def rss_mib(self) -> float:
-        total = 0
-        for p in self.procs:
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total / 1024
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                p.wait(5)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- hollow components ------------------------------------------------------------------------
 
 
@@ -216,6 +143,7 @@ class HollowComponent:
     points: int = 0  # a master target's points per pair: its lists are then reported as deltas
     pairs: list[str] = field(default_factory=list)
     acked: int | None = None  # the point-list version the server acknowledged
+    ca_file: str = ""  # the server's CA, with TLS: the connection verifies the API's certificate
 
     def body(self) -> bytes:
         self.seq += 1
@@ -292,9 +220,11 @@ def hollow_components(level: Level, urls: list[str]) -> list[HollowComponent]:
     return out
 
 
-async def register_all(components: list[HollowComponent], passphrase: str) -> None:
+async def register_all(
+    components: list[HollowComponent], passphrase: str, verify: ssl.SSLContext | bool = True
+) -> None:
     limits = httpx.Limits(max_connections=16)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=120, limits=limits, verify=verify) as http:
         gate = asyncio.Semaphore(16)
 
         async def one(c: HollowComponent) -> None:
@@ -322,15 +252,20 @@ class Driven:
 
 
 async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
+    # One context per process (not picklable): it verifies the server's certificate with its CA.
+    cas = {c.ca_file for c in components if c.ca_file}
+    contexts = {ca: ssl.create_default_context(cafile=ca) for ca in cas}
+
     async def component(c: HollowComponent) -> None:
-        connection = Connection(c.url)  # its own, as a real component holds one (`bench.hb_client`)
+        # Its own connection, as a real component holds one (`bench.hb_client`).
+        connection = Connection(c.url, contexts.get(c.ca_file))
         path = f"/api/components/{c.component_id}/heartbeat"
         await asyncio.sleep(random.uniform(0, c.interval))  # components start at random phases
         while time.monotonic() < stop_at:
             started = time.monotonic()
             wait = c.interval
             try:
-                r = await asyncio.wait_for(connection.post(path, c.token, c.body()), TIMEOUT)
+                r = await asyncio.wait_for(connection.post(path, c.token, c.body(), c.interval), TIMEOUT)
                 if r.status == 200:
                     out.answered += 1
                     if started >= measure_from:
@@ -374,7 +309,7 @@ async def drive(
         futures = [
             asyncio.wrap_future(pool.submit(_drive_process, share, stop_at, measure_from)) for share in shares
         ]
-        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        async with httpx.AsyncClient(timeout=TIMEOUT, verify=api.verify) as http:
             await api.run(http, stop_at, result)
         for driven in await asyncio.gather(*futures):
             result.heartbeat_ms += driven.heartbeat_ms
@@ -389,6 +324,7 @@ async def drive(
 class ApiLoad:
     urls: list[str]
     token: str
+    verify: ssl.SSLContext | bool = True
 
     async def run(self, http: httpx.AsyncClient, stop_at: float, result: Result) -> None:
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -431,7 +367,7 @@ def _describe(interval: float) -> str:
     return f"agents {AGENT_INTERVAL:g} s, process servers and master targets {SERVER_INTERVAL:g} s (defaults)"
 
 
-def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Result:
+def run_level(level: Level, seconds: float, loadgen: int, interval: float, tls: bool = False) -> Result:
     result = Result(level)
     with ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
@@ -441,7 +377,7 @@ def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Re
             if level.db == "postgres"
             else f"sqlite:///{work / 'state' / 'siterecovery.db'}"
         )
-        servers = Servers(work, url)
+        servers = Servers(work, url, tls)
         stack.callback(servers.stop)
         servers.start_one()  # the first applies the migrations
         plane = _Plane(url)
@@ -455,9 +391,10 @@ def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Re
         components = hollow_components(level, servers.urls)
         for c in components:
             c.interval = interval or INTERVALS[c.kind]
+            c.ca_file = str(servers.ca_file or "")
         result.offered = sum(1 / c.interval for c in components)
         result.ramp = max(c.interval for c in components)
-        asyncio.run(register_all(components, passphrase))
+        asyncio.run(register_all(components, passphrase, servers.verify()))
         print(f"  {level}: seeded and registered in {time.monotonic() - started:.0f} s", flush=True)
 
         cpu0, wall0 = servers.cpu_seconds(), time.monotonic()
@@ -471,7 +408,8 @@ def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Re
 
         async def main() -> None:
             sampler = asyncio.create_task(sample_rss())
-            await drive(components, seconds, result, ApiLoad(servers.urls, servers.token), loadgen)
+            api = ApiLoad(servers.urls, servers.token, servers.verify())
+            await drive(components, seconds, result, api, loadgen)
             sampler.cancel()
 
         asyncio.run(main())
@@ -485,9 +423,8 @@ def run_level(level: Level, seconds: float, loadgen: int, interval: float) -> Re
         result.rss_mib = rss[0]
         result.load_average = float(Path("/proc/loadavg").read_text().split()[0])
         for u in servers.urls:
-            me = httpx.get(
-                u + "/api/cluster/self", headers={"Authorization": f"Bearer {servers.token}"}
-            ).json()
+            auth = {"Authorization": f"Bearer {servers.token}"}
+            me = httpx.get(u + "/api/cluster/self", headers=auth, verify=servers.verify()).json()
             if me.get("leader"):
                 result.monitor_p50, result.monitor_max = me["pass_seconds_p50"], me["pass_seconds_max"]
         result.db_mib = db_size(url, servers.state) / (1 << 20)
@@ -535,6 +472,15 @@ def row(r: Result) -> str:
     )
 
 
+def transport(tls: bool) -> str:
+    """How the clients reached the API in a run: said in the table's header."""
+    return "HTTPS (`--tls`; clients verify the server's CA)" if tls else "plain HTTP"
+
+
+def header(tls: bool) -> str:
+    return HEADER.replace("| database |", f"| database (API over {transport(tls)}) |", 1)
+
+
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
@@ -544,15 +490,15 @@ HEADER = (
 )
 
 
-def write(results: list[Result], seconds: float, note: str, intervals: str) -> str:
+def write(results: list[Result], seconds: float, note: str, intervals: str, tls: bool = False) -> str:
     lines = [
         "# Control-plane scale (bench_scale)",
         "",
         f"{platform.node()}: {os.cpu_count()} CPUs (shared), {platform.python_version()}; "
         f"{seconds:.0f} s of heartbeats per level; heartbeat intervals {intervals}; "
-        f"`{' '.join(sys.argv[1:]) or 'defaults'}`.",
+        f"API over {transport(tls)}; `{' '.join(sys.argv[1:]) or 'defaults'}`.",
         "",
-        HEADER,
+        header(tls),
         *(row(r) for r in results),
         "",
         note,
@@ -585,6 +531,9 @@ def main() -> int:
         "--interval", type=float, default=0.0, help="every component's heartbeat interval (default: theirs)"
     )
     parser.add_argument(
+        "--tls", action="store_true", help="servers serve the API over HTTPS; clients verify their CA"
+    )
+    parser.add_argument(
         "--loadgen-processes",
         type=int,
         default=0,
@@ -597,13 +546,13 @@ def main() -> int:
         print(f"level {spec} ...", flush=True)
         try:
             loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
-            results.append(run_level(level, args.seconds, loadgen, args.interval))
+            results.append(run_level(level, args.seconds, loadgen, args.interval, args.tls))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
             print(f"  level {spec} failed: {exc}", flush=True)
             continue
-        print(HEADER.splitlines()[0] + "\n" + row(results[-1]), flush=True)
+        print(header(args.tls).splitlines()[0] + "\n" + row(results[-1]), flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(write(results, args.seconds, NOTE, _describe(args.interval)))
+        args.output.write_text(write(results, args.seconds, NOTE, _describe(args.interval), args.tls))
     return 0 if results else 1
 
 

@@ -7,12 +7,13 @@ server slowed down the generator spent milliseconds of CPU per heartbeat on the 
 the server (`bench/results/scale.md`, *load generator CPU*). Here each hollow component has its own
 connection, as a real one does, and writes a plain HTTP/1.1 request with its bearer token and JSON
 body to the server's real API; the answer is read by its Content-Length. Plain HTTP on loopback,
-as the rest of the bench (mTLS costs the server nothing per request on a kept-alive connection).
+or HTTPS verifying the server's CA when the bench runs the servers with `--tls`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -31,31 +32,38 @@ class Answer:
 class Connection:
     """One keep-alive connection, opened on first use and again after any failure."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        if parts.scheme == "https" and tls is None:
+            raise ValueError(f"{url}: HTTPS needs the server's CA (an SSL context that verifies it)")
+        self.tls = tls if parts.scheme == "https" else None
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def post(self, path: str, token: str, body: bytes) -> Answer:
+    async def post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
+        """POST a heartbeat; `interval` is the component's, told to the server (`control.admission`)."""
         reused = self._streams is not None
         try:
-            return await self._post(path, token, body)
+            return await self._post(path, token, body, interval)
         except HeartbeatError:
             if not reused:
                 raise
         # The server closes a connection idle for a few seconds (uvicorn's keep-alive timeout,
         # shorter than an agent's interval): a real client's pool opens a new one and sends again.
-        return await self._post(path, token, body)
+        return await self._post(path, token, body, interval)
 
-    async def _post(self, path: str, token: str, body: bytes) -> Answer:
+    async def _post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
         try:
             if self._streams is None:
-                self._streams = await asyncio.open_connection(self.host, self.port)
+                self._streams = await asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None
+                )
             reader, writer = self._streams
             writer.write(
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                f"X-Heartbeat-Interval: {interval:g}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )

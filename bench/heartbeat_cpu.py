@@ -26,9 +26,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_scale import HollowComponent, Level, Servers, _Plane, hollow_components, register_all
+from bench.bench_scale import HollowComponent, Level, _Plane, hollow_components, register_all
 from bench.hollow import seed
 from bench.pg import postgres
+from bench.scale_servers import Servers
 
 
 def _beat(http: httpx.Client, c: HollowComponent) -> None:

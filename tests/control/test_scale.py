@@ -5,6 +5,7 @@ are counted (SQL statements, item rows loaded), never timed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import time
@@ -20,9 +21,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select
 
 from siterecovery.config import load_server_config
-from siterecovery.control.admission import HeartbeatAdmission
+from siterecovery.control.admission import HeartbeatAdmission, retry_after
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats
 from siterecovery.dataplane.control_client import FAST_INTERVAL, ControlClient, DesiredSource, Registration
+from siterecovery.dr import monitor
 from siterecovery.dr.bookmarks import request_bookmark
 from siterecovery.dr.items import get_item
 from siterecovery.dr.monitor import evaluate, read_inputs
@@ -268,11 +270,16 @@ def test_an_idle_component_heartbeats_at_its_idle_interval_and_fast_after_a_chan
     client._http = TestClient(create_app())
     client.register(cp.passphrase())
     client._http = TestClient(create_app())
+    told: list[str | None] = []  # the interval each heartbeat tells the server (`control.admission`)
+    client._http.event_hooks = {"request": [lambda r: told.append(r.headers.get("X-Heartbeat-Interval"))]}
     source = DesiredSource(AgentDesired, tmp_path / "agent", client)
     source.exchange(AgentStats())
     assert source.pace(10.0) == FAST_INTERVAL  # its first desired state: something to do
     source.exchange(AgentStats())
     assert source.pace(10.0) == 10.0 and source.pace(10.0, busy=True) == FAST_INTERVAL
+    source.exchange(AgentStats())
+    assert told == [None, "2", "2"]
+    source.pace(10.0)
     with cp.db.session() as s:  # a workflow asks something of it: the next exchange brings it
         request_bookmark(s, get_item(s, machine_name(0)))
     assert source.exchange(AgentStats()).bookmarks and source.pace(10.0) == FAST_INTERVAL
@@ -387,6 +394,8 @@ def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestCli
     mt1 = http.get("/api/replicatedItems", params={"server": "master-target-scale-1"}, headers=auth).json()
     assert [i["name"] for i in mt1] == [machine_name(n) for n in range(1, 25, 2)]
     assert mt1[0]["details"]["replication"]["master_target"] == "master-target-scale-1"
+    shown = http.get(f"/api/replicatedItems/{mt1[0]['id']}", headers=auth).json()
+    assert mt1[0] == shown  # the list writes each record as stored: the same item as its own route
 
     first = http.get("/api/events", params={"code": "scale-test", "limit": 4}, headers=auth)
     rest = http.get(
@@ -432,14 +441,28 @@ def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
             held = asyncio.create_task(http.post("/api/components/a/heartbeat"))
             await asyncio.wait_for(entered.wait(), 30)
             shed = await http.post("/api/components/b/heartbeat")
+            agent = await http.post("/api/components/c/heartbeat", headers={"X-Heartbeat-Interval": "10"})
             other = await http.get("/api/servers")
             release.set()
-            return (await held).status_code, shed, other.status_code
+            return (await held).status_code, shed, agent, other.status_code
 
-    held, shed, other = asyncio.run(run())
-    assert (held, shed.status_code, other) == (200, 503, 200)
-    assert shed.headers["Retry-After"] == "5" and shed.json()["code"] == "server-busy"
-    assert admission.shed == 1
+    held, shed, agent, other = asyncio.run(run())
+    assert (held, shed.status_code, agent.status_code, other) == (200, 503, 503, 200)
+    assert shed.json()["code"] == "server-busy"
+    # Retry-After: the caller's interval (5 s when it does not say), stretched by half the shed
+    # fraction: 1 of 2 heartbeats shed, then 2 of 3.
+    assert (shed.headers["Retry-After"], agent.headers["Retry-After"]) == ("7", "14")
+    assert admission.shed == 2
+
+
+def test_retry_after_is_the_callers_interval_stretched_by_shedding() -> None:
+    assert [retry_after(10, 0.0), retry_after(10, 1.0), retry_after(5, 0.5), retry_after(None, 0.0)] == [
+        10,
+        15,
+        7,
+        5,
+    ]
+    assert (retry_after(0.01, 0.0), retry_after(1e9, 2.0)) == (1, 90)  # clamped to 1-60 s, then stretched
 
 
 def test_the_portal_pages_through_items(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
@@ -491,3 +514,36 @@ def test_the_monitor_rereads_an_item_only_when_its_details_changed(
     with cp.db.session() as s:
         moved = get_item(s, machine_name(0)).id
     assert rpos[moved].caught_up is False
+
+
+def test_a_monitor_pass_decodes_only_the_reports_that_changed(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each component's report is decoded once, then again only when what is stored changed."""
+    cp, _, _ = plane
+    t0 = time.time()
+    seed(cp, 4, master_targets=2)
+    _report_everything(cp, t0)
+    decoded: list[str] = []
+
+    def counting_loads(text: str) -> Any:
+        decoded.append(text)
+        return json.loads(text)
+
+    monkeypatch.setattr(monitor, "json", type("CountingJson", (), {"loads": staticmethod(counting_loads)}))
+    assert len(evaluate(cp, now=t0 + 1)) == 4
+    first = len(decoded)
+    assert first >= 6  # 4 agents and 2 master targets at least
+    decoded.clear()
+    assert len(evaluate(cp, now=t0 + 2)) == 4
+    assert decoded == []  # nothing changed: nothing decoded
+
+    with cp.db.session() as s:  # one agent reports a newer capture (its liveness time unchanged)
+        row = s.scalar(select(Component).where(Component.name == f"onprem/{machine_name(1)}"))
+        assert row is not None
+        row.stats = agent_stats([p["pair_id"] for p in row.stats["pairs"]], 900)
+    rpos = {r.item: r for r in evaluate(cp, now=t0 + 3)}
+    assert len(decoded) == 1 and json.loads(decoded[0])["pairs"][0]["captured_seq"] == 900
+    with cp.db.session() as s:
+        assert rpos[get_item(s, machine_name(1)).id].caught_up is False
+        assert rpos[get_item(s, machine_name(0)).id].caught_up is True

@@ -7,13 +7,20 @@ handled at once per process; one that finds no slot waits up to `max_wait` secon
 is then answered `503 Service Unavailable` with `Retry-After`. The component keeps its last desired
 state and comes back after Retry-After stretched by random jitter (`dataplane.control_client`),
 which spreads the shed ones over the next interval. Other routes are not limited.
+
+Retry-After is the caller's own heartbeat interval (it says it in `X-Heartbeat-Interval`), longer
+by up to half while many heartbeats are being shed: a shed component never comes back sooner than
+it would have heartbeat anyway (at 5 s for everyone, a shed 10 s agent came back twice as often
+as an admitted one, and shedding fed the load it was meant to relieve).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
+import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,11 +36,58 @@ def default_limit() -> int:
 
 
 DEFAULT_MAX_WAIT = 2.0
-# Components come back after this, stretched by up to 100 % (`retry.after_busy`). At 2 s an idle
-# agent (10 s interval) that was shed came back sooner than it would have heartbeat anyway, so
-# shedding multiplied the load it was meant to relieve (bench_scale, 5,000 agents); 5-10 s keeps
-# a process server or master target (5 s interval) shed twice in a row within the 30 s timeout.
+# A caller that does not say its interval: the shortest idle one (process servers, master targets).
 RETRY_AFTER_SECONDS = 5
+INTERVAL_HEADER = b"x-heartbeat-interval"
+SHORTEST, LONGEST = 1.0, 60.0  # what a caller's stated interval is clamped to
+WINDOW = 10.0  # seconds per bucket of the shed fraction (two buckets: the last 10-20 s)
+# Retry-After grows by up to this part of the interval as the shed fraction goes to 1. With the
+# components' jitter (0-100 %) a shed agent (10 s) comes back 10-30 s later: later than its
+# interval, and at worst as late as the 30 s `heartbeat_timeout` allows for one lost beat.
+STRETCH = 0.5
+
+
+class ShedRate:
+    """The fraction of heartbeats shed over the last 10-20 s (two 10 s buckets)."""
+
+    def __init__(self, window: float = WINDOW) -> None:
+        self.window = window
+        self._start = time.monotonic()
+        self._now = [0, 0]  # admitted, shed in the current bucket
+        self._before = [0, 0]  # in the one before
+
+    def _roll(self) -> None:
+        clock = time.monotonic()
+        if clock - self._start >= self.window:
+            self._before = self._now if clock - self._start < 2 * self.window else [0, 0]
+            self._now, self._start = [0, 0], clock
+
+    def count(self, shed: bool) -> None:
+        self._roll()
+        self._now[1 if shed else 0] += 1
+
+    def fraction(self) -> float:
+        self._roll()
+        admitted, shed = self._now[0] + self._before[0], self._now[1] + self._before[1]
+        return shed / (admitted + shed) if admitted + shed else 0.0
+
+
+def retry_after(interval: float | None, shed_fraction: float) -> int:
+    """Whole seconds: the caller's interval (or `RETRY_AFTER_SECONDS`), stretched with shedding."""
+    base = RETRY_AFTER_SECONDS if interval is None else min(max(interval, SHORTEST), LONGEST)
+    return math.ceil(base * (1.0 + STRETCH * min(max(shed_fraction, 0.0), 1.0)))
+
+
+def stated_interval(scope: Scope) -> float | None:
+    """The heartbeat interval the caller says it keeps (`X-Heartbeat-Interval`), if a number."""
+    for name, value in scope.get("headers", ()):
+        if name == INTERVAL_HEADER:
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if math.isfinite(seconds) else None
+    return None
 
 
 class HeartbeatAdmission:
@@ -44,6 +98,7 @@ class HeartbeatAdmission:
         self.limit = max(1, default_limit() if limit is None else limit)
         self.max_wait = max_wait
         self.shed = 0  # heartbeats answered 503 since start (for the bench and tests)
+        self.rate = ShedRate()
         self._slots: asyncio.Semaphore | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,24 +111,26 @@ class HeartbeatAdmission:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.max_wait)
         except TimeoutError:
             self.shed += 1
-            await _busy(scope, receive, send)
+            self.rate.count(shed=True)
+            await _busy(scope, receive, send, retry_after(stated_interval(scope), self.rate.fraction()))
             return
+        self.rate.count(shed=False)
         try:
             await self.app(scope, receive, send)
         finally:
             self._slots.release()
 
 
-async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
+async def _busy(scope: Scope, receive: Receive, send: Send, seconds: int) -> None:
     response = problem_response(
         int(Status.UNAVAILABLE),
         (
             Problem(
                 "server-busy",
                 "The configuration server is handling as many heartbeats as it can.",
-                f"Retry after {RETRY_AFTER_SECONDS} s (components do so with jitter).",
+                f"Retry after {seconds} s (components do so with jitter).",
             ),
         ),
     )
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    response.headers["Retry-After"] = str(seconds)
     await response(scope, receive, send)

@@ -79,6 +79,9 @@ class ControlClient:
         self.desired_changed = False  # the last answer carried a desired state new to us
         # An overloaded server answers 429/503 with Retry-After: no heartbeat before this time.
         self._backoff_until = 0.0
+        # Seconds between this component's heartbeats (`DesiredSource.pace`), told to the server
+        # so that shedding one does not bring it back sooner than it would come anyway.
+        self.interval: float | None = None
         # A master target's point lists go as deltas to what the server acknowledged.
         self._points = PointReports() if registration.kind == "master-target" else None
 
@@ -197,11 +200,12 @@ class ControlClient:
             body["address"] = self.address  # a restart may have moved the listener (e.g. --listen :0)
         if self._desired is not None and self._desired_version:
             body["desired_version"] = self._desired_version
+        headers = {"Authorization": f"Bearer {self._token}"}
+        if self.interval is not None:
+            headers["X-Heartbeat-Interval"] = f"{self.interval:g}"
         # An impostor's certificate fails like an unreachable server: the last desired state holds.
         resp = self._http.post(
-            f"{self.server}/api/components/{self.component_id}/heartbeat",
-            json=body,
-            headers={"Authorization": f"Bearer {self._token}"},
+            f"{self.server}/api/components/{self.component_id}/heartbeat", json=body, headers=headers
         )
         if resp.status_code in (429, 503):
             wait = after_busy(resp.headers.get("Retry-After"))
@@ -288,7 +292,10 @@ class DesiredSource(Reporter, Generic[D]):
         while the component is `busy` (an agent's pair syncing), it heartbeats fast, so the next
         change of a workflow (a failover draining pairs, a bookmark) follows within seconds."""
         changed = self.client is not None and self.client.desired_changed
-        return min(idle, FAST_INTERVAL) if busy or changed else idle
+        interval = min(idle, FAST_INTERVAL) if busy or changed else idle
+        if self.client is not None:
+            self.client.interval = interval  # said in the next heartbeat (`control.admission`)
+        return interval
 
     def exchange(self, stats: BaseModel) -> D:
         self.known = True

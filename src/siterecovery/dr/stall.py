@@ -14,7 +14,7 @@ SITERECOVERY_STALL_CRITICAL_SECONDS; 60 s and 300 s by default), read on every p
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -124,7 +124,18 @@ def pair_stalls(
     watch: StallWatch = WATCH,
 ) -> list[Stall]:
     """The stalled ones of an item's pairs, from its agent's and master target's reports."""
-    captured_by, applied_by = _pairs(agent_stats), _pairs(mt_stats)
+    return indexed_stalls(pairs, _pairs(agent_stats), _pairs(mt_stats), now, watch)
+
+
+def indexed_stalls(
+    pairs: Iterable[str],
+    captured_by: Mapping[str, dict[str, Any]],
+    applied_by: Mapping[str, dict[str, Any]],
+    now: float,
+    watch: StallWatch = WATCH,
+) -> list[Stall]:
+    """`pair_stalls` from the reports' pairs by pair id (the RPO monitor indexes each report once
+    per change, not once per item: a master target's lists every pair it applies)."""
     thresholds = Thresholds.from_env()
     out = []
     for pair_id in pairs:
