@@ -37,10 +37,8 @@ import os
 import platform
 import random
 import resource
-import shutil
 import ssl
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -53,7 +51,7 @@ from sqlalchemy import text
 
 from bench.hb_client import Connection, HeartbeatError
 from bench.hollow import agent_stats, machine_name, master_target_stats, process_server_stats, seed
-from bench.pg import postgres
+from bench.pg import scratch_database
 from bench.scale_servers import Servers
 from siterecovery.config import AGENT_INTERVAL, SERVER_INTERVAL
 from siterecovery.store.database import Database
@@ -370,13 +368,7 @@ def _describe(interval: float) -> str:
 def run_level(level: Level, seconds: float, loadgen: int, interval: float, tls: bool = False) -> Result:
     result = Result(level)
     with ExitStack() as stack:
-        work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-scale-"))
-        stack.callback(shutil.rmtree, work, True)
-        url = (
-            stack.enter_context(postgres())
-            if level.db == "postgres"
-            else f"sqlite:///{work / 'state' / 'siterecovery.db'}"
-        )
+        work, url = scratch_database(stack, level.db, "siterecovery-bench-scale-")
         servers = Servers(work, url, tls)
         stack.callback(servers.stop)
         servers.start_one()  # the first applies the migrations

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,7 +26,7 @@ import httpx
 
 from bench.bench_scale import HollowComponent, Level, _Plane, hollow_components, register_all
 from bench.hollow import seed
-from bench.pg import postgres
+from bench.pg import scratch_database
 from bench.scale_servers import Servers
 
 
@@ -51,13 +49,7 @@ def main() -> int:
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
     with ExitStack() as stack:
-        work = Path(tempfile.mkdtemp(prefix="siterecovery-bench-hbcpu-"))
-        stack.callback(shutil.rmtree, work, True)
-        url = (
-            stack.enter_context(postgres())
-            if args.database == "postgres"
-            else f"sqlite:///{work / 'state' / 'siterecovery.db'}"
-        )
+        work, url = scratch_database(stack, args.database, "siterecovery-bench-hbcpu-")
         servers = Servers(work, url)
         stack.callback(servers.stop)
         _run(args, servers, url)

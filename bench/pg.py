@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -70,3 +70,13 @@ def postgres(max_connections: int = 200, database: str = "sr") -> Iterator[str]:
     finally:
         as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+def scratch_database(stack: ExitStack, database: str, prefix: str) -> tuple[Path, str]:
+    """A temporary work folder and a database URL: SQLite inside the folder, or a throwaway
+    PostgreSQL cluster (`postgres`); both are removed when `stack` closes."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, work, True)
+    if database == "postgres":
+        return work, stack.enter_context(postgres())
+    return work, f"sqlite:///{work / 'state' / 'siterecovery.db'}"

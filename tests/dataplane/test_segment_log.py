@@ -19,7 +19,7 @@ def _fill(directory: Path, seqs: range, segment_bytes: int = 64 << 20) -> dict[i
     return frames
 
 
-def _read_all(log: SegmentLog) -> list[bytes]:
+def read_all(log: SegmentLog) -> list[bytes]:
     cursor = log.cursor(-1)
     buf = bytearray(HEADER_SIZE + 8192)
     out = []
@@ -44,7 +44,7 @@ def test_torn_tail_is_still_cut(tmp_path: Path) -> None:
     with open(segment, "ab") as f:
         f.write(frames[5][:HEADER_SIZE])  # and a header whose payload never made it
     log = SegmentLog(tmp_path)
-    assert _read_all(log) == [frames[s] for s in range(1, 5)]
+    assert read_all(log) == [frames[s] for s in range(1, 5)]
     assert log.last_seq == 4 and not log.damage
     assert segment.stat().st_size == 4 * len(frames[1])
     log.close()
@@ -55,7 +55,7 @@ def test_damaged_header_in_the_middle_keeps_the_frames_after_it(tmp_path: Path) 
     [segment] = tmp_path.glob("*.seg")
     _damage(segment, 3 * len(frames[1]))  # frame 4's header
     log = SegmentLog(tmp_path)
-    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 8)]  # used to stop at 3
+    assert read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 8)]  # used to stop at 3
     [damage] = log.damage
     assert (damage.after_seq, damage.resumed_seq, damage.skipped) == (3, 5, len(frames[4]))
     log.close()
@@ -71,7 +71,7 @@ def test_damaged_tail_of_a_segment_with_frames_in_the_next_is_damage(tmp_path: P
     _damage(first, 2 * len(frames[1]))  # frame 3, the last of the first segment
     _damage(second, 0)  # frame 4, the first of the second
     log = SegmentLog(tmp_path)
-    assert _read_all(log) == [frames[s] for s in (1, 2, 5, 6, 7, 8)]
+    assert read_all(log) == [frames[s] for s in (1, 2, 5, 6, 7, 8)]
     assert [(d.after_seq, d.resumed_seq) for d in log.damage] == [(2, 5), (2, 5)]
     log.close()
 
@@ -82,7 +82,7 @@ def test_a_wholly_damaged_segment_between_intact_ones_is_damage(tmp_path: Path) 
     for k in range(3):
         _damage(second, k * len(frames[1]))  # frames 4, 5 and 6
     log = SegmentLog(tmp_path)
-    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 7, 8, 9)]
+    assert read_all(log) == [frames[s] for s in (1, 2, 3, 7, 8, 9)]
     assert [(d.after_seq, d.resumed_seq) for d in log.damage] == [(3, 7)]
     assert not second.exists()
     log.close()
@@ -102,13 +102,13 @@ def test_a_live_log_repaired_after_a_reader_met_a_bad_header(tmp_path: Path) -> 
             f.seek(at + 10)
             f.write(b"\xff")
     try:
-        _read_all(log)
+        read_all(log)
         raise AssertionError("the bad header was read as a frame")
     except ProtocolError:
         pass
     assert [(d.after_seq, d.resumed_seq) for d in log.repair()] == [(3, 5), (7, 9)]
     log.append(9, frames[9][:HEADER_SIZE], frames[9][HEADER_SIZE:])  # appends go on
-    assert _read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 9)]
+    assert read_all(log) == [frames[s] for s in (1, 2, 3, 5, 6, 7, 9)]
     log.close()
 
 

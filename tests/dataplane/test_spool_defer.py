@@ -13,6 +13,8 @@ import resource
 import signal
 from pathlib import Path
 
+from tests.dataplane.test_segment_log import read_all
+
 from siterecovery.dataplane.assignments import DiskReplication
 from siterecovery.dataplane.dirty import GRANULARITY, DirtyBitmap
 from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
@@ -25,16 +27,6 @@ def _frames(seqs: range) -> dict[int, bytes]:
     return {s: encode_frame(FrameType.WRITE, 0, s, s * 4096, 4096, os.urandom(4096)) for s in seqs}
 
 
-def _read_all(log: SegmentLog) -> list[bytes]:
-    cursor = log.cursor(-1)
-    buf = bytearray(HEADER_SIZE + 8192)
-    out = []
-    while (item := cursor.next(buf)) is not None:
-        out.append(bytes(item[1]))
-    cursor.close()
-    return out
-
-
 def test_deferred_frames_are_written_together_in_order_and_kept_until_written(tmp_path: Path) -> None:
     frames = _frames(range(1, 8))
     log = SegmentLog(tmp_path / "spool")
@@ -42,22 +34,22 @@ def test_deferred_frames_are_written_together_in_order_and_kept_until_written(tm
     log.share_tail(tail)
     for s in (1, 2, 3):
         log.defer(s, frames[s][:HEADER_SIZE], frames[s][HEADER_SIZE:])
-    assert _read_all(log) == [] and tail.read().last_seq == -1  # not written yet: nobody reads them
+    assert read_all(log) == [] and tail.read().last_seq == -1  # not written yet: nobody reads them
     assert log.last_seq == 3 and log.bytes_used == 3 * len(frames[1])
     log.settle()
-    assert _read_all(log) == [frames[s] for s in (1, 2, 3)] and tail.read().last_seq == 3
+    assert read_all(log) == [frames[s] for s in (1, 2, 3)] and tail.read().last_seq == 3
 
     log.defer(4, frames[4][:HEADER_SIZE], frames[4][HEADER_SIZE:])
     log.free_through(3)  # every written frame acknowledged: the segment still holds frame 4
     log.append(5, frames[5][:HEADER_SIZE], frames[5][HEADER_SIZE:])  # after the deferred one
-    assert _read_all(log) == [frames[s] for s in range(1, 6)]  # not freed: it holds frame 4
+    assert read_all(log) == [frames[s] for s in range(1, 6)]  # not freed: it holds frame 4
     log.free_through(5)
     log.defer(6, frames[6][:HEADER_SIZE], frames[6][HEADER_SIZE:])
     log.defer(7, frames[7][:HEADER_SIZE], frames[7][HEADER_SIZE:])
     log.sync()  # a FLUSH: deferred frames are written and made durable
     log.close()
     tail.close()
-    assert _read_all(SegmentLog(tmp_path / "spool")) == [frames[6], frames[7]]
+    assert read_all(SegmentLog(tmp_path / "spool")) == [frames[6], frames[7]]
 
 
 def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Path) -> None:
