@@ -1,8 +1,14 @@
-"""Runs the configuration server: open state, start the job engine, serve the API."""
+"""Runs the configuration server: open state, start the job engine, serve the API.
+
+Thousands of components each keep one idle HTTP connection open between heartbeats (the server's
+`keep_alive_seconds` is above their keep-alive, itself above their interval), so the process holds
+a file descriptor per component: it raises its soft open-files limit to the hard one at start.
+"""
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import ssl
 
@@ -52,6 +58,28 @@ def certificate_names(config: ServerConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE up to the hard one (a descriptor per connected component)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit still stops at the kernel's fs.nr_open (1,048,576 by default).
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # kept as it was: the warning below says what it means
+    if soft != resource.RLIM_INFINITY and soft < 8192:
+        log.warning("open-files limit %d: at most about that many components can stay connected", soft)
+    return soft
+
+
+def uvicorn_settings(config: ServerConfig) -> dict[str, object]:
+    """The HTTP server's settings, besides TLS and logging."""
+    # httptools (a dependency) parses requests in C; h11, uvicorn's fallback, in Python.
+    return {"timeout_keep_alive": config.keep_alive_seconds, "http": "httptools"}
+
+
 def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
     cp = open_control_plane(config)
     if cp.initial_admin_token:
@@ -68,12 +96,14 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
     set_current(cluster)
     start_engine(cp, cluster.executor_id)
     Monitor(cp, cluster=cluster).start()
-    uvicorn_options: dict[str, object] = {}
+    raise_open_files_limit()
+    uvicorn_options = uvicorn_settings(config)
     if config.tls:
         pki = config.state_dir / "pki"
         issued = cp.ca.issue("configuration-server", certificate_names(config))
         cert, key, _ = issued.write(pki, "server")
-        uvicorn_options = {"ssl_certfile": str(cert), "ssl_keyfile": str(key), "ssl_cert_reqs": ssl.CERT_NONE}
+        uvicorn_options |= {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        uvicorn_options["ssl_cert_reqs"] = ssl.CERT_NONE
     if config.log_format is LogFormat.JSON:
         # uvicorn then leaves logging alone, and DBOS's text handler goes: one format on stderr.
         uvicorn_options["log_config"] = None
