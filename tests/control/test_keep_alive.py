@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import resource
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,3 +68,14 @@ def test_the_open_files_limit_is_raised_to_the_hard_one() -> None:
         assert raised > lower
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_what_the_server_built_before_serving_is_out_of_the_collectors_reach() -> None:
+    # In a child: freezing is for the life of the process, not for the test runner's.
+    code = (
+        "import gc; from siterecovery.server.main import GC_YOUNG_THRESHOLD, settle_garbage_collector;"
+        "assert gc.get_freeze_count() == 0; settle_garbage_collector();"
+        "assert gc.get_freeze_count() > 10000, gc.get_freeze_count();"
+        "assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -7,6 +7,7 @@ a file descriptor per component: it raises its soft open-files limit to the hard
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import socket
@@ -74,6 +75,24 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+# Allocations between two young-generation collections (Python's default is 700): a heartbeat
+# allocates thousands of short-lived objects, so the default collects several times per request.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Keep the collector off what lives as long as the process.
+
+    Everything built before serving (modules, the app and its routes, models, engines: ~180,000
+    objects) is never garbage, yet every full collection walked it — ~100 ms each on the 2-core
+    bench box, and with thousands of connections and requests allocating, full collections come
+    often (profiles charged them to whatever line allocated, e.g. the router's loop). Frozen, a
+    full collection walks only what was made since."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def uvicorn_settings(config: ServerConfig) -> dict[str, object]:
     """The HTTP server's settings, besides TLS and logging."""
     # httptools (a dependency) parses requests in C; h11, uvicorn's fallback, in Python.
@@ -109,4 +128,5 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
         uvicorn_options["log_config"] = None
         route_to_root("dbos", "uvicorn", "uvicorn.error", "uvicorn.access")
     log.info("serving on %s", config.listen)
+    settle_garbage_collector()
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", **uvicorn_options)  # type: ignore[arg-type]
