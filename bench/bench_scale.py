@@ -544,7 +544,7 @@ def main() -> int:
             loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
             results.append(run_level(level, args.seconds, loadgen, args.interval, args.tls))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
-            print(f"  level {spec} failed: {exc}", flush=True)
+            print(f"  level {spec} failed: {exc!r}", flush=True)
             continue
         print(header(args.tls).splitlines()[0] + "\n" + row(results[-1]), flush=True)
         r = results[-1]
