@@ -2,7 +2,8 @@
 
 A batch of agents' liveness reports is one statement in its own implicit transaction: the UPDATE
 of every row from arrays and the desired epoch read together, `synchronous_commit` off for that
-transaction only. Real PostgreSQL, counted statements (never timed).
+transaction only; and no checkout pings PostgreSQL unless its connection rested. Real
+PostgreSQL, counted statements (never timed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sqlalchemy import event, select, text
 
 from siterecovery.config import load_server_config
 from siterecovery.control.heartbeat_writer import HeartbeatWriter
-from siterecovery.store import desired_epoch, migrate
+from siterecovery.store import database, desired_epoch, migrate
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
 from siterecovery.store.states import ComponentKind
@@ -157,3 +158,34 @@ def test_a_batch_with_other_reports_stays_durable(
     assert not any(autocommit for _, _, autocommit in statements)
     with db.session() as s:
         assert {c.id: c.stats.get("captured") for c in s.scalars(select(Component))}["a3"] == "a3"
+
+
+def _backend(db: Database) -> int:
+    with db.engine.connect() as c:
+        return int(c.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(db: Database, pid: int) -> None:
+    with db.engine.connect() as c:
+        c.execute(text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": pid})
+
+
+def test_a_pooled_connection_is_pinged_only_after_resting(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No round trip of its own at every checkout (the batch above is the statement, nothing
+    else): a connection is checked only when it rested `PING_AFTER_IDLE`, and one found dead
+    then is replaced before the caller sees it."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE", 3600.0)  # no rest is long enough
+    own = Database(db.url)  # its own pool: one connection, the one just used
+    try:
+        pid = _backend(own)
+        pings: list[int] = []
+        ping = own.engine.dialect.do_ping
+        monkeypatch.setattr(own.engine.dialect, "do_ping", lambda conn: pings.append(1) or ping(conn))
+        assert _backend(own) == pid and pings == []  # used a moment ago: not pinged
+        monkeypatch.setattr(database, "PING_AFTER_IDLE", 0.0)  # now every rest counts as long
+        _terminate(db, pid)
+        assert _backend(own) != pid and pings  # pinged, found dead, replaced: no error
+    finally:
+        own.engine.dispose()
