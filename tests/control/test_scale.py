@@ -391,6 +391,20 @@ def test_a_pass_rewrites_an_items_rpo_only_when_it_moved_by_its_step(
         assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {23.0}
 
 
+def test_the_first_passes_after_a_start_take_on_new_items_a_share_at_a_time(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items and agents' reports never seen before are read at most COLD_PER_PASS a pass (the
+    first pass after a start met them all at once); every item is evaluated within a few."""
+    cp, _, _ = plane
+    monkeypatch.setattr(monitor, "COLD_PER_PASS", 4)
+    t0 = time.time()
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    counts = [len(evaluate(cp, now=t0 + n)) for n in (1, 2, 3)]
+    assert counts[0] <= 4 and counts[1] <= 8 and counts[2] == 10, counts
+
+
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
     cp, http, _ = plane
     seed(cp, 25, master_targets=2)

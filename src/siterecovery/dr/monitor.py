@@ -146,6 +146,12 @@ class _Route:
 _ROUTES: dict[str, dict[str, tuple[int, _Route | None]]] = {}
 _ROUTES_LOCK = threading.Lock()
 DETAILS_CHUNK = 500
+# Items (and agents' reports) seen for the first time that one pass takes on. The first pass
+# after a start met every item's record and every agent's report at once — at 5,000 items
+# about three times a later pass, the longest pass of a run; spread over a few passes instead,
+# an item is evaluated from the pass that reached it (within 5 passes at 5,000 items). What
+# changed since a previous pass is always read again: no pass uses a stale record or report.
+COLD_PER_PASS = 1000
 
 
 _REPLICATION = ReplicatedItem.details["replication"]
@@ -155,7 +161,10 @@ def _routes(s: Session, revs: dict[str, int]) -> dict[str, _Route | None]:
     with _ROUTES_LOCK:
         cache = _ROUTES.setdefault(str(s.get_bind().engine.url), {})
         known = {i: cache[i] for i in revs if i in cache and cache[i][0] == revs[i]}
-        stale = [i for i in revs if i not in known]
+        # A changed item is always parsed again; items never seen (every item, on the first pass
+        # after a start) at most COLD_PER_PASS a pass — the others wait for the next passes.
+        stale = [i for i in revs if i in cache and i not in known]
+        stale += [i for i in revs if i not in cache][:COLD_PER_PASS]
         for start in range(0, len(stale), DETAILS_CHUNK):
             ids = stale[start : start + DETAILS_CHUNK]
             # Only the record's replication, extracted by the database: decoding every item's whole
@@ -192,13 +201,20 @@ _STATS: dict[tuple[str, str], dict[str, tuple[str | None, _Decoded]]] = {}
 _STATS_LOCK = threading.Lock()
 
 
-def _decoded(s: Session, kind: str, reports: list[tuple[str, str | None]]) -> dict[str, _Decoded]:
-    """(component id, report as stored) -> its report and pairs decoded, decoding only changes."""
+def _decoded(
+    s: Session, kind: str, reports: list[tuple[str, str | None]], cold: int | None = None
+) -> dict[str, _Decoded]:
+    """(component id, report as stored) -> its report and pairs decoded, decoding only changes;
+    of the reports never seen before, at most `cold` (the others are left out of this pass)."""
     with _STATS_LOCK:
         cache = _STATS.setdefault((str(s.get_bind().engine.url), kind), {})
         seen: dict[str, tuple[str | None, _Decoded]] = {}
         for comp_id, text in reports:
             known = cache.get(comp_id)
+            if known is None and cold is not None:
+                if cold <= 0:
+                    continue
+                cold -= 1
             if known is None or known[0] != text:
                 stats = json.loads(text) if text else {}
                 stats = stats if isinstance(stats, dict) else {}
@@ -257,8 +273,10 @@ def read_inputs(s: Session) -> PassInputs:
             )
         )
     )
-    decoded = _decoded(s, "agent", [(row[0], row[3]) for row in agent_rows])
+    decoded = _decoded(s, "agent", [(row[0], row[3]) for row in agent_rows], COLD_PER_PASS)
     for comp_id, name, beat, _ in agent_rows:
+        if comp_id not in decoded:  # first seen, beyond this pass's share: its items wait
+            continue
         stats, pairs = decoded[comp_id]
         agents[name] = (beat, {pid: int(p.get("captured_seq", -1)) for pid, p in pairs.items()})
         agent_stats[name] = stats
