@@ -7,7 +7,10 @@ registered through the API, then heartbeats one after another from one client: t
 process's CPU time (from /proc) over the heartbeats, minus what it uses idle over the same time
 (the RPO monitor's passes, measured for 10 s before), divided by the heartbeats. Sequential
 heartbeats are not group-committed (each is its own transaction), so this is an upper bound of a
-heartbeat's cost under load; `bench_scale` measures the whole server under load.
+heartbeat's cost under load; `bench_scale` measures the whole server under load. On PostgreSQL it
+also prints the cluster's CPU per heartbeat (postmaster and backends, from /proc, minus idle) and
+the statements per heartbeat by text (pg_stat_statements, loaded in the scratch cluster only; the
+monitor's statements over the same time are included, as its CPU is).
 
 Run with `python -m bench.heartbeat_cpu [--items 1000] [--points 0] [--heartbeats 300]
 [--database sqlite|postgres]`; prints
