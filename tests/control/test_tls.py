@@ -21,12 +21,15 @@ from tests.conftest import SITERECOVERY, free_port, run_cli
 from tests.control.conftest import ConfigServer
 
 
-@pytest.fixture
-def tls_cs(tmp_path: Path) -> Iterator[ConfigServer]:
+@pytest.fixture(scope="module")
+def tls_cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One HTTPS server for the module (a start costs seconds): the tests register agents (a
+    second registration of a name is the product's re-registration) and look for their own names."""
+    tmp = tmp_path_factory.mktemp("tls")
     server = ConfigServer(
-        state_dir=tmp_path / "state",
+        state_dir=tmp / "state",
         port=free_port(),
-        log=tmp_path / "server.log",
+        log=tmp / "server.log",
         tls=True,
         tls_names=("cs.dr.example", "192.0.2.10"),
     )
