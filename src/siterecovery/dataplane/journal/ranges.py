@@ -13,12 +13,6 @@ from siterecovery.dataplane.fileio import pwritev_all
 # A drained run at least this long is a streaming write (a sync's blocks, a guest's large
 # sequential writes): its pages are dropped from the page cache once durable (`_JournalLog.sync`).
 STREAM_RUN = 1 << 20
-# Buffers of at least POOL_MIN bytes are kept for reuse after a drain, up to POOL_BYTES in all. A
-# fresh 1 MiB buffer each frame was a fresh mapping each time (glibc returns large blocks to the
-# kernel): its page faults, each a host fault on this kind of VM, cost the master target more CPU
-# than copying the bytes (issue 16).
-POOL_MIN = 64 << 10
-POOL_BYTES = 64 << 20
 
 
 class _Pending:
@@ -28,32 +22,13 @@ class _Pending:
     merges into the range it overlaps, so reading "old bytes" sees every earlier write.
     """
 
-    __slots__ = ("_free", "_free_bytes", "bufs", "nbytes", "starts", "streamed")
+    __slots__ = ("bufs", "nbytes", "starts", "streamed")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.bufs: list[bytearray] = []
         self.nbytes = 0
         self.streamed: list[tuple[int, int]] = []  # runs of >= STREAM_RUN drained: (offset, length)
-        self._free: dict[int, list[bytearray]] = {}  # drained buffers by length, for reuse
-        self._free_bytes = 0
-
-    def _copy(self, data: memoryview) -> bytearray:
-        """A buffer holding `data`: a drained one of the same length when there is one."""
-        free = self._free.get(len(data))
-        if not free:
-            return bytearray(data)
-        buf = free.pop()
-        self._free_bytes -= len(buf)
-        buf[:] = data  # the same length: copied in place, no new mapping
-        return buf
-
-    def _recycle(self, bufs: list[bytearray]) -> None:
-        for buf in bufs:
-            n = len(buf)
-            if n >= POOL_MIN and self._free_bytes + n <= POOL_BYTES:
-                self._free.setdefault(n, []).append(buf)
-                self._free_bytes += n
 
     def _span(self, off: int, end: int) -> tuple[int, int]:
         i = bisect_right(self.starts, off) - 1
@@ -78,7 +53,7 @@ class _Pending:
         i, j = self._span(off, end)
         if i == j:
             self.starts.insert(i, off)
-            self.bufs.insert(i, self._copy(data))
+            self.bufs.insert(i, bytearray(data))
             self.nbytes += len(data)
             return
         lo = min(off, self.starts[i])
@@ -112,7 +87,6 @@ class _Pending:
             if run >= STREAM_RUN:
                 self.streamed.append((self.starts[k], run))
             k = run_end
-        self._recycle(self.bufs)
         self.starts.clear()
         self.bufs.clear()
         self.nbytes = 0
