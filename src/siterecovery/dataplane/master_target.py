@@ -37,7 +37,7 @@ from siterecovery.dataplane.assignments import (
 )
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
-from siterecovery.dataplane.links import Identity, Listener
+from siterecovery.dataplane.links import Identity, Listener, quiet_for
 from siterecovery.dataplane.mt_pair import TargetPair, durable_seq
 from siterecovery.dataplane.mt_points import (
     Copier,
@@ -63,7 +63,6 @@ from siterecovery.dataplane.protocol import (
     decode_model,
     read_hello,
 )
-from siterecovery.dataplane.read_ahead import ReadAhead
 from siterecovery.dataplane.target_digests import TargetDigests
 from siterecovery.dataplane.trust import (
     NOT_AUTHORISED,
@@ -364,15 +363,11 @@ class MasterTarget:
                 acked[pair_id] = pair.last_ack = durable_seq(pair.applier)
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
-        # Frames are read (decrypted, verified) ahead while the applier syncs (`read_ahead.py`).
-        ahead = ReadAhead(sock, f"{peer.id}")
         try:
-            self._apply_stream(ahead, writer, pairs, peer)
+            self._apply_stream(reader, writer, sock, pairs, peer)
         except _SessionEnds as end:
             p = end.problem
             writer.send_model(FrameType.ERROR, ErrorBody.of(p))
-        finally:
-            ahead.close()
 
     def _refusal(self, pair_id: str) -> Problem:
         refused = self._refused.get(pair_id)
@@ -395,8 +390,9 @@ class MasterTarget:
 
     def _apply_stream(
         self,
-        ahead: ReadAhead,
+        reader: FrameReader,
         writer: FrameWriter,
+        sock: ssl.SSLSocket,
         pairs: list[tuple[TargetPair, int]],
         peer: Peer,
     ) -> None:
@@ -405,7 +401,7 @@ class MasterTarget:
         acked_at = 0.0  # time.monotonic() of the last acknowledgement
         while True:
             try:
-                frame = ahead.next()
+                frame = reader.read()
             except CorruptFrame as exc:
                 writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
                 raise
@@ -435,9 +431,8 @@ class MasterTarget:
                 writer.send(FrameType.HEARTBEAT)
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from a process server")
-            ahead.release(frame)
             if touched and (
-                pending >= ACK_EVERY_BYTES or not ahead.ready(acked_at + ACK_MIN_SECONDS - time.monotonic())
+                pending >= ACK_EVERY_BYTES or quiet_for(sock, acked_at + ACK_MIN_SECONDS - time.monotonic())
             ):
                 self._ack(writer, pairs, touched)
                 touched.clear()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Protocol, TypeVar
@@ -211,16 +210,12 @@ class FrameReader:
             got += n
         return True
 
-    def read(self, take: Callable[[int], memoryview] | None = None) -> Frame | None:
-        """Next verified frame, or None at a clean end of stream between frames.
-
-        The payload is read into the reader's reused buffer, or with `take` into a buffer of the
-        payload's length that `take` returns (a frame kept past the next read, `read_ahead.py`).
-        """
+    def read(self) -> Frame | None:
+        """Next verified frame, or None at a clean end of stream between frames."""
         if not self._fill(self._hview, at_start=True):
             return None
         h = parse_header(self._hview)
-        wire = self._pview[: h.payload_len] if take is None else take(h.payload_len)
+        wire = self._pview[: h.payload_len]
         self._fill(wire, at_start=False)
         payload: memoryview = wire
         if h.flags & Flag.COMPRESSED:
