@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from siterecovery.demo.environment import Environment
+from siterecovery.lab import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -66,6 +71,23 @@ def run_cli(
             f"siterecovery {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def stop_environment(env: Environment) -> None:
+    """A test deployment's teardown: its lab machines first, as `env.stop()` does (their agents
+    drain into a process server still running, not into nothing), then kill -9 every component
+    (agents, process servers, master targets), then `env.stop()` (the configuration server).
+
+    Each component would otherwise spend about a second on its orderly exit (drains, a last
+    heartbeat), five or more per deployment; no test that uses this is about that exit (the
+    shutdown tests stop their components themselves)."""
+    runtime.stop_all(env.lab_dir)
+    for name, proc in list(env.procs.items()):
+        if name != "server" and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    env.stop()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from siterecovery.lab.oracle import verify_image
 from siterecovery.lab.records import RECORD_SIZE, encode_record
 from tests.azure.conftest import ACCOUNT, Azurite, FakeArmEndpoint
 from tests.azure.test_fabric import SUBNET
-from tests.conftest import require_tool, run_cli
+from tests.conftest import require_tool, run_cli, stop_environment
 from tests.e2e.conftest import ensure_policy, run_job, wait_job
 
 MiB = 1 << 20
@@ -78,7 +78,7 @@ def env(tmp_path: Path, azurite: Azurite, fake_arm_endpoint: FakeArmEndpoint) ->
         e.start_component("process-server", "ps-onprem", "onprem")
         yield e
     finally:
-        e.stop()
+        stop_environment(e)
 
 
 def add_azure(env: Environment, arm: FakeArmEndpoint, azurite: Azurite, name: str, *extra: str) -> str:

@@ -14,17 +14,32 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from siterecovery.dataplane.links import Identity
 from siterecovery.pki import CertificateAuthority
-from tests.conftest import SITERECOVERY, run_cli
+from tests.conftest import SITERECOVERY, free_port, run_cli
 from tests.control.conftest import ConfigServer
 from tests.dataplane.conftest import wait_for
+
+
+@pytest.fixture(scope="module")
+def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One server for the module (a start costs seconds): the two tests register components of
+    their own names and count only events about them."""
+    tmp = tmp_path_factory.mktemp("certificates")
+    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _cert(path: Path) -> x509.Certificate:

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import run_cli
+import pytest
+
+from tests.conftest import free_port, run_cli
 from tests.control.conftest import ConfigServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One server for the tests that only run jobs of their own plans (a start costs seconds); the
+    kill -9 test has a server of its own (`cs`), so no other job is in flight when it restarts."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    cs = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
+    cs.start()
+    try:
+        yield cs
+    finally:
+        cs.stop()
 
 
 def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, object]]) -> None:
@@ -56,10 +72,10 @@ def test_two_step_job_survives_kill9_between_steps(cs: ConfigServer, tmp_path: P
     assert attempts == [1, 2]
 
 
-def test_manual_action_pauses_until_resume(cs: ConfigServer, tmp_path: Path) -> None:
+def test_manual_action_pauses_until_resume(server: ConfigServer, tmp_path: Path) -> None:
     out = tmp_path / "out.txt"
     _plan(
-        cs,
+        server,
         tmp_path,
         "ordered",
         [
@@ -77,41 +93,41 @@ def test_manual_action_pauses_until_resume(cs: ConfigServer, tmp_path: Path) -> 
         ],
     )
     job_id = json.loads(
-        run_cli("-o", "json", "plans", "failover", "ordered", "--no-wait", env=cs.env).stdout
+        run_cli("-o", "json", "plans", "failover", "ordered", "--no-wait", env=server.env).stdout
     )["job_id"]
-    job = cs.wait_job(job_id, states=("paused",))
+    job = server.wait_job(job_id, states=("paused",))
     assert [t["state"] for t in job["tasks"]] == ["succeeded", "waiting", "pending"]
     assert out.read_text() == "1\n"
-    run_cli("jobs", "resume", job_id, env=cs.env)
-    watched = run_cli("jobs", "watch", job_id, env=cs.env)
+    run_cli("jobs", "resume", job_id, env=server.env)
+    watched = run_cli("jobs", "watch", job_id, env=server.env)
     assert "second" in watched.stdout
     assert out.read_text() == "1\n2\n"
     # Resuming a job that is not paused is a conflict, not a crash.
-    again = run_cli("jobs", "resume", job_id, env=cs.env, check=False)
+    again = run_cli("jobs", "resume", job_id, env=server.env, check=False)
     assert again.returncode == 2 and "job-not-paused" in again.stderr
 
 
-def test_failing_script_fails_job_with_code(cs: ConfigServer, tmp_path: Path) -> None:
+def test_failing_script_fails_job_with_code(server: ConfigServer, tmp_path: Path) -> None:
     _plan(
-        cs,
+        server,
         tmp_path,
         "broken",
         [{"items": [], "actions_after": [{"kind": "script", "name": "bad", "command": "echo nope; exit 3"}]}],
     )
-    job_id = json.loads(run_cli("-o", "json", "plans", "failover", "broken", "--no-wait", env=cs.env).stdout)[
-        "job_id"
-    ]
-    job = cs.wait_job(job_id)
+    job_id = json.loads(
+        run_cli("-o", "json", "plans", "failover", "broken", "--no-wait", env=server.env).stdout
+    )["job_id"]
+    job = server.wait_job(job_id)
     assert job["state"] == "failed"
     assert job["error"]["code"] == "script-failed"
-    assert run_cli("jobs", "watch", job_id, env=cs.env, check=False).returncode == 1
+    assert run_cli("jobs", "watch", job_id, env=server.env, check=False).returncode == 1
 
 
-def test_cancel_a_paused_job(cs: ConfigServer, tmp_path: Path) -> None:
-    _plan(cs, tmp_path, "waits", [{"items": [], "actions_after": [{"kind": "manual", "name": "wait"}]}])
-    job_id = json.loads(run_cli("-o", "json", "plans", "failover", "waits", "--no-wait", env=cs.env).stdout)[
-        "job_id"
-    ]
-    cs.wait_job(job_id, states=("paused",))
-    run_cli("jobs", "cancel", job_id, env=cs.env)
-    assert cs.api("GET", f"/api/jobs/{job_id}").json()["state"] == "cancelled"
+def test_cancel_a_paused_job(server: ConfigServer, tmp_path: Path) -> None:
+    _plan(server, tmp_path, "waits", [{"items": [], "actions_after": [{"kind": "manual", "name": "wait"}]}])
+    job_id = json.loads(
+        run_cli("-o", "json", "plans", "failover", "waits", "--no-wait", env=server.env).stdout
+    )["job_id"]
+    server.wait_job(job_id, states=("paused",))
+    run_cli("jobs", "cancel", job_id, env=server.env)
+    assert server.api("GET", f"/api/jobs/{job_id}").json()["state"] == "cancelled"

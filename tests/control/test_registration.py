@@ -7,11 +7,27 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from siterecovery.pki import CertificateAuthority, client_context, server_context
 from tests.conftest import SITERECOVERY, free_port, run_cli
 from tests.control.conftest import ConfigServer
+
+
+@pytest.fixture(scope="module")
+def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One server for the module (a start costs seconds): every test registers components of its
+    own names, and what one test expects absent (a refused registration) is named by it alone."""
+    tmp = tmp_path_factory.mktemp("registration")
+    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _register(cs: ConfigServer, passphrase: str, name: str = "ps-cloud") -> tuple[int, dict[str, str]]:
@@ -86,11 +102,11 @@ def test_right_passphrase_yields_certificate_accepted_by_mtls_server(
 
 
 def test_wrong_passphrase_is_refused_and_logged(cs: ConfigServer) -> None:
-    status, body = _register(cs, "not-the-passphrase")
+    status, body = _register(cs, "not-the-passphrase", "ps-refused")
     assert status == 403 and body["code"] == "passphrase-invalid"
-    events = cs.api("GET", "/api/events").json()
-    assert any(e["code"] == "passphrase-invalid" for e in events)
-    assert all(s["name"] != "ps-cloud" for s in cs.api("GET", "/api/servers").json())
+    events = cs.api("GET", "/api/events", params={"code": "passphrase-invalid", "object_id": "ps-refused"})
+    assert [e["code"] for e in events.json()] == ["passphrase-invalid"]
+    assert all(s["name"] != "ps-refused" for s in cs.api("GET", "/api/servers").json())
 
 
 def test_certificate_from_another_ca_is_refused(cs: ConfigServer, tmp_path: Path) -> None:

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 from tests.control.conftest import ConfigServer
+
+
+@pytest.fixture(scope="module")
+def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One server for the module (a start costs seconds): no test here needs another's absence;
+    what they create (policies, a reader token) is named by each, and the 422 cases compare the
+    policies before and after rather than expect none."""
+    tmp = tmp_path_factory.mktemp("server")
+    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def test_fresh_state_dir_is_migrated_and_serves_openapi(cs: ConfigServer) -> None:
@@ -76,11 +91,12 @@ def test_roles_and_authentication(cs: ConfigServer) -> None:
     ],
 )
 def test_bad_input_is_422_naming_the_field(cs: ConfigServer, body: bytes, field: str) -> None:
+    before = cs.api("GET", "/api/policies").json()
     resp = cs.api("POST", "/api/policies", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 422
     fields = [p["detail"]["field"] for p in resp.json()["problems"]]
     assert any(f == field or f.startswith(field) or f.endswith(field) for f in fields), fields
-    assert cs.api("GET", "/api/policies").json() == []  # nothing was created
+    assert cs.api("GET", "/api/policies").json() == before  # nothing was created
 
 
 def test_unknown_ids_are_404_problems(cs: ConfigServer) -> None:

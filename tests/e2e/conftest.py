@@ -14,7 +14,7 @@ import pytest
 from siterecovery.api_client import ApiError
 from siterecovery.demo.cycle import Cycle
 from siterecovery.demo.environment import Environment
-from tests.conftest import require_tool
+from tests.conftest import require_tool, stop_environment
 
 # Short enough that a stopped component counts as disconnected within a test (RP-PS, RP-REACH, CS-2).
 HEARTBEAT_TIMEOUT = 4.0
@@ -37,7 +37,7 @@ def dr_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         env.start()
         yield env
     finally:
-        env.stop()
+        stop_environment(env)
 
 
 def run_job(env: Environment, path: str, body: dict[str, Any], timeout: float = 180.0) -> dict[str, Any]:

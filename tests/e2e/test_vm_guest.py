@@ -17,7 +17,7 @@ from siterecovery.demo.environment import Environment
 from siterecovery.fabrics.lab_model import GuestKind
 from siterecovery.lab import runtime
 from siterecovery.lab.vm.fs_oracle import needs_recovery, verify_fs_image
-from tests.conftest import require_tool, run_cli
+from tests.conftest import require_tool, run_cli, stop_environment
 from tests.e2e.conftest import HEARTBEAT_TIMEOUT, run_job, task_result
 
 pytestmark = pytest.mark.vm
@@ -40,7 +40,7 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment]:
         env.start()
         yield env
     finally:
-        env.stop()
+        stop_environment(env)
 
 
 def _points(env: Environment) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import pytest
 
 from siterecovery.demo.environment import Environment
 from siterecovery.lab import runtime
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, stop_environment
 from tests.e2e.conftest import HEARTBEAT_TIMEOUT, protect
 from tests.faults.proxy import LinkProxy
 from tests.faults.records import RECORD, RecordWriter
@@ -114,7 +114,7 @@ def fault_site(tmp_path_factory: pytest.TempPathFactory, fault_options: FaultOpt
         env.api.post("/api/policies", {"name": POLICY, "crash_consistent_frequency_seconds": 1})
         yield FaultSite(env, proxy, volume, tmpfs, fault_options)
     finally:
-        env.stop()
+        stop_environment(env)
         proxy.stop()
         if tmpfs:
             subprocess.run(["umount", "-l", str(volume)], check=True, capture_output=True)

@@ -21,7 +21,7 @@ import pytest
 
 from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
-from tests.conftest import require_tool
+from tests.conftest import require_tool, stop_environment
 from tests.e2e.conftest import ensure_policy, run_job, wait_job
 from tests.libvirt.conftest import Sites
 from tests.libvirt.daemon import PREFIX
@@ -71,7 +71,7 @@ def environment(tmp_path: Path, uri_a: str, uri_b: str) -> Iterator[Environment]
         )
         yield e
     finally:
-        e.stop()
+        stop_environment(e)
 
 
 def _reported(env: Environment, name: str) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from siterecovery.demo.environment import Environment
-from tests.conftest import ROOT, require_tool
+from tests.conftest import ROOT, require_tool, stop_environment
 from tests.control.conftest import cs  # noqa: F401 - the real configuration server fixture
 
 CHROMIUM_ARGS = [
@@ -142,7 +142,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment
         wait_agent(env, "cloud")
         yield env
     finally:
-        env.stop()
+        stop_environment(env)
 
 
 def nav(page: Page, link: str) -> None:

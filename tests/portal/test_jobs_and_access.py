@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from playwright.sync_api import Page, expect
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 from tests.control.conftest import ConfigServer
 from tests.portal.conftest import PHONE, nav, shot, sign_in
+
+
+@pytest.fixture(scope="module")
+def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
+    """One server for the module (a start costs seconds): each test runs its own plans, and what
+    one test counts (the cancelled jobs, the jobs a refused form did not start) is its own."""
+    tmp = tmp_path_factory.mktemp("portal-jobs")
+    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, object]]) -> None:
@@ -134,10 +149,11 @@ def test_forms_need_the_session_csrf_token_and_operator_role(cs: ConfigServer, t
     viewer, viewer_csrf = session(reader)
     try:
         assert "Run failover" not in viewer.get("/plans").text
+        before = {j["id"] for j in cs.api("GET", "/api/jobs").json()}
         assert viewer.post("/plans/noop/failover", data={"csrf": viewer_csrf}).status_code == 403
         assert admin.post("/plans/noop/failover", data={"csrf": "0" * 64}).status_code == 403
         assert admin.post("/plans/noop/failover", data={"csrf": viewer_csrf}).status_code == 403
-        assert cs.api("GET", "/api/jobs").json() == []  # nothing was started
+        assert {j["id"] for j in cs.api("GET", "/api/jobs").json()} == before  # nothing was started
         ok = admin.post("/plans/noop/failover", data={"csrf": admin_csrf})
         assert ok.status_code == 303 and ok.headers["location"].startswith("/jobs/job-")
         job = ok.headers["location"].rsplit("/", 1)[1]

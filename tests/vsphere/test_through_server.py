@@ -29,7 +29,7 @@ from pyVmomi import vim
 from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType
-from tests.conftest import require_tool, run_cli
+from tests.conftest import require_tool, run_cli, stop_environment
 from tests.e2e.conftest import HEARTBEAT_TIMEOUT, fail_over_and_commit, run_job
 
 from .conftest import Vcsim, find, reconfigure
@@ -119,7 +119,7 @@ def site(vcsim: Vcsim, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sit
         fail_over_and_commit(env, MACHINE)
         yield Site(env, vcsim, si, env.retention_volume(MT), root)
     finally:
-        env.stop()
+        stop_environment(env)
         with vcsim.fabric() as fabric:
             if fabric.discover().machine(MT) is not None:
                 fabric.power_off(MT)
