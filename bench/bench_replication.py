@@ -2,7 +2,9 @@
 
 Our side: the three services run as separate processes on loopback; the agent fully copies an
 image (2 GiB by default) to the master target through the process server's disk cache; the time
-runs from the agent's start until the master target has durably applied everything the agent sent.
+runs from enabling the pair (written into the running services' assignments; the agent starts its
+sender child then) until the master target has durably applied everything the agent sent. The
+services are started before the clock, as the peer's two `qemu-nbd` servers are.
 The peer: `nbdcopy` between two `qemu-nbd` exports over TLS (`nbds://`, x509 credentials from the
 same CA) — the same bytes over two TLS connections too (source server → nbdcopy → destination
 server), but no cache and no fsync; `nbdcopy --flush` (destination flushed at the end, durable as
@@ -62,7 +64,7 @@ def replicate(
     receives each process's CPU seconds."""
     target = root / "target.img"
     target.unlink(missing_ok=True)
-    return sync_once(root, ca, src, target, size, "full", cpu=cpu)
+    return sync_once(root, ca, src, target, size, "full", cpu=cpu, services_running=True)
 
 
 def nbdcopy_tls(
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         rows,
         f"Medians of {args.rounds} alternating rounds per dataset (ours, `nbdcopy`, `nbdcopy --flush`, the"
         " order reversed every other round); each dataset is fed to both sides in the same run. Time"
-        " includes starting the agent process (~0.5 s). The master target also keeps the replica's"
+        " runs from enabling the pair in the running services (started before the clock, as the"
+        " peer's qemu-nbd servers are; the agent's sender child starts inside it). The master target"
+        " also keeps the replica's"
         " block digests as it applies (`target_digests.py`). CPU: user+sys seconds per GiB of each"
         " process (ours: agent, its sender child, process server, master target; the peer: nbdcopy and"
         " both qemu-nbd). The random image is the worst case (nothing to skip or compress) and the"

@@ -2,7 +2,8 @@
 
 Each pair has a disk cache (a `SegmentLog` under `<cache_dir>/<pair_id>/`). A frame from an agent is
 verified (header CRC, payload digest), appended to the cache, and acknowledged to the agent only
-after the cache is fsynced (PS-1: nothing acknowledged is lost if the process server crashes). A
+after the cache is fsynced (PS-1: nothing acknowledged is lost if the process server crashes; the
+fsync and the ACK run on their own thread, `ps_acks.py`, so receiving goes on meanwhile). A
 forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
 frees cache segments only on the master target's ACK. Resync requests and digests are relayed
 between the two sessions without caching (they are queries, not data).
@@ -55,6 +56,7 @@ from siterecovery.dataplane.protocol import (
     pack_header,
     read_hello,
 )
+from siterecovery.dataplane.ps_acks import Acker
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -498,6 +500,24 @@ class ProcessServer:
             )
 
     def _receive(self, reader: FrameReader, session: _Session, relays: list[PairRelay]) -> None:
+        def ack(idx: int, seq: int) -> None:
+            with session.lock:
+                session.writer.send(FrameType.ACK, pair=idx, seq=seq)
+
+        def broken() -> None:
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(2)  # ends this session; the agent resends after HELLO
+
+        # The cache is fsynced and the agent acknowledged on another thread (`ps_acks.py`).
+        acker = Acker(relays[0].pair_id if relays else "", lambda i: relays[i].cache.sync(), ack, broken)
+        try:
+            self._receive_frames(reader, session, relays, acker)
+        finally:
+            acker.stop()
+
+    def _receive_frames(
+        self, reader: FrameReader, session: _Session, relays: list[PairRelay], acker: Acker
+    ) -> None:
         hbuf = bytearray(HEADER_SIZE)
         touched: dict[int, int] = {}
         unacked = 0
@@ -538,10 +558,7 @@ class ProcessServer:
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from an agent")
             if touched and (unacked >= ACK_EVERY_BYTES or idle(session.sock)):
-                for idx, seq in touched.items():
-                    relays[idx].cache.sync()
-                    with session.lock:
-                        session.writer.send(FrameType.ACK, pair=idx, seq=seq)
+                acker.request(touched)
                 touched.clear()
                 unacked = 0
 
