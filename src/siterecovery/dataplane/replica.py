@@ -196,13 +196,15 @@ class PairReplication:
                 for offset, data in writes:
                     self.dirty.mark(offset, len(data))
                 return
-            hbuf, defer, deferred = self._hbuf, self.spool.defer, self._deferred
+            frames: list[tuple[int, bytearray, memoryview]] = []
             for offset, data in writes:
                 n = len(data)
-                pack_header(hbuf, FrameType.WRITE, Flag.NONE, 0, seq, offset, n, n, digest(data))
-                defer(seq, hbuf, data)
-                deferred.append((offset, n))
+                header = bytearray(HEADER_SIZE)
+                pack_header(header, FrameType.WRITE, Flag.NONE, 0, seq, offset, n, n, digest(data))
+                frames.append((seq, header, data))
                 seq += 1
+            self.spool.defer_many(frames)
+            self._deferred.extend((offset, len(data)) for offset, data in writes)
             self._check_limit()
 
     def record_zero(self, offset: int, length: int) -> int:
