@@ -287,13 +287,20 @@ class Connection(asyncio.BufferedProtocol):
                 or end - pos - 28 < length
             ):
                 break
-            if intent is not None and not intent.covers(offset, length):
+            if (intent is not None and not intent.covers(offset, length)) or (
+                before is not None and not before.covers(offset, length)
+            ):
+                # Apply the writes taken so far first: marking may unmark extents whose recorded
+                # writes are durable, and theirs are not recorded yet (as one by one).
                 self._start = pos
-                self._mark_queued(intent)
-            if before is not None and not before.covers(offset, length):
-                self._start = pos
-                with contextlib.suppress(OSError):  # the write's own preserve reports it
-                    before.preserve_all(self._queued_ranges())
+                if writes:
+                    self._apply_writes(image, writes, cookies)
+                    writes, cookies = [], []
+                if intent is not None and not intent.covers(offset, length):
+                    self._mark_queued(intent)
+                if before is not None and not before.covers(offset, length):
+                    with contextlib.suppress(OSError):  # the write's own preserve reports it
+                        before.preserve_all(self._queued_ranges())
             pos += 28
             writes.append((offset, view[pos : pos + length]))
             cookies.append(cookie)

@@ -144,17 +144,19 @@ class ExportImage:
         The connection's batch of plain writes. If it raises, some writes may have reached the
         image (or the sink) and others not; the caller applies them again one by one. A batch
         with an all-zero payload (a hole to punch, a zero record) takes the one-by-one path, so
-        the records keep the image's order.
+        the records keep the image's order; so does one whose range is not marked in the
+        write-intent log yet (the connection marks ahead; marking here, between a batch's image
+        writes and their records, could unmark the extent of a write not recorded yet).
         """
-        if any(not data[0] and is_zero(data) for _, data in writes):
+        fd, intent = self.fd, self.intent
+        if any(not data[0] and is_zero(data) for _, data in writes) or (
+            intent is not None and not all(intent.covers(offset, len(data)) for offset, data in writes)
+        ):
             for offset, data in writes:
                 self.write(offset, data)
             return
-        fd, intent = self.fd, self.intent
         before = self.before if self.before is not None and self.before.active else None
         for offset, data in writes:
-            if intent is not None and not intent.covers(offset, len(data)):
-                intent.mark([(offset, len(data))], self.flush)
             if before is not None:
                 before.preserve(offset, len(data))
             written = os.pwrite(fd, data, offset)
