@@ -109,6 +109,7 @@ class Result:
     loadgen_cpu_percent: float = 0.0  # all its processes, in % of one core
     loadgen_cpu_seconds: float = 0.0  # its worker processes'
     loadgen_processes: int = 1
+    connections: int = 0  # HTTP connections the hollow components opened, ramp-up included
     heartbeats_answered: int = 0  # over the whole run, ramp-up included (CPU per heartbeat's divisor)
     server_cpu_seconds: float = 0.0
     seconds: float = 0.0
@@ -247,6 +248,7 @@ class Driven:
     shed: int = 0
     errors: int = 0
     cpu_seconds: float = 0.0
+    connections: int = 0  # HTTP connections opened
 
 
 async def _drive(components: list[HollowComponent], stop_at: float, measure_from: float, out: Driven) -> None:
@@ -282,6 +284,7 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
             rest = min(wait - (time.monotonic() - started), stop_at - time.monotonic())
             await asyncio.sleep(max(0.0, rest))
         connection.close()
+        out.connections += connection.opened
 
     await asyncio.gather(*(component(c) for c in components))
 
@@ -316,6 +319,7 @@ async def drive(
             result.shed += driven.shed
             result.errors += driven.errors
             result.loadgen_cpu_seconds += driven.cpu_seconds
+            result.connections += driven.connections
 
 
 @dataclass
@@ -540,9 +544,15 @@ def main() -> int:
             loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
             results.append(run_level(level, args.seconds, loadgen, args.interval, args.tls))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
-            print(f"  level {spec} failed: {exc}", flush=True)
+            print(f"  level {spec} failed: {exc!r}", flush=True)
             continue
         print(header(args.tls).splitlines()[0] + "\n" + row(results[-1]), flush=True)
+        r = results[-1]
+        print(
+            f"  connections opened {r.connections} for {r.heartbeats_answered + r.shed} heartbeats answered"
+            f" (200 or 503); server CPU {r.server_cpu_seconds:.1f} s",
+            flush=True,
+        )
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(write(results, args.seconds, NOTE, _describe(args.interval), args.tls))
     return 0 if results else 1

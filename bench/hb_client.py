@@ -40,6 +40,7 @@ class Connection:
             raise ValueError(f"{url}: HTTPS needs the server's CA (an SSL context that verifies it)")
         self.tls = tls if parts.scheme == "https" else None
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.opened = 0  # connections opened (the bench reports them per heartbeat)
 
     async def post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
         """POST a heartbeat; `interval` is the component's, told to the server (`control.admission`)."""
@@ -49,13 +50,15 @@ class Connection:
         except HeartbeatError:
             if not reused:
                 raise
-        # The server closes a connection idle for a few seconds (uvicorn's keep-alive timeout,
-        # shorter than an agent's interval): a real client's pool opens a new one and sends again.
+        # The server keeps an idle connection for `keep_alive_seconds` (75 s, beyond every idle
+        # interval), but may close it (restarted, shed a burst): a real client's pool opens a new
+        # one and sends again.
         return await self._post(path, token, body, interval)
 
     async def _post(self, path: str, token: str, body: bytes, interval: float) -> Answer:
         try:
             if self._streams is None:
+                self.opened += 1
                 self._streams = await asyncio.open_connection(
                     self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None
                 )

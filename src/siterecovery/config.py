@@ -118,6 +118,11 @@ class ServerConfig(ServiceSettings):
     passphrase_failures_per_minute: int = 5
     # Lifetime of component certificates; components renew them when a third of it is left.
     component_cert_days: float = 7.0
+    # Seconds an idle HTTP connection stays open (docs/operations.md, "Connections"). Above the
+    # components' own keep-alive (`COMPONENT_KEEP_ALIVE`), itself above the longest idle interval,
+    # so an idle component sends every heartbeat on the one connection it keeps: no accept, no new
+    # parser, no TLS handshake per heartbeat.
+    keep_alive_seconds: float = Field(default=75.0, gt=0)
 
     @model_validator(mode="after")
     def _sqlite_in_state_dir(self) -> ServerConfig:
@@ -140,6 +145,11 @@ class ServerConfig(ServiceSettings):
 # Idle heartbeat intervals by default (docs/operations.md, "Heartbeat intervals").
 AGENT_INTERVAL = 10.0
 SERVER_INTERVAL = 5.0  # process servers and master targets
+# Seconds a component keeps its idle connection to the configuration server: longer than any idle
+# interval a server honours (`control.admission.LONGEST`, 60 s) and shorter than the server's
+# `keep_alive_seconds` (75 s), so the component, not the server, closes an idle connection and never
+# sends on one the server is closing.
+COMPONENT_KEEP_ALIVE = 65.0
 
 
 def idle_interval(seconds: float) -> float:

@@ -367,6 +367,44 @@ def test_an_idle_monitor_pass_costs_the_same_statements_for_10_or_200_items(
     assert pass_cost(t0 + 10) == few, counter.sql
 
 
+def test_a_pass_rewrites_an_items_rpo_only_when_it_moved_by_its_step(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """A caught-up item's RPO climbs a second per second between its agent's reports: a pass
+    rewrites it only once it moved by `rpo_step` (2 % of the 900 s threshold: 18 s), in one
+    statement for every item; before, every item's row was rewritten on every pass."""
+    cp, _, counter = plane
+    t0 = time.time()
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    assert monitor.rpo_step(900) == 18
+    assert len(evaluate(cp, now=t0 + 5)) == 10
+
+    def rewrites(at: float) -> list[str]:
+        counter.reset()
+        assert len(evaluate(cp, now=at)) == 10
+        return [sql for sql in counter.sql if sql.startswith("UPDATE replicated_items")]
+
+    assert rewrites(t0 + 6) == [] and rewrites(t0 + 22) == []
+    assert len(rewrites(t0 + 23)) == 1  # 18 s since the RPO stored: every item, one statement
+    with cp.db.session() as s:
+        assert {i.rpo_seconds for i in s.scalars(select(ReplicatedItem))} == {23.0}
+
+
+def test_the_first_passes_after_a_start_take_on_new_items_a_share_at_a_time(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items and agents' reports never seen before are read at most COLD_PER_PASS a pass (the
+    first pass after a start met them all at once); every item is evaluated within a few."""
+    cp, _, _ = plane
+    monkeypatch.setattr(monitor, "COLD_PER_PASS", 4)
+    t0 = time.time()
+    seed(cp, 10)
+    _report_everything(cp, t0)
+    counts = [len(evaluate(cp, now=t0 + n)) for n in (1, 2, 3)]
+    assert counts[0] <= 4 and counts[1] <= 8 and counts[2] == 10, counts
+
+
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
     cp, http, _ = plane
     seed(cp, 25, master_targets=2)

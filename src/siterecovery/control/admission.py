@@ -107,30 +107,45 @@ class HeartbeatAdmission:
             return
         if self._slots is None:  # created in the server's event loop
             self._slots = asyncio.Semaphore(self.limit)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self.max_wait)
-        except TimeoutError:
-            self.shed += 1
-            self.rate.count(shed=True)
-            await _busy(scope, receive, send, retry_after(stated_interval(scope), self.rate.fraction()))
-            return
+        slots = self._slots
+        if not slots.locked():
+            # A free slot is taken at once: `wait_for` would make a task and a timer per request.
+            await slots.acquire()
+        else:
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=self.max_wait)
+            except TimeoutError:
+                self.shed += 1
+                self.rate.count(shed=True)
+                await _busy(send, retry_after(stated_interval(scope), self.rate.fraction()))
+                return
         self.rate.count(shed=False)
         try:
             await self.app(scope, receive, send)
         finally:
-            self._slots.release()
+            slots.release()
 
 
-async def _busy(scope: Scope, receive: Receive, send: Send, seconds: int) -> None:
-    response = problem_response(
-        int(Status.UNAVAILABLE),
-        (
-            Problem(
-                "server-busy",
-                "The configuration server is handling as many heartbeats as it can.",
-                f"Retry after {seconds} s (components do so with jitter).",
+_BUSY: dict[int, tuple[bytes, list[tuple[bytes, bytes]]]] = {}  # Retry-After -> body, headers
+
+
+async def _busy(send: Send, seconds: int) -> None:
+    """Answer 503 `server-busy`; the answer for each Retry-After is built once (it never varies),
+    so shedding costs two sends, not a JSON encoding per shed heartbeat."""
+    answer = _BUSY.get(seconds)
+    if answer is None:
+        response = problem_response(
+            int(Status.UNAVAILABLE),
+            (
+                Problem(
+                    "server-busy",
+                    "The configuration server is handling as many heartbeats as it can.",
+                    f"Retry after {seconds} s (components do so with jitter).",
+                ),
             ),
-        ),
-    )
-    response.headers["Retry-After"] = str(seconds)
-    await response(scope, receive, send)
+        )
+        response.headers["Retry-After"] = str(seconds)
+        answer = _BUSY[seconds] = (bytes(response.body), list(response.raw_headers))
+    body, headers = answer
+    await send({"type": "http.response.start", "status": int(Status.UNAVAILABLE), "headers": headers})
+    await send({"type": "http.response.body", "body": body})

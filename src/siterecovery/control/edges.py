@@ -14,6 +14,9 @@ without a session or a hop to a worker thread.
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -75,7 +78,14 @@ def _remembered(authorization: str | None) -> Principal | None:
 def _epoch(cp: ControlPlane) -> int | None:
     # The desired epoch the heartbeat writer read within the cache's time-to-live (None when it
     # read none: the time-to-live alone applies), see `store.desired_epoch`.
-    return desired_epoch.recent(str(cp.db.engine.url), cp.tokens.ttl)
+    engine = cp.db.engine
+    url = _URLS.get(engine)
+    if url is None:  # rendering a URL quotes each of its parts: once per engine, not per request
+        url = _URLS[engine] = str(engine.url)
+    return desired_epoch.recent(url, cp.tokens.ttl)
+
+
+_URLS: WeakKeyDictionary[Engine, str] = WeakKeyDictionary()
 
 
 class Edge:

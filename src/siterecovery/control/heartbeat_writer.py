@@ -9,24 +9,34 @@ report is durable (as before), but while one batch commits the next one gathers,
 grows with load instead of latency. A batch that fails is retried one report per transaction, so
 one bad report fails alone.
 
-Most reports are an agent's liveness and counters: those are written as one UPDATE statement
-for the whole batch (executemany), without loading the rows; a report that can raise an event or
-change a row's health or address (process servers, master targets, refused peers) is applied
-through its row (a batch of liveness reports only needs no ORM session at all). Each batch also
-reads the desired epoch (`store.desired_epoch`), which the heartbeat compares with the one its
-cached desired state was computed under. A request on the event loop awaits its report with
-`record` (no worker thread waits for it); `write` blocks a worker thread instead.
+Most reports are an agent's liveness and counters: those are written for the whole batch without
+loading the rows; a report that can raise an event or change a row's health or address (process
+servers, master targets, refused peers) is applied through its row (a batch of liveness reports
+only needs no ORM session at all). Each batch also reads the desired epoch
+(`store.desired_epoch`), which the heartbeat compares with the one its cached desired state was
+computed under: one read serves every report of the batch, and it starts after each of them
+arrived, so a change committed before a heartbeat arrived is seen by it. A request on the event
+loop awaits its report with `record` (no worker thread waits for it); `write` blocks a worker
+thread instead.
+
+On PostgreSQL a batch of liveness reports is ONE statement in its own implicit transaction (one
+round trip: no BEGIN, no COMMIT): the UPDATE of every row from arrays (`unnest`), the epoch read
+in the same statement, and `synchronous_commit` off for that transaction only — its commit does
+not wait for the WAL flush. What a crash can lose is the last few hundred milliseconds of
+last-seen times and counters, which the next heartbeats (seconds later) write again; nothing else
+is ever committed that way (docs/operations.md). On SQLite the same batch is an executemany.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -95,8 +105,15 @@ class HeartbeatWriter:
         self._pending: list[_Report] = []
         self._cond = threading.Condition()
         self.batches = 0
+        self._postgres = db.engine.dialect.name == "postgresql"
         self._thread = threading.Thread(target=self._run, name="heartbeat-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Reports handed in and not yet taken into a batch."""
+        with self._cond:
+            return len(self._pending)
 
     def write(self, component_id: str, kind: str, stats: dict[str, Any], address: str | None) -> Recorded:
         """Record one heartbeat; returns once it is committed (raises what applying it raised)."""
@@ -151,7 +168,10 @@ class HeartbeatWriter:
                     self._cond.wait()
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                if all(r.liveness_only for r in batch):
+                if all(r.liveness_only for r in batch) and self._postgres:
+                    with self.db.engine.connect() as conn:
+                        _liveness_statement(conn.execution_options(isolation_level="AUTOCOMMIT"), batch)
+                elif all(r.liveness_only for r in batch):
                     with self.db.engine.begin() as conn:  # no ORM session needed
                         self._apply_quick(conn, batch)
                 else:
@@ -177,13 +197,16 @@ class HeartbeatWriter:
 
     @staticmethod
     def _apply_quick(conn: Connection, batch: list[_Report]) -> None:
-        """The epoch for every report, and the liveness-only reports' one UPDATE."""
+        """The epoch for every report, and the liveness-only reports' UPDATE (in a transaction)."""
         # Read before the reports are applied: a desired state computed after this read reflects
         # every change committed before it (a change this batch makes, e.g. an address, gets the
         # epoch a new value when it commits, so the next heartbeat recomputes).
+        quick = [r for r in batch if r.liveness_only]
+        if quick and conn.dialect.name == "postgresql":
+            _liveness_statement(conn, batch, durable=True)  # inside the batch's transaction
+            return
         epoch = conn.execute(_EPOCH).scalar() or 0
         desired_epoch.note(str(conn.engine.url), epoch)
-        quick = [r for r in batch if r.liveness_only]
         if quick:
             at = now()
             # A component removed meanwhile matches no row; its heartbeat then fails on the
@@ -211,6 +234,45 @@ _LIVENESS = (
     .where(Component.id == bindparam("cid"))
     .values(last_heartbeat=bindparam("at"), stats=bindparam("st", type_=Component.stats.type))
 )
+
+
+# PostgreSQL: every liveness report of a batch in one UPDATE, and the epoch read in the same
+# statement (the same snapshot: it sees every change committed before the statement started, as
+# a separate read first would). A data-modifying WITH runs whether or not its rows are read.
+# `set_config(..., true)` is SET LOCAL: with `durable` false it lasts for this statement's
+# implicit transaction only, whose commit then does not wait for the WAL flush.
+_LIVENESS_PG = text(
+    """
+    WITH beat AS (
+        UPDATE components AS c SET last_heartbeat = :at, stats = CAST(v.st AS json)
+        FROM unnest(CAST(:ids AS varchar[]), CAST(:sts AS text[])) AS v(id, st)
+        WHERE c.id = v.id
+    )
+    SELECT (SELECT value FROM desired_epoch WHERE id = :epoch_id),
+           CASE WHEN :durable THEN '' ELSE set_config('synchronous_commit', 'off', true) END
+    """
+)
+
+
+def _liveness_statement(conn: Connection, batch: list[_Report], durable: bool = False) -> None:
+    """The liveness-only reports of a batch and the epoch read, as one statement (PostgreSQL)."""
+    quick = [r for r in batch if r.liveness_only]
+    found = conn.execute(
+        _LIVENESS_PG,
+        {
+            "at": now(),
+            # A component removed meanwhile matches no row; its heartbeat then fails on the
+            # desired state (not found), as before.
+            "ids": [r.component_id for r in quick],
+            "sts": [json.dumps(r.stats) for r in quick],
+            "epoch_id": desired_epoch.EPOCH_ID,
+            "durable": durable,
+        },
+    ).one()
+    epoch = int(found[0] or 0)
+    desired_epoch.note(str(conn.engine.url), epoch)
+    for report in batch:
+        report.epoch = epoch
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

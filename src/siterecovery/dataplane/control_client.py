@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
 from siterecovery import pki
+from siterecovery.config import COMPONENT_KEEP_ALIVE
 from siterecovery.dataplane.links import Identity
 from siterecovery.dataplane.point_delta import PointReports
 from siterecovery.errors import Problem, SiteRecoveryError
@@ -67,7 +68,7 @@ class ControlClient:
         self.ca_file = ca_file
         self.identity = Identity.in_dir(state_dir)
         self._saved = state_dir / "registration.json"
-        self._http = httpx.Client(timeout=15.0, verify=self._trust())
+        self._http = self._client()
         self.component_id: str | None = None
         self._token: str | None = None
         # Where this component's data listener really is; heartbeats keep the server's record current.
@@ -84,6 +85,12 @@ class ControlClient:
         self.interval: float | None = None
         # A master target's point lists go as deltas to what the server acknowledged.
         self._points = PointReports() if registration.kind == "master-target" else None
+
+    def _client(self) -> httpx.Client:
+        # One connection kept across idle intervals (httpx's default expiry, 5 s, is shorter than
+        # an agent's 10 s): no new connection, and over HTTPS no handshake, per heartbeat.
+        limits = httpx.Limits(max_connections=100, keepalive_expiry=COMPONENT_KEEP_ALIVE)
+        return httpx.Client(timeout=15.0, verify=self._trust(), limits=limits)
 
     def _trust(self) -> ssl.SSLContext | bool:
         """What the API's HTTPS certificate must chain to: the CA given, else the pinned one."""
@@ -151,7 +158,7 @@ class ControlClient:
             json.dump({"id": self.component_id, "token": self._token}, f)
         os.replace(tmp, self._saved)
         self._http.close()
-        self._http = httpx.Client(timeout=15.0, verify=self._trust())  # pinned from now on
+        self._http = self._client()  # pinned from now on
         return self.identity
 
     def close(self) -> None:
