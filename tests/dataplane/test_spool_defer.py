@@ -17,7 +17,7 @@ from tests.dataplane.test_segment_log import read_all
 
 from siterecovery.dataplane.assignments import DiskReplication
 from siterecovery.dataplane.dirty import GRANULARITY, DirtyBitmap
-from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
+from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame, parse_header
 from siterecovery.dataplane.replica import PairReplication
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.spool_tail import SpoolTail
@@ -62,8 +62,7 @@ def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Pat
     pair.record_write(0, data)
     pair.settle()
     written = pair.spool.last_seq
-    for offset in (1 << 20, 5 << 20):
-        pair.record_write(offset, data)
+    pair.record_writes([(1 << 20, data), (5 << 20, data)])  # one NBD batch
     # Any write past 4 KiB into a file now fails (EFBIG) - the spool segment is already larger.
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -78,4 +77,24 @@ def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Pat
     pair.flush()  # saves the bitmap
     dirty = DirtyBitmap(pair.dir / "dirty.bitmap", 16 << 20)
     assert dirty.indexes() == [(1 << 20) // GRANULARITY, (5 << 20) // GRANULARITY]  # ... into it
+    pair.spool.close()
+
+
+def test_a_batch_is_spooled_as_one_frame_per_write_in_order(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
+    pair = PairReplication(spec, image, tmp_path / "agent", spool_limit=3 * (HEADER_SIZE + 4096))
+    first = pair.captured_seq + 1
+    writes = [(o, memoryview(os.urandom(4096))) for o in (8192, 0, 8192)]  # a rewrite comes last
+    pair.record_writes(writes)
+    pair.settle()
+    frames = [parse_header(memoryview(f)[:HEADER_SIZE]) for f in read_all(pair.spool)]
+    expected = [(first + i, offset, 4096) for i, (offset, _) in enumerate(writes)]
+    assert [(h.seq, h.offset, h.length) for h in frames] == expected
+    assert [f[HEADER_SIZE:] for f in read_all(pair.spool)] == [bytes(d) for _, d in writes]
+    assert not pair.dirty_mode
+    pair.record_writes([(4096, writes[0][1])])  # past the spool's limit after this batch
+    assert pair.dirty_mode and pair.captured_seq == first + 3
     pair.spool.close()

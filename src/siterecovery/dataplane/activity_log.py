@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from siterecovery.dataplane.fileio import fsync_dir
@@ -94,8 +94,11 @@ class ActivityLog:
     def covers(self, offset: int, length: int) -> bool:
         """Every extent of the range is marked already (the common, free case)."""
         bits, e = self._bits, offset // self.extent
+        last = (offset + max(length, 1) - 1) // self.extent
+        if e == last and e < self.nextents:  # one extent: most writes
+            return bool(bits[e >> 3] & (1 << (e & 7)))
         # Past the end: the export refuses the request, nothing will be written.
-        last = min((offset + max(length, 1) - 1) // self.extent, self.nextents - 1)
+        last = min(last, self.nextents - 1)
         while e <= last:
             if not bits[e >> 3] & (1 << (e & 7)):
                 return False
@@ -163,6 +166,19 @@ class ActivityLog:
         for e in range(offset // self.extent, (offset + max(length, 1) - 1) // self.extent + 1):
             if e in self._last:
                 self._last[e] = self._count
+
+    def recorded_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """`recorded` for each `(offset, data)` write of a batch, in order."""
+        last, extent, count = self._last, self.extent, self._count
+        for offset, data in writes:
+            count += 1
+            e = offset // extent
+            end = (offset + max(len(data), 1) - 1) // extent
+            while e <= end:
+                if e in last:
+                    last[e] = count
+                e += 1
+        self._count = count
 
     def checkpoint(self) -> int:
         """Take before flushing the sink; pass to `flushed` once the flush returned."""

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -128,6 +129,17 @@ class _SinkSwitch:
                 return self._target.record_write(offset, data)
             self._untracked.mark(offset, len(data))
             return 0
+
+    def record_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        if self._exit_after >= 0:
+            for _ in writes:
+                self._fault()
+        with self._lock:
+            if self._target is not None:
+                self._target.record_writes(writes)
+                return
+            for offset, data in writes:
+                self._untracked.mark(offset, len(data))
 
     def record_zero(self, offset: int, length: int) -> int:
         with self._lock:

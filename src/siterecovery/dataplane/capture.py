@@ -16,7 +16,7 @@ write was recorded and when the sink made it durable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -50,6 +50,15 @@ class SettlingSink(CaptureSink, Protocol):
         which settles first."""
 
 
+@runtime_checkable
+class BatchSink(CaptureSink, Protocol):
+    """A sink that takes the writes of one batch in one call (the agent's capture switch)."""
+
+    def record_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """Record `(offset, data)` writes in this order, as `record_write` would one by one (the
+        views are valid only during the call). A sink may check its limits once per call."""
+
+
 class WriteIntent(Protocol):
     """Where writes are about to go, recorded durably before they reach the image."""
 
@@ -62,6 +71,9 @@ class WriteIntent(Protocol):
 
     def recorded(self, offset: int, length: int) -> None:
         """The write at `offset` was handed to the sink."""
+
+    def recorded_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """`recorded` for each `(offset, data)` write, in order."""
 
     def checkpoint(self) -> int:
         """A token taken before the sink is flushed ..."""

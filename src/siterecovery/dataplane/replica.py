@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -185,6 +186,27 @@ class PairReplication:
                 self._deferred.append((offset, len(data)))
         return seq
 
+    def record_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """`record_write` for each `(offset, data)` of one export batch, under one lock; the spool's
+        limit is checked once per batch (it may be passed by one batch)."""
+        with self._lock:
+            seq = self._alloc(len(writes))
+            self.last_write_time = time.time()
+            if self.dirty_mode:
+                for offset, data in writes:
+                    self.dirty.mark(offset, len(data))
+                return
+            frames: list[tuple[int, bytearray, memoryview]] = []
+            for offset, data in writes:
+                n = len(data)
+                header = bytearray(HEADER_SIZE)
+                pack_header(header, FrameType.WRITE, Flag.NONE, 0, seq, offset, n, n, digest(data))
+                frames.append((seq, header, data))
+                seq += 1
+            self.spool.defer_many(frames)
+            self._deferred.extend((offset, len(data)) for offset, data in writes)
+            self._check_limit()
+
     def record_zero(self, offset: int, length: int) -> int:
         with self._lock:
             seq = self._alloc()
@@ -285,6 +307,9 @@ class PairReplication:
         else:
             self._settle()  # the deferred frames go first (or to the dirty bitmap)
             self.spool.append(seq, self._hbuf, payload)
+        self._check_limit()
+
+    def _check_limit(self) -> None:
         if self.spool.bytes_used > self.spool_limit:
             # Past the limit the spool stops growing: remember only which blocks changed.
             self.dirty_mode = True

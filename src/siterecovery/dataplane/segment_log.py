@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -232,6 +233,36 @@ class SegmentLog:
             self._deferred[at + len(header) : at + size] = payload
             self._deferred_len += size
             self._deferred_last = seq
+
+    def defer_many(self, frames: Sequence[tuple[int, bytearray, memoryview]]) -> None:
+        """`defer` for each `(seq, header, payload)` of one batch, in order, under one lock (a batch
+        may take its segment past `segment_bytes`; the next frame rolls)."""
+        with self._lock:
+            if not frames:
+                return
+            self._check_order(frames[0][0])
+            if self._fd is None or self._segments[-1].size + self._deferred_len >= self._segment_bytes:
+                self._write_deferred()
+                self._roll(frames[0][0])
+            deferred, at = self._deferred, self._deferred_len
+            last = self._deferred_last
+            for seq, header, payload in frames:
+                hlen, size = len(header), len(header) + len(payload)
+                if size > DEFER_PAYLOAD or at + size > len(deferred):
+                    self._deferred_len, self._deferred_last = at, last
+                    if size > DEFER_PAYLOAD:
+                        self._write([header, payload], seq)  # with the frames deferred before it
+                        at, last = 0, seq
+                        continue
+                    self._write_deferred()
+                    if not self._deferred:
+                        self._deferred = deferred = bytearray(_DEFER_BYTES)
+                    at = 0
+                deferred[at : at + hlen] = header
+                deferred[at + hlen : at + size] = payload
+                at += size
+                last = seq
+            self._deferred_len, self._deferred_last = at, last
 
     def settle(self) -> None:
         """Write out the deferred frames (one system call)."""

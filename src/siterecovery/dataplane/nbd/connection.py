@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -187,6 +188,8 @@ class Connection(asyncio.BufferedProtocol):
                     then()
                 continue
             if self._state == _S_TRANSMISSION:
+                self._take_writes()
+                avail = self._end - self._start
                 if avail < 28:
                     break
                 magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, self._start)
@@ -251,6 +254,75 @@ class Connection(asyncio.BufferedProtocol):
                 self._state = _S_OPTIONS
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _take_writes(self) -> None:
+        """Apply the run of plain writes at the front of the buffer as one batch.
+
+        A plain write is complete in the buffer, valid and without flags: it is answered with
+        success unless the image or the sink fails. Anything else (a FUA write, another command,
+        a bad request, an incomplete one) stops the run and takes the general path. The batch goes
+        to the image and then to the sink in one call, in order, and is applied before anything
+        could move the buffer's bytes (its payloads are views of the buffer).
+        """
+        image = self._image
+        if image is None or image.export.read_only:
+            return
+        buf, view, end = self._buf, self._view, self._end
+        pos = self._start
+        size, block = image.size, self._block
+        intent = image.intent
+        before = image.before if image.before is not None and image.before.active else None
+        unpack = REQUEST.unpack_from
+        writes: list[tuple[int, memoryview]] = []
+        cookies: list[int] = []
+        while end - pos >= 28:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if (
+                cmd != C_WRITE
+                or flags
+                or magic != REQUEST_MAGIC
+                or not 0 < length <= MAX_BLOCK_SIZE
+                or (offset | length) % block
+                or offset + length > size
+                or end - pos - 28 < length
+            ):
+                break
+            if (intent is not None and not intent.covers(offset, length)) or (
+                before is not None and not before.covers(offset, length)
+            ):
+                # Apply the writes taken so far first: marking may unmark extents whose recorded
+                # writes are durable, and theirs are not recorded yet (as one by one).
+                self._start = pos
+                if writes:
+                    self._apply_writes(image, writes, cookies)
+                    writes, cookies = [], []
+                if intent is not None and not intent.covers(offset, length):
+                    self._mark_queued(intent)
+                if before is not None and not before.covers(offset, length):
+                    with contextlib.suppress(OSError):  # the write's own preserve reports it
+                        before.preserve_all(self._queued_ranges())
+            pos += 28
+            writes.append((offset, view[pos : pos + length]))
+            cookies.append(cookie)
+            pos += length
+        self._start = pos
+        if writes:
+            self._apply_writes(image, writes, cookies)
+
+    def _apply_writes(
+        self, image: ExportImage, writes: list[tuple[int, memoryview]], cookies: list[int]
+    ) -> None:
+        try:
+            image.write_many(writes)
+        except Exception:
+            # Which one failed is unknown: answer each write on its own. Writing a payload to the
+            # image again is harmless, and so is recording a write again after itself, in order.
+            for (offset, data), cookie in zip(writes, cookies, strict=True):
+                self._simple(cookie, self._apply(image, functools.partial(image.write, offset, data), 0))
+            return
+        out, pack = self._out, SIMPLE_REPLY.pack
+        for cookie in cookies:
+            out += pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def _mark_queued(self, intent: WriteIntent) -> None:
         """Mark the ranges of every modifying request already received, with one fdatasync."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.dataplane.before_image import BeforeImageLog
-from siterecovery.dataplane.capture import CaptureSink, SettlingSink, WriteIntent
+from siterecovery.dataplane.capture import BatchSink, CaptureSink, SettlingSink, WriteIntent
 from siterecovery.dataplane.fileio import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
 from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUNCH_HOLE
 from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
@@ -97,6 +97,7 @@ class ExportImage:
         self.sink = export.sink
         # Called once per batch of requests read, if the sink holds writes back until then.
         self.settle = export.sink.settle if isinstance(export.sink, SettlingSink) else None
+        self._record_writes = export.sink.record_writes if isinstance(export.sink, BatchSink) else None
         self.intent = export.intent
         self.can_punch = _fallocate is not None
         # A snapshot of the disk is kept as a before-image log: old chunks go there before writes.
@@ -136,6 +137,38 @@ class ExportImage:
             self.sink.record_write(offset, data)
         if self.intent is not None:
             self.intent.recorded(offset, len(data))
+
+    def write_many(self, writes: list[tuple[int, memoryview]]) -> None:
+        """Apply checked writes in order, then record them all with one call to the sink.
+
+        The connection's batch of plain writes. If it raises, some writes may have reached the
+        image (or the sink) and others not; the caller applies them again one by one. A batch
+        with an all-zero payload (a hole to punch, a zero record) takes the one-by-one path, so
+        the records keep the image's order; so does one whose range is not marked in the
+        write-intent log yet (the connection marks ahead; marking here, between a batch's image
+        writes and their records, could unmark the extent of a write not recorded yet).
+        """
+        fd, intent = self.fd, self.intent
+        if any(not data[0] and is_zero(data) for _, data in writes) or (
+            intent is not None and not all(intent.covers(offset, len(data)) for offset, data in writes)
+        ):
+            for offset, data in writes:
+                self.write(offset, data)
+            return
+        before = self.before if self.before is not None and self.before.active else None
+        for offset, data in writes:
+            if before is not None:
+                before.preserve(offset, len(data))
+            written = os.pwrite(fd, data, offset)
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], offset + written)
+        if self._record_writes is not None:
+            self._record_writes(writes)
+        elif self.sink is not None:
+            for offset, data in writes:
+                self.sink.record_write(offset, data)
+        if intent is not None:
+            intent.recorded_writes(writes)
 
     def zero(self, offset: int, length: int, *, punch: bool) -> None:
         """Make the range read as zeroes (a hole unless `punch` is false), then record it."""
