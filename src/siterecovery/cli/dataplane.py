@@ -17,12 +17,13 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import httpx
 import typer
 
 from siterecovery.config import (
+    ENV_PREFIX,
     AgentSettings,
     LogFormat,
     LogLevel,
@@ -31,27 +32,13 @@ from siterecovery.config import (
     ServiceSettings,
     load_settings,
 )
-from siterecovery.dataplane.agent import Agent, AgentOptions
-from siterecovery.dataplane.assignments import (
-    AgentDesired,
-    MasterTargetDesired,
-    PairState,
-    ProcessServerDesired,
-)
-from siterecovery.dataplane.control_client import (
-    ControlClient,
-    DesiredSource,
-    Registration,
-    load_identity,
-)
-from siterecovery.dataplane.links import Identity, parse_address
-from siterecovery.dataplane.master_target import MasterTarget
-from siterecovery.dataplane.page_blob import CONNECTION_ENV, page_blob_factory
-from siterecovery.dataplane.process_server import ProcessServer
-from siterecovery.dataplane.vmdk import DatastoreMounts
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.logs import configure_logging
 from siterecovery.retry import Backoff
+
+if TYPE_CHECKING:
+    from siterecovery.dataplane.control_client import ControlClient, Registration
+    from siterecovery.dataplane.links import Identity
 
 S = TypeVar("S", bound=ServiceSettings)
 T = TypeVar("T")
@@ -119,6 +106,9 @@ def _fail(exc: SiteRecoveryError) -> typer.Exit:
 def _client(
     server: str | None, state_dir: Path, reg: Registration, ca_file: Path | None
 ) -> ControlClient | None:
+    # The data plane's modules load only when a service command runs (start-up cost of the CLI).
+    from siterecovery.dataplane.control_client import ControlClient
+
     return ControlClient(server, state_dir, reg, ca_file) if server else None
 
 
@@ -156,6 +146,13 @@ def agent(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Export disks over NBD and replicate their writes to a process server."""
+    # Loaded when the command runs, not at the top: every other command would pay for it at
+    # start-up (start-up cost, not an import cycle).
+    from siterecovery.dataplane.agent import Agent, AgentOptions
+    from siterecovery.dataplane.assignments import AgentDesired, PairState
+    from siterecovery.dataplane.control_client import DesiredSource, Registration
+    from siterecovery.dataplane.links import Identity, parse_address
+
     cfg = _settings(
         AgentSettings,
         config,
@@ -240,6 +237,8 @@ def _register_until_stopped(
 ) -> Identity | None:
     """Register, retrying while the configuration server is unreachable; None if stopped first."""
     # Jittered: agents that found the server away at the same moment do not all return at once.
+    from siterecovery.dataplane.control_client import load_identity  # start-up cost, as above
+
     backoff = backoff or Backoff(1.0, 30.0)
     while not stop.is_set():
         try:
@@ -275,6 +274,11 @@ def process_server(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Receive agents' frames, cache them durably and forward them to master targets (PS-1)."""
+    # Loaded when the command runs: start-up cost of every other command (not an import cycle).
+    from siterecovery.dataplane.assignments import ProcessServerDesired
+    from siterecovery.dataplane.control_client import DesiredSource, Registration, load_identity
+    from siterecovery.dataplane.process_server import ProcessServer
+
     cfg = _settings(
         ProcessServerSettings,
         config,
@@ -330,7 +334,8 @@ def master_target(
         str | None,
         typer.Option(
             "--page-blob-container",
-            help=f"target disks are page blobs in this container (connection string in ${CONNECTION_ENV})",
+            help="target disks are page blobs in this container"
+            f" (connection string in ${ENV_PREFIX}AZURE_STORAGE)",
         ),
     ] = None,
     datastore: Annotated[
@@ -360,6 +365,14 @@ def master_target(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Apply replicated writes to attached target disks through retention journals (MT-1)."""
+    # Loaded when the command runs: the Azure SDK (page blobs) alone costs every other command
+    # a third of a second at start-up (start-up cost, not an import cycle).
+    from siterecovery.dataplane.assignments import MasterTargetDesired
+    from siterecovery.dataplane.control_client import DesiredSource, Registration, load_identity
+    from siterecovery.dataplane.master_target import MasterTarget
+    from siterecovery.dataplane.page_blob import page_blob_factory
+    from siterecovery.dataplane.vmdk import DatastoreMounts
+
     cfg = _settings(
         MasterTargetSettings,
         config,

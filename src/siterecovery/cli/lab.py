@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,17 +21,19 @@ from rich.table import Table
 
 from siterecovery.cli.output import fit
 from siterecovery.cli.state import as_json
-from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.fabrics.base import FabricError, Inventory, Machine, PowerState, SiteKind
 from siterecovery.fabrics.lab_build import DEFAULT_DISK_SIZE, create_lab, parse_size
 from siterecovery.fabrics.lab_model import ONPREM, Accel, GuestKind
 from siterecovery.fabrics.lab_settings import LabSettingError, SetKind, apply_settings
 from siterecovery.fabrics.lab_store import LabStore
-from siterecovery.lab import runtime
-from siterecovery.lab.fabric import LabFabric
-from siterecovery.lab.oracle import OracleVerdict, verify_image, verify_log
-from siterecovery.lab.vm.fs_oracle import verify_fs_image
-from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm
+
+if TYPE_CHECKING:
+    from siterecovery.lab.fabric import LabFabric
+    from siterecovery.lab.oracle import OracleVerdict
+
+# The lab's fabric, guests, oracle and VM image load when a `lab` command needs them, not when
+# the CLI starts: every `siterecovery` process (agents, servers) would pay for them otherwise
+# (start-up cost, not an import cycle).
 
 console = Console()
 err = Console(stderr=True)
@@ -62,6 +64,8 @@ def _fail(exc: FabricError) -> typer.Exit:
 def _fabric(lab_dir: Path, site: str) -> LabFabric:
     # The lab CLI is the simulated hypervisor's own administrator, so the site account's
     # privileges (which the product is held to) do not limit it.
+    from siterecovery.lab.fabric import LabFabric  # start-up cost (see the imports)
+
     return LabFabric(lab_dir, site, enforce_privileges=False)
 
 
@@ -107,6 +111,8 @@ def image(
     probe: Annotated[bool, typer.Option(help="Probe again whether KVM boots the guest.")] = False,
 ) -> None:
     """Build (on first use) or show the VM guests' image, and whether KVM can boot it."""
+    from siterecovery.lab.vm.image import cache_root, ensure_image, probe_kvm  # start-up cost
+
     try:
         built = ensure_image()
         kvm = probe_kvm(built, refresh=probe)
@@ -263,6 +269,8 @@ def power(lab_dir: LabDir, machine: str, action: PowerAction, site: SiteOpt = ON
 @lab_app.command("crash")
 def crash(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
     """kill -9 the machine's guest (its disk keeps what was written); `lab power on` restarts it."""
+    from siterecovery.lab import runtime  # start-up cost (see the imports)
+
     fabric = _fabric(lab_dir, site)
     try:
         name = _machine(fabric, machine).name
@@ -277,6 +285,8 @@ def crash(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
 @lab_app.command("quiesce")
 def quiesce(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
     """Freeze the guest: it flushes, writes a quiesce marker and pauses (the agent's freeze hook)."""
+    from siterecovery.lab import runtime  # start-up cost (see the imports)
+
     try:
         seq = runtime.quiesce(lab_dir, site, machine)
     except FabricError as exc:
@@ -287,6 +297,8 @@ def quiesce(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
 @lab_app.command("thaw")
 def thaw(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
     """Let a quiesced guest write again (the agent's thaw hook)."""
+    from siterecovery.lab import runtime  # start-up cost (see the imports)
+
     try:
         runtime.thaw(lab_dir, site, machine)
     except FabricError as exc:
@@ -296,6 +308,11 @@ def thaw(lab_dir: LabDir, machine: str, site: SiteOpt = ONPREM) -> None:
 
 def verify_machine(fabric: LabFabric, machine: Machine) -> OracleVerdict:
     """The oracle's verdict on a machine's log disk: through its export when running, else the file."""
+    # Start-up cost (see the imports).
+    from siterecovery.dataplane.nbd_client import NbdClient
+    from siterecovery.lab import runtime
+    from siterecovery.lab.oracle import verify_image, verify_log
+
     if not machine.disks:
         raise FabricError(
             "machine-has-no-disks",
@@ -325,6 +342,11 @@ def _verify_vm(fabric: LabFabric, machine: Machine, running: bool) -> OracleVerd
     """A VM guest's disk is ext4: while the guest runs, its own boot verdict (the file system is
     mounted in the guest, so the host cannot check it); when it is off or crashed, the same checks
     from the host on the disk image (the journal replayed on a copy first)."""
+    # Start-up cost (see the imports).
+    from siterecovery.lab import runtime
+    from siterecovery.lab.oracle import OracleVerdict
+    from siterecovery.lab.vm.fs_oracle import verify_fs_image
+
     owner = fabric.log_owner(machine.name)
     if running:
         status = runtime.guest_status(fabric.lab_dir, fabric.site, machine.name)

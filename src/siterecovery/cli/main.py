@@ -29,7 +29,6 @@ from siterecovery.config import (
     load_settings,
 )
 from siterecovery.control.backup import backup, restore
-from siterecovery.demo.run import run_demo
 from siterecovery.errors import SiteRecoveryError
 from siterecovery.fabrics.lab_build import VM_MIN_DISK_SIZE, parse_size
 from siterecovery.fabrics.lab_model import Accel, GuestKind
@@ -209,6 +208,9 @@ def demo(
     accel: Annotated[Accel, typer.Option(help="VM guests: kvm, tcg or auto (KVM if it boots)")] = Accel.AUTO,
 ) -> None:
     """Build a lab and run the whole DR cycle on it with every service a real process."""
+    # Loaded here: the demo brings the lab's fabric and guests (start-up cost, not an import cycle).
+    from siterecovery.demo.run import run_demo
+
     size = parse_size(disk_size)
     if guest is GuestKind.VM and size < VM_MIN_DISK_SIZE:
         typer.echo(
