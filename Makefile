@@ -36,7 +36,7 @@ typecheck: venv libvirt-python
 	$(BIN)/mypy src
 
 pytest: venv libvirt-python
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=30
 
 test: system-deps lint typecheck pytest
 

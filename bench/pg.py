@@ -54,43 +54,14 @@ def postgres(max_connections: int = 200, database: str = "sr", statements: bool 
     as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"), "-o", options, "start")
     try:
         psql = shutil.which("psql") or pg_bin("psql")
-        subprocess.run(
-            [
-                psql,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-U",
-                "sr",
-                "-d",
-                "postgres",
-                "-c",
-                f"create database {database}",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+
+        def run_sql(on: str, sql: str) -> None:
+            command = [psql, "-h", "127.0.0.1", "-p", str(port), "-U", "sr", "-d", on, "-c", sql]
+            subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+        run_sql("postgres", f"create database {database}")
         if statements:
-            subprocess.run(
-                [
-                    psql,
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-U",
-                    "sr",
-                    "-d",
-                    database,
-                    "-c",
-                    "create extension pg_stat_statements",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            run_sql(database, "create extension pg_stat_statements")
         yield f"postgresql+psycopg://sr@127.0.0.1:{port}/{database}"
     finally:
         as_postgres(pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop")

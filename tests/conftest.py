@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench import pg
 
 from siterecovery.demo.environment import Environment
 from siterecovery.lab import runtime
@@ -32,6 +33,18 @@ def require_tool(name: str) -> str:
     if IN_CI:
         pytest.fail(f"{name} is required in CI (make system-deps installs it)")
     pytest.skip(f"{name} not installed (make system-deps installs it)")
+
+
+def require_postgres() -> None:
+    """PostgreSQL's server binaries (bench.pg starts throwaway clusters with them); in CI their
+    absence fails the test, never skips it."""
+
+    try:
+        pg.pg_bin("initdb")
+    except RuntimeError:
+        if IN_CI:
+            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
+        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
 
 
 def data_extents(path: Path) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,18 @@ class ConfigServer:
         raise AssertionError(f"job {job_id} did not reach {states}: {job}")
 
 
-@pytest.fixture
-def cs(tmp_path: Path) -> Iterator[ConfigServer]:
-    server = ConfigServer(state_dir=tmp_path / "state", port=free_port(), log=tmp_path / "server.log")
+@contextmanager
+def running_config_server(directory: Path) -> Iterator[ConfigServer]:
+    """A configuration server on a free port with its state and log in `directory`, stopped after."""
+    server = ConfigServer(state_dir=directory / "state", port=free_port(), log=directory / "server.log")
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cs(tmp_path: Path) -> Iterator[ConfigServer]:
+    with running_config_server(tmp_path) as server:
+        yield server

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from siterecovery.dataplane.links import Identity
 from siterecovery.pki import CertificateAuthority
-from tests.conftest import SITERECOVERY, free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.conftest import SITERECOVERY, run_cli
+from tests.control.conftest import ConfigServer, running_config_server
 from tests.dataplane.conftest import wait_for
 
 
@@ -33,13 +33,8 @@ from tests.dataplane.conftest import wait_for
 def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module (a start costs seconds): the two tests register components of
     their own names and count only events about them."""
-    tmp = tmp_path_factory.mktemp("certificates")
-    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
-    server.start()
-    try:
+    with running_config_server(tmp_path_factory.mktemp("certificates")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _cert(path: Path) -> x509.Certificate:

@@ -9,21 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer, running_config_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the tests that only run jobs of their own plans (a start costs seconds); the
     kill -9 test has a server of its own (`cs`), so no other job is in flight when it restarts."""
-    tmp = tmp_path_factory.mktemp("jobs")
-    cs = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
-    cs.start()
-    try:
+    with running_config_server(tmp_path_factory.mktemp("jobs")) as cs:
         yield cs
-    finally:
-        cs.stop()
 
 
 def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, object]]) -> None:

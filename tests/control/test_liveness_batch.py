@@ -23,19 +23,14 @@ from siterecovery.store import database, desired_epoch, migrate
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
 from siterecovery.store.states import ComponentKind
-from tests.conftest import IN_CI
+from tests.conftest import require_postgres
 
 AGENTS = 30
 
 
 @pytest.fixture(scope="module")
 def db() -> Iterator[Database]:  # one cluster for the module: each test uses its own rows
-    try:
-        pg.pg_bin("initdb")
-    except RuntimeError:
-        if IN_CI:
-            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
-        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
+    require_postgres()
     with pg.postgres(max_connections=20, database="siterecovery") as url:
         found = Database(url)
         migrate.upgrade(found)

@@ -11,23 +11,14 @@ from pathlib import Path
 import pytest
 from bench import pg
 
-from tests.conftest import IN_CI, free_port, run_cli
+from tests.conftest import free_port, require_postgres, run_cli
 from tests.control.conftest import ConfigServer
-
-
-def _require_postgres() -> None:
-    try:
-        pg.pg_bin("initdb")
-    except RuntimeError:
-        if IN_CI:
-            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
-        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
 
 
 @pytest.fixture
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on loopback, run as the `postgres` user; yields a database URL."""
-    _require_postgres()
+    require_postgres()
     with pg.postgres(max_connections=100, database="siterecovery") as url:
         yield url
 

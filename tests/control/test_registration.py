@@ -14,20 +14,15 @@ import pytest
 
 from siterecovery.pki import CertificateAuthority, client_context, server_context
 from tests.conftest import SITERECOVERY, free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.control.conftest import ConfigServer, running_config_server
 
 
 @pytest.fixture(scope="module")
 def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module (a start costs seconds): every test registers components of its
     own names, and what one test expects absent (a refused registration) is named by it alone."""
-    tmp = tmp_path_factory.mktemp("registration")
-    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
-    server.start()
-    try:
+    with running_config_server(tmp_path_factory.mktemp("registration")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _register(cs: ConfigServer, passphrase: str, name: str = "ps-cloud") -> tuple[int, dict[str, str]]:

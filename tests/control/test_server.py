@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer, running_config_server
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,8 @@ def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module (a start costs seconds): no test here needs another's absence;
     what they create (policies, a reader token) is named by each, and the 422 cases compare the
     policies before and after rather than expect none."""
-    tmp = tmp_path_factory.mktemp("server")
-    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
-    server.start()
-    try:
+    with running_config_server(tmp_path_factory.mktemp("server")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_fresh_state_dir_is_migrated_and_serves_openapi(cs: ConfigServer) -> None:

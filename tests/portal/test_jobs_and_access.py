@@ -15,8 +15,8 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.conftest import free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer, running_config_server
 from tests.portal.conftest import PHONE, nav, shot, sign_in
 
 
@@ -24,13 +24,8 @@ from tests.portal.conftest import PHONE, nav, shot, sign_in
 def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module (a start costs seconds): each test runs its own plans, and what
     one test counts (the cancelled jobs, the jobs a refused form did not start) is its own."""
-    tmp = tmp_path_factory.mktemp("portal-jobs")
-    server = ConfigServer(state_dir=tmp / "state", port=free_port(), log=tmp / "server.log")
-    server.start()
-    try:
+    with running_config_server(tmp_path_factory.mktemp("portal-jobs")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, object]]) -> None:

@@ -23,7 +23,7 @@ from siterecovery.store.database import Database
 from siterecovery.store.models import Component
 from siterecovery.store.points import point_lists, store_report, unusable_by_pair, with_points
 from siterecovery.store.states import ComponentKind
-from tests.conftest import IN_CI
+from tests.conftest import require_postgres
 
 
 def _point(n: int, unusable: str = "") -> dict[str, Any]:
@@ -76,12 +76,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.sqlite'}"
         return
-    try:
-        pg.pg_bin("initdb")
-    except RuntimeError:
-        if IN_CI:
-            pytest.fail("PostgreSQL is required in CI (make system-deps installs it)")
-        pytest.skip("PostgreSQL not installed (make system-deps installs it)")
+    require_postgres()
     with pg.postgres(max_connections=20, database="siterecovery") as found:
         yield found
 

@@ -30,6 +30,7 @@ from siterecovery.api_client import ApiError
 from siterecovery.demo.environment import Environment
 from siterecovery.fabrics.base import DiskSpec, MachineSpec, OsType
 from tests.conftest import require_tool, run_cli, stop_environment
+from tests.dataplane.conftest import wait_for
 from tests.e2e.conftest import HEARTBEAT_TIMEOUT, fail_over_and_commit, run_job
 
 from .conftest import Vcsim, find, reconfigure
@@ -199,7 +200,9 @@ def test_server_logs_out_of_vcenter_after_each_discovery(site: Site) -> None:
     for _ in range(3):
         what_if(site)
     site.cli("fabrics", "discover", VC)
-    assert len(sessions.sessionList) == before
+    # The server's own periodic rediscovery (every few monitor passes) may be logged in at this
+    # moment: a leak stays, that one ends — so wait, bounded, for the count to come back.
+    wait_for(lambda: len(sessions.sessionList) <= before, timeout=60, what="vCenter sessions back to before")
 
 
 # ---- each rule vCenter can show, broken through pyVmomi ---------------------------------------
