@@ -21,6 +21,7 @@ process is still seen at the next heartbeat.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -49,6 +50,8 @@ from siterecovery.store.database import Database
 from siterecovery.store.item_index import agent_key
 from siterecovery.store.models import Component, ItemComponent, Policy, ReplicatedItem
 from siterecovery.store.states import ComponentKind
+
+log = logging.getLogger("siterecovery.desired")
 
 # A bulk build starts only when the last one ended at least SPACING times its length ago, and
 # once this process has met at least BULK_MIN components cold (below, a few single builds cost
@@ -159,4 +162,5 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
             remember_desired(db.url, cid, read, state)
         bulk.epoch, bulk.started, bulk.ended = read, started, time.monotonic()
         bulk.length = bulk.ended - started
+        log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
         return cached_desired(db.url, component_id, read)
