@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -90,9 +91,9 @@ class Servers:
                     total += int(line.split()[1])
         return total / 1024
 
-    def profile(self, folder: Path, label: str, seconds: float) -> Callable[[], None]:
+    def profile(self, folder: Path, label: str, seconds: float) -> Callable[..., None]:
         """Record every server process with py-spy (collapsed stacks, `folder/<label>-server<n>.txt`)
-        for `seconds`; returns what waits for the recorders to finish."""
+        for `seconds`; returns what waits for the recorders to finish (`interrupt`: stops them now)."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         folder.mkdir(parents=True, exist_ok=True)
         # --gil: only samples holding the GIL (CPU in Python), not threads waiting on the database.
@@ -107,7 +108,10 @@ class Servers:
             for n, p in enumerate(self.procs)
         ]
 
-        def wait() -> None:
+        def wait(interrupt: bool = False) -> None:
+            for r in recorders:
+                if interrupt:
+                    r.send_signal(signal.SIGINT)  # py-spy writes what it recorded so far
             for r in recorders:
                 try:
                     r.wait(seconds + 60)
