@@ -192,5 +192,21 @@ def test_heartbeats_answered_from_bulk_builds_see_another_process_change(
             moved = agent.heartbeat(http).json()["desired"]
             assert {r["process_server"] for r in moved["replications"]} == {"192.0.2.7:9443"}
             assert agent.heartbeat(http).json()["desired"] is None
+
+            # Bulk states are kept until the first revoked serial they list expires (then the
+            # list changes by time alone), at most KEEP_SECONDS.
+            assert bulk.keep == desired_bulk.KEEP_SECONDS
+            with other.session() as s:
+                s.add(
+                    ComponentCertificate(
+                        serial="cd34",
+                        component_id="gone",
+                        kind=ComponentKind.AGENT,
+                        not_after=now() + 300,
+                        revoked_at=now(),
+                    )
+                )
+            assert agent.heartbeat(http).json()["desired"]["revoked"] == ["cd34"]
+            assert 0 < bulk.keep <= 300
         finally:
             other.engine.dispose()

@@ -331,10 +331,11 @@ class Desired:
     version: str
 
 
-# (database URL, component id) -> (epoch, when computed, desired). Also dropped after
-# CACHE_SECONDS: the one input that changes with time alone is the revoked serials, whose expired
+# (database URL, component id) -> (epoch, until when: monotonic, desired). A state is dropped at
+# that time: the one input that changes with time alone is the revoked serials, whose expired
 # entries leave the list (an expired certificate fails TLS anyway, so keeping it a minute longer
-# is harmless).
+# is harmless). A single build keeps its state CACHE_SECONDS; a bulk build (`dr.desired_bulk`)
+# knows when the first revoked serial it listed expires and keeps its states until then.
 _DESIRED: dict[tuple[str, str], tuple[int, float, Desired]] = {}
 _DESIRED_LOCK = threading.Lock()
 CACHE_SECONDS = 60.0
@@ -344,16 +345,19 @@ def cached_desired(db_url: str, component_id: str, epoch: int) -> Desired | None
     """The desired state computed under this epoch, if this process holds one."""
     with _DESIRED_LOCK:
         found = _DESIRED.get((db_url, component_id))
-    if found is None or found[0] != epoch or time.monotonic() - found[1] > CACHE_SECONDS:
+    if found is None or found[0] != epoch or time.monotonic() > found[1]:
         return None
     return found[2]
 
 
-def remember_desired(db_url: str, component_id: str, epoch: int, state: dict[str, Any]) -> Desired:
-    """Keep a desired state computed after reading `epoch` (read first: see store.desired_epoch)."""
+def remember_desired(
+    db_url: str, component_id: str, epoch: int, state: dict[str, Any], keep: float = CACHE_SECONDS
+) -> Desired:
+    """Keep a desired state computed after reading `epoch` (read first: see store.desired_epoch)
+    for `keep` seconds at most."""
     desired = Desired(state, version_of(state))
     with _DESIRED_LOCK:
         if len(_DESIRED) > _RECORDS_MAX:  # removed components leave entries
             _DESIRED.clear()
-        _DESIRED[(db_url, component_id)] = (epoch, time.monotonic(), desired)
+        _DESIRED[(db_url, component_id)] = (epoch, time.monotonic() + keep, desired)
     return desired

@@ -10,7 +10,8 @@ every policy and the revoked serials — a handful of statements — then each c
 from the same functions the single path uses (`dr.desired.build_*`), so the two cannot differ.
 
 When: on a heartbeat's cache miss, if this process has not built in bulk under that epoch yet (or
-its bulk states aged out, `CACHE_SECONDS`), and the last bulk build ended long enough ago that
+its bulk states aged out: they are kept until the first revoked serial they list expires, at most
+`KEEP_SECONDS`, where a single build's are kept a minute), and the last bulk build ended long enough ago that
 bulk building takes at most a fifth of the process's time (`SPACING`): while the epoch changes
 faster than that (a busy rollout), misses are built one by one as before, so a bulk build never
 costs more than it saves. Heartbeats missing while a bulk build runs wait for it rather than
@@ -29,11 +30,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from siterecovery.dr.desired import (
-    CACHE_SECONDS,
     Desired,
     Lookups,
     Own,
@@ -48,7 +48,14 @@ from siterecovery.store import desired_epoch
 from siterecovery.store.certificates import revoked_serials
 from siterecovery.store.database import Database
 from siterecovery.store.item_index import agent_key
-from siterecovery.store.models import Component, ItemComponent, Policy, ReplicatedItem
+from siterecovery.store.models import (
+    Component,
+    ComponentCertificate,
+    ItemComponent,
+    Policy,
+    ReplicatedItem,
+    now,
+)
 from siterecovery.store.states import ComponentKind
 
 log = logging.getLogger("siterecovery.desired")
@@ -58,6 +65,7 @@ log = logging.getLogger("siterecovery.desired")
 # less than reading every item, and a small deployment's heartbeat keeps reading only its own).
 SPACING = 4.0
 BULK_MIN = 64
+KEEP_SECONDS = 600.0  # a bulk build's states, at most (the revoked serials' expiry may say sooner)
 _KINDS = (ComponentKind.AGENT, ComponentKind.PROCESS, ComponentKind.MASTER_TARGET)
 
 
@@ -120,10 +128,11 @@ class _Bulk:
     started: float = -1e9  # monotonic
     ended: float = -1e9
     length: float = 0.0
+    keep: float = 0.0  # seconds its states are kept
     met: set[str] = field(default_factory=set)  # components whose desired state missed here
 
     def due(self, epoch: int, at: float) -> bool:
-        stale = self.epoch != epoch or at - self.started > CACHE_SECONDS
+        stale = self.epoch != epoch or at - self.started > self.keep
         return stale and len(self.met) >= BULK_MIN and at - self.ended >= SPACING * self.length
 
 
@@ -157,10 +166,16 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
         started = time.monotonic()
         with db.session() as s:
             read = desired_epoch.read(s)  # first: what is read after it is at least as new
+            expires = s.scalar(  # the first revoked serial to leave the lists built below
+                select(func.min(ComponentCertificate.not_after)).where(
+                    ComponentCertificate.revoked_at.is_not(None), ComponentCertificate.not_after > now()
+                )
+            )
             built = desired_all(s)
+        keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
         for cid, state in built.items():
-            remember_desired(db.url, cid, read, state)
-        bulk.epoch, bulk.started, bulk.ended = read, started, time.monotonic()
+            remember_desired(db.url, cid, read, state, keep)
+        bulk.epoch, bulk.started, bulk.ended, bulk.keep = read, started, time.monotonic(), keep
         bulk.length = bulk.ended - started
         log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
         return cached_desired(db.url, component_id, read)
