@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import struct
+import time
 from collections.abc import Callable
 
 from siterecovery.dataplane.capture import WriteIntent
@@ -128,6 +129,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        meter = self._image.meter if self._image is not None else None
+        begin = time.monotonic() if meter is not None else 0.0
         try:
             self._consume()
         except ProtocolViolation as exc:
@@ -138,6 +141,8 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._settle()
         self._send_out()
+        if meter is not None:
+            meter.add(begin, time.monotonic())
 
     def _settle(self) -> None:
         """Let the sink write out the writes of this batch together (one spool append)."""
