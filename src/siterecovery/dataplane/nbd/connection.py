@@ -92,6 +92,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out = bytearray()
         self._rbuf = bytearray(32 + PREFERRED_BLOCK_SIZE)
         self._paused = False
+        self._began = 0.0  # when the current receive started (`get_buffer`)
 
     # asyncio callbacks
 
@@ -123,6 +124,8 @@ class Connection(asyncio.BufferedProtocol):
             asyncio.get_running_loop().call_soon(self.buffer_updated, 0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # The receive that follows is part of the stretch of work the export's meter counts.
+        self._began = time.monotonic()
         if self._end == len(self._buf):
             self._compact()
         return self._view[self._end :]
@@ -130,7 +133,8 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
         meter = self._image.meter if self._image is not None else None
-        begin = time.monotonic() if meter is not None else 0.0
+        if not nbytes:
+            self._began = time.monotonic()  # taken up again after a pause: no receive before it
         try:
             self._consume()
         except ProtocolViolation as exc:
@@ -142,7 +146,7 @@ class Connection(asyncio.BufferedProtocol):
         self._settle()
         self._send_out()
         if meter is not None:
-            meter.add(begin, time.monotonic())
+            meter.add(self._began, time.monotonic())
 
     def _settle(self) -> None:
         """Let the sink write out the writes of this batch together (one spool append)."""

@@ -39,9 +39,9 @@ LOAD_WINDOW = 0.1  # s: how often a load-aware sink hears the export's busy shar
 class BusyMeter:
     """The share of wall time the export's event-loop thread spends handling requests.
 
-    The connections add each stretch of work (from a receive to the replies handed over); once a
-    window has passed, the sink hears the share of it that was work. Time between stretches is the
-    loop waiting for requests (or receiving them): an export that is never waiting is saturated.
+    The connections add each stretch of work (from the start of a receive to the replies handed
+    over); once a window has passed, the sink hears the share of it that was work. Time between
+    stretches is the loop waiting for requests: an export that is never waiting is saturated.
     Called from the event-loop thread only.
     """
 
