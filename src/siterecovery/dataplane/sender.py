@@ -54,7 +54,8 @@ DIGEST_TIMEOUT = 300.0
 DIGEST_RETRY = 5.0
 BATCH_BYTES = 256 << 10
 # Spooled frames are held back while the agent's export is saturated, for at most this long at a
-# stretch: downstream work during a burst is background, the spool absorbs the burst (a 1 GiB
+# stretch (after that, frames go out while it stays saturated; the next hold needs a calm export
+# first): downstream work during a burst is background, the spool absorbs the burst (a 1 GiB
 # spool, then the dirty bitmap), and the RPO grows by at most this much. Writes that do not
 # saturate the export (a sustained 100 MB/s) are never held.
 HOLD_MAX = 10.0

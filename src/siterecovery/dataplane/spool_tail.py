@@ -12,12 +12,13 @@ that is odd while a write is in progress), so a reader never sees a segment pair
 segment's size. A separate counter, bumped whenever the pair's persisted state changes (a sync
 planned or done, dirty mode, frames lost), tells the sender to fetch that state again.
 
-A third field says whether the export is saturated: the agent's export measures the share of wall
+One more field says whether the export is saturated: the agent's export measures the share of wall
 time its event-loop thread spends on requests and, while that share is high, publishes until when
 it counts as saturated (a `time.monotonic()` instant: the clock is the machine's, the same in both
 processes). The sender holds its spooled frames back meanwhile (`sender.py`): during a burst the
 spool absorbs the writes and the CPU goes to the export, not to the sender and the process server
-and master target it feeds. One aligned 8-byte store; a hint, read without the lock.
+and master target it feeds. Two aligned 8-byte values (until when, the last busy share), written
+by the export's thread only: a hint, read without the lock.
 """
 
 from __future__ import annotations
