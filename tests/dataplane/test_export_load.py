@@ -87,6 +87,11 @@ def test_sender_holds_spooled_frames_while_the_export_is_saturated(tmp_path: Pat
     pair.export_load(SATURATED - 0.05, now[0])
     assert not sender._holding() and remote.tail.busy == pytest.approx(SATURATED - 0.05)
     pair.export_load(SATURATED, now[0])
+    assert not sender._holding()  # one busy window alone: a client's short burst
+    pair.export_load(0.5, now[0])
+    pair.export_load(SATURATED, now[0])
+    assert not sender._holding()
+    pair.export_load(SATURATED, now[0])  # the second in a row
     assert sender._holding()
     # A calmer window does not end it at once; it ends SATURATED_HOLD after the last busy one.
     now[0] += SATURATED_HOLD / 2
@@ -96,6 +101,8 @@ def test_sender_holds_spooled_frames_while_the_export_is_saturated(tmp_path: Pat
     assert not sender._holding()
 
     # A stretch of saturation longer than HOLD_MAX: frames go out again after HOLD_MAX.
+    pair.export_load(0.95, now[0])
+    now[0] += 0.1
     start = now[0]
     while now[0] < start + HOLD_MAX + 1:
         pair.export_load(0.95, now[0])
@@ -104,6 +111,7 @@ def test_sender_holds_spooled_frames_while_the_export_is_saturated(tmp_path: Pat
     # Once the export is calm again the next saturated stretch is held afresh.
     now[0] += SATURATED_HOLD + 1
     assert not sender._holding()
+    pair.export_load(0.95, now[0])
     pair.export_load(0.95, now[0])
     assert sender._holding()
     pair.flush()
