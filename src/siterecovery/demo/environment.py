@@ -145,6 +145,17 @@ class Environment:
             proc.wait(10)
 
     def start_component(self, kind: str, name: str, site: str, *extra: str) -> None:
+        self.spawn_component(kind, name, site, *extra)
+        self.await_connected(name)
+
+    def await_connected(self, *names: str) -> None:
+        """Wait for each of these spawned components to register and report (started together,
+        their interpreters load in parallel)."""
+        for name in names:
+            self._await(lambda name=name: self.connected(name), name)
+
+    def spawn_component(self, kind: str, name: str, site: str, *extra: str) -> None:
+        """Start a process server or master target without waiting for it to connect."""
         state = self.root / "components" / name
         state.mkdir(parents=True, exist_ok=True)
         common = (
@@ -174,7 +185,6 @@ class Environment:
             )
         else:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
-        self._await(lambda: self.connected(name), name)
 
     def restart_component(self, name: str, kill: bool = True, extra: tuple[str, ...] = ()) -> None:
         """Stop a process server or master target (kill -9 by default) and start it again with the
@@ -229,26 +239,14 @@ class Environment:
         retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
         for site in ("onprem", "cloud"):
             (retention / site).mkdir(parents=True, exist_ok=True)
-        self.start_component("process-server", "ps-onprem", "onprem")
-        self.start_component("process-server", "ps-cloud", "cloud")
-        self.start_component(
-            "master-target",
-            "mt-cloud",
-            "cloud",
-            "--os",
-            "linux",
-            "--retention-volume",
-            str(retention / "cloud"),
-        )
-        self.start_component(
-            "master-target",
-            "mt-linux",
-            "onprem",
-            "--os",
-            "linux",
-            "--retention-volume",
-            str(retention / "onprem"),
-        )
+        # All four start at once: their interpreters load and register in parallel.
+        self.spawn_component("process-server", "ps-onprem", "onprem")
+        self.spawn_component("process-server", "ps-cloud", "cloud")
+        for site, mt in (("cloud", "mt-cloud"), ("onprem", "mt-linux")):
+            self.spawn_component(
+                "master-target", mt, site, "--os", "linux", "--retention-volume", str(retention / site)
+            )
+        self.await_connected("ps-onprem", "ps-cloud", "mt-cloud", "mt-linux")
 
     def lab_set(self, kind: str, name: str, *assignments: str) -> None:
         subprocess.run(
