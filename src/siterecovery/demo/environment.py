@@ -219,6 +219,17 @@ class Environment:
         self.start_server()
         self.passphrase_file.write_text(self.api.get("/api/server/passphrase")["passphrase"] + "\n")
         os.chmod(self.passphrase_file, 0o600)
+        retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
+        for site in ("onprem", "cloud"):
+            (retention / site).mkdir(parents=True, exist_ok=True)
+        # All four start at once, their interpreters loading and registering in parallel while the
+        # fabrics are added and the lab's sites set (two more interpreters).
+        self.spawn_component("process-server", "ps-onprem", "onprem")
+        self.spawn_component("process-server", "ps-cloud", "cloud")
+        for site, mt in (("cloud", "mt-cloud"), ("onprem", "mt-linux")):
+            self.spawn_component(
+                "master-target", mt, site, "--os", "linux", "--retention-volume", str(retention / site)
+            )
         for site in ("onprem", "cloud"):
             self.api.post(
                 "/api/fabrics",
@@ -235,16 +246,6 @@ class Environment:
                 f"control_server={self.url}",
                 f"passphrase_file={self.passphrase_file}",
                 f"agent_registration_delay={self.registration_delay}",
-            )
-        retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
-        for site in ("onprem", "cloud"):
-            (retention / site).mkdir(parents=True, exist_ok=True)
-        # All four start at once: their interpreters load and register in parallel.
-        self.spawn_component("process-server", "ps-onprem", "onprem")
-        self.spawn_component("process-server", "ps-cloud", "cloud")
-        for site, mt in (("cloud", "mt-cloud"), ("onprem", "mt-linux")):
-            self.spawn_component(
-                "master-target", mt, site, "--os", "linux", "--retention-volume", str(retention / site)
             )
         self.await_connected("ps-onprem", "ps-cloud", "mt-cloud", "mt-linux")
 
