@@ -13,10 +13,11 @@ still a valid report); the other kinds' models already default every field.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, Field, ValidationError
 
 from siterecovery.dataplane.assignments import AgentStats, CacheHealth, MasterTargetStats, ProcessServerStats
@@ -84,9 +85,20 @@ def _out_of_range(value: Any, path: str) -> str | None:
     return None
 
 
+# In the report's JSON (`pydantic_core.to_json`, infinities and NaN as constants), every number
+# that may not fit 64 bits or is not finite is one of these tokens: an integer part of 19 digits
+# or more (2**63 has 19), an exponent, `Infinity`, `NaN`. A token may also match inside a string
+# (a name with digits): then the exact walk of `_out_of_range` decides. A master target's report
+# with 200 pairs holds ~2,000 numbers; walking them in Python was a third of its validation.
+_SUSPECT = re.compile(rb"\d{19,}|\d[eE][-+]?\d|Infinity|NaN")
+
+
 def validated_stats(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
     """`stats` unchanged if it is a valid report of a `kind` component; else a 422 naming fields."""
-    bad = _out_of_range(stats, "stats")
+    # Through JSON, strictly: exactly what a component's `model_dump(mode="json")` produces.
+    # Encoded by pydantic's serializer (several times faster than `json.dumps` on large reports).
+    encoded = pydantic_core.to_json(stats, inf_nan_mode="constants")
+    bad = _out_of_range(stats, "stats") if _SUSPECT.search(encoded) else None
     if bad is not None:
         raise SiteRecoveryError(_problem(bad, "numbers must be finite and fit 64 bits"), Status.UNPROCESSABLE)
     model = _REPORTS.get(kind)
@@ -95,8 +107,7 @@ def validated_stats(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
             raise SiteRecoveryError(_problem("stats", f"a {kind} reports no stats"), Status.UNPROCESSABLE)
         return stats
     try:
-        # Through JSON, strictly: exactly what a component's `model_dump(mode="json")` produces.
-        model.model_validate_json(json.dumps(stats), strict=True)
+        model.model_validate_json(encoded, strict=True)
     except ValidationError as exc:
         problems = [
             _problem(".".join(["stats", *(str(p) for p in err["loc"])]), err["msg"]) for err in exc.errors()
