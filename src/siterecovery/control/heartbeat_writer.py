@@ -209,11 +209,14 @@ class HeartbeatWriter:
             row = rows.get(report.component_id)
             if row is None:
                 raise not_found("component", report.component_id)
+            held = row.stats
             stats = self._apply(s, row, report, alerts.setdefault(row.id, set()))
-            written[row.id] = pydantic_core.to_json(stats).decode()
+            if stats != held:  # an idle process server's report is often the one held
+                written[row.id] = pydantic_core.to_json(stats).decode()
         # The reports as JSON text encoded once here (pydantic's serializer: the ORM's `json.dumps`
         # of a 200-pair report was a sixth of a master target's heartbeat), one statement.
-        s.connection().execute(self._store, [{"cid": cid, "st": text_} for cid, text_ in written.items()])
+        if written:
+            s.connection().execute(self._store, [{"cid": cid, "st": t} for cid, t in written.items()])
 
     def _apply(self, s: Session, row: Component, report: _Report, open_alerts: set[str]) -> dict[str, Any]:
         """One report through its row; returns the stats to store."""
