@@ -199,9 +199,10 @@ def test_a_batchs_process_servers_and_master_targets_are_loaded_in_one_statement
     assert writer.batches == 2
     loads = [sql for sql, _, _ in statements if sql.startswith("SELECT components.id")]
     alerts = [sql for sql, _, _ in statements if sql.startswith("SELECT events")]
-    stored = [(sql, many) for sql, many, _ in statements if sql.startswith("UPDATE components SET stats")]
+    updates = [(sql, many) for sql, many, _ in statements if sql.startswith("UPDATE components")]
     assert len(loads) == 1 and len(alerts) == 1, statements
-    assert len(stored) == 1 and stored[0][1], statements  # both reports' stats: one executemany
+    # Both reports' liveness and stats: one executemany (their health did not change: no other).
+    assert len(updates) == 1 and "stats" in updates[0][0] and updates[0][1], statements
     with db.session() as s:
         rows = {c.id: c for c in s.scalars(select(Component).where(Component.id.in_(["ps", "mt2"])))}
         assert {cid: c.stats for cid, c in rows.items()} == {
@@ -280,5 +281,5 @@ def test_a_master_targets_heartbeat_touches_its_row_and_the_changed_points_whate
         assert [p["id"] for p in lists["p5"]] == ["p5-0", "p5-1"]
     assert seen[10] == seen[200], seen
     (_, idle_rows), (_, moving_rows) = seen[200]
-    assert idle_rows <= 2  # the component's row (stats; liveness and health)
+    assert idle_rows == 1  # the component's row (liveness and stats, one UPDATE)
     assert moving_rows == idle_rows + 2 * 3

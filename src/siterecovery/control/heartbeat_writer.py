@@ -204,22 +204,31 @@ class HeartbeatWriter:
         alerts: dict[str, set[str]] = {}
         for object_id, code in s.execute(_OPEN_ALERTS, {"ids": ids}):
             alerts.setdefault(object_id, set()).add(code)
-        written: dict[str, str] = {}
+        at = now()
+        written: dict[str, str | None] = {}
         for report in others:
             row = rows.get(report.component_id)
             if row is None:
                 raise not_found("component", report.component_id)
             held = row.stats
-            stats = self._apply(s, row, report, alerts.setdefault(row.id, set()))
-            if stats != held:  # an idle process server's report is often the one held
-                written[row.id] = pydantic_core.to_json(stats).decode()
-        # The reports as JSON text encoded once here (pydantic's serializer: the ORM's `json.dumps`
-        # of a 200-pair report was a sixth of a master target's heartbeat), one statement.
-        if written:
-            s.connection().execute(self._store, [{"cid": cid, "st": t} for cid, t in written.items()])
+            stats = self._apply(s, row, report, alerts.setdefault(row.id, set()), at)
+            # An idle process server's report is often the one held: its liveness only.
+            written[row.id] = pydantic_core.to_json(stats).decode() if stats != held else None
+        # Liveness and the reports as JSON text, encoded once here (pydantic's serializer: the
+        # ORM's `json.dumps` of a 200-pair report was a sixth of a master target's heartbeat), in
+        # one statement per shape; the ORM's flush writes only a health or address that changed.
+        stored = [{"cid": cid, "at": at, "st": t} for cid, t in written.items() if t is not None]
+        beats = [{"cid": cid, "at": at} for cid, t in written.items() if t is None]
+        conn = s.connection()
+        if stored:
+            conn.execute(self._store, stored)
+        if beats:
+            conn.execute(_BEAT, beats)
 
-    def _apply(self, s: Session, row: Component, report: _Report, open_alerts: set[str]) -> dict[str, Any]:
-        """One report through its row; returns the stats to store."""
+    def _apply(
+        self, s: Session, row: Component, report: _Report, open_alerts: set[str], at: float
+    ) -> dict[str, Any]:
+        """One report through its row; returns the stats to store (with its liveness, at `at`)."""
         if report.address:
             row.address = report.address
         stats = report.stats
@@ -227,7 +236,9 @@ class HeartbeatWriter:
             stats, resync = store_report(s, row, stats)  # the points go to their own rows
             report.points = Points(int(stats.get("points_seq", 0)), resync)
         record_heartbeat(s, row, stats, self.config, open_alerts, store_stats=False)
-        set_committed_value(row, "stats", stats)  # written by `_store`, not by the ORM's flush
+        # Written by `_store`/`_BEAT`, not by the ORM's flush.
+        set_committed_value(row, "stats", stats)
+        set_committed_value(row, "last_heartbeat", at)
         return stats
 
     @staticmethod
@@ -259,8 +270,9 @@ _OPEN_ALERTS = select(Event.object_id, Event.code).where(
     Event.object_id.in_(bindparam("ids", expanding=True)),
 )
 # A report's stats as JSON text: cast on PostgreSQL, stored as it is by SQLite (JSON is text there).
-_STORE_PG = text("UPDATE components SET stats = CAST(:st AS json) WHERE id = :cid")
-_STORE_SQLITE = text("UPDATE components SET stats = :st WHERE id = :cid")
+_STORE_PG = text("UPDATE components SET last_heartbeat = :at, stats = CAST(:st AS json) WHERE id = :cid")
+_STORE_SQLITE = text("UPDATE components SET last_heartbeat = :at, stats = :st WHERE id = :cid")
+_BEAT = text("UPDATE components SET last_heartbeat = :at WHERE id = :cid")
 _EPOCH = select(DesiredEpoch.value).where(DesiredEpoch.id == desired_epoch.EPOCH_ID)
 _LIVENESS = (
     update(Component)
