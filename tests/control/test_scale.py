@@ -475,8 +475,8 @@ def test_the_item_list_on_postgresql_writes_each_item_as_its_own_route_shows_it(
                     named = ReplicatedItem.name == machine_name(n)
                     s.execute(update(ReplicatedItem).where(named).values(rpo_seconds=rpo))
             with db.session() as s:
-                listed = item_page(s, 2)
-                bare = item_page(s, 10, details=False)
+                listed = item_page(s.connection(), 2)
+                bare = item_page(s.connection(), 10, details=False)
                 shown = {
                     r.name: item_view(r).model_dump(mode="json") for r in s.scalars(select(ReplicatedItem))
                 }
