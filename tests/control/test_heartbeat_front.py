@@ -123,6 +123,21 @@ def test_the_lean_path_answers_as_the_route_does(server: ConfigServer) -> None:
         server, agent, agent_token, b'{"stats": {"pairs": [{"pair_id": "p", "state": "nonsense"}]}}'
     )
     assert [p["detail"]["field"] for p in bad_stats.json()["problems"]] == ["stats.pairs.0.state"]
+    # Two tokens: the first counts on either path (here the process server's: not this agent's).
+    twice = [
+        httpx.post(
+            f"{server.url}/api/components/{agent}/heartbeat",
+            content=b'{"stats": {}}',
+            headers=[
+                ("content-type", content_type),
+                ("authorization", f"Bearer {ps_token}"),
+                ("authorization", f"Bearer {agent_token}"),
+            ],
+            timeout=30,
+        )
+        for content_type in (LEAN, FULL)
+    ]
+    assert [r.status_code for r in twice] == [403, 403] and twice[0].json() == twice[1].json()
     # Still this component's token after all those refusals.
     assert _beat(server, agent, agent_token, b'{"stats": {}}', LEAN).status_code == 200
 

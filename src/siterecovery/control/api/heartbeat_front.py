@@ -88,13 +88,17 @@ def _eligible(scope: Scope) -> tuple[str | None, int | None]:
     (no chunked body) and a JSON content type or none, as FastAPI then parses the body as JSON."""
     authorization: str | None = None
     length: int | None = None
+    seen: set[bytes] = set()
     for name, value in scope["headers"]:
+        if name in seen:  # a repeated header: the first counts, as `Headers.get` takes it
+            continue
+        seen.add(name)
         if name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"content-length":
-            length = int(value) if value.isdigit() else None
-            if length is None:
+            if not value.isdigit():
                 return None, None
+            length = int(value)
         elif name == b"content-type":
             if value.split(b";", 1)[0].strip().lower() != _JSON:
                 return None, None
