@@ -48,12 +48,15 @@ bench: venv system-deps
 	SITERECOVERY_BENCH_SCALE=$(BENCH_SCALE) $(BIN)/python -m bench $(BENCHES)
 
 # The fault-injection soak (docs/faults.md): FAULT_KILLS kill -9's under a live writer, seeded by
-# FAULT_SEED, plus the corruption, link-cut and full-volume cases; figures go to
-# bench/results/faults.md. `make test` runs the same suite as a short seeded pass (12 kills).
+# FAULT_SEED, plus the corruption, link-cut (FAULT_CUT seconds) and full-volume cases; figures go
+# to bench/results/faults.md. `make test` runs the same suite as a short seeded pass (12 kills, a
+# 12 s cut).
 faults: FAULT_KILLS ?= 50
 faults: FAULT_SEED ?= 1
+faults: FAULT_CUT ?= 30
 faults: venv system-deps
 	SITERECOVERY_FAULT_KILLS=$(FAULT_KILLS) SITERECOVERY_FAULT_SEED=$(FAULT_SEED) \
+	SITERECOVERY_FAULT_CUT_SECONDS=$(FAULT_CUT) \
 	SITERECOVERY_FAULT_RESULTS=bench/results/faults.md $(BIN)/pytest -q -p no:cacheprovider -rxX --timeout 3600 tests/faults
 
 clean:

@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from bench import pg
 
 from siterecovery.demo.environment import Environment
-from siterecovery.lab import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -86,15 +86,47 @@ def run_cli(
     return proc
 
 
-def stop_environment(env: Environment) -> None:
-    """A test deployment's teardown: its lab machines first, as `env.stop()` does (their agents
-    drain into a process server still running, not into nothing), then kill -9 every component
-    (agents, process servers, master targets), then `env.stop()` (the configuration server).
+def lab_pid(pidfile: Path) -> int | None:
+    """The pid in a lab pid file if that process still runs (the file holds its start time too)."""
+    try:
+        raw, started = pidfile.read_text().split()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(int(raw), os.WNOHANG)  # powered on from this process: reap it
+        stat = Path(f"/proc/{raw}/stat").read_text()
+    except (FileNotFoundError, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(raw) if fields[0] not in ("Z", "X") and fields[19] == started else None
 
-    Each component would otherwise spend about a second on its orderly exit (drains, a last
-    heartbeat), five or more per deployment; no test that uses this is about that exit (the
-    shutdown tests stop their components themselves)."""
-    runtime.stop_all(env.lab_dir)
+
+def kill_lab(lab_dir: Path) -> None:
+    """kill -9 every lab machine: each guest's and each agent's process group (a VM guest's QEMU,
+    an agent's sender children), then wait until they are gone (bounded)."""
+    pidfiles = [*(lab_dir / "run").glob("*/*/guest.pid"), *(lab_dir / "run").glob("*/*/export.pid")]
+    for pidfile in pidfiles:
+        pid = lab_pid(pidfile)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # runtime spawns each in a session of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    for pidfile in pidfiles:
+        while lab_pid(pidfile) is not None:
+            assert time.monotonic() < deadline, f"{pidfile} outlived kill -9"
+            time.sleep(0.02)
+
+
+def stop_environment(env: Environment) -> None:
+    """A test deployment's teardown: kill -9 its lab machines (guests and agents), then every
+    component (process servers, master targets, agents the test started), then `env.stop()` (the
+    configuration server, SIGTERM).
+
+    A lab machine's orderly stop (the guest's clean shutdown, the agent draining to its process
+    server) and each component's (drains, a last heartbeat) take about a second each, a dozen
+    per deployment; no test that uses this is about that exit (the shutdown tests stop their
+    machines and components themselves)."""
+    kill_lab(env.lab_dir)
     for name, proc in list(env.procs.items()):
         if name != "server" and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -1,9 +1,11 @@
-"""The heartbeat writer's liveness batches on PostgreSQL (`control.heartbeat_writer`).
+"""The heartbeat writer's batches on PostgreSQL (`control.heartbeat_writer`).
 
 A batch of agents' liveness reports is one statement in its own implicit transaction: the UPDATE
 of every row from arrays and the desired epoch read together, `synchronous_commit` off for that
-transaction only; and no checkout pings PostgreSQL unless its connection rested. Real
-PostgreSQL, counted statements (never timed).
+transaction only; and no checkout pings PostgreSQL unless its connection rested. A master
+target's report touches its own row and the points that changed, whatever its number of pairs,
+and a batch's process servers and master targets are loaded together. Real PostgreSQL, counted
+statements and rows (never timed).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from siterecovery.control.heartbeat_writer import HeartbeatWriter
 from siterecovery.store import database, desired_epoch, migrate
 from siterecovery.store.database import Database
 from siterecovery.store.models import Component
+from siterecovery.store.points import point_lists
 from siterecovery.store.states import ComponentKind
 from tests.conftest import require_postgres
 
 AGENTS = 30
+_KINDS = {"mt": ComponentKind.MASTER_TARGET, "ps": ComponentKind.PROCESS, "mt2": ComponentKind.MASTER_TARGET}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,8 @@ def db() -> Iterator[Database]:  # one cluster for the module: each test uses it
         with found.session() as s:
             for n in range(AGENTS):
                 s.add(Component(id=f"a{n}", kind=ComponentKind.AGENT, name=f"a{n}"))
-            s.add(Component(id="mt", kind=ComponentKind.MASTER_TARGET, name="mt"))
+            for cid, kind in _KINDS.items():
+                s.add(Component(id=cid, kind=kind, name=cid))
         try:
             yield found
         finally:
@@ -83,7 +88,7 @@ def _two_batches(
     done: dict[str, int] = {}
 
     def beat(cid: str) -> None:
-        kind = ComponentKind.MASTER_TARGET if cid == "mt" else ComponentKind.AGENT
+        kind = _KINDS.get(cid, ComponentKind.AGENT)
         done[cid] = writer.write(cid, kind, {"captured": cid}, None).epoch
 
     first = threading.Thread(target=beat, args=("a0",))
@@ -184,3 +189,97 @@ def test_a_pooled_connection_is_pinged_only_after_resting(
         assert _backend(own) != pid and pings  # pinged, found dead, replaced: no error
     finally:
         own.engine.dispose()
+
+
+def test_a_batchs_process_servers_and_master_targets_are_loaded_in_one_statement(
+    db: Database, statements: list[tuple[str, bool, bool]], tmp_path: Path
+) -> None:
+    writer = _writer(db, tmp_path)
+    _two_batches(db, writer, statements, ["a4", "ps", "mt2"])
+    assert writer.batches == 2
+    loads = [sql for sql, _, _ in statements if sql.startswith("SELECT components.id")]
+    alerts = [sql for sql, _, _ in statements if sql.startswith("SELECT events")]
+    updates = [(sql, many) for sql, many, _ in statements if sql.startswith("UPDATE components")]
+    assert len(loads) == 1 and len(alerts) == 1, statements
+    # Both reports' liveness and stats: one executemany (their health did not change: no other).
+    assert len(updates) == 1 and "stats" in updates[0][0] and updates[0][1], statements
+    with db.session() as s:
+        rows = {c.id: c for c in s.scalars(select(Component).where(Component.id.in_(["ps", "mt2"])))}
+        assert {cid: c.stats for cid, c in rows.items()} == {
+            "ps": {"captured": "ps"},
+            "mt2": {"captured": "mt2"},
+        }
+        assert all(c.last_heartbeat is not None for c in rows.values())
+
+
+def _mt_report(pairs: int, seq: int, base: int | None, changed: int = 0) -> dict[str, Any]:
+    """A master target's report: every pair applied further (all its pair stats change), its
+    point lists as a delta from `base` in which `changed` pairs lose their first point and gain one."""
+    report: dict[str, Any] = {
+        "pairs": [
+            {"pair_id": f"p{n}", "applied_seq": seq, "last_applied_time": 1000.0 + seq, "points": []}
+            for n in range(pairs)
+        ],
+        "points_seq": seq,
+        "attached_disks": pairs,
+    }
+    if base is None:
+        for n, pair in enumerate(report["pairs"]):
+            pair["points"] = [{"id": f"p{n}-{k}", "kind": "crash", "time": 1.0 + k, "seq": k} for k in (0, 1)]
+    else:
+        report["points_delta"] = {
+            "base": base,
+            "pairs": {
+                f"p{n}": {
+                    "removed": [f"p{n}-0"],
+                    "added": [{"id": f"p{n}-{seq}", "kind": "crash", "time": 1.0 + seq, "seq": seq}],
+                }
+                for n in range(changed)
+            },
+        }
+    return report
+
+
+def test_a_master_targets_heartbeat_touches_its_row_and_the_changed_points_whatever_its_pairs(
+    db: Database, tmp_path: Path
+) -> None:
+    """Statements and rows written by a master target's heartbeat do not grow with its pairs
+    (10 or 200, every pair's applied sequence moving): its own row, plus two point rows (one
+    removed, one added) per pair whose list changed."""
+    writer = _writer(db, tmp_path)
+    touched: list[tuple[str, int]] = []
+
+    def on_statement(_c: Any, cursor: Any, statement: str, *_: Any) -> None:
+        verb = statement.split(None, 1)[0].upper()
+        if verb in ("UPDATE", "INSERT", "DELETE", "SELECT"):
+            touched.append((verb, cursor.rowcount if verb != "SELECT" else 0))
+
+    def heartbeat(cid: str, report: dict[str, Any]) -> tuple[int, int]:
+        touched.clear()
+        event.listen(db.engine, "after_cursor_execute", on_statement)
+        try:
+            recorded = writer.write(cid, ComponentKind.MASTER_TARGET, report, None)
+        finally:
+            event.remove(db.engine, "after_cursor_execute", on_statement)
+        assert recorded.points is not None and not recorded.points.resync
+        return len(touched), sum(n for _, n in touched)
+
+    seen = {}
+    for pairs in (10, 200):
+        cid = f"mt-{pairs}"
+        with db.session() as s:
+            s.add(Component(id=cid, kind=ComponentKind.MASTER_TARGET, name=cid))
+        heartbeat(cid, _mt_report(pairs, 2, None))  # the full lists: every point written
+        idle = heartbeat(cid, _mt_report(pairs, 3, 2))
+        moving = heartbeat(cid, _mt_report(pairs, 4, 3, changed=3))
+        seen[pairs] = (idle, moving)
+        with db.session() as s:
+            row = s.get(Component, cid)
+            assert row is not None and row.stats["pairs"][pairs - 1]["applied_seq"] == 4
+            lists = point_lists(s, cid)
+        assert [p["id"] for p in lists["p0"]] == ["p0-1", "p0-4"]
+        assert [p["id"] for p in lists["p5"]] == ["p5-0", "p5-1"]
+    assert seen[10] == seen[200], seen
+    (_, idle_rows), (_, moving_rows) = seen[200]
+    assert idle_rows == 1  # the component's row (liveness and stats, one UPDATE)
+    assert moving_rows == idle_rows + 2 * 3

@@ -16,12 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from bench import pg
 from bench.hollow import Hollow, agent_stats, machine_name, master_target_stats, seed
 from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 
 from siterecovery.config import load_server_config
 from siterecovery.control.admission import HeartbeatAdmission, retry_after
+from siterecovery.control.api.items import item_page, item_view
 from siterecovery.dataplane.assignments import AgentDesired, AgentStats
 from siterecovery.dataplane.control_client import FAST_INTERVAL, ControlClient, DesiredSource, Registration
 from siterecovery.dr import monitor
@@ -39,6 +41,7 @@ from siterecovery.store.points import store_report
 from siterecovery.store.record import ItemRecord
 from siterecovery.store.states import Role, Severity
 from siterecovery.store.tokens import create_token
+from tests.conftest import require_postgres
 
 
 @dataclass
@@ -458,6 +461,34 @@ def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestCli
     assert seen == ["job-4", "job-3", "job-2", "job-1", "job-0"]
 
 
+def test_the_item_list_on_postgresql_writes_each_item_as_its_own_route_shows_it(tmp_path: Path) -> None:
+    """The list's JSON is built by the database (`json_build_object` here, `json_object` on
+    SQLite above): the same items, fields and records as `GET /api/replicatedItems/{id}`."""
+    require_postgres()
+    with pg.postgres(database="siterecovery") as url:
+        cp = open_control_plane(load_server_config(tmp_path / "state", database_url=url))
+        db = cp.db
+        try:
+            seed(cp, 3, master_targets=2)
+            with db.session() as s:
+                for n, rpo in ((0, None), (1, 1.5)):
+                    named = ReplicatedItem.name == machine_name(n)
+                    s.execute(update(ReplicatedItem).where(named).values(rpo_seconds=rpo))
+            with db.session() as s:
+                listed = item_page(s.connection(), 2)
+                bare = item_page(s.connection(), 10, details=False)
+                shown = {
+                    r.name: item_view(r).model_dump(mode="json") for r in s.scalars(select(ReplicatedItem))
+                }
+        finally:
+            db.engine.dispose()
+    assert [name for name, _ in listed] == [machine_name(n) for n in range(3)]  # the page and one more
+    items = [json.loads(text_) for _, text_ in listed]
+    assert items == [shown[machine_name(n)] for n in range(3)]
+    assert items[1]["rpo_seconds"] == 1.5 and items[0]["rpo_seconds"] is None and items[0]["details"]
+    assert [json.loads(text_) for _, text_ in bare] == [{**i, "details": {}} for i in items]
+
+
 def test_heartbeats_beyond_the_limit_are_delayed_then_answered_busy() -> None:
     """Admission is per route: with one slot taken, another heartbeat waits its bounded time and is
     answered 503 with Retry-After; other routes and the held heartbeat go through."""
@@ -568,7 +599,7 @@ def test_a_monitor_pass_decodes_only_the_reports_that_changed(
         decoded.append(text)
         return json.loads(text)
 
-    monkeypatch.setattr(monitor, "json", type("CountingJson", (), {"loads": staticmethod(counting_loads)}))
+    monkeypatch.setattr(monitor, "decode_report", counting_loads)
     assert len(evaluate(cp, now=t0 + 1)) == 4
     first = len(decoded)
     assert first >= 6  # 4 agents and 2 master targets at least

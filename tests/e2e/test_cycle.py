@@ -39,9 +39,12 @@ def test_whole_cycle_keeps_a_clean_prefix_and_reprotect_sends_only_differences(d
     for sync in ("reprotect cloud → on-premises (delta)", "re-protect on-premises → cloud (delta)"):
         row = steps[sync]
         assert row.bytes_changed and row.bytes_sent is not None
-        # Only the differences move: a small multiple of what the guest wrote, far below the disk size.
+        # Only the differences move: a small multiple of what the guest wrote, well below the disk
+        # size (a full copy sends the whole 16 MiB). The guest writes for a time, not a count, so on
+        # a loaded box it writes more between moves (4.4-5.5 MB sent at load 20-28): half the disk
+        # still tells a delta from a full copy.
         assert row.bytes_sent <= 3 * row.bytes_changed, row
-        assert row.bytes_sent < dr_env.disk_size / 4, row
+        assert row.bytes_sent < dr_env.disk_size / 2, row
     failback = dr_env.api.get(f"/api/jobs/{steps['failback to on-premises'].job_id}")
     checks = next(
         failback["result"][str(t["ordinal"])]

@@ -6,7 +6,8 @@ Each scenario protects its own lab machine, given a second disk that only the in
 writes. mt-cloud's retention volume is a small tmpfs (the full-volume case fills it) and it
 advertises a relay the test controls (the link-cut case cuts it), so every scenario runs through
 both. `SITERECOVERY_FAULT_KILLS` (default 12: each of the four components killed 3 times) and
-`SITERECOVERY_FAULT_SEED` (default 1) set the kill schedule; `make faults` raises the kills for a
+`SITERECOVERY_FAULT_SEED` (default 1) set the kill schedule, `SITERECOVERY_FAULT_CUT_SECONDS`
+(default 12) how long the link stays cut; `make faults` raises the kills and the cut (30 s) for a
 soak and names `SITERECOVERY_FAULT_RESULTS`, the file the figures go to.
 """
 
@@ -38,6 +39,9 @@ class FaultOptions:
     kills: int
     seed: int
     results: Path | None
+    # The short pass's cut outlasts the heartbeat timeout (4 s) three times and every reconnect
+    # backoff (5 s at most); nothing in the product measures a cut's length, the soak's is 30 s.
+    cut_seconds: float = 12.0
 
 
 @dataclass
@@ -65,6 +69,7 @@ def fault_options() -> FaultOptions:
         kills=int(os.environ.get("SITERECOVERY_FAULT_KILLS", "12")),
         seed=int(os.environ.get("SITERECOVERY_FAULT_SEED", "1")),
         results=Path(results) if results else None,
+        cut_seconds=float(os.environ.get("SITERECOVERY_FAULT_CUT_SECONDS", "12")),
     )
 
 

@@ -8,7 +8,6 @@ seed reproduces a failing order.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -16,11 +15,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from siterecovery.demo.environment import Environment
 from siterecovery.lab import runtime
-from tests.conftest import run_cli
+from tests.conftest import lab_pid, run_cli
 
 
 class Component(StrEnum):
@@ -43,26 +41,13 @@ def make_schedule(kills: int, seed: int) -> list[Kill]:
     return [Kill(c, rng.randint(8, 40)) for c in order]
 
 
-def _pid(pidfile: Path) -> int | None:
-    """The pid in a lab pid file if that process still runs (the file holds its start time too)."""
-    try:
-        raw, started = pidfile.read_text().split()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(int(raw), os.WNOHANG)  # the first power-on ran in this process: reap it
-        stat = Path(f"/proc/{raw}/stat").read_text()
-    except (FileNotFoundError, ValueError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(raw) if fields[0] not in ("Z", "X") and fields[19] == started else None
-
-
 def kill_agent(env: Environment, machine: str, site: str = "onprem") -> None:
     pidfile = runtime.run_dir(env.lab_dir, site, machine) / "export.pid"
-    pid = _pid(pidfile)
+    pid = lab_pid(pidfile)
     assert pid is not None, f"the agent of {machine} is not running"
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while _pid(pidfile) is not None:
+    while lab_pid(pidfile) is not None:
         assert time.monotonic() < deadline, "the killed agent did not go away"
         time.sleep(0.02)
 

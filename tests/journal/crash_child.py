@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def build(mode: str) -> tuple[Guest, int]:
     guest.fill_scratch()
     guest.bookmark("app", "before-crash", CLOCK)
     committed = guest.seq
-    if mode == "journal-written-disk-not":
+    if mode in ("journal-written-disk-not", "direct-written"):
         guest.fill_scratch()  # 8 MiB of old data to journal: the buffer spills to the file
     else:
         for _ in range(10):
@@ -38,7 +39,18 @@ def build(mode: str) -> tuple[Guest, int]:
 
 
 def pending_limit(mode: str) -> int:
-    return 1 if mode == "journal-and-disk-written" else 64 << 20
+    return 1 if mode in ("journal-and-disk-written", "direct-written") else 64 << 20
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache (util-linux `fincore`)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(out.stdout.strip())
 
 
 def rollback_guest() -> Guest:
@@ -91,15 +103,20 @@ def main(directory: Path, mode: str) -> int:
     synced_size = segment.stat().st_size
     synced_image = (directory / "disk.img").read_bytes()
     feeder.feed()
+    # The 1 MiB runs of "direct-written" went past the page cache (`direct_write.py`): the pages
+    # read above were dropped, not replaced.
+    direct = resident_bytes(directory / "disk.img") <= SIZE // 2
     grew = segment.stat().st_size > synced_size
     disk_changed = (directory / "disk.img").read_bytes() != synced_image
     reached = {
         "journal-buffered": not grew and not disk_changed,
         "journal-written-disk-not": grew and not disk_changed,
         "journal-and-disk-written": grew and disk_changed,
+        "direct-written": grew and disk_changed and direct,
     }[mode]
     if not reached:
-        print(f"crash state not reached: grew={grew} disk_changed={disk_changed}", file=sys.stderr)
+        state = f"grew={grew} disk_changed={disk_changed} direct={direct}"
+        print(f"crash state not reached: {state}", file=sys.stderr)
         return 3
     os.kill(os.getpid(), signal.SIGKILL)
     return 0

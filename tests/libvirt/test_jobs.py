@@ -59,16 +59,10 @@ def environment(tmp_path: Path, uri_a: str, uri_b: str) -> Iterator[Environment]
                 },
             )
         (e.root / "retention").mkdir()
-        e.start_component("process-server", "ps-onprem", "onprem")
-        e.start_component(
-            "master-target",
-            "mt-kvm-b",
-            "cloud",
-            "--os",
-            "linux",
-            "--retention-volume",
-            str(e.root / "retention"),
-        )
+        e.spawn_component("process-server", "ps-onprem", "onprem")
+        e.spawn_component("master-target", "mt-kvm-b", "cloud", "--os", "linux", "--retention-volume",
+                          str(e.root / "retention"))  # fmt: skip
+        e.await_connected("ps-onprem", "mt-kvm-b")
         yield e
     finally:
         stop_environment(e)

@@ -120,8 +120,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environment
     try:
         env.start()
         env.api.post("/api/policies", {"name": "gold", "rpo_threshold_minutes": 15})
-        for machine in (MACHINE, PROTECTED):
+        for machine in (MACHINE, PROTECTED):  # both boot at once; their agents register in parallel
             env.fabric("onprem").power_on(machine)
+        for machine in (MACHINE, PROTECTED):
             wait_agent(env, "onprem", machine)
             started = env.api.post(
                 "/api/replicatedItems",

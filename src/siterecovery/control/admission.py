@@ -8,6 +8,12 @@ is then answered `503 Service Unavailable` with `Retry-After`. The component kee
 state and comes back after Retry-After stretched by random jitter (`dataplane.control_client`),
 which spreads the shed ones over the next interval. Other routes are not limited.
 
+This is the application's outermost layer (`server.app`): the decision is taken on the path
+alone, before the token is looked up and before the body is read, so a shed heartbeat costs
+about what the HTTP server spends on any request (a token not in the token cache would cost a
+database lookup, and a refused one an event) — and a shed request changes nothing, so refusing
+it before authentication tells the caller only that the server is busy.
+
 Retry-After is the caller's own heartbeat interval (it says it in `X-Heartbeat-Interval`), longer
 by up to half while many heartbeats are being shed: a shed component never comes back sooner than
 it would have heartbeat anyway (at 5 s for everyone, a shed 10 s agent came back twice as often
@@ -109,11 +115,13 @@ class HeartbeatAdmission:
             self._slots = asyncio.Semaphore(self.limit)
         slots = self._slots
         if not slots.locked():
-            # A free slot is taken at once: `wait_for` would make a task and a timer per request.
+            # A free slot is taken at once: no timer at all.
             await slots.acquire()
         else:
             try:
-                await asyncio.wait_for(slots.acquire(), timeout=self.max_wait)
+                # A timer on this task (`wait_for` would also make a task per waiting request).
+                async with asyncio.timeout(self.max_wait):
+                    await slots.acquire()
             except TimeoutError:
                 self.shed += 1
                 self.rate.count(shed=True)

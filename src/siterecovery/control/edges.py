@@ -67,7 +67,8 @@ def identify(authorization: str | None, client: str) -> Principal | TokenRefusal
     return who
 
 
-def _remembered(authorization: str | None) -> Principal | None:
+def remembered(authorization: str | None) -> Principal | None:
+    """The caller behind an Authorization header if the token cache holds it (no session, no thread)."""
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         return None
@@ -100,7 +101,7 @@ class Edge:
         if protected(scope["path"]):
             client = scope["client"][0] if scope.get("client") else "?"
             authorization = headers.get("authorization")
-            who: Principal | TokenRefusal | None = _remembered(authorization)
+            who: Principal | TokenRefusal | None = remembered(authorization)
             if who is None:
                 who = await run_in_threadpool(identify, authorization, client)
             if not isinstance(who, Principal):

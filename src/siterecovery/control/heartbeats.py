@@ -20,6 +20,10 @@ from siterecovery.store.states import ComponentKind, Health, Severity
 
 CACHE_WARNING_FREE = 0.30
 CACHE_CRITICAL_FREE = 0.25
+CACHE_ALERT = "ps-cache-low"
+RETENTION_ALERT = "retention-volume-full"
+# The alerts a heartbeat raises and clears (on its component).
+COMPONENT_ALERTS = (CACHE_ALERT, RETENTION_ALERT)
 
 
 def cache_health(stats: dict[str, Any]) -> Health:
@@ -66,40 +70,67 @@ def apply_heartbeat(
     return desired_for(s, row)
 
 
-def record_heartbeat(s: Session, row: Component, stats: dict[str, Any], config: ServerConfig) -> None:
-    """What a heartbeat writes: liveness, statistics, health and alerts (see `heartbeat_writer`)."""
+def record_heartbeat(
+    s: Session,
+    row: Component,
+    stats: dict[str, Any],
+    config: ServerConfig,
+    open_alerts: set[str] | None = None,
+    store_stats: bool = True,
+) -> None:
+    """What a heartbeat writes: liveness, statistics, health and alerts (see `heartbeat_writer`).
+
+    `open_alerts`, when given, are the codes of this component's active alerts, read for a whole
+    batch of reports at once: an alert is then cleared only when one is open (most heartbeats of a
+    healthy process server or master target look for nothing). With `store_stats` false the
+    caller writes `stats` itself (the writer, one statement for a batch).
+    """
     row.last_heartbeat = now()
     record_refusals(s, row, row.stats or {}, stats)
-    row.stats = stats
+    if store_stats:
+        row.stats = stats
+
+    def clear(code: str) -> None:
+        if open_alerts is None or code in open_alerts:
+            clear_alert(s, code, "component", row.id)
+            if open_alerts is not None:
+                open_alerts.discard(code)
+
+    def opened(code: str) -> None:  # the same component's next report in this batch may clear it
+        if open_alerts is not None:
+            open_alerts.add(code)
+
     if row.kind == ComponentKind.PROCESS:
         health = cache_health(stats)
         row.health = health
         if health is Health.NORMAL:
-            clear_alert(s, "ps-cache-low", "component", row.id)
+            clear(CACHE_ALERT)
         else:
             severity = Severity.CRITICAL if health is Health.CRITICAL else Severity.WARNING
             raise_alert(
                 s,
                 severity,
-                "ps-cache-low",
+                CACHE_ALERT,
                 f"Process server {row.name} cache is {health.value}: "
                 f"{stats.get('cache_used_bytes', 0)} of {stats.get('cache_capacity_bytes', 0)} bytes used.",
                 "component",
                 row.id,
             )
+            opened(CACHE_ALERT)
     elif row.kind == ComponentKind.MASTER_TARGET and stats.get("retention_full"):
         row.health = Health.CRITICAL
         raise_alert(
             s,
             Severity.CRITICAL,
-            "retention-volume-full",
+            RETENTION_ALERT,
             f"Master target {row.name}: retention volume is full; applying is paused.",
             "component",
             row.id,
         )
+        opened(RETENTION_ALERT)
     elif row.kind == ComponentKind.MASTER_TARGET:
         row.health = Health.NORMAL
-        clear_alert(s, "retention-volume-full", "component", row.id)
+        clear(RETENTION_ALERT)
 
 
 def is_connected(row: Component, config: ServerConfig) -> bool:

@@ -36,6 +36,11 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=MEDIA, headers=headers)
 
 
+def domain_response(exc: SiteRecoveryError) -> JSONResponse:
+    """A domain error's answer (also sent by the heartbeat's lean path, `control.heartbeat_front`)."""
+    return problem_response(int(exc.status), exc.problems)
+
+
 _HTTP_CODES = {
     400: ("body-unparseable", "Send a well-formed JSON body (see /openapi.json)."),
     401: ("unauthenticated", "Send a bearer token: Authorization: Bearer <token>."),
@@ -62,7 +67,7 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(SiteRecoveryError)
     async def _domain(_: Request, exc: SiteRecoveryError) -> JSONResponse:
-        return problem_response(int(exc.status), exc.problems)
+        return domain_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

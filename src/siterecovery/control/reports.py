@@ -13,10 +13,11 @@ still a valid report); the other kinds' models already default every field.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, Field, ValidationError
 
 from siterecovery.dataplane.assignments import AgentStats, CacheHealth, MasterTargetStats, ProcessServerStats
@@ -84,9 +85,32 @@ def _out_of_range(value: Any, path: str) -> str | None:
     return None
 
 
+# In the report's JSON (`pydantic_core.to_json`, infinities and NaN as constants), every number
+# that may not fit 64 bits or is not finite shows as one of: a run of 19 digits or more (2**63
+# has 19), a digit followed by an exponent (`1e+20`), `Infinity`, `NaN`. Such a run may also be
+# inside a string (a name with digits): then the exact walk of `_out_of_range` decides. A master
+# target's report with 200 pairs holds ~2,000 numbers: walking them in Python was a third of
+# validating it, and so was one regular expression over the whole text; these byte searches
+# (C loops) cost a tenth of either.
+_DIGITS = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_NUMBER = b"0" * 19
+_EXPONENT = re.compile(rb"e[-+]?[0-9]")
+_DIGIT_BYTES = frozenset(b"0123456789")
+
+
+def _suspect(encoded: bytes) -> bool:
+    """Whether the report's JSON may hold a number out of range (see above); never misses one."""
+    if b"Infinity" in encoded or b"NaN" in encoded or _LONG_NUMBER in encoded.translate(_DIGITS):
+        return True
+    return any(m.start() > 0 and encoded[m.start() - 1] in _DIGIT_BYTES for m in _EXPONENT.finditer(encoded))
+
+
 def validated_stats(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
     """`stats` unchanged if it is a valid report of a `kind` component; else a 422 naming fields."""
-    bad = _out_of_range(stats, "stats")
+    # Through JSON, strictly: exactly what a component's `model_dump(mode="json")` produces.
+    # Encoded by pydantic's serializer (several times faster than `json.dumps` on large reports).
+    encoded = pydantic_core.to_json(stats, inf_nan_mode="constants")
+    bad = _out_of_range(stats, "stats") if _suspect(encoded) else None
     if bad is not None:
         raise SiteRecoveryError(_problem(bad, "numbers must be finite and fit 64 bits"), Status.UNPROCESSABLE)
     model = _REPORTS.get(kind)
@@ -95,8 +119,7 @@ def validated_stats(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
             raise SiteRecoveryError(_problem("stats", f"a {kind} reports no stats"), Status.UNPROCESSABLE)
         return stats
     try:
-        # Through JSON, strictly: exactly what a component's `model_dump(mode="json")` produces.
-        model.model_validate_json(json.dumps(stats), strict=True)
+        model.model_validate_json(encoded, strict=True)
     except ValidationError as exc:
         problems = [
             _problem(".".join(["stats", *(str(p) for p in err["loc"])]), err["msg"]) for err in exc.errors()

@@ -153,6 +153,11 @@ class _SinkSwitch:
             if self._target is not None:
                 self._target.settle()
 
+    def export_load(self, busy: float, now: float) -> None:
+        target = self._target  # a hint: no lock (a pair plugged out meanwhile just hears it once more)
+        if target is not None:
+            target.export_load(busy, now)
+
     def flush(self) -> None:
         with self._lock:
             if self._target is not None:

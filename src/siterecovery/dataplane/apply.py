@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from siterecovery.dataplane.direct_write import DirectWriter
 from siterecovery.dataplane.fileio import punch_or_zero, pwrite_all
 
 
@@ -97,9 +98,11 @@ class DirectApplier(AppliedSeq):
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
+        self._direct = DirectWriter(path)  # long aligned writes skip the page cache
 
     def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
-        pwrite_all(self._fd, data, offset)
+        if not (self._direct.fits(offset, len(data)) and self._direct.write([data], offset)):
+            pwrite_all(self._fd, data, offset)
         self._pending = seq
 
     def apply_zero(self, seq: int, offset: int, length: int) -> None:
@@ -110,6 +113,7 @@ class DirectApplier(AppliedSeq):
         self._commit(lambda: os.fdatasync(self._fd))
 
     def close(self) -> None:
+        self._direct.close()
         os.close(self._fd)
 
 

@@ -9,6 +9,9 @@ export, which is the backpressure we want rather than unbounded buffering. A `Se
 hold the writes of one batch (the requests the export read in one go) back and write them out
 together when the export calls `settle` (the agent's spool: one system call per batch).
 
+A `LoadAwareSink` also hears how busy the export is (`export_load`, a few times a second while
+requests arrive): the agent's spool tells its sender to hold back while the export is saturated.
+
 A `WriteIntent` (the agent's activity log) closes the window between the image and the sink: the
 export marks a write's region in it, durably, before the image is touched, and tells it when the
 write was recorded and when the sink made it durable.
@@ -57,6 +60,15 @@ class BatchSink(CaptureSink, Protocol):
     def record_writes(self, writes: Sequence[tuple[int, memoryview]]) -> None:
         """Record `(offset, data)` writes in this order, as `record_write` would one by one (the
         views are valid only during the call). A sink may check its limits once per call."""
+
+
+@runtime_checkable
+class LoadAwareSink(CaptureSink, Protocol):
+    """A sink told how busy its export is (the agent's capture switch)."""
+
+    def export_load(self, busy: float, now: float) -> None:
+        """The share (0..1) of the wall time up to `now` (`time.monotonic()`) of the last window
+        that the export's thread spent on requests."""
 
 
 class WriteIntent(Protocol):

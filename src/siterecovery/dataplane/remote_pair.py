@@ -175,6 +175,10 @@ class RemotePair:
         self._seen = self.tail.state_generation
         self._call(Op.STATE)
 
+    def export_saturated(self, now: float) -> bool:
+        """The agent's export is saturated at `now` (`time.monotonic()`): see `spool_tail.py`."""
+        return now < self.tail.saturated_until
+
     @property
     def sync(self) -> SyncPlan | None:
         self._refresh_if_changed()

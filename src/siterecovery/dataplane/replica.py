@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 _RESERVE = 1 << 20
 DEFAULT_SPOOL_LIMIT = 1 << 30
+# The export counts as saturated once its thread spent at least this share of the wall time on
+# requests in two windows in a row (`nbd.image.BusyMeter`, 0.1 s each); it counts so until
+# SATURATED_HOLD s after the last such window, so the sender does not wake for a brief dip.
+SATURATED = 0.7
+SATURATED_HOLD = 0.3
 
 
 class WholeResync(StrEnum):
@@ -104,6 +109,8 @@ class PairReplication:
         self._lock = threading.Lock()
         self._hbuf = bytearray(HEADER_SIZE)
         self._deferred: list[tuple[int, int]] = []  # ranges of frames deferred since the last settle
+        self._saturated_until = 0.0  # the export counts as saturated until then (`export_load`)
+        self._busy_windows = 0  # windows in a row with the export's busy share >= SATURATED
         self._state_path = self.dir / "state.json"
         self.sync: SyncPlan | None = None
         self.sync_last: int | None = None
@@ -242,6 +249,17 @@ class PairReplication:
             self.spool.discard_deferred()
             self.dirty_mode = True
             self._save_state()
+
+    def export_load(self, busy: float, now: float) -> None:
+        """The export's busy share of its last window: while it is saturated, tell the sender (through
+        the spool's tail) to hold back, so the spool absorbs the burst and the CPU stays with the
+        export (`sender.py`). No lock: the tail's load field is written by this thread only."""
+        # Two busy windows in a row: one alone is a client's short burst (fio held to a rate sends
+        # its queue at once), not a saturated export.
+        self._busy_windows = self._busy_windows + 1 if busy >= SATURATED else 0
+        if self._busy_windows >= 2:
+            self._saturated_until = now + SATURATED_HOLD
+        self.tail.publish_load(self._saturated_until, busy)
 
     def refetch(self, offset: int, length: int) -> int:
         """Re-read [offset, +length) from the image and spool it as a new write (flag REFETCH).

@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 DIGEST_TIMEOUT = 300.0
 DIGEST_RETRY = 5.0
 BATCH_BYTES = 256 << 10
+# Spooled frames are held back while the agent's export is saturated, for at most this long at a
+# stretch (after that, frames go out while it stays saturated; the next hold needs a calm export
+# first): downstream work during a burst is background, the spool absorbs the burst (a 1 GiB
+# spool, then the dirty bitmap), and the RPO grows by at most this much. Writes that do not
+# saturate the export (a sustained 100 MB/s) are never held.
+HOLD_MAX = 10.0
 
 
 class SessionEnded(ConnectionError):
@@ -73,6 +79,8 @@ class PairSender:
         self._compressor = Compressor()
         self._progress: Progress | None = None
         self._dropped: set[int] = set()  # spooled frames found damaged: sent as MISSING (healing.py)
+        self._hold_since: float | None = None  # the export saturated since then, frames held back
+        self.clock: Callable[[], float] = time.monotonic
 
     def start(self) -> None:
         self._thread.start()
@@ -235,6 +243,11 @@ class PairSender:
                     with pair.changed:
                         pair.changed.wait(0.05)
                     continue
+                if self._holding():
+                    batched.flush()
+                    with pair.changed:
+                        pair.changed.wait(0.05)
+                    continue
                 header, raw = held
                 held = None
                 while lost and lost[0] < header.seq:
@@ -254,6 +267,16 @@ class PairSender:
                 )
         finally:
             cursor.close()
+
+    def _holding(self) -> bool:
+        """Hold spooled frames back: the export is saturated, for less than HOLD_MAX so far."""
+        now = self.clock()
+        if not self.pair.export_saturated(now):
+            self._hold_since = None
+            return False
+        if self._hold_since is None:
+            self._hold_since = now
+        return now - self._hold_since < HOLD_MAX
 
     def _send_data(
         self,

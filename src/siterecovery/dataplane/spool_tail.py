@@ -11,6 +11,14 @@ The three tail fields are written under the spool's lock and read with a sequenc
 that is odd while a write is in progress), so a reader never sees a segment paired with another
 segment's size. A separate counter, bumped whenever the pair's persisted state changes (a sync
 planned or done, dirty mode, frames lost), tells the sender to fetch that state again.
+
+One more field says whether the export is saturated: the agent's export measures the share of wall
+time its event-loop thread spends on requests and, while that share is high, publishes until when
+it counts as saturated (a `time.monotonic()` instant: the clock is the machine's, the same in both
+processes). The sender holds its spooled frames back meanwhile (`sender.py`): during a burst the
+spool absorbs the writes and the CPU goes to the export, not to the sender and the process server
+and master target it feeds. Two aligned 8-byte values (until when, the last busy share), written
+by the export's thread only: a hint, read without the lock.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ _COUNTER = struct.Struct("<q")  # the sequence lock, at offset 0
 _TAIL = struct.Struct("<qqq")  # segment's first sequence, its whole bytes, last sequence, at 8
 _STATE = struct.Struct("<q")  # state generation, at offset 32
 _STATE_AT = 32
+_LOAD = struct.Struct("<dd")  # saturated until (monotonic s), the last busy share, at 40
+_LOAD_AT = 40
 _SIZE = 64
 
 
@@ -66,6 +76,19 @@ class SpoolTail:
     def state_changed(self) -> None:
         """The pair's persisted state changed: its sender fetches it again."""
         _STATE.pack_into(self._map, _STATE_AT, self.state_generation + 1)
+
+    def publish_load(self, saturated_until: float, busy: float) -> None:
+        """The export counts as saturated until `saturated_until`; `busy` is its last measured share."""
+        _LOAD.pack_into(self._map, _LOAD_AT, saturated_until, busy)
+
+    @property
+    def saturated_until(self) -> float:
+        return float(_LOAD.unpack_from(self._map, _LOAD_AT)[0])
+
+    @property
+    def busy(self) -> float:
+        """The export's last published busy share (0..1)."""
+        return float(_LOAD.unpack_from(self._map, _LOAD_AT)[1])
 
     @property
     def state_generation(self) -> int:

@@ -145,6 +145,17 @@ class Environment:
             proc.wait(10)
 
     def start_component(self, kind: str, name: str, site: str, *extra: str) -> None:
+        self.spawn_component(kind, name, site, *extra)
+        self.await_connected(name)
+
+    def await_connected(self, *names: str) -> None:
+        """Wait for each of these spawned components to register and report (started together,
+        their interpreters load in parallel)."""
+        for name in names:
+            self._await(lambda name=name: self.connected(name), name)
+
+    def spawn_component(self, kind: str, name: str, site: str, *extra: str) -> None:
+        """Start a process server or master target without waiting for it to connect."""
         state = self.root / "components" / name
         state.mkdir(parents=True, exist_ok=True)
         common = (
@@ -174,7 +185,6 @@ class Environment:
             )
         else:
             self._spawn(name, "master-target", "--state-dir", str(state), *common, *extra)
-        self._await(lambda: self.connected(name), name)
 
     def restart_component(self, name: str, kill: bool = True, extra: tuple[str, ...] = ()) -> None:
         """Stop a process server or master target (kill -9 by default) and start it again with the
@@ -209,6 +219,17 @@ class Environment:
         self.start_server()
         self.passphrase_file.write_text(self.api.get("/api/server/passphrase")["passphrase"] + "\n")
         os.chmod(self.passphrase_file, 0o600)
+        retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
+        for site in ("onprem", "cloud"):
+            (retention / site).mkdir(parents=True, exist_ok=True)
+        # All four start at once, their interpreters loading and registering in parallel while the
+        # fabrics are added and the lab's sites set (two more interpreters).
+        self.spawn_component("process-server", "ps-onprem", "onprem")
+        self.spawn_component("process-server", "ps-cloud", "cloud")
+        for site, mt in (("cloud", "mt-cloud"), ("onprem", "mt-linux")):
+            self.spawn_component(
+                "master-target", mt, site, "--os", "linux", "--retention-volume", str(retention / site)
+            )
         for site in ("onprem", "cloud"):
             self.api.post(
                 "/api/fabrics",
@@ -226,29 +247,7 @@ class Environment:
                 f"passphrase_file={self.passphrase_file}",
                 f"agent_registration_delay={self.registration_delay}",
             )
-        retention = self.root / "retention"  # the retention drives added to each master target (RP-RET)
-        for site in ("onprem", "cloud"):
-            (retention / site).mkdir(parents=True, exist_ok=True)
-        self.start_component("process-server", "ps-onprem", "onprem")
-        self.start_component("process-server", "ps-cloud", "cloud")
-        self.start_component(
-            "master-target",
-            "mt-cloud",
-            "cloud",
-            "--os",
-            "linux",
-            "--retention-volume",
-            str(retention / "cloud"),
-        )
-        self.start_component(
-            "master-target",
-            "mt-linux",
-            "onprem",
-            "--os",
-            "linux",
-            "--retention-volume",
-            str(retention / "onprem"),
-        )
+        self.await_connected("ps-onprem", "ps-cloud", "mt-cloud", "mt-linux")
 
     def lab_set(self, kind: str, name: str, *assignments: str) -> None:
         subprocess.run(

@@ -133,10 +133,12 @@ def indexed_stalls(
     applied_by: Mapping[str, dict[str, Any]],
     now: float,
     watch: StallWatch = WATCH,
+    thresholds: Thresholds | None = None,
 ) -> list[Stall]:
     """`pair_stalls` from the reports' pairs by pair id (the RPO monitor indexes each report once
-    per change, not once per item: a master target's lists every pair it applies)."""
-    thresholds = Thresholds.from_env()
+    per change, not once per item: a master target's lists every pair it applies; it reads the
+    thresholds once per pass too)."""
+    thresholds = thresholds or Thresholds.from_env()
     out = []
     for pair_id in pairs:
         c, a = captured_by.get(pair_id), applied_by.get(pair_id)
@@ -178,6 +180,8 @@ def alert_stalls(
     return worst.health
 
 
+_RANK = {Health.NORMAL: 0, Health.WARNING: 1, Health.CRITICAL: 2}
+
+
 def worse(a: Health, b: Health) -> Health:
-    order = (Health.NORMAL, Health.WARNING, Health.CRITICAL)
-    return max(a, b, key=order.index)
+    return a if _RANK[a] >= _RANK[b] else b

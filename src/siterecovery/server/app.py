@@ -20,6 +20,7 @@ from siterecovery.control.api import (
     policies,
     server,
 )
+from siterecovery.control.api.heartbeat_front import HeartbeatFront
 from siterecovery.control.edges import Edge
 from siterecovery.dr import held_failover, point_tasks
 from siterecovery.dr import tasks as dr_tasks
@@ -36,10 +37,13 @@ def create_app() -> FastAPI:
     )
     problems.install(app)
     openapi_errors.install(app)
-    # Sheds heartbeats beyond what the process handles at once (inside Edge: auth is checked first).
-    app.add_middleware(HeartbeatAdmission)
-    # Outermost of the application's own layers: refuses before any route reads the body.
+    # Refuses before any route reads the body (the last added is the outermost of these layers).
     app.add_middleware(Edge)
+    # Answers a well-formed heartbeat from a remembered token itself; hands the rest to Edge.
+    app.add_middleware(HeartbeatFront)
+    # Outermost: sheds heartbeats beyond what the process handles at once, before any other work
+    # (a shed heartbeat changes nothing, so refusing it before its token is checked tells nothing).
+    app.add_middleware(HeartbeatAdmission)
     routers = (server, components, certificates, fabrics, policies, item_actions, items, plans, jobs, events)
     for module in (*routers, metrics):
         app.include_router(module.router)

@@ -90,14 +90,25 @@ def register(
 async def heartbeat(
     component_id: str, body: Heartbeat, who: Principal = Depends(calling_component)
 ) -> Response:
-    cp = current()
+    """A component's report; the answer is its desired state (when it changed) and the time.
+
+    Most heartbeats never reach this function: `control.heartbeat_front` answers a well-formed
+    one from a remembered token by calling `answer_heartbeat` itself. This route serves the rest
+    (first heartbeats, bad input, foreign tokens) and documents the operation in the OpenAPI."""
+    return _reply(await answer_heartbeat(current(), who, component_id, body))
+
+
+async def answer_heartbeat(
+    cp: ControlPlane, who: Principal, component_id: str, body: Heartbeat
+) -> HeartbeatReply:
+    """Record a validated heartbeat of `who` (a component's principal) and build the reply."""
     kind = _KINDS.get(component_id)
     if who.component_id != component_id or kind is None or kind != ComponentKind.AGENT:
         # One hop to a worker thread for the whole heartbeat: the usual sync dependencies
         # (control plane, principal, role check, session) would each hop to the thread pool and
         # back. Master targets' and process servers' reports (large, validated per pair) and a
         # component's first heartbeat take this way.
-        return _reply(await run_in_threadpool(_heartbeat, cp, who, component_id, body))
+        return await run_in_threadpool(_heartbeat, cp, who, component_id, body)
     # An agent's small report is validated here and awaited on the event loop; a worker thread
     # is needed only when its desired state must be computed again.
     stats = validated_stats(kind, body.stats)  # a bad report is a 422, not stored
@@ -105,12 +116,17 @@ async def heartbeat(
     desired = cached_desired(cp.db.url, component_id, recorded.epoch)
     if desired is None:
         desired = await run_in_threadpool(_desired, cp, component_id, recorded.epoch)
-    return _reply(_answer(body, desired, recorded))
+    return _answer(body, desired, recorded)
 
 
 def _reply(reply: HeartbeatReply) -> Response:
     # Serialized once, by the model itself (`response_model` keeps the schema in the OpenAPI).
-    return Response(reply.model_dump_json(), media_type="application/json")
+    return Response(reply_json(reply), media_type="application/json")
+
+
+def reply_json(reply: HeartbeatReply) -> bytes:
+    """The reply's body, as the route and the lean path send it."""
+    return reply.__pydantic_serializer__.to_json(reply)
 
 
 def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartbeat) -> HeartbeatReply:

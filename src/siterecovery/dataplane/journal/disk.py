@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from siterecovery.dataplane.apply import ApplierFactory, DiskApplier
+from siterecovery.dataplane.direct_write import DirectWriter
 from siterecovery.dataplane.fileio import (
     data_extents,
     has_data,
@@ -86,6 +87,7 @@ class JournaledDisk(_Mover, DiskApplier):
         self._disk = os.open(target, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if size is not None and os.fstat(self._disk).st_size < size:
             os.ftruncate(self._disk, size)
+        self._direct = DirectWriter(target)  # long aligned runs skip the page cache
 
         self._rec = _Record()
         self._rbuf = bytearray(1 << 20)
@@ -212,6 +214,7 @@ class JournaledDisk(_Mover, DiskApplier):
 
     def close(self) -> None:
         self._close_read_fds()
+        self._direct.close()
         for fd in (self._seg_fd, self._redo_fd, self._disk, self._lock_fd):
             if fd >= 0:
                 os.close(fd)

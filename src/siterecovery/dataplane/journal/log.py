@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from siterecovery.dataplane.direct_write import DirectWriter
 from siterecovery.dataplane.fileio import (
     fsync_dir,
     punch_or_zero,
@@ -61,6 +62,7 @@ class _JournalLog:
     paused: Problem | None
     _lock_fd: int
     _disk: int
+    _direct: DirectWriter
     _rec: _Record
     _rbuf: bytearray
     _hdr: bytearray
@@ -173,7 +175,7 @@ class _JournalLog:
             self._write_jbuf(sync=False)
             return
         self._write_jbuf(sync=True)
-        self._disk_io(self._pending.drain)
+        self._disk_io(self._pending.drain, self._direct)
 
     def _drop_streamed(self) -> None:
         """Drop the durable pages of streamed runs from the page cache, once they add up to
@@ -194,7 +196,7 @@ class _JournalLog:
             end = offset + length
         streamed.clear()
 
-    def _disk_io(self, fn: Callable[..., None], *args: int) -> None:
+    def _disk_io(self, fn: Callable[..., None], *args: object) -> None:
         try:
             fn(self._disk, *args)
         except OSError as exc:

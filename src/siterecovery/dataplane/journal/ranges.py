@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
+from siterecovery.dataplane.direct_write import DirectWriter
 from siterecovery.dataplane.fileio import pwritev_all
 
 # A drained run at least this long is a streaming write (a sync's blocks, a guest's large
@@ -71,8 +72,9 @@ class _Pending:
         self.bufs[i:j] = [merged]
         self.nbytes += len(merged)
 
-    def drain(self, fd: int) -> None:
-        """Write everything, one pwritev per run of adjacent ranges."""
+    def drain(self, fd: int, direct: DirectWriter | None = None) -> None:
+        """Write everything, one pwritev per run of adjacent ranges; a long aligned run through
+        `direct` instead (past the page cache, `direct_write.py`)."""
         k, n = 0, len(self.starts)
         while k < n:
             run_end = k + 1
@@ -82,8 +84,12 @@ class _Pending:
                 and self.starts[run_end] == self.starts[run_end - 1] + len(self.bufs[run_end - 1])
             ):
                 run_end += 1
-            pwritev_all(fd, self.bufs[k:run_end], self.starts[k])
             run = self.starts[run_end - 1] + len(self.bufs[run_end - 1]) - self.starts[k]
+            bufs = self.bufs[k:run_end]
+            if direct is not None and direct.fits(self.starts[k], run) and direct.write(bufs, self.starts[k]):
+                k = run_end
+                continue  # nothing entered the page cache: nothing to drop
+            pwritev_all(fd, bufs, self.starts[k])
             if run >= STREAM_RUN:
                 self.streamed.append((self.starts[k], run))
             k = run_end

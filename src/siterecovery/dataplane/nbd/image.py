@@ -12,11 +12,18 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from siterecovery.dataplane.before_image import BeforeImageLog
-from siterecovery.dataplane.capture import BatchSink, CaptureSink, SettlingSink, WriteIntent
+from siterecovery.dataplane.capture import (
+    BatchSink,
+    CaptureSink,
+    LoadAwareSink,
+    SettlingSink,
+    WriteIntent,
+)
 from siterecovery.dataplane.fileio import FALLOC_FL_KEEP_SIZE as _FALLOC_FL_KEEP_SIZE
 from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUNCH_HOLE
 from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
@@ -25,6 +32,33 @@ from siterecovery.dataplane.fileio import fallocate as _fallocate
 from siterecovery.dataplane.fileio import is_zero, pread_zero_filled
 from siterecovery.dataplane.nbd.wire import MIN_BLOCK_SIZE, STATE_HOLE, STATE_ZERO
 from siterecovery.errors import Problem, SiteRecoveryError, Status
+
+LOAD_WINDOW = 0.1  # s: how often a load-aware sink hears the export's busy share
+
+
+class BusyMeter:
+    """The share of wall time the export's event-loop thread spends handling requests.
+
+    The connections add each stretch of work (from the start of a receive to the replies handed
+    over); once a window has passed, the sink hears the share of it that was work. Time between
+    stretches is the loop waiting for requests: an export that is never waiting is saturated.
+    Called from the event-loop thread only.
+    """
+
+    def __init__(self, report: Callable[[float, float], None], window: float | None = None) -> None:
+        self._report = report
+        self._window = LOAD_WINDOW if window is None else window
+        self._start = 0.0  # the window's start (monotonic); 0: none yet
+        self._busy = 0.0
+
+    def add(self, begin: float, end: float) -> None:
+        if not self._start:
+            self._start = begin
+        self._busy += end - begin
+        span = end - self._start
+        if span >= self._window and span > 0:
+            self._report(min(1.0, self._busy / span), end)
+            self._start, self._busy = end, 0.0
 
 
 def refused(code: str, message: str, remediation: str) -> SiteRecoveryError:
@@ -99,6 +133,8 @@ class ExportImage:
         self.settle = export.sink.settle if isinstance(export.sink, SettlingSink) else None
         self._record_writes = export.sink.record_writes if isinstance(export.sink, BatchSink) else None
         self.intent = export.intent
+        sink = export.sink
+        self.meter = BusyMeter(sink.export_load) if isinstance(sink, LoadAwareSink) else None
         self.can_punch = _fallocate is not None
         # A snapshot of the disk is kept as a before-image log: old chunks go there before writes.
         self.before: BeforeImageLog | None = None

@@ -1,0 +1,118 @@
+"""The export tells its sender when it is saturated, and the sender holds its spooled frames back.
+
+The agent's NBD export measures the share of wall time its thread spends on requests
+(`nbd.image.BusyMeter`, fed by every connection); the pair publishes "saturated until" in the
+spool's shared tail, and the sender child (reading its own mapping of the tail) holds spooled
+frames back while it is set, for at most `HOLD_MAX` at a stretch. The clock of the sender's hold is
+injected: nothing here depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+from tests.nbd.conftest import RecordingSink, make_image
+
+from siterecovery.dataplane.assignments import DiskReplication
+from siterecovery.dataplane.nbd import image as nbd_image
+from siterecovery.dataplane.nbd.image import BusyMeter, Export
+from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
+from siterecovery.dataplane.nbd_client import NbdClient
+from siterecovery.dataplane.remote_pair import RemotePair
+from siterecovery.dataplane.replica import SATURATED, SATURATED_HOLD, PairReplication
+from siterecovery.dataplane.sender import HOLD_MAX, PairSender
+
+
+class LoadRecordingSink(RecordingSink):
+    """A real load-aware sink (`LoadAwareSink`) that keeps the loads it hears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[tuple[float, float]] = []
+
+    def export_load(self, busy: float, now: float) -> None:
+        self.loads.append((busy, now))
+
+
+def test_busy_meter_reports_the_share_of_each_window_spent_on_requests() -> None:
+    heard: list[tuple[float, float]] = []
+    meter = BusyMeter(lambda busy, now: heard.append((busy, now)), window=1.0)
+    meter.add(10.0, 10.3)
+    meter.add(10.5, 10.8)  # 0.8 s into the window: not reported yet
+    assert heard == []
+    meter.add(10.9, 11.1)  # 0.3 + 0.3 + 0.2 of 1.1 s
+    assert len(heard) == 1 and heard[0][0] == pytest.approx(0.8 / 1.1) and heard[0][1] == 11.1
+    meter.add(15.0, 15.1)  # after an idle stretch: a small share
+    assert heard[1][0] == pytest.approx(0.1 / 4.0)
+
+
+def test_the_export_reports_its_load_while_it_serves_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nbd_image, "LOAD_WINDOW", 0.0)  # every stretch of work is a window
+    image = make_image(tmp_path / "disk.img")
+    sink = LoadRecordingSink()
+    sock = Path(f"/tmp/nbd-load-{os.getpid()}.sock")
+    with (
+        run_nbd_server_in_thread([Export.for_image("disk", image, sink)], unix=sock),
+        NbdClient.connect("disk", unix=sock, structured=False) as client,
+    ):
+        for n in range(8):
+            client.pwrite(os.urandom(65536), n * 65536)
+    assert len(sink.records) == 8 and sink.loads
+    assert all(0.0 <= busy <= 1.0 for busy, _ in sink.loads)
+    assert [now for _, now in sink.loads] == sorted(now for _, now in sink.loads)
+
+
+def _never(_msg: object) -> None:
+    raise AssertionError("the hold asks nothing of the agent")
+
+
+def test_sender_holds_spooled_frames_while_the_export_is_saturated(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
+    pair = PairReplication(spec, image, tmp_path / "agent")
+    # The sender child's view: its own mapping of the same tail file.
+    remote = RemotePair(spec, image, pair.dir, pair.size, _never)
+    sender = PairSender(remote, ssl.create_default_context, "agent")
+    now = [100.0]
+    sender.clock = lambda: now[0]
+    assert not sender._holding()  # nothing published yet: send
+
+    pair.export_load(SATURATED - 0.05, now[0])
+    assert not sender._holding() and remote.tail.busy == pytest.approx(SATURATED - 0.05)
+    pair.export_load(SATURATED, now[0])
+    assert not sender._holding()  # one busy window alone: a client's short burst
+    pair.export_load(0.5, now[0])
+    pair.export_load(SATURATED, now[0])
+    assert not sender._holding()
+    pair.export_load(SATURATED, now[0])  # the second in a row
+    assert sender._holding()
+    # A calmer window does not end it at once; it ends SATURATED_HOLD after the last busy one.
+    now[0] += SATURATED_HOLD / 2
+    pair.export_load(0.1, now[0])
+    assert sender._holding()
+    now[0] += SATURATED_HOLD
+    assert not sender._holding()
+
+    # A stretch of saturation longer than HOLD_MAX: frames go out again after HOLD_MAX.
+    pair.export_load(0.95, now[0])
+    now[0] += 0.1
+    start = now[0]
+    while now[0] < start + HOLD_MAX + 1:
+        pair.export_load(0.95, now[0])
+        assert sender._holding() == (now[0] - start < HOLD_MAX)
+        now[0] += 0.25
+    # Once the export is calm again the next saturated stretch is held afresh.
+    now[0] += SATURATED_HOLD + 1
+    assert not sender._holding()
+    pair.export_load(0.95, now[0])
+    pair.export_load(0.95, now[0])
+    assert sender._holding()
+    pair.flush()
+    pair.spool.close()

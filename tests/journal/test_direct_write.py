@@ -1,0 +1,71 @@
+"""Long aligned runs go to the replica with O_DIRECT; refusals fall back to buffered writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from siterecovery.dataplane.apply import DirectApplier
+from siterecovery.dataplane.direct_write import ALIGN, DIRECT_MIN, STAGING, DirectWriter
+from tests.journal.conftest import OpenDisk
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(out.stdout.strip())
+
+
+def test_long_runs_skip_the_page_cache_short_ones_do_not(open_disk: OpenDisk, tmp_path: Path) -> None:
+    disk = open_disk(drop_batch=1 << 40)  # never dropped: only a direct write keeps pages out
+    big = os.urandom(STAGING + DIRECT_MIN)  # more than one staging buffer, in two frames
+    half = len(big) // 2
+    disk.apply_write(0, 0, memoryview(big)[:half])
+    disk.apply_write(1, half, memoryview(big)[half:])
+    small = os.urandom(ALIGN)
+    disk.apply_write(2, 8 * DIRECT_MIN, memoryview(small))
+    disk.sync()
+    image = tmp_path / "disk.img"
+    assert _resident(image) == ALIGN  # the short write's page only
+    with open(image, "rb") as f:
+        assert f.read(len(big)) == big
+        f.seek(8 * DIRECT_MIN)
+        assert f.read(ALIGN) == small
+
+
+def test_a_refused_direct_write_leaves_the_run_to_the_buffered_path(tmp_path: Path) -> None:
+    path = tmp_path / "replica.img"
+    path.write_bytes(bytes(4 * DIRECT_MIN))
+    writer = DirectWriter(path)
+    try:
+        assert writer.fits(0, DIRECT_MIN)
+        # The kernel refuses an unaligned O_DIRECT offset (EINVAL): the writer steps aside.
+        assert not writer.write([bytearray(DIRECT_MIN)], 1)
+        assert not writer.fits(0, DIRECT_MIN)
+    finally:
+        writer.close()
+
+
+def test_the_applier_without_a_journal_writes_long_runs_direct(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "replica.img"
+    applier = DirectApplier("p", target, 4 * DIRECT_MIN, state)
+    try:
+        data = os.urandom(DIRECT_MIN)
+        applier.apply_write(0, DIRECT_MIN, memoryview(data))
+        applier.apply_write(1, 3 * DIRECT_MIN, memoryview(data[:ALIGN]))
+        applier.sync()
+    finally:
+        applier.close()
+    assert _resident(target) == ALIGN
+    with open(target, "rb") as f:
+        f.seek(DIRECT_MIN)
+        assert f.read(DIRECT_MIN) == data
+        f.seek(3 * DIRECT_MIN)
+        assert f.read(ALIGN) == data[:ALIGN]
