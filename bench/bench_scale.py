@@ -369,7 +369,14 @@ def _describe(interval: float) -> str:
     return f"agents {AGENT_INTERVAL:g} s, process servers and master targets {SERVER_INTERVAL:g} s (defaults)"
 
 
-def run_level(level: Level, seconds: float, loadgen: int, interval: float, tls: bool = False) -> Result:
+def run_level(
+    level: Level,
+    seconds: float,
+    loadgen: int,
+    interval: float,
+    tls: bool = False,
+    profile: Path | None = None,
+) -> Result:
     result = Result(level)
     with ExitStack() as stack:
         work, url = scratch_database(stack, level.db, "siterecovery-bench-scale-")
@@ -393,6 +400,8 @@ def run_level(level: Level, seconds: float, loadgen: int, interval: float, tls: 
         asyncio.run(register_all(components, passphrase, servers.verify()))
         print(f"  {level}: seeded and registered in {time.monotonic() - started:.0f} s", flush=True)
 
+        if profile is not None:  # py-spy on every server process for the level's whole length
+            stack.callback(servers.profile(profile, f"{level.db}-{level.items}", seconds))
         cpu0, wall0 = servers.cpu_seconds(), time.monotonic()
         self0 = resource.getrusage(resource.RUSAGE_SELF)
         rss = [0.0]
@@ -535,6 +544,11 @@ def main() -> int:
         default=0,
         help="processes running the hollow components (default: 1 per 1,000 components, at most 4)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record each server process with py-spy during each level (collapsed stacks in this folder)",
+    )
     args = parser.parse_args()
     results = []
     for spec in args.levels.split(","):
@@ -542,7 +556,7 @@ def main() -> int:
         print(f"level {spec} ...", flush=True)
         try:
             loadgen = args.loadgen_processes or min(4, max(1, -(-level.components // 1000)))
-            results.append(run_level(level, args.seconds, loadgen, args.interval, args.tls))
+            results.append(run_level(level, args.seconds, loadgen, args.interval, args.tls, args.profile))
         except Exception as exc:  # one level's failure (e.g. no PostgreSQL) must not lose the others
             print(f"  level {spec} failed: {exc!r}", flush=True)
             continue

@@ -9,11 +9,14 @@ server's certificate against that CA (`ca_file`), as a component given `--ca-fil
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -87,6 +90,36 @@ class Servers:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         return total / 1024
+
+    def profile(self, folder: Path, label: str, seconds: float) -> Callable[..., None]:
+        """Record every server process with py-spy (collapsed stacks, `folder/<label>-server<n>.txt`)
+        for `seconds`; returns what waits for the recorders to finish (`interrupt`: stops them now)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        folder.mkdir(parents=True, exist_ok=True)
+        # --gil: only samples holding the GIL (CPU in Python), not threads waiting on the database.
+        options = ["--duration", str(int(seconds)), "--rate", "50", "--format", "raw", "--gil"]
+        options.append("--nonblocking")
+        recorders = [
+            subprocess.Popen(
+                [spy, "record", "--pid", str(p.pid), *options, "-o", str(folder / f"{label}-server{n}.txt")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for n, p in enumerate(self.procs)
+        ]
+
+        def wait(interrupt: bool = False) -> None:
+            for r in recorders:
+                if interrupt:
+                    r.send_signal(signal.SIGINT)  # py-spy writes what it recorded so far
+            for r in recorders:
+                try:
+                    r.wait(seconds + 60)
+                except subprocess.TimeoutExpired:
+                    r.kill()
+                    r.wait()
+
+        return wait
 
     def stop(self) -> None:
         for p in self.procs:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -58,7 +58,39 @@ _RECORDS_LOCK = threading.Lock()
 _RECORDS_MAX = 100_000  # items; beyond that the cache starts again (deleted items leave entries)
 
 
-def _own_items(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord]]:
+def records(s: Session, revs: Iterable[tuple[str, int]]) -> dict[str, ItemRecord]:
+    """The parsed records of these (item id, details_rev), from this process's cache when current.
+
+    An item deleted since its id was read is missing from the answer."""
+    revs = list(revs)
+    with _RECORDS_LOCK:
+        found = {i: _RECORDS[i][1] for i, rev in revs if _RECORDS.get(i, (None,))[0] == rev}
+    stale = [i for i, _ in revs if i not in found]
+    for start in range(0, len(stale), 1000):  # a bounded IN list (a cold process reads them all)
+        parsed: dict[str, tuple[int, ItemRecord]] = {
+            item_id: (rev, ItemRecord.model_validate(details))
+            for item_id, rev, details in cast(
+                Iterable[tuple[str, int, dict[str, Any]]],
+                s.execute(
+                    select(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.details).where(
+                        ReplicatedItem.id.in_(stale[start : start + 1000])
+                    )
+                ),
+            )
+        }
+        with _RECORDS_LOCK:
+            if len(_RECORDS) > _RECORDS_MAX:
+                _RECORDS.clear()
+            _RECORDS.update(parsed)
+        found.update({i: rec for i, (_, rec) in parsed.items()})
+    return found
+
+
+# An item as a desired state reads it: its policy's id and its record.
+Own = tuple[str | None, ItemRecord]
+
+
+def _own_items(s: Session, key: str) -> list[Own]:
     """The items the index lists for component `key`, with their records (in a stable order)."""
     rows = list(
         s.scalars(
@@ -69,35 +101,8 @@ def _own_items(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecor
             .order_by(ReplicatedItem.id)
         )
     )
-    with _RECORDS_LOCK:
-        found = {r.id: _RECORDS[r.id][1] for r in rows if _RECORDS.get(r.id, (None,))[0] == r.details_rev}
-    stale = [r.id for r in rows if r.id not in found]
-    if stale:
-        parsed: dict[str, tuple[int, ItemRecord]] = {
-            item_id: (rev, ItemRecord.model_validate(details))
-            for item_id, rev, details in cast(
-                Iterable[tuple[str, int, dict[str, Any]]],
-                s.execute(
-                    select(ReplicatedItem.id, ReplicatedItem.details_rev, ReplicatedItem.details).where(
-                        ReplicatedItem.id.in_(stale)
-                    )
-                ),
-            )
-        }
-        with _RECORDS_LOCK:
-            if len(_RECORDS) > _RECORDS_MAX:
-                _RECORDS.clear()
-            _RECORDS.update(parsed)
-        found.update({i: rec for i, (_, rec) in parsed.items()})
-    for item in rows:
-        if item.id in found:  # else deleted between the two reads
-            yield item, found[item.id]
-
-
-def _replicating(s: Session, key: str) -> Iterator[tuple[ReplicatedItem, ItemRecord, Replication]]:
-    for item, rec in _own_items(s, key):
-        if rec.replication is not None:
-            yield item, rec, rec.replication
+    found = records(s, ((r.id, r.details_rev) for r in rows))
+    return [(r.policy_id, found[r.id]) for r in rows if r.id in found]  # else deleted meanwhile
 
 
 def _held_or_current(rec: ItemRecord) -> Replication | None:
@@ -107,45 +112,64 @@ def _held_or_current(rec: ItemRecord) -> Replication | None:
     return rec.held.replication if rec.held is not None and rec.held.attached else None
 
 
-class _Lookups:
+class Lookups:
     """Columns of other rows one desired state names, each read once per heartbeat.
 
     Only the columns needed: loading a whole component row would decode its statistics JSON
     (a master target's lists every recovery point of every pair), and the session's identity map
     holds rows weakly, so a row dropped after one use would be read (and decoded) again for the
     next pair. This was most of a process server's heartbeat (one row per pair it relays).
+    A bulk build (`dr.desired_bulk`) gives every row up front (`preloaded`): nothing is read then.
     """
 
-    def __init__(self, s: Session) -> None:
+    def __init__(self, s: Session | None) -> None:
         self.s = s
         self._addresses: dict[str, str] = {}
         self._windows: dict[str | None, tuple[float, float] | None] = {}
+        self._agents: dict[str, str] | None = None  # every agent's id by name, when preloaded
+
+    @classmethod
+    def preloaded(
+        cls, addresses: dict[str, str], windows: dict[str, tuple[float, float]], agents: dict[str, str]
+    ) -> Lookups:
+        """Every component's address, every policy's window and every agent's id, given."""
+        look = cls(None)
+        look._addresses, look._agents = addresses, agents
+        look._windows = {None: None}
+        look._windows.update(windows)
+        return look
 
     def addresses(self, ids: Iterable[str]) -> None:
         wanted = {i for i in ids if i not in self._addresses}
-        if wanted:
+        if wanted and self.s is not None:
             rows = self.s.execute(select(Component.id, Component.address).where(Component.id.in_(wanted)))
             self._addresses.update({i: "" for i in wanted})
             self._addresses.update({i: a for i, a in rows})
 
     def address(self, component_id: str) -> str:
         self.addresses([component_id])
-        return self._addresses[component_id]
+        return self._addresses.get(component_id, "")
 
     def policy(self, policy_id: str | None) -> tuple[float, float] | None:
         """(crash point interval, retention seconds) of a policy, None when there is none."""
         if policy_id not in self._windows:
-            row = self.s.execute(
-                select(Policy.crash_consistent_frequency_seconds, Policy.retention_seconds).where(
-                    Policy.id == policy_id
-                )
-            ).first()
+            row = (
+                None
+                if self.s is None
+                else self.s.execute(
+                    select(Policy.crash_consistent_frequency_seconds, Policy.retention_seconds).where(
+                        Policy.id == policy_id
+                    )
+                ).first()
+            )
             self._windows[policy_id] = None if row is None else (float(row[0]), float(row[1]))
         return self._windows[policy_id]
 
     def agent_ids(self, names: Iterable[str]) -> dict[str, str]:
         wanted = set(names)
-        if not wanted:
+        if self._agents is not None:
+            return {n: self._agents[n] for n in wanted if n in self._agents}
+        if not wanted or self.s is None:
             return {}
         rows = self.s.execute(
             select(Component.name, Component.id).where(
@@ -156,18 +180,24 @@ class _Lookups:
 
 
 def agent_desired(s: Session, agent: Component) -> AgentDesired:
+    own = _own_items(s, agent_key(agent.name))
+    return build_agent(agent.name, own, Lookups(s), revoked_serials(s))
+
+
+def build_agent(name: str, items: list[Own], look: Lookups, revoked: list[str]) -> AgentDesired:
+    """An agent's desired state from its items (`_own_items`), however they were read."""
     replications = []
     bookmarks: list[BookmarkRequest] = []
     crash_interval = DEFAULT_CRASH_INTERVAL
-    look = _Lookups(s)
     own = [
-        (item, rec, rep)
-        for item, rec, rep in _replicating(s, agent_key(agent.name))
-        if agent_name(rep.source_site.value, rep.source_machine) == agent.name
+        (policy_id, rec, rec.replication)
+        for policy_id, rec in items
+        if rec.replication is not None
+        and agent_name(rec.replication.source_site.value, rec.replication.source_machine) == name
     ]
     # Every process server's and master target's address in one statement, not two per item.
     look.addresses(i for _, _, rep in own for i in (rep.process_server, rep.master_target))
-    for item, rec, rep in own:
+    for policy_id, rec, rep in own:
         ps, mt = look.address(rep.process_server), look.address(rep.master_target)
         replications += [
             DiskReplication(
@@ -183,28 +213,35 @@ def agent_desired(s: Session, agent: Component) -> AgentDesired:
             for p in rep.pairs
         ]
         bookmarks += [BookmarkRequest(tag=b.tag, kind=b.kind, freeze=b.freeze) for b in rec.bookmarks]
-        policy = look.policy(item.policy_id)
+        policy = look.policy(policy_id)
         if policy is not None:
             crash_interval = min(crash_interval, policy[0])
     return AgentDesired(
         replications=replications,
         bookmarks=bookmarks,
         crash_interval_seconds=crash_interval,
-        revoked=revoked_serials(s),
+        revoked=revoked,
     )
 
 
 def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
+    refresh = int(mt.desired.get("refresh", 0))
+    return build_master_target(mt.id, refresh, _own_items(s, mt.id), Lookups(s), revoked_serials(s))
+
+
+def build_master_target(
+    mt_id: str, refresh: int, items: list[Own], look: Lookups, revoked: list[str]
+) -> MasterTargetDesired:
+    """A master target's desired state from its items (`_own_items`), however they were read."""
     disks = []
     copies = []
     retention = ""
     window = 0.0
     discard: list[str] = []
-    look = _Lookups(s)
-    for item, rec in _own_items(s, mt.id):
-        discard += [e.pair_id for e in rec.ended_pairs if e.master_target == mt.id]
+    for policy_id, rec in items:
+        discard += [e.pair_id for e in rec.ended_pairs if e.master_target == mt_id]
         rep = _held_or_current(rec)
-        if rep is None or rep.master_target != mt.id:
+        if rep is None or rep.master_target != mt_id:
             continue
         retention = retention or rep.retention_volume
         disks += [
@@ -225,29 +262,34 @@ def master_target_desired(s: Session, mt: Component) -> MasterTargetDesired:
                 )
                 for c in rec.test.copies
             ]
-        policy = look.policy(item.policy_id)
+        policy = look.policy(policy_id)
         window = max(window, policy[1] if policy is not None else DEFAULT_RETENTION_SECONDS)
     return MasterTargetDesired(
         disks=disks,
         retention_volume=Path(retention) if retention else None,
         retention_seconds=window or DEFAULT_RETENTION_SECONDS,
         copies=copies,
-        refresh=int(mt.desired.get("refresh", 0)),
+        refresh=refresh,
         discard=discard,
-        revoked=revoked_serials(s),
+        revoked=revoked,
     )
 
 
 def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
-    own = list(_own_items(s, ps.id))
-    discard = [e.pair_id for _, rec in own for e in rec.ended_pairs if e.process_server == ps.id]
+    return build_process_server(ps.id, _own_items(s, ps.id), Lookups(s), revoked_serials(s))
+
+
+def build_process_server(
+    ps_id: str, items: list[Own], look: Lookups, revoked: list[str]
+) -> ProcessServerDesired:
+    """A process server's desired state from its items (`_own_items`), however they were read."""
+    discard = [e.pair_id for _, rec in items for e in rec.ended_pairs if e.process_server == ps_id]
     relayed = [
         rec.replication
-        for _, rec in own
-        if rec.replication is not None and rec.replication.process_server == ps.id
+        for _, rec in items
+        if rec.replication is not None and rec.replication.process_server == ps_id
     ]
     # The pairs it relays: each only from the agent of its source, only to its master target.
-    look = _Lookups(s)
     agents = look.agent_ids(agent_name(rep.source_site.value, rep.source_machine) for rep in relayed)
     look.addresses(rep.master_target for rep in relayed)
     pairs = [
@@ -261,7 +303,7 @@ def process_server_desired(s: Session, ps: Component) -> ProcessServerDesired:
         for rep in relayed
         for p in rep.pairs
     ]
-    return ProcessServerDesired(pairs=pairs, discard=discard, revoked=revoked_serials(s))
+    return ProcessServerDesired(pairs=pairs, discard=discard, revoked=revoked)
 
 
 def desired_for(s: Session, component: Component) -> dict[str, Any]:
@@ -289,10 +331,11 @@ class Desired:
     version: str
 
 
-# (database URL, component id) -> (epoch, when computed, desired). Also dropped after
-# CACHE_SECONDS: the one input that changes with time alone is the revoked serials, whose expired
+# (database URL, component id) -> (epoch, until when: monotonic, desired). A state is dropped at
+# that time: the one input that changes with time alone is the revoked serials, whose expired
 # entries leave the list (an expired certificate fails TLS anyway, so keeping it a minute longer
-# is harmless).
+# is harmless). A single build keeps its state CACHE_SECONDS; a bulk build (`dr.desired_bulk`)
+# knows when the first revoked serial it listed expires and keeps its states until then.
 _DESIRED: dict[tuple[str, str], tuple[int, float, Desired]] = {}
 _DESIRED_LOCK = threading.Lock()
 CACHE_SECONDS = 60.0
@@ -302,16 +345,19 @@ def cached_desired(db_url: str, component_id: str, epoch: int) -> Desired | None
     """The desired state computed under this epoch, if this process holds one."""
     with _DESIRED_LOCK:
         found = _DESIRED.get((db_url, component_id))
-    if found is None or found[0] != epoch or time.monotonic() - found[1] > CACHE_SECONDS:
+    if found is None or found[0] != epoch or time.monotonic() > found[1]:
         return None
     return found[2]
 
 
-def remember_desired(db_url: str, component_id: str, epoch: int, state: dict[str, Any]) -> Desired:
-    """Keep a desired state computed after reading `epoch` (read first: see store.desired_epoch)."""
+def remember_desired(
+    db_url: str, component_id: str, epoch: int, state: dict[str, Any], keep: float = CACHE_SECONDS
+) -> Desired:
+    """Keep a desired state computed after reading `epoch` (read first: see store.desired_epoch)
+    for `keep` seconds at most."""
     desired = Desired(state, version_of(state))
     with _DESIRED_LOCK:
         if len(_DESIRED) > _RECORDS_MAX:  # removed components leave entries
             _DESIRED.clear()
-        _DESIRED[(db_url, component_id)] = (epoch, time.monotonic(), desired)
+        _DESIRED[(db_url, component_id)] = (epoch, time.monotonic() + keep, desired)
     return desired

@@ -14,6 +14,7 @@ from siterecovery.control.reports import validated_stats
 from siterecovery.control.schemas import Heartbeat, HeartbeatReply, Registered, Registration, ServerOut
 from siterecovery.control.throttle import THROTTLE
 from siterecovery.dr.desired import Desired, cached_desired, desired_for, remember_desired
+from siterecovery.dr.desired_bulk import cold_desired
 from siterecovery.errors import Problem, SiteRecoveryError, Status, not_found
 from siterecovery.store import certificates
 from siterecovery.store.context import ControlPlane, current
@@ -153,6 +154,9 @@ def _heartbeat(cp: ControlPlane, who: Principal, component_id: str, body: Heartb
 
 def _desired(cp: ControlPlane, component_id: str, epoch: int) -> Desired:
     """Compute a component's desired state (after its report read `epoch`) and keep it."""
+    built = cold_desired(cp.db, component_id, epoch)  # every component's at once, when due
+    if built is not None:
+        return built
     with cp.db.session() as s:
         # Without its statistics: the writer has stored them, and decoding them again here (a
         # master target's list every recovery point of every pair) would be most of the cost.
