@@ -2,7 +2,7 @@
 
 `python -m tests.journal.crash_child <dir> <mode>`; exits 3 if the crash state it was asked to
 reach was not reached (so the test cannot pass vacuously). `build` is shared with the test, which
-regenerates the identical stream to check what the reopened journal holds.
+regenerates the identical stream to check what the reopened journal holds; `resident_bytes` too.
 """
 
 from __future__ import annotations

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from siterecovery.dataplane.apply import DirectApplier
 from siterecovery.dataplane.direct_write import ALIGN, DIRECT_MIN, STAGING, DirectWriter
 from tests.journal.conftest import OpenDisk
-
-
-def _resident(path: Path) -> int:
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(out.stdout.strip())
+from tests.journal.crash_child import resident_bytes
 
 
 def test_long_runs_skip_the_page_cache_short_ones_do_not(open_disk: OpenDisk, tmp_path: Path) -> None:
@@ -31,7 +21,7 @@ def test_long_runs_skip_the_page_cache_short_ones_do_not(open_disk: OpenDisk, tm
     disk.apply_write(2, 8 * DIRECT_MIN, memoryview(small))
     disk.sync()
     image = tmp_path / "disk.img"
-    assert _resident(image) == ALIGN  # the short write's page only
+    assert resident_bytes(image) == ALIGN  # the short write's page only
     with open(image, "rb") as f:
         assert f.read(len(big)) == big
         f.seek(8 * DIRECT_MIN)
@@ -63,7 +53,7 @@ def test_the_applier_without_a_journal_writes_long_runs_direct(tmp_path: Path) -
         applier.sync()
     finally:
         applier.close()
-    assert _resident(target) == ALIGN
+    assert resident_bytes(target) == ALIGN
     with open(target, "rb") as f:
         f.seek(DIRECT_MIN)
         assert f.read(DIRECT_MIN) == data

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from siterecovery.dataplane.journal.ranges import STREAM_RUN
 from tests.journal.conftest import OpenDisk
+from tests.journal.crash_child import resident_bytes
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _resident_bytes(path: Path) -> int:
-    """Bytes of `path` in the page cache (util-linux `fincore`)."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(out.stdout.strip())
 
 
 def test_streamed_writes_leave_the_page_cache_once_durable(open_disk: OpenDisk, tmp_path: Path) -> None:
@@ -35,7 +24,7 @@ def test_streamed_writes_leave_the_page_cache_once_durable(open_disk: OpenDisk, 
     disk.apply_write(4, 8 * STREAM_RUN, memoryview(small))  # a small write: its page may stay
     image = tmp_path / "disk.img"
     disk.sync()
-    assert _resident_bytes(image) <= PAGE, "the streamed runs' pages stayed in the page cache"
+    assert resident_bytes(image) <= PAGE, "the streamed runs' pages stayed in the page cache"
     with open(image, "rb") as f:  # and the bytes are on the disk
         assert f.read(len(data)) == data
         f.seek(8 * STREAM_RUN)
