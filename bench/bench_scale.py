@@ -467,6 +467,8 @@ def row(r: Result) -> str:
     comps = f"{lv.items:,} + {lv.servers} + {lv.servers}"
     answered = r.heartbeats_answered
     per_beat = f"{1000 * r.server_cpu_seconds / answered:.1f} ms" if answered else "—"
+    if r.shed and answered:  # a shed heartbeat costs CPU too: per answer, 503s included
+        per_beat += f" ({1000 * r.server_cpu_seconds / (answered + r.shed):.1f} ms)"
     return (
         f"| {db} | {items} | {comps} | {hb} "
         f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
@@ -521,7 +523,9 @@ cores as the server(s) — and the build box is shared with other work while thi
 CPU use is shown (all its processes, in % of one core; the number of processes in brackets). *Server
 CPU per heartbeat* is the server processes' CPU time divided by the heartbeats answered over the run
 — the monitor's passes and the item-list load included, so it is an upper bound of a heartbeat's own
-cost. RPO monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item
+cost; when some were shed, the figure in brackets divides by every answer, 503s included (a shed
+heartbeat costs CPU too, much less than an answered one). RPO monitor pass: the leader's own timing of
+its recent passes (`GET /api/cluster/self`). Item
 list: each page is 100 items with their full records (`?limit=100`), the whole list paged through by
 `X-Next-After`; p99 is per page."""
 
