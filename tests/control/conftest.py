@@ -116,9 +116,11 @@ class ConfigServer:
 
 
 @contextmanager
-def running_config_server(directory: Path) -> Iterator[ConfigServer]:
-    """A configuration server on a free port with its state and log in `directory`, stopped after."""
-    server = ConfigServer(state_dir=directory / "state", port=free_port(), log=directory / "server.log")
+def running_config_server(directory: Path, extra_env: dict[str, str] | None = None) -> Iterator[ConfigServer]:
+    """A configuration server on a free port with its state and log in `directory` (and `extra_env` in
+    its environment), stopped after."""
+    log = directory / "server.log"
+    server = ConfigServer(state_dir=directory / "state", port=free_port(), log=log, extra_env=extra_env or {})
     server.start()
     try:
         yield server

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port, run_cli
-from tests.control.conftest import ConfigServer
+from tests.conftest import run_cli
+from tests.control.conftest import ConfigServer, running_config_server
 
 BODY_LIMIT = 1024 * 1024
 
@@ -26,18 +26,9 @@ BODY_LIMIT = 1024 * 1024
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module, with a 1 MiB body limit."""
-    tmp = tmp_path_factory.mktemp("edge")
-    server = ConfigServer(
-        state_dir=tmp / "state",
-        port=free_port(),
-        log=tmp / "server.log",
-        extra_env={"SITERECOVERY_MAX_BODY_BYTES": str(BODY_LIMIT)},
-    )
-    server.start()
-    try:
+    limit = {"SITERECOVERY_MAX_BODY_BYTES": str(BODY_LIMIT)}
+    with running_config_server(tmp_path_factory.mktemp("edge"), limit) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _problem(resp: httpx.Response, status: int) -> dict[str, Any]:

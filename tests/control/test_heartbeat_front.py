@@ -25,8 +25,7 @@ from siterecovery.config import load_server_config
 from siterecovery.control.api.heartbeat_front import HeartbeatFront
 from siterecovery.server.app import create_app
 from siterecovery.store.context import open_control_plane
-from tests.conftest import free_port
-from tests.control.conftest import ConfigServer
+from tests.control.conftest import ConfigServer, running_config_server
 
 LEAN = "application/json"
 FULL = "application/vnd.siterecovery.test+json"  # JSON to FastAPI, not taken by the lean path
@@ -35,18 +34,9 @@ FULL = "application/vnd.siterecovery.test+json"  # JSON to FastAPI, not taken by
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
     """One server for the module, one heartbeat at a time (so a held heartbeat sheds the next)."""
-    tmp = tmp_path_factory.mktemp("front")
-    cs = ConfigServer(
-        state_dir=tmp / "state",
-        port=free_port(),
-        log=tmp / "server.log",
-        extra_env={"SITERECOVERY_HEARTBEAT_CONCURRENCY": "1"},
-    )
-    cs.start()
-    try:
+    concurrency = {"SITERECOVERY_HEARTBEAT_CONCURRENCY": "1"}
+    with running_config_server(tmp_path_factory.mktemp("front"), concurrency) as cs:
         yield cs
-    finally:
-        cs.stop()
 
 
 def _register(cs: ConfigServer, kind: str, name: str) -> tuple[str, str]:
