@@ -30,11 +30,6 @@ from tests.faults.records import RECORD, RecordWriter
 from tests.faults.report import Report
 
 DATA = "data"  # the second disk: the writer's, nobody else writes it
-# pytest's per-test timeout here: the first scenario also starts the shared deployment, and every
-# wait inside is bounded on its own (the writer's progress, each job, each restart). On a loaded
-# box (load 25-29 on 2 cores) a whole scenario took 300 s, the suite's default, where CI takes
-# 25-45 s; this is only the guard against a hang.
-SCENARIO_TIMEOUT = 900
 POLICY = "faults"
 VOLUME_BYTES = 256 << 20  # mt-cloud's retention volume
 
@@ -65,13 +60,6 @@ class FaultSite:
     def writer(self, machine: str) -> RecordWriter:
         sock = runtime.agent_socket(runtime.run_dir(self.env.lab_dir, "onprem", machine), DATA)
         return RecordWriter(sock, DATA, capacity=data_disk_bytes(self.options) // RECORD)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if item.path.parent == here and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(SCENARIO_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
