@@ -1,15 +1,14 @@
 """The process server: receives agents' frames, caches them durably, forwards them to master targets.
 
 Each pair has a disk cache (a `SegmentLog` under `<cache_dir>/<pair_id>/`). A frame from an agent is
-verified (header CRC, payload digest) and either held in memory, while the link to the master
-target is up and the cache holds nothing still to forward (`ps_inflight.py`: forwarded from memory
-and acknowledged to the agent on the master target's ACK), or appended to the cache and
-acknowledged to the agent after the cache is fsynced (the fsync and the ACK run on their own
-thread, `ps_acks.py`, so receiving goes on meanwhile). Either way PS-1 holds: nothing acknowledged
-is lost if the process server crashes. A forwarder thread per pair streams the cache, then the
-frames held, to the master target named in the agent's HELLO and frees cache segments only on the
-master target's ACK. Resync requests and digests are relayed
-between the two sessions without caching (they are queries, not data).
+verified (header CRC, payload digest) and either held in memory while the link to the master
+target is up and the cache holds nothing still to forward (`ps_inflight.py`: acknowledged to the
+agent on the master target's ACK), or appended to the cache and acknowledged to the agent after
+the cache is fsynced (on a thread of its own, `ps_acks.py`). Either way PS-1 holds: nothing
+acknowledged is lost if the process server crashes. A forwarder thread per pair streams the cache,
+then the frames held, to the master target named in the agent's HELLO (`ps_forward.py`) and frees
+cache segments only on the master target's ACK. Resync requests and digests are relayed between
+the two sessions without caching (they are queries, not data).
 
 A cache found damaged on open (a bad frame header followed by intact frames, `segment_log.py`) lost
 frames of unknown ranges: the forwarder sends a header-only MISSING|RESYNC frame in their place (the
@@ -63,7 +62,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.ps_acks import Acker
 from siterecovery.dataplane.ps_forward import Stream
-from siterecovery.dataplane.ps_inflight import Budget, Held
+from siterecovery.dataplane.ps_inflight import Budget, Held, own_buffer
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -171,12 +170,13 @@ class PairRelay:
         """Hold a received data frame in memory (`ps_inflight.py`) or append it to the cache."""
         stream = self._stream
         if stream is not None and (len(self.held) or stream.sent >= self.cache.last_seq):
-            buf = bytearray(HEADER_SIZE + h.payload_len)
+            buf = frame.buffer  # received into a buffer of its own (`own_buffer`): kept, not copied
+            if buf is None:
+                buf = bytearray(HEADER_SIZE + h.payload_len)
+                buf[HEADER_SIZE:] = frame.wire
             pack_header(buf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
-            buf[HEADER_SIZE:] = frame.wire
             if self.held.hold(h, buf):
-                with self.cache.appended:
-                    self.cache.appended.notify_all()  # the forwarder waits there
+                stream.wake()
                 return
         self.spill()
         pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
@@ -526,7 +526,7 @@ class ProcessServer:
         unacked = 0
         while True:
             try:
-                frame = reader.read()
+                frame = reader.read(own_buffer)
             except CorruptFrame as exc:
                 with session.lock:
                     session.writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)

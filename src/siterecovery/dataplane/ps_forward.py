@@ -60,6 +60,13 @@ class Stream:
             e.seq for e in refusals.entries() if e.resync and not e.healed and e.hop is RefusedHop.CACHE
         )
         self._batch = bytearray()
+        self._waiting = False  # the stream waits for a frame (under the cache's lock)
+
+    def wake(self) -> None:
+        """A frame was held for the stream: wake it if it waits (a notify per frame cost more)."""
+        if self._waiting:
+            with self._cache.appended:
+                self._cache.appended.notify_all()
 
     def run(
         self, running: Callable[[], bool], repair: Callable[[], None], note: Callable[[int], None]
@@ -87,8 +94,11 @@ class Stream:
                     continue
                 self._send_batch()
                 with self._cache.appended:
-                    if self._held.last_seq <= self.sent:  # a frame held since notifies under this lock
+                    # Waiting is set before the check: `wake` after a frame held since then sees it.
+                    self._waiting = True
+                    if self._held.last_seq <= self.sent:
                         self._cache.appended.wait(0.2)
+                    self._waiting = False
         finally:
             cursor.close()
 
