@@ -119,7 +119,7 @@ class PairRelay:
         self.mt_id = ""  # the master target's component id, once assigned (its certificate must match)
         self.size = 0
         self._save_meta()
-        self.agent: _Session | None = None
+        self.sessions: list[_Session] = []  # the agent's live sessions, newest last
         self.refusals = RefusalLog(pair_id, self.dir)
         self._take_over_damage()
         self._mt_writer: FrameWriter | None = None
@@ -213,7 +213,7 @@ class PairRelay:
             self.refusals.acked(seq)
             if self.held.release(seq):
                 # Frames held in memory are acknowledged only now: applied durably downstream.
-                self._relay_to_agent(FrameType.ACK, seq, 0, 0, memoryview(b""))
+                self._relay_to_agent(FrameType.ACK, seq, 0, 0, memoryview(b""), every=True)
 
     def on_mt_refused(self, seq: int) -> None:
         """The master target NACKed frame `seq`: resend an intact copy; drop a damaged one and ask
@@ -260,18 +260,18 @@ class PairRelay:
         length: int,
         payload: memoryview,
         flags: Flag = Flag.NONE,
+        every: bool = False,
     ) -> None:
-        session = self.agent
-        if session is None:
-            return
-        with session.lock:
-            try:
-                idx = session.pairs.index(self.pair_id)
-                session.writer.send(
-                    ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
-                )
-            except (OSError, ValueError) as exc:
-                log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
+        """Send to the agent's newest session, or to `every` live one (an ACK: whichever sent it)."""
+        for session in list(self.sessions) if every else self.sessions[-1:]:
+            with session.lock:
+                try:
+                    idx = session.pairs.index(self.pair_id)
+                    session.writer.send(
+                        ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
+                    )
+                except (OSError, ValueError) as exc:
+                    log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
 
     def _forward_loop(self) -> None:
         PAIR_ID.set(self.pair_id)  # this thread's log lines name the pair
@@ -443,12 +443,11 @@ class ProcessServer:
                 self._relay(pair_id, assignment.master_target, assignment)
         # A session whose agent was revoked or lost the pair ends now, not at its next HELLO.
         for live in list(self._relays.values()):
-            session, now = live.agent, self._assigned.get(live.pair_id)
-            if session is not None and (
-                session.peer.serial in self.revoked or now is None or now.agent != session.peer.id
-            ):
-                with contextlib.suppress(OSError, ValueError):
-                    session.sock.shutdown(2)
+            now = self._assigned.get(live.pair_id)
+            for session in list(live.sessions):
+                if session.peer.serial in self.revoked or now is None or now.agent != session.peer.id:
+                    with contextlib.suppress(OSError, ValueError):
+                        session.sock.shutdown(2)
         for pair_id in desired.discard:
             if pair_id in self._discarded or not valid_identifier(pair_id):
                 continue
@@ -476,7 +475,7 @@ class ProcessServer:
         relays = [self._relay(a.pair_id, a.master_target or hello.master_target or "", a) for a in assigned]
         session = _Session(sock, list(hello.pairs), peer)
         for relay in relays:
-            relay.agent = session
+            relay.sessions.append(session)
         with session.lock:
             session.writer.send_model(
                 FrameType.HELLO, HelloReply(acked={r.pair_id: r.synced_seq() for r in relays})
@@ -487,8 +486,7 @@ class ProcessServer:
             self._receive(reader, session, relays)
         finally:
             for relay in relays:
-                if relay.agent is session:
-                    relay.agent = None
+                relay.sessions.remove(session)
 
     def _refuse(self, writer: FrameWriter, peer: Peer, problem: Problem, pair_id: str = "") -> None:
         if problem.code == "pair-not-assigned":
