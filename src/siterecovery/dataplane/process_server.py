@@ -62,7 +62,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.ps_acks import Acker
 from siterecovery.dataplane.ps_forward import Stream
-from siterecovery.dataplane.ps_inflight import Budget, Held, own_buffer
+from siterecovery.dataplane.ps_inflight import HOLD_BEHIND, Budget, Held, own_buffer
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -109,6 +109,7 @@ class PairRelay:
         self.cache = SegmentLog(self.dir)
         self.held = Held(server.budget)  # frames forwarded from memory (`ps_inflight.py`)
         self._stream: Stream | None = None  # while the link to the master target is up
+        self._caching = False  # cache, not hold, until the forwarder caught up
         self._meta = self.dir / "meta.json"
         self.mt_acked = -1
         if self._meta.exists():
@@ -126,7 +127,6 @@ class PairRelay:
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
         self._mt_up = threading.Event()
-        self.forwarded_bytes = 0
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name=f"ps-fwd-{pair_id}", daemon=True)
         self._thread.start()
@@ -159,9 +159,8 @@ class PairRelay:
         return max(self.cache.last_seq, self.mt_acked, self.held.last_seq)
 
     def synced_seq(self) -> int:
-        """Sync the cache; the newest sequence held durably (every one before it is too): cached
-        before the sync, or applied downstream. Frames held in memory are newer than every cached
-        one, so this never covers a held frame the master target has not acknowledged."""
+        """Sync the cache; the newest sequence durable with all before it: cached before the sync or
+        applied downstream (never a held frame: held frames are newer than every cached one)."""
         last = self.cache.last_seq
         self.cache.sync()
         return max(last, self.mt_acked)
@@ -169,7 +168,9 @@ class PairRelay:
     def take(self, h: Header, frame: Frame, hbuf: bytearray) -> None:
         """Hold a received data frame in memory (`ps_inflight.py`) or append it to the cache."""
         stream = self._stream
-        if stream is not None and (len(self.held) or stream.sent >= self.cache.last_seq):
+        if stream is not None and self._caching and stream.sent >= self.cache.last_seq:
+            self._caching = False  # the forwarder caught up with the cache
+        if stream is not None and not self._caching:
             buf = frame.buffer  # received into a buffer of its own (`own_buffer`): kept, not copied
             if buf is None:
                 buf = bytearray(HEADER_SIZE + h.payload_len)
@@ -178,12 +179,15 @@ class PairRelay:
             if self.held.hold(h, buf):
                 stream.wake()
                 return
+            self._caching = True  # no room for ROOM_WAIT: cache until the forwarder caught up
+        elif stream is None and not self._caching and self.cache.bytes_used > HOLD_BEHIND:
+            self._caching = True  # the link is down for longer: its backlog goes first, cached
         self.spill()
         pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
         self.cache.append(h.seq, hbuf, frame.wire)
 
     def spill(self) -> None:
-        """Append the frames held in memory to the cache, in order (the next sync covers them)."""
+        """Append the frames held to the cache, in order (the next sync covers them)."""
         for h, buf in self.held.spill():
             if h.seq > self.mt_acked and h.seq > self.cache.last_seq:
                 with memoryview(buf) as view:
@@ -327,15 +331,12 @@ class PairRelay:
         stream = Stream(self.cache, self.held, self.refusals, writer, self._mt_lock, self.mt_acked)
         try:
             self._stream = stream  # frames may be held in memory from now on (`take`)
-            stream.run(lambda: not self._stopping and not broken.is_set(), self._repair_cache, self._note)
+            running = lambda: not self._stopping and not broken.is_set()  # noqa: E731
+            stream.run(running, self._repair_cache, self.server.note_forwarded)
         finally:
             self._stream = None
             sock.close()
             acks.join(timeout=5)
-
-    def _note(self, n: int) -> None:
-        self.forwarded_bytes += n
-        self.server.note_forwarded(n)
 
     def _read_mt(self, reader: FrameReader, sock: ssl.SSLSocket, broken: threading.Event) -> None:
         try:

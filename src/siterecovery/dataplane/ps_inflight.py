@@ -7,18 +7,20 @@ acknowledge a frame the agent can always send again: until the process server ac
 a sync's block stays on the agent's disk and a captured write in its spool, and after a
 reconnect the agent resends everything after the acknowledged sequence (issue 16).
 
-So while a pair's link to the master target is up and its cache holds nothing still to forward, a
-received frame is held here instead of being cached: the forwarder sends it from memory, and it is
+So while a pair's link to the master target is up, a received frame is held here instead of being
+cached: the forwarder sends it from memory, after whatever the cache still holds, and it is
 acknowledged to the agent only once the master target acknowledged it (durably applied to the
-replica). PS-1 holds: nothing acknowledged lives only in memory. A process server that crashes
-loses the held frames; the agent, never told they were durable, resends them.
+replica). When the pair's budget is used, the receive thread waits for room: the agent is slowed
+to the master target's pace, as `nbdcopy`'s source is to its destination's. PS-1 holds: nothing
+acknowledged lives only in memory. A process server that crashes loses the held frames; the agent,
+never told they were durable, resends them.
 
-Held frames are always the newest of the pair (a frame is held only while the cache is forwarded
-up to its end, and once a frame is held the following ones are held too), so a pair's cache and
-its held frames together are its sequence in order: cached frames first. When the link drops, or
-the frames held reach the pair's or the process server's budget and the master target has not
-made room for `ROOM_WAIT` seconds, everything held is *spilled* — appended to the cache in order —
-and from then on frames are cached as before, until the forwarder has caught up again.
+Held frames are always the newest of the pair: a frame is cached only after everything held was
+*spilled* — appended to the cache in order — so a pair's cache and its held frames together are
+its sequence in order, cached frames first. Frames are spilled and cached while the link is down,
+and when the master target has made no room for `ROOM_WAIT` seconds; after that, and after a link
+down long enough to cache more than `HOLD_BEHIND`, frames are cached until the forwarder has caught
+up with the cache (the cache absorbs a stalled master target, as before).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ PAIR_BUDGET = 96 << 20
 SERVER_BUDGET = 384 << 20
 # How long a receive thread waits for the master target to make room before it spills.
 ROOM_WAIT = 1.0
+# Frames are held behind at most this much still cached (those cached before the link came up).
+HOLD_BEHIND = 32 << 20
 OWN_BUFFER = 64 << 10  # data frames with at least this much payload are received into their own buffer
 
 
