@@ -177,7 +177,8 @@ def sync_once(
     `on_start` is called with the processes' ids once the clock runs (e.g. to attach a profiler);
     `startup`, if given, receives the seconds from the clock's start until the agent's statistics
     first show bytes sent (its sender child started and connected: a fixed cost the peer's C
-    `nbdcopy` hardly has; sampled every 0.02 s from statistics written every 0.05 s).
+    `nbdcopy` hardly has; the sender child reports bytes sent every 0.25 s, the agent writes its
+    statistics every 0.05 s: up to ~0.3 s late).
     """
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
