@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from bench import pg
@@ -440,6 +441,35 @@ def test_a_pass_evaluates_only_the_items_whose_inputs_changed(
     assert monitor.run_pass(cp, now=t0 + 4).evaluated == 1
     assert monitor.run_pass(cp, now=t0 + 5).evaluated == 0
     assert len(evaluate(cp, now=t0 + 5)) == 200  # every item's RPO is still known
+
+
+def test_an_item_page_takes_one_worker_thread_hop(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of items hops to a worker thread once (its read), not three times: the caller's role
+    is checked on the event loop from what the edge found (before, two sync dependencies each
+    waited for the thread pool under load). A component's token is still refused (403)."""
+    cp, http, _ = plane
+    seed(cp, 3)
+    with cp.db.session() as s:
+        token = create_token(s, "reader", Role.READER)
+        component = create_token(s, "a component", Role.COMPONENT)
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    for bearer in (token, component):  # the edge looks each token up once; then it is remembered
+        http.get("/api/replicatedItems", params={"limit": 2}, headers={"Authorization": f"Bearer {bearer}"})
+    hops.clear()
+    r = http.get("/api/replicatedItems", params={"limit": 2}, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert len(hops) == 1, hops
+    refused = http.get("/api/replicatedItems", headers={"Authorization": f"Bearer {component}"})
+    assert refused.status_code == 403, refused.text
 
 
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:
