@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from siterecovery.control.api.deps import reader, reader_now, session
+from siterecovery.control.api.deps import reader_now, session
 from siterecovery.control.api.paging import NEXT_HEADER, page
 from siterecovery.errors import not_found
 from siterecovery.store.context import ControlPlane, current
@@ -165,6 +165,6 @@ def _read_page(
 
 @router.get("/{ident}")
 def show_item(
-    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+    ident: str, _: Principal = Depends(reader_now), s: Session = Depends(session, scope="function")
 ) -> ItemOut:
     return item_view(find_item(s, ident))
