@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+from pathlib import Path
 
-from siterecovery.dataplane.protocol import HEADER_SIZE, Flag, FrameType, Header
+from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.process_server import ProcessServer
+from siterecovery.dataplane.protocol import (
+    HEADER_SIZE,
+    Flag,
+    Frame,
+    FrameType,
+    FrameWriter,
+    Header,
+    encode_frame,
+    parse_header,
+)
+from siterecovery.dataplane.ps_forward import Stream
 from siterecovery.dataplane.ps_inflight import Budget, Held
+from siterecovery.pki import CertificateAuthority
 
 
 def _frame(seq: int, size: int = 4096) -> tuple[Header, bytearray]:
@@ -61,3 +76,47 @@ def test_spill_empties_in_order_and_gives_the_budget_back() -> None:
         held.hold(*_frame(seq), wait=0)
     assert [h.seq for h, _ in held.spill()] == [7, 8, 9]
     assert len(held) == 0 and held.last_seq == -1 and held.bytes == 0 and budget.used == 0
+
+
+def _received(seq: int) -> Frame:
+    raw = encode_frame(FrameType.WRITE, 0, seq, seq * 4096, 4096, bytes([seq % 251 + 1]) * 4096)
+    view = memoryview(raw)
+    return Frame(parse_header(view[:HEADER_SIZE]), view[HEADER_SIZE:], view[HEADER_SIZE:])
+
+
+def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(tmp_path: Path) -> None:
+    """Held frames are never counted durable; once the link is down they go into the cache ahead of
+    the next frame, in order, and a sync then covers them all (PS-1)."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    identity = Identity.in_dir(tmp_path / "ps")
+    identity.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
+    server = ProcessServer(tmp_path / "cache", identity)
+    server.start()
+    relay = server._relay("p1", "")  # no master target named: its forwarder stays idle
+    a, b = socket.socketpair()
+    try:
+        hbuf = bytearray(HEADER_SIZE)
+        relay.take(_received(1).header, _received(1), hbuf)  # link down: cached
+        # The link comes up (the forwarder's stream, not run here, took the cache up to seq 1).
+        stream = Stream(relay.cache, relay.held, relay.refusals, FrameWriter(a), threading.Lock(), 1)
+        relay._stream = stream
+        for seq in (2, 3, 4):
+            frame = _received(seq)
+            relay.take(frame.header, frame, hbuf)
+        assert relay.cache.last_seq == 1 and relay.held.last_seq == 4 and relay.seen_seq == 4
+        assert relay.synced_seq() == 1  # the held frames are not durable: never acknowledged
+        relay._stream = None  # the link drops
+        relay.take(_received(5).header, _received(5), hbuf)
+        assert len(relay.held) == 0 and relay.synced_seq() == 5
+        cursor = relay.cache.cursor(-1)
+        buf = bytearray(HEADER_SIZE + 8192)
+        seqs = []
+        while (item := cursor.next(buf)) is not None:
+            seqs.append(item[0].seq)
+            assert bytes(item[1][HEADER_SIZE:]) == bytes([item[0].seq % 251 + 1]) * 4096
+        cursor.close()
+        assert seqs == [1, 2, 3, 4, 5]
+    finally:
+        a.close()
+        b.close()
+        server.stop()
