@@ -24,6 +24,7 @@ from siterecovery.dataplane.nbd_client import NbdClient
 from siterecovery.dataplane.remote_pair import RemotePair
 from siterecovery.dataplane.replica import SATURATED, SATURATED_HOLD, PairReplication
 from siterecovery.dataplane.sender import HOLD_MAX, PairSender
+from siterecovery.dataplane.spool_tail import SpoolTail
 
 
 class LoadRecordingSink(RecordingSink):
@@ -114,5 +115,34 @@ def test_sender_holds_spooled_frames_while_the_export_is_saturated(tmp_path: Pat
     pair.export_load(0.95, now[0])
     pair.export_load(0.95, now[0])
     assert sender._holding()
+    pair.flush()
+    pair.spool.close()
+
+
+def test_the_tail_tells_a_watcher_what_was_captured_and_how_long_the_sender_held(tmp_path: Path) -> None:
+    """A bench reads both from its own mapping, without a stats round through the agent."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
+    pair = PairReplication(spec, image, tmp_path / "agent")
+    watcher = SpoolTail(pair.dir / "spool.tail")
+    assert watcher.captured == pair.captured_seq and watcher.held == 0.0
+    data = memoryview(os.urandom(8192))
+    pair.record_writes([(0, data[:4096]), (65536, data[4096:])])
+    pair.record_write(131072, data[:4096])
+    pair.settle()
+    assert watcher.captured == pair.captured_seq
+    pair.dirty_mode = True  # past the spool's limit a write is only marked, and still counted
+    pair.record_zero(0, 4096)
+    assert watcher.captured == pair.captured_seq
+
+    remote = RemotePair(spec, image, pair.dir, pair.size, _never)
+    sender = PairSender(remote, ssl.create_default_context, "agent")
+    ticks = iter([10.0, 10.5, 20.0, 20.25])
+    sender.clock = lambda: next(ticks)
+    sender._wait_held()
+    sender._wait_held()
+    assert watcher.held == pytest.approx(0.75)
     pair.flush()
     pair.spool.close()
