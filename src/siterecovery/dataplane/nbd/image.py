@@ -174,7 +174,7 @@ class ExportImage:
         if self.intent is not None:
             self.intent.recorded(offset, len(data))
 
-    def write_many(self, writes: list[tuple[int, memoryview]]) -> None:
+    def write_many(self, writes: list[tuple[int, memoryview]], *, marked: bool = False) -> None:
         """Apply checked writes in order, then record them all with one call to the sink.
 
         The connection's batch of plain writes. If it raises, some writes may have reached the
@@ -182,11 +182,15 @@ class ExportImage:
         with an all-zero payload (a hole to punch, a zero record) takes the one-by-one path, so
         the records keep the image's order; so does one whose range is not marked in the
         write-intent log yet (the connection marks ahead; marking here, between a batch's image
-        writes and their records, could unmark the extent of a write not recorded yet).
+        writes and their records, could unmark the extent of a write not recorded yet). `marked`:
+        the caller made sure every write's range is marked already (the connection, which tested
+        each one while taking it into the batch), so they are not tested again here.
         """
         fd, intent = self.fd, self.intent
         if any(not data[0] and is_zero(data) for _, data in writes) or (
-            intent is not None and not all(intent.covers(offset, len(data)) for offset, data in writes)
+            intent is not None
+            and not marked
+            and not all(intent.covers(offset, len(data)) for offset, data in writes)
         ):
             for offset, data in writes:
                 self.write(offset, data)
