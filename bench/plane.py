@@ -79,7 +79,7 @@ def _write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
-def _agent_cmd(root: Path, src: Path, *extra: str) -> list[str]:
+def _agent_cmd(root: Path, src: Path, *extra: str, interval: float = 0.05) -> list[str]:
     return [
         *CLI,
         "agent",
@@ -92,7 +92,7 @@ def _agent_cmd(root: Path, src: Path, *extra: str) -> list[str]:
         "--disk",
         f"d={src}",
         "--interval",
-        "0.05",
+        str(interval),
         *extra,
     ]
 
@@ -363,11 +363,17 @@ class Protected:
 
 @contextmanager
 def protected_disk(
-    root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int
+    root: Path,
+    ca: CertificateAuthority,
+    src: Path,
+    target: Path,
+    size: int,
+    agent_interval: float = 0.05,
 ) -> Iterator[Protected]:
     """Agent, process server and master target as processes over mutual TLS (as in `sync_once`),
     the agent also serving `src` over NBD on a Unix socket (as the product does for a protected
-    machine); yields once the pair is protected (initial sync done), kills them all on exit."""
+    machine); yields once the pair is protected (initial sync done), kills them all on exit.
+    `agent_interval`: the agent's stats/heartbeat interval (the product's is 10 s)."""
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     _write_json(root / "mt.json", _identities(root, ca, target, size, mt_addr))
@@ -385,7 +391,7 @@ def protected_disk(
         procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
         procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
         wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 60)
-        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir))
+        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir), interval=agent_interval)
         procs.append(subprocess.Popen(agent_cmd, stdout=log, stderr=log))
         disk = Protected(
             nbd_dir / "d.sock", root, {"agent": procs[2].pid, "ps": procs[1].pid, "mt": procs[0].pid}

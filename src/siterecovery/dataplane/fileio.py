@@ -45,6 +45,8 @@ ZERO_VIEW = memoryview(bytes(ZERO_CHUNK))
 def is_zero(data: memoryview) -> bool:
     """True if every byte of `data` is zero; random data fails on the first bytes."""
     n = len(data)
+    if 0 < n <= ZERO_CHUNK and not n & (n - 1):
+        return _ZEROS[n.bit_length() - 1] == data  # a power of two (most writes): one memcmp
     pos = 0
     big = _ZEROS[20]
     while n - pos >= ZERO_CHUNK:

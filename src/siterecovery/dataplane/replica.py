@@ -132,6 +132,7 @@ class PairReplication:
             self.lost = [int(s) for s in saved.get("lost", [])]
         self._note_damage()
         self._next = max(reserved, self.spool.last_seq + 1)
+        self.tail.publish_captured(self._next - 1)
         self._reserved = self._next
         self._generation = generation
         # A new generation starts with a sync of the whole disk: it covers every earlier write.
@@ -156,6 +157,7 @@ class PairReplication:
     def _alloc(self, count: int = 1) -> int:
         seq = self._next
         self._next += count
+        self.tail.publish_captured(self._next - 1)  # for watchers (a bench), without a stats round
         if self._next > self._reserved:
             self._reserved = self._next + _RESERVE
             self._save_state()
