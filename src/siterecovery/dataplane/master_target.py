@@ -3,8 +3,10 @@
 Disks are attached from the desired state (`MasterTargetDesired`); at most 60 at once over all
 machines (MT-3: the 61st is refused with `mt-disk-limit`). A session from a process server names
 its pairs in HELLO and learns each pair's durable sequence, after which the process server resends
-only newer frames. Frames are verified, applied through the pair's `DiskApplier` (idempotent by
-sequence), and acknowledged only after `sync()`. With a retention volume each pair's applier is a
+only newer frames. A receive thread reads and verifies frames ahead into a bounded inbox
+(`mt_inbox.py`) while the session's thread applies them through the pair's `DiskApplier`
+(idempotent by sequence) and acknowledges them only after `sync()`: the replica's writes and
+fdatasyncs no longer stop the reading. With a retention volume each pair's applier is a
 retention journal, so BOOKMARK frames become recovery points; the desired state can then move a
 disk to a point in place or ask for copies of points (`mt_points.py`). A full retention volume
 pauses a pair without acknowledging: the frame is retried until it applies. The master target also
@@ -37,7 +39,8 @@ from siterecovery.dataplane.assignments import (
 )
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
-from siterecovery.dataplane.links import Identity, Listener, quiet_for
+from siterecovery.dataplane.links import Identity, Listener
+from siterecovery.dataplane.mt_inbox import Inbox, Receiver
 from siterecovery.dataplane.mt_pair import TargetPair, durable_seq
 from siterecovery.dataplane.mt_points import (
     Copier,
@@ -87,6 +90,7 @@ ACK_EVERY_BYTES = 32 << 20
 # target more CPU than applying them). A frame after a quiet spell is acknowledged at once.
 ACK_MIN_SECONDS = 0.1
 JOURNAL_DIR = "siterecovery-journal"
+RECEIVER_JOIN_SECONDS = 10.0  # a session's end waits this long for its receive thread
 RETRY_SECONDS = 2.0  # how often a paused pair tries applying again
 REDISCOVER_SECONDS = 900.0  # retention volumes are described again this often (and on `refresh`)
 # Errors that pause applying a pair instead of failing the session: the frame is retried.
@@ -363,11 +367,20 @@ class MasterTarget:
                 acked[pair_id] = pair.last_ack = durable_seq(pair.applier)
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
+        inbox = Inbox()
+        receiver = Receiver(reader, inbox, address)
+        receiver.start()
         try:
-            self._apply_stream(reader, writer, sock, pairs, peer)
+            self._apply_stream(inbox, writer, pairs, peer)
         except _SessionEnds as end:
             p = end.problem
             writer.send_model(FrameType.ERROR, ErrorBody.of(p))
+        finally:
+            # The receive thread may be blocked reading: shutdown wakes it (close alone does not).
+            inbox.close()
+            with contextlib.suppress(OSError, ValueError):
+                sock.shutdown(2)
+            receiver.join(RECEIVER_JOIN_SECONDS)
 
     def _refusal(self, pair_id: str) -> Problem:
         refused = self._refused.get(pair_id)
@@ -389,24 +402,21 @@ class MasterTarget:
             pair.paused = exc.first.code
 
     def _apply_stream(
-        self,
-        reader: FrameReader,
-        writer: FrameWriter,
-        sock: ssl.SSLSocket,
-        pairs: list[tuple[TargetPair, int]],
-        peer: Peer,
+        self, inbox: Inbox, writer: FrameWriter, pairs: list[tuple[TargetPair, int]], peer: Peer
     ) -> None:
+        """Apply the frames the receive thread queued, in order; sync and acknowledge in groups."""
         touched: set[int] = set()
         pending = 0
         acked_at = 0.0  # time.monotonic() of the last acknowledgement
         while True:
-            try:
-                frame = reader.read()
-            except CorruptFrame as exc:
-                writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
-                raise
-            if frame is None:
-                return
+            frame = inbox.get()
+            if isinstance(frame, CorruptFrame):
+                writer.send(FrameType.NACK, pair=frame.pair, seq=frame.seq)
+                raise frame
+            if isinstance(frame, BaseException):
+                raise frame
+            if not isinstance(frame, Frame):
+                return  # the stream ended between frames
             h = frame.header
             if h.pair >= len(pairs):
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
@@ -432,7 +442,7 @@ class MasterTarget:
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from a process server")
             if touched and (
-                pending >= ACK_EVERY_BYTES or quiet_for(sock, acked_at + ACK_MIN_SECONDS - time.monotonic())
+                pending >= ACK_EVERY_BYTES or inbox.quiet_for(acked_at + ACK_MIN_SECONDS - time.monotonic())
             ):
                 self._ack(writer, pairs, touched)
                 touched.clear()
@@ -475,9 +485,14 @@ class MasterTarget:
                     if store is not None:
                         store.zeroed(h.offset, h.length)
                 else:
-                    pair.applier.apply_write(h.seq, h.offset, frame.payload)
-                    if store is not None:
+                    if store is not None:  # first: a journal may give the payload's buffer back
                         store.wrote(h.offset, frame.payload)
+                    if isinstance(pair.applier, JournaledDisk):
+                        # The receive thread copied the payload into a buffer of its own: the
+                        # journal keeps it until written instead of copying it again.
+                        pair.applier.apply_write(h.seq, h.offset, frame.payload, owned=True)
+                    else:
+                        pair.applier.apply_write(h.seq, h.offset, frame.payload)
                     if h.flags & Flag.REFETCH:
                         pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:

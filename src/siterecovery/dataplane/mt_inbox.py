@@ -1,0 +1,128 @@
+"""The master target's receive thread: a session's frames read ahead of applying them (issue 16).
+
+A session's thread used to read a frame, apply it and — every `ACK_EVERY_BYTES` or when the
+stream paused — sync the pair (the journal's undo records fsynced, the replica written and
+fdatasynced, a commit record fsynced) and acknowledge, reading nothing meanwhile: py-spy on a full
+sync showed the session thread a third of its time in the replica's device writes while the
+process server's frames waited in the socket. Now `Receiver` reads, verifies and copies each frame
+into a buffer of its own on a second thread and queues it in an `Inbox` bounded in bytes; the
+session's thread takes frames from the inbox and applies, syncs and acknowledges them exactly as
+before, in order. Durability does not change: a queued frame is not applied, let alone
+acknowledged, so a crash loses only frames the process server still holds; the write-ahead
+sequence of each sync runs on one thread as before (`journal/log.py`).
+
+Errors the receive thread meets (a corrupt frame, a broken connection) are queued in order behind
+the frames read before them, so the session's thread answers them where it met them before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Final
+
+from siterecovery.dataplane.direct_write import POOL
+from siterecovery.dataplane.protocol import Frame, FrameReader
+
+INBOX_BYTES = 64 << 20  # payload bytes read ahead of applying (one more frame may be queued)
+
+
+class _End:
+    """The stream ended cleanly between frames."""
+
+
+END: Final = _End()
+
+Item = Frame | BaseException | _End
+
+
+class Inbox:
+    """Frames (with payloads of their own), errors and the end, in arrival order; bounded in bytes."""
+
+    def __init__(self, limit: int = INBOX_BYTES) -> None:
+        self._limit = limit
+        self._items: deque[tuple[Item, int]] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        """Items waiting (for tests and crash children)."""
+        return len(self._items)
+
+    def put(self, item: Item, nbytes: int = 0) -> bool:
+        """Queue `item`, waiting while the inbox is full; False once it is closed."""
+        with self._cond:
+            # An item larger than the limit still goes in, alone: no frame waits forever.
+            self._cond.wait_for(
+                lambda: self._closed or not self._items or self._bytes + nbytes <= self._limit
+            )
+            if self._closed:
+                return False
+            self._items.append((item, nbytes))
+            self._bytes += nbytes
+            self._cond.notify_all()
+            return True
+
+    def get(self) -> Item:
+        """The next item, waiting for one; END once the inbox is closed and empty."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or bool(self._items))
+            if not self._items:
+                return END
+            item, nbytes = self._items.popleft()
+            self._bytes -= nbytes
+            self._cond.notify_all()
+            return item
+
+    def quiet_for(self, seconds: float) -> bool:
+        """True when nothing is queued within `seconds` (0: now): the moment to sync and ACK."""
+        with self._cond:
+            if seconds > 0:
+                self._cond.wait_for(lambda: self._closed or bool(self._items), timeout=seconds)
+            return not self._items
+
+    def close(self) -> None:
+        """No more items: a waiting `put` returns False, a waiting `get` END."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Receiver:
+    """Reads a session's frames into an `Inbox` on a thread of its own until the stream ends,
+    fails or the inbox is closed. Each payload is copied out of the reader's reused buffer into one
+    the frame owns — a page-aligned pooled buffer for a 1 MiB run (`direct_write.POOL`), else a
+    `bytearray` — which the journal keeps instead of copying it again (`owned=True`)."""
+
+    def __init__(self, reader: FrameReader, inbox: Inbox, name: str) -> None:
+        self._reader = reader
+        self._inbox = inbox
+        self._thread = threading.Thread(target=self._run, name=f"mt-recv-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        inbox = self._inbox
+        while True:
+            try:
+                frame = self._reader.read()
+            except Exception as exc:  # handed to the session's thread, in order
+                inbox.put(exc)
+                return
+            if frame is None:
+                inbox.put(END)
+                return
+            n = len(frame.payload)
+            if n == POOL.size:  # a long run: page-aligned, written to the replica from here
+                owned = POOL.take()
+                owned[:] = frame.payload
+            else:
+                owned = memoryview(bytearray(frame.payload))
+            if not inbox.put(Frame(frame.header, owned, owned), len(owned)):
+                return
