@@ -92,9 +92,10 @@ class Inbox:
 
 class Receiver:
     """Reads a session's frames into an `Inbox` on a thread of its own until the stream ends,
-    fails or the inbox is closed. Each payload is copied out of the reader's reused buffer into one
-    the frame owns — a page-aligned pooled buffer for a 1 MiB run (`direct_write.POOL`), else a
-    `bytearray` — which the journal keeps instead of copying it again (`owned=True`)."""
+    fails or the inbox is closed. Each payload lands in a buffer the frame owns, which the journal
+    keeps instead of copying it again (`owned=True`): an uncompressed 1 MiB run is received
+    straight into a page-aligned pooled buffer (`direct_write.POOL`); anything else is copied out
+    of the reader's reused buffer."""
 
     def __init__(self, reader: FrameReader, inbox: Inbox, name: str) -> None:
         self._reader = reader
@@ -111,18 +112,24 @@ class Receiver:
         inbox = self._inbox
         while True:
             try:
-                frame = self._reader.read()
+                frame = self._reader.read(_pooled)
             except Exception as exc:  # handed to the session's thread, in order
                 inbox.put(exc)
                 return
             if frame is None:
                 inbox.put(END)
                 return
-            n = len(frame.payload)
-            if n == POOL.size:  # a long run: page-aligned, written to the replica from here
-                owned = POOL.take()
+            owned = frame.payload
+            if not POOL.owns(owned):
+                # In the reader's reused buffer (or a decompressor's output): copied out.
+                n = len(frame.payload)
+                owned = POOL.take() if n == POOL.size else memoryview(bytearray(n))
                 owned[:] = frame.payload
-            else:
-                owned = memoryview(bytearray(frame.payload))
             if not inbox.put(Frame(frame.header, owned, owned), len(owned)):
                 return
+
+
+def _pooled(n: int) -> memoryview | None:
+    """A pooled buffer for a 1 MiB payload, received straight into it (page-aligned: the journal
+    writes it to the replica from there, `direct_write.py`); other sizes go through the reader."""
+    return POOL.take() if n == POOL.size else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Protocol, TypeVar
@@ -210,12 +211,15 @@ class FrameReader:
             got += n
         return True
 
-    def read(self) -> Frame | None:
-        """Next verified frame, or None at a clean end of stream between frames."""
+    def read(self, into: Callable[[int], memoryview | None] | None = None) -> Frame | None:
+        """Next verified frame, or None at a clean end of stream between frames. `into(n)` may
+        give a buffer of exactly n bytes of the caller's own: an uncompressed payload of n bytes
+        is then received straight into it, not into the reader's reused buffer."""
         if not self._fill(self._hview, at_start=True):
             return None
         h = parse_header(self._hview)
-        wire = self._pview[: h.payload_len]
+        own = into(h.payload_len) if into is not None and not h.flags & Flag.COMPRESSED else None
+        wire = own if own is not None else self._pview[: h.payload_len]
         self._fill(wire, at_start=False)
         payload: memoryview = wire
         if h.flags & Flag.COMPRESSED:
