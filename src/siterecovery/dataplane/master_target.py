@@ -40,7 +40,7 @@ from siterecovery.dataplane.assignments import (
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener
-from siterecovery.dataplane.mt_inbox import Inbox, Receiver
+from siterecovery.dataplane.mt_inbox import Inbox, Received, Receiver
 from siterecovery.dataplane.mt_pair import TargetPair, durable_seq
 from siterecovery.dataplane.mt_points import (
     Copier,
@@ -368,7 +368,8 @@ class MasterTarget:
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
         inbox = Inbox()
-        receiver = Receiver(reader, inbox, address)
+        digested = frozenset(i for i, (pair, _session) in enumerate(pairs) if pair.digests is not None)
+        receiver = Receiver(reader, inbox, address, digested)
         receiver.start()
         try:
             self._apply_stream(inbox, writer, pairs, peer)
@@ -409,14 +410,15 @@ class MasterTarget:
         pending = 0
         acked_at = 0.0  # time.monotonic() of the last acknowledgement
         while True:
-            frame = inbox.get()
-            if isinstance(frame, CorruptFrame):
-                writer.send(FrameType.NACK, pair=frame.pair, seq=frame.seq)
-                raise frame
-            if isinstance(frame, BaseException):
-                raise frame
-            if not isinstance(frame, Frame):
+            item = inbox.get()
+            if isinstance(item, CorruptFrame):
+                writer.send(FrameType.NACK, pair=item.pair, seq=item.seq)
+                raise item
+            if isinstance(item, BaseException):
+                raise item
+            if not isinstance(item, Received):
                 return  # the stream ended between frames
+            frame = item.frame
             h = frame.header
             if h.pair >= len(pairs):
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
@@ -425,12 +427,12 @@ class MasterTarget:
                 problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
                 if problem is not None:
                     raise _SessionEnds(self.peer_refusals.add(peer, problem, pair.disk.pair_id))
-                if not self._try_apply(pair, session, frame):
+                if not self._try_apply(pair, session, frame, item.fines):
                     # Paused: acknowledge what is durable, then retry this frame until it applies.
                     self._ack(writer, pairs, touched | {h.pair})
                     touched.clear()
                     pending = 0
-                    while not self._try_apply(pair, session, frame):
+                    while not self._try_apply(pair, session, frame, item.fines):
                         if self._stopped.wait(RETRY_SECONDS):
                             return
                 touched.add(h.pair)
@@ -449,7 +451,7 @@ class MasterTarget:
                 pending = 0
                 acked_at = time.monotonic()
 
-    def _try_apply(self, pair: TargetPair, session: int, frame: Frame) -> bool:
+    def _try_apply(self, pair: TargetPair, session: int, frame: Frame, fines: bytes | None = None) -> bool:
         """Apply one data frame (idempotent by sequence); False while the pair is paused."""
         h = frame.header
         with pair.lock:
@@ -486,7 +488,7 @@ class MasterTarget:
                         store.zeroed(h.offset, h.length)
                 else:
                     if store is not None:  # first: a journal may give the payload's buffer back
-                        store.wrote(h.offset, frame.payload)
+                        store.wrote(h.offset, frame.payload, fines)
                     if isinstance(pair.applier, JournaledDisk):
                         # The receive thread copied the payload into a buffer of its own: the
                         # journal keeps it until written instead of copying it again.

@@ -13,18 +13,29 @@ sequence of each sync runs on one thread as before (`journal/log.py`).
 
 Errors the receive thread meets (a corrupt frame, a broken connection) are queued in order behind
 the frames read before them, so the session's thread answers them where it met them before.
+
+The receive thread also computes the fine digests of whole 1 MiB blocks for pairs that keep them
+(`target_digests.py`): pure work on bytes it holds, which leaves the applying thread mostly waiting
+on the disk with the GIL free — the receive thread needs the GIL back for every 16 KiB TLS record,
+and waited for it behind those hashes (an earlier read-ahead thread was dropped for that).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Final
 
+from siterecovery.dataplane.blocks import COARSE
 from siterecovery.dataplane.direct_write import POOL
-from siterecovery.dataplane.protocol import Frame, FrameReader
+from siterecovery.dataplane.protocol import Frame, FrameReader, FrameType
+from siterecovery.dataplane.target_digests import fine_digests
 
-INBOX_BYTES = 64 << 20  # payload bytes read ahead of applying (one more frame may be queued)
+# Payload bytes read ahead of applying, per session (one more frame may be queued): enough to keep
+# reading through one sync (at most `ACK_EVERY_BYTES` written and fdatasynced), and a bound on the
+# memory a session takes beyond the journal's pending writes.
+INBOX_BYTES = 32 << 20
 
 
 class _End:
@@ -33,7 +44,17 @@ class _End:
 
 END: Final = _End()
 
-Item = Frame | BaseException | _End
+
+@dataclass(slots=True)
+class Received:
+    """A frame whose payload it owns; `fines`: the fine digests of a whole coarse block written
+    to a pair that keeps digests, computed here rather than on the applying thread."""
+
+    frame: Frame
+    fines: bytes | None = None
+
+
+Item = Received | BaseException | _End
 
 
 class Inbox:
@@ -97,9 +118,10 @@ class Receiver:
     straight into a page-aligned pooled buffer (`direct_write.POOL`); anything else is copied out
     of the reader's reused buffer."""
 
-    def __init__(self, reader: FrameReader, inbox: Inbox, name: str) -> None:
+    def __init__(self, reader: FrameReader, inbox: Inbox, name: str, digested: frozenset[int]) -> None:
         self._reader = reader
         self._inbox = inbox
+        self._digested = digested  # the session's pair indexes that keep block digests
         self._thread = threading.Thread(target=self._run, name=f"mt-recv-{name}", daemon=True)
 
     def start(self) -> None:
@@ -125,7 +147,18 @@ class Receiver:
                 n = len(frame.payload)
                 owned = POOL.take() if n == POOL.size else memoryview(bytearray(n))
                 owned[:] = frame.payload
-            if not inbox.put(Frame(frame.header, owned, owned), len(owned)):
+            h = frame.header
+            fines = None
+            if (
+                len(owned) == COARSE
+                and not h.offset % COARSE
+                and h.pair in self._digested
+                and h.type in (FrameType.WRITE, FrameType.BLOCK)
+            ):
+                # The applying thread holds the GIL for these 256 hashes per MiB otherwise, while
+                # this thread needs it back for every 16 KiB TLS record it reads.
+                fines = fine_digests(owned)
+            if not inbox.put(Received(Frame(h, owned, owned), fines), len(owned)):
                 return
 
 
