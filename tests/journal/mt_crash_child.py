@@ -7,7 +7,8 @@ certificate the test holds, writes its address to `<dir>/address`, and kills its
 sync after its first `FIRST` writes were committed and acknowledged, once frames are queued
 behind it: `written` right after the batch's runs reached the replica (from the receive
 thread's pooled buffers, O_DIRECT), `synced` after the replica's fdatasync, before the commit
-record. Exits 3 if no frame was queued by then (the case would prove nothing).
+record. Exits 3 if no frame was queued by then (the case would prove nothing). Mode `direct`
+applies without a journal (`DirectApplier`) and is never killed by itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from siterecovery.dataplane import master_target
-from siterecovery.dataplane.apply import DiskApplier
+from siterecovery.dataplane.apply import DiskApplier, direct_applier
 from siterecovery.dataplane.assignments import AttachedDisk, MasterTargetDesired
 from siterecovery.dataplane.journal import JournaledDisk
 from siterecovery.dataplane.links import Identity
@@ -29,6 +30,7 @@ from siterecovery.dataplane.mt_inbox import Inbox
 SIZE = 32 << 20
 PAIR = "p"
 FIRST = 8  # the test's first writes, acknowledged before its burst
+PENDING_LIMIT = 4 << 20
 QUEUE_WAIT = 60.0  # seconds the kill waits for a frame to be queued (generous: CI is loaded)
 
 inboxes: list[Inbox] = []
@@ -73,11 +75,15 @@ def main(directory: Path, mode: str) -> int:
 
     def journaled(pair_id: str, path: Path, size: int, state_dir: Path) -> DiskApplier:
         journal = retention / master_target.JOURNAL_DIR / pair_id
-        return _KilledDisk(path, journal, 3600.0, name=pair_id, size=size)
+        # Pending writes also drain while frames are applied, not only in syncs: a drained pooled
+        # buffer goes back to the pool in the middle of applying its frame.
+        return _KilledDisk(path, journal, 3600.0, name=pair_id, size=size, pending_limit=PENDING_LIMIT)
 
     master_target.Inbox = _SeenInbox  # type: ignore[misc]
     mt = master_target.MasterTarget(
-        directory / "mt", Identity.in_dir(directory / "mt"), applier_factory=journaled
+        directory / "mt",
+        Identity.in_dir(directory / "mt"),
+        applier_factory=direct_applier if mode == "direct" else journaled,
     )
     mt.reconcile(
         MasterTargetDesired(

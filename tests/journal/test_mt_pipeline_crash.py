@@ -45,6 +45,16 @@ def _state_at(seq: int) -> bytes:
     return bytes(image)
 
 
+def _session(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], Identity]:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    mt = Identity.in_dir(tmp_path / "mt")
+    mt.write(ca.issue("master-target:mt", kind="master-target", component_id="mt"))
+    ps = Identity.in_dir(tmp_path / "ps")
+    ps.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
+    child = subprocess.Popen([sys.executable, "-m", "tests.journal.mt_crash_child", str(tmp_path), mode])
+    return child, ps
+
+
 def _wait_file(path: Path, child: subprocess.Popen[bytes]) -> str:
     for _ in range(1200):
         if path.exists():
@@ -56,12 +66,7 @@ def _wait_file(path: Path, child: subprocess.Popen[bytes]) -> str:
 
 @pytest.mark.parametrize("mode", ["written", "synced"])
 def test_kill_9_mid_sync_with_frames_read_ahead_loses_nothing_acknowledged(tmp_path: Path, mode: str) -> None:
-    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
-    mt = Identity.in_dir(tmp_path / "mt")
-    mt.write(ca.issue("master-target:mt", kind="master-target", component_id="mt"))
-    ps = Identity.in_dir(tmp_path / "ps")
-    ps.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
-    child = subprocess.Popen([sys.executable, "-m", "tests.journal.mt_crash_child", str(tmp_path), mode])
+    child, ps = _session(tmp_path, mode)
     acked: list[int] = []
     try:
         sock = connect(_wait_file(tmp_path / "address", child), ps.client_context())
@@ -109,3 +114,29 @@ def test_kill_9_mid_sync_with_frames_read_ahead_loses_nothing_acknowledged(tmp_p
         committed = disk.committed_seq
     assert acked and max(acked) == FIRST == committed
     assert replica.read_bytes() == at_commit
+
+
+def test_a_master_target_without_a_journal_writes_pooled_payloads_and_reuses_them(tmp_path: Path) -> None:
+    """The same stream through `DirectApplier`: every payload lands, in order, though each 1 MiB
+    buffer goes back to the pool as soon as it is written and is refilled by later frames."""
+    child, ps = _session(tmp_path, "direct")
+    try:
+        sock = connect(_wait_file(tmp_path / "address", child), ps.client_context())
+        writer, reader = FrameWriter(sock), FrameReader(sock)
+        writer.send_model(FrameType.HELLO, Hello(component="ps", role=Role.PROCESS_SERVER, pairs=[PAIR]))
+        sock.settimeout(120)
+        hello = reader.read()
+        assert hello is not None and hello.header.type == FrameType.HELLO
+        writes = _writes()
+        for seq, offset, data in writes:
+            writer.send(FrameType.WRITE, seq=seq, offset=offset, length=len(data), payload=data)
+        acked = -1
+        while acked < len(writes):
+            frame = reader.read()
+            assert frame is not None and frame.header.type == FrameType.ACK
+            acked = frame.header.seq
+        sock.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert (tmp_path / "replica.img").read_bytes() == _state_at(len(writes))

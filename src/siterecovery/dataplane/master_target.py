@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import siterecovery
-from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, direct_applier
+from siterecovery.dataplane.apply import ApplierFactory, DirectApplier, DiskApplier, direct_applier
 from siterecovery.dataplane.assignments import (
     AttachedDisk,
     MasterTargetDesired,
@@ -37,6 +37,7 @@ from siterecovery.dataplane.assignments import (
     RefusedDisk,
     RetentionVolume,
 )
+from siterecovery.dataplane.direct_write import POOL
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
 from siterecovery.dataplane.links import Identity, Listener
@@ -427,6 +428,7 @@ class MasterTarget:
                 problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
                 if problem is not None:
                     raise _SessionEnds(self.peer_refusals.add(peer, problem, pair.disk.pair_id))
+                size = len(frame.payload)  # applied, a pooled payload may go back to the pool
                 if not self._try_apply(pair, session, frame, item.fines):
                     # Paused: acknowledge what is durable, then retry this frame until it applies.
                     self._ack(writer, pairs, touched | {h.pair})
@@ -436,7 +438,7 @@ class MasterTarget:
                         if self._stopped.wait(RETRY_SECONDS):
                             return
                 touched.add(h.pair)
-                pending += len(frame.payload)
+                pending += size
             elif h.type == FrameType.RESYNC_REQUEST:
                 self._answer_resync(writer, h.pair, h.seq, pair, decode_model(ResyncRequest, frame.payload))
             elif h.type == FrameType.HEARTBEAT:
@@ -495,6 +497,8 @@ class MasterTarget:
                         pair.applier.apply_write(h.seq, h.offset, frame.payload, owned=True)
                     else:
                         pair.applier.apply_write(h.seq, h.offset, frame.payload)
+                        if isinstance(pair.applier, DirectApplier) and POOL.owns(frame.payload):
+                            POOL.give(frame.payload)  # written at once: the buffer can be refilled
                     if h.flags & Flag.REFETCH:
                         pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:
