@@ -11,7 +11,16 @@ over mutual TLS into a process server and a master target, both real processes o
   the master target has applied everything captured) after fio stopped;
 - **sustained** (`--sustained`, default 60): 1 MiB sequential writes at queue depth 32 held to
   `--rate-mb` MB/s, the data-plane RPO sampled every 0.25 s while it runs (the age of the oldest
-  captured write the master target has not applied yet, from the services' own stats files).
+  captured write the master target has not applied yet).
+
+The agent runs with the product's heartbeat interval (`AGENT_INTERVAL`, 10 s): its stats loop
+(building, writing and re-reading JSON) runs in the export's process, and at the 0.05 s the other
+benches use it took ~30 % of that process's GIL samples during a 4 KiB burst. So the pair is watched
+without asking the agent: what it captured and how long its sender held frames back come from the
+spool's shared tail (`spool_tail.py`, mapped read-only here), the spool's size from its segment
+files, what was applied from the master target's stats file (0.05 s; another process). The report
+gives the sender's hold per burst, the catch-up, the export's CPU during fio apart from the catch-up,
+and qemu-nbd's CPU per GiB beside its usual figure: a ratio against a slowed peer is flagged.
 
 A separate row, labelled as such, keeps the old figure: the same NBD server code in this process
 with a sink that only appends to a file (no agent, no sender, no replication). A fourth server adds
@@ -39,10 +48,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.plane import PairSample, Protected, protected_disk, wait_until
+from bench.plane import Protected, protected_disk, stats, wait_until
+from siterecovery.config import AGENT_INTERVAL
 from siterecovery.dataplane.activity_log import ActivityLog
 from siterecovery.dataplane.nbd.image import Export
 from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
+from siterecovery.dataplane.sender import HOLD_MAX
+from siterecovery.dataplane.spool_tail import SpoolTail
 from siterecovery.pki import CertificateAuthority
 
 IMAGE_SIZE = 1 << 30
@@ -50,6 +62,10 @@ SPOOL_RING = 1 << 30
 RESULTS = Path(__file__).resolve().parent / "results" / "capture.md"
 RESULTS_AL = Path(__file__).resolve().parent / "results" / "capture-activity-log.md"
 _RECORD = struct.Struct(">QQI")
+# qemu-nbd's CPU seconds per GiB in the quiet runs of sessions 4-5 (bench/results/capture.md): a run
+# where it spends more than SLOWED times this is a slowed peer, and ratios against it are flagged.
+PEER_USUAL_CPU = {"1 MiB sequential write, QD32": 0.71, "4 KiB random write, QD32": 5.28}
+SLOWED = 1.5
 
 
 class SpoolSink:
@@ -149,18 +165,59 @@ def machine() -> str:
     return f"- `{uname}`\n- CPU: {cpu}, {os.cpu_count()} cores\n- Python {platform.python_version()}"
 
 
+@dataclass(frozen=True)
+class Look:
+    """One look at the pair, taken without asking the agent (see the module docstring)."""
+
+    at: float  # time.monotonic() of the look
+    captured_seq: int  # the newest sequence the agent allocated (the spool's shared tail)
+    applied_seq: int  # what the master target has made durable (its stats file, every 0.05 s)
+    spool_bytes: int  # the spool's segment files
+    held: float  # seconds the sender has held frames back in all (the tail)
+
+
+class PairWatcher:
+    """Looks at pair "p" of a protected disk: the agent's tail and spool files, the MT's stats."""
+
+    def __init__(self, disk: Protected) -> None:
+        pair = disk.root / "agent" / "pairs" / "p"
+        self._tail = SpoolTail(pair / "spool.tail")
+        self._spool = pair / "spool"
+        self._mt = disk.root / "mt"
+
+    def look(self) -> Look | None:
+        mt = stats(self._mt).get("pairs") or []
+        if not mt:
+            return None
+        spool = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._spool):
+                with contextlib.suppress(FileNotFoundError):
+                    spool += entry.stat().st_size
+        applied = int(mt[0]["applied_seq"])  # type: ignore[index]
+        return Look(time.monotonic(), self._tail.captured, applied, spool, self._tail.held)
+
+    def caught_up(self) -> bool:
+        s = self.look()
+        return s is not None and s.applied_seq >= s.captured_seq
+
+    def close(self) -> None:
+        self._tail.close()
+
+
 @dataclass
 class Watch:
     """What the protected pair did while fio ran against the agent (sampled every 0.25 s)."""
 
-    samples: list[PairSample] = field(default_factory=list)
+    samples: list[Look] = field(default_factory=list)
     spool_max: int = 0
     catch_up: list[float] = field(default_factory=list)  # s from fio's end until all was applied
+    held: list[float] = field(default_factory=list)  # s the sender held frames back, per run
 
     def rpo(self) -> list[float]:
         """Per sample, the age of the oldest captured write not yet applied by the master target:
         the time since the newest earlier look whose captured writes are all applied now (0 when
-        nothing is outstanding). Resolution: the services' 0.05 s stats interval + 0.25 s sampling."""
+        nothing is outstanding). Resolution: the MT's 0.05 s stats interval + 0.25 s sampling."""
         ages = []
         for i, s in enumerate(self.samples):
             if s.applied_seq >= s.captured_seq:
@@ -172,13 +229,18 @@ class Watch:
         return ages
 
 
-def watched(disk: Protected, watch: Watch, job: Job, seconds: int) -> Result:
-    """fio against the agent's export, sampling the pair meanwhile, then wait for the catch-up."""
+def watched(
+    disk: Protected, watcher: PairWatcher, watch: Watch, job: Job, seconds: int
+) -> tuple[Result, float]:
+    """fio against the agent's export, sampling the pair meanwhile, then wait for the catch-up;
+    also the export's CPU seconds while fio ran."""
     stop = threading.Event()
+    held0 = watcher.look()
+    export_cpu = cpu_seconds(disk.pids["agent"])
 
     def sample() -> None:
         while not stop.wait(0.25):
-            s = disk.sample()
+            s = watcher.look()
             if s is not None:
                 watch.samples.append(s)
                 watch.spool_max = max(watch.spool_max, s.spool_bytes)
@@ -191,9 +253,13 @@ def watched(disk: Protected, watch: Watch, job: Job, seconds: int) -> Result:
         stop.set()
         sampler.join()
     ended = time.monotonic()
-    wait_until(disk.caught_up, 1800)
+    export_cpu = cpu_seconds(disk.pids["agent"]) - export_cpu
+    wait_until(watcher.caught_up, 1800)
     watch.catch_up.append(time.monotonic() - ended)
-    return result
+    held1 = watcher.look()
+    if held0 is not None and held1 is not None:
+        watch.held.append(held1.held - held0.held)
+    return result, export_cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -233,6 +299,7 @@ class Run:
 
 
 PEER, AGENT, SINK, SINK_AL = "qemu-nbd", "agent", "sink only", "sink only + write-intent log"
+_DURING = "agent export while fio ran"
 _CPU_COLUMNS = ("qemu-nbd", "agent export", "sender", "process server", "master target")
 
 
@@ -295,21 +362,34 @@ def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
         )
     try:
         wait_for_socket(peer_sock, peer)
-        with protected_disk(work / "plane", ca, images["agent"], images["target"], IMAGE_SIZE) as disk:
+        with (
+            protected_disk(
+                work / "plane",
+                ca,
+                images["agent"],
+                images["target"],
+                IMAGE_SIZE,
+                agent_interval=AGENT_INTERVAL,
+            ) as disk,
+            contextlib.closing(PairWatcher(disk)) as watcher,
+        ):
 
             def fio(name: str, job: Job, seconds: int, watch: Watch) -> Result:
                 # CPU time per GiB beside the wall-clock rate: on a shared machine it is the steadier
                 # figure. Agent: from fio's start until the master target applied everything.
                 pids = agent_pids(disk) if name == AGENT else {"qemu-nbd": peer.pid} if name == PEER else {}
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
+                during = 0.0
                 if name == AGENT:
-                    result = watched(disk, watch, job, seconds)
+                    result, during = watched(disk, watcher, watch, job, seconds)
                 else:
                     sock = {PEER: peer_sock, SINK: sink_sock, SINK_AL: al_sock}[name]
                     result = run_fio(f"nbd+unix:///disk?socket={sock}", job, seconds)
                 gib = result.mib_s * (seconds + 1) / 1024  # the run and its 1 s ramp, at fio's rate
                 if pids and gib > 0:
                     spent = {k: (cpu_seconds(p) - before[k]) / gib for k, p in pids.items()}
+                    if name == AGENT:
+                        spent[_DURING] = during / gib
                     run.cpu.setdefault((job.name, name), []).append(spent)
                 return result
 
@@ -339,6 +419,16 @@ def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
         peer.wait(timeout=30)
 
 
+def peer_slowed(run: Run, job_name: str) -> float | None:
+    """qemu-nbd's CPU per GiB in this run over its usual figure, if above SLOWED (else None)."""
+    runs = run.cpu.get((job_name, PEER))
+    usual = PEER_USUAL_CPU.get(job_name)
+    if not runs or usual is None:
+        return None
+    factor = statistics.median(r["qemu-nbd"] for r in runs) / usual
+    return factor if factor > SLOWED else None
+
+
 def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> str:
     table = [
         "| fio job | server | MiB/s | IOPS | vs qemu-nbd (throughput / IOPS) |",
@@ -355,13 +445,28 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
             if name in results:
                 r = results[name]
                 ratio = "—" if name == PEER else f"{r.mib_s / peer.mib_s:.2f}x / {r.iops / peer.iops:.2f}x"
+                slowed = peer_slowed(run, job.name)
+                if slowed is not None and name != PEER:
+                    ratio += f" (**peer slowed: {slowed:.1f}x its usual CPU per GiB; not comparable**)"
                 table.append(f"| {job.name} | {label} | {r.mib_s:.0f} | {r.iops:.0f} | {ratio} |")
-    cpu_table = ["| fio job | server | " + " | ".join(_CPU_COLUMNS) + " | total |", "|---|---|" + "---:|" * 6]
+    columns = (*_CPU_COLUMNS[:2], _DURING, *_CPU_COLUMNS[2:])
+    cpu_table = [
+        "| fio job | server | " + " | ".join(columns) + " | total | qemu-nbd's usual |",
+        "|---|---|" + "---:|" * (len(columns) + 2),
+    ]
     for (job_name, name), runs in run.cpu.items():
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
-        cells = [f"{med[k]:.2f}" if k in med else "—" for k in _CPU_COLUMNS]
-        cpu_table.append(f"| {job_name} | {name} | " + " | ".join(cells) + f" | {sum(med.values()):.2f} |")
+        cells = [f"{med[k]:.2f}" if k in med else "—" for k in columns]
+        total = sum(v for k, v in med.items() if k != _DURING)
+        usual = "—"
+        if name == PEER:
+            usual = f"{PEER_USUAL_CPU.get(job_name, float('nan')):.2f}"
+            if peer_slowed(run, job_name) is not None:
+                usual += " (**slowed**)"
+        cpu_table.append(f"| {job_name} | {name} | " + " | ".join(cells) + f" | {total:.2f} | {usual} |")
     bw = run.burst_watch
+    held = ", ".join(f"{h:.1f}" for h in bw.held) or "—"
+    catch = ", ".join(f"{c:.1f}" for c in bw.catch_up) or "—"
     lines = [
         "# Write capture: a protected disk's NBD export with replication running, vs qemu-nbd",
         "",
@@ -381,9 +486,16 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
         f"median {statistics.median(bw.catch_up) if bw.catch_up else float('nan'):.1f} s, "
         f"max {max(bw.catch_up, default=float('nan')):.1f} s.",
         "",
+        f"Per agent burst run, in run order (1 MiB runs first): seconds the sender held spooled frames "
+        f"back while the export was saturated (at most {HOLD_MAX:.0f} s at a stretch, `HOLD_MAX`): {held}; "
+        f"catch-up s: {catch}. The agent's stats interval: {AGENT_INTERVAL:g} s (the product's).",
+        "",
         "CPU seconds (user + system, `/proc/PID/stat`) per GiB written, medians of the burst runs: "
         "for the agent from fio's start until the master target had applied everything (GiB: fio's "
-        "rate x (run + 1 s ramp)). Steadier than wall-clock rates on a shared machine.",
+        "rate x (run + 1 s ramp)); the export's own CPU while fio ran is also given apart (not in the "
+        "total). Steadier than wall-clock rates on a shared machine. qemu-nbd's usual figure is from "
+        f"the quiet runs of sessions 4-5; a run above {SLOWED}x it is flagged and its ratios are not "
+        "comparable.",
         "",
         *cpu_table,
         "",
@@ -400,7 +512,8 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
             "",
             f"1 MiB sequential writes, iodepth 32, held to {args.rate_mb} MB/s for {args.sustained} s "
             "(agent first, then qemu-nbd). Data-plane RPO: the age of the oldest captured write the "
-            "master target had not applied yet, sampled every 0.25 s from the services' stats files.",
+            "master target had not applied yet, sampled every 0.25 s (the agent's tail, the master "
+            "target's stats file).",
             "",
             "| server | MB/s reached | RPO p50 / p99 / max s | spool peak MiB | catch-up s |",
             "|---|---:|---:|---:|---:|",

@@ -79,7 +79,7 @@ def _write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
-def _agent_cmd(root: Path, src: Path, *extra: str) -> list[str]:
+def _agent_cmd(root: Path, src: Path, *extra: str, interval: float = 0.05) -> list[str]:
     return [
         *CLI,
         "agent",
@@ -92,7 +92,7 @@ def _agent_cmd(root: Path, src: Path, *extra: str) -> list[str]:
         "--disk",
         f"d={src}",
         "--interval",
-        "0.05",
+        str(interval),
         *extra,
     ]
 
@@ -160,6 +160,7 @@ def sync_once(
     before_start: Callable[[], None] | None = None,
     cpu: dict[str, float] | None = None,
     on_start: Callable[[dict[str, int]], None] | None = None,
+    startup: list[float] | None = None,
 ) -> tuple[float, int]:
     """Run agent → process server → master target (real processes, mutual TLS, no configuration
     server: desired state from files) until `target` equals `src`; seconds and bytes the agent sent.
@@ -170,8 +171,14 @@ def sync_once(
     the pair is written into the agent's and master target's assignment files (both re-read every
     0.05 s, so up to one interval of pick-up latency is included).
 
-    `cpu`, if given, receives each process's CPU seconds (user + system) at the end (`chain_cpu`);
-    `on_start` is called with the processes' ids once the clock runs (e.g. to attach a profiler).
+    `cpu`, if given, receives each process's CPU seconds (user + system, `chain_cpu`) used while the
+    clock ran: what the services started before the clock used before it (a Python process and its
+    imports, ~0.5 CPU-s each: a fixed cost the peer's C servers hardly have) is left out;
+    `on_start` is called with the processes' ids once the clock runs (e.g. to attach a profiler);
+    `startup`, if given, receives the seconds from the clock's start until the agent's statistics
+    first show bytes sent (its sender child started and connected: a fixed cost the peer's C
+    `nbdcopy` hardly has; the sender child reports bytes sent every 0.25 s, the agent writes its
+    statistics every 0.05 s: up to ~0.3 s late).
     """
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
@@ -200,6 +207,9 @@ def sync_once(
             wait_until(lambda: bool(stats(root / "agent")) and bool(stats(root / "mt")), 30)
             if before_start is not None:
                 before_start()
+        before = {"mt": cpu_seconds(procs[0].pid), "ps": cpu_seconds(procs[1].pid)}
+        if services_running:
+            before["agent"] = cpu_seconds(procs[2].pid)
         start = time.monotonic()
         if services_running:
             _write_json(root / "mt.json", mt_desired)
@@ -212,6 +222,8 @@ def sync_once(
 
         def done() -> bool:
             pairs = stats(root / "agent").get("pairs") or []
+            if startup is not None and not startup and pairs and pairs[0]["bytes_sent"]:  # type: ignore[index]
+                startup.append(time.monotonic() - start)
             mt_pairs = stats(root / "mt").get("pairs") or []
             if not pairs or not mt_pairs:
                 return False
@@ -224,7 +236,8 @@ def sync_once(
         elapsed = time.monotonic() - start
         sent = int(stats(root / "agent")["pairs"][0]["bytes_sent"])  # type: ignore[index]
         if cpu is not None:
-            cpu.update(chain_cpu(pids))
+            used = chain_cpu(pids)
+            cpu.update({name: seconds - before.get(name, 0.0) for name, seconds in used.items()})
     finally:
         _stop(procs, log)
     _check_equal(src, target)
@@ -350,11 +363,17 @@ class Protected:
 
 @contextmanager
 def protected_disk(
-    root: Path, ca: CertificateAuthority, src: Path, target: Path, size: int
+    root: Path,
+    ca: CertificateAuthority,
+    src: Path,
+    target: Path,
+    size: int,
+    agent_interval: float = 0.05,
 ) -> Iterator[Protected]:
     """Agent, process server and master target as processes over mutual TLS (as in `sync_once`),
     the agent also serving `src` over NBD on a Unix socket (as the product does for a protected
-    machine); yields once the pair is protected (initial sync done), kills them all on exit."""
+    machine); yields once the pair is protected (initial sync done), kills them all on exit.
+    `agent_interval`: the agent's stats/heartbeat interval (the product's is 10 s)."""
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     _write_json(root / "mt.json", _identities(root, ca, target, size, mt_addr))
@@ -372,7 +391,7 @@ def protected_disk(
         procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
         procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
         wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 60)
-        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir))
+        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir), interval=agent_interval)
         procs.append(subprocess.Popen(agent_cmd, stdout=log, stderr=log))
         disk = Protected(
             nbd_dir / "d.sock", root, {"agent": procs[2].pid, "ps": procs[1].pid, "mt": procs[0].pid}

@@ -19,6 +19,7 @@ from siterecovery.dataplane.protocol import (
     FrameReader,
     FrameType,
     FrameWriter,
+    Header,
     Hello,
     Role,
     TruncatedFrame,
@@ -73,6 +74,35 @@ def test_good_frames_round_trip_through_reused_buffers() -> None:
         assert first is not None and bytes(first.payload) == b"abcdefgh"
         second = r.read()
         assert second is not None and second.header.seq == 2 and second.header.length == 1 << 20
+
+
+def test_a_frame_received_into_the_callers_buffer_is_verified_and_kept() -> None:
+    """`place` (the process server's frames held in memory): the payload lands after a header's
+    room in the caller's own buffer, verified; a damaged one is refused all the same."""
+    payload = bytes(range(256)) * 256  # 64 KiB: fits a socket pair's buffer
+    a, b = _pair()
+    with a, b:
+        w, r = FrameWriter(a), FrameReader(b)
+        w.send(FrameType.BLOCK, 0, 1, 0, len(payload), payload)
+        w.send(FrameType.HEARTBEAT)
+        kept: list[bytearray] = []
+
+        def place(h: Header) -> bytearray | None:
+            if h.type is not FrameType.BLOCK:
+                return None
+            kept.append(bytearray(HEADER_SIZE + h.payload_len))
+            return kept[-1]
+
+        first = r.read(place)
+        assert first is not None and first.buffer is kept[0]
+        assert bytes(kept[0][HEADER_SIZE:]) == payload == bytes(first.wire)
+        heartbeat = r.read(place)
+        assert heartbeat is not None and heartbeat.buffer is None and len(kept) == 1
+        damaged = bytearray(encode_frame(FrameType.BLOCK, 0, 2, 0, len(payload), payload))
+        damaged[HEADER_SIZE + 5] ^= 0x01
+        a.sendall(damaged)
+        with pytest.raises(CorruptFrame):
+            r.read(place)
 
 
 def _foreign_context(tmp: Path, self_signed: bool, trusted_ca: Path) -> ssl.SSLContext:

@@ -160,6 +160,7 @@ class ProcessServerStats(_Model):
     cache_free_percent: float
     cache_health: CacheHealth
     backlog_bytes: int
+    held_bytes: int = Field(default=0, description="of the backlog, frames held in memory (not cached)")
     throughput_bytes_per_s: float
     drain_seconds: float | None = Field(description="backlog / forward throughput; None if idle")
     pairs: int

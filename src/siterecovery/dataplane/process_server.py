@@ -1,12 +1,14 @@
 """The process server: receives agents' frames, caches them durably, forwards them to master targets.
 
 Each pair has a disk cache (a `SegmentLog` under `<cache_dir>/<pair_id>/`). A frame from an agent is
-verified (header CRC, payload digest), appended to the cache, and acknowledged to the agent only
-after the cache is fsynced (PS-1: nothing acknowledged is lost if the process server crashes; the
-fsync and the ACK run on their own thread, `ps_acks.py`, so receiving goes on meanwhile). A
-forwarder thread per pair streams the cache to the master target named in the agent's HELLO and
-frees cache segments only on the master target's ACK. Resync requests and digests are relayed
-between the two sessions without caching (they are queries, not data).
+verified (header CRC, payload digest) and either held in memory while the link to the master
+target is up and the cache holds nothing still to forward (`ps_inflight.py`: acknowledged to the
+agent on the master target's ACK), or appended to the cache and acknowledged to the agent after
+the cache is fsynced (on a thread of its own, `ps_acks.py`). Either way PS-1 holds: nothing
+acknowledged is lost if the process server crashes. A forwarder thread per pair streams the cache,
+then the frames held, to the master target named in the agent's HELLO (`ps_forward.py`) and frees
+cache segments only on the master target's ACK. Resync requests and digests are relayed between
+the two sessions without caching (they are queries, not data).
 
 A cache found damaged on open (a bad frame header followed by intact frames, `segment_log.py`) lost
 frames of unknown ranges: the forwarder sends a header-only MISSING|RESYNC frame in their place (the
@@ -45,9 +47,11 @@ from siterecovery.dataplane.protocol import (
     CorruptFrame,
     ErrorBody,
     Flag,
+    Frame,
     FrameReader,
     FrameType,
     FrameWriter,
+    Header,
     Hello,
     HelloReply,
     ProtocolError,
@@ -57,6 +61,8 @@ from siterecovery.dataplane.protocol import (
     read_hello,
 )
 from siterecovery.dataplane.ps_acks import Acker
+from siterecovery.dataplane.ps_forward import Stream
+from siterecovery.dataplane.ps_inflight import HOLD_BEHIND, Budget, Held, own_buffer
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -77,7 +83,6 @@ log = logging.getLogger(__name__)
 
 # Acknowledge at least this often while frames keep arriving, so the sender's window keeps moving.
 ACK_EVERY_BYTES = 32 << 20
-FORWARD_BATCH = 256 << 10  # bytes of cached frames gathered into one TLS write to the master target
 WARNING_FREE_PERCENT = 30.0
 CRITICAL_FREE_PERCENT = 25.0
 _DATA_TYPES = (FrameType.WRITE, FrameType.BLOCK, FrameType.BOOKMARK)
@@ -102,6 +107,9 @@ class PairRelay:
         self.pair_id = pair_id
         self.dir = server.cache_dir / pair_id
         self.cache = SegmentLog(self.dir)
+        self.held = Held(server.budget)  # frames forwarded from memory (`ps_inflight.py`)
+        self._stream: Stream | None = None  # while the link to the master target is up
+        self._caching = False  # cache, not hold, until the forwarder caught up
         self._meta = self.dir / "meta.json"
         self.mt_acked = -1
         if self._meta.exists():
@@ -112,14 +120,13 @@ class PairRelay:
         self.mt_id = ""  # the master target's component id, once assigned (its certificate must match)
         self.size = 0
         self._save_meta()
-        self.agent: _Session | None = None
+        self.sessions: list[_Session] = []  # the agent's live sessions, newest last
         self.refusals = RefusalLog(pair_id, self.dir)
         self._take_over_damage()
         self._mt_writer: FrameWriter | None = None
         self._mt_lock = threading.Lock()
         self._mt_sock: ssl.SSLSocket | None = None
         self._mt_up = threading.Event()
-        self.forwarded_bytes = 0
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._forward_loop, name=f"ps-fwd-{pair_id}", daemon=True)
         self._thread.start()
@@ -137,6 +144,7 @@ class PairRelay:
             with contextlib.suppress(OSError):
                 sock.shutdown(2)
         self._thread.join(timeout=10)
+        self.held.spill()  # dropped: their memory goes back to the server's budget
         self.cache.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -146,9 +154,44 @@ class PairRelay:
         os.replace(tmp, self._meta)
 
     @property
-    def durable_seq(self) -> int:
-        """Newest sequence this hop holds durably (cached, or already applied downstream)."""
-        return max(self.cache.last_seq, self.mt_acked)
+    def seen_seq(self) -> int:
+        """Newest sequence this hop holds (cached, held in memory, or applied downstream)."""
+        return max(self.cache.last_seq, self.mt_acked, self.held.last_seq)
+
+    def synced_seq(self) -> int:
+        """Sync the cache; the newest sequence durable with all before it: cached before the sync or
+        applied downstream (never a held frame: held frames are newer than every cached one)."""
+        last = self.cache.last_seq
+        self.cache.sync()
+        return max(last, self.mt_acked)
+
+    def take(self, h: Header, frame: Frame, hbuf: bytearray) -> None:
+        """Hold a received data frame in memory (`ps_inflight.py`) or append it to the cache."""
+        stream = self._stream
+        if stream is not None and self._caching and stream.sent >= self.cache.last_seq:
+            self._caching = False  # the forwarder caught up with the cache
+        if stream is not None and not self._caching:
+            buf = frame.buffer  # received into a buffer of its own (`own_buffer`): kept, not copied
+            if buf is None:
+                buf = bytearray(HEADER_SIZE + h.payload_len)
+                buf[HEADER_SIZE:] = frame.wire
+            pack_header(buf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
+            if self.held.hold(h, buf):
+                stream.wake()
+                return
+            self._caching = True  # no room for ROOM_WAIT: cache until the forwarder caught up
+        elif stream is None and not self._caching and self.cache.bytes_used > HOLD_BEHIND:
+            self._caching = True  # the link is down for longer: its backlog goes first, cached
+        self.spill()
+        pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
+        self.cache.append(h.seq, hbuf, frame.wire)
+
+    def spill(self) -> None:
+        """Append the frames held to the cache, in order (the next sync covers them)."""
+        for h, buf in self.held.spill():
+            if h.seq > self.mt_acked and h.seq > self.cache.last_seq:
+                with memoryview(buf) as view:
+                    self.cache.append(h.seq, view[:HEADER_SIZE], view[HEADER_SIZE:])
 
     def _take_over_damage(self) -> None:
         """Record the frames the cache lost to damage as refusals (persisted), to be resynced."""
@@ -172,10 +215,19 @@ class PairRelay:
             self.cache.free_through(seq)
             self._save_meta()
             self.refusals.acked(seq)
+            if self.held.release(seq):
+                # Frames held in memory are acknowledged only now: applied durably downstream.
+                self._relay_to_agent(FrameType.ACK, seq, 0, 0, memoryview(b""), every=True)
 
     def on_mt_refused(self, seq: int) -> None:
         """The master target NACKed frame `seq`: resend an intact copy; drop a damaged one and ask
         the agent to read its range from the disk again (`healing.py`)."""
+        held = self.held.find(seq)
+        cached = memoryview(held) if held is not None else self._cached(seq)
+        if self.refusals.refused_downstream(seq, cached):
+            self.request_refetch()
+
+    def _cached(self, seq: int) -> memoryview | None:
         cursor = self.cache.cursor(seq - 1)
         try:
             item = cursor.next(bytearray(HEADER_SIZE + MAX_PAYLOAD))
@@ -183,9 +235,7 @@ class PairRelay:
             item = None
         finally:
             cursor.close()
-        cached = item[1] if item is not None and item[0].seq == seq else None
-        if self.refusals.refused_downstream(seq, cached):
-            self.request_refetch()
+        return item[1] if item is not None and item[0].seq == seq else None
 
     def request_refetch(self) -> None:
         for e in self.refusals.pending_refetch():
@@ -214,18 +264,18 @@ class PairRelay:
         length: int,
         payload: memoryview,
         flags: Flag = Flag.NONE,
+        every: bool = False,
     ) -> None:
-        session = self.agent
-        if session is None:
-            return
-        with session.lock:
-            try:
-                idx = session.pairs.index(self.pair_id)
-                session.writer.send(
-                    ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
-                )
-            except (OSError, ValueError) as exc:
-                log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
+        """Send to the agent's newest session, or to `every` live one (an ACK: whichever sent it)."""
+        for session in list(self.sessions) if every else self.sessions[-1:]:
+            with session.lock:
+                try:
+                    idx = session.pairs.index(self.pair_id)
+                    session.writer.send(
+                        ftype, pair=idx, seq=seq, offset=offset, length=length, payload=payload, flags=flags
+                    )
+                except (OSError, ValueError) as exc:
+                    log.info("could not relay %s for %s to the agent: %s", ftype.name, self.pair_id, exc)
 
     def _forward_loop(self) -> None:
         PAIR_ID.set(self.pair_id)  # this thread's log lines name the pair
@@ -278,61 +328,13 @@ class PairRelay:
         broken = threading.Event()
         acks = threading.Thread(target=self._read_mt, args=(reader, sock, broken), daemon=True)
         acks.start()
-        cursor = self.cache.cursor(self.mt_acked)
-        buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
-        # Frames the cache lost (damaged header): a MISSING|RESYNC frame goes out in their place.
-        lost = sorted(
-            e.seq for e in self.refusals.entries() if e.resync and not e.healed and e.hop is RefusedHop.CACHE
-        )
-        # Cached frames go out in batches of up to FORWARD_BATCH bytes, sent whenever the cache has
-        # nothing more: one TLS record and system call per 4 KiB frame was most of the process
-        # server's time under small random writes (as it was the agent sender's).
-        batch = bytearray()
-
-        def send_batch() -> None:
-            if batch:
-                with self._mt_lock, memoryview(batch) as view:
-                    writer.send_raw(view)
-                batch.clear()
-
+        stream = Stream(self.cache, self.held, self.refusals, writer, self._mt_lock, self.mt_acked)
         try:
-            while not self._stopping and not broken.is_set():
-                try:
-                    item = cursor.next(buf)
-                except ProtocolError:
-                    self._repair_cache()  # a damaged header; the next session resumes past it
-                    raise
-                if item is None:
-                    send_batch()
-                    with self.cache.appended:
-                        self.cache.appended.wait(0.2)
-                    continue
-                if lost and lost[0] < item[0].seq:
-                    send_batch()
-                while lost and lost[0] < item[0].seq:
-                    with self._mt_lock:
-                        writer.send(FrameType.WRITE, 0, lost.pop(0), 0, 0, b"", Flag.MISSING | Flag.RESYNC)
-                if self.refusals.dropped(item[0].seq):
-                    # The damaged frame stays out of the stream; the master target learns its
-                    # write is missing until the agent's re-read of the range arrives.
-                    h = item[0]
-                    send_batch()
-                    with self._mt_lock:
-                        writer.send(h.type, 0, h.seq, h.offset, h.length, b"", Flag.MISSING)
-                    continue
-                frame = item[1]
-                if len(frame) >= FORWARD_BATCH:
-                    send_batch()
-                    with self._mt_lock:
-                        writer.send_raw(frame)
-                else:
-                    batch += frame
-                    if len(batch) >= FORWARD_BATCH:
-                        send_batch()
-                self.forwarded_bytes += len(frame)
-                self.server.note_forwarded(len(frame))
+            self._stream = stream  # frames may be held in memory from now on (`take`)
+            running = lambda: not self._stopping and not broken.is_set()  # noqa: E731
+            stream.run(running, self._repair_cache, self.server.note_forwarded)
         finally:
-            cursor.close()
+            self._stream = None
             sock.close()
             acks.join(timeout=5)
 
@@ -376,6 +378,7 @@ class ProcessServer:
         self.revoked = Revocations()
         self.peer_refusals = Refusals()
         self._lock = threading.Lock()
+        self.budget = Budget()  # bytes of frames held in memory, over every pair
         self._listener = Listener(listen, identity.server_context(), self._serve)
         self._received = 0
         self._forwarded = 0
@@ -441,12 +444,11 @@ class ProcessServer:
                 self._relay(pair_id, assignment.master_target, assignment)
         # A session whose agent was revoked or lost the pair ends now, not at its next HELLO.
         for live in list(self._relays.values()):
-            session, now = live.agent, self._assigned.get(live.pair_id)
-            if session is not None and (
-                session.peer.serial in self.revoked or now is None or now.agent != session.peer.id
-            ):
-                with contextlib.suppress(OSError, ValueError):
-                    session.sock.shutdown(2)
+            now = self._assigned.get(live.pair_id)
+            for session in list(live.sessions):
+                if session.peer.serial in self.revoked or now is None or now.agent != session.peer.id:
+                    with contextlib.suppress(OSError, ValueError):
+                        session.sock.shutdown(2)
         for pair_id in desired.discard:
             if pair_id in self._discarded or not valid_identifier(pair_id):
                 continue
@@ -474,10 +476,10 @@ class ProcessServer:
         relays = [self._relay(a.pair_id, a.master_target or hello.master_target or "", a) for a in assigned]
         session = _Session(sock, list(hello.pairs), peer)
         for relay in relays:
-            relay.agent = session
+            relay.sessions.append(session)
         with session.lock:
             session.writer.send_model(
-                FrameType.HELLO, HelloReply(acked={r.pair_id: r.durable_seq for r in relays})
+                FrameType.HELLO, HelloReply(acked={r.pair_id: r.synced_seq() for r in relays})
             )
         for relay in relays:
             relay.request_refetch()  # refusals the agent was not connected to hear about
@@ -485,8 +487,7 @@ class ProcessServer:
             self._receive(reader, session, relays)
         finally:
             for relay in relays:
-                if relay.agent is session:
-                    relay.agent = None
+                relay.sessions.remove(session)
 
     def _refuse(self, writer: FrameWriter, peer: Peer, problem: Problem, pair_id: str = "") -> None:
         if problem.code == "pair-not-assigned":
@@ -508,8 +509,9 @@ class ProcessServer:
             with contextlib.suppress(OSError):
                 session.sock.shutdown(2)  # ends this session; the agent resends after HELLO
 
-        # The cache is fsynced and the agent acknowledged on another thread (`ps_acks.py`).
-        acker = Acker(relays[0].pair_id if relays else "", lambda i: relays[i].cache.sync(), ack, broken)
+        # The cache is fsynced and the agent acknowledged on another thread (`ps_acks.py`); frames
+        # held in memory are acknowledged on the master target's ACK instead (`PairRelay.on_mt_ack`).
+        acker = Acker(relays[0].pair_id if relays else "", lambda i: relays[i].synced_seq(), ack, broken)
         try:
             self._receive_frames(reader, session, relays, acker)
         finally:
@@ -523,7 +525,7 @@ class ProcessServer:
         unacked = 0
         while True:
             try:
-                frame = reader.read()
+                frame = reader.read(own_buffer)
             except CorruptFrame as exc:
                 with session.lock:
                     session.writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
@@ -537,15 +539,14 @@ class ProcessServer:
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(relays)} pairs")
             relay = relays[h.pair]
             if h.type in _DATA_TYPES:
-                problem = data_frame_problem(relay.pair_id, frame, relay.durable_seq, relay.size)
+                problem = data_frame_problem(relay.pair_id, frame, relay.seen_seq, relay.size)
                 if problem is not None:
                     # Refused before it is cached or acknowledged: the master target would drop it.
                     with session.lock:
                         self._refuse(session.writer, session.peer, problem, relay.pair_id)
                     raise ProtocolError(problem.message)
-                if h.seq > relay.cache.last_seq and h.seq > relay.mt_acked:
-                    pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
-                    relay.cache.append(h.seq, hbuf, frame.wire)
+                if h.seq > relay.seen_seq:
+                    relay.take(h, frame, hbuf)
                     relay.refusals.received(h)
                     self._received += HEADER_SIZE + h.payload_len
                     unacked += HEADER_SIZE + h.payload_len
@@ -563,7 +564,9 @@ class ProcessServer:
                 unacked = 0
 
     def stats(self) -> ProcessServerStats:
-        used = sum(r.cache.bytes_used for r in list(self._relays.values()))
+        relays = list(self._relays.values())
+        held = sum(r.held.bytes for r in relays)
+        used = sum(r.cache.bytes_used for r in relays)
         usage = shutil.disk_usage(self.cache_dir)
         free_pct = 100.0 * usage.free / usage.total if usage.total else 0.0
         health = CacheHealth.OK
@@ -585,7 +588,8 @@ class ProcessServer:
             cache_capacity_bytes=usage.total,
             cache_free_percent=round(free_pct, 2),
             cache_health=health,
-            backlog_bytes=used,
+            backlog_bytes=used + held,
+            held_bytes=held,
             throughput_bytes_per_s=self._rate_in,
             drain_seconds=drain,
             pairs=len(self._relays),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Protocol, TypeVar
@@ -106,12 +107,15 @@ class Header:
 class Frame:
     """A received frame. `payload` is the uncompressed payload; `wire` the bytes as received.
 
-    Both are views into the reader's reused buffers and are valid only until the next read.
+    Both are views into the reader's reused buffers and are valid only until the next read — unless
+    the reader was given a `place` for it: then `buffer` is the caller's own buffer, `wire` a view
+    of it after HEADER_SIZE bytes left for a header (see `FrameReader.read`).
     """
 
     header: Header
     payload: memoryview
     wire: memoryview
+    buffer: bytearray | None = None
 
 
 EMPTY_DIGEST = xxhash.xxh3_128_digest(b"")
@@ -210,12 +214,31 @@ class FrameReader:
             got += n
         return True
 
-    def read(self) -> Frame | None:
-        """Next verified frame, or None at a clean end of stream between frames."""
+    def read(
+        self,
+        place: Callable[[Header], bytearray | None] | None = None,
+        into: Callable[[int], memoryview | None] | None = None,
+    ) -> Frame | None:
+        """Next verified frame, or None at a clean end of stream between frames.
+
+        Two ways for a caller to keep a frame without copying it out of the reader's reused buffer:
+        `place(header)` may return a buffer of HEADER_SIZE + payload_len bytes for the frame to be
+        received into (its payload after HEADER_SIZE bytes the caller may put a header in; `Frame.buffer`):
+        a process server forwards a frame from memory. `into(n)` may give a buffer of exactly n bytes
+        (page-aligned, say) an uncompressed payload of n bytes is received straight into: the master
+        target writes it to the replica from there with O_DIRECT.
+        """
         if not self._fill(self._hview, at_start=True):
             return None
         h = parse_header(self._hview)
-        wire = self._pview[: h.payload_len]
+        own = place(h) if place is not None else None
+        wire: memoryview | None = None
+        if own is not None:
+            wire = memoryview(own)[HEADER_SIZE:]
+        elif into is not None and not h.flags & Flag.COMPRESSED:
+            wire = into(h.payload_len)
+        if wire is None:
+            wire = self._pview[: h.payload_len]
         self._fill(wire, at_start=False)
         payload: memoryview = wire
         if h.flags & Flag.COMPRESSED:
@@ -227,7 +250,7 @@ class FrameReader:
             raise CorruptFrame(h.pair, h.seq, "zero frame with a payload")
         if xxhash.xxh3_128_digest(payload) != h.digest:
             raise CorruptFrame(h.pair, h.seq, "payload digest mismatch")
-        return Frame(h, payload, wire)
+        return Frame(h, payload, wire, own)
 
 
 class FrameWriter:

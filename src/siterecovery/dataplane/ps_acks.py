@@ -5,7 +5,8 @@ when the agent's stream paused), and read nothing meanwhile: the agent's frames 
 the fsync and the sender stalled (issue 16). Now the session thread only asks (`request`) and goes
 on receiving; the `Acker` thread fsyncs the cache and then acknowledges, per pair, the newest
 sequence appended before that fsync began. PS-1 holds as before: nothing is acknowledged that a
-crash could lose.
+crash could lose. A pair's frames held in memory (`ps_inflight.py`) are not covered by the fsync:
+`sync` returns the newest sequence it made durable, and no more than that is acknowledged.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ log = logging.getLogger(__name__)
 class Acker:
     """Syncs and acknowledges a session's pairs when asked (see the module's paragraph).
 
-    `sync(idx)` makes pair `idx`'s cache durable; `ack(idx, seq)` tells the agent; `broken()` is
-    called once if either raises OSError (the session must end: the agent resends after HELLO).
+    `sync(idx)` makes pair `idx`'s cache durable and returns the newest sequence durable (with every
+    one before it); `ack(idx, seq)` tells the agent; `broken()` is called once if either raises
+    OSError (the session must end: the agent resends after HELLO).
     """
 
     def __init__(
         self,
         name: str,
-        sync: Callable[[int], None],
+        sync: Callable[[int], int],
         ack: Callable[[int, int], None],
         broken: Callable[[], None],
     ) -> None:
@@ -56,8 +58,10 @@ class Acker:
                 asked, self._asked = self._asked, {}
             try:
                 for idx, seq in asked.items():
-                    self._sync(idx)  # covers every frame appended before it began, `seq` included
-                    self._ack(idx, seq)
+                    # Covers every frame appended before it began, `seq` included unless held.
+                    durable = min(seq, self._sync(idx))
+                    if durable >= 0:
+                        self._ack(idx, durable)
             except OSError as exc:
                 log.info("acknowledging the agent failed: %s", exc)
                 self._broken()

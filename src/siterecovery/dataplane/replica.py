@@ -132,6 +132,7 @@ class PairReplication:
             self.lost = [int(s) for s in saved.get("lost", [])]
         self._note_damage()
         self._next = max(reserved, self.spool.last_seq + 1)
+        self.tail.publish_captured(self._next - 1)
         self._reserved = self._next
         # The last number a frame carries (a write, bookmark or marker; a done sync's last frame).
         # A sync reserves one number per block up front and a restart skips to the reserved mark:
@@ -162,6 +163,7 @@ class PairReplication:
         self._next += count
         if frames:
             self._last_frame = self._next - 1
+        self.tail.publish_captured(self._next - 1)  # for watchers (a bench), without a stats round
         if self._next > self._reserved:
             self._reserved = self._next + _RESERVE
             self._save_state()

@@ -19,6 +19,11 @@ processes). The sender holds its spooled frames back meanwhile (`sender.py`): du
 spool absorbs the writes and the CPU goes to the export, not to the sender and the process server
 and master target it feeds. Two aligned 8-byte values (until when, the last busy share), written
 by the export's thread only: a hint, read without the lock.
+
+Two more values are read by whoever watches the pair (the capture bench) without asking either
+process: the newest sequence the pair has allocated (`captured`: written frames, writes only marked
+dirty, syncs) and the seconds the sender has held frames back so far (`held`), each written by one
+process only (the agent's capture path, the sender child).
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ _STATE = struct.Struct("<q")  # state generation, at offset 32
 _STATE_AT = 32
 _LOAD = struct.Struct("<dd")  # saturated until (monotonic s), the last busy share, at 40
 _LOAD_AT = 40
-_SIZE = 64
+_CAPTURED = struct.Struct("<q")  # the newest sequence allocated, at 56 (the agent's capture path)
+_CAPTURED_AT = 56
+_HELD = struct.Struct("<d")  # seconds the sender has held frames back in all, at 64 (the sender)
+_HELD_AT = 64
+_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,23 @@ class SpoolTail:
     def busy(self) -> float:
         """The export's last published busy share (0..1)."""
         return float(_LOAD.unpack_from(self._map, _LOAD_AT)[1])
+
+    def publish_captured(self, seq: int) -> None:
+        """The pair has allocated sequences up to `seq` (called with the pair's lock held)."""
+        _CAPTURED.pack_into(self._map, _CAPTURED_AT, seq)
+
+    @property
+    def captured(self) -> int:
+        return int(_CAPTURED.unpack_from(self._map, _CAPTURED_AT)[0])
+
+    def add_held(self, seconds: float) -> None:
+        """The sender held frames back for `seconds` more (the sender's thread only)."""
+        _HELD.pack_into(self._map, _HELD_AT, self.held + seconds)
+
+    @property
+    def held(self) -> float:
+        """Seconds the sender has held spooled frames back since the tail was created."""
+        return float(_HELD.unpack_from(self._map, _HELD_AT)[0])
 
     @property
     def state_generation(self) -> int:

@@ -326,7 +326,9 @@ class Connection(asyncio.BufferedProtocol):
         self, image: ExportImage, writes: list[tuple[int, memoryview]], cookies: list[int]
     ) -> None:
         try:
-            image.write_many(writes)
+            # Each write's range was found marked, or just marked, as it was taken into the batch,
+            # and `_take_writes` applies the batch before it marks anything else: still marked.
+            image.write_many(writes, marked=True)
         except Exception:
             # Which one failed is unknown: answer each write on its own. Writing a payload to the
             # image again is harmless, and so is recording a write again after itself, in order.

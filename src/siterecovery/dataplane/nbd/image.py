@@ -34,31 +34,75 @@ from siterecovery.dataplane.nbd.wire import MIN_BLOCK_SIZE, STATE_HOLE, STATE_ZE
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
 LOAD_WINDOW = 0.1  # s: how often a load-aware sink hears the export's busy share
+# The run-queue wait counts only in a window whose work share is at least this: a flat-out burst
+# (0.3-0.5 of work on the loaded 2-core box), not a trickle of writes on a busy host (a sustained
+# 100 MB/s is ~0.1), which is never made to look saturated by other processes' load.
+WAIT_COUNTS_FROM = 0.25
 
 
 class BusyMeter:
-    """The share of wall time the export's event-loop thread spends handling requests.
+    """The share of wall time the export's event-loop thread spends handling requests or waiting
+    for a CPU to handle them.
 
     The connections add each stretch of work (from the start of a receive to the replies handed
-    over); once a window has passed, the sink hears the share of it that was work. Time between
-    stretches is the loop waiting for requests: an export that is never waiting is saturated.
-    Called from the event-loop thread only.
+    over); once a window has passed, the sink hears the share of it that was work, plus the time
+    the thread waited, runnable, for a CPU (the kernel's schedstat). Time between stretches is the
+    loop waiting for requests: an export that is never waiting is saturated. The run-queue wait
+    matters on a box where other processes take the CPU (the sender child, or a process server and
+    master target on the same machine): there the export's requests wait for a CPU rather than in
+    its loop, its work share alone stays low, and the sender would keep competing with it. Wait
+    inside a stretch of work is counted twice: a starved export leans towards "saturated". The wait
+    counts only once the work share reaches `WAIT_COUNTS_FROM`. Called from the event-loop thread
+    only.
     """
 
-    def __init__(self, report: Callable[[float, float], None], window: float | None = None) -> None:
+    def __init__(
+        self,
+        report: Callable[[float, float], None],
+        window: float | None = None,
+        waited: Callable[[], float] | None = None,
+    ) -> None:
         self._report = report
         self._window = LOAD_WINDOW if window is None else window
         self._start = 0.0  # the window's start (monotonic); 0: none yet
         self._busy = 0.0
+        self._waited = waited  # None: this thread's schedstat, opened on first use
+        self._schedstat = -1  # its descriptor (-1: not open yet; -2: none to be had)
+        self._wait0 = 0.0  # run-queue wait at the window's start
+
+    def _wait(self) -> float:
+        if self._waited is not None:
+            return self._waited()
+        if self._schedstat == -1:
+            try:
+                self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._schedstat = -2
+        if self._schedstat < 0:
+            return 0.0
+        try:
+            return int(os.pread(self._schedstat, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def add(self, begin: float, end: float) -> None:
         if not self._start:
             self._start = begin
+            self._wait0 = self._wait()
         self._busy += end - begin
         span = end - self._start
         if span >= self._window and span > 0:
-            self._report(min(1.0, self._busy / span), end)
-            self._start, self._busy = end, 0.0
+            wait = self._wait()
+            share = self._busy / span
+            if share >= WAIT_COUNTS_FROM:
+                share = min(1.0, share + (wait - self._wait0) / span)
+            self._report(share, end)
+            self._start, self._busy, self._wait0 = end, 0.0, wait
+
+    def close(self) -> None:
+        if self._schedstat >= 0:
+            os.close(self._schedstat)
+            self._schedstat = -2
 
 
 def refused(code: str, message: str, remediation: str) -> SiteRecoveryError:
@@ -146,6 +190,8 @@ class ExportImage:
                 raise
 
     def close(self) -> None:
+        if self.meter is not None:
+            self.meter.close()
         if self.before is not None:
             self.before.close()
         if self.intent is not None:
@@ -174,7 +220,7 @@ class ExportImage:
         if self.intent is not None:
             self.intent.recorded(offset, len(data))
 
-    def write_many(self, writes: list[tuple[int, memoryview]]) -> None:
+    def write_many(self, writes: list[tuple[int, memoryview]], *, marked: bool = False) -> None:
         """Apply checked writes in order, then record them all with one call to the sink.
 
         The connection's batch of plain writes. If it raises, some writes may have reached the
@@ -182,11 +228,15 @@ class ExportImage:
         with an all-zero payload (a hole to punch, a zero record) takes the one-by-one path, so
         the records keep the image's order; so does one whose range is not marked in the
         write-intent log yet (the connection marks ahead; marking here, between a batch's image
-        writes and their records, could unmark the extent of a write not recorded yet).
+        writes and their records, could unmark the extent of a write not recorded yet). `marked`:
+        the caller made sure every write's range is marked already (the connection, which tested
+        each one while taking it into the batch), so they are not tested again here.
         """
         fd, intent = self.fd, self.intent
         if any(not data[0] and is_zero(data) for _, data in writes) or (
-            intent is not None and not all(intent.covers(offset, len(data)) for offset, data in writes)
+            intent is not None
+            and not marked
+            and not all(intent.covers(offset, len(data)) for offset, data in writes)
         ):
             for offset, data in writes:
                 self.write(offset, data)

@@ -1,0 +1,149 @@
+"""Frames the process server forwards from memory, acknowledged to the agent on the master target's ACK.
+
+Caching every frame cost a full sync three passes over each byte on the process server besides
+TLS — the write into the cache, the read back to forward it, and the fsync's disk write that
+doubled the box's disk traffic (the master target writes the same bytes to the replica) — to
+acknowledge a frame the agent can always send again: until the process server acknowledges it,
+a sync's block stays on the agent's disk and a captured write in its spool, and after a
+reconnect the agent resends everything after the acknowledged sequence (issue 16).
+
+So while a pair's link to the master target is up, a received frame is held here instead of being
+cached: the forwarder sends it from memory, after whatever the cache still holds, and it is
+acknowledged to the agent only once the master target acknowledged it (durably applied to the
+replica). When the pair's budget is used, the receive thread waits for room: the agent is slowed
+to the master target's pace, as `nbdcopy`'s source is to its destination's. PS-1 holds: nothing
+acknowledged lives only in memory. A process server that crashes loses the held frames; the agent,
+never told they were durable, resends them.
+
+Held frames are always the newest of the pair: a frame is cached only after everything held was
+*spilled* — appended to the cache in order — so a pair's cache and its held frames together are
+its sequence in order, cached frames first. Frames are spilled and cached while the link is down,
+and when the master target has made no room for `ROOM_WAIT` seconds; after that, and after a link
+down long enough to cache more than `HOLD_BEHIND`, frames are cached until the forwarder has caught
+up with the cache (the cache absorbs a stalled master target, as before).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, Header
+
+# Per pair, bytes of frames held (about two of the master target's acknowledgement batches of 32 MiB:
+# the next batch arrives while the previous one is synced and acknowledged).
+PAIR_BUDGET = 96 << 20
+# Per process server, over every pair: a process server with many pairs in a full sync caches
+# what its memory would not hold.
+SERVER_BUDGET = 384 << 20
+# How long a receive thread waits for the master target to make room before it spills.
+ROOM_WAIT = 1.0
+# Frames are held behind at most this much still cached (those cached before the link came up).
+HOLD_BEHIND = 32 << 20
+OWN_BUFFER = 64 << 10  # data frames with at least this much payload are received into their own buffer
+
+
+def own_buffer(h: Header) -> bytearray | None:
+    """A buffer of its own for a large data frame (`FrameReader.read`'s `place`): held in memory as
+    received; copying each MiB of a sync out of the reader's buffer was a tenth of the receive thread."""
+    if h.type in (FrameType.WRITE, FrameType.BLOCK) and h.payload_len >= OWN_BUFFER:
+        return bytearray(HEADER_SIZE + h.payload_len)
+    return None
+
+
+class Budget:
+    """Bytes held across a process server's pairs (thread-safe)."""
+
+    def __init__(self, limit: int = SERVER_BUDGET) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Held:
+    """One pair's held frames, in sequence order (see the module's paragraphs). Thread-safe.
+
+    The receive thread `hold`s and `spill`s, the forwarder reads `after` a sequence, the master
+    target's ACK `release`s; `last_seq` may be read without the lock (an int, replaced at once).
+    """
+
+    def __init__(self, budget: Budget, limit: int = PAIR_BUDGET) -> None:
+        self._budget = budget
+        self._limit = limit
+        self._frames: deque[tuple[Header, bytearray]] = deque()
+        self._cond = threading.Condition()
+        self.bytes = 0
+        self.last_seq = -1  # the newest frame held (-1: none)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def hold(self, header: Header, frame: bytearray, wait: float = ROOM_WAIT) -> bool:
+        """Hold `frame` (header + payload, the pair index 0) if there is room within `wait`
+        seconds; False: no room, the caller spills and caches it."""
+        n = len(frame)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._room(n), wait):
+                return False
+            self._frames.append((header, frame))
+            self.bytes += n
+            self.last_seq = header.seq
+            return True
+
+    def _room(self, n: int) -> bool:
+        # An empty pair may always hold one frame of any size, within the server's budget.
+        if self._frames and self.bytes + n > self._limit:
+            return False
+        return self._budget.take(n)
+
+    def after(self, seq: int) -> list[tuple[Header, bytearray]]:
+        """The frames held with a sequence after `seq`, in order (for the forwarder)."""
+        with self._cond:
+            newer: list[tuple[Header, bytearray]] = []
+            for item in reversed(self._frames):  # from the newest: as many steps as frames handed on
+                if item[0].seq <= seq:
+                    break
+                newer.append(item)
+            newer.reverse()
+            return newer
+
+    def find(self, seq: int) -> bytearray | None:
+        with self._cond:
+            return next((frame for h, frame in self._frames if h.seq == seq), None)
+
+    def release(self, seq: int) -> bool:
+        """The master target acknowledged every frame up to `seq`: drop them. True if any was held."""
+        with self._cond:
+            freed = 0
+            while self._frames and self._frames[0][0].seq <= seq:
+                freed += len(self._frames.popleft()[1])
+            if not freed:
+                return False
+            self._drop(freed)
+            return True
+
+    def spill(self) -> list[tuple[Header, bytearray]]:
+        """Every frame held, emptied out (the caller appends them to the cache, in order)."""
+        with self._cond:
+            frames = list(self._frames)
+            self._frames.clear()
+            self._drop(self.bytes)
+            return frames
+
+    def _drop(self, n: int) -> None:
+        self.bytes -= n
+        self._budget.give(n)
+        if not self._frames:
+            self.last_seq = -1
+        self._cond.notify_all()

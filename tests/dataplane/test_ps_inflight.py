@@ -1,0 +1,122 @@
+"""The process server's frames held in memory (`ps_inflight.py`): order, budgets, release, spill."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+from siterecovery.dataplane.links import Identity
+from siterecovery.dataplane.process_server import ProcessServer
+from siterecovery.dataplane.protocol import (
+    HEADER_SIZE,
+    Flag,
+    Frame,
+    FrameType,
+    FrameWriter,
+    Header,
+    encode_frame,
+    parse_header,
+)
+from siterecovery.dataplane.ps_forward import Stream
+from siterecovery.dataplane.ps_inflight import Budget, Held
+from siterecovery.pki import CertificateAuthority
+
+
+def _frame(seq: int, size: int = 4096) -> tuple[Header, bytearray]:
+    h = Header(FrameType.WRITE, Flag.NONE, 0, seq, seq * size, size, size, bytes(16))
+    return h, bytearray(HEADER_SIZE + size)
+
+
+def test_frames_are_handed_on_in_order_and_released_by_the_acknowledgement() -> None:
+    budget = Budget(1 << 20)
+    held = Held(budget, limit=1 << 20)
+    for seq in (3, 4, 5):
+        assert held.hold(*_frame(seq), wait=0)
+    assert held.last_seq == 5 and len(held) == 3
+    assert [h.seq for h, _ in held.after(3)] == [4, 5]
+    assert held.after(5) == []
+    assert held.find(4) is not None and held.find(6) is None
+    assert not held.release(2)  # nothing held at or below 2
+    assert held.release(4)
+    assert [h.seq for h, _ in held.after(-1)] == [5]
+    assert budget.used == held.bytes == HEADER_SIZE + 4096
+    assert held.release(5)
+    assert held.last_seq == -1 and budget.used == 0
+
+
+def test_no_room_past_the_pair_or_the_server_budget_but_one_frame_always_fits_an_empty_pair() -> None:
+    size = HEADER_SIZE + 4096
+    budget = Budget(3 * size)
+    a, b = Held(budget, limit=2 * size), Held(budget, limit=2 * size)
+    assert a.hold(*_frame(1), wait=0) and a.hold(*_frame(2), wait=0)
+    assert not a.hold(*_frame(3), wait=0)  # the pair's limit
+    assert b.hold(*_frame(1), wait=0)
+    assert not b.hold(*_frame(2), wait=0)  # the server's budget, shared with `a`
+    big = Held(Budget(1 << 30), limit=size)
+    assert big.hold(*_frame(1, 1 << 20), wait=0)  # larger than the pair's limit, but alone
+
+
+def test_a_release_makes_room_for_a_waiting_hold() -> None:
+    size = HEADER_SIZE + 4096
+    held = Held(Budget(), limit=size)
+    assert held.hold(*_frame(1), wait=0)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(held.hold(*_frame(2), wait=60)))
+    waiter.start()
+    held.release(1)
+    waiter.join(timeout=60)
+    assert result == [True] and [h.seq for h, _ in held.after(-1)] == [2]
+
+
+def test_spill_empties_in_order_and_gives_the_budget_back() -> None:
+    budget = Budget()
+    held = Held(budget)
+    for seq in (7, 8, 9):
+        held.hold(*_frame(seq), wait=0)
+    assert [h.seq for h, _ in held.spill()] == [7, 8, 9]
+    assert len(held) == 0 and held.last_seq == -1 and held.bytes == 0 and budget.used == 0
+
+
+def _received(seq: int) -> Frame:
+    raw = encode_frame(FrameType.WRITE, 0, seq, seq * 4096, 4096, bytes([seq % 251 + 1]) * 4096)
+    view = memoryview(raw)
+    return Frame(parse_header(view[:HEADER_SIZE]), view[HEADER_SIZE:], view[HEADER_SIZE:])
+
+
+def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(tmp_path: Path) -> None:
+    """Held frames are never counted durable; once the link is down they go into the cache ahead of
+    the next frame, in order, and a sync then covers them all (PS-1)."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    identity = Identity.in_dir(tmp_path / "ps")
+    identity.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
+    server = ProcessServer(tmp_path / "cache", identity)
+    server.start()
+    relay = server._relay("p1", "")  # no master target named: its forwarder stays idle
+    a, b = socket.socketpair()
+    try:
+        hbuf = bytearray(HEADER_SIZE)
+        relay.take(_received(1).header, _received(1), hbuf)  # link down: cached
+        # The link comes up (the forwarder's stream, not run here, took the cache up to seq 1).
+        stream = Stream(relay.cache, relay.held, relay.refusals, FrameWriter(a), threading.Lock(), 1)
+        relay._stream = stream
+        for seq in (2, 3, 4):
+            frame = _received(seq)
+            relay.take(frame.header, frame, hbuf)
+        assert relay.cache.last_seq == 1 and relay.held.last_seq == 4 and relay.seen_seq == 4
+        assert relay.synced_seq() == 1  # the held frames are not durable: never acknowledged
+        relay._stream = None  # the link drops
+        relay.take(_received(5).header, _received(5), hbuf)
+        assert len(relay.held) == 0 and relay.synced_seq() == 5
+        cursor = relay.cache.cursor(-1)
+        buf = bytearray(HEADER_SIZE + 8192)
+        seqs = []
+        while (item := cursor.next(buf)) is not None:
+            seqs.append(item[0].seq)
+            assert bytes(item[1][HEADER_SIZE:]) == bytes([item[0].seq % 251 + 1]) * 4096
+        cursor.close()
+        assert seqs == [1, 2, 3, 4, 5]
+    finally:
+        a.close()
+        b.close()
+        server.stop()
