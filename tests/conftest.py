@@ -23,6 +23,20 @@ SITERECOVERY = str(Path(sys.executable).with_name("siterecovery"))
 # Components started by tests heartbeat every 2 s even when idle (their default idle interval is
 # longer, docs/operations.md): tests wait for reports, and must not wait longer than before.
 os.environ.setdefault("SITERECOVERY_DEFAULT_INTERVAL", "2")
+# pytest's per-test timeout (300 s, pyproject.toml) for the folders whose tests run whole
+# deployments: the first test of a module or session also starts the deployment, and every wait
+# inside is bounded on its own (a job, the writer's progress, a restart). At load 25-30 on 2 cores
+# a faults scenario took over 300 s (setup 55-83 s) and an e2e cycle 180 s, where CI takes 25-65 s;
+# this is only the guard against a hang.
+DEPLOYMENT_TIMEOUT = {"faults": 900, "e2e": 900}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.parent
+        seconds = DEPLOYMENT_TIMEOUT.get(folder.name) if folder.parent == ROOT / "tests" else None
+        if seconds and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(seconds))
 
 
 def require_tool(name: str) -> str:

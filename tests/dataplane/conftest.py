@@ -76,9 +76,11 @@ class Component:
         def written() -> bool:
             return path.exists() and bool(path.read_text().strip())
 
+        # A process start on a loaded 2-core box takes seconds to tens of seconds; one that exits
+        # ends the wait at once.
         wait_for(
             lambda: written() or self.proc is None or self.proc.poll() is not None,
-            30,
+            120,
             f"{self.args[0]} to listen",
         )
         if not written():

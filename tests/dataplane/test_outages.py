@@ -50,7 +50,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write(plane: Plane, victim: str
     target = plane.root / "target.img"
     mt, ps, agent = one_pair(plane, src, target, size)
     sock = plane.root / "nbd" / "d0.sock"
-    wait_for(sock.exists, 30, "the NBD export")
+    wait_for(sock.exists, 120, "the NBD export")
     rng = random.Random(7)
     hop: Component = ps if victim == "ps" else mt
     for i in range(12):

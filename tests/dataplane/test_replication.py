@@ -46,7 +46,7 @@ def test_qemu_io_pattern_reaches_target_identical(plane: Plane) -> None:
     src = make_image(plane.root / "src.img", size, [(1 * MiB, 2 * MiB, 0xAB)])
     agent, _ps, mt = start_plane(plane, src, size)
     sock = plane.root / "nbd" / "d0.sock"
-    wait_for(sock.exists, 30, "the NBD export")
+    wait_for(sock.exists, 120, "the NBD export")
     out = subprocess.run(
         [
             qemu_io,
@@ -83,7 +83,7 @@ def test_nbdcopy_random_image_reaches_target_identical(plane: Plane) -> None:
     data = random_image(plane.root / "data.img", size, [(0, 6 * MiB), (10 * MiB, 3 * MiB)])
     agent, _ps, mt = start_plane(plane, src, size)
     sock = plane.root / "nbd" / "d0.sock"
-    wait_for(sock.exists, 30, "the NBD export")
+    wait_for(sock.exists, 120, "the NBD export")
     subprocess.run([nbdcopy, str(data), f"nbd+unix:///d0?socket={sock}"], check=True, capture_output=True)
     wait_replicated(agent, mt, "p1")  # type: ignore[arg-type]
     assert compare(data, plane.root / "target.img").returncode == 0

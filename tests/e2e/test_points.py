@@ -126,7 +126,7 @@ def test_recovery_point_changes_until_commit(dr_env: Environment) -> None:
     journals = [volume / JOURNAL_DIR / p["pair_id"] for p in held["pairs"]]
     assert all(j.is_dir() for j in journals), journals  # kept while the point could change
     assert run_job(dr_env, "/api/replicatedItems/web1/commit", {})["state"] == "succeeded"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # on the master target's next desired state (a heartbeat)
     while any(j.exists() for j in journals):  # the point is final: the master target drops them
         assert time.monotonic() < deadline, journals
         time.sleep(0.3)
@@ -218,7 +218,7 @@ def test_point_change_survives_kill9_of_the_configuration_server(dr_env: Environ
     caches = [dr_env.root / "components" / "ps-onprem" / "cache" / "cache" / p["pair_id"] for p in pairs]
     assert all(c.is_dir() for c in caches), caches
     assert run_job(dr_env, "/api/replicatedItems/db1/commit", {})["state"] == "succeeded"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # on the process server's next desired state (a heartbeat)
     while any(c.exists() for c in caches):
         assert time.monotonic() < deadline, caches
         time.sleep(0.3)

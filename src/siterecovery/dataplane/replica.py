@@ -134,6 +134,10 @@ class PairReplication:
         self._next = max(reserved, self.spool.last_seq + 1)
         self.tail.publish_captured(self._next - 1)
         self._reserved = self._next
+        # The last number a frame carries (a write, bookmark or marker; a done sync's last frame).
+        # A sync reserves one number per block up front and a restart skips to the reserved mark:
+        # those never carried by a frame are not captured writes (`reported_seq`).
+        self._last_frame = self.spool.last_seq
         self._generation = generation
         # A new generation starts with a sync of the whole disk: it covers every earlier write.
         self.fresh = spec.generation > generation
@@ -154,9 +158,11 @@ class PairReplication:
 
     # --- sequence numbers and state -----------------------------------------------------------
 
-    def _alloc(self, count: int = 1) -> int:
+    def _alloc(self, count: int = 1, *, frames: bool = True) -> int:
         seq = self._next
         self._next += count
+        if frames:
+            self._last_frame = self._next - 1
         self.tail.publish_captured(self._next - 1)  # for watchers (a bench), without a stats round
         if self._next > self._reserved:
             self._reserved = self._next + _RESERVE
@@ -178,6 +184,15 @@ class PairReplication:
     @property
     def captured_seq(self) -> int:
         return self._next - 1
+
+    @property
+    def reported_seq(self) -> int:
+        """What the pair reports as captured: with no sync pending, the last number a frame carries.
+
+        The drain of a planned failover, the RPO monitor and the stall alert compare it with what
+        was acknowledged and applied; the unused rest of a done sync's window (an idle disk after
+        a resync) would stay "captured, never acknowledged" for ever (`drain-incomplete`)."""
+        return self._next - 1 if self.sync is not None else self._last_frame
 
     # --- CaptureSink ----------------------------------------------------------------------------
 
@@ -350,7 +365,7 @@ class PairReplication:
             self.intent.take(self.dir / "intent-sync.bitmap")
             if self.whole is WholeResync.REQUESTED:
                 self.whole = WholeResync.RUNNING
-        s0 = self._alloc(self.size // FINE + 2)
+        s0 = self._alloc(self.size // FINE + 2, frames=False)  # its frames count once done
         self.sync = SyncPlan(kind, s0)
         self.sync_last = None
         self._save_state()
@@ -455,6 +470,7 @@ class PairReplication:
         marked = False
         with self._lock:
             if self.sync is not None and self.sync_last is not None and self.acked >= self.sync_last:
+                self._last_frame = max(self._last_frame, self.sync_last)
                 if self.sync.kind == SyncKind.DIRTY:
                     (self.dir / "sync.bitmap").unlink(missing_ok=True)
                 elif self.sync.kind == SyncKind.INTENT:
@@ -499,7 +515,7 @@ class PairReplication:
             bytes_done=self.bytes_done,
             bytes_total=self.bytes_total,
             bytes_sent=self.bytes_sent,
-            captured_seq=self.captured_seq,
+            captured_seq=self.reported_seq,
             acked_seq=self.acked,
             last_write_time=self.last_write_time,
             spool_bytes=self.spool.bytes_used,
