@@ -129,6 +129,7 @@ class _Bulk:
     ended: float = -1e9
     length: float = 0.0
     keep: float = 0.0  # seconds its states are kept
+    built: int = 0  # states the last one built
     met: set[str] = field(default_factory=set)  # components whose desired state missed here
 
     def due(self, epoch: int, at: float) -> bool:
@@ -163,19 +164,34 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
             found = cached_desired(db.url, component_id, bulk.epoch)
         if found is not None or not bulk.due(epoch, time.monotonic()):
             return found
-        started = time.monotonic()
-        with db.session() as s:
-            read = desired_epoch.read(s)  # first: what is read after it is at least as new
-            expires = s.scalar(  # the first revoked serial to leave the lists built below
-                select(func.min(ComponentCertificate.not_after)).where(
-                    ComponentCertificate.revoked_at.is_not(None), ComponentCertificate.not_after > now()
-                )
-            )
-            built = desired_all(s)
-        keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
-        for cid, state in built.items():
-            remember_desired(db.url, cid, read, state, keep)
-        bulk.epoch, bulk.started, bulk.ended, bulk.keep = read, started, time.monotonic(), keep
-        bulk.length = bulk.ended - started
-        log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
+        read = _build(db, bulk)
         return cached_desired(db.url, component_id, read)
+
+
+def build_all(db: Database) -> int:
+    """Build every component's desired state now, as a cold heartbeat's bulk build does (a process
+    does this before it serves, so its first heartbeats find their states); returns how many."""
+    bulk = _bulk(db.url)
+    with bulk.lock:
+        _build(db, bulk)
+        return bulk.built
+
+
+def _build(db: Database, bulk: _Bulk) -> int:
+    """One bulk build (the caller holds `bulk.lock`); returns the epoch its states are kept under."""
+    started = time.monotonic()
+    with db.session() as s:
+        read = desired_epoch.read(s)  # first: what is read after it is at least as new
+        expires = s.scalar(  # the first revoked serial to leave the lists built below
+            select(func.min(ComponentCertificate.not_after)).where(
+                ComponentCertificate.revoked_at.is_not(None), ComponentCertificate.not_after > now()
+            )
+        )
+        built = desired_all(s)
+    keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
+    for cid, state in built.items():
+        remember_desired(db.url, cid, read, state, keep)
+    bulk.epoch, bulk.started, bulk.ended, bulk.keep = read, started, time.monotonic(), keep
+    bulk.length, bulk.built = bulk.ended - started, len(built)
+    log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
+    return read

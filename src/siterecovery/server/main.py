@@ -18,6 +18,7 @@ import uvicorn
 from dbos import DBOS
 
 from siterecovery.config import LogFormat, ServerConfig
+from siterecovery.control.api.warm import warm_process
 from siterecovery.dr.monitor import Monitor
 from siterecovery.logs import announce, route_to_root
 from siterecovery.server.app import create_app
@@ -141,6 +142,9 @@ def serve(config: ServerConfig, admin_token_file: str | None = None) -> None:
         # uvicorn then leaves logging alone, and DBOS's text handler goes: one format on stderr.
         uvicorn_options["log_config"] = None
         route_to_root("dbos", "uvicorn", "uvicorn.error", "uvicorn.access")
+    # Every registered component's token, kind and desired state before the first request: after a
+    # restart, thousands of first heartbeats would otherwise each take the slow way at once.
+    warm_process(cp)
     log.info("serving on %s", config.listen)
     settle_garbage_collector()
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", **uvicorn_options)  # type: ignore[arg-type]
