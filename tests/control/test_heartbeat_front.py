@@ -171,6 +171,15 @@ def test_a_shed_heartbeat_is_refused_before_its_token_is_checked(server: ConfigS
     assert len(after) == len(before)  # the shed request's token was never looked up
 
 
+def test_the_server_serves_on_uvloop(server: ConfigServer) -> None:
+    """The process serves heartbeats on uvloop's event loop (`server.main.uvicorn_settings`): its
+    extension is mapped into the running server (uvicorn imports it only to run on it)."""
+    assert server.proc is not None
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "uvloop/loop." in maps
+    assert _beat(server, *_register(server, "agent", "onprem/uv"), b'{"stats": {}}', LEAN).status_code == 200
+
+
 def test_the_route_is_still_in_the_openapi_document(server: ConfigServer) -> None:
     spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
     operation = spec["paths"]["/api/components/{component_id}/heartbeat"]["post"]
