@@ -177,6 +177,22 @@ def build_all(db: Database) -> int:
         return bulk.built
 
 
+def build_for_newcomers(db: Database, epoch: int, newcomers: int) -> bool:
+    """Build every desired state now if `newcomers` components (tokens a process had not seen, read
+    under `epoch`) are more than `BULK_MIN` and a bulk build is due under `epoch` but for the
+    components met: their first heartbeats would each build alone until `BULK_MIN` had."""
+    bulk = _bulk(db.url)
+    if newcomers < BULK_MIN:
+        return False
+    with bulk.lock:
+        at = time.monotonic()
+        stale = bulk.epoch != epoch or at - bulk.started > bulk.keep
+        if not stale or at - bulk.ended < SPACING * bulk.length:
+            return False
+        _build(db, bulk)
+        return True
+
+
 def _build(db: Database, bulk: _Bulk) -> int:
     """One bulk build (the caller holds `bulk.lock`); returns the epoch its states are kept under."""
     started = time.monotonic()

@@ -165,10 +165,11 @@ class TokenCache:
             self._entries[hash_secret(secret)] = _Remembered(who, expires_at, until, generation, epoch)
         return who
 
-    def remember_components(self, session: Session, epoch: int | None = None) -> dict[str, str]:
+    def remember_components(self, session: Session, epoch: int | None = None) -> tuple[dict[str, str], int]:
         """Remember every valid component token as `check` would after looking it up (`epoch`:
         as for `check`); returns every registered component's kind by id (a token's component
-        and its kind are read in the same statement)."""
+        and its kind are read in the same statement) and how many tokens were not remembered
+        before."""
         generation = REVOCATIONS.generation  # as in `check`: a revoke after this voids what is read
         rows = session.execute(
             select(
@@ -178,8 +179,9 @@ class TokenCache:
             .where(Token.role == Role.COMPONENT, Token.revoked.is_(False))
         ).all()
         kinds = {str(component_id): str(kind) for _, _, _, component_id, _, kind in rows}
+        newcomers = sum(1 for row in rows if row[0] not in self._entries)
         if self.ttl <= 0 or generation != REVOCATIONS.generation:
-            return kinds
+            return kinds, newcomers
         if len(self._entries) + len(rows) > self.MAX_ENTRIES:
             self._entries.clear()
         until, wall = time.monotonic() + self.ttl, now()
@@ -188,7 +190,7 @@ class TokenCache:
                 continue  # refused by a lookup: not remembered
             who = Principal(token_id, name, Role.COMPONENT, component_id)
             self._entries[digest] = _Remembered(who, expires_at, until, generation, epoch)
-        return kinds
+        return kinds, newcomers
 
 
 def _lookup(session: Session, secret: str) -> tuple[Principal | TokenRefusal, float | None]:

@@ -16,8 +16,10 @@ So a process learns every component at once:
   expired or unknown token is refused by the full stack as before) costs nothing more until loads are
   due again: at least `MIN_GAP` seconds apart and `SPACING` times a load's length, so garbage
   tokens cannot make a process reload its tokens more than a small share of its time.
-Desired states missing after a load are built in bulk by the heartbeats themselves
-(`dr.desired_bulk.cold_desired`), as before.
+A load that meets more than `dr.desired_bulk.BULK_MIN` tokens new to the process (a burst of
+registrations, which also changed the desired epoch) builds every desired state in bulk at once,
+unless one is fresh or was built moments ago; other desired states missing are built by the
+heartbeats themselves (`dr.desired_bulk.cold_desired`), as before.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from starlette.concurrency import run_in_threadpool
 
 from siterecovery.control.api.components import COUNTS, remember_kinds
-from siterecovery.dr.desired_bulk import build_all
+from siterecovery.dr.desired_bulk import build_all, build_for_newcomers
 from siterecovery.store import desired_epoch
 from siterecovery.store.context import ControlPlane
 
@@ -39,20 +41,24 @@ MIN_GAP = 2.0  # seconds between two loads at least...
 SPACING = 10.0  # ...and this many times the last load's length
 
 
-def load_components(cp: ControlPlane) -> int:
-    """Remember every component's token and kind (one statement); returns how many components."""
+def load_components(cp: ControlPlane, bulk: bool = True) -> int:
+    """Remember every component's token and kind (one statement); returns how many components.
+    When many were new to this process (a burst of registrations), every desired state is built
+    in bulk too, under the epoch read before the tokens (`dr.desired_bulk.build_for_newcomers`)."""
     with cp.db.session() as s:
         # The epoch first, as a token's lookup keeps it: a token changed after it gives a new one.
         epoch = desired_epoch.read(s)
-        kinds = cp.tokens.remember_components(s, epoch)
+        kinds, newcomers = cp.tokens.remember_components(s, epoch)
     remember_kinds(kinds)
+    if bulk:
+        build_for_newcomers(cp.db, epoch, newcomers)
     return len(kinds)
 
 
 def warm_process(cp: ControlPlane) -> None:
     """Make this process ready for every registered component's heartbeat, before it serves."""
     started = time.monotonic()
-    components = load_components(cp)
+    components = load_components(cp, bulk=False)
     states = build_all(cp.db)
     log.info(
         "ready for %d components (%d desired states) in %.2f s",
