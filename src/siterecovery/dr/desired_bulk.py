@@ -15,7 +15,8 @@ its bulk states aged out: they are kept until the first revoked serial they list
 bulk building takes at most a fifth of the process's time (`SPACING`): while the epoch changes
 faster than that (a busy rollout), misses are built one by one as before, so a bulk build never
 costs more than it saves. Heartbeats missing while a bulk build runs wait for it rather than
-build their own. Built states are kept under the epoch read in the bulk's own transaction,
+build their own (a bulk build started for a burst of new components, `build_for_newcomers`, is waited for
+too). Built states are kept under the epoch read in the bulk's own transaction,
 before anything else it reads: the same rule as a single build, so a change through another
 process is still seen at the next heartbeat.
 """
@@ -130,6 +131,7 @@ class _Bulk:
     length: float = 0.0
     keep: float = 0.0  # seconds its states are kept
     built: int = 0  # states the last one built
+    building: bool = False  # one is running (its thread holds `lock`)
     met: set[str] = field(default_factory=set)  # components whose desired state missed here
 
     def due(self, epoch: int, at: float) -> bool:
@@ -155,6 +157,11 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
     bulk = _bulk(db.url)
     if len(bulk.met) < BULK_MIN:
         bulk.met.add(component_id)
+    if bulk.building:  # one is running (e.g. for newcomers, `build_for_newcomers`): wait for it
+        with bulk.lock:
+            found = cached_desired(db.url, component_id, epoch)
+        if found is not None:
+            return found
     if not bulk.due(epoch, called):
         return None
     with bulk.lock:
@@ -196,14 +203,18 @@ def build_for_newcomers(db: Database, epoch: int, newcomers: int) -> bool:
 def _build(db: Database, bulk: _Bulk) -> int:
     """One bulk build (the caller holds `bulk.lock`); returns the epoch its states are kept under."""
     started = time.monotonic()
-    with db.session() as s:
-        read = desired_epoch.read(s)  # first: what is read after it is at least as new
-        expires = s.scalar(  # the first revoked serial to leave the lists built below
-            select(func.min(ComponentCertificate.not_after)).where(
-                ComponentCertificate.revoked_at.is_not(None), ComponentCertificate.not_after > now()
+    bulk.building = True
+    try:
+        with db.session() as s:
+            read = desired_epoch.read(s)  # first: what is read after it is at least as new
+            expires = s.scalar(  # the first revoked serial to leave the lists built below
+                select(func.min(ComponentCertificate.not_after)).where(
+                    ComponentCertificate.revoked_at.is_not(None), ComponentCertificate.not_after > now()
+                )
             )
-        )
-        built = desired_all(s)
+            built = desired_all(s)
+    finally:
+        bulk.building = False
     keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
     for cid, state in built.items():
         remember_desired(db.url, cid, read, state, keep)
