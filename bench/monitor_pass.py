@@ -3,7 +3,8 @@
 N items (`bench.hollow.seed`, 50 process servers and 50 master targets), every agent and master
 target reporting (caught up), then passes one second apart of simulated time while a tenth of
 the agents heartbeat between passes (as agents at a 10 s interval do): per pass its wall time,
-this process's CPU time, its statements and the item rows it wrote; then the PostgreSQL side
+this process's CPU time, its statements, the item rows it wrote and the items it evaluated
+(changed inputs, due crossings; `dr.monitor_state`); then the PostgreSQL side
 (`--database postgres`: the cluster's CPU over the passes). The first pass after start is shown
 on its own (it parses every item's replication and decodes every report).
 
@@ -25,7 +26,7 @@ from sqlalchemy import event, select, update
 from bench.hollow import agent_stats, master_target_stats, seed
 from bench.pg import cluster_cpu_seconds, scratch_database
 from siterecovery.config import load_server_config
-from siterecovery.dr.monitor import evaluate
+from siterecovery.dr.monitor import run_pass
 from siterecovery.store.context import open_control_plane
 from siterecovery.store.models import Component, ReplicatedItem
 from siterecovery.store.points import store_report
@@ -96,13 +97,14 @@ def main() -> int:
                 )
             counted.update(statements=0, rows=0)
             cpu, wall = _cpu(), time.monotonic()
-            evaluate(cp, now=at)
+            count = run_pass(cp, now=at)
             wall = time.monotonic() - wall
             walls.append(wall)
             load = Path("/proc/loadavg").read_text().split()[0]
             print(
                 f"pass {n}: {wall:.3f} s wall, {_cpu() - cpu:.3f} s CPU, {counted['statements']} statements, "
-                f"{counted['rows']} item rows written (load {load})"
+                f"{counted['rows']} item rows written, {count.evaluated} items evaluated "
+                f"({count.changed} changed, {count.due} due{', full' if count.full else ''}) (load {load})"
             )
         if args.database == "postgres":
             print(f"PostgreSQL CPU over the passes: {cluster_cpu_seconds(url) - db0:.2f} s")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from bench import pg
@@ -406,6 +407,69 @@ def test_the_first_passes_after_a_start_take_on_new_items_a_share_at_a_time(
     _report_everything(cp, t0)
     counts = [len(evaluate(cp, now=t0 + n)) for n in (1, 2, 3)]
     assert counts[0] <= 4 and counts[1] <= 8 and counts[2] == 10, counts
+
+
+def test_a_pass_evaluates_only_the_items_whose_inputs_changed(
+    plane: tuple[ControlPlane, TestClient, Counter],
+) -> None:
+    """At 200 items, after the first pass a pass evaluates only the items whose agent reported,
+    whose own pairs moved in their master target's report, or whose crossing came: counted, O(changed)
+    (before, every pass evaluated every item)."""
+    cp, _, _ = plane
+    t0 = time.time()
+    seed(cp, 200)
+    _report_everything(cp, t0)
+    assert monitor.run_pass(cp, now=t0 + 1).evaluated == 200
+    assert monitor.run_pass(cp, now=t0 + 2).evaluated == 0
+    with cp.db.session() as s:  # one agent heartbeats: its item only
+        s.execute(
+            update(Component).where(Component.id == "agent-" + machine_name(7)).values(last_heartbeat=t0 + 2)
+        )
+    one = monitor.run_pass(cp, now=t0 + 3)
+    assert (one.items, one.changed, one.evaluated) == (200, 1, 1)
+    with cp.db.session() as s:  # one pair applies further in its master target's report
+        item = s.scalars(select(ReplicatedItem).order_by(ReplicatedItem.id)).first()
+        assert item is not None
+        rep = ItemRecord.model_validate(item.details).replication
+        assert rep is not None
+        mt = s.get(Component, rep.master_target)
+        assert mt is not None and mt.stats is not None
+        stats = json.loads(json.dumps(mt.stats))
+        moved = next(p for p in stats["pairs"] if p["pair_id"] == rep.pairs[0].pair_id)
+        moved["applied_seq"] += 1
+        mt.stats, _ = store_report(s, mt, stats)
+    assert monitor.run_pass(cp, now=t0 + 4).evaluated == 1
+    assert monitor.run_pass(cp, now=t0 + 5).evaluated == 0
+    assert len(evaluate(cp, now=t0 + 5)) == 200  # every item's RPO is still known
+
+
+def test_an_item_page_takes_one_worker_thread_hop(
+    plane: tuple[ControlPlane, TestClient, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of items hops to a worker thread once (its read), not three times: the caller's role
+    is checked on the event loop from what the edge found (before, two sync dependencies each
+    waited for the thread pool under load). A component's token is still refused (403)."""
+    cp, http, _ = plane
+    seed(cp, 3)
+    with cp.db.session() as s:
+        token = create_token(s, "reader", Role.READER)
+        component = create_token(s, "a component", Role.COMPONENT)
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    for bearer in (token, component):  # the edge looks each token up once; then it is remembered
+        http.get("/api/replicatedItems", params={"limit": 2}, headers={"Authorization": f"Bearer {bearer}"})
+    hops.clear()
+    r = http.get("/api/replicatedItems", params={"limit": 2}, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert len(hops) == 1, hops
+    refused = http.get("/api/replicatedItems", headers={"Authorization": f"Bearer {component}"})
+    assert refused.status_code == 403, refused.text
 
 
 def test_list_routes_are_paged_and_filterable(plane: tuple[ControlPlane, TestClient, Counter]) -> None:

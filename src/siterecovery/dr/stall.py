@@ -68,15 +68,26 @@ class StallWatch:
     """Per pair: the applied sequence last seen and since when it has not moved under a backlog."""
 
     def __init__(self) -> None:
-        self._pairs: dict[str, tuple[int, float]] = {}
+        # pair -> (applied sequence, since when a backlog waits on it; None: no backlog)
+        self._pairs: dict[str, tuple[int, float | None]] = {}
 
     def stalled_for(self, pair_id: str, captured: int, applied: int, now: float) -> float:
         seen = self._pairs.get(pair_id)
-        if captured <= applied or seen is None or applied != seen[0]:
-            # No backlog, or progress: the clock starts again from now.
+        if captured <= applied:
+            # No backlog: no clock runs. (Not "since now": the monitor looks at a pair only when
+            # its reports change or a threshold comes, so the last look may be long ago.)
+            self._pairs[pair_id] = (applied, None)
+            return 0.0
+        if seen is None or applied != seen[0] or seen[1] is None:
+            # A backlog first seen, or progress: the clock starts from now.
             self._pairs[pair_id] = (applied, now)
             return 0.0
         return now - seen[1]
+
+    def since(self, pair_id: str) -> float | None:
+        """Since when the pair's backlog has waited with nothing applied (None: no backlog)."""
+        seen = self._pairs.get(pair_id)
+        return None if seen is None else seen[1]
 
     def clear(self) -> None:
         self._pairs.clear()

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from siterecovery.control.api.deps import reader, session
+from siterecovery.control.api.deps import reader_now, session
 from siterecovery.control.api.paging import NEXT_HEADER, page
 from siterecovery.errors import not_found
 from siterecovery.store.context import ControlPlane, current
@@ -133,7 +133,7 @@ async def list_items(
     direction: str | None = Query(default=None, max_length=30),
     server: str | None = Query(default=None, max_length=64, description="process server or master target id"),
     details: bool = Query(default=True, description="false: without each item's full record"),
-    _: Principal = Depends(reader),
+    _: Principal = Depends(reader_now),
 ) -> Response:
     """Items by name, a page at a time (see `paging`); filterable by state, health, direction, server."""
     # One hop to a worker thread for the read (a sync route with a session dependency took three:
@@ -165,6 +165,6 @@ def _read_page(
 
 @router.get("/{ident}")
 def show_item(
-    ident: str, _: Principal = Depends(reader), s: Session = Depends(session, scope="function")
+    ident: str, _: Principal = Depends(reader_now), s: Session = Depends(session, scope="function")
 ) -> ItemOut:
     return item_view(find_item(s, ident))
