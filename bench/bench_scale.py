@@ -97,6 +97,7 @@ class Result:
     heartbeat_ms: list[float] = field(default_factory=list)
     timed_out: int = 0
     shed: int = 0
+    shed_measured: int = 0  # of `shed`, those sent in the measured window (after the first interval)
     errors: int = 0
     list_ms: list[float] = field(default_factory=list)
     list_bytes: int = 0
@@ -116,6 +117,9 @@ class Result:
     offered: float = 0.0  # heartbeats per second the components would send at their intervals
     ramp: float = 0.0  # seconds before measuring (the longest interval)
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
+    # Per server process: heartbeats answered by the lean path or the full stack, token loads,
+    # desired states built alone (`GET /api/cluster/self`, since the process started).
+    paths: list[dict[str, int]] = field(default_factory=list)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -246,6 +250,7 @@ class Driven:
     answered: int = 0  # every 200, the ramp-up included
     timed_out: int = 0
     shed: int = 0
+    shed_measured: int = 0  # sent after the first interval (the steady state), of `shed`
     errors: int = 0
     cpu_seconds: float = 0.0
     connections: int = 0  # HTTP connections opened
@@ -273,6 +278,7 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
                     c.answered(json.loads(r.body))
                 elif r.status in (429, 503):
                     out.shed += 1
+                    out.shed_measured += started >= measure_from
                     wait = float(r.headers.get("retry-after", "2")) * (1 + random.random())
                 else:
                     out.errors += 1
@@ -317,6 +323,7 @@ async def drive(
             result.heartbeats_answered += driven.answered
             result.timed_out += driven.timed_out
             result.shed += driven.shed
+            result.shed_measured += driven.shed_measured
             result.errors += driven.errors
             result.loadgen_cpu_seconds += driven.cpu_seconds
             result.connections += driven.connections
@@ -430,6 +437,7 @@ def run_level(
         for u in servers.urls:
             auth = {"Authorization": f"Bearer {servers.token}"}
             me = httpx.get(u + "/api/cluster/self", headers=auth, verify=servers.verify()).json()
+            result.paths.append(me.get("heartbeats", {}))
             if me.get("leader"):
                 result.monitor_p50, result.monitor_max = me["pass_seconds_p50"], me["pass_seconds_max"]
         result.db_mib = db_size(url, servers.state) / (1 << 20)
@@ -471,7 +479,8 @@ def row(r: Result) -> str:
         per_beat += f" ({1000 * r.server_cpu_seconds / (answered + r.shed):.1f} ms)"
     return (
         f"| {db} | {items} | {comps} | {hb} "
-        f"| {r.timed_out} / {r.shed} | {done:.0f} / {offered:.0f} | {fmt(pct(r.list_ms, 0.99), ' ms')} "
+        f"| {r.timed_out} / {r.shed} ({r.shed_measured}) | {done:.0f} / {offered:.0f} "
+        f"| {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
         f"| {monitor} | {r.cpu_percent:.0f} % / {r.rss_mib:.0f} MiB | {per_beat} "
         f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % ({r.loadgen_processes}) "
@@ -489,7 +498,8 @@ def header(tls: bool) -> str:
 
 
 HEADER = (
-    "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 | timed out / shed (503) "
+    "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 "
+    "| timed out / shed (503) (shed after the first interval) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
     "| server CPU / peak RSS | server CPU per heartbeat | DB size | load generator CPU (processes) "
     "| machine load average |\n"
@@ -518,15 +528,16 @@ NOTE = """How to read it. *Offered* is the sum over components of 1 ÷ interval;
 one interval after the previous one started (or after Retry-After plus jitter when shed), so when
 heartbeats are slow fewer are offered and done/offered drops below 1. *Timed out* counts heartbeats
 without an answer within 30 s (before this work: every one at 1,000 items); *shed* counts 503
-answers (admission control, `control/admission.py`). The load generator runs on the same 2 shared
-cores as the server(s) — and the build box is shared with other work while this runs — so its own
-CPU use is shown (all its processes, in % of one core; the number of processes in brackets). *Server
-CPU per heartbeat* is the server processes' CPU time divided by the heartbeats answered over the run
-— the monitor's passes and the item-list load included, so it is an upper bound of a heartbeat's own
-cost; when some were shed, the figure in brackets divides by every answer, 503s included (a shed
-heartbeat costs CPU too, much less than an answered one). RPO monitor pass: the leader's own timing of
-its recent passes (`GET /api/cluster/self`). Item
-list: each page is 100 items with their full records (`?limit=100`), the whole list paged through by
+answers (admission control, `control/admission.py`) over the whole run, the first interval (when
+every component's first heartbeat arrives) included; in brackets those sent after it. The load
+generator runs on the same 2 shared cores as the server(s) — and the build box is shared with other
+work while this runs — so its own CPU use is shown (all its processes, in % of one core; the number
+of processes in brackets). *Server CPU per heartbeat* is the server processes' CPU time divided by
+the heartbeats answered over the run — the monitor's passes and the item-list load included, so it
+is an upper bound of a heartbeat's own cost; when some were shed, the figure in brackets divides by
+every answer, 503s included (a shed heartbeat costs CPU too, much less than an answered one). RPO
+monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item list:
+each page is 100 items with their full records (`?limit=100`), the whole list paged through by
 `X-Next-After`; p99 is per page."""
 
 
@@ -568,7 +579,7 @@ def main() -> int:
         r = results[-1]
         print(
             f"  connections opened {r.connections} for {r.heartbeats_answered + r.shed} heartbeats answered"
-            f" (200 or 503); server CPU {r.server_cpu_seconds:.1f} s",
+            f" (200 or 503); server CPU {r.server_cpu_seconds:.1f} s; per server {r.paths}",
             flush=True,
         )
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import defer
 
 from siterecovery.config import load_server_config
+from siterecovery.control.api.components import COUNTS
 from siterecovery.dr import desired_bulk
 from siterecovery.dr.desired import desired_for
 from siterecovery.dr.desired_bulk import desired_all
@@ -210,3 +211,24 @@ def test_heartbeats_answered_from_bulk_builds_see_another_process_change(
             assert 0 < bulk.keep <= 300
         finally:
             other.engine.dispose()
+
+
+def test_a_burst_of_new_components_is_built_in_bulk_with_their_tokens(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many components registered at once (the desired epoch changed with each): the first
+    heartbeat that misses its token loads every token (`control.api.warm`) and, the newcomers
+    being more than BULK_MIN, builds every desired state in the same hop — no state built alone."""
+    cp = plane
+    monkeypatch.setattr(desired_bulk, "BULK_MIN", 2)
+    seed(cp, 3)
+    with TestClient(create_app()) as http:
+        names = [machine_name(n) for n in range(3)]
+        agents = [Hollow("agent", f"onprem/{vm}", [f"{vm}-g1-d0"]) for vm in names]
+        for agent in agents:
+            agent.register(http, cp.passphrase())
+        loads, alone = COUNTS.token_loads, COUNTS.desired_alone
+        replies = [agent.heartbeat(http) for agent in agents]
+        assert [r.status_code for r in replies] == [200, 200, 200]
+        assert all(r.json()["desired"]["replications"] for r in replies)
+        assert (COUNTS.token_loads, COUNTS.desired_alone) == (loads + 1, alone)

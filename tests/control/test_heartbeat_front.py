@@ -15,14 +15,13 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from siterecovery.config import load_server_config
-from siterecovery.control.api.heartbeat_front import HeartbeatFront
+from siterecovery.control.api.components import COUNTS
 from siterecovery.server.app import create_app
 from siterecovery.store.context import open_control_plane
 from tests.control.conftest import ConfigServer, running_config_server
@@ -172,6 +171,15 @@ def test_a_shed_heartbeat_is_refused_before_its_token_is_checked(server: ConfigS
     assert len(after) == len(before)  # the shed request's token was never looked up
 
 
+def test_the_server_serves_on_uvloop(server: ConfigServer) -> None:
+    """The process serves heartbeats on uvloop's event loop (`server.main.uvicorn_settings`): its
+    extension is mapped into the running server (uvicorn imports it only to run on it)."""
+    assert server.proc is not None
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "uvloop/loop." in maps
+    assert _beat(server, *_register(server, "agent", "onprem/uv"), b'{"stats": {}}', LEAN).status_code == 200
+
+
 def test_the_route_is_still_in_the_openapi_document(server: ConfigServer) -> None:
     spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
     operation = spec["paths"]["/api/components/{component_id}/heartbeat"]["post"]
@@ -184,13 +192,6 @@ def test_the_route_is_still_in_the_openapi_document(server: ConfigServer) -> Non
         assert list(operation["responses"][status]["content"]) == ["application/problem+json"]
 
 
-def _front(app: Any) -> HeartbeatFront:
-    layer = app.middleware_stack
-    while not isinstance(layer, HeartbeatFront):
-        layer = layer.app
-    return layer
-
-
 def test_a_remembered_components_heartbeat_takes_the_lean_path(tmp_path: Path) -> None:
     cp = open_control_plane(load_server_config(tmp_path / "state"))
     try:
@@ -200,13 +201,12 @@ def test_a_remembered_components_heartbeat_takes_the_lean_path(tmp_path: Path) -
             reg = http.post("/api/components/register", json=body).json()
             url, auth = f"/api/components/{reg['id']}/heartbeat", {"Authorization": f"Bearer {reg['token']}"}
             assert http.post(url, json={"stats": {}}, headers=auth).status_code == 200
-            front = _front(app)
-            answered = front.answered
+            answered = COUNTS.lean
             for _ in range(3):
                 reply = http.post(url, json={"stats": {}}, headers=auth)
                 assert reply.status_code == 200 and reply.json()["desired_version"]
-            assert front.answered == answered + 3
+            assert COUNTS.lean == answered + 3
             refused = http.post(url, json={"stats": {}, "extra": 1}, headers=auth)
-            assert refused.status_code == 422 and front.answered == answered + 3  # the route answered it
+            assert refused.status_code == 422 and COUNTS.lean == answered + 3  # the route answered it
     finally:
         cp.db.engine.dispose()

@@ -77,8 +77,8 @@ def test_component_verifies_the_server_with_its_ca(tls_cs: ConfigServer, tmp_pat
     client.close()
     names = [c["name"] for c in tls_cs.api("GET", "/api/servers").json()]
     assert "onprem/web9" in names
-    # The server reads TLS through a 32 KiB buffer (server.main.TLS_READ_BUFFER): a 2 MiB body
-    # is still read whole, its last field named in the answer.
+    # A 2 MiB body over TLS (many records, many reads of uvloop's TLS transport) is read whole,
+    # its last field named in the answer.
     body = {"passphrase": "x", "kind": "agent", "name": "onprem/big", "padding": "p" * (2 << 20)}
     refused = tls_cs.api("POST", "/api/components/register", token="", json=body)
     assert refused.status_code == 422 and "padding" in refused.text, refused.text[:300]

@@ -15,7 +15,8 @@ its bulk states aged out: they are kept until the first revoked serial they list
 bulk building takes at most a fifth of the process's time (`SPACING`): while the epoch changes
 faster than that (a busy rollout), misses are built one by one as before, so a bulk build never
 costs more than it saves. Heartbeats missing while a bulk build runs wait for it rather than
-build their own. Built states are kept under the epoch read in the bulk's own transaction,
+build their own (a bulk build started for a burst of new components, `build_for_newcomers`, is waited for
+too). Built states are kept under the epoch read in the bulk's own transaction,
 before anything else it reads: the same rule as a single build, so a change through another
 process is still seen at the next heartbeat.
 """
@@ -129,6 +130,8 @@ class _Bulk:
     ended: float = -1e9
     length: float = 0.0
     keep: float = 0.0  # seconds its states are kept
+    built: int = 0  # states the last one built
+    building: bool = False  # one is running (its thread holds `lock`)
     met: set[str] = field(default_factory=set)  # components whose desired state missed here
 
     def due(self, epoch: int, at: float) -> bool:
@@ -154,6 +157,11 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
     bulk = _bulk(db.url)
     if len(bulk.met) < BULK_MIN:
         bulk.met.add(component_id)
+    if bulk.building:  # one is running (e.g. for newcomers, `build_for_newcomers`): wait for it
+        with bulk.lock:
+            found = cached_desired(db.url, component_id, epoch)
+        if found is not None:
+            return found
     if not bulk.due(epoch, called):
         return None
     with bulk.lock:
@@ -163,7 +171,40 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
             found = cached_desired(db.url, component_id, bulk.epoch)
         if found is not None or not bulk.due(epoch, time.monotonic()):
             return found
-        started = time.monotonic()
+        read = _build(db, bulk)
+        return cached_desired(db.url, component_id, read)
+
+
+def build_all(db: Database) -> int:
+    """Build every component's desired state now, as a cold heartbeat's bulk build does (a process
+    does this before it serves, so its first heartbeats find their states); returns how many."""
+    bulk = _bulk(db.url)
+    with bulk.lock:
+        _build(db, bulk)
+        return bulk.built
+
+
+def build_for_newcomers(db: Database, epoch: int, newcomers: int) -> bool:
+    """Build every desired state now if `newcomers` components (tokens a process had not seen, read
+    under `epoch`) are more than `BULK_MIN` and a bulk build is due under `epoch` but for the
+    components met: their first heartbeats would each build alone until `BULK_MIN` had."""
+    bulk = _bulk(db.url)
+    if newcomers < BULK_MIN:
+        return False
+    with bulk.lock:
+        at = time.monotonic()
+        stale = bulk.epoch != epoch or at - bulk.started > bulk.keep
+        if not stale or at - bulk.ended < SPACING * bulk.length:
+            return False
+        _build(db, bulk)
+        return True
+
+
+def _build(db: Database, bulk: _Bulk) -> int:
+    """One bulk build (the caller holds `bulk.lock`); returns the epoch its states are kept under."""
+    started = time.monotonic()
+    bulk.building = True
+    try:
         with db.session() as s:
             read = desired_epoch.read(s)  # first: what is read after it is at least as new
             expires = s.scalar(  # the first revoked serial to leave the lists built below
@@ -172,10 +213,12 @@ def cold_desired(db: Database, component_id: str, epoch: int) -> Desired | None:
                 )
             )
             built = desired_all(s)
-        keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
-        for cid, state in built.items():
-            remember_desired(db.url, cid, read, state, keep)
-        bulk.epoch, bulk.started, bulk.ended, bulk.keep = read, started, time.monotonic(), keep
-        bulk.length = bulk.ended - started
-        log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
-        return cached_desired(db.url, component_id, read)
+    finally:
+        bulk.building = False
+    keep = KEEP_SECONDS if expires is None else min(KEEP_SECONDS, max(0.0, expires - now()))
+    for cid, state in built.items():
+        remember_desired(db.url, cid, read, state, keep)
+    bulk.epoch, bulk.started, bulk.ended, bulk.keep = read, started, time.monotonic(), keep
+    bulk.length, bulk.built = bulk.ended - started, len(built)
+    log.info("built %d desired states in one pass in %.2f s", len(built), bulk.length)
+    return read

@@ -12,6 +12,12 @@ seconds (`TokenCache`, `token_cache_seconds`). Revoking any token in this proces
 remembered one (when the flag is set and again when it commits, so a lookup racing the revoke
 cannot re-remember it); expiry is checked on every use. Another server process on the same
 database, or an edit of the database behind the server's back, is seen within the TTL.
+
+Every component's token can also be remembered in one statement (`TokenCache.remember_components`):
+when a process starts, and when a burst of components this process has not met yet heartbeats
+(after a restart, or after many registrations), so their first heartbeats take the same lean way
+as the next ones instead of a session and a query each. The entries are exactly what a lookup of
+each token would remember.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, object_session
 
-from siterecovery.store.models import Token, new_id, now
+from siterecovery.store.models import Component, Token, new_id, now
 from siterecovery.store.states import Role
 
 _RANK = {Role.READER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
@@ -158,6 +164,33 @@ class TokenCache:
             until = time.monotonic() + self.ttl
             self._entries[hash_secret(secret)] = _Remembered(who, expires_at, until, generation, epoch)
         return who
+
+    def remember_components(self, session: Session, epoch: int | None = None) -> tuple[dict[str, str], int]:
+        """Remember every valid component token as `check` would after looking it up (`epoch`:
+        as for `check`); returns every registered component's kind by id (a token's component
+        and its kind are read in the same statement) and how many tokens were not remembered
+        before."""
+        generation = REVOCATIONS.generation  # as in `check`: a revoke after this voids what is read
+        rows = session.execute(
+            select(
+                Token.secret_hash, Token.id, Token.name, Token.component_id, Token.expires_at, Component.kind
+            )
+            .join(Component, Component.id == Token.component_id)
+            .where(Token.role == Role.COMPONENT, Token.revoked.is_(False))
+        ).all()
+        kinds = {str(component_id): str(kind) for _, _, _, component_id, _, kind in rows}
+        newcomers = sum(1 for row in rows if row[0] not in self._entries)
+        if self.ttl <= 0 or generation != REVOCATIONS.generation:
+            return kinds, newcomers
+        if len(self._entries) + len(rows) > self.MAX_ENTRIES:
+            self._entries.clear()
+        until, wall = time.monotonic() + self.ttl, now()
+        for digest, token_id, name, component_id, expires_at, _ in rows[: self.MAX_ENTRIES]:
+            if expires_at is not None and expires_at <= wall:
+                continue  # refused by a lookup: not remembered
+            who = Principal(token_id, name, Role.COMPONENT, component_id)
+            self._entries[digest] = _Remembered(who, expires_at, until, generation, epoch)
+        return kinds, newcomers
 
 
 def _lookup(session: Session, secret: str) -> tuple[Principal | TokenRefusal, float | None]:

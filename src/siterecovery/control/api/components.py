@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer
@@ -24,6 +26,19 @@ from siterecovery.store.states import ComponentKind, Role, Severity
 from siterecovery.store.tokens import Principal, create_token
 
 router = APIRouter(prefix="/api", tags=["servers"])
+
+
+@dataclass
+class HeartbeatCounts:
+    """How this process answered heartbeats since it started (`GET /api/cluster/self`)."""
+
+    lean: int = 0  # answered by the lean path (`control.api.heartbeat_front`)
+    full: int = 0  # handed to the full stack (first heartbeats, bad input, foreign tokens)
+    token_loads: int = 0  # every component's token loaded after a miss (`control.api.warm`)
+    desired_alone: int = 0  # desired states built for one component (not in a bulk build)
+
+
+COUNTS = HeartbeatCounts()
 
 
 @router.post("/components/register", status_code=201)
@@ -157,6 +172,7 @@ def _desired(cp: ControlPlane, component_id: str, epoch: int) -> Desired:
     built = cold_desired(cp.db, component_id, epoch)  # every component's at once, when due
     if built is not None:
         return built
+    COUNTS.desired_alone += 1
     with cp.db.session() as s:
         # Without its statistics: the writer has stored them, and decoding them again here (a
         # master target's list every recovery point of every pair) would be most of the cost.
@@ -179,6 +195,11 @@ def _answer(body: Heartbeat, desired: Desired, recorded: Recorded) -> HeartbeatR
 
 
 _KINDS: dict[str, str] = {}  # component id -> kind; a component's kind never changes
+
+
+def remember_kinds(kinds: dict[str, str]) -> None:
+    """Components' kinds read elsewhere (every component's at once, `control.api.warm`)."""
+    _KINDS.update(kinds)
 
 
 def _kind(cp: ControlPlane, component_id: str) -> str:

@@ -30,7 +30,8 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from siterecovery.control.api.components import answer_heartbeat, reply_json
+from siterecovery.control.api.components import COUNTS, answer_heartbeat, reply_json
+from siterecovery.control.api.warm import Warmer
 from siterecovery.control.edges import remembered
 from siterecovery.control.problems import domain_response
 from siterecovery.control.schemas import Heartbeat
@@ -48,7 +49,7 @@ class HeartbeatFront:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.answered = 0  # heartbeats this path answered itself (the rest went to the app)
+        self.warmer = Warmer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
@@ -60,7 +61,10 @@ class HeartbeatFront:
             return
         authorization, length = _eligible(scope)
         who = remembered(authorization) if length is not None else None
+        if who is None and authorization and length is not None and await self.warmer.after_miss(current()):
+            who = remembered(authorization)  # a component this process had not met yet
         if who is None or length is None or length > current().config.max_body_bytes:
+            COUNTS.full += 1
             await self.app(scope, receive, send)  # the edge answers 401 or 413, or checks the token
             return
         body, messages = await _read(receive)
@@ -69,6 +73,7 @@ class HeartbeatFront:
         component_id = match.group(1)
         heartbeat = _parsed(body) if who.can(Role.COMPONENT) and who.component_id == component_id else None
         if heartbeat is None:
+            COUNTS.full += 1
             await self.app(scope, _replay(messages, receive), send)
             return
         try:
@@ -80,7 +85,7 @@ class HeartbeatFront:
         headers = [(b"content-length", str(len(content)).encode()), (b"content-type", _JSON)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
-        self.answered += 1
+        COUNTS.lean += 1
 
 
 def _eligible(scope: Scope) -> tuple[str | None, int | None]:
