@@ -45,6 +45,21 @@ def test_frames_are_handed_on_in_order_and_released_by_the_acknowledgement() -> 
     assert held.last_seq == -1 and budget.used == 0
 
 
+def test_held_frames_are_stalled_only_while_the_master_target_acknowledges_none_of_them() -> None:
+    """A paused or frozen pair's frames must not wait in memory for ever (`spill_stalled`)."""
+    held = Held(Budget(1 << 20), limit=1 << 20)
+    assert not held.stalled(0)  # nothing held
+    assert held.hold(*_frame(1), wait=0) and held.hold(*_frame(2), wait=0)
+    assert held.stalled(0) and not held.stalled(3600)
+    ages = []
+    held._progress_at -= 10  # the first frame was held 10 s ago, nothing acknowledged since
+    ages.append(held.stalled(5))
+    assert held.release(1)  # an acknowledgement is progress
+    ages.append(held.stalled(5))
+    assert ages == [True, False]
+    assert held.release(2) and not held.stalled(0)
+
+
 def test_no_room_past_the_pair_or_the_server_budget_but_one_frame_always_fits_an_empty_pair() -> None:
     size = HEADER_SIZE + 4096
     budget = Budget(3 * size)

@@ -110,6 +110,7 @@ class PairRelay:
         self.held = Held(server.budget)  # frames forwarded from memory (`ps_inflight.py`)
         self._stream: Stream | None = None  # while the link to the master target is up
         self._caching = False  # cache, not hold, until the forwarder caught up
+        self._taking = threading.Lock()  # the receive thread's `take` against `spill_stalled`
         self._meta = self.dir / "meta.json"
         self.mt_acked = -1
         if self._meta.exists():
@@ -167,6 +168,10 @@ class PairRelay:
 
     def take(self, h: Header, frame: Frame, hbuf: bytearray) -> None:
         """Hold a received data frame in memory (`ps_inflight.py`) or append it to the cache."""
+        with self._taking:
+            self._take(h, frame, hbuf)
+
+    def _take(self, h: Header, frame: Frame, hbuf: bytearray) -> None:
         stream = self._stream
         if stream is not None and self._caching and stream.sent >= self.cache.last_seq:
             self._caching = False  # the forwarder caught up with the cache
@@ -185,6 +190,19 @@ class PairRelay:
         self.spill()
         pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
         self.cache.append(h.seq, hbuf, frame.wire)
+
+    def spill_stalled(self) -> None:
+        """Frames held that the master target has acknowledged none of for ROOM_WAIT (a paused or
+        frozen pair) go to the cache and are acknowledged once it is synced (the forwarder's idle
+        check; skipped while the receive thread is taking a frame: it spills itself then)."""
+        if not self.held.stalled() or not self._taking.acquire(blocking=False):
+            return
+        try:
+            self.spill()
+            self._caching = True  # until the forwarder caught up: then held again
+        finally:
+            self._taking.release()
+        self._relay_to_agent(FrameType.ACK, self.synced_seq(), 0, 0, memoryview(b""), every=True)
 
     def spill(self) -> None:
         """Append the frames held to the cache, in order (the next sync covers them)."""
@@ -332,7 +350,7 @@ class PairRelay:
         try:
             self._stream = stream  # frames may be held in memory from now on (`take`)
             running = lambda: not self._stopping and not broken.is_set()  # noqa: E731
-            stream.run(running, self._repair_cache, self.server.note_forwarded)
+            stream.run(running, self._repair_cache, self.server.note_forwarded, self.spill_stalled)
         finally:
             self._stream = None
             sock.close()

@@ -69,10 +69,14 @@ class Stream:
                 self._cache.appended.notify_all()
 
     def run(
-        self, running: Callable[[], bool], repair: Callable[[], None], note: Callable[[int], None]
+        self,
+        running: Callable[[], bool],
+        repair: Callable[[], None],
+        note: Callable[[int], None],
+        idle: Callable[[], None] = lambda: None,
     ) -> None:
         """Send until `running()` turns false; `repair()` on a damaged cache header (then raise),
-        `note(n)` for the bytes of each frame forwarded."""
+        `note(n)` for the bytes of each frame forwarded, `idle()` whenever it found nothing to send."""
         cursor = self._cache.cursor(self.sent)
         buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
         try:
@@ -93,6 +97,7 @@ class Stream:
                 if held:
                     continue
                 self._send_batch()
+                idle()
                 with self._cache.appended:
                     # Waiting is set before the check: `wake` after a frame held since then sees it.
                     self._waiting = True

@@ -18,14 +18,17 @@ never told they were durable, resends them.
 Held frames are always the newest of the pair: a frame is cached only after everything held was
 *spilled* — appended to the cache in order — so a pair's cache and its held frames together are
 its sequence in order, cached frames first. Frames are spilled and cached while the link is down,
-and when the master target has made no room for `ROOM_WAIT` seconds; after that, and after a link
-down long enough to cache more than `HOLD_BEHIND`, frames are cached until the forwarder has caught
-up with the cache (the cache absorbs a stalled master target, as before).
+when the master target has made no room for `ROOM_WAIT` seconds, and when it has acknowledged
+nothing held for `ROOM_WAIT` seconds (a paused or frozen pair: the cache then acknowledges them, so
+the agent's acknowledgement never waits on a stalled master target for longer than that); after
+that, and after a link down long enough to cache more than `HOLD_BEHIND`, frames are cached until
+the forwarder has caught up with the cache (the cache absorbs a stalled master target, as before).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, Header
@@ -85,6 +88,7 @@ class Held:
         self._cond = threading.Condition()
         self.bytes = 0
         self.last_seq = -1  # the newest frame held (-1: none)
+        self._progress_at = time.monotonic()  # the first frame held, or the last release
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -96,6 +100,8 @@ class Held:
         with self._cond:
             if not self._cond.wait_for(lambda: self._room(n), wait):
                 return False
+            if not self._frames:
+                self._progress_at = time.monotonic()
             self._frames.append((header, frame))
             self.bytes += n
             self.last_seq = header.seq
@@ -130,8 +136,14 @@ class Held:
                 freed += len(self._frames.popleft()[1])
             if not freed:
                 return False
+            self._progress_at = time.monotonic()
             self._drop(freed)
             return True
+
+    def stalled(self, seconds: float = ROOM_WAIT) -> bool:
+        """Frames are held and the master target has acknowledged none of them for `seconds`."""
+        with self._cond:
+            return bool(self._frames) and time.monotonic() - self._progress_at >= seconds
 
     def spill(self) -> list[tuple[Header, bytearray]]:
         """Every frame held, emptied out (the caller appends them to the cache, in order)."""
