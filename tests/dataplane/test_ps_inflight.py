@@ -19,7 +19,7 @@ from siterecovery.dataplane.protocol import (
     parse_header,
 )
 from siterecovery.dataplane.ps_forward import Stream
-from siterecovery.dataplane.ps_inflight import Budget, Held
+from siterecovery.dataplane.ps_inflight import OWN_BUFFER, Budget, Held, Pool
 from siterecovery.pki import CertificateAuthority
 
 
@@ -91,6 +91,41 @@ def test_spill_empties_in_order_and_gives_the_budget_back() -> None:
         held.hold(*_frame(seq), wait=0)
     assert [h.seq for h, _ in held.spill()] == [7, 8, 9]
     assert len(held) == 0 and held.last_seq == -1 and held.bytes == 0 and budget.used == 0
+
+
+def _large(seq: int) -> Header:
+    return Header(FrameType.BLOCK, Flag.NONE, 0, seq, seq * OWN_BUFFER, OWN_BUFFER, OWN_BUFFER, bytes(16))
+
+
+def test_a_frame_buffer_is_reused_only_once_acknowledged_and_sent_never_once_spilled() -> None:
+    """A buffer goes back to the pool only when the master target acknowledged its frame and the
+    forwarder's send of it returned: reused earlier, the next frame received would overwrite bytes
+    still to be sent."""
+    n = HEADER_SIZE + OWN_BUFFER
+    pool = Pool(limit=2 * n)
+    held = Held(Budget(), pool=pool)
+    small = Header(FrameType.WRITE, Flag.NONE, 0, 9, 0, 4096, 4096, bytes(16))
+    assert pool.place(small) is None  # small frames go through the reader's own buffer
+    bufs = [pool.place(_large(seq)) for seq in (1, 2, 3, 4)]
+    assert all(b is not None and len(b) == n for b in bufs)
+    for seq, buf in zip((1, 2, 3, 4), bufs, strict=True):
+        assert buf is not None and held.hold(_large(seq), buf, wait=0)
+    assert held.release(2, sent=1)  # 2 acknowledged but its send not yet returned: not reused
+    assert pool.bytes == n
+    assert pool.place(_large(5)) is bufs[0]
+    fresh = pool.place(_large(6))
+    assert all(fresh is not b for b in bufs)
+    assert held.release(3, sent=3) and pool.bytes == n  # frame 3's buffer; frame 2's was let go
+    assert pool.place(_large(7)) is bufs[2]
+    assert [h.seq for h, _ in held.spill()] == [4]
+    assert pool.bytes == 0  # a spilled frame's buffer is the cache's to write, never reused
+    for seq in (10, 11, 12):
+        held.hold(_large(seq), bytearray(n), wait=0)
+    held.release(12, sent=12)
+    assert pool.bytes == 2 * n  # never more than its limit
+    kept = pool.place(_large(13))
+    pool.clear()  # nothing held: an idle server keeps no pool
+    assert pool.bytes == 0 and pool.place(_large(14)) is not kept
 
 
 def _received(seq: int) -> Frame:

@@ -62,7 +62,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.ps_acks import Acker
 from siterecovery.dataplane.ps_forward import Stream
-from siterecovery.dataplane.ps_inflight import HOLD_BEHIND, Budget, Held, own_buffer
+from siterecovery.dataplane.ps_inflight import HOLD_BEHIND, Budget, Held, Pool
 from siterecovery.dataplane.segment_log import SegmentLog
 from siterecovery.dataplane.trust import (
     Peer,
@@ -107,7 +107,7 @@ class PairRelay:
         self.pair_id = pair_id
         self.dir = server.cache_dir / pair_id
         self.cache = SegmentLog(self.dir)
-        self.held = Held(server.budget)  # frames forwarded from memory (`ps_inflight.py`)
+        self.held = Held(server.budget, pool=server.pool)  # frames forwarded from memory (`ps_inflight.py`)
         self._stream: Stream | None = None  # while the link to the master target is up
         self._caching = False  # cache, not hold, until the forwarder caught up
         self._taking = threading.Lock()  # the receive thread's `take` against `spill_stalled`
@@ -176,7 +176,7 @@ class PairRelay:
         if stream is not None and self._caching and stream.sent >= self.cache.last_seq:
             self._caching = False  # the forwarder caught up with the cache
         if stream is not None and not self._caching:
-            buf = frame.buffer  # received into a buffer of its own (`own_buffer`): kept, not copied
+            buf = frame.buffer  # received into a buffer of its own (`Pool.place`): kept, not copied
             if buf is None:
                 buf = bytearray(HEADER_SIZE + h.payload_len)
                 buf[HEADER_SIZE:] = frame.wire
@@ -190,6 +190,13 @@ class PairRelay:
         self.spill()
         pack_header(hbuf, h.type, h.flags, 0, h.seq, h.offset, h.length, h.payload_len, h.digest)
         self.cache.append(h.seq, hbuf, frame.wire)
+
+    def _idle(self) -> None:
+        """The forwarder found nothing to send: spill stalled frames; with nothing held on the whole
+        server, let the pool of frame buffers go."""
+        self.spill_stalled()
+        if self.server.pool.bytes and not self.server.budget.used:
+            self.server.pool.clear()
 
     def spill_stalled(self) -> None:
         """Frames held that the master target has acknowledged none of for ROOM_WAIT (a paused or
@@ -233,7 +240,8 @@ class PairRelay:
             self.cache.free_through(seq)
             self._save_meta()
             self.refusals.acked(seq)
-            if self.held.release(seq):
+            stream = self._stream  # buffers of frames it has sent may be reused (`Pool`)
+            if self.held.release(seq, stream.sent if stream is not None else -1):
                 # Frames held in memory are acknowledged only now: applied durably downstream.
                 self._relay_to_agent(FrameType.ACK, seq, 0, 0, memoryview(b""), every=True)
 
@@ -350,7 +358,7 @@ class PairRelay:
         try:
             self._stream = stream  # frames may be held in memory from now on (`take`)
             running = lambda: not self._stopping and not broken.is_set()  # noqa: E731
-            stream.run(running, self._repair_cache, self.server.note_forwarded, self.spill_stalled)
+            stream.run(running, self._repair_cache, self.server.note_forwarded, self._idle)
         finally:
             self._stream = None
             sock.close()
@@ -397,6 +405,7 @@ class ProcessServer:
         self.peer_refusals = Refusals()
         self._lock = threading.Lock()
         self.budget = Budget()  # bytes of frames held in memory, over every pair
+        self.pool = Pool()  # buffers of acknowledged frames, for the next ones received
         self._listener = Listener(listen, identity.server_context(), self._serve)
         self._received = 0
         self._forwarded = 0
@@ -543,7 +552,7 @@ class ProcessServer:
         unacked = 0
         while True:
             try:
-                frame = reader.read(own_buffer)
+                frame = reader.read(self.pool.place)
             except CorruptFrame as exc:
                 with session.lock:
                     session.writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
