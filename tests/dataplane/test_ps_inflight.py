@@ -7,11 +7,12 @@ import threading
 from pathlib import Path
 
 from siterecovery.dataplane.links import Identity
-from siterecovery.dataplane.process_server import ProcessServer
+from siterecovery.dataplane.process_server import ProcessServer, _Session
 from siterecovery.dataplane.protocol import (
     HEADER_SIZE,
     Flag,
     Frame,
+    FrameReader,
     FrameType,
     FrameWriter,
     Header,
@@ -20,6 +21,7 @@ from siterecovery.dataplane.protocol import (
 )
 from siterecovery.dataplane.ps_forward import Stream
 from siterecovery.dataplane.ps_inflight import OWN_BUFFER, Budget, Held, Pool
+from siterecovery.dataplane.trust import Peer, PeerKind
 from siterecovery.pki import CertificateAuthority
 
 
@@ -169,4 +171,36 @@ def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(t
     finally:
         a.close()
         b.close()
+        server.stop()
+
+
+def test_held_frames_go_to_the_cache_when_the_link_drops_and_are_acknowledged_once_synced(
+    tmp_path: Path,
+) -> None:
+    """An idle agent sends no next frame to spill them with: the link's end spills them itself."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    identity = Identity.in_dir(tmp_path / "ps")
+    identity.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
+    server = ProcessServer(tmp_path / "cache", identity)
+    server.start()
+    relay = server._relay("p1", "")  # no master target named: its forwarder stays idle
+    a, b = socket.socketpair()
+    agent_end, ps_end = socket.socketpair()
+    try:
+        relay.sessions.append(_Session(ps_end, ["p1"], Peer(PeerKind.AGENT, "agent", "1", "test")))  # type: ignore[arg-type]
+        relay._stream = Stream(relay.cache, relay.held, relay.refusals, FrameWriter(a), threading.Lock(), -1)
+        hbuf = bytearray(HEADER_SIZE)
+        for seq in (1, 2, 3):
+            frame = _received(seq)
+            relay.take(frame.header, frame, hbuf)
+        assert relay.held.last_seq == 3 and relay.cache.last_seq == -1
+        relay._stream = None  # the link drops; the agent sends nothing more
+        relay.link_dropped()
+        assert len(relay.held) == 0 and relay.server.budget.used == 0
+        assert relay.cache.last_seq == 3 and relay.synced_seq() == 3
+        ack = FrameReader(agent_end).read()
+        assert ack is not None and ack.header.type == FrameType.ACK and ack.header.seq == 3
+    finally:
+        for s in (a, b, agent_end, ps_end):
+            s.close()
         server.stop()

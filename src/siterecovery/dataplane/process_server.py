@@ -211,6 +211,16 @@ class PairRelay:
             self._taking.release()
         self._relay_to_agent(FrameType.ACK, self.synced_seq(), 0, 0, memoryview(b""), every=True)
 
+    def link_dropped(self) -> None:
+        """The link to the master target dropped: the frames held go to the cache now — the receive
+        thread would spill them only with the agent's next frame, which an idle agent may not send
+        for long — and are acknowledged to the agent once the cache is synced."""
+        if self._stopping or not len(self.held):
+            return
+        with self._taking:
+            self.spill()
+        self._relay_to_agent(FrameType.ACK, self.synced_seq(), 0, 0, memoryview(b""), every=True)
+
     def spill(self) -> None:
         """Append the frames held to the cache, in order (the next sync covers them)."""
         for h, buf in self.held.spill():
@@ -363,6 +373,7 @@ class PairRelay:
             self._stream = None
             sock.close()
             acks.join(timeout=5)
+            self.link_dropped()
 
     def _read_mt(self, reader: FrameReader, sock: ssl.SSLSocket, broken: threading.Event) -> None:
         try:
