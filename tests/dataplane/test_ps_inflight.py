@@ -148,17 +148,17 @@ def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(t
     a, b = socket.socketpair()
     try:
         hbuf = bytearray(HEADER_SIZE)
-        relay.take(_received(1).header, _received(1), hbuf)  # link down: cached
+        assert relay.take(_received(1).header, _received(1), hbuf)  # link down: cached (the Acker's)
         # The link comes up (the forwarder's stream, not run here, took the cache up to seq 1).
         stream = Stream(relay.cache, relay.held, relay.refusals, FrameWriter(a), threading.Lock(), 1)
         relay._stream = stream
         for seq in (2, 3, 4):
             frame = _received(seq)
-            relay.take(frame.header, frame, hbuf)
+            assert not relay.take(frame.header, frame, hbuf)  # held: the Acker is not asked for it
         assert relay.cache.last_seq == 1 and relay.held.last_seq == 4 and relay.seen_seq == 4
         assert relay.synced_seq() == 1  # the held frames are not durable: never acknowledged
         relay._stream = None  # the link drops
-        relay.take(_received(5).header, _received(5), hbuf)
+        assert relay.take(_received(5).header, _received(5), hbuf)  # cached after the spilled ones
         assert len(relay.held) == 0 and relay.synced_seq() == 5
         cursor = relay.cache.cursor(-1)
         buf = bytearray(HEADER_SIZE + 8192)
