@@ -1,15 +1,18 @@
 """A full sync, then a delta resync answered from the master target's kept digests, at a size where
 the master target's buffers recycle (real agent, process server and master target over mTLS).
 
-The check `bench_resync` made at 2 GiB, which caught a change that left the replica different from
-the source (session 8, issue 16): the services replicate a random disk in full — 128 MiB, four times
-the per-session inbox of frames read ahead and more 1 MiB payloads than the master target keeps
-pooled buffers — then scattered 4 KiB blocks of the source are rewritten behind the agent's back and
-the pair's generation is raised with sync mode delta, as the product does after an outage. The
-master target answers the resync from the digests it kept while applying (it reads no replica
-byte), so a digest that describes bytes the replica does not hold hides the difference for good.
-The replica is compared with the source block by block after each phase: a failure names the
-blocks and whether the resync was meant to carry them.
+What `bench_resync` checks at 2 GiB, in `make test`: the services replicate a random disk in full
+(128 MiB: several times what the master target holds in memory at once — frames read ahead,
+writes pending, recycled buffers), then scattered 4 KiB blocks of the source are rewritten behind
+the agent's back and the pair's generation is raised with sync mode delta, as the product does
+after an outage. The master target answers the resync from the digests it kept while applying
+(it reads no replica byte), so a digest that describes bytes the replica does not hold hides the
+difference for good. The replica is compared with the source block by block after each phase: a
+failure names the blocks and whether the resync was meant to carry them.
+
+The wait for the resync starts from the agent taking the new generation up (`wait_generation`):
+session 8's "target differs from source" in `bench_resync` was its wait ending on the crash
+bookmark the agent inserts just after the full sync, before the resync began.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tests.dataplane.conftest import (
     one_pair,
     pair_stats,
     replication,
-    wait_for,
+    wait_generation,
     wait_replicated,
     write_json,
 )
@@ -86,8 +89,7 @@ def test_delta_resync_from_kept_digests_after_a_full_sync_leaves_the_replica_equ
     mt_addr = mt.args[mt.args.index("--listen") + 1]
     spec = {**replication("p1", "d0", ps_addr, mt_addr, "delta"), "generation": 2}
     write_json(plane.root / "agent-assignments.json", {"replications": [spec]})
-    captured = int(before["captured_seq"])  # type: ignore[call-overload]
-    wait_for(lambda: int(pair_stats(agent, "p1").get("captured_seq", -1)) > captured, 120, "the resync")  # type: ignore[call-overload]
+    wait_generation(agent, "p1", 2)
     wait_replicated(agent, mt, "p1", timeout=300)
 
     wrong = _differing_blocks(src, target)
