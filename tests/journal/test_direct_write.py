@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from siterecovery.dataplane.apply import DirectApplier
-from siterecovery.dataplane.direct_write import ALIGN, DIRECT_MIN, STAGING, DirectWriter
+from siterecovery.dataplane.direct_write import ALIGN, DIRECT_MIN, POOL, STAGING, DirectWriter, aligned
 from tests.journal.conftest import OpenDisk
 from tests.journal.crash_child import resident_bytes
 
@@ -26,6 +28,31 @@ def test_long_runs_skip_the_page_cache_short_ones_do_not(open_disk: OpenDisk, tm
         assert f.read(len(big)) == big
         f.seek(8 * DIRECT_MIN)
         assert f.read(ALIGN) == small
+
+
+def test_owned_pooled_buffers_are_written_from_where_they_are_then_recycled(
+    open_disk: OpenDisk, tmp_path: Path
+) -> None:
+    disk = open_disk(drop_batch=1 << 40)
+    first, second, again = POOL.take(), POOL.take(), POOL.take()
+    assert aligned(first) and not aligned(bytearray(ALIGN + 1))
+    kept = first.obj, second.obj
+    first[:] = os.urandom(len(first))
+    second[:] = os.urandom(len(second))
+    again[:] = os.urandom(len(again))
+    expected = bytes(again) + bytes(second)
+    disk.apply_write(0, 0, first, owned=True)
+    disk.apply_write(1, len(first), second, owned=True)
+    disk.apply_write(2, 0, again, owned=True)  # overlaps a held buffer: merged into it
+    disk.sync()
+    image = tmp_path / "disk.img"
+    assert resident_bytes(image) == 0  # written direct, from the pooled buffers themselves
+    with open(image, "rb") as f:
+        assert f.read(len(expected)) == expected
+    # Written, they went back to the pool: the caller's views are released, the next take reuses them.
+    with pytest.raises(ValueError):
+        bytes(first)
+    assert {id(POOL.take().obj), id(POOL.take().obj)} == {id(m) for m in kept}
 
 
 def test_a_refused_direct_write_leaves_the_run_to_the_buffered_path(tmp_path: Path) -> None:

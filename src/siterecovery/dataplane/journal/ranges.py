@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
-from siterecovery.dataplane.direct_write import DirectWriter
+from siterecovery.dataplane.direct_write import POOL, DirectWriter
 from siterecovery.dataplane.fileio import pwritev_all
 
 # A drained run at least this long is a streaming write (a sync's blocks, a guest's large
@@ -27,7 +27,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.starts: list[int] = []
-        self.bufs: list[bytearray] = []
+        self.bufs: list[bytearray | memoryview] = []  # memoryviews: owned buffers handed over
         self.nbytes = 0
         self.streamed: list[tuple[int, int]] = []  # runs of >= STREAM_RUN drained: (offset, length)
 
@@ -49,12 +49,14 @@ class _Pending:
             lo, hi = max(off, s), min(end, s + len(b))
             view[lo - off : hi - off] = b[lo - s : hi - s]
 
-    def add(self, off: int, data: memoryview) -> None:
+    def add(self, off: int, data: memoryview, *, owned: bool = False) -> None:
+        """Hold a write; with `owned` the caller hands `data`'s buffer over (it is kept, not
+        copied, unless it overlaps a held range) and never touches it again."""
         end = off + len(data)
         i, j = self._span(off, end)
         if i == j:
             self.starts.insert(i, off)
-            self.bufs.insert(i, bytearray(data))
+            self.bufs.insert(i, data if owned else bytearray(data))
             self.nbytes += len(data)
             return
         lo = min(off, self.starts[i])
@@ -93,6 +95,9 @@ class _Pending:
             if run >= STREAM_RUN:
                 self.streamed.append((self.starts[k], run))
             k = run_end
+        for b in self.bufs:
+            if POOL.owns(b):
+                POOL.give(b)  # written: the receive thread may fill it again
         self.starts.clear()
         self.bufs.clear()
         self.nbytes = 0
