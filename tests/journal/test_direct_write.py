@@ -44,6 +44,8 @@ def test_owned_pooled_buffers_are_written_from_where_they_are_then_recycled(
     disk.apply_write(0, 0, first, owned=True)
     disk.apply_write(1, len(first), second, owned=True)
     disk.apply_write(2, 0, again, owned=True)  # overlaps a held buffer: merged into it
+    with pytest.raises(ValueError):
+        bytes(again)  # copied into the held buffer, its own went back to the pool at once
     disk.sync()
     image = tmp_path / "disk.img"
     assert resident_bytes(image) == 0  # written direct, from the pooled buffers themselves
@@ -53,6 +55,28 @@ def test_owned_pooled_buffers_are_written_from_where_they_are_then_recycled(
     with pytest.raises(ValueError):
         bytes(first)
     assert {id(POOL.take().obj), id(POOL.take().obj)} == {id(m) for m in kept}
+
+
+def test_held_pooled_buffers_merged_into_a_copy_go_back_to_the_pool(
+    open_disk: OpenDisk, tmp_path: Path
+) -> None:
+    disk = open_disk(drop_batch=1 << 40)
+    first, second, across = POOL.take(), POOL.take(), POOL.take()
+    for buf in (first, second, across):
+        buf[:] = os.urandom(len(buf))
+    size = len(first)
+    expected = bytes(first[: size // 2]) + bytes(across) + bytes(second[size // 2 :])
+    disk.apply_write(0, 0, first, owned=True)
+    disk.apply_write(1, size, second, owned=True)
+    # Across both held buffers: the three are merged into one copy and all go back to the pool
+    # (before, the two held ones were dropped, and the pool made fresh ones instead).
+    disk.apply_write(2, size // 2, across, owned=True)
+    for view in (first, second, across):
+        with pytest.raises(ValueError):
+            bytes(view)
+    disk.sync()
+    with open(tmp_path / "disk.img", "rb") as f:
+        assert f.read(len(expected)) == expected
 
 
 def test_a_refused_direct_write_leaves_the_run_to_the_buffered_path(tmp_path: Path) -> None:

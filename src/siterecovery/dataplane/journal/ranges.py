@@ -63,16 +63,19 @@ class _Pending:
         hi = max(end, self.starts[j - 1] + len(self.bufs[j - 1]))
         if j == i + 1 and lo == self.starts[i] and hi == lo + len(self.bufs[i]):
             self.bufs[i][off - lo : end - lo] = data
-            return
-        merged = bytearray(hi - lo)
-        for k in range(i, j):
-            s, b = self.starts[k], self.bufs[k]
-            merged[s - lo : s - lo + len(b)] = b
-            self.nbytes -= len(b)
-        merged[off - lo : end - lo] = data
-        self.starts[i:j] = [lo]
-        self.bufs[i:j] = [merged]
-        self.nbytes += len(merged)
+        else:
+            merged = bytearray(hi - lo)
+            for k in range(i, j):
+                s, b = self.starts[k], self.bufs[k]
+                merged[s - lo : s - lo + len(b)] = b
+                self.nbytes -= len(b)
+                _recycle(b)  # copied into the merged range: nothing else refers to it
+            merged[off - lo : end - lo] = data
+            self.starts[i:j] = [lo]
+            self.bufs[i:j] = [merged]
+            self.nbytes += len(merged)
+        if owned:
+            _recycle(data)  # copied into a held range: the caller gave it up
 
     def drain(self, fd: int, direct: DirectWriter | None = None) -> None:
         """Write everything, one pwritev per run of adjacent ranges; a long aligned run through
@@ -96,11 +99,16 @@ class _Pending:
                 self.streamed.append((self.starts[k], run))
             k = run_end
         for b in self.bufs:
-            if POOL.owns(b):
-                POOL.give(b)  # written: the receive thread may fill it again
+            _recycle(b)  # written: the receive thread may fill it again
         self.starts.clear()
         self.bufs.clear()
         self.nbytes = 0
+
+
+def _recycle(buf: bytearray | memoryview) -> None:
+    """Give `buf` back to the pool if it came from there (its last use is over)."""
+    if POOL.owns(buf):
+        POOL.give(buf)
 
 
 class _Ranges:
