@@ -338,6 +338,14 @@ def replicate_then_resync(
         start = time.monotonic()
         resync = {**pair, "sync_mode": "delta", "generation": 2}
         _write_json(root / "agent.json", {"replications": [resync]})
+        # Only statistics written after the agent took the new generation up (saved with the sync
+        # planned) can say the resync is done. `captured_seq` moving is no sign of it: the crash
+        # bookmark the agent inserts as soon as a sync ends (bookmarks wait while a pair syncs)
+        # moves it too; read before that bookmark, it ended this wait before the resync began, and
+        # the services were killed with the replica not resynced (session 8's "target differs").
+        wait_until(lambda: _generation(root / "agent" / "pairs" / "p" / "state.json") >= 2, 3600)
+        for _ in range(2):  # the first rewrite may have been computed before the take-up
+            _rewritten(root / "agent" / "stats.json")
         wait_until(lambda: synced(captured), 3600)
         elapsed = time.monotonic() - start
         got = pair_stats()
@@ -348,6 +356,27 @@ def replicate_then_resync(
         _stop(procs, log)
     _check_equal(src, target)
     return Resync(full, elapsed, sent, read)
+
+
+def _generation(state: Path) -> int:
+    """The generation an agent's pair has taken up (its `state.json`); 0 before it is written."""
+    try:
+        return int(json.loads(state.read_text())["generation"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _rewritten(path: Path) -> None:
+    """Until `path` (a statistics file) is replaced after now."""
+    since = time.time_ns()
+
+    def newer() -> bool:
+        try:
+            return path.stat().st_mtime_ns > since
+        except FileNotFoundError:
+            return False
+
+    wait_until(newer, 60)
 
 
 @dataclass(frozen=True)

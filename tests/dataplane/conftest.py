@@ -343,3 +343,22 @@ def compare_raw(a: Path, b: Path) -> int:
     return subprocess.run(
         [require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True
     ).returncode
+
+
+def wait_generation(agent: Component, pair: str, generation: int, timeout: float = 120.0) -> None:
+    """Until the agent has taken up `generation` of `pair`: saved in the pair's state with its new
+    sync planned (`replica.py`), so statistics published after this show that sync until it is done.
+
+    A wait for a raised generation's resync must start here, not from `captured_seq` moving: the
+    crash bookmark the agent inserts as soon as a sync ends (bookmarks wait while a pair syncs)
+    moves it too, and when it came after the caller's snapshot it ended such a wait before the
+    resync began (bench_resync's "target differs from source" in session 8)."""
+    state = agent.state_dir / "pairs" / pair / "state.json"
+
+    def taken() -> bool:
+        try:
+            return int(json.loads(state.read_text())["generation"]) >= generation
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return False
+
+    wait_for(taken, timeout, f"the agent to take up generation {generation} of {pair}")

@@ -21,6 +21,7 @@ from tests.dataplane.conftest import (
     random_image,
     replication,
     wait_for,
+    wait_generation,
     wait_replicated,
     write_json,
 )
@@ -54,8 +55,7 @@ def _resync(plane: Plane, agent: Component, mt: Component, addrs: list[str]) -> 
     before = pair_stats(agent, "p1")
     spec = {**replication("p1", "d0", addrs[0], addrs[1], "delta"), "generation": 2}
     write_json(plane.root / "agent-assignments.json", {"replications": [spec]})
-    captured = int(before["captured_seq"])  # type: ignore[call-overload]
-    wait_for(lambda: int(pair_stats(agent, "p1").get("captured_seq", -1)) > captured, 60, "the resync")  # type: ignore[call-overload]
+    wait_generation(agent, "p1", 2)
     wait_replicated(agent, mt, "p1")
     return int(pair_stats(agent, "p1")["bytes_sent"]) - int(before["bytes_sent"])  # type: ignore[call-overload]
 

@@ -10,6 +10,11 @@ pages stay mapped, so that copy is a plain memcpy). Short or unaligned writes st
 direct 4 KiB write would wait for the device each time, where buffered ones are merged by
 writeback before the caller's fdatasync.
 
+A frame's payload received into a page-aligned buffer of `POOL` (`mt_inbox.py`) is written from
+that buffer as it is, with no staging copy: the receive thread's copy out of the TLS reader is then
+the only copy between the socket and the device. Such buffers are recycled (a fresh anonymous page
+is a page fault, on this VM also a host fault), at most `POOL_KEEP` of them kept free.
+
 Durability does not change: O_DIRECT neither flushes the device's write cache nor commits the
 file system's allocation metadata, so the caller still fdatasyncs the file before it acknowledges
 anything. Reads through the ordinary descriptor stay coherent (a direct write invalidates the
@@ -20,18 +25,69 @@ run, and every later one, buffered as before.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeGuard
 
 log = logging.getLogger(__name__)
 
 ALIGN = 4096  # offsets and lengths written direct: a multiple of any device's logical block
 DIRECT_MIN = 1 << 20  # shorter runs stay buffered (merged by writeback before the fdatasync)
 STAGING = 2 << 20  # bytes per direct pwrite; one page-aligned buffer per writer
+POOL_BUFFER = 1 << 20  # a pooled buffer holds one frame of this size (a sync's coarse block)
+POOL_KEEP = 128  # free pooled buffers kept for reuse (128 MiB); more are unmapped when given back
+_IOV_MAX = 1024  # buffers in one pwritev (Linux's IOV_MAX)
+
+
+class AlignedPool:
+    """Page-aligned buffers of `POOL_BUFFER` bytes, recycled (see the module's paragraph).
+
+    `take` hands out a view of a whole buffer; whoever ends up holding it gives it back once,
+    after its last use (the journal, when it has written it); a view never given back is freed.
+    """
+
+    def __init__(self, size: int = POOL_BUFFER, keep: int = POOL_KEEP) -> None:
+        self.size = size
+        self._keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        return memoryview(buf if buf is not None else mmap.mmap(-1, self.size))
+
+    def owns(self, view: memoryview | bytearray) -> TypeGuard[memoryview]:
+        """Whether `view` is a whole buffer taken from this pool."""
+        return isinstance(view, memoryview) and isinstance(view.obj, mmap.mmap) and len(view) == self.size
+
+    def give(self, view: memoryview) -> None:
+        buf = view.obj
+        view.release()
+        assert isinstance(buf, mmap.mmap)
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+
+
+POOL = AlignedPool()
+
+
+def aligned(buf: bytearray | memoryview) -> bool:
+    """Whether O_DIRECT can write `buf` as it is: its address and length multiples of `ALIGN`."""
+    if len(buf) % ALIGN or not len(buf):
+        return False
+    view = memoryview(buf)
+    if view.readonly or not view.c_contiguous:
+        return False
+    with view:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
 
 
 class DirectWriter:
@@ -57,6 +113,16 @@ class DirectWriter:
     def write(self, bufs: Sequence[bytearray | memoryview], offset: int) -> bool:
         """Write the buffers back to back from `offset` (a run that `fits`); False if O_DIRECT was
         refused (the writer is then off, and the caller writes the whole run buffered)."""
+        if all(aligned(b) for b in bufs):
+            try:
+                self._put_aligned(bufs, offset)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info("a direct write at %d was refused (%s): writes stay buffered", offset, exc)
+                self.close()
+                return False
         if self._staging is None:
             self._staging = mmap.mmap(-1, STAGING)
         staging = memoryview(self._staging)
@@ -85,6 +151,22 @@ class DirectWriter:
         if refused:  # closed only here: the exception's frames held views of the staging buffer
             self.close()
         return not refused
+
+    def _put_aligned(self, bufs: Sequence[bytearray | memoryview], at: int) -> None:
+        """pwritev straight from aligned buffers; a short write's rest goes through `_put`."""
+        for k in range(0, len(bufs), _IOV_MAX):
+            chunk = bufs[k : k + _IOV_MAX]
+            total = sum(len(b) for b in chunk)
+            done = os.pwritev(self._fd, chunk, at)
+            skip = done
+            for b in chunk:  # rare: finish buffer by buffer from where the short write stopped
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                self._put(memoryview(b)[skip:], at + done)
+                done += len(b) - skip
+                skip = 0
+            at += total
 
     def _put(self, view: memoryview, at: int) -> None:
         done = 0

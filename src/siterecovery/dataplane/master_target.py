@@ -3,8 +3,10 @@
 Disks are attached from the desired state (`MasterTargetDesired`); at most 60 at once over all
 machines (MT-3: the 61st is refused with `mt-disk-limit`). A session from a process server names
 its pairs in HELLO and learns each pair's durable sequence, after which the process server resends
-only newer frames. Frames are verified, applied through the pair's `DiskApplier` (idempotent by
-sequence), and acknowledged only after `sync()`. With a retention volume each pair's applier is a
+only newer frames. A receive thread reads and verifies frames ahead into a bounded inbox
+(`mt_inbox.py`) while the session's thread applies them through the pair's `DiskApplier`
+(idempotent by sequence) and acknowledges them only after `sync()`: the replica's writes and
+fdatasyncs no longer stop the reading. With a retention volume each pair's applier is a
 retention journal, so BOOKMARK frames become recovery points; the desired state can then move a
 disk to a point in place or ask for copies of points (`mt_points.py`). A full retention volume
 pauses a pair without acknowledging: the frame is retried until it applies. The master target also
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import siterecovery
-from siterecovery.dataplane.apply import ApplierFactory, DiskApplier, direct_applier
+from siterecovery.dataplane.apply import ApplierFactory, DirectApplier, DiskApplier, direct_applier
 from siterecovery.dataplane.assignments import (
     AttachedDisk,
     MasterTargetDesired,
@@ -35,9 +37,11 @@ from siterecovery.dataplane.assignments import (
     RefusedDisk,
     RetentionVolume,
 )
+from siterecovery.dataplane.direct_write import POOL
 from siterecovery.dataplane.healing import Gaps
 from siterecovery.dataplane.journal import JournaledDisk, journaled_applier_factory
-from siterecovery.dataplane.links import Identity, Listener, quiet_for
+from siterecovery.dataplane.links import Identity, Listener
+from siterecovery.dataplane.mt_inbox import Inbox, Received, Receiver
 from siterecovery.dataplane.mt_pair import TargetPair, durable_seq
 from siterecovery.dataplane.mt_points import (
     Copier,
@@ -87,6 +91,7 @@ ACK_EVERY_BYTES = 32 << 20
 # target more CPU than applying them). A frame after a quiet spell is acknowledged at once.
 ACK_MIN_SECONDS = 0.1
 JOURNAL_DIR = "siterecovery-journal"
+RECEIVER_JOIN_SECONDS = 10.0  # a session's end waits this long for its receive thread
 RETRY_SECONDS = 2.0  # how often a paused pair tries applying again
 REDISCOVER_SECONDS = 900.0  # retention volumes are described again this often (and on `refresh`)
 # Errors that pause applying a pair instead of failing the session: the frame is retried.
@@ -363,11 +368,21 @@ class MasterTarget:
                 acked[pair_id] = pair.last_ack = durable_seq(pair.applier)
             pairs.append((pair, pair.session))
         writer.send_model(FrameType.HELLO, HelloReply(acked=acked))
+        inbox = Inbox()
+        digested = frozenset(i for i, (pair, _session) in enumerate(pairs) if pair.digests is not None)
+        receiver = Receiver(reader, inbox, address, digested)
+        receiver.start()
         try:
-            self._apply_stream(reader, writer, sock, pairs, peer)
+            self._apply_stream(inbox, writer, pairs, peer)
         except _SessionEnds as end:
             p = end.problem
             writer.send_model(FrameType.ERROR, ErrorBody.of(p))
+        finally:
+            # The receive thread may be blocked reading: shutdown wakes it (close alone does not).
+            inbox.close()
+            with contextlib.suppress(OSError, ValueError):
+                sock.shutdown(2)
+            receiver.join(RECEIVER_JOIN_SECONDS)
 
     def _refusal(self, pair_id: str) -> Problem:
         refused = self._refused.get(pair_id)
@@ -389,24 +404,22 @@ class MasterTarget:
             pair.paused = exc.first.code
 
     def _apply_stream(
-        self,
-        reader: FrameReader,
-        writer: FrameWriter,
-        sock: ssl.SSLSocket,
-        pairs: list[tuple[TargetPair, int]],
-        peer: Peer,
+        self, inbox: Inbox, writer: FrameWriter, pairs: list[tuple[TargetPair, int]], peer: Peer
     ) -> None:
+        """Apply the frames the receive thread queued, in order; sync and acknowledge in groups."""
         touched: set[int] = set()
         pending = 0
         acked_at = 0.0  # time.monotonic() of the last acknowledgement
         while True:
-            try:
-                frame = reader.read()
-            except CorruptFrame as exc:
-                writer.send(FrameType.NACK, pair=exc.pair, seq=exc.seq)
-                raise
-            if frame is None:
-                return
+            item = inbox.get()
+            if isinstance(item, CorruptFrame):
+                writer.send(FrameType.NACK, pair=item.pair, seq=item.seq)
+                raise item
+            if isinstance(item, BaseException):
+                raise item
+            if not isinstance(item, Received):
+                return  # the stream ended between frames
+            frame = item.frame
             h = frame.header
             if h.pair >= len(pairs):
                 raise ProtocolError(f"pair index {h.pair} outside the session's {len(pairs)} pairs")
@@ -415,16 +428,17 @@ class MasterTarget:
                 problem = data_frame_problem(pair.disk.pair_id, frame, pair.seen, pair.disk.size)
                 if problem is not None:
                     raise _SessionEnds(self.peer_refusals.add(peer, problem, pair.disk.pair_id))
-                if not self._try_apply(pair, session, frame):
+                size = len(frame.payload)  # applied, a pooled payload may go back to the pool
+                if not self._try_apply(pair, session, frame, item.fines):
                     # Paused: acknowledge what is durable, then retry this frame until it applies.
                     self._ack(writer, pairs, touched | {h.pair})
                     touched.clear()
                     pending = 0
-                    while not self._try_apply(pair, session, frame):
+                    while not self._try_apply(pair, session, frame, item.fines):
                         if self._stopped.wait(RETRY_SECONDS):
                             return
                 touched.add(h.pair)
-                pending += len(frame.payload)
+                pending += size
             elif h.type == FrameType.RESYNC_REQUEST:
                 self._answer_resync(writer, h.pair, h.seq, pair, decode_model(ResyncRequest, frame.payload))
             elif h.type == FrameType.HEARTBEAT:
@@ -432,14 +446,14 @@ class MasterTarget:
             else:
                 raise ProtocolError(f"unexpected {h.type.name} frame from a process server")
             if touched and (
-                pending >= ACK_EVERY_BYTES or quiet_for(sock, acked_at + ACK_MIN_SECONDS - time.monotonic())
+                pending >= ACK_EVERY_BYTES or inbox.quiet_for(acked_at + ACK_MIN_SECONDS - time.monotonic())
             ):
                 self._ack(writer, pairs, touched)
                 touched.clear()
                 pending = 0
                 acked_at = time.monotonic()
 
-    def _try_apply(self, pair: TargetPair, session: int, frame: Frame) -> bool:
+    def _try_apply(self, pair: TargetPair, session: int, frame: Frame, fines: bytes | None = None) -> bool:
         """Apply one data frame (idempotent by sequence); False while the pair is paused."""
         h = frame.header
         with pair.lock:
@@ -475,9 +489,16 @@ class MasterTarget:
                     if store is not None:
                         store.zeroed(h.offset, h.length)
                 else:
-                    pair.applier.apply_write(h.seq, h.offset, frame.payload)
-                    if store is not None:
-                        store.wrote(h.offset, frame.payload)
+                    if store is not None:  # first: a journal may give the payload's buffer back
+                        store.wrote(h.offset, frame.payload, fines)
+                    if isinstance(pair.applier, JournaledDisk):
+                        # The receive thread copied the payload into a buffer of its own: the
+                        # journal keeps it until written instead of copying it again.
+                        pair.applier.apply_write(h.seq, h.offset, frame.payload, owned=True)
+                    else:
+                        pair.applier.apply_write(h.seq, h.offset, frame.payload)
+                        if isinstance(pair.applier, DirectApplier) and POOL.owns(frame.payload):
+                            POOL.give(frame.payload)  # written at once: the buffer can be refilled
                     if h.flags & Flag.REFETCH:
                         pair.gaps.refetched(h.offset, h.length)
             except SiteRecoveryError as exc:

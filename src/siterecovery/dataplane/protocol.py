@@ -214,18 +214,31 @@ class FrameReader:
             got += n
         return True
 
-    def read(self, place: Callable[[Header], bytearray | None] | None = None) -> Frame | None:
+    def read(
+        self,
+        place: Callable[[Header], bytearray | None] | None = None,
+        into: Callable[[int], memoryview | None] | None = None,
+    ) -> Frame | None:
         """Next verified frame, or None at a clean end of stream between frames.
 
+        Two ways for a caller to keep a frame without copying it out of the reader's reused buffer:
         `place(header)` may return a buffer of HEADER_SIZE + payload_len bytes for the frame to be
-        received into (its payload after HEADER_SIZE bytes the caller may put a header in), which
-        the caller keeps: a process server forwards a frame from memory without copying it.
+        received into (its payload after HEADER_SIZE bytes the caller may put a header in; `Frame.buffer`):
+        a process server forwards a frame from memory. `into(n)` may give a buffer of exactly n bytes
+        (page-aligned, say) an uncompressed payload of n bytes is received straight into: the master
+        target writes it to the replica from there with O_DIRECT.
         """
         if not self._fill(self._hview, at_start=True):
             return None
         h = parse_header(self._hview)
         own = place(h) if place is not None else None
-        wire = self._pview[: h.payload_len] if own is None else memoryview(own)[HEADER_SIZE:]
+        wire: memoryview | None = None
+        if own is not None:
+            wire = memoryview(own)[HEADER_SIZE:]
+        elif into is not None and not h.flags & Flag.COMPRESSED:
+            wire = into(h.payload_len)
+        if wire is None:
+            wire = self._pview[: h.payload_len]
         self._fill(wire, at_start=False)
         payload: memoryview = wire
         if h.flags & Flag.COMPRESSED:

@@ -163,8 +163,15 @@ class TargetDigests:
             os.pwrite(self._state_fd, bytes(hi - lo), _HEADER.size + lo)
         os.fdatasync(self._state_fd)
 
-    def wrote(self, offset: int, data: memoryview) -> None:
-        """`data` was applied at `offset` (after `before_write`)."""
+    def wrote(self, offset: int, data: memoryview, fines: bytes | None = None) -> None:
+        """`data` was applied at `offset` (after `before_write`); `fines`, if given, are
+        `fine_digests(data)` of a whole coarse block, computed already (`mt_inbox.py`)."""
+        if fines is not None and not offset % COARSE and len(data) == COARSE and offset + COARSE <= self.size:
+            idx = offset // COARSE
+            self._restate.add(idx)
+            self._dirty[idx] = bytearray(fines)
+            self.state[idx] = BlockState.DATA
+            return
         self._update(offset, len(data), data)
 
     def zeroed(self, offset: int, length: int) -> None:
@@ -196,10 +203,7 @@ class TargetDigests:
             return
         digest = xxhash.xxh3_128_digest
         if data is not None and lo == 0 and hi == COARSE:  # a whole block (a full sync): hash it
-            whole = data[at : at + COARSE]
-            self._dirty[idx] = bytearray(
-                b"".join([digest(whole[o : o + FINE]) for o in range(0, COARSE, FINE)])
-            )
+            self._dirty[idx] = bytearray(fine_digests(data[at : at + COARSE]))
             self.state[idx] = BlockState.DATA
             return
         fines = self._fines(idx)
@@ -320,9 +324,14 @@ class TargetDigests:
             self.state[idx] = BlockState.ZERO
             self._dirty.pop(idx, None)
             return
-        digest = xxhash.xxh3_128_digest
-        self._dirty[idx] = bytearray(b"".join([digest(view[o : o + FINE]) for o in range(0, COARSE, FINE)]))
+        self._dirty[idx] = bytearray(fine_digests(view))
         self.state[idx] = BlockState.DATA
+
+
+def fine_digests(block: memoryview) -> bytes:
+    """The fine digests of a whole coarse block, in order."""
+    digest = xxhash.xxh3_128_digest
+    return b"".join([digest(block[o : o + FINE]) for o in range(0, COARSE, FINE)])
 
 
 def _has_data(fd: int, size: int) -> bool:

@@ -130,7 +130,11 @@ class JournaledDisk(_Mover, DiskApplier):
     def committed_seq(self) -> int:
         return self._committed
 
-    def apply_write(self, seq: int, offset: int, data: memoryview) -> None:
+    def apply_write(self, seq: int, offset: int, data: memoryview, *, owned: bool = False) -> None:
+        """Journal the bytes a write replaces, then hold it until the undo records are durable;
+        with `owned` the caller hands over `data`'s buffer (held as it is, not copied, and given
+        back to `direct_write.POOL` once written if it came from there): the caller must not read
+        `data` after this call."""
         if seq <= self._seq:
             return
         self._require_latest()
@@ -144,7 +148,7 @@ class JournaledDisk(_Mover, DiskApplier):
                     self._append(_Kind.ZERO, seq, now, offset, n, b"")
                 else:
                     self._append(_Kind.DATA, seq, now, offset, n, old)
-                self._pending.add(offset, data)
+                self._pending.add(offset, data, owned=owned)
             self._seq = seq
             if self._pending.nbytes >= self._pending_limit:
                 self._flush_pending()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
-from siterecovery.dataplane.direct_write import DirectWriter
+from siterecovery.dataplane.direct_write import POOL, DirectWriter
 from siterecovery.dataplane.fileio import pwritev_all
 
 # A drained run at least this long is a streaming write (a sync's blocks, a guest's large
@@ -27,7 +27,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.starts: list[int] = []
-        self.bufs: list[bytearray] = []
+        self.bufs: list[bytearray | memoryview] = []  # memoryviews: owned buffers handed over
         self.nbytes = 0
         self.streamed: list[tuple[int, int]] = []  # runs of >= STREAM_RUN drained: (offset, length)
 
@@ -49,28 +49,33 @@ class _Pending:
             lo, hi = max(off, s), min(end, s + len(b))
             view[lo - off : hi - off] = b[lo - s : hi - s]
 
-    def add(self, off: int, data: memoryview) -> None:
+    def add(self, off: int, data: memoryview, *, owned: bool = False) -> None:
+        """Hold a write; with `owned` the caller hands `data`'s buffer over (it is kept, not
+        copied, unless it overlaps a held range) and never touches it again."""
         end = off + len(data)
         i, j = self._span(off, end)
         if i == j:
             self.starts.insert(i, off)
-            self.bufs.insert(i, bytearray(data))
+            self.bufs.insert(i, data if owned else bytearray(data))
             self.nbytes += len(data)
             return
         lo = min(off, self.starts[i])
         hi = max(end, self.starts[j - 1] + len(self.bufs[j - 1]))
         if j == i + 1 and lo == self.starts[i] and hi == lo + len(self.bufs[i]):
             self.bufs[i][off - lo : end - lo] = data
-            return
-        merged = bytearray(hi - lo)
-        for k in range(i, j):
-            s, b = self.starts[k], self.bufs[k]
-            merged[s - lo : s - lo + len(b)] = b
-            self.nbytes -= len(b)
-        merged[off - lo : end - lo] = data
-        self.starts[i:j] = [lo]
-        self.bufs[i:j] = [merged]
-        self.nbytes += len(merged)
+        else:
+            merged = bytearray(hi - lo)
+            for k in range(i, j):
+                s, b = self.starts[k], self.bufs[k]
+                merged[s - lo : s - lo + len(b)] = b
+                self.nbytes -= len(b)
+                _recycle(b)  # copied into the merged range: nothing else refers to it
+            merged[off - lo : end - lo] = data
+            self.starts[i:j] = [lo]
+            self.bufs[i:j] = [merged]
+            self.nbytes += len(merged)
+        if owned:
+            _recycle(data)  # copied into a held range: the caller gave it up
 
     def drain(self, fd: int, direct: DirectWriter | None = None) -> None:
         """Write everything, one pwritev per run of adjacent ranges; a long aligned run through
@@ -93,9 +98,17 @@ class _Pending:
             if run >= STREAM_RUN:
                 self.streamed.append((self.starts[k], run))
             k = run_end
+        for b in self.bufs:
+            _recycle(b)  # written: the receive thread may fill it again
         self.starts.clear()
         self.bufs.clear()
         self.nbytes = 0
+
+
+def _recycle(buf: bytearray | memoryview) -> None:
+    """Give `buf` back to the pool if it came from there (its last use is over)."""
+    if POOL.owns(buf):
+        POOL.give(buf)
 
 
 class _Ranges:
