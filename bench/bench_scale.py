@@ -118,8 +118,8 @@ class Result:
     ramp: float = 0.0  # seconds before measuring (the longest interval)
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
     # Per server process: heartbeats answered by the lean path or the full stack, token loads,
-    # desired states built alone (`GET /api/cluster/self`, since the process started).
-    paths: list[dict[str, int]] = field(default_factory=list)
+    # desired states built alone, loop lags and collector pauses (`GET /api/cluster/self`).
+    paths: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -477,8 +477,9 @@ def row(r: Result) -> str:
     per_beat = f"{1000 * r.server_cpu_seconds / answered:.1f} ms" if answered else "—"
     if r.shed and answered:  # a shed heartbeat costs CPU too: per answer, 503s included
         per_beat += f" ({1000 * r.server_cpu_seconds / (answered + r.shed):.1f} ms)"
+    stalls = _stalls(r.paths)
     return (
-        f"| {db} | {items} | {comps} | {hb} "
+        f"| {db} | {items} | {comps} | {hb} | {stalls} "
         f"| {r.timed_out} / {r.shed} ({r.shed_measured}) | {done:.0f} / {offered:.0f} "
         f"| {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
@@ -486,6 +487,17 @@ def row(r: Result) -> str:
         f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % ({r.loadgen_processes}) "
         f"| {r.load_average:.1f} |"
     )
+
+
+def _stalls(paths: list[dict[str, Any]]) -> str:
+    """Every server process's loop-lag spells and collector pauses of 50 ms or more (`server.pauses`),
+    the longest of each in brackets."""
+    if not paths or "loop_lags" not in paths[0]:
+        return "—"
+    lags, pauses = sum(p["loop_lags"] for p in paths), sum(p["gc_pauses"] for p in paths)
+    lag_max = max(p["loop_lag_max_ms"] for p in paths)
+    pause_max = max(p["gc_pause_max_ms"] for p in paths)
+    return f"{lags} ({lag_max:.0f} ms) / {pauses} ({pause_max:.0f} ms)"
 
 
 def transport(tls: bool) -> str:
@@ -499,11 +511,12 @@ def header(tls: bool) -> str:
 
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 "
+    "| loop lags / GC pauses ≥ 50 ms (longest) "
     "| timed out / shed (503) (shed after the first interval) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
     "| server CPU / peak RSS | server CPU per heartbeat | DB size | load generator CPU (processes) "
     "| machine load average |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -538,7 +551,11 @@ is an upper bound of a heartbeat's own cost; when some were shed, the figure in 
 every answer, 503s included (a shed heartbeat costs CPU too, much less than an answered one). RPO
 monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item list:
 each page is 100 items with their full records (`?limit=100`), the whole list paged through by
-`X-Next-After`; p99 is per page."""
+`X-Next-After`; p99 is per page. *Loop lags / GC pauses*: over the run, every server process
+together, the spells of 50 ms or more when a process's event loop ran late (it answers nothing
+then) and the garbage collections that long (they hold the GIL), the longest of each in brackets
+(`server.pauses`, since the process began serving, the first interval included) —
+a heartbeat p99 above 100 ms with few spells points at the machine's cores, with many at the server."""
 
 
 def main() -> int:
