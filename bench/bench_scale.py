@@ -95,6 +95,8 @@ class Level:
 class Result:
     level: Level
     heartbeat_ms: list[float] = field(default_factory=list)
+    by_url: dict[str, list[float]] = field(default_factory=dict)  # heartbeat_ms per server process
+    leader_url: str = ""  # the process doing the periodic work (the RPO monitor's passes)
     timed_out: int = 0
     shed: int = 0
     shed_measured: int = 0  # of `shed`, those sent in the measured window (after the first interval)
@@ -247,6 +249,7 @@ class Driven:
     """What one load-generator process measured."""
 
     heartbeat_ms: list[float] = field(default_factory=list)
+    by_url: dict[str, list[float]] = field(default_factory=dict)  # heartbeat_ms per server process
     answered: int = 0  # every 200, the ramp-up included
     timed_out: int = 0
     shed: int = 0
@@ -274,7 +277,9 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
                 if r.status == 200:
                     out.answered += 1
                     if started >= measure_from:
-                        out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                        took = (time.monotonic() - started) * 1000
+                        out.heartbeat_ms.append(took)
+                        out.by_url.setdefault(c.url, []).append(took)
                     c.answered(json.loads(r.body))
                 elif r.status in (429, 503):
                     out.shed += 1
@@ -320,6 +325,8 @@ async def drive(
             await api.run(http, stop_at, result)
         for driven in await asyncio.gather(*futures):
             result.heartbeat_ms += driven.heartbeat_ms
+            for url, took in driven.by_url.items():
+                result.by_url.setdefault(url, []).extend(took)
             result.heartbeats_answered += driven.answered
             result.timed_out += driven.timed_out
             result.shed += driven.shed
@@ -439,6 +446,7 @@ def run_level(
             me = httpx.get(u + "/api/cluster/self", headers=auth, verify=servers.verify()).json()
             result.paths.append(me.get("heartbeats", {}))
             if me.get("leader"):
+                result.leader_url = u
                 result.monitor_p50, result.monitor_max = me["pass_seconds_p50"], me["pass_seconds_max"]
         result.db_mib = db_size(url, servers.state) / (1 << 20)
     return result
@@ -468,6 +476,10 @@ def row(r: Result) -> str:
     measured = r.seconds - r.ramp  # the first interval ramps up (components start at random phases)
     done = len(r.heartbeat_ms) / measured if measured > 0 else 0.0
     hb = f"{fmt(pct(r.heartbeat_ms, 0.5), ' ms')} / {fmt(pct(r.heartbeat_ms, 0.99), ' ms')}"
+    if r.leader_url and len(r.by_url) > 1:  # the leader runs the monitor's passes beside its heartbeats
+        others = [t for u, ms in r.by_url.items() if u != r.leader_url for t in ms]
+        leader = fmt(pct(r.by_url.get(r.leader_url, []), 0.99))
+        hb += f" (p99 leader {leader}, others {fmt(pct(others, 0.99))})"
     monitor = f"{fmt(r.monitor_p50, ' s', 2)} / {fmt(r.monitor_max, ' s', 2)}"
     plural = "es" if lv.processes > 1 else ""
     db = f"{'SQLite' if lv.db == 'sqlite' else 'PostgreSQL'}, {lv.processes} process{plural}"
@@ -551,7 +563,9 @@ is an upper bound of a heartbeat's own cost; when some were shed, the figure in 
 every answer, 503s included (a shed heartbeat costs CPU too, much less than an answered one). RPO
 monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item list:
 each page is 100 items with their full records (`?limit=100`), the whole list paged through by
-`X-Next-After`; p99 is per page. *Loop lags / GC pauses*: over the run, every server process
+`X-Next-After`; p99 is per page. With several server processes the heartbeat p99 is also given for
+the heartbeats answered by the leader (the process running the RPO monitor's passes) and by the
+others. *Loop lags / GC pauses*: over the run, every server process
 together, the spells of 50 ms or more when a process's event loop ran late (it answers nothing
 then) and the garbage collections that long (they hold the GIL), the longest of each in brackets
 (`server.pauses`, since the process began serving, the first interval included) —
