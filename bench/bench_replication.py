@@ -2,9 +2,10 @@
 
 Our side: the three services run as separate processes on loopback; the agent fully copies an
 image (2 GiB by default) to the master target through the process server's disk cache; the time
-runs from enabling the pair (written into the running services' assignments; the agent starts its
-sender child then) until the master target has durably applied everything the agent sent. The
-services are started before the clock, as the peer's two `qemu-nbd` servers are.
+runs from enabling the pair (written into the running services' assignments; the agent's spare
+sender child, started with the agent, takes it then) until the master target has durably applied
+everything the agent sent. The services are started before the clock, as the peer's two `qemu-nbd`
+servers are.
 The peer: `nbdcopy` between two `qemu-nbd` exports over TLS (`nbds://`, x509 credentials from the
 same CA) — the same bytes over two TLS connections too (source server → nbdcopy → destination
 server), but no cache and no fsync; `nbdcopy --flush` (destination flushed at the end, durable as
@@ -230,7 +231,7 @@ def _rows(label: str, mib: int, runs: Runs, size: int, target: str) -> list[tupl
             "-",
         ),
         (
-            "the same, ours from the agent's first byte sent (its sender child's start-up left out)",
+            "the same, ours from the agent's first byte sent (its sender's session start left out)",
             f"{mib} MiB",
             f"{moving:.2f} s (start-up {statistics.median(runs.ours_startup):.2f} s)",
             f"{peer:.2f} s",
@@ -309,11 +310,13 @@ def main(argv: list[str] | None = None) -> None:
         " row (user+sys seconds per GiB, each process and the total) is what load barely moves: a"
         " change on either side shows there first. Time"
         " runs from enabling the pair in the running services (started before the clock, as the"
-        " peer's qemu-nbd servers are; the agent's sender child starts inside it). The master target"
+        " peer's qemu-nbd servers are; the agent's spare sender child, started with the agent, takes the"
+        " pair inside it). The master target"
         " also keeps the replica's"
         " block digests as it applies (`target_digests.py`). CPU: user+sys seconds per GiB of each"
         " process while the clock ran (what a server used starting up before it is left out, on both"
-        " sides; ours: agent, its sender child — whose start-up, a Python process, is inside the clock —,"
+        " sides; ours: agent, its sender child — whose start-up, before the clock as the agent's spare, is"
+        " left out too —,"
         " process server, master target; the peer: nbdcopy and both qemu-nbd). The start-up row takes"
         " out the time until the agent's first byte sent, which the peer's C `nbdcopy` hardly has."
         " The random image is the worst case (nothing to skip or compress) and the"

@@ -65,6 +65,29 @@ def chain_cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _wait_spare_ready(agent: int, timeout: float = 30.0) -> None:
+    """Until the agent's spare sender child has imported everything and waits for its pair (asleep,
+    its CPU time not growing: a nice'd child waiting for a CPU is runnable, not asleep); at most
+    `timeout` seconds (an agent without a spare has no child)."""
+    deadline = time.monotonic() + timeout
+    last = -1.0
+    while time.monotonic() < deadline:
+        kids = child_pids(agent)
+        asleep = bool(kids) and all(_state(c) == "S" for c in kids)
+        used = sum(cpu_seconds(c) for c in kids) if asleep else -1.0
+        if asleep and used == last:
+            return
+        last = used
+        time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
 def stats(state: Path) -> dict[str, object]:
     try:
         return dict(json.loads((state / "stats.json").read_text()))
@@ -209,7 +232,11 @@ def sync_once(
                 before_start()
         before = {"mt": cpu_seconds(procs[0].pid), "ps": cpu_seconds(procs[1].pid)}
         if services_running:
+            _wait_spare_ready(procs[2].pid)
             before["agent"] = cpu_seconds(procs[2].pid)
+            # The agent's spare sender child (`SpareChild`), started with it: its start-up is left
+            # out as the services' is.
+            before["sender"] = sum(cpu_seconds(c) for c in child_pids(procs[2].pid))
         start = time.monotonic()
         if services_running:
             _write_json(root / "mt.json", mt_desired)

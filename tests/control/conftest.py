@@ -67,7 +67,9 @@ class ConfigServer:
                 env={**os.environ, **self.extra_env},
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
+        # A start (migrations, the warm-up) takes seconds quiet and tens of seconds on a loaded
+        # 2-core box; one that exits ends the wait at once.
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")

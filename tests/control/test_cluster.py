@@ -85,9 +85,11 @@ def test_two_servers_share_jobs_and_one_leader_survives_kill9(
         assert _self(follower)["periodic_passes"] == 0
 
         # A job, queued to the cluster, killed with the process that runs it.
-        out, started = tmp_path / "out.txt", tmp_path / "started"
+        out, started, release = tmp_path / "out.txt", tmp_path / "started", tmp_path / "release"
         spec = tmp_path / "plan.json"
-        step = f"echo $PPID > {started}; sleep 3; echo two >> {out}"
+        # The second step runs until the test lets it go (after the kill): a fixed `sleep 3` let a
+        # slow test finish it on the process about to be killed, which then ran nothing twice.
+        step = f"echo $PPID > {started}; while [ ! -e {release} ]; do sleep 0.1; done; echo two >> {out}"
         spec.write_text(
             json.dumps(
                 {
@@ -112,6 +114,7 @@ def test_two_servers_share_jobs_and_one_leader_survives_kill9(
         survivor = b if runner is a else a
         passes_before, dead = _self(survivor)["periodic_passes"], _self(runner)["executor_id"]
         runner.kill9()
+        release.touch()
 
         job = survivor.wait_job(job_id, timeout=90)
         assert job["state"] == "succeeded", job

@@ -28,7 +28,7 @@ def _plan(cs: ConfigServer, tmp_path: Path, name: str, groups: list[dict[str, ob
 
 
 def test_two_step_job_survives_kill9_between_steps(cs: ConfigServer, tmp_path: Path) -> None:
-    out, started = tmp_path / "out.txt", tmp_path / "step2-started"
+    out, started, release = tmp_path / "out.txt", tmp_path / "step2-started", tmp_path / "release"
     _plan(
         cs,
         tmp_path,
@@ -44,7 +44,10 @@ def test_two_step_job_survives_kill9_between_steps(cs: ConfigServer, tmp_path: P
                     {
                         "kind": "script",
                         "name": "step two",
-                        "command": f"touch {started}; sleep 3; echo two >> {out}",
+                        # Runs until the test lets it go (after the kill): a fixed sleep could
+                        # end on a slow box before the kill, and step two then never ran twice.
+                        "command": f"touch {started}; while [ ! -e {release} ]; do sleep 0.1; done; "
+                        f"echo two >> {out}",
                     }
                 ],
             },
@@ -53,11 +56,12 @@ def test_two_step_job_survives_kill9_between_steps(cs: ConfigServer, tmp_path: P
     job_id = json.loads(run_cli("-o", "json", "plans", "failover", "drill", "--no-wait", env=cs.env).stdout)[
         "job_id"
     ]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while not started.exists():
         assert time.monotonic() < deadline, "step two never started"
         time.sleep(0.05)
     cs.kill9()
+    release.touch()
     assert out.read_text() == "one\n"  # killed inside step two
     cs.start()
     job = cs.wait_job(job_id)

@@ -34,7 +34,7 @@ def test_server_on_postgresql_migrates_and_resumes_a_job_after_kill9(postgres: s
         assert cs.api("GET", "/api/policies/gold-failback").json()["rpo_threshold_minutes"] == 15
         assert cs.api("PATCH", "/api/policies/gold-failback", json={"retention_hours": 1}).status_code == 409
 
-        out, started = tmp_path / "out.txt", tmp_path / "started"
+        out, started, release = tmp_path / "out.txt", tmp_path / "started", tmp_path / "release"
         spec = tmp_path / "plan.json"
         spec.write_text(
             json.dumps(
@@ -52,7 +52,9 @@ def test_server_on_postgresql_migrates_and_resumes_a_job_after_kill9(postgres: s
                                 {
                                     "kind": "script",
                                     "name": "two",
-                                    "command": f"touch {started}; sleep 3; echo two >> {out}",
+                                    # Until the test lets it go, after the kill (test_jobs).
+                                    "command": f"touch {started}; while [ ! -e {release} ]; do "
+                                    f"sleep 0.1; done; echo two >> {out}",
                                 }
                             ],
                         },
@@ -64,11 +66,12 @@ def test_server_on_postgresql_migrates_and_resumes_a_job_after_kill9(postgres: s
         job_id = json.loads(
             run_cli("-o", "json", "plans", "failover", "drill", "--no-wait", env=cs.env).stdout
         )["job_id"]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not started.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
         cs.kill9()
+        release.touch()
         cs.start()
         job = cs.wait_job(job_id)
         assert job["state"] == "succeeded", job

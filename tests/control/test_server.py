@@ -22,7 +22,7 @@ def cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConfigServer]:
 
 
 def test_fresh_state_dir_is_migrated_and_serves_openapi(cs: ConfigServer) -> None:
-    spec = httpx.get(cs.url + "/openapi.json", timeout=10).json()
+    spec = httpx.get(cs.url + "/openapi.json", timeout=60).json()
     assert "/api/replicatedItems" in spec["paths"]
     assert "/api/recoveryPlans/{ident}/{operation}" in spec["paths"]
     tables = {

@@ -13,7 +13,18 @@ import os
 import signal
 from pathlib import Path
 
-from tests.dataplane.conftest import Plane, compare_raw, make_image, one_pair, wait_for, wait_replicated
+from tests.dataplane.conftest import (
+    Plane,
+    compare_raw,
+    free_addresses,
+    make_image,
+    one_pair,
+    relay,
+    replication,
+    wait_for,
+    wait_replicated,
+    write_json,
+)
 from tests.qemu_io_writer import QemuIoWriter, Records, bad_records
 
 from siterecovery.dataplane.sender_process import PID_FILE
@@ -31,6 +42,16 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def _child(pid_file: Path, other_than: int = -1) -> int:
@@ -87,3 +108,33 @@ def test_sender_child_kill_9_under_writer_loses_no_flushed_record(plane: Plane) 
     assert compare_raw(src, target) == 0
     agent.kill(signal.SIGKILL)
     wait_for(lambda: not _alive(child), 60, "the sender child to exit with its agent")
+
+
+def test_an_agent_starts_a_spare_sender_child_and_its_first_pair_takes_it(plane: Plane) -> None:
+    """An agent with no pair yet has one sender child started ahead (its imports paid before a pair
+    needs it); the first pair enabled runs in that very process, replicates, and no other child
+    is started for it. The spare exits with its agent."""
+    src = make_image(plane.root / "src.img", 4 * MiB, [(0, 1 * MiB, 0x42)])
+    target = plane.root / "target.img"
+    ps_addr, mt_addr = free_addresses(2)
+    mt = plane.master_target(
+        [{"pair_id": "p1", "path": str(target), "size": 4 * MiB}], listen=mt_addr
+    ).start()
+    ps = plane.process_server(listen=ps_addr).start()
+    ps.wait_address()
+    mt.wait_address()
+    agent = plane.agent([], {"d0": src}).start()
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    wait_for(lambda: len(_children(pid)) == 1, 120, "the agent's spare sender child")
+    (spare,) = _children(pid)
+    plane.assign_relays("ps", [relay("p1", "agent", mt_addr, "mt", 4 * MiB)])
+    write_json(
+        plane.root / "agent-assignments.json", {"replications": [replication("p1", "d0", ps_addr, mt_addr)]}
+    )
+    wait_replicated(agent, mt, "p1")
+    assert _child(agent.state_dir / "pairs" / "p1" / PID_FILE) == spare
+    assert _children(pid) == [spare]
+    assert compare_raw(src, target) == 0
+    agent.kill(signal.SIGKILL)
+    wait_for(lambda: not _alive(spare), 60, "the sender child to exit with its agent")

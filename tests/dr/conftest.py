@@ -22,10 +22,21 @@ from siterecovery.dataplane.assignments import (
     ProcessServerStats,
     RefusedFrame,
 )
+from siterecovery.dr import monitor
 from siterecovery.store.context import ControlPlane, open_control_plane
 from siterecovery.store.models import Component, Job, JobTask, Policy, ReplicatedItem
 from siterecovery.store.points import store_report
 from siterecovery.store.record import ItemDisk, ItemRecord, Pair, Replication, Site
+
+
+@pytest.fixture(autouse=True)
+def fresh_capture_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no capture history. The monitor keeps one per process, by pair id
+    (`monitor._HISTORY`), and every test here names its pair p1: a test that reported at
+    t0 + 200 left an entry that later tests' earlier reports could not follow (a report is kept
+    only when newer), so their lagging RPO was read from another test's times — harmless for
+    today's assertions, but decided by test order and the seconds between tests."""
+    monkeypatch.setattr(monitor._HISTORY, "_pairs", {})
 
 
 class Plane:

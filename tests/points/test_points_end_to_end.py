@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from siterecovery.lab.guest import GuestState
 from siterecovery.lab.oracle import verify_image
 from tests.conftest import require_tool
-from tests.dataplane.conftest import Plane, wait_for
+from tests.dataplane.conftest import Plane, wait_for, wait_fresh_stats
 from tests.points.conftest import MACHINE, Rig, build_rig, qemu_compare
 
 
@@ -164,19 +163,39 @@ def test_a_frozen_pair_applies_nothing_until_it_is_released(rig: Rig) -> None:
     require_tool("qemu-img")
     rig.start_guest()
     _wait_points(rig, "crash", 2)
-    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "frozen": True}])
-    time.sleep(1.0)  # a few of the master target's 0.3 s reconcile cycles
-    frozen_at = int(rig.mt_pair()["applied_seq"])
-    written = rig.guest_seq()
-    wait_for(lambda: rig.guest_seq() >= written + 200, 60, "the guest to write on")
-    rig.stop_guest()
+    # The freeze and a copy request in one desired state: the master target takes the disk's new
+    # state before it queues the copy (of a pair it does not hold: it fails at once), so once the
+    # copy's result is listed the pair is frozen. A fixed sleep here once read the position before
+    # a loaded master target had taken the freeze.
+    out = str(rig.plane.root / "copies" / "none.img")
+    marker = {"request_id": "freeze-taken", "pair_id": "p-none", "point": "latest", "out_path": out}
+    rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "frozen": True}], copies=[marker])
+
+    def copied() -> set[str]:
+        return {c["request_id"] for c in rig.mt.stats().get("copies_done", [])}  # type: ignore[union-attr,index]
+
+    wait_for(lambda: "freeze-taken" in copied(), 60, "the master target to take the freeze")
 
     def acked() -> int:
         pairs = rig.agent.stats().get("pairs", [])
         return int(next(p for p in pairs if p["pair_id"] == rig.mt_pair()["pair_id"])["acked_seq"])  # type: ignore[index]
 
-    wait_for(lambda: acked() > frozen_at + 200, 60, "the process server to hold the new writes")
-    assert int(rig.mt_pair()["applied_seq"]) == frozen_at  # held: nothing new reached the disk
+    def applied() -> int:
+        return int(rig.mt_pair()["applied_seq"])
+
+    # Writes applied just before the freeze become durable (and reported) when the next frame is
+    # refused; the process server acknowledges writes past the master target's only once that
+    # acknowledged none of its held frames for a while (it caches them): from then on, and on
+    # statistics written after that, the frozen position no longer moves.
+    wait_for(lambda: acked() > applied() + 100, 60, "the process server to hold writes it refuses")
+    wait_fresh_stats(rig.mt)
+    frozen_at = applied()
+    written = rig.guest_seq()
+    wait_for(lambda: rig.guest_seq() >= written + 200, 60, "the guest to write on")
+    rig.stop_guest()
+    wait_for(lambda: acked() > frozen_at + 300, 60, "the process server to hold the new writes")
+    wait_fresh_stats(rig.mt)
+    assert applied() == frozen_at  # held: nothing new reached the disk
 
     rig.set_mt(disks=[{**rig.mt_desired["disks"][0], "frozen": False}])
     rig.wait_applied()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from siterecovery.demo.environment import Environment
 from tests.conftest import ROOT, require_tool, stop_environment
@@ -35,6 +35,11 @@ DOCS_IMAGES = ROOT / "docs" / "images"
 UPDATE_DOCS = os.environ.get("SITERECOVERY_UPDATE_DOCS_IMAGES") == "1"
 MACHINE = "web1"
 PROTECTED = "db1"  # stays protected on-premises → cloud
+# An action waits up to the context's default (30 s, `new_page`), but Playwright's assertions keep
+# their own 5 s unless told: a readiness check or a page that a loaded 2-core box answers in more
+# than 5 s failed `expect(...)`. They wait as long as actions do (no cost when the state is there).
+ASSERT_TIMEOUT_MS = 30_000
+expect.set_options(timeout=ASSERT_TIMEOUT_MS)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +55,7 @@ def browser() -> Iterator[Browser]:
 
 def new_page(browser: Browser, viewport: dict[str, int] = DESKTOP) -> Page:
     context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
-    context.set_default_timeout(30_000)
+    context.set_default_timeout(ASSERT_TIMEOUT_MS)
     return context.new_page()
 
 

@@ -198,6 +198,7 @@ def agent(
         machine=name,
         freeze_hook=cfg.freeze_hook,
         thaw_hook=cfg.thaw_hook,
+        spare_sender=True,
     )
     # A certificate from an earlier registration lets the resumed pairs send at once.
     known = Identity.in_dir(state)

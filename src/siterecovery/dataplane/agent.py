@@ -37,7 +37,7 @@ from siterecovery.dataplane.nbd.image import Export
 from siterecovery.dataplane.nbd.server import run_nbd_server_in_thread
 from siterecovery.dataplane.protocol import BookmarkKind
 from siterecovery.dataplane.replica import DEFAULT_SPOOL_LIMIT, PairReplication
-from siterecovery.dataplane.sender_process import SenderProcess
+from siterecovery.dataplane.sender_process import SenderProcess, SpareChild
 from siterecovery.dataplane.trust import Revocations
 from siterecovery.errors import Problem, SiteRecoveryError
 
@@ -70,6 +70,7 @@ class AgentOptions:
     freeze_hook: str | None = None  # shell command run before an app-consistent bookmark
     thaw_hook: str | None = None  # shell command run after it
     activity_log: bool = True  # the write-intent log (off only to measure what it costs)
+    spare_sender: bool = False  # start a sender child ahead for the first pair (`SpareChild`)
 
 
 class _SinkSwitch:
@@ -175,6 +176,7 @@ class Agent:
         self.identity = identity
         self.pairs: dict[str, PairReplication] = {}
         self.senders: dict[str, SenderProcess] = {}
+        self.spare = SpareChild() if options.spare_sender else None
         self._servers: dict[str, _Stoppable] = {}
         self._switches: dict[str, _SinkSwitch] = {}
         self._lock = threading.Lock()
@@ -186,6 +188,8 @@ class Agent:
 
     def start(self) -> None:
         """Resume the pairs of the last run, then serve every disk (capture before any write)."""
+        if self.spare is not None:
+            self.spare.start()
         with self._lock:
             for spec in self._saved_specs():
                 image = spec.image or self.options.disks.get(spec.disk)
@@ -255,7 +259,7 @@ class Agent:
     def _start_sender(self, pair: PairReplication) -> None:
         if pair.spec.paused or self.identity is None or pair.pair_id in self.senders:
             return
-        sender = SenderProcess(pair, self.identity, self.options.name, self.revoked)
+        sender = SenderProcess(pair, self.identity, self.options.name, self.revoked, self.spare)
         self.senders[pair.pair_id] = sender
         sender.start()
 
@@ -415,6 +419,8 @@ class Agent:
             log.warning("agent stopped with writes not yet acknowledged; they stay in the spool")
         for sender in self.senders.values():
             sender.stop()
+        if self.spare is not None:
+            self.spare.close()
         for pair in self.pairs.values():
             pair.flush()
             pair.spool.close()

@@ -111,6 +111,23 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+# Largest single write `pwrite_pieces` hands the kernel. The page cache sizes a folio after the write
+# that creates it: a 1 MiB pwrite leaves 1 MiB folios, and every later 4 KiB write into one walks all
+# its blocks (ext4 with large folios, kernel 6.18 here): 12.6 us of CPU per 4 KiB write into a range
+# cached by 1 MiB writes, 3.9 us after 64 KiB writes, 2.5 us after 16 KiB ones, while writing the
+# large data in 64 KiB pieces costs 0.21 CPU-s per GiB against 0.18 in 1 MiB ones.
+WRITE_PIECE = 64 << 10
+
+
+def pwrite_pieces(fd: int, data: memoryview, offset: int) -> None:
+    """`pwrite_all` in writes of at most `WRITE_PIECE` bytes: the image of an export that takes large
+    and small writes to the same places keeps no large folios in the cache for the small ones."""
+    n = len(data)
+    done = os.pwrite(fd, data if n <= WRITE_PIECE else data[:WRITE_PIECE], offset)
+    while done < n:
+        done += os.pwrite(fd, data[done : done + WRITE_PIECE], offset + done)
+
+
 def pwritev_all(fd: int, bufs: list[bytearray], offset: int) -> None:
     """Write the buffers back to back from `offset` (one pwritev; a short one is continued)."""
     total = sum(len(b) for b in bufs)

@@ -4,7 +4,9 @@ Started by the agent (`sender_process.py`) with one end of a Unix socket pair as
 the `Start` message, runs a `PairSender` on a `RemotePair` and relays: the sender's calls to the
 agent and their replies, acknowledgements, and its progress every `PROGRESS_INTERVAL` seconds (for
 the agent's heartbeats). It stops on `Stop`, and exits at once when the agent's end closes: the
-agent died, and whatever was not acknowledged stays in the spool for the next agent.
+agent died, and whatever was not acknowledged stays in the spool for the next agent. Everything
+is imported before `Start` is read: a spare child started ahead (`SpareChild`) has paid for its
+imports by the time a pair needs it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ class _Link:
 
 def main(argv: list[str]) -> int:
     conn = Connection(int(argv[0]))
-    start = conn.recv()
+    try:
+        start = conn.recv()
+    except (EOFError, OSError):
+        return 0  # a spare the agent never used (`SpareChild`): the agent stopped or died
+
     if not isinstance(start, Start):
         return 2
     configure_logging(start.log_level, start.log_format)

@@ -2,8 +2,9 @@
 
 `Export` names a raw image, its size and where its writes are recorded (the `CaptureSink`, the
 write-intent log). `ExportImage` is the open file shared by every connection to the export: a write
-reaches the image and then the sink, zero writes and trims punch holes so the image stays sparse,
-and BLOCK_STATUS extents come from SEEK_DATA/SEEK_HOLE.
+reaches the image (in pieces of at most 64 KiB, `fileio.pwrite_pieces`: no large folios left in the
+page cache for later small writes to pay for) and then the sink, zero writes and trims punch holes
+so the image stays sparse, and BLOCK_STATUS extents come from SEEK_DATA/SEEK_HOLE.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from siterecovery.dataplane.fileio import FALLOC_FL_PUNCH_HOLE as _FALLOC_FL_PUN
 from siterecovery.dataplane.fileio import ZERO_CHUNK as _ZERO_CHUNK
 from siterecovery.dataplane.fileio import ZERO_VIEW as _ZERO_VIEW
 from siterecovery.dataplane.fileio import fallocate as _fallocate
-from siterecovery.dataplane.fileio import is_zero, pread_zero_filled
+from siterecovery.dataplane.fileio import is_zero, pread_zero_filled, pwrite_pieces
 from siterecovery.dataplane.nbd.wire import MIN_BLOCK_SIZE, STATE_HOLE, STATE_ZERO
 from siterecovery.errors import Problem, SiteRecoveryError, Status
 
@@ -212,9 +213,7 @@ class ExportImage:
         self._intend(offset, len(data))
         if self.before is not None and self.before.active:
             self.before.preserve(offset, len(data))
-        written = os.pwrite(self.fd, data, offset)
-        while written < len(data):
-            written += os.pwrite(self.fd, data[written:], offset + written)
+        pwrite_pieces(self.fd, data, offset)
         if self.sink is not None:
             self.sink.record_write(offset, data)
         if self.intent is not None:
@@ -245,9 +244,7 @@ class ExportImage:
         for offset, data in writes:
             if before is not None:
                 before.preserve(offset, len(data))
-            written = os.pwrite(fd, data, offset)
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], offset + written)
+            pwrite_pieces(fd, data, offset)
         if self._record_writes is not None:
             self._record_writes(writes)
         elif self.sink is not None:
