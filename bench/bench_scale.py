@@ -508,8 +508,9 @@ def _stalls(paths: list[dict[str, Any]]) -> str:
         return "—"
     lags, pauses = sum(p["loop_lags"] for p in paths), sum(p["gc_pauses"] for p in paths)
     lag_max = max(p["loop_lag_max_ms"] for p in paths)
-    pause_max = max(p["gc_pause_max_ms"] for p in paths)
-    return f"{lags} ({lag_max:.0f} ms) / {pauses} ({pause_max:.0f} ms)"
+    longest = max(paths, key=lambda p: float(p["gc_pause_max_ms"]))
+    pause_max, generation = longest["gc_pause_max_ms"], longest.get("gc_pause_max_generation", -1)
+    return f"{lags} ({lag_max:.0f} ms) / {pauses} ({pause_max:.0f} ms, generation {generation})"
 
 
 def transport(tls: bool) -> str:

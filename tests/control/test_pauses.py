@@ -20,9 +20,12 @@ def test_a_collection_of_a_spells_length_is_counted_and_a_short_one_only_timed()
     assert (counts.gc_pauses, counts.gc_pause_max_ms) == (0, round(1000 * SPELL / 5, 1))
     watch.collector("start", {"generation": 2}, clock=20.0)
     watch.collector("stop", {"generation": 2}, clock=20.25)
-    assert (counts.gc_pauses, counts.gc_pause_max_ms) == (1, 250.0)
+    assert (counts.gc_pauses, counts.gc_pause_max_ms, counts.gc_pause_max_generation) == (1, 250.0, 2)
+    watch.collector("start", {"generation": 0}, clock=21.0)
+    watch.collector("stop", {"generation": 0}, clock=21.1)  # counted, not the longest
+    assert (counts.gc_pauses, counts.gc_pause_max_ms, counts.gc_pause_max_generation) == (2, 250.0, 2)
     watch.collector("stop", {"generation": 0}, clock=30.0)  # no start seen (installed mid-collection)
-    assert counts.gc_pauses == 1
+    assert counts.gc_pauses == 2
 
 
 def test_a_loop_blocked_longer_than_a_spell_is_counted() -> None:

@@ -31,7 +31,7 @@ class PauseWatch:
         self.counts = counts
         self._collecting_since: float | None = None
 
-    def collector(self, phase: str, _info: dict[str, Any], clock: float | None = None) -> None:
+    def collector(self, phase: str, info: dict[str, Any], clock: float | None = None) -> None:
         """A `gc.callbacks` entry: `phase` is "start" or "stop" of one collection."""
         at = time.monotonic() if clock is None else clock
         if phase == "start":
@@ -39,12 +39,13 @@ class PauseWatch:
             return
         since, self._collecting_since = self._collecting_since, None
         if since is not None:
-            self.paused(at - since)
+            self.paused(at - since, int(info.get("generation", -1)))
 
-    def paused(self, seconds: float) -> None:
-        """A collection that held the GIL for `seconds`."""
+    def paused(self, seconds: float, generation: int = -1) -> None:
+        """A collection (of `generation`: 2 is a full one) that held the GIL for `seconds`."""
         ms = round(1000 * seconds, 1)
-        self.counts.gc_pause_max_ms = max(self.counts.gc_pause_max_ms, ms)
+        if ms > self.counts.gc_pause_max_ms:
+            self.counts.gc_pause_max_ms, self.counts.gc_pause_max_generation = ms, generation
         if seconds >= SPELL:
             self.counts.gc_pauses += 1
 
