@@ -95,6 +95,8 @@ class Level:
 class Result:
     level: Level
     heartbeat_ms: list[float] = field(default_factory=list)
+    by_url: dict[str, list[float]] = field(default_factory=dict)  # heartbeat_ms per server process
+    leader_url: str = ""  # the process doing the periodic work (the RPO monitor's passes)
     timed_out: int = 0
     shed: int = 0
     shed_measured: int = 0  # of `shed`, those sent in the measured window (after the first interval)
@@ -118,8 +120,8 @@ class Result:
     ramp: float = 0.0  # seconds before measuring (the longest interval)
     load_average: float = 0.0  # of the whole machine over the level (1-minute average at its end)
     # Per server process: heartbeats answered by the lean path or the full stack, token loads,
-    # desired states built alone (`GET /api/cluster/self`, since the process started).
-    paths: list[dict[str, int]] = field(default_factory=list)
+    # desired states built alone, loop lags and collector pauses (`GET /api/cluster/self`).
+    paths: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -247,6 +249,7 @@ class Driven:
     """What one load-generator process measured."""
 
     heartbeat_ms: list[float] = field(default_factory=list)
+    by_url: dict[str, list[float]] = field(default_factory=dict)  # heartbeat_ms per server process
     answered: int = 0  # every 200, the ramp-up included
     timed_out: int = 0
     shed: int = 0
@@ -274,7 +277,9 @@ async def _drive(components: list[HollowComponent], stop_at: float, measure_from
                 if r.status == 200:
                     out.answered += 1
                     if started >= measure_from:
-                        out.heartbeat_ms.append((time.monotonic() - started) * 1000)
+                        took = (time.monotonic() - started) * 1000
+                        out.heartbeat_ms.append(took)
+                        out.by_url.setdefault(c.url, []).append(took)
                     c.answered(json.loads(r.body))
                 elif r.status in (429, 503):
                     out.shed += 1
@@ -320,6 +325,8 @@ async def drive(
             await api.run(http, stop_at, result)
         for driven in await asyncio.gather(*futures):
             result.heartbeat_ms += driven.heartbeat_ms
+            for url, took in driven.by_url.items():
+                result.by_url.setdefault(url, []).extend(took)
             result.heartbeats_answered += driven.answered
             result.timed_out += driven.timed_out
             result.shed += driven.shed
@@ -439,6 +446,7 @@ def run_level(
             me = httpx.get(u + "/api/cluster/self", headers=auth, verify=servers.verify()).json()
             result.paths.append(me.get("heartbeats", {}))
             if me.get("leader"):
+                result.leader_url = u
                 result.monitor_p50, result.monitor_max = me["pass_seconds_p50"], me["pass_seconds_max"]
         result.db_mib = db_size(url, servers.state) / (1 << 20)
     return result
@@ -468,6 +476,10 @@ def row(r: Result) -> str:
     measured = r.seconds - r.ramp  # the first interval ramps up (components start at random phases)
     done = len(r.heartbeat_ms) / measured if measured > 0 else 0.0
     hb = f"{fmt(pct(r.heartbeat_ms, 0.5), ' ms')} / {fmt(pct(r.heartbeat_ms, 0.99), ' ms')}"
+    if r.leader_url and len(r.by_url) > 1:  # the leader runs the monitor's passes beside its heartbeats
+        others = [t for u, ms in r.by_url.items() if u != r.leader_url for t in ms]
+        leader = fmt(pct(r.by_url.get(r.leader_url, []), 0.99))
+        hb += f" (p99 leader {leader}, others {fmt(pct(others, 0.99))})"
     monitor = f"{fmt(r.monitor_p50, ' s', 2)} / {fmt(r.monitor_max, ' s', 2)}"
     plural = "es" if lv.processes > 1 else ""
     db = f"{'SQLite' if lv.db == 'sqlite' else 'PostgreSQL'}, {lv.processes} process{plural}"
@@ -477,8 +489,9 @@ def row(r: Result) -> str:
     per_beat = f"{1000 * r.server_cpu_seconds / answered:.1f} ms" if answered else "—"
     if r.shed and answered:  # a shed heartbeat costs CPU too: per answer, 503s included
         per_beat += f" ({1000 * r.server_cpu_seconds / (answered + r.shed):.1f} ms)"
+    stalls = _stalls(r.paths)
     return (
-        f"| {db} | {items} | {comps} | {hb} "
+        f"| {db} | {items} | {comps} | {hb} | {stalls} "
         f"| {r.timed_out} / {r.shed} ({r.shed_measured}) | {done:.0f} / {offered:.0f} "
         f"| {fmt(pct(r.list_ms, 0.99), ' ms')} "
         f"({r.list_bytes / 1e6:.1f} MB in {max(1, -(-lv.items // 100))} pages) "
@@ -486,6 +499,18 @@ def row(r: Result) -> str:
         f"| {r.db_mib:.1f} MiB | {r.loadgen_cpu_percent:.0f} % ({r.loadgen_processes}) "
         f"| {r.load_average:.1f} |"
     )
+
+
+def _stalls(paths: list[dict[str, Any]]) -> str:
+    """Every server process's loop-lag spells and collector pauses of 50 ms or more (`server.pauses`),
+    the longest of each in brackets."""
+    if not paths or "loop_lags" not in paths[0]:
+        return "—"
+    lags, pauses = sum(p["loop_lags"] for p in paths), sum(p["gc_pauses"] for p in paths)
+    lag_max = max(p["loop_lag_max_ms"] for p in paths)
+    longest = max(paths, key=lambda p: float(p["gc_pause_max_ms"]))
+    pause_max, generation = longest["gc_pause_max_ms"], longest.get("gc_pause_max_generation", -1)
+    return f"{lags} ({lag_max:.0f} ms) / {pauses} ({pause_max:.0f} ms, generation {generation})"
 
 
 def transport(tls: bool) -> str:
@@ -499,11 +524,12 @@ def header(tls: bool) -> str:
 
 HEADER = (
     "| database | items | components (agents + PS + MT) | heartbeat p50 / p99 "
+    "| loop lags / GC pauses ≥ 50 ms (longest) "
     "| timed out / shed (503) (shed after the first interval) "
     "| heartbeats done / offered per s | paged item list p99 (whole list) | RPO monitor pass p50 / max "
     "| server CPU / peak RSS | server CPU per heartbeat | DB size | load generator CPU (processes) "
     "| machine load average |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -538,7 +564,13 @@ is an upper bound of a heartbeat's own cost; when some were shed, the figure in 
 every answer, 503s included (a shed heartbeat costs CPU too, much less than an answered one). RPO
 monitor pass: the leader's own timing of its recent passes (`GET /api/cluster/self`). Item list:
 each page is 100 items with their full records (`?limit=100`), the whole list paged through by
-`X-Next-After`; p99 is per page."""
+`X-Next-After`; p99 is per page. With several server processes the heartbeat p99 is also given for
+the heartbeats answered by the leader (the process running the RPO monitor's passes) and by the
+others. *Loop lags / GC pauses*: over the run, every server process
+together, the spells of 50 ms or more when a process's event loop ran late (it answers nothing
+then) and the garbage collections that long (they hold the GIL), the longest of each in brackets
+(`server.pauses`, since the process began serving, the first interval included) —
+a heartbeat p99 above 100 ms with few spells points at the machine's cores, with many at the server."""
 
 
 def main() -> int:

@@ -36,6 +36,14 @@ class HeartbeatCounts:
     full: int = 0  # handed to the full stack (first heartbeats, bad input, foreign tokens)
     token_loads: int = 0  # every component's token loaded after a miss (`control.api.warm`)
     desired_alone: int = 0  # desired states built for one component (not in a bulk build)
+    # When the process could not answer at all (`server.pauses`): event-loop lag and collector
+    # pauses of at least 50 ms, and the longest of each (and the generation that collection took:
+    # 0 young objects only, 2 a full collection).
+    loop_lags: int = 0
+    loop_lag_max_ms: float = 0.0
+    gc_pauses: int = 0
+    gc_pause_max_ms: float = 0.0
+    gc_pause_max_generation: int = -1
 
 
 COUNTS = HeartbeatCounts()
