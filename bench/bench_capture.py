@@ -239,9 +239,11 @@ class Watch:
     spool_max: int = 0
     catch_up: list[float] = field(default_factory=list)  # s from fio's end until all was applied
     held: list[float] = field(default_factory=list)  # s the sender held frames back, per run
-    # per run: the pair was past the spool's limit at its end (writes tracked as dirty blocks, not
-    # spooled as frames: the run measured the bitmap, not the spool)
-    past_limit: list[bool] = field(default_factory=list)
+    # per run: seconds into the run when the pair went past the spool's limit (writes tracked as
+    # dirty blocks from then on, not spooled as frames: the rest of the run measured the bitmap, not
+    # the spool), None when it stayed within. Sampled while fio runs: the dirty-block sync that
+    # follows clears the mark before the catch-up ends.
+    past_limit: list[float | None] = field(default_factory=list)
 
     def rpo(self) -> list[float]:
         """Per sample, the age of the oldest captured write not yet applied by the master target:
@@ -267,12 +269,17 @@ def watched(
     held0 = watcher.look()
     export_cpu = cpu_seconds(disk.pids["agent"])
 
+    started = time.monotonic()
+    past_at: list[float] = []
+
     def sample() -> None:
         while not stop.wait(0.25):
             s = watcher.look()
             if s is not None:
                 watch.samples.append(s)
                 watch.spool_max = max(watch.spool_max, s.spool_bytes)
+            if not past_at and watcher.past_limit():
+                past_at.append(time.monotonic() - started)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -288,7 +295,7 @@ def watched(
     held1 = watcher.look()
     if held0 is not None and held1 is not None:
         watch.held.append(held1.held - held0.held)
-    watch.past_limit.append(watcher.past_limit())
+    watch.past_limit.append(past_at[0] if past_at else None)
     return result, export_cpu
 
 
@@ -347,6 +354,12 @@ def main() -> int:
         default=True,
         help="also the sink-only export with the write-intent log (a fourth server)",
     )
+    parser.add_argument(
+        "--spool-limit-gib",
+        type=float,
+        default=1,
+        help="the agent's spool limit (default: the product's, 1 GiB); past it writes go on as dirty blocks",
+    )
     args = parser.parse_args()
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
@@ -402,6 +415,7 @@ def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
                 images["target"],
                 IMAGE_SIZE,
                 agent_interval=AGENT_INTERVAL,
+                spool_limit=int(args.spool_limit_gib * (1 << 30)),
             ) as disk,
             contextlib.closing(PairWatcher(disk)) as watcher,
         ):
@@ -517,8 +531,10 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
             )
         cpu_table.append(f"| {job_name} | {name} | " + " | ".join(cells) + f" | {total:.2f} | {usual} |")
     bw = run.burst_watch
+    default = " (the product's default)" if args.spool_limit_gib == 1 else ""
+    limit_text = f"{args.spool_limit_gib:g} GiB{default}"
     held = ", ".join(f"{h:.1f}" for h in bw.held) or "—"
-    past = ", ".join("past" if p else "within" for p in bw.past_limit) or "—"
+    past = ", ".join("within" if p is None else f"past after {p:.1f} s" for p in bw.past_limit) or "—"
     catch = ", ".join(f"{c:.1f}" for c in bw.catch_up) or "—"
     lines = [
         "# Write capture: a protected disk's NBD export with replication running, vs qemu-nbd",
@@ -542,8 +558,9 @@ def capture_report(run: Run, args: argparse.Namespace, loads: list[float]) -> st
         f"Per agent burst run, in run order (1 MiB runs first): seconds the sender held spooled frames "
         f"back while the export was saturated (at most {HOLD_MAX:.0f} s at a stretch, `HOLD_MAX`): {held}; "
         f"catch-up s: {catch}. The agent's stats interval: {AGENT_INTERVAL:g} s (the product's). "
-        f"The spool's limit at each run's end: {past} (past: the pair tracked writes as dirty blocks "
-        "instead of spooling frames, so that run measured the bitmap, not the spool).",
+        f"The spool's limit ({limit_text}) during each run: {past} (past: from then on the pair tracked "
+        "writes as dirty blocks instead of spooling frames, as the product does when its spool is full, "
+        "so the rest of that run measured the bitmap, not the spool).",
         "",
         "Ratios: the medians' ratio, then each round's own (a round runs every server back to back, "
         "so its ratio meets the same machine) and their median, the verdict. Before every run each "

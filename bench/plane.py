@@ -425,11 +425,13 @@ def protected_disk(
     target: Path,
     size: int,
     agent_interval: float = 0.05,
+    spool_limit: int | None = None,
 ) -> Iterator[Protected]:
     """Agent, process server and master target as processes over mutual TLS (as in `sync_once`),
     the agent also serving `src` over NBD on a Unix socket (as the product does for a protected
     machine); yields once the pair is protected (initial sync done), kills them all on exit.
-    `agent_interval`: the agent's stats/heartbeat interval (the product's is 10 s)."""
+    `agent_interval`: the agent's stats/heartbeat interval (the product's is 10 s); `spool_limit`:
+    the agent's `--spool-limit` in bytes (None: the product's default, 1 GiB)."""
     procs: list[subprocess.Popen[bytes]] = []
     ps_addr, mt_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     _write_json(root / "mt.json", _identities(root, ca, target, size, mt_addr))
@@ -447,7 +449,8 @@ def protected_disk(
         procs.append(subprocess.Popen(_mt_cmd(root, mt_addr), stdout=log, stderr=log))
         procs.append(subprocess.Popen(_ps_cmd(root, ps_addr), stdout=log, stderr=log))
         wait_until(lambda: (root / "mt" / "address").exists() and (root / "ps" / "address").exists(), 60)
-        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir), interval=agent_interval)
+        limit = ["--spool-limit", str(spool_limit)] if spool_limit is not None else []
+        agent_cmd = _agent_cmd(root, src, "--nbd-unix-dir", str(nbd_dir), *limit, interval=agent_interval)
         procs.append(subprocess.Popen(agent_cmd, stdout=log, stderr=log))
         disk = Protected(
             nbd_dir / "d.sock", root, {"agent": procs[2].pid, "ps": procs[1].pid, "mt": procs[0].pid}
