@@ -136,14 +136,20 @@ def _received(seq: int) -> Frame:
     return Frame(parse_header(view[:HEADER_SIZE]), view[HEADER_SIZE:], view[HEADER_SIZE:])
 
 
-def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(tmp_path: Path) -> None:
-    """Held frames are never counted durable; once the link is down they go into the cache ahead of
-    the next frame, in order, and a sync then covers them all (PS-1)."""
+def _started_server(tmp_path: Path) -> ProcessServer:
+    """A process server with its own identity from a fresh CA, started (stop it when done)."""
     ca = CertificateAuthority.load_or_create(tmp_path / "ca")
     identity = Identity.in_dir(tmp_path / "ps")
     identity.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
     server = ProcessServer(tmp_path / "cache", identity)
     server.start()
+    return server
+
+
+def test_a_relay_holds_while_its_link_is_up_and_spills_in_order_before_caching(tmp_path: Path) -> None:
+    """Held frames are never counted durable; once the link is down they go into the cache ahead of
+    the next frame, in order, and a sync then covers them all (PS-1)."""
+    server = _started_server(tmp_path)
     relay = server._relay("p1", "")  # no master target named: its forwarder stays idle
     a, b = socket.socketpair()
     try:
@@ -178,11 +184,7 @@ def test_held_frames_go_to_the_cache_when_the_link_drops_and_are_acknowledged_on
     tmp_path: Path,
 ) -> None:
     """An idle agent sends no next frame to spill them with: the link's end spills them itself."""
-    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
-    identity = Identity.in_dir(tmp_path / "ps")
-    identity.write(ca.issue("process-server:ps", kind="process-server", component_id="ps"))
-    server = ProcessServer(tmp_path / "cache", identity)
-    server.start()
+    server = _started_server(tmp_path)
     relay = server._relay("p1", "")  # no master target named: its forwarder stays idle
     a, b = socket.socketpair()
     agent_end, ps_end = socket.socketpair()
