@@ -93,8 +93,9 @@ def aligned(buf: bytearray | memoryview) -> bool:
 class DirectWriter:
     """A second, O_DIRECT descriptor of a replica for its long aligned runs (module paragraph)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, min_length: int = DIRECT_MIN) -> None:
         self._fd = -1
+        self._min_length = min_length  # shorter runs are left to the caller's buffered writes
         self._staging: mmap.mmap | None = None
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
@@ -108,7 +109,7 @@ class DirectWriter:
 
     def fits(self, offset: int, length: int) -> bool:
         """Whether a run is written direct: long enough and aligned, and O_DIRECT still works."""
-        return self._fd >= 0 and length >= DIRECT_MIN and not offset % ALIGN and not length % ALIGN
+        return self._fd >= 0 and length >= self._min_length and not offset % ALIGN and not length % ALIGN
 
     def write(self, bufs: Sequence[bytearray | memoryview], offset: int) -> bool:
         """Write the buffers back to back from `offset` (a run that `fits`); False if O_DIRECT was

@@ -128,7 +128,7 @@ def pwrite_pieces(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + WRITE_PIECE], offset + done)
 
 
-def pwritev_all(fd: int, bufs: Sequence[bytearray | memoryview], offset: int) -> None:
+def pwritev_all(fd: int, bufs: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
     """Write the buffers back to back from `offset` (one pwritev; a short one is continued)."""
     total = sum(len(b) for b in bufs)
     done = os.pwritev(fd, bufs, offset)

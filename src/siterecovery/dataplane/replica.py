@@ -98,7 +98,9 @@ class PairReplication:
         self.size = os.stat(image).st_size
         self.dir = state_dir / "pairs" / spec.pair_id
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.spool = SegmentLog(self.dir / "spool")
+        # Large frames skip the page cache: a burst the spool absorbs is then held to the disk's
+        # speed, not to the kernel's dirty-page throttling (`SegmentLog._put`).
+        self.spool = SegmentLog(self.dir / "spool", direct=True)
         # Read by the sender child (`sender_process.py`): where the spool ends, state changes.
         self.tail = SpoolTail(self.dir / "spool.tail")
         self.spool.share_tail(self.tail)
@@ -109,6 +111,7 @@ class PairReplication:
         self._lock = threading.Lock()
         self._hbuf = bytearray(HEADER_SIZE)
         self._deferred: list[tuple[int, int]] = []  # ranges of frames deferred since the last settle
+        self._flying: list[tuple[int, int]] = []  # ... and of the batch that settle left in flight
         self._saturated_until = 0.0  # the export counts as saturated until then (`export_load`)
         self._busy_windows = 0  # windows in a row with the export's busy share >= SATURATED
         self._state_path = self.dir / "state.json"
@@ -245,16 +248,19 @@ class PairReplication:
 
     def settle(self) -> None:
         """The export has handed over every request it had read: write the deferred frames out in
-        one go. If that fails (a full spool volume), their ranges go to the dirty bitmap instead,
-        as when the spool is over its limit: the writes are resynced, never lost."""
+        one go (a large batch in the background, while the export goes on: `SegmentLog.settle`).
+        If that fails (a full spool volume), their ranges go to the dirty bitmap instead, as when
+        the spool is over its limit: the writes are resynced, never lost."""
         with self._lock:
-            self._settle()
+            self._settle(wait=False)
 
-    def _settle(self) -> None:
+    def _settle(self, *, wait: bool = True) -> None:
         ranges, self._deferred = self._deferred, []
         try:
-            self.spool.settle()
+            flying = self.spool.settle(wait=wait)
         except OSError as exc:
+            # The batch that failed may be the one the previous settle left in flight.
+            ranges, self._flying = self._flying + ranges, []
             log.error(
                 "pair %s: spool write failed (%s); tracking %d writes as dirty",
                 self.pair_id,
@@ -266,6 +272,8 @@ class PairReplication:
             self.spool.discard_deferred()
             self.dirty_mode = True
             self._save_state()
+            return
+        self._flying = ranges if flying else []
 
     def export_load(self, busy: float, now: float) -> None:
         """The export's busy share of its last window: while it is saturated, tell the sender (through
