@@ -99,6 +99,13 @@ class SpoolSink:
     def flush(self) -> None:
         os.fdatasync(self._fd)
 
+    def reset(self) -> None:
+        """Start the ring again in an empty file: every run meets the same file state (the 1 MiB
+        job's large folios, or pages evicted under unaligned 4 KiB records, would not)."""
+        os.ftruncate(self._fd, 0)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._pos = 0
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -161,8 +168,16 @@ def evict(images: list[Path]) -> None:
     of CPU against 1.8 us once the range was evicted (3.2 us into a sparse file) — the kernel walks
     every block of the large folio. Left in place, the 1 MiB job's folios made the 4 KiB job of
     whichever server met them several times dearer (qemu-nbd at 19.3 CPU-s per GiB in session 8).
+    First every dirty page of the machine is written out (`sync`): the catch-up after an agent run
+    writes ~12 GiB through the process server's cache and the replica, and its writeback would
+    otherwise go on into the next run, whichever server that is. (The sink rows' spool files are
+    emptied by `SpoolSink.reset` instead: evicted, their unaligned 4 KiB records would each read a
+    page back from the disk first.)
     """
+    os.sync()
     for image in images:
+        if not image.exists():
+            continue
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fdatasync(fd)
@@ -441,6 +456,9 @@ def measure(work: Path, args: argparse.Namespace, run: Run) -> None:
                 # figure. Agent: from fio's start until the master target applied everything.
                 pids = agent_pids(disk) if name == AGENT else {"qemu-nbd": peer.pid} if name == PEER else {}
                 evict(list(images.values()))
+                for spool in (sink, al_sink):
+                    if spool is not None:
+                        spool.reset()
                 before = {k: cpu_seconds(p) for k, p in pids.items()}
                 during = 0.0
                 if name == AGENT:
