@@ -8,9 +8,11 @@ the pair tracks the batch's ranges in its dirty bitmap, as when the spool is ove
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.dataplane.test_segment_log import read_all
@@ -52,26 +54,37 @@ def test_deferred_frames_are_written_together_in_order_and_kept_until_written(tm
     assert read_all(SegmentLog(tmp_path / "spool")) == [frames[6], frames[7]]
 
 
-def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Path) -> None:
+def new_pair(tmp_path: Path, **kwargs: int) -> PairReplication:
+    """A pair of a 16 MiB image (no process server or master target behind it)."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 << 20)
     spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
-    pair = PairReplication(spec, image, tmp_path / "agent")
+    return PairReplication(spec, image, tmp_path / "agent", **kwargs)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Any write past `limit` bytes into a file fails with a real EFBIG meanwhile."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_batch_that_cannot_be_written_is_tracked_as_dirty_blocks(tmp_path: Path) -> None:
+    pair = new_pair(tmp_path)
     data = memoryview(os.urandom(4096))
     pair.record_write(0, data)
     pair.settle()
     written = pair.spool.last_seq
     pair.record_writes([(1 << 20, data), (5 << 20, data)])  # one NBD batch
-    # Any write past 4 KiB into a file now fails (EFBIG) - the spool segment is already larger.
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
-    try:
+    with file_size_limit(4096):  # the spool segment is already larger
         pair.settle()
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
     assert pair.dirty_mode
     assert pair.spool.last_seq == written  # the batch was dropped from the spool ...
     pair.flush()  # saves the bitmap

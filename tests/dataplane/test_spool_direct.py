@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
-import signal
 from pathlib import Path
 
 import pytest
+from tests.dataplane.test_spool_defer import file_size_limit, new_pair
 
 from siterecovery.dataplane import direct_write
-from siterecovery.dataplane.assignments import DiskReplication
 from siterecovery.dataplane.dirty import DirtyBitmap
 from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
-from siterecovery.dataplane.replica import PairReplication
 from siterecovery.dataplane.segment_log import DIRECT_FRAME, SegmentLog
 
 # Small frames (deferred), frames just under and over the direct threshold, odd lengths that leave
@@ -118,27 +115,17 @@ def test_a_batch_that_fails_in_flight_is_tracked_as_dirty_blocks(tmp_path: Path)
     """The export's settle leaves a batch of 1 MiB writes in flight; its write fails (the file size
     limit); the next settle reports it, and the owner tracks that batch's ranges and the next
     one's as dirty blocks, and nothing of them stays in the spool."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    spec = DiskReplication(pair_id="p", disk="d", process_server="127.0.0.1:1", master_target="127.0.0.1:2")
-    pair = PairReplication(spec, image, tmp_path / "agent")
+    pair = new_pair(tmp_path)
     small = memoryview(os.urandom(4096))
     pair.record_write(0, small)
     pair.settle()
     written = pair.spool.last_seq
     big = memoryview(os.urandom(1 << 20))
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, limits[1]))  # the writer thread's write fails
-    try:
+    with file_size_limit(8192):  # the writer thread's write fails
         pair.record_writes([(1 << 20, big), (5 << 20, big)])  # one NBD batch of 2 MiB
         pair.settle()  # handed to the writer thread: no error yet
         pair.record_writes([(9 << 20, small)])
         pair.settle()  # lands the failed batch: both batches go to the dirty bitmap
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
     assert pair.dirty_mode
     assert pair.spool.last_seq == written
     pair.flush()  # saves the bitmap
