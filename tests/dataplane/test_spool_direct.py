@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from tests.dataplane.test_spool_defer import file_size_limit, new_pair
 
-from siterecovery.dataplane import direct_write
+from siterecovery.dataplane import direct_write, segment_log
 from siterecovery.dataplane.dirty import DirtyBitmap
 from siterecovery.dataplane.protocol import HEADER_SIZE, FrameType, encode_frame
 from siterecovery.dataplane.segment_log import DIRECT_FRAME, SegmentLog
@@ -134,3 +135,36 @@ def test_a_batch_that_fails_in_flight_is_tracked_as_dirty_blocks(tmp_path: Path)
         expected.mark(offset, length)
     assert DirtyBitmap(pair.dir / "dirty.bitmap", 16 << 20).indexes() == expected.indexes()
     pair.spool.close()
+
+
+def test_a_sync_waits_for_the_batch_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FLUSH's sync covers a batch the writer thread is still writing: it returns only once that
+    batch is written (held here at a gate), and readers see the batch only then."""
+    gate = threading.Event()
+    put = segment_log._put
+
+    def held_put(*args: object, **kwargs: object) -> int:
+        if threading.current_thread().name.startswith("spool-"):  # the log's writer thread
+            gate.wait(60)
+        return put(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segment_log, "_put", held_put)
+    frames = [
+        (seq, encode_frame(FrameType.WRITE, 0, seq, seq << 20, 1 << 20, os.urandom(1 << 20)))
+        for seq in (1, 2)
+    ]
+    log = SegmentLog(tmp_path / "spool", direct=True)
+    log.defer_many([(s, bytearray(f[:HEADER_SIZE]), memoryview(f)[HEADER_SIZE:]) for s, f in frames])
+    assert log.settle()  # left in flight
+    synced = threading.Event()
+    syncing = threading.Thread(target=lambda: (log.sync(), synced.set()))
+    syncing.start()
+    try:
+        assert not synced.wait(0.5), "sync returned while the batch it covers was still being written"
+        assert _read(log) == []  # not published before it is written
+    finally:
+        gate.set()
+        syncing.join(60)
+    assert synced.is_set()
+    assert _read(log) == [f for _, f in frames]
+    log.close()
