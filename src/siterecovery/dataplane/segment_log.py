@@ -297,11 +297,9 @@ class SegmentLog:
         instead and returns, unless `wait`. A batch whose write failed in the background raises
         here, at the next settle (`_Flight`). True if a batch is left in flight."""
         with self._lock:
-            if not self._deferred_len:
-                pass
-            elif self._direct and (self._deferred_len >= DIRECT_FRAME or self._flight is not None):
+            if self._direct and self._deferred_len and (self._deferred_len >= DIRECT_FRAME or self._flight):
                 self._launch()
-            else:
+            elif self._deferred_len:
                 self._land_flight(raise_error=True)
                 self._write_deferred()
             self._land_flight(raise_error=True, wait=wait)
@@ -475,9 +473,7 @@ class SegmentLog:
 
     def _direct_off(self) -> None:
         """O_DIRECT was refused: this log writes through the page cache from now on."""
-        if self._direct_writer is not None:
-            self._direct_writer.close()
-            self._direct_writer = None
+        self._close_direct()
         self._refused = True
 
     def _close_direct(self) -> None:
